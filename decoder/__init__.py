@@ -1,0 +1,1 @@
+"""Decoder: Mixtral-family model with an AdapMoE expert cache, prefetcher and adaptive gating."""
