@@ -1,0 +1,419 @@
+"""Mixtral-layout decoder in plain torch (gpt-fast style).
+
+Module names mirror HF's (`model.` prefix dropped) so a dense state dict maps 1:1:
+embed_tokens, layers.{l}.input_layernorm, layers.{l}.self_attn.{q,k,v,o}_proj,
+layers.{l}.post_attention_layernorm, layers.{l}.block_sparse_moe.gate, norm, lm_head.
+
+Experts are not parameters of the MoE block: each block asks the model's `ExpertProvider`
+for (layer, expert) (see decoder/experts/provider.py). Routing goes through a `Gating` object
+(default `TopKGating` = Mixtral's router) and observers see each MoE input and routing
+decision (the prefetcher and the engine's statistics plug in there).
+
+Shapes: B batch, S new tokens, T = B*S flattened tokens, H hidden, nh/nkv heads, hd head_dim,
+E experts, k experts per token, V vocab, L cached length.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from decoder.experts.provider import ExpertProvider, ResidentExperts
+from decoder.model.config import ModelConfig
+
+
+# --------------------------------------------------------------------------------------------
+# Routing and hooks
+# --------------------------------------------------------------------------------------------
+class Gating:
+    """Turns router logits into the experts each token uses.
+
+    route(layer, router_logits[T, E]) -> (weights[T, k] float32, idx[T, k] int64), k <= top_k.
+    idx == -1 means "no expert in this slot" (its weight must be 0): that is how a gating that
+    uses fewer experts for some tokens (AdapMoE) says so. Weights multiply expert outputs as is
+    (already renormalised). Must be differentiable w.r.t. router_logits for training.
+    """
+
+    name = "base"
+
+    def route(self, layer: int, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+
+class TopKGating(Gating):
+    """Mixtral's routing: softmax over all experts in float32, top-k, renormalise."""
+
+    name = "topk"
+
+    def __init__(self, top_k: int) -> None:
+        self.top_k = top_k
+
+    def route(self, layer: int, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return topk_route(router_logits, self.top_k)
+
+
+def topk_route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # router_logits: [T, E] -> weights [T, k] float32 (sum 1), idx [T, k] int64
+    probs = F.softmax(router_logits.float(), dim=-1)          # [T, E]
+    weights, idx = torch.topk(probs, top_k, dim=-1)            # [T, k]
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, idx
+
+
+class MoEObserver:
+    """Hooks called by every MoE block (all optional). x is the MoE input (after the
+    post-attention norm), flattened to [T, H]; tensors must not be modified."""
+
+    def on_moe_input(self, layer: int, x: torch.Tensor) -> None:
+        pass
+
+    def on_routing(self, layer: int, router_logits: torch.Tensor, weights: torch.Tensor,
+                   idx: torch.Tensor) -> None:
+        pass
+
+
+def load_balancing_loss(router_logits: Sequence[torch.Tensor], num_experts: int, top_k: int) -> torch.Tensor:
+    """Switch-style auxiliary loss, identical to HF Mixtral's `load_balancing_loss_func`
+    (no padding mask): E * sum_e (fraction of top-k assignments to e) * (mean router prob of e)."""
+    logits = torch.cat([r.float() for r in router_logits], dim=0)  # [L*T, E]
+    probs = F.softmax(logits, dim=-1)
+    _, selected = torch.topk(probs, top_k, dim=-1)                  # [L*T, k]
+    assign = F.one_hot(selected, num_experts).float().sum(dim=1)    # [L*T, E]
+    tokens_per_expert = assign.mean(dim=0)                          # [E]
+    prob_per_expert = probs.mean(dim=0)                             # [E]
+    return num_experts * torch.sum(tokens_per_expert * prob_per_expert)
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., H]; normalise in float32, scale in x's dtype (as HF)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # positions: [S] or [B, S] int -> cos, sin: [S, hd] or [B, S, hd]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device)
+                                .float() / head_dim))          # [hd/2]
+    freqs = positions[..., None].float() * inv_freq             # [..., S, hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)                     # [..., S, hd]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, h, S, hd]; cos/sin: [S, hd] or [B, S, hd] (HF "rotate_half" layout)
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]                  # [B, 1, S, hd]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache(nn.Module):
+    """Static per-layer cache: k/v [B, nkv, max_seq, hd]."""
+
+    def __init__(self, max_batch_size: int, max_seq_length: int, n_kv: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        shape = (max_batch_size, n_kv, max_seq_length, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # input_pos: [S] (shared by all rows) or [B, S]; k, v: [B, nkv, S, hd]
+        # -> k, v: [B, nkv, length, hd] (cache prefix; later slots are masked by the caller)
+        B = k.shape[0]
+        if input_pos.dim() == 1:
+            self.k_cache[:B, :, input_pos] = k
+            self.v_cache[:B, :, input_pos] = v
+        else:
+            rows = torch.arange(B, device=k.device)[:, None]       # [B, 1]
+            self.k_cache[rows, :, input_pos] = k.transpose(1, 2)  # indexed view: [B, S, nkv, hd]
+            self.v_cache[rows, :, input_pos] = v.transpose(1, 2)
+        return self.k_cache[:B, :, :length], self.v_cache[:B, :, :length]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        H, nh, nkv, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.n_head, self.n_kv, self.head_dim = nh, nkv, hd
+        self.sliding_window = config.sliding_window
+        self.q_proj = nn.Linear(H, nh * hd, bias=False)
+        self.k_proj = nn.Linear(H, nkv * hd, bias=False)
+        self.v_proj = nn.Linear(H, nkv * hd, bias=False)
+        self.o_proj = nn.Linear(nh * hd, H, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                input_pos: torch.Tensor | None) -> torch.Tensor:
+        # x: [B, S, H]
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.n_head, self.head_dim).transpose(1, 2)  # [B, nh, S, hd]
+        k = self.k_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)    # [B, nkv, S, hd]
+        v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)    # [B, nkv, S, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if input_pos is None:
+            # full sequence, no cache (training / one-shot scoring): positions 0..S-1
+            mask = None
+            if self.sliding_window is not None and self.sliding_window < S:
+                pos = torch.arange(S, device=x.device)
+                mask = _attend_mask(pos, pos, self.sliding_window)                 # [S, S]
+        else:
+            if self.kv_cache is None:
+                raise RuntimeError("input_pos given but caches are not set up: call setup_caches()")
+            length = int(input_pos.max()) + 1
+            k, v = self.kv_cache.update(input_pos, k, v, length)                    # [B, nkv, L, hd]
+            kpos = torch.arange(length, device=x.device)
+            mask = _attend_mask(input_pos, kpos, self.sliding_window)               # [S, L] | [B, S, L]
+            if mask.dim() == 3:
+                mask = mask[:, None]                                                # [B, 1, S, L]
+
+        if self.n_kv != self.n_head:
+            rep = self.n_head // self.n_kv
+            k = k[:, :, None].expand(B, self.n_kv, rep, *k.shape[2:]).reshape(B, self.n_head, *k.shape[2:])
+            v = v[:, :, None].expand(B, self.n_kv, rep, *v.shape[2:]).reshape(B, self.n_head, *v.shape[2:])
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           is_causal=(input_pos is None and mask is None and S > 1),
+                                           scale=self.head_dim ** -0.5)             # [B, nh, S, hd]
+        y = y.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim)
+        return self.o_proj(y)                                                       # [B, S, H]
+
+
+def _attend_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None) -> torch.Tensor:
+    # qpos: [S] | [B, S]; kpos: [L] -> bool [.., S, L]: key j visible to query i iff j <= i (and i - j < window)
+    q = qpos[..., :, None]
+    mask = kpos <= q
+    if window is not None:
+        mask = mask & (q - kpos < window)
+    return mask
+
+
+class MoEBlock(nn.Module):
+    """Router + sparse experts. Holds only the router; experts come from the provider."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_experts = config.num_local_experts
+        self.gate = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)  # router [E, H]
+
+    def forward(self, x: torch.Tensor, experts: ExpertProvider, gating: Gating,
+                observers: Sequence[MoEObserver], router_log: list | None = None) -> torch.Tensor:
+        # x: [B, S, H] -> [B, S, H]
+        B, S, H = x.shape
+        xt = x.reshape(B * S, H)                                  # [T, H]
+        for obs in observers:
+            obs.on_moe_input(self.layer, xt)
+        router_logits = self.gate(xt)                             # [T, E]
+        if router_log is not None:
+            router_log.append(router_logits)
+        weights, idx = gating.route(self.layer, router_logits)   # [T, k] float32, [T, k] int64 (-1 = none)
+        for obs in observers:
+            obs.on_routing(self.layer, router_logits, weights, idx)
+
+        needed = sorted(int(e) for e in torch.unique(idx[idx >= 0]).tolist())
+        experts.prepare(self.layer, needed)
+        # compute ready experts first (their loads are done), the rest as they arrive ...
+        order = [e for e in needed if experts.ready(self.layer, e)]
+        order += [e for e in needed if e not in set(order)]
+        partial: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        try:
+            for e in order:
+                tok, slot = torch.where(idx == e)                 # tokens routed to e, their top-k slot
+                w = experts.get(self.layer, e)
+                y = w(xt[tok]) * weights[tok, slot, None]         # [T_e, H] (float32 if weights are)
+                partial[e] = (tok, y)
+        finally:
+            experts.release(self.layer, needed)
+        # ... but accumulate in expert order, so the result never depends on what was cached
+        out = torch.zeros_like(xt)                                # [T, H]
+        for e in needed:
+            tok, y = partial[e]
+            out.index_add_(0, tok, y.to(out.dtype))
+        return out.view(B, S, H)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.block_sparse_moe = MoEBlock(config, layer)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor | None,
+                experts: ExpertProvider, gating: Gating, observers: Sequence[MoEObserver],
+                router_log: list | None) -> torch.Tensor:
+        # x: [B, S, H]
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos)
+        return h + self.block_sparse_moe(self.post_attention_layernorm(h), experts, gating, observers, router_log)
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+class Transformer(nn.Module):
+    """Mixtral-layout causal LM.
+
+    experts: the ExpertProvider (default: a fresh `ResidentExperts`, registered as the
+    submodule `experts` so it trains, moves with .to() and saves with the model; a provider
+    that is not an nn.Module is held as a plain attribute). gating: default `TopKGating`.
+    """
+
+    def __init__(self, config: ModelConfig, experts: ExpertProvider | None = None,
+                 gating: Gating | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(TransformerBlock(config, l) for l in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.experts = experts if experts is not None else ResidentExperts(config)
+        self.gating: Gating = gating or TopKGating(config.num_experts_per_tok)
+        self.observers: list[MoEObserver] = []
+        self.max_batch_size = 0
+        self.max_seq_length = 0
+
+    # --- setup ------------------------------------------------------------------------------
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
+        """Random init as HF Mixtral (normal(0, std) weights, unit norms): for training from scratch."""
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("layernorm.weight") or name == "norm.weight":
+                    p.fill_(1.0)
+                else:
+                    p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=g).to(p))
+
+    def setup_caches(self, max_batch_size: int, max_seq_length: int) -> None:
+        """Allocate static KV caches (reused when already large enough)."""
+        if max_seq_length > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {max_seq_length} tokens exceeds the model's context "
+                             f"({self.config.max_position_embeddings})")
+        if self.max_batch_size >= max_batch_size and self.max_seq_length >= max_seq_length:
+            return
+        p = self.embed_tokens.weight
+        for block in self.layers:
+            block.self_attn.kv_cache = KVCache(max_batch_size, max_seq_length, self.config.num_key_value_heads,
+                                               self.config.head_dim, dtype=p.dtype, device=p.device)
+        self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
+
+    def clear_caches(self) -> None:
+        for block in self.layers:
+            block.self_attn.kv_cache = None
+        self.max_batch_size = self.max_seq_length = 0
+
+    def add_observer(self, obs: MoEObserver) -> None:
+        self.observers.append(obs)
+
+    def remove_observer(self, obs: MoEObserver) -> None:
+        self.observers.remove(obs)
+
+    def router_weight(self, layer: int) -> torch.Tensor:
+        """Router of `layer`: [E, H] (the prefetcher applies it to earlier layers' hidden states)."""
+        return self.layers[layer].block_sparse_moe.gate.weight
+
+    # --- forward ----------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, *,
+                last_only: bool = False, return_router_logits: bool = False):
+        """tokens: [B, S] int64.
+
+        input_pos=None: full sequence at positions 0..S-1, no KV cache (training; differentiable).
+        input_pos [S] (shared by all rows) or [B, S]: positions of these tokens; K/V go to the
+        static cache (setup_caches first), attention sees cached positions <= its own.
+        Returns logits [B, S, V] ([B, 1, V] with last_only), and with return_router_logits a
+        tuple (logits, [router_logits [T, E] per layer]) for `load_balancing_loss`.
+        """
+        B, S = tokens.shape
+        x = self.embed_tokens(tokens)                               # [B, S, H]
+        positions = input_pos if input_pos is not None else torch.arange(S, device=tokens.device)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        router_log: list | None = [] if return_router_logits else None
+        for block in self.layers:
+            x = block(x, cos, sin, input_pos, self.experts, self.gating, self.observers, router_log)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(self.norm(x))                         # [B, S, V]
+        return (logits, router_log) if return_router_logits else logits
+
+    # --- weights in HF naming -----------------------------------------------------------------
+    def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Load dense weights (and, for ResidentExperts, the experts) from HF Mixtral names.
+
+        Accepts transformers-4 (`block_sparse_moe.gate`) and -5 (`mlp.gate`) router names;
+        lm_head may be absent when embeddings are tied.
+        """
+        own = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        with torch.no_grad():
+            for name, t in state_dict.items():
+                key = _hf_to_own(name)
+                if key is None:
+                    continue
+                if key not in own:
+                    if strict:
+                        raise KeyError(f"unexpected weight {name!r} for this config")
+                    continue
+                p = own[key]
+                if tuple(p.shape) != tuple(t.shape):
+                    raise ValueError(f"weight {name!r} has shape {tuple(t.shape)}, config expects {tuple(p.shape)}")
+                p.copy_(t)
+                loaded.add(key)
+        if self.config.tie_word_embeddings:
+            loaded.add("lm_head.weight")
+            if "lm_head.weight" in loaded and "embed_tokens.weight" not in loaded:
+                loaded.add("embed_tokens.weight")
+        elif "lm_head.weight" not in loaded and "embed_tokens.weight" in loaded and strict:
+            raise KeyError("checkpoint has no lm_head.weight and tie_word_embeddings is false")
+        if isinstance(self.experts, ResidentExperts):
+            self.experts.load_hf(state_dict, strict=strict)
+        if strict:
+            missing = [k for k in own if k not in loaded and not k.startswith("experts.")]
+            if missing:
+                raise KeyError(f"checkpoint lacks {len(missing)} dense weights, e.g. {missing[0]!r}")
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every weight under HF Mixtral names (experts too when resident): save with safetensors."""
+        out: dict[str, torch.Tensor] = {}
+        for name, p in self.named_parameters():
+            if name.startswith("experts."):
+                continue
+            out[name if name == "lm_head.weight" else "model." + name] = p.detach().contiguous()
+        if self.config.tie_word_embeddings:
+            out.pop("lm_head.weight", None)
+        if isinstance(self.experts, ResidentExperts):
+            out.update(self.experts.hf_state_dict())
+        return out
+
+
+def _hf_to_own(name: str) -> str | None:
+    """HF name -> this module's parameter name (None for expert weights, handled by the provider)."""
+    if ".experts." in name:
+        return None
+    if name == "lm_head.weight":
+        return name
+    if not name.startswith("model."):
+        return None
+    name = name[len("model."):]
+    return name.replace(".mlp.gate.", ".block_sparse_moe.gate.")
