@@ -33,9 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from decoder.model.config import ModelConfig
-
 if TYPE_CHECKING:  # pragma: no cover
+    from decoder.model.config import ModelConfig
     from expert_store.client import StoreClient
 
 # Where an expert currently lives, cheapest first. Cost-aware gating keys its costs on these.
@@ -231,7 +230,7 @@ class ResidentExperts(nn.Module, ExpertProvider):
     provider trains end to end. Parameter names (under a Transformer: `experts.w1.<layer>` ...).
     """
 
-    def __init__(self, config: ModelConfig, device: torch.device | str | None = None,
+    def __init__(self, config: "ModelConfig", device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         nn.Module.__init__(self)
         L, E, H, Fd = config.num_hidden_layers, config.num_local_experts, config.hidden_size, config.intermediate_size
@@ -309,7 +308,7 @@ class ExpertSource:
 
     client: "StoreClient"
     model: str
-    config: ModelConfig
+    config: "ModelConfig"
     manifest: Any                     # expert_store.client.ModelManifest
     precision: str = "bf16"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))

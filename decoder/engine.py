@@ -1,0 +1,470 @@
+"""Engine: a Mixtral-family model whose dense part and experts come from an expert store.
+
+    engine = Engine.from_store("grpc://127.0.0.1:50051", "tiny", gating="topk")
+    engine.forward_logits([1, 5, 9])             # float32 [seq, vocab]
+    engine.generate("Once upon", max_tokens=32)  # GenerationResult(text, token_ids, ...)
+    engine.stats()                               # tokens/s, experts/token, hit rates, bytes ...
+
+The engine wires: StoreClient -> ExpertSource -> an ExpertProvider (StoreExperts, or the
+AdapMoE cache of decoder/experts/cache.py when cache budgets are given) -> Transformer, plus
+a Gating (decoder/gating.py for anything but "topk") and MoE observers (the engine's own
+routing statistics; the prefetcher).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from decoder.experts.provider import ExpertProvider, ExpertSource, StoreExperts
+from decoder.model.config import ModelConfig
+from decoder.model.transformer import Gating, MoEObserver, TopKGating, Transformer
+from decoder.tokenizer import StreamDecoder, Tokenizer
+
+TokenCallback = Callable[[str, int], None]
+
+
+@dataclass
+class GenerationResult:
+    text: str                      # generated text (stop string excluded)
+    token_ids: list[int]           # generated ids (an EOS, when hit, included as its last id)
+    prompt_tokens: int
+    finish_reason: str             # "length" | "stop" | "eos"
+    seconds: float                 # prefill + decode
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class RoutingStats(MoEObserver):
+    """Counts routing decisions per phase ("prefill", "decode", "score"): experts per token,
+    single-expert decisions, and per-(layer, expert) loads."""
+
+    def __init__(self, num_layers: int, num_experts: int) -> None:
+        self.L, self.E = num_layers, num_experts
+        self.phase = "score"
+        self.reset()
+
+    def reset(self) -> None:
+        self.decisions: dict[str, int] = {}     # (token, layer) routing decisions
+        self.experts_used: dict[str, int] = {}  # sum over decisions of experts used
+        self.single: dict[str, int] = {}        # decisions that used exactly one expert
+        self.loads = torch.zeros(self.L, self.E, dtype=torch.int64)
+
+    def on_routing(self, layer: int, router_logits: torch.Tensor, weights: torch.Tensor,
+                   idx: torch.Tensor) -> None:
+        valid = idx >= 0                                     # [T, k]
+        per_token = valid.sum(dim=-1)                        # [T]
+        p = self.phase
+        self.decisions[p] = self.decisions.get(p, 0) + int(per_token.numel())
+        self.experts_used[p] = self.experts_used.get(p, 0) + int(per_token.sum())
+        self.single[p] = self.single.get(p, 0) + int((per_token == 1).sum())
+        self.loads[layer] += torch.bincount(idx[valid].flatten().cpu(), minlength=self.E)
+
+    def summary(self, phase: str | None = None) -> dict[str, float]:
+        phases = [phase] if phase else list(self.decisions)
+        d = sum(self.decisions.get(p, 0) for p in phases)
+        u = sum(self.experts_used.get(p, 0) for p in phases)
+        s = sum(self.single.get(p, 0) for p in phases)
+        return {"decisions": d,
+                "experts_per_token": (u / d) if d else 0.0,
+                "single_expert_ratio": (s / d) if d else 0.0}
+
+
+@dataclass
+class _Counters:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    requests: int = 0
+    scored_tokens: int = 0
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None, *, model_name: str = "",
+                 provider: ExpertProvider | None = None, client: Any = None, owns_client: bool = False,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 precision: str = "bf16", extras: Sequence[Any] = ()) -> None:
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.provider = provider if provider is not None else model.experts
+        self.client = client
+        self._owns_client = owns_client
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.precision = precision
+        self.extras = list(extras)  # e.g. the prefetcher: anything with stats()/close()
+        self.routing = RoutingStats(self.config.num_hidden_layers, self.config.num_local_experts)
+        model.add_observer(self.routing)
+        self._c = _Counters()
+
+    # --- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_store(cls, store: Any, model: str, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32, gating: str | Gating = "topk",
+                   gpu_cache_bytes: int | None = None, host_cache_bytes: int | None = None,
+                   precision: str = "bf16", budget: float | None = None, prefetch: bool | None = None,
+                   cache_options: dict[str, Any] | None = None, gating_options: dict[str, Any] | None = None,
+                   prefetch_options: dict[str, Any] | None = None) -> "Engine":
+        """Build an engine for `model` from a StoreClient or a store target (dir or address).
+
+        Raises expert_store.errors.StoreError (NotFound for an unknown model, Unavailable when
+        the store is down) or ValueError (not a Mixtral checkpoint, bad precision/gating).
+        gpu_cache_bytes / host_cache_bytes: budgets of the AdapMoE expert cache
+        (decoder/experts/cache.py); without them every fetched expert stays decoded in memory.
+        budget: the gating budget T (adaptive / cost-aware gating). prefetch: None = attach the
+        prefetcher when the provider supports it. *_options go verbatim to the builders below.
+        """
+        from expert_store.client import StoreClient
+        import safetensors.torch
+
+        owns = isinstance(store, str)
+        client = StoreClient.open(store) if owns else store
+        try:
+            device = torch.device(device)
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError("device cuda requested but CUDA is not available")
+            manifest = client.manifest(model)
+            config = ModelConfig.from_hf(_field(manifest, "config"))
+            source = ExpertSource(client=client, model=model, config=config, manifest=manifest,
+                                  precision=precision, device=device, dtype=dtype)
+            provider = _build_provider(source, gpu_cache_bytes, host_cache_bytes, cache_options or {})
+            with torch.device("meta"):
+                net = Transformer(config, experts=provider)
+            net = net.to_empty(device=device).to(dtype)
+            if config.tie_word_embeddings:
+                net.lm_head.weight = net.embed_tokens.weight
+            dense = safetensors.torch.load(bytes(client.fetch_dense(model)))
+            net.load_hf_state_dict(dense)
+            net.eval()
+            tok_json = _field(manifest, "tokenizer_json") or b""
+            tokenizer = Tokenizer.from_bytes(tok_json, config.bos_token_id, config.eos_token_ids) if tok_json else None
+            net.gating = _build_gating(gating, config, provider, budget, manifest, gating_options or {})
+            extras = _build_prefetcher(net, provider, source, prefetch, prefetch_options or {})
+            return cls(net, tokenizer, model_name=model, provider=provider, client=client, owns_client=owns,
+                       device=device, dtype=dtype, precision=precision, extras=extras)
+        except BaseException:
+            if owns:
+                client.close()
+            raise
+
+    @classmethod
+    def from_model(cls, model: Transformer, tokenizer: Tokenizer | None = None, **kw: Any) -> "Engine":
+        """Wrap an in-memory Transformer (e.g. ResidentExperts just trained)."""
+        p = next(model.parameters())
+        kw.setdefault("device", p.device)
+        kw.setdefault("dtype", p.dtype)
+        kw.setdefault("precision", "resident")
+        return cls(model, tokenizer, **kw)
+
+    # --- inference ----------------------------------------------------------------------------
+    def _ids(self, input_ids: Any) -> torch.Tensor:
+        if isinstance(input_ids, str):
+            input_ids = self.encode(input_ids)
+        ids = torch.as_tensor(input_ids, dtype=torch.long).flatten().to(self.device)
+        if ids.numel() == 0:
+            raise ValueError("empty input")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError(f"model {self.model_name!r} has no tokenizer: pass token ids")
+        return self.tokenizer.encode(text)
+
+    @torch.inference_mode()
+    def forward_logits(self, input_ids: Any) -> torch.Tensor:
+        """Logits of one sequence (ids or text), full forward without KV cache: float32 [seq, vocab]."""
+        ids = self._ids(input_ids)
+        self._check_context(ids.numel(), 0)
+        self.routing.phase = "score"
+        self.provider.begin_token()
+        logits = self.model(ids[None])[0].float()
+        self._c.scored_tokens += ids.numel()
+        return logits
+
+    def _check_context(self, n_prompt: int, n_new: int) -> None:
+        ctx = self.config.max_position_embeddings
+        if n_prompt > ctx:
+            raise ValueError(f"prompt has {n_prompt} tokens, longer than the model's context of {ctx} tokens")
+
+    @torch.inference_mode()
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] | None = None,
+                 on_token: TokenCallback | None = None, stop_at_eos: bool = True) -> GenerationResult:
+        """Prefill the prompt, then decode one token at a time with the static KV cache.
+
+        temperature 0 = greedy (argmax); otherwise softmax(logits / T) restricted to the top-p
+        nucleus (top_p in (0, 1]; 1 = off), sampled with a torch.Generator seeded by `seed`.
+        Finishes at max_tokens ("length"), at an EOS id ("eos"), at the context limit
+        ("length"), or when the text contains a stop string ("stop"; the text is cut before it).
+        on_token(text_delta, token_id) is called once per generated token; text that might
+        begin a stop string or an unfinished UTF-8 character is held back and emitted with a
+        later token (the last call flushes everything).
+        """
+        if max_tokens < 0:
+            raise ValueError("max_tokens must be >= 0")
+        if temperature < 0 or not math.isfinite(temperature):
+            raise ValueError("temperature must be >= 0")
+        if not 0 < top_p <= 1 and top_p != 0:
+            raise ValueError("top_p must be in (0, 1]")
+        stops = [s for s in (stop or []) if s]
+        if stops and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        ids = self._ids(prompt)
+        n_prompt = ids.numel()
+        self._check_context(n_prompt, max_tokens)
+        ctx = self.config.max_position_embeddings
+        max_new = min(max_tokens, ctx - n_prompt + 1)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed if seed is not None else int.from_bytes(__import__("os").urandom(8), "little") >> 1)
+        stream = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
+        emitted = ""
+        out_ids: list[int] = []
+        finish = "length"
+        text = ""
+
+        self._c.requests += 1
+        self._c.prompt_tokens += n_prompt
+        t0 = time.perf_counter()
+        prefill_s = decode_s = 0.0
+        if max_new > 0:
+            self.model.setup_caches(1, min(ctx, n_prompt + max_new))
+            self.routing.phase = "prefill"
+            self.provider.begin_token()
+            logits = self.model(ids[None], torch.arange(n_prompt, device=self.device), last_only=True)[0, -1]
+            prefill_s = time.perf_counter() - t0
+            self._c.prefill_s += prefill_s
+            self.routing.phase = "decode"
+            pos = n_prompt
+            while True:
+                tok = self._sample(logits, temperature, top_p, gen)
+                out_ids.append(tok)
+                self._c.generated_tokens += 1
+                done = None
+                if stop_at_eos and tok in self.config.eos_token_ids:
+                    done = "eos"
+                elif len(out_ids) >= max_new:
+                    done = "length"
+                delta = ""
+                if stream is not None:
+                    stream.ids.append(tok)
+                    full = stream.full_text()
+                    if stops:
+                        cut = _find_stop(full, stops, max(0, len(emitted) - max(map(len, stops))))
+                        if cut is not None:
+                            full, done = full[:cut], "stop"
+                    text = full
+                    safe = len(full) if done else _safe_len(full, stops)
+                    if safe > len(emitted) and full.startswith(emitted):
+                        delta, emitted = full[len(emitted):safe], full[:safe]
+                if on_token is not None:
+                    on_token(delta, tok)
+                if done:
+                    finish = done
+                    break
+                t1 = time.perf_counter()
+                self.provider.begin_token()
+                logits = self.model(torch.tensor([[tok]], device=self.device),
+                                    torch.tensor([pos], device=self.device))[0, -1]
+                pos += 1
+                self._c.decode_steps += 1
+                decode_s += time.perf_counter() - t1
+            self._c.decode_s += decode_s
+        seconds = time.perf_counter() - t0
+        if stream is None:
+            text = ""
+        return GenerationResult(text=text, token_ids=out_ids, prompt_tokens=n_prompt, finish_reason=finish,
+                                seconds=seconds, prefill_s=prefill_s, decode_s=decode_s)
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+        # logits: [V]
+        if temperature == 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        if 0 < top_p < 1:
+            sorted_p, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p    # smallest prefix reaching top_p
+            keep[0] = True
+            sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
+            choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)
+            return int(order[choice])
+        return int(torch.multinomial(probs, 1, generator=gen))
+
+    # --- statistics ---------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        c = self._c
+        dec = self.routing.summary("decode")
+        allp = self.routing.summary()
+        pstats = self.provider.stats() or {}
+        tiers = {}
+        for name, t in (pstats.get("tiers") or {}).items():
+            t = dict(t)
+            lookups = t.get("hits", 0) + t.get("misses", 0)
+            t.setdefault("hit_rate", (t.get("hits", 0) / lookups) if lookups else 0.0)
+            tiers[name] = t
+        steps = c.decode_steps + c.requests  # forward steps that produced a token
+        bytes_fetched = int(pstats.get("bytes_fetched", 0))
+        out: dict[str, Any] = {
+            "model": self.model_name,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "precision": self.precision,
+            "gating": getattr(self.model.gating, "name", type(self.model.gating).__name__),
+            "requests": c.requests,
+            "prompt_tokens": c.prompt_tokens,
+            "generated_tokens": c.generated_tokens,
+            "scored_tokens": c.scored_tokens,
+            "prefill_s": c.prefill_s,
+            "decode_s": c.decode_s,
+            "prefill_tokens_per_s": (c.prompt_tokens / c.prefill_s) if c.prefill_s else 0.0,
+            # decode throughput: tokens produced by decode steps / time in decode steps
+            "tokens_per_s": (c.decode_steps / c.decode_s) if c.decode_s else 0.0,
+            "experts_per_token": dec["experts_per_token"] if dec["decisions"] else allp["experts_per_token"],
+            "single_expert_ratio": dec["single_expert_ratio"] if dec["decisions"] else allp["single_expert_ratio"],
+            "routing": {p: self.routing.summary(p) for p in self.routing.decisions},
+            "expert_loads": self.routing.loads.tolist(),
+            "bytes_fetched": bytes_fetched,
+            "bytes_fetched_per_token": bytes_fetched / max(1, c.generated_tokens + c.scored_tokens),
+            "fetches": int(pstats.get("fetches", 0)),
+            "stall_s": float(pstats.get("stall_s", 0.0)),
+            "stall_s_per_token": float(pstats.get("stall_s", 0.0)) / max(1, steps),
+            "tiers": tiers,
+            "provider": pstats,
+        }
+        gstats = self.model.gating.stats() if hasattr(self.model.gating, "stats") else {}
+        if gstats:
+            out["gating_stats"] = gstats
+        for x in self.extras:
+            if hasattr(x, "stats"):
+                out[getattr(x, "stats_name", type(x).__name__.lower())] = x.stats()
+        return out
+
+    def reset_stats(self) -> None:
+        self._c = _Counters()
+        self.routing.reset()
+        self.provider.reset_stats()
+        for x in self.extras:
+            if hasattr(x, "reset_stats"):
+                x.reset_stats()
+
+    def close(self) -> None:
+        for x in self.extras:
+            if hasattr(x, "close"):
+                x.close()
+        self.provider.close()
+        self.model.clear_caches()
+        if self._owns_client and self.client is not None:
+            self.client.close()
+            self.client = None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# --- helpers ------------------------------------------------------------------------------------
+def _field(obj: Any, name: str, default: Any = None) -> Any:
+    if isinstance(obj, dict):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def _find_stop(text: str, stops: Sequence[str], start: int) -> int | None:
+    best = None
+    for s in stops:
+        i = text.find(s, start)
+        if i >= 0 and (best is None or i < best):
+            best = i
+    return best
+
+
+def _safe_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the prefix of `text` that can be emitted: no trailing partial UTF-8 char and
+    no suffix that could be the beginning of a stop string."""
+    n = len(text)
+    while n and text[n - 1] == "\ufffd":
+        n -= 1
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, n), 0, -1):
+            if text[n - k:n] == s[:k]:
+                hold = max(hold, k)
+                break
+    return n - hold
+
+
+def _build_provider(source: ExpertSource, gpu_cache_bytes: int | None, host_cache_bytes: int | None,
+                    options: dict[str, Any]) -> ExpertProvider:
+    """StoreExperts when no cache budget is given; otherwise the AdapMoE cache
+    (decoder.experts.cache.build_provider(source, gpu_cache_bytes=, host_cache_bytes=, **options))."""
+    if gpu_cache_bytes is None and host_cache_bytes is None:
+        return StoreExperts(source)
+    for name, v in (("gpu_cache_bytes", gpu_cache_bytes), ("host_cache_bytes", host_cache_bytes)):
+        if v is not None and v < 0:
+            raise ValueError(f"{name} must be >= 0")
+    try:
+        from decoder.experts import cache as expert_cache
+    except ImportError:
+        expert_cache = None
+    if expert_cache is not None and hasattr(expert_cache, "build_provider"):
+        return expert_cache.build_provider(source, gpu_cache_bytes=gpu_cache_bytes,
+                                           host_cache_bytes=host_cache_bytes, **options)
+    # no AdapMoE cache available: a byte-bounded decoded LRU of the combined budget
+    return StoreExperts(source, cache_bytes=(gpu_cache_bytes or 0) + (host_cache_bytes or 0))
+
+
+def _build_gating(gating: str | Gating, config: ModelConfig, provider: ExpertProvider, budget: float | None,
+                  manifest: Any, options: dict[str, Any]) -> Gating:
+    """"topk" -> TopKGating; other names -> decoder.gating.make_gating(name, config=, provider=,
+    budget=, profile=, **options)."""
+    if isinstance(gating, Gating):
+        return gating
+    if gating == "topk":
+        return TopKGating(config.num_experts_per_tok)
+    try:
+        from decoder import gating as gating_mod
+    except ImportError:
+        gating_mod = None
+    if gating_mod is None or not hasattr(gating_mod, "make_gating"):
+        raise ValueError(f"unknown gating {gating!r} (available: topk)")
+    return gating_mod.make_gating(gating, config=config, provider=provider, budget=budget,
+                                  profile=_field(manifest, "profile"), **options)
+
+
+def _build_prefetcher(model: Transformer, provider: ExpertProvider, source: ExpertSource,
+                      prefetch: bool | None, options: dict[str, Any]) -> list[Any]:
+    """decoder.experts.prefetch.build_prefetcher(model, provider, source, **options) -> observer
+    (attached to the model) when available; prefetch=None means "when the provider can prefetch"."""
+    if prefetch is False or isinstance(provider, StoreExperts):
+        return []
+    try:
+        from decoder.experts import prefetch as prefetch_mod
+    except ImportError:
+        return []
+    if not hasattr(prefetch_mod, "build_prefetcher"):
+        return []
+    pf = prefetch_mod.build_prefetcher(model, provider, source, **options)
+    if pf is None:
+        return []
+    model.add_observer(pf)
+    return [pf]
