@@ -1,0 +1,223 @@
+"""`moe-decoder` console script.
+
+    moe-decoder generate --store DIR_OR_ADDR --model NAME --prompt TEXT [options]
+    moe-decoder train-demo ...   -> decoder.train_demo.main(argv)
+    moe-decoder demo ...         -> decoder.demo.main(argv)
+    moe-decoder calibrate ...    -> decoder.calibrate.main(argv)
+    moe-decoder serve ...        -> decoder.server.main(argv)
+
+Delegated subcommands are imported lazily and receive the arguments after their name.
+Errors are one line on stderr ("moe-decoder: error: ...") with a non-zero exit status and no
+traceback (set MOE_DECODER_DEBUG=1 to see tracebacks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import sys
+from typing import Any, Callable, Sequence
+
+PROG = "moe-decoder"
+
+# name -> (module, help). Each module provides main(argv: list[str]) -> int | None.
+DELEGATED: dict[str, tuple[str, str]] = {
+    "train-demo": ("decoder.train_demo", "train the small demo Mixtral-layout model and save an HF checkpoint"),
+    "demo": ("decoder.demo", "the embedded default: train/reuse, pack, serve, generate with stats"),
+    "calibrate": ("decoder.calibrate", "measure per-layer sensitivity and write a calibration profile"),
+    "serve": ("decoder.server", "serve Generate over gRPC (decoder.proto)"),
+}
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'1000', '64MiB', '1.5G', '512k' -> bytes (k/M/G/T are powers of 1024 with or without 'i')."""
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 1000000, 64MiB, 2G)")
+    value, unit = float(m.group(1)), m.group(2).lower()
+    return int(value * (1024 ** " kmgt".index(unit if unit else " ")))
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Mixtral-family MoE decoder streaming experts from an expert store.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    g.add_argument("--store", required=True, help="store directory (in-process) or gRPC address host:port[,...]")
+    g.add_argument("--model", required=True, help="model name in the store")
+    g.add_argument("--prompt", required=True, help="prompt text")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--gating", default="topk", help="topk | adaptive | cost-aware")
+    g.add_argument("--budget", type=float, default=None, help="gating budget T (adaptive / cost-aware)")
+    g.add_argument("--gpu-cache-bytes", type=parse_size, default=None, help="GPU expert cache budget (e.g. 256MiB)")
+    g.add_argument("--host-cache-bytes", type=parse_size, default=None, help="host (pinned) expert cache budget")
+    g.add_argument("--no-prefetch", action="store_true", help="disable the cross-layer prefetcher")
+    g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: float32 on cpu, bfloat16 on cuda)")
+    g.add_argument("--precision", default="bf16", choices=["bf16", "int8", "int4"], help="expert precision to fetch")
+    g.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming it")
+    g.add_argument("--no-stats", action="store_true", help="do not print the statistics table")
+    g.add_argument("--stats-json", default=None, metavar="PATH", help="also write engine.stats() as JSON")
+    g.set_defaults(func=cmd_generate)
+
+    for name, (_, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return p
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from decoder.engine import Engine
+
+    if args.max_tokens < 0:
+        raise ValueError("--max-tokens must be >= 0")
+    dtype_name = args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
+    dtype = getattr(torch, dtype_name)
+    engine = Engine.from_store(args.store, args.model, device=args.device, dtype=dtype, gating=args.gating,
+                               gpu_cache_bytes=args.gpu_cache_bytes, host_cache_bytes=args.host_cache_bytes,
+                               precision=args.precision, budget=args.budget,
+                               prefetch=False if args.no_prefetch else None)
+    with engine:
+        if engine.tokenizer is None:
+            raise ValueError(f"model {args.model!r} has no tokenizer.json in the store")
+        stream = not args.no_stream
+
+        def on_token(delta: str, token_id: int) -> None:
+            if delta:
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+
+        result = engine.generate(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                                 top_p=args.top_p, seed=args.seed, stop=args.stop,
+                                 on_token=on_token if stream else None)
+        if not stream:
+            sys.stdout.write(result.text)
+        sys.stdout.write("\n")
+        stats = engine.stats()
+        stats["finish_reason"] = result.finish_reason
+        if not args.no_stats:
+            sys.stdout.write("\n" + format_stats(stats) + "\n")
+        sys.stdout.flush()
+        if args.stats_json:
+            with open(args.stats_json, "w") as f:
+                json.dump(stats, f, indent=2, default=str)
+    return 0
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+def format_stats(s: dict[str, Any]) -> str:
+    """engine.stats() as a two-column table."""
+    rows: list[tuple[str, str]] = [
+        ("model", f"{s.get('model', '')} ({s.get('precision', '')} experts, {s.get('dtype', '')} on {s.get('device', '')})"),
+        ("gating", str(s.get("gating", ""))),
+        ("prompt / generated tokens", f"{s.get('prompt_tokens', 0)} / {s.get('generated_tokens', 0)}"
+                                      + (f" ({s['finish_reason']})" if s.get("finish_reason") else "")),
+        ("prefill", f"{s.get('prefill_s', 0.0):.3f} s ({s.get('prefill_tokens_per_s', 0.0):.1f} tokens/s)"),
+        ("decode tokens/s", f"{s.get('tokens_per_s', 0.0):.2f}"),
+        ("experts per token (per layer)", f"{s.get('experts_per_token', 0.0):.3f}"),
+        ("single-expert ratio", f"{100 * s.get('single_expert_ratio', 0.0):.1f} %"),
+        ("bytes fetched from store", f"{_bytes(s.get('bytes_fetched', 0))} in {s.get('fetches', 0)} blobs"
+                                     f" ({_bytes(s.get('bytes_fetched_per_token', 0.0))} per token)"),
+        ("stall per token", f"{1000 * s.get('stall_s_per_token', 0.0):.2f} ms"),
+    ]
+    for name, t in (s.get("tiers") or {}).items():
+        rows.append((f"{name} hit rate", f"{100 * t.get('hit_rate', 0.0):.1f} % "
+                                         f"({t.get('hits', 0)} hits, {t.get('misses', 0)} misses)"))
+    for key in ("prefetch", "prefetcher"):
+        pf = s.get(key)
+        if isinstance(pf, dict) and ("precision" in pf or "recall" in pf):
+            rows.append(("prefetch precision / recall",
+                         f"{100 * float(pf.get('precision', 0.0)):.1f} % / {100 * float(pf.get('recall', 0.0)):.1f} %"))
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 2 + max(len(v) for _, v in rows))
+    return "\n".join([line] + [f"{k.ljust(width)}  {v}" for k, v in rows] + [line])
+
+
+def _describe(e: BaseException, args: argparse.Namespace | None) -> str:
+    """One line for an error, with context for the common ones."""
+    from expert_store.errors import StoreError
+
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, StoreError):
+        store = getattr(args, "store", None)
+        model = getattr(args, "model", None)
+        if e.code == "NOT_FOUND" and model:
+            return f"model {model!r} not found in store {store}: {msg}"
+        if e.code == "UNAVAILABLE":
+            return f"store {store} is unavailable: {msg}"
+        return f"store error ({e.code}): {msg}"
+    if isinstance(e, KeyError):
+        return f"bad checkpoint: {msg}"
+    if isinstance(e, (ValueError, OSError)):
+        return msg
+    return f"{type(e).__name__}: {msg}"
+
+
+def _run_delegated(name: str, argv: list[str]) -> int:
+    module_name, _ = DELEGATED[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name:
+            raise RuntimeError(f"`{PROG} {name}` is not available in this build ({module_name} is missing)") from None
+        raise
+    main: Callable[[list[str]], Any] = getattr(module, "main")
+    rc = main(argv)
+    return int(rc or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = bool(os.environ.get("MOE_DECODER_DEBUG"))
+    args: argparse.Namespace | None = None
+    try:
+        if argv and argv[0] in DELEGATED:
+            return _run_delegated(argv[0], argv[1:])
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return EXIT_ERROR
+    except SystemExit:
+        raise
+    except Exception as e:  # one clear line, no traceback
+        if debug:
+            raise
+        sys.stderr.write(f"{PROG}: error: {_describe(e, args)}\n")
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
