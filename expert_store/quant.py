@@ -1,0 +1,286 @@
+"""Group-wise symmetric int8/int4 quantization and the torch side of the blob format.
+
+Quantization (per row, groups of ``group_size`` consecutive input columns; a row whose length
+is not a multiple of the group size ends with a shorter group):
+
+    qmax  = 127 (int8) or 7 (int4)
+    scale = fp16 value >= absmax(group) / qmax   (computed in fp32, rounded *up* to fp16)
+    q     = round(w / scale)  in [-qmax, qmax]
+    deq   = q * scale
+
+Error bound (what the tests check), for every element ``w`` and the stored fp16 ``scale`` of
+its group, dequantizing in float32::
+
+    |w - deq| <= scale / 2 * (1 + 2**-10)
+
+(``scale / 2`` is the rounding step; the ``2**-10`` covers fp32 rounding of ``w / scale``.)
+Because the scale is rounded up, no value is ever clamped; and while ``absmax / qmax`` is in
+fp16's normal range (>= 2**-14) the scale is at most ``absmax / qmax * (1 + 2**-10)``, so
+relative to the group's largest magnitude ``|w - deq| <= absmax / (2 * qmax) * (1 + 2**-9)``.
+Dequantizing into bf16/fp16 adds that dtype's rounding of the result (half an ulp of ``deq``).
+
+Storage: int8 values as ``int8 [out, in]``; int4 values offset by 8 (1..15) and packed two per
+byte, the even column in the low nibble: ``uint8 [out, ceil(in / 2)]``; scales ``float16
+[out, ceil(in / group_size)]``.  A blob holds an expert's ``w1`` (gate, ``[ffn, hidden]``),
+``w3`` (up, ``[ffn, hidden]``) and ``w2`` (down, ``[hidden, ffn]``) in that order.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from . import format as fmt
+from .format import ALIGN, BlobHeader, QuantLayout, RawTensor
+
+__all__ = [
+    "EXPERT_TENSORS",
+    "DEFAULT_GROUP_SIZE",
+    "QMAX",
+    "QuantizedWeight",
+    "quantize",
+    "dequantize",
+    "error_bound",
+    "expert_to_blob",
+    "blob_to_tensors",
+    "tensors_from_raw",
+]
+
+EXPERT_TENSORS = ("w1", "w3", "w2")
+DEFAULT_GROUP_SIZE = 128
+QMAX = {8: 127, 4: 7}
+_PRECISION_BITS = {"int8": 8, "int4": 4}
+
+if sys.byteorder != "little":  # pragma: no cover
+    raise ImportError("the blob format stores little-endian values; this host is big-endian")
+
+
+def _check_bits(bits: int) -> int:
+    if bits not in QMAX:
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+    return QMAX[bits]
+
+
+def _check_group(group_size: int) -> None:
+    if not isinstance(group_size, int) or group_size < 2 or group_size % 2:
+        raise ValueError(f"group_size must be an even int >= 2, got {group_size!r}")
+
+
+def quantize(w: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w [out, in]`` (any float dtype) -> ``(q, scales)``: ``q`` int8 ``[out, in]`` (bits=8)
+    or uint8 ``[out, ceil(in/2)]`` (bits=4, packed); ``scales`` fp16 ``[out, ceil(in/group)]``.
+    See the module docstring for the error bound.  Raises ValueError for non-finite weights
+    or weights whose scale does not fit fp16."""
+    qmax = _check_bits(bits)
+    _check_group(group_size)
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"quantize expects a 2-D float tensor, got {tuple(w.shape)} {w.dtype}")
+    out_f, in_f = w.shape
+    n_groups = -(-in_f // group_size)
+    w32 = w.detach().to(torch.float32)
+    if not torch.isfinite(w32).all():
+        raise ValueError("cannot quantize non-finite weights")
+    pad = n_groups * group_size - in_f
+    if pad:
+        w32 = torch.nn.functional.pad(w32, (0, pad))
+    groups = w32.view(out_f, n_groups, group_size)  # [out, G, gs]
+    absmax = groups.abs().amax(dim=-1)  # [out, G]
+    scale32 = absmax / qmax
+    scales = scale32.to(torch.float16)
+    if torch.isinf(scales).any():
+        raise ValueError(f"weights too large for fp16 scales (absmax {absmax.max().item():.3g})")
+    low = scales.to(torch.float32) < scale32  # rounded down: step up one fp16 ulp so |w/scale| <= qmax
+    if low.any():
+        scales = torch.where(low, torch.nextafter(scales, torch.full_like(scales, float("inf"))), scales)
+    s32 = scales.to(torch.float32)
+    s32 = torch.where(s32 > 0, s32, torch.ones_like(s32)).unsqueeze(-1)  # [out, G, 1]; all-zero groups: 0/1 = 0
+    q = torch.div(groups, s32).round_().clamp_(-qmax, qmax)
+    q = q.view(out_f, n_groups * group_size)[:, :in_f].to(torch.int8)
+    if bits == 8:
+        return q.contiguous(), scales.contiguous()
+    u = (q + 8).to(torch.uint8)  # 1..15
+    if in_f % 2:
+        u = torch.nn.functional.pad(u, (0, 1), value=8)
+    packed = u[:, 0::2] | (u[:, 1::2] << 4)
+    return packed.contiguous(), scales.contiguous()
+
+
+def _unpack_int4(packed: torch.Tensor, in_f: int) -> torch.Tensor:
+    """uint8 ``[out, ceil(in/2)]`` -> int8 ``[out, in]`` in [-8, 7]."""
+    lo = (packed & 0x0F).to(torch.int8) - 8
+    hi = (packed >> 4).to(torch.int8) - 8
+    return torch.stack((lo, hi), dim=-1).view(packed.shape[0], -1)[:, :in_f]
+
+
+def dequantize(
+    q: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    group_size: int,
+    shape: tuple[int, int] | torch.Size,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Inverse of :func:`quantize`: ``[out, in]`` tensor of ``dtype`` on ``q``'s device."""
+    _check_bits(bits)
+    out_f, in_f = int(shape[0]), int(shape[1])
+    n_groups = -(-in_f // group_size)
+    if tuple(scales.shape) != (out_f, n_groups):
+        raise ValueError(f"scales shape {tuple(scales.shape)} != {(out_f, n_groups)}")
+    vals = _unpack_int4(q, in_f) if bits == 4 else q.view(torch.int8)
+    if tuple(vals.shape) != (out_f, in_f):
+        raise ValueError(f"quantized values shape {tuple(vals.shape)} does not match {(out_f, in_f)}")
+    pad = n_groups * group_size - in_f
+    v = torch.nn.functional.pad(vals.to(torch.float32), (0, pad)).view(out_f, n_groups, group_size)
+    w = (v * scales.to(torch.float32).unsqueeze(-1)).view(out_f, n_groups * group_size)[:, :in_f]
+    return w.to(dtype)
+
+
+def error_bound(scales: torch.Tensor, group_size: int, in_f: int) -> torch.Tensor:
+    """Per-element bound ``scale/2 * (1 + 2**-10)`` as a float32 ``[out, in]`` tensor."""
+    s = scales.to(torch.float32).repeat_interleave(group_size, dim=1)[:, :in_f]
+    return s / 2 * (1 + 2.0**-10)
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """Views of one quantized tensor inside a raw payload.  Iterates as ``(q, scales)``."""
+
+    q: torch.Tensor  # int8 [out, in] or uint8 [out, ceil(in/2)]
+    scales: torch.Tensor  # float16 [out, ceil(in/group)]
+    bits: int
+    group_size: int
+    shape: tuple[int, int]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter((self.q, self.scales))
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return dequantize(self.q, self.scales, self.bits, self.group_size, self.shape, dtype)
+
+    def to(self, device: Any) -> "QuantizedWeight":
+        return QuantizedWeight(self.q.to(device), self.scales.to(device), self.bits, self.group_size, self.shape)
+
+
+def _as_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().contiguous().cpu()
+    return memoryview(t.view(torch.uint8).view(-1).numpy())
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def expert_to_blob(
+    model: str,
+    layer: int,
+    expert: int,
+    precision: str,
+    tensors: Mapping[str, torch.Tensor],
+    group_size: int = DEFAULT_GROUP_SIZE,
+) -> bytes:
+    """Encode one expert's ``{"w1", "w3", "w2"}`` (2-D float tensors) as a blob at
+    ``precision`` ("bf16": cast to bfloat16, exact for bf16 sources; "int8"/"int4":
+    group-wise quantized)."""
+    if precision not in fmt.PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {fmt.PRECISIONS}")
+    if set(tensors) != set(EXPERT_TENSORS):
+        raise ValueError(f"an expert needs exactly {EXPERT_TENSORS}, got {sorted(tensors)}")
+    parts: list[tuple[int, memoryview]] = []
+    layout: list[RawTensor] = []
+    offset = 0
+
+    def place(data: memoryview) -> int:
+        nonlocal offset
+        start = _align(offset)
+        parts.append((start, data))
+        offset = start + len(data)
+        return start
+
+    for name in EXPERT_TENSORS:
+        w = tensors[name]
+        if w.dim() != 2 or not w.is_floating_point():
+            raise ValueError(f"{name}: expected a 2-D float tensor, got {tuple(w.shape)} {w.dtype}")
+        shape = (int(w.shape[0]), int(w.shape[1]))
+        if precision == "bf16":
+            data = _as_bytes(w.to(torch.bfloat16))
+            layout.append(RawTensor(name, shape, "bfloat16", place(data), len(data)))
+        else:
+            bits = _PRECISION_BITS[precision]
+            q, scales = quantize(w, bits, group_size)
+            qdata, sdata = _as_bytes(q), _as_bytes(scales)
+            q_off = place(qdata)
+            s_off = place(sdata)
+            quant = QuantLayout(bits=bits, group_size=group_size, scales_offset=s_off, scales_nbytes=len(sdata))
+            layout.append(RawTensor(name, shape, fmt.PRECISION_DTYPE[precision], q_off, len(qdata), quant))
+    raw = bytearray(offset)
+    for start, data in parts:
+        raw[start : start + len(data)] = data
+    return fmt.encode_blob(model, layer, expert, precision, layout, raw)
+
+
+def tensors_from_raw(header: BlobHeader, raw: torch.Tensor) -> dict[str, torch.Tensor | QuantizedWeight]:
+    """Views (no copies) of every tensor of a blob over its raw payload ``raw`` (1-D uint8
+    tensor on any device, e.g. a GPU cache slot, starting at a 16-byte aligned address):
+    bf16 blobs give bfloat16 ``[out, in]`` tensors, int8/int4 blobs :class:`QuantizedWeight`."""
+    if raw.dtype != torch.uint8 or raw.dim() != 1:
+        raise ValueError(f"raw must be a 1-D uint8 tensor, got {raw.dtype} {tuple(raw.shape)}")
+    if raw.numel() < header.raw_size:
+        raise ValueError(f"raw has {raw.numel()} bytes, the payload needs {header.raw_size}")
+    torch_dtype = {"bfloat16": torch.bfloat16, "int8": torch.int8, "uint8": torch.uint8}
+    result: dict[str, torch.Tensor | QuantizedWeight] = {}
+    for t in header.tensors:
+        region = raw[t.offset : t.offset + t.nbytes]
+        if t.quant is None:
+            result[t.name] = region.view(torch_dtype[t.dtype]).view(t.shape)
+            continue
+        rows, cols = t.shape
+        stored_cols = cols if t.quant.bits == 8 else (cols + 1) // 2
+        q = region.view(torch_dtype[t.dtype]).view(rows, stored_cols)
+        s = raw[t.quant.scales_offset : t.quant.scales_offset + t.quant.scales_nbytes]
+        scales = s.view(torch.float16).view(rows, t.n_groups)
+        result[t.name] = QuantizedWeight(q, scales, t.quant.bits, t.quant.group_size, (rows, cols))
+    return result
+
+
+def blob_to_tensors(
+    blob: Any,
+    out: Any = None,
+    device: str | torch.device = "cpu",
+    dequant: bool = True,
+    dtype: torch.dtype = torch.bfloat16,
+) -> dict[str, torch.Tensor | QuantizedWeight]:
+    """Decode a blob (verifying it; :class:`format.BlobError` if malformed) into tensors.
+
+    ``out``: optional caller buffer for the raw payload (bytearray/memoryview, or a CPU uint8
+    torch tensor such as a pinned slot); the returned tensors are views of it when they stay on
+    the CPU undequantized.  ``dequant=True`` returns ``dtype`` tensors (bf16 weights are
+    returned as stored when ``dtype`` is bfloat16); ``dequant=False`` returns bf16 tensors or
+    :class:`QuantizedWeight` views.  Results are moved to ``device``.
+    """
+    header, _ = fmt.read_header(blob)
+    if out is None:
+        out = bytearray(header.raw_size)
+    if isinstance(out, torch.Tensor):
+        if out.device.type != "cpu" or out.dtype != torch.uint8 or not out.is_contiguous():
+            raise ValueError("out tensor must be a contiguous CPU uint8 tensor")
+        raw_t = out.view(-1)
+        fmt.decode_raw(blob, memoryview(raw_t.numpy()))
+    else:
+        view = memoryview(out)
+        fmt.decode_raw(blob, view)
+        if view.readonly:
+            raise ValueError("out buffer is read-only")
+        raw_t = torch.frombuffer(view.cast("B") if view.format != "B" else view, dtype=torch.uint8)
+    views = tensors_from_raw(header, raw_t[: header.raw_size])
+    result: dict[str, torch.Tensor | QuantizedWeight] = {}
+    for name, v in views.items():
+        if isinstance(v, QuantizedWeight):
+            v = v.to(device)
+            result[name] = v.dequantize(dtype) if dequant else v
+        else:
+            v = v.to(device)
+            result[name] = v.to(dtype) if dequant else v
+    return result
