@@ -38,6 +38,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
+from expert_store.errors import Unavailable
+
 log = logging.getLogger(__name__)
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
@@ -49,8 +51,9 @@ _DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 _PORT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?$")
 
 
-class DiscoveryError(RuntimeError):
-    """Discovery could not produce any address (bad cluster config, nothing ready in time)."""
+class DiscoveryError(Unavailable):
+    """Discovery could not produce any address (bad cluster config, nothing ready in time).
+    An Unavailable (gRPC UNAVAILABLE), so callers of StoreClient see one error family."""
 
 
 # --------------------------------------------------------------------------- targets

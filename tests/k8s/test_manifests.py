@@ -1,0 +1,563 @@
+"""The Kubernetes manifests: they render, validate strictly against several Kubernetes
+versions, and say what the deployment needs (security, probes, resources, GPUs, network
+paths, least-privilege RBAC, references that resolve)."""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import re
+import shlex
+from dataclasses import dataclass, field
+
+import pytest
+
+from k8s_render import (
+    OVERLAYS,
+    all_containers,
+    by_prefix,
+    container,
+    container_env,
+    command_line,
+    get,
+    kubectl,
+    objects,
+    pod_template,
+    render,
+    selector_matches,
+    service_selects,
+    var_refs,
+    workloads,
+)
+
+pytestmark = pytest.mark.skipif(kubectl() is None, reason="kubectl (for `kubectl kustomize`) is not on PATH")
+
+kv_utils = pytest.importorskip("kubernetes_validate.utils")
+from packaging.version import Version  # noqa: E402
+
+from expert_store.discovery import K8sTarget, parse_target  # noqa: E402
+
+NAMESPACE = "adapmoe"
+ADAPMOE_WORKLOADS = {("StatefulSet", "expert-store"), ("Deployment", "decoder"), ("Job", "expert-store-pack")}
+GRPC_SERVICES = {("StatefulSet", "expert-store"): "expert-store", ("Deployment", "decoder"): "decoder"}
+
+
+def k8s_versions() -> list[str]:
+    """1.29 up to the newest kubernetes-validate ships."""
+    versions = sorted({v for v in kv_utils.all_versions() if Version(v) >= Version("1.29")}, key=Version)
+    assert versions and versions[0].startswith("1.29"), versions
+    return versions
+
+
+@pytest.fixture(scope="module", params=list(OVERLAYS))
+def overlay(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def docs(overlay):
+    return render(overlay)
+
+
+# ------------------------------------------------------------------ render + schema
+
+
+def test_overlays_render_with_expected_objects(docs):
+    keys = [(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]) for d in docs]
+    assert len(keys) == len(set(keys)), "duplicate objects"
+    for d in docs:
+        if d["kind"] != "Namespace":
+            assert d["metadata"].get("namespace") == NAMESPACE, f"{d['kind']}/{d['metadata']['name']} not namespaced"
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    for expected in [
+        ("Namespace", NAMESPACE), ("StatefulSet", "expert-store"), ("Service", "expert-store"),
+        ("Service", "expert-store-headless"), ("Deployment", "redis"), ("Service", "redis"),
+        ("Deployment", "decoder"), ("Service", "decoder"), ("Job", "expert-store-pack"),
+        ("ServiceAccount", "decoder"), ("Role", "expert-store-discovery"),
+        ("RoleBinding", "decoder-expert-store-discovery"), ("PodDisruptionBudget", "expert-store"),
+        ("PodDisruptionBudget", "decoder"), ("NetworkPolicy", "default-deny-all"),
+    ]:
+        assert expected in kinds, f"{expected} missing"
+    by_prefix(docs, "ConfigMap", "adapmoe-settings")
+
+
+def test_every_object_validates_strictly_on_every_supported_version(docs):
+    versions = k8s_versions()
+    assert Version(versions[-1]) >= Version("1.33"), versions  # the newest it ships is covered
+    failures = []
+    for version in versions:
+        for d in docs:
+            try:
+                kv_utils.validate(d, version, strict=True)
+            except (kv_utils.ValidationError, kv_utils.SchemaNotFoundError) as e:
+                where = ".".join(str(p) for p in getattr(e, "path", []))
+                failures.append(f"{version} {d['kind']}/{d['metadata']['name']}: {where}: {getattr(e, 'message', e)}")
+    assert not failures, "\n".join(failures[:30])
+
+
+def test_strict_validation_catches_a_misspelt_field():
+    """The schema check above can fail: an unknown field or a wrong type is rejected."""
+    sts = copy.deepcopy(get(render("dev"), "StatefulSet", "expert-store"))
+    c = pod_template(sts)["spec"]["containers"][0]
+    c["readinessProbe"]["grpc"]["prot"] = 50051
+    with pytest.raises(kv_utils.ValidationError):
+        kv_utils.validate(sts, k8s_versions()[0], strict=True)
+    del c["readinessProbe"]["grpc"]["prot"]
+    c["resources"]["limits"]["memory"] = {"bytes": 1}
+    with pytest.raises(kv_utils.ValidationError):
+        kv_utils.validate(sts, k8s_versions()[-1], strict=True)
+
+
+# ------------------------------------------------------------------ pod security
+
+
+def test_pods_run_non_root_with_read_only_root_and_no_capabilities(docs):
+    for w in workloads(docs):
+        name = f"{w['kind']}/{w['metadata']['name']}"
+        spec = pod_template(w)["spec"]
+        psc = spec.get("securityContext") or {}
+        assert psc.get("runAsNonRoot") is True, name
+        assert psc.get("runAsUser", 1) != 0 and psc.get("runAsGroup", 1) != 0, name
+        assert (psc.get("seccompProfile") or {}).get("type") == "RuntimeDefault", name
+        assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC"), name
+        volumes = {v["name"]: v for v in spec.get("volumes") or []}
+        assert not any("hostPath" in v for v in volumes.values()), name
+        for c in all_containers(spec):
+            where = f"{name}:{c['name']}"
+            sc = c.get("securityContext") or {}
+            assert sc.get("readOnlyRootFilesystem") is True, where
+            assert sc.get("allowPrivilegeEscalation") is False, where
+            assert sc.get("privileged") in (None, False), where
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], where
+            assert not sc.get("capabilities", {}).get("add"), where
+            assert sc.get("runAsUser", 1) != 0, where
+            assert (sc.get("seccompProfile") or psc.get("seccompProfile"))["type"] == "RuntimeDefault", where
+            # a read-only root needs a writable, size-limited /tmp
+            tmp = [m for m in c.get("volumeMounts") or [] if m["mountPath"] == "/tmp"]
+            assert len(tmp) == 1, f"{where}: no /tmp mount"
+            assert "emptyDir" in volumes[tmp[0]["name"]] and volumes[tmp[0]["name"]]["emptyDir"].get("sizeLimit"), where
+
+
+def test_adapmoe_image_runs_as_the_dockerfile_user(docs):
+    dockerfile = (OVERLAYS["base"].parents[1] / "docker" / "Dockerfile").read_text()
+    user = re.findall(r"^USER\s+(\d+):(\d+)\s*$", dockerfile, re.M)
+    assert user, "the Dockerfile must end on a numeric non-root USER"
+    uid, gid = map(int, user[-1])
+    for w in workloads(docs):
+        spec = pod_template(w)["spec"]
+        if any(c["image"].startswith("adapmoe") for c in all_containers(spec)):
+            assert spec["securityContext"]["runAsUser"] == uid and spec["securityContext"]["runAsGroup"] == gid
+            assert spec["securityContext"]["fsGroup"] == gid  # PVC and secret files readable
+
+
+def test_namespace_enforces_restricted_pod_security(docs):
+    ns = get(docs, "Namespace", NAMESPACE)
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_resources_set_on_every_container(docs):
+    for w in workloads(docs):
+        for c in all_containers(pod_template(w)["spec"]):
+            where = f"{w['kind']}/{w['metadata']['name']}:{c['name']}"
+            res = c.get("resources") or {}
+            req, lim = res.get("requests") or {}, res.get("limits") or {}
+            assert {"cpu", "memory", "ephemeral-storage"} <= req.keys(), where
+            assert {"memory", "ephemeral-storage"} <= lim.keys(), where
+            assert _bytes(lim["memory"]) >= _bytes(req["memory"]), where
+
+
+def _bytes(q: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?", str(q))
+    assert m, q
+    mult = {None: 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    return float(m.group(1)) * mult[m.group(2)]
+
+
+def test_redis_fits_its_memory_limit(docs):
+    c = container(docs, "Deployment", "redis")
+    env = container_env(docs, {}, c, NAMESPACE)
+    argv = command_line(docs, c, env)
+    maxmemory = argv[argv.index("--maxmemory") + 1]
+    m = re.fullmatch(r"(\d+)(mb|gb)", maxmemory)
+    assert m, maxmemory
+    mm = int(m.group(1)) * (2**20 if m.group(2) == "mb" else 2**30)
+    limit = _bytes(c["resources"]["limits"]["memory"])
+    assert mm <= 0.85 * limit, f"maxmemory {maxmemory} leaves no headroom under {limit}"
+
+
+# ------------------------------------------------------------------ probes and ports
+
+
+def test_grpc_services_use_native_grpc_probes(docs):
+    for (kind, name), _svc in GRPC_SERVICES.items():
+        c = container(docs, kind, name)
+        grpc_port = {p["name"]: p["containerPort"] for p in c["ports"]}["grpc"]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            p = c.get(probe)
+            assert p, f"{name}: no {probe}"
+            handlers = {"grpc", "exec", "httpGet", "tcpSocket"} & p.keys()
+            assert handlers == {"grpc"}, f"{name}.{probe} uses {handlers}"
+            assert p["grpc"]["port"] == grpc_port, f"{name}.{probe} probes the wrong port"
+            assert p["grpc"].get("service", "") == ""  # overall server health
+        # the listen address on the command line is the probed port
+        env = container_env(docs, pod_template(get(docs, kind, name))["metadata"], c, NAMESPACE)
+        argv = command_line(docs, c, env)
+        assert argv[argv.index("--listen") + 1].endswith(f":{grpc_port}")
+        # liveness is never stricter than readiness: an overloaded pod is unready, not killed
+        live, ready = c["livenessProbe"], c["readinessProbe"]
+        assert live["periodSeconds"] * live["failureThreshold"] > ready["periodSeconds"] * ready["failureThreshold"]
+
+
+def test_redis_is_a_non_persistent_lru_cache(docs):
+    c = container(docs, "Deployment", "redis")
+    argv = command_line(docs, c, container_env(docs, {}, c, NAMESPACE))
+    assert argv[0] == "redis-server"
+    opts = dict(zip(argv[1::2], argv[2::2]))
+    assert opts["--maxmemory-policy"] == "allkeys-lru"
+    assert opts["--save"] == "" and opts["--appendonly"] == "no"
+    assert {"tcpSocket", "exec"} & c["readinessProbe"].keys()
+    assert opts["--port"] == str(c["ports"][0]["containerPort"])
+    volumes = {v["name"]: v for v in pod_template(get(docs, "Deployment", "redis"))["spec"]["volumes"]}
+    assert all("persistentVolumeClaim" not in v for v in volumes.values())
+
+
+def test_services_select_their_pods_and_name_real_ports(docs):
+    pods = {(w["kind"], w["metadata"]["name"]): pod_template(w) for w in workloads(docs)}
+    for svc in objects(docs, "Service"):
+        matched = [k for k, t in pods.items() if service_selects(svc, t["metadata"]["labels"])]
+        assert len(matched) == 1, f"Service {svc['metadata']['name']} selects {matched}"
+        ports = {}
+        for c in pod_template(get(docs, *matched[0]))["spec"]["containers"]:
+            for p in c.get("ports") or []:
+                ports[p["name"]] = p["containerPort"]
+        for p in svc["spec"]["ports"]:
+            tp = p.get("targetPort", p["port"])
+            assert tp in ports or tp in ports.values(), f"{svc['metadata']['name']}:{p['name']} -> {tp}"
+
+
+def test_store_statefulset_has_nvme_volume_and_headless_service(docs):
+    sts = get(docs, "StatefulSet", "expert-store")
+    headless = get(docs, "Service", sts["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+    assert not headless["spec"].get("publishNotReadyAddresses")  # dns:/// gets ready pods only
+    assert service_selects(headless, pod_template(sts)["metadata"]["labels"])
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    c = container(docs, "StatefulSet", "expert-store")
+    mount = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}[claim["metadata"]["name"]]
+    argv = command_line(docs, c, container_env(docs, {}, c, NAMESPACE))
+    assert argv[:2] == ["expert-store", "serve"]
+    assert argv[argv.index("--store") + 1] == mount
+    assert argv[argv.index("--redis") + 1].startswith("redis://redis:")
+    assert get(docs, "Service", "expert-store")["spec"].get("clusterIP") != "None"
+
+
+def test_pdbs_cover_store_and_decoder_and_allow_one_eviction(docs):
+    pdbs = objects(docs, "PodDisruptionBudget")
+    for kind, name in GRPC_SERVICES:
+        w = get(docs, kind, name)
+        labels = pod_template(w)["metadata"]["labels"]
+        covering = [p for p in pdbs if selector_matches(p["spec"]["selector"], labels)]
+        assert len(covering) == 1, f"{name}: {len(covering)} PDBs"
+        spec = covering[0]["spec"]
+        # a PDB that forbids every eviction blocks node drains; maxUnavailable: 1 never does
+        assert spec.get("maxUnavailable") == 1 and "minAvailable" not in spec
+
+
+def test_env_and_var_references_resolve(docs, overlay):
+    """Every $(VAR) in command/args is defined, and every ConfigMap/Secret/SA/PVC exists
+    (the gpu overlay and base expect the token Secret and checkpoint PVC from the operator)."""
+    external = {("Secret", "adapmoe-store-token"), ("PersistentVolumeClaim", "model-checkpoint")}
+    present = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    for w in workloads(docs):
+        spec = pod_template(w)["spec"]
+        sa = spec.get("serviceAccountName", "default")
+        assert ("ServiceAccount", sa) in present, sa
+        refs = set()
+        for v in spec.get("volumes") or []:
+            if "secret" in v:
+                refs.add(("Secret", v["secret"]["secretName"]))
+            if "configMap" in v:
+                refs.add(("ConfigMap", v["configMap"]["name"]))
+            if "persistentVolumeClaim" in v:
+                refs.add(("PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"]))
+        for c in all_containers(spec):
+            defined = {e["name"] for e in c.get("env") or []}
+            for text in (c.get("command") or []) + (c.get("args") or []):
+                undefined = var_refs(text) - defined
+                assert not undefined, f"{w['metadata']['name']}:{c['name']} uses undefined {undefined}"
+            for e in c.get("env") or []:
+                ref = (e.get("valueFrom") or {}).get("configMapKeyRef")
+                if ref:
+                    cm = get(docs, "ConfigMap", ref["name"])
+                    assert ref["key"] in cm["data"], f"{ref['name']} has no key {ref['key']}"
+        for ref in refs:
+            if overlay == "dev":
+                assert ref in present, f"dev must be self-contained: {ref} missing"
+            else:
+                assert ref in present or ref in external, ref
+
+
+def test_dev_overlay_is_cpu_only_with_a_clearly_fake_token():
+    docs = render("dev")
+    for w in workloads(docs):
+        for c in all_containers(pod_template(w)["spec"]):
+            res = c.get("resources") or {}
+            assert "nvidia.com/gpu" not in {**res.get("requests", {}), **res.get("limits", {})}
+    assert by_prefix(docs, "ConfigMap", "adapmoe-settings")["data"]["DECODER_DEVICE"] == "cpu"
+    assert get(docs, "StatefulSet", "expert-store")["spec"]["replicas"] == 1
+    assert get(docs, "Job", "expert-store-pack")["spec"]["completions"] == 1
+    import base64
+
+    token = base64.b64decode(by_prefix(docs, "Secret", "adapmoe-store-token")["data"]["token"]).decode()
+    assert "dev" in token and "placeholder" in token
+    # the pack Job builds the demo checkpoint itself: nothing to provision
+    job_spec = pod_template(get(docs, "Job", "expert-store-pack"))["spec"]
+    assert [c["command"] + c["args"][:1] for c in job_spec["initContainers"]] == [["moe-decoder", "train-demo"]]
+
+
+@pytest.mark.parametrize("overlay_name", ["base", "gpu"])
+def test_no_secret_values_outside_the_dev_overlay(overlay_name):
+    assert not objects(render(overlay_name), "Secret")
+
+
+def test_gpu_overlay_requests_one_gpu_for_the_decoder_only():
+    docs = render("gpu")
+    dec = get(docs, "Deployment", "decoder")
+    spec = pod_template(dec)["spec"]
+    res = container(docs, "Deployment", "decoder")["resources"]
+    assert str(res["limits"]["nvidia.com/gpu"]) == "1" and str(res["requests"]["nvidia.com/gpu"]) == "1"
+    assert spec["nodeSelector"].get("nvidia.com/gpu.present") == "true"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    assert by_prefix(docs, "ConfigMap", "adapmoe-settings")["data"]["DECODER_DEVICE"] == "cuda"
+    assert re.search(r"cu\d+", container(docs, "Deployment", "decoder")["image"])
+    for w in workloads(docs):
+        if w["metadata"]["name"] == "decoder":
+            continue
+        for c in all_containers(pod_template(w)["spec"]):
+            assert "nvidia.com/gpu" not in (c.get("resources") or {}).get("limits", {}), w["metadata"]["name"]
+
+
+def test_pack_job_targets_every_store_replica(docs):
+    job = get(docs, "Job", "expert-store-pack")
+    sts = get(docs, "StatefulSet", "expert-store")
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == sts["spec"]["replicas"]
+    c = container(docs, "Job", "expert-store-pack", "pack")
+    targets = set()
+    for index in range(job["spec"]["completions"]):
+        meta = {"annotations": {"batch.kubernetes.io/job-completion-index": str(index)}}
+        argv = command_line(docs, c, container_env(docs, meta, c, NAMESPACE))
+        assert argv[:2] == ["expert-store", "pack"]
+        targets.add(argv[argv.index("--store") + 1])
+    headless = sts["spec"]["serviceName"]
+    port = {p["name"]: p["containerPort"] for p in container(docs, "StatefulSet", "expert-store")["ports"]}["grpc"]
+    assert targets == {f"expert-store-{i}.{headless}:{port}" for i in range(sts["spec"]["replicas"])}
+
+
+# ------------------------------------------------------------------ RBAC
+
+
+def test_rbac_is_least_privilege_for_discovery(docs):
+    assert not objects(docs, "ClusterRole") and not objects(docs, "ClusterRoleBinding")
+    (role,) = objects(docs, "Role")
+    (rule,) = role["rules"]
+    assert rule["apiGroups"] == ["discovery.k8s.io"]
+    assert rule["resources"] == ["endpointslices"]
+    assert sorted(rule["verbs"]) == ["get", "list", "watch"]
+    assert "resourceNames" not in rule or rule["resourceNames"]
+    (binding,) = objects(docs, "RoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "decoder", "namespace": NAMESPACE}]
+    # only the decoder's pods get an API token
+    for w in workloads(docs):
+        spec = pod_template(w)["spec"]
+        if w["metadata"]["name"] == "decoder":
+            assert spec["serviceAccountName"] == "decoder" and spec.get("automountServiceAccountToken", True)
+        else:
+            assert spec.get("automountServiceAccountToken") is False, w["metadata"]["name"]
+            assert spec.get("serviceAccountName") != "decoder"
+
+
+def test_decoder_discovers_the_store_service_it_may_read(docs):
+    c = container(docs, "Deployment", "decoder")
+    env = container_env(docs, {}, c, NAMESPACE)
+    argv = command_line(docs, c, env)
+    assert argv[:2] == ["moe-decoder", "serve"]
+    target = parse_target(argv[argv.index("--store") + 1])
+    assert isinstance(target, K8sTarget) and target.namespace == NAMESPACE
+    svc = get(docs, "Service", target.service)
+    assert target.port in {p["name"] for p in svc["spec"]["ports"]}
+    assert service_selects(svc, pod_template(get(docs, "StatefulSet", "expert-store"))["metadata"]["labels"])
+    # the RoleBinding lives where the watched EndpointSlices are
+    assert get(docs, "RoleBinding", "decoder-expert-store-discovery")["metadata"]["namespace"] == target.namespace
+
+
+# ------------------------------------------------------------------ NetworkPolicy semantics
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    namespace: str | None  # None: not a pod (an IP outside the cluster's pods)
+    labels: tuple = ()
+    ports: tuple = ()  # (name, number, protocol) the peer listens on
+    ip: str = "10.244.0.10"
+
+    @property
+    def label_dict(self):
+        return dict(self.labels)
+
+
+NAMESPACE_LABELS = {
+    NAMESPACE: {"kubernetes.io/metadata.name": NAMESPACE},
+    "apps": {"kubernetes.io/metadata.name": "apps"},
+    "monitoring": {"kubernetes.io/metadata.name": "monitoring"},
+    "kube-system": {"kubernetes.io/metadata.name": "kube-system"},
+}
+
+
+def _peer_matches(peer_rule: dict, peer: Peer, policy_ns: str) -> bool:
+    if "ipBlock" in peer_rule:
+        block = peer_rule["ipBlock"]
+        ip = ipaddress.ip_address(peer.ip)
+        if ip not in ipaddress.ip_network(block["cidr"]):
+            return False
+        return not any(ip in ipaddress.ip_network(x) for x in block.get("except") or [])
+    if peer.namespace is None:
+        return False  # pod/namespace selectors match pods only
+    ns_sel, pod_sel = peer_rule.get("namespaceSelector"), peer_rule.get("podSelector")
+    if ns_sel is None:
+        ns_ok = peer.namespace == policy_ns
+    else:
+        ns_ok = selector_matches(ns_sel, NAMESPACE_LABELS[peer.namespace])
+    pod_ok = True if pod_sel is None else selector_matches(pod_sel, peer.label_dict)
+    return ns_ok and pod_ok
+
+
+def _port_matches(rule_ports, dst: Peer, port: int, protocol: str) -> bool:
+    if not rule_ports:
+        return True
+    for p in rule_ports:
+        if p.get("protocol", "TCP") != protocol:
+            continue
+        want = p.get("port")
+        if want is None:
+            return True
+        if isinstance(want, int):
+            end = p.get("endPort", want)
+            if want <= port <= end:
+                return True
+        elif any(n == want and num == port and proto == protocol for n, num, proto in dst.ports):
+            return True
+    return False
+
+
+def _allowed_one_way(policies, subject: Peer, other: Peer, direction: str, dst: Peer, port, protocol) -> bool:
+    """Does `subject`'s namespace policy set let traffic in/out of subject?"""
+    if subject.namespace != NAMESPACE:
+        return True  # no policies elsewhere in this model
+    policy_type = "Ingress" if direction == "ingress" else "Egress"
+    selecting = [
+        p for p in policies
+        if selector_matches(p["spec"]["podSelector"], subject.label_dict)
+        and policy_type in p["spec"].get("policyTypes", ["Ingress"])
+    ]
+    if not selecting:
+        return True
+    key = "from" if direction == "ingress" else "to"
+    for p in selecting:
+        for rule in p["spec"].get(direction) or []:
+            peers = rule.get(key)
+            peer_ok = True if not peers else any(_peer_matches(r, other, NAMESPACE) for r in peers)
+            if peer_ok and _port_matches(rule.get("ports"), dst, port, protocol):
+                return True
+    return False
+
+
+def allowed(policies, src: Peer, dst: Peer, port: int, protocol: str = "TCP") -> bool:
+    return _allowed_one_way(policies, src, dst, "egress", dst, port, protocol) and _allowed_one_way(
+        policies, dst, src, "ingress", dst, port, protocol
+    )
+
+
+def _cluster_peers(docs) -> list[Peer]:
+    peers = []
+    for w in workloads(docs):
+        t = pod_template(w)
+        ports = tuple(
+            (p.get("name"), p["containerPort"], p.get("protocol", "TCP"))
+            for c in t["spec"]["containers"] for p in c.get("ports") or []
+        )
+        peers.append(Peer(w["metadata"]["name"], NAMESPACE, tuple(sorted(t["metadata"]["labels"].items())), ports))
+    return peers
+
+
+def test_network_policies_allow_exactly_the_intended_paths(docs):
+    policies = objects(docs, "NetworkPolicy")
+    ours = _cluster_peers(docs)
+    dns = Peer("kube-dns", "kube-system", (("k8s-app", "kube-dns"),), (("dns", 53, "UDP"), ("dns-tcp", 53, "TCP")))
+    apiserver = Peer("apiserver", None, ports=(("https", 443, "TCP"), ("https-alt", 6443, "TCP")), ip="172.18.0.2")
+    outsiders = [
+        Peer("client", "apps", (("adapmoe.io/decoder-client", "true"),)),
+        Peer("stranger", "apps", (("app", "web"),)),
+        Peer("stranger-in-ns", NAMESPACE, (("app", "debug"),)),
+        Peer("scraper", "monitoring", (("adapmoe.io/metrics-scraper", "true"),)),
+        Peer("internet", None, ip="93.184.216.34"),
+    ]
+    sources = ours + outsiders
+    destinations = ours + [dns, apiserver, outsiders[2]]
+    got = set()
+    for src in sources:
+        for dst in destinations:
+            if src == dst:
+                continue
+            candidate_ports = {(num, proto) for _, num, proto in dst.ports} | {(22, "TCP"), (8080, "TCP")}
+            for num, proto in candidate_ports:
+                if NAMESPACE not in (src.namespace, dst.namespace):
+                    continue  # only our namespace has policies in this model
+                if allowed(policies, src, dst, num, proto):
+                    got.add((src.name, dst.name, num, proto))
+
+    def ports_of(name, port_name):
+        for p in ours:
+            if p.name == name:
+                return next(num for n, num, _ in p.ports if n == port_name)
+        raise KeyError(name)
+
+    store, dec = "expert-store", "decoder"
+    expected = {
+        ("client", dec, ports_of(dec, "grpc"), "TCP"),
+        ("scraper", dec, ports_of(dec, "metrics"), "TCP"),
+        ("scraper", store, ports_of(store, "metrics"), "TCP"),
+        (dec, store, ports_of(store, "grpc"), "TCP"),
+        ("expert-store-pack", store, ports_of(store, "grpc"), "TCP"),
+        (store, "redis", ports_of("redis", "redis"), "TCP"),
+        (dec, "apiserver", 443, "TCP"),
+        (dec, "apiserver", 6443, "TCP"),
+    }
+    for p in ours + [outsiders[2]]:  # every pod in the namespace resolves names
+        expected |= {(p.name, "kube-dns", 53, "UDP"), (p.name, "kube-dns", 53, "TCP")}
+    assert got == expected, f"unexpected: {sorted(got - expected)}; missing: {sorted(expected - got)}"
+
+
+def test_network_policy_evaluator_sees_a_hole():
+    """The evaluator above is not vacuous: opening redis to everyone shows up."""
+    docs = render("base")
+    policies = copy.deepcopy(objects(docs, "NetworkPolicy"))
+    redis_np = next(p for p in policies if p["metadata"]["name"] == "redis")
+    peers = {p.name: p for p in _cluster_peers(docs)}
+    assert not allowed(policies, peers["decoder"], peers["redis"], 6379)
+    redis_np["spec"]["ingress"][0]["from"].append({"namespaceSelector": {}})
+    for p in policies:  # and let the decoder's egress reach it
+        if p["metadata"]["name"] == "decoder":
+            p["spec"]["egress"].append({"to": [{"podSelector": {}}]})
+    assert allowed(policies, peers["decoder"], peers["redis"], 6379)
+
+
+def test_manifest_command_lines_quote_cleanly(docs):
+    """No argument carries shell syntax the container would not interpret (no shell runs)."""
+    for w in workloads(docs):
+        for c in all_containers(pod_template(w)["spec"]):
+            for arg in (c.get("command") or []) + (c.get("args") or []):
+                assert not re.search(r"[;&|`]|\$\{", arg), f"{w['metadata']['name']}: {shlex.quote(arg)}"
