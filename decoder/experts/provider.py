@@ -75,9 +75,15 @@ Matrix = Union[torch.Tensor, QuantizedMatrix]
 
 
 def _dense(m: Matrix, dtype: torch.dtype) -> torch.Tensor:
-    if isinstance(m, QuantizedMatrix):
+    if not isinstance(m, torch.Tensor):  # QuantizedMatrix or expert_store.quant.QuantizedWeight
         return m.dequantize(dtype)
     return m if m.dtype == dtype else m.to(dtype)
+
+
+def _nbytes(m: Any) -> int:
+    if isinstance(m, torch.Tensor):
+        return m.numel() * m.element_size()
+    return m.q.numel() * m.q.element_size() + m.scales.numel() * m.scales.element_size()
 
 
 class ExpertWeights:
@@ -105,13 +111,12 @@ class ExpertWeights:
 
     @property
     def nbytes(self) -> int:
-        return sum(m.nbytes if isinstance(m, QuantizedMatrix) else m.numel() * m.element_size()
-                   for m in (self.w1, self.w3, self.w2))
+        return sum(_nbytes(m) for m in (self.w1, self.w3, self.w2))
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "ExpertWeights":
         """Copy to `device`; dense matrices are also cast to `dtype` when given (quantized stay packed)."""
         def mv(m: Matrix) -> Matrix:
-            if isinstance(m, QuantizedMatrix):
+            if not isinstance(m, torch.Tensor):
                 return m.to(device)
             return m.to(device=device, dtype=dtype or m.dtype)
         return ExpertWeights(mv(self.w1), mv(self.w3), mv(self.w2), self.precision)
@@ -133,8 +138,8 @@ def _field(obj: Any, name: str, default: Any = None) -> Any:
 def expert_weights_from_views(header: Any, views: Mapping[str, Any]) -> ExpertWeights:
     """Wrap `expert_store.quant.tensors_from_raw(header, raw)` output (no copies).
 
-    `views[name]` is a dense tensor (bf16) or a (q, scales) pair (int8/int4); the header's tensor
-    entries give shape and quantization (bits, group_size).
+    `views[name]` is a dense tensor (bf16), a `QuantizedWeight` (int8/int4: q, scales, bits,
+    group_size, shape), or a bare (q, scales) pair whose layout comes from the header.
     """
     precision = _field(header, "precision")
     specs = {_field(t, "name"): t for t in _field(header, "tensors")}
@@ -143,7 +148,9 @@ def expert_weights_from_views(header: Any, views: Mapping[str, Any]) -> ExpertWe
         if name not in views:
             raise ValueError(f"expert blob has no tensor {name!r}")
         v = views[name]
-        if isinstance(v, (tuple, list)):
+        if not isinstance(v, (torch.Tensor, tuple, list)) and hasattr(v, "scales"):
+            mats[name] = QuantizedMatrix(v.q, v.scales, int(v.bits), int(v.group_size), tuple(v.shape))
+        elif isinstance(v, (tuple, list)):
             q, scales = v
             spec = specs[name]
             quant = _field(spec, "quant")
@@ -162,13 +169,11 @@ def decode_expert_blob(blob: bytes | memoryview, device: torch.device | str = "c
     a dtype materializes dense matrices in that dtype (dequantizing once).
     """
     from expert_store import format as blob_format
-    from expert_store.quant import tensors_from_raw
+    from expert_store.quant import blob_to_tensors
 
-    header, raw = blob_format.decode_raw(blob)
-    raw_t = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if len(raw) else torch.empty(0, dtype=torch.uint8)
-    if torch.device(device).type != "cpu":
-        raw_t = raw_t.to(device)
-    w = expert_weights_from_views(header, tensors_from_raw(header, raw_t))
+    header, _ = blob_format.read_header(blob)
+    views = blob_to_tensors(blob, device=device, dequant=False)  # verifies seal + payload checksum
+    w = expert_weights_from_views(header, views)
     return w.materialize(dtype) if dtype is not None else w
 
 
