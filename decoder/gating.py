@@ -1,0 +1,290 @@
+"""Gating: which experts each token uses, selectable by name (`--gating`).
+
+- `topk`       Mixtral's own routing (reference): softmax over all experts in float32, top-k,
+               renormalise.
+- `uniform`    the AdapMoE paper's naive baseline: drop expert 2 when its renormalised weight
+               w2 is below one threshold, the same for every layer.
+- `adaptive`   AdapMoE: use expert 1 alone when F_l * w2^2 < T, where F_l is layer l's
+               sensitivity from the calibration profile (decoder/calibrate.py) and T the budget.
+               Dropping expert 2 and renormalising changes the layer output by w2 * (E1 - E2),
+               so the next-token loss rises by about F_l * w2^2 (second-order Taylor with the
+               Fisher approximation).
+- `cost-aware` ours: the budget of a decision scales with the live cost of loading expert 2
+               from where it is now (the expert cache's EWMA per tier): on the GPU it is free
+               (keep it), in pinned host memory it costs one H2D copy, in the store a network
+               fetch plus the copy. T is the budget for an expert one H2D copy away; further away
+               scales it by cost / H2D cost. The estimated loss a token accumulates over the
+               layers (sum of F_l * w2^2 of its dropped experts) never exceeds `loss_bound`.
+
+Every gating returns (weights [T, k] float32, idx [T, k] int64) with idx == -1 (weight 0) in a
+slot a token does not use (see decoder.model.transformer.Gating); when every token of a call
+drops expert 2 the result has k = 1. Decisions are counted per layer: experts per token,
+single-expert ratio and the estimated loss of the dropped experts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from decoder.model.transformer import Gating, topk_route
+
+GATINGS = ("topk", "uniform", "adaptive", "cost-aware")
+
+
+class CountingGating(Gating):
+    """Base: top-k routing, then `_keep_second(layer, logits, weights, idx)` decides per token
+    whether the second expert stays. Counts decisions."""
+
+    name = "counting"
+
+    def __init__(self, top_k: int, num_layers: int, sensitivity: Sequence[float] | None = None) -> None:
+        if top_k < 1:
+            raise ValueError("top_k must be >= 1")
+        self.top_k = int(top_k)
+        self.num_layers = int(num_layers)
+        if sensitivity is not None:
+            sensitivity = [float(f) for f in sensitivity]
+            if len(sensitivity) != num_layers:
+                raise ValueError(f"sensitivity has {len(sensitivity)} layers, the model has {num_layers}")
+            if any(not math.isfinite(f) or f < 0 for f in sensitivity):
+                raise ValueError("sensitivity values must be finite and >= 0")
+        self.sensitivity = sensitivity
+        self.reset_stats()
+
+    # --- counters ---------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        L = self.num_layers
+        self._decisions = [0] * L
+        self._experts = [0] * L
+        self._single = [0] * L
+        self._est_loss = [0.0] * L
+
+    def stats(self) -> dict[str, Any]:
+        d = sum(self._decisions)
+        return {
+            "gating": self.name,
+            "decisions": d,
+            "experts_per_token": (sum(self._experts) / d) if d else 0.0,
+            "single_expert_ratio": (sum(self._single) / d) if d else 0.0,
+            # estimated loss increase (nats) per token, summed over layers: sum of F_l * w2^2 dropped
+            "est_loss_per_token": (sum(self._est_loss) / (d / self.num_layers)) if d else 0.0,
+            "per_layer": [
+                {"decisions": self._decisions[l],
+                 "single_expert_ratio": (self._single[l] / self._decisions[l]) if self._decisions[l] else 0.0,
+                 "est_loss": self._est_loss[l]}
+                for l in range(self.num_layers)
+            ],
+        }
+
+    # --- routing ----------------------------------------------------------------------------
+    def route(self, layer: int, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # router_logits: [T, E] -> weights [T, k] float32, idx [T, k] int64 (-1 = unused slot)
+        weights, idx = topk_route(router_logits, self.top_k)
+        T = weights.shape[0]
+        if self.top_k < 2 or T == 0:
+            self._count(layer, T, torch.zeros(T, dtype=torch.bool), weights)
+            return weights, idx
+        drop = self._drop_second(layer, router_logits, weights, idx)  # [T] bool
+        self._count(layer, T, drop, weights)
+        if not bool(drop.any()):
+            return weights, idx
+        if bool(drop.all()):
+            w = weights[:, :-1]
+            return w / w.sum(dim=-1, keepdim=True), idx[:, :-1]
+        # drop the last (for k = 2: the second) expert of the flagged tokens; renormalise the rest
+        keep = torch.ones_like(weights, dtype=torch.bool)
+        keep[:, -1] = ~drop
+        w = torch.where(keep, weights, torch.zeros_like(weights))
+        # renormalise only the rows that changed: the others stay bit-identical to top-k
+        w = torch.where(drop[:, None], w / w.sum(dim=-1, keepdim=True), weights)
+        i = torch.where(keep, idx, torch.full_like(idx, -1))
+        return w, i
+
+    def _count(self, layer: int, T: int, drop: torch.Tensor, weights: torch.Tensor) -> None:
+        n_drop = int(drop.sum())
+        self._decisions[layer] += T
+        self._experts[layer] += T * self.top_k - n_drop
+        if self.top_k == 1:
+            self._single[layer] += T
+        elif self.top_k == 2:
+            self._single[layer] += n_drop
+        if n_drop and self.sensitivity is not None:
+            w2 = weights[:, -1].float()
+            self._est_loss[layer] += float((self.sensitivity[layer] * w2[drop] ** 2).sum())
+
+    def _drop_second(self, layer: int, router_logits: torch.Tensor, weights: torch.Tensor,
+                     idx: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TopK(CountingGating):
+    """Mixtral's routing (identical to decoder.model.transformer.TopKGating), with counters."""
+
+    name = "topk"
+
+    def __init__(self, top_k: int, num_layers: int) -> None:
+        super().__init__(top_k, num_layers)
+
+    def _drop_second(self, layer, router_logits, weights, idx):
+        return torch.zeros(weights.shape[0], dtype=torch.bool, device=weights.device)
+
+
+class UniformThresholdGating(CountingGating):
+    """The paper's naive baseline: drop expert 2 when its renormalised weight w2 < threshold."""
+
+    name = "uniform"
+
+    def __init__(self, top_k: int, num_layers: int, threshold: float,
+                 sensitivity: Sequence[float] | None = None) -> None:
+        super().__init__(top_k, num_layers, sensitivity)
+        if not 0 <= threshold <= 1:
+            raise ValueError("uniform threshold must be in [0, 1] (a renormalised weight)")
+        self.threshold = float(threshold)
+
+    def _drop_second(self, layer, router_logits, weights, idx):
+        return weights[:, -1] < self.threshold
+
+
+class AdaptiveGating(CountingGating):
+    """AdapMoE: expert 1 alone when F_l * w2^2 < T (T = budget; T = 0 is exactly top-k)."""
+
+    name = "adaptive"
+
+    def __init__(self, top_k: int, num_layers: int, sensitivity: Sequence[float], budget: float) -> None:
+        if sensitivity is None:
+            raise ValueError("adaptive gating needs per-layer sensitivity (run `moe-decoder calibrate`)")
+        super().__init__(top_k, num_layers, sensitivity)
+        if not budget >= 0:
+            raise ValueError("budget must be >= 0")
+        self.budget = float(budget)
+
+    def _drop_second(self, layer, router_logits, weights, idx):
+        w2 = weights[:, -1].float()
+        return self.sensitivity[layer] * w2 * w2 < self.budget
+
+
+class CostAwareGating(CountingGating):
+    """Budget scaled by the live cost of loading expert 2 from its current tier, per-token loss cap.
+
+    provider: the expert cache; uses provider.location(layer, expert) -> "gpu"|"host"|"store"
+    and provider.load_cost(location) -> seconds (live EWMA; 0 for "gpu"). Without load_cost
+    (a provider that measures nothing), host = 1 and store = `store_cost_ratio` units.
+    """
+
+    name = "cost-aware"
+
+    def __init__(self, top_k: int, num_layers: int, sensitivity: Sequence[float], budget: float,
+                 provider: Any, loss_bound: float | None = None, store_cost_ratio: float = 10.0) -> None:
+        if sensitivity is None:
+            raise ValueError("cost-aware gating needs per-layer sensitivity (run `moe-decoder calibrate`)")
+        super().__init__(top_k, num_layers, sensitivity)
+        if not budget >= 0:
+            raise ValueError("budget must be >= 0")
+        self.budget = float(budget)
+        # default bound: what adaptive gating at the same budget could spend if every layer dropped
+        self.loss_bound = float(loss_bound) if loss_bound is not None else self.budget * num_layers
+        if not self.loss_bound >= 0:
+            raise ValueError("loss_bound must be >= 0")
+        self.provider = provider
+        self.store_cost_ratio = float(store_cost_ratio)
+        self._acc: torch.Tensor | None = None   # [T] estimated loss spent by each token so far
+        self._last_layer = math.inf
+        self._scale_sum = [0.0] * num_layers
+
+    def reset_stats(self) -> None:
+        super().reset_stats()
+        self._tier_counts: dict[str, int] = {}
+        self._capped = 0
+
+    def stats(self) -> dict[str, Any]:
+        s = super().stats()
+        s["loss_bound"] = self.loss_bound
+        s["expert2_location"] = dict(self._tier_counts)
+        s["capped_by_bound"] = self._capped
+        return s
+
+    def budget_scale(self, location: str) -> float:
+        """Multiplier of T for an expert 2 at `location`: its load cost over one H2D copy."""
+        if location == "gpu":
+            return 0.0
+        cost = getattr(self.provider, "load_cost", None)
+        if cost is None:
+            return 1.0 if location == "host" else self.store_cost_ratio
+        ref = cost("host")
+        c = cost(location)
+        if not ref or ref <= 0:
+            return 1.0 if location == "host" else self.store_cost_ratio
+        return c / ref
+
+    def _drop_second(self, layer, router_logits, weights, idx):
+        T = weights.shape[0]
+        if layer <= self._last_layer or self._acc is None or self._acc.shape[0] != T:
+            self._acc = torch.zeros(T, dtype=torch.float64)   # a new forward: new tokens
+        self._last_layer = layer
+        first = set(int(e) for e in idx[:, :-1].flatten().tolist())  # loaded anyway for some token
+        second = idx[:, -1].tolist()
+        scale_of: dict[int, float] = {}
+        for e in set(second):
+            loc = "gpu" if e in first else self.provider.location(layer, e)
+            self._tier_counts[loc] = self._tier_counts.get(loc, 0) + second.count(e)
+            scale_of[e] = self.budget_scale(loc)
+        scale = torch.tensor([scale_of[e] for e in second], dtype=torch.float64)   # [T]
+        w2 = weights[:, -1].detach().double().cpu()
+        est = self.sensitivity[layer] * w2 * w2                                   # [T]
+        want = est < self.budget * scale
+        fits = self._acc + est <= self.loss_bound
+        self._capped += int((want & ~fits).sum())
+        drop = want & fits
+        self._acc = self._acc + torch.where(drop, est, torch.zeros_like(est))
+        return drop.to(weights.device)
+
+
+# --------------------------------------------------------------------------------------------
+def profile_sensitivity(profile: Any, num_layers: int | None = None) -> list[float] | None:
+    """Per-layer F_l from a calibration profile (dict or decoder.calibrate.Profile), or None."""
+    if profile is None:
+        return None
+    if isinstance(profile, (str, bytes)):
+        import json
+        profile = json.loads(profile)
+    sens = profile.get("sensitivity") if isinstance(profile, Mapping) else getattr(profile, "sensitivity", None)
+    if sens is None:
+        return None
+    sens = [float(x) for x in sens]
+    if num_layers is not None and len(sens) != num_layers:
+        raise ValueError(f"profile has sensitivity for {len(sens)} layers, the model has {num_layers}")
+    return sens
+
+
+def make_gating(name: str, *, config: Any, provider: Any = None, budget: float | None = None,
+                profile: Any = None, threshold: float | None = None, loss_bound: float | None = None,
+                sensitivity: Sequence[float] | None = None, store_cost_ratio: float = 10.0) -> Gating:
+    """Build a gating by name (see GATINGS). config: ModelConfig (top_k, layers).
+
+    uniform: `threshold` (or `budget`) is the w2 threshold. adaptive / cost-aware: `budget` is T,
+    sensitivity from `sensitivity` or the calibration `profile` (the store's profile.json).
+    """
+    k = int(config.num_experts_per_tok)
+    L = int(config.num_hidden_layers)
+    if name == "topk":
+        return TopK(k, L)
+    sens = list(sensitivity) if sensitivity is not None else profile_sensitivity(profile, L)
+    if name == "uniform":
+        t = threshold if threshold is not None else budget
+        if t is None:
+            raise ValueError("uniform gating needs a threshold (--budget)")
+        return UniformThresholdGating(k, L, t, sens)
+    if name in ("adaptive", "cost-aware"):
+        if sens is None:
+            raise ValueError(f"{name} gating needs a calibration profile with per-layer sensitivity: "
+                             f"run `moe-decoder calibrate` and put profile.json in the store")
+        T = 0.0 if budget is None else float(budget)
+        if name == "adaptive":
+            return AdaptiveGating(k, L, sens, T)
+        if provider is None:
+            raise ValueError("cost-aware gating needs the expert provider")
+        return CostAwareGating(k, L, sens, T, provider, loss_bound=loss_bound, store_cost_ratio=store_cost_ratio)
+    raise ValueError(f"unknown gating {name!r} (available: {', '.join(GATINGS)})")
