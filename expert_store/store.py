@@ -1,0 +1,542 @@
+"""ModelStore: the store's logic over a TieredStore, bytes only (no torch).
+
+The gRPC server wraps it; the client uses it in-process for a local store directory.
+Layout of a store directory (NvmeTier root), per model (keys from ``expert_store.format``):
+
+    models/<model>/manifest.json              written by pack (see below)
+    models/<model>/config.json                HF config, verbatim
+    models/<model>/tokenizer.json             optional
+    models/<model>/profile.json               optional calibration profile
+    models/<model>/dense.safetensors          every non-expert tensor
+    models/<model>/experts/L000/E000.bf16.blob
+
+manifest.json (what this module reads; unknown fields are ignored):
+
+    {"model": str, "num_layers": int, "num_experts": int, "precisions": [str, ...],
+     "blobs": [{"layer", "expert", "precision", "size", "xxh3"}, ...],
+     "dense_size": int, "dense_xxh3": str}
+
+``blobs`` may also be a dict ``{expert_key: {"size", "xxh3"}}`` and the dense entry a
+``"dense": {"size", "xxh3"}`` object; ``num_layers``/``num_experts`` default to
+config.json's ``num_hidden_layers``/``num_local_experts``. ``xxh3`` is
+``format.blob_checksum`` (xxh3-128 hex of the whole file).
+
+Integrity: every expert blob and the dense file is checked before it is served (size and
+xxh3 against the manifest, else the blob's own seal via ``format.check_blob``). A copy that
+fails is dropped from RAM/Redis and the next tier is tried; when no tier has a good copy the
+call raises DataLoss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import xxhash
+
+from expert_store import format as blob_format
+from expert_store.errors import DataLoss, InvalidArgument, NotFound, StoreError
+from expert_store.tiers import MemoryTier, NvmeTier, RedisTier, TieredStore
+
+DEFAULT_RAM_BYTES = 256 << 20
+MAX_INDEX = 999  # what format.expert_key accepts
+
+PUT_KINDS = ("expert", "dense", "config", "tokenizer", "profile", "manifest")
+_FILE_OF_KIND = {
+    "config": "config.json",
+    "tokenizer": "tokenizer.json",
+    "profile": "profile.json",
+    "manifest": "manifest.json",
+}
+_EXPERT_FILE_RE = re.compile(r"^L(\d{3})/E(\d{3})\.(bf16|int8|int4)\.blob$")
+
+
+@dataclass(frozen=True)
+class _ModelIndex:
+    """A parsed manifest.json plus config.json, cached while the files are unchanged."""
+
+    model: str
+    raw: dict
+    config: dict
+    num_layers: int
+    num_experts: int
+    precisions: tuple[str, ...]
+    blobs: dict[tuple[int, int, str], tuple[int, str]] = field(default_factory=dict)
+    dense_size: int = 0
+    dense_xxh3: str = ""
+
+
+def _xxh3(data) -> str:
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+def _check_int(what: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"{what} must be an integer, got {value!r}")
+    if value < 0:
+        raise InvalidArgument(f"{what} must be >= 0, got {value}")
+    return value
+
+
+class ModelStore:
+    def __init__(self, tiered: TieredStore) -> None:
+        self.tiered = tiered
+        self.nvme = tiered.nvme
+        self._index_lock = threading.Lock()
+        self._index: dict[str, tuple[tuple, _ModelIndex]] = {}
+
+    @classmethod
+    def open(
+        cls,
+        store_dir: str | os.PathLike,
+        redis_url: str | None = None,
+        ram_bytes: int = DEFAULT_RAM_BYTES,
+        **redis_options: Any,
+    ) -> "ModelStore":
+        """A store over the directory ``store_dir`` (created if missing), with a Redis
+        tier when ``redis_url`` is given (``redis://``, ``rediss://``, ``redis+cluster://``;
+        ``redis_options`` go to RedisTier) and a RAM LRU of ``ram_bytes`` (0 = none)."""
+        nvme = NvmeTier(store_dir)
+        redis = RedisTier(redis_url, **redis_options) if redis_url else None
+        memory = MemoryTier(ram_bytes) if ram_bytes and ram_bytes > 0 else None
+        return cls(TieredStore(nvme, redis=redis, memory=memory))
+
+    @property
+    def root(self) -> Path:
+        return self.nvme.root
+
+    # -- validation ----------------------------------------------------------------------
+    @staticmethod
+    def _model_name(model: Any) -> str:
+        try:
+            return blob_format.validate_model_name(model)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+
+    @staticmethod
+    def _precision(precision: Any) -> str:
+        if precision not in blob_format.PRECISIONS:
+            raise InvalidArgument(f"unknown precision {precision!r}; expected one of {blob_format.PRECISIONS}")
+        return precision
+
+    # -- reading the model index -----------------------------------------------------------
+    def _read_json(self, model: str, name: str) -> dict | None:
+        data = self.nvme.get(blob_format.file_key(model, name))
+        if data is None:
+            return None
+        try:
+            value = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DataLoss(f"{model}/{name} is not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise DataLoss(f"{model}/{name} is not a JSON object")
+        return value
+
+    def _signature(self, model: str) -> tuple | None:
+        sig = []
+        for name in ("manifest.json", "config.json"):
+            try:
+                st = os.stat(self.nvme.path(blob_format.file_key(model, name)))
+            except FileNotFoundError:
+                if name == "manifest.json":
+                    return None
+                sig.append(None)
+                continue
+            sig.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(sig)
+
+    def _model_index(self, model: Any) -> _ModelIndex:
+        model = self._model_name(model)
+        sig = self._signature(model)
+        if sig is None:
+            raise NotFound(f"model {model!r} not found in {self.root}")
+        with self._index_lock:
+            cached = self._index.get(model)
+        if cached is not None and cached[0] == sig:
+            return cached[1]
+        index = self._parse_index(model)
+        with self._index_lock:
+            self._index[model] = (sig, index)
+        return index
+
+    def _parse_index(self, model: str) -> _ModelIndex:
+        raw = self._read_json(model, "manifest.json")
+        if raw is None:
+            raise NotFound(f"model {model!r} not found in {self.root}")
+        config = self._read_json(model, "config.json") or {}
+        if raw.get("model", model) != model:
+            raise DataLoss(f"{model}/manifest.json names model {raw.get('model')!r}")
+        try:
+            num_layers = int(raw.get("num_layers", config.get("num_hidden_layers", 0)))
+            num_experts = int(raw.get("num_experts", config.get("num_local_experts", 0)))
+            blobs: dict[tuple[int, int, str], tuple[int, str]] = {}
+            entries = raw.get("blobs", [])
+            if isinstance(entries, dict):
+                prefix = f"{model}/experts/"
+                for key, info in entries.items():
+                    m = _EXPERT_FILE_RE.match(key[len(prefix):] if key.startswith(prefix) else key)
+                    if m is None:
+                        raise ValueError(f"unrecognised blob key {key!r}")
+                    ref = (int(m.group(1)), int(m.group(2)), m.group(3))
+                    blobs[ref] = (int(info["size"]), str(info.get("xxh3", "")))
+            else:
+                for info in entries:
+                    ref = (int(info["layer"]), int(info["expert"]), str(info["precision"]))
+                    blobs[ref] = (int(info["size"]), str(info.get("xxh3", "")))
+            precisions = raw.get("precisions")
+            if precisions is None:
+                precisions = sorted({p for (_, _, p) in blobs}, key=blob_format.PRECISIONS.index)
+            precisions = tuple(str(p) for p in precisions)
+            dense = raw.get("dense") if isinstance(raw.get("dense"), dict) else {}
+            dense_size = int(raw.get("dense_size", dense.get("size", 0)) or 0)
+            dense_xxh3 = str(raw.get("dense_xxh3", dense.get("xxh3", "")) or "")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataLoss(f"{model}/manifest.json is malformed: {exc}") from None
+        return _ModelIndex(
+            model=model,
+            raw=raw,
+            config=config,
+            num_layers=num_layers,
+            num_experts=num_experts,
+            precisions=precisions,
+            blobs=blobs,
+            dense_size=dense_size,
+            dense_xxh3=dense_xxh3,
+        )
+
+    # -- queries -------------------------------------------------------------------------
+    def models(self) -> list[str]:
+        """Names of the models that have a manifest, sorted."""
+        out = []
+        for name in self.nvme.children(""):
+            try:
+                blob_format.validate_model_name(name)
+            except ValueError:
+                continue
+            if self.nvme.contains(blob_format.file_key(name, "manifest.json")):
+                out.append(name)
+        return out
+
+    def has_model(self, model: str) -> bool:
+        try:
+            self._model_index(model)
+        except NotFound:
+            return False
+        return True
+
+    def manifest(self, model: str) -> dict:
+        """The model's manifest with the fields of the ``adapmoe.v1.Manifest`` message
+        (``expert_store_pb2.Manifest(**store.manifest(m))`` builds the message)."""
+        index = self._model_index(model)
+        config_json = self.nvme.get(blob_format.file_key(index.model, "config.json"))
+        tokenizer_json = self.nvme.get(blob_format.file_key(index.model, "tokenizer.json"))
+        profile_json = self.nvme.get(blob_format.file_key(index.model, "profile.json"))
+        dense_size = index.dense_size
+        if not dense_size:
+            dense_size = self.nvme.size(blob_format.dense_key(index.model)) or 0
+        return {
+            "model": index.model,
+            "config_json": (config_json or b"").decode("utf-8", "replace"),
+            "tokenizer_json": tokenizer_json or b"",
+            "num_layers": index.num_layers,
+            "num_experts": index.num_experts,
+            "precisions": list(index.precisions),
+            "blobs": [
+                {"layer": layer, "expert": expert, "precision": precision, "size": size, "xxh3": digest}
+                for (layer, expert, precision), (size, digest) in sorted(
+                    index.blobs.items(), key=lambda kv: (kv[0][0], kv[0][1], blob_format.PRECISIONS.index(kv[0][2])
+                                                         if kv[0][2] in blob_format.PRECISIONS else 99)
+                )
+            ],
+            "dense_size": dense_size,
+            "dense_xxh3": index.dense_xxh3,
+            "profile_json": (profile_json or b"").decode("utf-8", "replace"),
+        }
+
+    def check_ref(self, model: str, layer: Any, expert: Any, precision: Any) -> str:
+        """Validate one expert reference against the model; returns its store key.
+        InvalidArgument for bad names/indices/precisions, NotFound for an unknown model or
+        a precision the model was not packed at."""
+        return self._ref(model, layer, expert, precision)[1]
+
+    def _ref(self, model: str, layer: Any, expert: Any, precision: Any) -> tuple[_ModelIndex, str]:
+        model = self._model_name(model)
+        precision = self._precision(precision)
+        layer = _check_int("layer", layer)
+        expert = _check_int("expert", expert)
+        index = self._model_index(model)
+        if layer >= index.num_layers:
+            raise InvalidArgument(f"layer {layer} out of range: {model} has {index.num_layers} layers")
+        if expert >= index.num_experts:
+            raise InvalidArgument(f"expert {expert} out of range: {model} has {index.num_experts} experts per layer")
+        if index.precisions and precision not in index.precisions:
+            raise NotFound(f"{model} was not packed at precision {precision!r} (has {', '.join(index.precisions)})")
+        return index, blob_format.expert_key(model, layer, expert, precision)
+
+    def _expert_validator(self, index: _ModelIndex, layer: int, expert: int, precision: str):
+        expected = index.blobs.get((layer, expert, precision))
+
+        def validate(data: bytes) -> None:
+            if expected is not None and expected[1]:
+                size, digest = expected
+                if len(data) != size:
+                    raise DataLoss(f"size {len(data)} != manifest size {size}")
+                if _xxh3(data) != digest:
+                    raise DataLoss("xxh3 does not match the manifest")
+                return
+            try:
+                header = blob_format.check_blob(data)
+            except blob_format.BlobError as exc:
+                raise DataLoss(f"corrupt blob: {exc}") from None
+            if (header.model, header.layer, header.expert, header.precision) != (index.model, layer, expert, precision):
+                raise DataLoss(
+                    f"blob header is for {header.model} L{header.layer} E{header.expert} {header.precision}"
+                )
+
+        return validate
+
+    def expert_blob(self, model: str, layer: int, expert: int, precision: str) -> bytes:
+        """The encoded blob of one expert, checked before it is returned."""
+        index, key = self._ref(model, layer, expert, precision)
+        data = self.tiered.get(key, validate=self._expert_validator(index, layer, expert, precision))
+        if data is None:
+            raise NotFound(f"no blob for {model} layer {layer} expert {expert} at {precision}")
+        return data
+
+    def expert_size(self, model: str, layer: int, expert: int, precision: str) -> int:
+        """Size of an expert blob (from the manifest, else the file) without reading it."""
+        index, key = self._ref(model, layer, expert, precision)
+        entry = index.blobs.get((layer, expert, precision))
+        if entry is not None:
+            return entry[0]
+        size = self.nvme.size(key)
+        if size is None:
+            raise NotFound(f"no blob for {model} layer {layer} expert {expert} at {precision}")
+        return size
+
+    def dense(self, model: str) -> bytes:
+        """The safetensors bytes of the model's dense part, checked against the manifest."""
+        index = self._model_index(model)
+        key = blob_format.dense_key(index.model)
+
+        def validate(data: bytes) -> None:
+            if index.dense_size and len(data) != index.dense_size:
+                raise DataLoss(f"size {len(data)} != manifest dense_size {index.dense_size}")
+            if index.dense_xxh3 and _xxh3(data) != index.dense_xxh3:
+                raise DataLoss("xxh3 does not match the manifest's dense_xxh3")
+
+        data = self.tiered.get(key, validate=validate)
+        if data is None:
+            raise NotFound(f"{index.model} has no dense weights")
+        return data
+
+    def read_file(self, model: str, name: str) -> bytes | None:
+        """config.json / tokenizer.json / profile.json / manifest.json bytes, or None."""
+        model = self._model_name(model)
+        try:
+            key = blob_format.file_key(model, name)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        return self.nvme.get(key)
+
+    # -- writing -------------------------------------------------------------------------
+    def put_file(
+        self,
+        model: str,
+        kind: str,
+        data,
+        xxh3: str,
+        *,
+        layer: int = 0,
+        expert: int = 0,
+        precision: str = "",
+        cache: bool = False,
+    ) -> tuple[str, int]:
+        """Store one file of a model (PutBlob): ``kind`` is one of PUT_KINDS. Checks, in
+        order, the name, the kind, the checksum of ``data`` against ``xxh3`` (DataLoss on
+        mismatch) and the content (an expert must be a well-formed blob for exactly this
+        model/layer/expert/precision, JSON files must parse), all before anything becomes
+        visible; then writes atomically. Returns (key, size)."""
+        model = self._model_name(model)
+        if kind not in PUT_KINDS:
+            raise InvalidArgument(f"unknown kind {kind!r}; expected one of {PUT_KINDS}")
+        if not isinstance(xxh3, str) or not xxh3:
+            raise InvalidArgument("xxh3 of the payload is required")
+        view = memoryview(data).cast("B")
+        if _xxh3(view) != xxh3.lower():
+            raise DataLoss(f"checksum mismatch for {model} {kind}: payload does not match the given xxh3")
+        if kind == "expert":
+            precision = self._precision(precision)
+            layer = _check_int("layer", layer)
+            expert = _check_int("expert", expert)
+            if layer > MAX_INDEX or expert > MAX_INDEX:
+                raise InvalidArgument(f"layer/expert must be <= {MAX_INDEX}")
+            self._check_put_range(model, layer, expert)
+            try:
+                header = blob_format.check_blob(view)
+            except blob_format.BlobError as exc:
+                raise InvalidArgument(f"malformed expert blob: {exc}") from None
+            if (header.model, header.layer, header.expert, header.precision) != (model, layer, expert, precision):
+                raise InvalidArgument(
+                    f"blob header is for {header.model} L{header.layer} E{header.expert} {header.precision}, "
+                    f"not {model} L{layer} E{expert} {precision}"
+                )
+            key = blob_format.expert_key(model, layer, expert, precision)
+        elif kind == "dense":
+            key = blob_format.dense_key(model)
+        else:
+            name = _FILE_OF_KIND[kind]
+            if kind != "tokenizer" or len(view):
+                try:
+                    value = json.loads(bytes(view))
+                except (ValueError, UnicodeDecodeError) as exc:
+                    raise InvalidArgument(f"{name} is not valid JSON: {exc}") from None
+                if not isinstance(value, dict):
+                    raise InvalidArgument(f"{name} must be a JSON object")
+                if kind == "manifest" and value.get("model", model) != model:
+                    raise InvalidArgument(f"manifest names model {value.get('model')!r}, not {model!r}")
+            key = blob_format.file_key(model, name)
+        self.tiered.put(key, view, cache=cache and kind in ("expert", "dense"))
+        if kind in ("manifest", "config"):
+            with self._index_lock:
+                self._index.pop(model, None)
+        return key, len(view)
+
+    def _check_put_range(self, model: str, layer: int, expert: int) -> None:
+        try:
+            index = self._model_index(model)
+            num_layers, num_experts = index.num_layers, index.num_experts
+        except NotFound:
+            try:
+                config = self._read_json(model, "config.json") or {}
+            except DataLoss:
+                config = {}
+            num_layers = int(config.get("num_hidden_layers", 0) or 0)
+            num_experts = int(config.get("num_local_experts", 0) or 0)
+        if num_layers and layer >= num_layers:
+            raise InvalidArgument(f"layer {layer} out of range: {model} has {num_layers} layers")
+        if num_experts and expert >= num_experts:
+            raise InvalidArgument(f"expert {expert} out of range: {model} has {num_experts} experts per layer")
+
+    # -- maintenance ---------------------------------------------------------------------
+    def _models_arg(self, model: str | None) -> list[str]:
+        if model is None:
+            return self.models()
+        model = self._model_name(model)
+        if not self.nvme.children(model):
+            raise NotFound(f"model {model!r} not found in {self.root}")
+        return [model]
+
+    def verify_details(self, model: str | None = None, progress: bool = False) -> list[tuple[str, str]]:
+        """Check every file of the model(s) on NVMe (the source of truth, caches ignored):
+        manifest and config parse, every manifest blob exists with the recorded size and
+        xxh3 and a sound header for its own ref, every other blob file is well formed, the
+        dense file matches. Returns [(key, reason)] of what is bad."""
+        bad: list[tuple[str, str]] = []
+        for name in self._models_arg(model):
+            try:
+                index = self._parse_index(name)
+            except StoreError as exc:
+                bad.append((blob_format.file_key(name, "manifest.json"), str(exc)))
+                continue
+            try:
+                self._read_json(name, "config.json")
+            except DataLoss as exc:
+                bad.append((blob_format.file_key(name, "config.json"), str(exc)))
+            keys = [k for k in self.nvme.keys(f"{name}/experts/")]
+            listed = {blob_format.expert_key(name, *ref) for ref in index.blobs}
+            todo: list[tuple[str, tuple[int, int, str] | None]] = [
+                (blob_format.expert_key(name, *ref), ref) for ref in sorted(index.blobs)
+            ]
+            todo += [(k, None) for k in keys if k not in listed]
+            items: Iterable = todo
+            if progress:
+                from tqdm import tqdm
+
+                items = tqdm(todo, desc=f"verify {name}", unit="blob")
+            for key, ref in items:
+                reason = self._verify_blob(index, key, ref)
+                if reason:
+                    bad.append((key, reason))
+            dkey = blob_format.dense_key(name)
+            data = self.nvme.get(dkey)
+            if data is None:
+                if index.dense_size or index.dense_xxh3:
+                    bad.append((dkey, "missing"))
+            elif index.dense_size and len(data) != index.dense_size:
+                bad.append((dkey, f"size {len(data)} != manifest {index.dense_size}"))
+            elif index.dense_xxh3 and _xxh3(data) != index.dense_xxh3:
+                bad.append((dkey, "xxh3 mismatch"))
+        return bad
+
+    def _verify_blob(self, index: _ModelIndex, key: str, ref: tuple[int, int, str] | None) -> str | None:
+        data = self.nvme.get(key)
+        if data is None:
+            return "missing"
+        if ref is None:
+            m = _EXPERT_FILE_RE.match(key[len(f"{index.model}/experts/"):])
+            if m is None:
+                return "unexpected file"
+            ref = (int(m.group(1)), int(m.group(2)), m.group(3))
+        else:
+            size, digest = index.blobs[ref]
+            if len(data) != size:
+                return f"size {len(data)} != manifest {size}"
+            if digest and _xxh3(data) != digest:
+                return "xxh3 mismatch"
+        try:
+            header = blob_format.check_blob(data)
+        except blob_format.BlobError as exc:
+            return f"corrupt blob: {exc}"
+        if (header.model, header.layer, header.expert, header.precision) != (index.model, *ref):
+            return f"header is for {header.model} L{header.layer} E{header.expert} {header.precision}"
+        return None
+
+    def verify(self, model: str | None = None, progress: bool = False) -> list[str]:
+        """Keys of every bad or missing file (see verify_details); [] when all is sound."""
+        return [key for key, _ in self.verify_details(model, progress=progress)]
+
+    def inspect(self, model: str | None = None) -> list[dict]:
+        """What is on disk, one row per (model, kind, precision):
+        {"model", "kind": "expert"|"dense"|"file", "precision", "count", "bytes"}."""
+        rows = []
+        for name in self._models_arg(model):
+            per_precision: dict[str, list[int]] = {}
+            for key in self.nvme.keys(f"{name}/experts/"):
+                m = _EXPERT_FILE_RE.match(key[len(f"{name}/experts/"):])
+                precision = m.group(3) if m else "?"
+                acc = per_precision.setdefault(precision, [0, 0])
+                acc[0] += 1
+                acc[1] += self.nvme.size(key) or 0
+            for precision in sorted(per_precision, key=lambda p: blob_format.PRECISIONS.index(p)
+                                    if p in blob_format.PRECISIONS else 99):
+                count, nbytes = per_precision[precision]
+                rows.append({"model": name, "kind": "expert", "precision": precision, "count": count, "bytes": nbytes})
+            dense_size = self.nvme.size(blob_format.dense_key(name))
+            if dense_size is not None:
+                rows.append({"model": name, "kind": "dense", "precision": "", "count": 1, "bytes": dense_size})
+            files = [self.nvme.size(blob_format.file_key(name, f)) for f in blob_format.MODEL_FILES]
+            files = [s for s in files if s is not None]
+            rows.append({"model": name, "kind": "file", "precision": "", "count": len(files), "bytes": sum(files)})
+        return rows
+
+    def stats(self) -> dict[str, dict]:
+        """Per-tier counters (TieredStore.stats)."""
+        return self.tiered.stats()
+
+    def close(self) -> None:
+        self.tiered.close()
+
+    def __enter__(self) -> "ModelStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ModelStore({str(self.root)!r}, tiers={[t.name for t in self.tiered.tiers]})"
