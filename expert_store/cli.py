@@ -1,0 +1,216 @@
+"""`expert-store`: pack a checkpoint, serve a store, inspect and verify it.
+
+    expert-store pack CHECKPOINT_DIR --store DIR [--model NAME] [--precisions bf16,int8,int4]
+                      [--group-size 128] [--redis URL]
+    expert-store serve --store DIR [--redis URL] [--listen HOST:PORT] [--workers N]
+                       [--max-refs N] [--max-streams N] [--token-file F]
+                       [--tls-cert F --tls-key F [--tls-client-ca F]] [--metrics-port P] [--ram-bytes N]
+    expert-store inspect --store DIR [--model NAME]
+    expert-store verify --store DIR [--model NAME]
+
+`serve` prints "listening on HOST:PORT" on stdout once it serves (start it on port 0 and
+read the port from that line). Errors are one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from expert_store import format as blob_format
+from expert_store.errors import StoreError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_VERIFY_FAILED = 3
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit code EXIT_ERROR."""
+
+
+def _size(text: str) -> int:
+    """'1073741824', '512M', '4G', '0'."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 268435456, 256M, 4G)") from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _precisions(text: str) -> tuple[str, ...]:
+    out = tuple(p.strip() for p in text.split(",") if p.strip())
+    bad = [p for p in out if p not in blob_format.PRECISIONS]
+    if not out or bad:
+        raise argparse.ArgumentTypeError(
+            f"precisions must be a comma list of {','.join(blob_format.PRECISIONS)}, got {text!r}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="expert-store", description=__doc__.split("\n\n")[0])
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("pack", help="import an HF safetensors Mixtral checkpoint into a store")
+    p.add_argument("checkpoint", metavar="CHECKPOINT_DIR")
+    p.add_argument("--store", required=True, metavar="DIR")
+    p.add_argument("--model", help="model name in the store (default: the checkpoint directory's name)")
+    p.add_argument("--precisions", type=_precisions, default=("bf16",), help="comma list of bf16,int8,int4")
+    p.add_argument("--group-size", type=_positive, default=128, help="quantization group size (int8/int4)")
+    p.add_argument("--redis", metavar="URL", help="also write through to this Redis tier")
+    p.add_argument("--no-progress", action="store_true")
+
+    s = sub.add_parser("serve", help="serve a store over gRPC")
+    s.add_argument("--store", required=True, metavar="DIR")
+    s.add_argument("--redis", metavar="URL", help="redis://, rediss:// or redis+cluster:// URL of the Redis tier")
+    s.add_argument("--listen", default="127.0.0.1:50051", metavar="HOST:PORT", help="port 0 picks a free one")
+    s.add_argument("--workers", type=_positive, default=1, help="server processes sharing the port (SO_REUSEPORT)")
+    s.add_argument("--max-refs", type=_positive, default=64, help="refs per FetchExperts call")
+    s.add_argument("--max-streams", type=_positive, default=64, help="concurrent streams per worker")
+    s.add_argument("--token-file", metavar="F", help="require this bearer token (else $EXPERT_STORE_TOKEN, if set)")
+    s.add_argument("--tls-cert", metavar="F", help="server certificate chain (PEM)")
+    s.add_argument("--tls-key", metavar="F", help="server private key (PEM)")
+    s.add_argument("--tls-client-ca", metavar="F", help="require client certificates signed by this CA (mTLS)")
+    s.add_argument("--metrics-port", type=int, metavar="P", help="serve Prometheus metrics on this port")
+    s.add_argument("--ram-bytes", type=_size, default=256 << 20, help="RAM tier budget per worker (0 = none)")
+    s.add_argument("--grace", type=float, default=5.0, metavar="S", help="shutdown grace for in-flight streams")
+
+    for name, help_ in (("inspect", "list models, blobs and sizes"), ("verify", "check every checksum")):
+        c = sub.add_parser(name, help=help_)
+        c.add_argument("--store", required=True, metavar="DIR")
+        c.add_argument("--model", help="only this model")
+    return ap
+
+
+def _read_file(path: str | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise CliError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
+def _existing_store(path: str) -> str:
+    if not Path(path).is_dir():
+        raise CliError(f"store directory {path} does not exist")
+    return path
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from expert_store.pack import pack_checkpoint
+    from expert_store.store import ModelStore
+
+    if not Path(args.checkpoint).is_dir():
+        raise CliError(f"checkpoint directory {args.checkpoint} does not exist")
+    with ModelStore.open(args.store, redis_url=args.redis, ram_bytes=0) as store:
+        result = pack_checkpoint(args.checkpoint, store.tiered, model=args.model, precisions=args.precisions,
+                                 group_size=args.group_size, progress=not args.no_progress)
+    print(f"packed {result.model} into {args.store}: {result.blobs_written} blobs written "
+          f"({result.bytes_written / 1e6:.1f} MB), {result.blobs_skipped} already present")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from expert_store.server import ServerConfig, StoreSpec, read_token, run_single, run_workers
+
+    _existing_store(args.store)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise CliError("--tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        raise CliError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+    try:
+        token = read_token(args.token_file)
+    except OSError as e:
+        raise CliError(f"cannot read token file {args.token_file}: {e.strerror or e}") from None
+    config = ServerConfig(
+        listen=args.listen, max_refs=args.max_refs, max_streams=args.max_streams, grace_s=args.grace,
+        token=token, tls_cert=_read_file(args.tls_cert, "TLS certificate"),
+        tls_key=_read_file(args.tls_key, "TLS key"), tls_client_ca=_read_file(args.tls_client_ca, "client CA"),
+        metrics_port=args.metrics_port)
+    spec = StoreSpec(args.store, redis_url=args.redis, ram_bytes=args.ram_bytes)
+    if args.workers == 1:
+        run_single(spec, config)
+        return 0
+    return run_workers(spec, config, args.workers)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from expert_store.store import ModelStore
+
+    with ModelStore.open(_existing_store(args.store), ram_bytes=0) as store:
+        rows = store.inspect(args.model)
+        if not rows:
+            print(f"no models in {args.store}")
+            return 0
+        print(f"{'model':<24} {'kind':<7} {'precision':<9} {'count':>7} {'bytes':>14}")
+        for r in rows:
+            print(f"{r['model']:<24} {r['kind']:<7} {r['precision'] or '-':<9} {r['count']:>7} {r['bytes']:>14,}")
+        for model in sorted({r["model"] for r in rows}):
+            try:
+                m = store.manifest(model)
+                print(f"{model}: {m['num_layers']} layers x {m['num_experts']} experts, "
+                      f"precisions {','.join(m['precisions'])}, dense {m['dense_size']:,} bytes")
+            except Exception as e:  # a model without a sound manifest is still listed above
+                print(f"{model}: no usable manifest ({e})")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from expert_store.store import ModelStore
+
+    with ModelStore.open(_existing_store(args.store), ram_bytes=0) as store:
+        models = [args.model] if args.model else store.models()
+        bad = store.verify_details(args.model, progress=sys.stderr.isatty())
+    for key, reason in bad:
+        print(f"BAD {key}: {reason}")
+    if bad:
+        print(f"verify: {len(bad)} bad file(s) in {args.store}", file=sys.stderr)
+        return EXIT_VERIFY_FAILED
+    print(f"verify: all checksums ok ({len(models)} model(s))")
+    return 0
+
+
+COMMANDS = {"pack": cmd_pack, "serve": cmd_serve, "inspect": cmd_inspect, "verify": cmd_verify}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except (CliError, ValueError, OSError) as e:  # ValueError: CheckpointError, bad names; OSError: disk, port
+        print(f"expert-store {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except StoreError as e:
+        print(f"expert-store {args.command}: error: {e} ({e.code})", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as e:  # a bug: one line unless --verbose asks for the traceback
+        if args.verbose:
+            raise
+        print(f"expert-store {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

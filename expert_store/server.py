@@ -1,0 +1,759 @@
+"""The expert store's gRPC service: a thin grpc.aio servicer over `ModelStore`.
+
+    store = ModelStore.open("/srv/store", redis_url="redis://127.0.0.1:6379/0")
+    asyncio.run(serve(store, ServerConfig(listen="0.0.0.0:50051")))
+
+or, from the shell, `expert-store serve --store /srv/store --listen 0.0.0.0:50051`.
+
+The servicer only translates: protobuf in, `ModelStore` call (in a worker thread: tiers do
+blocking disk and Redis I/O), protobuf out, and `StoreError.code` -> `grpc.StatusCode`.
+The small pieces of logic it needs are plain classes testable without a server:
+`StreamLimiter` (bounded concurrent streams), `check_refs`, `chunks` (how a blob is cut
+into 256 KiB-1 MiB chunks from a resume offset) and `PutAssembler` (PutBlob's
+all-or-nothing upload).
+
+Around the servicer: gRPC health (`grpc.health.v1`, flipped to NOT_SERVING first on
+SIGTERM/SIGINT, then a grace period for in-flight streams), server reflection, explicit
+message size limits, optional bearer-token auth (`BearerTokenInterceptor`), optional TLS /
+mTLS, optional Prometheus metrics, and `run_workers`, which pre-forks N server processes on
+one port (SO_REUSEPORT) because one Python process tops out near 1 GB/s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from typing import Any, AsyncIterator, Callable, Iterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from expert_store import format as blob_format
+from expert_store._proto.adapmoe.v1 import expert_store_pb2 as pb
+from expert_store._proto.adapmoe.v1 import expert_store_pb2_grpc as pb_grpc
+from expert_store.errors import InvalidArgument, NotFound, ResourceExhausted, StoreError
+
+log = logging.getLogger("expert_store.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExpertStore"].full_name  # "adapmoe.v1.ExpertStore"
+MIN_CHUNK_BYTES = 256 * 1024
+MAX_CHUNK_BYTES = 1024 * 1024
+# The largest message either side sends: a manifest carries tokenizer.json verbatim (~2 MB for
+# Mixtral); blob chunks are at most 1 MiB.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+TOKEN_ENV = "EXPERT_STORE_TOKEN"
+PUT_KINDS = ("expert", "dense", "config", "tokenizer", "profile", "manifest")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:50051"
+    max_refs: int = 64  # refs per FetchExperts call
+    max_streams: int = 64  # concurrent FetchExperts/FetchDense/PutBlob streams per process
+    prefetch_share: float = 0.75  # PREFETCH streams may hold at most this share of max_streams
+    chunk_bytes: int = MAX_CHUNK_BYTES
+    max_put_bytes: int = 8 << 30
+    grace_s: float = 5.0  # graceful shutdown: in-flight streams get this long
+    token: str | None = None  # bearer token; None = no auth
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+    tls_client_ca: bytes | None = None  # set -> mTLS (client certificates required)
+    metrics_port: int | None = None
+    reuse_port: bool = False  # True in pre-forked workers (several processes, one port)
+
+    def __post_init__(self) -> None:
+        if not MIN_CHUNK_BYTES <= self.chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}]")
+        if self.max_refs < 1 or self.max_streams < 1:
+            raise ValueError("max_refs and max_streams must be >= 1")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate and a key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("a client CA (mTLS) needs a server certificate and key")
+        if self.token is not None and not self.token:
+            raise ValueError("the bearer token is empty")
+
+
+# --------------------------------------------------------------------------------------------
+# plain logic
+
+
+class StreamLimiter:
+    """At most `limit` concurrent streams; PREFETCH may use only `prefetch_share` of them, so
+    speculative loads never starve the token being decoded. Over the limit: refuse at once
+    (the caller answers RESOURCE_EXHAUSTED) rather than queue, so clients fail over fast."""
+
+    def __init__(self, limit: int, prefetch_share: float = 0.75):
+        self.limit = limit
+        self.prefetch_limit = max(1, int(limit * prefetch_share))
+        self.active = 0
+
+    def try_acquire(self, prefetch: bool = False) -> bool:
+        if self.active >= (self.prefetch_limit if prefetch else self.limit):
+            return False
+        self.active += 1
+        return True
+
+    def release(self) -> None:
+        self.active -= 1
+
+
+def chunks(blob: bytes | memoryview, offset: int, chunk_bytes: int) -> Iterator[tuple[int, bytes, bool]]:
+    """(offset, data, last) pieces of blob[offset:], each at most chunk_bytes; at least one
+    piece even when nothing is left (so the reader still gets total_size and last=True)."""
+    view = memoryview(blob)
+    size = len(view)
+    if not 0 <= offset <= size:
+        raise InvalidArgument(f"offset {offset} is past the end of a {size}-byte blob")
+    while True:
+        end = min(size, offset + chunk_bytes)
+        yield offset, bytes(view[offset:end]), end == size
+        if end == size:
+            return
+        offset = end
+
+
+def manifest_field(manifest: Any, name: str, default: Any = None) -> Any:
+    if isinstance(manifest, dict):
+        return manifest.get(name, default)
+    return getattr(manifest, name, default)
+
+
+def validate_model(model: str) -> str:
+    try:
+        return blob_format.validate_model_name(model)
+    except ValueError as e:
+        raise InvalidArgument(str(e)) from None
+
+
+def check_refs(store: Any, model: str, refs: Any, max_refs: int) -> None:
+    """Validate a whole FetchExperts ref list before streaming anything: count, then every
+    ref against the model (ModelStore.check_ref: precision, layer/expert range, packed)."""
+    if not refs:
+        raise InvalidArgument("FetchExperts needs at least one ref")
+    if len(refs) > max_refs:
+        raise ResourceExhausted(f"{len(refs)} refs in one call; at most {max_refs}")
+    for i, ref in enumerate(refs):
+        try:
+            store.check_ref(model, ref.layer, ref.expert, ref.precision)
+        except StoreError as e:
+            raise type(e)(f"ref {i}: {e}") from None
+
+
+class PutAssembler:
+    """PutBlob's upload: the header first (checked before any data is accepted), then the
+    data. ModelStore.put_file verifies the xxh3 and the content and writes atomically, so
+    an upload that breaks off or fails a check leaves nothing visible."""
+
+    def __init__(self, header: Any, max_bytes: int):
+        validate_model(header.model)
+        if header.kind not in PUT_KINDS:
+            raise InvalidArgument(f"unknown PutBlob kind {header.kind!r}; expected one of {', '.join(PUT_KINDS)}")
+        if header.total_size > max_bytes:
+            raise ResourceExhausted(f"blob of {header.total_size} bytes exceeds the {max_bytes}-byte upload limit")
+        if not header.xxh3:
+            raise InvalidArgument("PutBlob header needs the xxh3-128 hex digest of the payload")
+        self.header = header
+        self.buffer = bytearray(header.total_size)
+        self.received = 0
+
+    def add(self, data: bytes) -> None:
+        end = self.received + len(data)
+        if end > len(self.buffer):
+            raise InvalidArgument(f"PutBlob sent more than the {len(self.buffer)} bytes its header announced")
+        self.buffer[self.received:end] = data
+        self.received = end
+
+    def finish(self) -> bytearray:
+        if self.received != len(self.buffer):
+            raise InvalidArgument(f"PutBlob ended after {self.received} of {len(self.buffer)} bytes")
+        return self.buffer
+
+
+# --------------------------------------------------------------------------------------------
+# metrics (optional)
+
+
+class ServerMetrics:
+    """Prometheus counters; a no-op when prometheus is off. Pre-forked workers write through
+    prometheus_client's multiprocess mode and the parent serves the sum."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from prometheus_client import Counter, Gauge
+
+        self.requests = Counter("adapmoe_store_requests", "RPCs by method and status", ["method", "status"])
+        self.bytes_served = Counter("adapmoe_store_bytes_served", "blob bytes streamed", ["method"])
+        self.active_streams = Gauge("adapmoe_store_active_streams", "open streams", multiprocess_mode="livesum")
+        self.tier_hits = Gauge("adapmoe_store_tier_hits", "reads answered by each tier",
+                               ["tier"], multiprocess_mode="livesum")
+        self.tier_misses = Gauge("adapmoe_store_tier_misses", "reads missed by each tier",
+                                 ["tier"], multiprocess_mode="livesum")
+
+    def request(self, method: str, status: str) -> None:
+        if self.enabled:
+            self.requests.labels(method, status).inc()
+
+    def served(self, method: str, nbytes: int) -> None:
+        if self.enabled:
+            self.bytes_served.labels(method).inc(nbytes)
+
+    def streams(self, active: int) -> None:
+        if self.enabled:
+            self.active_streams.set(active)
+
+    def tiers(self, stats: dict[str, dict]) -> None:
+        if self.enabled:
+            for tier, s in stats.items():
+                self.tier_hits.labels(tier).set(s.get("hits", 0))
+                self.tier_misses.labels(tier).set(s.get("misses", 0))
+
+
+def tier_stats(store: Any) -> dict[str, dict]:
+    """{tier name: stats dict} from the store (ModelStore.stats() or its TieredStore's)."""
+    for obj in (store, getattr(store, "tiered", None)):
+        fn = getattr(obj, "stats", None)
+        if callable(fn):
+            stats = fn()
+            if isinstance(stats, dict):
+                tiers = stats.get("tiers", stats)
+                return {k: v for k, v in tiers.items() if isinstance(v, dict)}
+    return {}
+
+
+# --------------------------------------------------------------------------------------------
+# the servicer
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status a store/format error is answered with."""
+    if isinstance(exc, _Abort):
+        return exc.code, exc.details
+    if isinstance(exc, StoreError):
+        return getattr(grpc.StatusCode, exc.code, grpc.StatusCode.UNKNOWN), str(exc)
+    if isinstance(exc, blob_format.BlobError):
+        return grpc.StatusCode.DATA_LOSS, f"integrity check failed: {exc}"
+    if isinstance(exc, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, (FileNotFoundError, KeyError)):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+
+
+class ExpertStoreServicer(pb_grpc.ExpertStoreServicer):
+    """Protobuf <-> ModelStore. Store calls run in threads: tiers block on disk and Redis."""
+
+    def __init__(self, store: Any, config: ServerConfig, metrics: ServerMetrics | None = None):
+        self.store = store
+        self.config = config
+        self.metrics = metrics or ServerMetrics(False)
+        self.limiter = StreamLimiter(config.max_streams, config.prefetch_share)
+
+    async def _call(self, fn: Callable, *args: Any) -> Any:
+        return await asyncio.to_thread(fn, *args)
+
+    async def _fail(self, context: grpc.aio.ServicerContext, method: str, exc: BaseException) -> None:
+        code, details = status_for(exc)
+        if code == grpc.StatusCode.INTERNAL:
+            log.exception("%s failed", method, exc_info=exc)
+        elif code == grpc.StatusCode.DATA_LOSS:
+            log.error("%s: %s", method, details)
+        self.metrics.request(method, code.name)
+        await context.abort(code, details)
+
+    def _acquire_stream(self, prefetch: bool = False) -> None:
+        if not self.limiter.try_acquire(prefetch):
+            kind = "prefetch " if prefetch else ""
+            raise ResourceExhausted(f"too many concurrent {kind}streams (limit {self.limiter.limit} per process"
+                                    f"{f', prefetch {self.limiter.prefetch_limit}' if prefetch else ''})")
+        self.metrics.streams(self.limiter.active)
+
+    def _release_stream(self) -> None:
+        self.limiter.release()
+        self.metrics.streams(self.limiter.active)
+
+    async def _manifest(self, model: str) -> Any:
+        validate_model(model)
+        return await self._call(self.store.manifest, model)
+
+    # ---- RPCs
+
+    async def GetManifest(self, request: pb.GetManifestRequest, context) -> pb.Manifest:
+        try:
+            m = await self._manifest(request.model)
+            reply = manifest_to_proto(m)
+        except Exception as e:
+            await self._fail(context, "GetManifest", e)
+        self.metrics.request("GetManifest", "OK")
+        return reply
+
+    async def FetchExperts(self, request: pb.FetchExpertsRequest, context) -> AsyncIterator[pb.BlobChunk]:
+        method, acquired, sent = "FetchExperts", False, 0
+        try:
+            if len(request.refs) > self.config.max_refs:  # before any store work
+                raise ResourceExhausted(f"{len(request.refs)} refs in one call; at most {self.config.max_refs}")
+            validate_model(request.model)
+            await self._call(check_refs, self.store, request.model, request.refs, self.config.max_refs)
+            self._acquire_stream(prefetch=request.priority == pb.PREFETCH)
+            acquired = True
+            for index, ref in enumerate(request.refs):
+                blob = await self._call(self.store.expert_blob, request.model, ref.layer, ref.expert, ref.precision)
+                total = len(blob)
+                for offset, data, last in chunks(blob, ref.offset, self.config.chunk_bytes):
+                    yield pb.BlobChunk(index=index, offset=offset, total_size=total, data=data, last=last)
+                    sent += len(data)
+                del blob
+        except Exception as e:
+            self.metrics.served(method, sent)
+            await self._fail(context, method, e)
+        finally:
+            if acquired:
+                self._release_stream()
+        self.metrics.served(method, sent)
+        self.metrics.request(method, "OK")
+        self.metrics.tiers(tier_stats(self.store))
+
+    async def FetchDense(self, request: pb.FetchDenseRequest, context) -> AsyncIterator[pb.BlobChunk]:
+        method, acquired, sent = "FetchDense", False, 0
+        try:
+            validate_model(request.model)
+            self._acquire_stream()
+            acquired = True
+            blob = await self._call(self.store.dense, request.model)
+            total = len(blob)
+            for offset, data, last in chunks(blob, request.offset, self.config.chunk_bytes):
+                yield pb.BlobChunk(index=0, offset=offset, total_size=total, data=data, last=last)
+                sent += len(data)
+        except Exception as e:
+            self.metrics.served(method, sent)
+            await self._fail(context, method, e)
+        finally:
+            if acquired:
+                self._release_stream()
+        self.metrics.served(method, sent)
+        self.metrics.request(method, "OK")
+
+    async def PutBlob(self, request_iterator, context) -> pb.PutBlobResponse:
+        method, acquired = "PutBlob", False
+        try:
+            self._acquire_stream()
+            acquired = True
+            upload: PutAssembler | None = None
+            async for msg in request_iterator:
+                part = msg.WhichOneof("part")
+                if upload is None:
+                    if part != "header":
+                        raise InvalidArgument("PutBlob: the first message must be the header")
+                    upload = PutAssembler(msg.header, self.config.max_put_bytes)
+                elif part == "data":
+                    upload.add(msg.data)
+                else:
+                    raise InvalidArgument("PutBlob: only one header, as the first message")
+            if upload is None:
+                raise InvalidArgument("PutBlob: empty upload")
+            h = upload.header
+            key, size = await self._call(
+                lambda: self.store.put_file(h.model, h.kind, upload.finish(), h.xxh3,
+                                            layer=h.layer, expert=h.expert, precision=h.precision))
+        except Exception as e:
+            await self._fail(context, method, e)
+        finally:
+            if acquired:
+                self._release_stream()
+        self.metrics.request(method, "OK")
+        return pb.PutBlobResponse(key=key, size=size)
+
+    async def Stat(self, request: pb.StatRequest, context) -> pb.StatResponse:
+        try:
+            models = await self._call(self.store.models)
+            stats = await self._call(tier_stats, self.store)
+        except Exception as e:
+            await self._fail(context, "Stat", e)
+        self.metrics.tiers(stats)
+        self.metrics.request("Stat", "OK")
+        return pb.StatResponse(
+            models=list(models),
+            active_streams=self.limiter.active,
+            tiers=[pb.TierStat(name=name, hits=int(s.get("hits", 0)), misses=int(s.get("misses", 0)),
+                               bytes_read=int(s.get("bytes_read", 0)), bytes_written=int(s.get("bytes_written", 0)),
+                               mean_read_latency_ms=float(s.get("mean_read_latency_ms", 0.0)),
+                               errors=int(s.get("errors", 0)))
+                   for name, s in stats.items()],
+        )
+
+
+def _json_text(value: Any) -> str:
+    import json
+
+    if value is None:
+        return ""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode()
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def manifest_to_proto(m: Any) -> pb.Manifest:
+    """ModelStore.manifest(model) (a dict shaped like the Manifest message) -> pb.Manifest."""
+    blobs = manifest_field(m, "blobs") or []
+    if isinstance(blobs, dict):  # {(layer, expert, precision): info}
+        blobs = [dict(zip(("layer", "expert", "precision"), k), **_blob_info(v)) for k, v in blobs.items()]
+    tok = manifest_field(m, "tokenizer_json") or b""
+    return pb.Manifest(
+        model=manifest_field(m, "model", ""),
+        config_json=_json_text(manifest_field(m, "config_json", manifest_field(m, "config"))),
+        tokenizer_json=tok.encode() if isinstance(tok, str) else bytes(tok),
+        num_layers=int(manifest_field(m, "num_layers", 0)),
+        num_experts=int(manifest_field(m, "num_experts", 0)),
+        precisions=list(manifest_field(m, "precisions") or []),
+        blobs=[pb.BlobInfo(layer=int(b["layer"]), expert=int(b["expert"]), precision=b["precision"],
+                           size=int(b["size"]), xxh3=b.get("xxh3", "")) for b in blobs],
+        dense_size=int(manifest_field(m, "dense_size", 0) or 0),
+        dense_xxh3=manifest_field(m, "dense_xxh3", "") or "",
+        profile_json=_json_text(manifest_field(m, "profile_json", manifest_field(m, "profile"))),
+    )
+
+
+def _blob_info(v: Any) -> dict:
+    if isinstance(v, dict):
+        return {"size": v["size"], "xxh3": v.get("xxh3", "")}
+    size, digest = v
+    return {"size": size, "xxh3": digest}
+
+
+# --------------------------------------------------------------------------------------------
+# auth
+
+
+AUTH_EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)  # probes (kubelet gRPC probes send no token)
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """`authorization: Bearer <token>` metadata required on every RPC except health checks.
+    Compared in constant time; the token never appears in logs or error details."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    def _authorized(self, metadata: Any) -> bool:
+        for key, value in metadata or ():
+            if key == "authorization":
+                got = value.encode() if isinstance(value, str) else bytes(value)
+                return hmac.compare_digest(got, self._expected)
+        return False
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(AUTH_EXEMPT_PREFIXES):
+            return handler
+        if self._authorized(handler_call_details.invocation_metadata):
+            return handler
+        return _unauthenticated_like(handler)
+
+
+def _unauthenticated_like(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    details = "missing or invalid bearer token"
+
+    async def unary(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, details)
+
+    async def streaming(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, details)
+        yield  # pragma: no cover  (makes this an async generator)
+
+    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(streaming, **kw)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(unary, **kw)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(streaming, **kw)
+    return grpc.unary_unary_rpc_method_handler(unary, **kw)
+
+
+def read_token(token_file: str | None) -> str | None:
+    """The bearer token from a file (stripped), else $EXPERT_STORE_TOKEN, else None."""
+    if token_file:
+        with open(token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+        if not token:
+            raise ValueError(f"token file {token_file} is empty")
+        return token
+    return os.environ.get(TOKEN_ENV) or None
+
+
+# --------------------------------------------------------------------------------------------
+# server
+
+
+def split_host_port(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"--listen {listen!r}: expected HOST:PORT (e.g. 127.0.0.1:50051, [::]:50051)")
+    if not 0 <= int(port) <= 65535:
+        raise ValueError(f"--listen {listen!r}: port out of range")
+    return host.strip("[]"), int(port)
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.so_reuseport", 1 if config.reuse_port else 0),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+class StoreServer:
+    """One server process: servicer + health + reflection on one port."""
+
+    def __init__(self, store: Any, config: ServerConfig):
+        self.store = store
+        self.config = config
+        self.metrics = ServerMetrics(config.metrics_port is not None)
+        interceptors = [BearerTokenInterceptor(config.token)] if config.token else []
+        self.server = grpc.aio.server(interceptors=interceptors, options=server_options(config))
+        self.servicer = ExpertStoreServicer(store, config, self.metrics)
+        pb_grpc.add_ExpertStoreServicer_to_server(self.servicer, self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.server)
+        self.port = 0
+        self._stopping = asyncio.Event()
+
+    async def start(self) -> str:
+        """Bind and start; returns the bound "host:port"."""
+        host, port = split_host_port(self.config.listen)
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if self.config.tls_cert is not None:
+            creds = grpc.ssl_server_credentials(
+                [(self.config.tls_key, self.config.tls_cert)],
+                root_certificates=self.config.tls_client_ca,
+                require_client_auth=self.config.tls_client_ca is not None)
+            self.port = self.server.add_secure_port(address, creds)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"could not bind {address}")
+        await self.server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def wait_and_stop(self) -> None:
+        """Wait for request_stop() (SIGTERM/SIGINT), then: health NOT_SERVING, grace, stop."""
+        await self._stopping.wait()
+        log.info("shutting down: health NOT_SERVING, %.1fs grace for in-flight streams", self.config.grace_s)
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.config.grace_s)
+
+
+async def serve(store: Any, config: ServerConfig, on_ready: Callable[[str], None] | None = None,
+                handle_signals: bool = True) -> None:
+    """Run one server process until SIGTERM/SIGINT."""
+    srv = StoreServer(store, config)
+    address = await srv.start()
+    if handle_signals:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, srv.request_stop)
+    if on_ready is not None:
+        on_ready(address)
+    await srv.wait_and_stop()
+
+
+def print_listening(address: str) -> None:
+    print(f"listening on {address}", flush=True)
+
+
+def start_metrics_server(port: int, multiprocess_dir: str | None = None) -> None:
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    if multiprocess_dir is None:
+        start_http_server(port)
+        return
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=multiprocess_dir)
+    start_http_server(port, registry=registry)
+
+
+# --------------------------------------------------------------------------------------------
+# pre-forked workers
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """How a worker opens its own ModelStore (each process has its own RAM tier and clients)."""
+
+    store_dir: str
+    redis_url: str | None = None
+    ram_bytes: int | None = None
+
+    def open(self) -> Any:
+        from expert_store.store import ModelStore
+
+        kw = {"redis_url": self.redis_url}
+        if self.ram_bytes is not None:
+            kw["ram_bytes"] = self.ram_bytes
+        return ModelStore.open(self.store_dir, **kw)
+
+
+def run_single(spec: StoreSpec, config: ServerConfig) -> None:
+    """`expert-store serve --workers 1`: one process, metrics (if any) served in-process."""
+    store = spec.open()
+    if config.metrics_port is not None:
+        start_metrics_server(config.metrics_port)
+    asyncio.run(serve(store, config, on_ready=print_listening))
+
+
+def _worker_main(spec: StoreSpec, config: ServerConfig, ready: Any) -> None:
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker {os.getpid()} %(levelname)s %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards SIGTERM; ^C reaches the whole group
+    try:
+        store = spec.open()
+        asyncio.run(serve(store, config, on_ready=lambda addr: ready.send(("ready", addr))))
+    except BaseException as e:  # report, do not let the parent wait for a dead worker
+        try:
+            ready.send(("error", f"{type(e).__name__}: {e}"))
+        except OSError:
+            pass
+        raise
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (not listen) a SO_REUSEPORT socket, so port 0 becomes one concrete port all workers
+    share and no unrelated process can take it meanwhile. Held by the parent while it runs."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def run_workers(spec: StoreSpec, config: ServerConfig, workers: int, ready_timeout_s: float = 60.0) -> int:
+    """Pre-fork `workers` server processes on one port and supervise them.
+
+    Workers are spawned (not forked: gRPC must not be initialised before a fork), each with
+    its own ModelStore, all listening on the same port with SO_REUSEPORT, so the kernel
+    spreads connections over them. The parent prints "listening on HOST:PORT" once every
+    worker serves, restarts a worker that dies (at most 5 times a minute), and forwards
+    SIGTERM/SIGINT to all of them (each flips its health to NOT_SERVING and drains).
+    """
+    host, port = split_host_port(config.listen)
+    reserved = reserve_port(host, port)
+    port = reserved.getsockname()[1]
+    config = replace(config, listen=f"[{host}]:{port}" if ":" in host else f"{host}:{port}", reuse_port=True)
+    metrics_dir = None
+    if config.metrics_port is not None:
+        metrics_dir = tempfile.mkdtemp(prefix="expert-store-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        start_metrics_server(config.metrics_port, metrics_dir)  # workers record, the parent serves
+    ctx = multiprocessing.get_context("spawn")
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def spawn() -> tuple[Any, Any]:
+        parent_end, child_end = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_worker_main, args=(spec, config, child_end), daemon=False)
+        proc.start()
+        child_end.close()
+        return proc, parent_end
+
+    procs: list[tuple[Any, Any]] = []
+    try:
+        procs = [spawn() for _ in range(workers)]
+        deadline = time.monotonic() + ready_timeout_s
+        for proc, conn in procs:
+            if not conn.poll(max(0.0, deadline - time.monotonic())):
+                raise RuntimeError(f"worker {proc.pid} did not start within {ready_timeout_s:.0f}s")
+            kind, detail = conn.recv()
+            if kind != "ready":
+                raise RuntimeError(f"worker {proc.pid} failed to start: {detail}")
+        print_listening(config.listen)
+        restarts: list[float] = []
+        while not stopping:
+            sentinels = [p.sentinel for p, _ in procs]
+            multiprocessing.connection.wait(sentinels, timeout=0.5)
+            for i, (proc, conn) in enumerate(procs):
+                if proc.is_alive() or stopping:
+                    continue
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < 60] + [now]
+                if len(restarts) > 5:
+                    raise RuntimeError("workers keep dying (more than 5 restarts in a minute); giving up")
+                log.warning("worker %d exited with %s; restarting it", proc.pid, proc.exitcode)
+                conn.close()
+                procs[i] = spawn()
+        return 0
+    finally:
+        for proc, _ in procs:
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+        end = time.monotonic() + config.grace_s + 5
+        for proc, _ in procs:
+            proc.join(max(0.1, end - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(1)
+        for s, h in old.items():
+            signal.signal(s, h)
+        reserved.close()
+        if metrics_dir is not None:
+            import shutil
+
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+__all__ = [
+    "ServerConfig",
+    "StreamLimiter",
+    "PutAssembler",
+    "ExpertStoreServicer",
+    "BearerTokenInterceptor",
+    "StoreServer",
+    "StoreSpec",
+    "serve",
+    "run_single",
+    "run_workers",
+    "chunks",
+    "check_refs",
+    "manifest_to_proto",
+    "read_token",
+    "status_for",
+    "MAX_MESSAGE_BYTES",
+    "SERVICE_NAME",
+]
