@@ -1,0 +1,495 @@
+"""Import a Hugging Face safetensors Mixtral-layout checkpoint into the expert store.
+
+``pack_checkpoint(checkpoint_dir, store, model=None, precisions=("bf16",), group_size=128)``
+writes, under the model name:
+
+- one blob per expert per precision (``format.expert_key``; see ``quant.expert_to_blob``),
+- ``dense.safetensors``: every non-expert tensor under its HF name, dtype as in the checkpoint,
+  the router normalised to ``model.layers.{l}.block_sparse_moe.gate.weight``,
+- ``config.json`` and ``tokenizer.json`` verbatim,
+- ``manifest.json`` last (so a model without one is an incomplete import): model,
+  num_layers, num_experts, top_k, hidden/ffn sizes, precisions, group_size, rope_theta, every
+  blob's size and xxh3-128, dense size/xxh3.
+
+Checkpoints: one ``*.safetensors`` file or several (with or without
+``model.safetensors.index.json``); config with ``rope_theta`` or ``rope_parameters``; experts as
+``model.layers.{l}.block_sparse_moe.experts.{e}.w1/w2/w3.weight`` or fused transformers-5
+tensors ``model.layers.{l}.mlp.experts.gate_up_proj [E, 2*ffn, hidden]`` (gate half first) and
+``down_proj [E, hidden, ffn]``.
+
+Memory stays bounded by one expert (plus the dense part, which is small next to the experts):
+tensors are read one at a time through ``safetensors.safe_open``, and each file mapping is
+closed again right after the read, so the mapped pages of a checkpoint larger than RAM never
+accumulate.  Re-running skips every blob already in the store whose seal verifies and whose
+header matches (resumable).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Protocol
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from . import format as fmt
+from .format import BlobError
+from .quant import DEFAULT_GROUP_SIZE, expert_to_blob
+
+__all__ = [
+    "CheckpointError",
+    "NotMixtralCheckpointError",
+    "PackResult",
+    "CheckpointLayout",
+    "read_checkpoint_layout",
+    "pack_checkpoint",
+    "default_model_name",
+    "MANIFEST_FORMAT",
+]
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = 1
+_PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
+_FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+_ROUTER = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate\.weight$")
+_INDEX = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """The checkpoint directory cannot be packed (missing or inconsistent files/tensors)."""
+
+
+class NotMixtralCheckpointError(CheckpointError):
+    """The checkpoint is not a Mixtral-layout MoE model."""
+
+
+class _Store(Protocol):
+    def get(self, key: str) -> bytes | None: ...
+    def put(self, key: str, data: bytes) -> None: ...
+    def contains(self, key: str) -> bool: ...
+
+
+@dataclass
+class PackResult:
+    model: str
+    manifest: dict[str, Any]
+    blobs_written: int = 0
+    blobs_skipped: int = 0
+    bytes_written: int = 0  # expert blob bytes written by this run
+    files_written: list[str] = field(default_factory=list)  # non-expert keys (re)written
+
+
+@dataclass
+class CheckpointLayout:
+    """Where every tensor of a Mixtral checkpoint lives, read from file headers only."""
+
+    root: Path
+    config: dict[str, Any]
+    config_bytes: bytes
+    num_layers: int
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    top_k: int
+    rope_theta: float
+    files: dict[str, Path]  # tensor name -> file
+    fused: bool  # experts stored as transformers-5 fused tensors
+    dense: list[str]  # non-expert tensor names (source names), sorted
+    routers: dict[str, str]  # source name of a router -> normalised name
+
+    def expert_tensors(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """``{"w1", "w3", "w2"}`` of one expert, read from disk (only those bytes)."""
+        if self.fused:
+            base = f"model.layers.{layer}.mlp.experts."
+            gate_up = _read(self.files[base + "gate_up_proj"], base + "gate_up_proj", expert)
+            ffn = self.intermediate_size
+            return {
+                "w1": gate_up[:ffn],
+                "w3": gate_up[ffn:],
+                "w2": _read(self.files[base + "down_proj"], base + "down_proj", expert),
+            }
+        out = {}
+        for w in ("w1", "w3", "w2"):
+            name = f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.weight"
+            out[w] = _read(self.files[name], name)
+        return out
+
+    def dense_tensors(self) -> Iterable[tuple[str, torch.Tensor]]:
+        """(normalised name, tensor) of every non-expert tensor, one at a time."""
+        for name in self.dense:
+            yield self.routers.get(name, name), _read(self.files[name], name)
+
+
+def _read(path: Path, name: str, index: int | None = None) -> torch.Tensor:
+    # Open, read one tensor (or one expert's slice of a fused tensor), close: the mapping of
+    # the file is released after every read, so resident pages never add up over a big file.
+    with safe_open(str(path), framework="pt") as f:
+        if index is None:
+            return f.get_tensor(name)
+        return f.get_slice(name)[index].contiguous()
+
+
+def _shape(handle, name: str) -> list[int]:
+    return list(handle.get_slice(name).get_shape())
+
+
+def _positive_int(config: dict, key: str, where: Path) -> int:
+    v = config.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise NotMixtralCheckpointError(f"{where}: config.json has no positive int {key!r} (got {v!r})")
+    return v
+
+
+def _rope_theta(config: dict) -> float:
+    theta = config.get("rope_theta")
+    params = config.get("rope_parameters")
+    if theta is None and isinstance(params, dict):
+        theta = params.get("rope_theta")
+    if theta is None:
+        return 1_000_000.0  # transformers' Mixtral default
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+        raise CheckpointError(f"rope_theta must be a positive number, got {theta!r}")
+    return float(theta)
+
+
+def read_checkpoint_layout(checkpoint_dir: str | os.PathLike) -> CheckpointLayout:
+    """Validate a checkpoint directory and map its tensors (reads headers, not weights)."""
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a directory")
+    cfg_path = root / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{root}: no config.json")
+    config_bytes = cfg_path.read_bytes()
+    try:
+        config = json.loads(config_bytes)
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg_path}: not a JSON object")
+    model_type = config.get("model_type")
+    archs = config.get("architectures") or []
+    if model_type != "mixtral" and not any(isinstance(a, str) and a.startswith("Mixtral") for a in archs):
+        raise NotMixtralCheckpointError(
+            f"{root}: not a Mixtral-layout checkpoint (model_type={model_type!r}, architectures={archs!r})"
+        )
+    num_layers = _positive_int(config, "num_hidden_layers", root)
+    num_experts = _positive_int(config, "num_local_experts", root)
+    hidden = _positive_int(config, "hidden_size", root)
+    ffn = _positive_int(config, "intermediate_size", root)
+    top_k = _positive_int(config, "num_experts_per_tok", root)
+    rope_theta = _rope_theta(config)
+
+    # tensor name -> file
+    index_path = root / _INDEX
+    files: dict[str, Path] = {}
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path}: unreadable index ({e})") from None
+        for name, fname in weight_map.items():
+            p = root / fname
+            if Path(fname).name != fname or not p.is_file():
+                raise CheckpointError(f"{index_path}: {name} maps to missing or invalid file {fname!r}")
+            files[name] = p
+    else:
+        shards = sorted(root.glob("*.safetensors"))
+        if not shards:
+            raise CheckpointError(f"{root}: no *.safetensors files")
+        for p in shards:
+            with safe_open(str(p), framework="pt") as f:
+                for name in f.keys():
+                    if name in files:
+                        raise CheckpointError(f"{root}: tensor {name} is in both {files[name].name} and {p.name}")
+                    files[name] = p
+
+    # classify
+    per_expert: dict[tuple[int, int], set[str]] = defaultdict(set)
+    fused: dict[int, set[str]] = defaultdict(set)
+    routers: dict[str, str] = {}
+    dense: list[str] = []
+    for name in files:
+        if m := _PER_EXPERT.match(name):
+            per_expert[(int(m[1]), int(m[2]))].add(m[3])
+        elif m := _FUSED.match(name):
+            fused[int(m[1])].add(m[2])
+        else:
+            if m := _ROUTER.match(name):
+                routers[name] = f"model.layers.{m[1]}.block_sparse_moe.gate.weight"
+            dense.append(name)
+    if not per_expert and not fused:
+        raise NotMixtralCheckpointError(f"{root}: no Mixtral expert tensors (block_sparse_moe.experts.* or mlp.experts.*)")
+    if per_expert and fused:
+        raise CheckpointError(f"{root}: mixes per-expert and fused expert tensors")
+    is_fused = bool(fused)
+
+    # completeness and shapes (headers only)
+    shapes: dict[str, list[int]] = {}
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for name, p in files.items():
+        by_file[p].append(name)
+    for p, names in by_file.items():
+        with safe_open(str(p), framework="pt") as f:
+            present = set(f.keys())
+            for name in names:
+                if name not in present:
+                    raise CheckpointError(f"{p.name}: index lists {name} but the file does not hold it")
+                shapes[name] = _shape(f, name)
+
+    def expect(name: str, shape: list[int]) -> None:
+        if name not in shapes:
+            raise CheckpointError(f"{root}: missing tensor {name}")
+        if shapes[name] != shape:
+            raise CheckpointError(f"{root}: {name} has shape {shapes[name]}, expected {shape}")
+
+    for layer in range(num_layers):
+        if is_fused:
+            base = f"model.layers.{layer}.mlp.experts."
+            expect(base + "gate_up_proj", [num_experts, 2 * ffn, hidden])
+            expect(base + "down_proj", [num_experts, hidden, ffn])
+        else:
+            for e in range(num_experts):
+                base = f"model.layers.{layer}.block_sparse_moe.experts.{e}."
+                expect(base + "w1.weight", [ffn, hidden])
+                expect(base + "w3.weight", [ffn, hidden])
+                expect(base + "w2.weight", [hidden, ffn])
+        router = [n for n, norm in routers.items() if norm == f"model.layers.{layer}.block_sparse_moe.gate.weight"]
+        if len(router) != 1:
+            raise CheckpointError(f"{root}: layer {layer} needs exactly one router gate, found {router}")
+        expect(router[0], [num_experts, hidden])
+    extra = sorted({k[0] for k in per_expert if k[0] >= num_layers or k[1] >= num_experts} | {l for l in fused if l >= num_layers})
+    if extra:
+        raise CheckpointError(f"{root}: expert tensors beyond the config's {num_layers} layers x {num_experts} experts")
+    return CheckpointLayout(
+        root=root,
+        config=config,
+        config_bytes=config_bytes,
+        num_layers=num_layers,
+        num_experts=num_experts,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        top_k=top_k,
+        rope_theta=rope_theta,
+        files=files,
+        fused=is_fused,
+        dense=sorted(dense),
+        routers=routers,
+    )
+
+
+def default_model_name(checkpoint_dir: str | os.PathLike) -> str:
+    """The checkpoint directory's name, made into a valid model name."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(checkpoint_dir).resolve().name)
+    name = re.sub(r"\.{2,}", ".", name).lstrip("._-")[:128] or "model"
+    return fmt.validate_model_name(name)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _source(store: _Store):
+    """The tier to verify existing blobs against: a TieredStore's NVMe tier (no promotion)."""
+    return getattr(store, "nvme", store)
+
+
+def _put(store: _Store, key: str, data: bytes) -> None:
+    from .tiers.tiered import TieredStore
+
+    if isinstance(store, TieredStore):
+        store.put(key, data, cache=False)  # bulk import: do not flood RAM/Redis
+    else:
+        store.put(key, data)
+
+
+def _existing_blob(store: _Store, key: str, want: dict[str, Any]) -> bytes | None:
+    """The stored blob under ``key`` if it verifies and matches what would be written."""
+    if not store.contains(key):
+        return None
+    data = _source(store).get(key)
+    if data is None:
+        return None
+    try:
+        header = fmt.check_blob(data)
+    except BlobError as e:
+        log.warning("re-packing %s: stored copy is corrupt (%s)", key, e)
+        return None
+    got = {
+        "model": header.model,
+        "layer": header.layer,
+        "expert": header.expert,
+        "precision": header.precision,
+        "shapes": {t.name: list(t.shape) for t in header.tensors},
+        "group_size": {t.quant.group_size for t in header.tensors if t.quant is not None} or None,
+    }
+    if got != want:
+        log.warning("re-packing %s: stored blob was packed differently", key)
+        return None
+    return data
+
+
+def _put_file(store: _Store, key: str, data: bytes, result: PackResult) -> None:
+    if store.contains(key):
+        old = _source(store).get(key)
+        if old is not None and fmt.blob_checksum(old) == fmt.blob_checksum(data):
+            return
+    _put(store, key, data)
+    result.files_written.append(key)
+
+
+def _dense_bytes(layout: CheckpointLayout, model: str) -> bytes:
+    from safetensors.torch import save
+
+    tensors = dict(layout.dense_tensors())
+    return save(tensors, metadata={"format": "pt", "model": model})
+
+
+def pack_checkpoint(
+    checkpoint_dir: str | os.PathLike,
+    store: _Store,
+    model: str | None = None,
+    precisions: Iterable[str] = ("bf16",),
+    group_size: int = DEFAULT_GROUP_SIZE,
+    progress: bool = True,
+) -> PackResult:
+    """Pack a Mixtral checkpoint into ``store`` (anything with ``get/put/contains`` by key:
+    ``NvmeTier``, ``TieredStore``).  Raises :class:`NotMixtralCheckpointError` for other models,
+    :class:`CheckpointError` for broken checkpoints, ValueError for bad arguments."""
+    precisions = tuple(dict.fromkeys(precisions))
+    if not precisions:
+        raise ValueError("at least one precision is needed")
+    for p in precisions:
+        if p not in fmt.PRECISIONS:
+            raise ValueError(f"unknown precision {p!r}; expected some of {fmt.PRECISIONS}")
+    if not isinstance(group_size, int) or group_size < 2 or group_size % 2:
+        raise ValueError(f"group_size must be an even int >= 2, got {group_size!r}")
+    layout = read_checkpoint_layout(checkpoint_dir)
+    model = fmt.validate_model_name(model) if model is not None else default_model_name(checkpoint_dir)
+    result = PackResult(model=model, manifest={})
+
+    # small files first, manifest last: a store without manifest.json holds no usable model
+    _put_file(store, fmt.file_key(model, "config.json"), layout.config_bytes, result)
+    tok_path = layout.root / "tokenizer.json"
+    tokenizer = tok_path.read_bytes() if tok_path.is_file() else None
+    if tokenizer is None:
+        log.warning("%s has no tokenizer.json: the model will need one to generate text", layout.root)
+    else:
+        _put_file(store, fmt.file_key(model, "tokenizer.json"), tokenizer, result)
+    dense = _dense_bytes(layout, model)
+    _put_file(store, fmt.dense_key(model), dense, result)
+    dense_size, dense_xxh3 = len(dense), fmt.blob_checksum(dense)
+    del dense
+
+    hidden, ffn = layout.hidden_size, layout.intermediate_size
+    shapes = {"w1": [ffn, hidden], "w3": [ffn, hidden], "w2": [hidden, ffn]}
+    blobs: list[dict[str, Any]] = []
+    total = layout.num_layers * layout.num_experts * len(precisions)
+    with tqdm(total=total, unit="blob", desc=f"pack {model}", disable=not progress) as bar:
+        for layer in range(layout.num_layers):
+            for expert in range(layout.num_experts):
+                pending = []
+                for precision in precisions:
+                    key = fmt.expert_key(model, layer, expert, precision)
+                    want = {
+                        "model": model,
+                        "layer": layer,
+                        "expert": expert,
+                        "precision": precision,
+                        "shapes": shapes,
+                        "group_size": None if precision == "bf16" else {group_size},
+                    }
+                    data = _existing_blob(store, key, want)
+                    if data is None:
+                        pending.append((precision, key))
+                        continue
+                    blobs.append(_blob_entry(layer, expert, precision, data))
+                    result.blobs_skipped += 1
+                    bar.update(1)
+                if not pending:
+                    continue
+                weights = layout.expert_tensors(layer, expert)
+                for precision, key in pending:
+                    data = expert_to_blob(model, layer, expert, precision, weights, group_size=group_size)
+                    _put(store, key, data)
+                    blobs.append(_blob_entry(layer, expert, precision, data))
+                    result.blobs_written += 1
+                    result.bytes_written += len(data)
+                    bar.update(1)
+                    del data
+                del weights
+
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "model": model,
+        "architecture": "mixtral",
+        "num_layers": layout.num_layers,
+        "num_experts": layout.num_experts,
+        "top_k": layout.top_k,
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "vocab_size": layout.config.get("vocab_size"),
+        "rope_theta": layout.rope_theta,
+        "precisions": list(precisions),
+        "group_size": group_size,
+        "expert_layout": "fused" if layout.fused else "per_expert",
+        "blobs": blobs,
+        "dense_size": dense_size,
+        "dense_xxh3": dense_xxh3,
+        "config_xxh3": fmt.blob_checksum(layout.config_bytes),
+        "tokenizer_xxh3": None if tokenizer is None else fmt.blob_checksum(tokenizer),
+    }
+    manifest = _merge_previous(store, manifest)
+    manifest["blobs"].sort(key=lambda b: (b["layer"], b["expert"], fmt.PRECISIONS.index(b["precision"])))
+    data = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+    _put_file(store, fmt.file_key(model, "manifest.json"), data, result)
+    result.manifest = manifest
+    log.info(
+        "packed %s: %d blobs written (%d bytes), %d already present",
+        model,
+        result.blobs_written,
+        result.bytes_written,
+        result.blobs_skipped,
+    )
+    return result
+
+
+def _blob_entry(layer: int, expert: int, precision: str, data: bytes) -> dict[str, Any]:
+    return {"layer": layer, "expert": expert, "precision": precision, "size": len(data), "xxh3": fmt.blob_checksum(data)}
+
+
+def _merge_previous(store: _Store, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Keep precisions an earlier pack of the same model stored (re-packing at int4 after bf16
+    must not drop bf16 from the manifest), when all their blobs are still in the store."""
+    key = fmt.file_key(manifest["model"], "manifest.json")
+    old_bytes = _source(store).get(key) if store.contains(key) else None
+    if not old_bytes:
+        return manifest
+    try:
+        old = json.loads(old_bytes)
+        same_shape = all(
+            old.get(k) == manifest[k] for k in ("num_layers", "num_experts", "hidden_size", "intermediate_size")
+        )
+        extra = [p for p in old.get("precisions", []) if p in fmt.PRECISIONS and p not in manifest["precisions"]]
+        old_blobs = old.get("blobs", [])
+    except (ValueError, AttributeError, TypeError):
+        return manifest
+    if not same_shape or not extra:
+        return manifest
+    for precision in extra:
+        entries = [b for b in old_blobs if isinstance(b, dict) and b.get("precision") == precision]
+        if len(entries) != manifest["num_layers"] * manifest["num_experts"]:
+            continue
+        if not all(store.contains(fmt.expert_key(manifest["model"], b["layer"], b["expert"], precision)) for b in entries):
+            continue
+        manifest["precisions"].append(precision)
+        manifest["blobs"].extend(entries)
+    manifest["precisions"] = [p for p in fmt.PRECISIONS if p in manifest["precisions"]]
+    return manifest
