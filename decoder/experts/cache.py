@@ -1,0 +1,779 @@
+"""The AdapMoE expert cache: a GPU tier of preallocated slots over a pinned host tier over the store.
+
+    store ──fetch_expert(out=host slot)──▶ host tier (pinned LRU) ──copy stream──▶ GPU slot ──▶ matmul
+
+GPU tier: one preallocated uint8 pool `[slots, slot_bytes]` on the compute device, each slot
+sized for one expert's raw payload at the cache's precision (no allocator churn). Layer l may
+keep `quota[l]` experts (from the DP plan, decoder/cache_plan.py), LRU within the layer. A few
+scratch slots (top_k by default) absorb demand loads of a layer whose own slots are all pinned;
+at `release` the layer is trimmed back to its quota (LRU). Experts are used in place: the
+ExpertWeights of a slot are views of its bytes (expert_store.quant.tensors_from_raw).
+
+Host tier: one pinned arena (pin_memory only when CUDA is available) of fixed-size slots, an
+LRU of at most `host_cache_bytes // slot` experts. The store writes the encoded blob straight
+into a host slot (`fetch_expert(out=...)`); an uncompressed blob's raw payload is used where it
+landed, a compressed one is decoded into a second slot (the first goes back to the free list).
+
+Copies: on CUDA every H2D copy runs on one dedicated stream with one event per expert; compute
+waits on that event only (`current_stream().wait_event`), never on the whole stream. Before a
+slot is overwritten the copy stream waits on the event recorded when the layer released it, so
+in-flight kernels never see their weights change. On the CPU the same code runs (copies are
+memcpy, events are None).
+
+Loads: a background loader thread serves two queues, demand first; prefetches (speculative,
+ordered by predicted score) run only when no demand is queued, and a `get` that finds its
+load still queued runs it on the caller's thread at once, so demand never waits behind
+prefetches. A prefetch never evicts an expert the current token needs: not the experts pinned
+by the current layer (prepare .. release), nor any expert touched during the current token.
+
+Statistics (demand path): per tier lookups = hits + misses, bytes moved into each tier, loads,
+stall time in `get`, late prefetches, and the live EWMA cost (seconds) of loading one expert
+into the GPU from each tier (`load_cost`), which cost-aware gating reads.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from decoder.experts.provider import ExpertProvider, ExpertSource, ExpertWeights, expert_weights_from_views
+
+log = logging.getLogger(__name__)
+
+GPU_ALIGN = 256
+HOST_ALIGN = 4096
+TIERS = ("gpu", "host", "store")
+# Priors (bytes/s) until a tier's cost has been measured once; replaced by the live EWMA.
+PRIOR_BANDWIDTH = {"host_cuda": 20e9, "host_cpu": 5e9, "store": 1e9}
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass
+class _GpuEntry:
+    layer: int
+    expert: int
+    slot: int                        # pool slot, -1 = transient buffer outside the pool
+    buf: torch.Tensor                # uint8 [slot_bytes] on the device
+    loading: bool = True
+    weights: ExpertWeights | None = None
+    copy_event: Any = None           # torch.cuda.Event recorded after the H2D copy (CUDA)
+    free_event: Any = None           # recorded on the compute stream when the layer released it
+    step: int = -1                   # last token step that used or prefetched it
+    prefetched: bool = False         # loaded speculatively, not used yet
+    prev_free_event: Any = None      # the evicted occupant's free_event: copy waits on it
+
+
+@dataclass
+class _HostEntry:
+    slot: int
+    header: Any
+    raw_offset: int                  # where the raw payload starts in the slot
+    refs: int = 0                    # loads copying from it right now
+    resident: bool = True            # counted in the host LRU (False: transient staging)
+
+
+@dataclass
+class _Task:
+    key: tuple[int, int]
+    kind: str                        # "demand" | "prefetch"
+    score: float = 0.0
+    state: str = "queued"            # queued | running | done
+    error: BaseException | None = None
+    dropped: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+    step: int = 0
+
+
+class _Ewma:
+    def __init__(self, alpha: float, prior: float) -> None:
+        self.alpha, self.value, self.n = alpha, prior, 0
+
+    def update(self, x: float) -> None:
+        self.value = x if self.n == 0 else (1 - self.alpha) * self.value + self.alpha * x
+        self.n += 1
+
+
+class ExpertCache(ExpertProvider):
+    """GPU slots + pinned host LRU + store, behind the ExpertProvider interface."""
+
+    def __init__(self, source: ExpertSource, *, gpu_slots: Sequence[int] | None = None,
+                 gpu_cache_bytes: int | None = None, host_cache_bytes: int | None = 0,
+                 plan: str = "uniform", profile: Mapping[str, Any] | None = None,
+                 scratch_slots: int | None = None, workers: int = 1, ewma_alpha: float = 0.3,
+                 pin_memory: bool | None = None) -> None:
+        cfg = source.config
+        self.source = source
+        self.config = cfg
+        self.precision = source.precision
+        self.device = torch.device(source.device)
+        self.cuda = self.device.type == "cuda"
+        self.L, self.E, self.top_k = cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+
+        # --- sizes: probe one blob for the raw payload size; the manifest gives blob sizes ---
+        probe = bytes(source.fetch(0, 0, priority="demand"))
+        from expert_store import format as blob_format
+        header, _ = blob_format.read_header(probe)
+        self.raw_size = int(header.raw_size)
+        self.slot_bytes = _align(self.raw_size, GPU_ALIGN)
+        max_blob = len(probe)
+        for l in range(self.L):
+            for e in range(self.E):
+                sz = source.blob_size(l, e)
+                if sz is not None:
+                    max_blob = max(max_blob, sz)
+        self.host_slot_bytes = _align(max(max_blob, self.raw_size), HOST_ALIGN)
+
+        # --- GPU tier: quotas + scratch, one pool --------------------------------------------
+        if scratch_slots is None:
+            scratch_slots = self.top_k
+        if gpu_slots is None:
+            gpu_slots = plan_quotas(cfg, self.slot_bytes, gpu_cache_bytes, scratch_slots, plan, profile)
+        gpu_slots = [int(s) for s in gpu_slots]
+        if len(gpu_slots) != self.L or any(not 1 <= s <= self.E for s in gpu_slots):
+            raise ValueError(f"gpu_slots must give 1..{self.E} slots for each of {self.L} layers, got {gpu_slots}")
+        self.quota = gpu_slots
+        self.scratch_slots = 0 if all(s == self.E for s in gpu_slots) else int(scratch_slots)
+        n_pool = sum(gpu_slots) + self.scratch_slots
+        self.gpu_pool = torch.empty((n_pool, self.slot_bytes), dtype=torch.uint8, device=self.device)
+        self._gpu_free: list[int] = list(range(n_pool - 1, -1, -1))
+        self._gpu: list[OrderedDict[int, _GpuEntry]] = [OrderedDict() for _ in range(self.L)]
+        self._gpu_slot_events: dict[int, Any] = {}  # free slot -> event its last readers recorded
+
+        # --- host tier: pinned arena of fixed slots ------------------------------------------
+        self.host_cache_bytes = int(host_cache_bytes or 0)
+        if self.host_cache_bytes < 0:
+            raise ValueError("host_cache_bytes must be >= 0")
+        self.host_capacity = self.host_cache_bytes // self.host_slot_bytes  # resident experts
+        self.workers = max(1, int(workers))
+        n_host = self.host_capacity + 2 * (self.workers + 1)  # + receive/decode staging per loader
+        if pin_memory is None:
+            pin_memory = torch.cuda.is_available()
+        host = torch.empty((n_host, self.host_slot_bytes), dtype=torch.uint8)
+        self.host_pool = host.pin_memory() if pin_memory else host
+        self.pinned = bool(pin_memory)
+        self._host_free: list[int] = list(range(n_host - 1, -1, -1))
+        self._host_slot_event: dict[int, Any] = {}
+        self._host: OrderedDict[tuple[int, int], _HostEntry] = OrderedDict()
+
+        # --- copy stream ------------------------------------------------------------------------
+        self.copy_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
+        self._pending_timings: list[tuple[Any, Any]] = []
+
+        # --- loader -----------------------------------------------------------------------------
+        self._tasks: dict[tuple[int, int], _Task] = {}
+        self._demand_q: list[_Task] = []
+        self._prefetch_q: list[tuple[float, int, _Task]] = []
+        self._seq = itertools.count()
+        self._closed = False
+        self._pinned_keys: set[tuple[int, int]] = set()
+        self._looked_up: set[tuple[int, int]] = set()
+        self._handed_out: dict[int, set[int]] = {}
+        self.step = 0
+        self._last_layer = -1
+        prior_host = self.raw_size / (PRIOR_BANDWIDTH["host_cuda" if self.cuda else "host_cpu"])
+        self._cost = {"host": _Ewma(ewma_alpha, prior_host),
+                      "store": _Ewma(ewma_alpha, max_blob / PRIOR_BANDWIDTH["store"])}
+        self.reset_stats()
+        self._threads = [threading.Thread(target=self._worker, name=f"expert-loader-{i}", daemon=True)
+                         for i in range(self.workers)]
+        for t in self._threads:
+            t.start()
+
+    # =========================================================================================
+    # statistics
+    # =========================================================================================
+    def reset_stats(self) -> None:
+        with self._lock:
+            self._tier = {t: {"lookups": 0, "hits": 0, "misses": 0, "bytes": 0, "loads": 0} for t in TIERS}
+            self._pf_tier = {t: {"lookups": 0, "hits": 0, "misses": 0} for t in TIERS}
+            self._c = dict(stall_s=0.0, steps=0, demand_loads=0, prefetch_requests=0, prefetch_loads=0,
+                           prefetch_useful=0, prefetch_late=0, prefetch_dropped_no_slot=0,
+                           prefetch_cancelled=0, prefetch_unused_evicted=0, prefetch_errors=0,
+                           evictions_gpu=0, evictions_host=0, scratch_loads=0, transient_loads=0,
+                           inline_loads=0, errors=0)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            self._harvest_timings()
+            tiers = {t: dict(v) for t, v in self._tier.items()}
+            for v in tiers.values():
+                v["hit_rate"] = (v["hits"] / v["lookups"]) if v["lookups"] else 0.0
+            steps = max(1, self._c["steps"])
+            c = dict(self._c)
+            return {
+                "provider": "adapmoe-cache",
+                "precision": self.precision,
+                "device": str(self.device),
+                "pinned_host": self.pinned,
+                "tiers": tiers,
+                "prefetch_tiers": {t: dict(v) for t, v in self._pf_tier.items()},
+                "fetches": self._tier["store"]["loads"],
+                "bytes_fetched": self._tier["store"]["bytes"],
+                "bytes_per_token": {t: self._tier[t]["bytes"] / steps for t in TIERS},
+                "stall_s": c.pop("stall_s"),
+                "stall_s_per_token": self._c["stall_s"] / steps,
+                "load_cost_s": {t: self.load_cost(t) for t in TIERS},
+                "load_cost_measured": {t: self._cost[t].n for t in ("host", "store")},
+                "slot_bytes": self.slot_bytes,
+                "host_slot_bytes": self.host_slot_bytes,
+                "gpu_quota": list(self.quota),
+                "scratch_slots": self.scratch_slots,
+                "gpu_resident": sum(1 for d in self._gpu for en in d.values() if not en.loading),
+                "host_capacity": self.host_capacity,
+                "host_resident": sum(1 for h in self._host.values() if h.resident),
+                **c,
+            }
+
+    def load_cost(self, location: str) -> float:
+        """Live EWMA seconds to bring one expert into the GPU tier from `location`."""
+        if location == "gpu":
+            return 0.0
+        with self._lock:
+            self._harvest_timings()
+            host = self._cost["host"].value
+            if location == "host":
+                return host
+            if location == "store":
+                return self._cost["store"].value + host
+        raise ValueError(f"unknown location {location!r} (expected one of {TIERS})")
+
+    # =========================================================================================
+    # ExpertProvider interface
+    # =========================================================================================
+    def begin_token(self) -> None:
+        with self._lock:
+            self.step += 1
+            self._c["steps"] += 1
+            self._last_layer = -1
+            # prefetches queued for the previous token's layers are stale now
+            for _, _, task in self._prefetch_q:
+                if task.state == "queued" and task.kind == "prefetch":
+                    self._finish(task, dropped=True)
+                    self._c["prefetch_cancelled"] += 1
+            self._prefetch_q.clear()
+            self._harvest_timings()
+
+    def location(self, layer: int, expert: int) -> str:
+        with self._lock:
+            if expert in self._gpu[layer]:
+                return "gpu"          # resident, or its H2D copy already issued
+            if (layer, expert) in self._host:
+                return "host"
+            return "store"
+
+    def ready(self, layer: int, expert: int) -> bool:
+        with self._lock:
+            ent = self._gpu[layer].get(expert)
+            if ent is None or ent.loading:
+                return False
+            return ent.copy_event is None or ent.copy_event.query()
+
+    def prepare(self, layer: int, experts: Sequence[int]) -> None:
+        with self._lock:
+            if layer <= self._last_layer:   # the engine did not call begin_token: a new step anyway
+                self.step += 1
+                self._c["steps"] += 1
+            self._last_layer = layer
+            needed = set(int(e) for e in experts)
+            self._pinned_keys.update((layer, e) for e in needed)
+            # queued prefetches for this layer that the routing did not pick are useless now
+            for e, task in list((k[1], t) for k, t in self._tasks.items() if k[0] == layer):
+                if task.kind == "prefetch" and task.state == "queued" and e not in needed:
+                    self._finish(task, dropped=True)
+                    self._c["prefetch_cancelled"] += 1
+            for e in sorted(needed):
+                self._lookup(layer, e)
+
+    def get(self, layer: int, expert: int) -> ExpertWeights:
+        key = (layer, expert)
+        t0 = time.perf_counter()
+        stalled = False
+        with self._lock:
+            if key not in self._looked_up:
+                self._lookup(layer, expert)
+            while True:
+                ent = self._gpu[layer].get(expert)
+                if ent is not None and not ent.loading:
+                    ent.step = self.step
+                    self._gpu[layer].move_to_end(expert)
+                    self._handed_out.setdefault(layer, set()).add(expert)
+                    w = ent.weights
+                    ev = ent.copy_event
+                    break
+                task = self._tasks.get(key)
+                if task is None:
+                    task = self._enqueue(key, "demand")
+                stalled = True
+                if task.state == "queued":
+                    # still waiting behind the loader: run it here, now
+                    task.state = "running"
+                    self._c["inline_loads"] += 1
+                    self._lock.release()
+                    try:
+                        self._run(task)
+                    finally:
+                        self._lock.acquire()
+                else:
+                    self._cond.wait(timeout=0.05)
+                if task.state == "done" and task.error is not None and self._tasks.get(key) is task:
+                    del self._tasks[key]
+                if task.state == "done" and task.error is not None:
+                    raise task.error
+        if ev is not None:
+            torch.cuda.current_stream(self.device).wait_event(ev)
+        if stalled:
+            with self._lock:
+                self._c["stall_s"] += time.perf_counter() - t0
+        assert w is not None
+        return w
+
+    def release(self, layer: int, experts: Sequence[int]) -> None:
+        with self._lock:
+            handed = self._handed_out.pop(layer, set())
+            for e in experts:
+                self._pinned_keys.discard((layer, e))
+                self._looked_up.discard((layer, e))
+            if self.cuda and handed:
+                ev = torch.cuda.Event()
+                ev.record(torch.cuda.current_stream(self.device))
+                for e in handed:
+                    ent = self._gpu[layer].get(e)
+                    if ent is not None:
+                        ent.free_event = ev
+            self._trim_layer(layer)
+
+    def prefetch(self, layer: int, experts: Sequence[int], scores: Sequence[float] | None = None) -> None:
+        with self._lock:
+            for i, e in enumerate(experts):
+                e = int(e)
+                key = (layer, e)
+                self._c["prefetch_requests"] += 1
+                ent = self._gpu[layer].get(e)
+                self._pf_tier["gpu"]["lookups"] += 1
+                if ent is not None:
+                    self._pf_tier["gpu"]["hits"] += 1
+                    ent.step = self.step  # wanted by this token: protect it from other prefetches
+                    continue
+                self._pf_tier["gpu"]["misses"] += 1
+                if key in self._tasks:
+                    continue
+                score = float(scores[i]) if scores is not None else 0.0
+                self._enqueue(key, "prefetch", score=score)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(timeout=5)
+        if self.cuda:
+            self.copy_stream.synchronize()
+
+    # =========================================================================================
+    # internals (call with the lock held unless noted)
+    # =========================================================================================
+    def _lookup(self, layer: int, expert: int) -> None:
+        """Count one demand lookup of (layer, expert) and start its load when missing."""
+        key = (layer, expert)
+        self._looked_up.add(key)
+        g = self._tier["gpu"]
+        g["lookups"] += 1
+        ent = self._gpu[layer].get(expert)
+        if ent is not None and not ent.loading:
+            g["hits"] += 1
+            if ent.prefetched:
+                ent.prefetched = False
+                self._c["prefetch_useful"] += 1
+            ent.step = self.step
+            self._gpu[layer].move_to_end(expert)
+            return
+        g["misses"] += 1
+        if ent is not None and ent.prefetched:
+            # a prefetch is bringing it in right now: late, but it saves part of the wait
+            ent.prefetched = False
+            self._c["prefetch_late"] += 1
+        task = self._tasks.get(key)
+        if task is not None and task.state == "done":   # a failed demand load nobody collected
+            del self._tasks[key]
+            task = None
+        if task is not None:
+            if task.kind == "prefetch":
+                task.kind = "demand"
+                if task.state == "queued":
+                    self._demand_q.append(task)
+                    self._cond.notify_all()
+            return
+        self._enqueue(key, "demand")
+
+    def _enqueue(self, key: tuple[int, int], kind: str, score: float = 0.0) -> _Task:
+        task = _Task(key, kind, score=score, step=self.step)
+        self._tasks[key] = task
+        if kind == "demand":
+            self._demand_q.append(task)
+        else:
+            # nearer layers first, then higher predicted weight
+            heapq.heappush(self._prefetch_q, (-score, next(self._seq), task))
+        self._cond.notify_all()
+        return task
+
+    def _finish(self, task: _Task, error: BaseException | None = None, dropped: bool = False) -> None:
+        task.state = "done"
+        task.error = error
+        task.dropped = dropped
+        if self._tasks.get(task.key) is task and (error is None or task.kind == "prefetch"):
+            del self._tasks[task.key]
+        task.done.set()
+        self._cond.notify_all()
+
+    def _next_task(self) -> _Task | None:
+        while self._demand_q:
+            task = self._demand_q.pop(0)
+            if task.state == "queued":
+                return task
+        while self._prefetch_q:
+            _, _, task = heapq.heappop(self._prefetch_q)
+            if task.state == "queued":
+                return task
+        return None
+
+    def _worker(self) -> None:
+        while True:
+            with self._lock:
+                task = self._next_task()
+                while task is None:
+                    if self._closed:
+                        return
+                    self._cond.wait()
+                    task = self._next_task()
+                task.state = "running"
+            try:
+                self._run(task)
+            except BaseException:  # pragma: no cover - _run records its own errors
+                log.exception("expert loader crashed on %s", task.key)
+
+    # --- one load: store -> host -> GPU -------------------------------------------------------
+    def _run(self, task: _Task) -> None:
+        """Bring task.key into its layer's GPU slots. Called WITHOUT the lock."""
+        layer, expert = task.key
+        with self._lock:
+            if expert in self._gpu[layer]:
+                self._finish(task)
+                return
+            ent = self._alloc_gpu(layer, expert, task.kind)
+            if ent is None:
+                self._c["prefetch_dropped_no_slot"] += 1
+                self._finish(task, dropped=True)
+                return
+            ent.prefetched = task.kind == "prefetch"
+            ent.step = self.step
+            if task.kind == "demand":
+                self._c["demand_loads"] += 1
+            else:
+                self._c["prefetch_loads"] += 1
+        try:
+            hentry = self._host_acquire(layer, expert, task.kind)
+            try:
+                self._copy_to_gpu(ent, hentry)
+            finally:
+                with self._lock:
+                    self._host_release(task.key, hentry)
+        except BaseException as exc:
+            with self._lock:
+                if self._gpu[layer].get(expert) is ent:
+                    del self._gpu[layer][expert]
+                self._free_gpu_slot(ent)
+                self._c["errors"] += 1
+                if task.kind == "prefetch":
+                    self._c["prefetch_errors"] += 1
+                    log.warning("prefetch of layer %d expert %d failed: %s", layer, expert, exc)
+                self._finish(task, error=exc)
+            return
+        with self._lock:
+            ent.loading = False
+            g = self._tier["gpu"]
+            g["loads"] += 1
+            g["bytes"] += self.raw_size
+            self._finish(task)
+
+    def _alloc_gpu(self, layer: int, expert: int, kind: str) -> _GpuEntry | None:
+        lru = self._gpu[layer]
+        in_pool = sum(1 for en in lru.values() if en.slot >= 0)
+        slot, prev_ev = -1, None
+        if in_pool < self.quota[layer]:
+            slot = self._gpu_free.pop()
+            prev_ev = self._gpu_slot_events.pop(slot, None)
+        else:
+            victim = None
+            for e, en in lru.items():  # least recently used first
+                if en.loading or en.slot < 0 or (layer, e) in self._pinned_keys:
+                    continue
+                if kind == "prefetch" and en.step == self.step:
+                    continue  # the current token used or wants it
+                victim = en
+                break
+            if victim is not None:
+                del lru[victim.expert]
+                self._c["evictions_gpu"] += 1
+                if victim.prefetched:
+                    self._c["prefetch_unused_evicted"] += 1
+                slot, prev_ev = victim.slot, victim.free_event
+            elif kind == "prefetch":
+                return None
+            elif self._gpu_free and self._over_quota() < self.scratch_slots:
+                slot = self._gpu_free.pop()
+                prev_ev = self._gpu_slot_events.pop(slot, None)
+                self._c["scratch_loads"] += 1
+            else:
+                self._c["transient_loads"] += 1
+        buf = self.gpu_pool[slot] if slot >= 0 else torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device)
+        ent = _GpuEntry(layer, expert, slot, buf, prev_free_event=prev_ev)
+        lru[expert] = ent
+        return ent
+
+    def _over_quota(self) -> int:
+        return sum(max(0, sum(1 for en in d.values() if en.slot >= 0) - self.quota[l])
+                   for l, d in enumerate(self._gpu))
+
+    def _free_gpu_slot(self, ent: _GpuEntry) -> None:
+        if ent.slot >= 0:
+            if ent.prev_free_event is not None:
+                self._gpu_slot_events[ent.slot] = ent.prev_free_event
+            self._gpu_free.append(ent.slot)
+            ent.slot = -1
+
+    def _trim_layer(self, layer: int) -> None:
+        """Drop transient entries and trim the layer back to its quota (LRU, unpinned, loaded)."""
+        lru = self._gpu[layer]
+        for e, en in list(lru.items()):
+            if en.slot < 0 and not en.loading and (layer, e) not in self._pinned_keys:
+                del lru[e]
+        excess = sum(1 for en in lru.values() if en.slot >= 0) - self.quota[layer]
+        for e, en in list(lru.items()):
+            if excess <= 0:
+                break
+            if en.loading or en.slot < 0 or (layer, e) in self._pinned_keys:
+                continue
+            del lru[e]
+            self._c["evictions_gpu"] += 1
+            if en.prefetched:
+                self._c["prefetch_unused_evicted"] += 1
+            # the slot's next writer must wait until the kernels that read it are done
+            self._gpu_free.append(en.slot)
+            if en.free_event is not None:
+                self._gpu_slot_events[en.slot] = en.free_event
+            excess -= 1
+
+    # --- host tier ------------------------------------------------------------------------------
+    def _take_host_slot(self) -> int:
+        """A free host slot (evicting the host LRU when needed). Lock held."""
+        while True:
+            if self._host_free:
+                slot = self._host_free.pop()
+                ev = self._host_slot_event.pop(slot, None)
+                if ev is not None:
+                    ev.synchronize()  # an H2D copy may still read it
+                return slot
+            for key, h in self._host.items():
+                if h.refs == 0:
+                    del self._host[key]
+                    self._c["evictions_host"] += 1
+                    self._host_free.append(h.slot)
+                    break
+            else:
+                self._cond.wait(timeout=0.05)
+
+    def _host_acquire(self, layer: int, expert: int, kind: str) -> _HostEntry:
+        """The host entry holding (layer, expert)'s raw payload, fetched from the store if needed.
+        Called WITHOUT the lock; returns with refs incremented."""
+        from expert_store import format as blob_format
+
+        key = (layer, expert)
+        tier = self._tier if kind == "demand" else self._pf_tier
+        with self._lock:
+            tier["host"]["lookups"] += 1
+            h = self._host.get(key)
+            if h is not None:
+                tier["host"]["hits"] += 1
+                h.refs += 1
+                self._host.move_to_end(key)
+                return h
+            tier["host"]["misses"] += 1
+            tier["store"]["lookups"] += 1
+            recv = self._take_host_slot()
+        dec = -1
+        try:
+            t0 = time.perf_counter()
+            view = memoryview(self.host_pool[recv].numpy())
+            try:
+                blob = self.source.fetch(layer, expert, out=view, priority=kind)
+            except BaseException:
+                with self._lock:
+                    tier["store"]["misses"] += 1
+                raise
+            n = len(blob)
+            if n > self.host_slot_bytes:  # pragma: no cover - manifest sizes bound every blob
+                raise ValueError(f"blob of layer {layer} expert {expert} is {n} bytes, host slot {self.host_slot_bytes}")
+            if blob is not view and not (isinstance(blob, memoryview) and blob.obj is view.obj):
+                view[:n] = blob  # a client that ignored `out`
+            header, _ = blob_format.read_header(view[:n])
+            if header.raw_size > self.slot_bytes or (header.layer, header.expert) != (layer, expert):
+                raise blob_format.BlobError(
+                    f"blob for layer {layer} expert {expert} holds layer {header.layer} expert {header.expert} "
+                    f"with {header.raw_size} raw bytes (slot {self.slot_bytes})")
+            if header.codec == "none":
+                blob_format.decode_raw(view[:n])  # verify seal + checksum; raw is where it landed
+                slot, raw_offset = recv, header.payload_offset
+            else:
+                with self._lock:
+                    dec = self._take_host_slot()
+                blob_format.decode_raw(view[:n], out=memoryview(self.host_pool[dec].numpy()))
+                slot, raw_offset = dec, 0
+            dt = time.perf_counter() - t0
+        except BaseException:
+            with self._lock:
+                self._host_free.append(recv)
+                if dec >= 0:
+                    self._host_free.append(dec)
+            raise
+        with self._lock:
+            if slot != recv:
+                self._host_free.append(recv)
+            tier["store"]["hits"] += 1
+            self._tier["store"]["loads"] += 1
+            self._tier["store"]["bytes"] += n
+            self._tier["host"]["loads"] += 1
+            self._tier["host"]["bytes"] += n
+            self._cost["store"].update(dt)
+            h = _HostEntry(slot, header, raw_offset, refs=1, resident=self.host_capacity > 0)
+            if h.resident:
+                while sum(1 for x in self._host.values() if x.resident) >= self.host_capacity:
+                    victim = next((k for k, x in self._host.items() if x.refs == 0), None)
+                    if victim is None:
+                        h.resident = False
+                        break
+                    old = self._host.pop(victim)
+                    self._c["evictions_host"] += 1
+                    self._host_free.append(old.slot)
+                if h.resident:
+                    self._host[key] = h
+            return h
+
+    def _host_release(self, key: tuple[int, int], h: _HostEntry) -> None:
+        h.refs -= 1
+        if not h.resident and h.refs == 0:
+            self._host_free.append(h.slot)
+
+    # --- H2D ------------------------------------------------------------------------------------
+    def _copy_to_gpu(self, ent: _GpuEntry, h: _HostEntry) -> None:
+        """Copy the raw payload host slot -> GPU slot and build the weight views. No lock held."""
+        from expert_store.quant import tensors_from_raw
+
+        src = self.host_pool[h.slot, h.raw_offset:h.raw_offset + h.header.raw_size]
+        dst = ent.buf[:h.header.raw_size]
+        if self.cuda:
+            wait_ev = ent.prev_free_event
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(self.copy_stream):
+                if wait_ev is not None:
+                    self.copy_stream.wait_event(wait_ev)
+                start.record(self.copy_stream)
+                dst.copy_(src, non_blocking=True)
+                end.record(self.copy_stream)
+            ent.copy_event = end
+            with self._lock:
+                self._host_slot_event[h.slot] = end  # the host slot is read until `end`
+                self._pending_timings.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            with self._lock:
+                self._cost["host"].update(time.perf_counter() - t0)
+        views = tensors_from_raw(h.header, ent.buf[:h.header.raw_size])
+        ent.weights = expert_weights_from_views(h.header, views)
+
+    def _harvest_timings(self) -> None:
+        if not self._pending_timings:
+            return
+        keep = []
+        for start, end in self._pending_timings:
+            if end.query():
+                self._cost["host"].update(start.elapsed_time(end) / 1e3)
+            else:
+                keep.append((start, end))
+        self._pending_timings = keep
+
+    # --- introspection for tests and the prefetcher --------------------------------------------
+    def resident(self, layer: int) -> list[int]:
+        """Experts of `layer` on the GPU (loaded), least recently used first."""
+        with self._lock:
+            return [e for e, en in self._gpu[layer].items() if not en.loading]
+
+    def host_resident(self) -> list[tuple[int, int]]:
+        with self._lock:
+            return [k for k, h in self._host.items() if h.resident]
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Block until no load is queued or running (tests, benchmarks)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._tasks:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(timeout=min(left, 0.05))
+        return True
+
+
+# ---------------------------------------------------------------------------------------------
+def plan_quotas(config: Any, slot_bytes: int, gpu_cache_bytes: int | None, scratch_slots: int,
+                plan: str = "uniform", profile: Mapping[str, Any] | None = None) -> list[int]:
+    """GPU slots per layer for a byte budget: AdapMoE's DP (`plan="uniform"`, uniform expert
+    choice) or the measured-popularity DP (`plan="popularity"`), with prefetch accuracy and
+    single-expert ratio from the calibration profile (0 when there is none)."""
+    from decoder.cache_plan import plan_slots, plan_slots_popularity
+
+    L, E = config.num_hidden_layers, config.num_local_experts
+    if gpu_cache_bytes is None:
+        return [E] * L
+    total = int(gpu_cache_bytes) // slot_bytes
+    if total >= L * E:
+        return [E] * L
+    total -= scratch_slots
+    if total < L:
+        need = (L + scratch_slots) * slot_bytes
+        raise ValueError(f"gpu_cache_bytes={gpu_cache_bytes} is too small: one slot per layer plus "
+                         f"{scratch_slots} scratch slots needs {need} bytes ({slot_bytes} per expert)")
+    prof = profile or {}
+    acc = prof.get("prefetch_accuracy") or 0.0
+    r1 = prof.get("single_expert_ratio") or 0.0
+    if plan == "popularity" and prof.get("popularity"):
+        return plan_slots_popularity(prof["popularity"], acc, r1, total)
+    if plan not in ("uniform", "popularity"):
+        raise ValueError(f"unknown cache plan {plan!r} (uniform | popularity)")
+    return plan_slots(acc, r1, total, E, num_layers=L)
+
+
+def build_provider(source: ExpertSource, gpu_cache_bytes: int | None = None, host_cache_bytes: int | None = None,
+                   **options: Any) -> ExpertCache:
+    """What Engine.from_store calls when cache budgets are given. The calibration profile in the
+    store's manifest (profile.json) feeds the slot plan unless `profile` is passed."""
+    if "profile" not in options:
+        prof = getattr(source.manifest, "profile", None)
+        if prof is None and isinstance(source.manifest, Mapping):
+            prof = source.manifest.get("profile")
+        options["profile"] = prof
+    return ExpertCache(source, gpu_cache_bytes=gpu_cache_bytes, host_cache_bytes=host_cache_bytes or 0, **options)

@@ -1,0 +1,176 @@
+"""Cross-layer expert prefetching (AdapMoE §4.2): predict the next layers' experts early.
+
+At layer l's MoE input x_l (hook `on_moe_input`), the routers of layers l+1..l+k are applied to
+x_l to predict which experts those layers will pick; the predictions go to the expert cache as
+speculative loads (`provider.prefetch`), ordered by predicted weight and distance (nearer first).
+The residual stream changes little between adjacent layers, so this is accurate at distance 1
+and degrades with distance. x_l is normalised with layer l's post-attention RMSNorm weight;
+with `renorm` the prediction for layer j rescales it by w_j / w_l, i.e. applies layer j's norm
+weight to the same residual stream (exact if the stream did not change).
+
+k adapts: with t_load = the cache's live EWMA cost of loading the most expensive predicted
+expert from where it is now, and t_layer = the measured time of one layer (EWMA of the time
+between consecutive MoE inputs), k = ceil(t_load / t_layer), clamped to [1, max_lookahead]:
+a load that takes longer than a layer must start that many layers earlier to be hidden.
+
+Each prediction is checked against the layer's actual routing (hook `on_routing`): precision =
+|predicted ∩ used| / |predicted|, recall = |predicted ∩ used| / |used|, per target layer and
+per distance.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from decoder.model.transformer import MoEObserver
+
+
+class Prefetcher(MoEObserver):
+    stats_name = "prefetch"
+
+    def __init__(self, routers: Sequence[torch.Tensor], provider: Any = None, *, top_k: int = 2,
+                 lookahead: int | None = None, max_lookahead: int = 3,
+                 norm_weights: Sequence[torch.Tensor] | None = None, renorm: bool = True,
+                 ewma_alpha: float = 0.3, enabled: bool = True) -> None:
+        """routers[j]: layer j's router weight [E, H]. provider: the expert cache (None = only
+        measure predictions). lookahead: fixed k (None = adaptive up to max_lookahead)."""
+        self.routers = list(routers)
+        self.L = len(self.routers)
+        self.E = int(self.routers[0].shape[0]) if self.L else 0
+        self.provider = provider
+        self.top_k = int(top_k)
+        if max_lookahead < 1:
+            raise ValueError("max_lookahead must be >= 1")
+        if lookahead is not None and lookahead < 1:
+            raise ValueError("lookahead must be >= 1")
+        self.fixed_k = lookahead
+        self.max_lookahead = int(max(max_lookahead, lookahead or 1))
+        self.norm_weights = list(norm_weights) if norm_weights is not None else None
+        self.renorm = renorm and self.norm_weights is not None
+        self.alpha = float(ewma_alpha)
+        self.enabled = enabled
+        self._last_layer = math.inf
+        self._last_t = 0.0
+        self.layer_time_s: float | None = None
+        # predictions for the current step: target layer -> [(distance, set of experts)]
+        self._pending: dict[int, list[tuple[int, set[int]]]] = {}
+        self.reset_stats()
+
+    # --- statistics -----------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        D = self.max_lookahead
+        self._pred = [[0] * (D + 1) for _ in range(self.L)]    # predicted experts  [layer][distance]
+        self._used = [[0] * (D + 1) for _ in range(self.L)]    # used experts, for checked predictions
+        self._tp = [[0] * (D + 1) for _ in range(self.L)]      # predicted and used
+        self._k_hist = [0] * (D + 1)
+        self._issued = 0
+
+    def stats(self) -> dict[str, Any]:
+        def pr(tp: int, pred: int, used: int) -> dict[str, float]:
+            return {"precision": tp / pred if pred else 0.0, "recall": tp / used if used else 0.0,
+                    "predicted": pred, "used": used, "hits": tp}
+
+        D = self.max_lookahead
+        per_layer = [pr(sum(self._tp[l]), sum(self._pred[l]), sum(self._used[l])) for l in range(self.L)]
+        per_distance = {d: pr(sum(self._tp[l][d] for l in range(self.L)), sum(self._pred[l][d] for l in range(self.L)),
+                              sum(self._used[l][d] for l in range(self.L))) for d in range(1, D + 1)}
+        tot = pr(sum(map(sum, self._tp)), sum(map(sum, self._pred)), sum(map(sum, self._used)))
+        return {**tot, "per_layer": per_layer, "per_distance": per_distance,
+                "lookahead_hist": {k: n for k, n in enumerate(self._k_hist) if k and n},
+                "prefetches_issued": self._issued,
+                "layer_time_s": self.layer_time_s or 0.0}
+
+    def accuracy_by_layer(self, distance: int = 1) -> list[float]:
+        """Per-layer recall at `distance` (the 'prefetch accuracy' of the cache plan)."""
+        return [self._tp[l][distance] / self._used[l][distance] if self._used[l][distance] else 0.0
+                for l in range(self.L)]
+
+    # --- hooks ----------------------------------------------------------------------------------
+    def on_moe_input(self, layer: int, x: torch.Tensor) -> None:
+        now = time.perf_counter()
+        if layer <= self._last_layer:
+            self._pending.clear()            # a new forward step
+        elif layer == self._last_layer + 1:
+            dt = now - self._last_t
+            self.layer_time_s = dt if self.layer_time_s is None else (1 - self.alpha) * self.layer_time_s + self.alpha * dt
+        self._last_layer, self._last_t = layer, now
+        if layer + 1 >= self.L or not self.enabled:
+            return
+        with torch.no_grad():
+            preds = {}
+            k = self.fixed_k or self.max_lookahead
+            for d in range(1, min(k, self.L - 1 - layer) + 1):
+                preds[d] = self._predict(layer, layer + d, x)
+            if self.fixed_k is None:
+                k = self._adaptive_k(layer, preds)
+            self._k_hist[min(k, self.max_lookahead)] += 1
+            for d, (experts, scores) in preds.items():
+                j = layer + d
+                self._pending.setdefault(j, []).append((d, set(experts)))
+                if d <= k and self.provider is not None:
+                    self.provider.prefetch(j, experts, [s / d for s in scores])
+                    self._issued += len(experts)
+
+    def on_routing(self, layer: int, router_logits: torch.Tensor, weights: torch.Tensor,
+                   idx: torch.Tensor) -> None:
+        used = set(int(e) for e in idx[idx >= 0].flatten().tolist())
+        for d, pred in self._pending.pop(layer, []):
+            self._pred[layer][d] += len(pred)
+            self._used[layer][d] += len(used)
+            self._tp[layer][d] += len(pred & used)
+
+    # --- internals ------------------------------------------------------------------------------
+    def _predict(self, layer: int, target: int, x: torch.Tensor) -> tuple[list[int], list[float]]:
+        """Experts layer `target` would pick for hidden states x (layer `layer`'s MoE input)."""
+        # x: [T, H]
+        xin = x
+        if self.renorm:
+            wl = self.norm_weights[layer].to(x.dtype)
+            wj = self.norm_weights[target].to(x.dtype)
+            ratio = torch.where(wl.abs() > 1e-12, wj / wl, torch.zeros_like(wl))  # [H]
+            xin = x * ratio
+        logits = F.linear(xin, self.routers[target].to(x.dtype))                 # [T, E]
+        probs = F.softmax(logits.float(), dim=-1)
+        w, i = torch.topk(probs, min(self.top_k, self.E), dim=-1)                # [T, k]
+        w = w / w.sum(dim=-1, keepdim=True)
+        score = torch.zeros(self.E, dtype=torch.float32, device=w.device)
+        score.scatter_reduce_(0, i.flatten(), w.flatten(), reduce="amax")        # [E] best weight per expert
+        chosen = torch.nonzero(score > 0).flatten()
+        order = torch.argsort(score[chosen], descending=True)
+        experts = chosen[order].tolist()
+        return experts, score[experts].tolist()
+
+    def _adaptive_k(self, layer: int, preds: dict[int, tuple[list[int], list[float]]]) -> int:
+        if self.provider is None or not hasattr(self.provider, "load_cost") or not self.layer_time_s:
+            return 1
+        first = preds.get(1)
+        if not first:
+            return 1
+        locs = {self.provider.location(layer + 1, e) for e in first[0]}
+        t_load = max(self.provider.load_cost(loc) for loc in locs)
+        if t_load <= 0:
+            return 1
+        return int(min(self.max_lookahead, max(1, math.ceil(t_load / self.layer_time_s))))
+
+    def close(self) -> None:
+        self._pending.clear()
+
+
+def build_prefetcher(model: Any, provider: Any, source: Any = None, *, lookahead: int | None = None,
+                     max_lookahead: int = 3, renorm: bool = True, enabled: bool = True) -> Prefetcher | None:
+    """What Engine.from_store calls: a Prefetcher over the model's routers feeding `provider`
+    (None when the provider cannot prefetch, i.e. has no `prefetch` of its own)."""
+    from decoder.experts.provider import ExpertProvider
+
+    if type(provider).prefetch is ExpertProvider.prefetch:
+        return None
+    L = model.config.num_hidden_layers
+    routers = [model.router_weight(l).detach() for l in range(L)]
+    norms = [model.layers[l].post_attention_layernorm.weight.detach() for l in range(L)]
+    return Prefetcher(routers, provider, top_k=model.config.num_experts_per_tok, lookahead=lookahead,
+                      max_lookahead=max_lookahead, norm_weights=norms, renorm=renorm, enabled=enabled)
