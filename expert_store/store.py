@@ -125,8 +125,12 @@ class ModelStore:
         return precision
 
     # -- reading the model index -----------------------------------------------------------
+    def _read_small(self, model: str, name: str) -> bytes | None:
+        """A metadata file straight from NVMe (not counted as a blob read)."""
+        return self.nvme.read_range(blob_format.file_key(model, name))
+
     def _read_json(self, model: str, name: str) -> dict | None:
-        data = self.nvme.get(blob_format.file_key(model, name))
+        data = self._read_small(model, name)
         if data is None:
             return None
         try:
@@ -233,9 +237,9 @@ class ModelStore:
         """The model's manifest with the fields of the ``adapmoe.v1.Manifest`` message
         (``expert_store_pb2.Manifest(**store.manifest(m))`` builds the message)."""
         index = self._model_index(model)
-        config_json = self.nvme.get(blob_format.file_key(index.model, "config.json"))
-        tokenizer_json = self.nvme.get(blob_format.file_key(index.model, "tokenizer.json"))
-        profile_json = self.nvme.get(blob_format.file_key(index.model, "profile.json"))
+        config_json = self._read_small(index.model, "config.json")
+        tokenizer_json = self._read_small(index.model, "tokenizer.json")
+        profile_json = self._read_small(index.model, "profile.json")
         dense_size = index.dense_size
         if not dense_size:
             dense_size = self.nvme.size(blob_format.dense_key(index.model)) or 0
@@ -342,7 +346,7 @@ class ModelStore:
             key = blob_format.file_key(model, name)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
-        return self.nvme.get(key)
+        return self.nvme.read_range(key)
 
     # -- writing -------------------------------------------------------------------------
     def put_file(
@@ -448,6 +452,15 @@ class ModelStore:
                 self._read_json(name, "config.json")
             except DataLoss as exc:
                 bad.append((blob_format.file_key(name, "config.json"), str(exc)))
+            for fname, field_name in (("config.json", "config_xxh3"), ("tokenizer.json", "tokenizer_xxh3")):
+                digest = index.raw.get(field_name)
+                if digest:
+                    fkey = blob_format.file_key(name, fname)
+                    fdata = self._read_small(name, fname)
+                    if fdata is None:
+                        bad.append((fkey, "missing"))
+                    elif _xxh3(fdata) != digest:
+                        bad.append((fkey, "xxh3 mismatch"))
             keys = [k for k in self.nvme.keys(f"{name}/experts/")]
             listed = {blob_format.expert_key(name, *ref) for ref in index.blobs}
             todo: list[tuple[str, tuple[int, int, str] | None]] = [
@@ -464,7 +477,7 @@ class ModelStore:
                 if reason:
                     bad.append((key, reason))
             dkey = blob_format.dense_key(name)
-            data = self.nvme.get(dkey)
+            data = self.nvme.read_range(dkey)
             if data is None:
                 if index.dense_size or index.dense_xxh3:
                     bad.append((dkey, "missing"))
@@ -475,7 +488,7 @@ class ModelStore:
         return bad
 
     def _verify_blob(self, index: _ModelIndex, key: str, ref: tuple[int, int, str] | None) -> str | None:
-        data = self.nvme.get(key)
+        data = self.nvme.read_range(key)
         if data is None:
             return "missing"
         if ref is None:
@@ -499,7 +512,7 @@ class ModelStore:
 
     def verify(self, model: str | None = None, progress: bool = False) -> list[str]:
         """Keys of every bad or missing file (see verify_details); [] when all is sound."""
-        return [key for key, _ in self.verify_details(model, progress=progress)]
+        return list(dict.fromkeys(key for key, _ in self.verify_details(model, progress=progress)))
 
     def inspect(self, model: str | None = None) -> list[dict]:
         """What is on disk, one row per (model, kind, precision):
