@@ -81,13 +81,13 @@ def quantize(w: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -
     out_f, in_f = w.shape
     n_groups = -(-in_f // group_size)
     w32 = w.detach().to(torch.float32)
-    if not torch.isfinite(w32).all():
-        raise ValueError("cannot quantize non-finite weights")
     pad = n_groups * group_size - in_f
     if pad:
         w32 = torch.nn.functional.pad(w32, (0, pad))
     groups = w32.view(out_f, n_groups, group_size)  # [out, G, gs]
-    absmax = groups.abs().amax(dim=-1)  # [out, G]
+    absmax = groups.abs().amax(dim=-1)  # [out, G]; NaN/inf anywhere in a group shows up here
+    if not torch.isfinite(absmax).all():
+        raise ValueError("cannot quantize non-finite weights")
     scale32 = absmax / qmax
     scales = scale32.to(torch.float16)
     if torch.isinf(scales).any():

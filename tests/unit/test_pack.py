@@ -182,6 +182,8 @@ def test_pack_through_tiered_store_does_not_fill_the_cache(tmp_path):
 _MEMORY_PROBE = textwrap.dedent(
     """
     import json, sys
+    import torch
+    torch.set_num_threads(1)  # 2 shared cores: intra-op threads only contend
     from expert_store.pack import pack_checkpoint
     from expert_store.tiers import NvmeTier
 
@@ -222,7 +224,7 @@ def test_pack_memory_stays_bounded(tmp_path):
         out = subprocess.run(
             [sys.executable, "-c", _MEMORY_PROBE, str(ckpt), str(tmp_path / f"store-{mode}"), mode],
             capture_output=True, text=True, timeout=240, cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
+            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
         )
         assert out.returncode == 0, out.stderr[-2000:]
         m = json.loads(out.stdout.strip().splitlines()[-1])
