@@ -279,7 +279,6 @@ class RedisTier:
         try:
             client = self._client()
             meta_key = self.meta_key(key)
-            old_gen, old_chunks = client.hmget(meta_key, ["gen", "chunks"])
             for start in range(0, chunks, self._chunks_per_batch):
                 pipe = client.pipeline(transaction=False)
                 for i in range(start, min(chunks, start + self._chunks_per_batch)):
@@ -293,11 +292,18 @@ class RedisTier:
                 "xxh3": xxhash.xxh3_128_hexdigest(view),
                 "gen": gen,
             }
-            pipe = client.pipeline(transaction=False)
-            pipe.hset(meta_key, mapping=meta)
-            if self.ttl_s:
-                pipe.expire(meta_key, self.ttl_s)
-            pipe.execute()
+
+            def swap_meta(pipe):
+                # WATCHed: the generation read here is exactly the one this HSET replaces,
+                # so its chunks (and only those) can be removed afterwards.
+                replaced = pipe.hmget(meta_key, ["gen", "chunks"])
+                pipe.multi()
+                pipe.hset(meta_key, mapping=meta)
+                if self.ttl_s:
+                    pipe.expire(meta_key, self.ttl_s)
+                return replaced
+
+            old_gen, old_chunks = client.transaction(swap_meta, meta_key, value_from_callable=True)
             written = True
             if old_gen is not None and old_chunks is not None:
                 self._delete_chunks(client, key, old_gen.decode("ascii", "replace"), int(old_chunks))

@@ -113,6 +113,12 @@ def test_concurrent_writers_and_readers_never_see_a_mix(redis_server):
         t.join()
     assert seen and all(s is None or s in versions for s in seen)
     assert any(s is not None for s in seen)
+    # racing writers leak nothing: only the meta and the chunks of the generation it names
+    with redis_server.client() as c:
+        gen = c.hget(tier.meta_key(KEY), "gen").decode()
+    expected = {tier.meta_key(KEY).encode()} | {tier.chunk_key(KEY, gen, i).encode() for i in range(10)}
+    assert set(redis_keys(redis_server)) == expected
+    assert tier.get(KEY) in versions
 
 
 def test_redis_down_is_a_miss_with_a_rate_limited_warning(redis_server, caplog):
