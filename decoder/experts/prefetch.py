@@ -57,8 +57,8 @@ class Prefetcher(MoEObserver):
         self._last_layer = math.inf
         self._last_t = 0.0
         self.layer_time_s: float | None = None
-        # predictions for the current step: target layer -> [(distance, set of experts)]
-        self._pending: dict[int, list[tuple[int, set[int]]]] = {}
+        # predictions for the current step: target layer -> [(distance, set of experts, per-token idx [T, k])]
+        self._pending: dict[int, list[tuple[int, set[int], torch.Tensor]]] = {}
         self.reset_stats()
 
     # --- statistics -----------------------------------------------------------------------------
@@ -67,6 +67,9 @@ class Prefetcher(MoEObserver):
         self._pred = [[0] * (D + 1) for _ in range(self.L)]    # predicted experts  [layer][distance]
         self._used = [[0] * (D + 1) for _ in range(self.L)]    # used experts, for checked predictions
         self._tp = [[0] * (D + 1) for _ in range(self.L)]      # predicted and used
+        # per token (the same for one-token decode steps; differs for prefill/scoring)
+        self._tok_used = [[0] * (D + 1) for _ in range(self.L)]
+        self._tok_tp = [[0] * (D + 1) for _ in range(self.L)]
         self._k_hist = [0] * (D + 1)
         self._issued = 0
 
@@ -80,15 +83,19 @@ class Prefetcher(MoEObserver):
         per_distance = {d: pr(sum(self._tp[l][d] for l in range(self.L)), sum(self._pred[l][d] for l in range(self.L)),
                               sum(self._used[l][d] for l in range(self.L))) for d in range(1, D + 1)}
         tot = pr(sum(map(sum, self._tp)), sum(map(sum, self._pred)), sum(map(sum, self._used)))
+        tu = sum(map(sum, self._tok_used))
+        tot["token_recall"] = sum(map(sum, self._tok_tp)) / tu if tu else 0.0
         return {**tot, "per_layer": per_layer, "per_distance": per_distance,
                 "lookahead_hist": {k: n for k, n in enumerate(self._k_hist) if k and n},
                 "prefetches_issued": self._issued,
                 "layer_time_s": self.layer_time_s or 0.0}
 
-    def accuracy_by_layer(self, distance: int = 1) -> list[float]:
-        """Per-layer recall at `distance` (the 'prefetch accuracy' of the cache plan)."""
-        return [self._tp[l][distance] / self._used[l][distance] if self._used[l][distance] else 0.0
-                for l in range(self.L)]
+    def accuracy_by_layer(self, distance: int = 1, per_token: bool = True) -> list[float]:
+        """Per-layer recall at `distance` (the 'prefetch accuracy' of the cache plan): per token
+        (each token's predicted top-k vs the experts it used), or over the set of experts a
+        whole forward step used (what the cache sees)."""
+        tp, used = (self._tok_tp, self._tok_used) if per_token else (self._tp, self._used)
+        return [tp[l][distance] / used[l][distance] if used[l][distance] else 0.0 for l in range(self.L)]
 
     # --- hooks ----------------------------------------------------------------------------------
     def on_moe_input(self, layer: int, x: torch.Tensor) -> None:
@@ -109,23 +116,29 @@ class Prefetcher(MoEObserver):
             if self.fixed_k is None:
                 k = self._adaptive_k(layer, preds)
             self._k_hist[min(k, self.max_lookahead)] += 1
-            for d, (experts, scores) in preds.items():
+            for d, (experts, scores, tok_idx) in preds.items():
                 j = layer + d
-                self._pending.setdefault(j, []).append((d, set(experts)))
+                self._pending.setdefault(j, []).append((d, set(experts), tok_idx))
                 if d <= k and self.provider is not None:
                     self.provider.prefetch(j, experts, [s / d for s in scores])
                     self._issued += len(experts)
 
     def on_routing(self, layer: int, router_logits: torch.Tensor, weights: torch.Tensor,
                    idx: torch.Tensor) -> None:
-        used = set(int(e) for e in idx[idx >= 0].flatten().tolist())
-        for d, pred in self._pending.pop(layer, []):
+        valid = idx >= 0                                                  # [T, k]
+        used = set(int(e) for e in idx[valid].flatten().tolist())
+        for d, pred, tok_idx in self._pending.pop(layer, []):
             self._pred[layer][d] += len(pred)
             self._used[layer][d] += len(used)
             self._tp[layer][d] += len(pred & used)
+            if tok_idx.shape[0] == idx.shape[0]:
+                # [T, k_used, 1] == [T, 1, k_pred]: each used expert found among the token's predictions
+                hit = (idx[:, :, None] == tok_idx[:, None, :].to(idx.device)).any(-1) & valid
+                self._tok_tp[layer][d] += int(hit.sum())
+                self._tok_used[layer][d] += int(valid.sum())
 
     # --- internals ------------------------------------------------------------------------------
-    def _predict(self, layer: int, target: int, x: torch.Tensor) -> tuple[list[int], list[float]]:
+    def _predict(self, layer: int, target: int, x: torch.Tensor) -> tuple[list[int], list[float], torch.Tensor]:
         """Experts layer `target` would pick for hidden states x (layer `layer`'s MoE input)."""
         # x: [T, H]
         xin = x
@@ -143,9 +156,9 @@ class Prefetcher(MoEObserver):
         chosen = torch.nonzero(score > 0).flatten()
         order = torch.argsort(score[chosen], descending=True)
         experts = chosen[order].tolist()
-        return experts, score[experts].tolist()
+        return experts, score[experts].tolist(), i
 
-    def _adaptive_k(self, layer: int, preds: dict[int, tuple[list[int], list[float]]]) -> int:
+    def _adaptive_k(self, layer: int, preds: dict[int, tuple[list[int], list[float], torch.Tensor]]) -> int:
         if self.provider is None or not hasattr(self.provider, "load_cost") or not self.layer_time_s:
             return 1
         first = preds.get(1)

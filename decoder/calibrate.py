@@ -1,0 +1,318 @@
+"""`moe-decoder calibrate`: measure what AdapMoE's gating and cache plan need, write a profile.
+
+    moe-decoder calibrate --store DIR_OR_ADDR --model NAME --text FILE [--out profile.json]
+                          [--tokens N] [--seq-len S] [--budget T] [--upload]
+
+Per layer l, over the calibration tokens t of the text file (teacher-forced windows):
+
+- sensitivity F_l = mean_t 0.5 * (g_{l,t} . (E1(x_t) - E2(x_t)))^2, with g_{l,t} the gradient
+  of the window's summed next-token loss (nats) w.r.t. layer l's MoE output at token t (autograd)
+  and E1, E2 the outputs of the token's top-2 experts. Dropping expert 2 and renormalising
+  changes the MoE output by w2 * (E1 - E2), so the loss rises by about F_l * w2^2 (Fisher /
+  second-order Taylor): adaptive gating drops expert 2 when F_l * w2^2 < T.
+- prefetch accuracy: recall of the cross-layer prediction (layer l's router applied to layer
+  l-d's MoE input, decoder/experts/prefetch.py) at distances 1..3 (layer 0 cannot be predicted: 0).
+- single-expert ratio at the budget T (fraction of tokens with F_l * w2^2 < T), and the budget
+  that gives overall single-expert ratios of 10/25/50 %.
+- expert popularity: share of top-k assignments per expert.
+
+The profile is versioned JSON (`"schema": "adapmoe.profile"`, `"version": 1`); the store keeps
+it next to the model as profile.json (`--upload`), where the decoder finds it (manifest.profile)
+for adaptive gating and the cache plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+PROFILE_SCHEMA = "adapmoe.profile"
+PROFILE_VERSION = 1
+RATIO_TARGETS = (0.1, 0.25, 0.5)
+
+
+# --------------------------------------------------------------------------------------------
+# Profile
+# --------------------------------------------------------------------------------------------
+def validate_profile(profile: Any, num_layers: int | None = None, num_experts: int | None = None) -> dict:
+    """Check a profile dict (or JSON text/bytes); returns the dict. ValueError with the reason."""
+    if isinstance(profile, (bytes, bytearray, str)):
+        try:
+            profile = json.loads(profile)
+        except ValueError as e:
+            raise ValueError(f"profile is not valid JSON: {e}") from None
+    if not isinstance(profile, Mapping):
+        raise ValueError("profile must be a JSON object")
+    if profile.get("schema") != PROFILE_SCHEMA:
+        raise ValueError(f"not an AdapMoE profile (schema {profile.get('schema')!r})")
+    v = profile.get("version")
+    if v != PROFILE_VERSION:
+        raise ValueError(f"profile version {v!r} is not supported (this decoder reads {PROFILE_VERSION})")
+    L = profile.get("num_layers")
+    if num_layers is not None and L != num_layers:
+        raise ValueError(f"profile is for {L} layers, the model has {num_layers}")
+    if num_experts is not None and profile.get("num_experts") != num_experts:
+        raise ValueError(f"profile is for {profile.get('num_experts')} experts, the model has {num_experts}")
+    for key in ("sensitivity", "prefetch_accuracy", "single_expert_ratio"):
+        vals = profile.get(key)
+        if not isinstance(vals, list) or len(vals) != L or not all(isinstance(x, (int, float)) and math.isfinite(x)
+                                                                    and x >= 0 for x in vals):
+            raise ValueError(f"profile field {key!r} must be {L} finite non-negative numbers")
+    pop = profile.get("popularity")
+    if not isinstance(pop, list) or len(pop) != L:
+        raise ValueError("profile field 'popularity' must have one row per layer")
+    return dict(profile)
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------------
+def calibrate_model(model: Any, windows: Sequence[Any], budget: float | None = None,
+                    max_distance: int = 3, progress: bool = False) -> dict[str, Any]:
+    """Measure a Transformer (decoder.model.transformer) on token windows ([S] int64 tensors).
+
+    Runs with autograd (the model's parameters are not trained: their grads are not kept).
+    Returns the profile fields (without identification metadata).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from decoder.experts.prefetch import Prefetcher
+    from decoder.model.transformer import MoEObserver, TopKGating
+
+    cfg = model.config
+    L, E, k = cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok
+    if k < 2:
+        raise ValueError("calibration needs a top-k >= 2 model (sensitivity compares experts 1 and 2)")
+    provider = model.experts
+    old_gating = model.gating
+    model.gating = TopKGating(k)
+
+    class Recorder(MoEObserver):
+        def __init__(self) -> None:
+            self.x: dict[int, Any] = {}
+            self.route: dict[int, tuple[Any, Any]] = {}
+
+        def on_moe_input(self, layer, x):
+            self.x[layer] = x.detach()
+
+        def on_routing(self, layer, router_logits, weights, idx):
+            self.route[layer] = (weights.detach(), idx.detach())
+
+    rec = Recorder()
+    routers = [model.router_weight(l).detach() for l in range(L)]
+    norms = [model.layers[l].post_attention_layernorm.weight.detach() for l in range(L)]
+    pred = Prefetcher(routers, None, top_k=k, lookahead=min(max_distance, max(1, L - 1)),
+                      max_lookahead=min(max_distance, max(1, L - 1)), norm_weights=norms)
+    zs: dict[int, Any] = {}
+
+    def make_hook(l):
+        def hook(module, inputs, output):
+            z = torch.zeros_like(output, requires_grad=True)
+            zs[l] = z
+            return output + z
+        return hook
+
+    handles = [model.layers[l].block_sparse_moe.register_forward_hook(make_hook(l)) for l in range(L)]
+    model.add_observer(rec)
+    model.add_observer(pred)
+    sens_sum = [0.0] * L
+    w2_all: list[list[Any]] = [[] for _ in range(L)]
+    pop = torch.zeros(L, E, dtype=torch.float64)
+    tokens = 0
+    loss_sum = 0.0
+    params = [p for p in model.parameters()]
+    req = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        it = windows
+        if progress:
+            from tqdm import tqdm
+            it = tqdm(windows, desc="calibrate", unit="window")
+        for ids in it:
+            ids = ids.to(next(model.parameters()).device).view(1, -1)
+            with torch.enable_grad():
+                logits = model(ids)                                   # [1, S, V]
+                loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
+                grads = torch.autograd.grad(loss, [zs[l] for l in range(L)])
+            S = ids.shape[1]
+            loss_sum += float(loss.detach())
+            tokens += S - 1
+            with torch.no_grad():
+                for l in range(L):
+                    g = grads[l].reshape(S, -1).float()                  # [S, H]
+                    x = rec.x[l]                                       # [S, H]
+                    w, idx = rec.route[l]                              # [S, k]
+                    e1, e2 = idx[:, 0], idx[:, 1]
+                    diff = torch.zeros_like(g)
+                    for e in torch.unique(torch.cat([e1, e2])).tolist():
+                        ex = provider.get(l, e)
+                        m1, m2 = e1 == e, e2 == e
+                        sel = m1 | m2
+                        y = ex(x[sel]).float()                         # [n, H]
+                        diff[sel] += y * (m1[sel].float() - m2[sel].float())[:, None]
+                    provider.release(l, torch.unique(torch.cat([e1, e2])).tolist())
+                    # the last position has no next token: its gradient is 0 by construction,
+                    # but it is a decision like any other; average over positions with a target
+                    contrib = 0.5 * (g * diff).sum(-1) ** 2              # [S]
+                    sens_sum[l] += float(contrib[:-1].sum())
+                    w2_all[l].append(w[:-1, 1].double().cpu())
+                    pop[l] += torch.bincount(idx[:-1].flatten().cpu(), minlength=E).double()
+    finally:
+        for h in handles:
+            h.remove()
+        model.remove_observer(rec)
+        model.remove_observer(pred)
+        model.gating = old_gating
+        for p, r in zip(params, req):
+            p.requires_grad_(r)
+    if tokens == 0:
+        raise ValueError("calibration text is too short: no window with at least 2 tokens")
+
+    sens = [s / tokens for s in sens_sum]
+    w2 = [torch.cat(v) for v in w2_all]
+    est = torch.cat([sens[l] * w2[l] ** 2 for l in range(L)])            # all decisions
+    budget_for = {}
+    for r in RATIO_TARGETS:
+        # smallest T with (F * w2^2 < T) for a fraction >= r of decisions
+        q = float(torch.quantile(est, r)) if est.numel() else 0.0
+        budget_for[str(r)] = math.nextafter(q, math.inf)
+    if budget is None:
+        budget = budget_for["0.25"]
+    single = [float((sens[l] * w2[l] ** 2 < budget).double().mean()) for l in range(L)]
+    acc_by_d = {str(d): pred.accuracy_by_layer(d, per_token=True) for d in range(1, pred.max_lookahead + 1)}
+    popularity = (pop / pop.sum(dim=1, keepdim=True).clamp_min(1)).tolist()
+    return {
+        "tokens": tokens,
+        "loss_nats_per_token": loss_sum / tokens,
+        "sensitivity": sens,
+        "prefetch_accuracy": acc_by_d["1"],
+        "prefetch_accuracy_by_distance": acc_by_d,
+        "budget": float(budget),
+        "single_expert_ratio": single,
+        "budget_for_single_ratio": budget_for,
+        "mean_w2": [float(v.mean()) if v.numel() else 0.0 for v in w2],
+        "popularity": popularity,
+    }
+
+
+def token_windows(ids: Sequence[int], seq_len: int, max_tokens: int) -> list[Any]:
+    """Non-overlapping windows of seq_len tokens covering up to max_tokens tokens."""
+    import torch
+
+    if seq_len < 2:
+        raise ValueError("--seq-len must be >= 2")
+    ids = list(ids)[:max_tokens]
+    out = [torch.tensor(ids[i:i + seq_len], dtype=torch.long) for i in range(0, len(ids), seq_len)]
+    return [w for w in out if w.numel() >= 2]
+
+
+def build_profile(model_name: str, measured: Mapping[str, Any], config: Any, *, text_file: str | None,
+                  seq_len: int) -> dict[str, Any]:
+    return {
+        "schema": PROFILE_SCHEMA,
+        "version": PROFILE_VERSION,
+        "model": model_name,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "text_file": os.path.basename(text_file) if text_file else None,
+        "seq_len": seq_len,
+        "num_layers": config.num_hidden_layers,
+        "num_experts": config.num_local_experts,
+        "top_k": config.num_experts_per_tok,
+        **measured,
+    }
+
+
+def upload_profile(store: Any, client: Any, model: str, data: bytes) -> str:
+    """Put profile.json next to the model: through the client's put_file when it has one,
+    else directly into a store directory."""
+    import xxhash
+
+    digest = xxhash.xxh3_128_hexdigest(data)
+    put = getattr(client, "put_file", None)
+    if put is not None:
+        put(model, "profile", data, digest)
+        return "store"
+    if isinstance(store, (str, os.PathLike)) and Path(store).is_dir():
+        from expert_store.store import ModelStore
+
+        with ModelStore.open(store, ram_bytes=0) as ms:
+            ms.put_file(model, "profile", data, digest)
+        return str(store)
+    raise ValueError("cannot upload: the client has no put_file and --store is not a directory")
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moe-decoder calibrate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--store", required=True, help="store directory or gRPC address")
+    p.add_argument("--model", required=True)
+    p.add_argument("--text", required=True, help="calibration text file (UTF-8)")
+    p.add_argument("--out", default=None, help="write the profile JSON here (default: profile.json)")
+    p.add_argument("--upload", action="store_true", help="store the profile next to the model (profile.json)")
+    p.add_argument("--tokens", type=int, default=2048, help="calibration tokens (default 2048)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--budget", type=float, default=None,
+                   help="budget T for the recorded single-expert ratio (default: the T giving 25%%)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "int8", "int4"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    import torch
+
+    from decoder.engine import Engine
+
+    if args.tokens < 2:
+        raise ValueError("--tokens must be >= 2")
+    text = Path(args.text).read_text(encoding="utf-8")
+    engine = Engine.from_store(args.store, args.model, device=args.device, dtype=torch.float32,
+                               precision=args.precision, prefetch=False)
+    try:
+        if engine.tokenizer is None:
+            raise ValueError(f"model {args.model!r} has no tokenizer in the store")
+        ids = engine.tokenizer.encode(text)
+        windows = token_windows(ids, args.seq_len, args.tokens)
+        measured = calibrate_model(engine.model, windows, budget=args.budget, progress=not args.no_progress)
+        profile = build_profile(args.model, measured, engine.config, text_file=args.text, seq_len=args.seq_len)
+        validate_profile(profile, engine.config.num_hidden_layers, engine.config.num_local_experts)
+        data = (json.dumps(profile, indent=1) + "\n").encode()
+        out = args.out or ("profile.json" if not args.upload else None)
+        if out:
+            Path(out).write_bytes(data)
+            print(f"wrote {out}")
+        if args.upload:
+            where = upload_profile(args.store, engine.client, args.model, data)
+            print(f"stored profile.json for {args.model} in {where}")
+        print(format_profile(profile))
+    finally:
+        engine.close()
+    return 0
+
+
+def format_profile(p: Mapping[str, Any]) -> str:
+    lines = [f"calibration of {p['model']}: {p['tokens']} tokens, loss {p['loss_nats_per_token']:.4f} nats/token, "
+             f"budget T={p['budget']:.3g}",
+             f"{'layer':>5} {'F_l':>12} {'prefetch acc':>12} {'single@T':>9} {'mean w2':>8}"]
+    for l in range(p["num_layers"]):
+        lines.append(f"{l:>5} {p['sensitivity'][l]:>12.4g} {p['prefetch_accuracy'][l]:>12.3f} "
+                     f"{p['single_expert_ratio'][l]:>9.3f} {p['mean_w2'][l]:>8.3f}")
+    lines.append("budget for single-expert ratio: " +
+                 ", ".join(f"{float(r):.0%}: T={t:.3g}" for r, t in p["budget_for_single_ratio"].items()))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
