@@ -52,7 +52,11 @@ class AtomicWriter:
         self._done = False
         tier._makedirs(self.path.parent)
         self.tmp_path = self.path.parent / f".{self.path.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(6)}"
-        self._fd: int | None = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self._fd: int | None = None
+        try:
+            self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise _space_error(exc, self.key) from exc
 
     def write(self, data) -> int:
         if self._fd is None:
