@@ -38,7 +38,6 @@ from packaging.version import Version  # noqa: E402
 from expert_store.discovery import K8sTarget, parse_target  # noqa: E402
 
 NAMESPACE = "adapmoe"
-ADAPMOE_WORKLOADS = {("StatefulSet", "expert-store"), ("Deployment", "decoder"), ("Job", "expert-store-pack")}
 GRPC_SERVICES = {("StatefulSet", "expert-store"): "expert-store", ("Deployment", "decoder"): "decoder"}
 
 
@@ -72,7 +71,7 @@ def test_overlays_render_with_expected_objects(docs):
     for expected in [
         ("Namespace", NAMESPACE), ("StatefulSet", "expert-store"), ("Service", "expert-store"),
         ("Service", "expert-store-headless"), ("Deployment", "redis"), ("Service", "redis"),
-        ("Deployment", "decoder"), ("Service", "decoder"), ("Job", "expert-store-pack"),
+        ("Deployment", "decoder"), ("Service", "decoder"), ("Job", "expert-store-pack-0"),
         ("ServiceAccount", "decoder"), ("Role", "expert-store-discovery"),
         ("RoleBinding", "decoder-expert-store-discovery"), ("PodDisruptionBudget", "expert-store"),
         ("PodDisruptionBudget", "decoder"), ("NetworkPolicy", "default-deny-all"),
@@ -269,6 +268,10 @@ def test_env_and_var_references_resolve(docs, overlay):
     (the gpu overlay and base expect the token Secret and checkpoint PVC from the operator)."""
     external = {("Secret", "adapmoe-store-token"), ("PersistentVolumeClaim", "model-checkpoint")}
     present = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    for sts in objects(docs, "StatefulSet"):  # claims the StatefulSet controller creates
+        for tmpl in sts["spec"].get("volumeClaimTemplates") or []:
+            for i in range(sts["spec"]["replicas"]):
+                present.add(("PersistentVolumeClaim", f"{tmpl['metadata']['name']}-{sts['metadata']['name']}-{i}"))
     for w in workloads(docs):
         spec = pod_template(w)["spec"]
         sa = spec.get("serviceAccountName", "default")
@@ -306,13 +309,13 @@ def test_dev_overlay_is_cpu_only_with_a_clearly_fake_token():
             assert "nvidia.com/gpu" not in {**res.get("requests", {}), **res.get("limits", {})}
     assert by_prefix(docs, "ConfigMap", "adapmoe-settings")["data"]["DECODER_DEVICE"] == "cpu"
     assert get(docs, "StatefulSet", "expert-store")["spec"]["replicas"] == 1
-    assert get(docs, "Job", "expert-store-pack")["spec"]["completions"] == 1
+    assert [j["metadata"]["name"] for j in objects(docs, "Job")] == ["expert-store-pack-0"]
     import base64
 
     token = base64.b64decode(by_prefix(docs, "Secret", "adapmoe-store-token")["data"]["token"]).decode()
     assert "dev" in token and "placeholder" in token
     # the pack Job builds the demo checkpoint itself: nothing to provision
-    job_spec = pod_template(get(docs, "Job", "expert-store-pack"))["spec"]
+    job_spec = pod_template(get(docs, "Job", "expert-store-pack-0"))["spec"]
     assert [c["command"] + c["args"][:1] for c in job_spec["initContainers"]] == [["moe-decoder", "train-demo"]]
 
 
@@ -338,21 +341,47 @@ def test_gpu_overlay_requests_one_gpu_for_the_decoder_only():
             assert "nvidia.com/gpu" not in (c.get("resources") or {}).get("limits", {}), w["metadata"]["name"]
 
 
-def test_pack_job_targets_every_store_replica(docs):
-    job = get(docs, "Job", "expert-store-pack")
+def test_one_pack_job_per_store_replica_writes_into_its_volume(docs):
     sts = get(docs, "StatefulSet", "expert-store")
-    assert job["spec"]["completionMode"] == "Indexed"
-    assert job["spec"]["completions"] == sts["spec"]["replicas"]
-    c = container(docs, "Job", "expert-store-pack", "pack")
-    targets = set()
-    for index in range(job["spec"]["completions"]):
-        meta = {"annotations": {"batch.kubernetes.io/job-completion-index": str(index)}}
-        argv = command_line(docs, c, container_env(docs, meta, c, NAMESPACE))
+    replicas = sts["spec"]["replicas"]
+    jobs = sorted(objects(docs, "Job"), key=lambda j: j["metadata"]["name"])
+    assert [j["metadata"]["name"] for j in jobs] == [f"expert-store-pack-{i}" for i in range(replicas)]
+    store = container(docs, "StatefulSet", "expert-store")
+    store_argv = command_line(docs, store, container_env(docs, {}, store, NAMESPACE))
+    store_dir = store_argv[store_argv.index("--store") + 1]
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    for i, job in enumerate(jobs):
+        spec = pod_template(job)["spec"]
+        assert spec["restartPolicy"] == "Never"
+        (c,) = spec["containers"]
+        argv = command_line(docs, c, container_env(docs, {}, c, NAMESPACE))
         assert argv[:2] == ["expert-store", "pack"]
-        targets.add(argv[argv.index("--store") + 1])
-    headless = sts["spec"]["serviceName"]
-    port = {p["name"]: p["containerPort"] for p in container(docs, "StatefulSet", "expert-store")["ports"]}["grpc"]
-    assert targets == {f"expert-store-{i}.{headless}:{port}" for i in range(sts["spec"]["replicas"])}
+        assert argv[argv.index("--store") + 1] == store_dir
+        cm = by_prefix(docs, "ConfigMap", "adapmoe-settings")["data"]
+        assert argv[argv.index("--model") + 1] == cm["MODEL_NAME"]
+        assert argv[2] == cm["CHECKPOINT_DIR"]
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        # StatefulSet claim naming: <template>-<statefulset>-<ordinal>
+        nvme = volumes[mounts[store_dir]]["persistentVolumeClaim"]["claimName"]
+        assert nvme == f"{claim['metadata']['name']}-{sts['metadata']['name']}-{i}"
+        assert any(m["mountPath"] == "/checkpoint" or argv[2].startswith(m["mountPath"] + "/")
+                   or argv[2] == m["mountPath"] for m in c["volumeMounts"])
+        # next to replica i, so a ReadWriteOnce volume can be mounted by both pods
+        (term,) = spec["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert term["topologyKey"] == "kubernetes.io/hostname"
+        assert term["labelSelector"] == {"matchLabels": {"statefulset.kubernetes.io/pod-name": f"expert-store-{i}"}}
+
+
+def test_store_ram_tiers_fit_the_memory_limit(docs):
+    c = container(docs, "StatefulSet", "expert-store")
+    argv = command_line(docs, c, container_env(docs, {}, c, NAMESPACE))
+    workers = int(argv[argv.index("--workers") + 1])
+    ram = argv[argv.index("--ram-bytes") + 1]
+    m = re.fullmatch(r"(\d+)([KMG])", ram)
+    assert m, ram
+    ram_bytes = int(m.group(1)) * {"K": 2**10, "M": 2**20, "G": 2**30}[m.group(2)]
+    assert workers * ram_bytes <= 0.6 * _bytes(c["resources"]["limits"]["memory"])
 
 
 # ------------------------------------------------------------------ RBAC
@@ -531,7 +560,6 @@ def test_network_policies_allow_exactly_the_intended_paths(docs):
         ("scraper", dec, ports_of(dec, "metrics"), "TCP"),
         ("scraper", store, ports_of(store, "metrics"), "TCP"),
         (dec, store, ports_of(store, "grpc"), "TCP"),
-        ("expert-store-pack", store, ports_of(store, "grpc"), "TCP"),
         (store, "redis", ports_of("redis", "redis"), "TCP"),
         (dec, "apiserver", 443, "TCP"),
         (dec, "apiserver", 6443, "TCP"),
