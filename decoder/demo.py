@@ -1,0 +1,363 @@
+"""`moe-decoder demo` (what `make demo` runs): the embedded default, end to end on one machine.
+
+1. train the small demo model (`decoder.train_demo`) or reuse the cached checkpoint,
+2. pack it into a local store (`expert-store pack`, resumable),
+3. start `expert-store serve --listen 127.0.0.1:0` as a child process and read the
+   "listening on HOST:PORT" line,
+4. run `moe-decoder generate` against that address with GPU/host expert-cache budgets smaller
+   than the model's experts: prints the generated text and the statistics table,
+5. stop the store (SIGTERM, wait) whatever happened.
+
+Cache directory: $ADAPMOE_DEMO_DIR, else `.demo/` in the repository root (else in the current
+directory). It holds `checkpoint/` (the HF checkpoint and train_report.json) and `store/`.
+A checkpoint is reused when its training settings match the requested ones; a store packed
+from another checkpoint is discarded.
+
+Faster runs (tests, CI): `--train-steps N` / $ADAPMOE_DEMO_STEPS, and `--tiny` /
+$ADAPMOE_DEMO_TINY=1 (small corpus, vocabulary and batches: seconds, not minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, replace
+from typing import Any, Sequence
+
+from decoder import train_demo
+
+MODEL_NAME = "stdlib-moe"
+DEFAULT_PROMPT = "import os\n\n\ndef read_config(path):\n"
+DEFAULT_MAX_TOKENS = 96
+# cache budgets, in experts per layer (of num_local_experts): both tiers smaller than the model
+DEFAULT_GPU_EXPERTS_PER_LAYER = 3
+DEFAULT_HOST_EXPERTS_PER_LAYER = 5
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 15.0
+
+TINY = dict(corpus_mb=0.5, heldout_mb=0.2, vocab_size=512, batch_size=4, seq_len=64, eval_windows=8)
+
+
+def _log(msg: str) -> None:
+    print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+def default_cache_dir() -> pathlib.Path:
+    env = os.environ.get("ADAPMOE_DEMO_DIR")
+    if env:
+        return pathlib.Path(env)
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    if (repo / "pyproject.toml").is_file() and os.access(repo, os.W_OK):
+        return repo / ".demo"
+    return pathlib.Path.cwd() / ".demo"
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cli(name: str) -> list[str]:
+    """The console script next to this interpreter, else on PATH, else `python -c` its main."""
+    exe = pathlib.Path(sys.executable).parent / name
+    if exe.is_file() and os.access(exe, os.X_OK):
+        return [str(exe)]
+    found = shutil.which(name)
+    if found:
+        return [found]
+    module = {"expert-store": "expert_store.cli", "moe-decoder": "decoder.cli"}[name]
+    return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())"]
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the store gets SIGTERM if the demo process dies without stopping it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. the checkpoint
+# ---------------------------------------------------------------------------------------------
+def _settings_key(s: train_demo.TrainSettings) -> dict[str, Any]:
+    d = asdict(s)
+    d.pop("threads", None)
+    return d
+
+
+def ensure_checkpoint(ckpt: pathlib.Path, settings: train_demo.TrainSettings, retrain: bool) -> dict[str, Any]:
+    """Train into `ckpt` unless a checkpoint trained with the same settings is there."""
+    report_path = ckpt / "train_report.json"
+    if not retrain and report_path.is_file() and all((ckpt / f).is_file() for f in
+                                                      ("config.json", "model.safetensors", "tokenizer.json")):
+        try:
+            report = json.loads(report_path.read_text())
+            cached = report.get("settings", {})
+            cached.pop("threads", None)
+            if cached == _settings_key(settings):
+                _log(f"reusing the trained model in {ckpt} (delete it or pass --retrain to train again)")
+                return report
+            _log(f"the model in {ckpt} was trained with other settings: training again")
+        except (OSError, ValueError):
+            _log(f"unreadable {report_path}: training again")
+    if ckpt.exists():
+        shutil.rmtree(ckpt)
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    _log(f"training the demo model ({settings.steps} steps) into {ckpt}")
+    report = train_demo.run(tmp, settings, progress=True, log=lambda m: _log(m))
+    os.replace(tmp, ckpt)
+    print(train_demo.format_report(report), file=sys.stderr, flush=True)
+    return report
+
+
+def _checkpoint_fingerprint(ckpt: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        with open(ckpt / name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. the store
+# ---------------------------------------------------------------------------------------------
+def ensure_store(ckpt: pathlib.Path, store: pathlib.Path, model: str, precisions: str) -> None:
+    """`expert-store pack` (resumable); a store packed from another checkpoint is discarded."""
+    stamp = store / ".demo-checkpoint"
+    fingerprint = _checkpoint_fingerprint(ckpt) + ":" + precisions
+    if store.exists() and (not stamp.is_file() or stamp.read_text().strip() != fingerprint):
+        _log(f"{store} holds another checkpoint: packing again")
+        shutil.rmtree(store)
+    store.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fingerprint + "\n")
+    _log(f"packing {ckpt} into the store {store} (model {model!r}, {precisions})")
+    t0 = time.perf_counter()
+    r = subprocess.run(_cli("expert-store") + ["pack", str(ckpt), "--store", str(store), "--model", model,
+                                               "--precisions", precisions],
+                       env=_child_env(), stdout=subprocess.PIPE, stderr=None, text=True)
+    if r.stdout.strip():
+        print(r.stdout.rstrip(), file=sys.stderr, flush=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"expert-store pack failed with exit status {r.returncode}")
+    _log(f"packed in {time.perf_counter() - t0:.1f} s")
+
+
+class StoreProcess:
+    """`expert-store serve --store DIR --listen 127.0.0.1:0` as a child process."""
+
+    def __init__(self, store: pathlib.Path, ready_timeout: float = READY_TIMEOUT_S) -> None:
+        self.store = store
+        self.ready_timeout = ready_timeout
+        self.proc: subprocess.Popen | None = None
+        self.address = ""
+        self.output: list[str] = []
+        self.returncode: int | None = None
+
+    def start(self) -> "StoreProcess":
+        cmd = _cli("expert-store") + ["serve", "--store", str(self.store), "--listen", "127.0.0.1:0"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=_child_env(), preexec_fn=_die_with_parent if os.name == "posix" else None)
+        ready = threading.Event()
+
+        def drain() -> None:  # keeps reading, so the child never blocks on a full pipe
+            assert self.proc is not None and self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self.output.append(line)
+                if not self.address and line.startswith("listening on "):
+                    self.address = line.split("listening on ", 1)[1].strip()
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=drain, name="store-output", daemon=True).start()
+        deadline = time.monotonic() + self.ready_timeout
+        while not ready.wait(0.1):
+            if time.monotonic() > deadline:
+                break
+        if not self.address:
+            tail = "".join(self.output[-20:]).strip()
+            self.stop()
+            raise RuntimeError(f"expert-store serve did not report its address"
+                               + (f": {tail.splitlines()[-1]}" if tail else ""))
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait; SIGKILL only if it does not exit in time. Returns its exit status."""
+        if self.proc is None:
+            return self.returncode
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                _log("the store did not stop within 15 s of SIGTERM: killing it")
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.returncode = self.proc.returncode
+        self.proc = None
+        return self.returncode
+
+    def __enter__(self) -> "StoreProcess":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. generation
+# ---------------------------------------------------------------------------------------------
+def expert_bytes(config: dict[str, Any], precision: str) -> int:
+    """Raw bytes of one expert at `precision` (what one cache slot holds)."""
+    h, f = int(config["hidden_size"]), int(config["intermediate_size"])
+    params = 3 * h * f
+    if precision == "bf16":
+        return 2 * params
+    group = 128
+    scales = 2 * (f * -(-h // group) * 2 + h * -(-f // group))  # fp16 scales of w1, w3 and w2
+    return (params if precision == "int8" else params // 2) + scales
+
+
+def run_generate(address: str, model: str, args: argparse.Namespace, gpu_bytes: int, host_bytes: int,
+                 stats_path: pathlib.Path) -> int:
+    cmd = _cli("moe-decoder") + [
+        "generate", "--store", address, "--model", model, "--prompt", args.prompt,
+        "--max-tokens", str(args.max_tokens), "--temperature", str(args.temperature),
+        "--top-p", str(args.top_p), "--seed", str(args.seed),
+        "--gpu-cache-bytes", str(gpu_bytes), "--host-cache-bytes", str(host_bytes),
+        "--gating", args.gating, "--precision", args.precision, "--device", args.device,
+        "--stats-json", str(stats_path)]
+    if args.budget is not None:
+        cmd += ["--budget", str(args.budget)]
+    sys.stdout.flush()
+    return subprocess.run(cmd, env=_child_env()).returncode
+
+
+def _device_default() -> str:
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except Exception:  # pragma: no cover
+        return "cpu"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moe-decoder demo",
+                                description="Train (or reuse) the demo model, pack it, serve it on loopback, "
+                                            "generate with a small expert cache and print statistics.")
+    p.add_argument("--dir", default=None, help="cache directory (default $ADAPMOE_DEMO_DIR or .demo/ in the repo)")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help=f"training steps (default $ADAPMOE_DEMO_STEPS or {train_demo.DEFAULT_STEPS})")
+    p.add_argument("--tiny", action="store_true", default=None,
+                   help="a tiny, fast training setup (also $ADAPMOE_DEMO_TINY=1): for tests")
+    p.add_argument("--seed", type=int, default=train_demo.DEFAULT_SEED)
+    p.add_argument("--retrain", action="store_true", help="train even if a matching checkpoint is cached")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--gating", default="topk", help="topk | adaptive | cost-aware (the last two need a profile)")
+    p.add_argument("--budget", type=float, default=None, help="gating budget (adaptive / cost-aware)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "int8", "int4"])
+    p.add_argument("--gpu-experts-per-layer", type=int, default=DEFAULT_GPU_EXPERTS_PER_LAYER,
+                   help="GPU expert cache budget, in experts per layer")
+    p.add_argument("--host-experts-per-layer", type=int, default=DEFAULT_HOST_EXPERTS_PER_LAYER,
+                   help="host expert cache budget, in experts per layer")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    t_start = time.perf_counter()
+    cache = pathlib.Path(args.dir) if args.dir else default_cache_dir()
+    steps = args.train_steps
+    if steps is None:
+        steps = int(os.environ.get("ADAPMOE_DEMO_STEPS", train_demo.DEFAULT_STEPS))
+    tiny = args.tiny if args.tiny is not None else _env_flag("ADAPMOE_DEMO_TINY")
+    settings = train_demo.TrainSettings(steps=steps, seed=args.seed)
+    if tiny:
+        settings = replace(settings, **TINY)
+    args.device = args.device or _device_default()
+    args.seed = args.seed if args.seed is not None else 0
+    if args.max_tokens < 1:
+        raise ValueError("--max-tokens must be >= 1")
+
+    cache.mkdir(parents=True, exist_ok=True)
+    ckpt, store = cache / "checkpoint", cache / "store"
+    report = ensure_checkpoint(ckpt, settings, args.retrain)
+    t_trained = time.perf_counter()
+    precisions = "bf16" if args.precision == "bf16" else f"bf16,{args.precision}"
+    ensure_store(ckpt, store, MODEL_NAME, precisions)
+    t_packed = time.perf_counter()
+
+    config = json.loads((ckpt / "config.json").read_text())
+    L, E = int(config["num_hidden_layers"]), int(config["num_local_experts"])
+    per_expert = expert_bytes(config, args.precision)
+    total = per_expert * L * E
+    gpu_bytes = per_expert * L * min(E, max(0, args.gpu_experts_per_layer))
+    host_bytes = per_expert * L * min(E, max(0, args.host_experts_per_layer))
+
+    server = StoreProcess(store)
+    _log("starting expert-store serve on a free loopback port")
+    rc = 1
+    stats_path = cache / "generate_stats.json"
+    with contextlib.ExitStack() as stack:
+        server.start()
+        stack.callback(server.stop)
+        _log(f"store pid {server.pid} listening on {server.address}")
+        _log(f"experts: {L} layers x {E} x {per_expert / 1024:.0f} KiB ({args.precision}) = "
+             f"{total / 2**20:.2f} MiB; cache budgets: GPU {gpu_bytes / 2**20:.2f} MiB "
+             f"({args.gpu_experts_per_layer}/{E} per layer), host {host_bytes / 2**20:.2f} MiB "
+             f"({args.host_experts_per_layer}/{E} per layer), device {args.device}")
+        print(f"\n=== moe-decoder generate --store {server.address} --model {MODEL_NAME} "
+              f"(prompt {args.prompt!r}) ===\n", flush=True)
+        print(args.prompt, end="", flush=True)
+        t_gen = time.perf_counter()
+        rc = run_generate(server.address, MODEL_NAME, args, gpu_bytes, host_bytes, stats_path)
+        t_gen = time.perf_counter() - t_gen
+    code = server.returncode
+    h = report.get("heldout", {})
+    rt = report.get("routing", {})
+    cl = report.get("cross_layer", {})
+    print("\n=== demo model ===", flush=True)
+    print(f"held-out perplexity {h.get('perplexity', float('nan')):.2f} ({h.get('bits_per_byte', float('nan')):.3f} "
+          f"bits/byte); router entropy {rt.get('mean_entropy_bits', float('nan')):.3f} bits "
+          f"(uniform {rt.get('uniform_entropy_bits', float('nan')):.2f}); cross-layer recall "
+          f"{cl.get('mean_recall_distance_1', float('nan')):.3f} (chance {cl.get('chance_recall', float('nan')):.2f})")
+    print(f"time: model {t_trained - t_start:.1f} s, pack {t_packed - t_trained:.1f} s, generate {t_gen:.1f} s, "
+          f"total {time.perf_counter() - t_start:.1f} s", flush=True)
+    stop_note = "cleanly (exit status 0)" if code == 0 else f"with exit status {code}"
+    _log(f"store stopped {stop_note}")
+    if rc != 0:
+        raise RuntimeError(f"moe-decoder generate failed with exit status {rc}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
