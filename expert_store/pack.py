@@ -17,7 +17,7 @@ Checkpoints: one ``*.safetensors`` file or several (with or without
 tensors ``model.layers.{l}.mlp.experts.gate_up_proj [E, 2*ffn, hidden]`` (gate half first) and
 ``down_proj [E, hidden, ffn]``.
 
-Memory stays bounded by one expert (plus the dense part, which is small next to the experts):
+Memory stays bounded by one expert plus one copy of the dense part (small next to the experts):
 tensors are read one at a time through ``safetensors.safe_open``, and each file mapping is
 closed again right after the read, so the mapped pages of a checkpoint larger than RAM never
 accumulate.  Re-running skips every blob already in the store whose seal verifies and whose
@@ -30,12 +30,14 @@ import json
 import logging
 import os
 import re
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
 import torch
+import xxhash
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
@@ -345,11 +347,60 @@ def _put_file(store: _Store, key: str, data: bytes, result: PackResult) -> None:
     result.files_written.append(key)
 
 
-def _dense_bytes(layout: CheckpointLayout, model: str) -> bytes:
-    from safetensors.torch import save
+_CHUNK = 8 << 20
 
-    tensors = dict(layout.dense_tensors())
-    return save(tensors, metadata={"format": "pt", "model": model})
+
+def _file_checksum(path: Path) -> str:
+    h = xxhash.xxh3_128()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _stored_checksum(store: _Store, key: str) -> str | None:
+    """xxh3-128 of what the store holds under ``key`` (streamed from the file when the store
+    is an NVMe directory), None when absent."""
+    if not store.contains(key):
+        return None
+    src = _source(store)
+    path = src.path(key) if hasattr(src, "path") else None
+    if path is not None and path.is_file():
+        return _file_checksum(path)
+    data = src.get(key)
+    return None if data is None else fmt.blob_checksum(data)
+
+
+def _pack_dense(layout: CheckpointLayout, store: _Store, model: str, result: PackResult) -> tuple[int, str]:
+    """Write dense.safetensors; return (size, xxh3).  The tensors go to a temp file (next to the
+    store when it is a directory, so it is disk and not tmpfs) and are freed before the file
+    is streamed into the store: peak memory is one copy of the dense part."""
+    from safetensors.torch import save_file
+
+    key = fmt.dense_key(model)
+    src = _source(store)
+    tmp_root = getattr(src, "root", None)
+    with tempfile.TemporaryDirectory(prefix=".pack-", dir=tmp_root) as tmp:
+        path = Path(tmp) / "dense.safetensors"
+        tensors = dict(layout.dense_tensors())
+        # one metadata key: safetensors writes a map in hash order, so several keys would make
+        # the bytes (and the checksum a resumed pack compares) differ from run to run
+        save_file(tensors, str(path), metadata={"format": "pt"})
+        del tensors
+        size, checksum = path.stat().st_size, _file_checksum(path)
+        if _stored_checksum(store, key) == checksum:
+            return size, checksum
+        streamable = hasattr(src, "writer") and (src is store or hasattr(store, "invalidate"))
+        if streamable:  # NvmeTier, or a TieredStore's NVMe tier: atomic streamed write
+            with src.writer(key) as w, open(path, "rb", buffering=0) as f:
+                while chunk := f.read(_CHUNK):
+                    w.write(chunk)
+            if src is not store:
+                store.invalidate(key)  # drop stale cached copies (RAM, Redis)
+        else:
+            _put(store, key, path.read_bytes())
+    result.files_written.append(key)
+    return size, checksum
 
 
 def pack_checkpoint(
@@ -383,10 +434,7 @@ def pack_checkpoint(
         log.warning("%s has no tokenizer.json: the model will need one to generate text", layout.root)
     else:
         _put_file(store, fmt.file_key(model, "tokenizer.json"), tokenizer, result)
-    dense = _dense_bytes(layout, model)
-    _put_file(store, fmt.dense_key(model), dense, result)
-    dense_size, dense_xxh3 = len(dense), fmt.blob_checksum(dense)
-    del dense
+    dense_size, dense_xxh3 = _pack_dense(layout, store, model, result)
 
     hidden, ffn = layout.hidden_size, layout.intermediate_size
     shapes = {"w1": [ffn, hidden], "w3": [ffn, hidden], "w2": [hidden, ffn]}
