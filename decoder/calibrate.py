@@ -231,14 +231,17 @@ def build_profile(model_name: str, measured: Mapping[str, Any], config: Any, *, 
 
 
 def upload_profile(store: Any, client: Any, model: str, data: bytes) -> str:
-    """Put profile.json next to the model: through the client's put_file when it has one,
-    else directly into a store directory."""
+    """Put profile.json next to the model: PutBlob through a gRPC client (`put`), the local
+    client's ModelStore (`put_file`), or a store directory."""
     import xxhash
 
     digest = xxhash.xxh3_128_hexdigest(data)
-    put = getattr(client, "put_file", None)
-    if put is not None:
-        put(model, "profile", data, digest)
+    if client is not None and callable(getattr(client, "put", None)):
+        client.put(model, "profile", data)
+        return "store"
+    local = getattr(client, "store", None)
+    if local is not None and callable(getattr(local, "put_file", None)):
+        local.put_file(model, "profile", data, digest)
         return "store"
     if isinstance(store, (str, os.PathLike)) and Path(store).is_dir():
         from expert_store.store import ModelStore
@@ -246,7 +249,7 @@ def upload_profile(store: Any, client: Any, model: str, data: bytes) -> str:
         with ModelStore.open(store, ram_bytes=0) as ms:
             ms.put_file(model, "profile", data, digest)
         return str(store)
-    raise ValueError("cannot upload: the client has no put_file and --store is not a directory")
+    raise ValueError("cannot upload the profile: the store client cannot write and --store is not a directory")
 
 
 # --------------------------------------------------------------------------------------------

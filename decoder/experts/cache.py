@@ -282,7 +282,13 @@ class ExpertCache(ExpertProvider):
                 return False
             return ent.copy_event is None or ent.copy_event.query()
 
+    def _check(self, layer: int, expert: int) -> None:
+        if not (0 <= layer < self.L and 0 <= expert < self.E):
+            raise ValueError(f"no expert ({layer}, {expert}): the model has {self.L} layers of {self.E} experts")
+
     def prepare(self, layer: int, experts: Sequence[int]) -> None:
+        for e in experts:
+            self._check(layer, int(e))
         with self._lock:
             if layer <= self._last_layer:   # the engine did not call begin_token: a new step anyway
                 self.step += 1
@@ -299,6 +305,7 @@ class ExpertCache(ExpertProvider):
                 self._lookup(layer, e)
 
     def get(self, layer: int, expert: int) -> ExpertWeights:
+        self._check(layer, expert)
         key = (layer, expert)
         t0 = time.perf_counter()
         stalled = False
@@ -360,6 +367,7 @@ class ExpertCache(ExpertProvider):
         with self._lock:
             for i, e in enumerate(experts):
                 e = int(e)
+                self._check(layer, e)
                 key = (layer, e)
                 self._c["prefetch_requests"] += 1
                 ent = self._gpu[layer].get(e)
