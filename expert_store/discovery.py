@@ -473,8 +473,15 @@ class K8sEndpointWatcher(MemberSet):
 
     def close(self) -> None:
         self._stop.set()
-        if self._watch is not None:
-            self._watch.stop()
+        watch = self._watch
+        if watch is not None:
+            watch.stop()  # takes effect at the next event...
+            resp = getattr(watch, "_resp", None)
+            if resp is not None:  # ...so also close the open watch connection now
+                try:
+                    resp.close()
+                except Exception:
+                    pass
         super().close()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=1.0)
