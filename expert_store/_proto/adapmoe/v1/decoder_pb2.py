@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61\x64\x61pmoe/v1/decoder.proto\x12\nadapmoe.v1\"B\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"q\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.adapmoe.v1.SamplingParams\x12\x0c\n\x04stop\x18\x04 \x03(\t\"-\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"\xaf\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x05 \x01(\x01\x12\x19\n\x11\x65xperts_per_token\x18\x06 \x01(\x01\x12\x1b\n\x13single_expert_ratio\x18\x07 \x01(\x01\"h\n\x10GenerateResponse\x12\'\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x16.adapmoe.v1.TokenDeltaH\x00\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x11.adapmoe.v1.UsageH\x00\x42\x07\n\x05\x65vent\"\x11\n\x0fGetStatsRequest\"B\n\x0c\x44\x65\x63oderStats\x12\x12\n\nstats_json\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\x02 \x01(\r\x12\x0e\n\x06queued\x18\x03 \x01(\r2\x95\x01\n\x07\x44\x65\x63oder\x12G\n\x08Generate\x12\x1b.adapmoe.v1.GenerateRequest\x1a\x1c.adapmoe.v1.GenerateResponse0\x01\x12\x41\n\x08GetStats\x12\x1b.adapmoe.v1.GetStatsRequest\x1a\x18.adapmoe.v1.DecoderStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61\x64\x61pmoe/v1/decoder.proto\x12\nadapmoe.v1\"P\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x8b\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.adapmoe.v1.SamplingParams\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\r\"-\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"\xf7\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x05 \x01(\x01\x12\x19\n\x11\x65xperts_per_token\x18\x06 \x01(\x01\x12\x1b\n\x13single_expert_ratio\x18\x07 \x01(\x01\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x15\n\rqueue_seconds\x18\t \x01(\x01\x12\x1b\n\x13\x66irst_token_seconds\x18\n \x01(\x01\"h\n\x10GenerateResponse\x12\'\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x16.adapmoe.v1.TokenDeltaH\x00\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x11.adapmoe.v1.UsageH\x00\x42\x07\n\x05\x65vent\"\x11\n\x0fGetStatsRequest\"\x81\x01\n\x0c\x44\x65\x63oderStats\x12\x12\n\nstats_json\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\x02 \x01(\r\x12\x0e\n\x06queued\x18\x03 \x01(\r\x12\x12\n\nmax_active\x18\x04 \x01(\r\x12\x11\n\tmax_queue\x18\x05 \x01(\r\x12\x16\n\x0escheduler_json\x18\x06 \x01(\t2\x95\x01\n\x07\x44\x65\x63oder\x12G\n\x08Generate\x12\x1b.adapmoe.v1.GenerateRequest\x1a\x1c.adapmoe.v1.GenerateResponse0\x01\x12\x41\n\x08GetStats\x12\x1b.adapmoe.v1.GetStatsRequest\x1a\x18.adapmoe.v1.DecoderStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,19 +32,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'adapmoe.v1.decoder_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS']._serialized_start=40
-  _globals['_SAMPLINGPARAMS']._serialized_end=106
-  _globals['_GENERATEREQUEST']._serialized_start=108
-  _globals['_GENERATEREQUEST']._serialized_end=221
-  _globals['_TOKENDELTA']._serialized_start=223
-  _globals['_TOKENDELTA']._serialized_end=268
-  _globals['_USAGE']._serialized_start=271
-  _globals['_USAGE']._serialized_end=446
-  _globals['_GENERATERESPONSE']._serialized_start=448
-  _globals['_GENERATERESPONSE']._serialized_end=552
-  _globals['_GETSTATSREQUEST']._serialized_start=554
-  _globals['_GETSTATSREQUEST']._serialized_end=571
-  _globals['_DECODERSTATS']._serialized_start=573
-  _globals['_DECODERSTATS']._serialized_end=639
-  _globals['_DECODER']._serialized_start=642
-  _globals['_DECODER']._serialized_end=791
+  _globals['_SAMPLINGPARAMS']._serialized_end=120
+  _globals['_GENERATEREQUEST']._serialized_start=123
+  _globals['_GENERATEREQUEST']._serialized_end=262
+  _globals['_TOKENDELTA']._serialized_start=264
+  _globals['_TOKENDELTA']._serialized_end=309
+  _globals['_USAGE']._serialized_start=312
+  _globals['_USAGE']._serialized_end=559
+  _globals['_GENERATERESPONSE']._serialized_start=561
+  _globals['_GENERATERESPONSE']._serialized_end=665
+  _globals['_GETSTATSREQUEST']._serialized_start=667
+  _globals['_GETSTATSREQUEST']._serialized_end=684
+  _globals['_DECODERSTATS']._serialized_start=687
+  _globals['_DECODERSTATS']._serialized_end=816
+  _globals['_DECODER']._serialized_start=819
+  _globals['_DECODER']._serialized_end=968
 # @@protoc_insertion_point(module_scope)
