@@ -619,6 +619,7 @@ class BatchScheduler:
 
     def _finish(self, seq: SequenceState, reason: str) -> None:
         seq.finish_reason = reason
+        seq.done = True  # a cancel() from now on is a no-op (the row is released after this step)
         now = time.monotonic()
         phase = "decode" if seq.routing["decode"][0] else "prefill"
         d, used, single = seq.routing[phase]
