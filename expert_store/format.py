@@ -35,10 +35,19 @@ import lz4.block
 import msgpack
 import xxhash
 
-try:  # optional: numpy makes the byte-plane shuffle ~10x faster; the bytes-only install works without it
-    import numpy as _np
-except ImportError:  # pragma: no cover - exercised only in a store-only install
-    _np = None
+_NUMPY: list[Any] = []
+
+
+def _numpy() -> Any:
+    """numpy if installed (imported on first use: the store's serving path never needs it).
+    It makes the byte-plane shuffle ~10x faster; without it a pure-bytes path is used."""
+    if not _NUMPY:
+        try:
+            import numpy
+        except ImportError:  # pragma: no cover - a store-only install
+            numpy = None
+        _NUMPY.append(numpy)
+    return _NUMPY[0]
 
 __all__ = [
     "MAGIC",
@@ -477,7 +486,7 @@ def decode_raw(blob: Any, out: Any = None) -> tuple[BlobHeader, memoryview]:
     returned view points there; without it, a fresh buffer is used (for codec ``none`` the
     view is a read-only slice of ``blob`` itself).  Raises :class:`BlobError` for any malformed
     or corrupted blob (the xxh3 of the raw payload and the whole-blob seal are both checked),
-    ValueError for an unusable ``out``.
+    ValueError for an unusable ``out``.  After a BlobError, ``out`` may hold partial data.
     """
     view = _as_bytes_view(blob)
     header = check_blob(view)
@@ -517,18 +526,20 @@ def decode_raw(blob: Any, out: Any = None) -> tuple[BlobHeader, memoryview]:
 
 def _split_planes(raw: memoryview) -> tuple[bytes, bytes]:
     """bf16 bytes -> (lo plane, hi plane): byte 0 and byte 1 of every little-endian element."""
-    if _np is not None:
-        pairs = _np.frombuffer(raw, dtype=_np.uint8).reshape(-1, 2)
+    np = _numpy()
+    if np is not None:
+        pairs = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 2)
         return pairs[:, 0].tobytes(), pairs[:, 1].tobytes()
     whole = bytes(raw)
     return whole[0::2], whole[1::2]  # extended slicing of bytes runs in C
 
 
 def _join_planes(lo: Any, hi: Any, dst: memoryview) -> None:
-    if _np is not None:
-        pairs = _np.frombuffer(dst, dtype=_np.uint8).reshape(-1, 2)
-        pairs[:, 0] = _np.frombuffer(lo, dtype=_np.uint8)
-        pairs[:, 1] = _np.frombuffer(hi, dtype=_np.uint8)
+    np = _numpy()
+    if np is not None:
+        pairs = np.frombuffer(dst, dtype=np.uint8).reshape(-1, 2)
+        pairs[:, 0] = np.frombuffer(lo, dtype=np.uint8)
+        pairs[:, 1] = np.frombuffer(hi, dtype=np.uint8)
         return
     tmp = bytearray(len(dst))  # bytearray slice assignment is C-fast; memoryview's is not
     tmp[0::2] = lo

@@ -33,7 +33,13 @@ from expert_store.format import (
 def test_format_module_does_not_import_torch():
     import subprocess
 
-    code = "import sys, expert_store.format; sys.exit(1 if 'torch' in sys.modules else 0)"
+    code = (
+        "import sys, expert_store.format as f\n"
+        "b = f.encode_blob('m', 0, 0, 'int8', [f.RawTensor('w1', (2, 2), 'int8', 0, 4, "
+        "f.QuantLayout(8, 2, 16, 4))], bytes(20))\n"
+        "f.check_blob(b)\n"
+        "sys.exit(1 if 'torch' in sys.modules or 'numpy' in sys.modules else 0)"
+    )
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
@@ -135,8 +141,16 @@ def test_codec_threshold_is_three_percent():
     assert read_header(encode_blob("m", 0, 0, "bf16", tensors, raw, min_saving=saving + 0.001))[0].codec == "none"
 
 
+@pytest.fixture(params=["numpy", "pure-bytes"])
+def plane_impl(request, monkeypatch):
+    """The byte-plane shuffle with numpy and without it (a store-only install)."""
+    if request.param == "pure-bytes":
+        monkeypatch.setattr(fmt, "_NUMPY", [None])
+    return request.param
+
+
 @pytest.mark.parametrize("codec", ["none", "bf16-planes", "bf16-planes+lz4"])
-def test_every_codec_round_trips(codec):
+def test_every_codec_round_trips(codec, plane_impl):
     blob, raw, _ = _bf16_blob(codec=codec)
     assert read_header(blob)[0].codec == codec
     assert bytes(decode_raw(blob)[1]) == raw
