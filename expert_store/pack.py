@@ -139,6 +139,15 @@ def _read(path: Path, name: str, index: int | None = None) -> torch.Tensor:
         return f.get_slice(name)[index].contiguous()
 
 
+def _open_header(path: Path):
+    """safe_open for reading headers; an unreadable file is a CheckpointError."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises SafetensorError / OSError / RuntimeError
+        msg = " ".join(str(e).split())
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {msg})") from None
+
+
 def _shape(handle, name: str) -> list[int]:
     return list(handle.get_slice(name).get_shape())
 
@@ -208,7 +217,7 @@ def read_checkpoint_layout(checkpoint_dir: str | os.PathLike) -> CheckpointLayou
         if not shards:
             raise CheckpointError(f"{root}: no *.safetensors files")
         for p in shards:
-            with safe_open(str(p), framework="pt") as f:
+            with _open_header(p) as f:
                 for name in f.keys():
                     if name in files:
                         raise CheckpointError(f"{root}: tensor {name} is in both {files[name].name} and {p.name}")
@@ -240,7 +249,7 @@ def read_checkpoint_layout(checkpoint_dir: str | os.PathLike) -> CheckpointLayou
     for name, p in files.items():
         by_file[p].append(name)
     for p, names in by_file.items():
-        with safe_open(str(p), framework="pt") as f:
+        with _open_header(p) as f:
             present = set(f.keys())
             for name in names:
                 if name not in present:

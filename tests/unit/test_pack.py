@@ -288,6 +288,13 @@ def test_broken_checkpoints_rejected(tmp_path):
     with pytest.raises(CheckpointError) as ei:
         pack_checkpoint(ckpt, store, progress=False)
     _one_line_error(ei)
+    # a shard that is not safetensors at all
+    shard = sorted(ckpt.glob("*.safetensors"))[-1]
+    shard.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}     ")
+    (ckpt / "model.safetensors.index.json").unlink()
+    with pytest.raises(CheckpointError) as ei:
+        pack_checkpoint(ckpt, store, progress=False)
+    assert "safetensors" in _one_line_error(ei)
     with pytest.raises(ValueError):
         pack_checkpoint(ckpt, store, precisions=("fp8",), progress=False)
     with pytest.raises(ValueError):
