@@ -608,14 +608,13 @@ def encode_blob(
     }
     hbytes = msgpack.packb(header, use_bin_type=True)
     assert hbytes.endswith(_SEAL_BIN_PREFIX + b"\0" * _SEAL_LEN)
-    blob = bytearray(_PREFIX.pack(MAGIC, len(hbytes)))
-    blob += hbytes
-    for p in parts:
-        blob += p
-    seal_pos = _PREFIX.size + len(hbytes) - _SEAL_LEN
-    blob[seal_pos : seal_pos + _SEAL_LEN] = _seal_of(memoryview(blob), seal_pos)
+    prefix = _PREFIX.pack(MAGIC, len(hbytes))
     try:
-        read_header(blob)  # the description must be one a reader accepts
+        read_header(prefix + hbytes)  # the description must be one a reader accepts
     except BlobError as e:
         raise ValueError(f"inconsistent blob description: {e}") from None
-    return bytes(blob)
+    seal = xxhash.xxh3_64()  # over the blob with the seal zeroed, as hbytes still has it
+    for piece in (prefix, hbytes, *parts):
+        seal.update(piece)
+    hbytes = hbytes[:-_SEAL_LEN] + seal.digest()
+    return b"".join((prefix, hbytes, *parts))  # one copy of the payload
