@@ -20,7 +20,8 @@ top-2 pair is drawn without replacement with probabilities proportional to popul
 to the uniform formulas when popularity is uniform.
 
 Both minimise sum_l f_l(s_l) subject to s_l in [1, E] and sum_l s_l = total_slots, exactly,
-by dynamic programming over (layer, slots used) in O(L * total_slots * E).
+by dynamic programming over (layer, slots used) in O(L * total_slots * E); among optimal plans
+(exact ties, up to 1e-12) the most even one (least sum of s_l^2) is returned.
 """
 
 from __future__ import annotations
@@ -119,27 +120,31 @@ def _solve(costs: list[list[float]], total_slots: int) -> list[int]:
     if total_slots >= sum(caps):
         return caps[:]
     INF = math.inf
-    # best[t] = min cost of layers [0, l) using exactly t slots; choice[l][t] = s_l chosen
-    best = [INF] * (total_slots + 1)
-    best[0] = 0.0
+    # best[t] = (min cost, then min sum of s^2) of layers [0, l) using exactly t slots;
+    # choice[l][t] = s_l chosen. The second key only breaks exact ties (e.g. when every
+    # layer's f is linear in s): the most even of the optimal plans wins.
+    best = [(INF, 0)] * (total_slots + 1)
+    best[0] = (0.0, 0)
     choice: list[list[int]] = []
     for l in range(L):
-        nxt = [INF] * (total_slots + 1)
+        nxt = [(INF, 0)] * (total_slots + 1)
         ch = [0] * (total_slots + 1)
         for t in range(total_slots + 1):
-            if best[t] == INF:
+            bc, bq = best[t]
+            if bc == INF:
                 continue
             for s in range(1, caps[l] + 1):
                 u = t + s
                 if u > total_slots:
                     break
-                c = best[t] + costs[l][s - 1]
-                if c < nxt[u] - 1e-15:
-                    nxt[u] = c
+                c, q = bc + costs[l][s - 1], bq + s * s
+                nc, nq = nxt[u]
+                if c < nc - 1e-12 or (c <= nc + 1e-12 and q < nq):
+                    nxt[u] = (c, q)
                     ch[u] = s
         best = nxt
         choice.append(ch)
-    if best[total_slots] == INF:  # pragma: no cover - excluded by the bounds above
+    if best[total_slots][0] == INF:  # pragma: no cover - excluded by the bounds above
         raise ValueError("no feasible slot plan")
     plan = [0] * L
     t = total_slots

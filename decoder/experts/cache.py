@@ -171,6 +171,7 @@ class ExpertCache(ExpertProvider):
 
         # --- copy stream ------------------------------------------------------------------------
         self.copy_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
+        self._compute_stream = torch.cuda.current_stream(self.device) if self.cuda else None
         self._pending_timings: list[tuple[Any, Any]] = []
 
         # --- loader -----------------------------------------------------------------------------
@@ -341,7 +342,9 @@ class ExpertCache(ExpertProvider):
                 if task.state == "done" and task.error is not None:
                     raise task.error
         if ev is not None:
-            torch.cuda.current_stream(self.device).wait_event(ev)
+            stream = torch.cuda.current_stream(self.device)
+            self._compute_stream = stream
+            stream.wait_event(ev)
         if stalled:
             with self._lock:
                 self._c["stall_s"] += time.perf_counter() - t0
@@ -547,7 +550,15 @@ class ExpertCache(ExpertProvider):
                 self._c["scratch_loads"] += 1
             else:
                 self._c["transient_loads"] += 1
-        buf = self.gpu_pool[slot] if slot >= 0 else torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device)
+        if slot >= 0:
+            buf = self.gpu_pool[slot]
+        else:
+            buf = torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device)
+            if self.cuda:
+                # the allocator may hand out memory that kernels on the compute stream still read:
+                # the copy stream waits for the compute stream's work so far before writing it
+                prev_ev = torch.cuda.Event()
+                prev_ev.record(self._compute_stream)
         ent = _GpuEntry(layer, expert, slot, buf, prev_free_event=prev_ev)
         lru[expert] = ent
         return ent
@@ -695,7 +706,7 @@ class ExpertCache(ExpertProvider):
         if self.cuda:
             wait_ev = ent.prev_free_event
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            with torch.cuda.stream(self.copy_stream):
+            with torch.cuda.device(self.device), torch.cuda.stream(self.copy_stream):
                 if wait_ev is not None:
                     self.copy_stream.wait_event(wait_ev)
                 start.record(self.copy_stream)

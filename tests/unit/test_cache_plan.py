@@ -91,3 +91,10 @@ def test_skewed_popularity_needs_fewer_slots():
     assert popularity_loads(2, skewed, 0.0, 0.0) < popularity_loads(2, flat, 0.0, 0.0)
     plan = plan_slots_popularity([skewed, flat], 0.0, 0.0, 10)
     assert plan[0] < plan[1]
+
+
+def test_ties_give_the_most_even_plan():
+    # a = r = 0 makes f linear in s: every plan with the same total is optimal; the even one wins
+    assert plan_slots(0.0, 0.0, 10, 8, num_layers=4) == [3, 3, 2, 2] or \
+        sorted(plan_slots(0.0, 0.0, 10, 8, num_layers=4)) == [2, 2, 3, 3]
+    assert plan_slots(0.0, 0.0, 16, 8, num_layers=8) == [2] * 8
