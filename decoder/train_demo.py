@@ -222,9 +222,10 @@ def _set_determinism(s: TrainSettings) -> None:
 
 
 def _lr_at(step: int, s: TrainSettings) -> float:
-    if step < s.warmup_steps:
-        return s.lr * (step + 1) / s.warmup_steps
-    t = (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps)
+    warmup = max(1, min(s.warmup_steps, s.steps // 10))  # short runs warm up for a tenth of their steps
+    if step < warmup:
+        return s.lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, s.steps - warmup)
     return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 

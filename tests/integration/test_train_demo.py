@@ -1,0 +1,150 @@
+"""`moe-decoder train-demo`: a tiny real training run (seconds), run twice with the same seed.
+
+Checks: byte-identical checkpoints for the same seed; HF transformers' MixtralForCausalLM loads
+the checkpoint and gives our Transformer's logits; the routers are trained (entropy below
+uniform and below its value at init; load spread over the experts); the report has its fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY_ARGS = ["--steps", "12", "--seed", "7", "--corpus-mb", "0.4", "--heldout-mb", "0.15", "--vocab-size", "512",
+             "--batch-size", "4", "--seq-len", "64", "--eval-windows", "8", "--no-progress"]
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def _moe_decoder() -> list[str]:
+    exe = Path(sys.executable).parent / "moe-decoder"
+    if exe.is_file():
+        return [str(exe)]
+    return [sys.executable, "-c", "import sys; from decoder.cli import main; sys.exit(main())"]
+
+
+def _train(out: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    r = subprocess.run(_moe_decoder() + ["train-demo", "--out", str(out)] + TINY_ARGS,
+                       capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 0, f"train-demo failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("train-demo")
+    a, b = base / "a", base / "b"
+    ra = _train(a)
+    _train(b)
+    return a, b, ra
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_same_seed_gives_identical_checkpoint_bytes(runs):
+    a, b, _ = runs
+    for name in CHECKPOINT_FILES:
+        assert (a / name).is_file(), f"{name} missing"
+        assert _sha(a / name) == _sha(b / name), f"{name} differs between two runs with the same seed"
+
+
+def test_checkpoint_is_hf_mixtral_layout(runs):
+    from safetensors import safe_open
+
+    a, _, _ = runs
+    cfg = json.loads((a / "config.json").read_text())
+    assert cfg["model_type"] == "mixtral" and cfg["architectures"] == ["MixtralForCausalLM"]
+    assert cfg["num_local_experts"] == 8 and cfg["num_experts_per_tok"] == 2
+    with safe_open(str(a / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    L, E = cfg["num_hidden_layers"], cfg["num_local_experts"]
+    for l in range(L):
+        assert f"model.layers.{l}.block_sparse_moe.gate.weight" in keys
+        for e in range(E):
+            for w in ("w1", "w2", "w3"):
+                assert f"model.layers.{l}.block_sparse_moe.experts.{e}.{w}.weight" in keys
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" in keys
+
+
+def test_hf_transformers_loads_it_and_matches_our_logits(runs):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import MixtralForCausalLM
+
+    from decoder.model.config import ModelConfig
+    from decoder.model.transformer import Transformer
+
+    a, _, _ = runs
+    cfg = ModelConfig.from_hf(json.loads((a / "config.json").read_text()))
+    ours = Transformer(cfg)
+    ours.load_hf_state_dict(load_file(str(a / "model.safetensors")))
+    ours.eval()
+    hf = MixtralForCausalLM.from_pretrained(str(a), dtype=torch.float32)
+    hf.eval()
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(a / "tokenizer.json"))
+    text = "import os\n\ndef main(argv):\n    for name in sorted(os.listdir('.')):\n        print(name)\n"
+    ids = torch.tensor([tok.encode(text).ids], dtype=torch.int64)
+    assert tok.decode(ids[0].tolist()) == text  # byte-level BPE round-trips source code
+    with torch.no_grad():
+        mine = ours(ids)
+        theirs = hf(input_ids=ids).logits
+    assert mine.shape == theirs.shape == (1, ids.shape[1], cfg.vocab_size)
+    assert (mine - theirs).abs().max().item() < 1e-4
+
+
+def test_router_is_trained(runs):
+    a, _, _ = runs
+    r = json.loads((a / "train_report.json").read_text())
+    rt = r["routing"]
+    uniform = math.log2(8)
+    assert rt["uniform_entropy_bits"] == pytest.approx(uniform)
+    assert rt["mean_entropy_bits"] < uniform
+    assert rt["mean_entropy_bits"] < rt["mean_entropy_bits_at_init"]
+    for row in rt["per_layer"]:
+        assert row["entropy_bits"] < uniform
+        assert len(row["load"]) == 8 and sum(row["load"]) == pytest.approx(1.0, abs=1e-3)
+    # training moved the loss: held-out perplexity below a uniform guess over the vocabulary
+    assert r["heldout"]["perplexity"] < 0.75 * r["tokenizer"]["vocab_size"]
+    hist = r["training"]["loss_history"]
+    assert hist[-1]["loss"] < hist[0]["loss"]
+
+
+def test_report_has_its_fields(runs):
+    a, _, ra = runs
+    r = json.loads((a / "train_report.json").read_text())
+    for key in ("settings", "corpus", "tokenizer", "model", "training", "heldout", "routing", "cross_layer",
+                "seconds", "files"):
+        assert key in r, key
+    h = r["heldout"]
+    assert h["tokens"] > 0 and h["perplexity"] == pytest.approx(math.exp(h["loss"]), rel=1e-2)
+    assert 0 < h["bits_per_byte"] < 8
+    assert r["corpus"]["train_files_used"] > 0 and r["corpus"]["heldout_files_used"] > 0
+    assert r["training"]["steps"] == 12
+    cl = r["cross_layer"]
+    assert cl["chance_recall"] == pytest.approx(2 / 8)
+    L = r["model"]["config"]["num_hidden_layers"]
+    assert [row["to_layer"] for row in cl["distance_1"]] == list(range(1, L))
+    for row in cl["distance_1"] + cl["distance_2"]:
+        assert 0.0 <= row["exact_topk"] <= row["recall"] <= 1.0
+        assert 0.0 <= row["top1_covered"] <= 1.0
+    # the human-readable summary is printed
+    assert "held-out" in ra.stdout and "perplexity" in ra.stdout and "cross-layer" in ra.stdout
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path):
+    r = subprocess.run(_moe_decoder() + ["train-demo", "--out", str(tmp_path / "x"), "--steps", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert "--steps" in r.stderr
