@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import re
 import sys
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming it")
     g.add_argument("--no-stats", action="store_true", help="do not print the statistics table")
     g.add_argument("--stats-json", default=None, metavar="PATH", help="also write engine.stats() as JSON")
+    g.add_argument("-v", "--verbose", action="store_true", help="log warnings (store failover, ...) to stderr")
     g.set_defaults(func=cmd_generate)
 
     for name, (_, help_text) in DELEGATED.items():
@@ -88,8 +90,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from decoder.engine import Engine
 
+    from expert_store.client import is_remote_target
+
     if args.max_tokens < 0:
         raise ValueError("--max-tokens must be >= 0")
+    if not is_remote_target(args.store) and not os.path.isdir(args.store):
+        raise ValueError(f"store directory {args.store} does not exist (or give an address: grpc://HOST:PORT)")
     dtype_name = args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
     dtype = getattr(torch, dtype_name)
     engine = Engine.from_store(args.store, args.model, device=args.device, dtype=dtype, gating=args.gating,
@@ -167,8 +173,10 @@ def _describe(e: BaseException, args: argparse.Namespace | None) -> str:
     if isinstance(e, StoreError):
         store = getattr(args, "store", None)
         model = getattr(args, "model", None)
-        if e.code == "NOT_FOUND" and model:
-            return f"model {model!r} not found in store {store}: {msg}"
+        if e.code == "NOT_FOUND":
+            if model and repr(model) not in msg and model not in msg:
+                return f"model {model!r} not found in store {store}: {msg}"
+            return msg
         if e.code == "UNAVAILABLE":
             return f"store {store} is unavailable: {msg}"
         return f"store error ({e.code}): {msg}"
@@ -201,6 +209,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_delegated(argv[0], argv[1:])
         parser = build_parser()
         args = parser.parse_args(argv)
+        # library warnings (e.g. the store client failing over) stay quiet unless --verbose:
+        # an error reaches the user as the one line below
+        logging.basicConfig(level=logging.DEBUG if debug else (logging.WARNING if getattr(args, "verbose", False)
+                                                               else logging.ERROR),
+                            format=f"{PROG}: %(name)s: %(message)s")
+        if not (debug or getattr(args, "verbose", False)):
+            logging.getLogger("expert_store").setLevel(logging.CRITICAL)
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return EXIT_USAGE
