@@ -60,6 +60,7 @@ class ServiceConfig:
     listen: str = "127.0.0.1:50052"
     default_max_tokens: int = 128   # for max_tokens = 0
     grace_s: float = 10.0           # on SIGTERM: in-flight streams get this long
+    drain_s: float = 1.0            # on SIGTERM: NOT_SERVING but still accepting for this long
     max_prompt_chars: int = 1 << 20 # longer prompt text is refused before tokenizing
 
 
@@ -408,11 +409,15 @@ class DecoderServer:
         self._stopping.set()
 
     async def wait_and_stop(self) -> None:
-        """Wait for request_stop() (SIGTERM/SIGINT), then: health NOT_SERVING, stop accepting,
-        a grace period for in-flight streams, stop."""
+        """Wait for request_stop() (SIGTERM/SIGINT), then: health NOT_SERVING; keep accepting
+        for drain_s (load balancers and the kubelet see NOT_SERVING and move traffic away);
+        stop accepting, a grace period for in-flight streams, stop."""
         await self._stopping.wait()
-        log.info("shutting down: health NOT_SERVING, %.1fs grace for in-flight requests", self.config.grace_s)
+        log.info("shutting down: health NOT_SERVING, %.1fs drain, %.1fs grace for in-flight requests",
+                 self.config.drain_s, self.config.grace_s)
         await self.health.enter_graceful_shutdown()
+        if self.config.drain_s > 0:
+            await asyncio.sleep(self.config.drain_s)
         await self.server.stop(self.config.grace_s)
 
 
@@ -461,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-cache-bytes", type=parse_size, default=None, help="host (pinned) expert cache budget")
     p.add_argument("--no-prefetch", action="store_true", help="disable the cross-layer prefetcher")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--drain", type=float, default=1.0,
+                   help="seconds between NOT_SERVING and refusing new requests on SIGTERM")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -509,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                 mport = metrics.serve_http(args.metrics_host or listen_host, args.metrics_port)
                 print(f"metrics on {_join(args.metrics_host or listen_host, mport)}", flush=True)
             config = ServiceConfig(listen=args.listen, default_max_tokens=args.default_max_tokens,
-                                   grace_s=args.grace)
+                                   grace_s=args.grace, drain_s=args.drain)
             scheduler.start()
             try:
                 asyncio.run(serve(scheduler, config, metrics,
