@@ -1,0 +1,262 @@
+"""Expert store throughput: MB/s of blobs landing in a client buffer over gRPC, for 1 and 4
+concurrent streams, against `expert-store serve --workers 1` and `--workers 2`, side by
+side with a raw `readinto` of the same blob files (the local limit).
+
+    .venv/bin/python benchmarks/store_throughput.py --total-mb 200
+
+Builds a store of random bf16 experts (about --blob-mb each, --total-mb in all) in a temp
+directory, starts real server processes on loopback, and fetches every blob into one
+preallocated arena (StoreClient.fetch_expert(out=...)), one thread per stream, with one
+client (one connection per stream, so SO_REUSEPORT can spread them over the workers).
+Each figure is the best of --repeats passes after a warm-up pass (page cache warm for both
+the server and the readinto baseline). Writes benchmarks/results/store_throughput.json and
+.png and prints a table with ratios to the local limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+import torch  # noqa: E402
+import xxhash  # noqa: E402
+
+from expert_store import format as blob_format  # noqa: E402
+from expert_store.client import StoreClient  # noqa: E402
+from expert_store.quant import expert_to_blob  # noqa: E402
+from expert_store.store import ModelStore  # noqa: E402
+
+MODEL = "bench"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def build_store(root: Path, total_mb: int, blob_mb: float) -> list[tuple[tuple[int, int, str], Path, int]]:
+    """Random bf16 experts, ~blob_mb each, total_mb in all; returns [(ref, file, size)]."""
+    hidden = 1024
+    ffn = max(64, int(blob_mb * 2**20 / (3 * hidden * 2)) // 64 * 64)
+    count = max(4, round(total_mb / blob_mb))
+    experts = 8
+    layers = -(-count // experts)
+    store = ModelStore.open(root, ram_bytes=0)
+
+    def put(kind, data, **ref):
+        store.put_file(MODEL, kind, data, xxhash.xxh3_128_hexdigest(data), **ref)
+
+    put("config", json.dumps({"num_hidden_layers": layers, "num_local_experts": experts,
+                              "hidden_size": hidden, "intermediate_size": ffn}).encode())
+    g = torch.Generator().manual_seed(0)
+    entries, out = [], []
+    for i in range(count):
+        layer, expert = divmod(i, experts)
+        w = {"w1": torch.randn(ffn, hidden, generator=g), "w3": torch.randn(ffn, hidden, generator=g),
+             "w2": torch.randn(hidden, ffn, generator=g)}
+        blob = expert_to_blob(MODEL, layer, expert, "bf16", w)
+        put("expert", blob, layer=layer, expert=expert, precision="bf16")
+        entries.append({"layer": layer, "expert": expert, "precision": "bf16", "size": len(blob),
+                        "xxh3": blob_format.blob_checksum(blob)})
+        out.append(((layer, expert, "bf16"), store.nvme.path(blob_format.expert_key(MODEL, layer, expert, "bf16")),
+                    len(blob)))
+    put("manifest", json.dumps({"model": MODEL, "num_layers": layers, "num_experts": experts,
+                                "precisions": ["bf16"], "blobs": entries}).encode())
+    store.close()
+    return out
+
+
+def split(items: list, n: int) -> list[list]:
+    return [items[i::n] for i in range(n)]
+
+
+def timed_threads(work: list, fn) -> float:
+    """Run fn(share) for each share in its own thread; seconds for all of them."""
+    threads = [threading.Thread(target=fn, args=(share,)) for share in work]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
+def layout(blobs) -> tuple[bytearray, list[tuple]]:
+    arena = bytearray(sum(size for _, _, size in blobs))
+    placed, off = [], 0
+    for ref, path, size in blobs:
+        placed.append((ref, path, off, size))
+        off += size
+    return arena, placed
+
+
+def bench_readinto(blobs, streams: int, repeats: int) -> float:
+    arena, placed = layout(blobs)
+    view = memoryview(arena)
+
+    def read(share):
+        for _, path, off, size in share:
+            with open(path, "rb", buffering=0) as f:
+                got = 0
+                while got < size:
+                    n = f.readinto(view[off + got: off + size])
+                    if not n:
+                        raise IOError(f"short read of {path}")
+                    got += n
+
+    best = float("inf")
+    for _ in range(repeats + 1):  # first pass warms the page cache
+        best = min(best, timed_threads(split(placed, streams), read))
+    return len(arena) / best / 1e6
+
+
+def bench_grpc(address: str, blobs, streams: int, repeats: int, check: bool) -> float:
+    arena, placed = layout(blobs)
+    view = memoryview(arena)
+    with StoreClient.open(address, max_streams=streams, channels_per_replica=streams, deadline_s=120) as client:
+        def fetch(share):
+            for ref, _, off, size in share:
+                client.fetch_expert(MODEL, *ref, out=view[off: off + size])
+
+        best = float("inf")
+        for i in range(repeats + 1):  # first pass: warm-up (connections, server page cache)
+            seconds = timed_threads(split(placed, streams), fetch)
+            if i:
+                best = min(best, seconds)
+        if check:
+            for _, path, off, size in placed:
+                assert view[off: off + size] == path.read_bytes(), f"{path}: bytes differ"
+    return len(arena) / best / 1e6
+
+
+class Server:
+    def __init__(self, store: Path, workers: int, log: Path):
+        cmd = [sys.executable, "-m", "expert_store.cli", "serve", "--store", str(store), "--listen", "127.0.0.1:0",
+               "--workers", str(workers), "--ram-bytes", "0"]
+        self.log = open(log, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=ROOT)
+        line = self.proc.stdout.readline()
+        if not line.startswith("listening on "):
+            self.proc.kill()
+            raise RuntimeError(f"server did not start ({line!r}); see {log}")
+        self.address = line.split("listening on ", 1)[1].strip()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "grpcio": grpc.__version__,
+            "platform": platform.platform()}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    labels = [f"{s} stream{'s' if s > 1 else ''}" for s in result["streams"]]
+    series = [("readinto (local limit)", "readinto", None)] + [
+        (f"gRPC --workers {w}", "grpc", w) for w in result["workers"]]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(series)
+    for i, (name, mode, workers) in enumerate(series):
+        vals = [next(r["mb_s"] for r in rows if r["mode"] == mode and r["streams"] == s and r["workers"] == workers)
+                for s in result["streams"]]
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
+        bars = ax.bar(xs, vals, width, label=name)
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylabel("MB/s into a client buffer")
+    ax.set_title(f"expert store throughput ({result['total_mb']:.0f} MB of blobs, "
+                 f"{result['machine']['cores']} cores)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--total-mb", type=int, default=200)
+    ap.add_argument("--blob-mb", type=float, default=8.0)
+    ap.add_argument("--streams", default="1,4")
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=RESULTS / "store_throughput.json")
+    args = ap.parse_args()
+    streams = [int(s) for s in args.streams.split(",")]
+    workers = [int(w) for w in args.workers.split(",")]
+
+    with tempfile.TemporaryDirectory(prefix="store-bench-") as tmp:
+        tmp = Path(tmp)
+        print(f"building a store of ~{args.total_mb} MB of random bf16 experts ...", flush=True)
+        blobs = build_store(tmp / "store", args.total_mb, args.blob_mb)
+        total = sum(size for _, _, size in blobs)
+        rows = []
+        for s in streams:
+            rows.append({"mode": "readinto", "workers": None, "streams": s, "mb_s": bench_readinto(blobs, s, args.repeats)})
+        for w in workers:
+            server = Server(tmp / "store", w, tmp / f"server-{w}.log")
+            try:
+                for s in streams:
+                    mb_s = bench_grpc(server.address, blobs, s, args.repeats, check=(s == streams[0]))
+                    rows.append({"mode": "grpc", "workers": w, "streams": s, "mb_s": mb_s})
+            finally:
+                server.stop()
+
+    limit = {r["streams"]: r["mb_s"] for r in rows if r["mode"] == "readinto"}
+    for r in rows:
+        r["ratio_to_readinto"] = r["mb_s"] / limit[r["streams"]]
+    result = {"total_mb": total / 1e6, "blobs": len(blobs), "blob_mb": total / len(blobs) / 1e6, "streams": streams,
+              "workers": workers, "repeats": args.repeats, "machine": machine(), "rows": rows,
+              "command": "python benchmarks/store_throughput.py " + " ".join(sys.argv[1:])}
+
+    print(f"\n{len(blobs)} blobs, {total / 1e6:.0f} MB, best of {args.repeats}; "
+          f"{result['machine']['cores']} cores ({result['machine']['cpu']})")
+    header = f"| {'path':<22} | {'streams':>7} | {'MB/s':>8} | {'vs readinto':>11} |"
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    for r in rows:
+        name = "readinto (local)" if r["mode"] == "readinto" else f"gRPC --workers {r['workers']}"
+        print(f"| {name:<22} | {r['streams']:>7} | {r['mb_s']:>8.0f} | {r['ratio_to_readinto']:>10.2f}x |")
+    grpc_rows = {(r["workers"], r["streams"]): r["mb_s"] for r in rows if r["mode"] == "grpc"}
+    if len(workers) > 1:
+        for s in streams:
+            ratio = grpc_rows[(workers[-1], s)] / grpc_rows[(workers[0], s)]
+            print(f"{s} stream(s): --workers {workers[-1]} / --workers {workers[0]} = {ratio:.2f}x")
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    png = args.out.with_suffix(".png")
+    plot(result, png)
+    print(f"\nwrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out} and {png.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
