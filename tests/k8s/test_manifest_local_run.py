@@ -355,14 +355,11 @@ def test_dev_overlay_runs_locally(cluster, tmp_path):
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
             assert resp.status == 200 and b"# TYPE" in resp.read()
 
-        # -- the decoder, once its service exists
-        try:
-            import decoder.server  # noqa: F401
-        except ImportError:
-            return
+        # -- the decoder: discovers the store, loads the model, serves Generate
         _, dc, denv, dmounts, dproc = start(cluster, "Deployment", "decoder")
         procs.append(dproc)
         health_checks(cluster, "decoder", dc, denv, dmounts, dproc)
+        assert any(a.startswith("dns:///127.0.0.1:") for a in dproc.argv)  # the k8s:// target, locally
         from expert_store._proto.adapmoe.v1 import decoder_pb2, decoder_pb2_grpc
 
         with grpc.insecure_channel(f"127.0.0.1:{cluster.service_port('decoder', 'grpc')}") as channel:
@@ -377,6 +374,10 @@ def test_dev_overlay_runs_locally(cluster, tmp_path):
                     usage = event.usage
             assert usage is not None and usage.completion_tokens == len(deltas) > 0
             assert usage.finish_reason in ("length", "stop", "eos")
+            assert usage.finish_reason != "length" or usage.completion_tokens == 6
+        metrics_port = cluster.service_port("decoder", "metrics")
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
+            assert b"adapmoe_decoder_generated_tokens" in resp.read()
     finally:
         for p in reversed(procs):
             p.stop()

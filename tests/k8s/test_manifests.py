@@ -207,6 +207,15 @@ def test_grpc_services_use_native_grpc_probes(docs):
         assert live["periodSeconds"] * live["failureThreshold"] > ready["periodSeconds"] * ready["failureThreshold"]
 
 
+def test_shutdown_fits_the_termination_grace_period(docs):
+    for kind, name in GRPC_SERVICES:
+        c = container(docs, kind, name)
+        argv = command_line(docs, c, container_env(docs, {}, c, NAMESPACE))
+        opts = dict(zip(argv, argv[1:]))
+        budget = float(opts.get("--drain", 0)) + float(opts["--grace"])
+        assert budget + 5 <= pod_template(get(docs, kind, name))["spec"]["terminationGracePeriodSeconds"], name
+
+
 def test_redis_is_a_non_persistent_lru_cache(docs):
     c = container(docs, "Deployment", "redis")
     argv = command_line(docs, c, container_env(docs, {}, c, NAMESPACE))
