@@ -338,6 +338,14 @@ def test_bearer_token_required_and_never_logged(server, channel, stub):
     assert TOKEN not in server.log()
 
 
+def test_dns_target_resolves_to_the_replicas(server, store_dir):
+    with StoreClient.open(f"dns:///localhost:{server.port}", token=TOKEN, deadline_s=DEADLINE) as c:
+        assert c.replicas() in (["127.0.0.1:%d" % server.port], ["[::1]:%d" % server.port])
+        if c.replicas()[0].startswith("["):
+            pytest.skip("localhost resolves to ::1 only; the server listens on 127.0.0.1")
+        assert bytes(c.fetch_expert(MODEL, 1, 0, "int4")) == blob_path(store_dir, MODEL, 1, 0, "int4").read_bytes()
+
+
 def test_put_blob_is_all_or_nothing(client, stub, store_dir):
     model = "uploaded"
     config = json.dumps({"num_hidden_layers": 1, "num_local_experts": 2, "hidden_size": 64}).encode()
@@ -415,12 +423,28 @@ def test_health_and_reflection_answer(channel):
 # workers, graceful shutdown, metrics
 
 
+def live_workers_of(procs) -> list[psutil.Process]:
+    out = []
+    for p in procs:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:  # gone
+            pass
+    return out
+
+
+def live_workers(pid: int) -> list[psutil.Process]:
+    """The server's worker processes (not multiprocessing's resource tracker), alive."""
+    return live_workers_of(psutil.Process(pid).children())
+
+
 def test_two_workers_serve_one_port_and_shut_down_gracefully(workdir, store_dir):
     metrics_port = free_port()
     srv = StoreServerProcess(store_dir, "--workers", "2", "--grace", "1", "--ram-bytes", "0",
                              "--metrics-port", str(metrics_port), log_dir=workdir).start()
     try:
-        workers = [p for p in psutil.Process(srv.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        workers = live_workers(srv.pid)
         assert len(workers) == 2 and all(w.is_running() for w in workers)
         want = blob_path(store_dir, MODEL, 1, 1, "int8").read_bytes()
         for _ in range(4):  # separate clients: separate connections, spread by the kernel
@@ -429,6 +453,19 @@ def test_two_workers_serve_one_port_and_shut_down_gracefully(workdir, store_dir)
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
         assert 'adapmoe_store_requests_total{method="FetchExperts",status="OK"} 4.0' in text
         assert "adapmoe_store_bytes_served_total" in text
+        # the parent supervises: a worker that dies is replaced, the port keeps serving
+        workers[0].kill()
+        t_end = time.monotonic() + 30
+        while time.monotonic() < t_end:
+            alive = live_workers(srv.pid)
+            if len(alive) == 2 and workers[0].pid not in {p.pid for p in alive}:
+                break
+            time.sleep(0.1)
+        assert len(alive) == 2 and workers[0].pid not in {p.pid for p in alive}
+        workers = alive
+        for _ in range(4):
+            with StoreClient.open(srv.address, deadline_s=DEADLINE) as c:
+                assert bytes(c.fetch_expert(MODEL, 1, 1, "int8")) == want
         # SIGTERM: health flips to NOT_SERVING first, then the workers drain and exit
         with grpc.insecure_channel(srv.address) as ch:
             watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
@@ -437,7 +474,7 @@ def test_two_workers_serve_one_port_and_shut_down_gracefully(workdir, store_dir)
             assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
             watch.cancel()
         assert srv.proc.wait(20) == 0
-        assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+        assert not live_workers_of(workers)
     finally:
         srv.kill()
 
