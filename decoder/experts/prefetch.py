@@ -59,6 +59,8 @@ class Prefetcher(MoEObserver):
         self.layer_time_s: float | None = None
         # predictions for the current step: target layer -> [(distance, set of experts, per-token idx [T, k])]
         self._pending: dict[int, list[tuple[int, set[int], torch.Tensor]]] = {}
+        self._stack: torch.Tensor | None = None        # routers [L, E, H] on the compute device
+        self._norm_stack: torch.Tensor | None = None   # norm weights [L, H]
         self.reset_stats()
 
     # --- statistics -----------------------------------------------------------------------------
@@ -109,10 +111,9 @@ class Prefetcher(MoEObserver):
         if layer + 1 >= self.L or not self.enabled:
             return
         with torch.no_grad():
-            preds = {}
             k = self.fixed_k or self.max_lookahead
-            for d in range(1, min(k, self.L - 1 - layer) + 1):
-                preds[d] = self._predict(layer, layer + d, x)
+            D = min(k, self.L - 1 - layer)
+            preds = dict(zip(range(1, D + 1), self._predict_many(layer, x, D)))
             if self.fixed_k is None:
                 k = self._adaptive_k(layer, preds)
             self._k_hist[min(k, self.max_lookahead)] += 1
@@ -125,6 +126,9 @@ class Prefetcher(MoEObserver):
 
     def on_routing(self, layer: int, router_logits: torch.Tensor, weights: torch.Tensor,
                    idx: torch.Tensor) -> None:
+        if layer not in self._pending:
+            return
+        idx = idx.cpu()                                                   # one transfer (already synced)
         valid = idx >= 0                                                  # [T, k]
         used = set(int(e) for e in idx[valid].flatten().tolist())
         for d, pred, tok_idx in self._pending.pop(layer, []):
@@ -133,30 +137,49 @@ class Prefetcher(MoEObserver):
             self._tp[layer][d] += len(pred & used)
             if tok_idx.shape[0] == idx.shape[0]:
                 # [T, k_used, 1] == [T, 1, k_pred]: each used expert found among the token's predictions
-                hit = (idx[:, :, None] == tok_idx[:, None, :].to(idx.device)).any(-1) & valid
+                hit = (idx[:, :, None] == tok_idx[:, None, :]).any(-1) & valid
                 self._tok_tp[layer][d] += int(hit.sum())
                 self._tok_used[layer][d] += int(valid.sum())
 
     # --- internals ------------------------------------------------------------------------------
     def _predict(self, layer: int, target: int, x: torch.Tensor) -> tuple[list[int], list[float], torch.Tensor]:
         """Experts layer `target` would pick for hidden states x (layer `layer`'s MoE input)."""
+        return self._predict_many(layer, x, target - layer)[-1]
+
+    def _predict_many(self, layer: int, x: torch.Tensor, D: int) -> list[tuple[list[int], list[float], torch.Tensor]]:
+        """Predictions for layers layer+1 .. layer+D from x: per distance (experts by descending
+        score, their scores, per-token top-k idx [T, k] on the CPU). One device->host transfer."""
         # x: [T, H]
-        xin = x
+        if D <= 0:
+            return []
+        if self._stack is None or self._stack.device != x.device or self._stack.dtype != x.dtype:
+            self._stack = torch.stack([r.to(x.device, x.dtype) for r in self.routers])        # [L, E, H]
+            if self.renorm:
+                self._norm_stack = torch.stack([w.to(x.device, x.dtype) for w in self.norm_weights])  # [L, H]
+        W = self._stack[layer + 1: layer + 1 + D]                                              # [D, E, H]
         if self.renorm:
-            wl = self.norm_weights[layer].to(x.dtype)
-            wj = self.norm_weights[target].to(x.dtype)
-            ratio = torch.where(wl.abs() > 1e-12, wj / wl, torch.zeros_like(wl))  # [H]
-            xin = x * ratio
-        logits = F.linear(xin, self.routers[target].to(x.dtype))                 # [T, E]
+            wl = self._norm_stack[layer]                                                       # [H]
+            wj = self._norm_stack[layer + 1: layer + 1 + D]                                    # [D, H]
+            ratio = torch.where(wl.abs() > 1e-12, wj / wl, torch.zeros_like(wj))
+            xin = x[None] * ratio[:, None, :]                                                  # [D, T, H]
+        else:
+            xin = x[None].expand(D, -1, -1)
+        logits = torch.bmm(xin, W.transpose(1, 2))                                             # [D, T, E]
         probs = F.softmax(logits.float(), dim=-1)
-        w, i = torch.topk(probs, min(self.top_k, self.E), dim=-1)                # [T, k]
+        k = min(self.top_k, self.E)
+        w, i = torch.topk(probs, k, dim=-1)                                                    # [D, T, k]
         w = w / w.sum(dim=-1, keepdim=True)
-        score = torch.zeros(self.E, dtype=torch.float32, device=w.device)
-        score.scatter_reduce_(0, i.flatten(), w.flatten(), reduce="amax")        # [E] best weight per expert
-        chosen = torch.nonzero(score > 0).flatten()
-        order = torch.argsort(score[chosen], descending=True)
-        experts = chosen[order].tolist()
-        return experts, score[experts].tolist(), i
+        packed = torch.cat([w, i.float()], dim=-1).cpu()                                       # one sync
+        w, i = packed[..., :k], packed[..., k:].long()
+        out = []
+        for d in range(D):
+            score = torch.zeros(self.E, dtype=torch.float32)
+            score.scatter_reduce_(0, i[d].flatten(), w[d].flatten(), reduce="amax")           # best weight per expert
+            chosen = torch.nonzero(score > 0).flatten()
+            order = torch.argsort(score[chosen], descending=True)
+            experts = chosen[order].tolist()
+            out.append((experts, score[experts].tolist(), i[d]))
+        return out
 
     def _adaptive_k(self, layer: int, preds: dict[int, tuple[list[int], list[float], torch.Tensor]]) -> int:
         if self.provider is None or not hasattr(self.provider, "load_cost") or not self.layer_time_s:
