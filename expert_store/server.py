@@ -71,6 +71,9 @@ class ServerConfig:
     tls_client_ca: bytes | None = None  # set -> mTLS (client certificates required)
     metrics_port: int | None = None
     reuse_port: bool = False  # True in pre-forked workers (several processes, one port)
+    # fault injection (tests, benchmarks): every expert blob FetchExperts serves waits this long
+    # first, as if its tier were that much slower
+    inject_latency_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not MIN_CHUNK_BYTES <= self.chunk_bytes <= MAX_CHUNK_BYTES:
@@ -83,6 +86,8 @@ class ServerConfig:
             raise ValueError("a client CA (mTLS) needs a server certificate and key")
         if self.token is not None and not self.token:
             raise ValueError("the bearer token is empty")
+        if not 0.0 <= self.inject_latency_s <= 60.0:
+            raise ValueError("inject_latency_s must be in [0, 60]")
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,6 +321,8 @@ class ExpertStoreServicer(pb_grpc.ExpertStoreServicer):
             self._acquire_stream(prefetch=request.priority == pb.PREFETCH)
             acquired = True
             for index, ref in enumerate(request.refs):
+                if self.config.inject_latency_s:
+                    await asyncio.sleep(self.config.inject_latency_s)
                 blob = await self._call(self.store.expert_blob, request.model, ref.layer, ref.expert, ref.precision)
                 total = len(blob)
                 for offset, data, last in chunks(blob, ref.offset, self.config.chunk_bytes):
@@ -717,6 +724,10 @@ def run_workers(spec: StoreSpec, config: ServerConfig, workers: int, ready_timeo
                     raise RuntimeError("workers keep dying (more than 5 restarts in a minute); giving up")
                 log.warning("worker %d exited with %s; restarting it", proc.pid, proc.exitcode)
                 conn.close()
+                if metrics_dir is not None:  # its live gauges no longer count
+                    from prometheus_client import multiprocess
+
+                    multiprocess.mark_process_dead(proc.pid, metrics_dir)
                 procs[i] = spawn()
         return 0
     finally:
