@@ -322,7 +322,8 @@ class MemberSet:
                 self._lock.wait(left)
             return sorted(m.address for m in self._members)
 
-    def _set(self, members: frozenset[Member]) -> None:
+    def update(self, members: frozenset[Member]) -> None:
+        """Replace the set (the watchers call this); subscribers hear of a change at once."""
         with self._lock:
             self._known = True
             self.last_error = None
@@ -422,7 +423,7 @@ class K8sEndpointWatcher(MemberSet):
         result = self._api.list_namespaced_endpoint_slice(
             self.spec.namespace, label_selector=self._selector, _request_timeout=self._request_timeout_s
         )
-        self._set(self._state.replace(result.items, result.metadata.resource_version))
+        self.update(self._state.replace(result.items, result.metadata.resource_version))
 
     def _watch_once(self) -> None:
         from kubernetes import watch
@@ -441,7 +442,7 @@ class K8sEndpointWatcher(MemberSet):
             if self._stop.is_set():
                 break
             obj = event["raw_object"] if event["type"] == "BOOKMARK" else event["object"]
-            self._set(self._state.apply(event["type"], obj))
+            self.update(self._state.apply(event["type"], obj))
 
     def _run(self) -> None:
         from kubernetes.client.exceptions import ApiException
@@ -514,7 +515,7 @@ class DnsWatcher(MemberSet):
 
     def _resolve(self) -> None:
         try:
-            self._set(resolve_dns(self.spec.host, self.spec.port))
+            self.update(resolve_dns(self.spec.host, self.spec.port))
         except OSError as e:
             self._error(f"getaddrinfo({self.spec.host!r}): {e}")
             log.warning("discovery %s: %s", self.target, self.last_error)

@@ -266,15 +266,15 @@ def test_member_set_notifies_and_waits():
         ms.wait_ready(timeout_s=0.05)
 
     m0 = frozenset({Member("10.0.0.1:50051", "s-0")})
-    t = threading.Timer(0.05, ms._set, args=(m0,))
+    t = threading.Timer(0.05, ms.update, args=(m0,))
     t.start()
     assert ms.wait_ready(timeout_s=5) == ["10.0.0.1:50051"]
     t.join()
-    ms._set(m0)  # no change -> no callback
+    ms.update(m0)  # no change -> no callback
     ms.subscribe(lambda a: 1 / 0)  # a failing subscriber does not stop the others
-    ms._set(m0 | {Member("10.0.0.2:50051", "s-1")})
+    ms.update(m0 | {Member("10.0.0.2:50051", "s-1")})
     unsubscribe()
-    ms._set(frozenset())
+    ms.update(frozenset())
     assert seen == [["10.0.0.1:50051"], ["10.0.0.1:50051", "10.0.0.2:50051"]]
     assert ms.addresses() == [] and ms.version == 3
 
