@@ -1,8 +1,10 @@
 """`moe-decoder serve` end to end: a real `expert-store serve` and a real decoder server as
 child processes on loopback, a tiny packed checkpoint, real gRPC clients.
 
-Reference results come from an in-process `Engine.from_store` on the same store directory:
-the service must stream exactly its greedy tokens, alone or batched with other requests.
+Reference results come from an in-process `Engine.from_store` on the same store directory
+(every expert resident): the service, which runs the AdapMoE GPU/host cache with room for
+fewer experts than the model has, must stream exactly its greedy tokens, alone or batched
+with other requests.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ pytestmark = pytest.mark.timeout(240)
 torch.set_num_threads(1)
 
 CTX = 512
+EXPERT_BYTES = 3 * 64 * 96 * 2        # one bf16 expert of the tiny model
+GPU_CACHE, HOST_CACHE = 5 * EXPERT_BYTES, 6 * EXPERT_BYTES
 PROMPTS = ["Once upon a time", "The quick brown fox jumps over", "Hello, world!", "Numbers: 0 1 2 3",
            "def forward(x): return silu(x @ w1.T)"]
 
@@ -46,7 +50,9 @@ def store(store_dir):
 @pytest.fixture(scope="module")
 def decoder(store):
     with ServiceProcess.decoder(store.address, "tiny", "--max-active", "4", "--max-queue", "4",
-                                "--drain", "1.5", "--grace", "30") as d:
+                                "--drain", "1.5", "--grace", "30",
+                                # the AdapMoE cache, smaller than the model's 8 experts: evictions
+                                "--gpu-cache-bytes", str(GPU_CACHE), "--host-cache-bytes", str(HOST_CACHE)) as d:
         yield d
 
 
@@ -208,7 +214,10 @@ def test_metrics_endpoint_serves_the_counters(stub, decoder):
     assert values["adapmoe_decoder_generated_tokens_total"] >= 5
     assert values["adapmoe_decoder_queue_depth"] == 0
     assert "adapmoe_decoder_active_sequences" in values and "adapmoe_decoder_tokens_per_second" in values
-    assert values['adapmoe_decoder_cache_hit_rate{tier="gpu"}'] > 0
+    for tier in ("gpu", "host", "store"):
+        assert 0 <= values[f'adapmoe_decoder_cache_hit_rate{{tier="{tier}"}}'] <= 1
+        assert values[f'adapmoe_decoder_cache_tier_bytes{{tier="{tier}"}}'] > 0
+    assert values['adapmoe_decoder_cache_tier_hits{tier="gpu"}'] > 0
     assert values["adapmoe_decoder_store_bytes_fetched"] > 0
     assert values["adapmoe_decoder_batch_size_count"] > 0
     # GetStats carries engine.stats()
