@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-port", type=int, metavar="P", help="serve Prometheus metrics on this port")
     s.add_argument("--ram-bytes", type=_size, default=256 << 20, help="RAM tier budget per worker (0 = none)")
     s.add_argument("--grace", type=float, default=5.0, metavar="S", help="shutdown grace for in-flight streams")
+    s.add_argument("--inject-latency-ms", type=float, default=0.0, metavar="MS",
+                   help="fault injection (tests, benchmarks): delay every expert blob served by this much")
 
     for name, help_ in (("inspect", "list models, blobs and sizes"), ("verify", "check every checksum")):
         c = sub.add_parser(name, help=help_)
@@ -144,7 +146,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         listen=args.listen, max_refs=args.max_refs, max_streams=args.max_streams, grace_s=args.grace,
         token=token, tls_cert=_read_file(args.tls_cert, "TLS certificate"),
         tls_key=_read_file(args.tls_key, "TLS key"), tls_client_ca=_read_file(args.tls_client_ca, "client CA"),
-        metrics_port=args.metrics_port)
+        metrics_port=args.metrics_port, inject_latency_s=args.inject_latency_ms / 1000.0)
     spec = StoreSpec(args.store, redis_url=args.redis, ram_bytes=args.ram_bytes)
     if args.workers == 1:
         run_single(spec, config)
