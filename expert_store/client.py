@@ -20,8 +20,9 @@ Over gRPC
   disjoint share of the hot set (cache affinity); the rest are the failover order, and
   removing a replica moves only the keys it owned.
 - Only UNAVAILABLE and a broken stream (connection reset, a stream that ends early) are
-  retried: on the next replica, resuming every blob from the byte it had reached. Every
-  other status maps to its expert_store.errors class at once.
+  retried: on the next replica, resuming every blob from the byte it had reached. DATA_LOSS
+  (that replica's copy is corrupt) is tried once on each other replica. Every other status
+  maps to its expert_store.errors class at once.
 - Each RPC attempt has a deadline (deadline_s). At most max_streams streams run at once
   per client (a semaphore shared by all calls); fetch_experts spreads its refs over up to
   that many parallel streams.
@@ -528,6 +529,10 @@ class GrpcStoreClient(StoreClient):
                 replica.suspect_until = 0.0
                 return result
             except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.DATA_LOSS and attempt + 1 < min(attempts, len(order)):
+                    # this replica's copy failed its integrity check: another may hold a good one
+                    log.warning("%s: %s: DATA_LOSS %s; trying the next replica", what, replica.address, e.details())
+                    continue
                 if not _retryable(e):
                     raise _store_error(e, replica.address) from None
                 last = f"{replica.address}: {e.code().name} {e.details()}"
