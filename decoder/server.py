@@ -19,6 +19,10 @@ prints "listening on HOST:PORT" once it serves. A thin grpc.aio servicer over
 - Prometheus metrics on --metrics-port (requests and latency by status, tokens, tokens/s,
   queue depth, active sequences, batch sizes, cache hit rates and bytes per tier).
 - One JSON log line per request on stderr (id, status, token counts, latency; never text).
+- Security (all optional): a bearer token clients must send (--auth-token-file or
+  $MOE_DECODER_TOKEN; constant-time compare, health exempt, never logged), TLS or mTLS for
+  clients (--tls-cert/--tls-key[/--tls-client-ca]), and TLS/mTLS to the store
+  (--store-tls-ca[/--store-tls-cert/--store-tls-key]) next to the store token.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import collections
 import json
 import logging
 import math
+import os
 import re
 import signal
 import sys
@@ -53,6 +58,7 @@ request_log = logging.getLogger("decoder.requests")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Decoder"].full_name  # "adapmoe.v1.Decoder"
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+TOKEN_ENV = "MOE_DECODER_TOKEN"  # the token clients of this service must send (--auth-token-file wins)
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,18 @@ class ServiceConfig:
     grace_s: float = 10.0           # on SIGTERM: in-flight streams get this long
     drain_s: float = 1.0            # on SIGTERM: NOT_SERVING but still accepting for this long
     max_prompt_chars: int = 1 << 20 # longer prompt text is refused before tokenizing
+    token: str | None = None        # bearer token clients must send (None = no auth)
+    tls_cert: bytes | None = None   # PEM; with tls_key: serve TLS
+    tls_key: bytes | None = None
+    tls_client_ca: bytes | None = None  # PEM; set: clients need a certificate it signed (mTLS)
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate and a key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("a client CA (mTLS) needs a server certificate and key")
+        if self.token is not None and not self.token:
+            raise ValueError("the bearer token is empty")
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,10 +286,13 @@ class DecoderServicer(pb_grpc.DecoderServicer):
         seq = None
         try:
             spec = self._spec(request)
+            if not self.scheduler.alive:
+                raise _Abort("UNAVAILABLE", "the decoder is not serving")
+            self.scheduler.ensure_room()  # refuse before spending CPU on the prompt
             ids = await asyncio.to_thread(self._prompt_ids, request)
             prompt_n = len(ids)
             remaining = context.time_remaining()
-            deadline = time.monotonic() + remaining if remaining is not None else None
+            deadline = time.monotonic() + remaining if remaining is not None and remaining < 1e9 else None
             loop = asyncio.get_running_loop()
             events: asyncio.Queue = asyncio.Queue()
 
@@ -377,7 +398,10 @@ class DecoderServer:
         self.scheduler = scheduler
         self.config = config
         self.metrics = metrics or DecoderMetrics(False)
-        self.server = grpc.aio.server(options=[
+        from expert_store.server import BearerTokenInterceptor  # constant-time check, health exempt
+
+        interceptors = [BearerTokenInterceptor(config.token)] if config.token else []
+        self.server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
@@ -397,7 +421,13 @@ class DecoderServer:
 
     async def start(self) -> str:
         host, port = split_host_port(self.config.listen)
-        self.port = self.server.add_insecure_port(_join(host, port))
+        if self.config.tls_cert is not None:
+            creds = grpc.ssl_server_credentials(
+                [(self.config.tls_key, self.config.tls_cert)], root_certificates=self.config.tls_client_ca,
+                require_client_auth=self.config.tls_client_ca is not None)
+            self.port = self.server.add_secure_port(_join(host, port), creds)
+        else:
+            self.port = self.server.add_insecure_port(_join(host, port))
         if self.port == 0:
             raise OSError(f"could not bind {self.config.listen}")
         await self.server.start()
@@ -407,6 +437,20 @@ class DecoderServer:
 
     def request_stop(self) -> None:
         self._stopping.set()
+
+    async def watch_scheduler(self, interval_s: float = 1.0) -> None:
+        """Health NOT_SERVING (readiness and liveness fail: the kubelet restarts us) if the
+        scheduler's step loop dies."""
+        while not self._stopping.is_set():
+            if not self.scheduler.alive:
+                log.error("the batch scheduler is not running: health NOT_SERVING")
+                await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+                await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+                return
+            try:
+                await asyncio.wait_for(self._stopping.wait(), interval_s)
+            except asyncio.TimeoutError:
+                pass
 
     async def wait_and_stop(self) -> None:
         """Wait for request_stop() (SIGTERM/SIGINT), then: health NOT_SERVING; keep accepting
@@ -431,7 +475,11 @@ async def serve(scheduler: BatchScheduler, config: ServiceConfig, metrics: Decod
             loop.add_signal_handler(sig, srv.request_stop)
     if on_ready is not None:
         on_ready(address)
-    await srv.wait_and_stop()
+    watchdog = asyncio.create_task(srv.watch_scheduler())
+    try:
+        await srv.wait_and_stop()
+    finally:
+        watchdog.cancel()
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,6 +504,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", "--store-token-file", dest="token_file", default=None,
                    help="bearer token for the store (default: $EXPERT_STORE_TOKEN)")
     p.add_argument("--store-deadline", type=float, default=30.0, help="seconds per store RPC attempt")
+    p.add_argument("--store-tls-ca", default=None, metavar="F", help="CA (PEM) of the store's TLS certificate")
+    p.add_argument("--store-tls-cert", default=None, metavar="F", help="client certificate (PEM) for store mTLS")
+    p.add_argument("--store-tls-key", default=None, metavar="F", help="client key (PEM) for store mTLS")
+    p.add_argument("--store-tls-server-name", default=None, help="expected name in the store's certificate")
+    p.add_argument("--auth-token-file", default=None, metavar="F",
+                   help=f"require this bearer token from clients (default: ${TOKEN_ENV}, if set)")
+    p.add_argument("--tls-cert", default=None, metavar="F", help="serve TLS with this certificate chain (PEM)")
+    p.add_argument("--tls-key", default=None, metavar="F", help="private key (PEM) of --tls-cert")
+    p.add_argument("--tls-client-ca", default=None, metavar="F",
+                   help="require client certificates signed by this CA (mTLS)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: float32 on cpu, bfloat16 on cuda)")
@@ -482,6 +540,27 @@ def _setup_logging(level: str) -> None:
     request_log.setLevel(logging.INFO)
 
 
+def _read_auth_token(path: str | None) -> str | None:
+    """The token this service requires: from a file (stripped), else $MOE_DECODER_TOKEN, else None."""
+    if path:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+        if not token:
+            raise ValueError(f"token file {path} is empty")
+        return token
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def _read_pem(path: str | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data:
+        raise ValueError(f"--{what} {path} is empty")
+    return data
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -499,7 +578,12 @@ def main(argv: list[str] | None = None) -> int:
     listen_host, _ = split_host_port(args.listen)
     dtype = getattr(torch, args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32"))
     token = read_token(args.token_file)
-    client = StoreClient.open(args.store, token=token, deadline_s=args.store_deadline)
+    auth_token = _read_auth_token(args.auth_token_file)
+    tls = {name: _read_pem(getattr(args, name), name.replace("_", "-"))
+           for name in ("tls_cert", "tls_key", "tls_client_ca")}
+    client = StoreClient.open(args.store, token=token, deadline_s=args.store_deadline, tls_ca=args.store_tls_ca,
+                              tls_cert=args.store_tls_cert, tls_key=args.store_tls_key,
+                              tls_server_name=args.store_tls_server_name)
     try:
         engine = Engine.from_store(client, args.model, device=args.device, dtype=dtype, gating=args.gating,
                                    gpu_cache_bytes=args.gpu_cache_bytes, host_cache_bytes=args.host_cache_bytes,
@@ -516,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
                 mport = metrics.serve_http(args.metrics_host or listen_host, args.metrics_port)
                 print(f"metrics on {_join(args.metrics_host or listen_host, mport)}", flush=True)
             config = ServiceConfig(listen=args.listen, default_max_tokens=args.default_max_tokens,
-                                   grace_s=args.grace, drain_s=args.drain)
+                                   grace_s=args.grace, drain_s=args.drain, token=auth_token, **tls)
             scheduler.start()
             try:
                 asyncio.run(serve(scheduler, config, metrics,
