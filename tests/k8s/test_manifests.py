@@ -207,6 +207,23 @@ def test_grpc_services_use_native_grpc_probes(docs):
         assert live["periodSeconds"] * live["failureThreshold"] > ready["periodSeconds"] * ready["failureThreshold"]
 
 
+def test_decoder_caches_fit_its_memory_limit(docs):
+    """Host tier + shared-memory arena (+ the 'GPU' slots when the device is the CPU) stay well
+    under the container's memory limit; on cuda the GPU slots are device memory."""
+    c = container(docs, "Deployment", "decoder")
+    argv = command_line(docs, c, container_env(docs, {}, c, NAMESPACE))
+    opts = dict(zip(argv, argv[1:]))
+    from decoder.cli import parse_size
+
+    host, gpu = parse_size(opts["--host-cache-bytes"]), parse_size(opts["--gpu-cache-bytes"])
+    volumes = {v["name"]: v for v in pod_template(get(docs, "Deployment", "decoder"))["spec"]["volumes"]}
+    (shm,) = [volumes[m["name"]] for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    assert shm["emptyDir"]["medium"] == "Memory"  # counts against the memory limit
+    used = host + _bytes(shm["emptyDir"]["sizeLimit"]) + (gpu if opts["--device"] == "cpu" else 0)
+    assert used <= 0.75 * _bytes(c["resources"]["limits"]["memory"])
+    assert gpu > 0 and host > 0
+
+
 def test_shutdown_fits_the_termination_grace_period(docs):
     for kind, name in GRPC_SERVICES:
         c = container(docs, kind, name)
