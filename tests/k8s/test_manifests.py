@@ -360,6 +360,8 @@ def test_gpu_overlay_requests_one_gpu_for_the_decoder_only():
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
     assert by_prefix(docs, "ConfigMap", "adapmoe-settings")["data"]["DECODER_DEVICE"] == "cuda"
     assert re.search(r"cu\d+", container(docs, "Deployment", "decoder")["image"])
+    # a rollout must not need a spare GPU
+    assert dec["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
     for w in workloads(docs):
         if w["metadata"]["name"] == "decoder":
             continue
