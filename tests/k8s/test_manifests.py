@@ -48,6 +48,16 @@ def k8s_versions() -> list[str]:
     return versions
 
 
+@pytest.fixture(scope="module", autouse=True)
+def cached_schemas():
+    """kubernetes-validate re-reads its JSON schema files on every call; read each once."""
+    import functools
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kv_utils, "schema_contents", functools.lru_cache(maxsize=None)(kv_utils.schema_contents))
+        yield
+
+
 @pytest.fixture(scope="module", params=list(OVERLAYS))
 def overlay(request):
     return request.param
