@@ -153,8 +153,9 @@ def format_stats(s: dict[str, Any]) -> str:
         ("stall per token", f"{1000 * s.get('stall_s_per_token', 0.0):.2f} ms"),
     ]
     for name, t in (s.get("tiers") or {}).items():
+        moved = f"; {_bytes(t['bytes_per_token'])}/token loaded" if "bytes_per_token" in t else ""
         rows.append((f"{name} hit rate", f"{100 * t.get('hit_rate', 0.0):.1f} % "
-                                         f"({t.get('hits', 0)} hits, {t.get('misses', 0)} misses)"))
+                                         f"({t.get('hits', 0)} hits, {t.get('misses', 0)} misses{moved})"))
     for key in ("prefetch", "prefetcher"):
         pf = s.get(key)
         if isinstance(pf, dict) and ("precision" in pf or "recall" in pf):

@@ -57,10 +57,10 @@ class RoutingStats(MoEObserver):
         self.reset()
 
     def reset(self) -> None:
-        self.decisions: dict[str, int] = {}     # (token, layer) routing decisions
-        self.experts_used: dict[str, int] = {}  # sum over decisions of experts used
-        self.single: dict[str, int] = {}        # decisions that used exactly one expert
-        self.loads = torch.zeros(self.L, self.E, dtype=torch.int64)
+        # device-side accumulators: no host sync on the per-token path (read in summary())
+        self.decisions: dict[str, int] = {}              # (token, layer) routing decisions
+        self._acc: dict[str, torch.Tensor] = {}          # phase -> [experts used, single-expert decisions]
+        self._loads: torch.Tensor | None = None          # [L, E]
 
     def on_routing(self, layer: int, router_logits: torch.Tensor, weights: torch.Tensor,
                    idx: torch.Tensor) -> None:
@@ -68,15 +68,28 @@ class RoutingStats(MoEObserver):
         per_token = valid.sum(dim=-1)                        # [T]
         p = self.phase
         self.decisions[p] = self.decisions.get(p, 0) + int(per_token.numel())
-        self.experts_used[p] = self.experts_used.get(p, 0) + int(per_token.sum())
-        self.single[p] = self.single.get(p, 0) + int((per_token == 1).sum())
-        self.loads[layer] += torch.bincount(idx[valid].flatten().cpu(), minlength=self.E)
+        acc = torch.stack([per_token.sum(), (per_token == 1).sum()])
+        self._acc[p] = self._acc[p] + acc if p in self._acc else acc
+        if self._loads is None or self._loads.device != idx.device:
+            self._loads = torch.zeros(self.L, self.E, dtype=torch.int64, device=idx.device)
+        onehot = torch.nn.functional.one_hot(idx.clamp(min=0), self.E) * valid.unsqueeze(-1)  # [T, k, E]
+        self._loads[layer] += onehot.sum(dim=(0, 1))
+
+    @property
+    def loads(self) -> torch.Tensor:
+        """[L, E] routing decisions per expert (all phases)."""
+        if self._loads is None:
+            return torch.zeros(self.L, self.E, dtype=torch.int64)
+        return self._loads.cpu()
 
     def summary(self, phase: str | None = None) -> dict[str, float]:
         phases = [phase] if phase else list(self.decisions)
         d = sum(self.decisions.get(p, 0) for p in phases)
-        u = sum(self.experts_used.get(p, 0) for p in phases)
-        s = sum(self.single.get(p, 0) for p in phases)
+        u = s = 0
+        for p in phases:
+            if p in self._acc:
+                used, single = self._acc[p].tolist()
+                u, s = u + used, s + single
         return {"decisions": d,
                 "experts_per_token": (u / d) if d else 0.0,
                 "single_expert_ratio": (s / d) if d else 0.0}
@@ -314,11 +327,14 @@ class Engine:
         dec = self.routing.summary("decode")
         allp = self.routing.summary()
         pstats = self.provider.stats() or {}
+        tokens = max(1, c.generated_tokens + c.scored_tokens)
         tiers = {}
         for name, t in (pstats.get("tiers") or {}).items():
             t = dict(t)
             lookups = t.get("hits", 0) + t.get("misses", 0)
             t.setdefault("hit_rate", (t.get("hits", 0) / lookups) if lookups else 0.0)
+            if "bytes" in t:  # bytes moved into this tier
+                t.setdefault("bytes_per_token", t["bytes"] / tokens)
             tiers[name] = t
         steps = c.decode_steps + c.requests  # forward steps that produced a token
         bytes_fetched = int(pstats.get("bytes_fetched", 0))
@@ -342,7 +358,7 @@ class Engine:
             "routing": {p: self.routing.summary(p) for p in self.routing.decisions},
             "expert_loads": self.routing.loads.tolist(),
             "bytes_fetched": bytes_fetched,
-            "bytes_fetched_per_token": bytes_fetched / max(1, c.generated_tokens + c.scored_tokens),
+            "bytes_fetched_per_token": bytes_fetched / tokens,
             "fetches": int(pstats.get("fetches", 0)),
             "stall_s": float(pstats.get("stall_s", 0.0)),
             "stall_s_per_token": float(pstats.get("stall_s", 0.0)) / max(1, steps),

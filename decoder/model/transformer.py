@@ -230,15 +230,18 @@ class MoEBlock(nn.Module):
         for obs in observers:
             obs.on_routing(self.layer, router_logits, weights, idx)
 
-        needed = sorted(int(e) for e in torch.unique(idx[idx >= 0]).tolist())
+        # the routing decisions go to the host once per layer (the provider is driven from Python)
+        idx_host = idx.detach().cpu()                             # [T, k]
+        needed = sorted(set(idx_host[idx_host >= 0].tolist()))
         experts.prepare(self.layer, needed)
         # compute ready experts first (their loads are done), the rest as they arrive ...
-        order = [e for e in needed if experts.ready(self.layer, e)]
-        order += [e for e in needed if e not in set(order)]
+        ready = [e for e in needed if experts.ready(self.layer, e)]
+        order = ready + [e for e in needed if e not in set(ready)]
         partial: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         try:
             for e in order:
-                tok, slot = torch.where(idx == e)                 # tokens routed to e, their top-k slot
+                tok, slot = torch.where(idx_host == e)            # tokens routed to e, their top-k slot
+                tok, slot = tok.to(xt.device, non_blocking=True), slot.to(xt.device, non_blocking=True)
                 w = experts.get(self.layer, e)
                 y = w(xt[tok]) * weights[tok, slot, None]         # [T_e, H] (float32 if weights are)
                 partial[e] = (tok, y)
