@@ -40,6 +40,11 @@ class CountingGating(Gating):
 
     name = "counting"
 
+    # HOBBIT-style hint (optional): experts whose largest weight in a call is below this may be
+    # served at the cache's lower `miss_precision` when they miss (provider.allow_low_precision).
+    miss_threshold: float | None = None
+    miss_provider: Any = None
+
     def __init__(self, top_k: int, num_layers: int, sensitivity: Sequence[float] | None = None) -> None:
         if top_k < 1:
             raise ValueError("top_k must be >= 1")
@@ -80,7 +85,34 @@ class CountingGating(Gating):
         }
 
     # --- routing ----------------------------------------------------------------------------
+    def set_miss_precision_hint(self, provider: Any, threshold: float | None) -> None:
+        """Let `provider` load experts whose weight is below `threshold` at its miss precision."""
+        if threshold is not None and not 0 <= threshold <= 1:
+            raise ValueError("miss precision threshold must be in [0, 1] (a routing weight)")
+        self.miss_provider = provider if threshold is not None else None
+        self.miss_threshold = threshold
+
     def route(self, layer: int, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, idx = self._route(layer, router_logits)
+        if self.miss_threshold is not None and self.miss_provider is not None:
+            self._hint_low_precision(layer, weights, idx)
+        return weights, idx
+
+    def _hint_low_precision(self, layer: int, weights: torch.Tensor, idx: torch.Tensor) -> None:
+        # the largest weight each used expert gets in this call; low-weight experts may come at low precision
+        E = int(idx.max()) + 1 if idx.numel() else 0
+        if E <= 0:
+            return
+        best = torch.zeros(E, dtype=torch.float32, device=weights.device)
+        valid = idx >= 0
+        best.scatter_reduce_(0, idx[valid], weights[valid].float(), reduce="amax")
+        best = best.cpu()
+        used = set(int(e) for e in idx[valid].unique().tolist())
+        low = [e for e in used if float(best[e]) < self.miss_threshold]
+        if low:
+            self.miss_provider.allow_low_precision(layer, low)
+
+    def _route(self, layer: int, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # router_logits: [T, E] -> weights [T, k] float32, idx [T, k] int64 (-1 = unused slot)
         weights, idx = topk_route(router_logits, self.top_k)
         T = weights.shape[0]
@@ -261,12 +293,27 @@ def profile_sensitivity(profile: Any, num_layers: int | None = None) -> list[flo
 
 def make_gating(name: str, *, config: Any, provider: Any = None, budget: float | None = None,
                 profile: Any = None, threshold: float | None = None, loss_bound: float | None = None,
-                sensitivity: Sequence[float] | None = None, store_cost_ratio: float = 10.0) -> Gating:
+                sensitivity: Sequence[float] | None = None, store_cost_ratio: float = 10.0,
+                miss_precision_threshold: float | None = None) -> Gating:
     """Build a gating by name (see GATINGS). config: ModelConfig (top_k, layers).
 
     uniform: `threshold` (or `budget`) is the w2 threshold. adaptive / cost-aware: `budget` is T,
     sensitivity from `sensitivity` or the calibration `profile` (the store's profile.json).
+    miss_precision_threshold: with an ExpertCache built with `miss_precision`, experts whose
+    routing weight is below it are loaded at that lower precision when they miss (HOBBIT).
     """
+    g = _make_gating(name, config=config, provider=provider, budget=budget, profile=profile, threshold=threshold,
+                     loss_bound=loss_bound, sensitivity=sensitivity, store_cost_ratio=store_cost_ratio)
+    if miss_precision_threshold is not None:
+        if provider is None or not hasattr(provider, "allow_low_precision"):
+            raise ValueError("--miss-precision needs the AdapMoE expert cache (give cache budgets)")
+        g.set_miss_precision_hint(provider, miss_precision_threshold)
+    return g
+
+
+def _make_gating(name: str, *, config: Any, provider: Any, budget: float | None, profile: Any,
+                 threshold: float | None, loss_bound: float | None, sensitivity: Sequence[float] | None,
+                 store_cost_ratio: float) -> CountingGating:
     k = int(config.num_experts_per_tok)
     L = int(config.num_hidden_layers)
     if name == "topk":

@@ -33,6 +33,7 @@ into the GPU from each tier (`load_cost`), which cost-aware gating reads.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -112,7 +113,8 @@ class ExpertCache(ExpertProvider):
                  gpu_cache_bytes: int | None = None, host_cache_bytes: int | None = 0,
                  plan: str = "uniform", profile: Mapping[str, Any] | None = None,
                  scratch_slots: int | None = None, workers: int = 1, ewma_alpha: float = 0.3,
-                 pin_memory: bool | None = None) -> None:
+                 pin_memory: bool | None = None, miss_precision: str | None = None,
+                 low_slots: int | None = None) -> None:
         cfg = source.config
         self.source = source
         self.config = cfg
@@ -188,6 +190,15 @@ class ExpertCache(ExpertProvider):
         prior_host = self.raw_size / (PRIOR_BANDWIDTH["host_cuda" if self.cuda else "host_cpu"])
         self._cost = {"host": _Ewma(ewma_alpha, prior_host),
                       "store": _Ewma(ewma_alpha, max_blob / PRIOR_BANDWIDTH["store"])}
+        # --- optional low-precision copies for demand misses of low-weight experts (HOBBIT) ---
+        self.miss_precision = miss_precision
+        self._allow_low: set[tuple[int, int]] = set()
+        self._low: _LowPrecisionTier | None = None
+        if miss_precision is not None:
+            if miss_precision == self.precision:
+                raise ValueError(f"miss_precision must differ from the cache precision ({self.precision})")
+            low_source = dataclasses.replace(source, precision=miss_precision)  # checks the store has it
+            self._low = _LowPrecisionTier(self, low_source, int(low_slots or max(self.L, 2 * self.top_k)))
         self.reset_stats()
         self._threads = [threading.Thread(target=self._worker, name=f"expert-loader-{i}", daemon=True)
                          for i in range(self.workers)]
@@ -206,11 +217,15 @@ class ExpertCache(ExpertProvider):
                            prefetch_cancelled=0, prefetch_unused_evicted=0, prefetch_errors=0,
                            evictions_gpu=0, evictions_host=0, scratch_loads=0, transient_loads=0,
                            inline_loads=0, errors=0)
+            # demand lookups served by the low-precision tier (lookups = hits + misses)
+            self._low_c = {"lookups": 0, "hits": 0, "misses": 0, "bytes": 0, "loads": 0}
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
             self._harvest_timings()
             tiers = {t: dict(v) for t, v in self._tier.items()}
+            if self._low is not None:
+                tiers["gpu-" + self.miss_precision] = dict(self._low_c)
             for v in tiers.values():
                 v["hit_rate"] = (v["hits"] / v["lookups"]) if v["lookups"] else 0.0
             steps = max(1, self._c["steps"])
@@ -303,6 +318,8 @@ class ExpertCache(ExpertProvider):
                     self._finish(task, dropped=True)
                     self._c["prefetch_cancelled"] += 1
             for e in sorted(needed):
+                if self._use_low(layer, e):
+                    continue          # get() serves it from the low-precision tier
                 self._lookup(layer, e)
 
     def get(self, layer: int, expert: int) -> ExpertWeights:
@@ -310,6 +327,18 @@ class ExpertCache(ExpertProvider):
         key = (layer, expert)
         t0 = time.perf_counter()
         stalled = False
+        with self._lock:
+            low = self._use_low(layer, expert)
+        if low:
+            w, ev, waited = self._low.get(layer, expert)
+            if ev is not None:
+                stream = torch.cuda.current_stream(self.device)
+                self._compute_stream = stream
+                stream.wait_event(ev)
+            if waited:
+                with self._lock:
+                    self._c["stall_s"] += time.perf_counter() - t0
+            return w
         with self._lock:
             if key not in self._looked_up:
                 self._lookup(layer, expert)
@@ -357,6 +386,9 @@ class ExpertCache(ExpertProvider):
             for e in experts:
                 self._pinned_keys.discard((layer, e))
                 self._looked_up.discard((layer, e))
+                self._allow_low.discard((layer, e))
+            if self._low is not None:
+                self._low.release(layer)
             if self.cuda and handed:
                 ev = torch.cuda.Event()
                 ev.record(torch.cuda.current_stream(self.device))
@@ -384,6 +416,23 @@ class ExpertCache(ExpertProvider):
                     continue
                 score = float(scores[i]) if scores is not None else 0.0
                 self._enqueue(key, "prefetch", score=score)
+
+    def allow_low_precision(self, layer: int, experts: Sequence[int]) -> None:
+        """Gating hint for the coming forward of `layer`: these experts carry little weight, so a
+        demand miss may be served at `miss_precision` instead (HOBBIT). Experts already on the GPU
+        at full precision (or on their way) are used as they are."""
+        if self._low is None:
+            return
+        with self._lock:
+            for e in experts:
+                e = int(e)
+                self._check(layer, e)
+                if e not in self._gpu[layer] and (layer, e) not in self._tasks:
+                    self._allow_low.add((layer, e))
+
+    def _use_low(self, layer: int, expert: int) -> bool:
+        return (self._low is not None and (layer, expert) in self._allow_low
+                and expert not in self._gpu[layer] and (layer, expert) not in self._tasks)
 
     def close(self) -> None:
         with self._lock:
@@ -755,6 +804,114 @@ class ExpertCache(ExpertProvider):
                     return False
                 self._cond.wait(timeout=min(left, 0.05))
         return True
+
+
+# ---------------------------------------------------------------------------------------------
+class _LowPrecisionTier:
+    """GPU copies of experts at a lower precision (e.g. int4), for demand misses of experts the
+    gating marked as low-weight (HOBBIT): a smaller blob crosses the link instead of the full one.
+    A small pool of fixed slots, one LRU over all layers; loads run on the caller's thread (they
+    are demand loads), through one pinned staging buffer, H2D on the cache's copy stream."""
+
+    def __init__(self, cache: ExpertCache, source: ExpertSource, slots: int) -> None:
+        from expert_store import format as blob_format
+
+        self.cache, self.source = cache, source
+        probe = bytes(source.fetch(0, 0, priority="demand"))
+        header, _ = blob_format.read_header(probe)
+        self.raw_size = int(header.raw_size)
+        self.slot_bytes = _align(self.raw_size, GPU_ALIGN)
+        max_blob = max([len(probe)] + [source.blob_size(l, e) or 0 for l in range(cache.L) for e in range(cache.E)])
+        stage = _align(max(max_blob, self.raw_size), HOST_ALIGN)
+        if slots < cache.top_k:
+            raise ValueError(f"low_slots must be >= top_k ({cache.top_k})")
+        self.pool = torch.empty((slots, self.slot_bytes), dtype=torch.uint8, device=cache.device)
+        host = torch.empty((2, stage), dtype=torch.uint8)
+        self.stage = host.pin_memory() if cache.pinned else host
+        self.stage_event: Any = None
+        self.free = list(range(slots - 1, -1, -1))
+        self.lru: OrderedDict[tuple[int, int], _GpuEntry] = OrderedDict()
+        self.handed: set[tuple[int, int]] = set()
+        self.lock = threading.Lock()   # one low-precision load at a time (a single staging pair)
+
+    def get(self, layer: int, expert: int) -> tuple[ExpertWeights, Any, bool]:
+        """(weights, copy event or None, whether it had to load). Counts the lookup."""
+        from expert_store import format as blob_format
+        from expert_store.quant import tensors_from_raw
+
+        c = self.cache
+        key = (layer, expert)
+        with c._lock:
+            c._low_c["lookups"] += 1
+            ent = self.lru.get(key)
+            if ent is not None:
+                c._low_c["hits"] += 1
+                self.lru.move_to_end(key)
+                self.handed.add(key)
+                return ent.weights, ent.copy_event, False
+            c._low_c["misses"] += 1
+        with self.lock:
+            if self.stage_event is not None:
+                self.stage_event.synchronize()   # the last H2D copy out of the staging buffers is done
+            t0 = time.perf_counter()
+            view = memoryview(self.stage[0].numpy())
+            blob = self.source.fetch(layer, expert, out=view, priority="demand")
+            n = len(blob)
+            if not (isinstance(blob, memoryview) and blob.obj is view.obj):
+                view[:n] = blob
+            header, _ = blob_format.read_header(view[:n])
+            if header.codec == "none":
+                blob_format.decode_raw(view[:n])
+                src = self.stage[0, header.payload_offset:header.payload_offset + header.raw_size]
+            else:
+                blob_format.decode_raw(view[:n], out=memoryview(self.stage[1].numpy()))
+                src = self.stage[1, :header.raw_size]
+            with c._lock:
+                c._cost["store"].update(time.perf_counter() - t0)
+                c._tier["store"]["loads"] += 1
+                c._tier["store"]["bytes"] += n
+                if self.free:
+                    slot, wait_ev = self.free.pop(), None
+                else:
+                    victim = next((k for k in self.lru if k not in self.handed and k[0] != layer), None)
+                    if victim is None:
+                        victim = next((k for k in self.lru if k not in self.handed), None)
+                    if victim is None:
+                        raise RuntimeError("low-precision tier: every slot is in use by the current layer")
+                    old = self.lru.pop(victim)
+                    slot, wait_ev = old.slot, old.free_event
+            ent = _GpuEntry(layer, expert, slot, self.pool[slot], loading=False)
+            dst = ent.buf[:header.raw_size]
+            if c.cuda:
+                with torch.cuda.device(c.device), torch.cuda.stream(c.copy_stream):
+                    if wait_ev is not None:
+                        c.copy_stream.wait_event(wait_ev)
+                    dst.copy_(src, non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record(c.copy_stream)
+                ent.copy_event = self.stage_event = ev
+            else:
+                dst.copy_(src)
+            ent.weights = expert_weights_from_views(header, tensors_from_raw(header, dst))
+            with c._lock:
+                c._low_c["loads"] += 1
+                c._low_c["bytes"] += header.raw_size
+                self.lru[key] = ent
+                self.handed.add(key)
+            return ent.weights, ent.copy_event, True
+
+    def release(self, layer: int) -> None:
+        """Called with the cache lock held when `layer` is done."""
+        mine = {k for k in self.handed if k[0] == layer}
+        if not mine:
+            return
+        if self.cache.cuda:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.cache.device))
+            for k in mine:
+                if k in self.lru:
+                    self.lru[k].free_event = ev
+        self.handed -= mine
 
 
 # ---------------------------------------------------------------------------------------------

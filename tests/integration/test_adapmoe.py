@@ -167,3 +167,23 @@ def test_grpc_store_same_logits(store_dir, reference):
             assert torch.equal(eng.forward_logits(IDS), reference["bf16"][0])
             s = eng.stats()["provider"]
             assert s["tiers"]["store"]["lookups"] > 0 and s["load_cost_measured"]["store"] > 0
+
+
+def test_miss_precision_int8_for_low_weight_experts(client):
+    """HOBBIT-style: with one GPU slot per layer, low-weight experts that miss come as int8.
+    One-token forwards (decode-like: weights are per token). Stated accuracy cost on this model:
+    max |logit diff| <= 2% of max |logit| (int8, group 32)."""
+    slot, _ = slot_bytes(client, "bf16")
+    with Engine.from_store(client, "tiny") as ref:
+        want = [ref.forward_logits([t]) for t in IDS]
+    with Engine.from_store(client, "tiny", gating="uniform", budget=0.0, gpu_cache_bytes=(L + 2) * slot,
+                           host_cache_bytes=0, prefetch=False,
+                           cache_options={"miss_precision": "int8"},
+                           gating_options={"miss_precision_threshold": 0.45}) as eng:
+        got = [eng.forward_logits([t]) for t in IDS]
+        s = eng.stats()
+    low = s["tiers"]["gpu-int8"]
+    assert low["lookups"] > 0 and low["hits"] + low["misses"] == low["lookups"]
+    diffs = [float((g - w).abs().max()) / float(w.abs().max()) for g, w in zip(got, want)]
+    assert max(diffs) <= 0.02 and sum(d > 0 for d in diffs) > 0
+    assert s["single_expert_ratio"] == 0.0   # uniform threshold 0 drops nothing: only precision changed

@@ -316,3 +316,41 @@ def test_fetch_error_reaches_get_and_cache_recovers(client):
         check_tiers(s)
     finally:
         cache.close()
+
+
+def test_low_precision_on_miss_for_low_weight_experts(client):
+    src = make_source(client, "bf16")
+    cache = ExpertCache(src, gpu_slots=[1, 1, 1], host_cache_bytes=0, miss_precision="int8", low_slots=2)
+    try:
+        x = torch.randn(3, 64)
+        cache.begin_token()
+        cache.prepare(0, [0])
+        cache.get(0, 0)
+        cache.release(0, [0])
+        cache.begin_token()
+        cache.allow_low_precision(0, [0, 2])   # 0 is on the GPU at full precision: used as is
+        cache.prepare(0, [0, 2])
+        y0, y2 = cache.get(0, 0)(x), cache.get(0, 2)(x)
+        cache.release(0, [0, 2])
+        assert torch.equal(y0, decode_expert_blob(client.fetch_expert("tiny", 0, 0, "bf16"))(x))
+        assert torch.equal(y2, decode_expert_blob(client.fetch_expert("tiny", 0, 2, "int8"))(x))
+        assert cache.resident(0) == [0]         # the int8 copy did not take a full-precision slot
+        for l, e in [(0, 2), (1, 3), (2, 1), (0, 2)]:   # LRU of 2 low slots: the last (0, 2) misses again
+            cache.begin_token()
+            cache.allow_low_precision(l, [e])
+            cache.prepare(l, [e])
+            cache.get(l, e)
+            cache.release(l, [e])
+        s = cache.stats()
+        low = s["tiers"]["gpu-int8"]
+        assert low["lookups"] == 5 and low["hits"] == 1 and low["misses"] == 4 and low["loads"] == 4
+        check_tiers(s)
+        # without the hint, a miss loads full precision
+        cache.begin_token()
+        cache.prepare(1, [3])
+        assert torch.equal(cache.get(1, 3)(x), decode_expert_blob(client.fetch_expert("tiny", 1, 3, "bf16"))(x))
+        cache.release(1, [3])
+        with pytest.raises(ValueError):
+            ExpertCache(src, gpu_slots=[1, 1, 1], miss_precision="int4")   # not in this store
+    finally:
+        cache.close()
