@@ -42,7 +42,7 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -60,6 +60,10 @@ Ref = tuple[int, int, str]  # (layer, expert, precision)
 TOKEN_ENV = "EXPERT_STORE_TOKEN"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # as the server (a manifest carries tokenizer.json)
 PRIORITIES = {"demand": pb.DEMAND, "prefetch": pb.PREFETCH}
+# A channel to a replica that went away retries its connection with exponential backoff up to
+# this; failover keeps retrying UNAVAILABLE for RETRY_WINDOW_S, so a restarted replica is reached.
+RECONNECT_BACKOFF_MAX_MS = 1_000
+RETRY_WINDOW_S = 2.5
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})$")
 # transport failures that surface as codes other than UNAVAILABLE: the stream broke, the
 # request itself was fine
@@ -442,7 +446,7 @@ class GrpcStoreClient(StoreClient):
             ("grpc.enable_retries", 0),  # retries are ours: they resume from an offset
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", 5_000),
+            ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS),
         ]
         if tls_server_name:
             self._options.append(("grpc.ssl_target_name_override", tls_server_name))
@@ -511,11 +515,18 @@ class GrpcStoreClient(StoreClient):
     def _with_failover(self, key: str, attempt_fn, what: str):
         """Run attempt_fn(stub, timeout) on the replicas in key's order until it returns;
         UNAVAILABLE / broken streams move on to the next replica (with backoff after a
-        full round), anything else raises the matching StoreError."""
+        full round), anything else raises the matching StoreError. Unless max_attempts was
+        given, rounds go on for at least RETRY_WINDOW_S: longer than a channel's reconnect
+        backoff, so a replica that has just restarted is reached rather than given up on."""
         order = self._order(key)
         attempts = self._attempts(len(order))
+        window_end = time.monotonic() + (RETRY_WINDOW_S if self.max_attempts is None else 0.0)
         last = "no attempt made"
-        for attempt in range(attempts):
+        attempt = -1
+        while True:
+            attempt += 1
+            if attempt >= attempts and time.monotonic() >= window_end:
+                break
             if attempt and attempt % len(order) == 0:
                 time.sleep(min(1.0, 0.05 * 2 ** (attempt // len(order))) * random.uniform(0.5, 1.0))
                 order = self._order(key)  # the set may have changed meanwhile (discovery)
@@ -541,8 +552,8 @@ class GrpcStoreClient(StoreClient):
             finally:
                 replica.give(i)
             replica.suspect_until = time.monotonic() + 2.0
-            log.warning("%s: %s; %s", what, last, "failing over" if attempt + 1 < attempts else "giving up")
-        raise Unavailable(f"{what}: no replica answered after {attempts} attempts (last: {last})")
+            log.warning("%s: %s; %s", what, last, "failing over" if attempt + 1 < attempts or time.monotonic() < window_end else "giving up")
+        raise Unavailable(f"{what}: no replica answered after {attempt} attempts (last: {last})")
 
     # ---- API
 

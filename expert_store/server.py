@@ -29,7 +29,6 @@ import multiprocessing.connection
 import os
 import signal
 import socket
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -42,7 +41,7 @@ from grpc_reflection.v1alpha import reflection
 from expert_store import format as blob_format
 from expert_store._proto.adapmoe.v1 import expert_store_pb2 as pb
 from expert_store._proto.adapmoe.v1 import expert_store_pb2_grpc as pb_grpc
-from expert_store.errors import InvalidArgument, NotFound, ResourceExhausted, StoreError
+from expert_store.errors import InvalidArgument, ResourceExhausted, StoreError
 
 log = logging.getLogger("expert_store.server")
 

@@ -13,7 +13,6 @@ import json
 import shutil
 import signal
 import subprocess
-import threading
 import time
 import urllib.request
 from pathlib import Path
