@@ -312,6 +312,7 @@ class BatchScheduler:
         self._selection = RowSelection()
         self._attribution = _RoutingAttribution()
         self._installed = False
+        self.failure: BaseException | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
     def start(self) -> "BatchScheduler":
@@ -388,11 +389,7 @@ class BatchScheduler:
         with self._cond:
             if self._stopping:
                 raise ShuttingDown("the decoder is shutting down")
-            live = len(self._queue) + sum(1 for s in self._active.values() if not s.cancelled)
-            if live >= self.max_active + self.max_queue:
-                self.stats.rejected += 1
-                raise QueueFull(f"overloaded: {self.max_active} sequences active and {self.max_queue} queued "
-                                f"(the limits); retry later")
+            self._check_room()
             self._queue.append(seq)
             self._cond.notify_all()
         return seq
@@ -447,8 +444,41 @@ class BatchScheduler:
             heapq.heappush(self._free_rows, seq.row)
         seq.row = -1
 
+    @property
+    def alive(self) -> bool:
+        """False once the step loop died (a bug, not a request error): the process should restart."""
+        return self._thread is not None and self._thread.is_alive() and self.failure is None
+
+    def ensure_room(self) -> None:
+        """A cheap early check before a request is prepared (submit() decides): raises QueueFull
+        when a sequence could not be queued right now."""
+        with self._cond:
+            self._check_room()
+
+    def _check_room(self) -> None:
+        live = len(self._queue) + sum(1 for s in self._active.values() if not s.cancelled)
+        if live >= self.max_active + self.max_queue:
+            self.stats.rejected += 1
+            raise QueueFull(f"overloaded: {self.max_active} sequences active and {self.max_queue} queued "
+                            f"(the limits); retry later")
+
     def _run(self) -> None:
-        torch.set_grad_enabled(False)
+        try:
+            self._loop()
+        except BaseException as e:  # never leave requests waiting on a dead loop
+            self.failure = e
+            log.critical("the decoder step loop died: %s: %s", type(e).__name__, e, exc_info=True)
+            with self._cond:
+                self._stopping = True
+                leftovers = list(self._queue) + list(self._active.values())
+                self._queue.clear()
+                for seq in leftovers:
+                    self._release(seq)
+            for seq in leftovers:
+                self._emit(seq, ErrorEvent("INTERNAL", f"the decoder step loop died: {type(e).__name__}"))
+
+    @torch.inference_mode()
+    def _loop(self) -> None:  # inference mode, as Engine.generate: tensors either creates are interchangeable
         while True:
             errors: list[tuple[SequenceState, ErrorEvent]] = []
             with self._cond:
