@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--budget", type=float, default=None, help="gating budget T (adaptive / cost-aware)")
     g.add_argument("--gpu-cache-bytes", type=parse_size, default=None, help="GPU expert cache budget (e.g. 256MiB)")
     g.add_argument("--host-cache-bytes", type=parse_size, default=None, help="host (pinned) expert cache budget")
+    g.add_argument("--loss-bound", type=float, default=None,
+                   help="cost-aware gating: cap on the estimated loss added per token")
+    g.add_argument("--miss-precision", default=None, choices=["int8", "int4"],
+                   help="HOBBIT: serve demand misses of low-weight experts at this lower precision (needs cache budgets)")
+    g.add_argument("--miss-threshold", type=float, default=None,
+                   help="routing weight below which a missing expert may load at --miss-precision (default 0.3)")
     g.add_argument("--no-prefetch", action="store_true", help="disable the cross-layer prefetcher")
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -98,10 +104,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"store directory {args.store} does not exist (or give an address: grpc://HOST:PORT)")
     dtype_name = args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
     dtype = getattr(torch, dtype_name)
+    cache_options: dict[str, Any] = {}
+    gating_options: dict[str, Any] = {}
+    if args.miss_precision:
+        if args.gpu_cache_bytes is None and args.host_cache_bytes is None:
+            raise ValueError("--miss-precision needs the expert cache: give --gpu-cache-bytes/--host-cache-bytes")
+        cache_options["miss_precision"] = args.miss_precision
+        gating_options["miss_precision_threshold"] = 0.3 if args.miss_threshold is None else args.miss_threshold
+    elif args.miss_threshold is not None:
+        raise ValueError("--miss-threshold goes with --miss-precision")
+    if args.loss_bound is not None:
+        gating_options["loss_bound"] = args.loss_bound
     engine = Engine.from_store(args.store, args.model, device=args.device, dtype=dtype, gating=args.gating,
                                gpu_cache_bytes=args.gpu_cache_bytes, host_cache_bytes=args.host_cache_bytes,
                                precision=args.precision, budget=args.budget,
-                               prefetch=False if args.no_prefetch else None)
+                               prefetch=False if args.no_prefetch else None,
+                               cache_options=cache_options, gating_options=gating_options)
     with engine:
         if engine.tokenizer is None:
             raise ValueError(f"model {args.model!r} has no tokenizer.json in the store")

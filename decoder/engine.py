@@ -455,7 +455,7 @@ def _build_gating(gating: str | Gating, config: ModelConfig, provider: ExpertPro
     budget=, profile=, **options)."""
     if isinstance(gating, Gating):
         return gating
-    if gating == "topk":
+    if gating == "topk" and not options:
         return TopKGating(config.num_experts_per_tok)
     try:
         from decoder import gating as gating_mod
