@@ -116,11 +116,12 @@ def _existing_store(path: str) -> str:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    from expert_store.pack import pack_checkpoint
-    from expert_store.store import ModelStore
-
     if not Path(args.checkpoint).is_dir():
         raise CliError(f"checkpoint directory {args.checkpoint} does not exist")
+    if args.model is not None:
+        blob_format.validate_model_name(args.model)
+    from expert_store.pack import pack_checkpoint  # torch: imported only once the arguments are sound
+    from expert_store.store import ModelStore
     with ModelStore.open(args.store, redis_url=args.redis, ram_bytes=0) as store:
         result = pack_checkpoint(args.checkpoint, store.tiered, model=args.model, precisions=args.precisions,
                                  group_size=args.group_size, progress=not args.no_progress)
