@@ -94,8 +94,6 @@ def test_generate_over_grpc_with_cache_budget(store_dir):
 
 
 def test_unknown_model(store_dir, capsys):
-    assert_one_line_error(moe_decoder("generate", "--store", str(store_dir), "--model", "missing", "--prompt", "x"),
-                          "'missing'", "not found")
     assert_one_line_error(run_main(capsys, "generate", "--store", str(store_dir), "--model", "missing",
                                    "--prompt", "x"), "'missing'", "not found")
 
