@@ -15,6 +15,7 @@ E experts, k experts per token, V vocab, L cached length.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -155,47 +156,63 @@ class Attention(nn.Module):
         super().__init__()
         H, nh, nkv, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.n_head, self.n_kv, self.head_dim = nh, nkv, hd
-        self.sliding_window = config.sliding_window
         self.q_proj = nn.Linear(H, nh * hd, bias=False)
         self.k_proj = nn.Linear(H, nkv * hd, bias=False)
         self.v_proj = nn.Linear(H, nkv * hd, bias=False)
         self.o_proj = nn.Linear(nh * hd, H, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                input_pos: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: "Positions") -> torch.Tensor:
         # x: [B, S, H]
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_head, self.head_dim).transpose(1, 2)  # [B, nh, S, hd]
         k = self.k_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)    # [B, nkv, S, hd]
         v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)    # [B, nkv, S, hd]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, pos.cos, pos.sin), apply_rope(k, pos.cos, pos.sin)
 
-        if input_pos is None:
-            # full sequence, no cache (training / one-shot scoring): positions 0..S-1
-            mask = None
-            if self.sliding_window is not None and self.sliding_window < S:
-                pos = torch.arange(S, device=x.device)
-                mask = _attend_mask(pos, pos, self.sliding_window)                 # [S, S]
-        else:
+        if pos.input_pos is not None:
             if self.kv_cache is None:
                 raise RuntimeError("input_pos given but caches are not set up: call setup_caches()")
-            length = int(input_pos.max()) + 1
-            k, v = self.kv_cache.update(input_pos, k, v, length)                    # [B, nkv, L, hd]
-            kpos = torch.arange(length, device=x.device)
-            mask = _attend_mask(input_pos, kpos, self.sliding_window)               # [S, L] | [B, S, L]
-            if mask.dim() == 3:
-                mask = mask[:, None]                                                # [B, 1, S, L]
+            k, v = self.kv_cache.update(pos.input_pos, k, v, pos.length)            # [B, nkv, L, hd]
 
         if self.n_kv != self.n_head:
             rep = self.n_head // self.n_kv
             k = k[:, :, None].expand(B, self.n_kv, rep, *k.shape[2:]).reshape(B, self.n_head, *k.shape[2:])
             v = v[:, :, None].expand(B, self.n_kv, rep, *v.shape[2:]).reshape(B, self.n_head, *v.shape[2:])
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           is_causal=(input_pos is None and mask is None and S > 1),
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=pos.mask, is_causal=pos.is_causal,
                                            scale=self.head_dim ** -0.5)             # [B, nh, S, hd]
         y = y.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim)
         return self.o_proj(y)                                                       # [B, S, H]
+
+
+@dataclass
+class Positions:
+    """Everything position-dependent of one forward, computed once and shared by all layers."""
+
+    cos: torch.Tensor                 # [S, hd] | [B, S, hd]
+    sin: torch.Tensor
+    input_pos: torch.Tensor | None    # None: full sequence without cache
+    length: int                       # cached length attended to (max position + 1)
+    mask: torch.Tensor | None         # bool, broadcastable to [B, nh, S, L]; None with is_causal
+    is_causal: bool
+
+    @classmethod
+    def build(cls, config: ModelConfig, S: int, input_pos: torch.Tensor | None, device: torch.device,
+              dtype: torch.dtype) -> "Positions":
+        window = config.sliding_window
+        if input_pos is None:
+            qpos = torch.arange(S, device=device)
+            cos, sin = rope_cos_sin(qpos, config.head_dim, config.rope_theta, dtype)
+            mask = _attend_mask(qpos, qpos, window) if window is not None and window < S else None  # [S, S]
+            return cls(cos, sin, None, S, mask, mask is None and S > 1)
+        cos, sin = rope_cos_sin(input_pos, config.head_dim, config.rope_theta, dtype)
+        length = int(input_pos.max()) + 1                                            # one host sync per forward
+        if input_pos.dim() == 1 and input_pos.numel() == 1 and (window is None or length <= window):
+            return cls(cos, sin, input_pos, length, None, False)                     # one token sees all L
+        mask = _attend_mask(input_pos, torch.arange(length, device=device), window)  # [S, L] | [B, S, L]
+        if mask.dim() == 3:
+            mask = mask[:, None]                                                     # [B, 1, S, L]
+        return cls(cos, sin, input_pos, length, mask, False)
 
 
 def _attend_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -263,11 +280,10 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.block_sparse_moe = MoEBlock(config, layer)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor | None,
-                experts: ExpertProvider, gating: Gating, observers: Sequence[MoEObserver],
-                router_log: list | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: Positions, experts: ExpertProvider, gating: Gating,
+                observers: Sequence[MoEObserver], router_log: list | None) -> torch.Tensor:
         # x: [B, S, H]
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos)
+        h = x + self.self_attn(self.input_layernorm(x), pos)
         return h + self.block_sparse_moe(self.post_attention_layernorm(h), experts, gating, observers, router_log)
 
 
@@ -350,11 +366,10 @@ class Transformer(nn.Module):
         """
         B, S = tokens.shape
         x = self.embed_tokens(tokens)                               # [B, S, H]
-        positions = input_pos if input_pos is not None else torch.arange(S, device=tokens.device)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        pos = Positions.build(self.config, S, input_pos, tokens.device, x.dtype)
         router_log: list | None = [] if return_router_logits else None
         for block in self.layers:
-            x = block(x, cos, sin, input_pos, self.experts, self.gating, self.observers, router_log)
+            x = block(x, pos, self.experts, self.gating, self.observers, router_log)
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(self.norm(x))                         # [B, S, V]
