@@ -222,7 +222,7 @@ class Process:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(15)
+                self.proc.wait(60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
@@ -301,6 +301,18 @@ def test_dev_overlay_runs_locally(cluster, tmp_path):
     docs = cluster.docs
     settings = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
     procs: list[Process] = []
+    # the demo checkpoint (in place of the train-demo init container) is built meanwhile
+    ckpt_dir = tmp_path / "demo-checkpoint"
+    ckpt_errors: list[BaseException] = []
+
+    def build_checkpoint() -> None:
+        try:
+            make_mixtral_checkpoint(ckpt_dir, hidden=64, ffn=96, layers=2, experts=4)
+        except BaseException as e:  # re-raised in the test thread
+            ckpt_errors.append(e)
+
+    ckpt_thread = threading.Thread(target=build_checkpoint, daemon=True)
+    ckpt_thread.start()
     try:
         # -- redis, exactly as its Deployment says
         _, rc, renv, rmounts, rproc = start(cluster, "Deployment", "redis")
@@ -327,7 +339,9 @@ def test_dev_overlay_runs_locally(cluster, tmp_path):
         penv = container_env(docs, {}, pc, NAMESPACE)
         pmounts = cluster.mounts(job, pc, shared)
         checkpoint = Path(cluster.rewrite("expert-store-pack-0", pc, [penv["CHECKPOINT_DIR"]], pmounts)[0])
-        make_mixtral_checkpoint(checkpoint, hidden=64, ffn=96, layers=2, experts=4)
+        ckpt_thread.join(120)
+        assert not ckpt_thread.is_alive() and not ckpt_errors, ckpt_errors
+        shutil.copytree(ckpt_dir, checkpoint, dirs_exist_ok=True)
         pargv = command_line(docs, pc, penv)
         pack = subprocess.run([local_binary(pargv[0])] + cluster.rewrite("expert-store-pack-0", pc, pargv[1:], pmounts),
                               capture_output=True, text=True, timeout=180,
@@ -378,6 +392,28 @@ def test_dev_overlay_runs_locally(cluster, tmp_path):
         metrics_port = cluster.service_port("decoder", "metrics")
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
             assert b"adapmoe_decoder_generated_tokens" in resp.read()
+
+        # -- pod deletion as the kubelet does it: SIGTERM, readiness turns NOT_SERVING while
+        # the decoder drains (so endpoints drop it), clean exit within the grace period
+        dproc.proc.terminate()
+        deadline, status = time.monotonic() + 4, None
+        with grpc.insecure_channel(f"127.0.0.1:{cluster.local_port('decoder', dc['readinessProbe']['grpc']['port'])}") as ch:
+            while time.monotonic() < deadline and status != health_pb2.HealthCheckResponse.NOT_SERVING:
+                try:
+                    status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                except grpc.RpcError:
+                    status = None
+                time.sleep(0.1)
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        for p in procs:
+            p.proc.terminate()
+        for p, kind, name in zip(procs, ("Deployment", "StatefulSet", "Deployment"), ("redis", "expert-store", "decoder")):
+            grace = pod_template(get(docs, kind, name))["spec"].get("terminationGracePeriodSeconds", 30)
+            try:
+                rc = p.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"{name} ignored SIGTERM for {grace}s (the kubelet would SIGKILL it)")
+            assert rc == 0, f"{name} exited {rc} on SIGTERM:\n{p.output()}"
     finally:
         for p in reversed(procs):
             p.stop()
