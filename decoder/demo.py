@@ -81,6 +81,9 @@ def _cli(name: str) -> list[str]:
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
+    # batch-1 decoding of a small model gains nothing from more CPU threads, and spinning
+    # OpenMP threads on shared cores make it many times slower
+    env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
 

@@ -48,8 +48,9 @@ from typing import Any, Sequence
 
 EOT = "<|endoftext|>"
 
-# Defaults: sized to train in about two minutes on 2 free CPU cores.
-DEFAULT_STEPS = 300
+# Defaults: sized to train in about two minutes of one CPU core (one torch thread: on a
+# machine whose cores are shared, several spinning OpenMP threads slow training down tenfold).
+DEFAULT_STEPS = 250
 DEFAULT_SEED = 1234
 
 
@@ -58,10 +59,10 @@ class TrainSettings:
     steps: int = DEFAULT_STEPS
     seed: int = DEFAULT_SEED
     # corpus / tokenizer
-    corpus_mb: float = 10.0          # training text used (tokenizer + token pool), MB
+    corpus_mb: float = 6.0           # training text used (tokenizer + token pool), MB
     heldout_mb: float = 1.0          # held-out text read for evaluation, MB
     heldout_mod: int = 20            # a file is held out when hash(relpath) % heldout_mod == 0
-    vocab_size: int = 4096
+    vocab_size: int = 2048
     # model (Mixtral layout)
     hidden_size: int = 128
     intermediate_size: int = 256
@@ -85,7 +86,7 @@ class TrainSettings:
     # evaluation
     eval_windows: int = 48
     eval_batch: int = 8
-    threads: int = 2
+    threads: int = 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +255,7 @@ def train(model, stream, s: TrainSettings, progress: bool = True) -> dict[str, A
     gen = torch.Generator().manual_seed(s.seed + 1)
     opt = _optimizer(model, s)
     model.train()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     history: list[dict[str, float]] = []
     ema = None
     bar = tqdm(range(s.steps), desc="train-demo", unit="step", disable=not progress, dynamic_ncols=True,
@@ -279,9 +280,10 @@ def train(model, stream, s: TrainSettings, progress: bool = True) -> dict[str, A
         if step % 10 == 0 or step == s.steps - 1:
             history.append({"step": step, "loss": round(ce_v, 4), "aux": round(aux_v, 4)})
     bar.close()
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     return {"steps": s.steps, "batch_size": s.batch_size, "seq_len": s.seq_len,
             "tokens_seen": s.steps * s.batch_size * s.seq_len, "seconds": round(seconds, 2),
+            "cpu_seconds": round(cpu_seconds, 2),
             "seconds_per_step": round(seconds / max(1, s.steps), 4),
             "final_train_loss_ema": round(ema, 4) if ema is not None else None,
             "loss_history": history}
@@ -504,7 +506,8 @@ def run(out: str | os.PathLike, settings: TrainSettings, progress: bool = True,
                   "all_experts_bytes_bf16": n_expert * 2},
         "training": training,
         **result,
-        "seconds": {"tokenizer": round(t_tok, 2), "train": training["seconds"], "eval": round(eval_s, 2),
+        "seconds": {"tokenizer": round(t_tok, 2), "train": training["seconds"],
+                    "train_cpu": training["cpu_seconds"], "eval": round(eval_s, 2),
                     "total": round(time.perf_counter() - t_start, 2)},
         "files": files,
     }
@@ -532,7 +535,7 @@ def format_report(r: dict[str, Any]) -> str:
                          f"exact top-k {row['exact_topk']:.3f}, top-1 covered {row['top1_covered']:.3f}")
     t = r["seconds"]
     lines.append(f"time: tokenizer {t['tokenizer']:.1f} s, training {t['train']:.1f} s "
-                 f"({r['training']['steps']} steps), eval {t['eval']:.1f} s, total {t['total']:.1f} s")
+                 f"({r['training']['steps']} steps, {t['train_cpu']:.1f} s of CPU), eval {t['eval']:.1f} s, total {t['total']:.1f} s")
     return "\n".join(lines)
 
 
