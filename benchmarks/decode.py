@@ -1,0 +1,900 @@
+"""Decode tokens/s side by side: AdapMoE against LRU offloading, on-demand loading, HF accelerate
+offloading and all-resident, on one GPU, at GPU expert budgets of 25% and 50% of all experts.
+
+    python3 benchmarks/decode.py --out-dir benchmarks/results            # both models, on cuda
+    python3 benchmarks/decode.py --models A --tiny --device cpu          # plumbing check on a CPU
+
+Rows (issue 7), every row batch 1, greedy, the same prompts, `--new-tokens` new tokens each:
+
+- resident      every expert in the GPU cache (quota E per layer), loaded before timing
+- ondemand      no GPU expert cache: each expert is copied from pinned host memory when used
+- lru           mixtral-offloading's policy: equal per-layer LRU quotas, top-2, no prefetch,
+                every expert in pinned host memory
+- adapmoe       DP cache plan + cross-layer prefetch + `adaptive` gating at the calibrated budget
+- adapmoe-cost  as adapmoe with `cost-aware` gating
+- accelerate    HF transformers MixtralForCausalLM, dense part on the GPU, each layer's experts
+                offloaded to the CPU with accelerate's hooks (`accelerate.cpu_offload`, what
+                `device_map={...experts: "cpu"}` installs)
+- store-remote  as adapmoe, but the host tier holds half the experts; misses stream from
+                `expert-store serve --workers N` on loopback
+
+Models:
+- A: the demo model (decoder/train_demo.py: stdlib corpus, BPE, Mixtral layout) scaled up and
+  trained on the GPU for `--a-train-s` seconds; bf16 experts; held-out perplexity per row.
+- B: Mixtral-8x7B shapes (hidden 4096, ffn 14336, 8 experts, top-2, GQA 32/8), `--b-layers`
+  layers, random weights packed directly as int4 experts (no HF checkpoint on disk).
+
+Each model is packed into an expert store directory (expert_store.pack.pack_checkpoint),
+calibrated (decoder.calibrate.calibrate_model, profile.json stored next to the model), then
+every row is an Engine.from_store(...) on that store. Results: decode.json (a list of rows),
+decode.md (the table), decode.png; the script prints whether each target of issue 7 is met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from decoder.engine import Engine  # noqa: E402
+from decoder.experts.provider import ExpertProvider, ExpertWeights, expert_weights_from_views  # noqa: E402
+from expert_store import format as blob_format  # noqa: E402
+from expert_store.client import StoreClient  # noqa: E402
+
+MODES = ("resident", "ondemand", "lru", "adapmoe", "adapmoe-cost", "accelerate", "store-remote")
+BUDGET_FREE = ("resident", "ondemand", "accelerate")   # rows that do not depend on the GPU expert budget
+TARGETS = {"adapmoe_vs_lru": {"A": 1.5, "B": 1.35}, "adapmoe_vs_accelerate": 10.0, "resident_vs_adapmoe_50": 2.0}
+
+
+def log(msg: str) -> None:
+    print(f"[decode {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+# =============================================================================================
+# Model A: the demo model, scaled up, trained on the device
+# =============================================================================================
+@dataclass
+class Prepared:
+    name: str                          # "A" | "B"
+    store: Path                        # store directory
+    model: str                         # model name in the store
+    ckpt: Path | None                  # HF checkpoint dir (A), for the accelerate row
+    prompts: list[list[int]]           # token ids
+    warmup_prompt: list[int]
+    heldout: list[torch.Tensor] = field(default_factory=list)   # windows [S+1] for perplexity
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def save_bf16_checkpoint(out: Path, model: Any, tok: Any) -> None:
+    """config.json + model.safetensors (HF Mixtral names, bf16) + tokenizer.json."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config.to_hf()
+    cfg.update(torch_dtype="bfloat16", dtype="bfloat16", use_cache=True, attention_dropout=0.0,
+               initializer_range=0.02, output_router_logits=False)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    tensors = {n: t.detach().to("cpu", torch.bfloat16).contiguous() for n, t in sorted(model.hf_state_dict().items())}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "tokenizer.json").write_text(tok.to_str(pretty=False))
+
+
+def prepare_model_a(work: Path, device: torch.device, args: argparse.Namespace) -> Prepared:
+    from decoder import train_demo as td
+    from decoder.model.transformer import Transformer
+
+    s = td.TrainSettings(
+        steps=1, seed=1234, corpus_mb=args.a_corpus_mb, heldout_mb=1.0, vocab_size=args.a_vocab,
+        hidden_size=args.a_hidden, intermediate_size=args.a_ffn, num_layers=args.a_layers,
+        num_heads=args.a_heads, num_kv_heads=max(1, args.a_heads // 4), num_experts=8, top_k=2,
+        seq_len=args.a_seq, batch_size=args.a_batch, lr=args.a_lr, warmup_steps=50, threads=os.cpu_count() or 2,
+        max_position_embeddings=2048)
+    torch.manual_seed(s.seed)
+    t0 = time.perf_counter()
+    corpus = td.load_corpus(s)
+    tok = td.train_tokenizer(corpus.train_texts, s.vocab_size)
+    train_stream = td.token_stream(tok, corpus.train_texts)
+    heldout_stream = td.token_stream(tok, corpus.heldout_texts)
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    log(f"A: corpus {corpus.train_bytes / 1e6:.1f} MB -> {train_stream.numel()} tokens "
+        f"({time.perf_counter() - t0:.1f} s)")
+    cfg = td.model_config(s, vocab)
+    model = Transformer(cfg)
+    model.init_weights(std=s.init_std, seed=s.seed)
+    model.to(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    stream = train_stream.to(device)
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+
+    # time a few steps, then size the run to --a-train-s (the cosine schedule needs the step count)
+    probe = td.TrainSettings(**{**s.__dict__, "steps": 3})
+    import copy
+    shadow = copy.deepcopy(model)
+    with amp:
+        td.train(shadow, stream, probe, progress=False)
+        sync(device)
+        t1 = time.perf_counter()
+        td.train(shadow, stream, probe, progress=False)
+        sync(device)
+    per_step = (time.perf_counter() - t1) / probe.steps
+    del shadow
+    free_memory(device)
+    steps = int(max(args.a_min_steps, min(args.a_max_steps, args.a_train_s / max(per_step, 1e-6))))
+    s = td.TrainSettings(**{**s.__dict__, "steps": steps})
+    log(f"A: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {per_step * 1e3:.0f} ms/step "
+        f"-> {steps} steps")
+    with amp:
+        training = td.train(model, stream, s, progress=True)
+    model.eval()
+    windows = td.eval_windows(heldout_stream, s.seq_len, args.ppl_windows)
+    with amp:
+        ev = td.evaluate(model.float() if device.type == "cpu" else model, windows.to(device),
+                         td.token_byte_lengths(tok), batch=4)
+    log(f"A: trained in {training['seconds']:.0f} s, held-out perplexity {ev['heldout']['perplexity']:.2f} "
+        f"(fp32 weights, bf16 autocast), cross-layer recall d=1 {ev['cross_layer'].get('mean_recall_distance_1')}")
+    ckpt = work / "A-ckpt"
+    save_bf16_checkpoint(ckpt, model, tok)
+    del model, stream
+    free_memory(device)
+
+    store = work / "store"
+    _pack(ckpt, store, "demo-a", ("bf16",), group_size=128)
+    # prompts: the opening of held-out files (same for every row)
+    texts = corpus.heldout_texts
+    prompts = [tok.encode(t, add_special_tokens=False).ids[:args.prompt_tokens] for t in texts[:args.prompts]]
+    warm = tok.encode(texts[args.prompts], add_special_tokens=False).ids[:args.prompt_tokens]
+    calib = train_stream[-args.calib_tokens - 1:].tolist()
+    prep = Prepared("A", store, "demo-a", ckpt, prompts, warm, heldout=[w for w in windows[:args.ppl_windows]],
+                    info={"train": {k: training[k] for k in ("steps", "batch_size", "seq_len", "tokens_seen", "seconds")},
+                          "heldout_perplexity_trained_fp32": ev["heldout"]["perplexity"],
+                          "cross_layer_recall_d1": ev["cross_layer"].get("mean_recall_distance_1"),
+                          "config": {"hidden": s.hidden_size, "ffn": s.intermediate_size, "layers": s.num_layers,
+                                     "heads": s.num_heads, "kv_heads": s.num_kv_heads, "experts": 8, "top_k": 2,
+                                     "vocab": vocab}})
+    calibrate(prep, device, calib, args)
+    return prep
+
+
+def _pack(ckpt: Path, store: Path, model: str, precisions: Sequence[str], group_size: int) -> None:
+    from expert_store.pack import pack_checkpoint
+    from expert_store.tiers import NvmeTier
+
+    t0 = time.perf_counter()
+    res = pack_checkpoint(ckpt, NvmeTier(store), model=model, precisions=precisions, group_size=group_size,
+                          progress=True)
+    log(f"packed {model}: {res.blobs_written} blobs, {res.bytes_written / 1e9:.2f} GB "
+        f"({time.perf_counter() - t0:.0f} s)")
+
+
+# =============================================================================================
+# Model B: Mixtral-8x7B shapes, random int4 experts packed directly
+# =============================================================================================
+def prepare_model_b(work: Path, device: torch.device, args: argparse.Namespace) -> Prepared:
+    """A synthetic checkpoint layout (random tensors made on `device`, never written as an HF
+    checkpoint) fed to the store's real packer: int4 quantization, blob format, manifest."""
+    from expert_store import pack
+
+    H, Fd, L, E = args.b_hidden, args.b_ffn, args.b_layers, 8
+    nh, nkv = args.b_heads, max(1, args.b_heads // 4)
+    hd = H // nh
+    V = args.b_vocab
+    cfg = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": V, "hidden_size": H,
+           "intermediate_size": Fd, "num_hidden_layers": L, "num_attention_heads": nh, "num_key_value_heads": nkv,
+           "head_dim": hd, "num_local_experts": E, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5,
+           "rope_theta": 1e6, "max_position_embeddings": 4096, "tie_word_embeddings": False,
+           "sliding_window": None, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"}
+    root = work / "B-layout"
+    root.mkdir(parents=True, exist_ok=True)
+    cfg_bytes = (json.dumps(cfg, indent=2) + "\n").encode()
+    (root / "config.json").write_bytes(cfg_bytes)
+
+    dense: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,),
+                                          "lm_head.weight": (V, H)}
+    for l in range(L):
+        p = f"model.layers.{l}."
+        dense.update({p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+                      p + "self_attn.q_proj.weight": (nh * hd, H), p + "self_attn.k_proj.weight": (nkv * hd, H),
+                      p + "self_attn.v_proj.weight": (nkv * hd, H), p + "self_attn.o_proj.weight": (H, nh * hd),
+                      p + "block_sparse_moe.gate.weight": (E, H)})
+
+    class RandomLayout(pack.CheckpointLayout):
+        def expert_tensors(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+            g = torch.Generator(device=device).manual_seed(1000 * layer + expert)
+            std = 0.02
+            return {"w1": torch.randn(Fd, H, generator=g, device=device, dtype=torch.bfloat16) * std,
+                    "w3": torch.randn(Fd, H, generator=g, device=device, dtype=torch.bfloat16) * std,
+                    "w2": torch.randn(H, Fd, generator=g, device=device, dtype=torch.bfloat16) * std}
+
+        def dense_tensors(self):
+            g = torch.Generator().manual_seed(7)
+            for name, shape in sorted(dense.items()):
+                if name.endswith("norm.weight"):
+                    t = torch.ones(shape, dtype=torch.bfloat16)
+                elif "gate.weight" in name:   # sharper routers: some experts clearly preferred
+                    t = (torch.randn(shape, generator=g) * 0.5).to(torch.bfloat16)
+                else:
+                    t = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+                yield name, t
+
+    layout = RandomLayout(root=root, config=cfg, config_bytes=cfg_bytes, num_layers=L, num_experts=E,
+                          hidden_size=H, intermediate_size=Fd, top_k=2, rope_theta=1e6, files={}, fused=False,
+                          dense=sorted(dense), routers={})
+    store = work / "store"
+    real = pack.read_checkpoint_layout
+    pack.read_checkpoint_layout = lambda _d: layout   # the packer reads our synthetic layout
+    try:
+        _pack(root, store, "mixtral-shape-b", ("int4",), group_size=128)
+    finally:
+        pack.read_checkpoint_layout = real
+    g = torch.Generator().manual_seed(99)
+    prompts = [torch.randint(3, V, (args.prompt_tokens,), generator=g).tolist() for _ in range(args.prompts)]
+    warm = torch.randint(3, V, (args.prompt_tokens,), generator=g).tolist()
+    calib = torch.randint(3, V, (args.calib_tokens + 1,), generator=g).tolist()
+    prep = Prepared("B", store, "mixtral-shape-b", None, prompts, warm,
+                    info={"config": {"hidden": H, "ffn": Fd, "layers": L, "heads": nh, "kv_heads": nkv, "experts": E,
+                                     "top_k": 2, "vocab": V, "precision": "int4", "group_size": 128},
+                          "weights": "random normal(0, 0.02) experts quantized to int4; routers normal(0, 0.5)"})
+    calibrate(prep, device, calib, args)
+    return prep
+
+
+# =============================================================================================
+# Calibration (profile.json next to the model)
+# =============================================================================================
+def calibrate(prep: Prepared, device: torch.device, calib_ids: list[int], args: argparse.Namespace) -> None:
+    from decoder.calibrate import build_profile, calibrate_model, token_windows, upload_profile, validate_profile
+
+    precision = store_precision(prep)
+    t0 = time.perf_counter()
+    with Engine.from_store(str(prep.store), prep.model, device=device, dtype=compute_dtype(device),
+                           precision=precision, prefetch=False) as eng:
+        windows = token_windows(calib_ids, args.calib_seq, args.calib_tokens)
+        measured = calibrate_model(eng.model, windows, progress=True)
+        profile = build_profile(prep.model, measured, eng.config, text_file=None, seq_len=args.calib_seq)
+        validate_profile(profile, eng.config.num_hidden_layers, eng.config.num_local_experts)
+        data = (json.dumps(profile, indent=1) + "\n").encode()
+        upload_profile(str(prep.store), None, prep.model, data)
+    free_memory(device)
+    prep.info["calibration"] = {"tokens": profile["tokens"], "budget": profile["budget"],
+                                "budget_for_single_ratio": profile["budget_for_single_ratio"],
+                                "mean_prefetch_accuracy": sum(profile["prefetch_accuracy"]) / len(profile["prefetch_accuracy"]),
+                                "mean_single_expert_ratio": sum(profile["single_expert_ratio"]) / len(profile["single_expert_ratio"]),
+                                "seconds": round(time.perf_counter() - t0, 1)}
+    log(f"{prep.name}: calibrated in {time.perf_counter() - t0:.0f} s: budget T={profile['budget']:.3g}, "
+        f"prefetch accuracy {prep.info['calibration']['mean_prefetch_accuracy']:.2f}")
+
+
+def store_precision(prep: Prepared) -> str:
+    return "int4" if prep.name == "B" else "bf16"
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+# =============================================================================================
+# On-demand provider: no GPU expert cache
+# =============================================================================================
+class OnDemandExperts(ExpertProvider):
+    """Every expert's raw payload in one pinned host arena; each `get` copies the expert into a
+    GPU staging buffer (one per expert of the current layer, reused every layer) and computes
+    from it. Copies run on the compute stream, so reuse of a staging buffer is ordered after the
+    kernels that read it. Nothing stays on the GPU between layers."""
+
+    def __init__(self, client: Any, model: str, precision: str, device: torch.device, L: int, E: int) -> None:
+        self.device, self.L, self.E, self.precision = device, L, E, precision
+        self.headers: dict[tuple[int, int], Any] = {}
+        first = bytes(client.fetch_expert(model, 0, 0, precision))
+        h0, _ = blob_format.read_header(first)
+        self.raw = int(h0.raw_size)
+        self.slot = (self.raw + 4095) // 4096 * 4096
+        host = torch.empty((L * E, self.slot), dtype=torch.uint8)
+        self.host = host.pin_memory() if device.type == "cuda" else host
+        for l in tqdm(range(L), desc="ondemand: host arena", unit="layer", leave=False):
+            for e in range(E):
+                blob = client.fetch_expert(model, l, e, precision)
+                h, _ = blob_format.decode_raw(blob, out=memoryview(self.host[l * E + e].numpy()))
+                self.headers[(l, e)] = h
+        self.gpu = torch.empty((E, self.slot), dtype=torch.uint8, device=device)
+        self._next = 0
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.lookups = 0
+        self.bytes = 0
+
+    def get(self, layer: int, expert: int) -> ExpertWeights:
+        from expert_store.quant import tensors_from_raw
+
+        h = self.headers[(layer, expert)]
+        buf = self.gpu[self._next % self.E, :h.raw_size]
+        self._next += 1
+        buf.copy_(self.host[layer * self.E + expert, :h.raw_size], non_blocking=True)
+        self.lookups += 1
+        self.bytes += h.raw_size
+        return expert_weights_from_views(h, tensors_from_raw(h, buf))
+
+    def release(self, layer: int, experts: Sequence[int]) -> None:
+        self._next = 0
+
+    def location(self, layer: int, expert: int) -> str:
+        return "host"
+
+    def ready(self, layer: int, expert: int) -> bool:
+        return False
+
+    def stats(self) -> dict[str, Any]:
+        return {"provider": "ondemand", "tiers": {"gpu": {"lookups": self.lookups, "hits": 0, "misses": self.lookups,
+                                                          "bytes": self.bytes, "loads": self.lookups}},
+                "bytes_fetched": 0, "fetches": 0, "stall_s": 0.0, "gpu_bytes_total": self.bytes}
+
+
+# =============================================================================================
+# The expert-store server (store-remote)
+# =============================================================================================
+class StoreServer:
+    def __init__(self, store: Path, workers: int, log_path: Path) -> None:
+        cmd = [sys.executable, "-m", "expert_store.cli", "serve", "--store", str(store), "--listen", "127.0.0.1:0",
+               "--workers", str(workers), "--ram-bytes", str(1 << 30)]
+        self.log = open(log_path, "ab")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=ROOT, env=env)
+        line = self.proc.stdout.readline()
+        if not line.startswith("listening on "):
+            self.proc.kill()
+            raise RuntimeError(f"expert-store serve did not start ({line!r}); see {log_path}")
+        self.address = line.split("listening on ", 1)[1].strip()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+# =============================================================================================
+# One row
+# =============================================================================================
+def slot_sizes(client: Any, model: str, precision: str) -> tuple[int, int, int, int]:
+    """(raw payload bytes, GPU slot bytes, host slot bytes, L*E) as decoder/experts/cache.py sizes them."""
+    from decoder.experts.cache import GPU_ALIGN, HOST_ALIGN, _align
+
+    m = client.manifest(model)
+    blob = bytes(client.fetch_expert(model, 0, 0, precision))
+    h, _ = blob_format.read_header(blob)
+    sizes = [v[0] if isinstance(v, (tuple, list)) else v.size for k, v in m.blobs.items() if k[2] == precision]
+    raw = int(h.raw_size)
+    return raw, _align(raw, GPU_ALIGN), _align(max(max(sizes), raw), HOST_ALIGN), m.num_layers * m.num_experts
+
+
+def fill_host_tier(cache: Any, keys: Sequence[tuple[int, int]]) -> None:
+    """Bring `keys` into the cache's pinned host tier (before timing: 'all experts in pinned host memory')."""
+    for l, e in tqdm(keys, desc="fill host tier", unit="expert", leave=False):
+        h = cache._host_acquire(l, e, "prefetch")
+        with cache._lock:
+            cache._host_release((l, e), h)
+
+
+def fill_gpu(cache: Any, L: int, E: int) -> None:
+    for l in range(L):
+        cache.prefetch(l, list(range(E)))
+    cache.wait_idle(timeout=600)
+
+
+def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.device, target: str,
+                 profile: dict) -> Engine:
+    precision = store_precision(prep)
+    dtype = compute_dtype(device)
+    with StoreClient.open(str(prep.store)) as c:
+        raw, slot, hslot, n_experts = slot_sizes(c, prep.model, precision)
+        m = c.manifest(prep.model)
+        L, E = m.num_layers, m.num_experts
+    T = float(profile["budget"])
+    gpu_bytes = None if budget is None else max(L, round(budget * n_experts)) * slot
+    host_all = n_experts * hslot
+    common = dict(device=device, dtype=dtype, precision=precision)
+    if mode == "resident":
+        eng = Engine.from_store(target, prep.model, gpu_cache_bytes=n_experts * slot, host_cache_bytes=0,
+                                prefetch=False, **common)
+        fill_gpu(eng.provider, L, E)
+        return eng
+    if mode == "ondemand":
+        eng = Engine.from_store(target, prep.model, prefetch=False, **common)   # StoreExperts, replaced below
+        od = OnDemandExperts(eng.client, prep.model, precision, device, L, E)
+        eng.provider.close()
+        eng.model.experts = eng.provider = od
+        return eng
+    if mode == "lru":
+        eng = Engine.from_store(target, prep.model, gpu_cache_bytes=gpu_bytes, host_cache_bytes=host_all,
+                                prefetch=False, gating="topk",
+                                cache_options={"profile": None, "scratch_slots": 0, "plan": "uniform"}, **common)
+        fill_host_tier(eng.provider, [(l, e) for l in range(L) for e in range(E)])
+        return eng
+    if mode in ("adapmoe", "adapmoe-cost", "store-remote"):
+        gating = "cost-aware" if mode == "adapmoe-cost" else "adaptive"
+        host = host_all if mode != "store-remote" else (n_experts // 2) * hslot
+        eng = Engine.from_store(target, prep.model, gpu_cache_bytes=gpu_bytes, host_cache_bytes=host,
+                                gating=gating, budget=T, prefetch=True,
+                                cache_options={"scratch_slots": 0, "plan": "uniform"}, **common)
+        if mode == "store-remote":
+            # the half the calibration found most popular, per layer
+            pop = profile.get("popularity") or [[1.0] * E] * L
+            keys = [(l, e) for l in range(L) for e in sorted(range(E), key=lambda e: -pop[l][e])[:E // 2]]
+        else:
+            keys = [(l, e) for l in range(L) for e in range(E)]
+        fill_host_tier(eng.provider, keys)
+        return eng
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def perplexity_engine(eng: Engine, windows: Sequence[torch.Tensor]) -> float | None:
+    if not windows:
+        return None
+    import torch.nn.functional as F
+
+    nll, n = 0.0, 0
+    for w in windows:
+        logits = eng.forward_logits(w[:-1].tolist())
+        nll += float(F.cross_entropy(logits, w[1:].to(logits.device), reduction="sum"))
+        n += w.numel() - 1
+    return math.exp(nll / n)
+
+
+def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torch.device, args: argparse.Namespace,
+                   target: str, profile: dict, pinned_gbps: float) -> dict[str, Any]:
+    t_build = time.perf_counter()
+    eng = build_engine(prep, mode, budget, device, target, profile)
+    build_s = time.perf_counter() - t_build
+    try:
+        eng.generate(prep.warmup_prompt, max_tokens=args.warmup_tokens, temperature=0.0, stop_at_eos=False)
+        eng.reset_stats()
+        outs = []
+        n_new = args.remote_tokens if mode == "store-remote" else args.new_tokens
+        for p in tqdm(prep.prompts, desc=f"{prep.name} {mode} {budget}", unit="prompt", leave=False):
+            outs.append(eng.generate(p, max_tokens=n_new, temperature=0.0, stop_at_eos=False).token_ids)
+        sync(device)
+        st = eng.stats()
+        profile_txt = None
+        if args.profile_rows and mode in args.profile_rows:
+            profile_txt = torch_profile(eng, prep, args)
+        ppl = perplexity_engine(eng, prep.heldout) if prep.heldout else None
+    finally:
+        eng.close()
+        del eng
+        free_memory(device)
+    pst = st.get("provider", {}) or {}
+    tiers = st.get("tiers", {}) or {}
+    steps = max(1, st["generated_tokens"])   # forward steps that produced a token (prefill included)
+    per_tier = pst.get("bytes_per_token")
+    if per_tier is None:   # ondemand / other providers: bytes into the GPU per forward step
+        per_tier = {"gpu": pst.get("gpu_bytes_total", 0) / steps, "host": 0.0, "store": 0.0}
+    gb_tok = {k: v / 1e9 for k, v in per_tier.items()}
+    pf = st.get("prefetch") or {}
+    tps = st["tokens_per_s"]
+    lower_bound_ms = gb_tok.get("gpu", 0.0) / pinned_gbps * 1e3
+    return {
+        "model": prep.name, "budget": budget, "mode": mode, "tokens_per_s": tps,
+        "ms_per_token": 1e3 / tps if tps else None,
+        "experts_per_token": st["experts_per_token"], "single_expert_ratio": st["single_expert_ratio"],
+        "gpu_hit_rate": (tiers.get("gpu") or {}).get("hit_rate"),
+        "host_hit_rate": (tiers.get("host") or {}).get("hit_rate"),
+        "prefetch_precision": pf.get("precision"), "prefetch_recall": pf.get("recall"),
+        "prefetch_token_recall": pf.get("token_recall"),
+        "stall_ms_per_token": st["stall_s_per_token"] * 1e3,
+        "gb_per_token": gb_tok,
+        "lower_bound_ms_per_token": lower_bound_ms,
+        "gpu_quota": pst.get("gpu_quota"),
+        "heldout_perplexity": ppl,
+        "generated_tokens": st["generated_tokens"], "decode_s": st["decode_s"], "build_s": round(build_s, 1),
+        "outputs_head": [o[:8] for o in outs],
+        "gating_stats": {k: v for k, v in (st.get("gating_stats") or {}).items() if k != "per_layer"},
+        "torch_profile": profile_txt,
+    }
+
+
+def torch_profile(eng: Engine, prep: Prepared, args: argparse.Namespace) -> str:
+    """Where the time of a few decode steps goes (torch profiler, CPU + CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        eng.generate(prep.prompts[0], max_tokens=args.profile_tokens, temperature=0.0, stop_at_eos=False)
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50)
+    gpu = prof.key_averages().table(sort_by=key, row_limit=8, max_name_column_width=50)
+    return f"## {args.profile_tokens} decode steps, by self CPU time\n{cpu}\n## by self device time\n{gpu}"
+
+
+# =============================================================================================
+# HF transformers + accelerate offloading
+# =============================================================================================
+def run_accelerate_row(prep: Prepared, device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
+    import accelerate
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = compute_dtype(device)
+    t0 = time.perf_counter()
+    if prep.ckpt is not None:
+        model = AutoModelForCausalLM.from_pretrained(str(prep.ckpt), dtype=dtype)
+        weights = "the trained checkpoint (bf16)"
+    else:
+        # B: HF cannot read int4 blobs; same shapes in bf16 (zeros: the speed does not depend on values)
+        cfg = AutoConfig.from_pretrained(str(prep.store.parent / "B-layout"))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        model = model.to_empty(device="cpu")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+        weights = "same shapes, bf16 zeros (HF cannot load the int4 blobs)"
+    model.eval()
+    # dense part on the device, each layer's experts offloaded to the CPU (accelerate hooks)
+    experts = []
+    for layer in model.model.layers:
+        experts.append(layer.mlp.experts)
+        layer.mlp.experts = None
+    model.to(device)
+    for layer, ex in zip(model.model.layers, experts):
+        layer.mlp.experts = ex
+        if device.type == "cuda":
+            accelerate.cpu_offload(ex, execution_device=device)
+    build_s = time.perf_counter() - t0
+    n_new = args.accelerate_tokens if prep.name == "A" else args.b_accelerate_tokens
+    times = []
+    outs = []
+    with torch.inference_mode():
+        for p in tqdm([prep.warmup_prompt] + prep.prompts, desc=f"{prep.name} accelerate", unit="prompt", leave=False):
+            ids = torch.tensor([p], device=device)
+            out = model(input_ids=ids, use_cache=True)
+            past = out.past_key_values
+            tok = out.logits[0, -1].argmax()
+            gen = [int(tok)]
+            sync(device)
+            t1 = time.perf_counter()
+            for _ in range(n_new - 1):
+                out = model(input_ids=tok.view(1, 1), past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                tok = out.logits[0, -1].argmax()
+                gen.append(int(tok))
+            times.append((time.perf_counter() - t1, n_new - 1))
+            outs.append(gen)
+        times, outs = times[1:], outs[1:]   # the first prompt is the warm-up
+        ppl = None
+        if prep.heldout:
+            import torch.nn.functional as F
+            nll, n = 0.0, 0
+            for w in prep.heldout[: args.accelerate_ppl_windows]:
+                w = w.to(device)
+                logits = model(input_ids=w[None, :-1]).logits[0].float()
+                nll += float(F.cross_entropy(logits, w[1:], reduction="sum"))
+                n += w.numel() - 1
+            ppl = math.exp(nll / n)
+    secs = sum(t for t, _ in times)
+    steps = sum(n for _, n in times)
+    del model, experts
+    free_memory(device)
+    tps = steps / secs if secs else 0.0
+    return {"model": prep.name, "budget": None, "mode": "accelerate", "tokens_per_s": tps,
+            "ms_per_token": 1e3 / tps if tps else None,
+            "experts_per_token": None, "single_expert_ratio": 0.0, "gpu_hit_rate": None, "host_hit_rate": None,
+            "prefetch_precision": None, "prefetch_recall": None, "prefetch_token_recall": None,
+            "stall_ms_per_token": None, "gb_per_token": None, "lower_bound_ms_per_token": None,
+            "heldout_perplexity": ppl, "generated_tokens": steps, "decode_s": secs, "build_s": round(build_s, 1),
+            "outputs_head": [o[:8] for o in outs],
+            "note": f"transformers {transformers.__version__}, accelerate {accelerate.__version__}: "
+                    f"accelerate.cpu_offload on every layer's MixtralExperts; {weights}; {n_new} new tokens"}
+
+
+# =============================================================================================
+# Measurements around the rows
+# =============================================================================================
+def pinned_copy_gbps(device: torch.device, mb: int = 256) -> float:
+    """Measured pinned host -> device copy rate (GB/s), best of 5; a memcpy rate on the CPU."""
+    n = mb << 20
+    src = torch.empty(n, dtype=torch.uint8)
+    if device.type == "cuda":
+        src = src.pin_memory()
+    dst = torch.empty(n, dtype=torch.uint8, device=device)
+    best = 0.0
+    for _ in range(6):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        sync(device)
+        best = max(best, n / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    for r in rows:
+        def find(mode: str, budget: Any) -> dict | None:
+            return next((x for x in rows if x["model"] == r["model"] and x["mode"] == mode
+                         and (mode in BUDGET_FREE or x["budget"] == budget)), None)
+        lru, res = find("lru", r["budget"]), find("resident", None)
+        r["vs_lru"] = r["tokens_per_s"] / lru["tokens_per_s"] if lru and lru["tokens_per_s"] else None
+        r["vs_resident"] = r["tokens_per_s"] / res["tokens_per_s"] if res and res["tokens_per_s"] else None
+        acc = find("accelerate", None)
+        r["vs_accelerate"] = r["tokens_per_s"] / acc["tokens_per_s"] if acc and acc["tokens_per_s"] else None
+
+
+def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        if r["mode"] != "adapmoe":
+            continue
+        need = TARGETS["adapmoe_vs_lru"].get(r["model"])
+        if r.get("vs_lru") is not None and need:
+            out.append({"target": f"{r['model']} adapmoe >= {need}x lru @ {r['budget']:.0%}", "measured": r["vs_lru"],
+                        "met": r["vs_lru"] >= need})
+        if r.get("vs_accelerate") is not None:
+            out.append({"target": f"{r['model']} adapmoe >= 10x accelerate @ {r['budget']:.0%}",
+                        "measured": r["vs_accelerate"], "met": r["vs_accelerate"] >= TARGETS["adapmoe_vs_accelerate"]})
+        if r["budget"] == 0.5 and r.get("vs_resident"):
+            slow = 1 / r["vs_resident"]
+            out.append({"target": f"{r['model']} adapmoe within 2x of resident @ 50% (resident/adapmoe <= 2)",
+                        "measured": slow, "met": slow <= TARGETS["resident_vs_adapmoe_50"]})
+    return out
+
+
+def fmt(v: Any, spec: str = ".2f") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and not math.isfinite(v):
+        return "-"
+    return format(v, spec)
+
+
+def markdown(rows: list[dict[str, Any]], targets: list[dict[str, Any]]) -> str:
+    head = ("| model | budget | mode | tok/s | vs lru | vs resident | experts/tok | single | GPU hit | "
+            "pf prec | pf recall | stall ms/tok | GB/tok gpu | GB/tok host | GB/tok store | bound ms/tok | "
+            "ms/tok | held-out ppl |")
+    lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+    for r in rows:
+        gb = r.get("gb_per_token") or {}
+        lines.append("| " + " | ".join([
+            r["model"], fmt(r["budget"], ".0%") if r["budget"] is not None else "-", r["mode"],
+            fmt(r["tokens_per_s"], ".1f"), fmt(r.get("vs_lru")), fmt(r.get("vs_resident")),
+            fmt(r.get("experts_per_token")), fmt(r.get("single_expert_ratio")), fmt(r.get("gpu_hit_rate")),
+            fmt(r.get("prefetch_precision")), fmt(r.get("prefetch_recall")), fmt(r.get("stall_ms_per_token"), ".1f"),
+            fmt(gb.get("gpu"), ".3f"), fmt(gb.get("host"), ".3f"), fmt(gb.get("store"), ".3f"),
+            fmt(r.get("lower_bound_ms_per_token"), ".2f"), fmt(r.get("ms_per_token"), ".2f"),
+            fmt(r.get("heldout_perplexity"), ".3f")]) + " |")
+    lines.append("")
+    for t in targets:
+        lines.append(f"- {'MET' if t['met'] else 'MISSED'}: {t['target']}: measured {t['measured']:.2f}x")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4.5), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        rs = [r for r in rows if r["model"] == m]
+        labels, vals, colors = [], [], []
+        palette = {None: "#777777", 0.25: "#1f77b4", 0.5: "#ff7f0e"}
+        for mode in MODES:
+            for r in rs:
+                if r["mode"] == mode:
+                    labels.append(mode if r["budget"] is None else f"{mode}\n{r['budget']:.0%}")
+                    vals.append(r["tokens_per_s"])
+                    colors.append(palette.get(r["budget"], "#2ca02c"))
+        ax.bar(range(len(vals)), vals, color=colors)
+        ax.set_xticks(range(len(vals)))
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("decode tokens/s (batch 1, log scale)")
+        ax.set_title(f"model {m}: grey = no budget, blue = 25%, orange = 50% of experts on the GPU", fontsize=8)
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.0f}" if v >= 10 else f"{v:.2f}", ha="center", va="bottom", fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# =============================================================================================
+def run_model(prep: Prepared, device: torch.device, args: argparse.Namespace, work: Path,
+              pinned_gbps: float, rows: list[dict[str, Any]], on_row: Any = None) -> list[dict[str, Any]]:
+    with StoreClient.open(str(prep.store)) as c:
+        profile = c.manifest(prep.model).profile
+    if not profile:
+        raise RuntimeError(f"model {prep.model} has no calibration profile in the store")
+    server = None
+    try:
+        for mode in args.modes:
+            budgets = [None] if mode in BUDGET_FREE else args.budgets
+            for b in budgets:
+                t0 = time.perf_counter()
+                try:
+                    if mode == "accelerate":
+                        if prep.name == "B" and not args.b_accelerate:
+                            continue
+                        row = run_accelerate_row(prep, device, args)
+                    else:
+                        target = str(prep.store)
+                        if mode == "store-remote":
+                            if server is None:
+                                server = StoreServer(prep.store, args.store_workers, work / "store-server.log")
+                            target = f"grpc://{server.address}"
+                        row = run_engine_row(prep, mode, b, device, args, target, profile, pinned_gbps)
+                        if mode == "store-remote":
+                            row["store_workers"] = args.store_workers
+                except Exception as e:   # one broken row must not lose the others
+                    import traceback
+                    traceback.print_exc()
+                    row = {"model": prep.name, "budget": b, "mode": mode, "tokens_per_s": 0.0,
+                           "error": f"{type(e).__name__}: {e}"}
+                    free_memory(device)
+                row["row_s"] = round(time.perf_counter() - t0, 1)
+                rows.append(row)
+                log(f"{prep.name} {mode:>12} budget {b}: {row['tokens_per_s']:.2f} tok/s "
+                    f"(ppl {row.get('heldout_perplexity')}, {row['row_s']} s)")
+                if on_row is not None:
+                    on_row()
+    finally:
+        if server is not None:
+            server.stop()
+    return rows
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="A,B", help="comma list of A,B")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--budgets", default="0.25,0.5", help="GPU expert budgets (fractions of all experts)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--work", default="/tmp/adapmoe-decode", help="checkpoints and stores go here (not the repo)")
+    p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--tag", default="decode", help="output file stem")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--warmup-tokens", type=int, default=16)
+    p.add_argument("--prompts", type=int, default=2)
+    p.add_argument("--prompt-tokens", type=int, default=48)
+    p.add_argument("--accelerate-tokens", type=int, default=16)
+    p.add_argument("--accelerate-ppl-windows", type=int, default=2)
+    p.add_argument("--remote-tokens", type=int, default=32, help="new tokens per prompt of the store-remote row")
+    p.add_argument("--b-accelerate-tokens", type=int, default=4, help="new tokens per prompt of B's accelerate row")
+    p.add_argument("--ppl-windows", type=int, default=8)
+    p.add_argument("--calib-tokens", type=int, default=2048)
+    p.add_argument("--calib-seq", type=int, default=256)
+    p.add_argument("--store-workers", type=int, default=4)
+    p.add_argument("--profile-rows", default="lru,adapmoe", help="rows to run the torch profiler on (comma list)")
+    p.add_argument("--profile-tokens", type=int, default=16)
+    # model A
+    p.add_argument("--a-hidden", type=int, default=2048)
+    p.add_argument("--a-ffn", type=int, default=5632)
+    p.add_argument("--a-layers", type=int, default=8)
+    p.add_argument("--a-heads", type=int, default=16)
+    p.add_argument("--a-vocab", type=int, default=8192)
+    p.add_argument("--a-seq", type=int, default=256)
+    p.add_argument("--a-batch", type=int, default=16)
+    p.add_argument("--a-lr", type=float, default=1e-3)
+    p.add_argument("--a-corpus-mb", type=float, default=10.0)
+    p.add_argument("--a-train-s", type=float, default=120.0, help="training time budget (s)")
+    p.add_argument("--a-min-steps", type=int, default=20)
+    p.add_argument("--a-max-steps", type=int, default=3000)
+    # model B
+    p.add_argument("--b-layers", type=int, default=8)
+    p.add_argument("--b-hidden", type=int, default=4096)
+    p.add_argument("--b-ffn", type=int, default=14336)
+    p.add_argument("--b-heads", type=int, default=32)
+    p.add_argument("--b-vocab", type=int, default=32000)
+    p.add_argument("--b-accelerate", action="store_true", help="also run the accelerate row on B (slow)")
+    p.add_argument("--tiny", action="store_true", help="CPU-sized models and runs (plumbing check)")
+    args = p.parse_args(list(argv) if argv is not None else None)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for m in args.modes:
+        if m not in MODES:
+            p.error(f"unknown mode {m!r} (modes: {', '.join(MODES)})")
+    args.budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    args.profile_rows = [m.strip() for m in args.profile_rows.split(",") if m.strip()]
+    if args.tiny:
+        args.a_hidden, args.a_ffn, args.a_layers, args.a_heads, args.a_vocab = 64, 128, 4, 4, 512
+        args.a_seq, args.a_batch, args.a_corpus_mb, args.a_train_s, args.a_min_steps, args.a_max_steps = 64, 4, 0.5, 2, 5, 5
+        args.b_hidden, args.b_ffn, args.b_layers, args.b_heads, args.b_vocab = 128, 256, 2, 4, 512
+        args.new_tokens, args.warmup_tokens, args.prompt_tokens, args.accelerate_tokens = 6, 2, 8, 3
+        args.remote_tokens, args.b_accelerate_tokens = 4, 3
+        args.ppl_windows, args.calib_tokens, args.calib_seq, args.store_workers = 2, 128, 64, 2
+        args.profile_tokens = 2
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    work = Path(args.work)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    pinned = pinned_copy_gbps(device)
+    log(f"pinned host -> {device} copy: {pinned:.1f} GB/s")
+    rows: list[dict[str, Any]] = []
+    models_info: dict[str, Any] = {}
+    for name in args.models:
+        mwork = work / name
+        if mwork.exists():
+            import shutil
+            shutil.rmtree(mwork)
+        mwork.mkdir(parents=True)
+        t0 = time.perf_counter()
+        prep = (prepare_model_a if name == "A" else prepare_model_b)(mwork, device, args)
+        prep.info["prepare_s"] = round(time.perf_counter() - t0, 1)
+        models_info[name] = prep.info
+
+        def save() -> None:
+            add_ratios(rows)
+            write_results(out_dir, args, rows, check_targets(rows), models_info, pinned, device, t_start)
+
+        run_model(prep, device, args, mwork, pinned, rows, on_row=save)
+        if not args.tiny:
+            import shutil
+            shutil.rmtree(mwork, ignore_errors=True)   # the next model needs the disk
+    add_ratios(rows)
+    targets = check_targets(rows)
+    write_results(out_dir, args, rows, targets, models_info, pinned, device, t_start)
+    print(markdown(rows, targets))
+    for t in targets:
+        print(f"target {'MET   ' if t['met'] else 'MISSED'} {t['target']}: {t['measured']:.2f}x", flush=True)
+    return 0
+
+
+def write_results(out_dir: Path, args: argparse.Namespace, rows: list, targets: list, models_info: dict,
+                  pinned: float, device: torch.device, t_start: float) -> None:
+    meta = {"command": "python3 " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "python": platform.python_version(), "cpu_cores": os.cpu_count(),
+            "pinned_h2d_gbps": pinned, "new_tokens": args.new_tokens, "prompts": args.prompts,
+            "models": models_info, "targets": targets, "seconds": round(time.perf_counter() - t_start, 1)}
+    plain = [{k: v for k, v in r.items() if k != "torch_profile"} for r in rows]
+    (out_dir / f"{args.tag}.json").write_text(json.dumps(plain, indent=1, default=str) + "\n")
+    (out_dir / f"{args.tag}_meta.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
+    (out_dir / f"{args.tag}.md").write_text(markdown(rows, targets))
+    profiles = "\n\n".join(f"# {r['model']} {r['mode']} budget {r['budget']}\n{r['torch_profile']}"
+                           for r in rows if r.get("torch_profile"))
+    if profiles:
+        (out_dir / f"{args.tag}_profile.txt").write_text(profiles + "\n")
+    try:
+        plot(rows, out_dir / f"{args.tag}.png")
+    except Exception as e:  # pragma: no cover - plotting is best effort
+        log(f"plot failed: {e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
