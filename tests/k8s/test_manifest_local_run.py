@@ -33,6 +33,7 @@ import pytest
 
 from k8s_render import (
     all_containers,
+    by_prefix,
     command_line,
     container_env,
     get,
@@ -299,7 +300,7 @@ def test_dev_overlay_runs_locally(cluster, tmp_path):
     from expert_store.errors import StoreError
 
     docs = cluster.docs
-    settings = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    settings = by_prefix(docs, "ConfigMap", "adapmoe-model")["data"]
     procs: list[Process] = []
     # the demo checkpoint (in place of the train-demo init container) is built meanwhile
     ckpt_dir = tmp_path / "demo-checkpoint"

@@ -88,6 +88,7 @@ def test_overlays_render_with_expected_objects(docs):
     ]:
         assert expected in kinds, f"{expected} missing"
     by_prefix(docs, "ConfigMap", "adapmoe-settings")
+    by_prefix(docs, "ConfigMap", "adapmoe-model")
 
 
 def test_every_object_validates_strictly_on_every_supported_version(docs):
@@ -395,7 +396,7 @@ def test_one_pack_job_per_store_replica_writes_into_its_volume(docs):
         argv = command_line(docs, c, container_env(docs, {}, c, NAMESPACE))
         assert argv[:2] == ["expert-store", "pack"]
         assert argv[argv.index("--store") + 1] == store_dir
-        cm = by_prefix(docs, "ConfigMap", "adapmoe-settings")["data"]
+        cm = by_prefix(docs, "ConfigMap", "adapmoe-model")["data"]
         assert argv[argv.index("--model") + 1] == cm["MODEL_NAME"]
         assert argv[2] == cm["CHECKPOINT_DIR"]
         mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
@@ -409,6 +410,41 @@ def test_one_pack_job_per_store_replica_writes_into_its_volume(docs):
         (term,) = spec["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
         assert term["topologyKey"] == "kubernetes.io/hostname"
         assert term["labelSelector"] == {"matchLabels": {"statefulset.kubernetes.io/pod-name": f"expert-store-{i}"}}
+
+
+def test_decoder_serves_the_model_the_jobs_pack(docs):
+    c = container(docs, "Deployment", "decoder")
+    argv = command_line(docs, c, container_env(docs, {}, c, NAMESPACE))
+    models = {argv[argv.index("--model") + 1]}
+    for job in objects(docs, "Job"):
+        (pc,) = pod_template(job)["spec"]["containers"]
+        pargv = command_line(docs, pc, container_env(docs, {}, pc, NAMESPACE))
+        models.add(pargv[pargv.index("--model") + 1])
+    assert len(models) == 1, models
+
+
+def test_tuning_changes_roll_the_services_but_leave_the_immutable_jobs_alone(tmp_path):
+    """A Job's pod template is immutable: `kubectl apply` after a settings change must not
+    need to change it. Render a copy of the tree with one tuning value changed."""
+    import shutil
+    import subprocess
+
+    tree = tmp_path / "k8s"
+    shutil.copytree(OVERLAYS["base"].parent, tree)
+    kust = tree / "overlays" / "dev" / "kustomization.yaml"
+    text = kust.read_text()
+    assert "      - DECODER_MAX_ACTIVE=4\n" in text
+    kust.write_text(text.replace("      - DECODER_MAX_ACTIVE=4\n", "      - DECODER_MAX_ACTIVE=5\n"))
+    proc = subprocess.run([kubectl(), "kustomize", str(tree / "overlays" / "dev")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    import yaml
+
+    changed = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    before = render("dev")
+    for job in objects(before, "Job"):
+        assert get(changed, "Job", job["metadata"]["name"]) == job
+    assert pod_template(get(changed, "Deployment", "decoder")) != pod_template(get(before, "Deployment", "decoder"))
 
 
 def test_store_ram_tiers_fit_the_memory_limit(docs):
