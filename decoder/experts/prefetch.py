@@ -58,7 +58,7 @@ class Prefetcher(MoEObserver):
         self._last_t = 0.0
         self.layer_time_s: float | None = None
         # predictions for the current step: target layer -> [(distance, set of experts, per-token idx [T, k])]
-        self._pending: dict[int, list[tuple[int, set[int], torch.Tensor]]] = {}
+        self._pending: dict[int, list[tuple[int, set[int], list[list[int]]]]] = {}
         self._stack: torch.Tensor | None = None        # routers [L, E, H] on the compute device
         self._norm_stack: torch.Tensor | None = None   # norm weights [L, H]
         self.reset_stats()
@@ -128,27 +128,27 @@ class Prefetcher(MoEObserver):
                    idx: torch.Tensor) -> None:
         if layer not in self._pending:
             return
-        idx = idx.cpu()                                                   # one transfer (already synced)
-        valid = idx >= 0                                                  # [T, k]
-        used = set(int(e) for e in idx[valid].flatten().tolist())
+        rows = idx.tolist()                                               # [T][k] (already synced by the MoE block)
+        tok_used = [set(e for e in row if e >= 0) for row in rows]
+        used = set().union(*tok_used) if tok_used else set()
+        n_used = sum(len(u) for u in tok_used)
         for d, pred, tok_idx in self._pending.pop(layer, []):
             self._pred[layer][d] += len(pred)
             self._used[layer][d] += len(used)
             self._tp[layer][d] += len(pred & used)
-            if tok_idx.shape[0] == idx.shape[0]:
-                # [T, k_used, 1] == [T, 1, k_pred]: each used expert found among the token's predictions
-                hit = (idx[:, :, None] == tok_idx[:, None, :]).any(-1) & valid
-                self._tok_tp[layer][d] += int(hit.sum())
-                self._tok_used[layer][d] += int(valid.sum())
+            if len(tok_idx) == len(rows):
+                # each used expert found among the token's own predictions
+                self._tok_tp[layer][d] += sum(len(u.intersection(p)) for u, p in zip(tok_used, tok_idx))
+                self._tok_used[layer][d] += n_used
 
     # --- internals ------------------------------------------------------------------------------
-    def _predict(self, layer: int, target: int, x: torch.Tensor) -> tuple[list[int], list[float], torch.Tensor]:
+    def _predict(self, layer: int, target: int, x: torch.Tensor) -> tuple[list[int], list[float], list[list[int]]]:
         """Experts layer `target` would pick for hidden states x (layer `layer`'s MoE input)."""
         return self._predict_many(layer, x, target - layer)[-1]
 
-    def _predict_many(self, layer: int, x: torch.Tensor, D: int) -> list[tuple[list[int], list[float], torch.Tensor]]:
+    def _predict_many(self, layer: int, x: torch.Tensor, D: int) -> list[tuple[list[int], list[float], list[list[int]]]]:
         """Predictions for layers layer+1 .. layer+D from x: per distance (experts by descending
-        score, their scores, per-token top-k idx [T, k] on the CPU). One device->host transfer."""
+        best weight, those weights, each token's predicted top-k ids). One device->host transfer."""
         # x: [T, H]
         if D <= 0:
             return []
@@ -169,19 +169,22 @@ class Prefetcher(MoEObserver):
         k = min(self.top_k, self.E)
         w, i = torch.topk(probs, k, dim=-1)                                                    # [D, T, k]
         w = w / w.sum(dim=-1, keepdim=True)
-        packed = torch.cat([w, i.float()], dim=-1).cpu()                                       # one sync
-        w, i = packed[..., :k], packed[..., k:].long()
+        packed = torch.cat([w, i.to(w.dtype)], dim=-1).cpu().tolist()                          # one sync
         out = []
         for d in range(D):
-            score = torch.zeros(self.E, dtype=torch.float32)
-            score.scatter_reduce_(0, i[d].flatten(), w[d].flatten(), reduce="amax")           # best weight per expert
-            chosen = torch.nonzero(score > 0).flatten()
-            order = torch.argsort(score[chosen], descending=True)
-            experts = chosen[order].tolist()
-            out.append((experts, score[experts].tolist(), i[d]))
+            best: dict[int, float] = {}
+            tok_idx = []
+            for row in packed[d]:                                  # per token: k weights, k expert ids
+                ids = [int(v) for v in row[k:]]
+                tok_idx.append(ids)
+                for wt, e in zip(row[:k], ids):
+                    if wt > best.get(e, 0.0):
+                        best[e] = wt                                  # best weight per expert
+            experts = sorted(best, key=lambda e: -best[e])
+            out.append((experts, [best[e] for e in experts], tok_idx))
         return out
 
-    def _adaptive_k(self, layer: int, preds: dict[int, tuple[list[int], list[float], torch.Tensor]]) -> int:
+    def _adaptive_k(self, layer: int, preds: dict[int, tuple[list[int], list[float], list[list[int]]]]) -> int:
         if self.provider is None or not hasattr(self.provider, "load_cost") or not self.layer_time_s:
             return 1
         first = preds.get(1)
