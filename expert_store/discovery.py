@@ -462,7 +462,7 @@ class K8sEndpointWatcher(MemberSet):
                     continue
                 msg = f"kubernetes API: {e.status} {e.reason}"
                 if e.status in (401, 403):
-                    msg += " (does the pod's ServiceAccount may list/watch endpointslices.discovery.k8s.io?)"
+                    msg += " (may the pod's ServiceAccount list and watch endpointslices.discovery.k8s.io?)"
                 self._error(msg)
                 log.warning("discovery %s: %s", self.target, msg)
                 self._stop.wait(backoff.next())
