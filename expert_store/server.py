@@ -32,7 +32,7 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -242,6 +242,17 @@ def tier_stats(store: Any) -> dict[str, dict]:
 # the servicer
 
 
+class _StreamGone(Exception):
+    """A write failed: the client cancelled or the connection dropped mid-stream."""
+
+
+async def _write(context: grpc.aio.ServicerContext, message: Any) -> None:
+    try:
+        await context.write(message)
+    except Exception as e:  # grpc raises its internal ExecuteBatchError before the cancel lands
+        raise _StreamGone(str(e)) from None
+
+
 class _Abort(Exception):
     def __init__(self, code: grpc.StatusCode, details: str):
         super().__init__(details)
@@ -276,6 +287,9 @@ class ExpertStoreServicer(pb_grpc.ExpertStoreServicer):
         return await asyncio.to_thread(fn, *args)
 
     async def _fail(self, context: grpc.aio.ServicerContext, method: str, exc: BaseException) -> None:
+        if isinstance(exc, _StreamGone) or context.done():  # client gone mid-stream: nobody to tell
+            self.metrics.request(method, "CANCELLED")
+            raise asyncio.CancelledError()
         code, details = status_for(exc)
         if code == grpc.StatusCode.INTERNAL:
             log.exception("%s failed", method, exc_info=exc)
@@ -310,8 +324,9 @@ class ExpertStoreServicer(pb_grpc.ExpertStoreServicer):
         self.metrics.request("GetManifest", "OK")
         return reply
 
-    async def FetchExperts(self, request: pb.FetchExpertsRequest, context) -> AsyncIterator[pb.BlobChunk]:
+    async def FetchExperts(self, request: pb.FetchExpertsRequest, context) -> None:
         method, acquired, sent = "FetchExperts", False, 0
+        reading: asyncio.Future | None = None
         try:
             if len(request.refs) > self.config.max_refs:  # before any store work
                 raise ResourceExhausted(f"{len(request.refs)} refs in one call; at most {self.config.max_refs}")
@@ -319,26 +334,42 @@ class ExpertStoreServicer(pb_grpc.ExpertStoreServicer):
             await self._call(check_refs, self.store, request.model, request.refs, self.config.max_refs)
             self._acquire_stream(prefetch=request.priority == pb.PREFETCH)
             acquired = True
-            for index, ref in enumerate(request.refs):
+            refs = request.refs
+
+            def read(i: int) -> asyncio.Future:
+                r = refs[i]
+                return asyncio.ensure_future(
+                    self._call(self.store.expert_blob, request.model, r.layer, r.expert, r.precision))
+
+            # read-ahead: the next blob is read (disk, Redis) while this one streams
+            reading = read(0)
+            for index, ref in enumerate(refs):
                 if self.config.inject_latency_s:
                     await asyncio.sleep(self.config.inject_latency_s)
-                blob = await self._call(self.store.expert_blob, request.model, ref.layer, ref.expert, ref.precision)
+                blob = await reading
+                reading = read(index + 1) if index + 1 < len(refs) else None
                 total = len(blob)
                 for offset, data, last in chunks(blob, ref.offset, self.config.chunk_bytes):
-                    yield pb.BlobChunk(index=index, offset=offset, total_size=total, data=data, last=last)
+                    await _write(context, pb.BlobChunk(index=index, offset=offset, total_size=total, data=data,
+                                                       last=last))
                     sent += len(data)
                 del blob
         except Exception as e:
             self.metrics.served(method, sent)
             await self._fail(context, method, e)
         finally:
+            if reading is not None:  # the stream ended early: drop the read-ahead
+                if not reading.done():
+                    reading.cancel()
+                elif not reading.cancelled():
+                    reading.exception()  # retrieved, so asyncio does not log it
             if acquired:
                 self._release_stream()
         self.metrics.served(method, sent)
         self.metrics.request(method, "OK")
         self.metrics.tiers(tier_stats(self.store))
 
-    async def FetchDense(self, request: pb.FetchDenseRequest, context) -> AsyncIterator[pb.BlobChunk]:
+    async def FetchDense(self, request: pb.FetchDenseRequest, context) -> None:
         method, acquired, sent = "FetchDense", False, 0
         try:
             validate_model(request.model)
@@ -347,7 +378,7 @@ class ExpertStoreServicer(pb_grpc.ExpertStoreServicer):
             blob = await self._call(self.store.dense, request.model)
             total = len(blob)
             for offset, data, last in chunks(blob, request.offset, self.config.chunk_bytes):
-                yield pb.BlobChunk(index=0, offset=offset, total_size=total, data=data, last=last)
+                await _write(context, pb.BlobChunk(index=0, offset=offset, total_size=total, data=data, last=last))
                 sent += len(data)
         except Exception as e:
             self.metrics.served(method, sent)
