@@ -409,6 +409,13 @@ class BatchScheduler:
                 pass
             self._cond.notify_all()
 
+    def kv_cache_bytes(self) -> int:
+        """Bytes of the per-row KV caches (all layers, keys and values)."""
+        cfg = self.model.config
+        elem = self.model.embed_tokens.weight.element_size()
+        return 2 * cfg.num_hidden_layers * self.max_active * cfg.num_key_value_heads * self.max_seq_len \
+            * cfg.head_dim * elem
+
     @property
     def active(self) -> int:
         with self._cond:

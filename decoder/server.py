@@ -57,6 +57,9 @@ request_log = logging.getLogger("decoder.requests")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Decoder"].full_name  # "adapmoe.v1.Decoder"
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+# KV-cache positions per row unless --max-seq-len says otherwise (Mixtral's 32k context would
+# take 4 GiB of bf16 KV cache per row)
+DEFAULT_MAX_SEQ_LEN = 8192
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 TOKEN_ENV = "MOE_DECODER_TOKEN"  # the token clients of this service must send (--auth-token-file wins)
 
@@ -336,6 +339,9 @@ class DecoderServicer(pb_grpc.DecoderServicer):
         except _Abort as e:
             status = e.code
             await context.abort(_status(e.code), e.details)
+        except GeneratorExit:  # the stream was closed under us (client gone)
+            status = "CANCELLED"
+            raise
         except asyncio.CancelledError:
             remaining = context.time_remaining()
             status = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
@@ -497,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=16, help="sequences that may wait for a row; "
                                                               "beyond: RESOURCE_EXHAUSTED")
     p.add_argument("--max-seq-len", type=int, default=None,
-                   help="positions per KV-cache row (prompt + generated); default: the model's context")
+                   help="positions per KV-cache row (prompt + generated; longer prompts are "
+                        f"INVALID_ARGUMENT); default: the model's context, at most {DEFAULT_MAX_SEQ_LEN}")
     p.add_argument("--default-max-tokens", type=int, default=128, help="for requests with max_tokens 0")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     p.add_argument("--metrics-host", default=None, help="metrics bind address (default: the --listen host)")
@@ -591,8 +598,10 @@ def main(argv: list[str] | None = None) -> int:
                                    prefetch=False if args.no_prefetch else None)
         with engine:
             metrics_box: list[DecoderMetrics] = []
+            ctx = engine.config.max_position_embeddings
+            max_seq_len = args.max_seq_len or min(ctx, DEFAULT_MAX_SEQ_LEN)
             scheduler = BatchScheduler(engine, max_active=args.max_active, max_queue=args.max_queue,
-                                       max_seq_len=args.max_seq_len,
+                                       max_seq_len=max_seq_len,
                                        on_step=lambda b, s: metrics_box[0].on_step(b, s) if metrics_box else None)
             metrics = DecoderMetrics(args.metrics_port is not None, scheduler)
             metrics_box.append(metrics)
@@ -602,6 +611,9 @@ def main(argv: list[str] | None = None) -> int:
             config = ServiceConfig(listen=args.listen, default_max_tokens=args.default_max_tokens,
                                    grace_s=args.grace, drain_s=args.drain, token=auth_token, **tls)
             scheduler.start()
+            log.info("model %s: %d KV-cache rows x %d positions (%.1f MiB), queue %d, device %s",
+                     args.model, args.max_active, max_seq_len, scheduler.kv_cache_bytes() / 2 ** 20,
+                     args.max_queue, args.device)
             try:
                 asyncio.run(serve(scheduler, config, metrics,
                                   on_ready=lambda addr: print(f"listening on {addr}", flush=True)))
