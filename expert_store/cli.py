@@ -63,7 +63,8 @@ def _precisions(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="expert-store", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="expert-store", description="Pack a checkpoint into an expert store, serve it, inspect and verify it.")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -80,15 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store", required=True, metavar="DIR")
     s.add_argument("--redis", metavar="URL", help="redis://, rediss:// or redis+cluster:// URL of the Redis tier")
     s.add_argument("--listen", default="127.0.0.1:50051", metavar="HOST:PORT", help="port 0 picks a free one")
-    s.add_argument("--workers", type=_positive, default=1, help="server processes sharing the port (SO_REUSEPORT)")
-    s.add_argument("--max-refs", type=_positive, default=64, help="refs per FetchExperts call")
-    s.add_argument("--max-streams", type=_positive, default=64, help="concurrent streams per worker")
+    s.add_argument("--workers", type=_positive, default=1, metavar="N",
+                   help="server processes sharing the port (SO_REUSEPORT)")
+    s.add_argument("--max-refs", type=_positive, default=64, metavar="N", help="refs per FetchExperts call")
+    s.add_argument("--max-streams", type=_positive, default=64, metavar="N", help="concurrent streams per worker")
     s.add_argument("--token-file", metavar="F", help="require this bearer token (else $EXPERT_STORE_TOKEN, if set)")
     s.add_argument("--tls-cert", metavar="F", help="server certificate chain (PEM)")
     s.add_argument("--tls-key", metavar="F", help="server private key (PEM)")
     s.add_argument("--tls-client-ca", metavar="F", help="require client certificates signed by this CA (mTLS)")
     s.add_argument("--metrics-port", type=int, metavar="P", help="serve Prometheus metrics on this port")
-    s.add_argument("--ram-bytes", type=_size, default=256 << 20, help="RAM tier budget per worker (0 = none)")
+    s.add_argument("--ram-bytes", type=_size, default=256 << 20, metavar="BYTES",
+                   help="RAM tier budget per worker, e.g. 268435456, 256M, 4G (0 = none)")
     s.add_argument("--grace", type=float, default=5.0, metavar="S", help="shutdown grace for in-flight streams")
     s.add_argument("--inject-latency-ms", type=float, default=0.0, metavar="MS",
                    help="fault injection (tests, benchmarks): delay every expert blob served by this much")

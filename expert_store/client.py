@@ -552,7 +552,8 @@ class GrpcStoreClient(StoreClient):
             finally:
                 replica.give(i)
             replica.suspect_until = time.monotonic() + 2.0
-            log.warning("%s: %s; %s", what, last, "failing over" if attempt + 1 < attempts or time.monotonic() < window_end else "giving up")
+            more = attempt + 1 < attempts or time.monotonic() < window_end
+            log.warning("%s: %s; %s", what, last, "failing over" if more else "giving up")
         raise Unavailable(f"{what}: no replica answered after {attempt} attempts (last: {last})")
 
     # ---- API
