@@ -131,7 +131,11 @@ def test_pods_run_non_root_with_read_only_root_and_no_capabilities(docs):
         assert (psc.get("seccompProfile") or {}).get("type") == "RuntimeDefault", name
         assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC"), name
         volumes = {v["name"]: v for v in spec.get("volumes") or []}
-        assert not any("hostPath" in v for v in volumes.values()), name
+        # Pod Security "restricted": only these volume types
+        allowed = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                   "projected", "secret"}
+        for v in volumes.values():
+            assert set(v) - {"name"} <= allowed, f"{name}: volume {v}"
         for c in all_containers(spec):
             where = f"{name}:{c['name']}"
             sc = c.get("securityContext") or {}
@@ -141,6 +145,7 @@ def test_pods_run_non_root_with_read_only_root_and_no_capabilities(docs):
             assert sc.get("capabilities", {}).get("drop") == ["ALL"], where
             assert not sc.get("capabilities", {}).get("add"), where
             assert sc.get("runAsUser", 1) != 0, where
+            assert not any("hostPort" in p for p in c.get("ports") or []), where
             assert (sc.get("seccompProfile") or psc.get("seccompProfile"))["type"] == "RuntimeDefault", where
             # a read-only root needs a writable, size-limited /tmp
             tmp = [m for m in c.get("volumeMounts") or [] if m["mountPath"] == "/tmp"]
