@@ -198,15 +198,20 @@ def _pack(ckpt: Path, store: Path, model: str, precisions: Sequence[str], group_
 # =============================================================================================
 # Model B: Mixtral-8x7B shapes, random int4 experts packed directly
 # =============================================================================================
-def prepare_model_b(work: Path, device: torch.device, args: argparse.Namespace) -> Prepared:
-    """A synthetic checkpoint layout (random tensors made on `device`, never written as an HF
-    checkpoint) fed to the store's real packer: int4 quantization, blob format, manifest."""
+def pack_random_mixtral(work: Path, store: Path, model: str, *, hidden: int, ffn: int, layers: int, heads: int,
+                        vocab: int, experts: int = 8, precision: str = "int4", device: torch.device | str = "cpu",
+                        router_std: float = 0.5) -> dict[str, Any]:
+    """Pack a random Mixtral-layout model straight into `store`: a synthetic checkpoint layout
+    (tensors made on `device` when the packer asks for them, never written as an HF checkpoint)
+    fed to the store's real packer (quantization, blob format, dense part, manifest). Returns the
+    HF config written next to it (work/B-layout/config.json)."""
     from expert_store import pack
 
-    H, Fd, L, E = args.b_hidden, args.b_ffn, args.b_layers, 8
-    nh, nkv = args.b_heads, max(1, args.b_heads // 4)
+    H, Fd, L, E = hidden, ffn, layers, experts
+    nh, nkv = heads, max(1, heads // 4)
     hd = H // nh
-    V = args.b_vocab
+    V = vocab
+    device = torch.device(device)
     cfg = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": V, "hidden_size": H,
            "intermediate_size": Fd, "num_hidden_layers": L, "num_attention_heads": nh, "num_key_value_heads": nkv,
            "head_dim": hd, "num_local_experts": E, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5,
@@ -240,7 +245,7 @@ def prepare_model_b(work: Path, device: torch.device, args: argparse.Namespace) 
                 if name.endswith("norm.weight"):
                     t = torch.ones(shape, dtype=torch.bfloat16)
                 elif "gate.weight" in name:   # sharper routers: some experts clearly preferred
-                    t = (torch.randn(shape, generator=g) * 0.5).to(torch.bfloat16)
+                    t = (torch.randn(shape, generator=g) * router_std).to(torch.bfloat16)
                 else:
                     t = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
                 yield name, t
@@ -248,20 +253,31 @@ def prepare_model_b(work: Path, device: torch.device, args: argparse.Namespace) 
     layout = RandomLayout(root=root, config=cfg, config_bytes=cfg_bytes, num_layers=L, num_experts=E,
                           hidden_size=H, intermediate_size=Fd, top_k=2, rope_theta=1e6, files={}, fused=False,
                           dense=sorted(dense), routers={})
-    store = work / "store"
     real = pack.read_checkpoint_layout
     pack.read_checkpoint_layout = lambda _d: layout   # the packer reads our synthetic layout
     try:
-        _pack(root, store, "mixtral-shape-b", ("int4",), group_size=128)
+        _pack(root, store, model, (precision,), group_size=128)
     finally:
         pack.read_checkpoint_layout = real
+    return cfg
+
+
+def prepare_model_b(work: Path, device: torch.device, args: argparse.Namespace) -> Prepared:
+    """Mixtral-8x7B shapes, random weights, int4 experts packed directly."""
+    store = work / "store"
+    cfg = pack_random_mixtral(work, store, "mixtral-shape-b", hidden=args.b_hidden, ffn=args.b_ffn,
+                              layers=args.b_layers, heads=args.b_heads, vocab=args.b_vocab, precision="int4",
+                              device=device)
+    V = args.b_vocab
     g = torch.Generator().manual_seed(99)
     prompts = [torch.randint(3, V, (args.prompt_tokens,), generator=g).tolist() for _ in range(args.prompts)]
     warm = torch.randint(3, V, (args.prompt_tokens,), generator=g).tolist()
     calib = torch.randint(3, V, (args.calib_tokens + 1,), generator=g).tolist()
     prep = Prepared("B", store, "mixtral-shape-b", None, prompts, warm,
-                    info={"config": {"hidden": H, "ffn": Fd, "layers": L, "heads": nh, "kv_heads": nkv, "experts": E,
-                                     "top_k": 2, "vocab": V, "precision": "int4", "group_size": 128},
+                    info={"config": {"hidden": cfg["hidden_size"], "ffn": cfg["intermediate_size"],
+                                     "layers": cfg["num_hidden_layers"], "heads": cfg["num_attention_heads"],
+                                     "kv_heads": cfg["num_key_value_heads"], "experts": 8, "top_k": 2, "vocab": V,
+                                     "precision": "int4", "group_size": 128},
                           "weights": "random normal(0, 0.02) experts quantized to int4; routers normal(0, 0.5)"})
     calibrate(prep, device, calib, args)
     return prep
@@ -362,9 +378,9 @@ class OnDemandExperts(ExpertProvider):
 # The expert-store server (store-remote)
 # =============================================================================================
 class StoreServer:
-    def __init__(self, store: Path, workers: int, log_path: Path) -> None:
+    def __init__(self, store: Path, workers: int, log_path: Path, ram_bytes: int = 1 << 30) -> None:
         cmd = [sys.executable, "-m", "expert_store.cli", "serve", "--store", str(store), "--listen", "127.0.0.1:0",
-               "--workers", str(workers), "--ram-bytes", str(1 << 30)]
+               "--workers", str(workers), "--ram-bytes", str(ram_bytes)]
         self.log = open(log_path, "ab")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=ROOT, env=env)
@@ -478,7 +494,8 @@ def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torc
     eng = build_engine(prep, mode, budget, device, target, profile)
     build_s = time.perf_counter() - t_build
     try:
-        eng.generate(prep.warmup_prompt, max_tokens=args.warmup_tokens, temperature=0.0, stop_at_eos=False)
+        warm = min(args.warmup_tokens, 4) if mode == "store-remote" else args.warmup_tokens
+        eng.generate(prep.warmup_prompt, max_tokens=warm, temperature=0.0, stop_at_eos=False)
         eng.reset_stats()
         outs = []
         n_new = args.remote_tokens if mode == "store-remote" else args.new_tokens
@@ -798,15 +815,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-tokens", type=int, default=16)
     # model A
     p.add_argument("--a-hidden", type=int, default=2048)
-    p.add_argument("--a-ffn", type=int, default=5632)
+    p.add_argument("--a-ffn", type=int, default=4096)
     p.add_argument("--a-layers", type=int, default=8)
     p.add_argument("--a-heads", type=int, default=16)
     p.add_argument("--a-vocab", type=int, default=8192)
     p.add_argument("--a-seq", type=int, default=256)
     p.add_argument("--a-batch", type=int, default=16)
     p.add_argument("--a-lr", type=float, default=1e-3)
-    p.add_argument("--a-corpus-mb", type=float, default=10.0)
-    p.add_argument("--a-train-s", type=float, default=120.0, help="training time budget (s)")
+    p.add_argument("--a-corpus-mb", type=float, default=8.0)
+    p.add_argument("--a-train-s", type=float, default=90.0, help="training time budget (s)")
     p.add_argument("--a-min-steps", type=int, default=20)
     p.add_argument("--a-max-steps", type=int, default=3000)
     # model B
@@ -817,6 +834,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--b-vocab", type=int, default=32000)
     p.add_argument("--b-accelerate", action="store_true", help="also run the accelerate row on B (slow)")
     p.add_argument("--tiny", action="store_true", help="CPU-sized models and runs (plumbing check)")
+    p.add_argument("--merge", default=None, metavar="TAGS",
+                   help="only combine earlier runs' OUT_DIR/TAG.json (comma list) into OUT_DIR/decode.*")
     args = p.parse_args(list(argv) if argv is not None else None)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -836,8 +855,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def merge(args: argparse.Namespace) -> int:
+    out_dir = Path(args.out_dir)
+    rows, metas = [], {}
+    for tag in args.merge.split(","):
+        rows += json.loads((out_dir / f"{tag}.json").read_text())
+        meta_path = out_dir / f"{tag}_meta.json"
+        if meta_path.exists():
+            metas[tag] = json.loads(meta_path.read_text())
+    add_ratios(rows)
+    targets = check_targets(rows)
+    (out_dir / "decode.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    (out_dir / "decode_meta.json").write_text(json.dumps({"merged": metas, "targets": targets}, indent=1) + "\n")
+    (out_dir / "decode.md").write_text(markdown(rows, targets))
+    plot(rows, out_dir / "decode.png")
+    print(markdown(rows, targets))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args)
     device = torch.device(args.device)
     work = Path(args.work)
     out_dir = Path(args.out_dir)

@@ -1,0 +1,58 @@
+"""Plumbing of benchmarks/decode.py and benchmarks/transfer.py on the CPU at toy sizes.
+
+Real code paths (the store's packer, Engine.from_store, the AdapMoE cache, calibration, the
+on-demand provider, the transfer measurement through ExpertCache); timings are meaningless
+here, only that each row runs and reports what the GPU run reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import decode, transfer  # noqa: E402
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_decode_rows_on_a_random_mixtral(tmp_path):
+    torch.set_num_threads(1)
+    args = decode.parse_args(["--tiny", "--device", "cpu", "--models", "B", "--budgets", "0.5",
+                              "--modes", "resident,ondemand,lru,adapmoe,adapmoe-cost", "--profile-rows", "lru",
+                              "--calib-tokens", "64", "--prompts", "1"])
+    args.new_tokens = 3
+    device = torch.device("cpu")
+    prep = decode.prepare_model_b(tmp_path, device, args)
+    rows: list[dict] = []
+    decode.run_model(prep, device, args, tmp_path, pinned_gbps=5.0, rows=rows)
+    decode.add_ratios(rows)
+    by_mode = {r["mode"]: r for r in rows}
+    assert set(by_mode) == {"resident", "ondemand", "lru", "adapmoe", "adapmoe-cost"}
+    assert all("error" not in r for r in rows), [r.get("error") for r in rows]
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["generated_tokens"] == 3
+    # topk rows decode the same tokens whatever the cache does
+    assert by_mode["resident"]["outputs_head"] == by_mode["lru"]["outputs_head"] == by_mode["ondemand"]["outputs_head"]
+    assert by_mode["resident"]["gpu_hit_rate"] == 1.0
+    assert by_mode["ondemand"]["gpu_hit_rate"] == 0.0
+    assert by_mode["lru"]["vs_lru"] == 1.0
+    assert by_mode["lru"]["torch_profile"]
+    assert by_mode["adapmoe"]["prefetch_precision"] is not None
+    table = decode.markdown(rows, decode.check_targets(rows))
+    assert "| B | 50% | adapmoe |" in table
+
+
+def test_transfer_h2d_through_the_expert_cache(tmp_path):
+    decode.pack_random_mixtral(tmp_path, tmp_path / "store", transfer.MODEL, hidden=64, ffn=128, layers=1, heads=4,
+                               vocab=64, precision="int4")
+    out = transfer.cache_h2d(tmp_path / "store", torch.device("cpu"), passes=1)
+    p = out["passes"][0]
+    assert p["experts"] == 8 and p["gpu_loads"] == 8 and p["host_hits"] == 8
+    assert out["wall_gbps"] > 0
