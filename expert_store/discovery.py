@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import random
 import re
 import socket
@@ -387,7 +388,9 @@ def load_kubernetes_api_client():
         config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException:
         try:
-            config.load_kube_config(client_configuration=configuration)
+            # $KUBECONFIG as it is now (the library reads it once, at import)
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None,
+                                    client_configuration=configuration)
         except (config.ConfigException, OSError) as e:
             raise DiscoveryError(f"no in-cluster service account and no usable kubeconfig: {e}") from e
     return client.ApiClient(configuration)

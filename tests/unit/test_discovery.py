@@ -317,3 +317,48 @@ def test_k8s_watcher_reports_an_unreachable_api_server():
         assert watcher.last_error and ("Connection" in watcher.last_error or "refused" in watcher.last_error)
     finally:
         watcher.close()
+
+
+def test_k8s_target_uses_the_kubeconfig_outside_a_cluster(tmp_path, monkeypatch):
+    """No service account here, so open_discovery falls back to $KUBECONFIG; its server is
+    a closed port, so the watcher reports that server in its error."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(f"""apiVersion: v1
+kind: Config
+clusters:
+- name: local
+  cluster:
+    server: http://127.0.0.1:{port}
+contexts:
+- name: local
+  context:
+    cluster: local
+    user: me
+    namespace: adapmoe
+current-context: local
+users:
+- name: me
+  user:
+    token: not-a-real-token
+""")
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    members = open_discovery("k8s://adapmoe/expert-store:grpc")
+    try:
+        assert isinstance(members, K8sEndpointWatcher)
+        assert members._api.api_client.configuration.host == f"http://127.0.0.1:{port}"
+        with pytest.raises(DiscoveryError):
+            members.wait_ready(timeout_s=0.5)
+    finally:
+        members.close()
+
+
+def test_k8s_target_without_any_cluster_config_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(DiscoveryError, match="no in-cluster service account and no usable kubeconfig"):
+        open_discovery("k8s://adapmoe/expert-store:grpc")
