@@ -289,7 +289,7 @@ class ResidentExperts(nn.Module, ExpertProvider):
                                 break
                         if t is None:
                             if strict:
-                                raise KeyError(f"state dict lacks expert weights for layer {l} expert {e} ({name})")
+                                raise ValueError(f"state dict lacks expert weights for layer {l} expert {e} ({name})")
                             continue
                         plist[l][e].copy_(t)
 

@@ -391,7 +391,7 @@ class Transformer(nn.Module):
                     continue
                 if key not in own:
                     if strict:
-                        raise KeyError(f"unexpected weight {name!r} for this config")
+                        raise ValueError(f"unexpected weight {name!r} for this config")
                     continue
                 p = own[key]
                 if tuple(p.shape) != tuple(t.shape):
@@ -403,13 +403,14 @@ class Transformer(nn.Module):
             if "lm_head.weight" in loaded and "embed_tokens.weight" not in loaded:
                 loaded.add("embed_tokens.weight")
         elif "lm_head.weight" not in loaded and "embed_tokens.weight" in loaded and strict:
-            raise KeyError("checkpoint has no lm_head.weight and tie_word_embeddings is false")
+            raise ValueError("checkpoint has no lm_head.weight and tie_word_embeddings is false")
         if isinstance(self.experts, ResidentExperts):
             self.experts.load_hf(state_dict, strict=strict)
         if strict:
             missing = [k for k in own if k not in loaded and not k.startswith("experts.")]
             if missing:
-                raise KeyError(f"checkpoint lacks {len(missing)} dense weights, e.g. {missing[0]!r}")
+                first = missing[0] if missing[0] == "lm_head.weight" else "model." + missing[0]
+                raise ValueError(f"checkpoint lacks {len(missing)} dense weights, e.g. {first!r}")
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """Every weight under HF Mixtral names (experts too when resident): save with safetensors."""
