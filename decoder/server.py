@@ -370,7 +370,9 @@ class DecoderServicer(pb_grpc.DecoderServicer):
         sch = self.scheduler
         return pb.DecoderStats(stats_json=json.dumps(stats, default=str), active=sch.active, queued=sch.queued,
                                max_active=sch.max_active, max_queue=sch.max_queue,
-                               scheduler_json=json.dumps(asdict(sch.stats)))
+                               scheduler_json=json.dumps({**asdict(sch.stats), "max_seq_len": sch.max_seq_len,
+                                                          "kv_cache_bytes": sch.kv_cache_bytes(),
+                                                          "rows_in_use": sch.rows_in_use()}))
 
 
 def _request_id(context: grpc.aio.ServicerContext) -> str:
