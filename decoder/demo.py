@@ -2,11 +2,12 @@
 
 1. train the small demo model (`decoder.train_demo`) or reuse the cached checkpoint,
 2. pack it into a local store (`expert-store pack`, resumable),
-3. start `expert-store serve --listen 127.0.0.1:0` as a child process and read the
+3. calibrate adaptive gating once (`moe-decoder calibrate --upload` on held-out text),
+4. start `expert-store serve --listen 127.0.0.1:0` as a child process and read the
    "listening on HOST:PORT" line,
-4. run `moe-decoder generate` against that address with GPU/host expert-cache budgets smaller
+5. run `moe-decoder generate` against that address with GPU/host expert-cache budgets smaller
    than the model's experts: prints the generated text and the statistics table,
-5. stop the store (SIGTERM, wait) whatever happened.
+6. stop the store (SIGTERM, wait) whatever happened.
 
 Cache directory: $ADAPMOE_DEMO_DIR, else `.demo/` in the repository root (else in the current
 directory). It holds `checkpoint/` (the HF checkpoint and train_report.json) and `store/`.
@@ -231,6 +232,55 @@ class StoreProcess:
         self.stop()
 
 
+def ensure_profile(store: pathlib.Path, model: str, cache: pathlib.Path, precision: str,
+                   calibration_tokens: int) -> dict[str, Any] | None:
+    """`moe-decoder calibrate --upload` on held-out stdlib text, once per packed store: the
+    per-layer sensitivities adaptive gating needs (profile.json next to the model).
+    Returns the profile, or None (with a warning) when calibration fails."""
+    profile_path = cache / "profile.json"
+    stamp = store / ".demo-checkpoint"
+    stored = store / "models" / model / "profile.json"
+    want = stamp.read_text().strip() if stamp.is_file() else ""
+    if profile_path.is_file() and stored.is_file():
+        try:
+            prof = json.loads(profile_path.read_text())
+            if prof.get("demo_store") == want:
+                _log(f"reusing the calibration profile {profile_path}")
+                return prof
+        except ValueError:
+            pass
+    text_path = cache / "calibration.txt"
+    text_path.write_text(train_demo.heldout_text(8 * calibration_tokens), encoding="utf-8")
+    _log(f"calibrating adaptive gating on {calibration_tokens} held-out tokens (moe-decoder calibrate --upload)")
+    t0 = time.perf_counter()
+    tmp = cache / "profile.json.tmp"
+    r = subprocess.run(_cli("moe-decoder") + ["calibrate", "--store", str(store), "--model", model,
+                                              "--text", str(text_path), "--tokens", str(calibration_tokens),
+                                              "--seq-len", "128", "--precision", precision, "--upload",
+                                              "--out", str(tmp), "--no-progress"],
+                       env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if r.returncode != 0 or not tmp.is_file():
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        _log(f"warning: calibration failed ({last}): generating with plain top-k gating")
+        return None
+    print(r.stdout.rstrip(), file=sys.stderr, flush=True)
+    prof = json.loads(tmp.read_text())
+    prof["demo_store"] = want
+    profile_path.write_text(json.dumps(prof, indent=1) + "\n")
+    tmp.unlink()
+    _log(f"calibrated in {time.perf_counter() - t0:.1f} s")
+    return prof
+
+
+def gating_budget(profile: dict[str, Any], single_ratio: float) -> float:
+    """The calibrated budget T at which about `single_ratio` of routing decisions use one expert."""
+    table = profile.get("budget_for_single_ratio") or {}
+    if not table:
+        return float(profile["budget"])
+    key = min(table, key=lambda r: abs(float(r) - single_ratio))
+    return float(table[key])
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. generation
 # ---------------------------------------------------------------------------------------------
@@ -284,8 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--gating", default="topk", help="topk | adaptive | cost-aware (the last two need a profile)")
-    p.add_argument("--budget", type=float, default=None, help="gating budget (adaptive / cost-aware)")
+    p.add_argument("--gating", default="adaptive",
+                   help="topk | adaptive | cost-aware (adaptive and cost-aware calibrate first)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="gating budget T (default: the calibrated T for --single-ratio)")
+    p.add_argument("--single-ratio", type=float, default=0.25,
+                   help="share of routing decisions adaptive gating may serve with one expert (default 0.25)")
+    p.add_argument("--calibration-tokens", type=int, default=2048)
     p.add_argument("--precision", default="bf16", choices=["bf16", "int8", "int4"])
     p.add_argument("--gpu-experts-per-layer", type=int, default=DEFAULT_GPU_EXPERTS_PER_LAYER,
                    help="GPU expert cache budget, in experts per layer")
@@ -317,6 +372,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_trained = time.perf_counter()
     precisions = "bf16" if args.precision == "bf16" else f"bf16,{args.precision}"
     ensure_store(ckpt, store, MODEL_NAME, precisions)
+    if args.gating != "topk":
+        profile = ensure_profile(store, MODEL_NAME, cache, args.precision, args.calibration_tokens)
+        if profile is None:
+            args.gating, args.budget = "topk", None
+        elif args.budget is None:
+            args.budget = gating_budget(profile, args.single_ratio)
+            _log(f"{args.gating} gating with budget T={args.budget:.3g} "
+                 f"(calibrated for about {args.single_ratio:.0%} single-expert decisions)")
     t_packed = time.perf_counter()
 
     config = json.loads((ckpt / "config.json").read_text())
@@ -353,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"bits/byte); router entropy {rt.get('mean_entropy_bits', float('nan')):.3f} bits "
           f"(uniform {rt.get('uniform_entropy_bits', float('nan')):.2f}); cross-layer recall "
           f"{cl.get('mean_recall_distance_1', float('nan')):.3f} (chance {cl.get('chance_recall', float('nan')):.2f})")
-    print(f"time: model {t_trained - t_start:.1f} s, pack {t_packed - t_trained:.1f} s, generate {t_gen:.1f} s, "
+    print(f"time: model {t_trained - t_start:.1f} s, pack+calibrate {t_packed - t_trained:.1f} s, generate {t_gen:.1f} s, "
           f"total {time.perf_counter() - t_start:.1f} s", flush=True)
     stop_note = "cleanly (exit status 0)" if code == 0 else f"with exit status {code}"
     _log(f"store stopped {stop_note}")

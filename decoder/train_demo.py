@@ -159,6 +159,14 @@ def load_corpus(settings: TrainSettings, root: str | None = None) -> Corpus:
                   train_bytes, heldout_bytes)
 
 
+def heldout_text(max_bytes: int, settings: TrainSettings | None = None, root: str | None = None) -> str:
+    """Held-out stdlib text (files the model never trained on), up to about max_bytes:
+    calibration and evaluation material for the demo."""
+    s = settings or TrainSettings()
+    s = TrainSettings(**{**asdict(s), "heldout_mb": max_bytes / 1e6, "corpus_mb": 1e-6})
+    return "\n".join(load_corpus(s, root).heldout_texts)
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenizer
 # ---------------------------------------------------------------------------------------------
@@ -241,13 +249,28 @@ def _optimizer(model, s: TrainSettings):
                              lr=s.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
+def per_layer_balancing_loss(router_logits, num_experts: int, top_k: int):
+    """Switch/Mixtral load-balancing loss computed per layer and averaged: E * sum_e f_e * P_e
+    with f_e the layer's share of top-k assignments to e and P_e its mean router probability
+    (1.0 when balanced). HF's variant pools all layers, which lets one layer starve an expert
+    while another overuses it; the expert cache wants every layer balanced."""
+    import torch
+    import torch.nn.functional as F
+
+    losses = []
+    for logits in router_logits:                                      # [T, E] per layer
+        probs = F.softmax(logits.float(), dim=-1)
+        top = torch.topk(probs, top_k, dim=-1).indices                # [T, k]
+        share = F.one_hot(top, num_experts).float().sum(1).mean(0) / top_k   # [E], sums to 1
+        losses.append(num_experts * torch.sum(share * probs.mean(0)))
+    return torch.stack(losses).mean()
+
+
 def train(model, stream, s: TrainSettings, progress: bool = True) -> dict[str, Any]:
     """AdamW on random windows of `stream`; loss = CE + aux_loss_coef * load balancing."""
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
-
-    from decoder.model.transformer import load_balancing_loss
 
     cfg = model.config
     if stream.numel() < s.seq_len + 2:
@@ -268,7 +291,7 @@ def train(model, stream, s: TrainSettings, progress: bool = True) -> dict[str, A
             g["lr"] = _lr_at(step, s)
         logits, router_logits = model(x, return_router_logits=True)             # [B, S, V]
         ce = F.cross_entropy(logits.reshape(-1, cfg.vocab_size).float(), y.reshape(-1))
-        aux = load_balancing_loss(router_logits, cfg.num_local_experts, cfg.num_experts_per_tok)
+        aux = per_layer_balancing_loss(router_logits, cfg.num_local_experts, cfg.num_experts_per_tok)
         loss = ce + s.aux_loss_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
