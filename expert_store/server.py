@@ -169,19 +169,22 @@ class PutAssembler:
         if not header.xxh3:
             raise InvalidArgument("PutBlob header needs the xxh3-128 hex digest of the payload")
         self.header = header
-        self.buffer = bytearray(header.total_size)
+        self.total = header.total_size
+        # grown as data arrives, never allocated up front from the header: a header alone
+        # (announcing gigabytes) must not cost the server that much memory
+        self.buffer = bytearray()
         self.received = 0
 
     def add(self, data: bytes) -> None:
         end = self.received + len(data)
-        if end > len(self.buffer):
-            raise InvalidArgument(f"PutBlob sent more than the {len(self.buffer)} bytes its header announced")
-        self.buffer[self.received:end] = data
+        if end > self.total:
+            raise InvalidArgument(f"PutBlob sent more than the {self.total} bytes its header announced")
+        self.buffer += data
         self.received = end
 
     def finish(self) -> bytearray:
-        if self.received != len(self.buffer):
-            raise InvalidArgument(f"PutBlob ended after {self.received} of {len(self.buffer)} bytes")
+        if self.received != self.total:
+            raise InvalidArgument(f"PutBlob ended after {self.received} of {self.total} bytes")
         return self.buffer
 
 
