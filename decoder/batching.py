@@ -167,8 +167,6 @@ class SequenceState:
     finish_reason: str | None = None
     cancelled: bool = False
     done: bool = False
-    # routing decisions attributed to this sequence, per phase: [decisions, experts used, single]
-    routing: dict[str, list[int]] = field(default_factory=lambda: {"prefill": [0, 0, 0], "decode": [0, 0, 0]})
 
     @property
     def completion_tokens(self) -> int:
@@ -230,28 +228,34 @@ class RowKVCache(KVCache):
 
 
 class _RoutingAttribution(MoEObserver):
-    """Counts each sequence's routing decisions (token t of the current forward -> owner[t])."""
+    """Counts each KV-cache row's routing decisions on the device (no host sync per layer):
+    counts[row, phase] = [decisions, experts used, single-expert decisions], phase 0 prefill,
+    1 decode. Token t of a forward over B rows belongs to batch row t // S, i.e. cache row
+    selection.rows[t // S]. Read once per sequence, when it finishes."""
 
-    def __init__(self) -> None:
-        self.owners: list[SequenceState] = []   # one per token row of the flattened batch
-        self.phase = "decode"
+    PHASES = ("prefill", "decode")
+
+    def __init__(self, selection: RowSelection, rows: int, device: torch.device) -> None:
+        self.selection = selection
+        self.counts = torch.zeros(rows, 2, 3, dtype=torch.int64, device=device)
+        self.phase = 1
+
+    def reset_row(self, row: int) -> None:
+        self.counts[row].zero_()
+
+    def read_row(self, row: int) -> dict[str, list[int]]:
+        c = self.counts[row].tolist()
+        return {name: c[i] for i, name in enumerate(self.PHASES)}
 
     def on_routing(self, layer: int, router_logits: torch.Tensor, weights: torch.Tensor,
                    idx: torch.Tensor) -> None:
-        if not self.owners:
+        rows = self.selection.rows
+        if rows is None:  # a forward the scheduler did not start (e.g. Engine.generate)
             return
-        per_token = (idx >= 0).sum(dim=-1).tolist()        # [T]
-        if len(self.owners) == 1:
-            c = self.owners[0].routing[self.phase]
-            c[0] += len(per_token)
-            c[1] += sum(per_token)
-            c[2] += sum(1 for n in per_token if n == 1)
-            return
-        for seq, n in zip(self.owners, per_token):
-            c = seq.routing[self.phase]
-            c[0] += 1
-            c[1] += n
-            c[2] += n == 1
+        n = (idx >= 0).sum(dim=-1)                                             # [T]
+        per_token = torch.stack([torch.ones_like(n), n, (n == 1).to(n.dtype)], dim=-1)   # [T, 3]
+        owners = rows.repeat_interleave(n.shape[0] // rows.shape[0])           # [T] cache rows
+        self.counts[:, self.phase].index_add_(0, owners, per_token.to(self.counts.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,7 +314,8 @@ class BatchScheduler:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._selection = RowSelection()
-        self._attribution = _RoutingAttribution()
+        p = engine.model.embed_tokens.weight
+        self._attribution = _RoutingAttribution(self._selection, max_active, p.device)
         self._installed = False
         self.failure: BaseException | None = None
 
@@ -550,13 +555,13 @@ class BatchScheduler:
             return None
         finally:
             self._selection.clear()
-            self._attribution.owners = []
 
     def _prefill(self, seqs: list[SequenceState]) -> bool:
         """Forward the prompt into the sequence's row; sample its first token. True when done."""
         (seq,) = seqs
         eng = self.engine
         dev = eng.device
+        self._attribution.reset_row(seq.row)
         if seq.max_new <= 0:  # max_tokens 0: nothing to compute (as Engine.generate)
             self._finish(seq, "length")
             return True
@@ -567,7 +572,7 @@ class BatchScheduler:
         n = len(seq.prompt_ids)
         t0 = time.perf_counter()
         self._selection.set([seq.row], dev)
-        self._attribution.owners, self._attribution.phase = [seq], "prefill"
+        self._attribution.phase = 0
         eng.routing.phase = "prefill"
         eng.provider.begin_token()
         ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=dev)               # [1, n]
@@ -586,7 +591,7 @@ class BatchScheduler:
         B = len(seqs)
         t0 = time.perf_counter()
         self._selection.set([s.row for s in seqs], dev)
-        self._attribution.owners, self._attribution.phase = list(seqs), "decode"
+        self._attribution.phase = 1
         eng.routing.phase = "decode"
         eng.provider.begin_token()
         tokens = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long, device=dev)   # [B, 1]
@@ -608,21 +613,26 @@ class BatchScheduler:
                 self.on_step(B, dt)
             except Exception:
                 log.debug("on_step failed", exc_info=True)
+        # greedy rows: one argmax and one device->host copy for the whole batch (not one per row)
+        greedy = logits.argmax(dim=-1).tolist() if any(s.spec.temperature == 0 for s in seqs) else None
         finished = []
         for b, seq in enumerate(seqs):
             seq.pos += 1
             if seq.cancelled:
                 continue
-            if self._take(seq, logits[b]):
+            tok = greedy[b] if greedy is not None and seq.spec.temperature == 0 else None
+            if self._take(seq, logits[b], tok):
                 finished.append(seq)
         return finished
 
-    def _take(self, seq: SequenceState, logits: torch.Tensor) -> bool:
-        """Sample the next token from logits [V], stream it; True when the sequence is done.
-        The same rules, in the same order, as Engine.generate."""
+    def _take(self, seq: SequenceState, logits: torch.Tensor, tok: int | None = None) -> bool:
+        """Sample the next token from logits [V] (or take `tok`, its greedy argmax computed
+        for the whole batch), stream it; True when the sequence is done. The same rules, in the
+        same order, as Engine.generate."""
         eng = self.engine
         spec = seq.spec
-        tok = Engine._sample(logits, spec.temperature, spec.top_p, seq.generator)
+        if tok is None:
+            tok = Engine._sample(logits, spec.temperature, spec.top_p, seq.generator)
         seq.out_ids.append(tok)
         seq.last_token = tok
         self.stats.generated_tokens += 1
@@ -658,8 +668,9 @@ class BatchScheduler:
         seq.finish_reason = reason
         seq.done = True  # a cancel() from now on is a no-op (the row is released after this step)
         now = time.monotonic()
-        phase = "decode" if seq.routing["decode"][0] else "prefill"
-        d, used, single = seq.routing[phase]
+        routing = self._attribution.read_row(seq.row) if seq.row >= 0 else {"decode": [0, 0, 0]}
+        phase = "decode" if routing.get("decode", [0])[0] else "prefill"
+        d, used, single = routing.get(phase, [0, 0, 0])
         usage = Usage(request_id=seq.request_id, prompt_tokens=len(seq.prompt_ids),
                       completion_tokens=len(seq.out_ids), finish_reason=reason, seconds=now - seq.submitted,
                       queue_s=((seq.admitted or now) - seq.submitted),

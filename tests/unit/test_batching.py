@@ -236,7 +236,23 @@ def test_cancel_frees_the_row_for_the_next_request(engine):
         assert wait_until(lambda: sch.rows_in_use() == 0, 5)
 
 
-def test_deadlines_end_active_and_queued_sequences(engine):
+class SlowSteps:
+    """The engine's real provider, with every forward step (begin_token) taking 10 ms longer:
+    a slow device, so that deadlines expire mid-generation whatever the machine's speed."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def begin_token(self) -> None:
+        time.sleep(0.01)
+        self.real.begin_token()
+
+
+def test_deadlines_end_active_and_queued_sequences(engine, monkeypatch):
+    monkeypatch.setattr(engine, "provider", SlowSteps(engine.provider))
     with BatchScheduler(engine, max_active=1, max_queue=2) as sch:
         active, queued = Collector(), Collector()
         soon = time.monotonic() + 0.3
