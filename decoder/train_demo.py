@@ -50,7 +50,7 @@ EOT = "<|endoftext|>"
 
 # Defaults: sized to train in about two minutes of one CPU core (one torch thread: on a
 # machine whose cores are shared, several spinning OpenMP threads slow training down tenfold).
-DEFAULT_STEPS = 250
+DEFAULT_STEPS = 500
 DEFAULT_SEED = 1234
 
 
@@ -74,7 +74,7 @@ class TrainSettings:
     rope_theta: float = 10000.0
     max_position_embeddings: int = 1024
     # optimisation
-    seq_len: int = 256
+    seq_len: int = 128
     batch_size: int = 8
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -84,7 +84,7 @@ class TrainSettings:
     aux_loss_coef: float = 0.01
     init_std: float = 0.02
     # evaluation
-    eval_windows: int = 48
+    eval_windows: int = 96
     eval_batch: int = 8
     threads: int = 1
 
