@@ -757,6 +757,21 @@ def run_model(prep: Prepared, device: torch.device, args: argparse.Namespace, wo
     if not profile:
         raise RuntimeError(f"model {prep.model} has no calibration profile in the store")
     server = None
+    if args.warmup_row and args.modes:
+        # the first row of a process pays one-time costs (allocator growth, kernel/library loading,
+        # clocks) that an engine's own warm-up tokens do not cover: run it once, untimed
+        first = args.modes[0]
+        t0 = time.perf_counter()
+        try:
+            if first == "accelerate":
+                run_accelerate_row(prep, device, args)
+            elif first != "store-remote":
+                run_engine_row(prep, first, None if first in BUDGET_FREE else args.budgets[0], device, args,
+                               str(prep.store), profile, pinned_gbps)
+        except Exception as e:
+            log(f"warm-up row failed: {e}")
+        free_memory(device)
+        log(f"{prep.name}: warm-up row ({first}) {time.perf_counter() - t0:.0f} s, not reported")
     try:
         for mode in args.modes:
             budgets = [None] if mode in BUDGET_FREE else args.budgets
@@ -837,6 +852,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--b-heads", type=int, default=32)
     p.add_argument("--b-vocab", type=int, default=32000)
     p.add_argument("--b-accelerate", action="store_true", help="also run the accelerate row on B (slow)")
+    p.add_argument("--no-warmup-row", dest="warmup_row", action="store_false",
+                   help="do not run the first row once untimed before the measured rows")
     p.add_argument("--tiny", action="store_true", help="CPU-sized models and runs (plumbing check)")
     p.add_argument("--merge", default=None, metavar="TAGS",
                    help="only combine earlier runs' OUT_DIR/TAG.json (comma list) into OUT_DIR/decode.*")
