@@ -52,6 +52,61 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+GATING_HELP = "topk | uniform | adaptive | cost-aware"
+BUDGET_HELP = "gating budget: T for adaptive / cost-aware, the w2 threshold for uniform"
+
+
+def add_adapmoe_options(p: argparse.ArgumentParser) -> None:
+    """The AdapMoE knobs `generate` and `serve` share (turned into Engine.from_store's
+    cache/gating/prefetch options by `engine_options`)."""
+    p.add_argument("--cache-plan", default=None, choices=["uniform", "popularity"],
+                   help="GPU slots per layer: AdapMoE's DP under uniform expert choice, or the DP on the "
+                        "calibrated expert popularity (needs cache budgets; default uniform)")
+    p.add_argument("--lookahead", type=int, default=None, metavar="N",
+                   help="prefetch a fixed N layers ahead (default: adaptive, from measured load/compute time)")
+    p.add_argument("--loss-bound", type=float, default=None,
+                   help="cost-aware gating: cap on the estimated loss added per token")
+    p.add_argument("--miss-precision", default=None, choices=["int8", "int4"],
+                   help="HOBBIT: serve demand misses of low-weight experts at this lower precision (needs cache budgets)")
+    p.add_argument("--miss-threshold", type=float, default=None,
+                   help="routing weight below which a missing expert may load at --miss-precision (default 0.3)")
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """cache_options / gating_options / prefetch_options for Engine.from_store from the flags of
+    `add_adapmoe_options` (plus --gpu-cache-bytes/--host-cache-bytes/--no-prefetch/--gating).
+    ValueError for combinations that would silently do nothing."""
+    cache_options: dict[str, Any] = {}
+    gating_options: dict[str, Any] = {}
+    prefetch_options: dict[str, Any] = {}
+    has_cache = args.gpu_cache_bytes is not None or args.host_cache_bytes is not None
+    if args.miss_precision:
+        if not has_cache:
+            raise ValueError("--miss-precision needs the expert cache: give --gpu-cache-bytes/--host-cache-bytes")
+        cache_options["miss_precision"] = args.miss_precision
+        gating_options["miss_precision_threshold"] = 0.3 if args.miss_threshold is None else args.miss_threshold
+    elif args.miss_threshold is not None:
+        raise ValueError("--miss-threshold goes with --miss-precision")
+    if args.loss_bound is not None:
+        if args.gating != "cost-aware":
+            raise ValueError("--loss-bound applies to --gating cost-aware")
+        gating_options["loss_bound"] = args.loss_bound
+    if args.cache_plan is not None:
+        if not has_cache:
+            raise ValueError("--cache-plan needs the expert cache: give --gpu-cache-bytes/--host-cache-bytes")
+        cache_options["plan"] = args.cache_plan
+    if args.lookahead is not None:
+        if args.lookahead < 1:
+            raise ValueError("--lookahead must be >= 1")
+        if getattr(args, "no_prefetch", False):
+            raise ValueError("--lookahead and --no-prefetch contradict each other")
+        if not has_cache:
+            raise ValueError("--lookahead needs the expert cache (the prefetcher feeds it): "
+                             "give --gpu-cache-bytes/--host-cache-bytes")
+        prefetch_options["lookahead"] = args.lookahead
+    return {"cache_options": cache_options, "gating_options": gating_options, "prefetch_options": prefetch_options}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Mixtral-family MoE decoder streaming experts from an expert store.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -65,16 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--gating", default="topk", help="topk | adaptive | cost-aware")
-    g.add_argument("--budget", type=float, default=None, help="gating budget T (adaptive / cost-aware)")
+    g.add_argument("--gating", default="topk", help=GATING_HELP)
+    g.add_argument("--budget", type=float, default=None, help=BUDGET_HELP)
     g.add_argument("--gpu-cache-bytes", type=parse_size, default=None, help="GPU expert cache budget (e.g. 256MiB)")
     g.add_argument("--host-cache-bytes", type=parse_size, default=None, help="host (pinned) expert cache budget")
-    g.add_argument("--loss-bound", type=float, default=None,
-                   help="cost-aware gating: cap on the estimated loss added per token")
-    g.add_argument("--miss-precision", default=None, choices=["int8", "int4"],
-                   help="HOBBIT: serve demand misses of low-weight experts at this lower precision (needs cache budgets)")
-    g.add_argument("--miss-threshold", type=float, default=None,
-                   help="routing weight below which a missing expert may load at --miss-precision (default 0.3)")
+    add_adapmoe_options(g)
     g.add_argument("--no-prefetch", action="store_true", help="disable the cross-layer prefetcher")
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -104,22 +154,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"store directory {args.store} does not exist (or give an address: grpc://HOST:PORT)")
     dtype_name = args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
     dtype = getattr(torch, dtype_name)
-    cache_options: dict[str, Any] = {}
-    gating_options: dict[str, Any] = {}
-    if args.miss_precision:
-        if args.gpu_cache_bytes is None and args.host_cache_bytes is None:
-            raise ValueError("--miss-precision needs the expert cache: give --gpu-cache-bytes/--host-cache-bytes")
-        cache_options["miss_precision"] = args.miss_precision
-        gating_options["miss_precision_threshold"] = 0.3 if args.miss_threshold is None else args.miss_threshold
-    elif args.miss_threshold is not None:
-        raise ValueError("--miss-threshold goes with --miss-precision")
-    if args.loss_bound is not None:
-        gating_options["loss_bound"] = args.loss_bound
     engine = Engine.from_store(args.store, args.model, device=args.device, dtype=dtype, gating=args.gating,
                                gpu_cache_bytes=args.gpu_cache_bytes, host_cache_bytes=args.host_cache_bytes,
                                precision=args.precision, budget=args.budget,
-                               prefetch=False if args.no_prefetch else None,
-                               cache_options=cache_options, gating_options=gating_options)
+                               prefetch=False if args.no_prefetch else None, **engine_options(args))
     with engine:
         if engine.tokenizer is None:
             raise ValueError(f"model {args.model!r} has no tokenizer.json in the store")

@@ -212,6 +212,26 @@ class Engine:
         self._c.scored_tokens += ids.numel()
         return logits
 
+    @torch.inference_mode()
+    def decode_logits(self, input_ids: Any) -> torch.Tensor:
+        """Teacher-forced logits of one sequence computed the way generate() decodes: one token
+        per forward step through the static KV cache (routing phase "decode"), so gating, cache
+        and prefetcher see one-token steps. float32 [seq, vocab]; row i predicts token i+1."""
+        ids = self._ids(input_ids)
+        n = ids.numel()
+        self._check_context(n, 0)
+        self.model.setup_caches(1, n)
+        self.routing.phase = "decode"
+        rows = []
+        t0 = time.perf_counter()
+        for i in range(n):
+            self.provider.begin_token()
+            rows.append(self.model(ids[i:i + 1][None], torch.tensor([i], device=self.device))[0, -1].float())
+        self._c.decode_s += time.perf_counter() - t0
+        self._c.decode_steps += n
+        self._c.scored_tokens += n
+        return torch.stack(rows)
+
     def _check_context(self, n_prompt: int, n_new: int) -> None:
         ctx = self.config.max_position_embeddings
         if n_prompt > ctx:
@@ -377,6 +397,8 @@ class Engine:
         self._c = _Counters()
         self.routing.reset()
         self.provider.reset_stats()
+        if hasattr(self.model.gating, "reset_stats"):
+            self.model.gating.reset_stats()
         for x in self.extras:
             if hasattr(x, "reset_stats"):
                 x.reset_stats()
@@ -451,8 +473,9 @@ def _build_provider(source: ExpertSource, gpu_cache_bytes: int | None, host_cach
 
 def _build_gating(gating: str | Gating, config: ModelConfig, provider: ExpertProvider, budget: float | None,
                   manifest: Any, options: dict[str, Any]) -> Gating:
-    """"topk" -> TopKGating; other names -> decoder.gating.make_gating(name, config=, provider=,
-    budget=, profile=, **options)."""
+    """"topk" without options -> TopKGating; anything else (also "topk" with options, e.g.
+    miss_precision_threshold; its logits are bit-identical to TopKGating's) ->
+    decoder.gating.make_gating(name, config=, provider=, budget=, profile=, **options)."""
     if isinstance(gating, Gating):
         return gating
     if gating == "topk" and not options:

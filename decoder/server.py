@@ -494,7 +494,7 @@ async def serve(scheduler: BatchScheduler, config: ServiceConfig, metrics: Decod
 # CLI
 # --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from decoder.cli import _Parser, parse_size
+    from decoder.cli import BUDGET_HELP, GATING_HELP, _Parser, add_adapmoe_options, parse_size
 
     p = _Parser(prog="moe-decoder serve", description="Serve Generate over gRPC (adapmoe.v1.Decoder).")
     p.add_argument("--store", required=True, help="store address (host:port[,...], grpc://, dns:///, k8s://) "
@@ -527,10 +527,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "int8", "int4"], help="expert precision")
-    p.add_argument("--gating", default="topk", help="topk | adaptive | cost-aware")
-    p.add_argument("--budget", type=float, default=None, help="gating budget T (adaptive / cost-aware)")
+    p.add_argument("--gating", default="topk", help=GATING_HELP)
+    p.add_argument("--budget", type=float, default=None, help=BUDGET_HELP)
     p.add_argument("--gpu-cache-bytes", type=parse_size, default=None, help="GPU expert cache budget")
     p.add_argument("--host-cache-bytes", type=parse_size, default=None, help="host (pinned) expert cache budget")
+    add_adapmoe_options(p)  # --cache-plan, --lookahead, --loss-bound, --miss-precision, --miss-threshold
     p.add_argument("--no-prefetch", action="store_true", help="disable the cross-layer prefetcher")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--drain", type=float, default=1.0,
@@ -573,6 +574,7 @@ def _read_pem(path: str | None, what: str) -> bytes | None:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
+    from decoder.cli import engine_options
     from decoder.engine import Engine
     from expert_store.client import StoreClient
     from expert_store.server import read_token
@@ -585,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_queue < 0:
         raise ValueError("--max-queue must be >= 0")
     listen_host, _ = split_host_port(args.listen)
+    options = engine_options(args)  # bad flag combinations fail before anything starts
     dtype = getattr(torch, args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32"))
     token = read_token(args.token_file)
     auth_token = _read_auth_token(args.auth_token_file)
@@ -597,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine.from_store(client, args.model, device=args.device, dtype=dtype, gating=args.gating,
                                    gpu_cache_bytes=args.gpu_cache_bytes, host_cache_bytes=args.host_cache_bytes,
                                    precision=args.precision, budget=args.budget,
-                                   prefetch=False if args.no_prefetch else None)
+                                   prefetch=False if args.no_prefetch else None, **options)
         with engine:
             metrics_box: list[DecoderMetrics] = []
             ctx = engine.config.max_position_embeddings

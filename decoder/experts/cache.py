@@ -148,6 +148,7 @@ class ExpertCache(ExpertProvider):
         if len(gpu_slots) != self.L or any(not 1 <= s <= self.E for s in gpu_slots):
             raise ValueError(f"gpu_slots must give 1..{self.E} slots for each of {self.L} layers, got {gpu_slots}")
         self.quota = gpu_slots
+        self.plan = plan  # how the quotas were planned (when gpu_slots was not given)
         self.scratch_slots = 0 if all(s == self.E for s in gpu_slots) else int(scratch_slots)
         n_pool = sum(gpu_slots) + self.scratch_slots
         self.gpu_pool = torch.empty((n_pool, self.slot_bytes), dtype=torch.uint8, device=self.device)
