@@ -332,8 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrain", action="store_true", help="train even if a matching checkpoint is cached")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7, seeded by --seed)")
+    p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--gating", default="adaptive",
                    help="topk | adaptive | cost-aware (adaptive and cost-aware calibrate first)")
     p.add_argument("--budget", type=float, default=None,
