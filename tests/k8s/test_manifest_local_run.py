@@ -377,12 +377,17 @@ def test_dev_overlay_runs_locally(cluster, tmp_path):
         assert any(a.startswith("dns:///127.0.0.1:") for a in dproc.argv)  # the k8s:// target, locally
         from expert_store._proto.adapmoe.v1 import decoder_pb2, decoder_pb2_grpc
 
+        decoder_token = (dmounts["/etc/adapmoe/decoder-token"] / "token").read_text().strip()
         with grpc.insecure_channel(f"127.0.0.1:{cluster.service_port('decoder', 'grpc')}") as channel:
             stub = decoder_pb2_grpc.DecoderStub(channel)
             request = decoder_pb2.GenerateRequest(prompt="The quick brown fox", max_tokens=6,
                                                   sampling=decoder_pb2.SamplingParams(temperature=0.0))
+            with pytest.raises(grpc.RpcError) as refused:  # the decoder's Secret is wired in
+                list(stub.Generate(request, timeout=30))
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
             deltas, usage = [], None
-            for event in stub.Generate(request, timeout=120):
+            auth = (("authorization", f"Bearer {decoder_token}"),)
+            for event in stub.Generate(request, timeout=120, metadata=auth):
                 if event.HasField("delta"):
                     deltas.extend(event.delta.token_ids)
                 else:

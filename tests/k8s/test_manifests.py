@@ -308,7 +308,8 @@ def test_pdbs_cover_store_and_decoder_and_allow_one_eviction(docs):
 def test_env_and_var_references_resolve(docs, overlay):
     """Every $(VAR) in command/args is defined, and every ConfigMap/Secret/SA/PVC exists
     (the gpu overlay and base expect the token Secret and checkpoint PVC from the operator)."""
-    external = {("Secret", "adapmoe-store-token"), ("PersistentVolumeClaim", "model-checkpoint")}
+    external = {("Secret", "adapmoe-store-token"), ("Secret", "adapmoe-decoder-token"),
+                ("PersistentVolumeClaim", "model-checkpoint")}
     present = {(d["kind"], d["metadata"]["name"]) for d in docs}
     for sts in objects(docs, "StatefulSet"):  # claims the StatefulSet controller creates
         for tmpl in sts["spec"].get("volumeClaimTemplates") or []:
@@ -354,8 +355,9 @@ def test_dev_overlay_is_cpu_only_with_a_clearly_fake_token():
     assert [j["metadata"]["name"] for j in objects(docs, "Job")] == ["expert-store-pack-0"]
     import base64
 
-    token = base64.b64decode(by_prefix(docs, "Secret", "adapmoe-store-token")["data"]["token"]).decode()
-    assert "dev" in token and "placeholder" in token
+    for name in ("adapmoe-store-token", "adapmoe-decoder-token"):
+        token = base64.b64decode(by_prefix(docs, "Secret", name)["data"]["token"]).decode()
+        assert "dev" in token and "placeholder" in token
     # the pack Job builds the demo checkpoint itself: nothing to provision
     job_spec = pod_template(get(docs, "Job", "expert-store-pack-0"))["spec"]
     assert [c["command"] + c["args"][:1] for c in job_spec["initContainers"]] == [["moe-decoder", "train-demo"]]
