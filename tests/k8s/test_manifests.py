@@ -664,6 +664,44 @@ def test_network_policy_evaluator_sees_a_hole():
     assert allowed(policies, peers["decoder"], peers["redis"], 6379)
 
 
+def _cli_parser(argv: list[str]):
+    """The real argparse parser behind a rendered command line, and the args it parses."""
+    if argv[0] == "expert-store":
+        from expert_store.cli import build_parser
+
+        return build_parser(), argv[1:]
+    if argv[0] == "moe-decoder" and argv[1] == "serve":
+        from decoder.server import build_parser
+
+        return build_parser(), argv[2:]
+    if argv[0] == "moe-decoder" and argv[1] == "train-demo":
+        from decoder.train_demo import build_parser
+
+        return build_parser(), argv[2:]
+    raise AssertionError(f"no known CLI for {argv[:2]}")
+
+
+def test_command_lines_parse_with_the_real_clis(docs, capsys):
+    """Every adapmoe container's expanded command line is accepted by the CLI it runs, so a
+    renamed or removed flag fails here, not in a CrashLoopBackOff."""
+    checked = 0
+    for w in workloads(docs):
+        t = pod_template(w)
+        for c in all_containers(t["spec"]):
+            if not c["image"].startswith("adapmoe"):
+                continue
+            meta = {"annotations": {"batch.kubernetes.io/job-completion-index": "0"}}
+            argv = command_line(docs, c, container_env(docs, meta, c, NAMESPACE))
+            parser, args = _cli_parser(argv)
+            try:
+                parser.parse_args(args)
+            except SystemExit:
+                raise AssertionError(f"{w['metadata']['name']}:{c['name']}: {argv} rejected: "
+                                     f"{capsys.readouterr().err.strip()}") from None
+            checked += 1
+    assert checked >= 3
+
+
 def test_manifest_command_lines_quote_cleanly(docs):
     """No argument carries shell syntax the container would not interpret (no shell runs)."""
     for w in workloads(docs):
