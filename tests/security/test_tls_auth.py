@@ -76,8 +76,8 @@ def store(workdir, pki, store_dir):
 
 @pytest.fixture(scope="module")
 def decoder(workdir, pki, store):
-    """TLS for clients, its own token (from $MOE_DECODER_TOKEN), mTLS + the store token (from a
-    file) towards the store."""
+    """mTLS for its clients (certificates from the test CA required), its own token (from
+    $MOE_DECODER_TOKEN), mTLS + the store token (from a file) towards the store."""
     (workdir / "store-client.token").write_text(STORE_TOKEN)
     mp = pytest.MonkeyPatch()
     mp.setenv(DECODER_TOKEN_ENV, DECODER_TOKEN)  # children inherit it (service_procs.child_env)
@@ -86,7 +86,8 @@ def decoder(workdir, pki, store):
         proc = decoder_proc(store.address, MODEL, "--store-token-file", str(workdir / "store-client.token"),
                             "--store-tls-ca", pki.path("ca.pem"), "--store-tls-cert", pki.path("client.pem"),
                             "--store-tls-key", pki.path("client.key"),
-                            "--tls-cert", pki.path("server.pem"), "--tls-key", pki.path("server.key"))
+                            "--tls-cert", pki.path("server.pem"), "--tls-key", pki.path("server.key"),
+                            "--tls-client-ca", pki.path("ca.pem"))
         proc.start()
     finally:
         mp.undo()
@@ -96,7 +97,10 @@ def decoder(workdir, pki, store):
         proc.stop()
 
 
-def tls_channel(address: str, pki, cert: bytes | None = None, key: bytes | None = None, ca: bytes | None = None):
+def tls_channel(address: str, pki, cert: bytes | None = b"client", key: bytes | None = None, ca: bytes | None = None):
+    """A TLS channel trusting the test CA, presenting the test client certificate (cert=None: none)."""
+    if cert == b"client":
+        cert, key = pki.client_cert_pem, pki.client_key_pem
     creds = grpc.ssl_channel_credentials(root_certificates=ca or pki.ca_pem, private_key=key, certificate_chain=cert)
     return grpc.secure_channel(address, creds)
 
@@ -132,6 +136,12 @@ def test_decoder_refuses_clients_without_the_token_or_tls(decoder, pki):
     with tls_channel(decoder.address, pki, ca=pki.stranger_cert_pem) as ch:
         assert status_of(lambda: dpb_grpc.DecoderStub(ch).GetStats(dpb.GetStatsRequest(), timeout=5, metadata=AUTH)) \
             == grpc.StatusCode.UNAVAILABLE
+    # mTLS: no client certificate, or one from a CA the decoder does not trust: no handshake,
+    # even with the right token
+    for cert, key in ((None, None), (pki.stranger_cert_pem, pki.stranger_key_pem)):
+        with tls_channel(decoder.address, pki, cert=cert, key=key) as ch:
+            assert status_of(lambda: dpb_grpc.DecoderStub(ch).GetStats(dpb.GetStatsRequest(), timeout=5,
+                                                                       metadata=AUTH)) == grpc.StatusCode.UNAVAILABLE
 
 
 def test_store_needs_client_certificate_and_token(store, pki, store_dir):
