@@ -708,3 +708,81 @@ def test_manifest_command_lines_quote_cleanly(docs):
         for c in all_containers(pod_template(w)["spec"]):
             for arg in (c.get("command") or []) + (c.get("args") or []):
                 assert not re.search(r"[;&|`]|\$\{", arg), f"{w['metadata']['name']}: {shlex.quote(arg)}"
+
+
+# ------------------------------------------------------------------ optional TLS component (1.37+)
+
+
+@pytest.fixture(scope="module")
+def tls_docs(tmp_path_factory):
+    """The gpu overlay with components/tls, rendered from a copy of the tree."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    tree = tmp_path_factory.mktemp("tls") / "k8s"
+    shutil.copytree(OVERLAYS["base"].parent, tree)
+    overlay = tree / "overlays" / "gpu-tls"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        "resources:\n  - ../gpu\ncomponents:\n  - ../../components/tls\n")
+    proc = subprocess.run([kubectl(), "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
+
+
+def _mounted_file(docs, kind, name, path) -> tuple[dict, str]:
+    """The Secret volume and key that back a file path inside a container."""
+    t = pod_template(get(docs, kind, name))
+    c = container(docs, kind, name)
+    for m in c["volumeMounts"]:
+        if path.startswith(m["mountPath"] + "/"):
+            vol = next(v for v in t["spec"]["volumes"] if v["name"] == m["name"])
+            rel = path[len(m["mountPath"]) + 1:]
+            items = {i["path"]: i["key"] for i in vol["secret"].get("items") or []}
+            return vol, items.get(rel, rel)
+    raise AssertionError(f"{path} is not on a mounted volume of {name}")
+
+
+def test_tls_component_validates_from_kubernetes_1_37(tls_docs):
+    newest = k8s_versions()[-1]
+    for d in tls_docs:
+        kv_utils.validate(d, newest, strict=True)
+    # before 1.37 the API has no grpc.mode: the component documents that floor
+    older = [v for v in k8s_versions() if Version(v) < Version("1.37")]
+    if Version(newest) >= Version("1.37") and older:
+        with pytest.raises(kv_utils.ValidationError):
+            kv_utils.validate(get(tls_docs, "StatefulSet", "expert-store"), older[-1], strict=True)
+
+
+def test_tls_component_wires_certificates_and_tls_probes(tls_docs, capsys):
+    docs = tls_docs
+    for kind, name in GRPC_SERVICES:
+        c = container(docs, kind, name)
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["grpc"].get("mode") == "TLS", f"{name}.{probe}"
+        argv = command_line(docs, c, container_env(docs, {}, c, NAMESPACE))
+        parser, args = _cli_parser(argv)
+        opts = vars(parser.parse_args(args))
+        assert opts["tls_cert"] and opts["tls_key"], name
+        cert_vol, cert_key = _mounted_file(docs, kind, name, opts["tls_cert"])
+        key_vol, key_key = _mounted_file(docs, kind, name, opts["tls_key"])
+        assert (cert_key, key_key) == ("tls.crt", "tls.key")
+        assert cert_vol["secret"]["secretName"] == key_vol["secret"]["secretName"]
+        assert cert_vol["secret"]["secretName"] == {"expert-store": "adapmoe-store-tls",
+                                                    "decoder": "adapmoe-decoder-tls"}[name]
+    dec = container(docs, "Deployment", "decoder")
+    argv = command_line(docs, dec, container_env(docs, {}, dec, NAMESPACE))
+    parser, args = _cli_parser(argv)
+    opts = vars(parser.parse_args(args))
+    ca_vol, ca_key = _mounted_file(docs, "Deployment", "decoder", opts["store_tls_ca"])
+    assert ca_vol["secret"]["secretName"] == "adapmoe-store-tls" and ca_key == "ca.crt"
+    # the decoder sees the store's CA, never the store's private key
+    assert [i["key"] for i in ca_vol["secret"]["items"]] == ["ca.crt"]
+    target = parse_target(opts["store"])
+    assert opts["store_tls_server_name"] == f"{target.service}.{NAMESPACE}.svc"
+    # nothing else changed: same objects as the plain gpu overlay
+    plain = {(d["kind"], d["metadata"]["name"]) for d in render("gpu")}
+    assert {(d["kind"], d["metadata"]["name"]) for d in docs} == plain
