@@ -498,7 +498,7 @@ def run(out: str | os.PathLike, settings: TrainSettings, progress: bool = True,
 
     windows = eval_windows(heldout_stream, s.seq_len, s.eval_windows)
     byte_lengths = token_byte_lengths(tok)
-    at_init = evaluate(model, windows[: max(1, min(8, windows.shape[0]))], byte_lengths, s.eval_batch)
+    at_init = evaluate(model, windows, byte_lengths, s.eval_batch)  # the same windows, untrained
 
     training = train(model, train_stream, s, progress=progress)
     t_eval = time.perf_counter()
@@ -507,6 +507,7 @@ def run(out: str | os.PathLike, settings: TrainSettings, progress: bool = True,
         row["entropy_bits_at_init"] = init_row["entropy_bits"]
     result["routing"]["mean_entropy_bits_at_init"] = at_init["routing"]["mean_entropy_bits"]
     result["cross_layer"]["mean_recall_distance_1_at_init"] = at_init["cross_layer"].get("mean_recall_distance_1")
+    result["heldout"]["loss_at_init"] = at_init["heldout"]["loss"]
     eval_s = time.perf_counter() - t_eval
 
     files = save_checkpoint(out, model, tok)
