@@ -5,6 +5,7 @@
     expert-store serve --store DIR [--redis URL] [--listen HOST:PORT] [--workers N]
                        [--max-refs N] [--max-streams N] [--token-file F]
                        [--tls-cert F --tls-key F [--tls-client-ca F]] [--metrics-port P] [--ram-bytes N]
+                       [--stream-above-bytes N]
     expert-store inspect --store DIR [--model NAME]
     expert-store verify --store DIR [--model NAME]
 
@@ -92,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-port", type=int, metavar="P", help="serve Prometheus metrics on this port")
     s.add_argument("--ram-bytes", type=_size, default=256 << 20, metavar="BYTES",
                    help="RAM tier budget per worker, e.g. 268435456, 256M, 4G (0 = none)")
+    s.add_argument("--stream-above-bytes", type=_size, default=4 << 20, metavar="BYTES",
+                   help="blobs larger than this stream from NVMe in chunks, checked on the way "
+                        "(server memory per stream: a few chunks); smaller ones are read whole and cached")
     s.add_argument("--grace", type=float, default=5.0, metavar="S", help="shutdown grace for in-flight streams")
     s.add_argument("--inject-latency-ms", type=float, default=0.0, metavar="MS",
                    help="fault injection (tests, benchmarks): delay every expert blob served by this much")
@@ -150,7 +154,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         token=token, tls_cert=_read_file(args.tls_cert, "TLS certificate"),
         tls_key=_read_file(args.tls_key, "TLS key"), tls_client_ca=_read_file(args.tls_client_ca, "client CA"),
         metrics_port=args.metrics_port, inject_latency_s=args.inject_latency_ms / 1000.0)
-    spec = StoreSpec(args.store, redis_url=args.redis, ram_bytes=args.ram_bytes)
+    spec = StoreSpec(args.store, redis_url=args.redis, ram_bytes=args.ram_bytes,
+                     stream_above_bytes=args.stream_above_bytes)
     if args.workers == 1:
         run_single(spec, config)
         return 0

@@ -128,6 +128,49 @@ def chunks(blob: bytes | memoryview, offset: int, chunk_bytes: int) -> Iterator[
         offset = end
 
 
+class _BytesReader:
+    """chunks() of a whole blob, as a BlobReader (stores without ranged reads)."""
+
+    def __init__(self, blob: bytes | memoryview, offset: int, chunk_bytes: int):
+        self.total = len(blob)
+        self._it = chunks(blob, offset, chunk_bytes)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[int, bytes, bool]:
+        return next(self._it)
+
+    def close(self) -> None:
+        self._it = iter(())
+
+
+def open_expert_reader(store: Any, model: str, layer: int, expert: int, precision: str, offset: int,
+                       chunk_bytes: int) -> Any:
+    """store.open_expert (ranged: ModelStore streams large blobs from NVMe in chunks), or
+    chunks of store.expert_blob for a store without it."""
+    fn = getattr(store, "open_expert", None)
+    if fn is not None:
+        return fn(model, layer, expert, precision, offset, chunk_bytes)
+    return _BytesReader(store.expert_blob(model, layer, expert, precision), offset, chunk_bytes)
+
+
+def open_dense_reader(store: Any, model: str, offset: int, chunk_bytes: int) -> Any:
+    fn = getattr(store, "open_dense", None)
+    if fn is not None:
+        return fn(model, offset, chunk_bytes)
+    return _BytesReader(store.dense(model), offset, chunk_bytes)
+
+
+def _drop_reader(opening: asyncio.Future) -> None:
+    """An open-ahead the stream no longer needs: cancel it, or close what it opened."""
+    if not opening.done():  # the read runs on in its thread: close what it opens
+        opening.add_done_callback(lambda f: None if f.cancelled() or f.exception() else f.result().close())
+    elif not opening.cancelled():
+        if opening.exception() is None:  # retrieved either way, so asyncio does not log it
+            opening.result().close()
+
+
 def manifest_field(manifest: Any, name: str, default: Any = None) -> Any:
     if isinstance(manifest, dict):
         return manifest.get(name, default)
@@ -338,39 +381,62 @@ class ExpertStoreServicer(pb_grpc.ExpertStoreServicer):
             self._acquire_stream(prefetch=request.priority == pb.PREFETCH)
             acquired = True
             refs = request.refs
+            model, chunk_bytes = request.model, self.config.chunk_bytes
 
-            def read(i: int) -> asyncio.Future:
+            def open_ref(i: int) -> asyncio.Future:
                 r = refs[i]
-                return asyncio.ensure_future(
-                    self._call(self.store.expert_blob, request.model, r.layer, r.expert, r.precision))
+                return asyncio.ensure_future(self._call(
+                    open_expert_reader, self.store, model, r.layer, r.expert, r.precision, r.offset, chunk_bytes))
 
-            # read-ahead: the next blob is read (disk, Redis) while this one streams
-            reading = read(0)
+            # open-ahead: the next blob is opened (small ones read whole from disk/Redis; large
+            # ones only opened, they stream chunk by chunk) while this one streams
+            reading = open_ref(0)
             for index, ref in enumerate(refs):
                 if self.config.inject_latency_s:
                     await asyncio.sleep(self.config.inject_latency_s)
-                blob = await reading
-                reading = read(index + 1) if index + 1 < len(refs) else None
-                total = len(blob)
-                for offset, data, last in chunks(blob, ref.offset, self.config.chunk_bytes):
-                    await _write(context, pb.BlobChunk(index=index, offset=offset, total_size=total, data=data,
-                                                       last=last))
-                    sent += len(data)
-                del blob
+                reader = await reading
+                reading = open_ref(index + 1) if index + 1 < len(refs) else None
+                sent += await self._stream(context, reader, index)
         except Exception as e:
             self.metrics.served(method, sent)
             await self._fail(context, method, e)
         finally:
-            if reading is not None:  # the stream ended early: drop the read-ahead
-                if not reading.done():
-                    reading.cancel()
-                elif not reading.cancelled():
-                    reading.exception()  # retrieved, so asyncio does not log it
+            if reading is not None:  # the stream ended early: drop the open-ahead
+                _drop_reader(reading)
             if acquired:
                 self._release_stream()
         self.metrics.served(method, sent)
         self.metrics.request(method, "OK")
         self.metrics.tiers(tier_stats(self.store))
+
+    async def _stream(self, context: grpc.aio.ServicerContext, reader: Any, index: int) -> int:
+        """Send every chunk of one BlobReader (the next chunk is read while this one is
+        written: at most two chunks of the blob in this process); returns bytes sent."""
+        sent = 0
+        ahead: asyncio.Future | None = None
+        try:
+            ahead = asyncio.ensure_future(self._call(next, reader, None))
+            while True:
+                piece = await ahead
+                ahead = None
+                if piece is None:
+                    return sent
+                offset, data, last = piece
+                if not last:
+                    ahead = asyncio.ensure_future(self._call(next, reader, None))
+                await _write(context, pb.BlobChunk(index=index, offset=offset, total_size=reader.total, data=data,
+                                                   last=last))
+                sent += len(data)
+                del data, piece
+                if last:
+                    return sent
+        finally:
+            if ahead is not None:
+                try:
+                    await asyncio.shield(ahead)  # let the read in the thread finish before closing
+                except Exception:  # noqa: BLE001 - the stream is failing anyway
+                    pass
+            await self._call(reader.close)
 
     async def FetchDense(self, request: pb.FetchDenseRequest, context) -> None:
         method, acquired, sent = "FetchDense", False, 0
@@ -378,11 +444,9 @@ class ExpertStoreServicer(pb_grpc.ExpertStoreServicer):
             validate_model(request.model)
             self._acquire_stream()
             acquired = True
-            blob = await self._call(self.store.dense, request.model)
-            total = len(blob)
-            for offset, data, last in chunks(blob, request.offset, self.config.chunk_bytes):
-                await _write(context, pb.BlobChunk(index=0, offset=offset, total_size=total, data=data, last=last))
-                sent += len(data)
+            reader = await self._call(open_dense_reader, self.store, request.model, request.offset,
+                                      self.config.chunk_bytes)
+            sent += await self._stream(context, reader, 0)
         except Exception as e:
             self.metrics.served(method, sent)
             await self._fail(context, method, e)
@@ -657,6 +721,7 @@ class StoreSpec:
     store_dir: str
     redis_url: str | None = None
     ram_bytes: int | None = None
+    stream_above_bytes: int | None = None  # None: ModelStore's default
 
     def open(self) -> Any:
         from expert_store.store import ModelStore
@@ -664,6 +729,8 @@ class StoreSpec:
         kw = {"redis_url": self.redis_url}
         if self.ram_bytes is not None:
             kw["ram_bytes"] = self.ram_bytes
+        if self.stream_above_bytes is not None:
+            kw["stream_above_bytes"] = self.stream_above_bytes
         return ModelStore.open(self.store_dir, **kw)
 
 

@@ -33,6 +33,7 @@ import json
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -44,6 +45,10 @@ from expert_store.errors import DataLoss, InvalidArgument, NotFound, StoreError
 from expert_store.tiers import MemoryTier, NvmeTier, RedisTier, TieredStore
 
 DEFAULT_RAM_BYTES = 256 << 20
+DEFAULT_CHUNK_BYTES = 1 << 20
+# Files larger than this are streamed from NVMe in chunks (ranged serving, see BlobReader);
+# files up to this size are read whole, checked and promoted into RAM/Redis as before.
+DEFAULT_STREAM_ABOVE_BYTES = 4 << 20
 MAX_INDEX = 999  # what format.expert_key accepts
 
 PUT_KINDS = ("expert", "dense", "config", "tokenizer", "profile", "manifest")
@@ -83,9 +88,155 @@ def _check_int(what: str, value: Any) -> int:
     return value
 
 
+class BlobReader:
+    """The chunks ``(offset, data, last)`` of one stored file from a resume offset: what the
+    server streams. ``total`` is the file's size, ``source`` where the bytes come from
+    ("whole": read whole and checked, "cached": a checked copy from RAM/Redis, "nvme":
+    streamed from the file). Iterate (or call ``next``); always ``close()`` (or use ``with``). At least one
+    chunk comes out, even at offset == total (so the reader learns total and last=True)."""
+
+    total: int
+    source: str
+
+    def __iter__(self) -> "BlobReader":
+        return self
+
+    def __next__(self) -> tuple[int, bytes, bool]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "BlobReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _check_offset(offset: Any, total: int) -> int:
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= total:
+        raise InvalidArgument(f"offset {offset} is past the end of a {total}-byte blob")
+    return offset
+
+
+class BufferReader(BlobReader):
+    """Chunks of bytes already in memory (and already checked by the caller)."""
+
+    def __init__(self, data: bytes | memoryview, offset: int, chunk_bytes: int, source: str) -> None:
+        self._view = memoryview(data)
+        self.total = len(self._view)
+        self.source = source
+        self._pos = _check_offset(offset, self.total)
+        self._chunk = chunk_bytes
+        self._done = False
+
+    def __next__(self) -> tuple[int, bytes, bool]:
+        if self._done:
+            raise StopIteration
+        start = self._pos
+        end = min(self.total, start + self._chunk)
+        self._pos = end
+        self._done = end == self.total
+        return start, bytes(self._view[start:end]), self._done
+
+    def close(self) -> None:
+        self._done = True
+        self._view = memoryview(b"")
+
+
+class NvmeRangeReader(BlobReader):
+    """Streams one NVMe file in chunks while checking it against the manifest's whole-file
+    xxh3-128, holding in memory only the chunk being read.
+
+    Integrity, and why it is sound: the reader hashes exactly the bytes it hands out, in
+    order, from one open file, starting at byte 0. A resumed stream (offset > 0) first reads
+    and hashes the prefix the client already has (read and dropped chunk by chunk: disk or
+    page-cache time, no memory), so the digest always covers the whole file. The last chunk
+    is handed out only after the digest matched the manifest; on a mismatch ``next`` raises
+    DataLoss instead, so a reader never sees last=True on bytes that fail the check, and a
+    corrupt copy can never complete a stream. (Bytes of earlier chunks have gone out by
+    then, but a client only accepts a blob at its last chunk, and the client checks the
+    assembled blob again - format.check_blob - which catches a resume whose earlier bytes
+    came from a different copy.) The alternative, checking a file once and caching "good"
+    per (path, mtime, size), was rejected: bit rot or an in-place write with a preserved or
+    coarse mtime would then be served unchecked, and resuming would not be verified at all.
+    The price is re-reading the prefix on a resume, which is rare and runs at disk speed.
+    """
+
+    def __init__(self, tiered: TieredStore, key: str, file: Any, size: int, digest: str, offset: int,
+                 chunk_bytes: int) -> None:
+        self._tiered = tiered
+        self.key = key
+        self._file = file
+        self.total = size
+        self.source = "nvme"
+        try:
+            actual = os.fstat(file.fileno()).st_size
+            if actual != size:
+                tiered.note_corrupt()
+                raise DataLoss(f"no good copy of {key}: nvme: size {actual} != manifest size {size}")
+            self._offset = _check_offset(offset, size)
+        except BaseException:
+            self.close()
+            raise
+        self._digest = digest
+        self._hash = xxhash.xxh3_128()
+        self._chunk = chunk_bytes
+        self._pos = 0
+        self._done = False
+        self._seconds = 0.0
+
+    def _read(self, n: int) -> bytes:
+        parts, want = [], n
+        while want:
+            data = self._file.read(want)
+            if not data:
+                self._tiered.note_corrupt()
+                raise DataLoss(f"no good copy of {self.key}: nvme: file ended at {self._pos} of {self.total} bytes")
+            parts.append(data)
+            want -= len(data)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        self._hash.update(data)
+        self._pos += n
+        return data
+
+    def __next__(self) -> tuple[int, bytes, bool]:
+        if self._done or self._file is None:
+            raise StopIteration
+        t0 = time.perf_counter()
+        try:
+            while self._pos < self._offset:  # the prefix the client already has: hash only
+                self._read(min(self._chunk, self._offset - self._pos))
+            start = self._pos
+            data = self._read(min(self._chunk, self.total - start))
+            last = self._pos == self.total
+            if last:
+                self._done = True
+                if self._hash.hexdigest() != self._digest:
+                    self._tiered.note_corrupt()
+                    raise DataLoss(f"no good copy of {self.key}: nvme: xxh3 does not match the manifest")
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            self._seconds += time.perf_counter() - t0
+        if last:
+            self._tiered.nvme.count_read(self.total, self._seconds)
+            self.close()
+        return start, data, last
+
+    def close(self) -> None:
+        self._done = True
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 class ModelStore:
-    def __init__(self, tiered: TieredStore) -> None:
+    def __init__(self, tiered: TieredStore, stream_above_bytes: int = DEFAULT_STREAM_ABOVE_BYTES) -> None:
         self.tiered = tiered
+        self.stream_above_bytes = int(stream_above_bytes)
         self.nvme = tiered.nvme
         self._index_lock = threading.Lock()
         self._index: dict[str, tuple[tuple, _ModelIndex]] = {}
@@ -96,15 +247,17 @@ class ModelStore:
         store_dir: str | os.PathLike,
         redis_url: str | None = None,
         ram_bytes: int = DEFAULT_RAM_BYTES,
+        stream_above_bytes: int = DEFAULT_STREAM_ABOVE_BYTES,
         **redis_options: Any,
     ) -> "ModelStore":
         """A store over the directory ``store_dir`` (created if missing), with a Redis
         tier when ``redis_url`` is given (``redis://``, ``rediss://``, ``redis+cluster://``;
-        ``redis_options`` go to RedisTier) and a RAM LRU of ``ram_bytes`` (0 = none)."""
+        ``redis_options`` go to RedisTier) and a RAM LRU of ``ram_bytes`` (0 = none).
+        Files above ``stream_above_bytes`` are served by ranged reads (open_expert)."""
         nvme = NvmeTier(store_dir)
         redis = RedisTier(redis_url, **redis_options) if redis_url else None
         memory = MemoryTier(ram_bytes) if ram_bytes and ram_bytes > 0 else None
-        return cls(TieredStore(nvme, redis=redis, memory=memory))
+        return cls(TieredStore(nvme, redis=redis, memory=memory), stream_above_bytes=stream_above_bytes)
 
     @property
     def root(self) -> Path:
@@ -338,6 +491,50 @@ class ModelStore:
         if data is None:
             raise NotFound(f"{index.model} has no dense weights")
         return data
+
+    # -- ranged serving --------------------------------------------------------------------
+    def open_expert(self, model: str, layer: int, expert: int, precision: str, offset: int = 0,
+                    chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> BlobReader:
+        """A BlobReader over one expert blob from ``offset``: what FetchExperts streams.
+
+        Blobs up to ``stream_above_bytes`` (or without a manifest xxh3) are read whole
+        (expert_blob: checked, promoted into RAM/Redis). Larger ones come from RAM/Redis when
+        a checked copy is cached there, else are streamed from NVMe chunk by chunk
+        (NvmeRangeReader: checked against the manifest's xxh3 before the last chunk), so a
+        stream holds a few chunks, not the blob. Streamed blobs are not promoted (that would
+        need the whole blob in memory); the page cache serves repeats."""
+        index, key = self._ref(model, layer, expert, precision)
+        entry = index.blobs.get((layer, expert, precision))
+        if entry is None or not entry[1] or entry[0] <= self.stream_above_bytes:
+            data = self.expert_blob(model, layer, expert, precision)
+            return BufferReader(data, offset, chunk_bytes, "whole")
+        size, digest = entry
+        return self._open_ranged(key, size, digest, self._expert_validator(index, layer, expert, precision),
+                                 offset, chunk_bytes)
+
+    def open_dense(self, model: str, offset: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> BlobReader:
+        """A BlobReader over the dense safetensors (as open_expert; the manifest's dense_size
+        and dense_xxh3 are the check). A Mixtral dense part is ~3 GB: always worth ranging."""
+        index = self._model_index(model)
+        if not index.dense_xxh3 or not index.dense_size or index.dense_size <= self.stream_above_bytes:
+            return BufferReader(self.dense(model), offset, chunk_bytes, "whole")
+        key = blob_format.dense_key(index.model)
+
+        def validate(data: bytes) -> None:
+            if len(data) != index.dense_size or _xxh3(data) != index.dense_xxh3:
+                raise DataLoss("size/xxh3 do not match the manifest's dense entry")
+
+        return self._open_ranged(key, index.dense_size, index.dense_xxh3, validate, offset, chunk_bytes)
+
+    def _open_ranged(self, key: str, size: int, digest: str, validate, offset: int, chunk_bytes: int) -> BlobReader:
+        _check_offset(offset, size)
+        data = self.tiered.get_cached(key, validate=validate)
+        if data is not None:
+            return BufferReader(data, offset, chunk_bytes, "cached")
+        f = self.nvme.open_read(key)
+        if f is None:
+            raise NotFound(f"no file for {key}")
+        return NvmeRangeReader(self.tiered, key, f, size, digest, offset, chunk_bytes)
 
     def read_file(self, model: str, name: str) -> bytes | None:
         """config.json / tokenizer.json / profile.json / manifest.json bytes, or None."""

@@ -166,6 +166,22 @@ class NvmeTier:
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
 
+    def open_read(self, key: str):
+        """The file of ``key`` opened for reading (unbuffered binary), or None if absent.
+
+        For ranged streaming: reading every chunk of one stream through this one open file
+        means an atomic replacement of the key (rename over it) mid-stream cannot mix two
+        versions; the stream keeps reading the inode it opened."""
+        try:
+            return open(self.path(key), "rb", buffering=0)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            self._stats.miss(0.0)
+            return None
+
+    def count_read(self, nbytes: int, seconds: float) -> None:
+        """Count a ranged read of one key (a hit of ``nbytes``) in this tier's stats."""
+        self._stats.hit(nbytes, seconds)
+
     def put(self, key: str, data) -> None:
         with self.writer(key) as w:
             w.write(data)

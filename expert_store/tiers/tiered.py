@@ -78,6 +78,45 @@ class TieredStore:
                 self.memory.put(key, data)
         return data
 
+    def get_cached(self, key: str, validate: Validator | None = None) -> bytes | None:
+        """The bytes of ``key`` from RAM or Redis only (NVMe is not read), or None.
+
+        A cached copy that ``validate`` rejects is dropped and counted as corrupt; a Redis
+        hit is promoted into RAM. For the ranged path (ModelStore.open_expert): a miss here
+        means the caller streams the key from NVMe in chunks instead of reading it whole."""
+        t0 = time.perf_counter()
+        data = None
+        corrupt = 0
+        for tier in (self.memory, self.redis):
+            if tier is None:
+                continue
+            candidate = tier.get(key)
+            if candidate is None:
+                continue
+            if validate is not None:
+                try:
+                    validate(candidate)
+                except Exception as exc:  # noqa: BLE001 - any rejection means a bad copy
+                    corrupt += 1
+                    log.warning("bad copy of %s in the %s tier: %s", key, tier.name, exc)
+                    tier.delete(key)
+                    continue
+            data = candidate
+            if tier is self.redis and self.memory is not None:
+                self.memory.put(key, data)
+            break
+        with self._lock:
+            self._corrupt += corrupt
+            if data is not None:
+                self._gets += 1
+                self._get_seconds += time.perf_counter() - t0
+        return data
+
+    def note_corrupt(self) -> None:
+        """Count a copy found corrupt outside get() (a ranged NVMe stream whose xxh3 failed)."""
+        with self._lock:
+            self._corrupt += 1
+
     def put(self, key: str, data, *, cache: bool = True) -> None:
         """Write-through: NVMe first (raises on failure, e.g. ResourceExhausted on a full
         disk), then Redis and RAM (best effort). ``cache=False`` writes NVMe only and drops
