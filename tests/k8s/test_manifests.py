@@ -8,7 +8,7 @@ import copy
 import ipaddress
 import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 
