@@ -1,0 +1,223 @@
+"""FetchPool on loopback against a real `expert-store serve --workers 2`: bytes identical to
+single-client fetches, demand ahead of queued prefetches, a worker SIGKILLed mid-fetch (the
+request completes on another worker), store errors surface as StoreErrors, and close()
+leaves no shared-memory segment and no worker process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import xxhash
+
+from store_process import StoreServerProcess
+
+from expert_store import format as blob_format
+from expert_store.client import StoreClient
+from expert_store.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from expert_store.fetch_pool import Completion, FetchPool
+from expert_store.quant import expert_to_blob
+from expert_store.store import ModelStore
+
+pytestmark = pytest.mark.timeout(180)
+MODEL = "pool"
+LAYERS, EXPERTS, HIDDEN = 2, 4, 128
+
+
+def build(root: Path) -> dict:
+    """Random experts at two precisions, of different sizes (ffn varies by expert)."""
+    store = ModelStore.open(root, ram_bytes=0)
+
+    def put(kind: str, data: bytes, **ref) -> None:
+        store.put_file(MODEL, kind, data, xxhash.xxh3_128_hexdigest(data), **ref)
+
+    put("config", json.dumps({"num_hidden_layers": LAYERS, "num_local_experts": EXPERTS, "hidden_size": HIDDEN,
+                              "intermediate_size": 512}).encode())
+    g = torch.Generator().manual_seed(1)
+    blobs = {}
+    for layer in range(LAYERS):
+        for expert in range(EXPERTS):
+            ffn = 256 + 64 * expert
+            w = {"w1": torch.randn(ffn, HIDDEN, generator=g), "w3": torch.randn(ffn, HIDDEN, generator=g),
+                 "w2": torch.randn(HIDDEN, ffn, generator=g)}
+            for precision in ("bf16", "int8"):
+                blob = expert_to_blob(MODEL, layer, expert, precision, w)
+                put("expert", blob, layer=layer, expert=expert, precision=precision)
+                blobs[(layer, expert, precision)] = blob
+    put("manifest", json.dumps({
+        "model": MODEL, "num_layers": LAYERS, "num_experts": EXPERTS, "precisions": ["bf16", "int8"],
+        "blobs": [{"layer": l, "expert": e, "precision": p, "size": len(b), "xxh3": blob_format.blob_checksum(b)}
+                  for (l, e, p), b in blobs.items()]}).encode())
+    store.close()
+    return blobs
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pool") / "store"
+    return root, build(root)
+
+
+def shm_exists(name: str) -> bool:
+    return os.path.exists(f"/dev/shm/{name.lstrip('/')}")
+
+
+def assert_cleaned_up(pool: FetchPool) -> None:
+    assert not shm_exists(pool.shm_name)
+    deadline = time.monotonic() + 10
+    alive = [p for p in pool.all_worker_pids if psutil.pid_exists(p)
+             and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [p for p in alive if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"worker processes left behind: {alive}"
+
+
+def test_bytes_identical_to_single_client_fetches(store_dir, tmp_path):
+    root, blobs = store_dir
+    with StoreServerProcess(root, "--workers", "2", log_dir=tmp_path) as server:
+        with StoreClient.open(server.address, deadline_s=30) as client:
+            single = {ref: bytes(client.fetch_expert(MODEL, *ref)) for ref in blobs}
+        assert single == blobs
+        before = set(os.listdir("/dev/shm"))
+        pool = FetchPool(server.address, MODEL, workers=2, slots=len(blobs))
+        try:
+            assert shm_exists(pool.shm_name)
+            assert len(pool.worker_pids()) == 2
+            futures = {ref: pool.submit(*ref, priority="prefetch" if ref[1] % 2 else "demand") for ref in blobs}
+            arena = pool.numpy()
+            tensor = pool.tensor()
+            assert tensor.shape == (pool.slots, pool.slot_bytes) and pool.pin() is torch.cuda.is_available()
+            workers_used = set()
+            for ref, fut in futures.items():
+                c = fut.result(timeout=60)
+                assert isinstance(c, Completion) and c.ref == ref and c.size == len(blobs[ref])
+                assert c.offset == pool.slot_offset(c.slot) and c.offset % 4096 == 0
+                assert bytes(pool.arena[c.offset:c.offset + c.size]) == single[ref]
+                assert arena[c.slot, :c.size].tobytes() == single[ref]
+                assert bytes(tensor[c.slot, :c.size].numpy()) == single[ref]
+                workers_used.add(c.worker_pid)
+            assert len({f.result().slot for f in futures.values()}) == len(blobs)
+            assert workers_used <= set(pool.all_worker_pids) and len(workers_used) == 2
+            assert pool.free_slots() == 0
+            with pytest.raises(ResourceExhausted):
+                pool.submit(0, 0, "bf16")
+            # a slot given back is reused; a caller-managed slot is written where asked
+            first = futures[(0, 0, "bf16")].result()
+            pool.release(first.slot)
+            c = pool.submit(1, 3, "int8").result(timeout=60)
+            assert c.slot == first.slot and bytes(pool.arena[c.offset:c.offset + c.size]) == single[(1, 3, "int8")]
+            c = pool.submit(0, 2, "bf16", slot=c.slot).result(timeout=60)
+            assert bytes(pool.arena[c.offset:c.offset + c.size]) == single[(0, 2, "bf16")]
+            with pytest.raises(NotFound):
+                pool.submit(0, 0, "int4")
+            with pytest.raises(InvalidArgument):
+                pool.submit(0, 0, "bf16", priority="urgent")
+            del arena, tensor
+            st = pool.stats()
+            assert st["completed"] == len(blobs) + 2 and st["failed"] == 0 and st["worker_restarts"] == 0
+        finally:
+            pool.close()
+        assert_cleaned_up(pool)
+        assert set(os.listdir("/dev/shm")) <= before
+        with pytest.raises(Unavailable):
+            pool.submit(0, 0, "bf16")
+
+
+def test_demand_goes_ahead_of_queued_prefetches(store_dir, tmp_path):
+    root, blobs = store_dir
+    with StoreServerProcess(root, "--workers", "2", "--inject-latency-ms", "150", log_dir=tmp_path) as server, \
+            FetchPool(server.address, MODEL, workers=2, slots=len(blobs)) as pool:
+        order: list[tuple[int, int, str]] = []
+        prefetch_refs = [r for r in blobs if r != (1, 3, "bf16")]
+        futures = [pool.submit(*r, priority="prefetch") for r in prefetch_refs]
+        for f in futures:
+            f.add_done_callback(lambda f: order.append(f.result().ref))
+        time.sleep(0.05)  # the first prefetches are on the wire
+        demand = pool.submit(1, 3, "bf16", priority="demand")
+        demand.add_done_callback(lambda f: order.append(f.result().ref))
+        c = demand.result(timeout=60)
+        assert bytes(pool.arena[c.offset:c.offset + c.size]) == blobs[(1, 3, "bf16")]
+        for f in futures:
+            f.result(timeout=60)
+        # only the prefetches already on the wire (one per worker) may finish before it
+        assert order.index((1, 3, "bf16")) <= 2, order
+        assert len(order) == len(blobs)
+        # a prefetch still queued can be cancelled; its slot goes back
+        for f in futures:
+            pool.release(f.result().slot)
+        pool.release(c.slot)
+        assert pool.free_slots() == pool.slots
+        queued = [pool.submit(*r, priority="prefetch") for r in prefetch_refs[:6]]
+        assert queued[-1].cancel()
+        for f in queued[:-1]:
+            f.result(timeout=60)
+        deadline = time.monotonic() + 10
+        while pool.free_slots() != pool.slots - 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert pool.free_slots() == pool.slots - 5
+    assert_cleaned_up(pool)
+
+
+def test_worker_killed_mid_fetch_request_completes_on_another(store_dir, tmp_path):
+    root, blobs = store_dir
+    ref = (1, 2, "bf16")
+    with StoreServerProcess(root, "--workers", "2", "--inject-latency-ms", "1500", log_dir=tmp_path) as server:
+        pool = FetchPool(server.address, MODEL, workers=2, slots=4)
+        try:
+            fut = pool.submit(*ref, priority="demand")
+            deadline = time.monotonic() + 20
+            victim = None
+            while victim is None and time.monotonic() < deadline:
+                victim = next((pid for pid, r in pool.inflight().items() if r == ref), None)
+                time.sleep(0.01)
+            assert victim is not None
+            time.sleep(0.3)  # the fetch is under way (the server holds it 1.5 s)
+            os.kill(victim, signal.SIGKILL)
+            c = fut.result(timeout=60)
+            assert c.worker_pid != victim and c.attempts == 2
+            assert bytes(pool.arena[c.offset:c.offset + c.size]) == blobs[ref]
+            st = pool.stats()
+            assert st["retried"] == 1 and st["worker_restarts"] == 1
+            # the replacement worker serves too: the pool is back at two workers
+            deadline = time.monotonic() + 30
+            while len(pool.worker_pids()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(pool.worker_pids()) == 2 and victim not in pool.worker_pids()
+            more = [pool.submit(0, e, "int8") for e in range(2)]
+            for f, e in zip(more, range(2)):
+                got = f.result(timeout=60)
+                assert bytes(pool.arena[got.offset:got.offset + got.size]) == blobs[(0, e, "int8")]
+            assert len(pool.all_worker_pids) == 3
+        finally:
+            pool.close()
+        assert_cleaned_up(pool)
+
+
+def test_local_store_directory_and_a_store_error(store_dir, tmp_path):
+    """Workers can read a store directory in-process too; a blob that fails its check is a
+    DataLoss on its Future, not bytes."""
+    root, blobs = store_dir
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(root, bad)
+    path = bad / "models" / blob_format.expert_key(MODEL, 0, 1, "int8")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    from expert_store.errors import DataLoss
+
+    with FetchPool(str(bad), MODEL, workers=1, arena_bytes=4 << 20) as pool:
+        good = pool.submit(0, 0, "int8").result(timeout=60)
+        assert bytes(pool.arena[good.offset:good.offset + good.size]) == blobs[(0, 0, "int8")]
+        with pytest.raises(DataLoss):
+            pool.submit(0, 1, "int8").result(timeout=60)
+        assert pool.free_slots() == pool.slots - 1  # the failed request gave its slot back
+    assert_cleaned_up(pool)
