@@ -7,13 +7,13 @@ exists, a DATA_LOSS status when none does).
 from __future__ import annotations
 
 import shutil
-import sys
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fault_procs import (PROMPTS, decoder_proc, generate, my_children, pack_tiny_model, store_proc, wait_until)
+from fault_procs import (PROMPTS, decoder_proc, free_port, generate, my_children, pack_tiny_model, store_proc,
+                         wait_until)
 from store_process import run_cli
 
 from expert_store import format as blob_format
@@ -95,7 +95,7 @@ def test_other_replica_serves_and_decoder_never_uses_the_bad_copy(good_dir, used
     bad_srv = None
     try:
         # corrupt an expert the prompt needs and whose rendezvous owner is the bad replica
-        bad_port = __import__("redis_server").free_port()
+        bad_port = free_port()
         bad_address = f"127.0.0.1:{bad_port}"
         owned = [(l, e) for l, e in pairs
                  if rendezvous_order(blob_format.expert_key(MODEL, l, e, "bf16"), [good.address, bad_address])[0]

@@ -22,6 +22,7 @@ import pytest
 from fault_procs import (PROMPTS, decoder_proc, decoder_stats, free_port, generate, generate_with_retry,
                          my_children, pack_tiny_model, reference_tokens, small_cache_args, store_proc, wait_until)
 
+from expert_store._proto.adapmoe.v1 import decoder_pb2 as dpb
 from expert_store._proto.adapmoe.v1 import decoder_pb2_grpc as dpb_grpc
 
 pytestmark = pytest.mark.timeout(170)
@@ -50,7 +51,7 @@ def test_cancels_and_deadlines_mid_generation_leave_the_batch_intact(store_dir, 
         proc = psutil.Process(dec.proc.pid)
         generate(stub, prompt=PROMPTS[0], max_tokens=2)  # warm
         threads_before = proc.num_threads()
-        _, sched0 = decoder_stats(dec.address)[0], json.loads(decoder_stats(dec.address)[0].scheduler_json)
+        sched0 = json.loads(decoder_stats(dec.address)[0].scheduler_json)
         outcome: dict[str, list] = {"ok": [], "cancelled": [], "deadline": [], "unexpected": []}
         lock = threading.Lock()
 
@@ -63,7 +64,7 @@ def test_cancels_and_deadlines_mid_generation_leave_the_batch_intact(store_dir, 
                 outcome["unexpected"].append(f"{e.code().name}: {e.details()}")
 
         def cancelling(prompt: str, after: int) -> None:
-            call = stub.Generate(__import__("fault_procs").dpb.GenerateRequest(prompt=prompt, max_tokens=400),
+            call = stub.Generate(dpb.GenerateRequest(prompt=prompt, max_tokens=400),
                                  timeout=90)
             got = 0
             try:

@@ -10,7 +10,6 @@ StoreClient fetch resuming on another replica, and fetches while Redis is stoppe
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import psutil

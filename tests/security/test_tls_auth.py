@@ -1,6 +1,6 @@
 """TLS, mTLS and bearer tokens end to end: `expert-store serve` with TLS, client
 certificates required (mTLS) and a bearer token; `moe-decoder serve` reaching it with its
-client certificate and the store token, and itself serving TLS with its own bearer token.
+client certificate and the store token, and itself serving mTLS with its own bearer token.
 
 Proves: the right credentials work (tokens identical to an in-process run); a client without
 the token gets UNAUTHENTICATED, one without TLS or with the wrong CA / certificate fails the
@@ -33,7 +33,6 @@ pytestmark = pytest.mark.timeout(170)
 MODEL, MAX_TOKENS = "tiny", 12
 STORE_TOKEN = "store-tok-7f3a9c1e5b2d4086"
 DECODER_TOKEN = "decoder-tok-0b8e6d2f4a1c3957"
-MAX_LEN = 0  # filled by the fixture
 
 
 @pytest.fixture(scope="module")
