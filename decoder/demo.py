@@ -88,14 +88,24 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the store gets SIGTERM if the demo process dies without stopping it."""
+def _load_libc():
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:  # pragma: no cover
+        return None
+
+
+_LIBC = _load_libc()  # loaded in the parent: the child only calls into it (no dlopen after fork)
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the store gets SIGTERM if the demo process dies without stopping it."""
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +191,7 @@ class StoreProcess:
     def start(self) -> "StoreProcess":
         cmd = _cli("expert-store") + ["serve", "--store", str(self.store), "--listen", "127.0.0.1:0"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=_child_env(), preexec_fn=_die_with_parent if os.name == "posix" else None)
+                                     env=_child_env(), preexec_fn=_die_with_parent if _LIBC is not None else None)
         ready = threading.Event()
 
         def drain() -> None:  # keeps reading, so the child never blocks on a full pipe
@@ -319,6 +329,10 @@ def _device_default() -> str:
         return "cpu"
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe-decoder demo",
                                 description="Train (or reuse) the demo model, pack it, serve it on loopback, "
@@ -389,6 +403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     gpu_bytes = per_expert * L * min(E, max(0, args.gpu_experts_per_layer))
     host_bytes = per_expert * L * min(E, max(0, args.host_experts_per_layer))
 
+    # SIGTERM (e.g. from a CI runner) unwinds like Ctrl-C, so the store is stopped on the way out
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     server = StoreProcess(store)
     _log("starting expert-store serve on a free loopback port")
     rc = 1
