@@ -116,10 +116,11 @@ def test_other_replica_serves_and_decoder_never_uses_the_bad_copy(good_dir, used
             with pytest.raises(DataLoss):
                 c.fetch_expert(MODEL, layer, expert, "bf16")
 
-        # the decoder over both replicas: identical tokens
-        with decoder_proc(both, MODEL) as dec, grpc.insecure_channel(dec.address) as ch:
-            ids, _, usage = generate(dpb_grpc.DecoderStub(ch), prompt=PROMPT, max_tokens=MAX_TOKENS)
-            assert ids == ref_ids
+        # the decoder engine over both replicas: identical tokens
+        from decoder import Engine
+
+        with StoreClient.open(both, deadline_s=10) as c, Engine.from_store(c, MODEL) as eng:
+            assert eng.generate(PROMPT, max_tokens=MAX_TOKENS).token_ids == ref_ids
         # the decoder over the bad replica alone: the request fails with DATA_LOSS, no token
         # computed from the bad weights reaches the client; the service stays healthy
         with decoder_proc(bad_srv.address, MODEL) as dec, grpc.insecure_channel(dec.address) as ch:
