@@ -6,7 +6,6 @@ on the same address, Generate with retries, and leak checks.
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -101,13 +100,6 @@ def reference_tokens(store_dir: Path, model: str, prompts: list[str], max_tokens
         return {p: eng.generate(p, max_tokens=max_tokens).token_ids for p in prompts}
 
 
-def process_tree(pid: int) -> set[int]:
-    try:
-        return {c.pid for c in psutil.Process(pid).children(recursive=True)}
-    except psutil.NoSuchProcess:
-        return set()
-
-
 def my_children() -> set[int]:
     """Live (non-zombie) child processes of this test process."""
     out = set()
@@ -118,12 +110,6 @@ def my_children() -> set[int]:
         except psutil.NoSuchProcess:
             pass
     return out
-
-
-def settle_threads(baseline: int, slack: int = 0, timeout: float = 10.0) -> int:
-    """Wait until this process runs at most baseline + slack threads; returns the count."""
-    wait_until(lambda: threading.active_count() <= baseline + slack, timeout)
-    return threading.active_count()
 
 
 def decoder_stats(address: str) -> tuple[Any, dict]:
