@@ -90,7 +90,8 @@ class StoreServer:
     def __init__(self, store_dir: Path, latency_ms: float) -> None:
         exe = Path(sys.executable).with_name("expert-store")
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "expert_store.cli"]
-        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+                   OMP_NUM_THREADS="1")
         self.proc = subprocess.Popen(cmd + ["serve", "--store", str(store_dir), "--listen", "127.0.0.1:0",
                                             "--ram-bytes", "0", "--grace", "1",
                                             "--inject-latency-ms", str(latency_ms)],

@@ -80,7 +80,8 @@ class Proc:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 120.0) -> "Proc":
-        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+                   OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
         if self.ready is None:
