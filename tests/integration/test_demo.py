@@ -113,3 +113,32 @@ def test_second_run_reuses_model_and_store(first_run, cache):
     assert "decode tokens/s" in r.stdout
     assert _gone(_store_pid(r.stderr))
     assert not _store_processes(cache)
+
+
+def test_sigterm_to_the_demo_stops_the_store(first_run, cache):
+    """A demo killed with SIGTERM mid-generation still stops its store (no orphan)."""
+    import signal
+
+    env = dict(os.environ, ADAPMOE_DEMO_DIR=str(cache), ADAPMOE_DEMO_TINY="1", ADAPMOE_DEMO_STEPS="6",
+               PYTHONUNBUFFERED="1")
+    p = subprocess.Popen(_moe_decoder() + ["demo", "--prompt", PROMPT, "--max-tokens", "100000", "--device", "cpu"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    pid = None
+    try:
+        assert p.stderr is not None
+        for line in p.stderr:
+            m = re.search(r"store pid (\d+) listening", line)
+            if m:
+                pid = int(m.group(1))
+                break
+        assert pid is not None, "the demo never started its store"
+        time.sleep(1.0)
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode != 0
+    assert _gone(pid, timeout=10), f"store process {pid} survived the demo's SIGTERM"
+    assert not _store_processes(cache)
