@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-port", type=int, metavar="P", help="serve Prometheus metrics on this port")
     s.add_argument("--ram-bytes", type=_size, default=256 << 20, metavar="BYTES",
                    help="RAM tier budget per worker, e.g. 268435456, 256M, 4G (0 = none)")
-    s.add_argument("--stream-above-bytes", type=_size, default=4 << 20, metavar="BYTES",
+    s.add_argument("--stream-above-bytes", type=_size, default=16 << 20, metavar="BYTES",
                    help="blobs larger than this stream from NVMe in chunks, checked on the way "
                         "(server memory per stream: a few chunks); smaller ones are read whole and cached")
     s.add_argument("--grace", type=float, default=5.0, metavar="S", help="shutdown grace for in-flight streams")

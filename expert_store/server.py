@@ -51,6 +51,9 @@ MAX_CHUNK_BYTES = 1024 * 1024
 # The largest message either side sends: a manifest carries tokenizer.json verbatim (~2 MB for
 # Mixtral); blob chunks are at most 1 MiB.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# A ranged (disk) stream hands this much to the event loop per thread hop; the next batch is
+# read while one is sent (see store.NvmeRangeReader for why not one hop per chunk).
+STREAM_BATCH_BYTES = 4 * 1024 * 1024
 TOKEN_ENV = "EXPERT_STORE_TOKEN"
 PUT_KINDS = ("expert", "dense", "config", "tokenizer", "profile", "manifest")
 
@@ -143,6 +146,16 @@ class _BytesReader:
 
     def close(self) -> None:
         self._it = iter(())
+
+
+def _take(reader: Any, n: int) -> list[tuple[int, bytes, bool]]:
+    """Up to n chunks of a reader (fewer at its end)."""
+    pieces = []
+    for piece in reader:
+        pieces.append(piece)
+        if piece[2] or len(pieces) >= n:
+            break
+    return pieces
 
 
 def open_expert_reader(store: Any, model: str, layer: int, expert: int, precision: str, offset: int,
@@ -410,33 +423,45 @@ class ExpertStoreServicer(pb_grpc.ExpertStoreServicer):
         self.metrics.tiers(tier_stats(self.store))
 
     async def _stream(self, context: grpc.aio.ServicerContext, reader: Any, index: int) -> int:
-        """Send every chunk of one BlobReader (the next chunk is read while this one is
-        written: at most two chunks of the blob in this process); returns bytes sent."""
+        """Send every chunk of one BlobReader; returns bytes sent. A reader over bytes already
+        in memory is iterated on the event loop; one that reads the disk is read in a thread,
+        STREAM_BATCH_BYTES at a time (one thread hop per batch, not per chunk), the next batch
+        read while this one is written: at most 2 x STREAM_BATCH_BYTES of the blob in memory."""
         sent = 0
+        if not getattr(reader, "reads_disk", False):
+            try:
+                for offset, data, last in reader:
+                    await _write(context, pb.BlobChunk(index=index, offset=offset, total_size=reader.total, data=data,
+                                                       last=last))
+                    sent += len(data)
+                return sent
+            finally:
+                reader.close()
+        batch = max(1, STREAM_BATCH_BYTES // self.config.chunk_bytes)
         ahead: asyncio.Future | None = None
         try:
-            ahead = asyncio.ensure_future(self._call(next, reader, None))
+            ahead = asyncio.ensure_future(self._call(_take, reader, batch))
             while True:
-                piece = await ahead
+                pieces = await ahead
                 ahead = None
-                if piece is None:
+                if not pieces:
                     return sent
-                offset, data, last = piece
-                if not last:
-                    ahead = asyncio.ensure_future(self._call(next, reader, None))
-                await _write(context, pb.BlobChunk(index=index, offset=offset, total_size=reader.total, data=data,
-                                                   last=last))
-                sent += len(data)
-                del data, piece
-                if last:
+                if not pieces[-1][2]:
+                    ahead = asyncio.ensure_future(self._call(_take, reader, batch))
+                for offset, data, last in pieces:
+                    await _write(context, pb.BlobChunk(index=index, offset=offset, total_size=reader.total, data=data,
+                                                       last=last))
+                    sent += len(data)
+                if pieces[-1][2]:
                     return sent
+                del pieces, data
         finally:
             if ahead is not None:
                 try:
                     await asyncio.shield(ahead)  # let the read in the thread finish before closing
                 except Exception:  # noqa: BLE001 - the stream is failing anyway
                     pass
-            await self._call(reader.close)
+            reader.close()
 
     async def FetchDense(self, request: pb.FetchDenseRequest, context) -> None:
         method, acquired, sent = "FetchDense", False, 0
