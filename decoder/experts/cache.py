@@ -195,6 +195,7 @@ class ExpertCache(ExpertProvider):
         self.miss_precision = miss_precision
         self._allow_low: set[tuple[int, int]] = set()
         self._low: _LowPrecisionTier | None = None
+        self._stall_total_s = 0.0  # monotonic stall time (stall_seconds); stats' stall_s resets
         if miss_precision is not None:
             if miss_precision == self.precision:
                 raise ValueError(f"miss_precision must differ from the cache precision ({self.precision})")
@@ -254,6 +255,17 @@ class ExpertCache(ExpertProvider):
                 "host_resident": sum(1 for h in self._host.values() if h.resident),
                 **c,
             }
+
+    def _add_stall(self, seconds: float) -> None:
+        """Count `seconds` the compute thread spent blocked in get() waiting for a load. Lock held."""
+        self._c["stall_s"] += seconds
+        self._stall_total_s += seconds
+
+    def stall_seconds(self) -> float:
+        """Total seconds get() has blocked waiting for expert loads since the cache was built
+        (monotonic: reset_stats does not reset it). The prefetcher takes per-layer deltas of it
+        to measure a layer's compute time without the stalls. Read without the lock (one float)."""
+        return self._stall_total_s
 
     def load_cost(self, location: str) -> float:
         """Live EWMA seconds to bring one expert into the GPU tier from `location`."""
@@ -338,7 +350,7 @@ class ExpertCache(ExpertProvider):
                 stream.wait_event(ev)
             if waited:
                 with self._lock:
-                    self._c["stall_s"] += time.perf_counter() - t0
+                    self._add_stall(time.perf_counter() - t0)
             return w
         with self._lock:
             if key not in self._looked_up:
@@ -377,7 +389,7 @@ class ExpertCache(ExpertProvider):
             stream.wait_event(ev)
         if stalled:
             with self._lock:
-                self._c["stall_s"] += time.perf_counter() - t0
+                self._add_stall(time.perf_counter() - t0)
         assert w is not None
         return w
 

@@ -9,9 +9,15 @@ with `renorm` the prediction for layer j rescales it by w_j / w_l, i.e. applies 
 weight to the same residual stream (exact if the stream did not change).
 
 k adapts: with t_load = the cache's live EWMA cost of loading the most expensive predicted
-expert from where it is now, and t_layer = the measured time of one layer (EWMA of the time
-between consecutive MoE inputs), k = ceil(t_load / t_layer), clamped to [1, max_lookahead]:
-a load that takes longer than a layer must start that many layers earlier to be hidden.
+expert from where it is now, and t_compute = the measured compute time of one layer,
+k = ceil(t_load / t_compute), clamped to [1, min(max_lookahead, layers left after l)]: a load
+that takes longer than a layer must start that many layers earlier to be hidden.
+t_compute is an EWMA of the time between consecutive MoE inputs MINUS the time the layer spent
+blocked waiting for expert loads (the delta of the cache's `stall_seconds()` over the same
+interval). The wall time between MoE inputs (`layer_time_s`) must not be used: on a slow store
+it is dominated by exactly the stalls prefetching should hide, so t_load / t_layer stays near 1
+and k never grows. (On CUDA a wait on a copy event happens on the GPU, not in `get`; those
+H2D waits are short and stay inside t_compute.)
 
 Each prediction is checked against the layer's actual routing (hook `on_routing`): precision =
 |predicted ∩ used| / |predicted|, recall = |predicted ∩ used| / |used|, per target layer and
@@ -22,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,9 +42,11 @@ class Prefetcher(MoEObserver):
     def __init__(self, routers: Sequence[torch.Tensor], provider: Any = None, *, top_k: int = 2,
                  lookahead: int | None = None, max_lookahead: int = 3,
                  norm_weights: Sequence[torch.Tensor] | None = None, renorm: bool = True,
-                 ewma_alpha: float = 0.3, enabled: bool = True) -> None:
+                 ewma_alpha: float = 0.3, enabled: bool = True,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         """routers[j]: layer j's router weight [E, H]. provider: the expert cache (None = only
-        measure predictions). lookahead: fixed k (None = adaptive up to max_lookahead)."""
+        measure predictions). lookahead: fixed k (None = adaptive up to max_lookahead).
+        clock: the time source of the layer timings (tests pass a fake one)."""
         self.routers = list(routers)
         self.L = len(self.routers)
         self.E = int(self.routers[0].shape[0]) if self.L else 0
@@ -56,7 +64,10 @@ class Prefetcher(MoEObserver):
         self.enabled = enabled
         self._last_layer = math.inf
         self._last_t = 0.0
-        self.layer_time_s: float | None = None
+        self._last_stall = 0.0
+        self._clock = clock
+        self.layer_time_s: float | None = None      # EWMA wall time per layer (stalls included)
+        self.compute_time_s: float | None = None    # EWMA per layer, stalls on expert loads excluded
         # predictions for the current step: target layer -> [(distance, set of experts, per-token idx [T, k])]
         self._pending: dict[int, list[tuple[int, set[int], list[list[int]]]]] = {}
         self._stack: torch.Tensor | None = None        # routers [L, E, H] on the compute device
@@ -90,7 +101,8 @@ class Prefetcher(MoEObserver):
         return {**tot, "per_layer": per_layer, "per_distance": per_distance,
                 "lookahead_hist": {k: n for k, n in enumerate(self._k_hist) if k and n},
                 "prefetches_issued": self._issued,
-                "layer_time_s": self.layer_time_s or 0.0}
+                "layer_time_s": self.layer_time_s or 0.0,
+                "layer_compute_s": self.compute_time_s or 0.0}
 
     def accuracy_by_layer(self, distance: int = 1, per_token: bool = True) -> list[float]:
         """Per-layer recall at `distance` (the 'prefetch accuracy' of the cache plan): per token
@@ -101,13 +113,16 @@ class Prefetcher(MoEObserver):
 
     # --- hooks ----------------------------------------------------------------------------------
     def on_moe_input(self, layer: int, x: torch.Tensor) -> None:
-        now = time.perf_counter()
+        now = self._clock()
+        stall = self._stall_total()
         if layer <= self._last_layer:
             self._pending.clear()            # a new forward step
         elif layer == self._last_layer + 1:
             dt = now - self._last_t
-            self.layer_time_s = dt if self.layer_time_s is None else (1 - self.alpha) * self.layer_time_s + self.alpha * dt
-        self._last_layer, self._last_t = layer, now
+            blocked = min(dt, max(0.0, stall - self._last_stall))   # waiting for expert loads
+            self.layer_time_s = self._ewma(self.layer_time_s, dt)
+            self.compute_time_s = self._ewma(self.compute_time_s, dt - blocked)
+        self._last_layer, self._last_t, self._last_stall = layer, now, stall
         if layer + 1 >= self.L or not self.enabled:
             return
         with torch.no_grad():
@@ -184,17 +199,35 @@ class Prefetcher(MoEObserver):
             out.append((experts, [best[e] for e in experts], tok_idx))
         return out
 
+    def _ewma(self, old: float | None, x: float) -> float:
+        return x if old is None else (1 - self.alpha) * old + self.alpha * x
+
+    def _stall_total(self) -> float:
+        """The provider's monotonic seconds blocked on expert loads (0 when it does not count them)."""
+        f = getattr(self.provider, "stall_seconds", None)
+        return float(f()) if f is not None else 0.0
+
+    @staticmethod
+    def lookahead_rule(t_load: float, t_compute: float | None, max_lookahead: int, layers_left: int) -> int:
+        """k = ceil(t_load / t_compute) clamped to [1, min(max_lookahead, layers_left)]: a load
+        slower than a layer's compute must start that many layers ahead. Unmeasured compute time
+        or a free load -> 1; a measured compute time of 0 (all waiting) -> the bound."""
+        bound = max(1, min(int(max_lookahead), int(layers_left)))
+        if t_compute is None or t_load <= 0:
+            return 1
+        if t_compute <= 0:
+            return bound
+        return int(min(bound, max(1, math.ceil(t_load / t_compute))))
+
     def _adaptive_k(self, layer: int, preds: dict[int, tuple[list[int], list[float], list[list[int]]]]) -> int:
-        if self.provider is None or not hasattr(self.provider, "load_cost") or not self.layer_time_s:
+        if self.provider is None or not hasattr(self.provider, "load_cost") or self.compute_time_s is None:
             return 1
         first = preds.get(1)
         if not first:
             return 1
         locs = {self.provider.location(layer + 1, e) for e in first[0]}
         t_load = max(self.provider.load_cost(loc) for loc in locs)
-        if t_load <= 0:
-            return 1
-        return int(min(self.max_lookahead, max(1, math.ceil(t_load / self.layer_time_s))))
+        return self.lookahead_rule(t_load, self.compute_time_s, self.max_lookahead, self.L - 1 - layer)
 
     def close(self) -> None:
         self._pending.clear()

@@ -62,3 +62,28 @@ def test_slow_store_deeper_prefetch_more_single_expert_decisions(store_dir):
     assert gs["single_expert_ratio"] > gf["single_expert_ratio"], (gs, gf)
     assert slow["single_expert_ratio"] > fast["single_expert_ratio"]
     assert slow["experts_per_token"] < fast["experts_per_token"]
+
+
+def test_slow_store_topk_lookahead_grows_despite_stalls(store_dir):
+    """topk gating keeps both experts, so on a slow store every layer blocks on its loads: the
+    wall time per layer (stalls included) is about one load, and a lookahead computed from it
+    stays at 1. The prefetcher divides by the compute time without the stalls instead, so it
+    looks as far ahead as the layers left allow (3 from layer 0, 2 from layer 1, of 4 layers)."""
+    tokens = 12
+    slot = slot_bytes(store_dir, MODEL)
+    with store_proc(store_dir, "--inject-latency-ms", "50") as srv, \
+            StoreClient.open(srv.address, deadline_s=20) as client, \
+            Engine.from_store(client, MODEL, gating="topk", gpu_cache_bytes=(LAYERS + 2) * slot,
+                              host_cache_bytes=0) as eng:
+        ids = eng.generate(PROMPT, max_tokens=tokens).token_ids
+        s = eng.stats()
+    assert len(ids) == tokens and s["experts_per_token"] == 2.0
+    assert s["stall_s_per_token"] > 0.05                  # the decoder really waited for the store
+    assert s["provider"]["load_cost_s"]["store"] > 0.04
+    pf = s["prefetch"]
+    assert 0 < pf["layer_compute_s"] < pf["layer_time_s"]  # stalls are not compute
+    hist = pf["lookahead_hist"]
+    assert max(int(k) for k in hist) == 3, hist
+    # every step after the first: layer 0 looks 3 ahead, layer 1 two (layer 2 has one layer left)
+    assert hist.get(3, 0) >= tokens - 2 and hist.get(2, 0) >= tokens - 2, hist
+    assert mean_lookahead(s) > 1.5, hist

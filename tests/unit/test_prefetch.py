@@ -112,8 +112,10 @@ def test_prefetches_reach_the_cache_and_lookahead_adapts(source):
     R = [torch.randn(E, 32) for _ in range(L)]
     pf = Prefetcher(R, cache, top_k=2, max_lookahead=3)
     try:
-        # measured store cost (~50 ms) >> layer time (~5 ms): look 3 layers ahead
-        for step in range(3):
+        # measured store cost (~50 ms) >> layer time (~5 ms): look 3 layers ahead. k is bounded by
+        # the layers left, so only layer 0 can look 3 ahead, and only once the first load (~50 ms)
+        # has been measured: enough steps that a later layer 0 sees it
+        for step in range(8):
             cache.begin_token()
             for l in range(L):
                 x = torch.randn(1, 32)
@@ -154,3 +156,91 @@ def test_fixed_lookahead_and_disabled(source):
         assert off.stats()["prefetches_issued"] == 0
     finally:
         cache.close()
+
+
+def test_lookahead_rule():
+    rule = Prefetcher.lookahead_rule
+    assert rule(0.050, 0.002, 3, 3) == 3                 # 25 layers' worth, capped by max_lookahead
+    assert rule(0.050, 0.002, 8, 2) == 2                 # ... and by the layers left
+    assert rule(0.050, 0.030, 3, 3) == 2                 # ceil(50 / 30)
+    assert rule(0.050, 0.050, 3, 3) == 1
+    assert rule(0.010, 0.030, 3, 3) == 1                 # load hidden behind one layer
+    assert rule(0.0, 0.030, 3, 3) == 1                   # on the GPU already
+    assert rule(0.050, None, 3, 3) == 1                  # nothing measured yet
+    assert rule(0.050, 0.0, 3, 3) == 3                   # the layer only waited
+
+
+class _FakeClock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+class _TimedProvider:
+    """A provider whose load cost and stall counter the test sets (what ExpertCache exposes)."""
+
+    def __init__(self, t_load):
+        self.t_load, self.stall = t_load, 0.0
+        self.prefetched = []
+
+    def prefetch(self, layer, experts, scores=None):
+        self.prefetched.append(layer)
+
+    def location(self, layer, expert):
+        return "store"
+
+    def load_cost(self, location):
+        return self.t_load
+
+    def stall_seconds(self):
+        return self.stall
+
+
+def _run_steps(pf, provider, clock, steps, compute_s, stall_s):
+    """Each layer computes for compute_s and is blocked stall_s waiting for its experts.
+    -> the lookahead chosen at each layer of the last step."""
+    ks = []
+    for _ in range(steps):
+        ks = []
+        for l in range(L):
+            before = dict(pf.stats()["lookahead_hist"])
+            pf.on_moe_input(l, torch.randn(1, H))
+            after = pf.stats()["lookahead_hist"]
+            ks += [k for k in after if after[k] != before.get(k, 0)]
+            clock.t += compute_s + stall_s
+            provider.stall += stall_s
+    return ks
+
+
+@pytest.mark.parametrize("stall_s", [0.0, 0.1])
+def test_adaptive_lookahead_uses_compute_time_without_stalls(stall_s):
+    # load 50 ms, compute 30 ms: k = ceil(50/30) = 2 whether or not each layer also waits 100 ms
+    # for its experts (the wall time per layer, 130 ms, would give k = 1)
+    clock, prov = _FakeClock(), _TimedProvider(t_load=0.050)
+    pf = Prefetcher(routers(), prov, top_k=2, max_lookahead=3, clock=clock)
+    ks = _run_steps(pf, prov, clock, 3, compute_s=0.030, stall_s=stall_s)
+    assert ks == [2, 2, 1]                               # layer 2 has one layer left
+    s = pf.stats()
+    assert s["layer_compute_s"] == pytest.approx(0.030)
+    assert s["layer_time_s"] == pytest.approx(0.030 + stall_s)
+
+
+def test_adaptive_lookahead_on_a_stalling_slow_store():
+    # the failure mode of timing whole layers: 50 ms loads, 2 ms compute, 50 ms stalls per layer
+    clock, prov = _FakeClock(), _TimedProvider(t_load=0.050)
+    pf = Prefetcher(routers(), prov, top_k=2, max_lookahead=3, clock=clock)
+    assert _run_steps(pf, prov, clock, 1, compute_s=0.002, stall_s=0.050) == [1, 2, 1]  # layer 0: unmeasured
+    prov.prefetched.clear()
+    assert _run_steps(pf, prov, clock, 1, compute_s=0.002, stall_s=0.050) == [3, 2, 1]  # bounded by layers left
+    assert sorted(prov.prefetched) == [1, 2, 2, 3, 3, 3]  # every remaining layer prefetched from layer 0
+    # the cache is fast now: one layer ahead is enough again (the EWMA keeps the compute time)
+    prov.t_load = 0.001
+    assert _run_steps(pf, prov, clock, 1, compute_s=0.002, stall_s=0.0) == [1, 1, 1]
+    # a stall counter going backwards never yields a negative or inflated compute time
+    pf.on_moe_input(0, torch.randn(1, H))
+    clock.t += 0.002
+    prov.stall = 0.0
+    pf.on_moe_input(1, torch.randn(1, H))
+    assert pf.stats()["layer_compute_s"] == pytest.approx(0.002)
