@@ -11,6 +11,11 @@ client (one connection per stream, so SO_REUSEPORT can spread them over the work
 Each figure is the best of --repeats passes after a warm-up pass (page cache warm for both
 the server and the readinto baseline). Writes benchmarks/results/store_throughput.json and
 .png and prints a table with ratios to the local limit.
+
+FetchPool rows (--pool S:P,...): `expert-store serve --workers S` and an
+expert_store.fetch_pool.FetchPool with P receiving processes (one gRPC channel each) that
+write every blob into one shared-memory arena (what a decoder that needs more than one
+process's ~1 GB/s uses); MB/s and the ratio to one gRPC process (--workers 1, 1 stream).
 """
 
 from __future__ import annotations
@@ -137,6 +142,29 @@ def bench_grpc(address: str, blobs, streams: int, repeats: int, check: bool) -> 
     return len(arena) / best / 1e6
 
 
+def bench_pool(address: str, blobs, receivers: int, repeats: int, check: bool) -> float:
+    """MB/s of FetchPool(workers=receivers): every blob submitted at once (demand), timed until
+    the last completion; best of `repeats` after a warm-up pass."""
+    from expert_store.fetch_pool import FetchPool
+
+    total = sum(size for _, _, size in blobs)
+    with FetchPool(address, MODEL, workers=receivers, slots=len(blobs), deadline_s=120) as pool:
+        best = float("inf")
+        for i in range(repeats + 1):  # first pass: warm-up (connections, server page cache)
+            t0 = time.perf_counter()
+            done = [f.result(timeout=600) for f in [pool.submit(*ref) for ref, _, _ in blobs]]
+            seconds = time.perf_counter() - t0
+            if i:
+                best = min(best, seconds)
+            if check and i == 0:
+                for c, (_, path, size) in zip(done, blobs):
+                    assert c.size == size and pool.arena[c.offset: c.offset + size] == path.read_bytes(), \
+                        f"{path}: bytes differ"
+            for c in done:
+                pool.release(c.slot)
+    return total / best / 1e6
+
+
 class Server:
     def __init__(self, store: Path, workers: int, log: Path):
         cmd = [sys.executable, "-m", "expert_store.cli", "serve", "--store", str(store), "--listen", "127.0.0.1:0",
@@ -182,7 +210,19 @@ def plot(result: dict, path: Path) -> None:
     labels = [f"{s} stream{'s' if s > 1 else ''}" for s in result["streams"]]
     series = [("readinto (local limit)", "readinto", None)] + [
         (f"gRPC --workers {w}", "grpc", w) for w in result["workers"]]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    pool_rows = [r for r in rows if r["mode"] == "fetchpool"]
+    if pool_rows:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 2]})
+        bars = ax2.bar(range(len(pool_rows)), [r["mb_s"] for r in pool_rows], color="#2ca02c")
+        ax2.bar_label(bars, labels=[f"{r['mb_s']:.0f}\n{r['ratio_to_one_process']:.2f}x" for r in pool_rows],
+                      fontsize=8)
+        ax2.set_xticks(range(len(pool_rows)),
+                       [f"--workers {r['workers']}\n{r['receivers']} recv proc" for r in pool_rows], fontsize=8)
+        ax2.set_ylim(0, 1.25 * max(r["mb_s"] for r in pool_rows))
+        ax2.set_ylabel("MB/s into the shared-memory arena")
+        ax2.set_title("FetchPool (ratio to one gRPC process)", fontsize=9)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(series)
     for i, (name, mode, workers) in enumerate(series):
         vals = [next(r["mb_s"] for r in rows if r["mode"] == mode and r["streams"] == s and r["workers"] == workers)
@@ -206,11 +246,13 @@ def main() -> int:
     ap.add_argument("--blob-mb", type=float, default=8.0)
     ap.add_argument("--streams", default="1,4")
     ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--pool", default="", help="FetchPool rows: server workers:receiving processes, e.g. 1:1,2:2,4:4")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=RESULTS / "store_throughput.json")
     args = ap.parse_args()
     streams = [int(s) for s in args.streams.split(",")]
     workers = [int(w) for w in args.workers.split(",")]
+    pool_pairs = [tuple(int(x) for x in p.split(":")) for p in args.pool.split(",") if p.strip()]
 
     with tempfile.TemporaryDirectory(prefix="store-bench-") as tmp:
         tmp = Path(tmp)
@@ -228,12 +270,24 @@ def main() -> int:
                     rows.append({"mode": "grpc", "workers": w, "streams": s, "mb_s": mb_s})
             finally:
                 server.stop()
+        for w, p in pool_pairs:
+            server = Server(tmp / "store", w, tmp / f"server-pool-{w}.log")
+            try:
+                mb_s = bench_pool(server.address, blobs, p, args.repeats, check=True)
+                rows.append({"mode": "fetchpool", "workers": w, "receivers": p, "streams": p, "mb_s": mb_s})
+            finally:
+                server.stop()
 
     limit = {r["streams"]: r["mb_s"] for r in rows if r["mode"] == "readinto"}
+    one = next((r["mb_s"] for r in rows if r["mode"] == "grpc" and r["workers"] == 1 and r["streams"] == 1),
+               next((r["mb_s"] for r in rows if r["mode"] == "fetchpool" and r["workers"] == r["receivers"] == 1),
+                    None))
     for r in rows:
-        r["ratio_to_readinto"] = r["mb_s"] / limit[r["streams"]]
+        r["ratio_to_readinto"] = r["mb_s"] / limit[r["streams"]] if r["streams"] in limit else None
+        if r["mode"] == "fetchpool" and one:
+            r["ratio_to_one_process"] = r["mb_s"] / one
     result = {"total_mb": total / 1e6, "blobs": len(blobs), "blob_mb": total / len(blobs) / 1e6, "streams": streams,
-              "workers": workers, "repeats": args.repeats, "machine": machine(), "rows": rows,
+              "workers": workers, "pool": [list(p) for p in pool_pairs], "one_process_mb_s": one, "repeats": args.repeats, "machine": machine(), "rows": rows,
               "command": "python benchmarks/store_throughput.py " + " ".join(sys.argv[1:])}
 
     print(f"\n{len(blobs)} blobs, {total / 1e6:.0f} MB, best of {args.repeats}; "
@@ -242,8 +296,17 @@ def main() -> int:
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for r in rows:
+        if r["mode"] == "fetchpool":
+            continue
         name = "readinto (local)" if r["mode"] == "readinto" else f"gRPC --workers {r['workers']}"
         print(f"| {name:<22} | {r['streams']:>7} | {r['mb_s']:>8.0f} | {r['ratio_to_readinto']:>10.2f}x |")
+    pool_rows = [r for r in rows if r["mode"] == "fetchpool"]
+    if pool_rows:
+        print("\n| FetchPool: server --workers | receiving processes | MB/s | vs one gRPC process |")
+        print("|---:|---:|---:|---:|")
+        for r in pool_rows:
+            ratio = f"{r['ratio_to_one_process']:.2f}x" if "ratio_to_one_process" in r else "-"
+            print(f"| {r['workers']} | {r['receivers']} | {r['mb_s']:.0f} | {ratio} |")
     grpc_rows = {(r["workers"], r["streams"]): r["mb_s"] for r in rows if r["mode"] == "grpc"}
     if len(workers) > 1:
         for s in streams:

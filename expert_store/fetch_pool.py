@@ -32,6 +32,8 @@ request is retried on another worker (from byte 0: the slot may hold a partial w
 replacement worker is started. A request fails with Unavailable after `max_attempts` crashes.
 Store errors (NotFound, DataLoss, ...) fail the request's Future with that error.
 
+Future callbacks run on the pool's I/O thread: keep them short (hand work to another thread).
+
 Shutdown: `close()` (or leaving `with`) stops the workers (asks, then SIGKILL after a grace),
 fails queued Futures, unregisters the arena from CUDA and unlinks the shared memory. Views
 of the arena the caller still holds keep the mapping alive until they are dropped, but the
@@ -393,7 +395,13 @@ class FetchPool:
                 left = deadline - time.monotonic()
                 if left <= 0 or not w.conn.poll(left):
                     raise Unavailable(f"fetch worker {w.pid} did not start within {timeout_s:.0f}s")
-                self._on_message(w, w.conn.recv())
+                try:
+                    msg = w.conn.recv()
+                except (EOFError, OSError):
+                    raise Unavailable(f"fetch worker {w.pid} exited while starting") from None
+                if msg[0] == "failed":
+                    raise Unavailable(f"fetch worker {w.pid} could not start: {msg[2]}")
+                self._on_message(w, msg)
 
     def _run(self) -> None:
         try:
