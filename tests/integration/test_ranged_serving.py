@@ -226,3 +226,23 @@ def test_open_expert_prefers_a_checked_cached_copy(good, tmp_path):
             assert b"".join(c[1] for c in reader) == small
         assert not store.tiered.memory.contains(key)
         assert store.tiered.totals()["corrupt_copies"] == 1
+
+
+def test_nvme_reader_chunks_at_every_kind_of_offset(good):
+    """In-process: chunk offsets, sizes and last flags from offsets on and off the 8 MiB read
+    blocks and the 1 MiB chunks; the bytes are always blob[offset:]."""
+    from expert_store.store import READ_BLOCK_BYTES
+
+    root, data = good
+    big = data["blobs"][0]
+    B = READ_BLOCK_BYTES
+    with ModelStore.open(root, ram_bytes=0, stream_above_bytes=MiB) as store:
+        for offset in (0, 1, MiB - 1, B - 1, B, B + 1, 3 * B + MiB // 2, len(big) - 1, len(big)):
+            with store.open_expert(MODEL, 0, 0, "bf16", offset=offset, chunk_bytes=MiB) as reader:
+                pieces = list(reader)
+            assert pieces[0][0] == offset
+            assert [p[2] for p in pieces] == [False] * (len(pieces) - 1) + [True]
+            assert all(len(p[1]) <= MiB for p in pieces)
+            assert all(a[0] + len(a[1]) == b[0] for a, b in zip(pieces, pieces[1:]))
+            assert b"".join(p[1] for p in pieces) == big[offset:], offset
+        assert store.stats()["nvme"]["hits"] >= 9
