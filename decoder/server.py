@@ -33,9 +33,7 @@ import collections
 import json
 import logging
 import math
-import os
 import re
-import signal
 import sys
 import threading
 import time
@@ -44,11 +42,10 @@ from dataclasses import asdict, dataclass
 from typing import Any, AsyncIterator, Callable
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from decoder.batching import (BatchScheduler, ErrorEvent, FinishEvent, InvalidRequest, SamplingSpec,
                               SchedulerError, TokenEvent)
+from expert_store import grpc_serving
 from expert_store._proto.adapmoe.v1 import decoder_pb2 as pb
 from expert_store._proto.adapmoe.v1 import decoder_pb2_grpc as pb_grpc
 
@@ -386,16 +383,7 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
 # the server
 # --------------------------------------------------------------------------------------------
 def split_host_port(listen: str) -> tuple[str, int]:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ValueError(f"--listen {listen!r}: expected HOST:PORT (e.g. 127.0.0.1:50052, [::]:50052)")
-    if not 0 <= int(port) <= 65535:
-        raise ValueError(f"--listen {listen!r}: port out of range")
-    return host.strip("[]"), int(port)
-
-
-def _join(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return grpc_serving.split_host_port(listen, example_port=50052)
 
 
 class DecoderServer:
@@ -406,42 +394,24 @@ class DecoderServer:
         self.scheduler = scheduler
         self.config = config
         self.metrics = metrics or DecoderMetrics(False)
-        from expert_store.server import BearerTokenInterceptor  # constant-time check, health exempt
-
-        interceptors = [BearerTokenInterceptor(config.token)] if config.token else []
-        self.server = grpc.aio.server(interceptors=interceptors, options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-        ])
+        # bearer token: constant-time check, health exempt
+        self.server = grpc.aio.server(interceptors=grpc_serving.auth_interceptors(config.token),
+                                      options=grpc_serving.channel_options(MAX_MESSAGE_BYTES, reuse_port=False))
         self.servicer = DecoderServicer(scheduler, config, self.metrics)
         pb_grpc.add_DecoderServicer_to_server(self.servicer, self.server)
-        self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            self.server)
+        self.health = grpc_serving.add_health_and_reflection(self.server, SERVICE_NAME)
         self.port = 0
         self._stopping = asyncio.Event()
 
     async def start(self) -> str:
         host, port = split_host_port(self.config.listen)
-        if self.config.tls_cert is not None:
-            creds = grpc.ssl_server_credentials(
-                [(self.config.tls_key, self.config.tls_cert)], root_certificates=self.config.tls_client_ca,
-                require_client_auth=self.config.tls_client_ca is not None)
-            self.port = self.server.add_secure_port(_join(host, port), creds)
-        else:
-            self.port = self.server.add_insecure_port(_join(host, port))
+        self.port = grpc_serving.add_port(self.server, grpc_serving.join_host_port(host, port), self.config.tls_cert,
+                                          self.config.tls_key, self.config.tls_client_ca)
         if self.port == 0:
             raise OSError(f"could not bind {self.config.listen}")
         await self.server.start()
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        return _join(host, self.port)
+        await grpc_serving.set_health(self.health, SERVICE_NAME, serving=True)
+        return grpc_serving.join_host_port(host, self.port)
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -452,8 +422,7 @@ class DecoderServer:
         while not self._stopping.is_set():
             if not self.scheduler.alive:
                 log.error("the batch scheduler is not running: health NOT_SERVING")
-                await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-                await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+                await grpc_serving.set_health(self.health, SERVICE_NAME, serving=False)
                 return
             try:
                 await asyncio.wait_for(self._stopping.wait(), interval_s)
@@ -478,9 +447,7 @@ async def serve(scheduler: BatchScheduler, config: ServiceConfig, metrics: Decod
     srv = DecoderServer(scheduler, config, metrics)
     address = await srv.start()
     if handle_signals:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, srv.request_stop)
+        grpc_serving.stop_on_signals(srv.request_stop)
     if on_ready is not None:
         on_ready(address)
     watchdog = asyncio.create_task(srv.watch_scheduler())
@@ -552,13 +519,7 @@ def _setup_logging(level: str) -> None:
 
 def _read_auth_token(path: str | None) -> str | None:
     """The token this service requires: from a file (stripped), else $MOE_DECODER_TOKEN, else None."""
-    if path:
-        with open(path, encoding="utf-8") as f:
-            token = f.read().strip()
-        if not token:
-            raise ValueError(f"token file {path} is empty")
-        return token
-    return os.environ.get(TOKEN_ENV) or None
+    return grpc_serving.read_token_file(path, TOKEN_ENV)
 
 
 def _read_pem(path: str | None, what: str) -> bytes | None:
@@ -612,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics_box.append(metrics)
             if args.metrics_port is not None:
                 mport = metrics.serve_http(args.metrics_host or listen_host, args.metrics_port)
-                print(f"metrics on {_join(args.metrics_host or listen_host, mport)}", flush=True)
+                print(f"metrics on {grpc_serving.join_host_port(args.metrics_host or listen_host, mport)}", flush=True)
             config = ServiceConfig(listen=args.listen, default_max_tokens=args.default_max_tokens,
                                    grace_s=args.grace, drain_s=args.drain, token=auth_token, **tls)
             scheduler.start()

@@ -22,7 +22,6 @@ one port (SO_REUSEPORT) because one Python process tops out near 1 GB/s.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -35,13 +34,15 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from expert_store import format as blob_format
+from expert_store import grpc_serving
 from expert_store._proto.adapmoe.v1 import expert_store_pb2 as pb
 from expert_store._proto.adapmoe.v1 import expert_store_pb2_grpc as pb_grpc
 from expert_store.errors import InvalidArgument, ResourceExhausted, StoreError
+from expert_store.grpc_serving import (BearerTokenInterceptor, add_health_and_reflection, add_port, auth_interceptors,
+                                       channel_options, join_host_port, read_token_file, set_health,
+                                       stop_on_signals)
 
 log = logging.getLogger("expert_store.server")
 
@@ -574,61 +575,9 @@ def _blob_info(v: Any) -> dict:
 # auth
 
 
-AUTH_EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)  # probes (kubelet gRPC probes send no token)
-
-
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """`authorization: Bearer <token>` metadata required on every RPC except health checks.
-    Compared in constant time; the token never appears in logs or error details."""
-
-    def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
-
-    def _authorized(self, metadata: Any) -> bool:
-        for key, value in metadata or ():
-            if key == "authorization":
-                got = value.encode() if isinstance(value, str) else bytes(value)
-                return hmac.compare_digest(got, self._expected)
-        return False
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(AUTH_EXEMPT_PREFIXES):
-            return handler
-        if self._authorized(handler_call_details.invocation_metadata):
-            return handler
-        return _unauthenticated_like(handler)
-
-
-def _unauthenticated_like(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    details = "missing or invalid bearer token"
-
-    async def unary(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, details)
-
-    async def streaming(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, details)
-        yield  # pragma: no cover  (makes this an async generator)
-
-    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(streaming, **kw)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(unary, **kw)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(streaming, **kw)
-    return grpc.unary_unary_rpc_method_handler(unary, **kw)
-
-
 def read_token(token_file: str | None) -> str | None:
     """The bearer token from a file (stripped), else $EXPERT_STORE_TOKEN, else None."""
-    if token_file:
-        with open(token_file, encoding="utf-8") as f:
-            token = f.read().strip()
-        if not token:
-            raise ValueError(f"token file {token_file} is empty")
-        return token
-    return os.environ.get(TOKEN_ENV) or None
+    return read_token_file(token_file, TOKEN_ENV)
 
 
 # --------------------------------------------------------------------------------------------
@@ -636,23 +585,11 @@ def read_token(token_file: str | None) -> str | None:
 
 
 def split_host_port(listen: str) -> tuple[str, int]:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ValueError(f"--listen {listen!r}: expected HOST:PORT (e.g. 127.0.0.1:50051, [::]:50051)")
-    if not 0 <= int(port) <= 65535:
-        raise ValueError(f"--listen {listen!r}: port out of range")
-    return host.strip("[]"), int(port)
+    return grpc_serving.split_host_port(listen, example_port=50051)
 
 
 def server_options(config: ServerConfig) -> list[tuple[str, Any]]:
-    return [
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.so_reuseport", 1 if config.reuse_port else 0),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-    ]
+    return channel_options(MAX_MESSAGE_BYTES, config.reuse_port)
 
 
 class StoreServer:
@@ -662,36 +599,24 @@ class StoreServer:
         self.store = store
         self.config = config
         self.metrics = ServerMetrics(config.metrics_port is not None)
-        interceptors = [BearerTokenInterceptor(config.token)] if config.token else []
-        self.server = grpc.aio.server(interceptors=interceptors, options=server_options(config))
+        self.server = grpc.aio.server(interceptors=auth_interceptors(config.token), options=server_options(config))
         self.servicer = ExpertStoreServicer(store, config, self.metrics)
         pb_grpc.add_ExpertStoreServicer_to_server(self.servicer, self.server)
-        self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            self.server)
+        self.health = add_health_and_reflection(self.server, SERVICE_NAME)
         self.port = 0
         self._stopping = asyncio.Event()
 
     async def start(self) -> str:
         """Bind and start; returns the bound "host:port"."""
         host, port = split_host_port(self.config.listen)
-        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        if self.config.tls_cert is not None:
-            creds = grpc.ssl_server_credentials(
-                [(self.config.tls_key, self.config.tls_cert)],
-                root_certificates=self.config.tls_client_ca,
-                require_client_auth=self.config.tls_client_ca is not None)
-            self.port = self.server.add_secure_port(address, creds)
-        else:
-            self.port = self.server.add_insecure_port(address)
+        address = join_host_port(host, port)
+        self.port = add_port(self.server, address, self.config.tls_cert, self.config.tls_key,
+                             self.config.tls_client_ca)
         if self.port == 0:
             raise OSError(f"could not bind {address}")
         await self.server.start()
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        await set_health(self.health, SERVICE_NAME, serving=True)
+        return join_host_port(host, self.port)
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -710,9 +635,7 @@ async def serve(store: Any, config: ServerConfig, on_ready: Callable[[str], None
     srv = StoreServer(store, config)
     address = await srv.start()
     if handle_signals:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, srv.request_stop)
+        stop_on_signals(srv.request_stop)
     if on_ready is not None:
         on_ready(address)
     await srv.wait_and_stop()
@@ -803,7 +726,7 @@ def run_workers(spec: StoreSpec, config: ServerConfig, workers: int, ready_timeo
     host, port = split_host_port(config.listen)
     reserved = reserve_port(host, port)
     port = reserved.getsockname()[1]
-    config = replace(config, listen=f"[{host}]:{port}" if ":" in host else f"{host}:{port}", reuse_port=True)
+    config = replace(config, listen=join_host_port(host, port), reuse_port=True)
     metrics_dir = None
     if config.metrics_port is not None:
         metrics_dir = tempfile.mkdtemp(prefix="expert-store-metrics-")
