@@ -1,5 +1,6 @@
 """Real `expert-store serve` and `moe-decoder serve` child processes on loopback for the
-decoder service tests (port 0; addresses read from their "listening on" / "metrics on" lines).
+decoder service tests (port 0; addresses read from their "listening on" / "metrics on" lines),
+and the real `expert-store pack` / `moe-decoder` CLIs run to completion (`pack`, `moe_decoder`).
 
     store_dir = pack_tiny_model(tmp / "m", "tiny")
     with ServiceProcess.expert_store(store_dir) as store, \\
@@ -51,6 +52,21 @@ def pack_tiny_model(root: Path, model: str = "tiny", max_position_embeddings: in
     ckpt, _ = make_mixtral_checkpoint(root / "ckpt", **args)
     pack_checkpoint(ckpt, NvmeTier(root / "store"), model=model, precisions=("bf16",), progress=False)
     return root / "store"
+
+
+def pack(checkpoint: Path, store: Path, model: str, precisions: str = "bf16", timeout: float = 120) -> None:
+    """The real `expert-store pack` CLI; RuntimeError (with its stderr) if it fails."""
+    r = subprocess.run(cli("expert-store") + ["pack", str(checkpoint), "--store", str(store), "--model", model,
+                                              "--precisions", precisions, "--no-progress"],
+                       capture_output=True, text=True, timeout=timeout, env=child_env())
+    if r.returncode != 0:
+        raise RuntimeError(f"expert-store pack failed ({r.returncode}): {r.stderr.strip()}")
+
+
+def moe_decoder(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The real `moe-decoder` CLI, run to completion (output captured as text)."""
+    return subprocess.run(cli("moe-decoder") + list(args), capture_output=True, text=True, timeout=timeout,
+                          env=child_env())
 
 
 class ServiceProcess:

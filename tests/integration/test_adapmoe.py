@@ -159,9 +159,9 @@ def test_calibrate_profile_drives_adaptive_and_cost_aware(client, store_dir, tmp
 
 
 def test_grpc_store_same_logits(store_dir, reference):
-    from decoder_store import StoreServer
+    from service_procs import ServiceProcess
 
-    with StoreServer(store_dir) as server, StoreClient.open(server.address) as c:
+    with ServiceProcess.expert_store(store_dir) as server, StoreClient.open(server.address) as c:
         slot, hslot = slot_bytes(c, "bf16")
         with Engine.from_store(c, "tiny", gpu_cache_bytes=(L + 2) * slot, host_cache_bytes=2 * hslot) as eng:
             assert torch.equal(eng.forward_logits(IDS), reference["bf16"][0])

@@ -15,7 +15,7 @@ import torch
 import xxhash
 
 from checkpoints import make_mixtral_checkpoint
-from decoder_store import StoreServer, moe_decoder, pack
+from service_procs import ServiceProcess, moe_decoder, pack
 
 from decoder.cli import main as cli_main
 
@@ -83,7 +83,7 @@ def test_generate_from_store_dir_prints_text_and_stats(store_dir, tmp_path):
 
 
 def test_generate_over_grpc_with_cache_budget(store_dir):
-    with StoreServer(store_dir) as server:
+    with ServiceProcess.expert_store(store_dir) as server:
         r = moe_decoder("generate", "--store", server.address, "--model", "tiny", "--prompt", "Once upon a time",
                         "--max-tokens", "5", "--gpu-cache-bytes", "64KiB", "--host-cache-bytes", "64KiB")
         assert r.returncode == 0, r.stderr

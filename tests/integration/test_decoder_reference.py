@@ -23,7 +23,7 @@ pytest.importorskip("transformers")
 from transformers import MixtralForCausalLM  # noqa: E402
 
 from checkpoints import make_mixtral_checkpoint  # noqa: E402
-from decoder_store import StoreServer, pack  # noqa: E402
+from service_procs import ServiceProcess, pack  # noqa: E402
 
 from decoder import Engine  # noqa: E402
 from expert_store.client import StoreClient  # noqa: E402
@@ -61,7 +61,7 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(store):
-    with StoreServer(store[0]) as s:
+    with ServiceProcess.expert_store(store[0]) as s:
         yield s
 
 
