@@ -1,19 +1,16 @@
 """Helpers for the fault tests: real `expert-store serve` / `moe-decoder serve` processes on
-loopback (tests/integration/service_procs.py), fixed ports so a killed server can come back
+loopback (tests/service_procs.py), fixed ports so a killed server can come back
 on the same address, Generate with retries, and leak checks.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import grpc
 import psutil
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
 from redis_server import free_port  # noqa: E402
 from service_procs import ServiceProcess, cli, pack_tiny_model, wait_until  # noqa: E402,F401
@@ -121,7 +118,7 @@ def decoder_stats(address: str) -> tuple[Any, dict]:
 
 
 def child_env_with(**extra: str) -> dict[str, str]:
-    """The environment server children run with (tests/integration/service_procs.child_env) plus extra."""
+    """The environment server children run with (tests/service_procs.child_env) plus extra."""
     from service_procs import child_env
 
     env = child_env()

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fault_procs import (PROMPTS, decoder_proc, free_port, generate, my_children, pack_tiny_model, store_proc,
                          wait_until)
-from store_process import run_cli
+from service_procs import run_cli
 
 from expert_store import format as blob_format
 from expert_store._proto.adapmoe.v1 import decoder_pb2_grpc as dpb_grpc

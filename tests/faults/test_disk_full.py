@@ -20,7 +20,7 @@ import xxhash
 
 from checkpoints import make_mixtral_checkpoint
 from fault_procs import ServiceProcess, child_env_with, cli, free_port, my_children, wait_until
-from store_process import run_cli
+from service_procs import run_cli
 
 from expert_store import format as blob_format
 from expert_store.client import StoreClient

@@ -15,7 +15,7 @@ import pytest
 k8s = pytest.importorskip("kubernetes.client")
 
 from checkpoints import make_mixtral_checkpoint  # noqa: E402
-from store_process import StoreServerProcess, run_cli  # noqa: E402
+from service_procs import StoreServerProcess, run_cli  # noqa: E402
 
 from expert_store.client import GrpcStoreClient, rendezvous_order  # noqa: E402
 from expert_store.discovery import EndpointSliceState, MemberSet  # noqa: E402

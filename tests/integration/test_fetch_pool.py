@@ -16,7 +16,7 @@ import pytest
 import torch
 import xxhash
 
-from store_process import StoreServerProcess
+from service_procs import StoreServerProcess
 
 from expert_store import format as blob_format
 from expert_store.client import StoreClient

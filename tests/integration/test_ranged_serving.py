@@ -22,7 +22,7 @@ import pytest
 import torch
 import xxhash
 
-from store_process import StoreServerProcess
+from service_procs import StoreServerProcess
 
 from expert_store import format as blob_format
 from expert_store._proto.adapmoe.v1 import expert_store_pb2 as pb

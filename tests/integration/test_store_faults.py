@@ -16,7 +16,7 @@ import torch
 import xxhash
 
 from redis_server import free_port
-from store_process import StoreServerProcess
+from service_procs import StoreServerProcess
 
 from expert_store import format as blob_format
 from expert_store.client import StoreClient, rendezvous_order

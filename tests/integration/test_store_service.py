@@ -29,7 +29,7 @@ from safetensors.torch import load as load_safetensors
 
 from checkpoints import load_reference_model, make_mixtral_checkpoint, reference_expert
 from redis_server import RedisServer, free_port
-from store_process import StoreServerProcess, run_cli
+from service_procs import StoreServerProcess, run_cli
 
 from expert_store import format as blob_format
 from expert_store._proto.adapmoe.v1 import expert_store_pb2 as pb

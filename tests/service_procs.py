@@ -1,11 +1,16 @@
 """Real `expert-store serve` and `moe-decoder serve` child processes on loopback for the
-decoder service tests (port 0; addresses read from their "listening on" / "metrics on" lines),
-and the real `expert-store pack` / `moe-decoder` CLIs run to completion (`pack`, `moe_decoder`).
+integration, fault and security tests (port 0 or a fixed port; addresses read from their
+"listening on" / "metrics on" lines), and the real `expert-store` / `moe-decoder` CLIs run to
+completion (`run_cli`, `pack`, `moe_decoder`).
 
     store_dir = pack_tiny_model(tmp / "m", "tiny")
     with ServiceProcess.expert_store(store_dir) as store, \\
          ServiceProcess.decoder(store.address, "tiny", "--max-active", "4") as dec:
         ... grpc.insecure_channel(dec.address) ...
+
+    with StoreServerProcess(store_dir, "--redis", url, log_dir=tmp_path) as server:
+        server.address        # "127.0.0.1:PORT"
+        server.stop()         # SIGTERM, wait; server.kill() sends SIGKILL
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 BIN = Path(sys.executable).parent
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(name: str) -> list[str]:
@@ -54,11 +59,15 @@ def pack_tiny_model(root: Path, model: str = "tiny", max_position_embeddings: in
     return root / "store"
 
 
+def run_cli(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real `expert-store` CLI, run to completion (output captured as text)."""
+    return subprocess.run([*cli("expert-store"), *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
 def pack(checkpoint: Path, store: Path, model: str, precisions: str = "bf16", timeout: float = 120) -> None:
     """The real `expert-store pack` CLI; RuntimeError (with its stderr) if it fails."""
-    r = subprocess.run(cli("expert-store") + ["pack", str(checkpoint), "--store", str(store), "--model", model,
-                                              "--precisions", precisions, "--no-progress"],
-                       capture_output=True, text=True, timeout=timeout, env=child_env())
+    r = run_cli("pack", str(checkpoint), "--store", str(store), "--model", model, "--precisions", precisions,
+                "--no-progress", timeout=timeout, env=child_env())
     if r.returncode != 0:
         raise RuntimeError(f"expert-store pack failed ({r.returncode}): {r.stderr.strip()}")
 
@@ -71,11 +80,16 @@ def moe_decoder(*args: str, timeout: float = 120) -> subprocess.CompletedProcess
 
 class ServiceProcess:
     """A server child process. `.address` ("host:port" it serves on), `.metrics` (metrics
-    "host:port" or ""), `.stderr_text()`, `.rss()` (bytes), `.stop()` (SIGTERM, wait)."""
+    "host:port" or ""), `.stderr_text()`, `.rss()` (bytes), `.stop()` (SIGTERM, wait).
+    Runs with `env` (default: `child_env()`); stderr is kept in memory, or appended to
+    `stderr_path` when that is set."""
 
-    def __init__(self, argv: list[str], ready_timeout: float = 120.0) -> None:
+    def __init__(self, argv: list[str], ready_timeout: float = 120.0, env: dict[str, str] | None = None,
+                 stderr_path: Path | None = None) -> None:
         self.argv = argv
         self.ready_timeout = ready_timeout
+        self.env = env
+        self.stderr_path = stderr_path
         self.proc: subprocess.Popen | None = None
         self.address = ""
         self.metrics = ""
@@ -93,8 +107,14 @@ class ServiceProcess:
                                          "--listen", "127.0.0.1:0", "--metrics-port", "0", *extra])
 
     def start(self) -> "ServiceProcess":
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=child_env(), cwd=str(ROOT))
+        env = child_env() if self.env is None else self.env
+        if self.stderr_path is None:
+            self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                         env=env, cwd=str(ROOT))
+        else:
+            with open(self.stderr_path, "ab") as log:
+                self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+                                             cwd=str(ROOT))
         ready = threading.Event()
 
         def read_stdout() -> None:
@@ -114,7 +134,8 @@ class ServiceProcess:
                 self.stderr_lines.append(line)
 
         threading.Thread(target=read_stdout, daemon=True).start()
-        threading.Thread(target=read_stderr, daemon=True).start()
+        if self.proc.stderr is not None:
+            threading.Thread(target=read_stderr, daemon=True).start()
         ready.wait(self.ready_timeout)
         if not self.address:
             self.stop()
@@ -122,6 +143,8 @@ class ServiceProcess:
         return self
 
     def stderr_text(self) -> str:
+        if self.stderr_path is not None:
+            return self.stderr_path.read_text(errors="replace")
         return "".join(self.stderr_lines)
 
     def rss(self) -> int:
@@ -157,6 +180,51 @@ class ServiceProcess:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+class StoreServerProcess(ServiceProcess):
+    """`expert-store serve --store DIR --listen LISTEN ARGS...` with its stderr in a log file
+    under `log_dir` (`.log()`); `.port`, `.pid`; `.stop()` keeps `.proc` (its exit status)."""
+
+    def __init__(self, store_dir: str | os.PathLike, *args: str, log_dir: str | os.PathLike,
+                 listen: str = "127.0.0.1:0", env: dict | None = None, start_timeout_s: float = 60.0):
+        log_dir = Path(log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        super().__init__(cli("expert-store") + ["serve", "--store", str(store_dir), "--listen", listen, *args],
+                         ready_timeout=start_timeout_s, env=env,
+                         stderr_path=log_dir / f"expert-store-{id(self):x}.log")
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.stderr_text()
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout_s: float = 20.0) -> int | None:
+        """SIGTERM (graceful) and wait; SIGKILL if it does not exit in time."""
+        if self.proc is None:
+            return None
+        self.signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is None:
+            return
+        self.signal(signal.SIGKILL)
+        self.proc.wait(10)
 
 
 def wait_until(pred: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> bool:
