@@ -74,12 +74,7 @@ class ServiceConfig:
     tls_client_ca: bytes | None = None  # PEM; set: clients need a certificate it signed (mTLS)
 
     def __post_init__(self) -> None:
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("TLS needs both a certificate and a key")
-        if self.tls_client_ca is not None and self.tls_cert is None:
-            raise ValueError("a client CA (mTLS) needs a server certificate and key")
-        if self.token is not None and not self.token:
-            raise ValueError("the bearer token is empty")
+        grpc_serving.check_security(self.token, self.tls_cert, self.tls_key, self.tls_client_ca)
 
 
 # --------------------------------------------------------------------------------------------

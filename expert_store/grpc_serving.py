@@ -1,6 +1,7 @@
 """What both gRPC services (`expert-store serve`, `moe-decoder serve`) set up the same way.
 
-Bearer-token auth (`BearerTokenInterceptor`, `read_token_file`), HOST:PORT parsing and
+Bearer-token auth (`BearerTokenInterceptor`, `read_token_file`), the check that a TLS / token
+set-up can work (`check_security`), HOST:PORT parsing and
 joining, the common channel options, the TLS / mTLS or plaintext port, and gRPC health +
 server reflection. Bytes and grpc only (no torch): the store's serving path imports it, and
 `decoder.server` imports it from here (`expert_store` never imports `decoder`).
@@ -62,6 +63,18 @@ def _unauthenticated_like(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandl
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(streaming, **kw)
     return grpc.unary_unary_rpc_method_handler(unary, **kw)
+
+
+def check_security(token: str | None, tls_cert: bytes | None, tls_key: bytes | None,
+                   tls_client_ca: bytes | None) -> None:
+    """ValueError for a server security set-up that cannot work: a certificate without its key
+    (or the reverse), a client CA without TLS, an empty bearer token."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("TLS needs both a certificate and a key")
+    if tls_client_ca is not None and tls_cert is None:
+        raise ValueError("a client CA (mTLS) needs a server certificate and key")
+    if token is not None and not token:
+        raise ValueError("the bearer token is empty")
 
 
 def auth_interceptors(token: str | None) -> list[grpc.aio.ServerInterceptor]:
@@ -144,6 +157,6 @@ def stop_on_signals(request_stop: Callable[[], None]) -> None:
         loop.add_signal_handler(sig, request_stop)
 
 
-__all__ = ["AUTH_EXEMPT_PREFIXES", "BearerTokenInterceptor", "auth_interceptors", "read_token_file",
-           "split_host_port", "join_host_port", "channel_options", "add_port", "add_health_and_reflection",
-           "set_health", "stop_on_signals"]
+__all__ = ["AUTH_EXEMPT_PREFIXES", "BearerTokenInterceptor", "check_security", "auth_interceptors",
+           "read_token_file", "split_host_port", "join_host_port", "channel_options", "add_port",
+           "add_health_and_reflection", "set_health", "stop_on_signals"]

@@ -41,8 +41,8 @@ from expert_store._proto.adapmoe.v1 import expert_store_pb2 as pb
 from expert_store._proto.adapmoe.v1 import expert_store_pb2_grpc as pb_grpc
 from expert_store.errors import InvalidArgument, ResourceExhausted, StoreError
 from expert_store.grpc_serving import (BearerTokenInterceptor, add_health_and_reflection, add_port, auth_interceptors,
-                                       channel_options, join_host_port, read_token_file, set_health,
-                                       stop_on_signals)
+                                       channel_options, check_security, join_host_port, read_token_file,
+                                       set_health, stop_on_signals)
 
 log = logging.getLogger("expert_store.server")
 
@@ -83,12 +83,7 @@ class ServerConfig:
             raise ValueError(f"chunk_bytes must be in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}]")
         if self.max_refs < 1 or self.max_streams < 1:
             raise ValueError("max_refs and max_streams must be >= 1")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("TLS needs both a certificate and a key")
-        if self.tls_client_ca is not None and self.tls_cert is None:
-            raise ValueError("a client CA (mTLS) needs a server certificate and key")
-        if self.token is not None and not self.token:
-            raise ValueError("the bearer token is empty")
+        check_security(self.token, self.tls_cert, self.tls_key, self.tls_client_ca)
         if not 0.0 <= self.inject_latency_s <= 60.0:
             raise ValueError("inject_latency_s must be in [0, 60]")
 
