@@ -15,13 +15,18 @@ from fault_procs import (PROMPTS, ServiceProcess, cli, decoder_proc, free_port, 
                          store_proc, wait_until)
 
 
+def _call(fn: Callable[[], Any]) -> None:
+    """Call fn, consuming the stream if it returns one (a message is not a stream)."""
+    result = fn()
+    if hasattr(result, "__iter__") and not hasattr(result, "ListFields"):
+        for _ in result:
+            pass
+
+
 def status_of(fn: Callable[[], Any]) -> grpc.StatusCode:
     """Call fn (consuming a stream if it returns one); the gRPC status it ends with."""
     try:
-        result = fn()
-        if hasattr(result, "__iter__") and not hasattr(result, "ListFields"):
-            for _ in result:
-                pass
+        _call(fn)
     except grpc.RpcError as e:
         return e.code()
     return grpc.StatusCode.OK
@@ -29,10 +34,7 @@ def status_of(fn: Callable[[], Any]) -> grpc.StatusCode:
 
 def rpc_error(fn: Callable[[], Any]) -> grpc.RpcError:
     try:
-        result = fn()
-        if hasattr(result, "__iter__") and not hasattr(result, "ListFields"):
-            for _ in result:
-                pass
+        _call(fn)
     except grpc.RpcError as e:
         return e
     raise AssertionError("the call succeeded")
