@@ -263,6 +263,24 @@ def start(cluster: Cluster, kind: str, name: str, container_name: str | None = N
     return w, c, env, mounts, proc
 
 
+def run_pack_job(cluster: Cluster, shared: dict[str, Path], checkpoint_src: Path,
+                 job_name: str = "expert-store-pack-0") -> tuple[subprocess.CompletedProcess, dict]:
+    """The pack Job's container, run locally to completion: `checkpoint_src` copied to where its
+    CHECKPOINT_DIR points, its command run with the `shared` claims (the store's volume) mounted.
+    Returns the finished process and the Job's mounts."""
+    job = get(cluster.docs, "Job", job_name)
+    (pc,) = pod_template(job)["spec"]["containers"]
+    penv = container_env(cluster.docs, {}, pc, NAMESPACE)
+    pmounts = cluster.mounts(job, pc, shared)
+    checkpoint = Path(cluster.rewrite(job_name, pc, [penv["CHECKPOINT_DIR"]], pmounts)[0])
+    shutil.copytree(checkpoint_src, checkpoint, dirs_exist_ok=True)
+    pargv = command_line(cluster.docs, pc, penv)
+    pack = subprocess.run([local_binary(pargv[0])] + cluster.rewrite(job_name, pc, pargv[1:], pmounts),
+                          capture_output=True, text=True, timeout=180,
+                          env={**os.environ, **penv, "OMP_NUM_THREADS": "1"})
+    return pack, pmounts
+
+
 def health_checks(cluster, name, c, env, mounts, proc) -> None:
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         if probe in c:

@@ -17,17 +17,14 @@ API server here; the EndpointSlice logic is tested in tests/unit/test_discovery.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from k8s_render import by_prefix, command_line, container_env, get, kubectl, pod_template, render
+from k8s_render import by_prefix, get, kubectl, pod_template, render
 
 pytestmark = [
     pytest.mark.skipif(kubectl() is None, reason="kubectl (for `kubectl kustomize`) is not on PATH"),
@@ -36,7 +33,7 @@ pytestmark = [
 
 grpc = pytest.importorskip("grpc")
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
-from local_cluster import NAMESPACE, Cluster, Process, health_checks, local_binary, run_probe, start  # noqa: E402
+from local_cluster import Cluster, Process, health_checks, run_pack_job, run_probe, start  # noqa: E402
 
 
 @pytest.fixture
@@ -88,18 +85,9 @@ def test_dev_overlay_runs_locally(cluster, tmp_path):
         health_checks(cluster, "expert-store", sc, senv, smounts, sproc)
 
         # -- the pack Job for replica 0 writes into the same claim while the store serves
-        job = get(docs, "Job", "expert-store-pack-0")
-        (pc,) = pod_template(job)["spec"]["containers"]
-        penv = container_env(docs, {}, pc, NAMESPACE)
-        pmounts = cluster.mounts(job, pc, shared)
-        checkpoint = Path(cluster.rewrite("expert-store-pack-0", pc, [penv["CHECKPOINT_DIR"]], pmounts)[0])
         ckpt_thread.join(120)
         assert not ckpt_thread.is_alive() and not ckpt_errors, ckpt_errors
-        shutil.copytree(ckpt_dir, checkpoint, dirs_exist_ok=True)
-        pargv = command_line(docs, pc, penv)
-        pack = subprocess.run([local_binary(pargv[0])] + cluster.rewrite("expert-store-pack-0", pc, pargv[1:], pmounts),
-                              capture_output=True, text=True, timeout=180,
-                              env={**os.environ, **penv, "OMP_NUM_THREADS": "1"})
+        pack, pmounts = run_pack_job(cluster, shared, ckpt_dir)
         assert pack.returncode == 0, pack.stdout + pack.stderr
         assert shared[claim] in {p for p in pmounts.values()}  # really the store's volume
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import datetime
-import os
 import shutil
 import subprocess
 import threading
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from k8s_render import OVERLAYS, command_line, container_env, get, kubectl, pod_template
+from k8s_render import OVERLAYS, get, kubectl
 
 pytestmark = [
     pytest.mark.skipif(kubectl() is None, reason="kubectl (for `kubectl kustomize`) is not on PATH"),
@@ -32,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
-from local_cluster import NAMESPACE, Cluster, health_checks, local_binary, start  # noqa: E402
+from local_cluster import NAMESPACE, Cluster, health_checks, run_pack_job, start  # noqa: E402
 
 
 def _name(cn: str) -> x509.Name:
@@ -115,18 +114,9 @@ def test_tls_component_runs_locally(tmp_path):
             with pytest.raises(grpc.RpcError):
                 health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=3)
 
-        job = get(docs, "Job", "expert-store-pack-0")
-        (pc,) = pod_template(job)["spec"]["containers"]
-        penv = container_env(docs, {}, pc, NAMESPACE)
-        pmounts = cluster.mounts(job, pc, shared)
-        checkpoint = Path(cluster.rewrite("expert-store-pack-0", pc, [penv["CHECKPOINT_DIR"]], pmounts)[0])
         maker.join(120)
         assert (built / "config.json").exists(), "building the demo checkpoint failed"
-        shutil.copytree(built, checkpoint, dirs_exist_ok=True)
-        pargv = command_line(docs, pc, penv)
-        pack = subprocess.run([local_binary(pargv[0])] + cluster.rewrite("expert-store-pack-0", pc, pargv[1:], pmounts),
-                              capture_output=True, text=True, timeout=180,
-                              env={**os.environ, **penv, "OMP_NUM_THREADS": "1"})
+        pack, _ = run_pack_job(cluster, shared, built)
         assert pack.returncode == 0, pack.stdout + pack.stderr
 
         # the decoder dials the store at 127.0.0.1 and verifies its certificate for the
