@@ -263,6 +263,14 @@ def start(cluster: Cluster, kind: str, name: str, container_name: str | None = N
     return w, c, env, mounts, proc
 
 
+def store_claims(cluster: Cluster, pv_root: Path) -> dict[str, Path]:
+    """The expert-store StatefulSet's volume claim for replica 0 -> a local directory under
+    `pv_root` (the `shared` of `start` and `run_pack_job`)."""
+    sts = get(cluster.docs, "StatefulSet", "expert-store")
+    claim = f"{sts['spec']['volumeClaimTemplates'][0]['metadata']['name']}-expert-store-0"
+    return {claim: pv_root / claim}
+
+
 def run_pack_job(cluster: Cluster, shared: dict[str, Path], checkpoint_src: Path,
                  job_name: str = "expert-store-pack-0") -> tuple[subprocess.CompletedProcess, dict]:
     """The pack Job's container, run locally to completion: `checkpoint_src` copied to where its

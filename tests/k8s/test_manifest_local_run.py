@@ -33,7 +33,7 @@ pytestmark = [
 
 grpc = pytest.importorskip("grpc")
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
-from local_cluster import Cluster, Process, health_checks, run_pack_job, run_probe, start  # noqa: E402
+from local_cluster import Cluster, Process, health_checks, run_pack_job, run_probe, start, store_claims  # noqa: E402
 
 
 @pytest.fixture
@@ -76,9 +76,8 @@ def test_dev_overlay_runs_locally(cluster, tmp_path):
         assert int(r.config_get("maxmemory")["maxmemory"]) > 0
 
         # -- the expert store (replica 0), its NVMe claim a local directory
-        sts = get(docs, "StatefulSet", "expert-store")
-        claim = f"{sts['spec']['volumeClaimTemplates'][0]['metadata']['name']}-expert-store-0"
-        shared = {claim: tmp_path / "pv" / claim}
+        shared = store_claims(cluster, tmp_path / "pv")
+        (claim,) = shared
         _, sc, senv, smounts, sproc = start(cluster, "StatefulSet", "expert-store", shared=shared,
                                             ready_line="listening on ")
         procs.append(sproc)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from k8s_render import OVERLAYS, get, kubectl
+from k8s_render import OVERLAYS, kubectl
 
 pytestmark = [
     pytest.mark.skipif(kubectl() is None, reason="kubectl (for `kubectl kustomize`) is not on PATH"),
@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
-from local_cluster import NAMESPACE, Cluster, health_checks, run_pack_job, start  # noqa: E402
+from local_cluster import NAMESPACE, Cluster, health_checks, run_pack_job, start, store_claims  # noqa: E402
 
 
 def _name(cn: str) -> x509.Name:
@@ -102,9 +102,7 @@ def test_tls_component_runs_locally(tmp_path):
     try:
         _, _, _, _, rproc = start(cluster, "Deployment", "redis")
         procs.append(rproc)
-        sts = get(docs, "StatefulSet", "expert-store")
-        claim = f"{sts['spec']['volumeClaimTemplates'][0]['metadata']['name']}-expert-store-0"
-        shared = {claim: tmp_path / "pv" / claim}
+        shared = store_claims(cluster, tmp_path / "pv")
         _, sc, senv, smounts, sproc = start(cluster, "StatefulSet", "expert-store", shared=shared,
                                             ready_line="listening on ")
         procs.append(sproc)
