@@ -176,7 +176,8 @@ class ServiceProcess:
         return rc
 
     def __enter__(self) -> "ServiceProcess":
-        return self.start()
+        # `with Proc(...).start() as p:` must not start a second process (the first would leak)
+        return self if self.proc is not None else self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
