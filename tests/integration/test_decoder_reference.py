@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+import transformers  # noqa: E402,F401  (test dependency: a missing one must fail, not skip)
 from transformers import MixtralForCausalLM  # noqa: E402
 
 from checkpoints import make_mixtral_checkpoint  # noqa: E402

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-k8s = pytest.importorskip("kubernetes.client")
+import kubernetes.client as k8s
 
 from checkpoints import make_mixtral_checkpoint  # noqa: E402
 from service_procs import StoreServerProcess, run_cli  # noqa: E402

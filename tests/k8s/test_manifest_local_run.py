@@ -31,7 +31,7 @@ pytestmark = [
     pytest.mark.timeout(240),
 ]
 
-grpc = pytest.importorskip("grpc")
+import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from local_cluster import Cluster, Process, health_checks, run_pack_job, run_probe, start, store_claims  # noqa: E402
 

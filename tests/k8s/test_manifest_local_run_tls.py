@@ -24,8 +24,8 @@ pytestmark = [
     pytest.mark.timeout(240),
 ]
 
-grpc = pytest.importorskip("grpc")
-x509 = pytest.importorskip("cryptography.x509")
+import grpc
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402

@@ -32,7 +32,7 @@ from k8s_render import (
 
 pytestmark = pytest.mark.skipif(kubectl() is None, reason="kubectl (for `kubectl kustomize`) is not on PATH")
 
-kv_utils = pytest.importorskip("kubernetes_validate.utils")
+import kubernetes_validate.utils as kv_utils
 from packaging.version import Version  # noqa: E402
 
 from expert_store.discovery import K8sTarget, parse_target  # noqa: E402

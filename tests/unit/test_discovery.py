@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-k8s = pytest.importorskip("kubernetes.client")  # the 'k8s' extra; installed by `make test`
+import kubernetes.client as k8s  # the 'k8s' extra; installed by `make test`
 
 from expert_store.discovery import (  # noqa: E402
     DiscoveryError,

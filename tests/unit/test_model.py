@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers
 from transformers import MixtralConfig, MixtralForCausalLM  # noqa: E402
 
 from decoder.experts.provider import ExpertWeights, ResidentExperts  # noqa: E402
