@@ -13,6 +13,9 @@ Host tier: one pinned arena (pin_memory only when CUDA is available) of fixed-si
 LRU of at most `host_cache_bytes // slot` experts. The store writes the encoded blob straight
 into a host slot (`fetch_expert(out=...)`); an uncompressed blob's raw payload is used where it
 landed, a compressed one is decoded into a second slot (the first goes back to the free list).
+With `fetch_workers=N` (default 0: off) the host arena is an expert_store FetchPool: N processes,
+each with its own gRPC channel, receive blobs straight into its slots (past the ~1 GB/s one
+Python process receives), and it is page-locked in place with cudaHostRegister.
 
 Copies: on CUDA every H2D copy runs on one dedicated stream with one event per expert; compute
 waits on that event only (`current_stream().wait_event`), never on the whole stream. Before a
@@ -114,7 +117,8 @@ class ExpertCache(ExpertProvider):
                  plan: str = "uniform", profile: Mapping[str, Any] | None = None,
                  scratch_slots: int | None = None, workers: int = 1, ewma_alpha: float = 0.3,
                  pin_memory: bool | None = None, miss_precision: str | None = None,
-                 low_slots: int | None = None) -> None:
+                 low_slots: int | None = None, fetch_workers: int = 0, fetch_target: str | None = None,
+                 fetch_options: Mapping[str, Any] | None = None) -> None:
         cfg = source.config
         self.source = source
         self.config = cfg
@@ -162,12 +166,30 @@ class ExpertCache(ExpertProvider):
             raise ValueError("host_cache_bytes must be >= 0")
         self.host_capacity = self.host_cache_bytes // self.host_slot_bytes  # resident experts
         self.workers = max(1, int(workers))
+        self.fetch_workers = int(fetch_workers or 0)
+        if self.fetch_workers < 0:
+            raise ValueError("fetch_workers must be >= 0")
+        if self.fetch_workers:  # one loader thread per fetch in flight, so N processes are kept busy
+            self.workers = max(self.workers, self.fetch_workers)
         n_host = self.host_capacity + 2 * (self.workers + 1)  # + receive/decode staging per loader
         if pin_memory is None:
             pin_memory = torch.cuda.is_available()
-        host = torch.empty((n_host, self.host_slot_bytes), dtype=torch.uint8)
-        self.host_pool = host.pin_memory() if pin_memory else host
-        self.pinned = bool(pin_memory)
+        self._fetch_pool = None
+        if self.fetch_workers:
+            # the host tier IS a FetchPool arena (expert_store/fetch_pool.py): N receiving processes
+            # write blobs straight into its slots, checked; it is page-locked in place
+            # (cudaHostRegister) instead of copied by pin_memory()
+            from expert_store.fetch_pool import FetchPool
+
+            self._fetch_pool = FetchPool(fetch_target or store_target(source.client), source.model,
+                                         workers=self.fetch_workers, slots=n_host, slot_bytes=self.host_slot_bytes,
+                                         **dict(fetch_options or {}))
+            self.host_pool = self._fetch_pool.tensor()
+            self.pinned = self._fetch_pool.pin() if pin_memory else False
+        else:
+            host = torch.empty((n_host, self.host_slot_bytes), dtype=torch.uint8)
+            self.host_pool = host.pin_memory() if pin_memory else host
+            self.pinned = bool(pin_memory)
         self._host_free: list[int] = list(range(n_host - 1, -1, -1))
         self._host_slot_event: dict[int, Any] = {}
         self._host: OrderedDict[tuple[int, int], _HostEntry] = OrderedDict()
@@ -455,6 +477,8 @@ class ExpertCache(ExpertProvider):
             t.join(timeout=5)
         if self.cuda:
             self.copy_stream.synchronize()
+        if self._fetch_pool is not None:  # stops its processes, unregisters and unlinks the arena
+            self._fetch_pool.close()
 
     # =========================================================================================
     # internals (call with the lock held unless noted)
@@ -700,7 +724,11 @@ class ExpertCache(ExpertProvider):
             t0 = time.perf_counter()
             view = memoryview(self.host_pool[recv].numpy())
             try:
-                blob = self.source.fetch(layer, expert, out=view, priority=kind)
+                if self._fetch_pool is not None:  # received (and checked) by a fetch process
+                    done = self._fetch_pool.submit(layer, expert, self.precision, priority=kind, slot=recv)
+                    blob = view[:done.result().size]
+                else:
+                    blob = self.source.fetch(layer, expert, out=view, priority=kind)
             except BaseException:
                 with self._lock:
                     tier["store"]["misses"] += 1
@@ -954,6 +982,18 @@ def plan_quotas(config: Any, slot_bytes: int, gpu_cache_bytes: int | None, scrat
     if plan not in ("uniform", "popularity"):
         raise ValueError(f"unknown cache plan {plan!r} (uniform | popularity)")
     return plan_slots(acc, r1, total, E, num_layers=L)
+
+
+def store_target(client: Any) -> str:
+    """The target a StoreClient was opened with (what FetchPool workers open again): a
+    GrpcStoreClient's `target`, a LocalStoreClient's store directory."""
+    target = getattr(client, "target", None)
+    if target:
+        return str(target)
+    store = getattr(client, "store", None)
+    if store is not None and getattr(store, "root", None) is not None:
+        return str(store.root)
+    raise ValueError("fetch_workers needs fetch_target: cannot tell where this client reads from")
 
 
 def build_provider(source: ExpertSource, gpu_cache_bytes: int | None = None, host_cache_bytes: int | None = None,

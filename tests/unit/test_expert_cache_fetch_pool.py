@@ -1,0 +1,86 @@
+"""ExpertCache(fetch_workers=N): the host tier is a FetchPool arena filled by N receiving
+processes; served weights equal the store's experts, demand and prefetch both go through the
+pool, and close() leaves no shared memory or process behind. Against a store directory (the
+workers read it in-process) and a real `expert-store serve --workers 2` on loopback."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+import pytest
+import torch
+
+from checkpoints import make_mixtral_checkpoint
+from decoder.experts.cache import ExpertCache, store_target
+from decoder.experts.provider import ExpertSource, decode_expert_blob
+from decoder.model.config import ModelConfig
+from expert_store.client import StoreClient
+from expert_store.pack import pack_checkpoint
+from expert_store.tiers import NvmeTier
+from service_procs import StoreServerProcess
+
+pytestmark = pytest.mark.timeout(180)
+torch.set_num_threads(1)
+L, E = 3, 4
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache-pool")
+    ckpt, _ = make_mixtral_checkpoint(root / "ckpt", hidden=64, ffn=96, layers=L, experts=E, seed=11)
+    pack_checkpoint(ckpt, NvmeTier(root / "store"), model="tiny", precisions=("bf16", "int8"),
+                    group_size=32, progress=False)
+    return root / "store"
+
+
+def source(client, precision):
+    m = client.manifest("tiny")
+    return ExpertSource(client=client, model="tiny", config=ModelConfig.from_hf(m.config), manifest=m,
+                        precision=precision, dtype=torch.float32)
+
+
+def gone(pids) -> bool:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("remote,precision", [(False, "int8"), (True, "bf16")])
+def test_host_tier_filled_by_fetch_processes(store_dir, tmp_path, remote, precision):
+    server = StoreServerProcess(store_dir, "--workers", "2", log_dir=tmp_path).start() if remote else None
+    try:
+        with StoreClient.open(server.address if remote else str(store_dir)) as client:
+            assert store_target(client) == (client.target if remote else str(store_dir.resolve()))
+            cache = ExpertCache(source(client, precision), gpu_slots=[1, 2, 1], host_cache_bytes=1 << 20,
+                                fetch_workers=2)
+            pool = cache._fetch_pool
+            try:
+                assert pool is not None and len(pool.worker_pids()) == 2 and cache.workers >= 2
+                assert cache.host_pool.shape == (pool.slots, pool.slot_bytes)
+                assert cache.pinned is torch.cuda.is_available()
+                cache.prefetch(1, [0, 1, 2, 3])
+                x = torch.randn(5, 64)
+                for l in range(L):
+                    for e in range(E):
+                        cache.prepare(l, [e])
+                        got = cache.get(l, e)(x)
+                        cache.release(l, [e])
+                        ref = decode_expert_blob(client.fetch_expert("tiny", l, e, precision))(x)
+                        assert torch.equal(got, ref), (l, e)
+                cache.wait_idle(timeout=60)
+                st = cache.stats()
+                assert pool.stats()["completed"] == st["tiers"]["store"]["loads"] > 0
+                assert pool.stats()["failed"] == 0
+            finally:
+                cache.close()
+            assert not os.path.exists(f"/dev/shm/{pool.shm_name}")
+            assert gone(pool.all_worker_pids)
+    finally:
+        if server is not None:
+            server.stop()
