@@ -19,7 +19,35 @@ top-2 pair is drawn without replacement with probabilities proportional to popul
 (P(i then j) = p_i p_j / (1 - p_i)), which gives h, P1, P2 exactly under that model and reduces
 to the uniform formulas when popularity is uniform.
 
-Both minimise sum_l f_l(s_l) subject to s_l in [1, E] and sum_l s_l = total_slots, exactly,
+Layers with fewer slots than top_k (objective="top-k", the default). The paper's f does not see
+that a layer with s < top_k slots cannot hold a token's top_k experts at once: with top-2 and one
+slot, the slot holds at most one of the pair and the other comes in on demand (a transient load
+through a scratch slot) whatever the prefetcher predicted. f credits the prefetcher with the
+missing expert in the P1 case (resident + prefetched = 0 loads), which one slot cannot hold.
+Measured through the real ExpertCache (benchmarks/cache_plan.py, README "Cache plan"; demo
+model, 4 layers x 8 experts, top-2): at a 25% budget both DPs gave some layers one slot
+([5, 1, 1, 1] with the paper's objective, as on a Mixtral-shaped model on the GPU) and made
+15-39% more on-demand loads than equal quotas [2, 2, 2, 2], which the paper's objective
+predicted to be worse (3.88 vs 3.80 loads/token; 3.08 vs 4.27 measured). f under-predicts
+every plan with one-slot layers: 4.80 for [1, 1, 1, 1] (5.28-5.31 measured), 3.80 for
+[5, 1, 1, 1] (4.27), 2.82 for [8, 2, 1, 1] (3.24); with the cost term below: 5.35, 4.35, 3.24.
+Plans without one-slot layers it over-predicts (LRU and the prefetcher keep recent experts,
+which f, with independent tokens, does not credit: 1.97 for [8, 4, 2, 2], 1.28 measured), so
+the cost term alone still under-rates a second slot; with adaptive gating it still gave
+[3, 1, 2, 2] at 25%. So the default objective does two things:
+
+- constraint: s_l >= top_k in every layer whenever the budget allows it (total_slots >= L * top_k);
+  below that, s_l >= 1 as in the paper;
+- cost term, for the layers still below top_k (only when the budget is under L * top_k): the
+  prefetcher gets no credit for the second expert while the first is resident,
+  f_k(s) = f(s) + (1 - r) * a * P1 for s < top_k (P1 = P(exactly one of the pair is cached)),
+  i.e. one demand load for that expert in the P1 case.
+
+The f model (and so the cost term) is the paper's top-2 pair model; for top_k > 2 the constraint
+applies as stated and the cost term is the same pair approximation. objective="paper" keeps the
+paper's objective unchanged (s_l >= 1, plain f), for comparison.
+
+Both minimise sum_l f_l(s_l) subject to s_l in [floor, E] and sum_l s_l = total_slots, exactly,
 by dynamic programming over (layer, slots used) in O(L * total_slots * E); among optimal plans
 (exact ties, up to 1e-12) the most even one (least sum of s_l^2) is returned.
 """
@@ -55,8 +83,19 @@ def _num_layers(prefetch_accuracy: PerLayer, top1_ratio: PerLayer, default: int 
     return default
 
 
-def expected_loads(s: int, E: int, a: float, r: float) -> float:
-    """f(s): expected on-demand loads per token at one layer under uniform expert choice."""
+OBJECTIVES = ("top-k", "paper")
+
+
+def _check_objective(objective: str, top_k: int) -> None:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r} ({' | '.join(OBJECTIVES)})")
+    if int(top_k) < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+
+
+def expected_loads(s: int, E: int, a: float, r: float, top_k: int | None = None) -> float:
+    """f(s): expected on-demand loads per token at one layer under uniform expert choice.
+    top_k=None: the paper's f; top_k=k: with the cost term for s < k (module docstring)."""
     if not 1 <= s <= E:
         raise ValueError(f"slots must be in [1, {E}], got {s}")
     if E == 1:
@@ -64,15 +103,20 @@ def expected_loads(s: int, E: int, a: float, r: float) -> float:
     denom = E * (E - 1)
     p2 = (E - s) * (E - s - 1) / denom
     p1 = 2 * s * (E - s) / denom
-    return _f(1.0 - s / E, p1, p2, a, r)
+    return _f(1.0 - s / E, p1, p2, a, r, below_top_k=top_k is not None and s < top_k)
 
 
-def _f(miss1: float, p1: float, p2: float, a: float, r: float) -> float:
-    return r * miss1 * (1 - a) + (1 - r) * (2 * p2 * (1 - a) + p2 * a + p1 * (1 - a))
+def _f(miss1: float, p1: float, p2: float, a: float, r: float, below_top_k: bool = False) -> float:
+    f = r * miss1 * (1 - a) + (1 - r) * (2 * p2 * (1 - a) + p2 * a + p1 * (1 - a))
+    if below_top_k:
+        # one resident expert fills the layer: the prefetcher cannot also hold the other one
+        f += (1 - r) * a * p1
+    return f
 
 
-def popularity_loads(s: int, popularity: Sequence[float], a: float, r: float) -> float:
-    """f(s) for one layer with measured per-expert popularity (cache = the s most popular experts)."""
+def popularity_loads(s: int, popularity: Sequence[float], a: float, r: float, top_k: int | None = None) -> float:
+    """f(s) for one layer with measured per-expert popularity (cache = the s most popular experts).
+    top_k as in `expected_loads`."""
     E = len(popularity)
     if not 1 <= s <= E:
         raise ValueError(f"slots must be in [1, {E}], got {s}")
@@ -98,7 +142,7 @@ def popularity_loads(s: int, popularity: Sequence[float], a: float, r: float) ->
                 p2 += pij
             elif misses == 1:
                 p1 += pij
-    return _f(miss1, p1, p2, a, r)
+    return _f(miss1, p1, p2, a, r, below_top_k=top_k is not None and s < top_k)
 
 
 def _normalised(popularity: Sequence[float]) -> list[float]:
@@ -111,14 +155,26 @@ def _normalised(popularity: Sequence[float]) -> list[float]:
     return [x / total for x in p]
 
 
-def _solve(costs: list[list[float]], total_slots: int) -> list[int]:
-    """min sum_l costs[l][s_l - 1] with s_l in [1, len(costs[l])], sum s_l = total_slots (exact DP)."""
+def slot_floor(objective: str, top_k: int, total_slots: int, num_layers: int, experts_per_layer: int) -> int:
+    """The fewest slots any layer may get: top_k under the "top-k" objective when the budget
+    allows it (total_slots >= L * top_k), else 1."""
+    _check_objective(objective, top_k)
+    k = min(int(top_k), int(experts_per_layer))
+    if objective == "top-k" and total_slots >= num_layers * k:
+        return k
+    return 1
+
+
+def _solve(costs: list[list[float]], total_slots: int, floor: int = 1) -> list[int]:
+    """min sum_l costs[l][s_l - 1] with s_l in [floor, len(costs[l])], sum s_l = total_slots (exact DP)."""
     L = len(costs)
     caps = [len(c) for c in costs]
     if total_slots < L:
         raise ValueError(f"total_slots={total_slots} < number of layers {L}: every layer needs one slot")
     if total_slots >= sum(caps):
         return caps[:]
+    if not 1 <= floor <= min(caps) or total_slots < L * floor:
+        raise ValueError(f"no plan gives each of {L} layers >= {floor} slots out of {total_slots}")
     INF = math.inf
     # best[t] = (min cost, then min sum of s^2) of layers [0, l) using exactly t slots;
     # choice[l][t] = s_l chosen. The second key only breaks exact ties (e.g. when every
@@ -133,7 +189,7 @@ def _solve(costs: list[list[float]], total_slots: int) -> list[int]:
             bc, bq = best[t]
             if bc == INF:
                 continue
-            for s in range(1, caps[l] + 1):
+            for s in range(floor, caps[l] + 1):
                 u = t + s
                 if u > total_slots:
                     break
@@ -155,25 +211,32 @@ def _solve(costs: list[list[float]], total_slots: int) -> list[int]:
 
 
 def plan_slots(prefetch_accuracy: PerLayer, top1_ratio: PerLayer, total_slots: int,
-               experts_per_layer: int, num_layers: int | None = None) -> list[int]:
+               experts_per_layer: int, num_layers: int | None = None, *, top_k: int = 2,
+               objective: str = "top-k") -> list[int]:
     """GPU slots per layer minimising the expected on-demand loads per token (AdapMoE DP).
 
     prefetch_accuracy, top1_ratio: scalars (same for every layer; then `num_layers` is needed)
-    or per-layer sequences. Returns s_l in [1, E] with sum = total_slots, or all E per layer
-    when total_slots >= L * E.
+    or per-layer sequences. top_k: experts per token of the model's gating (Mixtral: 2).
+    objective: "top-k" (default: s_l >= top_k where total_slots >= L * top_k, and the cost term
+    for layers below top_k) or "paper" (AdapMoE's f, s_l >= 1). Returns s_l with sum =
+    total_slots, or all E per layer when total_slots >= L * E.
     """
     E = int(experts_per_layer)
     if E < 1:
         raise ValueError(f"experts_per_layer must be >= 1, got {experts_per_layer}")
+    _check_objective(objective, top_k)
     L = _num_layers(prefetch_accuracy, top1_ratio, num_layers)
     acc = _per_layer(prefetch_accuracy, L, "prefetch_accuracy")
     r1 = _per_layer(top1_ratio, L, "top1_ratio")
-    costs = [[expected_loads(s, E, acc[l], r1[l]) for s in range(1, E + 1)] for l in range(L)]
-    return _solve(costs, int(total_slots))
+    k = int(top_k) if objective == "top-k" else None
+    costs = [[expected_loads(s, E, acc[l], r1[l], k) for s in range(1, E + 1)] for l in range(L)]
+    total = int(total_slots)
+    return _solve(costs, total, slot_floor(objective, top_k, total, L, E))
 
 
 def plan_slots_popularity(popularity: Sequence[Sequence[float]], prefetch_accuracy: PerLayer,
-                          top1_ratio: PerLayer, total_slots: int) -> list[int]:
+                          top1_ratio: PerLayer, total_slots: int, *, top_k: int = 2,
+                          objective: str = "top-k") -> list[int]:
     """Like `plan_slots`, but with each layer's measured expert popularity ([L][E]; any scale:
     counts or frequencies, normalised per layer) instead of the uniform assumption."""
     L = len(popularity)
@@ -182,18 +245,25 @@ def plan_slots_popularity(popularity: Sequence[Sequence[float]], prefetch_accura
     E = len(popularity[0])
     if any(len(row) != E for row in popularity):
         raise ValueError("popularity rows must all have num_experts entries")
+    _check_objective(objective, top_k)
     acc = _per_layer(prefetch_accuracy, L, "prefetch_accuracy")
     r1 = _per_layer(top1_ratio, L, "top1_ratio")
-    costs = [[popularity_loads(s, popularity[l], acc[l], r1[l]) for s in range(1, E + 1)] for l in range(L)]
-    return _solve(costs, int(total_slots))
+    k = int(top_k) if objective == "top-k" else None
+    costs = [[popularity_loads(s, popularity[l], acc[l], r1[l], k) for s in range(1, E + 1)] for l in range(L)]
+    total = int(total_slots)
+    return _solve(costs, total, slot_floor(objective, top_k, total, L, E))
 
 
 def plan_cost(plan: Sequence[int], prefetch_accuracy: PerLayer, top1_ratio: PerLayer, experts_per_layer: int,
-              popularity: Sequence[Sequence[float]] | None = None) -> float:
-    """Expected on-demand loads per token of a plan (uniform model, or popularity model when given)."""
+              popularity: Sequence[Sequence[float]] | None = None, *, top_k: int = 2,
+              objective: str = "top-k") -> float:
+    """Expected on-demand loads per token of a plan (uniform model, or popularity model when given),
+    under `objective`'s f ("top-k": with the cost term for layers below top_k; "paper": the paper's)."""
+    _check_objective(objective, top_k)
     L = len(plan)
     acc = _per_layer(prefetch_accuracy, L, "prefetch_accuracy")
     r1 = _per_layer(top1_ratio, L, "top1_ratio")
+    k = int(top_k) if objective == "top-k" else None
     if popularity is None:
-        return sum(expected_loads(s, experts_per_layer, acc[l], r1[l]) for l, s in enumerate(plan))
-    return sum(popularity_loads(s, popularity[l], acc[l], r1[l]) for l, s in enumerate(plan))
+        return sum(expected_loads(s, experts_per_layer, acc[l], r1[l], k) for l, s in enumerate(plan))
+    return sum(popularity_loads(s, popularity[l], acc[l], r1[l], k) for l, s in enumerate(plan))

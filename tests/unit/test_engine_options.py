@@ -82,8 +82,9 @@ def test_each_flag_reaches_its_component(store, which):
         man = client.manifest("t")
         with Engine.from_store(client, "t", prefetch=False, gpu_cache_bytes=1 << 30) as probe:
             slot = probe.provider.slot_bytes
-        # 8 slots = 2 scratch + 6 for 3 layers x 4 experts: the plan decides which layers get more
-        budget = 8 * slot
+        # 11 slots = 2 scratch + 9 for 3 layers x 4 experts: the plan decides which layers get more
+        # than top_k = 2 (every layer keeps 2: decoder/cache_plan.py, objective "top-k")
+        budget = 11 * slot
         cfg_like = type("C", (), {"num_hidden_layers": L, "num_local_experts": E})
         quotas = {p: plan_quotas(cfg_like, slot, budget, 2, p, man.profile) for p in ("uniform", "popularity")}
         assert quotas["uniform"] != quotas["popularity"], quotas

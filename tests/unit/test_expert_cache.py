@@ -268,8 +268,11 @@ def test_plan_quotas_and_build_provider(client):
     assert sum(q) == 6 and all(1 <= s <= E for s in q)
     prof = {"prefetch_accuracy": [0.0, 1.0, 1.0], "single_expert_ratio": [0.0, 0.0, 0.0],
             "popularity": [[1, 1, 1, 1]] * L}
-    assert plan_quotas(cfg, slot, 8 * slot, 2, profile=prof) == [4, 1, 1]
-    assert plan_quotas(cfg, slot, 8 * slot, 2, plan="popularity", profile=prof) == [4, 1, 1]
+    # every layer keeps top_k = 2 slots (the budget allows it); the spare one goes to the layer
+    # nothing predicts (decoder/cache_plan.py, objective "top-k")
+    assert plan_quotas(cfg, slot, 8 * slot, 2, profile=prof) == [2, 2, 2]
+    assert plan_quotas(cfg, slot, 9 * slot, 2, profile=prof) == [3, 2, 2]
+    assert plan_quotas(cfg, slot, 9 * slot, 2, plan="popularity", profile=prof) == [3, 2, 2]
     with pytest.raises(ValueError, match="too small"):
         plan_quotas(cfg, slot, 4 * slot, 2)
     cache = build_provider(src, gpu_cache_bytes=None, host_cache_bytes=None)
