@@ -1,4 +1,5 @@
-"""Which GPU slot plan loads fewer experts on demand: equal quotas, AdapMoE's DP, or the popularity DP.
+"""Which GPU slot plan loads fewer experts on demand: equal quotas, AdapMoE's DP, or the popularity DP
+(each DP under the top-k objective, the default, and under the paper's objective).
 
     .venv/bin/python benchmarks/cache_plan.py                     # the trained demo model (cached or trained)
     .venv/bin/python benchmarks/cache_plan.py --eval-tokens 2048 --budgets 0.125,0.25,0.375,0.5
@@ -15,9 +16,14 @@ that many slots; the cache's `top_k` scratch slots come on top, the same for eve
 - `equal`: the same quota in every layer (mixtral-offloading's policy; the remainder goes to the
   first layers), passed to the cache as explicit `gpu_slots`.
 - `uniform`: AdapMoE's DP (`decoder.cache_plan.plan_slots`), planned by the cache itself
-  (`cache_options={"plan": "uniform"}`) from the profile.
+  (`cache_options={"plan": "uniform"}`) from the profile, under the planner's default "top-k"
+  objective (every layer keeps >= top_k slots where the budget allows it, and a cost term for
+  layers below top_k; see decoder/cache_plan.py).
 - `popularity` (ours): the DP on the measured per-expert popularity
-  (`plan_slots_popularity`, `cache_options={"plan": "popularity"}`).
+  (`plan_slots_popularity`, `cache_options={"plan": "popularity"}`), top-k objective.
+- `uniform-paper`, `popularity-paper`: the same DPs under the paper's objective (s_l >= 1, f
+  without the cost term), i.e. the planners before the top-k objective, passed to the cache as
+  explicit `gpu_slots`.
 
 Gating: `topk` (the planners get single-expert ratio r = 0, as that gating never drops) and
 `adaptive` at the calibrated budget T for ~25% single-expert decisions (the planners get the
@@ -29,8 +35,10 @@ token (Engine.decode_logits: one token per step through the KV cache, as generat
 after one warm-up window whose counts are discarded. Per row: slots per layer, GPU hit rate,
 on-demand loads per token (demand lookups that missed the GPU tier, i.e. the expert was not
 resident, prefetched or not, when the layer needed it), prefetch loads and useful prefetches,
-and the DP objective's predicted on-demand loads per token (sum_l f_l(s_l)) under the uniform
-and under the popularity model, next to the measured value. The prefetcher runs on a loader
+scratch-slot loads (experts that came in outside the layer's quota, e.g. the second expert of a
+one-slot layer) and the DP objective's predicted on-demand loads per token (sum_l f_l(s_l))
+under the uniform and the popularity model, with the top-k objective's f and with the paper's,
+next to the measured value. The prefetcher runs on a loader
 thread, so whether a prefetch lands before its layer needs it depends on timing: counts move a
 little between runs.
 
@@ -62,7 +70,7 @@ from decoder.cache_plan import plan_cost, plan_slots, plan_slots_popularity  # n
 from decoder.engine import Engine  # noqa: E402
 
 MODEL = "cache-plan"
-PLANNERS = ("equal", "uniform", "popularity")
+PLANNERS = ("equal", "uniform", "popularity", "uniform-paper", "popularity-paper")
 GATINGS = ("topk", "adaptive")
 DEFAULT_BUDGETS = (0.125, 0.25, 0.375, 0.5)
 
@@ -105,11 +113,22 @@ def planner_profile(profile: dict[str, Any], gating: str, num_layers: int) -> di
 def expected_plan(planner: str, prof: dict[str, Any], total: int, L: int, E: int) -> list[int]:
     if planner == "equal":
         return equal_quotas(total, L, E)
-    if planner == "uniform":
-        return plan_slots(prof["prefetch_accuracy"], prof["single_expert_ratio"], total, E, num_layers=L)
-    if planner == "popularity":
-        return plan_slots_popularity(prof["popularity"], prof["prefetch_accuracy"], prof["single_expert_ratio"], total)
-    raise ValueError(f"unknown planner {planner!r} ({', '.join(PLANNERS)})")
+    base, _, variant = planner.partition("-")
+    if variant not in ("", "paper") or base not in ("uniform", "popularity"):
+        raise ValueError(f"unknown planner {planner!r} ({', '.join(PLANNERS)})")
+    kw = {"top_k": int(prof.get("top_k", 2)), "objective": "paper" if variant else "top-k"}
+    if base == "uniform":
+        return plan_slots(prof["prefetch_accuracy"], prof["single_expert_ratio"], total, E, num_layers=L, **kw)
+    return plan_slots_popularity(prof["popularity"], prof["prefetch_accuracy"], prof["single_expert_ratio"], total,
+                                 **kw)
+
+
+def cache_options(planner: str, prof: dict[str, Any], plan: list[int]) -> dict[str, Any]:
+    """The cache plans `uniform` and `popularity` itself (its default objective); `equal` and the
+    paper-objective plans are handed over as explicit per-layer slots."""
+    if planner in ("uniform", "popularity"):
+        return {"profile": prof, "plan": planner}
+    return {"profile": prof, "plan": "uniform", "gpu_slots": plan}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,9 +143,7 @@ def measure_row(client: Any, model: str, planner: str, gating: str, total_slots:
     prof = planner_profile(profile, gating, L)
     want = expected_plan(planner, prof, total_slots, L, E)
     top_k = int(profile.get("top_k", 2))
-    opts: dict[str, Any] = {"profile": prof, "plan": "uniform" if planner == "equal" else planner}
-    if planner == "equal":
-        opts["gpu_slots"] = want
+    opts = cache_options(planner, prof, want)
     gpu_bytes = slot_bytes * (total_slots + top_k)          # the plan's slots + top_k scratch slots
     host_bytes = host_slot_bytes * L * E                    # the host tier holds every expert
     with Engine.from_store(client, model, device=device, dtype=torch.float32, gating=gating,
@@ -173,8 +190,12 @@ def measure_row(client: Any, model: str, planner: str, gating: str, total_slots:
         "single_expert_ratio": gs.get("single_expert_ratio", 0.0),
         "experts_per_token": gs.get("experts_per_token"),
         "prefetch_precision": pf.get("precision"), "prefetch_recall": pf.get("recall"),
-        "predicted_uniform_model": plan_cost(quota, acc, r1, E),
-        "predicted_popularity_model": plan_cost(quota, acc, r1, E, popularity=prof["popularity"]),
+        "scratch_loads_per_token": cs["scratch_loads"] / max(1, tokens),
+        "predicted_uniform_model": plan_cost(quota, acc, r1, E, top_k=top_k),
+        "predicted_popularity_model": plan_cost(quota, acc, r1, E, popularity=prof["popularity"], top_k=top_k),
+        "predicted_paper_uniform_model": plan_cost(quota, acc, r1, E, objective="paper"),
+        "predicted_paper_popularity_model": plan_cost(quota, acc, r1, E, popularity=prof["popularity"],
+                                                      objective="paper"),
         "planner_r": list(r1),
         "seconds": round(seconds, 2),
     }
@@ -194,6 +215,9 @@ def run_cache_plan(checkpoint: Path, work: Path, s: Settings, eval_texts: Sequen
     from expert_store.pack import pack_checkpoint
     from expert_store.tiers import NvmeTier
 
+    unknown = set(s.planners) - set(PLANNERS)
+    if unknown:
+        raise ValueError(f"unknown planners {sorted(unknown)} ({', '.join(PLANNERS)})")
     t_start = time.perf_counter()
     config = json.loads((checkpoint / "config.json").read_text())
     L, E = int(config["num_hidden_layers"]), int(config["num_local_experts"])
@@ -243,7 +267,7 @@ def run_cache_plan(checkpoint: Path, work: Path, s: Settings, eval_texts: Sequen
         "eval": {"windows": int(windows.shape[0]) - s.warmup_windows, "warmup_windows": s.warmup_windows,
                  "seq_len": s.seq_len, "tokens_per_row": rows[0]["tokens"] if rows else 0,
                  "eval_stream_tokens": int(eval_stream.numel()), "calib_stream_tokens": int(calib_stream.numel())},
-        "calibration": {k: profile[k] for k in ("tokens", "prefetch_accuracy", "single_expert_ratio",
+        "calibration": {k: profile[k] for k in ("tokens", "top_k", "prefetch_accuracy", "single_expert_ratio",
                                                 "budget_for_single_ratio", "popularity")},
         "adaptive_T": T, "slot_bytes": slot_bytes, "rows": rows, "summary": summarize(rows),
         "seconds": round(time.perf_counter() - t_start, 1),
@@ -251,8 +275,9 @@ def run_cache_plan(checkpoint: Path, work: Path, s: Settings, eval_texts: Sequen
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Per (gating, budget): the planner with the fewest measured on-demand loads per token, and
-    popularity's change against uniform and equal (negative = fewer loads)."""
+    """Per (gating, budget): the planner with the fewest measured on-demand loads per token,
+    popularity's change against uniform and equal, and every planner's change against equal
+    quotas (negative = fewer loads)."""
     out: dict[str, Any] = {"per_point": [], "wins": {}}
     keys = sorted({(r["gating"], r["gpu_slots_total"]) for r in rows}, key=lambda k: (GATINGS.index(k[0])
                   if k[0] in GATINGS else 9, k[1]))
@@ -268,6 +293,8 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for base in ("uniform", "equal"):
             if "popularity" in loads and base in loads and loads[base] > 0:
                 pt[f"popularity_vs_{base}_pct"] = 100.0 * (loads["popularity"] / loads[base] - 1.0)
+        if loads.get("equal", 0) > 0:
+            pt["vs_equal_pct"] = {p: 100.0 * (v / loads["equal"] - 1.0) for p, v in loads.items() if p != "equal"}
         out["per_point"].append(pt)
         if not same_plan:
             out["wins"][pt["winner"]] = out["wins"].get(pt["winner"], 0) + 1
@@ -284,37 +311,45 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    colors = {"equal": "tab:gray", "uniform": "tab:blue", "popularity": "tab:orange"}
-    styles = {"topk": "o-", "adaptive": "^--"}
-    for gating in GATINGS:
+    gatings = [g for g in GATINGS if any(r["gating"] == g for r in rows)] or [rows[0]["gating"]]
+    fig, axes = plt.subplots(1, len(gatings), figsize=(6.0 * len(gatings), 4.8), sharey=True, squeeze=False)
+    styles = {"equal": ("s-", "tab:gray"), "uniform": ("o-", "tab:blue"), "popularity": ("^-", "tab:orange"),
+              "uniform-paper": ("o:", "tab:blue"), "popularity-paper": ("^:", "tab:orange")}
+    for ax, gating in zip(axes[0], gatings):
         for planner in PLANNERS:
             pts = sorted((100 * r["gpu_share"], r["on_demand_loads_per_token"]) for r in rows
                          if r["planner"] == planner and r["gating"] == gating)
             if pts:
-                ax.plot([x for x, _ in pts], [y for _, y in pts], styles.get(gating, "x-"),
-                        color=colors.get(planner), label=f"{planner} / {gating}", ms=5)
-    ax.set_xlabel("GPU expert budget (% of all experts)")
-    ax.set_ylabel("on-demand (demand-miss) loads per token")
+                style, color = styles.get(planner, ("x-", None))
+                ax.plot([x for x, _ in pts], [y for _, y in pts], style, color=color, label=planner, ms=5,
+                        alpha=0.6 if planner.endswith("-paper") else 1.0)
+        ax.set_xlabel("GPU expert budget (% of all experts)")
+        ax.set_title(f"{gating} gating")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("on-demand (demand-miss) loads per token")
     ev = result["eval"]
-    ax.set_title(f"cache plan: on-demand loads vs GPU budget ({ev['tokens_per_row']} decoded tokens per point)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig.suptitle(f"cache plan: on-demand loads vs GPU budget ({ev['tokens_per_row']} decoded tokens per point; "
+                 "dotted: the paper's objective)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = ["| gating | GPU budget | planner | slots/layer | GPU hit rate | on-demand loads/token | "
-             "predicted (uniform model) | predicted (popularity model) | prefetch loads/token | "
-             "prefetch useful/token |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| gating | GPU budget | planner | slots/layer | GPU hit rate | on-demand loads/token | vs equal | "
+             "scratch loads/token | predicted: uniform, paper f | uniform, top-k f | popularity, top-k f | "
+             "prefetch loads/token | prefetch useful/token |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    vs = {(pt["gating"], pt["gpu_slots_total"]): pt.get("vs_equal_pct", {}) for pt in result["summary"]["per_point"]}
     for r in result["rows"]:
         t = r["tokens"] or 1
+        v = vs.get((r["gating"], r["gpu_slots_total"]), {}).get(r["planner"])
         lines.append(f"| {r['gating']} | {100 * r['gpu_share']:.1f}% ({r['gpu_slots_total']}) | {r['planner']} | "
                      f"{r['slots']} | {100 * r['gpu_hit_rate']:.1f}% | {r['on_demand_loads_per_token']:.3f} | "
-                     f"{r['predicted_uniform_model']:.3f} | {r['predicted_popularity_model']:.3f} | "
+                     f"{'-' if v is None else f'{v:+.1f}%'} | {r['scratch_loads'] / t:.3f} | "
+                     f"{r['predicted_paper_uniform_model']:.3f} | {r['predicted_uniform_model']:.3f} | "
+                     f"{r['predicted_popularity_model']:.3f} | "
                      f"{r['prefetch_loads'] / t:.3f} | {r['prefetch_useful_per_token']:.3f} |")
     return "\n".join(lines)
 
@@ -326,6 +361,9 @@ def verdict(result: dict[str, Any]) -> str:
         extra = " (all plans identical)" if pt["identical_plans"] else ""
         vs = pt.get("popularity_vs_uniform_pct")
         vs_s = f"; popularity vs uniform {vs:+.1f}%" if vs is not None else ""
+        ve = pt.get("vs_equal_pct") or {}
+        if ve:
+            vs_s += "; vs equal: " + ", ".join(f"{p} {v:+.1f}%" for p, v in ve.items())
         lines.append(f"  {pt['gating']} @ {100 * pt['gpu_share']:.1f}%: winner {pt['winner']}{extra} "
                      f"({loads}){vs_s}")
     lines.append(f"wins where plans differ: {result['summary']['wins']}")
@@ -353,6 +391,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--single-ratio", type=float, default=d.single_ratio,
                     help="adaptive gating's calibrated single-expert target")
     ap.add_argument("--gatings", default=",".join(d.gatings))
+    ap.add_argument("--planners", default=",".join(d.planners), help=f"any of {', '.join(PLANNERS)}")
     ap.add_argument("--device", default=d.device)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine's cores are shared)")
     ap.add_argument("--out-dir", default=str(RESULTS))
@@ -366,7 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = Settings(eval_tokens=args.eval_tokens, calib_tokens=args.calib_tokens, seq_len=args.seq_len,
                  budgets=tuple(float(x) for x in args.budgets.split(",") if x.strip()),
                  single_ratio=args.single_ratio,
-                 gatings=tuple(g.strip() for g in args.gatings.split(",") if g.strip()), device=args.device)
+                 gatings=tuple(g.strip() for g in args.gatings.split(",") if g.strip()),
+                 planners=tuple(p.strip() for p in args.planners.split(",") if p.strip()), device=args.device)
     ckpt = accuracy.find_checkpoint(args.checkpoint)
     ev, cal, info = accuracy.heldout_split(s.heldout_mb)
     work = Path(tempfile.mkdtemp(prefix="cache-plan-"))

@@ -48,6 +48,11 @@ def test_cache_plan_rows_on_a_tiny_checkpoint(tmp_path):
         assert sum(r["slots"]) == r["gpu_slots_total"] and all(1 <= x <= E for x in r["slots"])
         prof = cache_plan.planner_profile(profile, r["gating"], L)
         assert r["slots"] == cache_plan.expected_plan(r["planner"], prof, r["gpu_slots_total"], L, E)
+        if r["planner"] in ("uniform", "popularity"):
+            # the top-k objective: no layer below top_k once the budget allows (4 slots = 2 layers x 2)
+            assert min(r["slots"]) >= K, r
+        assert r["scratch_loads_per_token"] == pytest.approx(r["scratch_loads"] / r["tokens"])
+        assert r["predicted_paper_uniform_model"] >= 0 and r["predicted_paper_popularity_model"] >= 0
         assert r["on_demand_loads_per_token"] == pytest.approx(r["gpu_misses"] / r["tokens"])
         assert 0 <= r["prefetch_useful"] <= r["prefetch_loads"]
         assert r["predicted_uniform_model"] >= 0 and r["predicted_popularity_model"] >= 0
@@ -56,6 +61,13 @@ def test_cache_plan_rows_on_a_tiny_checkpoint(tmp_path):
         else:
             assert r["gpu_lookups"] <= r["tokens"] * L * K
     assert {p["gating"] for p in result["summary"]["per_point"]} == set(cache_plan.GATINGS)
+    for pt in result["summary"]["per_point"]:
+        assert set(pt["vs_equal_pct"]) == set(cache_plan.PLANNERS) - {"equal"}
+        eq = pt["loads_per_token"]["equal"]
+        for p, v in pt["vs_equal_pct"].items():
+            assert v == pytest.approx(100.0 * (pt["loads_per_token"][p] / eq - 1.0))
+    with pytest.raises(ValueError, match="unknown planners"):
+        cache_plan.run_cache_plan(ckpt, work, cache_plan.Settings(planners=("lru",)), ev, cal, progress=False)
 
     js, png = cache_plan.write_outputs(result, tmp_path / "results")
     assert png.read_bytes()[:4] == b"\x89PNG"
