@@ -53,6 +53,7 @@ EXPERT_TENSORS = ("w1", "w3", "w2")
 DEFAULT_GROUP_SIZE = 128
 QMAX = {8: 127, 4: 7}
 _PRECISION_BITS = {"int8": 8, "int4": 4}
+_CPU_BLOCK_ELEMENTS = 1 << 19  # dequantize on a CPU in blocks of rows of about this many values
 
 if sys.byteorder != "little":  # pragma: no cover
     raise ImportError("the blob format stores little-endian values; this host is big-endian")
@@ -110,9 +111,22 @@ def quantize(w: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -
 
 def _unpack_int4(packed: torch.Tensor, in_f: int) -> torch.Tensor:
     """uint8 ``[out, ceil(in/2)]`` -> int8 ``[out, in]`` in [-8, 7]."""
-    lo = (packed & 0x0F).to(torch.int8) - 8
-    hi = (packed >> 4).to(torch.int8) - 8
-    return torch.stack((lo, hi), dim=-1).view(packed.shape[0], -1)[:, :in_f]
+    vals = torch.empty((packed.shape[0], packed.shape[1], 2), dtype=torch.int8, device=packed.device)
+    _unpack_int4_into(packed, vals)
+    return vals.view(packed.shape[0], -1)[:, :in_f]
+
+
+def _unpack_int4_into(packed: torch.Tensor, vals: torch.Tensor) -> None:
+    """Signed nibbles of uint8 ``packed [..., n]`` into int8 ``vals [..., n, 2]`` (even column low).
+
+    A stored nibble is ``v + 8``; xor with 8 flips its top bit, which makes it the 4-bit two's
+    complement of ``v``, and arithmetic shifts of int8 sign-extend it: three elementwise passes
+    over the packed bytes, no wider temporaries."""
+    x = torch.bitwise_xor(packed.view(torch.int8), -0x78)       # 0x88: both nibbles, as int8
+    lo, hi = vals[..., 0], vals[..., 1]
+    torch.bitwise_left_shift(x, 4, out=lo)
+    lo.bitwise_right_shift_(4)                                   # arithmetic: sign-extends
+    torch.bitwise_right_shift(x, 4, out=hi)
 
 
 def dequantize(
@@ -121,21 +135,59 @@ def dequantize(
     bits: int,
     group_size: int,
     shape: tuple[int, int] | torch.Size,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Inverse of :func:`quantize`: ``[out, in]`` tensor of ``dtype`` on ``q``'s device."""
+    """Inverse of :func:`quantize`: ``[out, in]`` tensor of ``dtype`` on ``q``'s device.
+
+    Every element is ``q * scale`` computed in float32 and rounded once to ``dtype`` (exact in
+    float32: a 4- or 8-bit integer times an fp16 scale). ``out``: an ``[out, in]`` float tensor on
+    ``q``'s device to write into (returned; ``dtype`` defaults to its dtype, bfloat16 without
+    it). When ``in`` is a multiple of ``group_size`` the values go straight into the result: one
+    multiply pass writing ``dtype`` (int4 adds three passes over the packed bytes and an int8
+    buffer of ``[out, in]``; on a CPU both run over blocks of rows that stay in cache), no
+    float32 copy of the matrix."""
     _check_bits(bits)
     out_f, in_f = int(shape[0]), int(shape[1])
     n_groups = -(-in_f // group_size)
     if tuple(scales.shape) != (out_f, n_groups):
         raise ValueError(f"scales shape {tuple(scales.shape)} != {(out_f, n_groups)}")
+    stored_cols = in_f if bits == 8 else (in_f + 1) // 2
+    if q.dim() != 2 or tuple(q.shape) != (out_f, stored_cols):
+        raise ValueError(f"quantized values shape {tuple(q.shape)} does not match {(out_f, in_f)} "
+                         f"({bits}-bit: {(out_f, stored_cols)} stored)")
+    if dtype is None:
+        dtype = out.dtype if out is not None else torch.bfloat16
+    if out is None:
+        out = torch.empty((out_f, in_f), dtype=dtype, device=q.device)
+    elif tuple(out.shape) != (out_f, in_f) or out.dtype != dtype or out.device != q.device \
+            or not out.is_floating_point():
+        raise ValueError(f"out must be a {dtype} [{out_f}, {in_f}] tensor on {q.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    s32 = scales.to(torch.float32).unsqueeze(-1)                 # [out, G, 1]
+    if in_f % group_size == 0 and out.is_contiguous():
+        dst = out.view(out_f, n_groups, group_size)              # [out, G, gs]
+        # one pass on a GPU; on a CPU, blocks of rows whose temporaries stay in cache
+        rows = out_f if q.device.type == "cuda" else max(1, _CPU_BLOCK_ELEMENTS // in_f)
+        buf = None
+        if bits == 4:
+            buf = torch.empty((min(rows, out_f), stored_cols, 2), dtype=torch.int8, device=q.device)
+        for r0 in range(0, out_f, rows):
+            r1 = min(out_f, r0 + rows)
+            if bits == 8:
+                vals = q[r0:r1].view(torch.int8)
+            else:
+                vals = buf[:r1 - r0]
+                _unpack_int4_into(q[r0:r1], vals)
+            # int * fp32, rounded once to dtype as it is stored
+            torch.mul(vals.view(r1 - r0, n_groups, group_size), s32[r0:r1], out=dst[r0:r1])
+        return out
+    # a last group shorter than group_size (or a strided out): pad to whole groups
     vals = _unpack_int4(q, in_f) if bits == 4 else q.view(torch.int8)
-    if tuple(vals.shape) != (out_f, in_f):
-        raise ValueError(f"quantized values shape {tuple(vals.shape)} does not match {(out_f, in_f)}")
     pad = n_groups * group_size - in_f
     v = torch.nn.functional.pad(vals.to(torch.float32), (0, pad)).view(out_f, n_groups, group_size)
-    w = (v * scales.to(torch.float32).unsqueeze(-1)).view(out_f, n_groups * group_size)[:, :in_f]
-    return w.to(dtype)
+    out.copy_((v * s32).view(out_f, n_groups * group_size)[:, :in_f])
+    return out
 
 
 def error_bound(scales: torch.Tensor, group_size: int, in_f: int) -> torch.Tensor:
@@ -157,8 +209,8 @@ class QuantizedWeight:
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter((self.q, self.scales))
 
-    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        return dequantize(self.q, self.scales, self.bits, self.group_size, self.shape, dtype)
+    def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        return dequantize(self.q, self.scales, self.bits, self.group_size, self.shape, dtype, out=out)
 
     def to(self, device: Any) -> "QuantizedWeight":
         return QuantizedWeight(self.q.to(device), self.scales.to(device), self.bits, self.group_size, self.shape)

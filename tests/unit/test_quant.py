@@ -214,3 +214,51 @@ def test_malformed_blobs_raise_blob_error_through_the_torch_path():
         blob_to_tensors(bytes(blob[:100]))
     with pytest.raises(BlobError):
         blob_to_tensors(b"not a blob at all")
+
+
+def _reference_dequant(q: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, in_f: int,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """The definition, spelled out: nibbles (v + 8) unpacked by masks, q * scale in float32, one rounding."""
+    if bits == 4:
+        u = q.to(torch.int16)
+        vals = torch.stack(((u & 15) - 8, (u >> 4) - 8), dim=-1).view(q.shape[0], -1)[:, :in_f]
+    else:
+        vals = q.to(torch.int16)
+    s = scales.to(torch.float32).repeat_interleave(group_size, dim=1)[:, :in_f]
+    return (vals.to(torch.float32) * s).to(dtype)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("shape,group_size", [((24, 200), 8), ((24, 201), 64), ((300, 4096), 128), ((7, 256), 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantize_into_out_equals_the_definition(bits, shape, group_size, dtype):
+    # (300, 4096) runs over several blocks of rows on the CPU; (24, 201) has a short last group
+    w = _weights("normal", shape=shape, seed=3) * 10
+    q, scales = quantize(w, bits, group_size)
+    want = _reference_dequant(q, scales, bits, group_size, shape[1], dtype)
+    got = dequantize(q, scales, bits, group_size, shape, dtype)
+    assert got.dtype == dtype and torch.equal(got, want)
+    out = torch.full(shape, float("nan"), dtype=dtype)
+    assert dequantize(q, scales, bits, group_size, shape, out=out) is out
+    assert torch.equal(out, want)
+    qw = QuantizedWeight(q, scales, bits, group_size, shape)
+    assert torch.equal(qw.dequantize(dtype), want) and qw.dequantize().dtype == torch.bfloat16
+    # a strided destination (a column slice of a wider buffer) gets the same values
+    wide = torch.zeros(shape[0], shape[1] + 3, dtype=dtype)
+    dequantize(q, scales, bits, group_size, shape, out=wide[:, 1:-2])
+    assert torch.equal(wide[:, 1:-2], want) and (wide[:, 0] == 0).all() and (wide[:, -2:] == 0).all()
+
+
+def test_dequantize_rejects_a_mismatched_out_or_q():
+    w = _weights("normal", shape=(8, 64))
+    q, s = quantize(w, 4, 32)
+    with pytest.raises(ValueError, match="out must be"):
+        dequantize(q, s, 4, 32, w.shape, out=torch.empty(8, 63))
+    with pytest.raises(ValueError, match="out must be"):
+        dequantize(q, s, 4, 32, w.shape, torch.bfloat16, out=torch.empty(8, 64))
+    with pytest.raises(ValueError, match="out must be"):
+        dequantize(q, s, 4, 32, w.shape, out=torch.empty(8, 64, dtype=torch.int32))
+    with pytest.raises(ValueError, match="quantized values shape"):
+        dequantize(q[:, :-1], s, 4, 32, w.shape)
+    with pytest.raises(ValueError, match="scales shape"):
+        dequantize(q, s[:, :1], 4, 32, w.shape)
