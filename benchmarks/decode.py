@@ -133,18 +133,18 @@ def prepare_model_a(work: Path, device: torch.device, args: argparse.Namespace) 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     stream = train_stream.to(device)
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    # fp32 weights, TF32 matmuls: on the H200 this trained 2.2x faster per step than bf16 autocast
+    # (casting each expert slice every step), and needs no autocast context at all.
 
     # time a few steps, then size the run to --a-train-s (the cosine schedule needs the step count)
     probe = td.TrainSettings(**{**s.__dict__, "steps": 3})
     import copy
     shadow = copy.deepcopy(model)
-    with amp:
-        td.train(shadow, stream, probe, progress=False)
-        sync(device)
-        t1 = time.perf_counter()
-        td.train(shadow, stream, probe, progress=False)
-        sync(device)
+    td.train(shadow, stream, probe, progress=False)
+    sync(device)
+    t1 = time.perf_counter()
+    td.train(shadow, stream, probe, progress=False)
+    sync(device)
     per_step = (time.perf_counter() - t1) / probe.steps
     del shadow
     free_memory(device)
@@ -152,19 +152,23 @@ def prepare_model_a(work: Path, device: torch.device, args: argparse.Namespace) 
     s = td.TrainSettings(**{**s.__dict__, "steps": steps})
     log(f"A: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {per_step * 1e3:.0f} ms/step "
         f"-> {steps} steps")
-    with amp:
-        training = td.train(model, stream, s, progress=True)
+    training = td.train(model, stream, s, progress=True)
     model.eval()
     windows = td.eval_windows(heldout_stream, s.seq_len, args.ppl_windows)
     import torch.nn.functional as F
     nll = 0.0
-    with torch.no_grad(), amp:
+    with torch.no_grad():
         for w in windows.to(device):
             logits = model(w[None, :-1])[0].float()
             nll += float(F.cross_entropy(logits, w[1:], reduction="sum"))
-    ev = {"heldout": {"perplexity": math.exp(nll / (windows.shape[0] * (windows.shape[1] - 1)))}, "cross_layer": {}}
-    log(f"A: trained in {training['seconds']:.0f} s, held-out perplexity {ev['heldout']['perplexity']:.2f} "
-        f"(fp32 weights, bf16 autocast)")
+    ppl = math.exp(nll / (windows.shape[0] * (windows.shape[1] - 1)))
+    ev = {"heldout": {"perplexity": ppl}, "cross_layer": {}}
+    final_loss = training["final_train_loss_ema"]
+    log(f"A: trained in {training['seconds']:.0f} s, final train loss (EMA) {final_loss:.3f}, "
+        f"held-out perplexity {ppl:.2f} (loss {math.log(ppl):.3f}, fp32)")
+    if not math.isfinite(ppl) or math.log(ppl) > final_loss + 2.0:
+        raise RuntimeError(f"model A is degenerate: held-out loss {math.log(ppl):.2f} nats against a final "
+                           f"training loss of {final_loss:.2f}")
     ckpt = work / "A-ckpt"
     save_bf16_checkpoint(ckpt, model, tok)
     del model, stream
@@ -178,7 +182,8 @@ def prepare_model_a(work: Path, device: torch.device, args: argparse.Namespace) 
     warm = tok.encode(texts[args.prompts], add_special_tokens=False).ids[:args.prompt_tokens]
     calib = train_stream[-args.calib_tokens - 1:].tolist()
     prep = Prepared("A", store, "demo-a", ckpt, prompts, warm, heldout=[w for w in windows[:args.ppl_windows]],
-                    info={"train": {k: training[k] for k in ("steps", "batch_size", "seq_len", "tokens_seen", "seconds")},
+                    info={"train": {k: training[k] for k in ("steps", "batch_size", "seq_len", "tokens_seen", "seconds",
+                                                             "final_train_loss_ema", "loss_history")},
                           "heldout_perplexity_trained_fp32": ev["heldout"]["perplexity"],
                           "cross_layer_recall_d1": ev["cross_layer"].get("mean_recall_distance_1"),
                           "config": {"hidden": s.hidden_size, "ffn": s.intermediate_size, "layers": s.num_layers,
@@ -834,7 +839,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-tokens", type=int, default=16)
     # model A
     p.add_argument("--a-hidden", type=int, default=2048)
-    p.add_argument("--a-ffn", type=int, default=4096)
+    p.add_argument("--a-ffn", type=int, default=7168)
     p.add_argument("--a-layers", type=int, default=8)
     p.add_argument("--a-heads", type=int, default=16)
     p.add_argument("--a-vocab", type=int, default=8192)

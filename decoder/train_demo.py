@@ -266,13 +266,26 @@ def per_layer_balancing_loss(router_logits, num_experts: int, top_k: int):
     return torch.stack(losses).mean()
 
 
-def train(model, stream, s: TrainSettings, progress: bool = True) -> dict[str, Any]:
-    """AdamW on random windows of `stream`; loss = CE + aux_loss_coef * load balancing."""
+def train(model, stream, s: TrainSettings, progress: bool = True,
+          autocast_dtype=None) -> dict[str, Any]:
+    """AdamW on random windows of `stream`; loss = CE + aux_loss_coef * load balancing.
+
+    autocast_dtype (e.g. torch.bfloat16): mixed precision, entered around each step's forward
+    and loss only. Never wrap this whole loop in one `torch.autocast`: autocast caches the
+    low-precision copy of each weight for as long as its context lasts, so every forward after
+    the first would run on the step-0 weights while the optimizer moved the real ones (the
+    loss looks normal, the trained model is garbage).
+    """
+    import contextlib
+
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
 
     cfg = model.config
+    if torch.is_autocast_enabled(stream.device.type):
+        raise RuntimeError("train() must not run inside torch.autocast (its weight cache would freeze the "
+                           "forward at the first step's weights): pass autocast_dtype instead")
     if stream.numel() < s.seq_len + 2:
         raise ValueError(f"training corpus has {stream.numel()} tokens, fewer than one window")
     gen = torch.Generator().manual_seed(s.seed + 1)
@@ -289,10 +302,13 @@ def train(model, stream, s: TrainSettings, progress: bool = True) -> dict[str, A
         x, y = window[:, :-1], window[:, 1:]
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, s)
-        logits, router_logits = model(x, return_router_logits=True)             # [B, S, V]
-        ce = F.cross_entropy(logits.reshape(-1, cfg.vocab_size).float(), y.reshape(-1))
-        aux = per_layer_balancing_loss(router_logits, cfg.num_local_experts, cfg.num_experts_per_tok)
-        loss = ce + s.aux_loss_coef * aux
+        amp = (torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+               else contextlib.nullcontext())
+        with amp:  # a fresh autocast context per step (see the docstring)
+            logits, router_logits = model(x, return_router_logits=True)         # [B, S, V]
+            ce = F.cross_entropy(logits.reshape(-1, cfg.vocab_size).float(), y.reshape(-1))
+            aux = per_layer_balancing_loss(router_logits, cfg.num_local_experts, cfg.num_experts_per_tok)
+            loss = ce + s.aux_loss_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)

@@ -149,3 +149,45 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     assert "--steps" in r.stderr
+
+
+# --- mixed precision: autocast per step, never around the whole loop ---------------------------
+def _tiny_model_and_stream():
+    import torch
+
+    from decoder import train_demo as td
+    from decoder.model.transformer import Transformer
+
+    s = td.TrainSettings(steps=4, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                         vocab_size=128, seq_len=16, batch_size=2, lr=1e-2, threads=1)
+    model = Transformer(td.model_config(s, 128))
+    model.init_weights(seed=3)
+    stream = torch.arange(4000) * 7 % 128                     # a learnable pattern
+    return td, s, model, stream
+
+
+def test_train_refuses_to_run_inside_one_autocast_context():
+    # One autocast context around the loop keeps the first step's low-precision weight casts for
+    # every later forward (what degraded benchmarks/decode.py's GPU-trained model A to ~35 nats).
+    import torch
+
+    td, s, model, stream = _tiny_model_and_stream()
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="autocast_dtype"):
+        td.train(model, stream, s, progress=False)
+
+
+def test_train_with_autocast_dtype_learns_what_fp32_learns():
+    import torch
+    import torch.nn.functional as F
+
+    losses = {}
+    for dtype in (None, torch.bfloat16):
+        td, s, model, stream = _tiny_model_and_stream()
+        report = td.train(model, stream, s, progress=False, autocast_dtype=dtype)
+        assert math.isfinite(report["loss_history"][-1]["loss"])
+        w = td.eval_windows(stream, s.seq_len, 4)
+        with torch.no_grad():
+            logits = model(w[:, :-1]).float()
+        losses[dtype] = float(F.cross_entropy(logits.reshape(-1, 128), w[:, 1:].reshape(-1)))
+    assert losses[None] < math.log(128)                          # it learned something in 4 steps
+    assert abs(losses[torch.bfloat16] - losses[None]) < 0.1, losses
