@@ -47,11 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,11 +55,13 @@ from typing import Any, Callable, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "benchmarks" / "results"
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks import _common  # noqa: E402
+from benchmarks._common import (RESULTS, encode_texts, eval_windows, find_checkpoint,  # noqa: E402,F401
+                                heldout_split)
 from decoder.engine import Engine  # noqa: E402
 from decoder.gating import make_gating  # noqa: E402
 from decoder.model.transformer import MoEObserver  # noqa: E402
@@ -91,66 +89,6 @@ class Settings:
 
 
 # ---------------------------------------------------------------------------------------------
-# model and text
-# ---------------------------------------------------------------------------------------------
-def find_checkpoint(path: str | None, log: Callable[[str], None] = print) -> Path:
-    """--checkpoint DIR as given; otherwise the demo's cached checkpoint, trained with
-    decoder.train_demo's defaults when missing or trained with other settings."""
-    if path:
-        p = Path(path)
-        for f in ("config.json", "tokenizer.json"):
-            if not (p / f).is_file():
-                raise FileNotFoundError(f"{p} is not a checkpoint with a tokenizer: {f} is missing")
-        return p
-    from decoder import demo, train_demo
-
-    ckpt = demo.default_cache_dir() / "checkpoint"
-    log(f"demo checkpoint: {ckpt}")
-    demo.ensure_checkpoint(ckpt, train_demo.TrainSettings(), retrain=False)
-    return ckpt
-
-
-def heldout_split(heldout_mb: float = 1.0) -> tuple[list[str], list[str], dict[str, Any]]:
-    """(evaluation texts, calibration texts, info): train_demo's held-out stdlib files (never
-    trained on) alternately assigned, so the two sets share no file."""
-    from decoder import train_demo
-
-    s = train_demo.TrainSettings(heldout_mb=heldout_mb, corpus_mb=1e-6)
-    corpus = train_demo.load_corpus(s)
-    texts = corpus.heldout_texts
-    if len(texts) < 2:
-        raise ValueError("the held-out split has fewer than two files")
-    ev, cal = texts[0::2], texts[1::2]
-    info = {"source": f"train_demo held-out split of {corpus.root} (hash(path) % {s.heldout_mod} == 0)",
-            "heldout_files": len(texts), "eval_files": len(ev), "calib_files": len(cal),
-            "eval_bytes": sum(len(t.encode()) for t in ev), "calib_bytes": sum(len(t.encode()) for t in cal)}
-    return ev, cal, info
-
-
-def encode_texts(tokenizer_json: Path, texts: Sequence[str], sep_id: int) -> torch.Tensor:
-    """Each text's ids (no special tokens added) followed by sep_id (the model's EOS): [N] int64,
-    the format train_demo trains on."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(tokenizer_json))
-    ids: list[int] = []
-    for enc in tok.encode_batch(list(texts), add_special_tokens=False):
-        ids.extend(enc.ids)
-        ids.append(sep_id)
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def eval_windows(stream: torch.Tensor, seq_len: int, n: int) -> torch.Tensor:
-    """n windows of seq_len + 1 tokens evenly spaced over the stream: [n, seq_len + 1]."""
-    from decoder.train_demo import eval_windows as spaced
-
-    w = spaced(stream, seq_len, n)
-    if w.shape[0] < n:
-        raise ValueError(f"evaluation text too short: {w.shape[0]} windows of {seq_len} tokens, wanted {n}")
-    return w
-
-
-# ---------------------------------------------------------------------------------------------
 # calibration and budgets
 # ---------------------------------------------------------------------------------------------
 class _SecondWeights(MoEObserver):
@@ -166,15 +104,8 @@ class _SecondWeights(MoEObserver):
 def calibrate(engine: Engine, store_dir: Path, calib_ids: torch.Tensor, s: Settings,
               progress: bool) -> dict[str, Any]:
     """decoder.calibrate on the calibration text; the profile goes next to the model in the store."""
-    from decoder.calibrate import build_profile, calibrate_model, token_windows, upload_profile, validate_profile
-
-    windows = token_windows(calib_ids.tolist(), s.seq_len, s.calib_tokens)
-    measured = calibrate_model(engine.model, windows, progress=progress)
-    profile = build_profile(MODEL, measured, engine.config, text_file=None, seq_len=s.seq_len)
-    profile["text_file"] = "held-out stdlib files (odd-numbered)"
-    validate_profile(profile, engine.config.num_hidden_layers, engine.config.num_local_experts)
-    upload_profile(str(store_dir), None, MODEL, (json.dumps(profile) + "\n").encode())
-    return profile
+    return _common.calibrate(engine, store_dir, calib_ids, model=MODEL, calib_tokens=s.calib_tokens,
+                             seq_len=s.seq_len, progress=progress)
 
 
 def sweep_budgets(engine: Engine, calib_ids: torch.Tensor, sensitivity: Sequence[float], s: Settings
@@ -292,8 +223,6 @@ def run_accuracy(checkpoint: Path, work: Path, s: Settings, eval_texts: Sequence
     from tqdm import tqdm
 
     from expert_store.client import StoreClient
-    from expert_store.pack import pack_checkpoint
-    from expert_store.tiers import NvmeTier
 
     unknown = set(s.methods) - {"uniform", "adaptive", "cost-aware"}
     if unknown:
@@ -304,8 +233,7 @@ def run_accuracy(checkpoint: Path, work: Path, s: Settings, eval_texts: Sequence
         raise ValueError("ratios must be increasing, in (0, 1)")
     t_start = time.perf_counter()
     config = json.loads((checkpoint / "config.json").read_text())
-    eos = config.get("eos_token_id", 0)
-    sep = int(eos[0] if isinstance(eos, list) else (eos if eos is not None else 0))
+    sep = _common.sep_token(config)
     eval_stream = encode_texts(checkpoint / "tokenizer.json", eval_texts, sep)
     calib_stream = encode_texts(checkpoint / "tokenizer.json", calib_texts, sep)
     n_windows = max(1, s.eval_tokens // s.seq_len)
@@ -314,7 +242,7 @@ def run_accuracy(checkpoint: Path, work: Path, s: Settings, eval_texts: Sequence
         raise ValueError(f"calibration text too short: {calib_stream.numel()} tokens")
 
     store = work / "store"
-    pack_checkpoint(checkpoint, NvmeTier(store), model=MODEL, precisions=("bf16",), progress=False)
+    _common.pack_bf16(checkpoint, store, MODEL)
     device = torch.device(s.device)
     dtype = torch.float32
     with StoreClient.open(str(store)) as client:
@@ -536,21 +464,11 @@ def verdict(result: dict[str, Any]) -> str:
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path, name: str = "accuracy") -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    js, png = out_dir / f"{name}.json", out_dir / f"{name}.png"
-    js.write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, png)
-    return js, png
+    return _common.write_outputs(result, out_dir, name, plot)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def _own_args(ap: argparse.ArgumentParser) -> None:
     d = Settings()
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", default=None, metavar="DIR",
-                    help="HF Mixtral checkpoint with tokenizer.json (default: the demo model, cached or trained)")
-    ap.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="held-out tokens scored")
-    ap.add_argument("--calib-tokens", type=int, default=d.calib_tokens)
-    ap.add_argument("--seq-len", type=int, default=d.seq_len)
     ap.add_argument("--ratios", default=",".join(str(r) for r in d.ratios),
                     help="target single-expert ratios the budgets are calibrated for")
     ap.add_argument("--methods", default=",".join(d.methods))
@@ -559,10 +477,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--scoring", default=d.scoring, choices=["auto", "decode"],
                     help="auto: full forward for the per-token rules (checked against decode), decode for "
                          "cost-aware; decode: everything through the KV-cache decode path")
-    ap.add_argument("--device", default=d.device)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine's cores are shared)")
-    ap.add_argument("--out-dir", default=str(RESULTS))
-    ap.add_argument("--no-progress", action="store_true")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = _common.build_parser(__doc__.split("\n\n")[0], Settings(), "held-out tokens scored", _own_args)
     return ap.parse_args(argv)
 
 
@@ -570,25 +488,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     s = Settings(eval_tokens=args.eval_tokens, calib_tokens=args.calib_tokens, seq_len=args.seq_len,
-                 ratios=tuple(float(x) for x in args.ratios.split(",") if x.strip()),
-                 methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-                 cost_aware_extra=tuple(float(x) for x in args.cost_aware_extra.split(",") if x.strip()),
-                 scoring=args.scoring, device=args.device)
+                 ratios=_common.floats(args.ratios), methods=_common.names(args.methods),
+                 cost_aware_extra=_common.floats(args.cost_aware_extra), scoring=args.scoring, device=args.device)
     ckpt = find_checkpoint(args.checkpoint)
     ev, cal, info = heldout_split(s.heldout_mb)
-    work = Path(tempfile.mkdtemp(prefix="accuracy-"))
-    try:
-        result = run_accuracy(ckpt, work, s, ev, cal, progress=not args.no_progress)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    result = _common.run_in_tempdir("accuracy-", lambda work: run_accuracy(ckpt, work, s, ev, cal,
+                                                                            progress=not args.no_progress))
     result["text"] = info
     report = ckpt / "train_report.json"
     if report.is_file():
         rep = json.loads(report.read_text())
         result["train_report"] = {"heldout": rep.get("heldout"), "settings": rep.get("settings")}
-    result["command"] = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    result["machine"] = {"device": args.device, "machine": platform.machine(), "cpus": os.cpu_count(),
-                         "python": platform.python_version(), "torch": torch.__version__, "threads": args.threads}
+    result.update(_common.run_info("accuracy.py", argv, args.device, args.threads))
     js, png = write_outputs(result, Path(args.out_dir))
     print()
     print(markdown(result))

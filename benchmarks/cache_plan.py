@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/cache_plan.py                     # the trained demo model (cached or trained)
     .venv/bin/python benchmarks/cache_plan.py --eval-tokens 2048 --budgets 0.125,0.25,0.375,0.5
 
-Model and text: as benchmarks/accuracy.py (its helpers): the demo's cached checkpoint, packed
+Model and text: as benchmarks/accuracy.py (benchmarks/_common.py): the demo's cached checkpoint, packed
 (bf16) into a temporary store; train_demo's held-out stdlib files split by file, odd-numbered
 ones calibrate (decoder.calibrate: prefetch accuracy, single-expert ratio at the budget,
 per-expert popularity; the profile goes into the temporary store), even-numbered ones are
@@ -49,11 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,11 +57,11 @@ from typing import Any, Callable, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "benchmarks" / "results"
 
 import torch  # noqa: E402
 
-from benchmarks import accuracy  # noqa: E402
+from benchmarks import _common  # noqa: E402
+from benchmarks._common import RESULTS  # noqa: E402,F401
 from decoder.cache_plan import plan_cost, plan_slots, plan_slots_popularity  # noqa: E402
 from decoder.engine import Engine  # noqa: E402
 
@@ -207,13 +203,11 @@ def measure_row(client: Any, model: str, planner: str, gating: str, total_slots:
 def run_cache_plan(checkpoint: Path, work: Path, s: Settings, eval_texts: Sequence[str],
                    calib_texts: Sequence[str], progress: bool = True,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Pack, calibrate (accuracy.calibrate), then one row per (gating, budget, planner)."""
+    """Pack, calibrate (decoder.calibrate), then one row per (gating, budget, planner)."""
     from tqdm import tqdm
 
     from decoder.demo import gating_budget
     from expert_store.client import StoreClient
-    from expert_store.pack import pack_checkpoint
-    from expert_store.tiers import NvmeTier
 
     unknown = set(s.planners) - set(PLANNERS)
     if unknown:
@@ -226,20 +220,19 @@ def run_cache_plan(checkpoint: Path, work: Path, s: Settings, eval_texts: Sequen
     if any(t + K >= L * E for t in totals):
         # the cache's byte budget (plan + top_k scratch slots) would hold every expert: all E per layer
         raise ValueError(f"budgets must stay below {L * E - K} of the {L * E} experts (top_k scratch slots on top)")
-    eos = config.get("eos_token_id", 0)
-    sep = int(eos[0] if isinstance(eos, list) else (eos if eos is not None else 0))
-    eval_stream = accuracy.encode_texts(checkpoint / "tokenizer.json", eval_texts, sep)
-    calib_stream = accuracy.encode_texts(checkpoint / "tokenizer.json", calib_texts, sep)
+    sep = _common.sep_token(config)
+    eval_stream = _common.encode_texts(checkpoint / "tokenizer.json", eval_texts, sep)
+    calib_stream = _common.encode_texts(checkpoint / "tokenizer.json", calib_texts, sep)
     n_windows = max(1, s.eval_tokens // s.seq_len) + s.warmup_windows
-    windows = accuracy.eval_windows(eval_stream, s.seq_len, n_windows)
+    windows = _common.eval_windows(eval_stream, s.seq_len, n_windows)
 
     store = work / "store"
-    pack_checkpoint(checkpoint, NvmeTier(store), model=MODEL, precisions=("bf16",), progress=False)
-    acc_settings = accuracy.Settings(calib_tokens=s.calib_tokens, seq_len=s.seq_len, device=s.device)
+    _common.pack_bf16(checkpoint, store, MODEL)
     with StoreClient.open(str(store)) as client:
         with Engine.from_store(client, MODEL, device=s.device, dtype=torch.float32, prefetch=False) as eng:
             t0 = time.perf_counter()
-            profile = accuracy.calibrate(eng, store, calib_stream, acc_settings, progress)
+            profile = _common.calibrate(eng, store, calib_stream, model=MODEL, calib_tokens=s.calib_tokens,
+                                        seq_len=s.seq_len, progress=progress)
             t_calib = time.perf_counter() - t0
         with Engine.from_store(client, MODEL, device=s.device, dtype=torch.float32, prefetch=False,
                                gpu_cache_bytes=1 << 40, host_cache_bytes=0) as probe:
@@ -371,31 +364,21 @@ def verdict(result: dict[str, Any]) -> str:
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path, name: str = "cache_plan") -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    js, png = out_dir / f"{name}.json", out_dir / f"{name}.png"
-    js.write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, png)
-    return js, png
+    return _common.write_outputs(result, out_dir, name, plot)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def _own_args(ap: argparse.ArgumentParser) -> None:
     d = Settings()
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", default=None, metavar="DIR",
-                    help="HF Mixtral checkpoint with tokenizer.json (default: the demo model, cached or trained)")
-    ap.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="decoded tokens measured per row")
-    ap.add_argument("--calib-tokens", type=int, default=d.calib_tokens)
-    ap.add_argument("--seq-len", type=int, default=d.seq_len)
     ap.add_argument("--budgets", default=",".join(f"{b:g}" for b in d.budgets),
                     help="GPU budgets as shares of all experts")
     ap.add_argument("--single-ratio", type=float, default=d.single_ratio,
                     help="adaptive gating's calibrated single-expert target")
     ap.add_argument("--gatings", default=",".join(d.gatings))
     ap.add_argument("--planners", default=",".join(d.planners), help=f"any of {', '.join(PLANNERS)}")
-    ap.add_argument("--device", default=d.device)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine's cores are shared)")
-    ap.add_argument("--out-dir", default=str(RESULTS))
-    ap.add_argument("--no-progress", action="store_true")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = _common.build_parser(__doc__.split("\n\n")[0], Settings(), "decoded tokens measured per row", _own_args)
     return ap.parse_args(argv)
 
 
@@ -403,21 +386,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     s = Settings(eval_tokens=args.eval_tokens, calib_tokens=args.calib_tokens, seq_len=args.seq_len,
-                 budgets=tuple(float(x) for x in args.budgets.split(",") if x.strip()),
-                 single_ratio=args.single_ratio,
-                 gatings=tuple(g.strip() for g in args.gatings.split(",") if g.strip()),
-                 planners=tuple(p.strip() for p in args.planners.split(",") if p.strip()), device=args.device)
-    ckpt = accuracy.find_checkpoint(args.checkpoint)
-    ev, cal, info = accuracy.heldout_split(s.heldout_mb)
-    work = Path(tempfile.mkdtemp(prefix="cache-plan-"))
-    try:
-        result = run_cache_plan(ckpt, work, s, ev, cal, progress=not args.no_progress)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+                 budgets=_common.floats(args.budgets), single_ratio=args.single_ratio,
+                 gatings=_common.names(args.gatings), planners=_common.names(args.planners), device=args.device)
+    ckpt = _common.find_checkpoint(args.checkpoint)
+    ev, cal, info = _common.heldout_split(s.heldout_mb)
+    result = _common.run_in_tempdir("cache-plan-", lambda work: run_cache_plan(ckpt, work, s, ev, cal,
+                                                                                progress=not args.no_progress))
     result["text"] = info
-    result["command"] = "python benchmarks/cache_plan.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    result["machine"] = {"device": args.device, "machine": platform.machine(), "cpus": os.cpu_count(),
-                         "python": platform.python_version(), "torch": torch.__version__, "threads": args.threads}
+    result.update(_common.run_info("cache_plan.py", argv, args.device, args.threads))
     js, png = write_outputs(result, Path(args.out_dir))
     print()
     print(markdown(result))
