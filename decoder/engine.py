@@ -49,7 +49,8 @@ class GenerationResult:
 
 class RoutingStats(MoEObserver):
     """Counts routing decisions per phase ("prefill", "decode", "score"): experts per token,
-    single-expert decisions, and per-(layer, expert) loads."""
+    single-expert decisions, and per-(layer, expert) loads. Counts on the host from the
+    decision the MoE block reads anyway (on_routing_host): no kernel, no sync of its own."""
 
     def __init__(self, num_layers: int, num_experts: int) -> None:
         self.L, self.E = num_layers, num_experts
@@ -57,39 +58,37 @@ class RoutingStats(MoEObserver):
         self.reset()
 
     def reset(self) -> None:
-        # device-side accumulators: no host sync on the per-token path (read in summary())
         self.decisions: dict[str, int] = {}              # (token, layer) routing decisions
-        self._acc: dict[str, torch.Tensor] = {}          # phase -> [experts used, single-expert decisions]
-        self._loads: torch.Tensor | None = None          # [L, E]
+        self._used: dict[str, int] = {}                  # experts used, per phase
+        self._single: dict[str, int] = {}                # single-expert decisions, per phase
+        self._loads = [[0] * self.E for _ in range(self.L)]  # [L][E]
 
-    def on_routing(self, layer: int, router_logits: torch.Tensor, weights: torch.Tensor,
-                   idx: torch.Tensor) -> None:
-        valid = idx >= 0                                     # [T, k]
-        per_token = valid.sum(dim=-1)                        # [T]
+    def on_routing_host(self, layer: int, rows: list[list[int]]) -> None:
         p = self.phase
-        self.decisions[p] = self.decisions.get(p, 0) + int(per_token.numel())
-        acc = torch.stack([per_token.sum(), (per_token == 1).sum()])
-        self._acc[p] = self._acc[p] + acc if p in self._acc else acc
-        if self._loads is None or self._loads.device != idx.device:
-            self._loads = torch.zeros(self.L, self.E, dtype=torch.int64, device=idx.device)
-        onehot = torch.nn.functional.one_hot(idx.clamp(min=0), self.E) * valid.unsqueeze(-1)  # [T, k, E]
-        self._loads[layer] += onehot.sum(dim=(0, 1))
+        used = single = 0
+        loads = self._loads[layer]
+        for row in rows:                                     # [k] expert ids, -1 = none
+            n = 0
+            for e in row:
+                if e >= 0:
+                    loads[e] += 1
+                    n += 1
+            used += n
+            single += n == 1
+        self.decisions[p] = self.decisions.get(p, 0) + len(rows)
+        self._used[p] = self._used.get(p, 0) + used
+        self._single[p] = self._single.get(p, 0) + single
 
     @property
     def loads(self) -> torch.Tensor:
         """[L, E] routing decisions per expert (all phases)."""
-        if self._loads is None:
-            return torch.zeros(self.L, self.E, dtype=torch.int64)
-        return self._loads.cpu()
+        return torch.tensor(self._loads, dtype=torch.int64)
 
     def summary(self, phase: str | None = None) -> dict[str, float]:
         phases = [phase] if phase else list(self.decisions)
         d = sum(self.decisions.get(p, 0) for p in phases)
-        u = s = 0
-        for p in phases:
-            if p in self._acc:
-                used, single = self._acc[p].tolist()
-                u, s = u + used, s + single
+        u = sum(self._used.get(p, 0) for p in phases)
+        s = sum(self._single.get(p, 0) for p in phases)
         return {"decisions": d,
                 "experts_per_token": (u / d) if d else 0.0,
                 "single_expert_ratio": (s / d) if d else 0.0}

@@ -117,35 +117,48 @@ class CountingGating(Gating):
         weights, idx = topk_route(router_logits, self.top_k)
         T = weights.shape[0]
         if self.top_k < 2 or T == 0:
-            self._count(layer, T, torch.zeros(T, dtype=torch.bool), weights)
+            self._count(layer, [False] * T, None)
             return weights, idx
-        drop = self._drop_second(layer, router_logits, weights, idx)  # [T] bool
-        self._count(layer, T, drop, weights)
-        if not bool(drop.any()):
+        drop, w2, drop_dev = self._decide(layer, router_logits, weights, idx)
+        self._count(layer, drop, w2)
+        n_drop = sum(drop)
+        if n_drop == 0:
             return weights, idx
-        if bool(drop.all()):
+        if n_drop == T:
             w = weights[:, :-1]
             return w / w.sum(dim=-1, keepdim=True), idx[:, :-1]
         # drop the last (for k = 2: the second) expert of the flagged tokens; renormalise the rest
+        if drop_dev is None:
+            drop_dev = torch.tensor(drop, dtype=torch.bool).to(weights.device)
         keep = torch.ones_like(weights, dtype=torch.bool)
-        keep[:, -1] = ~drop
+        keep[:, -1] = ~drop_dev
         w = torch.where(keep, weights, torch.zeros_like(weights))
         # renormalise only the rows that changed: the others stay bit-identical to top-k
-        w = torch.where(drop[:, None], w / w.sum(dim=-1, keepdim=True), weights)
+        w = torch.where(drop_dev[:, None], w / w.sum(dim=-1, keepdim=True), weights)
         i = torch.where(keep, idx, torch.full_like(idx, -1))
         return w, i
 
-    def _count(self, layer: int, T: int, drop: torch.Tensor, weights: torch.Tensor) -> None:
-        n_drop = int(drop.sum())
+    def _decide(self, layer: int, router_logits: torch.Tensor, weights: torch.Tensor,
+                idx: torch.Tensor) -> tuple[list[bool], list[float] | None, torch.Tensor | None]:
+        """Per token: drop expert 2? -> (drop [T] on the host, w2 [T] on the host or None,
+        drop as a device bool tensor or None). Default: `_drop_second`'s device mask and w2
+        read in one device->host transfer."""
+        drop_dev = self._drop_second(layer, router_logits, weights, idx)       # [T] bool
+        both = torch.stack((drop_dev.to(weights.dtype), weights[:, -1])).tolist()  # one sync: [2][T]
+        return [d != 0 for d in both[0]], both[1], drop_dev
+
+    def _count(self, layer: int, drop: list[bool], w2: list[float] | None) -> None:
+        T = len(drop)
+        n_drop = sum(drop)
         self._decisions[layer] += T
         self._experts[layer] += T * self.top_k - n_drop
         if self.top_k == 1:
             self._single[layer] += T
         elif self.top_k == 2:
             self._single[layer] += n_drop
-        if n_drop and self.sensitivity is not None:
-            w2 = weights[:, -1].float()
-            self._est_loss[layer] += float((self.sensitivity[layer] * w2[drop] ** 2).sum())
+        if n_drop and self.sensitivity is not None and w2 is not None:
+            F = self.sensitivity[layer]
+            self._est_loss[layer] += sum(F * w * w for w, d in zip(w2, drop) if d)
 
     def _drop_second(self, layer: int, router_logits: torch.Tensor, weights: torch.Tensor,
                      idx: torch.Tensor) -> torch.Tensor:
@@ -159,6 +172,9 @@ class TopK(CountingGating):
 
     def __init__(self, top_k: int, num_layers: int) -> None:
         super().__init__(top_k, num_layers)
+
+    def _decide(self, layer, router_logits, weights, idx):
+        return [False] * weights.shape[0], None, None           # keeps every expert: nothing to read
 
     def _drop_second(self, layer, router_logits, weights, idx):
         return torch.zeros(weights.shape[0], dtype=torch.bool, device=weights.device)
@@ -222,7 +238,7 @@ class CostAwareGating(CountingGating):
             raise ValueError("loss_bound must be >= 0")
         self.provider = provider
         self.store_cost_ratio = float(store_cost_ratio)
-        self._acc: torch.Tensor | None = None   # [T] estimated loss spent by each token so far
+        self._acc: list[float] | None = None    # [T] estimated loss spent by each token so far
         self._last_layer = math.inf
         self._scale_sum = [0.0] * num_layers
 
@@ -251,27 +267,39 @@ class CostAwareGating(CountingGating):
             return 1.0 if location == "host" else self.store_cost_ratio
         return c / ref
 
-    def _drop_second(self, layer, router_logits, weights, idx):
-        T = weights.shape[0]
-        if layer <= self._last_layer or self._acc is None or self._acc.shape[0] != T:
-            self._acc = torch.zeros(T, dtype=torch.float64)   # a new forward: new tokens
+    def _decide(self, layer, router_logits, weights, idx):
+        # one transfer: each token's expert ids and w2; the decision is made on the host in
+        # float64 (the same arithmetic as float64 tensors), the per-token loss spent in Python
+        T, k = idx.shape
+        packed = torch.cat((idx.to(torch.float64), weights[:, -1:].double()), dim=1).tolist()  # [T][k + 1]
+        if layer <= self._last_layer or self._acc is None or len(self._acc) != T:
+            self._acc = [0.0] * T                              # a new forward: new tokens
         self._last_layer = layer
-        first = set(int(e) for e in idx[:, :-1].flatten().tolist())  # loaded anyway for some token
-        second = idx[:, -1].tolist()
+        first = {int(e) for row in packed for e in row[:k - 1]}  # loaded anyway for some token
         scale_of: dict[int, float] = {}
-        for e in set(second):
-            loc = "gpu" if e in first else self.provider.location(layer, e)
-            self._tier_counts[loc] = self._tier_counts.get(loc, 0) + second.count(e)
-            scale_of[e] = self.budget_scale(loc)
-        scale = torch.tensor([scale_of[e] for e in second], dtype=torch.float64)   # [T]
-        w2 = weights[:, -1].detach().double().cpu()
-        est = self.sensitivity[layer] * w2 * w2                                   # [T]
-        want = est < self.budget * scale
-        fits = self._acc + est <= self.loss_bound
-        self._capped += int((want & ~fits).sum())
-        drop = want & fits
-        self._acc = self._acc + torch.where(drop, est, torch.zeros_like(est))
-        return drop.to(weights.device)
+        loc_of: dict[int, str] = {}
+        F = self.sensitivity[layer]
+        drop, w2 = [], []
+        for t, row in enumerate(packed):
+            e, w = int(row[k - 1]), row[k]
+            if e not in scale_of:
+                loc = "gpu" if e in first else self.provider.location(layer, e)
+                scale_of[e], loc_of[e] = self.budget_scale(loc), loc
+            self._tier_counts[loc_of[e]] = self._tier_counts.get(loc_of[e], 0) + 1
+            est = F * w * w
+            want = est < self.budget * scale_of[e]
+            fits = self._acc[t] + est <= self.loss_bound
+            self._capped += want and not fits
+            d = want and fits
+            if d:
+                self._acc[t] = self._acc[t] + est
+            drop.append(d)
+            w2.append(w)
+        return drop, w2, None
+
+    def _drop_second(self, layer, router_logits, weights, idx):
+        drop, _, _ = self._decide(layer, router_logits, weights, idx)
+        return torch.tensor(drop, dtype=torch.bool).to(weights.device)
 
 
 # --------------------------------------------------------------------------------------------

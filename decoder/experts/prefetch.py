@@ -19,7 +19,12 @@ it is dominated by exactly the stalls prefetching should hide, so t_load / t_lay
 and k never grows. (On CUDA a wait on a copy event happens on the GPU, not in `get`; those
 H2D waits are short and stay inside t_compute.)
 
-Each prediction is checked against the layer's actual routing (hook `on_routing`): precision =
+Nothing is predicted when there is nothing to load: with adaptive k, when every expert of layer
+l+1 is on the GPU (k would be 1 and its loads free); with a fixed k, when layers l+1..l+k all
+are (counted as `skipped_resident`; those layers add no precision/recall samples).
+
+Each prediction is checked against the layer's actual routing (hook `on_routing_host`, the
+host copy the MoE block reads anyway): precision =
 |predicted ∩ used| / |predicted|, recall = |predicted ∩ used| / |used|, per target layer and
 per distance.
 """
@@ -71,7 +76,7 @@ class Prefetcher(MoEObserver):
         # predictions for the current step: target layer -> [(distance, set of experts, per-token idx [T, k])]
         self._pending: dict[int, list[tuple[int, set[int], list[list[int]]]]] = {}
         self._stack: torch.Tensor | None = None        # routers [L, E, H] on the compute device
-        self._norm_stack: torch.Tensor | None = None   # norm weights [L, H]
+        self._ratio: list[torch.Tensor] = []           # per layer l: norm[l+1 .. l+D] / norm[l], [D, H]
         self.reset_stats()
 
     # --- statistics -----------------------------------------------------------------------------
@@ -85,6 +90,7 @@ class Prefetcher(MoEObserver):
         self._tok_tp = [[0] * (D + 1) for _ in range(self.L)]
         self._k_hist = [0] * (D + 1)
         self._issued = 0
+        self._skipped = 0          # layers whose lookahead targets were all on the GPU: nothing predicted
 
     def stats(self) -> dict[str, Any]:
         def pr(tp: int, pred: int, used: int) -> dict[str, float]:
@@ -101,6 +107,7 @@ class Prefetcher(MoEObserver):
         return {**tot, "per_layer": per_layer, "per_distance": per_distance,
                 "lookahead_hist": {k: n for k, n in enumerate(self._k_hist) if k and n},
                 "prefetches_issued": self._issued,
+                "skipped_resident": self._skipped,
                 "layer_time_s": self.layer_time_s or 0.0,
                 "layer_compute_s": self.compute_time_s or 0.0}
 
@@ -125,25 +132,35 @@ class Prefetcher(MoEObserver):
         self._last_layer, self._last_t, self._last_stall = layer, now, stall
         if layer + 1 >= self.L or not self.enabled:
             return
+        k = self.fixed_k or self.max_lookahead
+        D = min(k, self.L - 1 - layer)
+        # adaptive k is 1 when layer+1 is on the GPU already (loading it costs nothing), and a
+        # fixed k needs nothing when its k layers are: then there is nothing to prefetch
+        if self._all_resident(layer + 1, layer + (1 if self.fixed_k is None else D)):
+            self._k_hist[min(self.fixed_k or 1, self.max_lookahead)] += 1
+            self._skipped += 1
+            return
         with torch.no_grad():
-            k = self.fixed_k or self.max_lookahead
-            D = min(k, self.L - 1 - layer)
             preds = dict(zip(range(1, D + 1), self._predict_many(layer, x, D)))
-            if self.fixed_k is None:
-                k = self._adaptive_k(layer, preds)
-            self._k_hist[min(k, self.max_lookahead)] += 1
-            for d, (experts, scores, tok_idx) in preds.items():
-                j = layer + d
-                self._pending.setdefault(j, []).append((d, set(experts), tok_idx))
-                if d <= k and self.provider is not None:
-                    self.provider.prefetch(j, experts, [s / d for s in scores])
-                    self._issued += len(experts)
+        if self.fixed_k is None:
+            k = self._adaptive_k(layer, preds)
+        self._k_hist[min(k, self.max_lookahead)] += 1
+        for d, (experts, scores, tok_idx) in preds.items():
+            j = layer + d
+            self._pending.setdefault(j, []).append((d, set(experts), tok_idx))
+            if d <= k and self.provider is not None:
+                self.provider.prefetch(j, experts, [s / d for s in scores])
+                self._issued += len(experts)
 
     def on_routing(self, layer: int, router_logits: torch.Tensor, weights: torch.Tensor,
                    idx: torch.Tensor) -> None:
+        """The same as on_routing_host (what the MoE block calls) for a caller holding tensors."""
+        self.on_routing_host(layer, idx.tolist())
+
+    def on_routing_host(self, layer: int, rows: list[list[int]]) -> None:
+        # rows: [T][k] expert ids the layer used (-1 = none), read by the MoE block
         if layer not in self._pending:
             return
-        rows = idx.tolist()                                               # [T][k] (already synced by the MoE block)
         tok_used = [set(e for e in row if e >= 0) for row in rows]
         used = set().union(*tok_used) if tok_used else set()
         n_used = sum(len(u) for u in tok_used)
@@ -157,47 +174,63 @@ class Prefetcher(MoEObserver):
                 self._tok_used[layer][d] += n_used
 
     # --- internals ------------------------------------------------------------------------------
+    def _all_resident(self, first: int, last: int) -> bool:
+        """Every expert of layers first..last is on the GPU (False when the provider cannot say)."""
+        resident = getattr(self.provider, "resident", None)
+        if resident is None:
+            return False
+        return all(len(resident(j)) >= self.E for j in range(first, last + 1))
+
     def _predict(self, layer: int, target: int, x: torch.Tensor) -> tuple[list[int], list[float], list[list[int]]]:
         """Experts layer `target` would pick for hidden states x (layer `layer`'s MoE input)."""
         return self._predict_many(layer, x, target - layer)[-1]
 
     def _predict_many(self, layer: int, x: torch.Tensor, D: int) -> list[tuple[list[int], list[float], list[list[int]]]]:
         """Predictions for layers layer+1 .. layer+D from x: per distance (experts by descending
-        best weight, those weights, each token's predicted top-k ids). One device->host transfer."""
+        best weight, those weights, each token's predicted top-k ids). One device->host transfer.
+
+        Each token's top-k is taken on the router logits (softmax is monotonic) and its weights
+        renormalised over those k on the host: softmax(top-k logits) = top-k probs / their sum."""
         # x: [T, H]
         if D <= 0:
             return []
         if self._stack is None or self._stack.device != x.device or self._stack.dtype != x.dtype:
-            self._stack = torch.stack([r.to(x.device, x.dtype) for r in self.routers])        # [L, E, H]
-            if self.renorm:
-                self._norm_stack = torch.stack([w.to(x.device, x.dtype) for w in self.norm_weights])  # [L, H]
+            self._build_stacks(x.device, x.dtype)
         W = self._stack[layer + 1: layer + 1 + D]                                              # [D, E, H]
         if self.renorm:
-            wl = self._norm_stack[layer]                                                       # [H]
-            wj = self._norm_stack[layer + 1: layer + 1 + D]                                    # [D, H]
-            ratio = torch.where(wl.abs() > 1e-12, wj / wl, torch.zeros_like(wj))
-            xin = x[None] * ratio[:, None, :]                                                  # [D, T, H]
+            xin = x[None] * self._ratio[layer][:D, None, :]                                    # [D, T, H]
         else:
             xin = x[None].expand(D, -1, -1)
         logits = torch.bmm(xin, W.transpose(1, 2))                                             # [D, T, E]
-        probs = F.softmax(logits.float(), dim=-1)
         k = min(self.top_k, self.E)
-        w, i = torch.topk(probs, k, dim=-1)                                                    # [D, T, k]
-        w = w / w.sum(dim=-1, keepdim=True)
-        packed = torch.cat([w, i.to(w.dtype)], dim=-1).cpu().tolist()                          # one sync
+        v, i = torch.topk(logits, k, dim=-1)                                                   # [D, T, k]
+        packed = torch.cat([v.float(), i.float()], dim=-1).tolist()                            # one sync
         out = []
         for d in range(D):
             best: dict[int, float] = {}
             tok_idx = []
-            for row in packed[d]:                                  # per token: k weights, k expert ids
-                ids = [int(v) for v in row[k:]]
+            for row in packed[d]:                                  # per token: k logits, k expert ids
+                ids = [int(e) for e in row[k:]]
                 tok_idx.append(ids)
-                for wt, e in zip(row[:k], ids):
+                top = row[0]
+                p = [math.exp(l - top) for l in row[:k]]
+                z = sum(p)
+                for wt, e in zip(p, ids):
+                    wt /= z
                     if wt > best.get(e, 0.0):
                         best[e] = wt                                  # best weight per expert
             experts = sorted(best, key=lambda e: -best[e])
             out.append((experts, [best[e] for e in experts], tok_idx))
         return out
+
+    def _build_stacks(self, device: torch.device, dtype: torch.dtype) -> None:
+        self._stack = torch.stack([r.to(device, dtype) for r in self.routers])                  # [L, E, H]
+        self._ratio = []
+        if self.renorm:
+            norms = torch.stack([w.to(device, dtype) for w in self.norm_weights])              # [L, H]
+            for l in range(self.L):
+                wl, wj = norms[l], norms[l + 1: l + 1 + self.max_lookahead]                    # [H], [D, H]
+                self._ratio.append(torch.where(wl.abs() > 1e-12, wj / wl, torch.zeros_like(wj)))  # [D, H]
 
     def _ewma(self, old: float | None, x: float) -> float:
         return x if old is None else (1 - self.alpha) * old + self.alpha * x

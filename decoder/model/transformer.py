@@ -69,7 +69,13 @@ def topk_route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, t
 
 class MoEObserver:
     """Hooks called by every MoE block (all optional). x is the MoE input (after the
-    post-attention norm), flattened to [T, H]; tensors must not be modified."""
+    post-attention norm), flattened to [T, H]; tensors must not be modified.
+
+    on_routing gets the routing as device tensors, before the block reads it on the host.
+    An observer that overrides `on_routing_host` gets that INSTEAD: the same decision as
+    Python lists `rows[t] = [expert ids]` ([T][k], -1 = no expert), read by the block's one
+    device->host transfer per layer, so counting costs no extra sync or kernel.
+    """
 
     def on_moe_input(self, layer: int, x: torch.Tensor) -> None:
         pass
@@ -77,6 +83,14 @@ class MoEObserver:
     def on_routing(self, layer: int, router_logits: torch.Tensor, weights: torch.Tensor,
                    idx: torch.Tensor) -> None:
         pass
+
+    def on_routing_host(self, layer: int, rows: list[list[int]]) -> None:
+        pass
+
+
+def wants_host_routing(obs: MoEObserver) -> bool:
+    """True when `obs` takes the routing as host lists (overrides on_routing_host)."""
+    return getattr(type(obs), "on_routing_host", None) not in (None, MoEObserver.on_routing_host)
 
 
 def load_balancing_loss(router_logits: Sequence[torch.Tensor], num_experts: int, top_k: int) -> torch.Tensor:
@@ -244,32 +258,84 @@ class MoEBlock(nn.Module):
         if router_log is not None:
             router_log.append(router_logits)
         weights, idx = gating.route(self.layer, router_logits)   # [T, k] float32, [T, k] int64 (-1 = none)
+        host_observers = []
         for obs in observers:
-            obs.on_routing(self.layer, router_logits, weights, idx)
+            if wants_host_routing(obs):
+                host_observers.append(obs)
+            else:
+                obs.on_routing(self.layer, router_logits, weights, idx)
 
         # the routing decisions go to the host once per layer (the provider is driven from Python)
-        idx_host = idx.detach().cpu()                             # [T, k]
-        needed = sorted(set(idx_host[idx_host >= 0].tolist()))
+        rows: list[list[int]] = idx.tolist()                      # [T][k]
+        for obs in host_observers:
+            obs.on_routing_host(self.layer, rows)
+        if len(rows) == 1:
+            out = self._one_token(xt, weights, rows[0], experts)
+        else:
+            out = self._tokens(xt, weights, rows, experts)
+        return out.view(B, S, H)
+
+    def _one_token(self, xt: torch.Tensor, weights: torch.Tensor, row: list[int],
+                   experts: ExpertProvider) -> torch.Tensor:
+        # xt: [1, H]; weights: [1, k]; row: the token's k expert ids (-1 = none) -> [1, H]
+        slot_of = {e: s for s, e in enumerate(row) if e >= 0}
+        needed = sorted(slot_of)
+        y = self._run_experts(needed, experts, lambda e, w: w(xt) * weights[:, slot_of[e]:slot_of[e] + 1])
+        # accumulate in expert order, so the result never depends on what was cached
+        out = None
+        for e in needed:
+            ye = y[e].to(xt.dtype)                                # [1, H]
+            out = ye if out is None else out + ye
+        return out if out is not None else torch.zeros_like(xt)
+
+    def _tokens(self, xt: torch.Tensor, weights: torch.Tensor, rows: list[list[int]],
+                experts: ExpertProvider) -> torch.Tensor:
+        # xt: [T, H]; weights: [T, k]; rows: [T][k] expert ids (-1 = none) -> [T, H]
+        k = weights.shape[1]
+        pos_of: dict[int, list[int]] = {}                         # expert -> flat positions t*k + slot, t ascending
+        for t, row in enumerate(rows):
+            for s, e in enumerate(row):
+                if e >= 0:
+                    pos_of.setdefault(e, []).append(t * k + s)
+        needed = sorted(pos_of)
+        # one host->device copy of every (token, flat position) pair, grouped by expert
+        flat = [p for e in needed for p in pos_of[e]]
+        index = torch.tensor([p // k for p in flat] + flat, dtype=torch.int64).to(xt.device, non_blocking=True)
+        tok_all, pos_all = index[:len(flat)], index[len(flat):]   # [N], [N]
+        w_all = weights.reshape(-1)[pos_all, None]                # [N, 1]
+        span, start = {}, 0
+        for e in needed:
+            span[e] = (start, start + len(pos_of[e]))
+            start += len(pos_of[e])
+
+        def compute(e: int, w: Any) -> torch.Tensor:
+            a, b = span[e]
+            return w(xt[tok_all[a:b]]) * w_all[a:b]               # [T_e, H] (float32 if weights are)
+
+        y = self._run_experts(needed, experts, compute)
+        out = torch.zeros_like(xt)                                # [T, H]
+        for e in needed:                                          # expert order: cache-independent result
+            a, b = span[e]
+            out.index_add_(0, tok_all[a:b], y[e].to(out.dtype))
+        return out
+
+    def _run_experts(self, needed: list[int], experts: ExpertProvider, compute) -> dict[int, torch.Tensor]:
+        """compute(e, weights) for every needed expert: ready ones first (their loads are done),
+        the rest as they arrive; the provider pins them from prepare to release."""
         experts.prepare(self.layer, needed)
-        # compute ready experts first (their loads are done), the rest as they arrive ...
-        ready = [e for e in needed if experts.ready(self.layer, e)]
-        order = ready + [e for e in needed if e not in set(ready)]
-        partial: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        out: dict[int, torch.Tensor] = {}
         try:
-            for e in order:
-                tok, slot = torch.where(idx_host == e)            # tokens routed to e, their top-k slot
-                tok, slot = tok.to(xt.device, non_blocking=True), slot.to(xt.device, non_blocking=True)
-                w = experts.get(self.layer, e)
-                y = w(xt[tok]) * weights[tok, slot, None]         # [T_e, H] (float32 if weights are)
-                partial[e] = (tok, y)
+            waiting = []
+            for e in needed:
+                if experts.ready(self.layer, e):
+                    out[e] = compute(e, experts.get(self.layer, e))
+                else:
+                    waiting.append(e)
+            for e in waiting:
+                out[e] = compute(e, experts.get(self.layer, e))
         finally:
             experts.release(self.layer, needed)
-        # ... but accumulate in expert order, so the result never depends on what was cached
-        out = torch.zeros_like(xt)                                # [T, H]
-        for e in needed:
-            tok, y = partial[e]
-            out.index_add_(0, tok, y.to(out.dtype))
-        return out.view(B, S, H)
+        return out
 
 
 class TransformerBlock(nn.Module):
