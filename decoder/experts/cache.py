@@ -2,12 +2,26 @@
 
     store ──fetch_expert(out=host slot)──▶ host tier (pinned LRU) ──copy stream──▶ GPU slot ──▶ matmul
 
-GPU tier: one preallocated uint8 pool `[slots, slot_bytes]` on the compute device, each slot
-sized for one expert's raw payload at the cache's precision (no allocator churn). Layer l may
-keep `quota[l]` experts (from the DP plan, decoder/cache_plan.py), LRU within the layer. A few
-scratch slots (top_k by default) absorb demand loads of a layer whose own slots are all pinned;
-at `release` the layer is trimmed back to its quota (LRU). Experts are used in place: the
-ExpertWeights of a slot are views of its bytes (expert_store.quant.tensors_from_raw).
+GPU tier: one preallocated uint8 pool `[slots, slot_bytes]` on the compute device (no allocator
+churn). Layer l may keep `quota[l]` experts (from the DP plan, decoder/cache_plan.py), LRU within
+the layer. A few scratch slots (top_k by default) absorb demand loads of a layer whose own slots
+are all pinned; at `release` the layer is trimmed back to its quota (LRU). Experts are used in
+place: the ExpertWeights of a slot are views of its bytes. `gpu_cache_bytes` counts the bytes of
+these slots (slot_bytes each).
+
+A slot holds an expert in one of two forms:
+- raw (bf16 stores; int8/int4 with `dense_slots=False`): the blob's raw payload as it crossed the
+  link, viewed by expert_store.quant.tensors_from_raw; int8/int4 matrices are dequantized by
+  ExpertWeights.forward on every call.
+- dense (`dense_slots`, default on for int8/int4 on CUDA): w1, w3, w2 dequantized ONCE at load
+  into the compute dtype (source.dtype), so a slot is the dense expert's size (4x an int4 payload
+  in bf16) and forward is three plain matmuls. The link still carries the compact payload: it is
+  copied into a staging buffer on the copy stream, then a second stream (dequant stream) waits
+  for that copy and the slot's previous readers and dequantizes straight into the slot's views;
+  the expert's event is recorded after the dequantization, so compute waits on that only. Two
+  staging buffers (each the compact size, outside gpu_cache_bytes) let the copy of one expert
+  overlap the dequantization of the one before; a staging buffer is written again only after
+  the dequantization that read it (its event).
 
 Host tier: one pinned arena (pin_memory only when CUDA is available) of fixed-size slots, an
 LRU of at most `host_cache_bytes // slot` experts. The store writes the encoded blob straight
@@ -29,7 +43,8 @@ load still queued runs it on the caller's thread at once, so demand never waits 
 prefetches. A prefetch never evicts an expert the current token needs: not the experts pinned
 by the current layer (prepare .. release), nor any expert touched during the current token.
 
-Statistics (demand path): per tier lookups = hits + misses, bytes moved into each tier, loads,
+Statistics (demand path): per tier lookups = hits + misses, bytes moved into each tier (the
+compact payload over the link, also for dense slots), loads,
 stall time in `get`, late prefetches, and the live EWMA cost (seconds) of loading one expert
 into the GPU from each tier (`load_cost`), which cost-aware gating reads.
 """
@@ -62,6 +77,69 @@ PRIOR_BANDWIDTH = {"host_cuda": 20e9, "host_cpu": 5e9, "store": 1e9}
 
 def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
+
+
+@dataclass(frozen=True)
+class DenseLayout:
+    """Where a dense slot keeps each matrix of one expert, dequantized into `dtype`:
+    (name, byte offset, [out, in]) for w1, w3, w2 in blob order, each GPU_ALIGN-aligned."""
+
+    dtype: torch.dtype
+    tensors: tuple[tuple[str, int, tuple[int, int]], ...]
+    nbytes: int                      # bytes a slot needs
+
+    @classmethod
+    def of(cls, header: Any, dtype: torch.dtype) -> "DenseLayout":
+        item = torch.empty((), dtype=dtype).element_size()
+        tensors, off = [], 0
+        for t in header.tensors:
+            shape = (int(t.shape[0]), int(t.shape[1]))
+            tensors.append((t.name, off, shape))
+            off = _align(off + shape[0] * shape[1] * item, GPU_ALIGN)
+        return cls(dtype, tuple(tensors), off)
+
+    def matches(self, header: Any) -> bool:
+        return len(header.tensors) == len(self.tensors) and all(
+            t.name == name and (int(t.shape[0]), int(t.shape[1])) == shape
+            for t, (name, _, shape) in zip(header.tensors, self.tensors))
+
+    def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The dense matrices inside `buf` (a uint8 slot), no copies."""
+        item = torch.empty((), dtype=self.dtype).element_size()
+        return {name: buf[off:off + shape[0] * shape[1] * item].view(self.dtype).view(shape)
+                for name, off, shape in self.tensors}
+
+    def fill(self, header: Any, raw: torch.Tensor, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Dequantize the raw payload `raw` (uint8, same device) into `buf`'s views; returns them.
+        Runs on the current stream."""
+        from expert_store.quant import tensors_from_raw
+
+        dense = self.views(buf)
+        for name, v in tensors_from_raw(header, raw).items():
+            if isinstance(v, torch.Tensor):
+                dense[name].copy_(v)
+            else:
+                v.dequantize(out=dense[name])
+        return dense
+
+
+def dense_slot_bytes(header: Any, dtype: torch.dtype) -> int:
+    """Bytes of one dense GPU slot for experts shaped like `header`'s, dequantized into `dtype`
+    (what `ExpertCache(dense_slots=True).slot_bytes` is; budgets: gpu_cache_bytes = slots x this)."""
+    return DenseLayout.of(header, dtype).nbytes
+
+
+def raw_slot_bytes(header: Any) -> int:
+    """Bytes of one raw GPU slot (`ExpertCache(dense_slots=False).slot_bytes`)."""
+    return _align(int(header.raw_size), GPU_ALIGN)
+
+
+@dataclass
+class _Staging:
+    """A device buffer the compact payload lands in before it is dequantized into a dense slot."""
+
+    buf: torch.Tensor                # uint8 [raw slot bytes] on the device
+    event: Any = None                # recorded after the last dequantization that read it (CUDA)
 
 
 @dataclass
@@ -118,7 +196,7 @@ class ExpertCache(ExpertProvider):
                  scratch_slots: int | None = None, workers: int = 1, ewma_alpha: float = 0.3,
                  pin_memory: bool | None = None, miss_precision: str | None = None,
                  low_slots: int | None = None, fetch_workers: int = 0, fetch_target: str | None = None,
-                 fetch_options: Mapping[str, Any] | None = None) -> None:
+                 fetch_options: Mapping[str, Any] | None = None, dense_slots: bool | None = None) -> None:
         cfg = source.config
         self.source = source
         self.config = cfg
@@ -133,8 +211,11 @@ class ExpertCache(ExpertProvider):
         probe = bytes(source.fetch(0, 0, priority="demand"))
         from expert_store import format as blob_format
         header, _ = blob_format.read_header(probe)
-        self.raw_size = int(header.raw_size)
-        self.slot_bytes = _align(self.raw_size, GPU_ALIGN)
+        self.raw_size = int(header.raw_size)     # compact payload: what crosses the link
+        # dense slots: int8/int4 dequantized once per load into the compute dtype (see the module doc)
+        self.dense_slots = _dense_slots(dense_slots, self.precision, self.cuda)
+        self.dense_layout = DenseLayout.of(header, source.dtype) if self.dense_slots else None
+        self.slot_bytes = self.dense_layout.nbytes if self.dense_layout else raw_slot_bytes(header)
         max_blob = len(probe)
         for l in range(self.L):
             for e in range(self.E):
@@ -194,10 +275,20 @@ class ExpertCache(ExpertProvider):
         self._host_slot_event: dict[int, Any] = {}
         self._host: OrderedDict[tuple[int, int], _HostEntry] = OrderedDict()
 
-        # --- copy stream ------------------------------------------------------------------------
+        # --- copy stream (+ dequant stream and staging buffers for dense slots) --------------------
         self.copy_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
+        self.dequant_stream = torch.cuda.Stream(device=self.device) if self.cuda and self.dense_slots else None
         self._compute_stream = torch.cuda.current_stream(self.device) if self.cuda else None
         self._pending_timings: list[tuple[Any, Any]] = []
+        self._staging: list[_Staging] = []
+        if self.dense_slots:
+            # CUDA: two keep the copy engine and the dequantization busy (a buffer returns to the
+            # pool as soon as its work is enqueued); CPU: used synchronously, one per loader thread
+            n_stage = 2 if self.cuda else self.workers + 1
+            raw_bytes = raw_slot_bytes(header)
+            self._staging = [_Staging(torch.empty(raw_bytes, dtype=torch.uint8, device=self.device))
+                             for _ in range(n_stage)]
+        self.staging_buffers = len(self._staging)
 
         # --- loader -----------------------------------------------------------------------------
         self._tasks: dict[tuple[int, int], _Task] = {}
@@ -222,7 +313,8 @@ class ExpertCache(ExpertProvider):
             if miss_precision == self.precision:
                 raise ValueError(f"miss_precision must differ from the cache precision ({self.precision})")
             low_source = dataclasses.replace(source, precision=miss_precision)  # checks the store has it
-            self._low = _LowPrecisionTier(self, low_source, int(low_slots or max(self.L, 2 * self.top_k)))
+            self._low = _LowPrecisionTier(self, low_source, int(low_slots or max(self.L, 2 * self.top_k)),
+                                          _dense_slots(dense_slots, miss_precision, self.cuda))
         self.reset_stats()
         self._threads = [threading.Thread(target=self._worker, name=f"expert-loader-{i}", daemon=True)
                          for i in range(self.workers)]
@@ -269,6 +361,9 @@ class ExpertCache(ExpertProvider):
                 "load_cost_s": {t: self.load_cost(t) for t in TIERS},
                 "load_cost_measured": {t: self._cost[t].n for t in ("host", "store")},
                 "slot_bytes": self.slot_bytes,
+                "dense_slots": self.dense_slots,
+                "raw_bytes": self.raw_size,
+                "staging_buffers": self.staging_buffers,
                 "host_slot_bytes": self.host_slot_bytes,
                 "gpu_quota": list(self.quota),
                 "scratch_slots": self.scratch_slots,
@@ -477,6 +572,8 @@ class ExpertCache(ExpertProvider):
             t.join(timeout=5)
         if self.cuda:
             self.copy_stream.synchronize()
+            if self.dequant_stream is not None:
+                self.dequant_stream.synchronize()
         if self._fetch_pool is not None:  # stops its processes, unregisters and unlinks the arena
             self._fetch_pool.close()
 
@@ -792,6 +889,9 @@ class ExpertCache(ExpertProvider):
         from expert_store.quant import tensors_from_raw
 
         src = self.host_pool[h.slot, h.raw_offset:h.raw_offset + h.header.raw_size]
+        if self.dense_layout is not None:
+            self._load_dense(ent, h, src)
+            return
         dst = ent.buf[:h.header.raw_size]
         if self.cuda:
             wait_ev = ent.prev_free_event
@@ -813,6 +913,56 @@ class ExpertCache(ExpertProvider):
                 self._cost["host"].update(time.perf_counter() - t0)
         views = tensors_from_raw(h.header, ent.buf[:h.header.raw_size])
         ent.weights = expert_weights_from_views(h.header, views)
+
+    def _load_dense(self, ent: _GpuEntry, h: _HostEntry, src: torch.Tensor) -> None:
+        """Compact payload host slot -> staging buffer (copy stream) -> dequantized into the dense
+        slot (dequant stream); the expert's event is recorded after the dequantization. No lock held."""
+        from expert_store import format as blob_format
+
+        header, layout = h.header, self.dense_layout
+        if not layout.matches(header):
+            raise blob_format.BlobError(f"layer {ent.layer} expert {ent.expert}: tensors "
+                                        f"{[(t.name, t.shape) for t in header.tensors]} differ from the first expert's")
+        stage = self._take_staging()
+        try:
+            raw = stage.buf[:header.raw_size]
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                copied = torch.cuda.Event()
+                with torch.cuda.device(self.device):
+                    with torch.cuda.stream(self.copy_stream):
+                        if stage.event is not None:   # the last dequantization that read this buffer
+                            self.copy_stream.wait_event(stage.event)
+                        start.record(self.copy_stream)
+                        raw.copy_(src, non_blocking=True)
+                        copied.record(self.copy_stream)
+                    with torch.cuda.stream(self.dequant_stream):
+                        self.dequant_stream.wait_event(copied)
+                        if ent.prev_free_event is not None:   # kernels still reading the slot
+                            self.dequant_stream.wait_event(ent.prev_free_event)
+                        dense = layout.fill(header, raw, ent.buf)
+                        end.record(self.dequant_stream)
+                stage.event = ent.copy_event = end
+                with self._lock:
+                    self._host_slot_event[h.slot] = copied  # the host slot is read until `copied`
+                    self._pending_timings.append((start, end))
+            else:
+                t0 = time.perf_counter()
+                raw.copy_(src)
+                dense = layout.fill(header, raw, ent.buf)
+                with self._lock:
+                    self._cost["host"].update(time.perf_counter() - t0)
+        finally:
+            with self._lock:
+                self._staging.append(stage)
+                self._cond.notify_all()
+        ent.weights = ExpertWeights(dense["w1"], dense["w3"], dense["w2"], self.precision)
+
+    def _take_staging(self) -> _Staging:
+        with self._lock:
+            while not self._staging:
+                self._cond.wait(timeout=0.05)
+            return self._staging.pop()
 
     def _harvest_timings(self) -> None:
         if not self._pending_timings:
@@ -852,16 +1002,24 @@ class _LowPrecisionTier:
     """GPU copies of experts at a lower precision (e.g. int4), for demand misses of experts the
     gating marked as low-weight (HOBBIT): a smaller blob crosses the link instead of the full one.
     A small pool of fixed slots, one LRU over all layers; loads run on the caller's thread (they
-    are demand loads), through one pinned staging buffer, H2D on the cache's copy stream."""
+    are demand loads), through one pinned staging buffer, H2D on the cache's copy stream. With
+    `dense` a slot holds the expert dequantized into the compute dtype (like the cache's dense
+    slots): the payload is copied into one device staging buffer and dequantized from there on
+    the cache's dequant stream."""
 
-    def __init__(self, cache: ExpertCache, source: ExpertSource, slots: int) -> None:
+    def __init__(self, cache: ExpertCache, source: ExpertSource, slots: int, dense: bool = False) -> None:
         from expert_store import format as blob_format
 
         self.cache, self.source = cache, source
         probe = bytes(source.fetch(0, 0, priority="demand"))
         header, _ = blob_format.read_header(probe)
         self.raw_size = int(header.raw_size)
-        self.slot_bytes = _align(self.raw_size, GPU_ALIGN)
+        self.dense_layout = DenseLayout.of(header, source.dtype) if dense else None
+        self.slot_bytes = self.dense_layout.nbytes if dense else raw_slot_bytes(header)
+        self.device_stage = (_Staging(torch.empty(raw_slot_bytes(header), dtype=torch.uint8, device=cache.device))
+                             if dense else None)
+        if dense and cache.cuda and cache.dequant_stream is None:
+            cache.dequant_stream = torch.cuda.Stream(device=cache.device)
         max_blob = max([len(probe)] + [source.blob_size(l, e) or 0 for l in range(cache.L) for e in range(cache.E)])
         stage = _align(max(max_blob, self.raw_size), HOST_ALIGN)
         if slots < cache.top_k:
@@ -922,24 +1080,57 @@ class _LowPrecisionTier:
                     old = self.lru.pop(victim)
                     slot, wait_ev = old.slot, old.free_event
             ent = _GpuEntry(layer, expert, slot, self.pool[slot], loading=False)
-            dst = ent.buf[:header.raw_size]
-            if c.cuda:
-                with torch.cuda.device(c.device), torch.cuda.stream(c.copy_stream):
-                    if wait_ev is not None:
-                        c.copy_stream.wait_event(wait_ev)
-                    dst.copy_(src, non_blocking=True)
-                    ev = torch.cuda.Event()
-                    ev.record(c.copy_stream)
-                ent.copy_event = self.stage_event = ev
+            if self.dense_layout is not None:
+                ent.weights = self._load_dense(ent, header, src, wait_ev)
             else:
-                dst.copy_(src)
-            ent.weights = expert_weights_from_views(header, tensors_from_raw(header, dst))
+                dst = ent.buf[:header.raw_size]
+                if c.cuda:
+                    with torch.cuda.device(c.device), torch.cuda.stream(c.copy_stream):
+                        if wait_ev is not None:
+                            c.copy_stream.wait_event(wait_ev)
+                        dst.copy_(src, non_blocking=True)
+                        ev = torch.cuda.Event()
+                        ev.record(c.copy_stream)
+                    ent.copy_event = self.stage_event = ev
+                else:
+                    dst.copy_(src)
+                ent.weights = expert_weights_from_views(header, tensors_from_raw(header, dst))
             with c._lock:
                 c._low_c["loads"] += 1
                 c._low_c["bytes"] += header.raw_size
                 self.lru[key] = ent
                 self.handed.add(key)
             return ent.weights, ent.copy_event, True
+
+    def _load_dense(self, ent: _GpuEntry, header: Any, src: torch.Tensor, wait_ev: Any) -> ExpertWeights:
+        """Host staging -> device staging (copy stream) -> dequantized into ent's slot (dequant
+        stream, after `wait_ev`: the slot's last readers). self.lock held."""
+        from expert_store import format as blob_format
+
+        c, layout, stage = self.cache, self.dense_layout, self.device_stage
+        if not layout.matches(header):
+            raise blob_format.BlobError(f"low-precision layer {ent.layer} expert {ent.expert}: tensor shapes differ")
+        raw = stage.buf[:header.raw_size]
+        if c.cuda:
+            copied, done = torch.cuda.Event(), torch.cuda.Event()
+            with torch.cuda.device(c.device):
+                with torch.cuda.stream(c.copy_stream):
+                    if stage.event is not None:   # the last dequantization that read the device staging
+                        c.copy_stream.wait_event(stage.event)
+                    raw.copy_(src, non_blocking=True)
+                    copied.record(c.copy_stream)
+                with torch.cuda.stream(c.dequant_stream):
+                    c.dequant_stream.wait_event(copied)
+                    if wait_ev is not None:
+                        c.dequant_stream.wait_event(wait_ev)
+                    dense = layout.fill(header, raw, ent.buf)
+                    done.record(c.dequant_stream)
+            self.stage_event = copied            # the host staging is read until `copied`
+            stage.event = ent.copy_event = done
+        else:
+            raw.copy_(src)
+            dense = layout.fill(header, raw, ent.buf)
+        return ExpertWeights(dense["w1"], dense["w3"], dense["w2"], self.source.precision)
 
     def release(self, layer: int) -> None:
         """Called with the cache lock held when `layer` is done."""
@@ -956,6 +1147,14 @@ class _LowPrecisionTier:
 
 
 # ---------------------------------------------------------------------------------------------
+def _dense_slots(option: bool | None, precision: str, cuda: bool) -> bool:
+    """Whether slots at `precision` hold dequantized experts: `option`, by default on for
+    int8/int4 on CUDA; bf16 payloads are dense already (their slots hold them as they are)."""
+    if precision == "bf16":
+        return False
+    return cuda if option is None else bool(option)
+
+
 def plan_quotas(config: Any, slot_bytes: int, gpu_cache_bytes: int | None, scratch_slots: int,
                 plan: str = "uniform", profile: Mapping[str, Any] | None = None) -> list[int]:
     """GPU slots per layer for a byte budget: AdapMoE's DP (`plan="uniform"`, uniform expert
