@@ -439,7 +439,7 @@ def fill_gpu(cache: Any, L: int, E: int) -> None:
 
 
 def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.device, target: str,
-                 profile: dict) -> Engine:
+                 profile: dict, remote_fetch_workers: int = 0) -> Engine:
     precision = store_precision(prep)
     dtype = compute_dtype(device)
     with StoreClient.open(str(prep.store)) as c:
@@ -470,9 +470,13 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
     if mode in ("adapmoe", "adapmoe-cost", "store-remote"):
         gating = "cost-aware" if mode == "adapmoe-cost" else "adaptive"
         host = host_all if mode != "store-remote" else (n_experts // 2) * hslot
+        options: dict[str, Any] = {"scratch_slots": 0, "plan": "uniform"}
+        if mode == "store-remote" and remote_fetch_workers:
+            # the distributed case as deployed: the host tier is a FetchPool arena that N processes
+            # receive into (one Python process receives ~0.3-0.9 GB/s)
+            options.update(fetch_workers=remote_fetch_workers, fetch_target=target)
         eng = Engine.from_store(target, prep.model, gpu_cache_bytes=gpu_bytes, host_cache_bytes=host,
-                                gating=gating, budget=T, prefetch=True,
-                                cache_options={"scratch_slots": 0, "plan": "uniform"}, **common)
+                                gating=gating, budget=T, prefetch=True, cache_options=options, **common)
         if mode == "store-remote":
             # the half the calibration found most popular, per layer
             pop = profile.get("popularity") or [[1.0] * E] * L
@@ -500,7 +504,7 @@ def perplexity_engine(eng: Engine, windows: Sequence[torch.Tensor]) -> float | N
 def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torch.device, args: argparse.Namespace,
                    target: str, profile: dict, pinned_gbps: float) -> dict[str, Any]:
     t_build = time.perf_counter()
-    eng = build_engine(prep, mode, budget, device, target, profile)
+    eng = build_engine(prep, mode, budget, device, target, profile, args.remote_fetch_workers)
     build_s = time.perf_counter() - t_build
     try:
         warm = min(args.warmup_tokens, 4) if mode == "store-remote" else args.warmup_tokens
@@ -796,6 +800,7 @@ def run_model(prep: Prepared, device: torch.device, args: argparse.Namespace, wo
                         row = run_engine_row(prep, mode, b, device, args, target, profile, pinned_gbps)
                         if mode == "store-remote":
                             row["store_workers"] = args.store_workers
+                            row["fetch_workers"] = args.remote_fetch_workers
                 except Exception as e:   # one broken row must not lose the others
                     import traceback
                     traceback.print_exc()
@@ -835,6 +840,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib-tokens", type=int, default=2048)
     p.add_argument("--calib-seq", type=int, default=256)
     p.add_argument("--store-workers", type=int, default=4)
+    p.add_argument("--remote-fetch-workers", type=int, default=4,
+                   help="store-remote: FetchPool processes receiving into the host tier (0 = the engine's own client)")
     p.add_argument("--profile-rows", default="lru,adapmoe", help="rows to run the torch profiler on (comma list)")
     p.add_argument("--profile-tokens", type=int, default=16)
     # model A
@@ -877,6 +884,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.new_tokens, args.warmup_tokens, args.prompt_tokens, args.accelerate_tokens = 6, 2, 8, 3
         args.remote_tokens, args.b_accelerate_tokens = 4, 3
         args.ppl_windows, args.calib_tokens, args.calib_seq, args.store_workers = 2, 128, 64, 2
+        args.remote_fetch_workers = 2
         args.profile_tokens = 2
     return args
 
