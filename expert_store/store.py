@@ -43,6 +43,7 @@ import xxhash
 from expert_store import format as blob_format
 from expert_store.errors import DataLoss, InvalidArgument, NotFound, StoreError
 from expert_store.tiers import MemoryTier, NvmeTier, RedisTier, TieredStore
+from expert_store.tiers.nvme import file_signature, settled_signature
 
 DEFAULT_RAM_BYTES = 256 << 20
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -95,7 +96,8 @@ class BlobReader:
     server streams. ``total`` is the file's size, ``source`` where the bytes come from
     ("whole": read whole and checked, "cached": a checked copy from RAM/Redis, "nvme":
     streamed from the file). Iterate (or call ``next``); always ``close()`` (or use ``with``). At least one
-    chunk comes out, even at offset == total (so the reader learns total and last=True)."""
+    chunk comes out, even at offset == total (so the reader learns total and last=True).
+    ``data`` is a read-only memoryview (no copy; the server copies it once, into the message)."""
 
     total: int
     source: str
@@ -104,7 +106,7 @@ class BlobReader:
     def __iter__(self) -> "BlobReader":
         return self
 
-    def __next__(self) -> tuple[int, bytes, bool]:
+    def __next__(self) -> tuple[int, memoryview, bool]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -124,7 +126,8 @@ def _check_offset(offset: Any, total: int) -> int:
 
 
 class BufferReader(BlobReader):
-    """Chunks of bytes already in memory (and already checked by the caller)."""
+    """Chunks of bytes already in memory (and already checked by the caller): memoryviews
+    of them, no copies (the bytes are immutable)."""
 
     def __init__(self, data: bytes | memoryview, offset: int, chunk_bytes: int, source: str) -> None:
         self._view = memoryview(data)
@@ -134,14 +137,14 @@ class BufferReader(BlobReader):
         self._chunk = chunk_bytes
         self._done = False
 
-    def __next__(self) -> tuple[int, bytes, bool]:
+    def __next__(self) -> tuple[int, memoryview, bool]:
         if self._done:
             raise StopIteration
         start = self._pos
         end = min(self.total, start + self._chunk)
         self._pos = end
         self._done = end == self.total
-        return start, bytes(self._view[start:end]), self._done
+        return start, self._view[start:end], self._done
 
     def close(self) -> None:
         self._done = True
@@ -158,21 +161,27 @@ class NvmeRangeReader(BlobReader):
     blocks (read in a thread, 4 MiB handed to the event loop per hop) came within ~15% of it.
     A stream then holds at most ~16 MiB (block + one batch sent + one read ahead) instead of
     the blob (350 MB for a Mixtral bf16 expert); files up to ``stream_above_bytes`` (16 MiB)
-    are read whole as before.
+    are read whole as before. Chunks are memoryviews of the block read (each block is a new
+    bytes object, so a chunk stays valid while it is being sent).
 
-    Integrity, and why it is sound: the reader hashes exactly the bytes it hands out, in
-    order, from one open file, starting at byte 0. A resumed stream (offset > 0) first reads
-    and hashes the prefix the client already has (read and dropped chunk by chunk: disk or
-    page-cache time, no memory), so the digest always covers the whole file. The last chunk
-    is handed out only after the digest matched the manifest; on a mismatch ``next`` raises
-    DataLoss instead, so a reader never sees last=True on bytes that fail the check, and a
-    corrupt copy can never complete a stream. (Bytes of earlier chunks have gone out by
-    then, but a client only accepts a blob at its last chunk, and the client checks the
-    assembled blob again - format.check_blob - which catches a resume whose earlier bytes
-    came from a different copy.) The alternative, checking a file once and caching "good"
-    per (path, mtime, size), was rejected: bit rot or an in-place write with a preserved or
-    coarse mtime would then be served unchecked, and resuming would not be verified at all.
-    The price is re-reading the prefix on a resume, which is rare and runs at disk speed.
+    Integrity. Unchecked file: the reader hashes exactly the bytes it hands out, in order,
+    from one open file, starting at byte 0. A resumed stream (offset > 0) first reads and
+    hashes the prefix the client already has, so the digest always covers the whole file.
+    The last chunk is handed out only after the digest matched the manifest; on a mismatch
+    ``next`` raises DataLoss instead, so a reader never sees last=True on bytes that fail the
+    check, and a corrupt copy can never complete a stream. (Bytes of earlier chunks have gone
+    out by then, but a client only accepts a blob at its last chunk, and the client checks the
+    assembled blob again - format.check_blob.) A full match is remembered against the file's
+    stat signature (TieredStore.note_nvme_verified; only for a file unchanged for
+    SETTLE_NS, since file timestamps are coarse).
+
+    Checked file (its signature at open matches a remembered check): read without hashing,
+    and a resume seeks straight to its offset. The last chunk is handed out only if the
+    file's signature is still the same (a write to it mid-stream, or since the check, changes
+    its mtime/ctime: DataLoss). What this cannot see is a change stat does not show (bit rot
+    under an unchanged inode); the client's seal check on the assembled blob catches that,
+    and `expert-store verify` re-reads everything. The win: no hash per request, and a
+    resume costs nothing.
     """
 
     def __init__(self, tiered: TieredStore, key: str, file: Any, size: int, digest: str, offset: int,
@@ -183,26 +192,31 @@ class NvmeRangeReader(BlobReader):
         self.total = size
         self.source = "nvme"
         self.reads_disk = True
+        self._token = ("xxh3", size, digest)
         try:
-            actual = os.fstat(file.fileno()).st_size
-            if actual != size:
+            self._stat = os.fstat(file.fileno())
+            if self._stat.st_size != size:
                 tiered.note_corrupt()
-                raise DataLoss(f"no good copy of {key}: nvme: size {actual} != manifest size {size}")
+                raise DataLoss(f"no good copy of {key}: nvme: size {self._stat.st_size} != manifest size {size}")
             self._offset = _check_offset(offset, size)
+            signature = settled_signature(self._stat, self._stat)
+            self.trusted = signature is not None and tiered.nvme_verified(key, signature, self._token)
+            if self.trusted and offset:
+                file.seek(offset)  # checked already: the prefix need not be read again
         except BaseException:
             self.close()
             raise
         self._digest = digest
-        self._hash = xxhash.xxh3_128()
+        self._hash = None if self.trusted else xxhash.xxh3_128()
         self._chunk = chunk_bytes
-        self._pos = 0                     # bytes read (and hashed) from the file
+        self._pos = offset if self.trusted else 0  # bytes read from the file (and hashed, when not trusted)
         self._block_bytes = max(chunk_bytes, READ_BLOCK_BYTES)
-        self._block = b""                 # the last block read; chunks are cut from it
+        self._block = memoryview(b"")      # the last block read; chunks are cut from it
         self._block_off = 0
         self._done = False
         self._seconds = 0.0
 
-    def _read(self, n: int) -> bytes:
+    def _read(self, n: int) -> memoryview:
         parts, want = [], n
         while want:
             data = self._file.read(want)
@@ -212,15 +226,24 @@ class NvmeRangeReader(BlobReader):
             parts.append(data)
             want -= len(data)
         data = parts[0] if len(parts) == 1 else b"".join(parts)
-        self._hash.update(data)
         self._pos += n
-        if self._pos == self.total and self._hash.hexdigest() != self._digest:
-            # checked as soon as the last byte is read: before any chunk of the final block
+        if self._hash is not None:
+            self._hash.update(data)
+            if self._pos == self.total:
+                # checked as soon as the last byte is read: before any chunk of the final block
+                if self._hash.hexdigest() != self._digest:
+                    self._tiered.note_corrupt()
+                    raise DataLoss(f"no good copy of {self.key}: nvme: xxh3 does not match the manifest")
+                signature = settled_signature(self._stat, os.fstat(self._file.fileno()))
+                if signature is not None:
+                    self._tiered.note_nvme_verified(self.key, signature, self._token)
+        elif self._pos == self.total and file_signature(os.fstat(self._file.fileno())) != file_signature(self._stat):
+            self._tiered.forget_nvme_verified(self.key)
             self._tiered.note_corrupt()
-            raise DataLoss(f"no good copy of {self.key}: nvme: xxh3 does not match the manifest")
-        return data
+            raise DataLoss(f"no good copy of {self.key}: nvme: the file changed while it was streamed")
+        return memoryview(data)
 
-    def __next__(self) -> tuple[int, bytes, bool]:
+    def __next__(self) -> tuple[int, memoryview, bool]:
         if self._done or self._file is None:
             raise StopIteration
         t0 = time.perf_counter()
@@ -228,12 +251,12 @@ class NvmeRangeReader(BlobReader):
             while self._pos < self._offset:  # the prefix the client already has: hash only
                 self._read(min(self._block_bytes, self._offset - self._pos))
             if self._block_off == len(self._block) and self._pos < self.total:
-                # one read of a block, then chunks copied out of it (fewer, larger reads)
+                # one read of a block, then chunks cut out of it (fewer, larger reads)
                 self._block = self._read(min(self._block_bytes, self.total - self._pos))
                 self._block_off = 0
             start = self._pos - (len(self._block) - self._block_off)
             end = min(len(self._block), self._block_off + self._chunk)
-            data = bytes(memoryview(self._block)[self._block_off:end])
+            data = self._block[self._block_off:end]
             self._block_off = end
             last = self._pos == self.total and end == len(self._block)
         except BaseException:
@@ -242,7 +265,7 @@ class NvmeRangeReader(BlobReader):
         finally:
             self._seconds += time.perf_counter() - t0
         if last:
-            self._tiered.nvme.count_read(self.total, self._seconds)
+            self._tiered.nvme.count_read(self.total - self._offset if self.trusted else self.total, self._seconds)
             self.close()
         return start, data, last
 
@@ -455,6 +478,15 @@ class ModelStore:
             raise NotFound(f"{model} was not packed at precision {precision!r} (has {', '.join(index.precisions)})")
         return index, blob_format.expert_key(model, layer, expert, precision)
 
+    def _expert_check(self, index: _ModelIndex, layer: int, expert: int, precision: str) -> tuple[Any, tuple]:
+        """(validator, token) of one expert blob: TieredStore.get's check and its name."""
+        expected = index.blobs.get((layer, expert, precision))
+        if expected is not None and expected[1]:
+            token = ("xxh3", expected[0], expected[1])
+        else:
+            token = ("seal", index.model, layer, expert, precision)
+        return self._expert_validator(index, layer, expert, precision), token
+
     def _expert_validator(self, index: _ModelIndex, layer: int, expert: int, precision: str):
         expected = index.blobs.get((layer, expert, precision))
 
@@ -480,7 +512,8 @@ class ModelStore:
     def expert_blob(self, model: str, layer: int, expert: int, precision: str) -> bytes:
         """The encoded blob of one expert, checked before it is returned."""
         index, key = self._ref(model, layer, expert, precision)
-        data = self.tiered.get(key, validate=self._expert_validator(index, layer, expert, precision))
+        validate, token = self._expert_check(index, layer, expert, precision)
+        data = self.tiered.get(key, validate=validate, token=token)
         if data is None:
             raise NotFound(f"no blob for {model} layer {layer} expert {expert} at {precision}")
         return data
@@ -507,7 +540,8 @@ class ModelStore:
             if index.dense_xxh3 and _xxh3(data) != index.dense_xxh3:
                 raise DataLoss("xxh3 does not match the manifest's dense_xxh3")
 
-        data = self.tiered.get(key, validate=validate)
+        token = ("xxh3", index.dense_size, index.dense_xxh3) if index.dense_size or index.dense_xxh3 else None
+        data = self.tiered.get(key, validate=validate, token=token)
         if data is None:
             raise NotFound(f"{index.model} has no dense weights")
         return data
@@ -548,7 +582,9 @@ class ModelStore:
 
     def _open_ranged(self, key: str, size: int, digest: str, validate, offset: int, chunk_bytes: int) -> BlobReader:
         _check_offset(offset, size)
-        data = self.tiered.get_cached(key, validate=validate)
+        # the token of a size+xxh3 check is the same as expert_blob's, so a copy checked by
+        # either path counts for both
+        data = self.tiered.get_cached(key, validate=validate, token=("xxh3", size, digest))
         if data is not None:
             return BufferReader(data, offset, chunk_bytes, "cached")
         f = self.nvme.open_read(key)

@@ -20,6 +20,25 @@ from expert_store.errors import ResourceExhausted
 from expert_store.tiers.base import TierStats, check_key
 
 _TMP_MARK = ".tmp-"
+# A file whose mtime/ctime is this recent may still change without its stat changing (the
+# kernel stamps files with a coarse clock): its content is checked on every read until then.
+SETTLE_NS = 2_000_000_000
+
+
+def file_signature(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What changes whenever a file's content can have changed: a rename over it (inode), a
+    write or truncate (size, mtime, ctime; ctime cannot be set back, even by utime)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def settled_signature(before: os.stat_result, after: os.stat_result) -> tuple | None:
+    """The file's signature when it did not change between ``before`` and ``after`` (an
+    fstat around a read) and was last changed more than SETTLE_NS ago; else None (then
+    nothing about its content may be remembered)."""
+    sig = file_signature(before)
+    if file_signature(after) != sig or time.time_ns() - max(before.st_mtime_ns, before.st_ctime_ns) <= SETTLE_NS:
+        return None
+    return sig
 _SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
@@ -156,6 +175,25 @@ class NvmeTier:
             raise
         self._stats.hit(len(data), time.perf_counter() - t0)
         return data
+
+    def get_signed(self, key: str) -> tuple[bytes, tuple | None] | None:
+        """get(key) plus the file's settled_signature around the read (None when it changed
+        meanwhile or changed recently); None when absent."""
+        path = self.path(key)
+        t0 = time.perf_counter()
+        try:
+            with open(path, "rb", buffering=0) as f:
+                before = os.fstat(f.fileno())
+                data = f.read()
+                after = os.fstat(f.fileno())
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            self._stats.miss(time.perf_counter() - t0)
+            return None
+        except OSError:
+            self._stats.error()
+            raise
+        self._stats.hit(len(data), time.perf_counter() - t0)
+        return data, settled_signature(before, after)
 
     def read_range(self, key: str, offset: int = 0, length: int | None = None) -> bytes | None:
         """``length`` bytes of ``key`` from ``offset`` (to the end when None); None if absent."""

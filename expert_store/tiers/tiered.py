@@ -1,11 +1,20 @@
-"""TieredStore: RAM -> Redis -> NVMe reads with promotion, write-through puts."""
+"""TieredStore: RAM -> Redis -> NVMe reads with promotion, write-through puts.
+
+Checked once, not per read: a caller that names its check with a ``token`` gets a copy
+checked only when it is new to that check. A RAM copy is checked when it enters the tier
+(or on its first read) and is immutable after; an NVMe file is checked again whenever its
+stat signature (inode, size, mtime, ctime) changes, and on every read while it changed less
+than NvmeTier's SETTLE_NS ago (coarse file timestamps); Redis copies, shared and remote, are
+checked on every read. What stat cannot see (bit rot under an unchanged inode) is caught by
+the client, which checks the blob's seal on every fetch, and by `expert-store verify`."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from typing import Callable
+from collections import OrderedDict
+from typing import Callable, Hashable
 
 from expert_store.errors import DataLoss
 from expert_store.tiers.memory import MemoryTier
@@ -14,6 +23,7 @@ from expert_store.tiers.redis import RedisTier
 
 log = logging.getLogger(__name__)
 
+MAX_REMEMBERED_FILES = 1 << 16
 Validator = Callable[[bytes], None]
 """Raises (any exception) when the bytes are not a good copy of the key."""
 
@@ -28,89 +38,124 @@ class TieredStore:
         self._misses = 0
         self._corrupt = 0
         self._get_seconds = 0.0
+        # key -> (file signature, token) of NVMe files whose content passed a check
+        self._nvme_checked: OrderedDict[str, tuple[tuple, Hashable]] = OrderedDict()
 
     @property
     def tiers(self) -> list:
         """The tiers in read order (fastest first)."""
         return [t for t in (self.memory, self.redis, self.nvme) if t is not None]
 
-    def get(self, key: str, validate: Validator | None = None) -> bytes | None:
+    def get(self, key: str, validate: Validator | None = None, token: Hashable | None = None) -> bytes | None:
         """The bytes of ``key`` from the fastest tier that has a good copy, or None.
 
         A copy that ``validate`` rejects is dropped from RAM/Redis and the next tier is
         tried; copies found below are promoted into the faster tiers. When a tier held a
         copy but none was good, raises DataLoss (the NVMe file is never deleted here:
-        it is the source of truth, `expert-store verify` reports it)."""
+        it is the source of truth, `expert-store verify` reports it).
+
+        ``token`` (hashable) names what ``validate`` checks, e.g. the manifest's (size,
+        xxh3): a copy that already passed the same check is not checked again (a RAM copy
+        since it entered the tier, an NVMe file while its stat is unchanged; see
+        _first_good). None: every copy is validated on every read."""
         t0 = time.perf_counter()
-        bad: list[str] = []
-        data = None
-        found_in = None
-        for tier in self.tiers:
-            candidate = tier.get(key)
-            if candidate is None:
-                continue
-            if validate is not None:
-                try:
-                    validate(candidate)
-                except Exception as exc:  # noqa: BLE001 - any rejection means a bad copy
-                    bad.append(f"{tier.name}: {exc}")
-                    log.warning("bad copy of %s in the %s tier: %s", key, tier.name, exc)
-                    if tier is not self.nvme:
-                        tier.delete(key)
-                    continue
-            data, found_in = candidate, tier
-            break
+        data, found_in, bad = self._first_good(self.tiers, key, validate, token)
         with self._lock:
             self._gets += 1
             self._get_seconds += time.perf_counter() - t0
-            if bad:
-                self._corrupt += len(bad)
+            self._corrupt += len(bad)
             if data is None:
                 self._misses += 1
         if data is None:
             if bad:
                 raise DataLoss(f"no good copy of {key}: " + "; ".join(bad))
             return None
-        if found_in is self.nvme or found_in is self.redis:
-            if found_in is self.nvme and self.redis is not None:
-                self.redis.put(key, data)
-            if self.memory is not None:
-                self.memory.put(key, data)
+        self._promote(key, data, found_in, token if validate is not None else None)
         return data
 
-    def get_cached(self, key: str, validate: Validator | None = None) -> bytes | None:
+    def get_cached(self, key: str, validate: Validator | None = None, token: Hashable | None = None) -> bytes | None:
         """The bytes of ``key`` from RAM or Redis only (NVMe is not read), or None.
 
         A cached copy that ``validate`` rejects is dropped and counted as corrupt; a Redis
         hit is promoted into RAM. For the ranged path (ModelStore.open_expert): a miss here
-        means the caller streams the key from NVMe in chunks instead of reading it whole."""
+        means the caller streams the key from NVMe in chunks instead of reading it whole.
+        ``token`` as in get."""
         t0 = time.perf_counter()
-        data = None
-        corrupt = 0
-        for tier in (self.memory, self.redis):
-            if tier is None:
-                continue
-            candidate = tier.get(key)
-            if candidate is None:
-                continue
-            if validate is not None:
-                try:
-                    validate(candidate)
-                except Exception as exc:  # noqa: BLE001 - any rejection means a bad copy
-                    corrupt += 1
-                    log.warning("bad copy of %s in the %s tier: %s", key, tier.name, exc)
-                    tier.delete(key)
-                    continue
-            data = candidate
-            if tier is self.redis and self.memory is not None:
-                self.memory.put(key, data)
-            break
+        data, found_in, bad = self._first_good([t for t in (self.memory, self.redis) if t is not None], key,
+                                               validate, token)
+        if data is not None:
+            self._promote(key, data, found_in, token if validate is not None else None)
         with self._lock:
-            self._corrupt += corrupt
+            self._corrupt += len(bad)
             if data is not None:
                 self._gets += 1
                 self._get_seconds += time.perf_counter() - t0
         return data
+
+    def _first_good(self, tiers: list, key: str, validate: Validator | None,
+                    token: Hashable | None) -> tuple[bytes | None, object, list[str]]:
+        """(bytes, tier) of the first copy in ``tiers`` that passes ``validate`` (or passed
+        it before under ``token``), and "tier: reason" of each copy rejected on the way (each
+        dropped from its tier, except NVMe). (None, None, bad) when no copy is good."""
+        bad: list[str] = []
+        for tier in tiers:
+            data, checked, signature = self._read(tier, key, token)
+            if data is None:
+                continue
+            if validate is not None and not checked:
+                try:
+                    validate(data)
+                except Exception as exc:  # noqa: BLE001 - any rejection means a bad copy
+                    bad.append(f"{tier.name}: {exc}")
+                    log.warning("bad copy of %s in the %s tier: %s", key, tier.name, exc)
+                    if tier is not self.nvme:
+                        tier.delete(key)
+                    continue
+                if token is not None:
+                    self._remember(tier, key, data, token, signature)
+            return data, tier, bad
+        return None, None, bad
+
+    def _read(self, tier, key: str, token: Hashable | None) -> tuple[bytes | None, bool, tuple | None]:
+        """(bytes or None, already checked against ``token``, NVMe file signature)."""
+        if token is None:
+            return tier.get(key), False, None
+        if tier is self.memory:
+            data, verified = tier.get_entry(key)
+            return data, data is not None and verified == token, None
+        if tier is self.nvme:
+            got = tier.get_signed(key)
+            if got is None:
+                return None, False, None
+            data, signature = got
+            return data, signature is not None and self.nvme_verified(key, signature, token), signature
+        return tier.get(key), False, None  # Redis: shared and remote, checked on every read
+
+    def _remember(self, tier, key: str, data: bytes, token: Hashable, signature: tuple | None) -> None:
+        if tier is self.memory:
+            tier.mark_verified(key, data, token)
+        elif tier is self.nvme and signature is not None:
+            self.note_nvme_verified(key, signature, token)
+
+    def _promote(self, key: str, data: bytes, found_in, verified: Hashable | None) -> None:
+        """Copies found below go up: NVMe -> Redis and RAM, Redis -> RAM."""
+        if found_in is self.nvme and self.redis is not None:
+            self.redis.put(key, data)
+        if (found_in is self.nvme or found_in is self.redis) and self.memory is not None:
+            self.memory.put(key, data, verified=verified)
+
+    def nvme_verified(self, key: str, signature: tuple, token: Hashable) -> bool:
+        """Whether the NVMe file of ``key`` with this stat signature already passed ``token``."""
+        with self._lock:
+            return self._nvme_checked.get(key) == (signature, token)
+
+    def note_nvme_verified(self, key: str, signature: tuple, token: Hashable) -> None:
+        """Remember that the file of ``key`` with this (settled) signature passed ``token``."""
+        with self._lock:
+            self._nvme_checked.pop(key, None)
+            self._nvme_checked[key] = (signature, token)
+            while len(self._nvme_checked) > MAX_REMEMBERED_FILES:
+                self._nvme_checked.popitem(last=False)
 
     def note_corrupt(self) -> None:
         """Count a copy found corrupt outside get() (a ranged NVMe stream whose xxh3 failed)."""
@@ -122,6 +167,7 @@ class TieredStore:
         disk), then Redis and RAM (best effort). ``cache=False`` writes NVMe only and drops
         stale cached copies (bulk packing)."""
         self.nvme.put(key, data)
+        self.forget_nvme_verified(key)
         for tier in (self.redis, self.memory):
             if tier is None:
                 continue
@@ -139,6 +185,11 @@ class TieredStore:
     def delete(self, key: str) -> None:
         self.invalidate(key)
         self.nvme.delete(key)
+        self.forget_nvme_verified(key)
+
+    def forget_nvme_verified(self, key: str) -> None:
+        with self._lock:
+            self._nvme_checked.pop(key, None)
 
     def contains(self, key: str) -> bool:
         """Whether the store holds ``key`` (NVMe is authoritative)."""
