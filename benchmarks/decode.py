@@ -412,16 +412,19 @@ class StoreServer:
 # =============================================================================================
 # One row
 # =============================================================================================
-def slot_sizes(client: Any, model: str, precision: str) -> tuple[int, int, int, int]:
-    """(raw payload bytes, GPU slot bytes, host slot bytes, L*E) as decoder/experts/cache.py sizes them."""
-    from decoder.experts.cache import GPU_ALIGN, HOST_ALIGN, _align
+def slot_sizes(client: Any, model: str, precision: str, dense: bool = False,
+               dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int, int]:
+    """(raw payload bytes, GPU slot bytes, host slot bytes, L*E) as decoder/experts/cache.py sizes
+    them; dense=True: the GPU slot of a dense-slot cache (int8/int4 dequantized once per load)."""
+    from decoder.experts.cache import GPU_ALIGN, HOST_ALIGN, _align, dense_slot_bytes
 
     m = client.manifest(model)
     blob = bytes(client.fetch_expert(model, 0, 0, precision))
     h, _ = blob_format.read_header(blob)
     sizes = [v[0] if isinstance(v, (tuple, list)) else v.size for k, v in m.blobs.items() if k[2] == precision]
     raw = int(h.raw_size)
-    return raw, _align(raw, GPU_ALIGN), _align(max(max(sizes), raw), HOST_ALIGN), m.num_layers * m.num_experts
+    gpu_slot = dense_slot_bytes(h, dtype) if dense else _align(raw, GPU_ALIGN)
+    return raw, gpu_slot, _align(max(max(sizes), raw), HOST_ALIGN), m.num_layers * m.num_experts
 
 
 def fill_host_tier(cache: Any, keys: Sequence[tuple[int, int]]) -> None:
@@ -439,20 +442,24 @@ def fill_gpu(cache: Any, L: int, E: int) -> None:
 
 
 def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.device, target: str,
-                 profile: dict, remote_fetch_workers: int = 0) -> Engine:
+                 profile: dict, remote_fetch_workers: int = 0, dense_slots: bool | None = None) -> Engine:
+    from decoder.experts.cache import _dense_slots
+
     precision = store_precision(prep)
     dtype = compute_dtype(device)
+    dense = _dense_slots(dense_slots, precision, device.type == "cuda")
     with StoreClient.open(str(prep.store)) as c:
-        raw, slot, hslot, n_experts = slot_sizes(c, prep.model, precision)
+        raw, slot, hslot, n_experts = slot_sizes(c, prep.model, precision, dense=dense, dtype=dtype)
         m = c.manifest(prep.model)
         L, E = m.num_layers, m.num_experts
     T = float(profile["budget"])
     gpu_bytes = None if budget is None else max(L, round(budget * n_experts)) * slot
     host_all = n_experts * hslot
     common = dict(device=device, dtype=dtype, precision=precision)
+    dense_opt = {"dense_slots": dense}
     if mode == "resident":
         eng = Engine.from_store(target, prep.model, gpu_cache_bytes=n_experts * slot, host_cache_bytes=0,
-                                prefetch=False, **common)
+                                prefetch=False, cache_options=dense_opt, **common)
         fill_gpu(eng.provider, L, E)
         return eng
     if mode == "ondemand":
@@ -464,13 +471,14 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
     if mode == "lru":
         eng = Engine.from_store(target, prep.model, gpu_cache_bytes=gpu_bytes, host_cache_bytes=host_all,
                                 prefetch=False, gating="topk",
-                                cache_options={"profile": None, "scratch_slots": 0, "plan": "uniform"}, **common)
+                                cache_options={"profile": None, "scratch_slots": 0, "plan": "uniform", **dense_opt},
+                                **common)
         fill_host_tier(eng.provider, [(l, e) for l in range(L) for e in range(E)])
         return eng
     if mode in ("adapmoe", "adapmoe-cost", "store-remote"):
         gating = "cost-aware" if mode == "adapmoe-cost" else "adaptive"
         host = host_all if mode != "store-remote" else (n_experts // 2) * hslot
-        options: dict[str, Any] = {"scratch_slots": 0, "plan": "uniform"}
+        options: dict[str, Any] = {"scratch_slots": 0, "plan": "uniform", **dense_opt}
         if mode == "store-remote" and remote_fetch_workers:
             # the distributed case as deployed: the host tier is a FetchPool arena that N processes
             # receive into (one Python process receives ~0.3-0.9 GB/s)
@@ -504,7 +512,8 @@ def perplexity_engine(eng: Engine, windows: Sequence[torch.Tensor]) -> float | N
 def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torch.device, args: argparse.Namespace,
                    target: str, profile: dict, pinned_gbps: float) -> dict[str, Any]:
     t_build = time.perf_counter()
-    eng = build_engine(prep, mode, budget, device, target, profile, args.remote_fetch_workers)
+    eng = build_engine(prep, mode, budget, device, target, profile, args.remote_fetch_workers,
+                       {"auto": None, "on": True, "off": False}[args.dense_slots])
     build_s = time.perf_counter() - t_build
     try:
         warm = min(args.warmup_tokens, 4) if mode == "store-remote" else args.warmup_tokens
@@ -545,7 +554,7 @@ def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torc
         "stall_ms_per_token": st["stall_s_per_token"] * 1e3,
         "gb_per_token": gb_tok,
         "lower_bound_ms_per_token": lower_bound_ms,
-        "gpu_quota": pst.get("gpu_quota"),
+        "gpu_quota": pst.get("gpu_quota"), "dense_slots": pst.get("dense_slots"),
         "heldout_perplexity": ppl,
         "generated_tokens": st["generated_tokens"], "decode_s": st["decode_s"], "build_s": round(build_s, 1),
         "outputs_head": [o[:8] for o in outs],
@@ -840,6 +849,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib-tokens", type=int, default=2048)
     p.add_argument("--calib-seq", type=int, default=256)
     p.add_argument("--store-workers", type=int, default=4)
+    p.add_argument("--dense-slots", choices=("auto", "on", "off"), default="auto",
+                   help="int8/int4 GPU slots dequantized once per load (auto: on with CUDA) or raw, "
+                        "dequantized in every forward (off)")
     p.add_argument("--remote-fetch-workers", type=int, default=4,
                    help="store-remote: FetchPool processes receiving into the host tier (0 = the engine's own client)")
     p.add_argument("--profile-rows", default="lru,adapmoe", help="rows to run the torch profiler on (comma list)")
