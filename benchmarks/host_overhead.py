@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--gpu-fraction", type=float, default=0.5, help="adapmoe: share of experts in the GPU tier")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="compute dtype (bfloat16 = the stored experts' dtype, as on a GPU: no per-call casts)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--profile", default=None, help="cProfile one more run of this row (or 'all')")
     ap.add_argument("--profile-lines", type=int, default=25)
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             ap.error(f"unknown row {r!r} (rows: {', '.join(ROWS)})")
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, a.dtype)
     config = make_config(a)
     model = make_model(config)
     prompt = [1] + [int(t) for t in torch.randint(3, a.vocab, (15,), generator=torch.Generator().manual_seed(7))]

@@ -133,11 +133,22 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: [B, h, S, hd]; cos/sin: [S, hd] or [B, S, hd] (HF "rotate_half" layout)
+    return apply_rope_signed(x, cos, sign_rotated_sin(sin))
+
+
+def sign_rotated_sin(sin: torch.Tensor) -> torch.Tensor:
+    # sin: [..., hd] -> [-sin[..., :hd/2], sin[..., hd/2:]]: rotate_half's sign folded into sin
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def apply_rope_signed(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    # x: [B, h, S, hd]; cos/sin_signed: [S, hd] or [B, S, hd] -> [B, h, S, hd]
+    # x * cos + rotate_half(x) * sin, with rotate_half(x) * sin = roll(x, hd/2) * sin_signed
+    # (bit-identical: (-a) * b == a * (-b)), 4 ops instead of 7
     if cos.dim() == 3:
-        cos, sin = cos[:, None], sin[:, None]                  # [B, 1, S, hd]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+        cos, sin_signed = cos[:, None], sin_signed[:, None]      # [B, 1, S, hd]
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
 
 
 class KVCache(nn.Module):
@@ -182,7 +193,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, S, self.n_head, self.head_dim).transpose(1, 2)  # [B, nh, S, hd]
         k = self.k_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)    # [B, nkv, S, hd]
         v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)    # [B, nkv, S, hd]
-        q, k = apply_rope(q, pos.cos, pos.sin), apply_rope(k, pos.cos, pos.sin)
+        q, k = apply_rope_signed(q, pos.cos, pos.sin_signed), apply_rope_signed(k, pos.cos, pos.sin_signed)
 
         if pos.input_pos is not None:
             if self.kv_cache is None:
@@ -204,7 +215,7 @@ class Positions:
     """Everything position-dependent of one forward, computed once and shared by all layers."""
 
     cos: torch.Tensor                 # [S, hd] | [B, S, hd]
-    sin: torch.Tensor
+    sin_signed: torch.Tensor          # sin with its first half negated (see apply_rope_signed)
     input_pos: torch.Tensor | None    # None: full sequence without cache
     length: int                       # cached length attended to (max position + 1)
     mask: torch.Tensor | None         # bool, broadcastable to [B, nh, S, L]; None with is_causal
@@ -217,9 +228,11 @@ class Positions:
         if input_pos is None:
             qpos = torch.arange(S, device=device)
             cos, sin = rope_cos_sin(qpos, config.head_dim, config.rope_theta, dtype)
+            sin = sign_rotated_sin(sin)
             mask = _attend_mask(qpos, qpos, window) if window is not None and window < S else None  # [S, S]
             return cls(cos, sin, None, S, mask, mask is None and S > 1)
         cos, sin = rope_cos_sin(input_pos, config.head_dim, config.rope_theta, dtype)
+        sin = sign_rotated_sin(sin)
         length = int(input_pos.max()) + 1                                            # one host sync per forward
         if input_pos.dim() == 1 and input_pos.numel() == 1 and (window is None or length <= window):
             return cls(cos, sin, input_pos, length, None, False)                     # one token sees all L
