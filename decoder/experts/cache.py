@@ -299,6 +299,7 @@ class ExpertCache(ExpertProvider):
         self._pinned_keys: set[tuple[int, int]] = set()
         self._looked_up: set[tuple[int, int]] = set()
         self._handed_out: dict[int, set[int]] = {}
+        self._transient = 0                   # entries in buffers outside the pool (slot -1)
         self.step = 0
         self._last_layer = -1
         prior_host = self.raw_size / (PRIOR_BANDWIDTH["host_cuda" if self.cuda else "host_cpu"])
@@ -414,97 +415,103 @@ class ExpertCache(ExpertProvider):
             self._harvest_timings()
 
     def location(self, layer: int, expert: int) -> str:
-        with self._lock:
-            if expert in self._gpu[layer]:
-                return "gpu"          # resident, or its H2D copy already issued
-            if (layer, expert) in self._host:
-                return "host"
-            return "store"
+        # no lock: one dict membership test each (atomic); a load racing it is seen a moment later
+        if expert in self._gpu[layer]:
+            return "gpu"              # resident, or its H2D copy already issued
+        if (layer, expert) in self._host:
+            return "host"
+        return "store"
 
     def ready(self, layer: int, expert: int) -> bool:
-        with self._lock:
-            ent = self._gpu[layer].get(expert)
-            if ent is None or ent.loading:
-                return False
-            return ent.copy_event is None or ent.copy_event.query()
+        ent = self._gpu[layer].get(expert)   # no lock, as in location()
+        if ent is None or ent.loading:
+            return False
+        ev = ent.copy_event
+        if ev is None:
+            return True
+        if ev.query():
+            ent.copy_event = None     # done: get() need not make the compute stream wait on it
+            return True
+        return False
 
     def _check(self, layer: int, expert: int) -> None:
         if not (0 <= layer < self.L and 0 <= expert < self.E):
             raise ValueError(f"no expert ({layer}, {expert}): the model has {self.L} layers of {self.E} experts")
 
     def prepare(self, layer: int, experts: Sequence[int]) -> None:
-        for e in experts:
-            self._check(layer, int(e))
+        needed = sorted({int(e) for e in experts})
+        for e in needed:
+            self._check(layer, e)
         with self._lock:
             if layer <= self._last_layer:   # the engine did not call begin_token: a new step anyway
                 self.step += 1
                 self._c["steps"] += 1
             self._last_layer = layer
-            needed = set(int(e) for e in experts)
-            self._pinned_keys.update((layer, e) for e in needed)
-            # queued prefetches for this layer that the routing did not pick are useless now
-            for e, task in list((k[1], t) for k, t in self._tasks.items() if k[0] == layer):
-                if task.kind == "prefetch" and task.state == "queued" and e not in needed:
-                    self._finish(task, dropped=True)
-                    self._c["prefetch_cancelled"] += 1
-            for e in sorted(needed):
-                if self._use_low(layer, e):
+            self._pinned_keys.update([(layer, e) for e in needed])
+            if self._tasks:
+                # queued prefetches for this layer that the routing did not pick are useless now
+                for (l, e), task in list(self._tasks.items()):
+                    if l == layer and task.kind == "prefetch" and task.state == "queued" and e not in needed:
+                        self._finish(task, dropped=True)
+                        self._c["prefetch_cancelled"] += 1
+            low = self._low is not None
+            for e in needed:
+                if low and self._use_low(layer, e):
                     continue          # get() serves it from the low-precision tier
                 self._lookup(layer, e)
 
     def get(self, layer: int, expert: int) -> ExpertWeights:
         self._check(layer, expert)
         key = (layer, expert)
-        t0 = time.perf_counter()
-        stalled = False
+        t0 = None                     # set when the expert is not there: the stall starts
         with self._lock:
-            low = self._use_low(layer, expert)
+            low = self._low is not None and self._use_low(layer, expert)
+            if not low:
+                if key not in self._looked_up:
+                    self._lookup(layer, expert)
+                lru = self._gpu[layer]
+                while True:
+                    ent = lru.get(expert)
+                    if ent is not None and not ent.loading:
+                        ent.step = self.step
+                        lru.move_to_end(expert)
+                        handed = self._handed_out.get(layer)
+                        if handed is None:
+                            handed = self._handed_out[layer] = set()
+                        handed.add(expert)
+                        w = ent.weights
+                        ev = ent.copy_event
+                        break
+                    if t0 is None:
+                        t0 = time.perf_counter()
+                    task = self._tasks.get(key)
+                    if task is None:
+                        task = self._enqueue(key, "demand")
+                    if task.state == "queued":
+                        # still waiting behind the loader: run it here, now
+                        task.state = "running"
+                        self._c["inline_loads"] += 1
+                        self._lock.release()
+                        try:
+                            self._run(task)
+                        finally:
+                            self._lock.acquire()
+                    else:
+                        self._cond.wait(timeout=0.05)
+                    if task.state == "done" and task.error is not None and self._tasks.get(key) is task:
+                        del self._tasks[key]
+                    if task.state == "done" and task.error is not None:
+                        raise task.error
         if low:
+            t0 = time.perf_counter()
             w, ev, waited = self._low.get(layer, expert)
-            if ev is not None:
-                stream = torch.cuda.current_stream(self.device)
-                self._compute_stream = stream
-                stream.wait_event(ev)
-            if waited:
-                with self._lock:
-                    self._add_stall(time.perf_counter() - t0)
-            return w
-        with self._lock:
-            if key not in self._looked_up:
-                self._lookup(layer, expert)
-            while True:
-                ent = self._gpu[layer].get(expert)
-                if ent is not None and not ent.loading:
-                    ent.step = self.step
-                    self._gpu[layer].move_to_end(expert)
-                    self._handed_out.setdefault(layer, set()).add(expert)
-                    w = ent.weights
-                    ev = ent.copy_event
-                    break
-                task = self._tasks.get(key)
-                if task is None:
-                    task = self._enqueue(key, "demand")
-                stalled = True
-                if task.state == "queued":
-                    # still waiting behind the loader: run it here, now
-                    task.state = "running"
-                    self._c["inline_loads"] += 1
-                    self._lock.release()
-                    try:
-                        self._run(task)
-                    finally:
-                        self._lock.acquire()
-                else:
-                    self._cond.wait(timeout=0.05)
-                if task.state == "done" and task.error is not None and self._tasks.get(key) is task:
-                    del self._tasks[key]
-                if task.state == "done" and task.error is not None:
-                    raise task.error
+            if not waited:
+                t0 = None
         if ev is not None:
             stream = torch.cuda.current_stream(self.device)
             self._compute_stream = stream
             stream.wait_event(ev)
-        if stalled:
+        if t0 is not None:
             with self._lock:
                 self._add_stall(time.perf_counter() - t0)
         assert w is not None
@@ -512,36 +519,42 @@ class ExpertCache(ExpertProvider):
 
     def release(self, layer: int, experts: Sequence[int]) -> None:
         with self._lock:
-            handed = self._handed_out.pop(layer, set())
+            handed = self._handed_out.pop(layer, None)
+            pinned, looked, allow_low = self._pinned_keys, self._looked_up, self._allow_low
             for e in experts:
-                self._pinned_keys.discard((layer, e))
-                self._looked_up.discard((layer, e))
-                self._allow_low.discard((layer, e))
+                key = (layer, e)
+                pinned.discard(key)
+                looked.discard(key)
+                if allow_low:
+                    allow_low.discard(key)
             if self._low is not None:
                 self._low.release(layer)
             if self.cuda and handed:
                 ev = torch.cuda.Event()
                 ev.record(torch.cuda.current_stream(self.device))
+                lru = self._gpu[layer]
                 for e in handed:
-                    ent = self._gpu[layer].get(e)
+                    ent = lru.get(e)
                     if ent is not None:
                         ent.free_event = ev
             self._trim_layer(layer)
 
     def prefetch(self, layer: int, experts: Sequence[int], scores: Sequence[float] | None = None) -> None:
+        experts = [int(e) for e in experts]
+        for e in experts:
+            self._check(layer, e)
         with self._lock:
+            lru, g = self._gpu[layer], self._pf_tier["gpu"]
+            self._c["prefetch_requests"] += len(experts)
+            g["lookups"] += len(experts)
             for i, e in enumerate(experts):
-                e = int(e)
-                self._check(layer, e)
-                key = (layer, e)
-                self._c["prefetch_requests"] += 1
-                ent = self._gpu[layer].get(e)
-                self._pf_tier["gpu"]["lookups"] += 1
+                ent = lru.get(e)
                 if ent is not None:
-                    self._pf_tier["gpu"]["hits"] += 1
+                    g["hits"] += 1
                     ent.step = self.step  # wanted by this token: protect it from other prefetches
                     continue
-                self._pf_tier["gpu"]["misses"] += 1
+                g["misses"] += 1
+                key = (layer, e)
                 if key in self._tasks:
                     continue
                 score = float(scores[i]) if scores is not None else 0.0
@@ -736,6 +749,7 @@ class ExpertCache(ExpertProvider):
         if slot >= 0:
             buf = self.gpu_pool[slot]
         else:
+            self._transient += 1
             buf = torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device)
             if self.cuda:
                 # the allocator may hand out memory that kernels on the compute stream still read:
@@ -751,18 +765,25 @@ class ExpertCache(ExpertProvider):
                    for l, d in enumerate(self._gpu))
 
     def _free_gpu_slot(self, ent: _GpuEntry) -> None:
+        """Give back the slot of an entry whose load failed (already out of its layer's LRU)."""
         if ent.slot >= 0:
             if ent.prev_free_event is not None:
                 self._gpu_slot_events[ent.slot] = ent.prev_free_event
             self._gpu_free.append(ent.slot)
-            ent.slot = -1
+            ent.slot = -2             # neither a pool slot nor a counted transient buffer
+        elif ent.slot == -1:
+            self._transient -= 1
+            ent.slot = -2
 
     def _trim_layer(self, layer: int) -> None:
         """Drop transient entries and trim the layer back to its quota (LRU, unpinned, loaded)."""
         lru = self._gpu[layer]
+        if not self._transient and len(lru) <= self.quota[layer]:
+            return                    # nothing outside the pool, nothing over the quota
         for e, en in list(lru.items()):
             if en.slot < 0 and not en.loading and (layer, e) not in self._pinned_keys:
                 del lru[e]
+                self._transient -= 1
         excess = sum(1 for en in lru.values() if en.slot >= 0) - self.quota[layer]
         for e, en in list(lru.items()):
             if excess <= 0:

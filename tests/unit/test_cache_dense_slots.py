@@ -175,6 +175,31 @@ def test_slot_reuse_under_eviction_with_prefetch_and_two_loaders(client):
         cache.close()
 
 
+def test_wide_layer_uses_scratch_and_transient_dense_slots(client):
+    # prefill: one layer needs all 4 experts but owns 1 slot (+2 scratch): the 4th goes to a dense
+    # buffer outside the pool, dropped again at release; twice, so the bookkeeping returns to zero
+    ref = reference(client, "int4")
+    cache = ExpertCache(make_source(client, "int4"), gpu_slots=[1, 1, 1], host_cache_bytes=0, scratch_slots=2,
+                        dense_slots=True)
+    x = torch.randn(3, H)
+    try:
+        for rnd in range(2):
+            cache.begin_token()
+            cache.prepare(0, [0, 1, 2, 3])
+            ws = [cache.get(0, e) for e in range(4)]
+            outside = [w for w in ws if not in_pool(w.w1, cache.gpu_pool)]
+            assert len(outside) == 1 and outside[0].w1.dtype == torch.float32   # 1 resident + 2 scratch + 1
+            for e, w in enumerate(ws):
+                assert torch.equal(w(x), ref[(0, e)](x)), (rnd, e)
+            cache.release(0, [0, 1, 2, 3])
+            assert len(cache.resident(0)) == 1 and cache._transient == 0
+            assert len(cache._gpu_free) == cache.gpu_pool.shape[0] - 1
+        s = cache.stats()
+        assert s["transient_loads"] == 2 and s["scratch_loads"] == 4
+    finally:
+        cache.close()
+
+
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_low_precision_tier_with_dense_slots(client, precision):
     # int8 cache: both tiers dense; bf16 cache: raw bf16 slots, the int4 tier dense
