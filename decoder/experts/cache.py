@@ -134,6 +134,15 @@ def raw_slot_bytes(header: Any) -> int:
     return _align(int(header.raw_size), GPU_ALIGN)
 
 
+def gpu_slot_bytes(header: Any, dtype: torch.dtype, device: torch.device | str,
+                   dense_slots: bool | None = None) -> int:
+    """`ExpertCache.slot_bytes` for experts shaped like `header`'s (an expert blob header at the
+    cache's precision), compute `dtype`, `device` and the `dense_slots` option, without building
+    a cache: what a gpu_cache_bytes budget of N experts is N times."""
+    dense = _dense_slots(dense_slots, header.precision, torch.device(device).type == "cuda")
+    return dense_slot_bytes(header, dtype) if dense else raw_slot_bytes(header)
+
+
 @dataclass
 class _Staging:
     """A device buffer the compact payload lands in before it is dequantized into a dense slot."""

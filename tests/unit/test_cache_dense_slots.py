@@ -21,7 +21,7 @@ import torch
 
 from checkpoints import make_mixtral_checkpoint
 from decoder import Engine
-from decoder.experts.cache import ExpertCache, dense_slot_bytes, raw_slot_bytes
+from decoder.experts.cache import ExpertCache, dense_slot_bytes, gpu_slot_bytes, raw_slot_bytes
 from decoder.experts.provider import ExpertSource, decode_expert_blob
 from decoder.model.config import ModelConfig
 from expert_store import format as blob_format
@@ -123,6 +123,11 @@ def test_dense_slot_is_the_dense_expert_and_the_link_carries_the_compact_payload
 
 def test_dense_slots_default_and_bf16(client):
     # the default turns dense slots on only for int8/int4 on CUDA; a bf16 payload is dense already
+    h4, _ = blob_format.read_header(bytes(client.fetch_expert("tiny", 0, 0, "int4")))
+    hb, _ = blob_format.read_header(bytes(client.fetch_expert("tiny", 0, 0, "bf16")))
+    assert gpu_slot_bytes(h4, torch.bfloat16, "cuda") == dense_slot_bytes(h4, torch.bfloat16) == 3 * H * FFN * 2
+    assert gpu_slot_bytes(h4, torch.bfloat16, "cuda", False) == raw_slot_bytes(h4) < 3 * H * FFN
+    assert gpu_slot_bytes(hb, torch.bfloat16, "cuda") == raw_slot_bytes(hb)
     for precision, option, want in [("int4", None, False), ("int8", None, False), ("int4", True, True),
                                     ("bf16", True, False), ("bf16", None, False)]:
         cache = ExpertCache(make_source(client, precision), gpu_slots=[1] * L, host_cache_bytes=0,
@@ -132,6 +137,7 @@ def test_dense_slots_default_and_bf16(client):
             assert cache.staging_buffers == (cache.workers + 1 if want else 0)
             header, _ = blob_format.read_header(bytes(client.fetch_expert("tiny", 0, 0, precision)))
             assert cache.slot_bytes == (dense_slot_bytes(header, torch.float32) if want else raw_slot_bytes(header))
+            assert cache.slot_bytes == gpu_slot_bytes(header, torch.float32, "cpu", option)
         finally:
             cache.close()
 
