@@ -333,9 +333,14 @@ class OnDemandExperts(ExpertProvider):
     """Every expert's raw payload in one pinned host arena; each `get` copies the expert into a
     GPU staging buffer (one per expert of the current layer, reused every layer) and computes
     from it. Copies run on the compute stream, so reuse of a staging buffer is ordered after the
-    kernels that read it. Nothing stays on the GPU between layers."""
+    kernels that read it. Nothing stays on the GPU between layers. With `dense` (int8/int4),
+    the copied payload is dequantized once into a dense buffer per use, as the cache's dense
+    slots do, so forward is plain matmuls in every row."""
 
-    def __init__(self, client: Any, model: str, precision: str, device: torch.device, L: int, E: int) -> None:
+    def __init__(self, client: Any, model: str, precision: str, device: torch.device, L: int, E: int,
+                 dense: bool = False, dtype: torch.dtype = torch.bfloat16) -> None:
+        from decoder.experts.cache import DenseLayout
+
         self.device, self.L, self.E, self.precision = device, L, E, precision
         self.headers: dict[tuple[int, int], Any] = {}
         first = bytes(client.fetch_expert(model, 0, 0, precision))
@@ -350,6 +355,9 @@ class OnDemandExperts(ExpertProvider):
                 h, _ = blob_format.decode_raw(blob, out=memoryview(self.host[l * E + e].numpy()))
                 self.headers[(l, e)] = h
         self.gpu = torch.empty((E, self.slot), dtype=torch.uint8, device=device)
+        self.layout = DenseLayout.of(h0, dtype) if dense and precision in ("int8", "int4") else None
+        self.dense = (torch.empty((E, self.layout.nbytes), dtype=torch.uint8, device=device)
+                      if self.layout is not None else None)
         self._next = 0
         self.reset_stats()
 
@@ -361,11 +369,15 @@ class OnDemandExperts(ExpertProvider):
         from expert_store.quant import tensors_from_raw
 
         h = self.headers[(layer, expert)]
-        buf = self.gpu[self._next % self.E, :h.raw_size]
+        i = self._next % self.E
+        buf = self.gpu[i, :h.raw_size]
         self._next += 1
         buf.copy_(self.host[layer * self.E + expert, :h.raw_size], non_blocking=True)
         self.lookups += 1
         self.bytes += h.raw_size
+        if self.layout is not None:
+            d = self.layout.fill(h, buf, self.dense[i])
+            return ExpertWeights(d["w1"], d["w3"], d["w2"], h.precision)
         return expert_weights_from_views(h, tensors_from_raw(h, buf))
 
     def release(self, layer: int, experts: Sequence[int]) -> None:
@@ -464,7 +476,7 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
         return eng
     if mode == "ondemand":
         eng = Engine.from_store(target, prep.model, prefetch=False, **common)   # StoreExperts, replaced below
-        od = OnDemandExperts(eng.client, prep.model, precision, device, L, E)
+        od = OnDemandExperts(eng.client, prep.model, precision, device, L, E, dense=dense, dtype=dtype)
         eng.provider.close()
         eng.model.experts = eng.provider = od
         return eng
