@@ -1207,10 +1207,10 @@ def plan_quotas(config: Any, slot_bytes: int, gpu_cache_bytes: int | None, scrat
     acc = prof.get("prefetch_accuracy") or 0.0
     r1 = prof.get("single_expert_ratio") or 0.0
     if plan == "popularity" and prof.get("popularity"):
-        return plan_slots_popularity(prof["popularity"], acc, r1, total, top_k=config.num_experts_per_tok)
+        return plan_slots_popularity(prof["popularity"], acc, r1, total, top_k=getattr(config, "num_experts_per_tok", 2))
     if plan not in ("uniform", "popularity"):
         raise ValueError(f"unknown cache plan {plan!r} (uniform | popularity)")
-    return plan_slots(acc, r1, total, E, num_layers=L, top_k=config.num_experts_per_tok)
+    return plan_slots(acc, r1, total, E, num_layers=L, top_k=getattr(config, "num_experts_per_tok", 2))
 
 
 def store_target(client: Any) -> str:
