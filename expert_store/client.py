@@ -164,93 +164,6 @@ def _writable(out: Any) -> memoryview:
 
 
 # --------------------------------------------------------------------------------------------
-# the BlobChunk wire format, read without protobuf
-
-
-class WireChunk:
-    """One BlobChunk as FetchExperts/FetchDense deliver it to this client: the fields of
-    pb.BlobChunk, `data` a memoryview of the received message (no copy)."""
-
-    __slots__ = ("index", "offset", "total_size", "data", "last")
-
-    def __init__(self, index: int = 0, offset: int = 0, total_size: int = 0, data: Any = b"", last: bool = False):
-        self.index, self.offset, self.total_size, self.data, self.last = index, offset, total_size, data, last
-
-    def __repr__(self) -> str:
-        return (f"WireChunk(index={self.index}, offset={self.offset}, total_size={self.total_size}, "
-                f"data=<{len(self.data)} bytes>, last={self.last})")
-
-
-_U64 = (1 << 64) - 1
-
-
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise ValueError("BlobChunk: truncated or overlong varint")
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value & _U64, pos
-        shift += 7
-
-
-def decode_blob_chunk(message: bytes) -> WireChunk:
-    """pb.BlobChunk.FromString, but `data` stays a view of `message` instead of being copied
-    twice (into protobuf's arena, then into a new bytes object on access): the response
-    deserializer of this client's FetchExperts/FetchDense calls, so a chunk's bytes are
-    copied once, from the message into the caller's buffer (_Blob.accept). Reads the
-    protobuf wire format as protobuf does: any field order, the last value of a repeated
-    scalar wins, unknown fields (and known ones with another wire type) are skipped, uint32
-    is truncated to 32 bits; groups (wire types 3, 4: never in a BlobChunk) and malformed
-    input raise ValueError."""
-    view = memoryview(message)
-    chunk = WireChunk(data=view[0:0])
-    pos, end = 0, len(message)
-    while pos < end:
-        key, pos = _read_varint(message, pos)
-        field, wire = key >> 3, key & 7
-        if field == 0:
-            raise ValueError("BlobChunk: field number 0")
-        if wire == 0:
-            value, pos = _read_varint(message, pos)
-            if field == 1:
-                chunk.index = value & 0xFFFFFFFF
-            elif field == 2:
-                chunk.offset = value
-            elif field == 3:
-                chunk.total_size = value
-            elif field == 5:
-                chunk.last = value != 0
-        elif wire == 2:
-            length, pos = _read_varint(message, pos)
-            if pos + length > end:
-                raise ValueError("BlobChunk: length-delimited field runs past the message")
-            if field == 4:
-                chunk.data = view[pos:pos + length]
-            pos += length
-        elif wire in (1, 5):
-            pos += 8 if wire == 1 else 4
-            if pos > end:
-                raise ValueError("BlobChunk: truncated fixed-width field")
-        else:
-            raise ValueError(f"BlobChunk: unsupported wire type {wire}")
-    return chunk
-
-
-def _store_stub(channel: grpc.Channel) -> pb_grpc.ExpertStoreStub:
-    """The generated stub, with decode_blob_chunk reading the two streaming calls."""
-    stub = pb_grpc.ExpertStoreStub(channel)
-    for name, request in (("FetchExperts", pb.FetchExpertsRequest), ("FetchDense", pb.FetchDenseRequest)):
-        setattr(stub, name, channel.unary_stream(f"/adapmoe.v1.ExpertStore/{name}",
-                                                 request_serializer=request.SerializeToString,
-                                                 response_deserializer=decode_blob_chunk, _registered_method=True))
-    return stub
-
-
-# --------------------------------------------------------------------------------------------
 # rendezvous hashing
 
 
@@ -424,7 +337,7 @@ class _Replica:
     def __init__(self, address: str, make_channel, channels: int):
         self.address = address
         self.channels = [make_channel(address) for _ in range(channels)]
-        self.stubs = [_store_stub(c) for c in self.channels]
+        self.stubs = [pb_grpc.ExpertStoreStub(c) for c in self.channels]
         self.inflight = [0] * channels
         self.suspect_until = 0.0
         self.retired = False
@@ -470,12 +383,13 @@ class _Blob:
     def reset(self) -> None:
         self.received, self.total, self.done = 0, None, False
 
-    def accept(self, chunk: WireChunk) -> None:
+    def accept(self, chunk: pb.BlobChunk) -> None:
+        data = chunk.data  # read once: each access of a bytes field makes a new bytes object
         if chunk.total_size and self.total is not None and chunk.total_size != self.total:
             self.reset()  # another replica holds a different blob under this key: start over
             raise _BrokenStream(f"{self.key}: size changed between replicas")
         if self.total is None:
-            if not chunk.total_size and chunk.offset == 0 and chunk.last and not chunk.data:
+            if not chunk.total_size and chunk.offset == 0 and chunk.last and not data:
                 self.total = 0
             elif not chunk.total_size:
                 raise _BrokenStream(f"{self.key}: first chunk without total_size")
@@ -489,10 +403,10 @@ class _Blob:
                 self.buf = bytearray(self.total)
         if chunk.offset != self.received:
             raise _BrokenStream(f"{self.key}: chunk at {chunk.offset}, expected {self.received}")
-        end = self.received + len(chunk.data)
+        end = self.received + len(data)
         if end > self.total:
             raise _BrokenStream(f"{self.key}: more data than its total_size {self.total}")
-        self.buf[self.received:end] = chunk.data
+        self.buf[self.received:end] = data  # the one copy, into the caller's buffer
         self.received = end
         if chunk.last:
             if self.received != self.total:

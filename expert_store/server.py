@@ -115,8 +115,7 @@ class StreamLimiter:
 def chunks(blob: bytes | memoryview, offset: int, chunk_bytes: int) -> Iterator[tuple[int, memoryview, bool]]:
     """(offset, data, last) pieces of blob[offset:], each at most chunk_bytes; at least one
     piece even when nothing is left (so the reader still gets total_size and last=True).
-    `data` is a memoryview of `blob` (no copy; encode_blob_chunk copies it once, into the
-    message)."""
+    `data` is a memoryview of `blob` (no copy until chunk_message)."""
     view = memoryview(blob)
     size = len(view)
     if not 0 <= offset <= size:
@@ -129,60 +128,11 @@ def chunks(blob: bytes | memoryview, offset: int, chunk_bytes: int) -> Iterator[
         offset = end
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def encode_blob_chunk(chunk: Any) -> bytes:
-    """The wire bytes of one BlobChunk: the response serializer of FetchExperts/FetchDense.
-
-    `chunk` is what the servicer writes: a tuple (index, offset, total_size, data, last),
-    `data` any bytes-like object (a memoryview of a RAM copy or of a read block), or a
-    pb.BlobChunk (serialized by protobuf). The tuple is encoded by hand, byte for byte what
-    pb.BlobChunk(...).SerializeToString() gives (fields in number order, proto3 defaults
-    left out), so any protobuf reader parses it; the data is copied once, into the message
-    grpc sends. Building a pb.BlobChunk instead copies it three times (bytes(slice), the
-    message, SerializeToString), each a fresh 1 MiB allocation."""
-    if not isinstance(chunk, tuple):
-        return chunk.SerializeToString()
-    index, offset, total_size, data, last = chunk
-    size = memoryview(data).nbytes
-    head = bytearray()
-    if index:
-        head += b"\x08" + _varint(index)
-    if offset:
-        head += b"\x10" + _varint(offset)
-    if total_size:
-        head += b"\x18" + _varint(total_size)
-    if size:
-        head += b"\x22" + _varint(size)
-        return b"".join((head, data, b"\x28\x01" if last else b""))
-    if last:
-        head += b"\x28\x01"
-    return bytes(head)
-
-
-def add_servicer(servicer: "ExpertStoreServicer", server: Any) -> None:
-    """pb_grpc.add_ExpertStoreServicer_to_server, with encode_blob_chunk as the response
-    serializer of the two streaming reads (wire-compatible with the generated stubs)."""
-    handlers = {}
-    for method in pb.DESCRIPTOR.services_by_name["ExpertStore"].methods:
-        request_cls = getattr(pb, method.input_type.name)
-        response_cls = getattr(pb, method.output_type.name)
-        serialize = encode_blob_chunk if response_cls is pb.BlobChunk else response_cls.SerializeToString
-        make = {(False, False): grpc.unary_unary_rpc_method_handler,
-                (False, True): grpc.unary_stream_rpc_method_handler,
-                (True, False): grpc.stream_unary_rpc_method_handler,
-                (True, True): grpc.stream_stream_rpc_method_handler}[(method.client_streaming, method.server_streaming)]
-        handlers[method.name] = make(getattr(servicer, method.name), request_deserializer=request_cls.FromString,
-                                     response_serializer=serialize)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+def chunk_message(index: int, offset: int, total_size: int, data: Any, last: bool) -> pb.BlobChunk:
+    """The BlobChunk of one (offset, data, last) piece of blob `index`; `data` any bytes-like
+    object (protobuf takes bytes only, so a memoryview piece is copied into bytes first)."""
+    return pb.BlobChunk(index=index, offset=offset, total_size=total_size,
+                        data=data if isinstance(data, bytes) else bytes(data), last=last)
 
 
 class _BytesReader:
@@ -202,7 +152,7 @@ class _BytesReader:
         self._it = iter(())
 
 
-def _take(reader: Any, n: int) -> list[tuple[int, bytes, bool]]:
+def _take(reader: Any, n: int) -> list[tuple[int, memoryview, bool]]:
     """Up to n chunks of a reader (fewer at its end)."""
     pieces = []
     for piece in reader:
@@ -485,7 +435,7 @@ class ExpertStoreServicer(pb_grpc.ExpertStoreServicer):
         if not getattr(reader, "reads_disk", False):
             try:
                 for offset, data, last in reader:
-                    await _write(context, (index, offset, reader.total, data, last))  # encode_blob_chunk
+                    await _write(context, chunk_message(index, offset, reader.total, data, last))
                     sent += len(data)
                 return sent
             finally:
@@ -502,7 +452,7 @@ class ExpertStoreServicer(pb_grpc.ExpertStoreServicer):
                 if not pieces[-1][2]:
                     ahead = asyncio.ensure_future(self._call(_take, reader, batch))
                 for offset, data, last in pieces:
-                    await _write(context, (index, offset, reader.total, data, last))  # encode_blob_chunk
+                    await _write(context, chunk_message(index, offset, reader.total, data, last))
                     sent += len(data)
                 if pieces[-1][2]:
                     return sent
@@ -652,7 +602,7 @@ class StoreServer:
         self.metrics = ServerMetrics(config.metrics_port is not None)
         self.server = grpc.aio.server(interceptors=auth_interceptors(config.token), options=server_options(config))
         self.servicer = ExpertStoreServicer(store, config, self.metrics)
-        add_servicer(self.servicer, self.server)
+        pb_grpc.add_ExpertStoreServicer_to_server(self.servicer, self.server)
         self.health = add_health_and_reflection(self.server, SERVICE_NAME)
         self.port = 0
         self._stopping = asyncio.Event()
