@@ -19,6 +19,28 @@ it is dominated by exactly the stalls prefetching should hide, so t_load / t_lay
 and k never grows. (On CUDA a wait on a copy event happens on the GPU, not in `get`; those
 H2D waits are short and stay inside t_compute.)
 
+What is issued depends on `policy`:
+
+- "budget" (the default): a link budget. The H2D link moves about t_compute / t_load experts
+  while one layer computes; issuing more only queues speculative bytes in front of the demand
+  loads of the coming layers (the cache runs demand before queued prefetches but cannot preempt
+  a copy in flight), and on a transfer-bound model every wasted prefetch is paid in full. So at
+  layer l the candidates are the predicted (target j = l+d, expert e) pairs for d <= k, ranked
+  by predicted weight / d (ties: nearer first); those already on the GPU and those with a
+  predicted weight below `min_score` are dropped, and the best ones are issued while their
+  summed load cost (the cache's `load_cost` of each candidate's own location: a host-tier and a
+  store-tier expert cost differently) fits in one layer's compute time t_compute, at least one:
+  n = max(1, floor(t_compute / t_load)) for equal costs. Before t_compute is measured (or when
+  the provider has no load costs) at most top_k per target layer are issued (with adaptive k
+  that is top_k at distance 1, as with "all"). The calls are grouped per target layer.
+  min_score = 0.3 because the top-k weights are renormalised over the k picked: a second expert
+  below 0.3 trails the first by more than ln(7/3) = 0.85 in logit, the least stable prediction
+  (with a Mixtral-shaped random router, logits of std ~1.3 over 8 experts, a third of the second
+  picks are that weak), and it is exactly the one adaptive gating
+  tends to drop (its sensitivity x w2^2 is small), so its load is the most likely to be wasted.
+  The top-1 prediction (weight >= 1/k) always passes for k <= 3.
+- "all": every predicted expert of every target d <= k (the behaviour before the budget).
+
 Nothing is predicted when there is nothing to load: with adaptive k, when every expert of layer
 l+1 is on the GPU (k would be 1 and its loads free); with a fixed k, when layers l+1..l+k all
 are (counted as `skipped_resident`; those layers add no precision/recall samples).
@@ -26,7 +48,10 @@ are (counted as `skipped_resident`; those layers add no precision/recall samples
 Each prediction is checked against the layer's actual routing (hook `on_routing_host`, the
 host copy the MoE block reads anyway): precision =
 |predicted ∩ used| / |predicted|, recall = |predicted ∩ used| / |used|, per target layer and
-per distance.
+per distance. These measure the PREDICTION (every distance up to the lookahead bound, issued or
+not; the cache plan reads them through `accuracy_by_layer`). What was issued is checked the
+same way: `issued_precision` = |issued ∩ used| / |issued|, `issued_recall` = |issued ∩ used| /
+|used| over the target layers predicted in that step, `issued_per_layer` per target layer.
 """
 
 from __future__ import annotations
@@ -41,17 +66,23 @@ import torch.nn.functional as F
 from decoder.model.transformer import MoEObserver
 
 
+POLICIES = ("budget", "all")
+
+
 class Prefetcher(MoEObserver):
     stats_name = "prefetch"
 
     def __init__(self, routers: Sequence[torch.Tensor], provider: Any = None, *, top_k: int = 2,
                  lookahead: int | None = None, max_lookahead: int = 3,
                  norm_weights: Sequence[torch.Tensor] | None = None, renorm: bool = True,
-                 ewma_alpha: float = 0.3, enabled: bool = True,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 ewma_alpha: float = 0.3, enabled: bool = True, policy: str = "budget",
+                 min_score: float = 0.3, clock: Callable[[], float] = time.perf_counter) -> None:
         """routers[j]: layer j's router weight [E, H]. provider: the expert cache (None = only
         measure predictions). lookahead: fixed k (None = adaptive up to max_lookahead).
-        clock: the time source of the layer timings (tests pass a fake one)."""
+        policy: "budget" (issue what the link can move during one layer, see the module
+        docstring) or "all" (every prediction up to distance k). min_score: with "budget", the
+        least predicted weight worth a prefetch. clock: the time source of the layer timings
+        (tests pass a fake one)."""
         self.routers = list(routers)
         self.L = len(self.routers)
         self.E = int(self.routers[0].shape[0]) if self.L else 0
@@ -61,6 +92,10 @@ class Prefetcher(MoEObserver):
             raise ValueError("max_lookahead must be >= 1")
         if lookahead is not None and lookahead < 1:
             raise ValueError("lookahead must be >= 1")
+        if policy not in POLICIES:
+            raise ValueError(f"unknown prefetch policy {policy!r} (expected one of {POLICIES})")
+        self.policy = policy
+        self.min_score = float(min_score)
         self.fixed_k = lookahead
         self.max_lookahead = int(max(max_lookahead, lookahead or 1))
         self.norm_weights = list(norm_weights) if norm_weights is not None else None
@@ -75,6 +110,7 @@ class Prefetcher(MoEObserver):
         self.compute_time_s: float | None = None    # EWMA per layer, stalls on expert loads excluded
         # predictions for the current step: target layer -> [(distance, set of experts, per-token idx [T, k])]
         self._pending: dict[int, list[tuple[int, set[int], list[list[int]]]]] = {}
+        self._issued_pending: dict[int, set[int]] = {}   # target layer -> experts issued for it this step
         self._stack: torch.Tensor | None = None        # routers [L, E, H] on the compute device
         self._ratio: list[torch.Tensor] = []           # per layer l: norm[l+1 .. l+D] / norm[l], [D, H]
         self.reset_stats()
@@ -91,6 +127,13 @@ class Prefetcher(MoEObserver):
         self._k_hist = [0] * (D + 1)
         self._issued = 0
         self._skipped = 0          # layers whose lookahead targets were all on the GPU: nothing predicted
+        self._issued_layer = [0] * self.L     # experts issued per target layer
+        self._issued_tp = 0                   # issued and used by their target layer
+        self._issued_checked = 0              # issued for a target layer whose routing was seen
+        self._issued_used = 0                 # used experts of the target layers predicted
+        self._inputs = 0                      # MoE inputs that considered prefetching
+        self._max_issued = 0                  # the most experts issued at one MoE input
+        self._dropped = {"resident": 0, "low_score": 0, "budget": 0}
 
     def stats(self) -> dict[str, Any]:
         def pr(tp: int, pred: int, used: int) -> dict[str, float]:
@@ -107,6 +150,15 @@ class Prefetcher(MoEObserver):
         return {**tot, "per_layer": per_layer, "per_distance": per_distance,
                 "lookahead_hist": {k: n for k, n in enumerate(self._k_hist) if k and n},
                 "prefetches_issued": self._issued,
+                "issued_per_layer": list(self._issued_layer),
+                "issued_per_input": self._issued / self._inputs if self._inputs else 0.0,
+                "issued_max_per_input": self._max_issued,
+                "issued_hits": self._issued_tp,
+                "issued_precision": self._issued_tp / self._issued_checked if self._issued_checked else 0.0,
+                "issued_recall": self._issued_tp / self._issued_used if self._issued_used else 0.0,
+                "dropped_resident": self._dropped["resident"],
+                "dropped_low_score": self._dropped["low_score"],
+                "dropped_budget": self._dropped["budget"],
                 "skipped_resident": self._skipped,
                 "layer_time_s": self.layer_time_s or 0.0,
                 "layer_compute_s": self.compute_time_s or 0.0}
@@ -124,6 +176,7 @@ class Prefetcher(MoEObserver):
         stall = self._stall_total()
         if layer <= self._last_layer:
             self._pending.clear()            # a new forward step
+            self._issued_pending.clear()
         elif layer == self._last_layer + 1:
             dt = now - self._last_t
             blocked = min(dt, max(0.0, stall - self._last_stall))   # waiting for expert loads
@@ -146,11 +199,67 @@ class Prefetcher(MoEObserver):
             k = self._adaptive_k(layer, preds)
         self._k_hist[min(k, self.max_lookahead)] += 1
         for d, (experts, scores, tok_idx) in preds.items():
-            j = layer + d
-            self._pending.setdefault(j, []).append((d, set(experts), tok_idx))
-            if d <= k and self.provider is not None:
-                self.provider.prefetch(j, experts, [s / d for s in scores])
-                self._issued += len(experts)
+            self._pending.setdefault(layer + d, []).append((d, set(experts), tok_idx))
+        if self.provider is None:
+            return
+        self._inputs += 1
+        if self.policy == "all":
+            plan = [(layer + d, experts, [s / d for s in scores])
+                    for d, (experts, scores, _) in preds.items() if d <= k]
+        else:
+            plan = self._budget_plan(layer, preds, k)
+        n = 0
+        for j, experts, scores in plan:
+            self.provider.prefetch(j, experts, scores)
+            self._issued += len(experts)
+            self._issued_layer[j] += len(experts)
+            self._issued_pending.setdefault(j, set()).update(experts)
+            n += len(experts)
+        self._max_issued = max(self._max_issued, n)
+
+    def _budget_plan(self, layer: int, preds: dict[int, tuple[list[int], list[float], list[list[int]]]],
+                     k: int) -> list[tuple[int, list[int], list[float]]]:
+        """The "budget" policy: (target layer, experts, scores) calls, nearest target first.
+
+        Candidates (j = layer + d, e) for d <= k ranked by weight / d; dropped when on the GPU or
+        below min_score; issued while their summed load cost fits in one layer's compute time
+        (at least one), or, compute time unmeasured, at most top_k per target layer."""
+        loc = getattr(self.provider, "location", None)
+        cost = getattr(self.provider, "load_cost", None)
+        t_compute = self.compute_time_s if cost is not None else None
+        cands = []                                       # (score / d, d, weight, expert, location)
+        for d, (experts, scores, _) in preds.items():
+            if d > k:
+                continue
+            for e, w in zip(experts, scores):
+                where = loc(layer + d, e) if loc is not None else None
+                if where == "gpu":
+                    self._dropped["resident"] += 1
+                elif w < self.min_score:
+                    self._dropped["low_score"] += 1
+                else:
+                    cands.append((w / d, d, w, e, where))
+        cands.sort(key=lambda c: (-c[0], c[1], -c[2], c[3]))
+        chosen: dict[int, tuple[list[int], list[float]]] = {}
+        spent, count = 0.0, 0
+        per_target: dict[int, int] = {}
+        for score, d, _, e, where in cands:
+            if t_compute is None:
+                ok = per_target.get(d, 0) < self.top_k
+            else:
+                c = cost(where) if where is not None else 0.0
+                ok = count == 0 or spent + c <= t_compute * (1 + 1e-9)
+                if ok:
+                    spent += c
+            if not ok:
+                self._dropped["budget"] += 1
+                continue
+            count += 1
+            per_target[d] = per_target.get(d, 0) + 1
+            es, ss = chosen.setdefault(layer + d, ([], []))
+            es.append(e)
+            ss.append(score)
+        return [(j, *chosen[j]) for j in sorted(chosen)]
 
     def on_routing(self, layer: int, router_logits: torch.Tensor, weights: torch.Tensor,
                    idx: torch.Tensor) -> None:
@@ -164,6 +273,10 @@ class Prefetcher(MoEObserver):
         tok_used = [set(e for e in row if e >= 0) for row in rows]
         used = set().union(*tok_used) if tok_used else set()
         n_used = sum(len(u) for u in tok_used)
+        issued = self._issued_pending.pop(layer, set())
+        self._issued_checked += len(issued)
+        self._issued_tp += len(issued & used)
+        self._issued_used += len(used)
         for d, pred, tok_idx in self._pending.pop(layer, []):
             self._pred[layer][d] += len(pred)
             self._used[layer][d] += len(used)
@@ -264,10 +377,12 @@ class Prefetcher(MoEObserver):
 
     def close(self) -> None:
         self._pending.clear()
+        self._issued_pending.clear()
 
 
 def build_prefetcher(model: Any, provider: Any, source: Any = None, *, lookahead: int | None = None,
-                     max_lookahead: int = 3, renorm: bool = True, enabled: bool = True) -> Prefetcher | None:
+                     max_lookahead: int = 3, renorm: bool = True, enabled: bool = True,
+                     policy: str = "budget", min_score: float = 0.3) -> Prefetcher | None:
     """What Engine.from_store calls: a Prefetcher over the model's routers feeding `provider`
     (None when the provider cannot prefetch, i.e. has no `prefetch` of its own)."""
     from decoder.experts.provider import ExpertProvider
@@ -278,4 +393,5 @@ def build_prefetcher(model: Any, provider: Any, source: Any = None, *, lookahead
     routers = [model.router_weight(l).detach() for l in range(L)]
     norms = [model.layers[l].post_attention_layernorm.weight.detach() for l in range(L)]
     return Prefetcher(routers, provider, top_k=model.config.num_experts_per_tok, lookahead=lookahead,
-                      max_lookahead=max_lookahead, norm_weights=norms, renorm=renorm, enabled=enabled)
+                      max_lookahead=max_lookahead, norm_weights=norms, renorm=renorm, enabled=enabled,
+                      policy=policy, min_score=min_score)
