@@ -563,6 +563,9 @@ def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torc
         "host_hit_rate": (tiers.get("host") or {}).get("hit_rate"),
         "prefetch_precision": pf.get("precision"), "prefetch_recall": pf.get("recall"),
         "prefetch_token_recall": pf.get("token_recall"),
+        # what the prefetcher issued to the cache (its link budget), not every prediction
+        "prefetch_issued_precision": pf.get("issued_precision"), "prefetch_issued_recall": pf.get("issued_recall"),
+        "prefetch_issued": pf.get("issued"),
         "stall_ms_per_token": st["stall_s_per_token"] * 1e3,
         "gb_per_token": gb_tok,
         "lower_bound_ms_per_token": lower_bound_ms,
@@ -730,7 +733,7 @@ def fmt(v: Any, spec: str = ".2f") -> str:
 
 def markdown(rows: list[dict[str, Any]], targets: list[dict[str, Any]]) -> str:
     head = ("| model | budget | mode | tok/s | vs lru | vs resident | experts/tok | single | GPU hit | "
-            "pf prec | pf recall | stall ms/tok | GB/tok gpu | GB/tok host | GB/tok store | bound ms/tok | "
+            "pf prec | pf recall | issued prec | stall ms/tok | GB/tok gpu | GB/tok host | GB/tok store | bound ms/tok | "
             "ms/tok | held-out ppl |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in rows:
@@ -739,7 +742,8 @@ def markdown(rows: list[dict[str, Any]], targets: list[dict[str, Any]]) -> str:
             r["model"], fmt(r["budget"], ".0%") if r["budget"] is not None else "-", r["mode"],
             fmt(r["tokens_per_s"], ".1f"), fmt(r.get("vs_lru")), fmt(r.get("vs_resident")),
             fmt(r.get("experts_per_token")), fmt(r.get("single_expert_ratio")), fmt(r.get("gpu_hit_rate")),
-            fmt(r.get("prefetch_precision")), fmt(r.get("prefetch_recall")), fmt(r.get("stall_ms_per_token"), ".1f"),
+            fmt(r.get("prefetch_precision")), fmt(r.get("prefetch_recall")),
+            fmt(r.get("prefetch_issued_precision")), fmt(r.get("stall_ms_per_token"), ".1f"),
             fmt(gb.get("gpu"), ".3f"), fmt(gb.get("host"), ".3f"), fmt(gb.get("store"), ".3f"),
             fmt(r.get("lower_bound_ms_per_token"), ".2f"), fmt(r.get("ms_per_token"), ".2f"),
             fmt(r.get("heldout_perplexity"), ".3f")]) + " |")

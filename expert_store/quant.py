@@ -137,6 +137,7 @@ def dequantize(
     shape: tuple[int, int] | torch.Size,
     dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """Inverse of :func:`quantize`: ``[out, in]`` tensor of ``dtype`` on ``q``'s device.
 
@@ -146,8 +147,12 @@ def dequantize(
     it). When ``in`` is a multiple of ``group_size`` the values go straight into the result: one
     multiply pass writing ``dtype`` (int4 adds three passes over the packed bytes and an int8
     buffer of ``[out, in]``; on a CPU both run over blocks of rows that stay in cache), no
-    float32 copy of the matrix."""
+    float32 copy of the matrix. On CUDA, int4 goes through one fused Triton pass
+    (expert_store/dequant_kernels.py, bit-identical) when Triton is installed; ``kernel="torch"``
+    forces the torch path."""
     _check_bits(bits)
+    if kernel not in ("auto", "torch"):
+        raise ValueError(f"kernel must be 'auto' or 'torch', got {kernel!r}")
     out_f, in_f = int(shape[0]), int(shape[1])
     n_groups = -(-in_f // group_size)
     if tuple(scales.shape) != (out_f, n_groups):
@@ -164,6 +169,10 @@ def dequantize(
             or not out.is_floating_point():
         raise ValueError(f"out must be a {dtype} [{out_f}, {in_f}] tensor on {q.device}, "
                          f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if bits == 4 and kernel != "torch" and q.is_cuda:
+        from expert_store import dequant_kernels
+        if dequant_kernels.available(q, in_f, group_size, out):
+            return dequant_kernels.dequantize_int4(q, scales, group_size, out)   # one fused pass
     s32 = scales.to(torch.float32).unsqueeze(-1)                 # [out, G, 1]
     if in_f % group_size == 0 and out.is_contiguous():
         dst = out.view(out_f, n_groups, group_size)              # [out, G, gs]

@@ -262,3 +262,20 @@ def test_dequantize_rejects_a_mismatched_out_or_q():
         dequantize(q[:, :-1], s, 4, 32, w.shape)
     with pytest.raises(ValueError, match="scales shape"):
         dequantize(q, s[:, :1], 4, 32, w.shape)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape", [(14336, 4096), (4096, 14336), (96, 384), (64, 200)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_int4_fused_cuda_kernel_is_bit_identical_to_the_torch_path(shape, dtype):
+    from expert_store import dequant_kernels
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(shape, generator=g) * 0.02
+    q, s = quantize(w, 4, 128)
+    q, s = q.cuda(), s.cuda()
+    fused = dequantize(q, s, 4, 128, shape, dtype)
+    ref = dequantize(q, s, 4, 128, shape, dtype, kernel="torch")
+    assert torch.equal(fused, ref)
+    if shape[1] % 128 == 0 and dequant_kernels._kernel() is None:
+        pytest.skip("triton is not installed: only the torch path ran")
