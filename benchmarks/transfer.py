@@ -441,16 +441,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         targets.append({"target": "store -> decoder pinned memory >= 3 GB/s with --workers (hand-rolled receivers)",
                         "measured": f"{best['gbps']:.2f} GB/s ({best['servers']}+{best['receivers']} procs)",
                         "met": best["gbps"] >= 3.0})
-        targets.append({"target": ">= 2x one gRPC process (1 server + 1 receiver)",
-                        "measured": f"{best['gbps'] / one:.2f}x", "met": best["gbps"] >= 2 * one})
+        if (st[0]["servers"], st[0]["receivers"]) == (1, 1):   # the one-process reference was run
+            targets.append({"target": ">= 2x one gRPC process (1 server + 1 receiver)",
+                            "measured": f"{best['gbps'] / one:.2f}x", "met": best["gbps"] >= 2 * one})
     if pool:
         best = max(pool, key=lambda r: r["pool_gbps"])
         one = pool[0]["pool_gbps"]
         targets.append({"target": "store -> decoder pinned memory >= 3 GB/s with --workers (FetchPool)",
                         "measured": f"{best['pool_gbps']:.2f} GB/s ({best['servers']} srv + {best['fetch_workers']} workers)",
                         "met": best["pool_gbps"] >= 3.0})
-        targets.append({"target": "FetchPool >= 2x one gRPC process (its 1 + 1 row)",
-                        "measured": f"{best['pool_gbps'] / one:.2f}x", "met": best["pool_gbps"] >= 2 * one})
+        if (pool[0]["servers"], pool[0]["fetch_workers"]) == (1, 1):
+            targets.append({"target": "FetchPool >= 2x one gRPC process (its 1 + 1 row)",
+                            "measured": f"{best['pool_gbps'] / one:.2f}x", "met": best["pool_gbps"] >= 2 * one})
     result = {"command": "python3 " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:] if argv is None
                                                else [os.path.relpath(__file__, ROOT)] + list(argv)),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
