@@ -3,6 +3,10 @@
 At layer l's MoE input x_l (hook `on_moe_input`), the routers of layers l+1..l+k are applied to
 x_l to predict which experts those layers will pick; the predictions go to the expert cache as
 speculative loads (`provider.prefetch`), ordered by predicted weight and distance (nearer first).
+With `issue_after_demand` (what the engine uses) they go out only once layer l's MoE block has
+asked for its own experts (hook `on_demand_issued`): the predictions need x_l, which exists
+before layer l's routing, but a prefetch copy started then would sit on the host->GPU link
+ahead of layer l's demand loads, and a copy in flight cannot be pre-empted.
 The residual stream changes little between adjacent layers, so this is accurate at distance 1
 and degrades with distance. x_l is normalised with layer l's post-attention RMSNorm weight;
 with `renorm` the prediction for layer j rescales it by w_j / w_l, i.e. applies layer j's norm
@@ -76,13 +80,18 @@ class Prefetcher(MoEObserver):
                  lookahead: int | None = None, max_lookahead: int = 3,
                  norm_weights: Sequence[torch.Tensor] | None = None, renorm: bool = True,
                  ewma_alpha: float = 0.3, enabled: bool = True, policy: str = "budget",
-                 min_score: float = 0.3, clock: Callable[[], float] = time.perf_counter) -> None:
+                 min_score: float = 0.3, issue_after_demand: bool = False,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         """routers[j]: layer j's router weight [E, H]. provider: the expert cache (None = only
         measure predictions). lookahead: fixed k (None = adaptive up to max_lookahead).
         policy: "budget" (issue what the link can move during one layer, see the module
         docstring) or "all" (every prediction up to distance k). min_score: with "budget", the
-        least predicted weight worth a prefetch. clock: the time source of the layer timings
-        (tests pass a fake one)."""
+        least predicted weight worth a prefetch. issue_after_demand: hold the loads predicted at
+        layer l's input until the MoE block has asked for layer l's own experts
+        (`on_demand_issued`), so a prefetch copy never starts ahead of that demand on the one
+        host->GPU link (the engine turns this on; called without a MoE block, e.g. by tests,
+        the loads go out at once). clock: the time source of the layer timings (tests pass a
+        fake one)."""
         self.routers = list(routers)
         self.L = len(self.routers)
         self.E = int(self.routers[0].shape[0]) if self.L else 0
@@ -111,6 +120,8 @@ class Prefetcher(MoEObserver):
         # predictions for the current step: target layer -> [(distance, set of experts, per-token idx [T, k])]
         self._pending: dict[int, list[tuple[int, set[int], list[list[int]]]]] = {}
         self._issued_pending: dict[int, set[int]] = {}   # target layer -> experts issued for it this step
+        self.issue_after_demand = bool(issue_after_demand)
+        self._deferred: tuple[int, list] | None = None   # (layer, plan) waiting for its demand
         self._stack: torch.Tensor | None = None        # routers [L, E, H] on the compute device
         self._ratio: list[torch.Tensor] = []           # per layer l: norm[l+1 .. l+D] / norm[l], [D, H]
         self.reset_stats()
@@ -134,6 +145,7 @@ class Prefetcher(MoEObserver):
         self._inputs = 0                      # MoE inputs that considered prefetching
         self._max_issued = 0                  # the most experts issued at one MoE input
         self._dropped = {"resident": 0, "low_score": 0, "budget": 0}
+        self._deferred_count = 0              # plans held until their layer's demand was issued
 
     def stats(self) -> dict[str, Any]:
         def pr(tp: int, pred: int, used: int) -> dict[str, float]:
@@ -153,6 +165,7 @@ class Prefetcher(MoEObserver):
                 "issued_per_layer": list(self._issued_layer),
                 "issued_per_input": self._issued / self._inputs if self._inputs else 0.0,
                 "issued_max_per_input": self._max_issued,
+                "issued_after_demand": self._deferred_count,
                 "issued_hits": self._issued_tp,
                 "issued_precision": self._issued_tp / self._issued_checked if self._issued_checked else 0.0,
                 "issued_recall": self._issued_tp / self._issued_used if self._issued_used else 0.0,
@@ -172,6 +185,9 @@ class Prefetcher(MoEObserver):
 
     # --- hooks ----------------------------------------------------------------------------------
     def on_moe_input(self, layer: int, x: torch.Tensor) -> None:
+        if self._deferred is not None:        # its layer never reported its demand: send it now
+            self._issue(self._deferred[1])
+            self._deferred = None
         now = self._clock()
         stall = self._stall_total()
         if layer <= self._last_layer:
@@ -208,6 +224,20 @@ class Prefetcher(MoEObserver):
                     for d, (experts, scores, _) in preds.items() if d <= k]
         else:
             plan = self._budget_plan(layer, preds, k)
+        if self.issue_after_demand:
+            self._deferred = (layer, plan)
+            self._deferred_count += 1
+            return
+        self._issue(plan)
+
+    def on_demand_issued(self, layer: int) -> None:
+        """The MoE block of `layer` has asked for its experts: the loads predicted at this
+        layer's input may go now, queued behind that demand."""
+        if self._deferred is not None and self._deferred[0] == layer:
+            plan, self._deferred = self._deferred[1], None
+            self._issue(plan)
+
+    def _issue(self, plan: list[tuple[int, list[int], list[float]]]) -> None:
         n = 0
         for j, experts, scores in plan:
             self.provider.prefetch(j, experts, scores)
@@ -378,11 +408,13 @@ class Prefetcher(MoEObserver):
     def close(self) -> None:
         self._pending.clear()
         self._issued_pending.clear()
+        self._deferred = None
 
 
 def build_prefetcher(model: Any, provider: Any, source: Any = None, *, lookahead: int | None = None,
                      max_lookahead: int = 3, renorm: bool = True, enabled: bool = True,
-                     policy: str = "budget", min_score: float = 0.3) -> Prefetcher | None:
+                     policy: str = "budget", min_score: float = 0.3,
+                     issue_after_demand: bool = True) -> Prefetcher | None:
     """What Engine.from_store calls: a Prefetcher over the model's routers feeding `provider`
     (None when the provider cannot prefetch, i.e. has no `prefetch` of its own)."""
     from decoder.experts.provider import ExpertProvider
@@ -394,4 +426,4 @@ def build_prefetcher(model: Any, provider: Any, source: Any = None, *, lookahead
     norms = [model.layers[l].post_attention_layernorm.weight.detach() for l in range(L)]
     return Prefetcher(routers, provider, top_k=model.config.num_experts_per_tok, lookahead=lookahead,
                       max_lookahead=max_lookahead, norm_weights=norms, renorm=renorm, enabled=enabled,
-                      policy=policy, min_score=min_score)
+                      policy=policy, min_score=min_score, issue_after_demand=issue_after_demand)

@@ -87,10 +87,19 @@ class MoEObserver:
     def on_routing_host(self, layer: int, rows: list[list[int]]) -> None:
         pass
 
+    def on_demand_issued(self, layer: int) -> None:
+        """Called right after the block asked the provider for its experts (`prepare`), before
+        any of them is used: a prefetcher issues its loads here, behind the layer's demand."""
+        pass
+
 
 def wants_host_routing(obs: MoEObserver) -> bool:
     """True when `obs` takes the routing as host lists (overrides on_routing_host)."""
-    return getattr(type(obs), "on_routing_host", None) not in (None, MoEObserver.on_routing_host)
+    return _overrides(obs, "on_routing_host")
+
+
+def _overrides(obs: Any, hook: str) -> bool:
+    return getattr(type(obs), hook, None) not in (None, getattr(MoEObserver, hook))
 
 
 def load_balancing_loss(router_logits: Sequence[torch.Tensor], num_experts: int, top_k: int) -> torch.Tensor:
@@ -282,18 +291,20 @@ class MoEBlock(nn.Module):
         rows: list[list[int]] = idx.tolist()                      # [T][k]
         for obs in host_observers:
             obs.on_routing_host(self.layer, rows)
+        after_prepare = [obs for obs in observers if _overrides(obs, "on_demand_issued")]
         if len(rows) == 1:
-            out = self._one_token(xt, weights, rows[0], experts)
+            out = self._one_token(xt, weights, rows[0], experts, after_prepare)
         else:
-            out = self._tokens(xt, weights, rows, experts)
+            out = self._tokens(xt, weights, rows, experts, after_prepare)
         return out.view(B, S, H)
 
     def _one_token(self, xt: torch.Tensor, weights: torch.Tensor, row: list[int],
-                   experts: ExpertProvider) -> torch.Tensor:
+                   experts: ExpertProvider, after_prepare: Sequence[MoEObserver] = ()) -> torch.Tensor:
         # xt: [1, H]; weights: [1, k]; row: the token's k expert ids (-1 = none) -> [1, H]
         slot_of = {e: s for s, e in enumerate(row) if e >= 0}
         needed = sorted(slot_of)
-        y = self._run_experts(needed, experts, lambda e, w: w(xt) * weights[:, slot_of[e]:slot_of[e] + 1])
+        y = self._run_experts(needed, experts, lambda e, w: w(xt) * weights[:, slot_of[e]:slot_of[e] + 1],
+                              after_prepare)
         # accumulate in expert order, so the result never depends on what was cached
         out = None
         for e in needed:
@@ -302,7 +313,7 @@ class MoEBlock(nn.Module):
         return out if out is not None else torch.zeros_like(xt)
 
     def _tokens(self, xt: torch.Tensor, weights: torch.Tensor, rows: list[list[int]],
-                experts: ExpertProvider) -> torch.Tensor:
+                experts: ExpertProvider, after_prepare: Sequence[MoEObserver] = ()) -> torch.Tensor:
         # xt: [T, H]; weights: [T, k]; rows: [T][k] expert ids (-1 = none) -> [T, H]
         k = weights.shape[1]
         pos_of: dict[int, list[int]] = {}                         # expert -> flat positions t*k + slot, t ascending
@@ -325,17 +336,21 @@ class MoEBlock(nn.Module):
             a, b = span[e]
             return w(xt[tok_all[a:b]]) * w_all[a:b]               # [T_e, H] (float32 if weights are)
 
-        y = self._run_experts(needed, experts, compute)
+        y = self._run_experts(needed, experts, compute, after_prepare)
         out = torch.zeros_like(xt)                                # [T, H]
         for e in needed:                                          # expert order: cache-independent result
             a, b = span[e]
             out.index_add_(0, tok_all[a:b], y[e].to(out.dtype))
         return out
 
-    def _run_experts(self, needed: list[int], experts: ExpertProvider, compute) -> dict[int, torch.Tensor]:
+    def _run_experts(self, needed: list[int], experts: ExpertProvider, compute,
+                     after_prepare: Sequence[MoEObserver] = ()) -> dict[int, torch.Tensor]:
         """compute(e, weights) for every needed expert: ready ones first (their loads are done),
-        the rest as they arrive; the provider pins them from prepare to release."""
+        the rest as they arrive; the provider pins them from prepare to release. Observers in
+        `after_prepare` hear `on_demand_issued` between prepare and the first use."""
         experts.prepare(self.layer, needed)
+        for obs in after_prepare:
+            obs.on_demand_issued(self.layer)
         out: dict[int, torch.Tensor] = {}
         try:
             waiting = []
