@@ -20,15 +20,38 @@ Over gRPC
   disjoint share of the hot set (cache affinity); the rest are the failover order, and
   removing a replica moves only the keys it owned.
 - Only UNAVAILABLE and a broken stream (connection reset, a stream that ends early) are
-  retried: on the next replica, resuming every blob from the byte it had reached. DATA_LOSS
-  (that replica's copy is corrupt) is tried once on each other replica. Every other status
-  maps to its expert_store.errors class at once.
+  retried: on the next replica, resuming every blob from the byte it had reached. Every
+  other status maps to its expert_store.errors class at once, except bad data (below).
+- Bad data is an answer, not an outage. A replica answers with bad data when it replies
+  DATA_LOSS (its own check failed) or when every byte of a blob came from it and the
+  assembled blob fails the client's check (the blob's seal, its ref, or for the dense file
+  the manifest's size/xxh3). The client logs a WARNING naming that replica and the blob,
+  asks it nothing more in this call and tries the next replica at once. The status a
+  caller gets:
+    good bytes from any replica              -> the bytes
+    every replica tried answered bad data    -> DataLoss (DATA_LOSS), naming the blob and
+                                                each replica with its reason
+    some replica could not be reached (only  -> Unavailable (UNAVAILABLE, retryable: that
+    transport failures, through the retry       replica may hold a good copy), whose message
+    window) and none delivered good data        names the replicas that sent bad data too
+  Bytes resumed from two replicas that fail the seal blame neither: the blob is refetched
+  from byte 0 on the next replica, which is then accountable for all of it.
+- Why a server can send bad bytes without saying so: it checks an NVMe file once at rest
+  and then trusts it while its stat signature (device, inode, size, mtime, ctime) is
+  unchanged (tiers/nvme.py). Any write from user space moves ctime (utime cannot set it
+  back), so the server re-checks and answers DATA_LOSS itself; what it cannot see is media
+  bit rot under an unchanged inode, or a store whose manifest agrees with a corrupt blob.
+  Only the client's seal check catches those. The client cannot tell the server: the
+  protocol has no call that drops a replica's "checked" mark (a restart of the replica
+  forgets every mark, `expert-store verify` on its store finds the file, and replacing the
+  file - a new inode - makes the server check it again).
 - Each RPC attempt has a deadline (deadline_s). At most max_streams streams run at once
   per client (a semaphore shared by all calls); fetch_experts spreads its refs over up to
   that many parallel streams.
 - Blobs land straight in the caller's buffer when one is given (fetch_expert(out=...)),
   and assembled expert blobs are checked (format.check_blob: the blob's own seal) before
-  they are returned, so bytes resumed from two replicas can never be silently mixed.
+  they are returned, so bytes resumed from two replicas can never be silently mixed (and
+  the dense file against the manifest, when this client has fetched it).
 """
 
 from __future__ import annotations
@@ -370,7 +393,7 @@ class _Replica:
 class _Blob:
     """One blob being received: resumable (received), into a caller buffer or its own."""
 
-    __slots__ = ("ref", "key", "out", "buf", "received", "total", "done")
+    __slots__ = ("ref", "key", "out", "buf", "received", "total", "done", "start")
 
     def __init__(self, ref: Ref | None, key: str, out: Any = None):
         self.ref, self.key = ref, key
@@ -379,6 +402,12 @@ class _Blob:
         self.received = 0
         self.total: int | None = None
         self.done = False
+        self.start = 0  # the offset the current attempt resumed from (0: all bytes from one replica)
+
+    @property
+    def from_one_replica(self) -> bool:
+        """Whether every byte received came from the replica of the current attempt."""
+        return self.start == 0
 
     def reset(self) -> None:
         self.received, self.total, self.done = 0, None, False
@@ -421,6 +450,12 @@ class _Blob:
 
 class _BrokenStream(Exception):
     """The stream broke off or misbehaved: retry on the next replica, resuming."""
+
+
+class _BadData(Exception):
+    """The replica delivered a whole blob (every byte from it) that fails the client's check
+    (the blob's seal, its ref, or the manifest's size/xxh3): its copy is bad although the
+    server did not say so. That replica is not asked again in this call."""
 
 
 class GrpcStoreClient(StoreClient):
@@ -520,20 +555,40 @@ class GrpcStoreClient(StoreClient):
         UNAVAILABLE / broken streams move on to the next replica (with backoff after a
         full round), anything else raises the matching StoreError. Unless max_attempts was
         given, rounds go on for at least RETRY_WINDOW_S: longer than a channel's reconnect
-        backoff, so a replica that has just restarted is reached rather than given up on."""
+        backoff, so a replica that has just restarted is reached rather than given up on.
+
+        Bad data (a DATA_LOSS status, or whole bytes that fail the client's check: _BadData)
+        is an answer, not an outage: that replica is logged and not asked again in this
+        call, and the next one is tried at once. When every replica of the set answered
+        with bad data, or every one tried did and the attempts ran out, the call raises
+        DataLoss naming the blob and each replica's reason; when some replica could not be
+        reached (transport failures only) it raises Unavailable, which names the replicas
+        that sent bad data too (see the module docstring)."""
         order = self._order(key)
         attempts = self._attempts(len(order))
         window_end = time.monotonic() + (RETRY_WINDOW_S if self.max_attempts is None else 0.0)
         last = "no attempt made"
-        attempt = -1
+        bad: dict[str, str] = {}        # replica -> why its answer was bad data
+        unreached: dict[str, str] = {}  # replica -> its last transport failure
+        todo: list[_Replica] = []       # replicas left in this round
+        attempt = rounds = 0
         while True:
-            attempt += 1
+            new_round = not todo
+            if new_round:
+                if rounds:
+                    order = self._order(key)  # the set may have changed meanwhile (discovery)
+                todo = [r for r in order if r.address not in bad]
+                if not todo:
+                    raise DataLoss(f"{what}: every replica answered with bad data, none has a good copy: "
+                                   + "; ".join(f"{a}: {why}" for a, why in bad.items()))
             if attempt >= attempts and time.monotonic() >= window_end:
                 break
-            if attempt and attempt % len(order) == 0:
-                time.sleep(min(1.0, 0.05 * 2 ** (attempt // len(order))) * random.uniform(0.5, 1.0))
-                order = self._order(key)  # the set may have changed meanwhile (discovery)
-            replica = order[attempt % len(order)]
+            if new_round:
+                if rounds:  # backoff after a full round
+                    time.sleep(min(1.0, 0.05 * 2 ** rounds) * random.uniform(0.5, 1.0))
+                rounds += 1
+            attempt += 1
+            replica = todo.pop(0)
             i = replica.take()
             if i is None:  # left the set meanwhile
                 last = f"{replica.address}: removed from the replica set"
@@ -543,21 +598,40 @@ class GrpcStoreClient(StoreClient):
                 replica.suspect_until = 0.0
                 return result
             except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.DATA_LOSS and attempt + 1 < min(attempts, len(order)):
-                    # this replica's copy failed its integrity check: another may hold a good one
-                    log.warning("%s: %s: DATA_LOSS %s; trying the next replica", what, replica.address, e.details())
+                if e.code() == grpc.StatusCode.DATA_LOSS:
+                    # this replica's copy failed the server's own integrity check
+                    self._note_bad(what, replica.address, f"DATA_LOSS {e.details()}", bad, unreached)
                     continue
                 if not _retryable(e):
                     raise _store_error(e, replica.address) from None
                 last = f"{replica.address}: {e.code().name} {e.details()}"
+            except _BadData as e:
+                # the server served bytes it believes good (e.g. a file it checked once at rest
+                # that rotted since under an unchanged stat): only the client saw it
+                self._note_bad(what, replica.address, f"served bad bytes: {e}", bad, unreached)
+                continue
             except _BrokenStream as e:
                 last = f"{replica.address}: broken stream ({e})"
             finally:
                 replica.give(i)
+            unreached[replica.address] = last
             replica.suspect_until = time.monotonic() + 2.0
-            more = attempt + 1 < attempts or time.monotonic() < window_end
+            more = attempt < attempts or time.monotonic() < window_end
             log.warning("%s: %s; %s", what, last, "failing over" if more else "giving up")
-        raise Unavailable(f"{what}: no replica answered after {attempt} attempts (last: {last})")
+        if bad and not unreached:  # the only answers were bad data
+            raise DataLoss(f"{what}: every replica tried answered with bad data: "
+                           + "; ".join(f"{a}: {why}" for a, why in bad.items()))
+        also = ("; bad data from " + "; ".join(f"{a}: {why}" for a, why in bad.items())) if bad else ""
+        raise Unavailable(f"{what}: no replica answered after {attempt} attempts (last: {last}){also}")
+
+    @staticmethod
+    def _note_bad(what: str, address: str, why: str, bad: dict, unreached: dict) -> None:
+        bad[address] = why
+        unreached.pop(address, None)
+        # The client cannot tell the server: the protocol has no call to drop a replica's
+        # "checked" mark (see the module docstring). The log names the replica to repair.
+        log.warning("%s: replica %s %s; not asking it again in this call (run `expert-store verify` on its "
+                    "store: that replica's copy needs repair)", what, address, why)
 
     # ---- API
 
@@ -628,6 +702,8 @@ class GrpcStoreClient(StoreClient):
 
         def attempt(stub, timeout):
             pending = [it for it in items if not it.done]
+            for it in pending:
+                it.start = it.received
             request = pb.FetchExpertsRequest(model=model, priority=prio, refs=[
                 pb.ExpertRef(layer=it.ref[0], expert=it.ref[1], precision=it.ref[2], offset=it.received)
                 for it in pending])
@@ -651,18 +727,24 @@ class GrpcStoreClient(StoreClient):
             if any(not it.done for it in pending):
                 raise _BrokenStream("the stream ended before every blob was complete")
 
-        self._with_failover(items[0].key, attempt, f"FetchExperts({model}, {len(items)} blobs)")
+        what = f"FetchExperts({items[0].key})" if len(items) == 1 else f"FetchExperts({model}, {len(items)} blobs)"
+        self._with_failover(items[0].key, attempt, what)
 
     def _check_expert(self, it: _Blob) -> None:
         if not self.verify:
             return
+        whole = it.from_one_replica
         try:
             header = blob_format.check_blob(memoryview(it.buf)[: it.total])
         except blob_format.BlobError as e:
-            it.reset()  # resumed bytes did not fit together: refetch from 0 elsewhere
-            raise _BrokenStream(f"{it.key} failed its integrity check ({e})") from None
+            it.reset()  # refetch from 0 elsewhere
+            if whole:  # every byte came from this replica: its copy is bad
+                raise _BadData(f"{it.key} failed its seal check ({e})") from None
+            # resumed bytes from two replicas did not fit together: neither is to blame yet
+            raise _BrokenStream(f"{it.key} failed its integrity check after a resume ({e})") from None
         if (header.layer, header.expert, header.precision) != it.ref:
-            raise DataLoss(f"{it.key}: the server sent L{header.layer} E{header.expert} {header.precision}")
+            it.reset()
+            raise _BadData(f"{it.key}: the server sent L{header.layer} E{header.expert} {header.precision}")
 
     def fetch_dense(self, model: str, out: Any = None):
         """The model's dense safetensors bytes (into `out` when given), resumable; checked
@@ -671,6 +753,7 @@ class GrpcStoreClient(StoreClient):
         item = _Blob(None, blob_format.dense_key(model), out)
 
         def attempt(stub, timeout):
+            item.start = item.received
             with self._streams:
                 call = stub.FetchDense(pb.FetchDenseRequest(model=model, offset=item.received),
                                        timeout=timeout, metadata=self._metadata)
@@ -682,13 +765,17 @@ class GrpcStoreClient(StoreClient):
                     raise
             if not item.done:
                 raise _BrokenStream("the stream ended before the last chunk")
+            m = self._manifests.get(model)
+            if self.verify and m is not None and m.dense_xxh3:
+                data = memoryview(item.buf)[: item.total]
+                if len(data) != m.dense_size or blob_format.blob_checksum(data) != m.dense_xxh3:
+                    whole = item.from_one_replica
+                    item.reset()  # refetch from 0 elsewhere
+                    if whole:
+                        raise _BadData(f"{item.key}: size/xxh3 do not match the manifest")
+                    raise _BrokenStream(f"{item.key}: size/xxh3 do not match the manifest after a resume")
 
         self._with_failover(item.key, attempt, f"FetchDense({model})")
-        m = self._manifests.get(model)
-        if self.verify and m is not None and m.dense_xxh3:
-            data = memoryview(item.buf)[: item.total]
-            if len(data) != m.dense_size or blob_format.blob_checksum(data) != m.dense_xxh3:
-                raise DataLoss(f"{item.key}: size/xxh3 do not match the manifest")
         return item.result()
 
     def put(self, model: str, kind: str, data: Any, *, layer: int = 0, expert: int = 0, precision: str = "",

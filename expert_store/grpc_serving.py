@@ -142,8 +142,10 @@ def tune_malloc() -> bool:
     glibc's defaults serve such sizes with mmap, or from a heap top it trims on free, so each
     message costs its pages' faults and zeroing: with both processes of a 1 -> 1 stream
     measured on the 2-core dev box (perf), page faults, clear_page and munmap were ~15% of the
-    receiving process, and fixing the two thresholds below cut its CPU per GB by a third and
-    raised MB/s by ~30%. Setting only one of the two made things worse (a fixed threshold
+    receiving process. Fixing the two thresholds below cut the client's CPU per GB by about
+    a third; that was measured in 1107b9b, together with a hand-written BlobChunk codec since
+    removed (f5a8762), and the ~30% more MB/s seen then is not claimed for the thresholds
+    alone. Setting only one of the two made things worse (a fixed threshold
     turns off glibc's dynamic one), so both are set. The cost: up to 128 MiB of freed heap
     kept per malloc arena, and allocations under 32 MiB come from the heap. A no-op off glibc."""
     global _malloc_tuned

@@ -97,7 +97,9 @@ class BlobReader:
     ("whole": read whole and checked, "cached": a checked copy from RAM/Redis, "nvme":
     streamed from the file). Iterate (or call ``next``); always ``close()`` (or use ``with``). At least one
     chunk comes out, even at offset == total (so the reader learns total and last=True).
-    ``data`` is a read-only memoryview (no copy; the server copies it once, into the message)."""
+    ``data`` is a read-only memoryview (no copy here). The server copies each piece twice:
+    into bytes (protobuf's bytes fields take bytes only; server.chunk_message), then into the
+    pb.BlobChunk message, and grpc serializes that."""
 
     total: int
     source: str
@@ -179,8 +181,12 @@ class NvmeRangeReader(BlobReader):
     and a resume seeks straight to its offset. The last chunk is handed out only if the
     file's signature is still the same (a write to it mid-stream, or since the check, changes
     its mtime/ctime: DataLoss). What this cannot see is a change stat does not show (bit rot
-    under an unchanged inode); the client's seal check on the assembled blob catches that,
-    and `expert-store verify` re-reads everything. The win: no hash per request, and a
+    under an unchanged inode); the client's seal check on the assembled blob catches that
+    (StoreClient tries the other replicas and answers DATA_LOSS when every replica it tried
+    sent bad data; UNAVAILABLE when another could not be reached), and `expert-store verify` re-reads everything. No RPC lets a client
+    drop this mark: a restart forgets every mark, and replacing the file (a new inode) makes
+    it checked again. Any write from user space moves ctime, which utime cannot set back,
+    so only media rot goes unseen here. The win: no hash per request, and a
     resume costs nothing.
     """
 
