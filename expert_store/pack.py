@@ -26,6 +26,7 @@ header matches (resumable).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable, Iterator, Protocol
 
 import torch
 import xxhash
@@ -380,15 +381,13 @@ def _stored_checksum(store: _Store, key: str) -> str | None:
     return None if data is None else fmt.blob_checksum(data)
 
 
-def _pack_dense(layout: CheckpointLayout, store: _Store, model: str, result: PackResult) -> tuple[int, str]:
-    """Write dense.safetensors; return (size, xxh3).  The tensors go to a temp file (next to the
-    store when it is a directory, so it is disk and not tmpfs) and are freed before the file
-    is streamed into the store: peak memory is one copy of the dense part."""
+@contextlib.contextmanager
+def _dense_file(layout: CheckpointLayout, tmp_root: str | os.PathLike | None) -> Iterator[tuple[Path, int, str]]:
+    """dense.safetensors written to a temp file under ``tmp_root`` (None: $TMPDIR); yields
+    (path, size, xxh3). The tensors are freed before it yields: peak memory is one copy of the
+    dense part, while it is written."""
     from safetensors.torch import save_file
 
-    key = fmt.dense_key(model)
-    src = _source(store)
-    tmp_root = getattr(src, "root", None)
     with tempfile.TemporaryDirectory(prefix=".pack-", dir=tmp_root) as tmp:
         path = Path(tmp) / "dense.safetensors"
         tensors = dict(layout.dense_tensors())
@@ -396,7 +395,16 @@ def _pack_dense(layout: CheckpointLayout, store: _Store, model: str, result: Pac
         # the bytes (and the checksum a resumed pack compares) differ from run to run
         save_file(tensors, str(path), metadata={"format": "pt"})
         del tensors
-        size, checksum = path.stat().st_size, _file_checksum(path)
+        yield path, path.stat().st_size, _file_checksum(path)
+
+
+def _pack_dense(layout: CheckpointLayout, store: _Store, model: str, result: PackResult) -> tuple[int, str]:
+    """Write dense.safetensors; return (size, xxh3).  The tensors go to a temp file (next to the
+    store when it is a directory, so it is disk and not tmpfs) and are freed before the file
+    is streamed into the store: peak memory is one copy of the dense part."""
+    key = fmt.dense_key(model)
+    src = _source(store)
+    with _dense_file(layout, getattr(src, "root", None)) as (path, size, checksum):
         if _stored_checksum(store, key) == checksum:
             return size, checksum
         streamable = hasattr(src, "writer") and (src is store or hasattr(store, "invalidate"))
@@ -423,14 +431,7 @@ def pack_checkpoint(
     """Pack a Mixtral checkpoint into ``store`` (anything with ``get/put/contains`` by key:
     ``NvmeTier``, ``TieredStore``).  Raises :class:`NotMixtralCheckpointError` for other models,
     :class:`CheckpointError` for broken checkpoints, ValueError for bad arguments."""
-    precisions = tuple(dict.fromkeys(precisions))
-    if not precisions:
-        raise ValueError("at least one precision is needed")
-    for p in precisions:
-        if p not in fmt.PRECISIONS:
-            raise ValueError(f"unknown precision {p!r}; expected some of {fmt.PRECISIONS}")
-    if not isinstance(group_size, int) or group_size < 2 or group_size % 2:
-        raise ValueError(f"group_size must be an even int >= 2, got {group_size!r}")
+    precisions = _check_pack_args(precisions, group_size)
     layout = read_checkpoint_layout(checkpoint_dir)
     model = fmt.validate_model_name(model) if model is not None else default_model_name(checkpoint_dir)
     result = PackResult(model=model, manifest={})
@@ -445,8 +446,7 @@ def pack_checkpoint(
         _put_file(store, fmt.file_key(model, "tokenizer.json"), tokenizer, result)
     dense_size, dense_xxh3 = _pack_dense(layout, store, model, result)
 
-    hidden, ffn = layout.hidden_size, layout.intermediate_size
-    shapes = {"w1": [ffn, hidden], "w3": [ffn, hidden], "w2": [hidden, ffn]}
+    shapes = _expert_shapes(layout)
     blobs: list[dict[str, Any]] = []
     total = layout.num_layers * layout.num_experts * len(precisions)
     with tqdm(total=total, unit="blob", desc=f"pack {model}", disable=not progress) as bar:
@@ -483,29 +483,9 @@ def pack_checkpoint(
                     del data
                 del weights
 
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "model": model,
-        "architecture": "mixtral",
-        "num_layers": layout.num_layers,
-        "num_experts": layout.num_experts,
-        "top_k": layout.top_k,
-        "hidden_size": hidden,
-        "intermediate_size": ffn,
-        "vocab_size": layout.config.get("vocab_size"),
-        "rope_theta": layout.rope_theta,
-        "precisions": list(precisions),
-        "group_size": group_size,
-        "expert_layout": "fused" if layout.fused else "per_expert",
-        "blobs": blobs,
-        "dense_size": dense_size,
-        "dense_xxh3": dense_xxh3,
-        "config_xxh3": fmt.blob_checksum(layout.config_bytes),
-        "tokenizer_xxh3": None if tokenizer is None else fmt.blob_checksum(tokenizer),
-    }
+    manifest = _build_manifest(layout, model, precisions, group_size, blobs, dense_size, dense_xxh3, tokenizer)
     manifest = _merge_previous(store, manifest)
-    manifest["blobs"].sort(key=lambda b: (b["layer"], b["expert"], fmt.PRECISIONS.index(b["precision"])))
-    data = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+    data = _manifest_bytes(manifest)
     _put_file(store, fmt.file_key(model, "manifest.json"), data, result)
     result.manifest = manifest
     log.info(
@@ -522,6 +502,85 @@ def _blob_entry(layer: int, expert: int, precision: str, data: bytes) -> dict[st
     return {"layer": layer, "expert": expert, "precision": precision, "size": len(data), "xxh3": fmt.blob_checksum(data)}
 
 
+def _check_pack_args(precisions: Iterable[str], group_size: int) -> tuple[str, ...]:
+    precisions = tuple(dict.fromkeys(precisions))
+    if not precisions:
+        raise ValueError("at least one precision is needed")
+    for p in precisions:
+        if p not in fmt.PRECISIONS:
+            raise ValueError(f"unknown precision {p!r}; expected some of {fmt.PRECISIONS}")
+    if not isinstance(group_size, int) or group_size < 2 or group_size % 2:
+        raise ValueError(f"group_size must be an even int >= 2, got {group_size!r}")
+    return precisions
+
+
+def _expert_shapes(layout: CheckpointLayout) -> dict[str, list[int]]:
+    hidden, ffn = layout.hidden_size, layout.intermediate_size
+    return {"w1": [ffn, hidden], "w3": [ffn, hidden], "w2": [hidden, ffn]}
+
+
+def _build_manifest(layout: CheckpointLayout, model: str, precisions: tuple[str, ...], group_size: int,
+                    blobs: list[dict[str, Any]], dense_size: int, dense_xxh3: str,
+                    tokenizer: bytes | None) -> dict[str, Any]:
+    return {
+        "format": MANIFEST_FORMAT,
+        "model": model,
+        "architecture": "mixtral",
+        "num_layers": layout.num_layers,
+        "num_experts": layout.num_experts,
+        "top_k": layout.top_k,
+        "hidden_size": layout.hidden_size,
+        "intermediate_size": layout.intermediate_size,
+        "vocab_size": layout.config.get("vocab_size"),
+        "rope_theta": layout.rope_theta,
+        "precisions": list(precisions),
+        "group_size": group_size,
+        "expert_layout": "fused" if layout.fused else "per_expert",
+        "blobs": blobs,
+        "dense_size": dense_size,
+        "dense_xxh3": dense_xxh3,
+        "config_xxh3": fmt.blob_checksum(layout.config_bytes),
+        "tokenizer_xxh3": None if tokenizer is None else fmt.blob_checksum(tokenizer),
+    }
+
+
+def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    """The manifest.json bytes (blobs sorted by layer, expert, precision): deterministic, so a
+    local and a remote pack of one checkpoint write the same file."""
+    manifest["blobs"].sort(key=lambda b: (b["layer"], b["expert"], fmt.PRECISIONS.index(b["precision"])))
+    return (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+
+
+def _extra_precisions(manifest: dict[str, Any], old: Any) -> dict[str, list[dict[str, Any]]] | None:
+    """Precisions an earlier manifest (``old``: its parsed JSON) holds that this pack does not
+    write, each with its complete list of blob entries: ``{precision: entries}``. None when
+    there is nothing to consider (no usable old manifest, another shape, no other precision)."""
+    try:
+        same_shape = all(
+            old.get(k) == manifest[k] for k in ("num_layers", "num_experts", "hidden_size", "intermediate_size")
+        )
+        extra = [p for p in old.get("precisions", []) if p in fmt.PRECISIONS and p not in manifest["precisions"]]
+        old_blobs = old.get("blobs", [])
+    except (ValueError, AttributeError, TypeError):
+        return None
+    if not same_shape or not extra:
+        return None
+    out = {}
+    for precision in extra:
+        entries = [b for b in old_blobs if isinstance(b, dict) and b.get("precision") == precision]
+        if len(entries) == manifest["num_layers"] * manifest["num_experts"]:
+            out[precision] = entries
+    return out
+
+
+def _add_precisions(manifest: dict[str, Any], extras: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    for precision, entries in extras.items():
+        manifest["precisions"].append(precision)
+        manifest["blobs"].extend(entries)
+    manifest["precisions"] = [p for p in fmt.PRECISIONS if p in manifest["precisions"]]
+    return manifest
+
+
 def _merge_previous(store: _Store, manifest: dict[str, Any]) -> dict[str, Any]:
     """Keep precisions an earlier pack of the same model stored (re-packing at int4 after bf16
     must not drop bf16 from the manifest), when all their blobs are still in the store."""
@@ -531,22 +590,14 @@ def _merge_previous(store: _Store, manifest: dict[str, Any]) -> dict[str, Any]:
         return manifest
     try:
         old = json.loads(old_bytes)
-        same_shape = all(
-            old.get(k) == manifest[k] for k in ("num_layers", "num_experts", "hidden_size", "intermediate_size")
-        )
-        extra = [p for p in old.get("precisions", []) if p in fmt.PRECISIONS and p not in manifest["precisions"]]
-        old_blobs = old.get("blobs", [])
-    except (ValueError, AttributeError, TypeError):
+    except ValueError:
         return manifest
-    if not same_shape or not extra:
+    extras = _extra_precisions(manifest, old)
+    if extras is None:
         return manifest
-    for precision in extra:
-        entries = [b for b in old_blobs if isinstance(b, dict) and b.get("precision") == precision]
-        if len(entries) != manifest["num_layers"] * manifest["num_experts"]:
-            continue
-        if not all(store.contains(fmt.expert_key(manifest["model"], b["layer"], b["expert"], precision)) for b in entries):
-            continue
-        manifest["precisions"].append(precision)
-        manifest["blobs"].extend(entries)
-    manifest["precisions"] = [p for p in fmt.PRECISIONS if p in manifest["precisions"]]
-    return manifest
+    model = manifest["model"]
+    kept = {
+        p: entries for p, entries in extras.items()
+        if all(store.contains(fmt.expert_key(model, b["layer"], b["expert"], p)) for b in entries)
+    }
+    return _add_precisions(manifest, kept)
