@@ -2,6 +2,9 @@
 
     expert-store pack CHECKPOINT_DIR --store DIR [--model NAME] [--precisions bf16,int8,int4]
                       [--group-size 128] [--redis URL]
+    expert-store pack CHECKPOINT_DIR --store grpc://H:P[,H:P] | dns:///H:P | k8s://NS/SVC:PORT
+                      [--placement all|owner] [--token-file F] [--tls-ca F [--tls-cert F --tls-key F]]
+                      [--deadline S] [--model NAME] [--precisions ...] [--group-size 128]
     expert-store serve --store DIR [--redis URL] [--listen HOST:PORT] [--workers N]
                        [--max-refs N] [--max-streams N] [--token-file F]
                        [--tls-cert F --tls-key F [--tls-client-ca F]] [--metrics-port P] [--ram-bytes N]
@@ -69,13 +72,28 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("pack", help="import an HF safetensors Mixtral checkpoint into a store")
+    p = sub.add_parser("pack", help="import an HF safetensors Mixtral checkpoint into a store",
+                       description="Import a checkpoint into a store directory, or into running store replicas "
+                                   "over gRPC (PutBlob; the manifest goes last, so nothing is visible before "
+                                   "the pack is complete; a re-run skips files a replica already holds).")
     p.add_argument("checkpoint", metavar="CHECKPOINT_DIR")
-    p.add_argument("--store", required=True, metavar="DIR")
+    p.add_argument("--store", required=True, metavar="DIR|grpc://H:P[,H:P]|dns:///H:P|k8s://NS/SVC:PORT",
+                   help="a store directory, or the replicas to upload to")
     p.add_argument("--model", help="model name in the store (default: the checkpoint directory's name)")
     p.add_argument("--precisions", type=_precisions, default=("bf16",), help="comma list of bf16,int8,int4")
     p.add_argument("--group-size", type=_positive, default=128, help="quantization group size (int8/int4)")
-    p.add_argument("--redis", metavar="URL", help="also write through to this Redis tier")
+    p.add_argument("--redis", metavar="URL", help="(directory) also write through to this Redis tier")
+    p.add_argument("--placement", choices=("all", "owner"), default="all",
+                   help="(replicas) all: every file to every replica (each serves the whole model); owner: each "
+                        "expert blob and the dense file only to its rendezvous owner (1/N disk, no redundancy, "
+                        "fixed replica set)")
+    p.add_argument("--token-file", metavar="F", help="(replicas) bearer token (else $EXPERT_STORE_TOKEN, if set)")
+    p.add_argument("--tls-ca", metavar="F", help="(replicas) CA of the servers' certificates: use TLS")
+    p.add_argument("--tls-cert", metavar="F", help="(replicas) client certificate (mTLS)")
+    p.add_argument("--tls-key", metavar="F", help="(replicas) client key (mTLS)")
+    p.add_argument("--tls-server-name", metavar="NAME", help="(replicas) name to check the certificates against")
+    p.add_argument("--deadline", type=float, default=30.0, metavar="S",
+                   help="(replicas) deadline of each RPC; uploads get this plus their size at 16 MiB/s")
     p.add_argument("--no-progress", action="store_true")
 
     s = sub.add_parser("serve", help="serve a store over gRPC")
@@ -127,6 +145,10 @@ def cmd_pack(args: argparse.Namespace) -> int:
         raise CliError(f"checkpoint directory {args.checkpoint} does not exist")
     if args.model is not None:
         blob_format.validate_model_name(args.model)
+    from expert_store.client import is_remote_target
+
+    if is_remote_target(args.store):
+        return _pack_remote(args)
     from expert_store.pack import pack_checkpoint  # torch: imported only once the arguments are sound
     from expert_store.store import ModelStore
     with ModelStore.open(args.store, redis_url=args.redis, ram_bytes=0) as store:
@@ -134,6 +156,34 @@ def cmd_pack(args: argparse.Namespace) -> int:
                                  group_size=args.group_size, progress=not args.no_progress)
     print(f"packed {result.model} into {args.store}: {result.blobs_written} blobs written "
           f"({result.bytes_written / 1e6:.1f} MB), {result.blobs_skipped} already present")
+    return 0
+
+
+def _pack_remote(args: argparse.Namespace) -> int:
+    if args.redis:
+        raise CliError("--redis is for a store directory; replicas write through to their own Redis tier")
+    if args.deadline <= 0:
+        raise CliError("--deadline must be positive")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise CliError("--tls-cert and --tls-key go together")
+    if args.tls_cert and not args.tls_ca:
+        raise CliError("--tls-cert/--tls-key (mTLS) need --tls-ca")
+    from expert_store.grpc_serving import read_token_file
+
+    try:
+        token = read_token_file(args.token_file, "EXPERT_STORE_TOKEN")
+    except OSError as e:
+        raise CliError(f"cannot read token file {args.token_file}: {e.strerror or e}") from None
+    from expert_store.pack import pack_remote  # torch: imported only once the arguments are sound
+
+    result = pack_remote(args.checkpoint, args.store, model=args.model, precisions=args.precisions,
+                         group_size=args.group_size, placement=args.placement, token=token,
+                         tls_ca=_read_file(args.tls_ca, "TLS CA"), tls_cert=_read_file(args.tls_cert, "TLS certificate"),
+                         tls_key=_read_file(args.tls_key, "TLS key"), tls_server_name=args.tls_server_name,
+                         deadline_s=args.deadline, progress=not args.no_progress)
+    print(f"packed {result.model} into {len(result.replicas)} replica(s) {', '.join(result.replicas)} "
+          f"(placement {result.placement}): {sum(result.uploaded.values())} files uploaded "
+          f"({result.bytes_uploaded / 1e6:.1f} MB), {sum(result.skipped.values())} already there")
     return 0
 
 

@@ -779,9 +779,10 @@ class GrpcStoreClient(StoreClient):
         return item.result()
 
     def put(self, model: str, kind: str, data: Any, *, layer: int = 0, expert: int = 0, precision: str = "",
-            chunk_bytes: int = 1 << 20) -> tuple[str, int]:
+            chunk_bytes: int = 1 << 20, timeout_s: float | None = None) -> tuple[str, int]:
         """Upload one file (PutBlob) to the key's owner replica; returns (key, size). The
-        server makes it visible only once complete and its xxh3 matches."""
+        server makes it visible only once complete and its xxh3 matches. timeout_s: the
+        deadline of each attempt (default deadline_s; a large file needs longer)."""
         model = _check_model(model)
         view = memoryview(data).cast("B")
         header = pb.PutBlobHeader(model=model, kind=kind, layer=layer, expert=expert, precision=precision,
@@ -794,7 +795,8 @@ class GrpcStoreClient(StoreClient):
 
         def attempt(stub, timeout):
             with self._streams:
-                return stub.PutBlob(messages(), timeout=timeout, metadata=self._metadata)
+                return stub.PutBlob(messages(), timeout=timeout if timeout_s is None else timeout_s,
+                                    metadata=self._metadata)
 
         try:
             key = (blob_format.expert_key(model, layer, expert, precision) if kind == "expert"
@@ -803,6 +805,12 @@ class GrpcStoreClient(StoreClient):
             raise InvalidArgument(str(e)) from None
         reply = self._with_failover(key, attempt, f"PutBlob({model}, {kind})")
         return reply.key, reply.size
+
+    def call(self, key: str, rpc, what: str) -> Any:
+        """Run ``rpc(stub, timeout, metadata)`` on key's replicas with this client's failover,
+        per-attempt deadline and auth, for RPCs the methods above do not wrap (expert_store.pack
+        probes a replica's blobs with ranged FetchExperts/FetchDense). Raises like them."""
+        return self._with_failover(key, lambda stub, timeout: rpc(stub, timeout, self._metadata), what)
 
     def stat(self) -> dict[str, dict]:
         """Stat of every replica: {address: {"models", "active_streams", "tiers"}} (or {"error"})."""
