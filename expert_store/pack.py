@@ -22,6 +22,14 @@ tensors are read one at a time through ``safetensors.safe_open``, and each file 
 closed again right after the read, so the mapped pages of a checkpoint larger than RAM never
 accumulate.  Re-running skips every blob already in the store whose seal verifies and whose
 header matches (resumable).
+
+``pack_remote(checkpoint_dir, "grpc://h1:p1,h2:p2" | "dns:///h:p" | "k8s://ns/svc:p", ...)`` packs
+the same files, byte for byte, into running store replicas over PutBlob (``expert-store pack
+--store grpc://...``): by default every file to every replica (each replica holds the whole
+model, as the k8s deployment runs them), or with ``placement="owner"`` each blob only to its
+rendezvous owner; the manifest goes last, to every replica, only after every replica accepted
+all of its files, so a failed pack leaves no model visible anywhere. A re-run skips the files a
+replica already serves with the same size and xxh3 (see ``pack_remote``).
 """
 
 from __future__ import annotations

@@ -263,3 +263,54 @@ def test_a_replica_killed_mid_pack_fails_the_pack_and_leaves_no_manifest(workdir
         assert manifest_code(c, model) == grpc.StatusCode.OK and model in listed_models(a)
     finally:
         c.stop()
+
+
+_MEMORY_PROBE = """
+import json, sys
+import torch
+torch.set_num_threads(1)  # 2 shared cores: intra-op threads only contend
+import grpc  # imported before the baseline: what is measured is the pack, not the imports
+from expert_store import client
+from expert_store.pack import pack_remote
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
+
+ckpt, target = sys.argv[1:3]
+with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS mark to the current RSS
+    f.write("5")
+base = status("VmRSS:")
+result = pack_remote(ckpt, target, model="big", precisions=("bf16", "int4"), progress=False)
+print(json.dumps({"base": base, "peak": status("VmHWM:"), "uploaded": sum(result.uploaded.values())}))
+"""
+
+
+def test_remote_pack_memory_stays_bounded(workdir):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux /proc/self/clear_refs to measure peak RSS")
+    # ~200 MB of float32 experts (8 layers x 8 experts x 3 MiB, bf16 blobs of 1.5 MiB); the pack
+    # holds one expert and a few blobs in flight, so its peak RSS may grow by < 96 MiB
+    ckpt, _ = make_mixtral_checkpoint(workdir / "big", hidden=256, ffn=1024, layers=8, experts=8, vocab=320)
+    size_mib = sum(p.stat().st_size for p in ckpt.glob("*.safetensors")) / 2**20
+    cap_mib = 96
+    assert size_mib > 2 * cap_mib
+    server = _serve(workdir, "replica-mem")
+    try:
+        out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(ckpt), target(server)],
+                             capture_output=True, text=True, timeout=200, env=child_env())
+        assert out.returncode == 0, out.stderr[-2000:]
+        m = json.loads(out.stdout.strip().splitlines()[-1])
+        assert m["uploaded"] == 3 + 8 * 8 * 2 + 1
+        growth = m["peak"] - m["base"]
+        print(f"remote pack of {size_mib:.0f} MiB: peak RSS +{growth:.0f} MiB")
+        assert growth < cap_mib, f"packing a {size_mib:.0f} MiB checkpoint remotely grew peak RSS by {growth:.0f} MiB"
+        assert "big" in listed_models(server)
+    finally:
+        server.stop()
