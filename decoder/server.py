@@ -15,7 +15,15 @@ prints "listening on HOST:PORT" once it serves. A thin grpc.aio servicer over
   once. Store failures during a step: the store's status (e.g. UNAVAILABLE).
 - GetStats: engine.stats() plus the scheduler's counters.
 - gRPC health (`grpc.health.v1`, NOT_SERVING first on SIGTERM/SIGINT, then a grace period
-  for in-flight streams) and server reflection.
+  for in-flight streams) and server reflection. The overall status ("") and
+  "adapmoe.v1.Decoder" say whether Generate can be served (readiness); the service
+  "liveness" stays SERVING while the process works, also while it waits for its model,
+  and turns NOT_SERVING only when the batch scheduler died or on shutdown (liveness).
+- --wait-for-model [--wait-timeout S]: serve at once with health NOT_SERVING (Generate:
+  UNAVAILABLE "model X not in the store yet"), poll the store for the model with capped
+  exponential backoff (an unreachable store is waited for the same way), load it when it
+  appears, then SERVING. SIGTERM while waiting exits 0; --wait-timeout expiry exits non-zero.
+  Without the flag a missing model is a one-line NOT_FOUND error (exit 1) before serving.
 - Prometheus metrics on --metrics-port (requests and latency by status, tokens, tokens/s,
   queue depth, active sequences, batch sizes, cache hit rates and bytes per tier).
 - One JSON log line per request on stderr (id, status, token counts, latency; never text).
@@ -33,18 +41,22 @@ import collections
 import json
 import logging
 import math
+import random
 import re
 import sys
 import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from concurrent.futures import Future
 from typing import Any, AsyncIterator, Callable
 
 import grpc
 
 from decoder.batching import (BatchScheduler, ErrorEvent, FinishEvent, InvalidRequest, SamplingSpec,
                               SchedulerError, TokenEvent)
+from grpc_health.v1 import health_pb2
+
 from expert_store import grpc_serving
 from expert_store._proto.adapmoe.v1 import decoder_pb2 as pb
 from expert_store._proto.adapmoe.v1 import decoder_pb2_grpc as pb_grpc
@@ -59,6 +71,9 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_SEQ_LEN = 8192
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 TOKEN_ENV = "MOE_DECODER_TOKEN"  # the token clients of this service must send (--auth-token-file wins)
+# gRPC health service name of the liveness check: SERVING while the process works (waiting for
+# its model included); NOT_SERVING when the batch scheduler died (restart us) or on shutdown
+LIVENESS_SERVICE = "liveness"
 
 
 @dataclass(frozen=True)
@@ -112,14 +127,28 @@ class DecoderMetrics:
         tps = Gauge("adapmoe_decoder_tokens_per_second", f"decode throughput over the last {window_s:g}s",
                     registry=r)
         tps.set_function(self.tokens_per_s)
+        self.model_loaded = Gauge("adapmoe_decoder_model_loaded",
+                                  "1 once the model is loaded and Generate is served (0: waiting for it)",
+                                  registry=r)
         if scheduler is not None:
-            Gauge("adapmoe_decoder_queue_depth", "sequences waiting for a batch slot",
-                  registry=r).set_function(lambda: scheduler.queued)
-            Gauge("adapmoe_decoder_active_sequences", "sequences being decoded",
-                  registry=r).set_function(lambda: scheduler.active)
-            Gauge("adapmoe_decoder_max_active", "--max-active", registry=r).set(scheduler.max_active)
-            Gauge("adapmoe_decoder_max_queue", "--max-queue", registry=r).set(scheduler.max_queue)
-            r.register(EngineStatsCollector(scheduler.engine_stats))
+            self.bind(scheduler)
+
+    def bind(self, scheduler: BatchScheduler) -> None:
+        """The scheduler's gauges and the engine's figures (for a model loaded after the
+        metrics endpoint started: --wait-for-model)."""
+        if not self.enabled:
+            return
+        from prometheus_client import Gauge
+
+        r = self.registry
+        Gauge("adapmoe_decoder_queue_depth", "sequences waiting for a batch slot",
+              registry=r).set_function(lambda: scheduler.queued)
+        Gauge("adapmoe_decoder_active_sequences", "sequences being decoded",
+              registry=r).set_function(lambda: scheduler.active)
+        Gauge("adapmoe_decoder_max_active", "--max-active", registry=r).set(scheduler.max_active)
+        Gauge("adapmoe_decoder_max_queue", "--max-queue", registry=r).set(scheduler.max_queue)
+        r.register(EngineStatsCollector(scheduler.engine_stats))
+        self.model_loaded.set(1)
 
     def on_step(self, batch: int, seconds: float) -> None:
         now = time.monotonic()
@@ -239,11 +268,21 @@ class DecoderServicer(pb_grpc.DecoderServicer):
     """Protobuf <-> BatchScheduler. Tokenization runs in a worker thread; the model runs on the
     scheduler's step thread; events come back through loop.call_soon_threadsafe."""
 
-    def __init__(self, scheduler: BatchScheduler, config: ServiceConfig, metrics: DecoderMetrics) -> None:
-        self.scheduler = scheduler
+    def __init__(self, scheduler: BatchScheduler | None, config: ServiceConfig, metrics: DecoderMetrics,
+                 not_ready: Callable[[], str] | None = None) -> None:
         self.config = config
         self.metrics = metrics
+        self.scheduler: BatchScheduler | None = None
+        self.tokenizer = None
+        # why Generate is UNAVAILABLE before attach() (--wait-for-model)
+        self.not_ready = not_ready or (lambda: "the model is not loaded yet")
+        if scheduler is not None:
+            self.attach(scheduler)
+
+    def attach(self, scheduler: BatchScheduler) -> None:
+        """Serve Generate with this (started) scheduler from now on."""
         self.tokenizer = scheduler.engine.tokenizer
+        self.scheduler = scheduler
 
     def _spec(self, request: pb.GenerateRequest) -> SamplingSpec:
         s = request.sampling
@@ -280,6 +319,8 @@ class DecoderServicer(pb_grpc.DecoderServicer):
         status, prompt_n, tokens, finish, first_token_s = "OK", 0, 0, "", None
         seq = None
         try:
+            if self.scheduler is None:
+                raise _Abort("UNAVAILABLE", self.not_ready())
             spec = self._spec(request)
             if not self.scheduler.alive:
                 raise _Abort("UNAVAILABLE", "the decoder is not serving")
@@ -358,8 +399,10 @@ class DecoderServicer(pb_grpc.DecoderServicer):
             }, separators=(",", ":")))
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.DecoderStats:
-        stats = await asyncio.to_thread(self.scheduler.engine_stats)
         sch = self.scheduler
+        if sch is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.not_ready())
+        stats = await asyncio.to_thread(sch.engine_stats)
         return pb.DecoderStats(stats_json=json.dumps(stats, default=str), active=sch.active, queued=sch.queued,
                                max_active=sch.max_active, max_queue=sch.max_queue,
                                scheduler_json=json.dumps({**asdict(sch.stats), "max_seq_len": sch.max_seq_len,
@@ -382,17 +425,18 @@ def split_host_port(listen: str) -> tuple[str, int]:
 
 
 class DecoderServer:
-    """Servicer + health + reflection on one port, over a started BatchScheduler."""
+    """Servicer + health + reflection on one port, over a started BatchScheduler, or (scheduler
+    None: --wait-for-model) over none yet: NOT_SERVING and Generate UNAVAILABLE until attach()."""
 
-    def __init__(self, scheduler: BatchScheduler, config: ServiceConfig, metrics: DecoderMetrics | None = None
-                 ) -> None:
+    def __init__(self, scheduler: BatchScheduler | None, config: ServiceConfig,
+                 metrics: DecoderMetrics | None = None, not_ready: Callable[[], str] | None = None) -> None:
         self.scheduler = scheduler
         self.config = config
         self.metrics = metrics or DecoderMetrics(False)
         # bearer token: constant-time check, health exempt
         self.server = grpc.aio.server(interceptors=grpc_serving.auth_interceptors(config.token),
                                       options=grpc_serving.channel_options(MAX_MESSAGE_BYTES, reuse_port=False))
-        self.servicer = DecoderServicer(scheduler, config, self.metrics)
+        self.servicer = DecoderServicer(scheduler, config, self.metrics, not_ready=not_ready)
         pb_grpc.add_DecoderServicer_to_server(self.servicer, self.server)
         self.health = grpc_serving.add_health_and_reflection(self.server, SERVICE_NAME)
         self.port = 0
@@ -405,19 +449,32 @@ class DecoderServer:
         if self.port == 0:
             raise OSError(f"could not bind {self.config.listen}")
         await self.server.start()
-        await grpc_serving.set_health(self.health, SERVICE_NAME, serving=True)
+        await grpc_serving.set_health(self.health, SERVICE_NAME, serving=self.scheduler is not None)
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         return grpc_serving.join_host_port(host, self.port)
+
+    async def attach(self, scheduler: BatchScheduler) -> None:
+        """The model is loaded (--wait-for-model): serve Generate with this started scheduler,
+        health SERVING."""
+        self.scheduler = scheduler
+        self.servicer.attach(scheduler)
+        await grpc_serving.set_health(self.health, SERVICE_NAME, serving=True)
 
     def request_stop(self) -> None:
         self._stopping.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
     async def watch_scheduler(self, interval_s: float = 1.0) -> None:
-        """Health NOT_SERVING (readiness and liveness fail: the kubelet restarts us) if the
-        scheduler's step loop dies."""
+        """Health NOT_SERVING, the liveness service's too (readiness and liveness fail: the
+        kubelet restarts us), if the scheduler's step loop dies."""
         while not self._stopping.is_set():
-            if not self.scheduler.alive:
+            if self.scheduler is not None and not self.scheduler.alive:
                 log.error("the batch scheduler is not running: health NOT_SERVING")
                 await grpc_serving.set_health(self.health, SERVICE_NAME, serving=False)
+                await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
                 return
             try:
                 await asyncio.wait_for(self._stopping.wait(), interval_s)
@@ -427,12 +484,14 @@ class DecoderServer:
     async def wait_and_stop(self) -> None:
         """Wait for request_stop() (SIGTERM/SIGINT), then: health NOT_SERVING; keep accepting
         for drain_s (load balancers and the kubelet see NOT_SERVING and move traffic away);
-        stop accepting, a grace period for in-flight streams, stop."""
+        stop accepting, a grace period for in-flight streams, stop. A server that never served
+        (still waiting for its model) skips the drain: nobody routes to an unready pod."""
         await self._stopping.wait()
+        serving = self.scheduler is not None
         log.info("shutting down: health NOT_SERVING, %.1fs drain, %.1fs grace for in-flight requests",
-                 self.config.drain_s, self.config.grace_s)
+                 self.config.drain_s if serving else 0.0, self.config.grace_s)
         await self.health.enter_graceful_shutdown()
-        if self.config.drain_s > 0:
+        if serving and self.config.drain_s > 0:
             await asyncio.sleep(self.config.drain_s)
         await self.server.stop(self.config.grace_s)
 
@@ -450,6 +509,228 @@ async def serve(scheduler: BatchScheduler, config: ServiceConfig, metrics: Decod
         await srv.wait_and_stop()
     finally:
         watchdog.cancel()
+
+
+async def serve_when_loaded(load: "Future[BatchScheduler]", config: ServiceConfig,
+                            metrics: DecoderMetrics | None = None, on_ready: Callable[[str], None] | None = None,
+                            not_ready: Callable[[], str] | None = None, handle_signals: bool = True,
+                            on_stop: Callable[[], None] | None = None) -> bool:
+    """--wait-for-model: serve at once (health NOT_SERVING, Generate UNAVAILABLE with
+    `not_ready()`), attach the started scheduler `load` resolves to (health SERVING), serve
+    until SIGTERM/SIGINT. `on_stop` runs when a stop is requested (cancel the wait). A failed
+    `load` stops the server and raises its error. Returns whether the model was served."""
+    srv = DecoderServer(None, config, metrics, not_ready=not_ready)
+    address = await srv.start()
+
+    def request_stop() -> None:
+        srv.request_stop()
+        if on_stop is not None:
+            on_stop()
+
+    if handle_signals:
+        grpc_serving.stop_on_signals(request_stop)
+    if on_ready is not None:
+        on_ready(address)
+    loaded = asyncio.wrap_future(load)
+    stop = asyncio.create_task(srv._stopping.wait())
+    watchdog = None
+    try:
+        await asyncio.wait({loaded, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if not srv.stopping:
+            error = loaded.exception()
+            if error is not None:
+                await srv.health.enter_graceful_shutdown()
+                await srv.server.stop(0)
+                raise error
+            await srv.attach(loaded.result())
+            if metrics is not None:
+                metrics.bind(loaded.result())
+            log.info("serving: health SERVING")
+            watchdog = asyncio.create_task(srv.watch_scheduler())
+        await srv.wait_and_stop()
+        return srv.scheduler is not None
+    finally:
+        stop.cancel()
+        if watchdog is not None:
+            watchdog.cancel()
+        if not loaded.done():
+            loaded.cancel()  # the loading thread sees its future cancelled and cleans up
+        elif not loaded.cancelled():
+            loaded.exception()  # retrieved: a wait cut short by the stop is no error
+
+
+# --------------------------------------------------------------------------------------------
+# waiting for the model (--wait-for-model)
+# --------------------------------------------------------------------------------------------
+class ModelWaitTimeout(TimeoutError):
+    """--wait-timeout passed before the model could be loaded."""
+
+
+class WaitCancelled(Exception):
+    """The wait was cancelled (SIGTERM)."""
+
+
+# store errors that mean "not yet": the model is not packed, the store is not up (or busy)
+_WAITABLE = {"NOT_FOUND": "no-model", "UNAVAILABLE": "no-store", "RESOURCE_EXHAUSTED": "no-store",
+             "DEADLINE_EXCEEDED": "no-store"}
+
+
+class ModelWaiter:
+    """Waits until `model` is in the store, then loads it (plain logic, no server).
+
+    `run(load)` opens a client with `open_client()` (again and again while that fails: a store
+    directory that does not exist yet, no ready endpoint behind a k8s:// target), asks for the
+    model's manifest until the store answers with it, then returns `load(client)`. NOT_FOUND
+    ("not in the store yet") and UNAVAILABLE ("store unreachable") are retried after a capped
+    exponential backoff (first_delay_s, doubling up to max_delay_s, with jitter), also when
+    `load` raises them; any other error is raised at once. One log line each time the reason
+    for waiting changes (and a reminder every reminder_s), not one per attempt: the store
+    client's own per-attempt warnings are muted while waiting. `cancel()` (any thread) ends
+    the wait with WaitCancelled; timeout_s with ModelWaitTimeout."""
+
+    QUIET_LOGGERS = ("expert_store.client", "expert_store.discovery")
+
+    def __init__(self, model: str, store: str, open_client: Callable[[], Any], *, timeout_s: float | None = None,
+                 first_delay_s: float = 0.5, max_delay_s: float = 5.0, reminder_s: float = 60.0,
+                 logger: logging.Logger | None = None) -> None:
+        self.model, self.store = model, store
+        self.open_client = open_client
+        self.timeout_s = timeout_s
+        self.first_delay_s, self.max_delay_s, self.reminder_s = first_delay_s, max_delay_s, reminder_s
+        self.log = logger or log
+        self.client: Any = None
+        self.state = "waiting"      # waiting | no-store | no-model | loading | loaded
+        self.last_error = ""
+        self.attempts = 0
+        self._stop = threading.Event()
+
+    def cancel(self) -> None:
+        self._stop.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._stop.is_set()
+
+    def message(self) -> str:
+        """Why the model is not served yet (Generate's UNAVAILABLE details)."""
+        if self.state == "no-store":
+            return (f"model {self.model!r} not in the store yet: store {self.store} is unreachable "
+                    f"({self.last_error}); waiting for it")
+        if self.state == "loading":
+            return f"model {self.model!r} is loading from store {self.store}"
+        if self.state == "loaded":
+            return f"model {self.model!r} is loaded"
+        return f"model {self.model!r} not in the store yet (store {self.store}); waiting for it"
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    def run(self, load: Callable[[Any], Any]) -> Any:
+        from expert_store.errors import StoreError
+
+        t0 = time.monotonic()
+        deadline = None if self.timeout_s is None else t0 + self.timeout_s
+        quiet = {name: logging.getLogger(name).level for name in self.QUIET_LOGGERS}
+        for name in quiet:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        delay, logged_state, next_reminder = self.first_delay_s, None, t0 + self.reminder_s
+        try:
+            while True:
+                if self._stop.is_set():
+                    raise WaitCancelled(f"stopped while waiting for model {self.model!r}")
+                self.attempts += 1
+                try:
+                    if self.client is None:
+                        self.client = self.open_client()
+                    self.client.manifest(self.model)
+                    self.state = "loading"
+                    for name, level in quiet.items():  # from here on, store trouble is news
+                        logging.getLogger(name).setLevel(level)
+                    quiet = {}
+                    if logged_state is not None:
+                        self.log.info("model %s is in store %s after %.1fs (%d attempts): loading it", self.model,
+                                      self.store, time.monotonic() - t0, self.attempts)
+                    result = load(self.client)
+                    self.state = "loaded"
+                    return result
+                except StoreError as e:
+                    state = _WAITABLE.get(e.code)
+                    if state is None:
+                        raise
+                    self.state = state
+                    self.last_error = (str(e).strip().splitlines() or [e.code])[0]
+                now = time.monotonic()
+                if self.state != logged_state:
+                    retry = (f"retrying in {delay:.1f}s, backing off to every {self.max_delay_s:g}s"
+                             + ("" if deadline is None else f", for at most {self.timeout_s:g}s in all"))
+                    if self.state == "no-model":
+                        self.log.info("model %s is not in the store yet; waiting for it (store %s, %s)",
+                                      self.model, self.store, retry)
+                    else:
+                        self.log.warning("store %s is unreachable (%s); waiting for it (model %s, %s)",
+                                         self.store, self.last_error, self.model, retry)
+                    logged_state, next_reminder = self.state, now + self.reminder_s
+                elif now >= next_reminder:
+                    self.log.info("still waiting for model %s: %.0fs, %d attempts (last: %s)", self.model,
+                                  now - t0, self.attempts, self.last_error)
+                    next_reminder = now + self.reminder_s
+                if deadline is not None and now >= deadline:
+                    raise ModelWaitTimeout(
+                        f"model {self.model!r} did not appear in store {self.store} within {self.timeout_s:g}s "
+                        f"({self.attempts} attempts; last: {self.last_error})")
+                sleep = delay * random.uniform(0.8, 1.0)
+                if deadline is not None:
+                    sleep = min(sleep, max(0.0, deadline - now))
+                if self._stop.wait(sleep):
+                    raise WaitCancelled(f"stopped while waiting for model {self.model!r}")
+                delay = min(self.max_delay_s, delay * 2)
+        finally:
+            for name, level in quiet.items():
+                logging.getLogger(name).setLevel(level)
+
+
+class BackgroundLoad:
+    """fn() on a daemon thread (a wait that SIGTERM cuts short must not hold up the exit); its
+    result or error lands in `.future`. `abandon()` hands back a result that is already there
+    (the caller cleans it up); a result that arrives later goes to cleanup(result) instead."""
+
+    def __init__(self, fn: Callable[[], Any], cleanup: Callable[[Any], None]) -> None:
+        self.future: Future[Any] = Future()
+        self._cleanup = cleanup
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self.thread = threading.Thread(target=self._run, args=(fn,), name="load-model", daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            result = fn()
+        except BaseException as e:  # handed to the event loop
+            with self._lock:
+                if not self._abandoned and not self.future.cancelled():
+                    try:
+                        self.future.set_exception(e)
+                    except Exception:  # cancelled meanwhile
+                        pass
+            return
+        with self._lock:
+            if not self._abandoned and not self.future.cancelled():
+                try:
+                    self.future.set_result(result)
+                    return
+                except Exception:  # cancelled meanwhile
+                    pass
+        self._cleanup(result)
+
+    def abandon(self) -> Any:
+        with self._lock:
+            self._abandoned = True
+            f = self.future
+            if f.done() and not f.cancelled() and f.exception() is None:
+                return f.result()
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -495,6 +776,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-cache-bytes", type=parse_size, default=None, help="host (pinned) expert cache budget")
     add_adapmoe_options(p)  # --cache-plan, --lookahead, --loss-bound, --miss-precision, --miss-threshold
     p.add_argument("--no-prefetch", action="store_true", help="disable the cross-layer prefetcher")
+    p.add_argument("--wait-for-model", action="store_true",
+                   help="serve at once (health NOT_SERVING, Generate UNAVAILABLE) and wait for the model to "
+                        "appear in the store (and for the store to be reachable), then load it and serve; "
+                        "without: a model not in the store is an error")
+    p.add_argument("--wait-timeout", type=float, default=None, metavar="S",
+                   help="with --wait-for-model: give up (exit 1) after S seconds (default: wait forever)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--drain", type=float, default=1.0,
                    help="seconds between NOT_SERVING and refusing new requests on SIGTERM")
@@ -536,6 +823,11 @@ def main(argv: list[str] | None = None) -> int:
     from expert_store.server import read_token
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.wait_timeout is not None:
+        if not args.wait_for_model:
+            raise ValueError("--wait-timeout goes with --wait-for-model")
+        if not args.wait_timeout > 0:
+            raise ValueError("--wait-timeout must be > 0")
     _setup_logging(args.log_level)
     for name in ("max_active", "default_max_tokens"):
         if getattr(args, name) < 1:
@@ -549,35 +841,52 @@ def main(argv: list[str] | None = None) -> int:
     auth_token = _read_auth_token(args.auth_token_file)
     tls = {name: _read_pem(getattr(args, name), name.replace("_", "-"))
            for name in ("tls_cert", "tls_key", "tls_client_ca")}
-    client = StoreClient.open(args.store, token=token, deadline_s=args.store_deadline, tls_ca=args.store_tls_ca,
-                              tls_cert=args.store_tls_cert, tls_key=args.store_tls_key,
-                              tls_server_name=args.store_tls_server_name)
+    config = ServiceConfig(listen=args.listen, default_max_tokens=args.default_max_tokens,
+                           grace_s=args.grace, drain_s=args.drain, token=auth_token, **tls)
+
+    def open_client() -> StoreClient:
+        return StoreClient.open(args.store, token=token, deadline_s=args.store_deadline,
+                                tls_ca=args.store_tls_ca, tls_cert=args.store_tls_cert,
+                                tls_key=args.store_tls_key, tls_server_name=args.store_tls_server_name)
+
+    def load_engine(client: StoreClient) -> Engine:
+        return Engine.from_store(client, args.model, device=args.device, dtype=dtype, gating=args.gating,
+                                 gpu_cache_bytes=args.gpu_cache_bytes, host_cache_bytes=args.host_cache_bytes,
+                                 precision=args.precision, budget=args.budget,
+                                 prefetch=False if args.no_prefetch else None, **options)
+
+    def start_scheduler(engine: Engine, metrics: DecoderMetrics) -> BatchScheduler:
+        ctx = engine.config.max_position_embeddings
+        max_seq_len = args.max_seq_len or min(ctx, DEFAULT_MAX_SEQ_LEN)
+        scheduler = BatchScheduler(engine, max_active=args.max_active, max_queue=args.max_queue,
+                                   max_seq_len=max_seq_len, on_step=metrics.on_step)
+        scheduler.start()
+        log.info("model %s: %d KV-cache rows x %d positions (%.1f MiB), queue %d, device %s",
+                 args.model, args.max_active, max_seq_len, scheduler.kv_cache_bytes() / 2 ** 20,
+                 args.max_queue, args.device)
+        return scheduler
+
+    def serve_metrics(metrics: DecoderMetrics) -> None:
+        if args.metrics_port is not None:
+            mport = metrics.serve_http(args.metrics_host or listen_host, args.metrics_port)
+            print(f"metrics on {grpc_serving.join_host_port(args.metrics_host or listen_host, mport)}", flush=True)
+
+    def on_ready(addr: str) -> None:
+        print(f"listening on {addr}", flush=True)
+
+    if args.wait_for_model:
+        return _serve_waiting(args, config, open_client, load_engine, start_scheduler, serve_metrics, on_ready)
+
+    client = open_client()
     try:
-        engine = Engine.from_store(client, args.model, device=args.device, dtype=dtype, gating=args.gating,
-                                   gpu_cache_bytes=args.gpu_cache_bytes, host_cache_bytes=args.host_cache_bytes,
-                                   precision=args.precision, budget=args.budget,
-                                   prefetch=False if args.no_prefetch else None, **options)
+        engine = load_engine(client)
         with engine:
-            metrics_box: list[DecoderMetrics] = []
-            ctx = engine.config.max_position_embeddings
-            max_seq_len = args.max_seq_len or min(ctx, DEFAULT_MAX_SEQ_LEN)
-            scheduler = BatchScheduler(engine, max_active=args.max_active, max_queue=args.max_queue,
-                                       max_seq_len=max_seq_len,
-                                       on_step=lambda b, s: metrics_box[0].on_step(b, s) if metrics_box else None)
-            metrics = DecoderMetrics(args.metrics_port is not None, scheduler)
-            metrics_box.append(metrics)
-            if args.metrics_port is not None:
-                mport = metrics.serve_http(args.metrics_host or listen_host, args.metrics_port)
-                print(f"metrics on {grpc_serving.join_host_port(args.metrics_host or listen_host, mport)}", flush=True)
-            config = ServiceConfig(listen=args.listen, default_max_tokens=args.default_max_tokens,
-                                   grace_s=args.grace, drain_s=args.drain, token=auth_token, **tls)
-            scheduler.start()
-            log.info("model %s: %d KV-cache rows x %d positions (%.1f MiB), queue %d, device %s",
-                     args.model, args.max_active, max_seq_len, scheduler.kv_cache_bytes() / 2 ** 20,
-                     args.max_queue, args.device)
+            metrics = DecoderMetrics(args.metrics_port is not None)
+            scheduler = start_scheduler(engine, metrics)
             try:
-                asyncio.run(serve(scheduler, config, metrics,
-                                  on_ready=lambda addr: print(f"listening on {addr}", flush=True)))
+                metrics.bind(scheduler)
+                serve_metrics(metrics)
+                asyncio.run(serve(scheduler, config, metrics, on_ready=on_ready))
             finally:
                 scheduler.close()
                 metrics.close()
@@ -586,5 +895,45 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _serve_waiting(args: argparse.Namespace, config: ServiceConfig, open_client: Callable[[], Any],
+                   load_engine: Callable[[Any], Any], start_scheduler: Callable[[Any, DecoderMetrics], Any],
+                   serve_metrics: Callable[[DecoderMetrics], None], on_ready: Callable[[str], None]) -> int:
+    """--wait-for-model: the server (and metrics) first, the model when the store has it."""
+    metrics = DecoderMetrics(args.metrics_port is not None)
+    waiter = ModelWaiter(args.model, args.store, open_client, timeout_s=args.wait_timeout)
+
+    def load() -> BatchScheduler:
+        engine = waiter.run(load_engine)
+        try:
+            if waiter.cancelled:
+                raise WaitCancelled("stopped while loading")
+            return start_scheduler(engine, metrics)
+        except BaseException:
+            engine.close()
+            raise
+
+    def close_loaded(scheduler: BatchScheduler | None) -> None:
+        if scheduler is not None:
+            scheduler.close()
+            scheduler.engine.close()
+
+    background = BackgroundLoad(load, close_loaded)
+    try:
+        serve_metrics(metrics)
+        try:
+            asyncio.run(serve_when_loaded(background.future, config, metrics, on_ready=on_ready,
+                                          not_ready=waiter.message, on_stop=waiter.cancel))
+        except WaitCancelled:
+            pass
+    finally:
+        waiter.cancel()
+        close_loaded(background.abandon())
+        waiter.close()
+        background.thread.join(2.0)  # a store RPC in flight ends with the closed client
+        metrics.close()
+    return 0
+
+
 __all__ = ["DecoderServicer", "DecoderServer", "DecoderMetrics", "EngineStatsCollector", "ServiceConfig",
-           "serve", "main", "build_parser", "SERVICE_NAME"]
+           "serve", "serve_when_loaded", "ModelWaiter", "ModelWaitTimeout", "WaitCancelled", "BackgroundLoad",
+           "main", "build_parser", "SERVICE_NAME", "LIVENESS_SERVICE"]
