@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "expert blob and the dense file only to its rendezvous owner (1/N disk, no redundancy, "
                         "fixed replica set)")
     p.add_argument("--token-file", metavar="F", help="(replicas) bearer token (else $EXPERT_STORE_TOKEN, if set)")
-    p.add_argument("--tls-ca", metavar="F", help="(replicas) CA of the servers' certificates: use TLS")
+    p.add_argument("--tls-ca", metavar="F", help="(replicas) CA of the servers' certificates: use TLS "
+                                                 "(with --tls-cert alone: the system roots)")
     p.add_argument("--tls-cert", metavar="F", help="(replicas) client certificate (mTLS)")
     p.add_argument("--tls-key", metavar="F", help="(replicas) client key (mTLS)")
     p.add_argument("--tls-server-name", metavar="NAME", help="(replicas) name to check the certificates against")
@@ -166,8 +167,6 @@ def _pack_remote(args: argparse.Namespace) -> int:
         raise CliError("--deadline must be positive")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise CliError("--tls-cert and --tls-key go together")
-    if args.tls_cert and not args.tls_ca:
-        raise CliError("--tls-cert/--tls-key (mTLS) need --tls-ca")
     from expert_store.grpc_serving import read_token_file
 
     try:

@@ -711,14 +711,17 @@ class _RemotePack:
     # ---- prior state
 
     def preflight(self) -> None:
-        """Every replica answers Stat (one deadline each), then its manifest of the model is read."""
-        from .errors import DataLoss, NotFound, Unavailable
+        """Every replica answers Stat (one attempt each, so a replica that is down fails the pack
+        at once), then its manifest of the model is read."""
+        from .errors import DataLoss, NotFound, error_for_code
         from ._proto.adapmoe.v1 import expert_store_pb2 as pb
 
         for r in self.replicas:
-            reply = r.client.stat().get(r.address, {"error": "not in the replica set"})
-            if "error" in reply:
-                raise Unavailable(f"replica {r.address} is unreachable: {_one_line(reply['error'])}")
+            reply = r.client.stat().get(r.address, {"error": "UNAVAILABLE: not in the replica set"})
+            if "error" in reply:  # "CODE: details"
+                code = reply["error"].split(":", 1)[0]
+                what = "is unreachable" if code == "UNAVAILABLE" else "refused Stat"
+                raise error_for_code(code, f"replica {r.address} {what}: {_one_line(reply['error'])}")
         request = pb.GetManifestRequest(model=self.model)
         for r in self.replicas:
             try:

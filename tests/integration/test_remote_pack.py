@@ -314,3 +314,22 @@ def test_remote_pack_memory_stays_bounded(workdir):
         assert "big" in listed_models(server)
     finally:
         server.stop()
+
+
+def test_pack_into_a_replica_that_requires_a_token(workdir, checkpoint, local_store):
+    store = workdir / "replica-auth"
+    store.mkdir()
+    token_file = workdir / "token"
+    token_file.write_text("pack-token-123\n")
+    with StoreServerProcess(store, "--ram-bytes", "0", "--token-file", str(token_file),
+                            log_dir=workdir / "logs") as server:
+        rc, out, err = cli_pack(str(checkpoint), "--store", target(server), "--model", MODEL,
+                                "--precisions", ",".join(PRECISIONS))
+        assert rc != 0
+        line = err.strip().splitlines()[-1]
+        assert line.startswith(f"expert-store pack: error: replica {server.address}") and "UNAUTHENTICATED" in line
+        assert "pack-token-123" not in err
+        rc, out, err = cli_pack(str(checkpoint), "--store", target(server), "--model", MODEL,
+                                "--precisions", ",".join(PRECISIONS), "--token-file", str(token_file))
+        assert rc == 0, err
+        assert model_files(store, MODEL) == model_files(local_store, MODEL)
