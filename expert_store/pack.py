@@ -983,7 +983,9 @@ def pack_remote(
             with open(path, "rb") as f:
                 mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             try:
-                run.submit(run.holders(fmt.dense_key(model)), run.ensure_dense, mapped, dense_size, dense_xxh3)
+                holders = run.holders(fmt.dense_key(model))
+                log.info("dense.safetensors (%.1f MB) -> %s", dense_size / 1e6, ", ".join(r.address for r in holders))
+                run.submit(holders, run.ensure_dense, mapped, dense_size, dense_xxh3)
                 run.wait()
             finally:
                 try:
