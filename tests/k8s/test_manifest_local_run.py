@@ -7,7 +7,10 @@ container ports to free loopback ports, volumes to temporary directories (Secret
 the rendered Secret's files). Then it runs each container's probes the way the kubelet
 would (native gRPC probes: grpc.health.v1.Health/Check without credentials; exec probes:
 the command), and talks to the services through their Service ports: a manifest (and an
-expert, through Redis) from the store, and a Generate from the decoder.
+expert, through Redis) from the store, and a Generate from the decoder. The decoder starts
+before the pack Job runs, as on a fresh `kubectl apply`: it must wait for the model (startup
+and liveness probes passing, readiness failing, Generate UNAVAILABLE), then turn ready on its
+own once the Job has packed it, without a restart.
 
 Nothing is started that the manifests do not describe, except: the pack Job's demo
 checkpoint comes from tests/checkpoints.py instead of its `train-demo` init container (too
@@ -34,6 +37,17 @@ pytestmark = [
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from local_cluster import Cluster, Process, health_checks, run_pack_job, run_probe, start, store_claims  # noqa: E402
+
+
+def readiness(cluster: Cluster, c: dict) -> int | None:
+    """One readiness check as the kubelet's gRPC probe does it (status, or None: no answer)."""
+    probe = c["readinessProbe"]["grpc"]
+    with grpc.insecure_channel(f"127.0.0.1:{cluster.local_port('decoder', probe['port'])}") as ch:
+        try:
+            return health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=probe.get("service", "")), timeout=2).status
+        except grpc.RpcError:
+            return None
 
 
 @pytest.fixture
@@ -83,6 +97,29 @@ def test_dev_overlay_runs_locally(cluster, tmp_path):
         procs.append(sproc)
         health_checks(cluster, "expert-store", sc, senv, smounts, sproc)
 
+        # -- the decoder starts before the pack Job has run (as a fresh `kubectl apply` does):
+        # it waits for the model instead of crash-looping. The kubelet's startup and liveness
+        # probes pass (it is not restarted), readiness fails (no traffic), Generate is
+        # UNAVAILABLE; nobody touches it while the Job packs
+        _, dc, denv, dmounts, dproc = start(cluster, "Deployment", "decoder")
+        procs.append(dproc)
+        assert any(a.startswith("dns:///127.0.0.1:") for a in dproc.argv)  # the k8s:// target, locally
+        run_probe(cluster, "decoder", dc, "startupProbe", denv, dmounts, dproc)
+        run_probe(cluster, "decoder", dc, "livenessProbe", denv, dmounts, dproc)
+        decoder_addr = f"127.0.0.1:{cluster.service_port('decoder', 'grpc')}"
+        assert readiness(cluster, dc) == health_pb2.HealthCheckResponse.NOT_SERVING
+        from expert_store._proto.adapmoe.v1 import decoder_pb2, decoder_pb2_grpc
+
+        decoder_token = (dmounts["/etc/adapmoe/decoder-token"] / "token").read_text().strip()
+        auth = (("authorization", f"Bearer {decoder_token}"),)
+        request = decoder_pb2.GenerateRequest(prompt="The quick brown fox", max_tokens=6,
+                                              sampling=decoder_pb2.SamplingParams(temperature=0.0))
+        with grpc.insecure_channel(decoder_addr) as channel:
+            with pytest.raises(grpc.RpcError) as waiting:
+                list(decoder_pb2_grpc.DecoderStub(channel).Generate(request, timeout=30, metadata=auth))
+            assert waiting.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert f"model '{settings['MODEL_NAME']}' not in the store yet" in waiting.value.details()
+
         # -- the pack Job for replica 0 writes into the same claim while the store serves
         ckpt_thread.join(120)
         assert not ckpt_thread.is_alive() and not ckpt_errors, ckpt_errors
@@ -110,23 +147,20 @@ def test_dev_overlay_runs_locally(cluster, tmp_path):
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
             assert resp.status == 200 and b"# TYPE" in resp.read()
 
-        # -- the decoder: discovers the store, loads the model, serves Generate
-        _, dc, denv, dmounts, dproc = start(cluster, "Deployment", "decoder")
-        procs.append(dproc)
+        # -- the decoder, unrestarted, sees the model (through the discovered store), loads it
+        # and turns ready: the kubelet keeps probing readiness (a failure never kills)
+        deadline = time.monotonic() + 60
+        while readiness(cluster, dc) != health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, f"decoder not ready 60s after the pack:\n{dproc.output()}"
+            assert dproc.proc.poll() is None, f"decoder exited:\n{dproc.output()}"
+            time.sleep(0.5)
         health_checks(cluster, "decoder", dc, denv, dmounts, dproc)
-        assert any(a.startswith("dns:///127.0.0.1:") for a in dproc.argv)  # the k8s:// target, locally
-        from expert_store._proto.adapmoe.v1 import decoder_pb2, decoder_pb2_grpc
-
-        decoder_token = (dmounts["/etc/adapmoe/decoder-token"] / "token").read_text().strip()
-        with grpc.insecure_channel(f"127.0.0.1:{cluster.service_port('decoder', 'grpc')}") as channel:
+        with grpc.insecure_channel(decoder_addr) as channel:
             stub = decoder_pb2_grpc.DecoderStub(channel)
-            request = decoder_pb2.GenerateRequest(prompt="The quick brown fox", max_tokens=6,
-                                                  sampling=decoder_pb2.SamplingParams(temperature=0.0))
             with pytest.raises(grpc.RpcError) as refused:  # the decoder's Secret is wired in
                 list(stub.Generate(request, timeout=30))
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
             deltas, usage = [], None
-            auth = (("authorization", f"Bearer {decoder_token}"),)
             for event in stub.Generate(request, timeout=120, metadata=auth):
                 if event.HasField("delta"):
                     deltas.extend(event.delta.token_ids)

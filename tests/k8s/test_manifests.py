@@ -203,6 +203,18 @@ def test_redis_fits_its_memory_limit(docs):
 # ------------------------------------------------------------------ probes and ports
 
 
+def probed_health_service(kind: str, name: str, probe: str) -> str:
+    """The grpc.health.v1 service name each probe must ask: readiness the overall status ("")
+    everywhere; the decoder's startup and liveness its LIVENESS_SERVICE, SERVING while the
+    process works (also while --wait-for-model waits for the pack Job), NOT_SERVING when its
+    batch scheduler died."""
+    if name == "decoder" and probe in ("startupProbe", "livenessProbe"):
+        from decoder.server import LIVENESS_SERVICE
+
+        return LIVENESS_SERVICE
+    return ""
+
+
 def test_grpc_services_use_native_grpc_probes(docs):
     for (kind, name), _svc in GRPC_SERVICES.items():
         c = container(docs, kind, name)
@@ -213,7 +225,7 @@ def test_grpc_services_use_native_grpc_probes(docs):
             handlers = {"grpc", "exec", "httpGet", "tcpSocket"} & p.keys()
             assert handlers == {"grpc"}, f"{name}.{probe} uses {handlers}"
             assert p["grpc"]["port"] == grpc_port, f"{name}.{probe} probes the wrong port"
-            assert p["grpc"].get("service", "") == ""  # overall server health
+            assert p["grpc"].get("service", "") == probed_health_service(kind, name, probe), f"{name}.{probe}"
         # the listen address on the command line is the probed port
         env = container_env(docs, pod_template(get(docs, kind, name))["metadata"], c, NAMESPACE)
         argv = command_line(docs, c, env)
@@ -417,6 +429,23 @@ def test_one_pack_job_per_store_replica_writes_into_its_volume(docs):
         (term,) = spec["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
         assert term["topologyKey"] == "kubernetes.io/hostname"
         assert term["labelSelector"] == {"matchLabels": {"statefulset.kubernetes.io/pod-name": f"expert-store-{i}"}}
+
+
+def test_decoder_waits_for_the_pack_jobs_instead_of_crash_looping(docs):
+    """The decoder starts before (or while) the pack Jobs run: it must wait for the model,
+    forever (a Job may take long), unready meanwhile and alive for its liveness probe."""
+    c = container(docs, "Deployment", "decoder")
+    argv = command_line(docs, c, container_env(docs, {}, c, NAMESPACE))
+    parser, args = _cli_parser(argv)
+    opts = vars(parser.parse_args(args))
+    assert opts["wait_for_model"] is True and opts["wait_timeout"] is None
+    # a rollout that waits for a pack Job is not reported as failed after the default 10 minutes
+    assert get(docs, "Deployment", "decoder")["spec"].get("progressDeadlineSeconds", 600) >= 3600
+    assert c["readinessProbe"]["grpc"].get("service", "") == ""  # unready until the model is loaded
+    from decoder.server import LIVENESS_SERVICE
+
+    for probe in ("startupProbe", "livenessProbe"):  # not killed while waiting or loading
+        assert c[probe]["grpc"].get("service") == LIVENESS_SERVICE, probe
 
 
 def test_decoder_serves_the_model_the_jobs_pack(docs):
