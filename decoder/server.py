@@ -47,16 +47,15 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
 from concurrent.futures import Future
+from dataclasses import asdict, dataclass
 from typing import Any, AsyncIterator, Callable
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from decoder.batching import (BatchScheduler, ErrorEvent, FinishEvent, InvalidRequest, SamplingSpec,
                               SchedulerError, TokenEvent)
-from grpc_health.v1 import health_pb2
-
 from expert_store import grpc_serving
 from expert_store._proto.adapmoe.v1 import decoder_pb2 as pb
 from expert_store._proto.adapmoe.v1 import decoder_pb2_grpc as pb_grpc
