@@ -13,6 +13,7 @@ routing statistics; the prefetcher).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from decoder.experts.provider import ExpertProvider, ExpertSource, StoreExperts
 from decoder.model.config import ModelConfig
 from decoder.model.transformer import Gating, MoEObserver, TopKGating, Transformer
 from decoder.tokenizer import StreamDecoder, Tokenizer
+
+log = logging.getLogger(__name__)
 
 TokenCallback = Callable[[str, int], None]
 
@@ -147,6 +150,7 @@ class Engine:
 
         owns = isinstance(store, str)
         client = StoreClient.open(store) if owns else store
+        provider = None
         try:
             device = torch.device(device)
             if device.type == "cuda" and not torch.cuda.is_available():
@@ -171,6 +175,11 @@ class Engine:
             return cls(net, tokenizer, model_name=model, provider=provider, client=client, owns_client=owns,
                        device=device, dtype=dtype, precision=precision, extras=extras)
         except BaseException:
+            if provider is not None:   # its loader threads / fetch processes / pinned memory
+                try:
+                    provider.close()
+                except Exception:  # noqa: BLE001 - the original error is the one to report
+                    log.debug("closing the provider after a failed build", exc_info=True)
             if owns:
                 client.close()
             raise

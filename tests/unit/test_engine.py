@@ -200,3 +200,29 @@ def test_missing_precision_is_a_clear_error(packed):
     client, cfg, _ = packed
     with pytest.raises(ValueError, match="no int2 experts"):
         ExpertSource(client=client, model="p", config=cfg, manifest=client.manifest("p"), precision="int2")
+
+
+def test_a_failed_build_closes_the_expert_cache_it_made(tmp_path):
+    """Engine.from_store that fails after building its ExpertCache (here: the dense weights are
+    gone from the store) stops the cache's loader threads instead of leaking them (the decoder's
+    --wait-for-model retries a failed load)."""
+    import os
+    import threading
+
+    from expert_store import format as blob_format
+    from expert_store.errors import StoreError
+    from expert_store.pack import pack_checkpoint
+    from expert_store.tiers import NvmeTier
+
+    ckpt, _ = make_mixtral_checkpoint(tmp_path / "ckpt", hidden=32, ffn=48, layers=2, experts=4, vocab=280)
+    pack_checkpoint(ckpt, NvmeTier(tmp_path / "store"), model="m", precisions=("bf16",), progress=False)
+    dense = [p for p in (tmp_path / "store").rglob("*") if p.name == blob_format.dense_key("m").split("/")[-1]]
+    assert len(dense) == 1
+    os.remove(dense[0])
+    before = set(threading.enumerate())
+    for _ in range(3):
+        with pytest.raises(StoreError):
+            Engine.from_store(str(tmp_path / "store"), "m", gpu_cache_bytes=1 << 20, host_cache_bytes=1 << 20,
+                              cache_options={"workers": 2})
+    leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert not leaked, leaked
