@@ -36,6 +36,23 @@ Over gRPC
     window) and none delivered good data        names the replicas that sent bad data too
   Bytes resumed from two replicas that fail the seal blame neither: the blob is refetched
   from byte 0 on the next replica, which is then accountable for all of it.
+- A missing blob the manifest lists is a replica inconsistency, not an answer. Every replica
+  should hold the whole model, but one can lack a blob its model's manifest lists (still
+  being packed, a replaced disk, a pack that placed the blob elsewhere). When a replica
+  answers NOT_FOUND for an expert blob (or the dense file) that the model's manifest lists
+  (the manifest this client holds; fetched once on such a NOT_FOUND if it has none yet),
+  the client logs a WARNING naming that replica (once per replica and model, not per blob),
+  asks it nothing more in this call and tries the next replica in rendezvous order at once
+  (no backoff). The status a caller gets:
+    good bytes from any replica              -> the bytes
+    every replica answered NOT_FOUND         -> NotFound (NOT_FOUND), naming the blob and
+                                                the replicas
+    NOT_FOUND and bad data, all reached      -> DataLoss (some copy exists, none is good),
+                                                naming both kinds of replica
+    some replica could not be reached        -> Unavailable (it may hold the blob), naming
+                                                the replicas that lacked it too
+  A blob the manifest does not list, an unknown model (its manifest is NOT_FOUND too) and
+  a bad ref stay an immediate NOT_FOUND / INVALID_ARGUMENT: no other replica is asked.
 - Why a server can send bad bytes without saying so: it checks an NVMe file once at rest
   and then trusts it while its stat signature (device, inode, size, mtime, ctime) is
   unchanged (tiers/nvme.py). Any write from user space moves ctime (utime cannot set it
@@ -493,6 +510,7 @@ class GrpcStoreClient(StoreClient):
         self._streams = threading.BoundedSemaphore(max_streams)
         self._pool = ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="store-fetch")
         self._manifests: dict[str, ModelManifest] = {}
+        self._missing_logged: set[tuple[str, str]] = set()  # (replica, model) warned about
         self._discovery = None
         self._closed = False
         if addresses:
@@ -550,7 +568,7 @@ class GrpcStoreClient(StoreClient):
 
     # ---- retry loop shared by every RPC
 
-    def _with_failover(self, key: str, attempt_fn, what: str):
+    def _with_failover(self, key: str, attempt_fn, what: str, listed=None):
         """Run attempt_fn(stub, timeout) on the replicas in key's order until it returns;
         UNAVAILABLE / broken streams move on to the next replica (with backoff after a
         full round), anything else raises the matching StoreError. Unless max_attempts was
@@ -563,13 +581,21 @@ class GrpcStoreClient(StoreClient):
         with bad data, or every one tried did and the attempts ran out, the call raises
         DataLoss naming the blob and each replica's reason; when some replica could not be
         reached (transport failures only) it raises Unavailable, which names the replicas
-        that sent bad data too (see the module docstring)."""
+        that sent bad data too (see the module docstring).
+
+        listed: for blob fetches, a callable -> (model, bool): whether the model's manifest
+        lists the blob(s) still asked for. A NOT_FOUND for a listed blob is a replica
+        inconsistency: that replica is logged (once per replica and model) and not asked
+        again, and the next one is tried at once; when every replica lacked it the call
+        raises NotFound naming the blob and the replicas. Without `listed`, or for a blob
+        the manifest does not list, NOT_FOUND is raised at once."""
         order = self._order(key)
         attempts = self._attempts(len(order))
         window_end = time.monotonic() + (RETRY_WINDOW_S if self.max_attempts is None else 0.0)
         last = "no attempt made"
         bad: dict[str, str] = {}        # replica -> why its answer was bad data
         unreached: dict[str, str] = {}  # replica -> its last transport failure
+        missing: dict[str, str] = {}    # replica -> its NOT_FOUND for a blob the manifest lists
         todo: list[_Replica] = []       # replicas left in this round
         attempt = rounds = 0
         while True:
@@ -577,10 +603,9 @@ class GrpcStoreClient(StoreClient):
             if new_round:
                 if rounds:
                     order = self._order(key)  # the set may have changed meanwhile (discovery)
-                todo = [r for r in order if r.address not in bad]
+                todo = [r for r in order if r.address not in bad and r.address not in missing]
                 if not todo:
-                    raise DataLoss(f"{what}: every replica answered with bad data, none has a good copy: "
-                                   + "; ".join(f"{a}: {why}" for a, why in bad.items()))
+                    raise self._no_copy(what, bad, missing)
             if attempt >= attempts and time.monotonic() >= window_end:
                 break
             if new_round:
@@ -602,6 +627,13 @@ class GrpcStoreClient(StoreClient):
                     # this replica's copy failed the server's own integrity check
                     self._note_bad(what, replica.address, f"DATA_LOSS {e.details()}", bad, unreached)
                     continue
+                if e.code() == grpc.StatusCode.NOT_FOUND and listed is not None:
+                    model, is_listed = listed()
+                    if is_listed:
+                        # the manifest lists it: this replica is inconsistent, another may have it
+                        self._note_missing(what, model, replica.address, e.details() or "NOT_FOUND",
+                                           missing, unreached)
+                        continue
                 if not _retryable(e):
                     raise _store_error(e, replica.address) from None
                 last = f"{replica.address}: {e.code().name} {e.details()}"
@@ -618,11 +650,53 @@ class GrpcStoreClient(StoreClient):
             replica.suspect_until = time.monotonic() + 2.0
             more = attempt < attempts or time.monotonic() < window_end
             log.warning("%s: %s; %s", what, last, "failing over" if more else "giving up")
-        if bad and not unreached:  # the only answers were bad data
-            raise DataLoss(f"{what}: every replica tried answered with bad data: "
-                           + "; ".join(f"{a}: {why}" for a, why in bad.items()))
+        if (bad or missing) and not unreached:  # the only answers were bad data / NOT_FOUND
+            raise self._no_copy(what, bad, missing, tried=True)
         also = ("; bad data from " + "; ".join(f"{a}: {why}" for a, why in bad.items())) if bad else ""
+        if missing:
+            also += "; the blob the manifest lists is missing on " + "; ".join(
+                f"{a}: {why}" for a, why in missing.items())
         raise Unavailable(f"{what}: no replica answered after {attempt} attempts (last: {last}){also}")
+
+    @staticmethod
+    def _no_copy(what: str, bad: dict, missing: dict, tried: bool = False) -> StoreError:
+        """Every replica (tried) answered bad data or NOT_FOUND for a listed blob."""
+        every = "every replica tried" if tried else "every replica"
+        if not bad:
+            return NotFound(f"{what}: {every} lacks this blob although the manifest lists it: "
+                            + "; ".join(f"{a}: NOT_FOUND {why}" for a, why in missing.items()))
+        also = ("; the blob is missing on " + "; ".join(f"{a}: NOT_FOUND {why}" for a, why in missing.items())
+                if missing else "")
+        return DataLoss(f"{what}: {every} answered with bad data, none has a good copy: "
+                        + "; ".join(f"{a}: {why}" for a, why in bad.items()) + also)
+
+    def _note_missing(self, what: str, model: str, address: str, why: str, missing: dict,
+                      unreached: dict) -> None:
+        missing[address] = why
+        unreached.pop(address, None)
+        with self._lock:
+            first = (address, model) not in self._missing_logged
+            self._missing_logged.add((address, model))
+        # once per replica and model: a replica that lacks one blob usually lacks many
+        log.log(logging.WARNING if first else logging.DEBUG,
+                "%s: replica %s answered NOT_FOUND (%s) for a blob the manifest of %s lists: that "
+                "replica's store is inconsistent (incomplete pack or replaced disk? run `expert-store "
+                "verify` on it); fetching from the next replica", what, address, why, model)
+
+    def _listed(self, model: str, refs=None, dense: bool = False) -> tuple[str, bool]:
+        """(model, whether the model's manifest lists every one of refs / the dense file).
+        Uses the manifest this client holds; fetches it once when it has none (an unknown
+        model's manifest is NOT_FOUND too: then nothing is listed)."""
+        m = self._manifests.get(model)
+        if m is None:
+            try:
+                m = self.manifest(model)
+            except StoreError:
+                return model, False
+        if dense:
+            return model, m.dense_size > 0
+        refs = list(refs or ())
+        return model, bool(refs) and all(r in m.blobs for r in refs)
 
     @staticmethod
     def _note_bad(what: str, address: str, why: str, bad: dict, unreached: dict) -> None:
@@ -728,7 +802,8 @@ class GrpcStoreClient(StoreClient):
                 raise _BrokenStream("the stream ended before every blob was complete")
 
         what = f"FetchExperts({items[0].key})" if len(items) == 1 else f"FetchExperts({model}, {len(items)} blobs)"
-        self._with_failover(items[0].key, attempt, what)
+        self._with_failover(items[0].key, attempt, what, listed=lambda: self._listed(
+            model, [it.ref for it in items if not it.done]))
 
     def _check_expert(self, it: _Blob) -> None:
         if not self.verify:
@@ -775,7 +850,8 @@ class GrpcStoreClient(StoreClient):
                         raise _BadData(f"{item.key}: size/xxh3 do not match the manifest")
                     raise _BrokenStream(f"{item.key}: size/xxh3 do not match the manifest after a resume")
 
-        self._with_failover(item.key, attempt, f"FetchDense({model})")
+        self._with_failover(item.key, attempt, f"FetchDense({model})",
+                            listed=lambda: self._listed(model, dense=True))
         return item.result()
 
     def put(self, model: str, kind: str, data: Any, *, layer: int = 0, expert: int = 0, precision: str = "",
