@@ -265,28 +265,44 @@ def start(cluster: Cluster, kind: str, name: str, container_name: str | None = N
 
 def store_claims(cluster: Cluster, pv_root: Path) -> dict[str, Path]:
     """The expert-store StatefulSet's volume claim for replica 0 -> a local directory under
-    `pv_root` (the `shared` of `start` and `run_pack_job`)."""
+    `pv_root` (the `shared` of `start`)."""
     sts = get(cluster.docs, "StatefulSet", "expert-store")
     claim = f"{sts['spec']['volumeClaimTemplates'][0]['metadata']['name']}-expert-store-0"
     return {claim: pv_root / claim}
 
 
-def run_pack_job(cluster: Cluster, shared: dict[str, Path], checkpoint_src: Path,
-                 job_name: str = "expert-store-pack-0") -> tuple[subprocess.CompletedProcess, dict]:
-    """The pack Job's container, run locally to completion: `checkpoint_src` copied to where its
-    CHECKPOINT_DIR points, its command run with the `shared` claims (the store's volume) mounted.
-    Returns the finished process and the Job's mounts."""
+def run_pack_job(cluster: Cluster, checkpoint_src: Path, job_name: str = "expert-store-pack",
+                 timeout: float = 180) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """One attempt of the pack Job's container, run locally to completion: `checkpoint_src`
+    copied to where its CHECKPOINT_DIR points, its command line run as rendered (the k8s://
+    store target becomes dns:///127.0.0.1:PORT of the store Service, the token and CA files
+    its Secret volumes). It uploads over gRPC into the running store replica(s); it mounts no
+    store volume. Returns the finished process and the local argv."""
     job = get(cluster.docs, "Job", job_name)
     (pc,) = pod_template(job)["spec"]["containers"]
     penv = container_env(cluster.docs, {}, pc, NAMESPACE)
-    pmounts = cluster.mounts(job, pc, shared)
+    pmounts = cluster.mounts(job, pc)
     checkpoint = Path(cluster.rewrite(job_name, pc, [penv["CHECKPOINT_DIR"]], pmounts)[0])
     shutil.copytree(checkpoint_src, checkpoint, dirs_exist_ok=True)
     pargv = command_line(cluster.docs, pc, penv)
-    pack = subprocess.run([local_binary(pargv[0])] + cluster.rewrite(job_name, pc, pargv[1:], pmounts),
-                          capture_output=True, text=True, timeout=180,
-                          env={**os.environ, **penv, "OMP_NUM_THREADS": "1"})
-    return pack, pmounts
+    argv = [local_binary(pargv[0])] + cluster.rewrite(job_name, pc, pargv[1:], pmounts)
+    tmp = pmounts.get("/tmp", cluster.root)
+    pack = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **penv, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)})
+    return pack, argv
+
+
+def wait_ready(cluster, name, c, env, mounts, proc, timeout: float = 60) -> None:
+    """Keep running the readiness probe, as the kubelet does for as long as the pod lives (a
+    failed readiness probe only keeps traffic away), until it passes; `timeout` bounds it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            run_probe(cluster, name, c, "readinessProbe", env, mounts, proc)
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
 
 
 def health_checks(cluster, name, c, env, mounts, proc) -> None:

@@ -12,10 +12,16 @@ before the pack Job runs, as on a fresh `kubectl apply`: it must wait for the mo
 and liveness probes passing, readiness failing, Generate UNAVAILABLE), then turn ready on its
 own once the Job has packed it, without a restart.
 
+The one pack Job uploads over gRPC into the running store replica (it mounts no store
+volume): a first attempt before the store runs fails with one UNAVAILABLE line (the Job's
+restartPolicy OnFailure retries it), the attempt after the store is up packs the model, and
+the store itself writes it into its claim.
+
 Nothing is started that the manifests do not describe, except: the pack Job's demo
 checkpoint comes from tests/checkpoints.py instead of its `train-demo` init container (too
-slow for a test), and the decoder's k8s:// store target becomes dns:///127.0.0.1:PORT (no
-API server here; the EndpointSlice logic is tested in tests/unit/test_discovery.py).
+slow for a test), and the decoder's and the pack Job's k8s:// store target becomes
+dns:///127.0.0.1:PORT (no API server here; the EndpointSlice logic is tested in
+tests/unit/test_discovery.py).
 """
 
 from __future__ import annotations
@@ -89,6 +95,17 @@ def test_dev_overlay_runs_locally(cluster, tmp_path):
         assert r.config_get("save") == {"save": ""} and r.config_get("appendonly") == {"appendonly": "no"}
         assert int(r.config_get("maxmemory")["maxmemory"]) > 0
 
+        # -- the pack Job before the store runs (its pod may start first): one attempt fails
+        # with a one-line UNAVAILABLE error, exit 1, nothing uploaded; OnFailure retries it
+        ckpt_thread.join(120)
+        assert not ckpt_thread.is_alive() and not ckpt_errors, ckpt_errors
+        early, pack_argv = run_pack_job(cluster, ckpt_dir, timeout=120)
+        assert any(a.startswith("dns:///127.0.0.1:") for a in pack_argv)  # the k8s:// target, locally
+        assert early.returncode == 1, early.stdout + early.stderr
+        error_lines = [line for line in early.stderr.splitlines() if line.startswith("expert-store pack: error:")]
+        assert len(error_lines) == 1 and error_lines[0].endswith("(UNAVAILABLE)"), early.stderr
+        assert "Traceback" not in early.stderr, early.stderr
+
         # -- the expert store (replica 0), its NVMe claim a local directory
         shared = store_claims(cluster, tmp_path / "pv")
         (claim,) = shared
@@ -120,12 +137,13 @@ def test_dev_overlay_runs_locally(cluster, tmp_path):
             assert waiting.value.code() == grpc.StatusCode.UNAVAILABLE
             assert f"model '{settings['MODEL_NAME']}' not in the store yet" in waiting.value.details()
 
-        # -- the pack Job for replica 0 writes into the same claim while the store serves
-        ckpt_thread.join(120)
-        assert not ckpt_thread.is_alive() and not ckpt_errors, ckpt_errors
-        pack, pmounts = run_pack_job(cluster, shared, ckpt_dir)
+        # -- the pack Job's next attempt uploads into the serving replica over gRPC; the store
+        # writes what it receives into its own claim (the Job mounts no store volume)
+        assert not any(shared[claim].rglob("manifest.json"))
+        pack, _ = run_pack_job(cluster, ckpt_dir)
         assert pack.returncode == 0, pack.stdout + pack.stderr
-        assert shared[claim] in {p for p in pmounts.values()}  # really the store's volume
+        assert "into 1 replica(s)" in pack.stdout, pack.stdout
+        assert any(shared[claim].rglob("manifest.json"))
 
         # -- through the store's Service port: the bearer token from the Secret is required
         store_addr = f"127.0.0.1:{cluster.service_port('expert-store', 'grpc')}"

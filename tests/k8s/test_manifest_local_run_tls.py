@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
-from local_cluster import NAMESPACE, Cluster, health_checks, run_pack_job, start, store_claims  # noqa: E402
+from local_cluster import NAMESPACE, Cluster, health_checks, run_pack_job, start, store_claims, wait_ready  # noqa: E402
 
 
 def _name(cn: str) -> x509.Name:
@@ -114,13 +114,18 @@ def test_tls_component_runs_locally(tmp_path):
 
         maker.join(120)
         assert (built / "config.json").exists(), "building the demo checkpoint failed"
-        pack, _ = run_pack_job(cluster, shared, built)
+        # the pack Job uploads over TLS, verifying the store's certificate for the Service
+        # name while it dials 127.0.0.1 (pod IPs in a cluster)
+        pack, pack_argv = run_pack_job(cluster, built)
         assert pack.returncode == 0, pack.stdout + pack.stderr
+        assert pack_argv[pack_argv.index("--tls-server-name") + 1] == store_name
 
         # the decoder dials the store at 127.0.0.1 and verifies its certificate for the
         # Service name (--store-tls-server-name), as it dials pod IPs in a cluster
         _, dc, denv, dmounts, dproc = start(cluster, "Deployment", "decoder")
         procs.append(dproc)
+        # it serves at once (--wait-for-model) and turns ready once the model is loaded
+        wait_ready(cluster, "decoder", dc, denv, dmounts, dproc)
         health_checks(cluster, "decoder", dc, denv, dmounts, dproc)
         token = (dmounts["/etc/adapmoe/decoder-token"] / "token").read_text().strip()
         creds = grpc.ssl_channel_credentials(root_certificates=ca)

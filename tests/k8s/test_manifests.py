@@ -81,9 +81,9 @@ def test_overlays_render_with_expected_objects(docs):
     for expected in [
         ("Namespace", NAMESPACE), ("StatefulSet", "expert-store"), ("Service", "expert-store"),
         ("Service", "expert-store-headless"), ("Deployment", "redis"), ("Service", "redis"),
-        ("Deployment", "decoder"), ("Service", "decoder"), ("Job", "expert-store-pack-0"),
-        ("ServiceAccount", "decoder"), ("Role", "expert-store-discovery"),
-        ("RoleBinding", "decoder-expert-store-discovery"), ("PodDisruptionBudget", "expert-store"),
+        ("Deployment", "decoder"), ("Service", "decoder"), ("Job", "expert-store-pack"),
+        ("ServiceAccount", "decoder"), ("ServiceAccount", "expert-store-pack"), ("Role", "expert-store-discovery"),
+        ("RoleBinding", "decoder-expert-store-discovery"), ("RoleBinding", "expert-store-pack-expert-store-discovery"), ("PodDisruptionBudget", "expert-store"),
         ("PodDisruptionBudget", "decoder"), ("NetworkPolicy", "default-deny-all"),
     ]:
         assert expected in kinds, f"{expected} missing"
@@ -364,14 +364,14 @@ def test_dev_overlay_is_cpu_only_with_a_clearly_fake_token():
             assert "nvidia.com/gpu" not in {**res.get("requests", {}), **res.get("limits", {})}
     assert by_prefix(docs, "ConfigMap", "adapmoe-settings")["data"]["DECODER_DEVICE"] == "cpu"
     assert get(docs, "StatefulSet", "expert-store")["spec"]["replicas"] == 1
-    assert [j["metadata"]["name"] for j in objects(docs, "Job")] == ["expert-store-pack-0"]
+    assert [j["metadata"]["name"] for j in objects(docs, "Job")] == ["expert-store-pack"]
     import base64
 
     for name in ("adapmoe-store-token", "adapmoe-decoder-token"):
         token = base64.b64decode(by_prefix(docs, "Secret", name)["data"]["token"]).decode()
         assert "dev" in token and "placeholder" in token
     # the pack Job builds the demo checkpoint itself: nothing to provision
-    job_spec = pod_template(get(docs, "Job", "expert-store-pack-0"))["spec"]
+    job_spec = pod_template(get(docs, "Job", "expert-store-pack"))["spec"]
     assert [c["command"] + c["args"][:1] for c in job_spec["initContainers"]] == [["moe-decoder", "train-demo"]]
 
 
@@ -399,36 +399,53 @@ def test_gpu_overlay_requests_one_gpu_for_the_decoder_only():
             assert "nvidia.com/gpu" not in (c.get("resources") or {}).get("limits", {}), w["metadata"]["name"]
 
 
-def test_one_pack_job_per_store_replica_writes_into_its_volume(docs):
-    sts = get(docs, "StatefulSet", "expert-store")
-    replicas = sts["spec"]["replicas"]
-    jobs = sorted(objects(docs, "Job"), key=lambda j: j["metadata"]["name"])
-    assert [j["metadata"]["name"] for j in jobs] == [f"expert-store-pack-{i}" for i in range(replicas)]
+def _store_target(docs, kind: str, name: str, container_name: str | None = None) -> K8sTarget:
+    """The k8s:// store target a workload's first container dials, checked against the render:
+    our namespace, a Service port by name that selects the store's pods."""
+    c = container(docs, kind, name, container_name)
+    argv = command_line(docs, c, container_env(docs, {}, c, NAMESPACE))
+    target = parse_target(argv[argv.index("--store") + 1])
+    assert isinstance(target, K8sTarget) and target.namespace == NAMESPACE, target
+    svc = get(docs, "Service", target.service)
+    assert target.port in {p["name"] for p in svc["spec"]["ports"]}
+    assert service_selects(svc, pod_template(get(docs, "StatefulSet", "expert-store"))["metadata"]["labels"])
+    return target
+
+
+def test_one_pack_job_packs_into_every_ready_store_replica(docs):
+    """One Job for the whole StatefulSet (it replaced one Job per replica writing into that
+    replica's claim): pack uploads over gRPC to every ready endpoint of the store Service,
+    with the store's token, and retries in place until the store is ready."""
+    (job,) = objects(docs, "Job")
+    assert job["metadata"]["name"] == "expert-store-pack"
+    spec = pod_template(job)["spec"]
+    # a failed attempt (store not ready yet: pack exits 1 with one UNAVAILABLE line) restarts
+    # the container in the same pod: init containers and the checkpoint volume are kept
+    assert spec["restartPolicy"] == "OnFailure" and job["spec"]["backoffLimit"] >= 6
+    assert "affinity" not in spec  # no volume to share with a replica: it may run anywhere
+    (c,) = spec["containers"]
+    argv = command_line(docs, c, container_env(docs, {}, c, NAMESPACE))
+    parser, args = _cli_parser(argv)
+    opts = vars(parser.parse_args(args))
+    assert argv[:2] == ["expert-store", "pack"] and opts["placement"] == "all"
+    _store_target(docs, "Job", "expert-store-pack", "pack")
+    cm = by_prefix(docs, "ConfigMap", "adapmoe-model")["data"]
+    assert opts["model"] == cm["MODEL_NAME"] and opts["checkpoint"] == cm["CHECKPOINT_DIR"]
+    assert list(opts["precisions"]) == cm["PACK_PRECISIONS"].split(",")
+    assert any(opts["checkpoint"] == m["mountPath"] or opts["checkpoint"].startswith(m["mountPath"] + "/")
+               for m in c["volumeMounts"])
+    # the token the store checks (--token-file), from the same Secret key
     store = container(docs, "StatefulSet", "expert-store")
     store_argv = command_line(docs, store, container_env(docs, {}, store, NAMESPACE))
-    store_dir = store_argv[store_argv.index("--store") + 1]
-    (claim,) = sts["spec"]["volumeClaimTemplates"]
-    for i, job in enumerate(jobs):
-        spec = pod_template(job)["spec"]
-        assert spec["restartPolicy"] == "Never"
-        (c,) = spec["containers"]
-        argv = command_line(docs, c, container_env(docs, {}, c, NAMESPACE))
-        assert argv[:2] == ["expert-store", "pack"]
-        assert argv[argv.index("--store") + 1] == store_dir
-        cm = by_prefix(docs, "ConfigMap", "adapmoe-model")["data"]
-        assert argv[argv.index("--model") + 1] == cm["MODEL_NAME"]
-        assert argv[2] == cm["CHECKPOINT_DIR"]
-        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-        volumes = {v["name"]: v for v in spec["volumes"]}
-        # StatefulSet claim naming: <template>-<statefulset>-<ordinal>
-        nvme = volumes[mounts[store_dir]]["persistentVolumeClaim"]["claimName"]
-        assert nvme == f"{claim['metadata']['name']}-{sts['metadata']['name']}-{i}"
-        assert any(m["mountPath"] == "/checkpoint" or argv[2].startswith(m["mountPath"] + "/")
-                   or argv[2] == m["mountPath"] for m in c["volumeMounts"])
-        # next to replica i, so a ReadWriteOnce volume can be mounted by both pods
-        (term,) = spec["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
-        assert term["topologyKey"] == "kubernetes.io/hostname"
-        assert term["labelSelector"] == {"matchLabels": {"statefulset.kubernetes.io/pod-name": f"expert-store-{i}"}}
+    store_token = _mounted_file(docs, "StatefulSet", "expert-store", store_argv[store_argv.index("--token-file") + 1])
+    pack_token = _mounted_file(docs, "Job", "expert-store-pack", opts["token_file"], "pack")
+    assert (pack_token[0]["secret"]["secretName"], pack_token[1]) == (
+        store_token[0]["secret"]["secretName"], store_token[1])
+    # no store volume: the replicas write what they receive into their own claims
+    sts = get(docs, "StatefulSet", "expert-store")
+    claim_prefix = f"{sts['spec']['volumeClaimTemplates'][0]['metadata']['name']}-{sts['metadata']['name']}-"
+    for v in spec["volumes"]:
+        assert not (v.get("persistentVolumeClaim") or {}).get("claimName", "").startswith(claim_prefix), v
 
 
 def test_decoder_waits_for_the_pack_jobs_instead_of_crash_looping(docs):
@@ -497,6 +514,17 @@ def test_store_ram_tiers_fit_the_memory_limit(docs):
 # ------------------------------------------------------------------ RBAC
 
 
+def _discovery_clients(docs) -> dict[str, str]:
+    """Workloads whose command line dials a k8s:// target -> their ServiceAccount."""
+    out = {}
+    for w in workloads(docs):
+        spec = pod_template(w)["spec"]
+        for c in all_containers(spec):
+            if any(a.startswith("k8s://") for a in c.get("args") or []):
+                out[w["metadata"]["name"]] = spec["serviceAccountName"]
+    return out
+
+
 def test_rbac_is_least_privilege_for_discovery(docs):
     assert not objects(docs, "ClusterRole") and not objects(docs, "ClusterRoleBinding")
     (role,) = objects(docs, "Role")
@@ -505,17 +533,26 @@ def test_rbac_is_least_privilege_for_discovery(docs):
     assert rule["resources"] == ["endpointslices"]
     assert sorted(rule["verbs"]) == ["get", "list", "watch"]
     assert "resourceNames" not in rule or rule["resourceNames"]
-    (binding,) = objects(docs, "RoleBinding")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "decoder", "namespace": NAMESPACE}]
-    # only the decoder's pods get an API token
+    # exactly the k8s:// clients (the decoder and the pack Job) are bound to it, each with its
+    # own ServiceAccount
+    clients = _discovery_clients(docs)
+    assert clients == {"decoder": "decoder", "expert-store-pack": "expert-store-pack"}
+    bound = set()
+    for binding in objects(docs, "RoleBinding"):
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                      "name": role["metadata"]["name"]}
+        (subject,) = binding["subjects"]
+        assert subject["kind"] == "ServiceAccount" and subject["namespace"] == NAMESPACE
+        bound.add(subject["name"])
+    assert bound == set(clients.values())
+    # only their pods get an API token
     for w in workloads(docs):
         spec = pod_template(w)["spec"]
-        if w["metadata"]["name"] == "decoder":
-            assert spec["serviceAccountName"] == "decoder" and spec.get("automountServiceAccountToken", True)
+        if w["metadata"]["name"] in clients:
+            assert spec.get("automountServiceAccountToken", True)
         else:
             assert spec.get("automountServiceAccountToken") is False, w["metadata"]["name"]
-            assert spec.get("serviceAccountName") != "decoder"
+            assert spec.get("serviceAccountName") not in bound
 
 
 def test_decoder_discovers_the_store_service_it_may_read(docs):
@@ -523,13 +560,11 @@ def test_decoder_discovers_the_store_service_it_may_read(docs):
     env = container_env(docs, {}, c, NAMESPACE)
     argv = command_line(docs, c, env)
     assert argv[:2] == ["moe-decoder", "serve"]
-    target = parse_target(argv[argv.index("--store") + 1])
-    assert isinstance(target, K8sTarget) and target.namespace == NAMESPACE
-    svc = get(docs, "Service", target.service)
-    assert target.port in {p["name"] for p in svc["spec"]["ports"]}
-    assert service_selects(svc, pod_template(get(docs, "StatefulSet", "expert-store"))["metadata"]["labels"])
-    # the RoleBinding lives where the watched EndpointSlices are
-    assert get(docs, "RoleBinding", "decoder-expert-store-discovery")["metadata"]["namespace"] == target.namespace
+    # the RoleBindings live where the watched EndpointSlices are (decoder and pack Job)
+    for kind, name, binding in (("Deployment", "decoder", "decoder-expert-store-discovery"),
+                                ("Job", "expert-store-pack", "expert-store-pack-expert-store-discovery")):
+        target = _store_target(docs, kind, name, "pack" if kind == "Job" else None)
+        assert get(docs, "RoleBinding", binding)["metadata"]["namespace"] == target.namespace
 
 
 # ------------------------------------------------------------------ NetworkPolicy semantics
@@ -664,7 +699,7 @@ def test_network_policies_allow_exactly_the_intended_paths(docs):
                 return next(num for n, num, _ in p.ports if n == port_name)
         raise KeyError(name)
 
-    store, dec = "expert-store", "decoder"
+    store, dec, pack = "expert-store", "decoder", "expert-store-pack"
     expected = {
         ("client", dec, ports_of(dec, "grpc"), "TCP"),
         ("scraper", dec, ports_of(dec, "metrics"), "TCP"),
@@ -673,6 +708,10 @@ def test_network_policies_allow_exactly_the_intended_paths(docs):
         (store, "redis", ports_of("redis", "redis"), "TCP"),
         (dec, "apiserver", 443, "TCP"),
         (dec, "apiserver", 6443, "TCP"),
+        # the pack Job uploads to the store's gRPC port after listing its EndpointSlices
+        (pack, store, ports_of(store, "grpc"), "TCP"),
+        (pack, "apiserver", 443, "TCP"),
+        (pack, "apiserver", 6443, "TCP"),
     }
     for p in ours + [outsiders[2]]:  # every pod in the namespace resolves names
         expected |= {(p.name, "kube-dns", 53, "UDP"), (p.name, "kube-dns", 53, "TCP")}
@@ -762,10 +801,10 @@ def tls_docs(tmp_path_factory):
     return tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
 
 
-def _mounted_file(docs, kind, name, path) -> tuple[dict, str]:
+def _mounted_file(docs, kind, name, path, container_name=None) -> tuple[dict, str]:
     """The Secret volume and key that back a file path inside a container."""
     t = pod_template(get(docs, kind, name))
-    c = container(docs, kind, name)
+    c = container(docs, kind, name, container_name)
     for m in c["volumeMounts"]:
         if path.startswith(m["mountPath"] + "/"):
             vol = next(v for v in t["spec"]["volumes"] if v["name"] == m["name"])
@@ -812,6 +851,15 @@ def test_tls_component_wires_certificates_and_tls_probes(tls_docs, capsys):
     assert [i["key"] for i in ca_vol["secret"]["items"]] == ["ca.crt"]
     target = parse_target(opts["store"])
     assert opts["store_tls_server_name"] == f"{target.service}.{NAMESPACE}.svc"
+    # the pack Job uploads over TLS the same way: the store's CA only, the Service name
+    pack = container(docs, "Job", "expert-store-pack", "pack")
+    argv = command_line(docs, pack, container_env(docs, {}, pack, NAMESPACE))
+    parser, args = _cli_parser(argv)
+    popts = vars(parser.parse_args(args))
+    ca_vol, ca_key = _mounted_file(docs, "Job", "expert-store-pack", popts["tls_ca"], "pack")
+    assert ca_vol["secret"]["secretName"] == "adapmoe-store-tls" and ca_key == "ca.crt"
+    assert [i["key"] for i in ca_vol["secret"]["items"]] == ["ca.crt"]
+    assert popts["tls_server_name"] == f"{parse_target(popts['store']).service}.{NAMESPACE}.svc"
     # nothing else changed: same objects as the plain gpu overlay
     plain = {(d["kind"], d["metadata"]["name"]) for d in render("gpu")}
     assert {(d["kind"], d["metadata"]["name"]) for d in docs} == plain
