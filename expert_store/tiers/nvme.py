@@ -162,19 +162,8 @@ class NvmeTier:
 
     # -- Tier protocol -----------------------------------------------------------------
     def get(self, key: str) -> bytes | None:
-        path = self.path(key)
-        t0 = time.perf_counter()
-        try:
-            with open(path, "rb", buffering=0) as f:
-                data = f.read()
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            self._stats.miss(time.perf_counter() - t0)
-            return None
-        except OSError:
-            self._stats.error()
-            raise
-        self._stats.hit(len(data), time.perf_counter() - t0)
-        return data
+        got = self.get_signed(key)
+        return None if got is None else got[0]
 
     def get_signed(self, key: str) -> tuple[bytes, tuple | None] | None:
         """get(key) plus the file's settled_signature around the read (None when it changed
