@@ -776,6 +776,8 @@ class GrpcStoreClient(StoreClient):
 
         def attempt(stub, timeout):
             pending = [it for it in items if not it.done]
+            if not pending:   # the last attempt got every blob, then its stream broke: done
+                return
             for it in pending:
                 it.start = it.received
             request = pb.FetchExpertsRequest(model=model, priority=prio, refs=[
