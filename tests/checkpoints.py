@@ -199,3 +199,17 @@ def reference_expert(model, layer: int, expert: int) -> dict[str, torch.Tensor]:
         }
     e = experts[expert]
     return {k: getattr(e, k).weight.detach().clone() for k in ("w1", "w3", "w2")}
+
+
+def make_packed_store(root: str | os.PathLike, *, model: str = "tiny", precisions: tuple[str, ...] = ("bf16",),
+                      group_size: int | None = None, **checkpoint: Any) -> Path:
+    """A random checkpoint (``make_mixtral_checkpoint(root / "ckpt", **checkpoint)``) packed into
+    the store directory ``root / "store"`` as ``model``; returns the store directory."""
+    from expert_store.pack import pack_checkpoint
+    from expert_store.tiers import NvmeTier
+
+    root = Path(root)
+    ckpt, _ = make_mixtral_checkpoint(root / "ckpt", **checkpoint)
+    extra = {} if group_size is None else {"group_size": group_size}
+    pack_checkpoint(ckpt, NvmeTier(root / "store"), model=model, precisions=precisions, progress=False, **extra)
+    return root / "store"

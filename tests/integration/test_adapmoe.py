@@ -14,15 +14,13 @@ import json
 import pytest
 import torch
 
-from checkpoints import make_mixtral_checkpoint
+from checkpoints import make_packed_store
 from decoder import Engine
 from decoder.calibrate import PROFILE_SCHEMA, main as calibrate_main, validate_profile
 from decoder.experts.cache import ExpertCache
 from decoder.experts.prefetch import Prefetcher
 from decoder.gating import AdaptiveGating, CostAwareGating
 from expert_store.client import StoreClient
-from expert_store.pack import pack_checkpoint
-from expert_store.tiers import NvmeTier
 
 pytestmark = pytest.mark.timeout(300)
 torch.set_num_threads(1)
@@ -34,11 +32,8 @@ IDS = [1, 17, 45, 99, 3, 250, 8, 8, 61, 120, 7, 33, 201, 5, 77, 140]
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapmoe")
-    ckpt, _ = make_mixtral_checkpoint(root / "ckpt", hidden=64, ffn=96, layers=L, experts=E, seed=11,
-                                      dtype=torch.bfloat16)
-    pack_checkpoint(ckpt, NvmeTier(root / "store"), model="tiny", precisions=("bf16", "int8"),
-                    group_size=32, progress=False)
-    return root / "store"
+    return make_packed_store(root, precisions=("bf16", "int8"), group_size=32, hidden=64, ffn=96, layers=L,
+                             experts=E, seed=11, dtype=torch.bfloat16)
 
 
 @pytest.fixture(scope="module")

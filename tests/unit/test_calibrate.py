@@ -8,13 +8,11 @@ import json
 import pytest
 import torch
 
-from checkpoints import make_mixtral_checkpoint
+from checkpoints import make_packed_store
 from decoder import Engine
 from decoder.calibrate import (PROFILE_SCHEMA, PROFILE_VERSION, build_profile, calibrate_model, token_windows,
                                validate_profile)
 from expert_store.client import StoreClient
-from expert_store.pack import pack_checkpoint
-from expert_store.tiers import NvmeTier
 
 pytestmark = pytest.mark.timeout(120)
 torch.set_num_threads(1)
@@ -23,10 +21,8 @@ L, E = 2, 4
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    root = tmp_path_factory.mktemp("calib")
-    ckpt, _ = make_mixtral_checkpoint(root / "ckpt", hidden=32, ffn=48, layers=L, experts=E, seed=21)
-    pack_checkpoint(ckpt, NvmeTier(root / "store"), model="tiny", precisions=("bf16",), progress=False)
-    with StoreClient.open(str(root / "store")) as c:
+    store = make_packed_store(tmp_path_factory.mktemp("calib"), hidden=32, ffn=48, layers=L, experts=E, seed=21)
+    with StoreClient.open(str(store)) as c:
         with Engine.from_store(c, "tiny", dtype=torch.float64, prefetch=False) as eng:
             yield eng
 

@@ -13,13 +13,11 @@ import time
 import pytest
 import torch
 
-from checkpoints import make_mixtral_checkpoint
+from checkpoints import make_packed_store
 from decoder.experts.cache import ExpertCache, build_provider, plan_quotas
 from decoder.experts.provider import ExpertSource, decode_expert_blob
 from decoder.model.config import ModelConfig
 from expert_store.client import StoreClient
-from expert_store.pack import pack_checkpoint
-from expert_store.tiers import NvmeTier
 
 pytestmark = pytest.mark.timeout(120)
 torch.set_num_threads(1)
@@ -29,11 +27,8 @@ L, E = 3, 4
 
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cache")
-    ckpt, _ = make_mixtral_checkpoint(root / "ckpt", hidden=64, ffn=96, layers=L, experts=E, seed=7)
-    pack_checkpoint(ckpt, NvmeTier(root / "store"), model="tiny", precisions=("bf16", "int8"),
-                    group_size=32, progress=False)
-    return root / "store"
+    return make_packed_store(tmp_path_factory.mktemp("cache"), precisions=("bf16", "int8"), group_size=32,
+                             hidden=64, ffn=96, layers=L, experts=E, seed=7)
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,11 @@ import psutil
 import pytest
 import torch
 
-from checkpoints import make_mixtral_checkpoint
+from checkpoints import make_packed_store
 from decoder.experts.cache import ExpertCache, store_target
 from decoder.experts.provider import ExpertSource, decode_expert_blob
 from decoder.model.config import ModelConfig
 from expert_store.client import StoreClient
-from expert_store.pack import pack_checkpoint
-from expert_store.tiers import NvmeTier
 from service_procs import StoreServerProcess
 
 pytestmark = pytest.mark.timeout(180)
@@ -28,11 +26,8 @@ L, E = 3, 4
 
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cache-pool")
-    ckpt, _ = make_mixtral_checkpoint(root / "ckpt", hidden=64, ffn=96, layers=L, experts=E, seed=11)
-    pack_checkpoint(ckpt, NvmeTier(root / "store"), model="tiny", precisions=("bf16", "int8"),
-                    group_size=32, progress=False)
-    return root / "store"
+    return make_packed_store(tmp_path_factory.mktemp("cache-pool"), precisions=("bf16", "int8"), group_size=32,
+                             hidden=64, ffn=96, layers=L, experts=E, seed=11)
 
 
 def source(client, precision):

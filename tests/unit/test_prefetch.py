@@ -7,15 +7,13 @@ import time
 import pytest
 import torch
 
-from checkpoints import make_mixtral_checkpoint
+from checkpoints import make_packed_store
 from decoder.experts.cache import ExpertCache
 from decoder.experts.prefetch import Prefetcher
 from decoder.experts.provider import ExpertSource
 from decoder.model.config import ModelConfig
 from decoder.model.transformer import topk_route
 from expert_store.client import StoreClient
-from expert_store.pack import pack_checkpoint
-from expert_store.tiers import NvmeTier
 
 pytestmark = pytest.mark.timeout(120)
 torch.set_num_threads(1)
@@ -87,10 +85,8 @@ def test_renorm_uses_target_layer_norm_weight():
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pf")
-    ckpt, _ = make_mixtral_checkpoint(root / "ckpt", hidden=32, ffn=48, layers=L, experts=E, seed=3)
-    pack_checkpoint(ckpt, NvmeTier(root / "store"), model="tiny", precisions=("bf16",), progress=False)
-    with StoreClient.open(str(root / "store")) as c:
+    store = make_packed_store(tmp_path_factory.mktemp("pf"), hidden=32, ffn=48, layers=L, experts=E, seed=3)
+    with StoreClient.open(str(store)) as c:
         m = c.manifest("tiny")
         yield ExpertSource(client=c, model="tiny", config=ModelConfig.from_hf(m.config), manifest=m)
 

@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import pytest
 
-from checkpoints import make_mixtral_checkpoint
+from checkpoints import make_packed_store
 from decoder.engine import Engine
-from expert_store.pack import pack_checkpoint
-from expert_store.tiers import NvmeTier
 
 L, E = 4, 8
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("order")
-    ckpt, _ = make_mixtral_checkpoint(root / "ckpt", hidden=32, ffn=48, layers=L, experts=E, seed=5)
-    pack_checkpoint(ckpt, NvmeTier(root / "store"), model="tiny", precisions=("bf16",), progress=False)
-    return str(root / "store")
+    return str(make_packed_store(tmp_path_factory.mktemp("order"), hidden=32, ffn=48, layers=L, experts=E, seed=5))
 
 
 def _calls(store, prefetch_options):
