@@ -33,7 +33,6 @@ decode.md (the table), decode.png; the script prints whether each target of issu
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math
@@ -44,7 +43,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

@@ -13,7 +13,7 @@ one (tests/integration/test_train_demo.py). To reproduce the bad runs, check out
 Writes $OUT/diag.json (or /tmp/diag.json); results/train_a_autocast.json is the H200 run of the
 first four runs (the per-step run was added after it and has not been run on a GPU yet).
 """
-import contextlib, math, sys, time, os, json
+import contextlib, sys, time, os, json
 import torch, torch.nn.functional as F
 sys.path.insert(0, os.getcwd())
 from decoder import train_demo as td

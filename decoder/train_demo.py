@@ -43,7 +43,7 @@ import platform
 import sys
 import sysconfig
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 EOT = "<|endoftext|>"

@@ -65,7 +65,6 @@ import time
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from decoder.model.transformer import MoEObserver
 
