@@ -49,7 +49,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -60,7 +60,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks import _common  # noqa: E402
-from benchmarks._common import (RESULTS, encode_texts, eval_windows, find_checkpoint,  # noqa: E402,F401
+from benchmarks._common import (encode_texts, eval_windows, find_checkpoint,  # noqa: E402,F401
                                 heldout_split)
 from decoder.engine import Engine  # noqa: E402
 from decoder.gating import make_gating  # noqa: E402

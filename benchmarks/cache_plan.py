@@ -61,7 +61,6 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks import _common  # noqa: E402
-from benchmarks._common import RESULTS  # noqa: E402,F401
 from decoder.cache_plan import plan_cost, plan_slots, plan_slots_popularity  # noqa: E402
 from decoder.engine import Engine  # noqa: E402
 

@@ -55,7 +55,6 @@ import dataclasses
 import heapq
 import itertools
 import logging
-import math
 import threading
 import time
 from collections import OrderedDict
