@@ -438,12 +438,10 @@ def slot_sizes(client: Any, model: str, precision: str, dense: bool = False,
     return raw, gpu_slot, _align(max(max(sizes), raw), HOST_ALIGN), m.num_layers * m.num_experts
 
 
-def fill_host_tier(cache: Any, keys: Sequence[tuple[int, int]]) -> None:
-    """Bring `keys` into the cache's pinned host tier (before timing: 'all experts in pinned host memory')."""
-    for l, e in tqdm(keys, desc="fill host tier", unit="expert", leave=False):
-        h = cache._host_acquire(l, e, "prefetch")
-        with cache._lock:
-            cache._host_release((l, e), h)
+def fill_host_tier(cache: Any, keys: Sequence[tuple[int, int]], threads: int = 8) -> None:
+    """Bring `keys` into the cache's pinned host tier (before timing: 'all experts in pinned host
+    memory'), fetched and decoded on `threads` threads (ExpertCache.fill_host)."""
+    cache.fill_host(keys, threads=threads, progress=True)
 
 
 def fill_gpu(cache: Any, L: int, E: int) -> None:
@@ -453,7 +451,8 @@ def fill_gpu(cache: Any, L: int, E: int) -> None:
 
 
 def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.device, target: str,
-                 profile: dict, remote_fetch_workers: int = 0, dense_slots: bool | None = None) -> Engine:
+                 profile: dict, remote_fetch_workers: int = 0, dense_slots: bool | None = None,
+                 fill_threads: int = 8) -> Engine:
     from decoder.experts.cache import _dense_slots
 
     precision = store_precision(prep)
@@ -469,8 +468,10 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
     common = dict(device=device, dtype=dtype, precision=precision)
     dense_opt = {"dense_slots": dense}
     if mode == "resident":
+        # fill_threads loader threads: fill_gpu's prefetches fetch and decode in parallel (no load
+        # runs while it is timed: every expert is resident)
         eng = Engine.from_store(target, prep.model, gpu_cache_bytes=n_experts * slot, host_cache_bytes=0,
-                                prefetch=False, cache_options=dense_opt, **common)
+                                prefetch=False, cache_options={**dense_opt, "workers": fill_threads}, **common)
         fill_gpu(eng.provider, L, E)
         return eng
     if mode == "ondemand":
@@ -484,7 +485,7 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
                                 prefetch=False, gating="topk",
                                 cache_options={"profile": None, "scratch_slots": 0, "plan": "uniform", **dense_opt},
                                 **common)
-        fill_host_tier(eng.provider, [(l, e) for l in range(L) for e in range(E)])
+        fill_host_tier(eng.provider, [(l, e) for l in range(L) for e in range(E)], fill_threads)
         return eng
     if mode in ("adapmoe", "adapmoe-cost", "store-remote"):
         gating = "cost-aware" if mode == "adapmoe-cost" else "adaptive"
@@ -502,7 +503,7 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
             keys = [(l, e) for l in range(L) for e in sorted(range(E), key=lambda e: -pop[l][e])[:E // 2]]
         else:
             keys = [(l, e) for l in range(L) for e in range(E)]
-        fill_host_tier(eng.provider, keys)
+        fill_host_tier(eng.provider, keys, fill_threads)
         return eng
     raise ValueError(f"unknown mode {mode!r}")
 
@@ -524,7 +525,7 @@ def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torc
                    target: str, profile: dict, pinned_gbps: float) -> dict[str, Any]:
     t_build = time.perf_counter()
     eng = build_engine(prep, mode, budget, device, target, profile, args.remote_fetch_workers,
-                       {"auto": None, "on": True, "off": False}[args.dense_slots])
+                       {"auto": None, "on": True, "off": False}[args.dense_slots], args.fill_threads)
     build_s = time.perf_counter() - t_build
     try:
         warm = min(args.warmup_tokens, 4) if mode == "store-remote" else args.warmup_tokens
@@ -869,6 +870,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "dequantized in every forward (off)")
     p.add_argument("--remote-fetch-workers", type=int, default=4,
                    help="store-remote: FetchPool processes receiving into the host tier (0 = the engine's own client)")
+    p.add_argument("--fill-threads", type=int, default=8,
+                   help="threads that fetch and decode experts into the host tier (and loader threads of "
+                        "the resident row) while a row is built, before timing")
     p.add_argument("--profile-rows", default="lru,adapmoe", help="rows to run the torch profiler on (comma list)")
     p.add_argument("--profile-tokens", type=int, default=16)
     # model A
