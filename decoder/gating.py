@@ -9,12 +9,13 @@
                Dropping expert 2 and renormalising changes the layer output by w2 * (E1 - E2),
                so the next-token loss rises by about F_l * w2^2 (second-order Taylor with the
                Fisher approximation).
-- `cost-aware` ours: the budget of a decision scales with the live cost of loading expert 2
-               from where it is now (the expert cache's EWMA per tier): on the GPU it is free
-               (keep it), in pinned host memory it costs one H2D copy, in the store a network
-               fetch plus the copy. T is the budget for an expert one H2D copy away; further away
-               scales it by cost / H2D cost. The estimated loss a token accumulates over the
-               layers (sum of F_l * w2^2 of its dropped experts) never exceeds `loss_bound`.
+- `cost-aware` ours: adaptive's rule with T scaled per decision by the live cost of loading
+               expert 2 from where it is now (the expert cache's EWMA per tier) over the running
+               mean of that cost across recent expert-2 decisions (GPU ones count 0): an expert 2
+               on the GPU is never dropped, and the budget adaptive would spread over every
+               decision goes to the misses, more to the costlier ones (the threshold averaged
+               over decisions stays ~T). The estimated loss a token accumulates over the layers
+               (sum of F_l * w2^2 of its dropped experts) never exceeds `loss_bound`.
 
 Every gating returns (weights [T, k] float32, idx [T, k] int64) with idx == -1 (weight 0) in a
 slot a token does not use (see decoder.model.transformer.Gating); when every token of a call
@@ -215,14 +216,61 @@ class AdaptiveGating(CountingGating):
 
 
 class CostAwareGating(CountingGating):
-    """Budget scaled by the live cost of loading expert 2 from its current tier, per-token loss cap.
+    """Adaptive gating whose budget goes to the second experts that cost link time to load.
 
-    provider: the expert cache; uses provider.location(layer, expert) -> "gpu"|"host"|"store"
-    and provider.load_cost(location) -> seconds (live EWMA; 0 for "gpu"). Without load_cost
-    (a provider that measures nothing), host = 1 and store = `store_cost_ratio` units.
+    Per token and layer l: drop expert 2 when
+
+        F_l * w2^2 < T * scale(loc)   and   (loss the token already spent) + F_l * w2^2 <= loss_bound
+
+    where loc is where expert 2 is now: "gpu" (resident or being copied in, or another token's
+    expert 1 in the same call, loaded anyway), "host" (the pinned host tier) or "store", and
+
+        scale(loc) = load_cost(loc) / min(mean_cost, load_cost("host"))
+
+    load_cost(loc) is the provider's live EWMA of the seconds to bring one expert into the GPU
+    from loc (0 on the GPU); mean_cost is a running mean of load_cost(loc of expert 2) over the
+    expert-2 decisions so far, the GPU ones counting 0: the plain mean of the first 50, then an
+    EWMA with weight `mean_alpha` = 0.02.
+
+    While mean_cost <= one host->GPU copy (every expert in the pinned host tier -- the usual
+    deployment -- or store misses rare), scale = load_cost(loc) / mean_cost: the threshold
+    averaged over decisions stays about T -- what `adaptive` spends at the same T -- but it is
+    spent on the misses: a GPU expert 2 is never dropped (scale 0) and, when every miss costs the
+    same, a miss gets T / (fraction of experts 2 that miss). With every expert in the host tier a
+    host miss has scale 1 when no expert 2 is on the GPU (the decisions of `adaptive`), ~1.33
+    with 25% of them on the GPU, ~2 with half, ~20 with 95%; a store miss costs more than a host
+    miss and gets proportionally more. The scale grows without limit as the GPU hit rate goes to
+    1, so the per-token loss bound (`loss_bound`, default L x T: what adaptive at T could spend
+    if every layer dropped) is what keeps accuracy in check.
+
+    When the mean exceeds one host->GPU copy (many misses to a slow store), T stays the budget
+    of a load one host copy away: scale = load_cost(loc) / load_cost("host"), so a slower link
+    buys more single-expert decisions (tests/faults/test_slow_store.py); dividing by the mean
+    alone would make the decisions independent of how slow the link is. In short, scale is the
+    larger of load_cost(loc) / mean_cost and load_cost(loc) / load_cost("host").
+
+    Each call decides with the mean of the decisions before it, then folds its own in. Before the
+    first expert-2 decision, while mean_cost is 0, or with a provider without load_cost (it
+    measures nothing), the scale is `budget_scale(loc)`: load cost over one host->GPU copy
+    (0 on the GPU, 1 for a host miss, load_cost("store") / load_cost("host") for a store miss;
+    without load_cost, 1 and `store_cost_ratio`). If load_cost("host") is 0, the mean alone.
+
+    provider: the expert cache; uses provider.location(layer, expert) -> "gpu"|"host"|"store" and
+    provider.load_cost(location) -> seconds.
+    stats() adds: expert2_location (expert-2 decisions per location), capped_by_bound (drops the
+    bound refused), expert2_mean_cost_s (mean_cost), budget_normaliser_s (min(mean_cost, host
+    cost), None while falling back), budget_scale_now (scale per location now) and
+    mean_budget_scale (scale averaged over the decisions: ~1 once warm while mean_cost <= a host
+    copy, above 1 when the slow-link rule applies).
     """
 
     name = "cost-aware"
+    # EWMA rather than a windowed mean: O(1) state, and it follows the cache's hit rate as the
+    # prefetcher and the working set change. 0.02 averages over ~50 decisions (about 1.5 decode
+    # tokens of a 32-layer model): short enough to follow a warming cache, long enough that one
+    # streak of GPU hits does not shrink the mean much (its relative noise at a 25% miss rate is
+    # ~17%, against ~28% at 0.05); an outlier scale is still limited by the loss bound.
+    mean_alpha = 0.02
 
     def __init__(self, top_k: int, num_layers: int, sensitivity: Sequence[float], budget: float,
                  provider: Any, loss_bound: float | None = None, store_cost_ratio: float = 10.0) -> None:
@@ -240,32 +288,76 @@ class CostAwareGating(CountingGating):
         self.store_cost_ratio = float(store_cost_ratio)
         self._acc: list[float] | None = None    # [T] estimated loss spent by each token so far
         self._last_layer = math.inf
-        self._scale_sum = [0.0] * num_layers
+        self.mean_cost: float | None = None     # EWMA of load_cost(loc of expert 2); None = no decision yet
+        self._n_observed = 0
 
     def reset_stats(self) -> None:
         super().reset_stats()
         self._tier_counts: dict[str, int] = {}
         self._capped = 0
+        self._scale_sum = 0.0
 
     def stats(self) -> dict[str, Any]:
         s = super().stats()
         s["loss_bound"] = self.loss_bound
         s["expert2_location"] = dict(self._tier_counts)
         s["capped_by_bound"] = self._capped
+        s["expert2_mean_cost_s"] = self.mean_cost
+        s["budget_normaliser_s"] = self.normaliser()
+        memo: dict[str, float | None] = {}
+        s["budget_scale_now"] = {loc: self.scale(loc, memo) for loc in ("gpu", "host", "store")}
+        n = sum(self._tier_counts.values())
+        s["mean_budget_scale"] = (self._scale_sum / n) if n else 0.0
         return s
 
-    def budget_scale(self, location: str) -> float:
-        """Multiplier of T for an expert 2 at `location`: its load cost over one H2D copy."""
+    def _cost(self, location: str, memo: dict[str, float | None] | None = None) -> float | None:
+        """provider.load_cost(location) (None without load_cost), read once per `memo` (a call)."""
+        if memo is not None and location in memo:
+            return memo[location]
+        cost = getattr(self.provider, "load_cost", None)
+        c = None if cost is None else 0.0 if location == "gpu" else float(cost(location))
+        if memo is not None:
+            memo[location] = c
+        return c
+
+    def budget_scale(self, location: str, memo: dict[str, float | None] | None = None) -> float:
+        """The fallback multiplier of T (before any decision, mean cost 0, or no load_cost): the
+        load cost of an expert 2 at `location` over one host->GPU copy."""
         if location == "gpu":
             return 0.0
-        cost = getattr(self.provider, "load_cost", None)
-        if cost is None:
+        ref = self._cost("host", memo)
+        if ref is None or not ref > 0:
             return 1.0 if location == "host" else self.store_cost_ratio
-        ref = cost("host")
-        c = cost(location)
-        if not ref or ref <= 0:
-            return 1.0 if location == "host" else self.store_cost_ratio
-        return c / ref
+        return self._cost(location, memo) / ref
+
+    def normaliser(self, memo: dict[str, float | None] | None = None) -> float | None:
+        """The cost that gets T: min(mean_cost, load_cost("host")); None = fall back to budget_scale."""
+        if self.mean_cost is None or not self.mean_cost > 0:
+            return None
+        host = self._cost("host", memo)
+        if host is None:
+            return None
+        return min(self.mean_cost, host) if host > 0 else self.mean_cost
+
+    def scale(self, location: str, memo: dict[str, float | None] | None = None) -> float:
+        """The multiplier of T for an expert 2 at `location` now: load_cost(location) / normaliser()."""
+        if location == "gpu":
+            return 0.0
+        ref = self.normaliser(memo)
+        if ref is None:
+            return self.budget_scale(location, memo)
+        return self._cost(location, memo) / ref
+
+    def _observe(self, costs: list[float]) -> None:
+        """Fold this call's expert-2 load costs (0 for GPU), in token order, into mean_cost: the
+        plain mean of the first 1/mean_alpha decisions, an EWMA after (weight max(alpha, 1/n)), so
+        a GPU hit first does not leave the mean biased towards 0 for hundreds of decisions."""
+        m, n = self.mean_cost or 0.0, self._n_observed
+        for c in costs:
+            n += 1
+            m += max(self.mean_alpha, 1.0 / n) * (c - m)
+        if n:
+            self.mean_cost, self._n_observed = m, n
 
     def _decide(self, layer, router_logits, weights, idx):
         # one transfer: each token's expert ids and w2; the decision is made on the host in
@@ -276,16 +368,22 @@ class CostAwareGating(CountingGating):
             self._acc = [0.0] * T                              # a new forward: new tokens
         self._last_layer = layer
         first = {int(e) for row in packed for e in row[:k - 1]}  # loaded anyway for some token
+        has_cost = getattr(self.provider, "load_cost", None) is not None
+        memo: dict[str, float | None] = {}                     # load_cost per location, read once per call
         scale_of: dict[int, float] = {}
         loc_of: dict[int, str] = {}
         F = self.sensitivity[layer]
-        drop, w2 = [], []
+        drop, w2, seen = [], [], []
         for t, row in enumerate(packed):
             e, w = int(row[k - 1]), row[k]
             if e not in scale_of:
                 loc = "gpu" if e in first else self.provider.location(layer, e)
-                scale_of[e], loc_of[e] = self.budget_scale(loc), loc
-            self._tier_counts[loc_of[e]] = self._tier_counts.get(loc_of[e], 0) + 1
+                scale_of[e], loc_of[e] = self.scale(loc, memo), loc
+            loc = loc_of[e]
+            self._tier_counts[loc] = self._tier_counts.get(loc, 0) + 1
+            self._scale_sum += scale_of[e]
+            if has_cost:
+                seen.append(self._cost(loc, memo))
             est = F * w * w
             want = est < self.budget * scale_of[e]
             fits = self._acc[t] + est <= self.loss_bound
@@ -295,6 +393,7 @@ class CostAwareGating(CountingGating):
                 self._acc[t] = self._acc[t] + est
             drop.append(d)
             w2.append(w)
+        self._observe(seen)
         return drop, w2, None
 
     def _drop_second(self, layer, router_logits, weights, idx):

@@ -73,7 +73,25 @@ class FixedCosts:
         return self.costs[location]
 
 
+def expected_scales(g, locs, costs):
+    """CostAwareGating's documented rule replayed for one-token calls: scale = load_cost(loc) /
+    min(mean, load_cost("host")), mean the load cost of the earlier experts 2 (0 on the GPU):
+    plain mean of the first 1/g.mean_alpha, EWMA (weight g.mean_alpha) after;
+    load_cost(loc) / load_cost("host") while there is no mean or it is 0."""
+    mean, n, out = None, 0, []
+    for loc in locs:
+        if loc == "gpu":
+            out.append(0.0)
+        else:
+            out.append(costs[loc] / (costs["host"] if not mean else min(mean, costs["host"])))
+        n += 1
+        mean = (mean or 0.0) + max(g.mean_alpha, 1 / n) * (costs[loc] - (mean or 0.0))
+    return out
+
+
 def test_cost_aware_budget_follows_tier_cost_and_loss_bound():
+    # store misses dominate: the mean cost of an expert 2 exceeds one host copy, so T stays the
+    # budget of a host copy and a store miss gets store / host = 5 (a slow link drops more)
     E = 8
     logits = _logits(T=400, E=E, seed=5)
     w0, i0 = topk_route(logits, 2)
@@ -82,20 +100,122 @@ def test_cost_aware_budget_follows_tier_cost_and_loss_bound():
     prov = FixedCosts(where, {"gpu": 0.0, "host": 1e-3, "store": 5e-3})
     T = 0.01
     g = CostAwareGating(2, 1, [1.0], budget=T, provider=prov, loss_bound=1e9)
+    locs = [where.get(int(i0[t, 1]), "store") for t in range(400)]
+    scales = expected_scales(g, locs, prov.costs)
     seen = {"gpu": 0, "host": 0, "store": 0}
     for t in range(400):  # decode: one token per forward
         _, i = g.route(0, logits[t:t + 1])
-        loc = where.get(int(i0[t, 1]), "store")
-        scale = {"gpu": 0.0, "host": 1.0, "store": 5.0}[loc]
-        want = bool(est[t] < T * scale)
+        loc = locs[t]
+        old = {"gpu": 0.0, "host": 1.0, "store": 5.0}[loc]    # load cost / one host copy
+        assert scales[t] >= old and (t < 50 or scales[t] == old)   # mean above a host copy once warm
+        want = bool(est[t] < T * scales[t])
         seen[loc] += want
         assert (i.shape[1] == 1) == want, (t, loc)
     assert seen["host"] > 0 and seen["store"] > seen["host"] and seen["gpu"] == 0
-    assert g.stats()["expert2_location"]["gpu"] > 0
+    s = g.stats()
+    assert s["expert2_location"]["gpu"] > 0
+    assert s["expert2_mean_cost_s"] > prov.costs["host"] and s["budget_normaliser_s"] == prov.costs["host"]
+    assert s["budget_scale_now"] == {"gpu": 0.0, "host": 1.0, "store": 5.0}
     # in a batch, an expert 2 that is some other token's expert 1 is loaded anyway: kept
     _, i = CostAwareGating(2, 1, [1.0], budget=1.0, provider=FixedCosts({}, prov.costs)).route(0, logits)
     first = set(i0[:, 0].tolist())
     assert all((int(i[t, 1]) == -1) == (int(i0[t, 1]) not in first) for t in range(400))
+
+
+def test_cost_aware_half_on_gpu_spends_twice_T_on_host_misses():
+    # every expert in the host tier, half of them also on the GPU: the mean cost of an expert 2
+    # is ~half a host copy, so a host miss is dropped below ~2T and a GPU expert 2 never
+    E, N = 8, 2000
+    logits = _logits(T=N, E=E, seed=11)
+    w0, i0 = topk_route(logits, 2)
+    est = 2.0 * w0[:, 1].double() ** 2
+    where = {e: ("gpu" if e < E // 2 else "host") for e in range(E)}
+    prov = FixedCosts(where, {"gpu": 0.0, "host": 1e-3, "store": 5e-3})
+    T = float(est.quantile(0.15))
+    g = CostAwareGating(2, 1, [2.0], budget=T, provider=prov, loss_bound=1e9)
+    locs = [where[int(i0[t, 1])] for t in range(N)]
+    scales = expected_scales(g, locs, prov.costs)
+    beyond_T = {"gpu": 0, "host": 0}     # dropped although F * w2^2 >= T (adaptive would keep it)
+    dropped = {"gpu": 0, "host": 0}
+    for t in range(N):
+        _, i = g.route(0, logits[t:t + 1])
+        d = i.shape[1] == 1
+        assert d == bool(est[t] < T * scales[t]), (t, locs[t], scales[t])
+        dropped[locs[t]] += d
+        beyond_T[locs[t]] += d and bool(est[t] >= T)
+    assert dropped["gpu"] == 0 and beyond_T["host"] > 0
+    host_scales = [sc for sc, loc in zip(scales[100:], locs[100:]) if loc == "host"]
+    assert 1.6 < sum(host_scales) / len(host_scales) < 2.5          # ~ 1 / (fraction of misses)
+    s = g.stats()
+    assert s["expert2_location"]["gpu"] + s["expert2_location"]["host"] == N
+    assert 0.3 < s["expert2_mean_cost_s"] / prov.costs["host"] < 0.7
+    assert s["budget_normaliser_s"] == s["expert2_mean_cost_s"]
+    assert 1.4 < s["budget_scale_now"]["host"] < 3.3 and s["budget_scale_now"]["gpu"] == 0.0
+    assert 0.85 < s["mean_budget_scale"] < 1.2                      # the threshold averages ~T
+    assert s["capped_by_bound"] == 0
+
+
+def test_cost_aware_all_on_host_decides_as_adaptive():
+    # nothing on the GPU, every expert one host copy away: scale 1, adaptive's decisions
+    L, N = 3, 300
+    x = _logits(T=N, seed=13)
+    F = [1.0, 3.0, 0.5]
+    prov = FixedCosts({e: "host" for e in range(8)}, {"gpu": 0.0, "host": 2e-3, "store": 9e-3})
+    w0, _ = topk_route(x, 2)
+    T = float(w0[:, 1].double().pow(2).quantile(0.4))
+    g = CostAwareGating(2, L, F, budget=T, provider=prov, loss_bound=1e9)
+    a = AdaptiveGating(2, L, F, budget=T)
+    for t in range(N):
+        for layer in range(L):
+            wc, ic = g.route(layer, x[t:t + 1])
+            wa, ia = a.route(layer, x[t:t + 1])
+            assert torch.equal(ic, ia) and torch.equal(wc, wa), (t, layer)
+    s, sa = g.stats(), a.stats()
+    assert s["single_expert_ratio"] == sa["single_expert_ratio"] > 0
+    assert s["budget_scale_now"]["host"] == 1.0 and s["mean_budget_scale"] == 1.0
+    assert s["expert2_location"] == {"host": N * L}
+
+
+def test_cost_aware_rare_misses_large_scale_capped_by_default_bound():
+    # 7 of 8 experts on the GPU: a host miss gets a large scale, the default per-token bound
+    # (L x T) keeps each token's estimated loss in check
+    L, N, E = 4, 200, 8
+    x = _logits(T=N, E=E, seed=17)
+    where = {e: ("gpu" if e < 7 else "host") for e in range(E)}
+    prov = FixedCosts(where, {"gpu": 0.0, "host": 1e-3, "store": 5e-3})
+    w0, i0 = topk_route(x, 2)
+    T = float(w0[:, 1].double().pow(2).quantile(0.1))
+    g = CostAwareGating(2, L, [1.0] * L, budget=T, provider=prov)
+    assert g.loss_bound == L * T
+    for t in range(N):
+        spent = 0.0
+        for layer in range(L):
+            _, i = g.route(layer, x[t:t + 1])
+            if i.shape[1] == 1:
+                assert int(i0[t, 1]) == 7                               # only the host misses
+                spent += float(w0[t, 1]) ** 2
+        assert spent <= L * T + 1e-12
+    s = g.stats()
+    assert s["budget_scale_now"]["host"] > 4                          # ~ 1 / (fraction of misses)
+    assert s["capped_by_bound"] > 0 and s["single_expert_ratio"] > 0
+
+
+def test_cost_aware_without_load_cost_uses_unit_costs():
+    class LocationsOnly:
+        def location(self, layer, expert):
+            return {0: "gpu", 1: "gpu", 2: "host", 3: "host"}.get(expert, "store")
+
+    x = _logits(T=300, seed=19)
+    w0, i0 = topk_route(x, 2)
+    est = w0[:, 1].double() ** 2
+    T = float(est.quantile(0.05))
+    g = CostAwareGating(2, 1, [1.0], budget=T, provider=LocationsOnly(), loss_bound=1e9, store_cost_ratio=4.0)
+    for t in range(300):
+        _, i = g.route(0, x[t:t + 1])
+        scale = {"gpu": 0.0, "host": 1.0, "store": 4.0}[LocationsOnly().location(0, int(i0[t, 1]))]
+        assert (i.shape[1] == 1) == bool(est[t] < T * scale)
+    s = g.stats()
+    assert s["expert2_mean_cost_s"] is None and s["budget_scale_now"] == {"gpu": 0.0, "host": 1.0, "store": 4.0}
 
 
 def test_cost_aware_per_token_loss_bound():
