@@ -468,10 +468,11 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
     common = dict(device=device, dtype=dtype, precision=precision)
     dense_opt = {"dense_slots": dense}
     if mode == "resident":
-        # fill_threads loader threads: fill_gpu's prefetches fetch and decode in parallel (no load
-        # runs while it is timed: every expert is resident)
-        eng = Engine.from_store(target, prep.model, gpu_cache_bytes=n_experts * slot, host_cache_bytes=0,
-                                prefetch=False, cache_options={**dense_opt, "workers": fill_threads}, **common)
+        # through a host tier filled on fill_threads threads (fetch + decode in parallel); nothing
+        # is loaded while it is timed: every expert is on the GPU
+        eng = Engine.from_store(target, prep.model, gpu_cache_bytes=n_experts * slot, host_cache_bytes=host_all,
+                                prefetch=False, cache_options=dense_opt, **common)
+        fill_host_tier(eng.provider, [(l, e) for l in range(L) for e in range(E)], fill_threads)
         fill_gpu(eng.provider, L, E)
         return eng
     if mode == "ondemand":

@@ -20,8 +20,8 @@ A slot holds an expert in one of two forms:
   for that copy and the slot's previous readers and dequantizes straight into the slot's views;
   the expert's event is recorded after the dequantization, so compute waits on that only. Two
   staging buffers (each the compact size, outside gpu_cache_bytes) let the copy of one expert
-  overlap the dequantization of the one before, and a third serves demand loads (see Copies);
-  a staging buffer is written again only after the dequantization that read it (its event).
+  overlap the dequantization of the one before; a staging buffer is written again only after
+  the dequantization that read it (its event).
 
 Host tier: one pinned arena (pin_memory only when CUDA is available) of fixed-size slots, an
 LRU of at most `host_cache_bytes // slot` experts. The store writes the encoded blob straight
@@ -31,14 +31,13 @@ With `fetch_workers=N` (default 0: off) the host arena is an expert_store FetchP
 each with its own gRPC channel, receive blobs straight into its slots (past the ~1 GB/s one
 Python process receives), and it is page-locked in place with cudaHostRegister.
 
-Copies: on CUDA prefetch copies run on one dedicated stream, demand loads on a second one
-(`demand_stream`, default on), each with one event per expert; compute waits on that event only
-(`current_stream().wait_event`), never on a whole stream. Prefetch copies go in chunks of
-`prefetch_chunk_bytes` (default 8 MiB), so that a demand copy issued while prefetches are queued
-on the link need not wait for every one of them (benchmarks/demand_overtake.py measures what
-the copy engine does with this). Before a slot is overwritten its copy waits on the event
-recorded when the layer released it, so in-flight kernels never see their weights change. On
-the CPU the same code runs (copies are memcpy, events are None).
+Copies: on CUDA every H2D copy runs on one dedicated stream with one event per expert; compute
+waits on that event only (`current_stream().wait_event`), never on the whole stream. Before a
+slot is overwritten the copy stream waits on the event recorded when the layer released it, so
+in-flight kernels never see their weights change. On the CPU the same code runs (copies are
+memcpy, events are None). A second stream for demand loads would not let them overtake queued
+prefetch copies: the H200's copy engine runs host->device copies in issue order across streams
+(benchmarks/demand_overtake.py); only not issuing a prefetch yet can (the prefetcher's budget).
 
 Loads: a background loader thread serves two queues, demand first; prefetches (speculative,
 ordered by predicted score) run only when no demand is queued, and a `get` that finds its
@@ -207,8 +206,7 @@ class ExpertCache(ExpertProvider):
                  scratch_slots: int | None = None, workers: int = 1, ewma_alpha: float = 0.3,
                  pin_memory: bool | None = None, miss_precision: str | None = None,
                  low_slots: int | None = None, fetch_workers: int = 0, fetch_target: str | None = None,
-                 fetch_options: Mapping[str, Any] | None = None, dense_slots: bool | None = None,
-                 demand_stream: bool = True, prefetch_chunk_bytes: int = 8 << 20) -> None:
+                 fetch_options: Mapping[str, Any] | None = None, dense_slots: bool | None = None) -> None:
         cfg = source.config
         self.source = source
         self.config = cfg
@@ -290,13 +288,6 @@ class ExpertCache(ExpertProvider):
         # --- copy stream (+ dequant stream and staging buffers for dense slots) --------------------
         self.copy_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
         self.dequant_stream = torch.cuda.Stream(device=self.device) if self.cuda and self.dense_slots else None
-        # demand loads: their own (high-priority) stream, which also dequantizes them, and their
-        # own staging buffer, so nothing orders them behind queued prefetch work
-        self.demand_stream = (torch.cuda.Stream(device=self.device, priority=-1)
-                              if self.cuda and demand_stream else None)
-        if int(prefetch_chunk_bytes) < 0:
-            raise ValueError("prefetch_chunk_bytes must be >= 0 (0 = one copy per expert)")
-        self.prefetch_chunk_bytes = int(prefetch_chunk_bytes)
         self._compute_stream = torch.cuda.current_stream(self.device) if self.cuda else None
         self._pending_timings: list[tuple[Any, Any]] = []
         self._staging: list[_Staging] = []
@@ -307,10 +298,7 @@ class ExpertCache(ExpertProvider):
             raw_bytes = raw_slot_bytes(header)
             self._staging = [_Staging(torch.empty(raw_bytes, dtype=torch.uint8, device=self.device))
                              for _ in range(n_stage)]
-        self._demand_staging: list[_Staging] = []
-        if self.dense_slots and self.demand_stream is not None:
-            self._demand_staging = [_Staging(torch.empty(raw_bytes, dtype=torch.uint8, device=self.device))]
-        self.staging_buffers = len(self._staging) + len(self._demand_staging)
+        self.staging_buffers = len(self._staging)
 
         # --- loader -----------------------------------------------------------------------------
         self._tasks: dict[tuple[int, int], _Task] = {}
@@ -606,7 +594,7 @@ class ExpertCache(ExpertProvider):
         for t in self._threads:
             t.join(timeout=5)
         if self.cuda:
-            for stream in (self.copy_stream, self.dequant_stream, self.demand_stream):
+            for stream in (self.copy_stream, self.dequant_stream):
                 if stream is not None:
                     stream.synchronize()
         if self._fetch_pool is not None:  # stops its processes, unregisters and unlinks the arena
@@ -716,7 +704,7 @@ class ExpertCache(ExpertProvider):
         try:
             hentry = self._host_acquire(layer, expert, task.kind)
             try:
-                self._copy_to_gpu(ent, hentry, task.kind)
+                self._copy_to_gpu(ent, hentry)
             finally:
                 with self._lock:
                     self._host_release(task.key, hentry)
@@ -927,21 +915,21 @@ class ExpertCache(ExpertProvider):
             self._host_free.append(h.slot)
 
     # --- H2D ------------------------------------------------------------------------------------
-    def _copy_to_gpu(self, ent: _GpuEntry, h: _HostEntry, kind: str = "demand") -> None:
+    def _copy_to_gpu(self, ent: _GpuEntry, h: _HostEntry) -> None:
         """Copy the raw payload host slot -> GPU slot and build the weight views. No lock held."""
         from expert_store.quant import tensors_from_raw
 
         src = self.host_pool[h.slot, h.raw_offset:h.raw_offset + h.header.raw_size]
         if self.dense_layout is not None:
-            self._load_dense(ent, h, src, kind)
+            self._load_dense(ent, h, src)
             return
         dst = ent.buf[:h.header.raw_size]
         if self.cuda:
-            stream = self._stream_for(kind)
+            stream = self.copy_stream
             with torch.cuda.device(self.device), torch.cuda.stream(stream):
                 if ent.prev_free_event is not None:   # kernels still reading the slot
                     stream.wait_event(ent.prev_free_event)
-                end = self._h2d(dst, src, stream, kind)
+                end = self._h2d(dst, src, stream)
             ent.copy_event = end
             with self._lock:
                 self._host_slot_event[h.slot] = end  # the host slot is read until `end`
@@ -953,48 +941,36 @@ class ExpertCache(ExpertProvider):
         views = tensors_from_raw(h.header, ent.buf[:h.header.raw_size])
         ent.weights = expert_weights_from_views(h.header, views)
 
-    def _stream_for(self, kind: str) -> Any:
-        return self.demand_stream if kind == "demand" and self.demand_stream is not None else self.copy_stream
-
-    def _h2d(self, dst: torch.Tensor, src: torch.Tensor, stream: Any, kind: str) -> Any:
+    def _h2d(self, dst: torch.Tensor, src: torch.Tensor, stream: Any) -> Any:
         """Enqueue host -> device `dst.copy_(src)` on `stream` (the current stream), timed by a
-        start/end event pair for the host-tier cost EWMA; prefetches in chunks. Returns `end`."""
+        start/end event pair for the host-tier cost EWMA. Returns `end`."""
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(stream)
-        chunk = self.prefetch_chunk_bytes if kind != "demand" else 0
-        if chunk and dst.numel() > chunk:
-            for a in range(0, dst.numel(), chunk):
-                dst[a:a + chunk].copy_(src[a:a + chunk], non_blocking=True)
-        else:
-            dst.copy_(src, non_blocking=True)
+        dst.copy_(src, non_blocking=True)
         end.record(stream)
         with self._lock:
             self._pending_timings.append((start, end))
         return end
 
-    def _load_dense(self, ent: _GpuEntry, h: _HostEntry, src: torch.Tensor, kind: str = "demand") -> None:
+    def _load_dense(self, ent: _GpuEntry, h: _HostEntry, src: torch.Tensor) -> None:
         """Compact payload host slot -> staging buffer (copy stream) -> dequantized into the dense
-        slot (dequant stream; a demand load does both on the demand stream); the expert's event
-        is recorded after the dequantization. No lock held."""
+        slot (dequant stream); the expert's event is recorded after the dequantization. No lock held."""
         from expert_store import format as blob_format
 
         header, layout = h.header, self.dense_layout
         if not layout.matches(header):
             raise blob_format.BlobError(f"layer {ent.layer} expert {ent.expert}: tensors "
                                         f"{[(t.name, t.shape) for t in header.tensors]} differ from the first expert's")
-        demand = self.cuda and kind == "demand" and self.demand_stream is not None
-        pool = self._demand_staging if demand else self._staging
-        stage = self._take_staging(pool)
+        stage = self._take_staging()
         try:
             raw = stage.buf[:header.raw_size]
             if self.cuda:
-                copy_s = self._stream_for(kind)
-                deq_s = copy_s if demand else self.dequant_stream
+                copy_s, deq_s = self.copy_stream, self.dequant_stream
                 with torch.cuda.device(self.device):
                     with torch.cuda.stream(copy_s):
                         if stage.event is not None:   # the last dequantization that read this buffer
                             copy_s.wait_event(stage.event)
-                        copied = self._h2d(raw, src, copy_s, kind)
+                        copied = self._h2d(raw, src, copy_s)
                     with torch.cuda.stream(deq_s):
                         deq_s.wait_event(copied)
                         if ent.prev_free_event is not None:   # kernels still reading the slot
@@ -1013,16 +989,15 @@ class ExpertCache(ExpertProvider):
                     self._cost["host"].update(time.perf_counter() - t0)
         finally:
             with self._lock:
-                pool.append(stage)
+                self._staging.append(stage)
                 self._cond.notify_all()
         ent.weights = ExpertWeights(dense["w1"], dense["w3"], dense["w2"], self.precision)
 
-    def _take_staging(self, pool: list[_Staging] | None = None) -> _Staging:
-        pool = self._staging if pool is None else pool
+    def _take_staging(self) -> _Staging:
         with self._lock:
-            while not pool:
+            while not self._staging:
                 self._cond.wait(timeout=0.05)
-            return pool.pop()
+            return self._staging.pop()
 
     def _harvest_timings(self) -> None:
         if not self._pending_timings:

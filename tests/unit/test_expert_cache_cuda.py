@@ -41,17 +41,15 @@ def test_cuda_cache_matches_reference(client, precision, dtype):
     with Engine.from_store(client, "tiny", device="cuda", dtype=dtype, precision=precision,
                            gpu_cache_bytes=None, host_cache_bytes=0) as probe:
         slot, hslot = probe.provider.slot_bytes, probe.provider.host_slot_bytes
-    for gpu, host, opts in [(None, 0, {}), (L + 2, 0, {}), (L + 2, 3, {}), (6, 100, {}),
-                            (6, 100, {"demand_stream": False}), (6, 100, {"prefetch_chunk_bytes": 1000})]:
+    for gpu, host in [(None, 0), (L + 2, 0), (L + 2, 3), (6, 100)]:
         with Engine.from_store(client, "tiny", device="cuda", dtype=dtype, precision=precision,
                                gpu_cache_bytes=None if gpu is None else gpu * slot,
-                               host_cache_bytes=host * hslot, cache_options=opts) as eng:
+                               host_cache_bytes=host * hslot) as eng:
             cache = eng.provider
             assert isinstance(cache, ExpertCache) and cache.cuda and cache.copy_stream is not None
-            assert (cache.demand_stream is not None) is opts.get("demand_stream", True)
             assert cache.pinned and cache.host_pool.is_pinned() and cache.gpu_pool.is_cuda
             for _ in range(2):
-                assert torch.equal(eng.forward_logits(IDS), want), (gpu, host, opts)
+                assert torch.equal(eng.forward_logits(IDS), want), (gpu, host)
             assert eng.generate(IDS[:4], max_tokens=6).token_ids == want_tokens
             torch.cuda.synchronize()
             s = cache.stats()
