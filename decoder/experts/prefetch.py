@@ -6,7 +6,9 @@ speculative loads (`provider.prefetch`), ordered by predicted weight and distanc
 With `issue_after_demand` (what the engine uses) they go out only once layer l's MoE block has
 asked for its own experts (hook `on_demand_issued`): the predictions need x_l, which exists
 before layer l's routing, but a prefetch copy started then would sit on the host->GPU link
-ahead of layer l's demand loads, and a copy in flight cannot be pre-empted.
+ahead of layer l's demand loads, and a copy in flight cannot be pre-empted. The predictions
+are then also READ only there: their kernels are queued at x_l, the block's own routing read
+waits for them anyway, so the prefetcher adds no host<->GPU synchronisation of its own.
 The residual stream changes little between adjacent layers, so this is accurate at distance 1
 and degrades with distance. x_l is normalised with layer l's post-attention RMSNorm weight;
 with `renorm` the prediction for layer j rescales it by w_j / w_l, i.e. applies layer j's norm
@@ -120,7 +122,7 @@ class Prefetcher(MoEObserver):
         self._pending: dict[int, list[tuple[int, set[int], list[list[int]]]]] = {}
         self._issued_pending: dict[int, set[int]] = {}   # target layer -> experts issued for it this step
         self.issue_after_demand = bool(issue_after_demand)
-        self._deferred: tuple[int, list] | None = None   # (layer, plan) waiting for its demand
+        self._deferred: tuple[int, int, torch.Tensor] | None = None   # (layer, D, predictions) waiting for its demand
         self._stack: torch.Tensor | None = None        # routers [L, E, H] on the compute device
         self._ratio: list[torch.Tensor] = []           # per layer l: norm[l+1 .. l+D] / norm[l], [D, H]
         self.reset_stats()
@@ -185,8 +187,8 @@ class Prefetcher(MoEObserver):
     # --- hooks ----------------------------------------------------------------------------------
     def on_moe_input(self, layer: int, x: torch.Tensor) -> None:
         if self._deferred is not None:        # its layer never reported its demand: send it now
-            self._issue(self._deferred[1])
-            self._deferred = None
+            deferred, self._deferred = self._deferred, None
+            self._complete(*deferred)
         now = self._clock()
         stall = self._stall_total()
         if layer <= self._last_layer:
@@ -209,7 +211,27 @@ class Prefetcher(MoEObserver):
             self._skipped += 1
             return
         with torch.no_grad():
-            preds = dict(zip(range(1, D + 1), self._predict_many(layer, x, D)))
+            packed = self._predict_device(layer, x, D)                 # [D, T, 2k], not read yet
+        if self.issue_after_demand and self.provider is not None:
+            # read, planned and issued once the block has read its routing and asked for its
+            # experts: the GPU has computed these by then, so reading them adds no wait of its own
+            self._deferred = (layer, D, packed)
+            self._deferred_count += 1
+            return
+        self._complete(layer, D, packed)
+
+    def on_demand_issued(self, layer: int) -> None:
+        """The MoE block of `layer` has asked for its experts: the loads predicted at this
+        layer's input may go now, queued behind that demand."""
+        if self._deferred is not None and self._deferred[0] == layer:
+            deferred, self._deferred = self._deferred, None
+            self._complete(*deferred)
+
+    def _complete(self, layer: int, D: int, packed: torch.Tensor) -> None:
+        """Read the predictions made at `layer`'s input (one transfer), record them for the
+        precision/recall checks, choose the lookahead and issue the plan."""
+        preds = dict(zip(range(1, D + 1), self._unpack(packed.tolist(), D)))
+        k = self.fixed_k or self.max_lookahead
         if self.fixed_k is None:
             k = self._adaptive_k(layer, preds)
         self._k_hist[min(k, self.max_lookahead)] += 1
@@ -223,18 +245,7 @@ class Prefetcher(MoEObserver):
                     for d, (experts, scores, _) in preds.items() if d <= k]
         else:
             plan = self._budget_plan(layer, preds, k)
-        if self.issue_after_demand:
-            self._deferred = (layer, plan)
-            self._deferred_count += 1
-            return
         self._issue(plan)
-
-    def on_demand_issued(self, layer: int) -> None:
-        """The MoE block of `layer` has asked for its experts: the loads predicted at this
-        layer's input may go now, queued behind that demand."""
-        if self._deferred is not None and self._deferred[0] == layer:
-            plan, self._deferred = self._deferred[1], None
-            self._issue(plan)
 
     def _issue(self, plan: list[tuple[int, list[int], list[float]]]) -> None:
         n = 0
@@ -329,13 +340,17 @@ class Prefetcher(MoEObserver):
 
     def _predict_many(self, layer: int, x: torch.Tensor, D: int) -> list[tuple[list[int], list[float], list[list[int]]]]:
         """Predictions for layers layer+1 .. layer+D from x: per distance (experts by descending
-        best weight, those weights, each token's predicted top-k ids). One device->host transfer.
-
-        Each token's top-k is taken on the router logits (softmax is monotonic) and its weights
-        renormalised over those k on the host: softmax(top-k logits) = top-k probs / their sum."""
-        # x: [T, H]
+        best weight, those weights, each token's predicted top-k ids). One device->host transfer."""
         if D <= 0:
             return []
+        return self._unpack(self._predict_device(layer, x, D).tolist(), D)
+
+    def _predict_device(self, layer: int, x: torch.Tensor, D: int) -> torch.Tensor:
+        """Each token's top-k router logits and expert ids for layers layer+1 .. layer+D from x,
+        on x's device: [D, T, 2k] float32 (k logits, then k ids). Top-k is taken on the logits
+        (softmax is monotonic); `_unpack` renormalises the weights over those k on the host:
+        softmax(top-k logits) = top-k probs / their sum."""
+        # x: [T, H]
         if self._stack is None or self._stack.device != x.device or self._stack.dtype != x.dtype:
             self._build_stacks(x.device, x.dtype)
         W = self._stack[layer + 1: layer + 1 + D]                                              # [D, E, H]
@@ -346,7 +361,11 @@ class Prefetcher(MoEObserver):
         logits = torch.bmm(xin, W.transpose(1, 2))                                             # [D, T, E]
         k = min(self.top_k, self.E)
         v, i = torch.topk(logits, k, dim=-1)                                                   # [D, T, k]
-        packed = torch.cat([v.float(), i.float()], dim=-1).tolist()                            # one sync
+        return torch.cat([v.float(), i.float()], dim=-1)                                       # [D, T, 2k]
+
+    def _unpack(self, packed: list, D: int) -> list[tuple[list[int], list[float], list[list[int]]]]:
+        # packed: [D][T][2k] host lists from _predict_device
+        k = min(self.top_k, self.E)
         out = []
         for d in range(D):
             best: dict[int, float] = {}
