@@ -36,10 +36,18 @@ GATINGS = ("topk", "uniform", "adaptive", "cost-aware")
 
 
 class CountingGating(Gating):
-    """Base: top-k routing, then `_keep_second(layer, logits, weights, idx)` decides per token
-    whether the second expert stays. Counts decisions."""
+    """Base: top-k routing, then `_drop_second(layer, logits, weights, idx)` (or `_decide`)
+    decides per token whether the second expert goes. Counts decisions.
+
+    A gating whose decision is a pure function of the router output (`decides_on_device`:
+    uniform, adaptive) makes it on the device and returns without reading anything: its
+    decisions (and w2, for the estimated loss) are counted later, from one batched read every
+    `read_every` calls or at `stats()`. On a GPU a read is a synchronisation that stops the host
+    from running ahead, and the MoE block already makes one per layer (its routing)."""
 
     name = "counting"
+    decides_on_device = False
+    read_every = 256
 
     # HOBBIT-style hint (optional): experts whose largest weight in a call is below this may be
     # served at the cache's lower `miss_precision` when they miss (provider.allow_low_precision).
@@ -67,8 +75,10 @@ class CountingGating(Gating):
         self._experts = [0] * L
         self._single = [0] * L
         self._est_loss = [0.0] * L
+        self._unread: list[tuple[int, torch.Tensor]] = []   # (layer, [2, T] drop flags and w2) on the device
 
     def stats(self) -> dict[str, Any]:
+        self._read_decisions()
         d = sum(self._decisions)
         return {
             "gating": self.name,
@@ -120,17 +130,26 @@ class CountingGating(Gating):
         if self.top_k < 2 or T == 0:
             self._count(layer, [False] * T, None)
             return weights, idx
+        if self.decides_on_device:
+            drop_dev = self._drop_second(layer, router_logits, weights, idx)       # [T] bool
+            self._unread.append((layer, torch.stack((drop_dev.to(weights.dtype), weights[:, -1])).detach()))
+            if len(self._unread) >= self.read_every:
+                self._read_decisions()
+            return self._apply_drop(weights, idx, drop_dev)
         drop, w2, drop_dev = self._decide(layer, router_logits, weights, idx)
         self._count(layer, drop, w2)
-        n_drop = sum(drop)
-        if n_drop == 0:
+        if not any(drop):
             return weights, idx
-        if n_drop == T:
-            w = weights[:, :-1]
-            return w / w.sum(dim=-1, keepdim=True), idx[:, :-1]
         # drop the last (for k = 2: the second) expert of the flagged tokens; renormalise the rest
         if drop_dev is None:
             drop_dev = torch.tensor(drop, dtype=torch.bool).to(weights.device)
+        return self._apply_drop(weights, idx, drop_dev)
+
+    @staticmethod
+    def _apply_drop(weights: torch.Tensor, idx: torch.Tensor,
+                    drop_dev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # weights/idx [T, k], drop_dev [T] bool -> the last expert of flagged tokens removed
+        # (id -1, weight 0) and their other weights renormalised; unflagged rows unchanged
         keep = torch.ones_like(weights, dtype=torch.bool)
         keep[:, -1] = ~drop_dev
         w = torch.where(keep, weights, torch.zeros_like(weights))
@@ -147,6 +166,19 @@ class CountingGating(Gating):
         drop_dev = self._drop_second(layer, router_logits, weights, idx)       # [T] bool
         both = torch.stack((drop_dev.to(weights.dtype), weights[:, -1])).tolist()  # one sync: [2][T]
         return [d != 0 for d in both[0]], both[1], drop_dev
+
+    def _read_decisions(self) -> None:
+        """Count the decisions made on the device so far: one transfer for all of them."""
+        if not self._unread:
+            return
+        unread, self._unread = self._unread, []
+        flat = torch.cat([t.reshape(-1).float() for _, t in unread]).tolist()
+        at = 0
+        for layer, t in unread:
+            T = t.shape[1]
+            drop, w2 = flat[at:at + T], flat[at + T:at + 2 * T]
+            at += 2 * T
+            self._count(layer, [d != 0 for d in drop], w2)
 
     def _count(self, layer: int, drop: list[bool], w2: list[float] | None) -> None:
         T = len(drop)
@@ -185,6 +217,7 @@ class UniformThresholdGating(CountingGating):
     """The paper's naive baseline: drop expert 2 when its renormalised weight w2 < threshold."""
 
     name = "uniform"
+    decides_on_device = True
 
     def __init__(self, top_k: int, num_layers: int, threshold: float,
                  sensitivity: Sequence[float] | None = None) -> None:
@@ -201,6 +234,7 @@ class AdaptiveGating(CountingGating):
     """AdapMoE: expert 1 alone when F_l * w2^2 < T (T = budget; T = 0 is exactly top-k)."""
 
     name = "adaptive"
+    decides_on_device = True
 
     def __init__(self, top_k: int, num_layers: int, sensitivity: Sequence[float], budget: float) -> None:
         if sensitivity is None:

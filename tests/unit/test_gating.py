@@ -41,11 +41,13 @@ def test_adaptive_rule_drops_exactly_when_F_w2sq_below_T():
     assert s["est_loss_per_token"] == pytest.approx(float((F[0] * w0[drop, 1] ** 2).sum()) / 200, rel=1e-5)
 
 
-def test_all_dropped_returns_single_column():
-    logits = _logits(T=1, seed=1)
+def test_all_dropped_leaves_one_expert_per_token():
+    # decided on the device: the shape stays [T, k]; the dropped slot is id -1 with weight 0
+    logits = _logits(T=3, seed=1)
     w, i = AdaptiveGating(2, 1, [1.0], budget=10.0).route(0, logits)
-    assert w.shape == (1, 1) and i.shape == (1, 1) and float(w[0, 0]) == 1.0
-    assert int(i[0, 0]) == int(torch.argmax(logits[0]))
+    assert w.shape == (3, 2) and i.shape == (3, 2)
+    assert torch.equal(i[:, 1], torch.full((3,), -1)) and torch.equal(w[:, 1], torch.zeros(3))
+    assert torch.equal(w[:, 0], torch.ones(3)) and torch.equal(i[:, 0], torch.argmax(logits, dim=-1))
 
 
 def test_uniform_threshold_same_for_every_layer():
@@ -110,7 +112,7 @@ def test_cost_aware_budget_follows_tier_cost_and_loss_bound():
         assert scales[t] >= old and (t < 50 or scales[t] == old)   # mean above a host copy once warm
         want = bool(est[t] < T * scales[t])
         seen[loc] += want
-        assert (i.shape[1] == 1) == want, (t, loc)
+        assert (int(i[0, -1]) == -1) == want, (t, loc)
     assert seen["host"] > 0 and seen["store"] > seen["host"] and seen["gpu"] == 0
     s = g.stats()
     assert s["expert2_location"]["gpu"] > 0
@@ -139,7 +141,7 @@ def test_cost_aware_half_on_gpu_spends_twice_T_on_host_misses():
     dropped = {"gpu": 0, "host": 0}
     for t in range(N):
         _, i = g.route(0, logits[t:t + 1])
-        d = i.shape[1] == 1
+        d = int(i[0, -1]) == -1
         assert d == bool(est[t] < T * scales[t]), (t, locs[t], scales[t])
         dropped[locs[t]] += d
         beyond_T[locs[t]] += d and bool(est[t] >= T)
@@ -213,7 +215,7 @@ def test_cost_aware_without_load_cost_uses_unit_costs():
     for t in range(300):
         _, i = g.route(0, x[t:t + 1])
         scale = {"gpu": 0.0, "host": 1.0, "store": 4.0}[LocationsOnly().location(0, int(i0[t, 1]))]
-        assert (i.shape[1] == 1) == bool(est[t] < T * scale)
+        assert (int(i[0, -1]) == -1) == bool(est[t] < T * scale)
     s = g.stats()
     assert s["expert2_mean_cost_s"] is None and s["budget_scale_now"] == {"gpu": 0.0, "host": 1.0, "store": 4.0}
 
