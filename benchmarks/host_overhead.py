@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
 
 from decoder.engine import Engine  # noqa: E402
 from decoder.model.config import ModelConfig  # noqa: E402
@@ -136,6 +137,31 @@ def time_decode(eng: Engine, prompt: list[int], steps: int, device: torch.device
     return res.decode_s / steps, max(0.0, (c2 - c1) - (c1 - c0)) / steps, res.token_ids
 
 
+# every way a tensor's value reaches Python: on a GPU each is a synchronisation that stops the
+# host from queueing work ahead of the device
+HOST_READS = {"tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"}
+
+
+class CountHostReads(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.n += getattr(func, "__name__", "") in HOST_READS
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads_per_step(eng: Engine, prompt: list[int], steps: int = 8) -> float:
+    """Host reads of tensor values per decode step (a generate of steps+1 tokens minus one of 1)."""
+    counts = []
+    for n in (1, steps + 1):
+        with CountHostReads() as c:
+            eng.generate(prompt, max_tokens=n, stop_at_eos=False)
+        counts.append(c.n)
+    return (counts[1] - counts[0]) / steps
+
+
 def run_row(row: str, model: Transformer, store: Path, a: argparse.Namespace, device: torch.device,
             dtype: torch.dtype, budget: float, prompt: list[int]) -> dict[str, Any]:
     eng = build_row(row, model, store, device, dtype, budget, a.gpu_fraction)
@@ -156,6 +182,7 @@ def run_row(row: str, model: Transformer, store: Path, a: argparse.Namespace, de
             prof.disable()
             print(f"\n## cProfile {row}: {a.steps} decode steps, by own time")
             pstats.Stats(prof).sort_stats("tottime").print_stats(a.profile_lines)
+        reads = host_reads_per_step(eng, prompt)
         st = eng.stats()
         best, cpu = min(per_token), min(cpu_per_token)
         L = eng.config.num_hidden_layers
@@ -163,6 +190,7 @@ def run_row(row: str, model: Transformer, store: Path, a: argparse.Namespace, de
                 "us_per_token": best * 1e6, "us_per_layer": best * 1e6 / L,
                 "cpu_us_per_token": cpu * 1e6, "cpu_us_per_layer": cpu * 1e6 / L,
                 "us_per_token_runs": [s * 1e6 for s in per_token],
+                "host_reads_per_step": reads,
                 "experts_per_token": st.get("experts_per_token"),
                 "single_expert_ratio": st.get("single_expert_ratio"),
                 "prefetch_precision": (st.get("prefetch") or {}).get("precision"),
@@ -212,13 +240,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                   f"{x['cpu_us_per_token']:9.1f} us/token {x['cpu_us_per_layer']:8.1f} us/layer (CPU)", flush=True)
     print(f"\n{config.num_hidden_layers} layers, hidden {config.hidden_size}, ffn {config.intermediate_size}, "
           f"{config.num_local_experts} experts, device {device}, {a.steps} steps, best of {a.repeats}")
-    print("| row | wall us/token | wall us/layer | CPU us/token | CPU us/layer | experts/tok | single | "
-          "prefetch precision |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| row | wall us/token | wall us/layer | CPU us/token | CPU us/layer | host reads/step | experts/tok | "
+          "single | prefetch precision |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for x in results:
         pp = x["prefetch_precision"]
         print(f"| {x['row']} | {x['us_per_token']:.0f} | {x['us_per_layer']:.0f} | {x['cpu_us_per_token']:.0f} | "
-              f"{x['cpu_us_per_layer']:.0f} | {x['experts_per_token']:.2f} | "
+              f"{x['cpu_us_per_layer']:.0f} | {x['host_reads_per_step']:.1f} | {x['experts_per_token']:.2f} | "
               f"{x['single_expert_ratio']:.2f} | {'-' if pp is None else f'{pp:.2f}'} |")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

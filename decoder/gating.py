@@ -48,6 +48,7 @@ class CountingGating(Gating):
     name = "counting"
     decides_on_device = False
     read_every = 256
+    _drop_consts: tuple | None = None     # (device, dtype), (1.0, 0.0) weights, (False, True) "last slot"
 
     # HOBBIT-style hint (optional): experts whose largest weight in a call is below this may be
     # served at the cache's lower `miss_precision` when they miss (provider.allow_low_precision).
@@ -75,7 +76,7 @@ class CountingGating(Gating):
         self._experts = [0] * L
         self._single = [0] * L
         self._est_loss = [0.0] * L
-        self._unread: list[tuple[int, torch.Tensor]] = []   # (layer, [2, T] drop flags and w2) on the device
+        self._unread: list[tuple[int, torch.Tensor]] = []   # (layer, [T] dropped w2 or -1) on the device
 
     def stats(self) -> dict[str, Any]:
         self._read_decisions()
@@ -132,7 +133,8 @@ class CountingGating(Gating):
             return weights, idx
         if self.decides_on_device:
             drop_dev = self._drop_second(layer, router_logits, weights, idx)       # [T] bool
-            self._unread.append((layer, torch.stack((drop_dev.to(weights.dtype), weights[:, -1])).detach()))
+            # [T]: the dropped expert's w2 (>= 0), -1 where kept: one kernel carries both
+            self._unread.append((layer, torch.where(drop_dev, weights[:, -1], -1.0).detach()))
             if len(self._unread) >= self.read_every:
                 self._read_decisions()
             return self._apply_drop(weights, idx, drop_dev)
@@ -145,11 +147,20 @@ class CountingGating(Gating):
             drop_dev = torch.tensor(drop, dtype=torch.bool).to(weights.device)
         return self._apply_drop(weights, idx, drop_dev)
 
-    @staticmethod
-    def _apply_drop(weights: torch.Tensor, idx: torch.Tensor,
+    def _apply_drop(self, weights: torch.Tensor, idx: torch.Tensor,
                     drop_dev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # weights/idx [T, k], drop_dev [T] bool -> the last expert of flagged tokens removed
         # (id -1, weight 0) and their other weights renormalised; unflagged rows unchanged
+        if weights.shape[1] == 2:
+            # k = 2 (Mixtral): a dropped row is exactly (1.0, 0.0) (w1 / w1 == 1 in IEEE
+            # arithmetic) and ids (e1, -1): three kernels, no reduction
+            key = (weights.device, weights.dtype)
+            if self._drop_consts is None or self._drop_consts[0] != key:
+                self._drop_consts = (key, torch.tensor([1.0, 0.0], dtype=weights.dtype, device=weights.device),
+                                     torch.tensor([False, True], device=weights.device))
+            _, one_zero, last = self._drop_consts
+            flag = drop_dev[:, None]                                             # [T, 1]
+            return torch.where(flag, one_zero, weights), idx.masked_fill(flag & last, -1)
         keep = torch.ones_like(weights, dtype=torch.bool)
         keep[:, -1] = ~drop_dev
         w = torch.where(keep, weights, torch.zeros_like(weights))
@@ -175,10 +186,9 @@ class CountingGating(Gating):
         flat = torch.cat([t.reshape(-1).float() for _, t in unread]).tolist()
         at = 0
         for layer, t in unread:
-            T = t.shape[1]
-            drop, w2 = flat[at:at + T], flat[at + T:at + 2 * T]
-            at += 2 * T
-            self._count(layer, [d != 0 for d in drop], w2)
+            vals = flat[at:at + t.shape[0]]                      # w2 of a dropped expert, -1 = kept
+            at += t.shape[0]
+            self._count(layer, [v >= 0 for v in vals], [max(v, 0.0) for v in vals])
 
     def _count(self, layer: int, drop: list[bool], w2: list[float] | None) -> None:
         T = len(drop)
