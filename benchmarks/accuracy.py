@@ -19,8 +19,8 @@ Sweep: budgets come from the calibration text only: for each target single-exper
 T the r-quantile of F_l * w2^2 (over all calibration routing decisions). `cost-aware` runs at the
 same T values as `adaptive`, plus points at multiples of the largest T (--cost-aware-extra):
 its ratio follows the live location of expert 2 (kept when it is on the GPU tier, dropped
-below T x (load cost / H2D cost) when it is further away, capped by a loss bound of L x T per
-token), so it saturates below 100%. `topk` is the reference. Per point: held-out perplexity, the
+below T x load cost / min(mean load cost of recent experts 2, one H2D copy) when it is further
+away, capped by a loss bound of L x T per token; decoder/gating.py), so it saturates below 100%. `topk` is the reference. Per point: held-out perplexity, the
 single-expert ratio and experts/token over the evaluated decisions, and the estimated loss per
 token (sum over layers of F_l * w2^2 of the dropped experts), next to the measured loss change.
 

@@ -10,7 +10,8 @@ experts cross the slow link. Two gating modes per latency, both with the adaptiv
 
 - topk        Mixtral's top-2: what a slow link costs when nothing adapts but prefetch depth
 - cost-aware  expert 2 dropped when sensitivity x w2^2 is below a budget scaled by the live
-              cost of loading it (sensitivity 1 per layer, --budget T)
+              cost of loading it over min(mean cost of recent experts 2, one H2D copy)
+              (sensitivity 1 per layer, --budget T; decoder/gating.py)
 
 Reported per point: decode tokens/s, mean prefetch lookahead (and its histogram), the
 single-expert ratio, experts per token, stall seconds. Writes results/slow_store.json and
