@@ -509,17 +509,25 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
     raise ValueError(f"unknown mode {mode!r}")
 
 
-def perplexity_engine(eng: Engine, windows: Sequence[torch.Tensor]) -> float | None:
+def perplexity_engine(eng: Engine, windows: Sequence[torch.Tensor]) -> tuple[float | None, list[float]]:
+    """(held-out perplexity over `windows`, the perplexity of each window)."""
+    return perplexity_windows(lambda ids: eng.forward_logits(ids.tolist()), windows)
+
+
+def perplexity_windows(logits_of: Any, windows: Sequence[torch.Tensor]) -> tuple[float | None, list[float]]:
+    """logits_of(ids [S]) -> logits [S, V]; -> (perplexity over all windows, per window)."""
     if not windows:
-        return None
+        return None, []
     import torch.nn.functional as F
 
-    nll, n = 0.0, 0
+    nll, n, per = 0.0, 0, []
     for w in windows:
-        logits = eng.forward_logits(w[:-1].tolist())
-        nll += float(F.cross_entropy(logits, w[1:].to(logits.device), reduction="sum"))
+        logits = logits_of(w[:-1]).float()
+        x = float(F.cross_entropy(logits, w[1:].to(logits.device), reduction="sum"))
+        nll += x
         n += w.numel() - 1
-    return math.exp(nll / n)
+        per.append(math.exp(x / (w.numel() - 1)))
+    return math.exp(nll / n), per
 
 
 def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torch.device, args: argparse.Namespace,
@@ -541,7 +549,7 @@ def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torc
         profile_txt = None
         if args.profile_rows and mode in args.profile_rows:
             profile_txt = torch_profile(eng, prep, args)
-        ppl = perplexity_engine(eng, prep.heldout) if prep.heldout else None
+        ppl, ppl_windows = perplexity_engine(eng, prep.heldout)
     finally:
         eng.close()
         del eng
@@ -571,7 +579,7 @@ def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torc
         "gb_per_token": gb_tok,
         "lower_bound_ms_per_token": lower_bound_ms,
         "gpu_quota": pst.get("gpu_quota"), "dense_slots": pst.get("dense_slots"),
-        "heldout_perplexity": ppl,
+        "heldout_perplexity": ppl, "heldout_perplexity_per_window": ppl_windows,
         "generated_tokens": st["generated_tokens"], "decode_s": st["decode_s"], "build_s": round(build_s, 1),
         "outputs_head": [o[:8] for o in outs],
         "gating_stats": {k: v for k, v in (st.get("gating_stats") or {}).items() if k != "per_layer"},
@@ -647,16 +655,9 @@ def run_accelerate_row(prep: Prepared, device: torch.device, args: argparse.Name
             times.append((time.perf_counter() - t1, n_new - 1))
             outs.append(gen)
         times, outs = times[1:], outs[1:]   # the first prompt is the warm-up
-        ppl = None
-        if prep.heldout:
-            import torch.nn.functional as F
-            nll, n = 0.0, 0
-            for w in prep.heldout[: args.accelerate_ppl_windows]:
-                w = w.to(device)
-                logits = model(input_ids=w[None, :-1]).logits[0].float()
-                nll += float(F.cross_entropy(logits, w[1:], reduction="sum"))
-                n += w.numel() - 1
-            ppl = math.exp(nll / n)
+        # the first windows only (slow); compare with the engine rows' per-window figures
+        ppl, ppl_windows = perplexity_windows(lambda ids, m=model: m(input_ids=ids.to(device)[None]).logits[0],
+                                              prep.heldout[: args.accelerate_ppl_windows])
     secs = sum(t for t, _ in times)
     steps = sum(n for _, n in times)
     del model, experts
@@ -667,7 +668,8 @@ def run_accelerate_row(prep: Prepared, device: torch.device, args: argparse.Name
             "experts_per_token": None, "single_expert_ratio": 0.0, "gpu_hit_rate": None, "host_hit_rate": None,
             "prefetch_precision": None, "prefetch_recall": None, "prefetch_token_recall": None,
             "stall_ms_per_token": None, "gb_per_token": None, "lower_bound_ms_per_token": None,
-            "heldout_perplexity": ppl, "generated_tokens": steps, "decode_s": secs, "build_s": round(build_s, 1),
+            "heldout_perplexity": ppl, "heldout_perplexity_per_window": ppl_windows,
+            "generated_tokens": steps, "decode_s": secs, "build_s": round(build_s, 1),
             "outputs_head": [o[:8] for o in outs],
             "note": f"transformers {transformers.__version__}, accelerate {accelerate.__version__}: "
                     f"accelerate.cpu_offload on every layer's MixtralExperts; {weights}; {n_new} new tokens"}
@@ -732,6 +734,20 @@ def fmt(v: Any, spec: str = ".2f") -> str:
     return format(v, spec)
 
 
+def ppl_cell(r: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """Held-out perplexity; a row scored on fewer windows (accelerate) also shows the resident
+    row's perplexity over those same windows (equal-length windows: their geometric mean)."""
+    cell = fmt(r.get("heldout_perplexity"), ".3f")
+    mine = r.get("heldout_perplexity_per_window") or []
+    ref = next((x.get("heldout_perplexity_per_window") or [] for x in rows
+                if x["model"] == r["model"] and x["mode"] == "resident"), [])
+    if mine and len(mine) < len(ref):
+        n = len(mine)
+        same = math.exp(sum(math.log(v) for v in ref[:n]) / n)
+        cell += f" ({n} window{'s' if n > 1 else ''}; resident there: {same:.3f})"
+    return cell
+
+
 def markdown(rows: list[dict[str, Any]], targets: list[dict[str, Any]]) -> str:
     head = ("| model | budget | mode | tok/s | vs lru | vs resident | experts/tok | single | GPU hit | "
             "pf prec | pf recall | issued prec | stall ms/tok | GB/tok gpu | GB/tok host | GB/tok store | bound ms/tok | "
@@ -747,7 +763,7 @@ def markdown(rows: list[dict[str, Any]], targets: list[dict[str, Any]]) -> str:
             fmt(r.get("prefetch_issued_precision")), fmt(r.get("stall_ms_per_token"), ".1f"),
             fmt(gb.get("gpu"), ".3f"), fmt(gb.get("host"), ".3f"), fmt(gb.get("store"), ".3f"),
             fmt(r.get("lower_bound_ms_per_token"), ".2f"), fmt(r.get("ms_per_token"), ".2f"),
-            fmt(r.get("heldout_perplexity"), ".3f")]) + " |")
+            ppl_cell(r, rows)]) + " |")
     lines.append("")
     for t in targets:
         lines.append(f"- {'MET' if t['met'] else 'MISSED'}: {t['target']}: measured {t['measured']:.2f}x")

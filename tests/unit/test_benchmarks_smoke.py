@@ -56,3 +56,16 @@ def test_transfer_h2d_through_the_expert_cache(tmp_path):
     p = out["passes"][0]
     assert p["experts"] == 8 and p["gpu_loads"] == 8 and p["host_hits"] == 8
     assert out["wall_gbps"] > 0
+
+
+def test_decode_ppl_cell_compares_on_the_same_windows():
+    # the accelerate row scores fewer held-out windows: its cell also shows resident's
+    # perplexity over exactly those windows (equal windows: geometric mean of theirs)
+    rows = [{"model": "A", "mode": "resident", "heldout_perplexity": 20.0, "heldout_perplexity_per_window": [10.0, 40.0]},
+            {"model": "A", "mode": "accelerate", "heldout_perplexity": 10.5, "heldout_perplexity_per_window": [10.5]},
+            {"model": "A", "mode": "lru", "heldout_perplexity": 20.0, "heldout_perplexity_per_window": [10.0, 40.0]}]
+    assert decode.ppl_cell(rows[1], rows) == "10.500 (1 window; resident there: 10.000)"
+    assert decode.ppl_cell(rows[2], rows) == "20.000"
+    two = dict(rows[1], heldout_perplexity_per_window=[10.0, 40.0, 5.0][:2])
+    rows3 = [dict(rows[0], heldout_perplexity_per_window=[10.0, 40.0, 90.0]), two]
+    assert decode.ppl_cell(two, rows3).endswith("(2 windows; resident there: 20.000)")
