@@ -4,7 +4,8 @@ offloading and all-resident, on one GPU, at GPU expert budgets of 25% and 50% of
     python3 benchmarks/decode.py --out-dir benchmarks/results            # both models, on cuda
     python3 benchmarks/decode.py --models A --tiny --device cpu          # plumbing check on a CPU
 
-Rows (issue 7), every row batch 1, greedy, the same prompts, `--new-tokens` new tokens each:
+Rows (issue 7), every row batch 1, greedy (or, with --temperature, sampled with the same seed per
+prompt in every row), the same prompts, `--new-tokens` new tokens each:
 
 - resident      every expert in the GPU cache (quota E per layer), loaded before timing
 - ondemand      no GPU expert cache: each expert is copied from pinned host memory when used
@@ -542,8 +543,9 @@ def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torc
         eng.reset_stats()
         outs = []
         n_new = args.remote_tokens if mode == "store-remote" else args.new_tokens
-        for p in tqdm(prep.prompts, desc=f"{prep.name} {mode} {budget}", unit="prompt", leave=False):
-            outs.append(eng.generate(p, max_tokens=n_new, temperature=0.0, stop_at_eos=False).token_ids)
+        for i, p in enumerate(tqdm(prep.prompts, desc=f"{prep.name} {mode} {budget}", unit="prompt", leave=False)):
+            outs.append(eng.generate(p, max_tokens=n_new, temperature=args.temperature, seed=args.seed + i,
+                                     stop_at_eos=False).token_ids)
         sync(device)
         st = eng.stats()
         profile_txt = None
@@ -638,19 +640,29 @@ def run_accelerate_row(prep: Prepared, device: torch.device, args: argparse.Name
     n_new = args.accelerate_tokens if prep.name == "A" else args.b_accelerate_tokens
     times = []
     outs = []
+    gen_rng = torch.Generator(device=device)
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        # greedy, or softmax(logits / T) sampling as Engine.generate does (top_p 1)
+        if args.temperature == 0:
+            return logits.argmax()
+        return torch.multinomial(torch.softmax(logits.float() / args.temperature, dim=-1), 1, generator=gen_rng)[0]
+
     with torch.inference_mode():
-        for p in tqdm([prep.warmup_prompt] + prep.prompts, desc=f"{prep.name} accelerate", unit="prompt", leave=False):
+        for i, p in enumerate(tqdm([prep.warmup_prompt] + prep.prompts, desc=f"{prep.name} accelerate", unit="prompt",
+                                   leave=False)):
+            gen_rng.manual_seed(args.seed + i - 1)
             ids = torch.tensor([p], device=device)
             out = model(input_ids=ids, use_cache=True)
             past = out.past_key_values
-            tok = out.logits[0, -1].argmax()
+            tok = pick(out.logits[0, -1])
             gen = [int(tok)]
             sync(device)
             t1 = time.perf_counter()
             for _ in range(n_new - 1):
                 out = model(input_ids=tok.view(1, 1), past_key_values=past, use_cache=True)
                 past = out.past_key_values
-                tok = out.logits[0, -1].argmax()
+                tok = pick(out.logits[0, -1])
                 gen.append(int(tok))
             times.append((time.perf_counter() - t1, n_new - 1))
             outs.append(gen)
@@ -871,6 +883,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--tag", default="decode", help="output file stem")
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (default); > 0: sampling, prompt i seeded with --seed + i in every row")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup-tokens", type=int, default=16)
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--prompt-tokens", type=int, default=48)
@@ -1002,6 +1017,7 @@ def write_results(out_dir: Path, args: argparse.Namespace, rows: list, targets: 
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "python": platform.python_version(), "cpu_cores": os.cpu_count(),
             "pinned_h2d_gbps": pinned, "new_tokens": args.new_tokens, "prompts": args.prompts,
+            "temperature": args.temperature, "seed": args.seed,
             "models": models_info, "targets": targets, "seconds": round(time.perf_counter() - t_start, 1)}
     plain = [{k: v for k, v in r.items() if k != "torch_profile"} for r in rows]
     (out_dir / f"{args.tag}.json").write_text(json.dumps(plain, indent=1, default=str) + "\n")

@@ -7,7 +7,6 @@ here, only that each row runs and reports what the GPU run reports.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -69,3 +68,25 @@ def test_decode_ppl_cell_compares_on_the_same_windows():
     two = dict(rows[1], heldout_perplexity_per_window=[10.0, 40.0, 5.0][:2])
     rows3 = [dict(rows[0], heldout_perplexity_per_window=[10.0, 40.0, 90.0]), two]
     assert decode.ppl_cell(two, rows3).endswith("(2 windows; resident there: 20.000)")
+
+
+def test_decode_rows_sample_with_the_same_seeds(tmp_path):
+    # --temperature: every row samples prompt i with seed --seed + i; two top-k rows compute the
+    # same logits, so they sample the same tokens (and those differ from greedy)
+    torch.set_num_threads(1)
+    rows_by_t = {}
+    for t in (0.0, 1.5):
+        args = decode.parse_args(["--tiny", "--device", "cpu", "--models", "B", "--budgets", "0.5",
+                                  "--modes", "resident,lru", "--profile-rows", "", "--calib-tokens", "64",
+                                  "--prompts", "2", "--temperature", str(t), "--seed", "7", "--no-warmup-row"])
+        args.new_tokens = 6
+        device = torch.device("cpu")
+        prep = decode.prepare_model_b(tmp_path / str(t), device, args)
+        rows: list[dict] = []
+        decode.run_model(prep, device, args, tmp_path, pinned_gbps=5.0, rows=rows)
+        assert all("error" not in r for r in rows), [r.get("error") for r in rows]
+        rows_by_t[t] = {r["mode"]: r["outputs_head"] for r in rows}
+    sampled, greedy = rows_by_t[1.5], rows_by_t[0.0]
+    assert sampled["resident"] == sampled["lru"]
+    assert greedy["resident"] == greedy["lru"]
+    assert sampled["resident"] != greedy["resident"]
