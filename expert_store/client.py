@@ -58,10 +58,13 @@ Over gRPC
   unchanged (tiers/nvme.py). Any write from user space moves ctime (utime cannot set it
   back), so the server re-checks and answers DATA_LOSS itself; what it cannot see is media
   bit rot under an unchanged inode, or a store whose manifest agrees with a corrupt blob.
-  Only the client's seal check catches those. The client cannot tell the server: the
-  protocol has no call that drops a replica's "checked" mark (a restart of the replica
-  forgets every mark, `expert-store verify` on its store finds the file, and replacing the
-  file - a new inode - makes the server check it again).
+  Only the client's seal check catches those. The client then tells that replica before
+  failing over: it sends Verify for the blob (deadline min(deadline_s, VERIFY_DEADLINE_S),
+  best effort: a failed Verify is logged, never raised). The replica re-reads every copy,
+  checks it fully (manifest size/xxh3 and the blob's seal), forgets its "checked" mark and
+  removes a bad copy, NVMe file included; its next fetch of that blob answers NOT_FOUND (the
+  client fails over as for any missing blob) until the blob is uploaded again (a resumed
+  `expert-store pack --store grpc://...`). The caller's status is unchanged by this.
 - Each RPC attempt has a deadline (deadline_s). At most max_streams streams run at once
   per client (a semaphore shared by all calls); fetch_experts spreads its refs over up to
   that many parallel streams.
@@ -105,6 +108,9 @@ PRIORITIES = {"demand": pb.DEMAND, "prefetch": pb.PREFETCH}
 # this; failover keeps retrying UNAVAILABLE for RETRY_WINDOW_S, so a restarted replica is reached.
 RECONNECT_BACKOFF_MAX_MS = 1_000
 RETRY_WINDOW_S = 2.5
+# The deadline of the Verify a client sends to a replica that served bad bytes (at most its
+# deadline_s): the replica re-reads and hashes one blob; the call is best effort.
+VERIFY_DEADLINE_S = 5.0
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})$")
 # transport failures that surface as codes other than UNAVAILABLE: the stream broke, the
 # request itself was fine
@@ -472,7 +478,12 @@ class _BrokenStream(Exception):
 class _BadData(Exception):
     """The replica delivered a whole blob (every byte from it) that fails the client's check
     (the blob's seal, its ref, or the manifest's size/xxh3): its copy is bad although the
-    server did not say so. That replica is not asked again in this call."""
+    server did not say so. That replica is not asked again in this call; it is sent
+    ``verify`` (a pb.VerifyRequest naming the blob) first, so it re-checks and drops it."""
+
+    def __init__(self, message: str, verify: pb.VerifyRequest | None = None):
+        super().__init__(message)
+        self.verify = verify
 
 
 class GrpcStoreClient(StoreClient):
@@ -639,8 +650,10 @@ class GrpcStoreClient(StoreClient):
                 last = f"{replica.address}: {e.code().name} {e.details()}"
             except _BadData as e:
                 # the server served bytes it believes good (e.g. a file it checked once at rest
-                # that rotted since under an unchanged stat): only the client saw it
-                self._note_bad(what, replica.address, f"served bad bytes: {e}", bad, unreached)
+                # that rotted since under an unchanged stat): only the client saw it, so it
+                # tells the replica (Verify: re-check, drop the bad copy) before failing over
+                told = self._tell_replica(replica.stubs[i], replica.address, e.verify, what)
+                self._note_bad(what, replica.address, f"served bad bytes: {e}{told}", bad, unreached)
                 continue
             except _BrokenStream as e:
                 last = f"{replica.address}: broken stream ({e})"
@@ -698,12 +711,29 @@ class GrpcStoreClient(StoreClient):
         refs = list(refs or ())
         return model, bool(refs) and all(r in m.blobs for r in refs)
 
+    def _tell_replica(self, stub: Any, address: str, request: pb.VerifyRequest | None, what: str) -> str:
+        """Send Verify for a blob the replica served bad: it re-checks every copy, forgets
+        its "checked" mark and removes a bad copy. Best effort, with a short deadline: a
+        failure is logged, never raised. Returns a note for the caller's message."""
+        if request is None:
+            return ""
+        try:
+            reply = stub.Verify(request, timeout=min(self.deadline_s, VERIFY_DEADLINE_S), metadata=self._metadata)
+        except grpc.RpcError as e:
+            log.warning("%s: Verify on replica %s failed: %s %s", what, address,
+                        e.code().name if e.code() is not None else "UNKNOWN", e.details())
+            return " (Verify failed)"
+        except Exception as e:  # noqa: BLE001 - best effort: never fail the fetch over it
+            log.warning("%s: Verify on replica %s failed: %s", what, address, e)
+            return " (Verify failed)"
+        outcome = "dropped its copy" if reply.dropped else "found it good" if reply.good else "found it bad"
+        log.warning("%s: Verify on replica %s %s: %s", what, address, outcome, reply.detail)
+        return f" (Verify: {outcome})"
+
     @staticmethod
     def _note_bad(what: str, address: str, why: str, bad: dict, unreached: dict) -> None:
         bad[address] = why
         unreached.pop(address, None)
-        # The client cannot tell the server: the protocol has no call to drop a replica's
-        # "checked" mark (see the module docstring). The log names the replica to repair.
         log.warning("%s: replica %s %s; not asking it again in this call (run `expert-store verify` on its "
                     "store: that replica's copy needs repair)", what, address, why)
 
@@ -795,7 +825,7 @@ class GrpcStoreClient(StoreClient):
                         it = pending[chunk.index]
                         it.accept(chunk)
                         if it.done:
-                            self._check_expert(it)
+                            self._check_expert(it, model)
                             on_done(it)
                 except BaseException:
                     call.cancel()
@@ -807,21 +837,23 @@ class GrpcStoreClient(StoreClient):
         self._with_failover(items[0].key, attempt, what, listed=lambda: self._listed(
             model, [it.ref for it in items if not it.done]))
 
-    def _check_expert(self, it: _Blob) -> None:
+    def _check_expert(self, it: _Blob, model: str) -> None:
         if not self.verify:
             return
         whole = it.from_one_replica
+        request = pb.VerifyRequest(model=model, ref=pb.ExpertRef(layer=it.ref[0], expert=it.ref[1],
+                                                                 precision=it.ref[2]))
         try:
             header = blob_format.check_blob(memoryview(it.buf)[: it.total])
         except blob_format.BlobError as e:
             it.reset()  # refetch from 0 elsewhere
             if whole:  # every byte came from this replica: its copy is bad
-                raise _BadData(f"{it.key} failed its seal check ({e})") from None
+                raise _BadData(f"{it.key} failed its seal check ({e})", request) from None
             # resumed bytes from two replicas did not fit together: neither is to blame yet
             raise _BrokenStream(f"{it.key} failed its integrity check after a resume ({e})") from None
         if (header.layer, header.expert, header.precision) != it.ref:
             it.reset()
-            raise _BadData(f"{it.key}: the server sent L{header.layer} E{header.expert} {header.precision}")
+            raise _BadData(f"{it.key}: the server sent L{header.layer} E{header.expert} {header.precision}", request)
 
     def fetch_dense(self, model: str, out: Any = None):
         """The model's dense safetensors bytes (into `out` when given), resumable; checked
@@ -849,7 +881,8 @@ class GrpcStoreClient(StoreClient):
                     whole = item.from_one_replica
                     item.reset()  # refetch from 0 elsewhere
                     if whole:
-                        raise _BadData(f"{item.key}: size/xxh3 do not match the manifest")
+                        raise _BadData(f"{item.key}: size/xxh3 do not match the manifest",
+                                       pb.VerifyRequest(model=model, dense=True))
                     raise _BrokenStream(f"{item.key}: size/xxh3 do not match the manifest after a resume")
 
         self._with_failover(item.key, attempt, f"FetchDense({model})",

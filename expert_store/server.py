@@ -9,8 +9,9 @@ The servicer only translates: protobuf in, `ModelStore` call (in a worker thread
 blocking disk and Redis I/O), protobuf out, and `StoreError.code` -> `grpc.StatusCode`.
 The small pieces of logic it needs are plain classes testable without a server:
 `StreamLimiter` (bounded concurrent streams), `check_refs`, `chunks` (how a blob is cut
-into 256 KiB-1 MiB chunks from a resume offset) and `PutAssembler` (PutBlob's
-all-or-nothing upload).
+into 256 KiB-1 MiB chunks from a resume offset), `PutAssembler` (PutBlob's
+all-or-nothing upload) and `verify_request` (Verify: ModelStore.verify_expert/verify_dense
+re-check one blob in every tier and remove a bad copy).
 
 Around the servicer: gRPC health (`grpc.health.v1`, flipped to NOT_SERVING first on
 SIGTERM/SIGINT, then a grace period for in-flight streams), server reflection, explicit
@@ -215,6 +216,24 @@ def check_refs(store: Any, model: str, refs: Any, max_refs: int) -> None:
             raise type(e)(f"ref {i}: {e}") from None
 
 
+def verify_request(store: Any, request: Any) -> Any:
+    """Verify's logic: one blob named by ``request`` (a pb.VerifyRequest: model plus an
+    ExpertRef, or dense=true) -> ModelStore.verify_expert / verify_dense (a VerifyResult:
+    key, good, dropped, detail). InvalidArgument for a request that names no blob or both,
+    and for a bad ref; NotFound for an unknown model or a blob no tier holds."""
+    validate_model(request.model)
+    has_ref = request.HasField("ref")
+    if request.dense == has_ref:
+        raise InvalidArgument("Verify names one blob: an expert ref, or dense=true (not both)")
+    fn = getattr(store, "verify_dense" if request.dense else "verify_expert", None)
+    if fn is None:
+        raise StoreError("this store cannot verify a blob on request", code="UNIMPLEMENTED")
+    if request.dense:
+        return fn(request.model)
+    ref = request.ref
+    return fn(request.model, ref.layer, ref.expert, ref.precision)
+
+
 class PutAssembler:
     """PutBlob's upload: the header first (checked before any data is accepted), then the
     data. ModelStore.put_file verifies the xxh3 and the content and writes atomically, so
@@ -269,6 +288,8 @@ class ServerMetrics:
                                ["tier"], multiprocess_mode="livesum")
         self.tier_misses = Gauge("adapmoe_store_tier_misses", "reads missed by each tier",
                                  ["tier"], multiprocess_mode="livesum")
+        self.verified = Counter("adapmoe_store_verified_blobs", "blobs checked by Verify, by outcome",
+                                ["outcome"])
 
     def request(self, method: str, status: str) -> None:
         if self.enabled:
@@ -277,6 +298,10 @@ class ServerMetrics:
     def served(self, method: str, nbytes: int) -> None:
         if self.enabled:
             self.bytes_served.labels(method).inc(nbytes)
+
+    def verify(self, good: bool, dropped: bool) -> None:
+        if self.enabled:
+            self.verified.labels("good" if good else "dropped" if dropped else "bad").inc()
 
     def streams(self, active: int) -> None:
         if self.enabled:
@@ -530,6 +555,19 @@ class ExpertStoreServicer(pb_grpc.ExpertStoreServicer):
                                errors=int(s.get("errors", 0)))
                    for name, s in stats.items()],
         )
+
+    async def Verify(self, request: pb.VerifyRequest, context) -> pb.VerifyResponse:
+        method = "Verify"
+        try:
+            result = await self._call(verify_request, self.store, request)
+        except Exception as e:
+            await self._fail(context, method, e)
+        if not result.good:
+            log.warning("Verify: %s is bad on this replica: %s", result.key, result.detail)
+        self.metrics.verify(result.good, result.dropped)
+        self.metrics.request(method, "OK")
+        self.metrics.tiers(tier_stats(self.store))
+        return pb.VerifyResponse(key=result.key, good=result.good, dropped=result.dropped, detail=result.detail)
 
 
 def _json_text(value: Any) -> str:

@@ -25,16 +25,21 @@ Integrity: every expert blob and the dense file is checked before it is served (
 xxh3 against the manifest, else the blob's own seal via ``format.check_blob``). A copy that
 fails is dropped from RAM/Redis and the next tier is tried; when no tier has a good copy the
 call raises DataLoss.
+
+On request (the Verify RPC; ``verify_expert``/``verify_dense``) one blob's copies in every
+tier are checked again in full, whatever was remembered, and a bad copy is removed: the
+NVMe file too, which takes the cached copies with it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -53,6 +58,7 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 DEFAULT_STREAM_ABOVE_BYTES = 16 << 20
 READ_BLOCK_BYTES = 8 << 20  # a ranged stream reads the file this much at a time
 MAX_INDEX = 999  # what format.expert_key accepts
+log = logging.getLogger(__name__)
 
 PUT_KINDS = ("expert", "dense", "config", "tokenizer", "profile", "manifest")
 _FILE_OF_KIND = {
@@ -183,9 +189,10 @@ class NvmeRangeReader(BlobReader):
     its mtime/ctime: DataLoss). What this cannot see is a change stat does not show (bit rot
     under an unchanged inode); the client's seal check on the assembled blob catches that
     (StoreClient tries the other replicas and answers DATA_LOSS when every replica it tried
-    sent bad data; UNAVAILABLE when another could not be reached), and `expert-store verify` re-reads everything. No RPC lets a client
-    drop this mark: a restart forgets every mark, and replacing the file (a new inode) makes
-    it checked again. Any write from user space moves ctime, which utime cannot set back,
+    sent bad data; UNAVAILABLE when another could not be reached), and `expert-store verify` re-reads everything. The client
+    then sends that replica Verify (ModelStore.verify_expert): the file is read and checked
+    again in full, the mark dropped and a bad file removed. A restart also forgets every
+    mark, and replacing the file (a new inode) makes it checked again. Any write from user space moves ctime, which utime cannot set back,
     so only media rot goes unseen here. The win: no hash per request, and a
     resume costs nothing.
     """
@@ -280,6 +287,32 @@ class NvmeRangeReader(BlobReader):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """What ModelStore.verify_expert/verify_dense found (the VerifyResponse message)."""
+
+    key: str
+    good: bool      # every copy found passed the full check
+    dropped: bool   # some copy was removed
+    detail: str     # per tier: what was found and done
+
+
+def _check_file_digest(f: Any, size: int, digest: str) -> None:
+    """Hash an open file in READ_BLOCK_BYTES blocks against (size, xxh3); DataLoss if not."""
+    h = xxhash.xxh3_128()
+    n = 0
+    while True:
+        block = f.read(READ_BLOCK_BYTES)
+        if not block:
+            break
+        h.update(block)
+        n += len(block)
+    if size and n != size:
+        raise DataLoss(f"size {n} != manifest size {size}")
+    if digest and h.hexdigest() != digest:
+        raise DataLoss("xxh3 does not match the manifest")
 
 
 class ModelStore:
@@ -768,6 +801,121 @@ class ModelStore:
         if (header.model, header.layer, header.expert, header.precision) != (index.model, *ref):
             return f"header is for {header.model} L{header.layer} E{header.expert} {header.precision}"
         return None
+
+    # -- one blob, on request (the Verify RPC) ------------------------------------------------
+    def verify_expert(self, model: str, layer: int, expert: int, precision: str) -> "VerifyResult":
+        """Check every stored copy of one expert blob fully, now: the manifest's size and
+        xxh3 (when it lists the blob) and the blob's own seal and header (format.check_blob),
+        whatever was remembered as checked before. A bad copy is removed from its tier; a bad
+        NVMe file (the source of truth) takes every copy with it, so the blob is then
+        NOT_FOUND here and a resumed pack uploads it again. InvalidArgument for a bad ref,
+        NotFound for an unknown model or a blob no tier holds."""
+        index, key = self._ref(model, layer, expert, precision)
+        expected = index.blobs.get((layer, expert, precision))
+        seal = self._expert_validator(replace(index, blobs={}), layer, expert, precision)
+
+        def check(data: bytes) -> None:
+            if expected is not None:
+                size, digest = expected
+                if len(data) != size:
+                    raise DataLoss(f"size {len(data)} != manifest size {size}")
+                if digest and _xxh3(data) != digest:
+                    raise DataLoss("xxh3 does not match the manifest")
+            seal(data)
+
+        _, token = self._expert_check(index, layer, expert, precision)
+        return self._verify_key(key, check, token)
+
+    def verify_dense(self, model: str) -> "VerifyResult":
+        """As verify_expert, for the model's dense file: its size and xxh3 against the
+        manifest (the NVMe file is hashed in blocks, never held whole). Without a manifest
+        size/xxh3 there is nothing to check against: present copies count as good."""
+        index = self._model_index(model)
+        key = blob_format.dense_key(index.model)
+        size, digest = index.dense_size, index.dense_xxh3
+
+        def check(data: bytes) -> None:
+            if size and len(data) != size:
+                raise DataLoss(f"size {len(data)} != manifest dense_size {size}")
+            if digest and _xxh3(data) != digest:
+                raise DataLoss("xxh3 does not match the manifest's dense_xxh3")
+
+        token = ("xxh3", size, digest) if size or digest else None
+        return self._verify_key(key, check, token, stream_check=(size, digest))
+
+    def _verify_key(self, key: str, check, token: Any, stream_check: tuple[int, str] | None = None) -> "VerifyResult":
+        """Re-read ``key`` from NVMe, then RAM and Redis, run ``check`` on each copy (for
+        NVMe with ``stream_check`` = (size, xxh3): hashed in blocks instead), drop the
+        stale "checked" marks and remove what fails (see verify_expert)."""
+        tiered = self.tiered
+        tiered.forget_nvme_verified(key)
+        notes: list[str] = []
+        found = bad = dropped = False
+        nvme_bad = False
+        f = self.nvme.open_read(key)
+        if f is not None:
+            found = True
+            t0 = time.perf_counter()
+            with f:
+                before = os.fstat(f.fileno())
+                try:
+                    if stream_check is not None:
+                        _check_file_digest(f, *stream_check)
+                    else:
+                        check(f.read())
+                    reason = None
+                except Exception as exc:  # noqa: BLE001 - any rejection means a bad copy
+                    reason = str(exc) or type(exc).__name__
+                after = os.fstat(f.fileno())
+            self.nvme.count_read(before.st_size, time.perf_counter() - t0)
+            if reason is None:
+                notes.append("nvme: good")
+                signature = settled_signature(before, after)
+                if signature is not None and token is not None:
+                    tiered.note_nvme_verified(key, signature, token)
+            else:
+                bad = nvme_bad = True
+                tiered.note_corrupt()
+                try:
+                    now = os.stat(self.nvme.path(key))
+                    same = (now.st_dev, now.st_ino) == (before.st_dev, before.st_ino)
+                except FileNotFoundError:
+                    same = False
+                if same:  # not replaced by a new upload meanwhile
+                    self.nvme.delete(key)
+                    tiered.forget_nvme_verified(key)
+                    dropped = True
+                    notes.append(f"nvme: bad ({reason}), file removed")
+                else:
+                    notes.append(f"nvme: bad ({reason}), already replaced")
+                log.warning("verify %s: nvme copy is bad (%s)%s", key, reason, ", removed" if same else "")
+        for tier in (tiered.memory, tiered.redis):
+            if tier is None:
+                continue
+            data = tier.get_entry(key)[0] if tier is tiered.memory else tier.get(key)
+            if data is None:
+                continue
+            found = True
+            if nvme_bad:  # the source of truth is gone: no copy of it stays
+                tier.delete(key)
+                dropped = True
+                notes.append(f"{tier.name}: copy removed with the nvme file")
+                continue
+            try:
+                check(data)
+            except Exception as exc:  # noqa: BLE001
+                bad = dropped = True
+                tiered.note_corrupt()
+                tier.delete(key)
+                notes.append(f"{tier.name}: bad ({exc}), removed")
+                log.warning("verify %s: %s copy is bad (%s), removed", key, tier.name, exc)
+                continue
+            if tier is tiered.memory and token is not None:
+                tier.mark_verified(key, data, token)
+            notes.append(f"{tier.name}: good")
+        if not found:
+            raise NotFound(f"no copy of {key} in any tier")
+        return VerifyResult(key=key, good=not bad, dropped=dropped, detail="; ".join(notes))
 
     def verify(self, model: str | None = None, progress: bool = False) -> list[str]:
         """Keys of every bad or missing file (see verify_details); [] when all is sound."""

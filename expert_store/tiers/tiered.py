@@ -6,7 +6,9 @@ checked only when it is new to that check. A RAM copy is checked when it enters 
 stat signature (inode, size, mtime, ctime) changes, and on every read while it changed less
 than NvmeTier's SETTLE_NS ago (coarse file timestamps); Redis copies, shared and remote, are
 checked on every read. What stat cannot see (bit rot under an unchanged inode) is caught by
-the client, which checks the blob's seal on every fetch, and by `expert-store verify`."""
+the client, which checks the blob's seal on every fetch and then sends the replica Verify
+(ModelStore.verify_expert re-checks every copy and removes a bad one), and by
+`expert-store verify`."""
 
 from __future__ import annotations
 

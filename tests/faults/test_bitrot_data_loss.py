@@ -32,7 +32,7 @@ from expert_store import format as blob_format
 from expert_store._proto.adapmoe.v1 import expert_store_pb2 as pb
 from expert_store._proto.adapmoe.v1 import expert_store_pb2_grpc as pb_grpc
 from expert_store.client import RETRY_WINDOW_S, StoreClient, rendezvous_order
-from expert_store.errors import DataLoss, Unavailable
+from expert_store.errors import DataLoss, NotFound, Unavailable
 from expert_store.tiers.nvme import SETTLE_NS
 
 pytestmark = pytest.mark.timeout(120)
@@ -156,7 +156,9 @@ def test_bad_bytes_from_every_replica_are_data_loss_naming_blob_and_replicas(goo
             msg = str(e.value)
             assert e.value.code == "DATA_LOSS"
             assert key in msg and sa.address in msg and sb.address in msg and "seal" in msg, msg
-            with pytest.raises(DataLoss) as e:  # the batch call too
+            # each replica was told (Verify) and dropped its bad copy: now every one lacks it
+            assert not blob_path(a, 0, 3).exists() and not blob_path(b, 0, 3).exists()
+            with pytest.raises(NotFound) as e:  # the batch call too
                 dict(c.fetch_experts(MODEL, [(0, 1, "bf16"), (0, 3, "bf16"), (1, 0, "bf16")]))
             assert key in str(e.value), str(e.value)
             # the other blobs are fine
@@ -201,7 +203,9 @@ def test_bad_bytes_and_an_unreachable_replica_is_unavailable_naming_both(good_di
         msg = str(e.value)
         assert e.value.code == "UNAVAILABLE"
         assert down in msg and bad.address in msg and "bad bytes" in msg, msg
-    # the bad replica alone: the only answers are bad data
+    assert not blob_path(bad_dir, 0, 0).exists()  # told (Verify), it dropped its bad copy
+    # a bad replica alone: the only answers are bad data
+    bad_dir = rotted_copy(good_dir, tmp_path / "bad2", refs=[(0, 0)])
     with store_proc(bad_dir) as bad, StoreClient.open(bad.address, deadline_s=5) as c:
         with pytest.raises(DataLoss) as e:
             c.fetch_expert(MODEL, 0, 0, "bf16")

@@ -167,3 +167,25 @@ class StatResponse(_message.Message):
     models: _containers.RepeatedScalarFieldContainer[str]
     active_streams: int
     def __init__(self, tiers: _Optional[_Iterable[_Union[TierStat, _Mapping]]] = ..., models: _Optional[_Iterable[str]] = ..., active_streams: _Optional[int] = ...) -> None: ...
+
+class VerifyRequest(_message.Message):
+    __slots__ = ("model", "ref", "dense")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REF_FIELD_NUMBER: _ClassVar[int]
+    DENSE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    ref: ExpertRef
+    dense: bool
+    def __init__(self, model: _Optional[str] = ..., ref: _Optional[_Union[ExpertRef, _Mapping]] = ..., dense: _Optional[bool] = ...) -> None: ...
+
+class VerifyResponse(_message.Message):
+    __slots__ = ("key", "good", "dropped", "detail")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    GOOD_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    good: bool
+    dropped: bool
+    detail: str
+    def __init__(self, key: _Optional[str] = ..., good: _Optional[bool] = ..., dropped: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...

@@ -61,6 +61,11 @@ class ExpertStoreStub:
                 request_serializer=adapmoe_dot_v1_dot_expert__store__pb2.StatRequest.SerializeToString,
                 response_deserializer=adapmoe_dot_v1_dot_expert__store__pb2.StatResponse.FromString,
                 _registered_method=True)
+        self.Verify = channel.unary_unary(
+                '/adapmoe.v1.ExpertStore/Verify',
+                request_serializer=adapmoe_dot_v1_dot_expert__store__pb2.VerifyRequest.SerializeToString,
+                response_deserializer=adapmoe_dot_v1_dot_expert__store__pb2.VerifyResponse.FromString,
+                _registered_method=True)
 
 
 class ExpertStoreServicer:
@@ -103,6 +108,18 @@ class ExpertStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Verify(self, request, context):
+        """Re-reads one stored blob from every tier that holds a copy and checks it fully (an
+        expert blob: the manifest's size/xxh3 and the blob's own seal; the dense file: the
+        manifest's size/xxh3), forgetting any earlier "checked" mark. A copy that fails is
+        removed from its tier (the NVMe file included), so the next fetch of it from this
+        replica answers NOT_FOUND. A client calls it when the bytes a replica served failed
+        the client's own check.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +147,11 @@ def add_ExpertStoreServicer_to_server(servicer, server):
                     servicer.Stat,
                     request_deserializer=adapmoe_dot_v1_dot_expert__store__pb2.StatRequest.FromString,
                     response_serializer=adapmoe_dot_v1_dot_expert__store__pb2.StatResponse.SerializeToString,
+            ),
+            'Verify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Verify,
+                    request_deserializer=adapmoe_dot_v1_dot_expert__store__pb2.VerifyRequest.FromString,
+                    response_serializer=adapmoe_dot_v1_dot_expert__store__pb2.VerifyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +291,33 @@ class ExpertStore:
             '/adapmoe.v1.ExpertStore/Stat',
             adapmoe_dot_v1_dot_expert__store__pb2.StatRequest.SerializeToString,
             adapmoe_dot_v1_dot_expert__store__pb2.StatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Verify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/adapmoe.v1.ExpertStore/Verify',
+            adapmoe_dot_v1_dot_expert__store__pb2.VerifyRequest.SerializeToString,
+            adapmoe_dot_v1_dot_expert__store__pb2.VerifyResponse.FromString,
             options,
             channel_credentials,
             insecure,
