@@ -1,7 +1,7 @@
 """Hypothesis fuzzing of every ExpertStore RPC over real gRPC (a real `expert-store serve`):
 huge and negative-looking indices (uint32/uint64 extremes), empty and oversized ref lists,
 invalid model names, path traversal, unknown precisions, offsets past the end, malformed
-PutBlob uploads. The server may only answer with a proper status (OK, INVALID_ARGUMENT,
+PutBlob uploads, Verify of every kind of ref (it must keep every good blob). The server may only answer with a proper status (OK, INVALID_ARGUMENT,
 NOT_FOUND, RESOURCE_EXHAUSTED, DATA_LOSS for a checksum that does not match), whatever OK
 returns is exactly the stored bytes, nothing lands outside its store directory, its memory
 stays small, and it is healthy afterwards.
@@ -126,6 +126,22 @@ def test_fetch_dense(stub, store_dir, model, offset):
                                                      ).read_bytes()[offset:]
 
 
+@FUZZ
+@given(model=NAMES, ref=st.one_of(PLAUSIBLE_REF, PLAUSIBLE_REF, REF, st.none()), dense=st.booleans())
+def test_verify(stub, store_dir, model, ref, dense):
+    # every blob of this store is good (this runs before the PutBlob fuzzing, which may replace
+    # files): Verify may refuse a request properly, but whatever it checks it must find good and
+    # keep (it removes only copies that fail their checks)
+    request = spb.VerifyRequest(model=model, dense=dense)
+    if ref is not None:
+        request.ref.CopyFrom(ref)
+    code, reply = code_and_result(lambda: stub.Verify(request, timeout=20), "Verify")
+    assert code in PROPER
+    if code == grpc.StatusCode.OK:
+        assert reply.key and reply.good and not reply.dropped, reply
+        assert (store_dir / "models" / reply.key).is_file()
+
+
 KINDS = st.one_of(st.sampled_from(["expert", "dense", "config", "tokenizer", "profile", "manifest"]),
                   st.sampled_from(["config", "tokenizer", "profile"]),
                   st.sampled_from(["", "weights", "../config", "config.json", "EXPERT"]), st.text(max_size=10))
@@ -168,7 +184,8 @@ def test_after_fuzzing_the_server_is_healthy_small_and_confined(server, stub, st
     for rpc, code in (("GetManifest", "OK"), ("GetManifest", "INVALID_ARGUMENT"), ("GetManifest", "NOT_FOUND"),
                       ("FetchExperts", "OK"), ("FetchExperts", "INVALID_ARGUMENT"),
                       ("FetchExperts", "RESOURCE_EXHAUSTED"), ("FetchDense", "OK"), ("PutBlob", "OK"),
-                      ("PutBlob", "INVALID_ARGUMENT"), ("PutBlob", "DATA_LOSS")):
+                      ("PutBlob", "INVALID_ARGUMENT"), ("PutBlob", "DATA_LOSS"), ("Verify", "OK"),
+                      ("Verify", "INVALID_ARGUMENT"), ("Verify", "NOT_FOUND")):
         assert SEEN[rpc, code] > 0 or not SEEN, (rpc, code, sorted(SEEN.items()))
     with grpc.insecure_channel(server.address) as ch:
         assert health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10).status \
