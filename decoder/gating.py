@@ -26,6 +26,7 @@ single-expert ratio and the estimated loss of the dropped experts.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -67,6 +68,7 @@ class CountingGating(Gating):
             if any(not math.isfinite(f) or f < 0 for f in sensitivity):
                 raise ValueError("sensitivity values must be finite and >= 0")
         self.sensitivity = sensitivity
+        self._unread_lock = threading.Lock()
         self.reset_stats()
 
     # --- counters ---------------------------------------------------------------------------
@@ -134,8 +136,11 @@ class CountingGating(Gating):
         if self.decides_on_device:
             drop_dev = self._drop_second(layer, router_logits, weights, idx)       # [T] bool
             # [T]: the dropped expert's w2 (>= 0), -1 where kept: one kernel carries both
-            self._unread.append((layer, torch.where(drop_dev, weights[:, -1], -1.0).detach()))
-            if len(self._unread) >= self.read_every:
+            pending = torch.where(drop_dev, weights[:, -1], -1.0).detach()
+            with self._unread_lock:          # stats() may read them from another thread
+                self._unread.append((layer, pending))
+                full = len(self._unread) >= self.read_every
+            if full:
                 self._read_decisions()
             return self._apply_drop(weights, idx, drop_dev)
         drop, w2, drop_dev = self._decide(layer, router_logits, weights, idx)
@@ -180,9 +185,10 @@ class CountingGating(Gating):
 
     def _read_decisions(self) -> None:
         """Count the decisions made on the device so far: one transfer for all of them."""
-        if not self._unread:
-            return
-        unread, self._unread = self._unread, []
+        with self._unread_lock:
+            if not self._unread:
+                return
+            unread, self._unread = self._unread, []
         flat = torch.cat([t.reshape(-1).float() for _, t in unread]).tolist()
         at = 0
         for layer, t in unread:
