@@ -41,7 +41,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import xxhash
 
@@ -299,6 +299,14 @@ class VerifyResult:
     detail: str     # per tier: what was found and done
 
 
+def _check_digest(n: int, hexdigest: Callable[[], str], size: int, digest: str) -> None:
+    """DataLoss unless n bytes with this xxh3 match the manifest's (size, xxh3); 0 / "" = unlisted."""
+    if size and n != size:
+        raise DataLoss(f"size {n} != manifest size {size}")
+    if digest and hexdigest() != digest:
+        raise DataLoss("xxh3 does not match the manifest")
+
+
 def _check_file_digest(f: Any, size: int, digest: str) -> None:
     """Hash an open file in READ_BLOCK_BYTES blocks against (size, xxh3); DataLoss if not."""
     h = xxhash.xxh3_128()
@@ -309,10 +317,7 @@ def _check_file_digest(f: Any, size: int, digest: str) -> None:
             break
         h.update(block)
         n += len(block)
-    if size and n != size:
-        raise DataLoss(f"size {n} != manifest size {size}")
-    if digest and h.hexdigest() != digest:
-        raise DataLoss("xxh3 does not match the manifest")
+    _check_digest(n, h.hexdigest, size, digest)
 
 
 class ModelStore:
@@ -816,11 +821,7 @@ class ModelStore:
 
         def check(data: bytes) -> None:
             if expected is not None:
-                size, digest = expected
-                if len(data) != size:
-                    raise DataLoss(f"size {len(data)} != manifest size {size}")
-                if digest and _xxh3(data) != digest:
-                    raise DataLoss("xxh3 does not match the manifest")
+                _check_digest(len(data), lambda: _xxh3(data), *expected)
             seal(data)
 
         _, token = self._expert_check(index, layer, expert, precision)
@@ -835,10 +836,7 @@ class ModelStore:
         size, digest = index.dense_size, index.dense_xxh3
 
         def check(data: bytes) -> None:
-            if size and len(data) != size:
-                raise DataLoss(f"size {len(data)} != manifest dense_size {size}")
-            if digest and _xxh3(data) != digest:
-                raise DataLoss("xxh3 does not match the manifest's dense_xxh3")
+            _check_digest(len(data), lambda: _xxh3(data), size, digest)
 
         token = ("xxh3", size, digest) if size or digest else None
         return self._verify_key(key, check, token, stream_check=(size, digest))
