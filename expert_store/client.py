@@ -841,19 +841,21 @@ class GrpcStoreClient(StoreClient):
         if not self.verify:
             return
         whole = it.from_one_replica
-        request = pb.VerifyRequest(model=model, ref=pb.ExpertRef(layer=it.ref[0], expert=it.ref[1],
-                                                                 precision=it.ref[2]))
+
+        def verify_request() -> pb.VerifyRequest:   # built only for a bad blob, off the fetch path
+            return pb.VerifyRequest(model=model, ref=pb.ExpertRef(layer=it.ref[0], expert=it.ref[1],
+                                                                  precision=it.ref[2]))
         try:
             header = blob_format.check_blob(memoryview(it.buf)[: it.total])
         except blob_format.BlobError as e:
             it.reset()  # refetch from 0 elsewhere
             if whole:  # every byte came from this replica: its copy is bad
-                raise _BadData(f"{it.key} failed its seal check ({e})", request) from None
+                raise _BadData(f"{it.key} failed its seal check ({e})", verify_request()) from None
             # resumed bytes from two replicas did not fit together: neither is to blame yet
             raise _BrokenStream(f"{it.key} failed its integrity check after a resume ({e})") from None
         if (header.layer, header.expert, header.precision) != it.ref:
             it.reset()
-            raise _BadData(f"{it.key}: the server sent L{header.layer} E{header.expert} {header.precision}", request)
+            raise _BadData(f"{it.key}: the server sent L{header.layer} E{header.expert} {header.precision}", verify_request())
 
     def fetch_dense(self, model: str, out: Any = None):
         """The model's dense safetensors bytes (into `out` when given), resumable; checked
