@@ -439,12 +439,6 @@ def slot_sizes(client: Any, model: str, precision: str, dense: bool = False,
     return raw, gpu_slot, _align(max(max(sizes), raw), HOST_ALIGN), m.num_layers * m.num_experts
 
 
-def fill_host_tier(cache: Any, keys: Sequence[tuple[int, int]], threads: int = 8) -> None:
-    """Bring `keys` into the cache's pinned host tier (before timing: 'all experts in pinned host
-    memory'), fetched and decoded on `threads` threads (ExpertCache.fill_host)."""
-    cache.fill_host(keys, threads=threads, progress=True)
-
-
 def fill_gpu(cache: Any, L: int, E: int) -> None:
     for l in range(L):
         cache.prefetch(l, list(range(E)))
@@ -473,7 +467,7 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
         # is loaded while it is timed: every expert is on the GPU
         eng = Engine.from_store(target, prep.model, gpu_cache_bytes=n_experts * slot, host_cache_bytes=host_all,
                                 prefetch=False, cache_options=dense_opt, **common)
-        fill_host_tier(eng.provider, [(l, e) for l in range(L) for e in range(E)], fill_threads)
+        eng.provider.fill_host([(l, e) for l in range(L) for e in range(E)], fill_threads, progress=True)
         fill_gpu(eng.provider, L, E)
         return eng
     if mode == "ondemand":
@@ -487,7 +481,7 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
                                 prefetch=False, gating="topk",
                                 cache_options={"profile": None, "scratch_slots": 0, "plan": "uniform", **dense_opt},
                                 **common)
-        fill_host_tier(eng.provider, [(l, e) for l in range(L) for e in range(E)], fill_threads)
+        eng.provider.fill_host([(l, e) for l in range(L) for e in range(E)], fill_threads, progress=True)
         return eng
     if mode in ("adapmoe", "adapmoe-cost", "store-remote"):
         gating = "cost-aware" if mode == "adapmoe-cost" else "adaptive"
@@ -505,7 +499,7 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
             keys = [(l, e) for l in range(L) for e in sorted(range(E), key=lambda e: -pop[l][e])[:E // 2]]
         else:
             keys = [(l, e) for l in range(L) for e in range(E)]
-        fill_host_tier(eng.provider, keys, fill_threads)
+        eng.provider.fill_host(keys, fill_threads, progress=True)
         return eng
     raise ValueError(f"unknown mode {mode!r}")
 

@@ -89,7 +89,7 @@ def cache_h2d(store: Path, device: torch.device, passes: int) -> dict[str, Any]:
     from decoder.model.config import ModelConfig
     from expert_store.client import StoreClient
 
-    from benchmarks.decode import fill_host_tier, slot_sizes
+    from benchmarks.decode import slot_sizes
 
     out: dict[str, Any] = {"passes": []}
     with StoreClient.open(str(store)) as client:
@@ -102,7 +102,7 @@ def cache_h2d(store: Path, device: torch.device, passes: int) -> dict[str, Any]:
             _, _, host_slot, n_experts = slot_sizes(client, MODEL, "int4")
             cache = ExpertCache(source, gpu_slots=[E] * L, host_cache_bytes=n_experts * host_slot,
                                 dense_slots=False)   # the raw payload's H2D copy alone
-            fill_host_tier(cache, [(l, e) for l in range(L) for e in range(E)])
+            cache.fill_host([(l, e) for l in range(L) for e in range(E)], progress=True)
             cache.reset_stats()
             sync(device)
             t0 = time.perf_counter()
