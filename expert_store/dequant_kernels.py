@@ -10,20 +10,29 @@ Same arithmetic as the torch path, so the results are bit-identical: a stored ni
 (even column in the low nibble); each element is float32(v) * float32(scale), rounded once to
 the output dtype (round to nearest even).
 
-Used by `quant.dequantize` for CUDA tensors when Triton imports and the row length is a
-multiple of the group size; anything else (CPU, no Triton, odd shapes) takes the torch path.
+Used by `quant.dequantize` (through `try_dequantize_int4`) for CUDA tensors when Triton
+imports and the row length is a multiple of the group size; anything else (CPU, no Triton, odd
+shapes) takes the torch path. Triton compiles the kernel and its launcher at the first call, and
+the launcher needs a C compiler at run time; when that compilation (or the launch) fails, the
+kernel is switched off for the process with one warning line and every call takes the torch
+path, which gives the same bits.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import threading
 
 import torch
 
 log = logging.getLogger(__name__)
 
 BLOCK = 1024          # packed bytes per program (2048 output elements)
+
+# Why the kernel is off for this process (its first compile or launch failed), or None.
+_failure: str | None = None
+_failure_lock = threading.Lock()
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,7 +68,8 @@ def available(q: torch.Tensor, in_f: int, group_size: int, out: torch.Tensor) ->
     """True when `dequantize_int4` can take this call (CUDA, Triton, whole groups, plain layouts)."""
     return (q.is_cuda and out.is_cuda and out.is_contiguous() and q.is_contiguous()
             and in_f % 2 == 0 and group_size % 2 == 0 and in_f % group_size == 0
-            and out.dtype in (torch.bfloat16, torch.float16, torch.float32) and _kernel() is not None)
+            and out.dtype in (torch.bfloat16, torch.float16, torch.float32) and _failure is None
+            and _kernel() is not None)
 
 
 def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, group_size: int, out: torch.Tensor) -> torch.Tensor:
@@ -74,3 +84,31 @@ def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, group_size: int, out:
     with torch.cuda.device(q.device):
         _kernel()[grid](q, scales, out, packed, scales.shape[1], in_f, GROUP=group_size, BLOCK=BLOCK)
     return out
+
+
+def try_dequantize_int4(q: torch.Tensor, scales: torch.Tensor, group_size: int,
+                        out: torch.Tensor) -> torch.Tensor | None:
+    """`dequantize_int4` when it can take this call, else None (the caller runs the torch path).
+
+    A failure of the kernel (Triton cannot build its launcher without a C compiler, a driver
+    or compiler error) switches it off for the process, logged as one warning line, and
+    returns None: the results do not change, only the speed."""
+    if out.dim() != 2 or not available(q, out.shape[1], group_size, out):
+        return None
+    try:
+        return dequantize_int4(q, scales, group_size, out)
+    except Exception as e:  # noqa: BLE001 - any failure of the fast path falls back to the same bits
+        _switch_off(e)
+        return None
+
+
+def _switch_off(error: BaseException) -> None:
+    """Record the first failure and log it once (threads that failed together log nothing more)."""
+    global _failure
+    lines = str(error).strip().splitlines()
+    with _failure_lock:
+        if _failure is not None:
+            return
+        _failure = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    log.warning("int4 dequantization: the Triton kernel failed (%s); using the torch path from now on "
+                "(same results, slower; install a C compiler, e.g. gcc, for the fast path)", _failure)

@@ -148,8 +148,8 @@ def dequantize(
     multiply pass writing ``dtype`` (int4 adds three passes over the packed bytes and an int8
     buffer of ``[out, in]``; on a CPU both run over blocks of rows that stay in cache), no
     float32 copy of the matrix. On CUDA, int4 goes through one fused Triton pass
-    (expert_store/dequant_kernels.py, bit-identical) when Triton is installed; ``kernel="torch"``
-    forces the torch path."""
+    (expert_store/dequant_kernels.py, bit-identical) when Triton is installed and can compile it
+    (else the torch path, after one warning line); ``kernel="torch"`` forces the torch path."""
     _check_bits(bits)
     if kernel not in ("auto", "torch"):
         raise ValueError(f"kernel must be 'auto' or 'torch', got {kernel!r}")
@@ -169,10 +169,11 @@ def dequantize(
             or not out.is_floating_point():
         raise ValueError(f"out must be a {dtype} [{out_f}, {in_f}] tensor on {q.device}, "
                          f"got {out.dtype} {tuple(out.shape)} on {out.device}")
-    if bits == 4 and kernel != "torch" and q.is_cuda:
+    if bits == 4 and kernel != "torch":  # the kernel takes CUDA tensors only
         from expert_store import dequant_kernels
-        if dequant_kernels.available(q, in_f, group_size, out):
-            return dequant_kernels.dequantize_int4(q, scales, group_size, out)   # one fused pass
+        fused = dequant_kernels.try_dequantize_int4(q, scales, group_size, out)   # one fused pass
+        if fused is not None:
+            return fused
     s32 = scales.to(torch.float32).unsqueeze(-1)                 # [out, G, 1]
     if in_f % group_size == 0 and out.is_contiguous():
         dst = out.view(out_f, n_groups, group_size)              # [out, G, gs]
