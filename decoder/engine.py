@@ -24,11 +24,13 @@ import torch
 from decoder.experts.provider import ExpertProvider, ExpertSource, StoreExperts
 from decoder.model.config import ModelConfig
 from decoder.model.transformer import Gating, MoEObserver, TopKGating, Transformer
+from decoder.step import DecodeStep, unsupported_reason
 from decoder.tokenizer import StreamDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
 
 TokenCallback = Callable[[str, int], None]
+DECODE_STEPS = ("auto", "step", "eager")
 
 
 @dataclass
@@ -82,6 +84,16 @@ class RoutingStats(MoEObserver):
         self._used[p] = self._used.get(p, 0) + used
         self._single[p] = self._single.get(p, 0) + single
 
+    def add_counts(self, layer: int, decisions: int, used: int, single: int, loads: list[int]) -> None:
+        """Counts of `layer` the captured decode step accumulated on the device (current phase)."""
+        p = self.phase
+        self.decisions[p] = self.decisions.get(p, 0) + decisions
+        self._used[p] = self._used.get(p, 0) + used
+        self._single[p] = self._single.get(p, 0) + single
+        row = self._loads[layer]
+        for e, n in enumerate(loads):
+            row[e] += n
+
     @property
     def loads(self) -> torch.Tensor:
         """[L, E] routing decisions per expert (all phases)."""
@@ -112,7 +124,9 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, *, model_name: str = "",
                  provider: ExpertProvider | None = None, client: Any = None, owns_client: bool = False,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 precision: str = "bf16", extras: Sequence[Any] = ()) -> None:
+                 precision: str = "bf16", extras: Sequence[Any] = (), decode_step: str = "auto") -> None:
+        if decode_step not in DECODE_STEPS:
+            raise ValueError(f"decode_step must be one of {DECODE_STEPS}, got {decode_step!r}")
         self.model = model
         self.config: ModelConfig = model.config
         self.tokenizer = tokenizer
@@ -127,6 +141,10 @@ class Engine:
         self.routing = RoutingStats(self.config.num_hidden_layers, self.config.num_local_experts)
         model.add_observer(self.routing)
         self._c = _Counters()
+        # "auto": the GPU-driven step (decoder/step.py) on CUDA when the model supports it;
+        # "step": always (eagerly on the CPU; an error when unsupported); "eager": never
+        self.decode_step = decode_step
+        self._step: DecodeStep | None = None
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -135,7 +153,7 @@ class Engine:
                    gpu_cache_bytes: int | None = None, host_cache_bytes: int | None = None,
                    precision: str = "bf16", budget: float | None = None, prefetch: bool | None = None,
                    cache_options: dict[str, Any] | None = None, gating_options: dict[str, Any] | None = None,
-                   prefetch_options: dict[str, Any] | None = None) -> "Engine":
+                   prefetch_options: dict[str, Any] | None = None, decode_step: str = "auto") -> "Engine":
         """Build an engine for `model` from a StoreClient or a store target (dir or address).
 
         Raises expert_store.errors.StoreError (NotFound for an unknown model, Unavailable when
@@ -143,7 +161,8 @@ class Engine:
         gpu_cache_bytes / host_cache_bytes: budgets of the AdapMoE expert cache
         (decoder/experts/cache.py); without them every fetched expert stays decoded in memory.
         budget: the gating budget T (adaptive / cost-aware gating). prefetch: None = attach the
-        prefetcher when the provider supports it. *_options go verbatim to the builders below.
+        prefetcher when the provider supports it. decode_step: "auto" | "step" | "eager" (see
+        Engine). *_options go verbatim to the builders below.
         """
         from expert_store.client import StoreClient
         import safetensors.torch
@@ -173,7 +192,8 @@ class Engine:
             net.gating = _build_gating(gating, config, provider, budget, manifest, gating_options or {})
             extras = _build_prefetcher(net, provider, source, prefetch, prefetch_options or {})
             return cls(net, tokenizer, model_name=model, provider=provider, client=client, owns_client=owns,
-                       device=device, dtype=dtype, precision=precision, extras=extras)
+                       device=device, dtype=dtype, precision=precision, extras=extras,
+                       decode_step=decode_step)
         except BaseException:
             if provider is not None:   # its loader threads / fetch processes / pinned memory
                 try:
@@ -228,13 +248,13 @@ class Engine:
         ids = self._ids(input_ids)
         n = ids.numel()
         self._check_context(n, 0)
-        self.model.setup_caches(1, n)
+        self._setup_caches(n)
         self.routing.phase = "decode"
         rows = []
         t0 = time.perf_counter()
         for i in range(n):
             self.provider.begin_token()
-            rows.append(self.model(ids[i:i + 1][None], torch.tensor([i], device=self.device))[0, -1].float())
+            rows.append(self._decode_one(ids[i:i + 1], i).float().clone())
         self._c.decode_s += time.perf_counter() - t0
         self._c.decode_steps += n
         self._c.scored_tokens += n
@@ -286,7 +306,7 @@ class Engine:
         t0 = time.perf_counter()
         prefill_s = decode_s = 0.0
         if max_new > 0:
-            self.model.setup_caches(1, min(ctx, n_prompt + max_new))
+            self._setup_caches(min(ctx, n_prompt + max_new))
             self.routing.phase = "prefill"
             self.provider.begin_token()
             logits = self.model(ids[None], torch.arange(n_prompt, device=self.device), last_only=True)[0, -1]
@@ -322,8 +342,7 @@ class Engine:
                     break
                 t1 = time.perf_counter()
                 self.provider.begin_token()
-                logits = self.model(torch.tensor([[tok]], device=self.device),
-                                    torch.tensor([pos], device=self.device))[0, -1]
+                logits = self._decode_one(torch.tensor([tok]), pos)
                 pos += 1
                 self._c.decode_steps += 1
                 decode_s += time.perf_counter() - t1
@@ -333,6 +352,33 @@ class Engine:
             text = ""
         return GenerationResult(text=text, token_ids=out_ids, prompt_tokens=n_prompt, finish_reason=finish,
                                 seconds=seconds, prefill_s=prefill_s, decode_s=decode_s)
+
+    # --- the decode step ------------------------------------------------------------------------
+    def _use_step(self) -> bool:
+        if self.decode_step == "eager" or (self.decode_step == "auto" and self.device.type != "cuda"):
+            return False
+        reason = unsupported_reason(self.model)
+        if reason is not None and self.decode_step == "step":
+            raise ValueError(f"decode_step='step': {reason}")
+        return reason is None
+
+    def _setup_caches(self, n: int) -> None:
+        """KV caches for a sequence of n tokens; with the decode step, rounded up to a power of
+        two (at least 256, at most the context) so that its graphs outlive one request."""
+        if self._use_step():
+            n = min(self.config.max_position_embeddings, max(256, 1 << max(0, n - 1).bit_length()))
+        self.model.setup_caches(1, n)
+
+    def _decode_one(self, tok: torch.Tensor, pos: int) -> torch.Tensor:
+        """Logits [V] of one token (tok: [1] ids) at position `pos` through the KV cache."""
+        if not self._use_step():
+            return self.model(tok.reshape(1, 1).to(self.device), torch.tensor([pos], device=self.device))[0, -1]
+        st = self._step
+        if st is None or st.stale():
+            if st is not None:
+                st.flush_counts(self.routing)
+            st = self._step = DecodeStep(self.model, batch=1)
+        return st.run(tok.reshape(1), torch.tensor([pos]))[0]
 
     @staticmethod
     def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
@@ -351,6 +397,8 @@ class Engine:
 
     # --- statistics ---------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
+        if self._step is not None:
+            self._step.flush_counts(self.routing)
         c = self._c
         dec = self.routing.summary("decode")
         allp = self.routing.summary()
@@ -402,6 +450,8 @@ class Engine:
         return out
 
     def reset_stats(self) -> None:
+        if self._step is not None:
+            self._step.flush_counts()   # drop what it counted so far
         self._c = _Counters()
         self.routing.reset()
         self.provider.reset_stats()

@@ -209,6 +209,16 @@ class CountingGating(Gating):
             F = self.sensitivity[layer]
             self._est_loss[layer] += sum(F * w * w for w, d in zip(w2, drop) if d)
 
+    def count_step(self, layer: int, decisions: int, experts: int, single: int, w2sq_dropped: float) -> None:
+        """Add decisions the captured decode step (decoder/step.py) made on the device: tokens,
+        experts they used, single-expert decisions and the sum of the dropped experts' w2^2."""
+        with self._unread_lock:
+            self._decisions[layer] += decisions
+            self._experts[layer] += experts
+            self._single[layer] += single
+            if self.sensitivity is not None:
+                self._est_loss[layer] += self.sensitivity[layer] * w2sq_dropped
+
     def _drop_second(self, layer: int, router_logits: torch.Tensor, weights: torch.Tensor,
                      idx: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

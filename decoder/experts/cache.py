@@ -66,6 +66,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from decoder.experts.provider import ExpertProvider, ExpertSource, ExpertWeights, expert_weights_from_views
+from decoder.kernels.fused_moe import ExpertBank
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +251,8 @@ class ExpertCache(ExpertProvider):
         self._gpu_free: list[int] = list(range(n_pool - 1, -1, -1))
         self._gpu: list[OrderedDict[int, _GpuEntry]] = [OrderedDict() for _ in range(self.L)]
         self._gpu_slot_events: dict[int, Any] = {}  # free slot -> event its last readers recorded
+        self._bank = self._make_bank(header)
+        self._raw_offsets = _offsets(header)
 
         # --- host tier: pinned arena of fixed slots ------------------------------------------
         self.host_cache_bytes = int(host_cache_bytes or 0)
@@ -443,6 +446,48 @@ class ExpertCache(ExpertProvider):
             ent.copy_event = None     # done: get() need not make the compute stream wait on it
             return True
         return False
+
+    # --- the GPU-driven decode step (decoder/step.py) -----------------------------------------
+    def expert_bank(self, layer: int) -> ExpertBank | None:
+        """The GPU pool as a bank for the fused MoE kernels: every slot holds w1, w3, w2 at the
+        same offsets (raw bf16 payloads, or dense slots), in the compute dtype. None for raw
+        int8/int4 slots or when the slots' dtype is not the compute dtype."""
+        return self._bank
+
+    def _make_bank(self, header: Any) -> ExpertBank | None:
+        if self.dense_layout is not None:
+            dtype = self.dense_layout.dtype
+            offsets = {name: off for name, off, _ in self.dense_layout.tensors}
+        elif self.precision == "bf16" and all(t.quant is None for t in header.tensors):
+            dtype = torch.bfloat16
+            offsets = {t.name: int(t.offset) for t in header.tensors}
+        else:
+            return None
+        shapes = {t.name: (int(t.shape[0]), int(t.shape[1])) for t in header.tensors}
+        Fd, H = self.config.intermediate_size, self.config.hidden_size
+        if (dtype != self.source.dtype or set(offsets) != {"w1", "w3", "w2"}
+                or shapes != {"w1": (Fd, H), "w3": (Fd, H), "w2": (H, Fd)}):
+            return None
+        return ExpertBank.pool(self.gpu_pool, dtype, offsets, Fd, H)
+
+    def gpu_slot(self, layer: int, expert: int) -> int:
+        ent = self._gpu[layer].get(expert)    # no lock: called between get() and release()
+        return ent.slot if ent is not None and not ent.loading else -1
+
+    def all_resident(self) -> bool:
+        """Every expert of every layer is loaded into a pool slot (quota E everywhere, so none is
+        evicted again); their copies may still be in flight (the step synchronises once)."""
+        with self._lock:
+            return (self._bank is not None and all(q == self.E for q in self.quota)
+                    and all(len(d) == self.E and all(not en.loading and en.slot >= 0 for en in d.values())
+                            for d in self._gpu))
+
+    def count_hits(self, n: int) -> None:
+        """GPU lookups the captured step served without calling prepare/get (all hits)."""
+        with self._lock:
+            g = self._tier["gpu"]
+            g["lookups"] += n
+            g["hits"] += n
 
     def _check(self, layer: int, expert: int) -> None:
         if not (0 <= layer < self.L and 0 <= expert < self.E):
@@ -923,6 +968,11 @@ class ExpertCache(ExpertProvider):
         if self.dense_layout is not None:
             self._load_dense(ent, h, src)
             return
+        if self._bank is not None and _offsets(h.header) != self._raw_offsets:
+            from expert_store import format as blob_format
+
+            raise blob_format.BlobError(f"layer {ent.layer} expert {ent.expert}: tensor offsets "
+                                        f"{_offsets(h.header)} differ from the first expert's")
         dst = ent.buf[:h.header.raw_size]
         if self.cuda:
             stream = self.copy_stream
@@ -1226,6 +1276,11 @@ class _LowPrecisionTier:
 
 
 # ---------------------------------------------------------------------------------------------
+def _offsets(header: Any) -> dict[str, int]:
+    """Byte offset of each tensor of an expert blob's raw payload."""
+    return {t.name: int(t.offset) for t in header.tensors}
+
+
 def _dense_slots(option: bool | None, precision: str, cuda: bool) -> bool:
     """Whether slots at `precision` hold dequantized experts: `option`, by default on for
     int8/int4 on CUDA; bf16 payloads are dense already (their slots hold them as they are)."""

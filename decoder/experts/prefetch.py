@@ -122,7 +122,7 @@ class Prefetcher(MoEObserver):
         self._pending: dict[int, list[tuple[int, set[int], list[list[int]]]]] = {}
         self._issued_pending: dict[int, set[int]] = {}   # target layer -> experts issued for it this step
         self.issue_after_demand = bool(issue_after_demand)
-        self._deferred: tuple[int, int, torch.Tensor] | None = None   # (layer, D, predictions) waiting for its demand
+        self._deferred: tuple[int, int, Any] | None = None   # (layer, D, predictions) waiting for its demand
         self._stack: torch.Tensor | None = None        # routers [L, E, H] on the compute device
         self._ratio: list[torch.Tensor] = []           # per layer l: norm[l+1 .. l+D] / norm[l], [D, H]
         self.reset_stats()
@@ -186,6 +186,37 @@ class Prefetcher(MoEObserver):
 
     # --- hooks ----------------------------------------------------------------------------------
     def on_moe_input(self, layer: int, x: torch.Tensor) -> None:
+        D = self._enter(layer)
+        if D is None:
+            return
+        with torch.no_grad():
+            packed = self._predict_device(layer, x, D)                 # [D, T, 2k], not read yet
+        self._predicted(layer, D, packed)
+
+    def static_distance(self, layer: int) -> int:
+        """How many layers ahead predictions made at `layer` reach when not skipped (0: none).
+        A captured decode step computes that many on the device, every step (`predict_device`)."""
+        if layer + 1 >= self.L or not self.enabled:
+            return 0
+        return min(self.fixed_k or self.max_lookahead, self.L - 1 - layer)
+
+    def predict_device(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        """[D, T, 2k] predictions of layers layer+1 .. layer+D (D = static_distance) from x,
+        without reading them: the captured step reads them with its routing."""
+        D = self.static_distance(layer)
+        return self._predict_device(layer, x, D) if D else None
+
+    def on_moe_input_read(self, layer: int, packed: list | None) -> None:
+        """on_moe_input for a caller that computed `predict_device` itself and read it ([D][T][2k]
+        host lists, or None when it computed none): the same timing, skipping and issuing."""
+        D = self._enter(layer)
+        if D is None or packed is None:
+            return
+        self._predicted(layer, D, packed[:D])
+
+    def _enter(self, layer: int) -> int | None:
+        """Per-layer bookkeeping at the MoE input of `layer` (timing, a new step, the deferred
+        issue of the layer before); the distance D to predict, or None when nothing is needed."""
         if self._deferred is not None:        # its layer never reported its demand: send it now
             deferred, self._deferred = self._deferred, None
             self._complete(*deferred)
@@ -201,7 +232,7 @@ class Prefetcher(MoEObserver):
             self.compute_time_s = self._ewma(self.compute_time_s, dt - blocked)
         self._last_layer, self._last_t, self._last_stall = layer, now, stall
         if layer + 1 >= self.L or not self.enabled:
-            return
+            return None
         k = self.fixed_k or self.max_lookahead
         D = min(k, self.L - 1 - layer)
         # adaptive k is 1 when layer+1 is on the GPU already (loading it costs nothing), and a
@@ -209,9 +240,10 @@ class Prefetcher(MoEObserver):
         if self._all_resident(layer + 1, layer + (1 if self.fixed_k is None else D)):
             self._k_hist[min(self.fixed_k or 1, self.max_lookahead)] += 1
             self._skipped += 1
-            return
-        with torch.no_grad():
-            packed = self._predict_device(layer, x, D)                 # [D, T, 2k], not read yet
+            return None
+        return D
+
+    def _predicted(self, layer: int, D: int, packed: "torch.Tensor | list") -> None:
         if self.issue_after_demand and self.provider is not None:
             # read, planned and issued once the block has read its routing and asked for its
             # experts: the GPU has computed these by then, so reading them adds no wait of its own
@@ -227,10 +259,12 @@ class Prefetcher(MoEObserver):
             deferred, self._deferred = self._deferred, None
             self._complete(*deferred)
 
-    def _complete(self, layer: int, D: int, packed: torch.Tensor) -> None:
-        """Read the predictions made at `layer`'s input (one transfer), record them for the
-        precision/recall checks, choose the lookahead and issue the plan."""
-        preds = dict(zip(range(1, D + 1), self._unpack(packed.tolist(), D)))
+    def _complete(self, layer: int, D: int, packed: "torch.Tensor | list") -> None:
+        """Read the predictions made at `layer`'s input (one transfer, unless the caller read
+        them already), record them for the precision/recall checks, choose the lookahead and
+        issue the plan."""
+        rows = packed if isinstance(packed, list) else packed.tolist()
+        preds = dict(zip(range(1, D + 1), self._unpack(rows, D)))
         k = self.fixed_k or self.max_lookahead
         if self.fixed_k is None:
             k = self._adaptive_k(layer, preds)

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from decoder.kernels.fused_moe import ExpertBank
+
 if TYPE_CHECKING:  # pragma: no cover
     from decoder.model.config import ModelConfig
     from expert_store.client import StoreClient
@@ -213,6 +215,22 @@ class ExpertProvider:
     def begin_token(self) -> None:
         """Called by the engine before each forward step (prefill counts as one step)."""
 
+    # --- what the GPU-driven decode step (decoder/step.py) reads the experts through -----------
+    def expert_bank(self, layer: int) -> "ExpertBank | None":
+        """Where `layer`'s experts sit, for the fused MoE kernels (decoder/kernels/fused_moe.py);
+        None when this provider's experts cannot be read that way (the step is not used)."""
+        return None
+
+    def gpu_slot(self, layer: int, expert: int) -> int:
+        """The bank slot of a loaded expert (valid from `get` to `release`), -1 when it is not in
+        one (e.g. a transient buffer: the step then computes that layer through `get`)."""
+        return -1
+
+    def all_resident(self) -> bool:
+        """True when every expert is on the GPU in a bank slot and none will move: the whole
+        decode step may be captured once with a fixed slot table."""
+        return False
+
     def stats(self) -> dict[str, Any]:
         """Counters; keys used by Engine.stats(): `tiers` {name: {hits, misses, ...}},
         `bytes_fetched`, `fetches`, `stall_s` (time get() blocked)."""
@@ -258,6 +276,19 @@ class ResidentExperts(nn.Module, ExpertProvider):
 
     def location(self, layer: int, expert: int) -> str:
         return "gpu"
+
+    def expert_bank(self, layer: int) -> ExpertBank:
+        return ExpertBank.stacked(self.w1[layer].detach(), self.w3[layer].detach(), self.w2[layer].detach())
+
+    def gpu_slot(self, layer: int, expert: int) -> int:
+        return expert
+
+    def all_resident(self) -> bool:
+        return True
+
+    def count_hits(self, n: int) -> None:
+        """Lookups the captured step served without calling `get` (all hits)."""
+        self._gets += n
 
     def stats(self) -> dict[str, Any]:
         return {"provider": "resident", "gets": self._gets, "bytes_fetched": 0, "fetches": 0, "stall_s": 0.0,

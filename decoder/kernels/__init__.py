@@ -1,0 +1,1 @@
+"""Compute kernels apart from orchestration: fused MoE over a device slot table."""

@@ -1,0 +1,257 @@
+"""Fused MoE for small batches: every routed expert of one layer, read through a slot table.
+
+    out[t] = sum_j w[t, j] * W2[s] (SiLU(W1[s] x[t]) * (W3[s] x[t])),   s = slot_of[ids[t, j]]
+
+The weights stay where the expert cache (or the resident pool) keeps them: an `ExpertBank`
+says where expert slot s's w1/w3 ([F, H]) and w2 ([H, F]) start in flat tensors, and
+`slot_of[E]` (a row of the device slot table, int32, -1 = not on the GPU) maps the layer's
+experts to slots. Nothing is read back to the host, so the call can be captured in a CUDA
+graph and replayed after the cache moved experts around (only the table changes).
+
+Two Triton kernels on CUDA (`_kernels`):
+- up:   grid (E, F / BLOCK_F). A program takes one expert and one block of F rows, returns at
+        once when no token chose that expert (or it has no slot), else multiplies the block
+        of W1 and W3 with every token that chose it (tl.dot over [BLOCK_F, H] x [H, R]) and
+        stores SiLU(g) * u for those (token, choice) rows. Each used expert's weights are read
+        once per call, whatever the number of tokens.
+- down: grid (E, H / BLOCK_D, SPLIT). The same for W2 over a SPLIT-th of F, scaled by the
+        routing weight; partial sums go to their own plane of an fp32 buffer and are added in
+        torch, so the result does not depend on scheduling (no atomics).
+`ids == -1` (a choice the gating dropped) contributes nothing.
+
+Everywhere else (CPU, fp32, no Triton) `moe_torch` computes the same with torch ops, one
+matmul chain per used expert: it reads the routing and the slot row on the host. It is also
+the reference the kernels are tested against (under `TRITON_INTERPRET=1` on the CPU; the
+interpreter has no bf16 arithmetic, so the kernels then widen bf16 tiles to fp32 first).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExpertBank:
+    """Where the experts of one layer live: expert slot s has
+    w1 = w1_flat[s * slot_stride + off1 :][: F * H].view(F, H), likewise w3 (off3) and
+    w2 = w2_flat[s * slot_stride + off2 :][: H * F].view(H, F). Offsets and strides are in
+    elements of the compute dtype. The three flat tensors may be one (a cache pool whose slots
+    hold w1, w3, w2 back to back) or three (stacked [E, F, H] parameters)."""
+
+    w1: torch.Tensor                 # 1-D, compute dtype
+    w3: torch.Tensor
+    w2: torch.Tensor
+    slot_stride: int
+    off1: int
+    off3: int
+    off2: int
+    ffn: int                         # F
+    hidden: int                      # H
+
+    @classmethod
+    def stacked(cls, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> "ExpertBank":
+        """From stacked expert tensors w1, w3 [E, F, H] and w2 [E, H, F] (slot = expert)."""
+        E, Fd, H = w1.shape
+        for t in (w1, w3, w2):
+            if not t.is_contiguous():
+                raise ValueError("stacked expert tensors must be contiguous")
+        return cls(w1.view(-1), w3.view(-1), w2.view(-1), Fd * H, 0, 0, 0, Fd, H)
+
+    @classmethod
+    def pool(cls, pool: torch.Tensor, dtype: torch.dtype, offsets: dict[str, int],
+             ffn: int, hidden: int) -> "ExpertBank":
+        """From a uint8 pool [slots, slot_bytes] whose slots hold w1, w3, w2 at byte `offsets`."""
+        item = torch.empty((), dtype=dtype).element_size()
+        if pool.dim() != 2 or pool.dtype != torch.uint8 or pool.shape[1] % item:
+            raise ValueError("pool must be uint8 [slots, slot_bytes] with whole elements per slot")
+        for name in ("w1", "w3", "w2"):
+            if offsets[name] % item:
+                raise ValueError(f"{name} starts at byte {offsets[name]}, not a multiple of {item}")
+        flat = pool.view(-1).view(dtype)
+        return cls(flat, flat, flat, pool.shape[1] // item, offsets["w1"] // item, offsets["w3"] // item,
+                   offsets["w2"] // item, ffn, hidden)
+
+    def matrices(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w1 [F, H], w3 [F, H], w2 [H, F]) of `slot`, as views."""
+        Fd, H, base = self.ffn, self.hidden, slot * self.slot_stride
+        return (self.w1[base + self.off1: base + self.off1 + Fd * H].view(Fd, H),
+                self.w3[base + self.off3: base + self.off3 + Fd * H].view(Fd, H),
+                self.w2[base + self.off2: base + self.off2 + H * Fd].view(H, Fd))
+
+
+def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, slot_of: torch.Tensor,
+              bank: ExpertBank) -> torch.Tensor:
+    """x [T, H]; weights [T, k] float32; ids [T, k] int (-1 = none); slot_of [E] int32 -> [T, H].
+
+    The Triton kernels where they apply (CUDA, bf16/fp16, Triton importable), else `moe_torch`.
+    Every expert `ids` names must have a slot (slot_of >= 0); the kernels skip one that has none.
+    """
+    if use_kernels(x):
+        return moe_triton(x, weights, ids, slot_of, bank)
+    return moe_torch(x, weights, ids, slot_of, bank)
+
+
+def use_kernels(x: torch.Tensor) -> bool:
+    """True when `fused_moe` runs the Triton kernels for `x`."""
+    if _interpreting():
+        return _kernels() is not None
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _kernels() is not None
+
+
+def moe_torch(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, slot_of: torch.Tensor,
+              bank: ExpertBank, experts: list[int] | None = None) -> torch.Tensor:
+    """The same sum with torch ops, one expert at a time (reads routing and slots on the host;
+    `experts`, when the caller already knows the used ones, saves the routing read).
+    Accumulates in float32, like the kernels."""
+    T, k = ids.shape
+    flat_ids = ids.reshape(-1)
+    if experts is None:
+        experts = sorted(int(e) for e in flat_ids.unique().tolist() if e >= 0)
+    slots = slot_of.tolist()
+    out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
+    w = weights.reshape(-1).float()
+    for e in experts:
+        s = slots[e]
+        if s < 0:
+            raise RuntimeError(f"expert {e} is routed to but has no GPU slot")
+        rows = (flat_ids == e).nonzero().flatten()            # [R_e] positions t * k + j
+        tok = rows // k
+        w1, w3, w2 = bank.matrices(s)
+        xs = x[tok]                                           # [R_e, H]
+        y = F.linear(F.silu(F.linear(xs, w1)) * F.linear(xs, w3), w2)
+        out.index_add_(0, tok, y.float() * w[rows, None])
+    return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton
+# ---------------------------------------------------------------------------------------------
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels():
+    """(up, down) Triton kernels, or None when Triton cannot be imported (lazy: Triton is an
+    optional, CUDA-only dependency)."""
+    try:
+        import triton
+        import triton.language as tl
+    except Exception as e:  # pragma: no cover - depends on the install
+        log.info("triton unavailable (%s): fused MoE runs the torch path", e)
+        return None
+
+    @triton.jit
+    def moe_up(x_ptr, ids_ptr, slot_ptr, w1_ptr, w3_ptr, act_ptr, R, H, Fd, stride_x, slot_stride,
+               off1, off3, K: tl.constexpr, WIDEN: tl.constexpr,
+               BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_H: tl.constexpr):
+        e = tl.program_id(0)
+        slot = tl.load(slot_ptr + e)
+        r = tl.arange(0, BLOCK_R)
+        ids = tl.load(ids_ptr + r, mask=r < R, other=-1)
+        match = ids == e                                               # [BLOCK_R]
+        if (slot < 0) | (tl.max(match.to(tl.int32), axis=0) == 0):
+            return
+        tok = r // K
+        f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+        base = slot.to(tl.int64) * slot_stride
+        g = tl.zeros((BLOCK_F, BLOCK_R), dtype=tl.float32)
+        u = tl.zeros((BLOCK_F, BLOCK_R), dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            h = h0 + tl.arange(0, BLOCK_H)
+            xt = tl.load(x_ptr + tok[None, :] * stride_x + h[:, None],
+                         mask=match[None, :] & (h[:, None] < H), other=0.0)      # [BLOCK_H, BLOCK_R]
+            wm = (f[:, None] < Fd) & (h[None, :] < H)
+            w_off = f[:, None].to(tl.int64) * H + h[None, :]
+            a = tl.load(w1_ptr + base + off1 + w_off, mask=wm, other=0.0)        # [BLOCK_F, BLOCK_H]
+            b = tl.load(w3_ptr + base + off3 + w_off, mask=wm, other=0.0)
+            if WIDEN:
+                xt, a, b = xt.to(tl.float32), a.to(tl.float32), b.to(tl.float32)
+            g = tl.dot(a, xt, g)
+            u = tl.dot(b, xt, u)
+        act = g * tl.sigmoid(g) * u                                    # SiLU(g) * u  [BLOCK_F, BLOCK_R]
+        tl.store(act_ptr + r[None, :] * Fd + f[:, None], act.to(act_ptr.dtype.element_ty),
+                 mask=match[None, :] & (f[:, None] < Fd))
+
+    @triton.jit
+    def moe_down(act_ptr, ids_ptr, wts_ptr, slot_ptr, w2_ptr, y_ptr, R, H, Fd, slot_stride, off2, f_per_split,
+                 WIDEN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
+        e = tl.program_id(0)
+        slot = tl.load(slot_ptr + e)
+        r = tl.arange(0, BLOCK_R)
+        ids = tl.load(ids_ptr + r, mask=r < R, other=-1)
+        match = ids == e
+        if (slot < 0) | (tl.max(match.to(tl.int32), axis=0) == 0):
+            return
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        split = tl.program_id(2)
+        f_lo = split * f_per_split
+        base = slot.to(tl.int64) * slot_stride + off2
+        acc = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
+        for f0 in range(f_lo, f_lo + f_per_split, BLOCK_F):
+            f = f0 + tl.arange(0, BLOCK_F)
+            fm = (f < Fd) & (f < f_lo + f_per_split)
+            at = tl.load(act_ptr + r[None, :] * Fd + f[:, None], mask=match[None, :] & fm[:, None],
+                         other=0.0)                                          # [BLOCK_F, BLOCK_R]
+            w = tl.load(w2_ptr + base + d[:, None].to(tl.int64) * Fd + f[None, :],
+                        mask=(d[:, None] < H) & fm[None, :], other=0.0)     # [BLOCK_D, BLOCK_F]
+            if WIDEN:
+                at, w = at.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(w, at.to(w.dtype), acc)
+        scale = tl.load(wts_ptr + r, mask=match, other=0.0)
+        acc = acc * scale[None, :]
+        tl.store(y_ptr + (split * R + r[None, :]) * H + d[:, None], acc,
+                 mask=match[None, :] & (d[:, None] < H))
+
+    return moe_up, moe_down
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+def moe_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, slot_of: torch.Tensor,
+               bank: ExpertBank) -> torch.Tensor:
+    """`fused_moe` through the two Triton kernels (no host read; capturable)."""
+    import triton
+
+    up, down = _kernels()
+    T, H = x.shape
+    k = ids.shape[1]
+    R = T * k
+    E = slot_of.shape[0]
+    Fd = bank.ffn
+    widen = _interpreting()
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    ids_flat = ids.reshape(-1).to(torch.int32)
+    wts = weights.reshape(-1).float()
+    slot_of = slot_of.to(torch.int32)
+    BLOCK_R = max(16, triton.next_power_of_2(R))
+    BLOCK_F, BLOCK_H = 64, 128
+    act = torch.empty(R, Fd, dtype=torch.float32 if widen else x.dtype, device=x.device)
+    up[(E, triton.cdiv(Fd, BLOCK_F))](x, ids_flat, slot_of, bank.w1, bank.w3, act, R, H, Fd, x.stride(0),
+                                       bank.slot_stride, bank.off1, bank.off3, K=k, WIDEN=widen,
+                                       BLOCK_R=BLOCK_R, BLOCK_F=BLOCK_F, BLOCK_H=BLOCK_H, num_warps=4)
+    BLOCK_D, BLOCK_FD = 64, 128
+    # split F so that the programs of the (at most min(E, R)) used experts cover the SMs twice
+    d_blocks = triton.cdiv(H, BLOCK_D)
+    used = min(E, R)
+    split = max(1, min(triton.cdiv(Fd, BLOCK_FD), triton.cdiv(2 * _sm_count(x.device), used * d_blocks)))
+    f_per_split = triton.cdiv(triton.cdiv(Fd, split), BLOCK_FD) * BLOCK_FD
+    split = triton.cdiv(Fd, f_per_split)
+    y = torch.zeros(split, R, H, dtype=torch.float32, device=x.device)
+    down[(E, d_blocks, split)](act, ids_flat, wts, slot_of, bank.w2, y, R, H, Fd, bank.slot_stride, bank.off2,
+                               f_per_split, WIDEN=widen, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, BLOCK_F=BLOCK_FD,
+                               num_warps=4)
+    return y.sum(0).view(T, k, H).sum(1).to(x.dtype)

@@ -1,0 +1,396 @@
+"""The GPU-driven decode step: one new token for each of B sequences, static shapes throughout,
+so that CUDA graphs can replay it and the host stays out of the GPU's way.
+
+    tokens [B], positions [B] ──▶ embed ──▶ per layer: attention over the static KV cache ──▶
+    router ──▶ gating (on the device) ──▶ fused MoE through the slot table ──▶ ... ──▶ logits [B, V]
+
+Two ways to run it, chosen per step:
+- whole: every expert resident in a bank slot that never changes (`provider.all_resident()`).
+  The token is one graph and nothing is read on the host; routing, gating and lookup counts
+  add up in device counters that `flush_counts()` folds into the usual statistics.
+- layered: a cache that loads and evicts. Per layer two graphs: `pre[l]` (attention, router,
+  gating, and the prefetcher's predictions for the next layers, everything the host needs
+  packed into one small tensor) and `moe[l]` (the fused MoE through the layer's slot-table
+  row; after the last layer also the head). Between them the host makes its ONE read of the
+  layer, tells the observers (routing statistics, prefetcher), asks the provider for the
+  experts (misses load; the compute stream waits on their copy events only), writes the
+  layer's slot row (a pinned-memory copy in stream order) and replays `moe[l]`.
+
+Without CUDA (or with capture=False) the same functions run eagerly: that is how the CPU
+(CI) runs and tests it. `DecodeStep.supports` says whether a model's gating, observers and
+provider can run this way; otherwise the engine keeps the eager `Transformer.forward`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from decoder.experts.prefetch import Prefetcher
+from decoder.gating import CountingGating
+from decoder.kernels.fused_moe import fused_moe, moe_torch, use_kernels
+from decoder.model.transformer import (MoEObserver, TopKGating, Transformer, apply_rope_signed, rope_cos_sin,
+                                       sign_rotated_sin, topk_route, wants_host_routing)
+
+
+def unsupported_reason(model: Transformer) -> str | None:
+    """Why `model` cannot decode through DecodeStep (None when it can)."""
+    g = model.gating
+    if isinstance(g, CountingGating):
+        if g.miss_threshold is not None:
+            return "the low-precision-on-miss hint reads the routing itself"
+        if g.top_k >= 2 and not g.decides_on_device and type(g).__name__ != "TopK":
+            return f"gating {g.name!r} decides on the host"
+    elif not isinstance(g, TopKGating):
+        return f"gating {type(g).__name__} is not known to decide on the device"
+    for obs in model.observers:
+        if isinstance(obs, Prefetcher):
+            continue
+        if not wants_host_routing(obs) or _overrides(obs, "on_moe_input") or _overrides(obs, "on_demand_issued"):
+            return f"observer {type(obs).__name__} needs the MoE block's device tensors"
+    provider = model.experts
+    if any(provider.expert_bank(l) is None for l in range(model.config.num_hidden_layers)):
+        return f"provider {type(provider).__name__} has no expert bank for the fused MoE"
+    return None
+
+
+def _gating_key(g: Any) -> tuple:
+    """The gating settings a captured step bakes in."""
+    return (id(g), getattr(g, "budget", None), getattr(g, "threshold", None), getattr(g, "sensitivity", None) and
+            tuple(g.sensitivity))
+
+
+def _overrides(obs: Any, hook: str) -> bool:
+    return getattr(type(obs), hook, None) not in (None, getattr(MoEObserver, hook))
+
+
+class DecodeStep:
+    """One decode step for `batch` rows over `model`'s static KV cache (setup_caches first).
+
+    run(tokens, positions, active=None) -> float32 logits [B, V] (a static buffer: copy it to
+    keep it). Rows whose `active` flag is False are computed but route to no expert and are
+    left out of every count (padding of a batch bucket)."""
+
+    def __init__(self, model: Transformer, batch: int = 1, capture: bool | None = None) -> None:
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"the decode step cannot run this model: {reason}")
+        cfg = model.config
+        p = model.embed_tokens.weight
+        kv = model.layers[0].self_attn.kv_cache
+        if kv is None:
+            raise ValueError("the decode step needs the model's KV cache: call setup_caches first")
+        if kv.k_cache.shape[0] < batch:
+            raise ValueError(f"KV cache holds {kv.k_cache.shape[0]} rows, the step needs {batch}")
+        self.model, self.config = model, cfg
+        self.provider, self.gating = model.experts, model.gating
+        self.device, self.dtype = p.device, p.dtype
+        self.B, self.S = int(batch), int(kv.k_cache.shape[2])
+        self.L, self.E, self.k = cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok
+        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.banks = [self.provider.expert_bank(l) for l in range(self.L)]
+        self.kernels = use_kernels(torch.empty(0, dtype=self.dtype, device=self.device))
+        cuda = self.device.type == "cuda"
+        self.capture = (cuda and self.kernels) if capture is None else bool(capture)
+        if self.capture and not (cuda and self.kernels):
+            raise ValueError("graph capture needs CUDA and the fused MoE kernels (Triton, bf16/fp16)")
+        self._kv_ptr = kv.k_cache.data_ptr()
+        self._observers = tuple(model.observers)
+        self._gating_key = _gating_key(model.gating)
+        self.prefetcher = next((o for o in model.observers if isinstance(o, Prefetcher)), None)
+        self.host_observers = [o for o in model.observers if wants_host_routing(o)]
+
+        B, H, dev = self.B, cfg.hidden_size, self.device
+
+        def zeros(*shape: int, dtype: torch.dtype = self.dtype) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=dev)
+
+        # inputs
+        self.tokens = zeros(B, dtype=torch.long)
+        self.input_pos = zeros(B, dtype=torch.long)
+        self.active = torch.ones(B, dtype=torch.bool, device=dev)
+        self.rows = torch.arange(B, device=dev)
+        cos, sin = rope_cos_sin(torch.arange(self.S, device=dev), self.hd, cfg.rope_theta, self.dtype)
+        self.cos, self.sin = cos, sign_rotated_sin(sin)                 # [S, hd]
+        self.kpos = torch.arange(self.S, device=dev)
+        # activations
+        self.x = zeros(B, H)                    # residual stream
+        self.h = zeros(B, H)                    # after attention
+        self.moe_in = zeros(B, H)               # post-attention norm
+        self.mask = torch.zeros(B, 1, 1, self.S, dtype=torch.bool, device=dev)
+        self.route_w = [zeros(B, self.k, dtype=torch.float32) for _ in range(self.L)]
+        self.route_ids = [zeros(B, self.k, dtype=torch.long) for _ in range(self.L)]
+        self.distance = [self.prefetcher.static_distance(l) if self.prefetcher else 0 for l in range(self.L)]
+        # per layer, what the host reads: ids [k], dropped w2 or -1 [1], predictions [D * 2k]
+        self.readback = [zeros(B, self.k + 1 + 2 * self.k * d, dtype=torch.float32) for d in self.distance]
+        self.logits = zeros(B, cfg.vocab_size, dtype=torch.float32)
+        # slot table rows the MoE kernels read; the host writes them through pinned memory
+        self.slots = torch.full((self.L, self.E), -1, dtype=torch.int32, device=dev)
+        self.slots_host = torch.full((self.L, self.E), -1, dtype=torch.int32, pin_memory=cuda)
+        # device counters of whole-mode steps: per layer decisions, experts used, single-expert
+        # decisions, sum of dropped w2^2, unique experts looked up; per (layer, expert) loads
+        self.counts = zeros(self.L, 5, dtype=torch.float64)
+        self.loads = zeros(self.L, self.E, dtype=torch.long)
+        self._counted = False
+        self._whole_slots = False
+        self._graphs: dict[str, Any] = {}
+        self._pool: Any = None
+        self.reads = 0                          # host reads the step made (tests, host_overhead.py)
+        self.whole_steps = 0
+        self.layered_steps = 0
+
+    # --- the pieces that are captured --------------------------------------------------------
+    def _embed(self) -> None:
+        self.x.copy_(self.model.embed_tokens(self.tokens))
+        q = self.input_pos[:, None]                                         # [B, 1]
+        mask = self.kpos[None, :] <= q                                      # [B, S]
+        window = self.config.sliding_window
+        if window is not None:
+            mask = mask & (q - self.kpos[None, :] < window)
+        self.mask.copy_(mask[:, None, None, :])
+
+    def _attention(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        # x: [B, H] (normed) -> [B, H]; K/V of this token go to the static cache at input_pos
+        a = self.model.layers[layer].self_attn
+        B, nh, nkv, hd = self.B, self.nh, self.nkv, self.hd
+        q = a.q_proj(x).view(B, nh, 1, hd)
+        k = a.k_proj(x).view(B, nkv, 1, hd)
+        v = a.v_proj(x).view(B, nkv, 1, hd)
+        cos = self.cos[self.input_pos][:, None]                             # [B, 1, hd]
+        sin = self.sin[self.input_pos][:, None]
+        q, k = apply_rope_signed(q, cos, sin), apply_rope_signed(k, cos, sin)
+        kc, vc = a.kv_cache.k_cache, a.kv_cache.v_cache                    # [Bmax, nkv, S, hd]
+        kc[self.rows, :, self.input_pos] = k[:, :, 0]
+        vc[self.rows, :, self.input_pos] = v[:, :, 0]
+        # one query per head: the rep heads sharing a KV head are that head's "queries"
+        qg = q.view(B, nkv, nh // nkv, hd)
+        y = F.scaled_dot_product_attention(qg, kc[:B], vc[:B], attn_mask=self.mask, scale=hd ** -0.5)
+        return a.o_proj(y.reshape(B, nh * hd))
+
+    def _route(self, layer: int, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # logits: [B, E] -> weights [B, k] f32, ids [B, k] (-1 = none), dropped w2 or -1 [B]
+        w, ids = topk_route(logits, self.k)
+        g = self.gating
+        if isinstance(g, CountingGating) and g.decides_on_device and self.k >= 2:
+            drop = g._drop_second(layer, logits, w, ids)
+            pend = torch.where(drop, w[:, -1], -1.0)
+            w, ids = g._apply_drop(w, ids, drop)
+        else:
+            pend = torch.full((self.B,), -1.0, device=self.device)
+        ids = torch.where(self.active[:, None], ids, -1)
+        return w, ids, pend
+
+    def _pre(self, layer: int) -> None:
+        if layer == 0:
+            self._embed()
+        blk = self.model.layers[layer]
+        h = self.x + self._attention(layer, blk.input_layernorm(self.x))
+        self.h.copy_(h)
+        m = blk.post_attention_layernorm(h)
+        self.moe_in.copy_(m)
+        w, ids, pend = self._route(layer, blk.block_sparse_moe.gate(m))
+        self.route_w[layer].copy_(w)
+        self.route_ids[layer].copy_(ids)
+        parts = [ids.float(), pend[:, None]]
+        if self.distance[layer]:
+            pred = self.prefetcher.predict_device(layer, m)                  # [D, B, 2k]
+            parts.append(pred.permute(1, 0, 2).reshape(self.B, -1))
+        self.readback[layer].copy_(torch.cat(parts, dim=1))
+
+    def _moe(self, layer: int, experts: list[int] | None = None) -> None:
+        args = (self.moe_in, self.route_w[layer], self.route_ids[layer], self.slots[layer], self.banks[layer])
+        y = fused_moe(*args) if experts is None or self.kernels else moe_torch(*args, experts=experts)
+        self.x.copy_(self.h + y)
+        if layer == self.L - 1:
+            self._head()
+
+    def _head(self) -> None:
+        m = self.model
+        self.logits.copy_(m.lm_head(m.norm(self.x)).float())
+
+    def _count(self, layer: int) -> None:
+        # device counters of one layer (whole mode): nothing is read
+        ids = self.route_ids[layer]
+        valid = ids >= 0                                                     # [B, k]
+        n = valid.sum(1)                                                     # [B]
+        act = self.active
+        pend = self.readback[layer][:, self.k]
+        dropped = (pend >= 0) & act
+        onehot = torch.zeros(self.E, dtype=torch.long, device=self.device)
+        onehot.scatter_add_(0, ids.clamp(min=0).flatten(), valid.flatten().long())
+        c = torch.stack([act.sum(), (n * act).sum(), ((n == 1) & act).sum(),
+                         torch.where(dropped, pend * pend, 0.0).sum(), (onehot > 0).sum()]).double()
+        self.counts[layer] += c
+        self.loads[layer] += onehot
+
+    def _whole(self) -> None:
+        for l in range(self.L):
+            self._pre(l)
+            self._moe(l)
+            self._count(l)
+
+    def stale(self) -> bool:
+        """True when the model changed under the step (KV cache reallocated, another gating or
+        gating setting, observers added or removed): build a new one."""
+        m = self.model
+        kv = m.layers[0].self_attn.kv_cache
+        return (kv is None or kv.k_cache.data_ptr() != self._kv_ptr or m.gating is not self.gating
+                or _gating_key(m.gating) != self._gating_key or tuple(m.observers) != self._observers
+                or (self.prefetcher is not None
+                    and [self.prefetcher.static_distance(l) for l in range(self.L)] != self.distance))
+
+    # --- running -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, positions: [B] int (one token per row at its position) -> logits [B, V]."""
+        if self.model.layers[0].self_attn.kv_cache.k_cache.data_ptr() != self._kv_ptr:
+            raise RuntimeError("the KV cache was reallocated: build a new DecodeStep")
+        self.tokens.copy_(tokens.reshape(-1), non_blocking=True)
+        self.input_pos.copy_(positions.reshape(-1), non_blocking=True)
+        if active is None:
+            self.active.fill_(True)
+        else:
+            self.active.copy_(active.reshape(-1), non_blocking=True)
+        if self.provider.all_resident():
+            self._run_whole()
+        else:
+            self._run_layered()
+        return self.logits
+
+    def _run_whole(self) -> None:
+        if not self._whole_slots:
+            for l in range(self.L):
+                for e in range(self.E):
+                    self.slots_host[l, e] = self.provider.gpu_slot(l, e)
+            self.slots.copy_(self.slots_host)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)       # the loads' copies are done, once
+            self._whole_slots = True
+        self._counted = True
+        self.whole_steps += 1
+        self._replay("whole", self._whole)
+
+    def _run_layered(self) -> None:
+        self._whole_slots = False
+        self.layered_steps += 1
+        pf, provider, k = self.prefetcher, self.provider, self.k
+        for l in range(self.L):
+            self._replay(f"pre{l}", lambda l=l: self._pre(l))
+            flat = self.readback[l].tolist()                                 # the layer's one read
+            self.reads += 1
+            rows = [[int(v) for v in r[:k]] for r in flat]
+            if self.B > 1:                  # padding rows route to no expert: leave them out
+                rows = [r for r in rows if any(e >= 0 for e in r)]
+            if pf is not None:
+                D = self.distance[l]
+                preds = [[r[k + 1 + 2 * k * d: k + 1 + 2 * k * (d + 1)] for r in flat] for d in range(D)] if D else None
+                pf.on_moe_input_read(l, preds)
+            for obs in self.host_observers:
+                obs.on_routing_host(l, rows)
+            self._count_host(l, flat)
+            needed = sorted({e for r in rows for e in r if e >= 0})
+            provider.prepare(l, needed)
+            if pf is not None:
+                pf.on_demand_issued(l)
+            try:
+                ready = [e for e in needed if provider.ready(l, e)]
+                weights = {e: provider.get(l, e) for e in ready + [e for e in needed if e not in ready]}
+                slots = [provider.gpu_slot(l, e) for e in needed]
+                if all(s >= 0 for s in slots):
+                    row = self.slots_host[l]
+                    for e, s in zip(needed, slots):
+                        row[e] = s
+                    self.slots[l].copy_(row, non_blocking=True)
+                    self._replay(f"moe{l}", lambda l=l: self._moe(l), experts=needed)
+                else:        # an expert outside the bank (transient buffer): this layer eagerly
+                    self._moe_through_weights(l, weights)
+            finally:
+                provider.release(l, needed)
+
+    def _moe_through_weights(self, layer: int, weights: dict[int, Any]) -> None:
+        ids, w = self.route_ids[layer], self.route_w[layer]
+        flat = ids.reshape(-1)
+        out = torch.zeros(self.B, self.model.config.hidden_size, dtype=torch.float32, device=self.device)
+        for e in sorted(weights):
+            pos = (flat == e).nonzero().flatten()
+            tok = pos // self.k
+            out.index_add_(0, tok, weights[e](self.moe_in[tok]).float() * w.reshape(-1)[pos, None])
+        self.x.copy_(self.h + out.to(self.dtype))
+        if layer == self.L - 1:
+            self._head()
+
+    def _count_host(self, layer: int, flat: list[list[float]]) -> None:
+        """Gating counts of a layered step, from its read."""
+        g = self.gating
+        if not isinstance(g, CountingGating):
+            return
+        decisions = experts = single = 0
+        w2sq = 0.0
+        for r in flat:
+            ids = r[:self.k]
+            if all(e < 0 for e in ids):
+                continue                    # a padding row
+            n = sum(1 for e in ids if e >= 0)
+            decisions += 1
+            experts += n
+            single += n == 1
+            if r[self.k] >= 0:
+                w2sq += r[self.k] * r[self.k]
+        g.count_step(layer, decisions, experts, single, w2sq)
+
+    def _replay(self, name: str, fn: Any, experts: list[int] | None = None) -> None:
+        if not self.capture:
+            if experts is not None and name.startswith("moe"):
+                self._moe(int(name[3:]), experts)
+            else:
+                fn()
+            return
+        g = self._graphs.get(name)
+        if g is None:
+            g = self._graphs[name] = self._capture(fn)
+        g.replay()
+
+    def _capture(self, fn: Any) -> Any:
+        """Warm `fn` up on a side stream (it is idempotent: the captured pieces recompute the
+        same buffers from the same inputs), then capture it into a graph sharing one pool."""
+        if self._counted:
+            self.flush_counts()
+        s = torch.cuda.Stream(self.device)
+        s.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self._pool):
+            fn()
+        if self._pool is None:
+            self._pool = g.pool()
+        self.counts.zero_()           # the warm-up runs counted too
+        self.loads.zero_()
+        return g
+
+    # --- statistics --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def flush_counts(self, routing: Any = None) -> None:
+        """Fold the device counters of whole-mode steps into the gating's counters, the
+        provider's lookups and `routing` (the engine's RoutingStats, phase "decode"); one read."""
+        if not self._counted:
+            return
+        counts = self.counts.tolist()
+        loads = self.loads.tolist()
+        self.counts.zero_()
+        self.loads.zero_()
+        self._counted = False
+        lookups = 0
+        for l, (dec, used, single, w2sq, uniq) in enumerate(counts):
+            if isinstance(self.gating, CountingGating):
+                self.gating.count_step(l, int(dec), int(used), int(single), w2sq)
+            if routing is not None:
+                routing.add_counts(l, int(dec), int(used), int(single), loads[l])
+            lookups += int(uniq)
+        count_hits = getattr(self.provider, "count_hits", None)
+        if count_hits is not None:
+            count_hits(lookups)

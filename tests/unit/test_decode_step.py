@@ -1,0 +1,244 @@
+"""The GPU-driven decode step (decoder/step.py) and the fused MoE over a slot table
+(decoder/kernels/fused_moe.py), run eagerly on the CPU as CI runs them.
+
+The step must give the eager Transformer's logits (fp32) for resident experts (one "whole"
+step, device counters) and through the AdapMoE cache with evictions between steps (one read
+per layer, the slot table rewritten every layer), with adaptive gating and the prefetcher
+giving the same decisions and counts as on the eager path. The Triton kernels run under
+Triton's interpreter in a subprocess and must match the torch reference.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoints import make_packed_store
+from decoder.engine import Engine
+from decoder.kernels.fused_moe import ExpertBank, moe_torch
+from decoder.model.config import ModelConfig
+from decoder.model.transformer import Transformer
+from decoder.step import DecodeStep, unsupported_reason
+from expert_store.client import StoreClient
+
+pytestmark = pytest.mark.timeout(240)
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[2]
+L, E = 3, 4
+
+
+def tiny_model(seed: int = 0, **kw) -> Transformer:
+    cfg = ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                      num_experts_per_tok=2, max_position_embeddings=64, **kw)
+    m = Transformer(cfg)
+    m.init_weights(std=0.3, seed=seed)
+    return m.eval()
+
+
+# --- fused MoE: torch path through a pool bank ----------------------------------------------
+def test_moe_torch_through_a_pool_bank_equals_per_expert_compute():
+    g = torch.Generator().manual_seed(3)
+    Fd, H, slots = 24, 16, 5
+    w = {n: torch.randn(slots, *shape, generator=g) for n, shape in (("w1", (Fd, H)), ("w3", (Fd, H)), ("w2", (H, Fd)))}
+    # a uint8 pool whose slots hold w1, w3, w2 back to back with padding (like cache slots)
+    item, pad = 4, 64
+    offs = {"w1": 0, "w3": Fd * H * item + pad, "w2": 2 * (Fd * H * item + pad)}
+    slot_bytes = offs["w2"] + H * Fd * item + pad
+    pool = torch.zeros(slots, slot_bytes, dtype=torch.uint8)
+    for n, off in offs.items():
+        for s in range(slots):
+            pool[s, off:off + w[n][s].numel() * item] = w[n][s].reshape(-1).view(torch.uint8)
+    bank = ExpertBank.pool(pool, torch.float32, offs, Fd, H)
+    slot_of = torch.tensor([3, -1, 0, 4], dtype=torch.int32)       # experts 0, 2, 3 in slots 3, 0, 4
+    x = torch.randn(3, H, generator=g)
+    ids = torch.tensor([[0, 2], [3, -1], [2, 0]])
+    wts = torch.tensor([[0.7, 0.3], [1.0, 0.0], [0.6, 0.4]])
+    out = moe_torch(x, wts, ids, slot_of, bank)
+
+    def expert(s, v):
+        return (torch.nn.functional.silu(v @ w["w1"][s].T) * (v @ w["w3"][s].T)) @ w["w2"][s].T
+    ref = torch.stack([0.7 * expert(3, x[0]) + 0.3 * expert(0, x[0]), expert(4, x[1]),
+                       0.6 * expert(0, x[2]) + 0.4 * expert(3, x[2])])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="no GPU slot"):
+        moe_torch(x, wts, torch.tensor([[1, 0], [0, -1], [0, 2]]), slot_of, bank)
+
+
+KERNEL_CHECK = textwrap.dedent("""
+    import torch
+    from decoder.kernels.fused_moe import ExpertBank, moe_torch, moe_triton, use_kernels
+    assert use_kernels(torch.empty(0))
+    g = torch.Generator().manual_seed(0)
+    for dt, T, k, E, Fd, H in ((torch.float32, 3, 2, 6, 200, 144), (torch.bfloat16, 5, 2, 8, 96, 80),
+                               (torch.float32, 2, 4, 8, 64, 32)):
+        slots = E + 2
+        w1 = (torch.randn(slots, Fd, H, generator=g) * 0.1).to(dt)
+        w3 = (torch.randn(slots, Fd, H, generator=g) * 0.1).to(dt)
+        w2 = (torch.randn(slots, H, Fd, generator=g) * 0.1).to(dt)
+        bank = ExpertBank.stacked(w1, w3, w2)
+        perm = torch.randperm(slots, generator=g)[:E].to(torch.int32)
+        x = torch.randn(T, H, generator=g).to(dt)
+        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+        ids[0, -1] = -1                                    # a dropped choice contributes nothing
+        wts = torch.rand(T, k, generator=g)
+        wts[0, -1] = 0.0
+        a = moe_torch(x, wts, ids, perm, bank).float()
+        b = moe_triton(x, wts, ids, perm, bank).float()
+        tol = 1e-5 if dt == torch.float32 else 2e-2
+        err = (a - b).abs().max().item()
+        assert err <= tol * max(1.0, a.abs().max().item()), (dt, T, k, err)
+    print("kernels ok")
+""")
+
+
+def test_triton_kernels_match_the_torch_path_in_the_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=200)
+    assert r.returncode == 0 and "kernels ok" in r.stdout, r.stderr[-3000:]
+
+
+# --- the step on resident experts -------------------------------------------------------------
+def test_whole_step_gives_the_eager_logits_and_counts():
+    m = tiny_model()
+    ids = torch.randint(0, 300, (12,), generator=torch.Generator().manual_seed(1))
+    eager = Engine.from_model(m, decode_step="eager")
+    ref = eager.decode_logits(ids)
+    ref_stats = eager.stats()
+    eager.close()
+    m2 = tiny_model()
+    step = Engine.from_model(m2, decode_step="step")
+    out = step.decode_logits(ids)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    st = step.stats()
+    assert step._step.whole_steps == 12 and step._step.layered_steps == 0 and step._step.reads == 0
+    assert st["routing"]["decode"] == ref_stats["routing"]["decode"]
+    assert st["expert_loads"] == ref_stats["expert_loads"]
+    assert st["provider"]["gets"] == ref_stats["provider"]["gets"]     # one lookup per used expert
+
+
+def test_generate_through_the_step_equals_eager_generation():
+    ids = list(range(3, 10))
+    a = Engine.from_model(tiny_model(seed=4), decode_step="eager").generate(ids, max_tokens=20, stop_at_eos=False)
+    b = Engine.from_model(tiny_model(seed=4), decode_step="step").generate(ids, max_tokens=20, stop_at_eos=False)
+    assert a.token_ids == b.token_ids
+
+
+def test_sliding_window_and_batch_rows_with_padding():
+    m = tiny_model(seed=2, sliding_window=4)
+    m.setup_caches(2, 16)
+    g = torch.Generator().manual_seed(5)
+    seqs = torch.randint(0, 300, (2, 9), generator=g)
+    with torch.inference_mode():
+        ref = [m(seqs[b:b + 1], torch.arange(9))[0] for b in range(2)]
+    m.clear_caches()
+    m.setup_caches(2, 16)
+    step = DecodeStep(m, batch=2)
+    for i in range(9):
+        # row 1 starts one step late: at step 0 it is padding (inactive)
+        pos = torch.tensor([i, max(0, i - 1)])
+        tok = torch.stack([seqs[0, i], seqs[1, max(0, i - 1)]])
+        active = torch.tensor([True, i > 0])
+        logits = step.run(tok, pos, active)
+        torch.testing.assert_close(logits[0], ref[0][i], rtol=1e-4, atol=1e-4)
+        if i > 0:
+            torch.testing.assert_close(logits[1], ref[1][i - 1], rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_models_keep_the_eager_path():
+    from decoder.gating import CostAwareGating
+
+    m = tiny_model()
+    m.setup_caches(1, 16)
+    assert unsupported_reason(m) is None
+    m.gating = CostAwareGating(2, 2, [1.0, 1.0], 0.1, provider=m.experts)
+    assert "decides on the host" in unsupported_reason(m)
+    with pytest.raises(ValueError, match="cannot run this model"):
+        DecodeStep(m)
+    e = Engine.from_model(m, decode_step="auto")
+    assert e.generate([3, 4], max_tokens=3, stop_at_eos=False).completion_tokens == 3 and e._step is None
+    with pytest.raises(ValueError, match="decode_step='step'"):
+        Engine.from_model(m, decode_step="step").generate([3, 4], max_tokens=2)
+
+
+# --- through the AdapMoE cache ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    return make_packed_store(tmp_path_factory.mktemp("step"), precisions=("bf16", "int8"), group_size=32,
+                             hidden=64, ffn=96, layers=L, experts=E, seed=11)
+
+
+def cache_engine(store_dir, decode_step, gpu_slots=(2, 1, 2), **kw):
+    client = StoreClient.open(str(store_dir))
+    eng = Engine.from_store(client, "tiny", precision="int8", decode_step=decode_step,
+                            gpu_cache_bytes=0, host_cache_bytes=1 << 20,
+                            cache_options={"gpu_slots": list(gpu_slots), "dense_slots": True}, **kw)
+    eng._owns_client = True
+    return eng
+
+
+@pytest.mark.parametrize("gating", ["topk", "adaptive"])
+def test_layered_step_through_an_evicting_cache(store_dir, gating):
+    """Quotas of 2/1/2 of 4 experts: nearly every step evicts and reloads, so the slot rows the
+    kernels read change under the step between replays; logits, routing, gating and cache
+    counts must equal the eager path's, with one host read per MoE layer."""
+    ids = torch.randint(0, 320, (24,), generator=torch.Generator().manual_seed(2))
+    kw = {"gating": gating, "prefetch": False}   # the prefetcher's plan depends on measured times
+    if gating == "adaptive":
+        kw.update(budget=0.2, gating_options={"sensitivity": [1.0, 0.5, 2.0]})
+    runs = {}
+    for mode in ("eager", "step"):
+        with cache_engine(store_dir, mode, **kw) as eng:
+            logits = eng.decode_logits(ids)
+            runs[mode] = (logits, eng.stats(), eng._step)
+    (a, sa, _), (b, sb, step) = runs["eager"], runs["step"]
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    assert step.layered_steps == 24 and step.whole_steps == 0 and step.reads == 24 * L
+    assert sb["routing"] == sa["routing"] and sb["expert_loads"] == sa["expert_loads"]
+    for key in ("hits", "misses", "loads"):
+        assert sb["tiers"]["gpu"][key] == sa["tiers"]["gpu"][key], key
+    assert sa["provider"]["evictions_gpu"] > 10
+    if gating == "adaptive":
+        ga, gb = sa["gating_stats"], sb["gating_stats"]
+        assert ga["single_expert_ratio"] > 0.05
+        assert gb["decisions"] == ga["decisions"] and gb["single_expert_ratio"] == ga["single_expert_ratio"]
+        assert gb["est_loss_per_token"] == pytest.approx(ga["est_loss_per_token"], rel=1e-4)
+
+
+def test_layered_step_with_the_prefetcher_issues_what_the_eager_path_issues(store_dir):
+    ids = torch.randint(0, 320, (16,), generator=torch.Generator().manual_seed(9))
+    runs = {}
+    for mode in ("eager", "step"):
+        with cache_engine(store_dir, mode, gpu_slots=(2, 2, 2), prefetch=True,
+                          prefetch_options={"lookahead": 2, "policy": "all"}) as eng:
+            eng.decode_logits(ids)
+            eng.provider.wait_idle()
+            runs[mode] = eng.stats()
+    pa, pb = runs["eager"]["prefetch"], runs["step"]["prefetch"]
+    assert pa["prefetches_issued"] > 0 and pa["skipped_resident"] == 0
+    for key in ("prefetches_issued", "precision", "recall", "token_recall", "per_distance"):
+        assert pb[key] == pa[key], key
+
+
+def test_whole_step_on_a_fully_resident_cache(store_dir):
+    ids = torch.randint(0, 320, (10,), generator=torch.Generator().manual_seed(4))
+    with cache_engine(store_dir, "eager", gpu_slots=(E,) * L) as eng:
+        ref = eng.decode_logits(ids)
+    with cache_engine(store_dir, "step", gpu_slots=(E,) * L) as eng:
+        eng.decode_logits(ids[:1])            # loads what the first token needs (layered)
+        for l in range(L):                    # then everything: the step goes whole
+            eng.provider.prefetch(l, list(range(E)))
+        assert eng.provider.wait_idle()
+        eng.model.clear_caches()
+        eng._step = None
+        out = eng.decode_logits(ids)
+        st = eng._step
+        assert eng.provider.all_resident() and st.whole_steps == 10 and st.reads == 0
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
