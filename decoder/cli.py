@@ -52,6 +52,38 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+# Flags that mean one thing on `expert-store` and could mean either of two on the decoder
+# (it is a client of the store and a server to its own clients): refused with the two names.
+AMBIGUOUS_FLAGS: dict[str, str] = {
+    "--token-file": "--token-file is ambiguous on moe-decoder: use --store-token-file F for the token sent "
+                    "to the store, or --auth-token-file F (serve) for the token clients must send",
+    "--tls-ca": "--tls-ca is ambiguous on moe-decoder: use --store-tls-ca F for the CA of the store's "
+                "certificate, or --tls-client-ca F (serve) to require client certificates",
+}
+
+
+class _Refused(argparse.Action):
+    """An option that is an error, with the message of AMBIGUOUS_FLAGS."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(AMBIGUOUS_FLAGS[self.option_strings[0]])
+
+
+def refuse_ambiguous_flags(p: argparse.ArgumentParser, flags: Sequence[str] = tuple(AMBIGUOUS_FLAGS)) -> None:
+    """Make these AMBIGUOUS_FLAGS options one-line usage errors (hidden from --help)."""
+    for flag in flags:
+        p.add_argument(flag, action=_Refused, nargs="?", help=argparse.SUPPRESS)
+
+
+def read_store_token(path: str | None) -> str | None:
+    """The bearer token sent to the store: from --store-token-file (stripped), else
+    $EXPERT_STORE_TOKEN, else None."""
+    from expert_store.grpc_serving import read_token_file
+    from expert_store.client import TOKEN_ENV
+
+    return read_token_file(path, TOKEN_ENV)
+
+
 GATING_HELP = "topk | uniform | adaptive | cost-aware"
 BUDGET_HELP = "gating budget: T for adaptive / cost-aware, the w2 threshold for uniform"
 
@@ -133,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming it")
     g.add_argument("--no-stats", action="store_true", help="do not print the statistics table")
     g.add_argument("--stats-json", default=None, metavar="PATH", help="also write engine.stats() as JSON")
+    g.add_argument("--store-token-file", default=None, metavar="F",
+                   help="bearer token sent to the store (default: $EXPERT_STORE_TOKEN, if set)")
+    refuse_ambiguous_flags(g, ["--token-file"])  # generate talks to the store only, without TLS options
     g.add_argument("-v", "--verbose", action="store_true", help="log warnings (store failover, ...) to stderr")
     g.set_defaults(func=cmd_generate)
 
@@ -144,8 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from decoder.engine import Engine
-
     from expert_store.client import is_remote_target
 
     if args.max_tokens < 0:
@@ -154,7 +187,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"store directory {args.store} does not exist (or give an address: grpc://HOST:PORT)")
     dtype_name = args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
     dtype = getattr(torch, dtype_name)
-    engine = Engine.from_store(args.store, args.model, device=args.device, dtype=dtype, gating=args.gating,
+    if args.store_token_file is None:
+        return _generate(args, args.store, dtype)
+    if not is_remote_target(args.store):
+        raise ValueError("--store-token-file goes with a store address (a store directory is read in-process)")
+    from expert_store.client import StoreClient
+
+    client = StoreClient.open(args.store, token=read_store_token(args.store_token_file))
+    try:
+        return _generate(args, client, dtype)
+    finally:
+        client.close()
+
+
+def _generate(args: argparse.Namespace, store: Any, dtype: Any) -> int:
+    """Build the engine on `store` (a target or an open StoreClient), generate, print."""
+    from decoder.engine import Engine
+
+    engine = Engine.from_store(store, args.model, device=args.device, dtype=dtype, gating=args.gating,
                                gpu_cache_bytes=args.gpu_cache_bytes, host_cache_bytes=args.host_cache_bytes,
                                precision=args.precision, budget=args.budget,
                                prefetch=False if args.no_prefetch else None, **engine_options(args))

@@ -736,7 +736,8 @@ class BackgroundLoad:
 # CLI
 # --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from decoder.cli import BUDGET_HELP, GATING_HELP, _Parser, add_adapmoe_options, parse_size
+    from decoder.cli import (BUDGET_HELP, GATING_HELP, _Parser, add_adapmoe_options, parse_size,
+                             refuse_ambiguous_flags)
 
     p = _Parser(prog="moe-decoder serve", description="Serve Generate over gRPC (adapmoe.v1.Decoder).")
     p.add_argument("--store", required=True, help="store address (host:port[,...], grpc://, dns:///, k8s://) "
@@ -752,8 +753,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default-max-tokens", type=int, default=128, help="for requests with max_tokens 0")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     p.add_argument("--metrics-host", default=None, help="metrics bind address (default: the --listen host)")
-    p.add_argument("--token-file", "--store-token-file", dest="token_file", default=None,
-                   help="bearer token for the store (default: $EXPERT_STORE_TOKEN)")
+    p.add_argument("--store-token-file", default=None, metavar="F",
+                   help="bearer token sent to the store (default: $EXPERT_STORE_TOKEN, if set)")
     p.add_argument("--store-deadline", type=float, default=30.0, help="seconds per store RPC attempt")
     p.add_argument("--store-tls-ca", default=None, metavar="F", help="CA (PEM) of the store's TLS certificate")
     p.add_argument("--store-tls-cert", default=None, metavar="F", help="client certificate (PEM) for store mTLS")
@@ -765,6 +766,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", default=None, metavar="F", help="private key (PEM) of --tls-cert")
     p.add_argument("--tls-client-ca", default=None, metavar="F",
                    help="require client certificates signed by this CA (mTLS)")
+    refuse_ambiguous_flags(p)  # --token-file, --tls-ca: which of the two is meant?
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: float32 on cpu, bfloat16 on cuda)")
@@ -816,10 +818,9 @@ def _read_pem(path: str | None, what: str) -> bytes | None:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from decoder.cli import engine_options
+    from decoder.cli import engine_options, read_store_token
     from decoder.engine import Engine
     from expert_store.client import StoreClient
-    from expert_store.server import read_token
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.wait_timeout is not None:
@@ -836,7 +837,7 @@ def main(argv: list[str] | None = None) -> int:
     listen_host, _ = split_host_port(args.listen)
     options = engine_options(args)  # bad flag combinations fail before anything starts
     dtype = getattr(torch, args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32"))
-    token = read_token(args.token_file)
+    token = read_store_token(args.store_token_file)
     auth_token = _read_auth_token(args.auth_token_file)
     tls = {name: _read_pem(getattr(args, name), name.replace("_", "-"))
            for name in ("tls_cert", "tls_key", "tls_client_ca")}
