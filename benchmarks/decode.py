@@ -57,9 +57,11 @@ from decoder.experts.provider import ExpertProvider, ExpertWeights, expert_weigh
 from expert_store import format as blob_format  # noqa: E402
 from expert_store.client import StoreClient  # noqa: E402
 
-MODES = ("resident", "ondemand", "lru", "adapmoe", "adapmoe-cost", "accelerate", "store-remote")
-BUDGET_FREE = ("resident", "ondemand", "accelerate")   # rows that do not depend on the GPU expert budget
-TARGETS = {"adapmoe_vs_lru": {"A": 1.5, "B": 1.35}, "adapmoe_vs_accelerate": 10.0, "resident_vs_adapmoe_50": 2.0}
+MODES = ("reference", "resident", "ondemand", "lru", "adapmoe", "adapmoe-cost", "accelerate", "store-remote")
+BUDGET_FREE = ("reference", "resident", "ondemand", "accelerate")   # rows that do not depend on the GPU expert budget
+TARGETS = {"adapmoe_vs_lru": {"A": 1.5, "B": 1.35}, "adapmoe_vs_accelerate": 10.0, "resident_vs_adapmoe_50": 2.0,
+           # the GPU-driven step (issue 12)
+           "resident_ms": {"A": 2.5, "B": 1.5}, "cached_vs_bound": 1.25}
 
 
 def log(msg: str) -> None:
@@ -447,7 +449,7 @@ def fill_gpu(cache: Any, L: int, E: int) -> None:
 
 def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.device, target: str,
                  profile: dict, remote_fetch_workers: int = 0, dense_slots: bool | None = None,
-                 fill_threads: int = 8) -> Engine:
+                 fill_threads: int = 8, decode_step: str = "auto") -> Engine:
     from decoder.experts.cache import _dense_slots
 
     precision = store_precision(prep)
@@ -460,7 +462,7 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
     T = float(profile["budget"])
     gpu_bytes = None if budget is None else max(L, round(budget * n_experts)) * slot
     host_all = n_experts * hslot
-    common = dict(device=device, dtype=dtype, precision=precision)
+    common = dict(device=device, dtype=dtype, precision=precision, decode_step=decode_step)
     dense_opt = {"dense_slots": dense}
     if mode == "resident":
         # through a host tier filled on fill_threads threads (fetch + decode in parallel); nothing
@@ -526,15 +528,16 @@ def perplexity_windows(logits_of: Any, windows: Sequence[torch.Tensor]) -> tuple
 
 
 def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torch.device, args: argparse.Namespace,
-                   target: str, profile: dict, pinned_gbps: float) -> dict[str, Any]:
+                   target: str, profile: dict, pinned_gbps: float, decode_step: str = "auto") -> dict[str, Any]:
     t_build = time.perf_counter()
     eng = build_engine(prep, mode, budget, device, target, profile, args.remote_fetch_workers,
-                       {"auto": None, "on": True, "off": False}[args.dense_slots], args.fill_threads)
+                       {"auto": None, "on": True, "off": False}[args.dense_slots], args.fill_threads, decode_step)
     build_s = time.perf_counter() - t_build
     try:
         warm = min(args.warmup_tokens, 4) if mode == "store-remote" else args.warmup_tokens
         eng.generate(prep.warmup_prompt, max_tokens=warm, temperature=0.0, stop_at_eos=False)
         eng.reset_stats()
+        reads0 = eng._step.reads if eng._step is not None else 0
         outs = []
         n_new = args.remote_tokens if mode == "store-remote" else args.new_tokens
         for i, p in enumerate(tqdm(prep.prompts, desc=f"{prep.name} {mode} {budget}", unit="prompt", leave=False)):
@@ -542,6 +545,11 @@ def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torc
                                      stop_at_eos=False).token_ids)
         sync(device)
         st = eng.stats()
+        used_step = eng._step is not None
+        # host reads per decode token: the step's per-layer reads (none when whole) + the sample;
+        # the eager path reads at least once per MoE layer (benchmarks/host_overhead.py counts them)
+        n_steps = max(1, st["generated_tokens"] - st["requests"])          # prefills excluded
+        step_reads = (eng._step.reads - reads0) / n_steps + 1 if used_step else None
         profile_txt = None
         if args.profile_rows and mode in args.profile_rows:
             profile_txt = torch_profile(eng, prep, args)
@@ -562,6 +570,7 @@ def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torc
     lower_bound_ms = gb_tok.get("gpu", 0.0) / pinned_gbps * 1e3
     return {
         "model": prep.name, "budget": budget, "mode": mode, "tokens_per_s": tps,
+        "decode_step": "step" if used_step else "eager", "host_reads_per_token": step_reads,
         "ms_per_token": 1e3 / tps if tps else None,
         "experts_per_token": st["experts_per_token"], "single_expert_ratio": st["single_expert_ratio"],
         "gpu_hit_rate": (tiers.get("gpu") or {}).get("hit_rate"),
@@ -704,8 +713,9 @@ def pinned_copy_gbps(device: torch.device, mb: int = 256) -> float:
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         def find(mode: str, budget: Any) -> dict | None:
-            return next((x for x in rows if x["model"] == r["model"] and x["mode"] == mode
-                         and (mode in BUDGET_FREE or x["budget"] == budget)), None)
+            same = [x for x in rows if x["model"] == r["model"] and x["mode"] == mode
+                    and (mode in BUDGET_FREE or x["budget"] == budget)]
+            return next((x for x in same if x.get("decode_step") == r.get("decode_step")), same[0] if same else None)
         lru, res = find("lru", r["budget"]), find("resident", None)
         r["vs_lru"] = r["tokens_per_s"] / lru["tokens_per_s"] if lru and lru["tokens_per_s"] else None
         r["vs_resident"] = r["tokens_per_s"] / res["tokens_per_s"] if res and res["tokens_per_s"] else None
@@ -714,9 +724,10 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
 
 def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
+    out = check_step_targets(rows)
     for r in rows:
-        if r["mode"] != "adapmoe":
+        if r["mode"] != "adapmoe" or r.get("decode_step") == "eager" and any(
+                x.get("decode_step") == "step" for x in rows if x["model"] == r["model"]):
             continue
         need = TARGETS["adapmoe_vs_lru"].get(r["model"])
         if r.get("vs_lru") is not None and need:
@@ -729,6 +740,35 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             slow = 1 / r["vs_resident"]
             out.append({"target": f"{r['model']} adapmoe within 2x of resident @ 50% (resident/adapmoe <= 2)",
                         "measured": slow, "met": slow <= TARGETS["resident_vs_adapmoe_50"]})
+    return out
+
+
+def check_step_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 12's targets for rows decoded through the GPU-driven step: resident ms/token,
+    cached rows within 1.25x of (bytes-moved bound + reference step), host reads per token."""
+    out = []
+    for r in rows:
+        if r.get("decode_step") != "step" or not r.get("ms_per_token"):
+            continue
+        m, ms = r["model"], r["ms_per_token"]
+        L = len(r.get("gpu_quota") or []) or None
+        ref = next((x for x in rows if x["model"] == m and x["mode"] == "reference"), None)
+        reads = r.get("host_reads_per_token")
+        if r["mode"] == "resident":
+            need = TARGETS["resident_ms"].get(m)
+            if need:
+                out.append({"target": f"{m} resident <= {need} ms/token (step)", "measured": ms, "met": ms <= need})
+            if reads is not None:
+                out.append({"target": f"{m} resident host reads/token <= 1", "measured": reads, "met": reads <= 1.0})
+        elif r["mode"] in ("lru", "adapmoe"):
+            if ref is not None and r.get("lower_bound_ms_per_token") is not None:
+                floor = r["lower_bound_ms_per_token"] + ref["ms_per_token"]
+                out.append({"target": f"{m} {r['mode']} @ {r['budget']:.0%} <= 1.25 x (bytes bound + reference) "
+                                      f"= {1.25 * floor:.2f} ms (ratio shown)",
+                            "measured": ms / floor, "met": ms <= TARGETS["cached_vs_bound"] * floor})
+            if reads is not None and L:
+                out.append({"target": f"{m} {r['mode']} @ {r['budget']:.0%} host reads/token <= {L + 1}",
+                            "measured": reads, "met": reads <= L + 1})
     return out
 
 
@@ -762,7 +802,8 @@ def markdown(rows: list[dict[str, Any]], targets: list[dict[str, Any]]) -> str:
     for r in rows:
         gb = r.get("gb_per_token") or {}
         lines.append("| " + " | ".join([
-            r["model"], fmt(r["budget"], ".0%") if r["budget"] is not None else "-", r["mode"],
+            r["model"], fmt(r["budget"], ".0%") if r["budget"] is not None else "-",
+            r["mode"] + (f" ({r['decode_step']})" if r.get("decode_step") in ("step", "eager") else ""),
             fmt(r["tokens_per_s"], ".1f"), fmt(r.get("vs_lru")), fmt(r.get("vs_resident")),
             fmt(r.get("experts_per_token")), fmt(r.get("single_expert_ratio")), fmt(r.get("gpu_hit_rate")),
             fmt(r.get("prefetch_precision")), fmt(r.get("prefetch_recall")),
@@ -772,7 +813,7 @@ def markdown(rows: list[dict[str, Any]], targets: list[dict[str, Any]]) -> str:
             ppl_cell(r, rows)]) + " |")
     lines.append("")
     for t in targets:
-        lines.append(f"- {'MET' if t['met'] else 'MISSED'}: {t['target']}: measured {t['measured']:.2f}x")
+        lines.append(f"- {'MET' if t['met'] else 'MISSED'}: {t['target']}: measured {t['measured']:.2f}")
     return "\n".join(lines) + "\n"
 
 
@@ -790,7 +831,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         for mode in MODES:
             for r in rs:
                 if r["mode"] == mode:
-                    labels.append(mode if r["budget"] is None else f"{mode}\n{r['budget']:.0%}")
+                    name = mode + (" eager" if r.get("decode_step") == "eager" else "")
+                    labels.append(name if r["budget"] is None else f"{name}\n{r['budget']:.0%}")
                     vals.append(r["tokens_per_s"])
                     colors.append(palette.get(r["budget"], "#2ca02c"))
         ax.bar(range(len(vals)), vals, color=colors)
@@ -817,12 +859,12 @@ def run_model(prep: Prepared, device: torch.device, args: argparse.Namespace, wo
     if args.warmup_row and args.modes:
         # the first row of a process pays one-time costs (allocator growth, kernel/library loading,
         # clocks) that an engine's own warm-up tokens do not cover: run it once, untimed
-        first = args.modes[0]
+        first = next((m for m in args.modes if m != "reference"), args.modes[0])
         t0 = time.perf_counter()
         try:
             if first == "accelerate":
                 run_accelerate_row(prep, device, args)
-            elif first != "store-remote":
+            elif first not in ("store-remote", "reference"):
                 run_engine_row(prep, first, None if first in BUDGET_FREE else args.budgets[0], device, args,
                                str(prep.store), profile, pinned_gbps)
         except Exception as e:
@@ -835,7 +877,11 @@ def run_model(prep: Prepared, device: torch.device, args: argparse.Namespace, wo
             for b in budgets:
                 t0 = time.perf_counter()
                 try:
-                    if mode == "accelerate":
+                    if mode == "reference":
+                        if not args.reference_probe:
+                            continue
+                        row = run_reference_row(prep, args)
+                    elif mode == "accelerate":
                         if prep.name == "B" and not args.b_accelerate:
                             continue
                         row = run_accelerate_row(prep, device, args)
@@ -845,26 +891,56 @@ def run_model(prep: Prepared, device: torch.device, args: argparse.Namespace, wo
                             if server is None:
                                 server = StoreServer(prep.store, args.store_workers, work / "store-server.log")
                             target = f"grpc://{server.address}"
-                        row = run_engine_row(prep, mode, b, device, args, target, profile, pinned_gbps)
-                        if mode == "store-remote":
-                            row["store_workers"] = args.store_workers
-                            row["fetch_workers"] = args.remote_fetch_workers
+                        for ds in args.decode_steps:
+                            t0 = time.perf_counter()
+                            row = run_engine_row(prep, mode, b, device, args, target, profile, pinned_gbps, ds)
+                            if mode == "store-remote":
+                                row["store_workers"] = args.store_workers
+                                row["fetch_workers"] = args.remote_fetch_workers
+                            if ds != args.decode_steps[-1]:
+                                finish_row(row, rows, t0, prep, mode, b, on_row)
                 except Exception as e:   # one broken row must not lose the others
                     import traceback
                     traceback.print_exc()
                     row = {"model": prep.name, "budget": b, "mode": mode, "tokens_per_s": 0.0,
                            "error": f"{type(e).__name__}: {e}"}
                     free_memory(device)
-                row["row_s"] = round(time.perf_counter() - t0, 1)
-                rows.append(row)
-                log(f"{prep.name} {mode:>12} budget {b}: {row['tokens_per_s']:.2f} tok/s "
-                    f"(ppl {row.get('heldout_perplexity')}, {row['row_s']} s)")
-                if on_row is not None:
-                    on_row()
+                finish_row(row, rows, t0, prep, mode, b, on_row)
     finally:
         if server is not None:
             server.stop()
     return rows
+
+
+def finish_row(row: dict[str, Any], rows: list[dict[str, Any]], t0: float, prep: Prepared, mode: str,
+               b: float | None, on_row: Any) -> None:
+    row["row_s"] = round(time.perf_counter() - t0, 1)
+    rows.append(row)
+    log(f"{prep.name} {mode:>12} ({row.get('decode_step', '-')}) budget {b}: {row['tokens_per_s']:.2f} tok/s "
+        f"(ppl {row.get('heldout_perplexity')}, {row['row_s']} s)")
+    if on_row is not None:
+        on_row()
+
+
+def run_reference_row(prep: Prepared, args: argparse.Namespace) -> dict[str, Any]:
+    """The captured-step probe (`--reference-probe`, e.g. shared/probes/graph_bound.py: every
+    expert resident, device routing, grouped GEMM, one CUDA graph) for this model's shapes,
+    run in a subprocess in the same session: the floor a batch-1 step of these shapes has."""
+    r = subprocess.run([sys.executable, args.reference_probe, prep.name], capture_output=True, text=True,
+                       timeout=600)
+    best = None
+    for line in r.stdout.splitlines():
+        try:
+            x = json.loads(line)
+        except ValueError:
+            continue
+        if x.get("shape") == prep.name and "graph_ms" in x and (best is None or x["graph_ms"] < best["graph_ms"]):
+            best = x
+    if best is None:
+        raise RuntimeError(f"reference probe printed no figure for {prep.name}: {r.stderr[-500:]}")
+    ms = float(best["graph_ms"])
+    return {"model": prep.name, "budget": None, "mode": "reference", "decode_step": "probe",
+            "tokens_per_s": 1e3 / ms, "ms_per_token": ms, "reference_probe": best}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -924,6 +1000,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-warmup-row", dest="warmup_row", action="store_false",
                    help="do not run the first row once untimed before the measured rows")
     p.add_argument("--tiny", action="store_true", help="CPU-sized models and runs (plumbing check)")
+    p.add_argument("--decode-steps", default="auto",
+                   help="comma list of Engine decode_step values to run every engine row with "
+                        "(auto | step | eager; e.g. eager,auto for the before/after pair)")
+    p.add_argument("--reference-probe", default=None, metavar="PY",
+                   help="the reference row: a captured-step probe printing JSON lines with shape/graph_ms")
     p.add_argument("--merge", default=None, metavar="TAGS",
                    help="only combine earlier runs' OUT_DIR/TAG.json (comma list) into OUT_DIR/decode.*")
     args = p.parse_args(list(argv) if argv is not None else None)
@@ -933,6 +1014,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if m not in MODES:
             p.error(f"unknown mode {m!r} (modes: {', '.join(MODES)})")
     args.budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    args.decode_steps = [d.strip() for d in args.decode_steps.split(",") if d.strip()]
     args.profile_rows = [m.strip() for m in args.profile_rows.split(",") if m.strip()]
     if args.tiny:
         args.a_hidden, args.a_ffn, args.a_layers, args.a_heads, args.a_vocab = 64, 128, 4, 4, 512
@@ -1001,7 +1083,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_results(out_dir, args, rows, targets, models_info, pinned, device, t_start)
     print(markdown(rows, targets))
     for t in targets:
-        print(f"target {'MET   ' if t['met'] else 'MISSED'} {t['target']}: {t['measured']:.2f}x", flush=True)
+        print(f"target {'MET   ' if t['met'] else 'MISSED'} {t['target']}: {t['measured']:.2f}", flush=True)
     return 0
 
 

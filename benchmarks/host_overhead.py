@@ -93,14 +93,15 @@ def adaptive_budget(model: Transformer, config: ModelConfig, prompt: list[int], 
 
 
 def build_row(row: str, model: Transformer, store: Path, device: torch.device, dtype: torch.dtype,
-              budget: float, gpu_fraction: float) -> Engine:
+              budget: float, gpu_fraction: float, decode_step: str = "auto") -> Engine:
     cfg = model.config
     if row == "resident":
-        return Engine.from_model(model.to(device=device, dtype=dtype), device=device, dtype=dtype)
+        return Engine.from_model(model.to(device=device, dtype=dtype), device=device, dtype=dtype,
+                                 decode_step=decode_step)
     L, E = cfg.num_hidden_layers, cfg.num_local_experts
     slot = 3 * cfg.hidden_size * cfg.intermediate_size * 2 + 256       # one bf16 expert, aligned up
     host_all = L * E * (slot + 4096)
-    common: dict[str, Any] = dict(device=device, dtype=dtype, precision="bf16")
+    common: dict[str, Any] = dict(device=device, dtype=dtype, precision="bf16", decode_step=decode_step)
     if row == "cache-lru":
         return Engine.from_store(str(store), MODEL, gpu_cache_bytes=L * E * slot, host_cache_bytes=host_all,
                                  gating="topk", prefetch=False,
@@ -163,8 +164,8 @@ def host_reads_per_step(eng: Engine, prompt: list[int], steps: int = 8) -> float
 
 
 def run_row(row: str, model: Transformer, store: Path, a: argparse.Namespace, device: torch.device,
-            dtype: torch.dtype, budget: float, prompt: list[int]) -> dict[str, Any]:
-    eng = build_row(row, model, store, device, dtype, budget, a.gpu_fraction)
+            dtype: torch.dtype, budget: float, prompt: list[int], decode_step: str = "auto") -> dict[str, Any]:
+    eng = build_row(row, model, store, device, dtype, budget, a.gpu_fraction, decode_step)
     try:
         warm_cache(eng)
         time_decode(eng, prompt, min(a.steps, 20), device)              # warm-up
@@ -186,7 +187,7 @@ def run_row(row: str, model: Transformer, store: Path, a: argparse.Namespace, de
         st = eng.stats()
         best, cpu = min(per_token), min(cpu_per_token)
         L = eng.config.num_hidden_layers
-        return {"row": row, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "steps": a.steps,
+        return {"row": row, "decode_step": "step" if eng._step is not None else "eager", "device": str(device), "dtype": str(dtype).replace("torch.", ""), "steps": a.steps,
                 "us_per_token": best * 1e6, "us_per_layer": best * 1e6 / L,
                 "cpu_us_per_token": cpu * 1e6, "cpu_us_per_layer": cpu * 1e6 / L,
                 "us_per_token_runs": [s * 1e6 for s in per_token],
@@ -216,6 +217,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--profile", default=None, help="cProfile one more run of this row (or 'all')")
     ap.add_argument("--profile-lines", type=int, default=25)
+    ap.add_argument("--decode-steps", default="auto",
+                    help="comma list of Engine decode_step values per row (eager,auto: before/after the GPU-driven step)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "host_overhead.json"))
     a = ap.parse_args(argv)
     rows = [r.strip() for r in a.rows.split(",") if r.strip()]
@@ -233,19 +236,21 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     results = []
     with tempfile.TemporaryDirectory(prefix="host-overhead-") as tmp:
         store = pack_store(model, Path(tmp))
-        for r in rows:
-            results.append(run_row(r, model, store, a, device, dtype, budget, prompt))
+        steps = [d.strip() for d in a.decode_steps.split(",") if d.strip()]
+        for r, ds in [(r, ds) for r in rows for ds in steps]:
+            results.append(run_row(r, model, store, a, device, dtype, budget, prompt, ds))
             x = results[-1]
-            print(f"{r:>13}: {x['us_per_token']:9.1f} us/token {x['us_per_layer']:8.1f} us/layer (wall); "
-                  f"{x['cpu_us_per_token']:9.1f} us/token {x['cpu_us_per_layer']:8.1f} us/layer (CPU)", flush=True)
+            print(f"{r:>13} ({x['decode_step']}): {x['us_per_token']:9.1f} us/token {x['us_per_layer']:8.1f} "
+                  f"us/layer (wall); {x['cpu_us_per_token']:9.1f} us/token {x['cpu_us_per_layer']:8.1f} us/layer (CPU)",
+                  flush=True)
     print(f"\n{config.num_hidden_layers} layers, hidden {config.hidden_size}, ffn {config.intermediate_size}, "
           f"{config.num_local_experts} experts, device {device}, {a.steps} steps, best of {a.repeats}")
-    print("| row | wall us/token | wall us/layer | CPU us/token | CPU us/layer | host reads/step | experts/tok | "
+    print("| row | step | wall us/token | wall us/layer | CPU us/token | CPU us/layer | host reads/step | experts/tok | "
           "single | prefetch precision |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for x in results:
         pp = x["prefetch_precision"]
-        print(f"| {x['row']} | {x['us_per_token']:.0f} | {x['us_per_layer']:.0f} | {x['cpu_us_per_token']:.0f} | "
+        print(f"| {x['row']} | {x['decode_step']} | {x['us_per_token']:.0f} | {x['us_per_layer']:.0f} | {x['cpu_us_per_token']:.0f} | "
               f"{x['cpu_us_per_layer']:.0f} | {x['host_reads_per_step']:.1f} | {x['experts_per_token']:.2f} | "
               f"{x['single_expert_ratio']:.2f} | {'-' if pp is None else f'{pp:.2f}'} |")
     out = Path(a.out)
