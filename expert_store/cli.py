@@ -2,6 +2,7 @@
 
     expert-store pack CHECKPOINT_DIR --store DIR [--model NAME] [--precisions bf16,int8,int4]
                       [--group-size 128] [--redis URL]
+    expert-store pack hf://ORG/NAME[@REVISION] [--hf-cache DIR] --store ...   ($HF_TOKEN for gated repos)
     expert-store pack CHECKPOINT_DIR --store grpc://H:P[,H:P] | dns:///H:P | k8s://NS/SVC:PORT
                       [--placement all|owner] [--token-file F] [--tls-ca F [--tls-cert F --tls-key F]]
                       [--deadline S] [--model NAME] [--precisions ...] [--group-size 128]
@@ -76,7 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Import a checkpoint into a store directory, or into running store replicas "
                                    "over gRPC (PutBlob; the manifest goes last, so nothing is visible before "
                                    "the pack is complete; a re-run skips files a replica already holds).")
-    p.add_argument("checkpoint", metavar="CHECKPOINT_DIR")
+    p.add_argument("checkpoint", metavar="CHECKPOINT_DIR|hf://ORG/NAME[@REVISION]",
+                   help="a local HF checkpoint directory, or a hub repository to download (only safetensors, "
+                        "config and tokenizer files; $HF_TOKEN for gated or private ones; resumable)")
+    p.add_argument("--hf-cache", metavar="DIR", default=None,
+                   help="(hf://) hub cache directory to download into (default: $HF_HUB_CACHE or "
+                        "~/.cache/huggingface/hub)")
     p.add_argument("--store", required=True, metavar="DIR|grpc://H:P[,H:P]|dns:///H:P|k8s://NS/SVC:PORT",
                    help="a store directory, or the replicas to upload to")
     p.add_argument("--model", help="model name in the store (default: the checkpoint directory's name)")
@@ -142,13 +148,25 @@ def _existing_store(path: str) -> str:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    if not Path(args.checkpoint).is_dir():
-        raise CliError(f"checkpoint directory {args.checkpoint} does not exist")
-    if args.model is not None:
-        blob_format.validate_model_name(args.model)
+    from expert_store import hub
     from expert_store.client import is_remote_target
 
-    if is_remote_target(args.store):
+    ref = hub.parse_hub_ref(args.checkpoint) if hub.is_hub_ref(args.checkpoint) else None
+    if ref is None and not Path(args.checkpoint).is_dir():
+        raise CliError(f"checkpoint directory {args.checkpoint} does not exist")
+    if args.hf_cache is not None and ref is None:
+        raise CliError("--hf-cache goes with an hf://ORG/NAME checkpoint")
+    if args.model is None and ref is not None:
+        args.model = ref.name  # not the snapshot directory's name (a commit hash)
+    if args.model is not None:
+        blob_format.validate_model_name(args.model)
+    remote = is_remote_target(args.store)
+    if remote:
+        _check_remote_args(args)
+    if ref is not None:
+        args.checkpoint = str(hub.download(ref, args.hf_cache, progress=not args.no_progress))
+        logging.getLogger("expert_store.hub").info("%s: snapshot %s", ref, args.checkpoint)
+    if remote:
         return _pack_remote(args)
     from expert_store.pack import pack_checkpoint  # torch: imported only once the arguments are sound
     from expert_store.store import ModelStore
@@ -160,13 +178,17 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pack_remote(args: argparse.Namespace) -> int:
+def _check_remote_args(args: argparse.Namespace) -> None:
+    """The replica-only flags, checked before any download."""
     if args.redis:
         raise CliError("--redis is for a store directory; replicas write through to their own Redis tier")
     if args.deadline <= 0:
         raise CliError("--deadline must be positive")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise CliError("--tls-cert and --tls-key go together")
+
+
+def _pack_remote(args: argparse.Namespace) -> int:
     from expert_store.grpc_serving import read_token_file
 
     try:
