@@ -23,6 +23,8 @@ one port (SO_REUSEPORT) because one Python process tops out near 1 GB/s.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -271,29 +273,56 @@ class PutAssembler:
 # metrics (optional)
 
 
+# When the RPC of the running task began (set by `timed_rpc`, read when its status is counted).
+_rpc_started: contextvars.ContextVar[float | None] = contextvars.ContextVar("rpc_started", default=None)
+
+# RPC latency buckets, seconds: a manifest or Stat answers in under a millisecond, a stream of
+# large expert blobs takes seconds.
+RPC_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                       30.0, 60.0)
+
+
+def timed_rpc(handler: Callable) -> Callable:
+    """Mark the start of an RPC handler, so that its latency is observed with its status."""
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Any, context: Any) -> Any:
+        _rpc_started.set(time.perf_counter())
+        return await handler(self, request, context)
+    return wrapper
+
+
 class ServerMetrics:
-    """Prometheus counters; a no-op when prometheus is off. Pre-forked workers write through
-    prometheus_client's multiprocess mode and the parent serves the sum."""
+    """Prometheus metrics; a no-op when prometheus is off. Pre-forked workers write through
+    prometheus_client's multiprocess mode and the parent serves the sum.
+
+    Per RPC: a count by method and status and a latency histogram by method and status (from
+    the handler's start to its answer or its last chunk written). Per tier: hit and miss
+    counters, advanced by the growth of the tiers' own cumulative counts."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
+        self._tier_seen: dict[tuple[str, str], int] = {}
         if not enabled:
             return
-        from prometheus_client import Counter, Gauge
+        from prometheus_client import Counter, Gauge, Histogram
 
         self.requests = Counter("adapmoe_store_requests", "RPCs by method and status", ["method", "status"])
+        self.rpc_seconds = Histogram("adapmoe_store_rpc_seconds", "RPC latency by method and status, seconds",
+                                     ["method", "status"], buckets=RPC_SECONDS_BUCKETS)
         self.bytes_served = Counter("adapmoe_store_bytes_served", "blob bytes streamed", ["method"])
         self.active_streams = Gauge("adapmoe_store_active_streams", "open streams", multiprocess_mode="livesum")
-        self.tier_hits = Gauge("adapmoe_store_tier_hits", "reads answered by each tier",
-                               ["tier"], multiprocess_mode="livesum")
-        self.tier_misses = Gauge("adapmoe_store_tier_misses", "reads missed by each tier",
-                                 ["tier"], multiprocess_mode="livesum")
+        self.tier_hits = Counter("adapmoe_store_tier_hits", "reads answered by each tier", ["tier"])
+        self.tier_misses = Counter("adapmoe_store_tier_misses", "reads missed by each tier", ["tier"])
         self.verified = Counter("adapmoe_store_verified_blobs", "blobs checked by Verify, by outcome",
                                 ["outcome"])
 
     def request(self, method: str, status: str) -> None:
+        """Count one finished RPC; with its latency when `timed_rpc` marked its start."""
         if self.enabled:
             self.requests.labels(method, status).inc()
+            started = _rpc_started.get()
+            if started is not None:
+                self.rpc_seconds.labels(method, status).observe(time.perf_counter() - started)
 
     def served(self, method: str, nbytes: int) -> None:
         if self.enabled:
@@ -308,10 +337,19 @@ class ServerMetrics:
             self.active_streams.set(active)
 
     def tiers(self, stats: dict[str, dict]) -> None:
+        """Advance the tier counters to this process's cumulative tier counts."""
         if self.enabled:
             for tier, s in stats.items():
-                self.tier_hits.labels(tier).set(s.get("hits", 0))
-                self.tier_misses.labels(tier).set(s.get("misses", 0))
+                self._advance(self.tier_hits, tier, "hits", int(s.get("hits", 0)))
+                self._advance(self.tier_misses, tier, "misses", int(s.get("misses", 0)))
+
+    def _advance(self, counter: Any, tier: str, what: str, total: int) -> None:
+        seen = self._tier_seen.get((tier, what), 0)
+        if total < seen:  # the tier's counts restarted (store reopened): all of it is new
+            seen = 0
+        if total > seen:
+            counter.labels(tier).inc(total - seen)
+        self._tier_seen[(tier, what)] = total
 
 
 def tier_stats(store: Any) -> dict[str, dict]:
@@ -403,6 +441,7 @@ class ExpertStoreServicer(pb_grpc.ExpertStoreServicer):
 
     # ---- RPCs
 
+    @timed_rpc
     async def GetManifest(self, request: pb.GetManifestRequest, context) -> pb.Manifest:
         try:
             m = await self._manifest(request.model)
@@ -412,6 +451,7 @@ class ExpertStoreServicer(pb_grpc.ExpertStoreServicer):
         self.metrics.request("GetManifest", "OK")
         return reply
 
+    @timed_rpc
     async def FetchExperts(self, request: pb.FetchExpertsRequest, context) -> None:
         method, acquired, sent = "FetchExperts", False, 0
         reading: asyncio.Future | None = None
@@ -490,6 +530,7 @@ class ExpertStoreServicer(pb_grpc.ExpertStoreServicer):
                     pass
             reader.close()
 
+    @timed_rpc
     async def FetchDense(self, request: pb.FetchDenseRequest, context) -> None:
         method, acquired, sent = "FetchDense", False, 0
         try:
@@ -507,7 +548,9 @@ class ExpertStoreServicer(pb_grpc.ExpertStoreServicer):
                 self._release_stream()
         self.metrics.served(method, sent)
         self.metrics.request(method, "OK")
+        self.metrics.tiers(tier_stats(self.store))
 
+    @timed_rpc
     async def PutBlob(self, request_iterator, context) -> pb.PutBlobResponse:
         method, acquired = "PutBlob", False
         try:
@@ -538,6 +581,7 @@ class ExpertStoreServicer(pb_grpc.ExpertStoreServicer):
         self.metrics.request(method, "OK")
         return pb.PutBlobResponse(key=key, size=size)
 
+    @timed_rpc
     async def Stat(self, request: pb.StatRequest, context) -> pb.StatResponse:
         try:
             models = await self._call(self.store.models)
@@ -556,6 +600,7 @@ class ExpertStoreServicer(pb_grpc.ExpertStoreServicer):
                    for name, s in stats.items()],
         )
 
+    @timed_rpc
     async def Verify(self, request: pb.VerifyRequest, context) -> pb.VerifyResponse:
         method = "Verify"
         try:
