@@ -45,6 +45,7 @@ def test_kernels_match_torch_on_cuda():
 
 def test_graphs_give_the_uncaptured_steps_tokens_and_the_eager_logits():
     ids = list(range(5, 17))
+    seq = ids + list(range(40, 56))           # one teacher-forced sequence for every path
     runs = {}
     for mode in ("eager", "step-eager", "step"):
         eng = Engine.from_model(bf16_model(), decode_step="eager" if mode == "eager" else "step")
@@ -54,7 +55,7 @@ def test_graphs_give_the_uncaptured_steps_tokens_and_the_eager_logits():
             from decoder.step import DecodeStep
             eng._step = DecodeStep(eng.model, 1, capture=False)
         res = eng.generate(ids, max_tokens=64, stop_at_eos=False)
-        logits = eng.decode_logits(ids + res.token_ids[:16])
+        logits = eng.decode_logits(seq)
         runs[mode] = (res.token_ids, logits, eng._step)
     assert runs["step"][2].capture and runs["step"][2].whole_steps > 0
     assert runs["step"][0] == runs["step-eager"][0]
