@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precisions", type=_precisions, default=("bf16",), help="comma list of bf16,int8,int4")
     p.add_argument("--group-size", type=_positive, default=128, help="quantization group size (int8/int4)")
     p.add_argument("--redis", metavar="URL", help="(directory) also write through to this Redis tier")
+    p.add_argument("--redis-password-file", metavar="F",
+                   help="(directory) password of --redis (else $REDIS_PASSWORD, if set)")
     p.add_argument("--placement", choices=("all", "owner"), default="all",
                    help="(replicas) all: every file to every replica (each serves the whole model); owner: each "
                         "expert blob and the dense file only to its rendezvous owner (1/N disk, no redundancy, "
@@ -106,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve a store over gRPC")
     s.add_argument("--store", required=True, metavar="DIR")
     s.add_argument("--redis", metavar="URL", help="redis://, rediss:// or redis+cluster:// URL of the Redis tier")
+    s.add_argument("--redis-password-file", metavar="F",
+                   help="password of the Redis tier (else $REDIS_PASSWORD, if set; a password in the URL wins)")
     s.add_argument("--listen", default="127.0.0.1:50051", metavar="HOST:PORT", help="port 0 picks a free one")
     s.add_argument("--workers", type=_positive, default=1, metavar="N",
                    help="server processes sharing the port (SO_REUSEPORT)")
@@ -141,6 +145,18 @@ def _read_file(path: str | None, what: str) -> bytes | None:
         raise CliError(f"cannot read {what} {path}: {e.strerror or e}") from None
 
 
+def _redis_password(args: argparse.Namespace) -> str | None:
+    """--redis-password-file (stripped), else $REDIS_PASSWORD, else None."""
+    from expert_store.grpc_serving import read_token_file
+
+    if args.redis_password_file is not None and not args.redis:
+        raise CliError("--redis-password-file goes with --redis")
+    try:
+        return read_token_file(args.redis_password_file, "REDIS_PASSWORD")
+    except OSError as e:
+        raise CliError(f"cannot read Redis password file {args.redis_password_file}: {e.strerror or e}") from None
+
+
 def _existing_store(path: str) -> str:
     if not Path(path).is_dir():
         raise CliError(f"store directory {path} does not exist")
@@ -170,7 +186,9 @@ def cmd_pack(args: argparse.Namespace) -> int:
         return _pack_remote(args)
     from expert_store.pack import pack_checkpoint  # torch: imported only once the arguments are sound
     from expert_store.store import ModelStore
-    with ModelStore.open(args.store, redis_url=args.redis, ram_bytes=0) as store:
+    password = _redis_password(args)
+    redis_options = {"password": password} if args.redis else {}
+    with ModelStore.open(args.store, redis_url=args.redis, ram_bytes=0, **redis_options) as store:
         result = pack_checkpoint(args.checkpoint, store.tiered, model=args.model, precisions=args.precisions,
                                  group_size=args.group_size, progress=not args.no_progress)
     print(f"packed {result.model} into {args.store}: {result.blobs_written} blobs written "
@@ -180,7 +198,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 def _check_remote_args(args: argparse.Namespace) -> None:
     """The replica-only flags, checked before any download."""
-    if args.redis:
+    if args.redis or args.redis_password_file:
         raise CliError("--redis is for a store directory; replicas write through to their own Redis tier")
     if args.deadline <= 0:
         raise CliError("--deadline must be positive")
@@ -226,7 +244,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls_key=_read_file(args.tls_key, "TLS key"), tls_client_ca=_read_file(args.tls_client_ca, "client CA"),
         metrics_port=args.metrics_port, inject_latency_s=args.inject_latency_ms / 1000.0)
     spec = StoreSpec(args.store, redis_url=args.redis, ram_bytes=args.ram_bytes,
-                     stream_above_bytes=args.stream_above_bytes)
+                     stream_above_bytes=args.stream_above_bytes, redis_password=_redis_password(args))
     if args.workers == 1:
         run_single(spec, config)
         return 0

@@ -755,11 +755,14 @@ class StoreSpec:
     redis_url: str | None = None
     ram_bytes: int | None = None
     stream_above_bytes: int | None = None  # None: ModelStore's default
+    redis_password: str | None = None  # for a URL without one (a password kept in a Secret file)
 
     def open(self) -> Any:
         from expert_store.store import ModelStore
 
-        kw = {"redis_url": self.redis_url}
+        kw: dict[str, Any] = {"redis_url": self.redis_url}
+        if self.redis_password:
+            kw["password"] = self.redis_password
         if self.ram_bytes is not None:
             kw["ram_bytes"] = self.ram_bytes
         if self.stream_above_bytes is not None:

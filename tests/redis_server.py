@@ -69,7 +69,8 @@ class RedisServer:
     client can watch it go away and come back (empty: nothing is persisted)."""
 
     def __init__(self, workdir: str | os.PathLike, port: int | None = None, *, cluster: bool = False,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), password: str | None = None) -> None:
+        self.password = password  # set: clients must AUTH (--requirepass)
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port(cluster)
@@ -86,6 +87,7 @@ class RedisServer:
         return self.workdir / f"redis-{self.port}.log"
 
     def client(self, **kwargs) -> redis.Redis:
+        kwargs.setdefault("password", self.password)
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, **kwargs)
 
     def _args(self) -> list[str]:
@@ -105,6 +107,8 @@ class RedisServer:
                 "--cluster-config-file", f"nodes-{self.port}.conf",
                 "--cluster-node-timeout", "2000",
             ]
+        if self.password:
+            args += ["--requirepass", self.password]
         return args + list(self.extra_args)
 
     def start(self, timeout_s: float = 10.0) -> "RedisServer":
@@ -123,7 +127,7 @@ class RedisServer:
                 raise RuntimeError(f"redis-server on port {self.port} exited at start: {err}\n{log}")
             try:
                 with redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5,
-                                 socket_connect_timeout=0.5) as r:
+                                 socket_connect_timeout=0.5, password=self.password) as r:
                     if r.ping():
                         return self
             except redis.RedisError:

@@ -73,6 +73,7 @@ class RedisTier:
         warn_every_s: float = 30.0,
         pipeline_bytes: int = 32 << 20,
         ttl_s: int | None = None,
+        password: str | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError("chunk_size must be >= 1")
@@ -84,6 +85,7 @@ class RedisTier:
         self.retry_after_s = retry_after_s
         self.warn_every_s = warn_every_s
         self.ttl_s = ttl_s
+        self._password = password or None  # a password in the URL wins
         self._chunks_per_batch = max(1, pipeline_bytes // self.chunk_size)
         self._client_obj = None
         self._client_lock = threading.Lock()
@@ -102,6 +104,8 @@ class RedisTier:
             socket_connect_timeout=self.connect_timeout,
             retry=Retry(NoBackoff(), 0),
         )
+        if self._password is not None:
+            common["password"] = self._password  # from_url lets the URL's own password override it
         if not self.cluster:
             return redis_py.Redis.from_url(self.url, **common)
         parts = urlsplit(self.url)
@@ -117,7 +121,7 @@ class RedisTier:
             auth["username"] = unquote(parts.username)
         if parts.password:
             auth["password"] = unquote(parts.password)
-        return RedisCluster(startup_nodes=nodes, ssl=parts.scheme == "rediss", **auth, **common)
+        return RedisCluster(startup_nodes=nodes, ssl=parts.scheme == "rediss", **{**common, **auth})
 
     def _client(self):
         client = self._client_obj
