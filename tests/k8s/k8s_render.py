@@ -123,7 +123,9 @@ def var_refs(text: str) -> set[str]:
 
 
 def container_env(docs, pod_meta: dict, c: dict, namespace: str) -> dict[str, str]:
-    """Resolve a container's env (value, configMapKeyRef, secretKeyRef, fieldRef) from the render."""
+    """Resolve a container's env (value, configMapKeyRef, secretKeyRef, fieldRef) from the render.
+    A Secret the render does not hold (the operator creates it) gives a stand-in value, or no
+    variable when the reference is optional, as the kubelet leaves it out."""
     import base64
 
     env: dict[str, str] = {}
@@ -141,7 +143,11 @@ def container_env(docs, pod_meta: dict, c: dict, namespace: str) -> dict[str, st
             env[name] = by_exact(docs, "ConfigMap", r["name"])["data"][r["key"]]
         elif "secretKeyRef" in ref:
             r = ref["secretKeyRef"]
-            env[name] = base64.b64decode(by_exact(docs, "Secret", r["name"])["data"][r["key"]]).decode()
+            secrets = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == r["name"]]
+            if secrets:
+                env[name] = base64.b64decode(secrets[0]["data"][r["key"]]).decode()
+            elif not r.get("optional"):  # the operator provides it (base, gpu): a visible stand-in
+                env[name] = f"<Secret {r['name']} key {r['key']}>"
         elif "fieldRef" in ref:
             path = ref["fieldRef"]["fieldPath"]
             if path == "metadata.namespace":

@@ -237,7 +237,9 @@ def run_probe(cluster: Cluster, workload: str, container: dict, probe_name: str,
         elif "exec" in probe:
             cmd = probe["exec"]["command"]
             argv = [local_binary(cmd[0])] + cluster.rewrite(workload, container, cmd[1:], mounts)
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 5)
+            # an exec probe runs inside the container: with its environment (e.g. REDISCLI_AUTH)
+            probe_env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL")}
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 5, env={**probe_env, **env})
             if r.returncode == 0:
                 return r.stdout.strip()
             last = f"exit {r.returncode}: {r.stderr.strip()}"
@@ -274,7 +276,7 @@ def store_claims(cluster: Cluster, pv_root: Path) -> dict[str, Path]:
 def run_pack_job(cluster: Cluster, checkpoint_src: Path, job_name: str = "expert-store-pack",
                  timeout: float = 180) -> tuple[subprocess.CompletedProcess, list[str]]:
     """One attempt of the pack Job's container, run locally to completion: `checkpoint_src`
-    copied to where its CHECKPOINT_DIR points, its command line run as rendered (the k8s://
+    copied to where its CHECKPOINT points, its command line run as rendered (the k8s://
     store target becomes dns:///127.0.0.1:PORT of the store Service, the token and CA files
     its Secret volumes). It uploads over gRPC into the running store replica(s); it mounts no
     store volume. Returns the finished process and the local argv."""
@@ -282,7 +284,7 @@ def run_pack_job(cluster: Cluster, checkpoint_src: Path, job_name: str = "expert
     (pc,) = pod_template(job)["spec"]["containers"]
     penv = container_env(cluster.docs, {}, pc, NAMESPACE)
     pmounts = cluster.mounts(job, pc)
-    checkpoint = Path(cluster.rewrite(job_name, pc, [penv["CHECKPOINT_DIR"]], pmounts)[0])
+    checkpoint = Path(cluster.rewrite(job_name, pc, [penv["CHECKPOINT"]], pmounts)[0])
     shutil.copytree(checkpoint_src, checkpoint, dirs_exist_ok=True)
     pargv = command_line(cluster.docs, pc, penv)
     argv = [local_binary(pargv[0])] + cluster.rewrite(job_name, pc, pargv[1:], pmounts)

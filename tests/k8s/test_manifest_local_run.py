@@ -90,7 +90,9 @@ def test_dev_overlay_runs_locally(cluster, tmp_path):
         procs.append(rproc)
         assert run_probe(cluster, "redis", rc, "readinessProbe", renv, rmounts, rproc) == "PONG"
         run_probe(cluster, "redis", rc, "livenessProbe", renv, rmounts, rproc)
-        r = redis_py.Redis(port=cluster.service_port("redis", "redis"))
+        with pytest.raises(redis_py.AuthenticationError):  # the password from the Secret is required
+            redis_py.Redis(port=cluster.service_port("redis", "redis")).ping()
+        r = redis_py.Redis(port=cluster.service_port("redis", "redis"), password=renv["REDIS_PASSWORD"])
         assert r.config_get("maxmemory-policy") == {"maxmemory-policy": "allkeys-lru"}
         assert r.config_get("save") == {"save": ""} and r.config_get("appendonly") == {"appendonly": "no"}
         assert int(r.config_get("maxmemory")["maxmemory"]) > 0

@@ -261,6 +261,38 @@ def test_shutdown_fits_the_termination_grace_period(docs):
         assert budget + 5 <= pod_template(get(docs, kind, name))["spec"]["terminationGracePeriodSeconds"], name
 
 
+def test_redis_requires_the_password_the_store_sends(docs):
+    """redis-server's --requirepass, the probes' REDISCLI_AUTH and the store's
+    --redis-password-file all come from one Secret key; protected mode stays on."""
+    c = container(docs, "Deployment", "redis")
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert c["args"][c["args"].index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert "--protected-mode" not in c["args"]
+    assert env["REDIS_PASSWORD"] == env["REDISCLI_AUTH"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c[probe]["exec"]["command"][0] == "redis-cli"  # authenticates with REDISCLI_AUTH
+    store = container(docs, "StatefulSet", "expert-store")
+    argv = command_line(docs, store, container_env(docs, {}, store, NAMESPACE))
+    volume, key = _mounted_file(docs, "StatefulSet", "expert-store", argv[argv.index("--redis-password-file") + 1])
+    assert (volume["secret"]["secretName"], key) == (env["REDIS_PASSWORD"]["name"], env["REDIS_PASSWORD"]["key"])
+    assert "@" not in argv[argv.index("--redis") + 1]  # no password in the URL (it is in a ConfigMap)
+
+
+def test_storage_class_is_one_overlay_setting():
+    """base: the cluster's default class; gpu: one storageClassName on the store's NVMe claim,
+    which the pack Job's hub cache claim follows."""
+    def classes(docs):
+        (claim,) = get(docs, "StatefulSet", "expert-store")["spec"]["volumeClaimTemplates"]
+        job = pod_template(get(docs, "Job", "expert-store-pack"))["spec"]
+        (cache,) = [v for v in job["volumes"] if v["name"] == "hf-cache"]
+        return claim["spec"].get("storageClassName"), cache["ephemeral"]["volumeClaimTemplate"]["spec"].get(
+            "storageClassName")
+
+    assert classes(render("base")) == (None, None)
+    nvme, cache = classes(render("gpu"))
+    assert nvme and cache == nvme
+
+
 def test_redis_is_a_non_persistent_lru_cache(docs):
     c = container(docs, "Deployment", "redis")
     argv = command_line(docs, c, container_env(docs, {}, c, NAMESPACE))
@@ -319,9 +351,10 @@ def test_pdbs_cover_store_and_decoder_and_allow_one_eviction(docs):
 
 def test_env_and_var_references_resolve(docs, overlay):
     """Every $(VAR) in command/args is defined, and every ConfigMap/Secret/SA/PVC exists
-    (the gpu overlay and base expect the token Secret and checkpoint PVC from the operator)."""
+    (the gpu overlay and base expect the token and Redis password Secrets from the operator;
+    the optional HF token Secret may be absent anywhere)."""
     external = {("Secret", "adapmoe-store-token"), ("Secret", "adapmoe-decoder-token"),
-                ("PersistentVolumeClaim", "model-checkpoint")}
+                ("Secret", "adapmoe-redis-auth")}
     present = {(d["kind"], d["metadata"]["name"]) for d in docs}
     for sts in objects(docs, "StatefulSet"):  # claims the StatefulSet controller creates
         for tmpl in sts["spec"].get("volumeClaimTemplates") or []:
@@ -349,6 +382,9 @@ def test_env_and_var_references_resolve(docs, overlay):
                 if ref:
                     cm = get(docs, "ConfigMap", ref["name"])
                     assert ref["key"] in cm["data"], f"{ref['name']} has no key {ref['key']}"
+                secret_ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+                if secret_ref and not secret_ref.get("optional"):
+                    refs.add(("Secret", secret_ref["name"]))
         for ref in refs:
             if overlay == "dev":
                 assert ref in present, f"dev must be self-contained: {ref} missing"
@@ -367,8 +403,9 @@ def test_dev_overlay_is_cpu_only_with_a_clearly_fake_token():
     assert [j["metadata"]["name"] for j in objects(docs, "Job")] == ["expert-store-pack"]
     import base64
 
-    for name in ("adapmoe-store-token", "adapmoe-decoder-token"):
-        token = base64.b64decode(by_prefix(docs, "Secret", name)["data"]["token"]).decode()
+    for name, key in (("adapmoe-store-token", "token"), ("adapmoe-decoder-token", "token"),
+                      ("adapmoe-redis-auth", "password")):
+        token = base64.b64decode(by_prefix(docs, "Secret", name)["data"][key]).decode()
         assert "dev" in token and "placeholder" in token
     # the pack Job builds the demo checkpoint itself: nothing to provision
     job_spec = pod_template(get(docs, "Job", "expert-store-pack"))["spec"]
@@ -430,10 +467,21 @@ def test_one_pack_job_packs_into_every_ready_store_replica(docs):
     assert argv[:2] == ["expert-store", "pack"] and opts["placement"] == "all"
     _store_target(docs, "Job", "expert-store-pack", "pack")
     cm = by_prefix(docs, "ConfigMap", "adapmoe-model")["data"]
-    assert opts["model"] == cm["MODEL_NAME"] and opts["checkpoint"] == cm["CHECKPOINT_DIR"]
+    assert opts["model"] == cm["MODEL_NAME"] and opts["checkpoint"] == cm["CHECKPOINT"]
     assert list(opts["precisions"]) == cm["PACK_PRECISIONS"].split(",")
-    assert any(opts["checkpoint"] == m["mountPath"] or opts["checkpoint"].startswith(m["mountPath"] + "/")
-               for m in c["volumeMounts"])
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    if opts["checkpoint"].startswith("hf://"):  # from the hub (base, gpu)
+        from expert_store.hub import parse_hub_ref
+
+        parse_hub_ref(opts["checkpoint"])
+    else:  # a directory in a mounted volume (dev: trained by the init container)
+        assert any(opts["checkpoint"] == m or opts["checkpoint"].startswith(m + "/") for m in mounts)
+    # huggingface_hub's cache is a volume (not the small /tmp); the token, when there is one,
+    # comes from its Secret (optional: public models need none)
+    env = {e["name"]: e for e in c["env"]}
+    assert env["HF_HUB_CACHE"]["value"] in mounts
+    hf_token = env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert hf_token == {"name": "adapmoe-hf-token", "key": "token", "optional": True}
     # the token the store checks (--token-file), from the same Secret key
     store = container(docs, "StatefulSet", "expert-store")
     store_argv = command_line(docs, store, container_env(docs, {}, store, NAMESPACE))
@@ -679,8 +727,9 @@ def test_network_policies_allow_exactly_the_intended_paths(docs):
         Peer("scraper", "monitoring", (("adapmoe.io/metrics-scraper", "true"),)),
         Peer("internet", None, ip="93.184.216.34"),
     ]
+    hub = Peer("hub", None, ports=(("https", 443, "TCP"),), ip="18.239.50.80")  # huggingface.co's CDN
     sources = ours + outsiders
-    destinations = ours + [dns, apiserver, outsiders[2]]
+    destinations = ours + [dns, apiserver, hub, outsiders[2]]
     got = set()
     for src in sources:
         for dst in destinations:
@@ -712,6 +761,10 @@ def test_network_policies_allow_exactly_the_intended_paths(docs):
         (pack, store, ports_of(store, "grpc"), "TCP"),
         (pack, "apiserver", 443, "TCP"),
         (pack, "apiserver", 6443, "TCP"),
+        # the pack Job downloads an hf:// checkpoint; the API-server rules name ports only, so
+        # the decoder's reaches any HTTPS address too until an ipBlock narrows it
+        (pack, "hub", 443, "TCP"),
+        (dec, "hub", 443, "TCP"),
     }
     for p in ours + [outsiders[2]]:  # every pod in the namespace resolves names
         expected |= {(p.name, "kube-dns", 53, "UDP"), (p.name, "kube-dns", 53, "TCP")}
