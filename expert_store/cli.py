@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(server memory per stream: a few chunks); smaller ones are read whole and cached")
     s.add_argument("--grace", type=float, default=5.0, metavar="S", help="shutdown grace for in-flight streams")
     s.add_argument("--inject-latency-ms", type=float, default=0.0, metavar="MS",
-                   help="fault injection (tests, benchmarks): delay every expert blob served by this much")
+                   help="fault injection (tests, benchmarks): delay every expert blob served, and every "
+                        "Verify (it re-reads a blob), by this much")
 
     for name, help_ in (("inspect", "list models, blobs and sizes"), ("verify", "check every checksum")):
         c = sub.add_parser(name, help=help_)

@@ -604,6 +604,8 @@ class ExpertStoreServicer(pb_grpc.ExpertStoreServicer):
     async def Verify(self, request: pb.VerifyRequest, context) -> pb.VerifyResponse:
         method = "Verify"
         try:
+            if self.config.inject_latency_s:  # it re-reads one blob: delayed like a served blob
+                await asyncio.sleep(self.config.inject_latency_s)
             result = await self._call(verify_request, self.store, request)
         except Exception as e:
             await self._fail(context, method, e)
