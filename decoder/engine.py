@@ -372,13 +372,19 @@ class Engine:
     def _decode_one(self, tok: torch.Tensor, pos: int) -> torch.Tensor:
         """Logits [V] of one token (tok: [1] ids) at position `pos` through the KV cache."""
         if not self._use_step():
-            return self.model(tok.reshape(1, 1).to(self.device), torch.tensor([pos], device=self.device))[0, -1]
-        st = self._step
-        if st is None or st.stale():
-            if st is not None:
-                st.flush_counts(self.routing)
-            st = self._step = DecodeStep(self.model, batch=1)
-        return st.run(tok.reshape(1), torch.tensor([pos]))[0]
+            logits = self.model(tok.reshape(1, 1).to(self.device), torch.tensor([pos], device=self.device))[0, -1]
+        else:
+            st = self._step
+            if st is None or st.stale():
+                if st is not None:
+                    st.flush_counts(self.routing)
+                st = self._step = DecodeStep(self.model, batch=1)
+            logits = st.run(tok.reshape(1), torch.tensor([pos]))[0]
+        if self.device.type == "cuda":
+            # the step's time is the GPU's: wait for it here, inside the timed decode step (the
+            # sampling read would wait anyway, but outside decode_s, flattering a queued step)
+            torch.cuda.current_stream(self.device).synchronize()
+        return logits
 
     @staticmethod
     def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
