@@ -35,6 +35,10 @@ from typing import Any, Mapping, Sequence
 PROFILE_SCHEMA = "adapmoe.profile"
 PROFILE_VERSION = 1
 RATIO_TARGETS = (0.1, 0.25, 0.5)
+# Below this many calibration tokens `calibrate` warns: per-layer sensitivities are means over
+# the tokens and the budgets quantiles of their decisions; from a few hundred tokens down they
+# move with the text chosen (the default is 2048).
+MIN_RELIABLE_TOKENS = 512
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="bf16", choices=["bf16", "int8", "int4"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
-    return p
+    from expert_store.cli import show_defaults
+
+    return show_defaults(p)  # --help lists the defaults
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -278,17 +284,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from decoder.engine import Engine
 
+    from decoder.cli import quiet_store_retries, refuse_checkpoint_dir
+
     if args.tokens < 2:
         raise ValueError("--tokens must be >= 2")
+    refuse_checkpoint_dir(args.store)
     text = Path(args.text).read_text(encoding="utf-8")
-    engine = Engine.from_store(args.store, args.model, device=args.device, dtype=torch.float32,
-                               precision=args.precision, prefetch=False)
+    with quiet_store_retries():
+        engine = Engine.from_store(args.store, args.model, device=args.device, dtype=torch.float32,
+                                   precision=args.precision, prefetch=False)
     try:
         if engine.tokenizer is None:
             raise ValueError(f"model {args.model!r} has no tokenizer in the store")
         ids = engine.tokenizer.encode(text)
         windows = token_windows(ids, args.seq_len, args.tokens)
         measured = calibrate_model(engine.model, windows, budget=args.budget, progress=not args.no_progress)
+        if measured["tokens"] < MIN_RELIABLE_TOKENS:
+            print(few_tokens_warning(measured["tokens"]), file=sys.stderr, flush=True)
         profile = build_profile(args.model, measured, engine.config, text_file=args.text, seq_len=args.seq_len)
         validate_profile(profile, engine.config.num_hidden_layers, engine.config.num_local_experts)
         data = (json.dumps(profile, indent=1) + "\n").encode()
@@ -303,6 +315,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         engine.close()
     return 0
+
+
+def few_tokens_warning(tokens: int) -> str:
+    """The one line `calibrate` prints when its profile rests on too few tokens."""
+    return (f"moe-decoder calibrate: warning: this profile comes from only {tokens} tokens (fewer than "
+            f"{MIN_RELIABLE_TOKENS}): its sensitivities and budgets are noisy; calibrate on more held-out "
+            f"text (a longer --text file, --tokens)")
 
 
 def format_profile(p: Mapping[str, Any]) -> str:

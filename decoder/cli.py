@@ -14,13 +14,15 @@ traceback (set MOE_DECODER_DEBUG=1 to see tracebacks).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
 import os
 import re
 import sys
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
 
 PROG = "moe-decoder"
 
@@ -173,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, (_, help_text) in DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)
-    return p
+    from expert_store.cli import show_defaults
+
+    return show_defaults(p)  # --help lists the defaults
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -185,6 +189,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("--max-tokens must be >= 0")
     if not is_remote_target(args.store) and not os.path.isdir(args.store):
         raise ValueError(f"store directory {args.store} does not exist (or give an address: grpc://HOST:PORT)")
+    refuse_checkpoint_dir(args.store)
     dtype_name = args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
     dtype = getattr(torch, dtype_name)
     if args.store_token_file is None:
@@ -204,10 +209,11 @@ def _generate(args: argparse.Namespace, store: Any, dtype: Any) -> int:
     """Build the engine on `store` (a target or an open StoreClient), generate, print."""
     from decoder.engine import Engine
 
-    engine = Engine.from_store(store, args.model, device=args.device, dtype=dtype, gating=args.gating,
-                               gpu_cache_bytes=args.gpu_cache_bytes, host_cache_bytes=args.host_cache_bytes,
-                               precision=args.precision, budget=args.budget,
-                               prefetch=False if args.no_prefetch else None, **engine_options(args))
+    with quiet_store_retries():
+        engine = Engine.from_store(store, args.model, device=args.device, dtype=dtype, gating=args.gating,
+                                   gpu_cache_bytes=args.gpu_cache_bytes, host_cache_bytes=args.host_cache_bytes,
+                                   precision=args.precision, budget=args.budget,
+                                   prefetch=False if args.no_prefetch else None, **engine_options(args))
     with engine:
         if engine.tokenizer is None:
             raise ValueError(f"model {args.model!r} has no tokenizer.json in the store")
@@ -285,13 +291,48 @@ def _describe(e: BaseException, args: argparse.Namespace | None) -> str:
                 return f"model {model!r} not found in store {store}: {msg}"
             return msg
         if e.code == "UNAVAILABLE":
-            return f"store {store} is unavailable: {msg}"
+            return f"store {store} is unavailable (is `expert-store serve` running there?): {msg}"
         return f"store error ({e.code}): {msg}"
     if isinstance(e, KeyError):
         return f"bad checkpoint: {msg}"
     if isinstance(e, (ValueError, OSError)):
         return msg
     return f"{type(e).__name__}: {msg}"
+
+
+def _flag_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value of `flag` in a delegated command's argv (`--flag V` or `--flag=V`), for messages."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg[len(flag) + 1:]
+    return None
+
+
+@contextlib.contextmanager
+def quiet_store_retries() -> Iterator[None]:
+    """While a command's first contact with the store runs: the store client's per-attempt
+    warnings ("...; failing over") are not shown; if it fails, its error says it once."""
+    log = logging.getLogger("expert_store.client")
+    level = log.level
+    log.setLevel(max(logging.ERROR, level))
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def refuse_checkpoint_dir(store: str) -> None:
+    """ValueError naming the pack command when `store` is an HF checkpoint directory rather
+    than a store (a store directory holds models/, a checkpoint config.json and safetensors)."""
+    path = Path(store)
+    if not path.is_dir() or (path / "models").is_dir():
+        return
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        raise ValueError(f"{store} is a Hugging Face checkpoint, not an expert store: pack it first with "
+                         f"`expert-store pack {store} --store STORE_DIR --model NAME`, then give "
+                         f"--store STORE_DIR --model NAME")
 
 
 def _run_delegated(name: str, argv: list[str]) -> int:
@@ -313,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args: argparse.Namespace | None = None
     try:
         if argv and argv[0] in DELEGATED:
+            args = argparse.Namespace(store=_flag_value(argv[1:], "--store"), model=_flag_value(argv[1:], "--model"))
             return _run_delegated(argv[0], argv[1:])
         parser = build_parser()
         args = parser.parse_args(argv)

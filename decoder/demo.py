@@ -361,7 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-experts-per-layer", type=int, default=DEFAULT_HOST_EXPERTS_PER_LAYER,
                    help="host expert cache budget, in experts per layer")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    return p
+    from expert_store.cli import show_defaults
+
+    return show_defaults(p)  # --help lists the defaults
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -787,7 +787,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain", type=float, default=1.0,
                    help="seconds between NOT_SERVING and refusing new requests on SIGTERM")
     p.add_argument("--log-level", default="INFO")
-    return p
+    from expert_store.cli import show_defaults
+
+    return show_defaults(p)  # --help lists the defaults
 
 
 def _setup_logging(level: str) -> None:
@@ -818,7 +820,7 @@ def _read_pem(path: str | None, what: str) -> bytes | None:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from decoder.cli import engine_options, read_store_token
+    from decoder.cli import engine_options, quiet_store_retries, read_store_token, refuse_checkpoint_dir
     from decoder.engine import Engine
     from expert_store.client import StoreClient
 
@@ -834,6 +836,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_queue < 0:
         raise ValueError("--max-queue must be >= 0")
+    refuse_checkpoint_dir(args.store)
     listen_host, _ = split_host_port(args.listen)
     options = engine_options(args)  # bad flag combinations fail before anything starts
     dtype = getattr(torch, args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32"))
@@ -879,7 +882,8 @@ def main(argv: list[str] | None = None) -> int:
 
     client = open_client()
     try:
-        engine = load_engine(client)
+        with quiet_store_retries():  # a store that is down: one error line, not one per retry
+            engine = load_engine(client)
         with engine:
             metrics = DecoderMetrics(args.metrics_port is not None)
             scheduler = start_scheduler(engine, metrics)

@@ -611,7 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=d.threads,
                    help="torch threads (fixed, part of what makes runs reproducible)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    return p
+    from expert_store.cli import show_defaults
+
+    return show_defaults(p)  # --help lists the defaults
 
 
 def settings_from_args(args: argparse.Namespace) -> TrainSettings:

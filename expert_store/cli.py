@@ -67,7 +67,50 @@ def _precisions(text: str) -> tuple[str, ...]:
     return out
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help lists each option's default, unless it has none (None, False) or its help already
+    names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not _worth_showing(default) or "default" in text.lower()
+                or not action.option_strings or isinstance(action, argparse._HelpAction)):
+            return text
+        return f"{text} (default: {_shown(default)})"
+
+
+def _worth_showing(default: object) -> bool:
+    """None, False and empty values say nothing a reader needs."""
+    if isinstance(default, str):
+        return bool(default) and default != argparse.SUPPRESS
+    return default is not None and default is not False and default != [] and default != ()
+
+
+def _shown(default: object) -> str:
+    """A default as --help prints it (a list as its comma list), %-escaped for argparse."""
+    text = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else str(default)
+    return text.replace("%", "%%")
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Give `parser` and its subcommands DefaultsHelpFormatter, and a help line to options
+    without one whose default is worth showing (argparse prints nothing for them)."""
+    parser.formatter_class = DefaultsHelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                show_defaults(sub)
+        elif action.help is None and action.option_strings and _worth_showing(action.default):
+            action.help = f"(default: {_shown(action.default)})"
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
+    return show_defaults(_build_parser())
+
+
+def _build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="expert-store", description="Pack a checkpoint into an expert store, serve it, inspect and verify it.")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -256,13 +299,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from expert_store.store import ModelStore
 
     with ModelStore.open(_existing_store(args.store), ram_bytes=0) as store:
+        unfinished = [] if args.model else store.inspect_unfinished()
         rows = store.inspect(args.model)
-        if not rows:
+        if not rows and not unfinished:
             print(f"no models in {args.store}")
             return 0
-        print(f"{'model':<24} {'kind':<7} {'precision':<9} {'count':>7} {'bytes':>14}")
-        for r in rows:
-            print(f"{r['model']:<24} {r['kind']:<7} {r['precision'] or '-':<9} {r['count']:>7} {r['bytes']:>14,}")
+        if rows:
+            _print_rows(rows)
+        if unfinished:
+            _print_unfinished(unfinished, args.store, complete=bool(rows))
         for model in sorted({r["model"] for r in rows}):
             try:
                 m = store.manifest(model)
@@ -271,6 +316,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             except Exception as e:  # a model without a sound manifest is still listed above
                 print(f"{model}: no usable manifest ({e})")
     return 0
+
+
+def _print_rows(rows: list[dict]) -> None:
+    print(f"{'model':<24} {'kind':<7} {'precision':<9} {'count':>7} {'bytes':>14}")
+    for r in rows:
+        print(f"{r['model']:<24} {r['kind']:<7} {r['precision'] or '-':<9} {r['count']:>7} {r['bytes']:>14,}")
+
+
+def _print_unfinished(rows: list[dict], store: str, complete: bool) -> None:
+    """What an unfinished pack left on disk, and how to finish it."""
+    print(("" if not complete else "\n") + f"unfinished (no manifest yet, not served): in {store}")
+    _print_rows(rows)
+    for model in sorted({r["model"] for r in rows}):
+        blobs = sum(r["count"] for r in rows if r["model"] == model and r["kind"] == "expert")
+        nbytes = sum(r["bytes"] for r in rows if r["model"] == model)
+        print(f"{model}: a pack that did not finish left {blobs} expert blobs ({nbytes / 1e6:.1f} MB) on disk; "
+              f"run the same `expert-store pack CHECKPOINT --store {store} --model {model}` again to finish it "
+              f"(blobs already written are kept and skipped)")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -924,23 +924,46 @@ class ModelStore:
         {"model", "kind": "expert"|"dense"|"file", "precision", "count", "bytes"}."""
         rows = []
         for name in self._models_arg(model):
-            per_precision: dict[str, list[int]] = {}
-            for key in self.nvme.keys(f"{name}/experts/"):
-                m = _EXPERT_FILE_RE.match(key[len(f"{name}/experts/"):])
-                precision = m.group(3) if m else "?"
-                acc = per_precision.setdefault(precision, [0, 0])
-                acc[0] += 1
-                acc[1] += self.nvme.size(key) or 0
-            for precision in sorted(per_precision, key=lambda p: blob_format.PRECISIONS.index(p)
-                                    if p in blob_format.PRECISIONS else 99):
-                count, nbytes = per_precision[precision]
-                rows.append({"model": name, "kind": "expert", "precision": precision, "count": count, "bytes": nbytes})
-            dense_size = self.nvme.size(blob_format.dense_key(name))
-            if dense_size is not None:
-                rows.append({"model": name, "kind": "dense", "precision": "", "count": 1, "bytes": dense_size})
-            files = [self.nvme.size(blob_format.file_key(name, f)) for f in blob_format.MODEL_FILES]
-            files = [s for s in files if s is not None]
-            rows.append({"model": name, "kind": "file", "precision": "", "count": len(files), "bytes": sum(files)})
+            rows += self._inspect_rows(name)
+        return rows
+
+    def unfinished_models(self) -> list[str]:
+        """Models with files on disk but no manifest yet: a pack that has not finished (or
+        broke off), sorted. Nothing of them is served."""
+        out = []
+        for name in self.nvme.children(""):
+            try:
+                blob_format.validate_model_name(name)
+            except ValueError:
+                continue
+            has_files = next(iter(self.nvme.keys(f"{name}/")), None) is not None
+            if has_files and not self.nvme.contains(blob_format.file_key(name, "manifest.json")):
+                out.append(name)
+        return out
+
+    def inspect_unfinished(self) -> list[dict]:
+        """`inspect`'s rows for the unfinished models."""
+        return [row for name in self.unfinished_models() for row in self._inspect_rows(name)]
+
+    def _inspect_rows(self, name: str) -> list[dict]:
+        rows = []
+        per_precision: dict[str, list[int]] = {}
+        for key in self.nvme.keys(f"{name}/experts/"):
+            m = _EXPERT_FILE_RE.match(key[len(f"{name}/experts/"):])
+            precision = m.group(3) if m else "?"
+            acc = per_precision.setdefault(precision, [0, 0])
+            acc[0] += 1
+            acc[1] += self.nvme.size(key) or 0
+        for precision in sorted(per_precision, key=lambda p: blob_format.PRECISIONS.index(p)
+                                if p in blob_format.PRECISIONS else 99):
+            count, nbytes = per_precision[precision]
+            rows.append({"model": name, "kind": "expert", "precision": precision, "count": count, "bytes": nbytes})
+        dense_size = self.nvme.size(blob_format.dense_key(name))
+        if dense_size is not None:
+            rows.append({"model": name, "kind": "dense", "precision": "", "count": 1, "bytes": dense_size})
+        files = [self.nvme.size(blob_format.file_key(name, f)) for f in blob_format.MODEL_FILES]
+        files = [s for s in files if s is not None]
+        rows.append({"model": name, "kind": "file", "precision": "", "count": len(files), "bytes": sum(files)})
         return rows
 
     def stats(self) -> dict[str, dict]:
