@@ -209,7 +209,7 @@ def _generate(args: argparse.Namespace, store: Any, dtype: Any) -> int:
     """Build the engine on `store` (a target or an open StoreClient), generate, print."""
     from decoder.engine import Engine
 
-    with quiet_store_retries():
+    with quiet_store_retries(enabled=not args.verbose):
         engine = Engine.from_store(store, args.model, device=args.device, dtype=dtype, gating=args.gating,
                                    gpu_cache_bytes=args.gpu_cache_bytes, host_cache_bytes=args.host_cache_bytes,
                                    precision=args.precision, budget=args.budget,
@@ -311,9 +311,13 @@ def _flag_value(argv: Sequence[str], flag: str) -> str | None:
 
 
 @contextlib.contextmanager
-def quiet_store_retries() -> Iterator[None]:
+def quiet_store_retries(enabled: bool = True) -> Iterator[None]:
     """While a command's first contact with the store runs: the store client's per-attempt
-    warnings ("...; failing over") are not shown; if it fails, its error says it once."""
+    warnings ("...; failing over") are not shown; if it fails, its error says it once.
+    enabled=False (--verbose, debug logging) shows them."""
+    if not enabled:
+        yield
+        return
     log = logging.getLogger("expert_store.client")
     level = log.level
     log.setLevel(max(logging.ERROR, level))

@@ -882,7 +882,8 @@ def main(argv: list[str] | None = None) -> int:
 
     client = open_client()
     try:
-        with quiet_store_retries():  # a store that is down: one error line, not one per retry
+        # a store that is down: one error line, not one per retry (unless debugging)
+        with quiet_store_retries(enabled=args.log_level.upper() != "DEBUG"):
             engine = load_engine(client)
         with engine:
             metrics = DecoderMetrics(args.metrics_port is not None)
