@@ -239,6 +239,8 @@ class _RoutingAttribution(MoEObserver):
         self.selection = selection
         self.counts = torch.zeros(rows, 2, 3, dtype=torch.int64, device=device)
         self.phase = 1
+        # the decode step (decoder/step.py), whose batch row b is cache row b, adds here
+        self.decode_row_counts = self.counts[:, 1]
 
     def reset_row(self, row: int) -> None:
         self.counts[row].zero_()
@@ -590,17 +592,31 @@ class BatchScheduler:
         dev = eng.device
         B = len(seqs)
         t0 = time.perf_counter()
-        self._selection.set([s.row for s in seqs], dev)
         self._attribution.phase = 1
         eng.routing.phase = "decode"
         eng.provider.begin_token()
-        tokens = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long, device=dev)   # [B, 1]
-        positions = [s.pos for s in seqs]
-        if len(set(positions)) == 1:
-            input_pos = torch.tensor(positions[:1], dtype=torch.long, device=dev)             # [1] shared
+        # the GPU-driven step: batch row = cache row, over the smallest bucket (1, 2, 4, ...)
+        # holding the highest row in use; free rows ride along as inactive padding
+        bucket = min(self.max_active, 1 << max(s.row for s in seqs).bit_length())
+        step = eng.decode_step_for(bucket)
+        if step is not None:
+            tokens = torch.zeros(bucket, dtype=torch.long)
+            pos = torch.zeros(bucket, dtype=torch.long)
+            active = torch.zeros(bucket, dtype=torch.bool)
+            for s in seqs:
+                tokens[s.row], pos[s.row], active[s.row] = s.last_token, s.pos, True
+            logits = step.run(tokens, pos, active)[[s.row for s in seqs]]                     # [B, V]
+            if dev.type == "cuda":
+                torch.cuda.current_stream(dev).synchronize()   # timed as the GPU's work
         else:
-            input_pos = torch.tensor(positions, dtype=torch.long, device=dev)[:, None]        # [B, 1]
-        logits = self.model(tokens, input_pos)[:, -1]                                          # [B, V]
+            self._selection.set([s.row for s in seqs], dev)
+            tokens = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long, device=dev)   # [B, 1]
+            positions = [s.pos for s in seqs]
+            if len(set(positions)) == 1:
+                input_pos = torch.tensor(positions[:1], dtype=torch.long, device=dev)             # [1] shared
+            else:
+                input_pos = torch.tensor(positions, dtype=torch.long, device=dev)[:, None]        # [B, 1]
+            logits = self.model(tokens, input_pos)[:, -1]                                          # [B, V]
         dt = time.perf_counter() - t0
         st = self.stats
         st.steps += 1

@@ -144,7 +144,7 @@ class Engine:
         # "auto": the GPU-driven step (decoder/step.py) on CUDA when the model supports it;
         # "step": always (eagerly on the CPU; an error when unsupported); "eager": never
         self.decode_step = decode_step
-        self._step: DecodeStep | None = None
+        self._steps: dict[int, DecodeStep] = {}     # batch size -> step (1: generate())
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -369,16 +369,37 @@ class Engine:
             n = min(self.config.max_position_embeddings, max(256, 1 << max(0, n - 1).bit_length()))
         self.model.setup_caches(1, n)
 
+    @property
+    def _step(self) -> DecodeStep | None:
+        """The batch-1 step generate() and decode_logits() use (None until built)."""
+        return self._steps.get(1)
+
+    @_step.setter
+    def _step(self, step: DecodeStep | None) -> None:
+        if step is None:
+            self._steps.pop(1, None)
+        else:
+            self._steps[1] = step
+
+    def decode_step_for(self, batch: int) -> DecodeStep | None:
+        """The decode step for `batch` rows over the model's KV cache (rows 0..batch-1), built
+        (and its graphs captured) on first use and rebuilt when the model changed under it;
+        None when this engine decodes eagerly."""
+        if not self._use_step():
+            return None
+        st = self._steps.get(batch)
+        if st is None or st.stale():
+            if st is not None:
+                st.flush_counts(self.routing)
+            st = self._steps[batch] = DecodeStep(self.model, batch=batch)
+        return st
+
     def _decode_one(self, tok: torch.Tensor, pos: int) -> torch.Tensor:
         """Logits [V] of one token (tok: [1] ids) at position `pos` through the KV cache."""
         if not self._use_step():
             logits = self.model(tok.reshape(1, 1).to(self.device), torch.tensor([pos], device=self.device))[0, -1]
         else:
-            st = self._step
-            if st is None or st.stale():
-                if st is not None:
-                    st.flush_counts(self.routing)
-                st = self._step = DecodeStep(self.model, batch=1)
+            st = self.decode_step_for(1)
             logits = st.run(tok.reshape(1), torch.tensor([pos]))[0]
         if self.device.type == "cuda":
             # the step's time is the GPU's: wait for it here, inside the timed decode step (the
@@ -403,8 +424,8 @@ class Engine:
 
     # --- statistics ---------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        if self._step is not None:
-            self._step.flush_counts(self.routing)
+        for st in self._steps.values():
+            st.flush_counts(self.routing)
         c = self._c
         dec = self.routing.summary("decode")
         allp = self.routing.summary()
@@ -456,8 +477,8 @@ class Engine:
         return out
 
     def reset_stats(self) -> None:
-        if self._step is not None:
-            self._step.flush_counts()   # drop what it counted so far
+        for st in self._steps.values():
+            st.flush_counts()           # drop what they counted so far
         self._c = _Counters()
         self.routing.reset()
         self.provider.reset_stats()

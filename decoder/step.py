@@ -46,7 +46,7 @@ def unsupported_reason(model: Transformer) -> str | None:
     elif not isinstance(g, TopKGating):
         return f"gating {type(g).__name__} is not known to decide on the device"
     for obs in model.observers:
-        if isinstance(obs, Prefetcher):
+        if isinstance(obs, Prefetcher) or getattr(obs, "decode_row_counts", None) is not None:
             continue
         if not wants_host_routing(obs) or _overrides(obs, "on_moe_input") or _overrides(obs, "on_demand_issued"):
             return f"observer {type(obs).__name__} needs the MoE block's device tensors"
@@ -101,6 +101,13 @@ class DecodeStep:
         self._gating_key = _gating_key(model.gating)
         self.prefetcher = next((o for o in model.observers if isinstance(o, Prefetcher)), None)
         self.host_observers = [o for o in model.observers if wants_host_routing(o)]
+        # observers that count per batch row on the device (the batching scheduler's): the step
+        # adds [decisions, experts used, single-expert decisions] of row b to their row b
+        self.row_counts = [o.decode_row_counts for o in model.observers
+                           if getattr(o, "decode_row_counts", None) is not None]
+        for rc in self.row_counts:
+            if rc.shape[0] < batch or rc.device != self.device:
+                raise ValueError("a decode_row_counts tensor has fewer rows than the step or another device")
 
         B, H, dev = self.B, cfg.hidden_size, self.device
 
@@ -193,6 +200,11 @@ class DecodeStep:
         w, ids, pend = self._route(layer, blk.block_sparse_moe.gate(m))
         self.route_w[layer].copy_(w)
         self.route_ids[layer].copy_(ids)
+        if self.row_counts:
+            n = (ids >= 0).sum(1)                                            # [B]
+            per_row = torch.stack([n > 0, n, n == 1], dim=1).long()         # padding rows: n = 0
+            for rc in self.row_counts:
+                rc[:self.B] += per_row
         parts = [ids.float(), pend[:, None]]
         if self.distance[layer]:
             pred = self.prefetcher.predict_device(layer, m)                  # [D, B, 2k]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import sys
 import textwrap
 from pathlib import Path
@@ -242,3 +243,39 @@ def test_whole_step_on_a_fully_resident_cache(store_dir):
         st = eng._step
         assert eng.provider.all_resident() and st.whole_steps == 10 and st.reads == 0
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+# --- the batching scheduler through the step ------------------------------------------------------
+def test_batch_scheduler_through_the_step_equals_generate_alone():
+    """Six prompts through four rows: batches of 1-4 sequences in buckets of 1, 2 and 4 rows
+    (free rows ride along as inactive padding); every sequence gets the tokens it gets alone,
+    and the per-row expert counts the step adds on the device reach the usage."""
+    from decoder.batching import BatchScheduler, FinishEvent, SamplingSpec, TokenEvent
+
+    prompts = [[3, 4, 5], [9, 8, 7, 6, 5], [11], [20, 21, 22, 23], [30, 31], [40, 41, 42]]
+    alone = Engine.from_model(tiny_model(seed=6), decode_step="eager")
+    refs = [alone.generate(p, max_tokens=12).token_ids for p in prompts]
+    eng = Engine.from_model(tiny_model(seed=6), decode_step="step")
+    results: dict[int, list] = {i: [] for i in range(len(prompts))}
+    ends: dict[int, FinishEvent] = {}
+    done = threading.Event()
+
+    def sink(i):
+        def take(ev):
+            if isinstance(ev, TokenEvent):
+                results[i].append(ev.token_id)
+            else:
+                ends[i] = ev
+                if len(ends) == len(prompts):
+                    done.set()
+        return take
+
+    with BatchScheduler(eng, max_active=4, max_queue=8) as sch:
+        for i, p in enumerate(prompts):
+            sch.submit(p, SamplingSpec(max_tokens=12), sink(i))
+        assert done.wait(120)
+        assert sch.stats.max_batch >= 3
+    for i, ref in enumerate(refs):
+        assert results[i] == ref
+        assert isinstance(ends[i], FinishEvent) and ends[i].usage.experts_per_token == pytest.approx(2.0)
+    assert 4 in eng._steps and set(eng._steps) <= {1, 2, 4} and all(s.whole_steps for s in eng._steps.values())
