@@ -450,8 +450,9 @@ class ExpertCache(ExpertProvider):
     # --- the GPU-driven decode step (decoder/step.py) -----------------------------------------
     def expert_bank(self, layer: int) -> ExpertBank | None:
         """The GPU pool as a bank for the fused MoE kernels: every slot holds w1, w3, w2 at the
-        same offsets (raw bf16 payloads, or dense slots), in the compute dtype. None for raw
-        int8/int4 slots or when the slots' dtype is not the compute dtype."""
+        same offsets: dense slots or raw bf16 payloads in the compute dtype, or raw int8/int4
+        payloads the kernels dequantize in place. None when the layout does not allow it (bf16
+        slots under another compute dtype, mixed quantization settings)."""
         return self._bank
 
     def _make_bank(self, header: Any) -> ExpertBank | None:
@@ -461,6 +462,8 @@ class ExpertCache(ExpertProvider):
         elif self.precision == "bf16" and all(t.quant is None for t in header.tensors):
             dtype = torch.bfloat16
             offsets = {t.name: int(t.offset) for t in header.tensors}
+        elif all(t.quant is not None for t in header.tensors):
+            return self._quantized_bank(header)
         else:
             return None
         shapes = {t.name: (int(t.shape[0]), int(t.shape[1])) for t in header.tensors}
@@ -469,6 +472,20 @@ class ExpertCache(ExpertProvider):
                 or shapes != {"w1": (Fd, H), "w3": (Fd, H), "w2": (H, Fd)}):
             return None
         return ExpertBank.pool(self.gpu_pool, dtype, offsets, Fd, H)
+
+    def _quantized_bank(self, header: Any) -> ExpertBank | None:
+        """Raw int8/int4 slots read in place by the kernels (one bits / group size for all)."""
+        quants = {(int(t.quant.bits), int(t.quant.group_size)) for t in header.tensors}
+        shapes = {t.name: (int(t.shape[0]), int(t.shape[1])) for t in header.tensors}
+        Fd, H = self.config.intermediate_size, self.config.hidden_size
+        if len(quants) != 1 or shapes != {"w1": (Fd, H), "w3": (Fd, H), "w2": (H, Fd)}:
+            return None
+        (bits, group), = quants
+        try:
+            return ExpertBank.quantized_pool(self.gpu_pool, bits, group, {t.name: int(t.offset) for t in header.tensors},
+                                             {t.name: int(t.quant.scales_offset) for t in header.tensors}, Fd, H)
+        except ValueError:
+            return None
 
     def gpu_slot(self, layer: int, expert: int) -> int:
         ent = self._gpu[layer].get(expert)    # no lock: called between get() and release()
@@ -1276,9 +1293,10 @@ class _LowPrecisionTier:
 
 
 # ---------------------------------------------------------------------------------------------
-def _offsets(header: Any) -> dict[str, int]:
-    """Byte offset of each tensor of an expert blob's raw payload."""
-    return {t.name: int(t.offset) for t in header.tensors}
+def _offsets(header: Any) -> dict[str, tuple[int, int]]:
+    """Byte offsets of each tensor of an expert blob's raw payload (values, scales or -1)."""
+    return {t.name: (int(t.offset), int(t.quant.scales_offset) if t.quant is not None else -1)
+            for t in header.tensors}
 
 
 def _dense_slots(option: bool | None, precision: str, cuda: bool) -> bool:

@@ -17,7 +17,10 @@ Two Triton kernels on CUDA (`_kernels`):
 - down: grid (E, H / BLOCK_D, SPLIT). The same for W2 over a SPLIT-th of F, scaled by the
         routing weight; partial sums go to their own plane of an fp32 buffer and are added in
         torch, so the result does not depend on scheduling (no atomics).
-`ids == -1` (a choice the gating dropped) contributes nothing.
+`ids == -1` (a choice the gating dropped) contributes nothing. Slots may hold int8 / int4
+experts as the store packs them (group-wise values + fp16 scales): the kernels dequantize each
+tile in registers, rounded once to the compute dtype like expert_store.quant.dequantize, so a
+quantized expert is read at its stored size (a quarter of bf16 for int4).
 
 Everywhere else (CPU, fp32, no Triton) `moe_torch` computes the same with torch ops, one
 matmul chain per used expert: it reads the routing and the slot row on the host. It is also
@@ -46,7 +49,7 @@ class ExpertBank:
     elements of the compute dtype. The three flat tensors may be one (a cache pool whose slots
     hold w1, w3, w2 back to back) or three (stacked [E, F, H] parameters)."""
 
-    w1: torch.Tensor                 # 1-D, compute dtype
+    w1: torch.Tensor                 # 1-D: compute dtype; quantized: the int8 / packed-int4 values
     w3: torch.Tensor
     w2: torch.Tensor
     slot_stride: int
@@ -55,6 +58,15 @@ class ExpertBank:
     off2: int
     ffn: int                         # F
     hidden: int                      # H
+    # quantized slots (bits 8 / 4, expert_store.quant's group-wise layout read in place): fp16
+    # scales [rows, in / group_size] of each matrix at scales[s * scale_stride + soffN]
+    bits: int = 16
+    group_size: int = 0
+    scales: torch.Tensor | None = None
+    scale_stride: int = 0
+    soff1: int = 0
+    soff3: int = 0
+    soff2: int = 0
 
     @classmethod
     def stacked(cls, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> "ExpertBank":
@@ -79,12 +91,46 @@ class ExpertBank:
         return cls(flat, flat, flat, pool.shape[1] // item, offsets["w1"] // item, offsets["w3"] // item,
                    offsets["w2"] // item, ffn, hidden)
 
-    def matrices(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(w1 [F, H], w3 [F, H], w2 [H, F]) of `slot`, as views."""
+    @classmethod
+    def quantized_pool(cls, pool: torch.Tensor, bits: int, group_size: int, offsets: dict[str, int],
+                       scale_offsets: dict[str, int], ffn: int, hidden: int) -> "ExpertBank":
+        """From a uint8 pool [slots, slot_bytes] whose slots hold raw int8/int4 expert payloads
+        (expert_store.quant layout): values of w1/w3/w2 at byte `offsets`, fp16 scales at byte
+        `scale_offsets`. Both in-dimensions and the group size must be even for int4."""
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits}")
+        if pool.dim() != 2 or pool.dtype != torch.uint8 or pool.shape[1] % 2:
+            raise ValueError("pool must be uint8 [slots, slot_bytes] with an even slot size")
+        if bits == 4 and (ffn % 2 or hidden % 2 or group_size % 2):
+            raise ValueError("int4 slots need even in-dimensions and group size")
+        if any(v % 2 for v in scale_offsets.values()):
+            raise ValueError("fp16 scales must start at even byte offsets")
+        flat = pool.view(-1)
+        q = flat if bits == 4 else flat.view(torch.int8)
+        return cls(q, q, q, pool.shape[1], offsets["w1"], offsets["w3"], offsets["w2"], ffn, hidden,
+                   bits=bits, group_size=group_size, scales=flat.view(torch.float16), scale_stride=pool.shape[1] // 2,
+                   soff1=scale_offsets["w1"] // 2, soff3=scale_offsets["w3"] // 2, soff2=scale_offsets["w2"] // 2)
+
+    def matrices(self, slot: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w1 [F, H], w3 [F, H], w2 [H, F]) of `slot`: views, or for quantized slots the
+        matrices dequantized into `dtype` (expert_store.quant.dequantize: the same values)."""
         Fd, H, base = self.ffn, self.hidden, slot * self.slot_stride
-        return (self.w1[base + self.off1: base + self.off1 + Fd * H].view(Fd, H),
-                self.w3[base + self.off3: base + self.off3 + Fd * H].view(Fd, H),
-                self.w2[base + self.off2: base + self.off2 + H * Fd].view(H, Fd))
+        if self.bits == 16:
+            return (self.w1[base + self.off1: base + self.off1 + Fd * H].view(Fd, H),
+                    self.w3[base + self.off3: base + self.off3 + Fd * H].view(Fd, H),
+                    self.w2[base + self.off2: base + self.off2 + H * Fd].view(H, Fd))
+        from expert_store.quant import dequantize
+
+        out = []
+        sbase = slot * self.scale_stride
+        for off, soff, (rows, cols) in ((self.off1, self.soff1, (Fd, H)), (self.off3, self.soff3, (Fd, H)),
+                                        (self.off2, self.soff2, (H, Fd))):
+            stored = cols if self.bits == 8 else cols // 2
+            ng = -(-cols // self.group_size)
+            q = self.w1[base + off: base + off + rows * stored].view(rows, stored)
+            sc = self.scales[sbase + soff: sbase + soff + rows * ng].view(rows, ng)
+            out.append(dequantize(q, sc, self.bits, self.group_size, (rows, cols), dtype or torch.bfloat16))
+        return out[0], out[1], out[2]
 
 
 def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, slot_of: torch.Tensor,
@@ -124,7 +170,7 @@ def moe_torch(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, slot_of
             raise RuntimeError(f"expert {e} is routed to but has no GPU slot")
         rows = (flat_ids == e).nonzero().flatten()            # [R_e] positions t * k + j
         tok = rows // k
-        w1, w3, w2 = bank.matrices(s)
+        w1, w3, w2 = bank.matrices(s, x.dtype)
         xs = x[tok]                                           # [R_e, H]
         y = F.linear(F.silu(F.linear(xs, w1)) * F.linear(xs, w3), w2)
         out.index_add_(0, tok, y.float() * w[rows, None])
@@ -140,78 +186,14 @@ def _interpreting() -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _kernels():
-    """(up, down) Triton kernels, or None when Triton cannot be imported (lazy: Triton is an
-    optional, CUDA-only dependency)."""
+    """(up, down) Triton kernels (decoder/kernels/triton_moe.py), or None when Triton cannot be
+    imported."""
     try:
-        import triton
-        import triton.language as tl
+        from decoder.kernels import triton_moe
     except Exception as e:  # pragma: no cover - depends on the install
         log.info("triton unavailable (%s): fused MoE runs the torch path", e)
         return None
-
-    @triton.jit
-    def moe_up(x_ptr, ids_ptr, slot_ptr, w1_ptr, w3_ptr, act_ptr, R, H, Fd, stride_x, slot_stride,
-               off1, off3, K: tl.constexpr, WIDEN: tl.constexpr,
-               BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_H: tl.constexpr):
-        e = tl.program_id(0)
-        slot = tl.load(slot_ptr + e)
-        r = tl.arange(0, BLOCK_R)
-        ids = tl.load(ids_ptr + r, mask=r < R, other=-1)
-        match = ids == e                                               # [BLOCK_R]
-        if (slot < 0) | (tl.max(match.to(tl.int32), axis=0) == 0):
-            return
-        tok = r // K
-        f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-        base = slot.to(tl.int64) * slot_stride
-        g = tl.zeros((BLOCK_F, BLOCK_R), dtype=tl.float32)
-        u = tl.zeros((BLOCK_F, BLOCK_R), dtype=tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            h = h0 + tl.arange(0, BLOCK_H)
-            xt = tl.load(x_ptr + tok[None, :] * stride_x + h[:, None],
-                         mask=match[None, :] & (h[:, None] < H), other=0.0)      # [BLOCK_H, BLOCK_R]
-            wm = (f[:, None] < Fd) & (h[None, :] < H)
-            w_off = f[:, None].to(tl.int64) * H + h[None, :]
-            a = tl.load(w1_ptr + base + off1 + w_off, mask=wm, other=0.0)        # [BLOCK_F, BLOCK_H]
-            b = tl.load(w3_ptr + base + off3 + w_off, mask=wm, other=0.0)
-            if WIDEN:
-                xt, a, b = xt.to(tl.float32), a.to(tl.float32), b.to(tl.float32)
-            g = tl.dot(a, xt, g)
-            u = tl.dot(b, xt, u)
-        act = g * tl.sigmoid(g) * u                                    # SiLU(g) * u  [BLOCK_F, BLOCK_R]
-        tl.store(act_ptr + r[None, :] * Fd + f[:, None], act.to(act_ptr.dtype.element_ty),
-                 mask=match[None, :] & (f[:, None] < Fd))
-
-    @triton.jit
-    def moe_down(act_ptr, ids_ptr, wts_ptr, slot_ptr, w2_ptr, y_ptr, R, H, Fd, slot_stride, off2, f_per_split,
-                 WIDEN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
-        e = tl.program_id(0)
-        slot = tl.load(slot_ptr + e)
-        r = tl.arange(0, BLOCK_R)
-        ids = tl.load(ids_ptr + r, mask=r < R, other=-1)
-        match = ids == e
-        if (slot < 0) | (tl.max(match.to(tl.int32), axis=0) == 0):
-            return
-        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        split = tl.program_id(2)
-        f_lo = split * f_per_split
-        base = slot.to(tl.int64) * slot_stride + off2
-        acc = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
-        for f0 in range(f_lo, f_lo + f_per_split, BLOCK_F):
-            f = f0 + tl.arange(0, BLOCK_F)
-            fm = (f < Fd) & (f < f_lo + f_per_split)
-            at = tl.load(act_ptr + r[None, :] * Fd + f[:, None], mask=match[None, :] & fm[:, None],
-                         other=0.0)                                          # [BLOCK_F, BLOCK_R]
-            w = tl.load(w2_ptr + base + d[:, None].to(tl.int64) * Fd + f[None, :],
-                        mask=(d[:, None] < H) & fm[None, :], other=0.0)     # [BLOCK_D, BLOCK_F]
-            if WIDEN:
-                at, w = at.to(tl.float32), w.to(tl.float32)
-            acc = tl.dot(w, at.to(w.dtype), acc)
-        scale = tl.load(wts_ptr + r, mask=match, other=0.0)
-        acc = acc * scale[None, :]
-        tl.store(y_ptr + (split * R + r[None, :]) * H + d[:, None], acc,
-                 mask=match[None, :] & (d[:, None] < H))
-
-    return moe_up, moe_down
+    return triton_moe.moe_up, triton_moe.moe_down
 
 
 def _sm_count(device: torch.device) -> int:
@@ -240,8 +222,13 @@ def moe_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, slot_o
     BLOCK_R = max(16, triton.next_power_of_2(R))
     BLOCK_F, BLOCK_H = 64, 128
     act = torch.empty(R, Fd, dtype=torch.float32 if widen else x.dtype, device=x.device)
+    qbits = 0 if bank.bits == 16 else bank.bits
+    scales = bank.scales if bank.scales is not None else wts          # any pointer when unused
+    group = bank.group_size or 1
+    div = 2 if qbits == 4 else 1          # values per stored byte along a row
     up[(E, triton.cdiv(Fd, BLOCK_F))](x, ids_flat, slot_of, bank.w1, bank.w3, act, R, H, Fd, x.stride(0),
-                                       bank.slot_stride, bank.off1, bank.off3, K=k, WIDEN=widen,
+                                       bank.slot_stride, bank.off1, bank.off3, scales, bank.scale_stride,
+                                       bank.soff1, bank.soff3, K=k, WIDEN=widen, QBITS=qbits, GROUP=group, DIV=div,
                                        BLOCK_R=BLOCK_R, BLOCK_F=BLOCK_F, BLOCK_H=BLOCK_H, num_warps=4)
     BLOCK_D, BLOCK_FD = 64, 128
     # split F so that the programs of the (at most min(E, R)) used experts cover the SMs twice
@@ -252,6 +239,6 @@ def moe_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, slot_o
     split = triton.cdiv(Fd, f_per_split)
     y = torch.zeros(split, R, H, dtype=torch.float32, device=x.device)
     down[(E, d_blocks, split)](act, ids_flat, wts, slot_of, bank.w2, y, R, H, Fd, bank.slot_stride, bank.off2,
-                               f_per_split, WIDEN=widen, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, BLOCK_F=BLOCK_FD,
-                               num_warps=4)
+                               f_per_split, scales, bank.scale_stride, bank.soff2, WIDEN=widen, QBITS=qbits,
+                               GROUP=group, DIV=div, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, BLOCK_F=BLOCK_FD, num_warps=4)
     return y.sum(0).view(T, k, H).sum(1).to(x.dtype)

@@ -75,8 +75,31 @@ def test_moe_torch_through_a_pool_bank_equals_per_expert_compute():
 KERNEL_CHECK = textwrap.dedent("""
     import torch
     from decoder.kernels.fused_moe import ExpertBank, moe_torch, moe_triton, use_kernels
+    from expert_store.quant import quantize
     assert use_kernels(torch.empty(0))
     g = torch.Generator().manual_seed(0)
+
+    def quantized_bank(slots, Fd, H, bits, group):
+        # a uint8 pool laid out like raw int8/int4 cache slots: values then scales per matrix
+        mats, offs, soffs, at = [], {}, {}, 0
+        for s in range(slots):
+            mats.append({n: quantize(torch.randn(*shape, generator=g) * 0.1, bits, group)
+                         for n, shape in (("w1", (Fd, H)), ("w3", (Fd, H)), ("w2", (H, Fd)))})
+        for n in ("w1", "w3", "w2"):
+            q, sc = mats[0][n]
+            offs[n] = at
+            at += (q.numel() * q.element_size() + 15) // 16 * 16
+            soffs[n] = at
+            at += (sc.numel() * 2 + 15) // 16 * 16
+        pool = torch.zeros(slots, at, dtype=torch.uint8)
+        for s in range(slots):
+            for n in ("w1", "w3", "w2"):
+                q, sc = mats[s][n]
+                qb, sb = q.reshape(-1).view(torch.uint8), sc.reshape(-1).view(torch.uint8)
+                pool[s, offs[n]:offs[n] + qb.numel()] = qb
+                pool[s, soffs[n]:soffs[n] + sb.numel()] = sb
+        return ExpertBank.quantized_pool(pool, bits, group, offs, soffs, Fd, H)
+
     for dt, T, k, E, Fd, H in ((torch.float32, 3, 2, 6, 200, 144), (torch.bfloat16, 5, 2, 8, 96, 80),
                                (torch.float32, 2, 4, 8, 64, 32)):
         slots = E + 2
@@ -95,6 +118,19 @@ KERNEL_CHECK = textwrap.dedent("""
         tol = 1e-5 if dt == torch.float32 else 2e-2
         err = (a - b).abs().max().item()
         assert err <= tol * max(1.0, a.abs().max().item()), (dt, T, k, err)
+    # quantized slots read in place (int8, int4; a group size that does not divide the block)
+    for bits, group, dt in ((8, 32, torch.float32), (4, 32, torch.float32), (4, 48, torch.bfloat16)):
+        E, Fd, H, T, k = 6, 192, 96, 4, 2
+        bank = quantized_bank(E + 1, Fd, H, bits, group)
+        perm = torch.randperm(E + 1, generator=g)[:E].to(torch.int32)
+        x = torch.randn(T, H, generator=g).to(dt)
+        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+        wts = torch.rand(T, k, generator=g)
+        a = moe_torch(x, wts, ids, perm, bank).float()
+        b = moe_triton(x, wts, ids, perm, bank).float()
+        tol = 1e-4 if dt == torch.float32 else 3e-2
+        err = (a - b).abs().max().item()
+        assert err <= tol * max(1.0, a.abs().max().item()), (bits, group, dt, err)
     print("kernels ok")
 """)
 
@@ -176,27 +212,29 @@ def store_dir(tmp_path_factory):
                              hidden=64, ffn=96, layers=L, experts=E, seed=11)
 
 
-def cache_engine(store_dir, decode_step, gpu_slots=(2, 1, 2), **kw):
+def cache_engine(store_dir, decode_step, gpu_slots=(2, 1, 2), dense=True, **kw):
     client = StoreClient.open(str(store_dir))
     eng = Engine.from_store(client, "tiny", precision="int8", decode_step=decode_step,
                             gpu_cache_bytes=0, host_cache_bytes=1 << 20,
-                            cache_options={"gpu_slots": list(gpu_slots), "dense_slots": True}, **kw)
+                            cache_options={"gpu_slots": list(gpu_slots), "dense_slots": dense}, **kw)
     eng._owns_client = True
     return eng
 
 
-@pytest.mark.parametrize("gating", ["topk", "adaptive"])
-def test_layered_step_through_an_evicting_cache(store_dir, gating):
+@pytest.mark.parametrize("gating,dense", [("topk", True), ("adaptive", True), ("topk", False)])
+def test_layered_step_through_an_evicting_cache(store_dir, gating, dense):
     """Quotas of 2/1/2 of 4 experts: nearly every step evicts and reloads, so the slot rows the
     kernels read change under the step between replays; logits, routing, gating and cache
-    counts must equal the eager path's, with one host read per MoE layer."""
+    counts must equal the eager path's, with one host read per MoE layer. dense=False: the
+    slots hold the raw int8 payloads, read in place through the bank's scales."""
     ids = torch.randint(0, 320, (24,), generator=torch.Generator().manual_seed(2))
     kw = {"gating": gating, "prefetch": False}   # the prefetcher's plan depends on measured times
     if gating == "adaptive":
         kw.update(budget=0.2, gating_options={"sensitivity": [1.0, 0.5, 2.0]})
     runs = {}
     for mode in ("eager", "step"):
-        with cache_engine(store_dir, mode, **kw) as eng:
+        with cache_engine(store_dir, mode, dense=dense, **kw) as eng:
+            assert eng.provider.expert_bank(0).bits == (16 if dense else 8)
             logits = eng.decode_logits(ids)
             runs[mode] = (logits, eng.stats(), eng._step)
     (a, sa, _), (b, sb, step) = runs["eager"], runs["step"]

@@ -86,3 +86,33 @@ def test_evictions_between_graph_replays_never_read_a_stale_slot(store_dir):
     assert sb["provider"]["evictions_gpu"] > 20
     torch.testing.assert_close(b, a, rtol=3e-2, atol=3e-2)
     assert (b.argmax(-1) == a.argmax(-1)).float().mean() > 0.9
+
+
+def test_int4_and_int8_slots_read_in_place_on_cuda():
+    from expert_store.quant import quantize
+
+    g = torch.Generator().manual_seed(2)
+    Fd, H, slots = 1024, 512, 6
+    for bits in (4, 8):
+        offs, soffs, at, mats = {}, {}, 0, []
+        for _ in range(slots):
+            mats.append({n: quantize(torch.randn(*sh, generator=g) * 0.05, bits, 128)
+                         for n, sh in (("w1", (Fd, H)), ("w3", (Fd, H)), ("w2", (H, Fd)))})
+        for n in ("w1", "w3", "w2"):
+            q, sc = mats[0][n]
+            offs[n], at = at, at + (q.numel() * q.element_size() + 255) // 256 * 256
+            soffs[n], at = at, at + (sc.numel() * 2 + 255) // 256 * 256
+        pool = torch.zeros(slots, at, dtype=torch.uint8)
+        for s in range(slots):
+            for n in ("w1", "w3", "w2"):
+                q, sc = mats[s][n]
+                pool[s, offs[n]:offs[n] + q.numel() * q.element_size()] = q.reshape(-1).view(torch.uint8)
+                pool[s, soffs[n]:soffs[n] + sc.numel() * 2] = sc.reshape(-1).view(torch.uint8)
+        bank = ExpertBank.quantized_pool(pool.cuda(), bits, 128, offs, soffs, Fd, H)
+        slot_of = torch.tensor([5, 0, 3, 1], dtype=torch.int32, device="cuda")
+        for T in (1, 8):
+            x = torch.randn(T, H, generator=g).to("cuda", torch.bfloat16)
+            ids = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(T)]).cuda()
+            wts = torch.rand(T, 2, generator=g).cuda()
+            a, b = moe_torch(x, wts, ids, slot_of, bank).float(), moe_triton(x, wts, ids, slot_of, bank).float()
+            assert (a - b).abs().max().item() <= 2e-2 * max(1.0, a.abs().max().item()), (bits, T)
