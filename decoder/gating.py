@@ -419,11 +419,27 @@ class CostAwareGating(CountingGating):
         if n:
             self.mean_cost, self._n_observed = m, n
 
+    decides_on_host = True    # the decode step reads the routing, then calls decide_rows
+
     def _decide(self, layer, router_logits, weights, idx):
         # one transfer: each token's expert ids and w2; the decision is made on the host in
         # float64 (the same arithmetic as float64 tensors), the per-token loss spent in Python
-        T, k = idx.shape
         packed = torch.cat((idx.to(torch.float64), weights[:, -1:].double()), dim=1).tolist()  # [T][k + 1]
+        drop, w2 = self.decide_rows(layer, packed)
+        return drop, w2, None
+
+    def count_resident(self, layer: int, decisions: int) -> None:
+        """Expert-2 decisions of a step that ran with every expert on the GPU (the captured
+        whole step decides nothing on the host: a GPU expert 2 is never dropped)."""
+        self._tier_counts["gpu"] = self._tier_counts.get("gpu", 0) + decisions
+        if getattr(self.provider, "load_cost", None) is not None:
+            self._observe([0.0] * decisions)
+
+    def decide_rows(self, layer: int, packed: list[list[float]]) -> tuple[list[bool], list[float]]:
+        """Drop expert 2? for each token from host rows [T][k + 1] (k expert ids, then w2):
+        (drop [T], w2 [T]). Keeps the per-token loss spent over the layers of a step."""
+        T = len(packed)
+        k = self.top_k
         if layer <= self._last_layer or self._acc is None or len(self._acc) != T:
             self._acc = [0.0] * T                              # a new forward: new tokens
         self._last_layer = layer
@@ -454,7 +470,7 @@ class CostAwareGating(CountingGating):
             drop.append(d)
             w2.append(w)
         self._observe(seen)
-        return drop, w2, None
+        return drop, w2
 
     def _drop_second(self, layer, router_logits, weights, idx):
         drop, _, _ = self._decide(layer, router_logits, weights, idx)

@@ -39,10 +39,9 @@ def unsupported_reason(model: Transformer) -> str | None:
     """Why `model` cannot decode through DecodeStep (None when it can)."""
     g = model.gating
     if isinstance(g, CountingGating):
-        if g.miss_threshold is not None:
-            return "the low-precision-on-miss hint reads the routing itself"
-        if g.top_k >= 2 and not g.decides_on_device and type(g).__name__ != "TopK":
-            return f"gating {g.name!r} decides on the host"
+        if (g.top_k >= 2 and not g.decides_on_device and not getattr(g, "decides_on_host", False)
+                and type(g).__name__ != "TopK"):
+            return f"gating {g.name!r} decides neither on the device nor from host rows"
     elif not isinstance(g, TopKGating):
         return f"gating {type(g).__name__} is not known to decide on the device"
     for obs in model.observers:
@@ -130,8 +129,12 @@ class DecodeStep:
         self.route_w = [zeros(B, self.k, dtype=torch.float32) for _ in range(self.L)]
         self.route_ids = [zeros(B, self.k, dtype=torch.long) for _ in range(self.L)]
         self.distance = [self.prefetcher.static_distance(l) if self.prefetcher else 0 for l in range(self.L)]
-        # per layer, what the host reads: ids [k], dropped w2 or -1 [1], predictions [D * 2k]
-        self.readback = [zeros(B, self.k + 1 + 2 * self.k * d, dtype=torch.float32) for d in self.distance]
+        # per layer, what the host reads: ids [k], dropped w2 or -1 [1], weights [k], predictions [D * 2k]
+        self.readback = [zeros(B, 2 * self.k + 1 + 2 * self.k * d, dtype=torch.float32) for d in self.distance]
+        # a gating that decides from the read rows (cost-aware) writes its routing back through these
+        self.host_decides = bool(getattr(self.gating, "decides_on_host", False))
+        self.ids_host = torch.zeros((self.L, B, self.k), dtype=torch.long, pin_memory=cuda)
+        self.w_host = torch.zeros((self.L, B, self.k), dtype=torch.float32, pin_memory=cuda)
         self.logits = zeros(B, cfg.vocab_size, dtype=torch.float32)
         # slot table rows the MoE kernels read; the host writes them through pinned memory
         self.slots = torch.full((self.L, self.E), -1, dtype=torch.int32, device=dev)
@@ -180,7 +183,7 @@ class DecodeStep:
         # logits: [B, E] -> weights [B, k] f32, ids [B, k] (-1 = none), dropped w2 or -1 [B]
         w, ids = topk_route(logits, self.k)
         g = self.gating
-        if isinstance(g, CountingGating) and g.decides_on_device and self.k >= 2:
+        if isinstance(g, CountingGating) and g.decides_on_device and not self.host_decides and self.k >= 2:
             drop = g._drop_second(layer, logits, w, ids)
             pend = torch.where(drop, w[:, -1], -1.0)
             w, ids = g._apply_drop(w, ids, drop)
@@ -205,7 +208,7 @@ class DecodeStep:
             per_row = torch.stack([n > 0, n, n == 1], dim=1).long()         # padding rows: n = 0
             for rc in self.row_counts:
                 rc[:self.B] += per_row
-        parts = [ids.float(), pend[:, None]]
+        parts = [ids.float(), pend[:, None], w]
         if self.distance[layer]:
             pred = self.prefetcher.predict_device(layer, m)                  # [D, B, 2k]
             parts.append(pred.permute(1, 0, 2).reshape(self.B, -1))
@@ -297,11 +300,16 @@ class DecodeStep:
                 rows = [r for r in rows if any(e >= 0 for e in r)]
             if pf is not None:
                 D = self.distance[l]
-                preds = [[r[k + 1 + 2 * k * d: k + 1 + 2 * k * (d + 1)] for r in flat] for d in range(D)] if D else None
+                p0 = 2 * k + 1
+                preds = [[r[p0 + 2 * k * d: p0 + 2 * k * (d + 1)] for r in flat] for d in range(D)] if D else None
                 pf.on_moe_input_read(l, preds)
+            if self.host_decides:
+                rows = self._decide_on_host(l, flat)
+            else:
+                self._count_host(l, flat)
+            self._hint_low_precision(l, flat, rows)
             for obs in self.host_observers:
                 obs.on_routing_host(l, rows)
-            self._count_host(l, flat)
             needed = sorted({e for r in rows for e in r if e >= 0})
             provider.prepare(l, needed)
             if pf is not None:
@@ -332,6 +340,53 @@ class DecodeStep:
         self.x.copy_(self.h + out.to(self.dtype))
         if layer == self.L - 1:
             self._head()
+
+    def _decide_on_host(self, layer: int, flat: list[list[float]]) -> list[list[int]]:
+        """Cost-aware gating: decide from the read rows (expert locations are the host's), count,
+        and write the changed routing back to the device buffers the MoE graph reads. Returns
+        the rows of active tokens after the decision."""
+        g, k = self.gating, self.k
+        live = [t for t, r in enumerate(flat) if any(e >= 0 for e in r[:k])]
+        drop, w2 = g.decide_rows(layer, [flat[t][:k] + [flat[t][2 * k]] for t in live])
+        g._count(layer, drop, w2)
+        rows = [[int(e) for e in flat[t][:k]] for t in live]
+        if any(drop):
+            ids_h, w_h = self.ids_host[layer], self.w_host[layer]
+            for t, r in enumerate(flat):
+                ids_h[t] = torch.tensor([int(e) for e in r[:k]])
+                w_h[t] = torch.tensor(r[k + 1:2 * k + 1])
+            for j, t in enumerate(live):
+                if not drop[j]:
+                    continue
+                rows[j][-1] = -1
+                ids_h[t, -1] = -1
+                if k == 2:       # exactly what _apply_drop gives: (1.0, 0.0)
+                    w_h[t] = torch.tensor([1.0, 0.0])
+                else:
+                    kept = w_h[t, :-1]
+                    w_h[t, :-1] = kept / kept.sum()
+                    w_h[t, -1] = 0.0
+            self.route_ids[layer].copy_(ids_h, non_blocking=True)
+            self.route_w[layer].copy_(w_h, non_blocking=True)
+        return rows
+
+    def _hint_low_precision(self, layer: int, flat: list[list[float]], rows: list[list[int]]) -> None:
+        """HOBBIT's hint as the eager gating gives it: experts whose largest weight in this step
+        is below the threshold may be loaded at the cache's miss precision."""
+        g = self.gating
+        if not isinstance(g, CountingGating) or g.miss_threshold is None or g.miss_provider is None:
+            return
+        k = self.k
+        live = [r for r in flat if any(e >= 0 for e in r[:k])]
+        best: dict[int, float] = {}
+        for r, ids in zip(live, rows):
+            for j, e in enumerate(ids):
+                if e >= 0:
+                    w = 1.0 if (j == 0 and ids[-1] < 0 and k == 2) else r[k + 1 + j]
+                    best[e] = max(best.get(e, 0.0), w)
+        low = sorted(e for e, w in best.items() if w < g.miss_threshold)
+        if low:
+            g.miss_provider.allow_low_precision(layer, low)
 
     def _count_host(self, layer: int, flat: list[list[float]]) -> None:
         """Gating counts of a layered step, from its read."""
@@ -400,6 +455,8 @@ class DecodeStep:
         for l, (dec, used, single, w2sq, uniq) in enumerate(counts):
             if isinstance(self.gating, CountingGating):
                 self.gating.count_step(l, int(dec), int(used), int(single), w2sq)
+                if self.host_decides:
+                    self.gating.count_resident(l, int(dec))
             if routing is not None:
                 routing.add_counts(l, int(dec), int(used), int(single), loads[l])
             lookups += int(uniq)

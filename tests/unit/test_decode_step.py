@@ -190,33 +190,47 @@ def test_sliding_window_and_batch_rows_with_padding():
 
 
 def test_unsupported_models_keep_the_eager_path():
-    from decoder.gating import CostAwareGating
+    from decoder.model.transformer import Gating, MoEObserver
+
+    class DeviceObserver(MoEObserver):        # wants the block's device tensors every layer
+        def on_routing(self, layer, router_logits, weights, idx):
+            pass
+
+    class OddGating(Gating):                   # unknown: may read anything
+        def route(self, layer, router_logits):
+            return TopKGating(2).route(layer, router_logits)
+
+    from decoder.model.transformer import TopKGating
 
     m = tiny_model()
     m.setup_caches(1, 16)
     assert unsupported_reason(m) is None
-    m.gating = CostAwareGating(2, 2, [1.0, 1.0], 0.1, provider=m.experts)
-    assert "decides on the host" in unsupported_reason(m)
+    m.add_observer(DeviceObserver())
+    assert "needs the MoE block's device tensors" in unsupported_reason(m)
     with pytest.raises(ValueError, match="cannot run this model"):
         DecodeStep(m)
     e = Engine.from_model(m, decode_step="auto")
     assert e.generate([3, 4], max_tokens=3, stop_at_eos=False).completion_tokens == 3 and e._step is None
     with pytest.raises(ValueError, match="decode_step='step'"):
         Engine.from_model(m, decode_step="step").generate([3, 4], max_tokens=2)
+    m2 = tiny_model()
+    m2.gating = OddGating()
+    assert "not known to decide on the device" in unsupported_reason(m2)
 
 
 # --- through the AdapMoE cache ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory):
-    return make_packed_store(tmp_path_factory.mktemp("step"), precisions=("bf16", "int8"), group_size=32,
+    return make_packed_store(tmp_path_factory.mktemp("step"), precisions=("bf16", "int8", "int4"), group_size=32,
                              hidden=64, ffn=96, layers=L, experts=E, seed=11)
 
 
-def cache_engine(store_dir, decode_step, gpu_slots=(2, 1, 2), dense=True, **kw):
+def cache_engine(store_dir, decode_step, gpu_slots=(2, 1, 2), dense=True, cache_options=None, **kw):
     client = StoreClient.open(str(store_dir))
     eng = Engine.from_store(client, "tiny", precision="int8", decode_step=decode_step,
                             gpu_cache_bytes=0, host_cache_bytes=1 << 20,
-                            cache_options={"gpu_slots": list(gpu_slots), "dense_slots": dense}, **kw)
+                            cache_options={"gpu_slots": list(gpu_slots), "dense_slots": dense, **(cache_options or {})},
+                            **kw)
     eng._owns_client = True
     return eng
 
@@ -249,6 +263,48 @@ def test_layered_step_through_an_evicting_cache(store_dir, gating, dense):
         assert ga["single_expert_ratio"] > 0.05
         assert gb["decisions"] == ga["decisions"] and gb["single_expert_ratio"] == ga["single_expert_ratio"]
         assert gb["est_loss_per_token"] == pytest.approx(ga["est_loss_per_token"], rel=1e-4)
+
+
+def fixed_costs(loc):
+    """Load costs fixed for a test (the cache measures them; cost-aware decisions follow them)."""
+    return {"gpu": 0.0, "host": 1e-3, "store": 4e-3}[loc]
+
+
+def test_cost_aware_gating_decides_from_the_steps_read(store_dir):
+    """Cost-aware gating decides on the host from the step's one read per layer (expert
+    locations live there) and writes the changed routing back for the MoE graph: the same
+    decisions, locations and logits as the eager path."""
+    ids = torch.randint(0, 320, (20,), generator=torch.Generator().manual_seed(6))
+    runs = {}
+    for mode in ("eager", "step"):
+        with cache_engine(store_dir, mode, gating="cost-aware", budget=0.1, prefetch=False,
+                          gating_options={"sensitivity": [1.0, 0.5, 2.0]}) as eng:
+            eng.provider.load_cost = fixed_costs
+            logits = eng.decode_logits(ids)
+            runs[mode] = (logits, eng.stats(), eng._step)
+    (a, sa, _), (b, sb, st) = runs["eager"], runs["step"]
+    assert st.layered_steps == 20 and st.reads == 20 * L
+    ga, gb = sa["gating_stats"], sb["gating_stats"]
+    assert ga["single_expert_ratio"] > 0.05 and ga["expert2_location"].get("host", 0) > 0
+    for key in ("decisions", "single_expert_ratio", "expert2_location", "capped_by_bound"):
+        assert gb[key] == ga[key], key
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    assert sb["routing"] == sa["routing"]
+
+
+def test_low_precision_on_miss_through_the_step(store_dir):
+    """HOBBIT's hint from the step's read: low-weight misses come from the int4 tier (outside
+    the slot bank, so that layer is computed through the provider's weights)."""
+    ids = torch.randint(0, 320, (20,), generator=torch.Generator().manual_seed(8))
+    runs = {}
+    for mode in ("eager", "step"):
+        with cache_engine(store_dir, mode, gating="topk", prefetch=False, cache_options={"miss_precision": "int4"},
+                          gating_options={"miss_precision_threshold": 0.45}) as eng:
+            runs[mode] = (eng.decode_logits(ids), eng.stats())
+    (a, sa), (b, sb) = runs["eager"], runs["step"]
+    low_a, low_b = sa["tiers"]["gpu-int4"], sb["tiers"]["gpu-int4"]
+    assert low_a["lookups"] > 0 and low_b["lookups"] == low_a["lookups"] and low_b["hits"] == low_a["hits"]
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
 def test_layered_step_with_the_prefetcher_issues_what_the_eager_path_issues(store_dir):
