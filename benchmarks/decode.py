@@ -341,7 +341,7 @@ class OnDemandExperts(ExpertProvider):
 
     def __init__(self, client: Any, model: str, precision: str, device: torch.device, L: int, E: int,
                  dense: bool = False, dtype: torch.dtype = torch.bfloat16) -> None:
-        from decoder.experts.cache import DenseLayout
+        from decoder.experts.gpu_slots import DenseLayout
 
         self.device, self.L, self.E, self.precision = device, L, E, precision
         self.headers: dict[tuple[int, int], Any] = {}
@@ -430,15 +430,15 @@ def slot_sizes(client: Any, model: str, precision: str, dense: bool = False,
                dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int, int]:
     """(raw payload bytes, GPU slot bytes, host slot bytes, L*E) as decoder/experts/cache.py sizes
     them; dense=True: the GPU slot of a dense-slot cache (int8/int4 dequantized once per load)."""
-    from decoder.experts.cache import GPU_ALIGN, HOST_ALIGN, _align, dense_slot_bytes
+    from decoder.experts.gpu_slots import GPU_ALIGN, HOST_ALIGN, align, dense_slot_bytes
 
     m = client.manifest(model)
     blob = bytes(client.fetch_expert(model, 0, 0, precision))
     h, _ = blob_format.read_header(blob)
     sizes = [v[0] if isinstance(v, (tuple, list)) else v.size for k, v in m.blobs.items() if k[2] == precision]
     raw = int(h.raw_size)
-    gpu_slot = dense_slot_bytes(h, dtype) if dense else _align(raw, GPU_ALIGN)
-    return raw, gpu_slot, _align(max(max(sizes), raw), HOST_ALIGN), m.num_layers * m.num_experts
+    gpu_slot = dense_slot_bytes(h, dtype) if dense else align(raw, GPU_ALIGN)
+    return raw, gpu_slot, align(max(max(sizes), raw), HOST_ALIGN), m.num_layers * m.num_experts
 
 
 def fill_gpu(cache: Any, L: int, E: int) -> None:
@@ -450,11 +450,11 @@ def fill_gpu(cache: Any, L: int, E: int) -> None:
 def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.device, target: str,
                  profile: dict, remote_fetch_workers: int = 0, dense_slots: bool | None = None,
                  fill_threads: int = 8, decode_step: str = "auto") -> Engine:
-    from decoder.experts.cache import _dense_slots
+    from decoder.experts.gpu_slots import dense_slots_for
 
     precision = store_precision(prep)
     dtype = compute_dtype(device)
-    dense = _dense_slots(dense_slots, precision, device.type == "cuda")
+    dense = dense_slots_for(dense_slots, precision, device.type == "cuda")
     with StoreClient.open(str(prep.store)) as c:
         raw, slot, hslot, n_experts = slot_sizes(c, prep.model, precision, dense=dense, dtype=dtype)
         m = c.manifest(prep.model)

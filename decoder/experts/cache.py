@@ -1,5 +1,9 @@
 """The AdapMoE expert cache: a GPU tier of preallocated slots over a pinned host tier over the store.
 
+What a slot holds, its size and the per-layer quotas are in gpu_slots.py; the low-precision
+tier for low-weight misses (HOBBIT) in low_precision.py; this module composes them with the
+host tier, the copy streams and the loader threads.
+
     store ──fetch_expert(out=host slot)──▶ host tier (pinned LRU) ──copy stream──▶ GPU slot ──▶ matmul
 
 GPU tier: one preallocated uint8 pool `[slots, slot_bytes]` on the compute device (no allocator
@@ -65,107 +69,17 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from decoder.experts.gpu_slots import (HOST_ALIGN, DenseLayout, GpuEntry, Staging, align, dense_slots_for,
+                                      plan_quotas, raw_slot_bytes)
+from decoder.experts.low_precision import LowPrecisionTier
 from decoder.experts.provider import ExpertProvider, ExpertSource, ExpertWeights, expert_weights_from_views
 from decoder.kernels.fused_moe import ExpertBank
 
 log = logging.getLogger(__name__)
 
-GPU_ALIGN = 256
-HOST_ALIGN = 4096
 TIERS = ("gpu", "host", "store")
 # Priors (bytes/s) until a tier's cost has been measured once; replaced by the live EWMA.
 PRIOR_BANDWIDTH = {"host_cuda": 20e9, "host_cpu": 5e9, "store": 1e9}
-
-
-def _align(n: int, a: int) -> int:
-    return (n + a - 1) // a * a
-
-
-@dataclass(frozen=True)
-class DenseLayout:
-    """Where a dense slot keeps each matrix of one expert, dequantized into `dtype`:
-    (name, byte offset, [out, in]) for w1, w3, w2 in blob order, each GPU_ALIGN-aligned."""
-
-    dtype: torch.dtype
-    tensors: tuple[tuple[str, int, tuple[int, int]], ...]
-    nbytes: int                      # bytes a slot needs
-
-    @classmethod
-    def of(cls, header: Any, dtype: torch.dtype) -> "DenseLayout":
-        item = torch.empty((), dtype=dtype).element_size()
-        tensors, off = [], 0
-        for t in header.tensors:
-            shape = (int(t.shape[0]), int(t.shape[1]))
-            tensors.append((t.name, off, shape))
-            off = _align(off + shape[0] * shape[1] * item, GPU_ALIGN)
-        return cls(dtype, tuple(tensors), off)
-
-    def matches(self, header: Any) -> bool:
-        return len(header.tensors) == len(self.tensors) and all(
-            t.name == name and (int(t.shape[0]), int(t.shape[1])) == shape
-            for t, (name, _, shape) in zip(header.tensors, self.tensors))
-
-    def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The dense matrices inside `buf` (a uint8 slot), no copies."""
-        item = torch.empty((), dtype=self.dtype).element_size()
-        return {name: buf[off:off + shape[0] * shape[1] * item].view(self.dtype).view(shape)
-                for name, off, shape in self.tensors}
-
-    def fill(self, header: Any, raw: torch.Tensor, buf: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Dequantize the raw payload `raw` (uint8, same device) into `buf`'s views; returns them.
-        Runs on the current stream."""
-        from expert_store.quant import tensors_from_raw
-
-        dense = self.views(buf)
-        for name, v in tensors_from_raw(header, raw).items():
-            if isinstance(v, torch.Tensor):
-                dense[name].copy_(v)
-            else:
-                v.dequantize(out=dense[name])
-        return dense
-
-
-def dense_slot_bytes(header: Any, dtype: torch.dtype) -> int:
-    """Bytes of one dense GPU slot for experts shaped like `header`'s, dequantized into `dtype`
-    (what `ExpertCache(dense_slots=True).slot_bytes` is; budgets: gpu_cache_bytes = slots x this)."""
-    return DenseLayout.of(header, dtype).nbytes
-
-
-def raw_slot_bytes(header: Any) -> int:
-    """Bytes of one raw GPU slot (`ExpertCache(dense_slots=False).slot_bytes`)."""
-    return _align(int(header.raw_size), GPU_ALIGN)
-
-
-def gpu_slot_bytes(header: Any, dtype: torch.dtype, device: torch.device | str,
-                   dense_slots: bool | None = None) -> int:
-    """`ExpertCache.slot_bytes` for experts shaped like `header`'s (an expert blob header at the
-    cache's precision), compute `dtype`, `device` and the `dense_slots` option, without building
-    a cache: what a gpu_cache_bytes budget of N experts is N times."""
-    dense = _dense_slots(dense_slots, header.precision, torch.device(device).type == "cuda")
-    return dense_slot_bytes(header, dtype) if dense else raw_slot_bytes(header)
-
-
-@dataclass
-class _Staging:
-    """A device buffer the compact payload lands in before it is dequantized into a dense slot."""
-
-    buf: torch.Tensor                # uint8 [raw slot bytes] on the device
-    event: Any = None                # recorded after the last dequantization that read it (CUDA)
-
-
-@dataclass
-class _GpuEntry:
-    layer: int
-    expert: int
-    slot: int                        # pool slot, -1 = transient buffer outside the pool
-    buf: torch.Tensor                # uint8 [slot_bytes] on the device
-    loading: bool = True
-    weights: ExpertWeights | None = None
-    copy_event: Any = None           # torch.cuda.Event recorded after the H2D copy (CUDA)
-    free_event: Any = None           # recorded on the compute stream when the layer released it
-    step: int = -1                   # last token step that used or prefetched it
-    prefetched: bool = False         # loaded speculatively, not used yet
-    prev_free_event: Any = None      # the evicted occupant's free_event: copy waits on it
 
 
 @dataclass
@@ -224,7 +138,7 @@ class ExpertCache(ExpertProvider):
         header, _ = blob_format.read_header(probe)
         self.raw_size = int(header.raw_size)     # compact payload: what crosses the link
         # dense slots: int8/int4 dequantized once per load into the compute dtype (see the module doc)
-        self.dense_slots = _dense_slots(dense_slots, self.precision, self.cuda)
+        self.dense_slots = dense_slots_for(dense_slots, self.precision, self.cuda)
         self.dense_layout = DenseLayout.of(header, source.dtype) if self.dense_slots else None
         self.slot_bytes = self.dense_layout.nbytes if self.dense_layout else raw_slot_bytes(header)
         max_blob = len(probe)
@@ -233,7 +147,7 @@ class ExpertCache(ExpertProvider):
                 sz = source.blob_size(l, e)
                 if sz is not None:
                     max_blob = max(max_blob, sz)
-        self.host_slot_bytes = _align(max(max_blob, self.raw_size), HOST_ALIGN)
+        self.host_slot_bytes = align(max(max_blob, self.raw_size), HOST_ALIGN)
 
         # --- GPU tier: quotas + scratch, one pool --------------------------------------------
         if scratch_slots is None:
@@ -249,7 +163,7 @@ class ExpertCache(ExpertProvider):
         n_pool = sum(gpu_slots) + self.scratch_slots
         self.gpu_pool = torch.empty((n_pool, self.slot_bytes), dtype=torch.uint8, device=self.device)
         self._gpu_free: list[int] = list(range(n_pool - 1, -1, -1))
-        self._gpu: list[OrderedDict[int, _GpuEntry]] = [OrderedDict() for _ in range(self.L)]
+        self._gpu: list[OrderedDict[int, GpuEntry]] = [OrderedDict() for _ in range(self.L)]
         self._gpu_slot_events: dict[int, Any] = {}  # free slot -> event its last readers recorded
         self._bank = self._make_bank(header)
         self._raw_offsets = _offsets(header)
@@ -293,13 +207,13 @@ class ExpertCache(ExpertProvider):
         self.dequant_stream = torch.cuda.Stream(device=self.device) if self.cuda and self.dense_slots else None
         self._compute_stream = torch.cuda.current_stream(self.device) if self.cuda else None
         self._pending_timings: list[tuple[Any, Any]] = []
-        self._staging: list[_Staging] = []
+        self._staging: list[Staging] = []
         if self.dense_slots:
             # CUDA: two keep the copy engine and the dequantization busy (a buffer returns to the
             # pool as soon as its work is enqueued); CPU: used synchronously, one per loader thread
             n_stage = 2 if self.cuda else self.workers + 1
             raw_bytes = raw_slot_bytes(header)
-            self._staging = [_Staging(torch.empty(raw_bytes, dtype=torch.uint8, device=self.device))
+            self._staging = [Staging(torch.empty(raw_bytes, dtype=torch.uint8, device=self.device))
                              for _ in range(n_stage)]
         self.staging_buffers = len(self._staging)
 
@@ -321,14 +235,14 @@ class ExpertCache(ExpertProvider):
         # --- optional low-precision copies for demand misses of low-weight experts (HOBBIT) ---
         self.miss_precision = miss_precision
         self._allow_low: set[tuple[int, int]] = set()
-        self._low: _LowPrecisionTier | None = None
+        self._low: LowPrecisionTier | None = None
         self._stall_total_s = 0.0  # monotonic stall time (stall_seconds); stats' stall_s resets
         if miss_precision is not None:
             if miss_precision == self.precision:
                 raise ValueError(f"miss_precision must differ from the cache precision ({self.precision})")
             low_source = dataclasses.replace(source, precision=miss_precision)  # checks the store has it
-            self._low = _LowPrecisionTier(self, low_source, int(low_slots or max(self.L, 2 * self.top_k)),
-                                          _dense_slots(dense_slots, miss_precision, self.cuda))
+            self._low = LowPrecisionTier(self, low_source, int(low_slots or max(self.L, 2 * self.top_k)),
+                                          dense_slots_for(dense_slots, miss_precision, self.cuda))
         self.reset_stats()
         self._threads = [threading.Thread(target=self._worker, name=f"expert-loader-{i}", daemon=True)
                          for i in range(self.workers)]
@@ -788,7 +702,7 @@ class ExpertCache(ExpertProvider):
             g["bytes"] += self.raw_size
             self._finish(task)
 
-    def _alloc_gpu(self, layer: int, expert: int, kind: str) -> _GpuEntry | None:
+    def _alloc_gpu(self, layer: int, expert: int, kind: str) -> GpuEntry | None:
         lru = self._gpu[layer]
         in_pool = sum(1 for en in lru.values() if en.slot >= 0)
         slot, prev_ev = -1, None
@@ -828,7 +742,7 @@ class ExpertCache(ExpertProvider):
                 # the copy stream waits for the compute stream's work so far before writing it
                 prev_ev = torch.cuda.Event()
                 prev_ev.record(self._compute_stream)
-        ent = _GpuEntry(layer, expert, slot, buf, prev_free_event=prev_ev)
+        ent = GpuEntry(layer, expert, slot, buf, prev_free_event=prev_ev)
         lru[expert] = ent
         return ent
 
@@ -836,7 +750,7 @@ class ExpertCache(ExpertProvider):
         return sum(max(0, sum(1 for en in d.values() if en.slot >= 0) - self.quota[l])
                    for l, d in enumerate(self._gpu))
 
-    def _free_gpu_slot(self, ent: _GpuEntry) -> None:
+    def _free_gpu_slot(self, ent: GpuEntry) -> None:
         """Give back the slot of an entry whose load failed (already out of its layer's LRU)."""
         if ent.slot >= 0:
             if ent.prev_free_event is not None:
@@ -977,7 +891,7 @@ class ExpertCache(ExpertProvider):
             self._host_free.append(h.slot)
 
     # --- H2D ------------------------------------------------------------------------------------
-    def _copy_to_gpu(self, ent: _GpuEntry, h: _HostEntry) -> None:
+    def _copy_to_gpu(self, ent: GpuEntry, h: _HostEntry) -> None:
         """Copy the raw payload host slot -> GPU slot and build the weight views. No lock held."""
         from expert_store.quant import tensors_from_raw
 
@@ -1019,7 +933,7 @@ class ExpertCache(ExpertProvider):
             self._pending_timings.append((start, end))
         return end
 
-    def _load_dense(self, ent: _GpuEntry, h: _HostEntry, src: torch.Tensor) -> None:
+    def _load_dense(self, ent: GpuEntry, h: _HostEntry, src: torch.Tensor) -> None:
         """Compact payload host slot -> staging buffer (copy stream) -> dequantized into the dense
         slot (dequant stream); the expert's event is recorded after the dequantization. No lock held."""
         from expert_store import format as blob_format
@@ -1060,7 +974,7 @@ class ExpertCache(ExpertProvider):
                 self._cond.notify_all()
         ent.weights = ExpertWeights(dense["w1"], dense["w3"], dense["w2"], self.precision)
 
-    def _take_staging(self) -> _Staging:
+    def _take_staging(self) -> Staging:
         with self._lock:
             while not self._staging:
                 self._cond.wait(timeout=0.05)
@@ -1144,195 +1058,10 @@ class ExpertCache(ExpertProvider):
 
 
 # ---------------------------------------------------------------------------------------------
-class _LowPrecisionTier:
-    """GPU copies of experts at a lower precision (e.g. int4), for demand misses of experts the
-    gating marked as low-weight (HOBBIT): a smaller blob crosses the link instead of the full one.
-    A small pool of fixed slots, one LRU over all layers; loads run on the caller's thread (they
-    are demand loads), through one pinned staging buffer, H2D on the cache's copy stream. With
-    `dense` a slot holds the expert dequantized into the compute dtype (like the cache's dense
-    slots): the payload is copied into one device staging buffer and dequantized from there on
-    the cache's dequant stream."""
-
-    def __init__(self, cache: ExpertCache, source: ExpertSource, slots: int, dense: bool = False) -> None:
-        from expert_store import format as blob_format
-
-        self.cache, self.source = cache, source
-        probe = bytes(source.fetch(0, 0, priority="demand"))
-        header, _ = blob_format.read_header(probe)
-        self.raw_size = int(header.raw_size)
-        self.dense_layout = DenseLayout.of(header, source.dtype) if dense else None
-        self.slot_bytes = self.dense_layout.nbytes if dense else raw_slot_bytes(header)
-        self.device_stage = (_Staging(torch.empty(raw_slot_bytes(header), dtype=torch.uint8, device=cache.device))
-                             if dense else None)
-        if dense and cache.cuda and cache.dequant_stream is None:
-            cache.dequant_stream = torch.cuda.Stream(device=cache.device)
-        max_blob = max([len(probe)] + [source.blob_size(l, e) or 0 for l in range(cache.L) for e in range(cache.E)])
-        stage = _align(max(max_blob, self.raw_size), HOST_ALIGN)
-        if slots < cache.top_k:
-            raise ValueError(f"low_slots must be >= top_k ({cache.top_k})")
-        self.pool = torch.empty((slots, self.slot_bytes), dtype=torch.uint8, device=cache.device)
-        host = torch.empty((2, stage), dtype=torch.uint8)
-        self.stage = host.pin_memory() if cache.pinned else host
-        self.stage_event: Any = None
-        self.free = list(range(slots - 1, -1, -1))
-        self.lru: OrderedDict[tuple[int, int], _GpuEntry] = OrderedDict()
-        self.handed: set[tuple[int, int]] = set()
-        self.lock = threading.Lock()   # one low-precision load at a time (a single staging pair)
-
-    def get(self, layer: int, expert: int) -> tuple[ExpertWeights, Any, bool]:
-        """(weights, copy event or None, whether it had to load). Counts the lookup."""
-        from expert_store import format as blob_format
-        from expert_store.quant import tensors_from_raw
-
-        c = self.cache
-        key = (layer, expert)
-        with c._lock:
-            c._low_c["lookups"] += 1
-            ent = self.lru.get(key)
-            if ent is not None:
-                c._low_c["hits"] += 1
-                self.lru.move_to_end(key)
-                self.handed.add(key)
-                return ent.weights, ent.copy_event, False
-            c._low_c["misses"] += 1
-        with self.lock:
-            if self.stage_event is not None:
-                self.stage_event.synchronize()   # the last H2D copy out of the staging buffers is done
-            t0 = time.perf_counter()
-            view = memoryview(self.stage[0].numpy())
-            blob = self.source.fetch(layer, expert, out=view, priority="demand")
-            n = len(blob)
-            if not (isinstance(blob, memoryview) and blob.obj is view.obj):
-                view[:n] = blob
-            header, _ = blob_format.read_header(view[:n])
-            if header.codec == "none":
-                blob_format.decode_raw(view[:n])
-                src = self.stage[0, header.payload_offset:header.payload_offset + header.raw_size]
-            else:
-                blob_format.decode_raw(view[:n], out=memoryview(self.stage[1].numpy()))
-                src = self.stage[1, :header.raw_size]
-            with c._lock:
-                c._cost["store"].update(time.perf_counter() - t0)
-                c._tier["store"]["loads"] += 1
-                c._tier["store"]["bytes"] += n
-                if self.free:
-                    slot, wait_ev = self.free.pop(), None
-                else:
-                    victim = next((k for k in self.lru if k not in self.handed and k[0] != layer), None)
-                    if victim is None:
-                        victim = next((k for k in self.lru if k not in self.handed), None)
-                    if victim is None:
-                        raise RuntimeError("low-precision tier: every slot is in use by the current layer")
-                    old = self.lru.pop(victim)
-                    slot, wait_ev = old.slot, old.free_event
-            ent = _GpuEntry(layer, expert, slot, self.pool[slot], loading=False)
-            if self.dense_layout is not None:
-                ent.weights = self._load_dense(ent, header, src, wait_ev)
-            else:
-                dst = ent.buf[:header.raw_size]
-                if c.cuda:
-                    with torch.cuda.device(c.device), torch.cuda.stream(c.copy_stream):
-                        if wait_ev is not None:
-                            c.copy_stream.wait_event(wait_ev)
-                        dst.copy_(src, non_blocking=True)
-                        ev = torch.cuda.Event()
-                        ev.record(c.copy_stream)
-                    ent.copy_event = self.stage_event = ev
-                else:
-                    dst.copy_(src)
-                ent.weights = expert_weights_from_views(header, tensors_from_raw(header, dst))
-            with c._lock:
-                c._low_c["loads"] += 1
-                c._low_c["bytes"] += header.raw_size
-                self.lru[key] = ent
-                self.handed.add(key)
-            return ent.weights, ent.copy_event, True
-
-    def _load_dense(self, ent: _GpuEntry, header: Any, src: torch.Tensor, wait_ev: Any) -> ExpertWeights:
-        """Host staging -> device staging (copy stream) -> dequantized into ent's slot (dequant
-        stream, after `wait_ev`: the slot's last readers). self.lock held."""
-        from expert_store import format as blob_format
-
-        c, layout, stage = self.cache, self.dense_layout, self.device_stage
-        if not layout.matches(header):
-            raise blob_format.BlobError(f"low-precision layer {ent.layer} expert {ent.expert}: tensor shapes differ")
-        raw = stage.buf[:header.raw_size]
-        if c.cuda:
-            copied, done = torch.cuda.Event(), torch.cuda.Event()
-            with torch.cuda.device(c.device):
-                with torch.cuda.stream(c.copy_stream):
-                    if stage.event is not None:   # the last dequantization that read the device staging
-                        c.copy_stream.wait_event(stage.event)
-                    raw.copy_(src, non_blocking=True)
-                    copied.record(c.copy_stream)
-                with torch.cuda.stream(c.dequant_stream):
-                    c.dequant_stream.wait_event(copied)
-                    if wait_ev is not None:
-                        c.dequant_stream.wait_event(wait_ev)
-                    dense = layout.fill(header, raw, ent.buf)
-                    done.record(c.dequant_stream)
-            self.stage_event = copied            # the host staging is read until `copied`
-            stage.event = ent.copy_event = done
-        else:
-            raw.copy_(src)
-            dense = layout.fill(header, raw, ent.buf)
-        return ExpertWeights(dense["w1"], dense["w3"], dense["w2"], self.source.precision)
-
-    def release(self, layer: int) -> None:
-        """Called with the cache lock held when `layer` is done."""
-        mine = {k for k in self.handed if k[0] == layer}
-        if not mine:
-            return
-        if self.cache.cuda:
-            ev = torch.cuda.Event()
-            ev.record(torch.cuda.current_stream(self.cache.device))
-            for k in mine:
-                if k in self.lru:
-                    self.lru[k].free_event = ev
-        self.handed -= mine
-
-
-# ---------------------------------------------------------------------------------------------
 def _offsets(header: Any) -> dict[str, tuple[int, int]]:
     """Byte offsets of each tensor of an expert blob's raw payload (values, scales or -1)."""
     return {t.name: (int(t.offset), int(t.quant.scales_offset) if t.quant is not None else -1)
             for t in header.tensors}
-
-
-def _dense_slots(option: bool | None, precision: str, cuda: bool) -> bool:
-    """Whether slots at `precision` hold dequantized experts: `option`, by default on for
-    int8/int4 on CUDA; bf16 payloads are dense already (their slots hold them as they are)."""
-    if precision == "bf16":
-        return False
-    return cuda if option is None else bool(option)
-
-
-def plan_quotas(config: Any, slot_bytes: int, gpu_cache_bytes: int | None, scratch_slots: int,
-                plan: str = "uniform", profile: Mapping[str, Any] | None = None) -> list[int]:
-    """GPU slots per layer for a byte budget: AdapMoE's DP (`plan="uniform"`, uniform expert
-    choice) or the measured-popularity DP (`plan="popularity"`), with prefetch accuracy and
-    single-expert ratio from the calibration profile (0 when there is none)."""
-    from decoder.cache_plan import plan_slots, plan_slots_popularity
-
-    L, E = config.num_hidden_layers, config.num_local_experts
-    if gpu_cache_bytes is None:
-        return [E] * L
-    total = int(gpu_cache_bytes) // slot_bytes
-    if total >= L * E:
-        return [E] * L
-    total -= scratch_slots
-    if total < L:
-        need = (L + scratch_slots) * slot_bytes
-        raise ValueError(f"gpu_cache_bytes={gpu_cache_bytes} is too small: one slot per layer plus "
-                         f"{scratch_slots} scratch slots needs {need} bytes ({slot_bytes} per expert)")
-    prof = profile or {}
-    acc = prof.get("prefetch_accuracy") or 0.0
-    r1 = prof.get("single_expert_ratio") or 0.0
-    if plan == "popularity" and prof.get("popularity"):
-        return plan_slots_popularity(prof["popularity"], acc, r1, total, top_k=getattr(config, "num_experts_per_tok", 2))
-    if plan not in ("uniform", "popularity"):
-        raise ValueError(f"unknown cache plan {plan!r} (uniform | popularity)")
-    return plan_slots(acc, r1, total, E, num_layers=L, top_k=getattr(config, "num_experts_per_tok", 2))
 
 
 def store_target(client: Any) -> str:

@@ -21,7 +21,8 @@ import torch
 
 from checkpoints import make_mixtral_checkpoint
 from decoder import Engine
-from decoder.experts.cache import ExpertCache, dense_slot_bytes, gpu_slot_bytes, raw_slot_bytes
+from decoder.experts.cache import ExpertCache
+from decoder.experts.gpu_slots import dense_slot_bytes, gpu_slot_bytes, raw_slot_bytes
 from decoder.experts.provider import ExpertSource, decode_expert_blob
 from decoder.model.config import ModelConfig
 from expert_store import format as blob_format

@@ -16,7 +16,7 @@ from checkpoints import make_mixtral_checkpoint
 from decoder import Engine
 from decoder.cli import build_parser as cli_parser
 from decoder.cli import engine_options
-from decoder.experts.cache import plan_quotas
+from decoder.experts.gpu_slots import plan_quotas
 from decoder.gating import make_gating
 from decoder.model.transformer import TopKGating
 from decoder.server import build_parser as serve_parser

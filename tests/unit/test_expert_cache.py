@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from checkpoints import make_packed_store
-from decoder.experts.cache import ExpertCache, build_provider, plan_quotas
+from decoder.experts.cache import ExpertCache, build_provider
+from decoder.experts.gpu_slots import plan_quotas
 from decoder.experts.provider import ExpertSource, decode_expert_blob
 from decoder.model.config import ModelConfig
 from expert_store.client import StoreClient

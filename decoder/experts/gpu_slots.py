@@ -1,0 +1,146 @@
+"""What a GPU expert slot holds and how many a layer gets.
+
+A slot is `slot_bytes` of one preallocated uint8 pool on the device. It holds an expert either
+raw (the blob's payload as it crossed the link: bf16 matrices, or int8/int4 values and fp16
+scales) or dense (w1, w3, w2 dequantized once into the compute dtype, `DenseLayout`). Layers get
+per-layer quotas of slots from the cache plan (AdapMoE's DP, decoder/cache_plan.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from decoder.experts.provider import ExpertWeights
+
+GPU_ALIGN = 256
+HOST_ALIGN = 4096
+
+
+def align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass(frozen=True)
+class DenseLayout:
+    """Where a dense slot keeps each matrix of one expert, dequantized into `dtype`:
+    (name, byte offset, [out, in]) for w1, w3, w2 in blob order, each GPU_ALIGN-aligned."""
+
+    dtype: torch.dtype
+    tensors: tuple[tuple[str, int, tuple[int, int]], ...]
+    nbytes: int                      # bytes a slot needs
+
+    @classmethod
+    def of(cls, header: Any, dtype: torch.dtype) -> "DenseLayout":
+        item = torch.empty((), dtype=dtype).element_size()
+        tensors, off = [], 0
+        for t in header.tensors:
+            shape = (int(t.shape[0]), int(t.shape[1]))
+            tensors.append((t.name, off, shape))
+            off = align(off + shape[0] * shape[1] * item, GPU_ALIGN)
+        return cls(dtype, tuple(tensors), off)
+
+    def matches(self, header: Any) -> bool:
+        return len(header.tensors) == len(self.tensors) and all(
+            t.name == name and (int(t.shape[0]), int(t.shape[1])) == shape
+            for t, (name, _, shape) in zip(header.tensors, self.tensors))
+
+    def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The dense matrices inside `buf` (a uint8 slot), no copies."""
+        item = torch.empty((), dtype=self.dtype).element_size()
+        return {name: buf[off:off + shape[0] * shape[1] * item].view(self.dtype).view(shape)
+                for name, off, shape in self.tensors}
+
+    def fill(self, header: Any, raw: torch.Tensor, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Dequantize the raw payload `raw` (uint8, same device) into `buf`'s views; returns them.
+        Runs on the current stream."""
+        from expert_store.quant import tensors_from_raw
+
+        dense = self.views(buf)
+        for name, v in tensors_from_raw(header, raw).items():
+            if isinstance(v, torch.Tensor):
+                dense[name].copy_(v)
+            else:
+                v.dequantize(out=dense[name])
+        return dense
+
+
+def dense_slot_bytes(header: Any, dtype: torch.dtype) -> int:
+    """Bytes of one dense GPU slot for experts shaped like `header`'s, dequantized into `dtype`
+    (what `ExpertCache(dense_slots=True).slot_bytes` is; budgets: gpu_cache_bytes = slots x this)."""
+    return DenseLayout.of(header, dtype).nbytes
+
+
+def raw_slot_bytes(header: Any) -> int:
+    """Bytes of one raw GPU slot (`ExpertCache(dense_slots=False).slot_bytes`)."""
+    return align(int(header.raw_size), GPU_ALIGN)
+
+
+def gpu_slot_bytes(header: Any, dtype: torch.dtype, device: torch.device | str,
+                   dense_slots: bool | None = None) -> int:
+    """`ExpertCache.slot_bytes` for experts shaped like `header`'s (an expert blob header at the
+    cache's precision), compute `dtype`, `device` and the `dense_slots` option, without building
+    a cache: what a gpu_cache_bytes budget of N experts is N times."""
+    dense = dense_slots_for(dense_slots, header.precision, torch.device(device).type == "cuda")
+    return dense_slot_bytes(header, dtype) if dense else raw_slot_bytes(header)
+
+
+@dataclass
+class Staging:
+    """A device buffer the compact payload lands in before it is dequantized into a dense slot."""
+
+    buf: torch.Tensor                # uint8 [raw slot bytes] on the device
+    event: Any = None                # recorded after the last dequantization that read it (CUDA)
+
+
+@dataclass
+class GpuEntry:
+    layer: int
+    expert: int
+    slot: int                        # pool slot, -1 = transient buffer outside the pool
+    buf: torch.Tensor                # uint8 [slot_bytes] on the device
+    loading: bool = True
+    weights: ExpertWeights | None = None
+    copy_event: Any = None           # torch.cuda.Event recorded after the H2D copy (CUDA)
+    free_event: Any = None           # recorded on the compute stream when the layer released it
+    step: int = -1                   # last token step that used or prefetched it
+    prefetched: bool = False         # loaded speculatively, not used yet
+    prev_free_event: Any = None      # the evicted occupant's free_event: copy waits on it
+
+
+def dense_slots_for(option: bool | None, precision: str, cuda: bool) -> bool:
+    """Whether slots at `precision` hold dequantized experts: `option`, by default on for
+    int8/int4 on CUDA; bf16 payloads are dense already (their slots hold them as they are)."""
+    if precision == "bf16":
+        return False
+    return cuda if option is None else bool(option)
+
+
+def plan_quotas(config: Any, slot_bytes: int, gpu_cache_bytes: int | None, scratch_slots: int,
+                plan: str = "uniform", profile: Mapping[str, Any] | None = None) -> list[int]:
+    """GPU slots per layer for a byte budget: AdapMoE's DP (`plan="uniform"`, uniform expert
+    choice) or the measured-popularity DP (`plan="popularity"`), with prefetch accuracy and
+    single-expert ratio from the calibration profile (0 when there is none)."""
+    from decoder.cache_plan import plan_slots, plan_slots_popularity
+
+    L, E = config.num_hidden_layers, config.num_local_experts
+    if gpu_cache_bytes is None:
+        return [E] * L
+    total = int(gpu_cache_bytes) // slot_bytes
+    if total >= L * E:
+        return [E] * L
+    total -= scratch_slots
+    if total < L:
+        need = (L + scratch_slots) * slot_bytes
+        raise ValueError(f"gpu_cache_bytes={gpu_cache_bytes} is too small: one slot per layer plus "
+                         f"{scratch_slots} scratch slots needs {need} bytes ({slot_bytes} per expert)")
+    prof = profile or {}
+    acc = prof.get("prefetch_accuracy") or 0.0
+    r1 = prof.get("single_expert_ratio") or 0.0
+    if plan == "popularity" and prof.get("popularity"):
+        return plan_slots_popularity(prof["popularity"], acc, r1, total, top_k=getattr(config, "num_experts_per_tok", 2))
+    if plan not in ("uniform", "popularity"):
+        raise ValueError(f"unknown cache plan {plan!r} (uniform | popularity)")
+    return plan_slots(acc, r1, total, E, num_layers=L, top_k=getattr(config, "num_experts_per_tok", 2))
