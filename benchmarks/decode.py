@@ -799,11 +799,16 @@ def markdown(rows: list[dict[str, Any]], targets: list[dict[str, Any]]) -> str:
             "pf prec | pf recall | issued prec | stall ms/tok | GB/tok gpu | GB/tok host | GB/tok store | bound ms/tok | "
             "ms/tok | held-out ppl |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+    def label(r: dict[str, Any]) -> str:
+        # the decode path is named only where a table holds the same row on both paths
+        both = {x.get("decode_step") for x in rows
+                if (x["model"], x["mode"], x["budget"]) == (r["model"], r["mode"], r["budget"])}
+        return r["mode"] + (f" ({r['decode_step']})" if len(both) > 1 else "")
+
     for r in rows:
         gb = r.get("gb_per_token") or {}
         lines.append("| " + " | ".join([
-            r["model"], fmt(r["budget"], ".0%") if r["budget"] is not None else "-",
-            r["mode"] + (f" ({r['decode_step']})" if r.get("decode_step") in ("step", "eager") else ""),
+            r["model"], fmt(r["budget"], ".0%") if r["budget"] is not None else "-", label(r),
             fmt(r["tokens_per_s"], ".1f"), fmt(r.get("vs_lru")), fmt(r.get("vs_resident")),
             fmt(r.get("experts_per_token")), fmt(r.get("single_expert_ratio")), fmt(r.get("gpu_hit_rate")),
             fmt(r.get("prefetch_precision")), fmt(r.get("prefetch_recall")),

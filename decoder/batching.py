@@ -41,7 +41,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from decoder.engine import Engine, _find_stop, _safe_len
-from decoder.model.transformer import KVCache, MoEObserver
+from decoder.model.transformer import KVCache
+from decoder.routing import MoEObserver
 from decoder.tokenizer import StreamDecoder
 
 log = logging.getLogger("decoder.batching")

@@ -88,7 +88,7 @@ def calibrate_model(model: Any, windows: Sequence[Any], budget: float | None = N
     import torch.nn.functional as F
 
     from decoder.experts.prefetch import Prefetcher
-    from decoder.model.transformer import MoEObserver, TopKGating
+    from decoder.routing import MoEObserver, TopKGating
 
     cfg = model.config
     L, E, k = cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok

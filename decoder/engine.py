@@ -23,7 +23,8 @@ import torch
 
 from decoder.experts.provider import ExpertProvider, ExpertSource, StoreExperts
 from decoder.model.config import ModelConfig
-from decoder.model.transformer import Gating, MoEObserver, TopKGating, Transformer
+from decoder.model.transformer import Transformer
+from decoder.routing import Gating, MoEObserver, TopKGating
 from decoder.step import DecodeStep, unsupported_reason
 from decoder.tokenizer import StreamDecoder, Tokenizer
 

@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from decoder.model.transformer import Gating, topk_route
+from decoder.routing import Gating, topk_route
 
 GATINGS = ("topk", "uniform", "adaptive", "cost-aware")
 

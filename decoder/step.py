@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from decoder.experts.prefetch import Prefetcher
 from decoder.gating import CountingGating
 from decoder.kernels.fused_moe import fused_moe, moe_torch, use_kernels
-from decoder.model.transformer import (MoEObserver, TopKGating, Transformer, apply_rope_signed, rope_cos_sin,
-                                       sign_rotated_sin, topk_route, wants_host_routing)
+from decoder.model.transformer import Transformer, apply_rope_signed, rope_cos_sin, sign_rotated_sin
+from decoder.routing import TopKGating, overrides, topk_route, wants_host_routing
 
 
 def unsupported_reason(model: Transformer) -> str | None:
@@ -47,7 +47,7 @@ def unsupported_reason(model: Transformer) -> str | None:
     for obs in model.observers:
         if isinstance(obs, Prefetcher) or getattr(obs, "decode_row_counts", None) is not None:
             continue
-        if not wants_host_routing(obs) or _overrides(obs, "on_moe_input") or _overrides(obs, "on_demand_issued"):
+        if not wants_host_routing(obs) or overrides(obs, "on_moe_input") or overrides(obs, "on_demand_issued"):
             return f"observer {type(obs).__name__} needs the MoE block's device tensors"
     provider = model.experts
     if any(provider.expert_bank(l) is None for l in range(model.config.num_hidden_layers)):
@@ -59,10 +59,6 @@ def _gating_key(g: Any) -> tuple:
     """The gating settings a captured step bakes in."""
     return (id(g), getattr(g, "budget", None), getattr(g, "threshold", None), getattr(g, "sensitivity", None) and
             tuple(g.sensitivity))
-
-
-def _overrides(obs: Any, hook: str) -> bool:
-    return getattr(type(obs), hook, None) not in (None, getattr(MoEObserver, hook))
 
 
 class DecodeStep:

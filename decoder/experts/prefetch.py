@@ -68,7 +68,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from decoder.model.transformer import MoEObserver
+from decoder.routing import MoEObserver
 
 
 POLICIES = ("budget", "all")

@@ -1,0 +1,84 @@
+"""Routing protocols the model and the expert machinery share: how router logits become the
+experts a token uses (`Gating`, Mixtral's `TopKGating`) and the hooks every MoE block calls
+(`MoEObserver`). A module of its own so that decoder/experts (the prefetcher observes) and
+decoder/model (the MoE block calls) both import it and neither imports the other for it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+class Gating:
+    """Turns router logits into the experts each token uses.
+
+    route(layer, router_logits[T, E]) -> (weights[T, k] float32, idx[T, k] int64), k <= top_k.
+    idx == -1 means "no expert in this slot" (its weight must be 0): that is how a gating that
+    uses fewer experts for some tokens (AdapMoE) says so. Weights multiply expert outputs as is
+    (already renormalised). Must be differentiable w.r.t. router_logits for training.
+    """
+
+    name = "base"
+
+    def route(self, layer: int, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+
+class TopKGating(Gating):
+    """Mixtral's routing: softmax over all experts in float32, top-k, renormalise."""
+
+    name = "topk"
+
+    def __init__(self, top_k: int) -> None:
+        self.top_k = top_k
+
+    def route(self, layer: int, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return topk_route(router_logits, self.top_k)
+
+
+def topk_route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # router_logits: [T, E] -> weights [T, k] float32 (sum 1), idx [T, k] int64
+    probs = F.softmax(router_logits.float(), dim=-1)          # [T, E]
+    weights, idx = torch.topk(probs, top_k, dim=-1)            # [T, k]
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, idx
+
+
+class MoEObserver:
+    """Hooks called by every MoE block (all optional). x is the MoE input (after the
+    post-attention norm), flattened to [T, H]; tensors must not be modified.
+
+    on_routing gets the routing as device tensors, before the block reads it on the host.
+    An observer that overrides `on_routing_host` gets that INSTEAD: the same decision as
+    Python lists `rows[t] = [expert ids]` ([T][k], -1 = no expert), read by the block's one
+    device->host transfer per layer, so counting costs no extra sync or kernel.
+    """
+
+    def on_moe_input(self, layer: int, x: torch.Tensor) -> None:
+        pass
+
+    def on_routing(self, layer: int, router_logits: torch.Tensor, weights: torch.Tensor,
+                   idx: torch.Tensor) -> None:
+        pass
+
+    def on_routing_host(self, layer: int, rows: list[list[int]]) -> None:
+        pass
+
+    def on_demand_issued(self, layer: int) -> None:
+        """Called right after the block asked the provider for its experts (`prepare`), before
+        any of them is used: a prefetcher issues its loads here, behind the layer's demand."""
+        pass
+
+
+def wants_host_routing(obs: MoEObserver) -> bool:
+    """True when `obs` takes the routing as host lists (overrides on_routing_host)."""
+    return overrides(obs, "on_routing_host")
+
+
+def overrides(obs: Any, hook: str) -> bool:
+    """True when `obs`'s class replaces MoEObserver's `hook`."""
+    return getattr(type(obs), hook, None) not in (None, getattr(MoEObserver, hook))

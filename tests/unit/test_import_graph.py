@@ -1,0 +1,99 @@
+"""The project's modules import one way: no cycle among the modules of `decoder` and
+`expert_store` (module-level imports, read from the sources), and `expert_store` never imports
+`decoder` (the store's serving path stays torch-free and the decoder a client of it)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("decoder", "expert_store")
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def top_level_imports(path: Path, modules: set[str]) -> set[str]:
+    """Project modules `path` imports at module level (not inside functions, not under
+    `if TYPE_CHECKING:`): a name `a.b.c` counts as the longest project module prefix."""
+    tree = ast.parse(path.read_text())
+    me = module_name(path)
+    package = me if path.name == "__init__.py" else me.rsplit(".", 1)[0]
+    found: set[str] = set()
+
+    def add(name: str) -> None:
+        while name and name not in modules:
+            name = name.rsplit(".", 1)[0] if "." in name else ""
+        if name and name != me:
+            found.add(name)
+
+    def visit(nodes) -> None:
+        for node in nodes:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.dump(node.test):
+                continue
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    add(a.name)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+                for a in node.names:
+                    add(f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base)
+            elif isinstance(node, (ast.If, ast.Try)):
+                visit(node.body)
+                visit(getattr(node, "orelse", []))
+                for h in getattr(node, "handlers", []):
+                    visit(h.body)
+    visit(tree.body)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    files = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py") if "_proto" not in p.parts]
+    modules = {module_name(p) for p in files}
+    return {module_name(p): top_level_imports(p, modules) for p in files}
+
+
+def test_no_import_cycle_among_project_modules():
+    g = graph()
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def dfs(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(g.get(m, ())):
+            if state.get(n) == 1:
+                cycles.append(stack[stack.index(n):] + [n])
+            elif n not in state:
+                dfs(n)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(g):
+        if m not in state:
+            dfs(m)
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_expert_store_never_imports_decoder():
+    g = graph()
+    bad = {m: sorted(n for n in deps if n.split(".")[0] == "decoder")
+           for m, deps in g.items() if m.split(".")[0] == "expert_store"}
+    assert not {m: d for m, d in bad.items() if d}
+
+
+def test_the_graph_sees_known_edges():
+    g = graph()
+    assert "decoder.routing" in g["decoder.model.transformer"]
+    assert "decoder.experts.provider" in g["decoder.model.transformer"]
+    assert "decoder.routing" in g["decoder.experts.prefetch"]
