@@ -134,6 +134,7 @@ class ModelManifest:
     profile: dict | None = None
     dense_size: int = 0
     dense_xxh3: str = ""
+    tokenizer_config: dict | None = None  # tokenizer_config.json (its chat_template), when packed
 
     @classmethod
     def from_dict(cls, m: dict) -> "ModelManifest":
@@ -150,6 +151,7 @@ class ModelManifest:
             profile=_json_object(m.get("profile_json")) or None,
             dense_size=int(m.get("dense_size") or 0),
             dense_xxh3=str(m.get("dense_xxh3") or ""),
+            tokenizer_config=_json_object(m.get("tokenizer_config_json")) or None,
         )
 
     @classmethod
@@ -165,6 +167,7 @@ class ModelManifest:
             profile=_json_object(m.profile_json) or None,
             dense_size=m.dense_size,
             dense_xxh3=m.dense_xxh3,
+            tokenizer_config=_json_object(m.tokenizer_config_json) or None,
         )
 
 

@@ -97,7 +97,7 @@ _SEAL_LEN = 8
 
 MODEL_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _MODEL_NAME = re.compile(MODEL_NAME_RE)
-MODEL_FILES = ("config.json", "tokenizer.json", "manifest.json", "profile.json")
+MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "manifest.json", "profile.json")
 
 
 class BlobError(ValueError):

@@ -6,7 +6,8 @@ writes, under the model name:
 - one blob per expert per precision (``format.expert_key``; see ``quant.expert_to_blob``),
 - ``dense.safetensors``: every non-expert tensor under its HF name, dtype as in the checkpoint,
   the router normalised to ``model.layers.{l}.block_sparse_moe.gate.weight``,
-- ``config.json`` and ``tokenizer.json`` verbatim,
+- ``config.json``, ``tokenizer.json`` and ``tokenizer_config.json`` (whose ``chat_template`` the
+  decoder's chat API renders) verbatim, the last two when the checkpoint has them,
 - ``manifest.json`` last (so a model without one is an incomplete import): model,
   num_layers, num_experts, top_k, hidden/ffn sizes, precisions, group_size, rope_theta, every
   blob's size and xxh3-128, dense size/xxh3.
@@ -447,12 +448,11 @@ def pack_checkpoint(
 
     # small files first, manifest last: a store without manifest.json holds no usable model
     _put_file(store, fmt.file_key(model, "config.json"), layout.config_bytes, result)
-    tok_path = layout.root / "tokenizer.json"
-    tokenizer = tok_path.read_bytes() if tok_path.is_file() else None
-    if tokenizer is None:
-        log.warning("%s has no tokenizer.json: the model will need one to generate text", layout.root)
-    else:
+    tokenizer, tokenizer_config = _tokenizer_files(layout)
+    if tokenizer is not None:
         _put_file(store, fmt.file_key(model, "tokenizer.json"), tokenizer, result)
+    if tokenizer_config is not None:
+        _put_file(store, fmt.file_key(model, "tokenizer_config.json"), tokenizer_config, result)
     dense_size, dense_xxh3 = _pack_dense(layout, store, model, result)
 
     shapes = _expert_shapes(layout)
@@ -492,7 +492,8 @@ def pack_checkpoint(
                     del data
                 del weights
 
-    manifest = _build_manifest(layout, model, precisions, group_size, blobs, dense_size, dense_xxh3, tokenizer)
+    manifest = _build_manifest(layout, model, precisions, group_size, blobs, dense_size, dense_xxh3, tokenizer,
+                               tokenizer_config)
     manifest = _merge_previous(store, manifest)
     data = _manifest_bytes(manifest)
     _put_file(store, fmt.file_key(model, "manifest.json"), data, result)
@@ -530,7 +531,7 @@ def _expert_shapes(layout: CheckpointLayout) -> dict[str, list[int]]:
 
 def _build_manifest(layout: CheckpointLayout, model: str, precisions: tuple[str, ...], group_size: int,
                     blobs: list[dict[str, Any]], dense_size: int, dense_xxh3: str,
-                    tokenizer: bytes | None) -> dict[str, Any]:
+                    tokenizer: bytes | None, tokenizer_config: bytes | None = None) -> dict[str, Any]:
     return {
         "format": MANIFEST_FORMAT,
         "model": model,
@@ -550,7 +551,29 @@ def _build_manifest(layout: CheckpointLayout, model: str, precisions: tuple[str,
         "dense_xxh3": dense_xxh3,
         "config_xxh3": fmt.blob_checksum(layout.config_bytes),
         "tokenizer_xxh3": None if tokenizer is None else fmt.blob_checksum(tokenizer),
+        "tokenizer_config_xxh3": None if tokenizer_config is None else fmt.blob_checksum(tokenizer_config),
     }
+
+
+def _tokenizer_files(layout: CheckpointLayout) -> tuple[bytes | None, bytes | None]:
+    """The checkpoint's tokenizer.json and tokenizer_config.json bytes (None for a missing
+    file). A tokenizer_config.json that is not a JSON object is left out with a warning: it is
+    optional (the chat template), and the store accepts only JSON objects."""
+    tok_path = layout.root / "tokenizer.json"
+    tokenizer = tok_path.read_bytes() if tok_path.is_file() else None
+    if tokenizer is None:
+        log.warning("%s has no tokenizer.json: the model will need one to generate text", layout.root)
+    cfg_path = layout.root / "tokenizer_config.json"
+    tokenizer_config = cfg_path.read_bytes() if cfg_path.is_file() else None
+    if tokenizer_config is not None:
+        try:
+            ok = isinstance(json.loads(tokenizer_config), dict)
+        except (ValueError, UnicodeDecodeError):
+            ok = False
+        if not ok:
+            log.warning("%s is not a JSON object: not packed (chat requests will be refused)", cfg_path)
+            tokenizer_config = None
+    return tokenizer, tokenizer_config
 
 
 def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
@@ -842,7 +865,8 @@ class _RemotePack:
             r.skipped += 1
 
     def ensure_file(self, r: _Replica, kind: str, data: bytes, same: bool) -> None:
-        key = fmt.file_key(self.model, {"config": "config.json", "tokenizer": "tokenizer.json"}[kind])
+        key = fmt.file_key(self.model, {"config": "config.json", "tokenizer": "tokenizer.json",
+                                        "tokenizer_config": "tokenizer_config.json"}[kind])
         if same:
             self.skip(r)
         else:
@@ -965,17 +989,16 @@ def pack_remote(
         run = _RemotePack(model, replicas, placement, deadline_s, on_upload)
         run.preflight()
 
-        # config first (the server checks expert indices against it), then the tokenizer
-        tok_path = layout.root / "tokenizer.json"
-        tokenizer = tok_path.read_bytes() if tok_path.is_file() else None
-        if tokenizer is None:
-            log.warning("%s has no tokenizer.json: the model will need one to generate text", layout.root)
-        for kind, data in (("config", layout.config_bytes), ("tokenizer", tokenizer)):
+        # config first (the server checks expert indices against it), then the tokenizer files
+        tokenizer, tokenizer_config = _tokenizer_files(layout)
+        for kind, data in (("config", layout.config_bytes), ("tokenizer", tokenizer),
+                           ("tokenizer_config", tokenizer_config)):
             if data is None:
                 continue
             for r in replicas:
-                held = None if r.old is None else (
-                    r.old.config_json.encode() if kind == "config" else bytes(r.old.tokenizer_json))
+                held = None if r.old is None else {
+                    "config": lambda m: m.config_json.encode(), "tokenizer": lambda m: bytes(m.tokenizer_json),
+                    "tokenizer_config": lambda m: m.tokenizer_config_json.encode()}[kind](r.old)
                 run.submit([r], run.ensure_file, kind, data, held == data)
         run.wait()
 
@@ -1013,7 +1036,8 @@ def pack_remote(
                     del weights
             run.wait()
 
-        manifest = _build_manifest(layout, model, precisions, group_size, blobs, dense_size, dense_xxh3, tokenizer)
+        manifest = _build_manifest(layout, model, precisions, group_size, blobs, dense_size, dense_xxh3, tokenizer,
+                               tokenizer_config)
         manifest = _merge_remote(run, manifest)
         data = _manifest_bytes(manifest)
         # last, to every replica: every one of them has accepted all of its files by now

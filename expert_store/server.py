@@ -59,7 +59,7 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 # read while one is sent (see store.NvmeRangeReader for why not one hop per chunk).
 STREAM_BATCH_BYTES = 4 * 1024 * 1024
 TOKEN_ENV = "EXPERT_STORE_TOKEN"
-PUT_KINDS = ("expert", "dense", "config", "tokenizer", "profile", "manifest")
+PUT_KINDS = ("expert", "dense", "config", "tokenizer", "tokenizer_config", "profile", "manifest")
 
 
 @dataclass(frozen=True)
@@ -647,6 +647,7 @@ def manifest_to_proto(m: Any) -> pb.Manifest:
         dense_size=int(manifest_field(m, "dense_size", 0) or 0),
         dense_xxh3=manifest_field(m, "dense_xxh3", "") or "",
         profile_json=_json_text(manifest_field(m, "profile_json", manifest_field(m, "profile"))),
+        tokenizer_config_json=_json_text(manifest_field(m, "tokenizer_config_json")),
     )
 
 

@@ -6,6 +6,7 @@ Layout of a store directory (NvmeTier root), per model (keys from ``expert_store
     models/<model>/manifest.json              written by pack (see below)
     models/<model>/config.json                HF config, verbatim
     models/<model>/tokenizer.json             optional
+    models/<model>/tokenizer_config.json      optional (the chat template)
     models/<model>/profile.json               optional calibration profile
     models/<model>/dense.safetensors          every non-expert tensor
     models/<model>/experts/L000/E000.bf16.blob
@@ -60,10 +61,11 @@ READ_BLOCK_BYTES = 8 << 20  # a ranged stream reads the file this much at a time
 MAX_INDEX = 999  # what format.expert_key accepts
 log = logging.getLogger(__name__)
 
-PUT_KINDS = ("expert", "dense", "config", "tokenizer", "profile", "manifest")
+PUT_KINDS = ("expert", "dense", "config", "tokenizer", "tokenizer_config", "profile", "manifest")
 _FILE_OF_KIND = {
     "config": "config.json",
     "tokenizer": "tokenizer.json",
+    "tokenizer_config": "tokenizer_config.json",  # its chat_template renders chat requests
     "profile": "profile.json",
     "manifest": "manifest.json",
 }
@@ -480,6 +482,7 @@ class ModelStore:
         config_json = self._read_small(index.model, "config.json")
         tokenizer_json = self._read_small(index.model, "tokenizer.json")
         profile_json = self._read_small(index.model, "profile.json")
+        tokenizer_config_json = self._read_small(index.model, "tokenizer_config.json")
         dense_size = index.dense_size
         if not dense_size:
             dense_size = self.nvme.size(blob_format.dense_key(index.model)) or 0
@@ -487,6 +490,7 @@ class ModelStore:
             "model": index.model,
             "config_json": (config_json or b"").decode("utf-8", "replace"),
             "tokenizer_json": tokenizer_json or b"",
+            "tokenizer_config_json": (tokenizer_config_json or b"").decode("utf-8", "replace"),
             "num_layers": index.num_layers,
             "num_experts": index.num_experts,
             "precisions": list(index.precisions),
@@ -749,7 +753,8 @@ class ModelStore:
                 self._read_json(name, "config.json")
             except DataLoss as exc:
                 bad.append((blob_format.file_key(name, "config.json"), str(exc)))
-            for fname, field_name in (("config.json", "config_xxh3"), ("tokenizer.json", "tokenizer_xxh3")):
+            for fname, field_name in (("config.json", "config_xxh3"), ("tokenizer.json", "tokenizer_xxh3"),
+                                      ("tokenizer_config.json", "tokenizer_config_xxh3")):
                 digest = index.raw.get(field_name)
                 if digest:
                     fkey = blob_format.file_key(name, fname)

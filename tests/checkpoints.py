@@ -88,6 +88,7 @@ def make_mixtral_checkpoint(
     expert_layout: str = "per_expert",
     max_position_embeddings: int = 512,
     tie_word_embeddings: bool = False,
+    chat_template: str | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Write a random Mixtral checkpoint to ``out_dir``; return ``(out_dir, config_dict)``.
 
@@ -96,6 +97,8 @@ def make_mixtral_checkpoint(
     shards > 1 splits the weights into several ``model-0000i-of-0000n.safetensors`` files with
     a ``model.safetensors.index.json`` (at least two files; the exact count depends on tensor
     sizes).  expert_layout: ``"per_expert"`` (what ``save_pretrained`` writes) or ``"fused"``.
+    chat_template: also write a ``tokenizer_config.json`` with it (and Mixtral's ``<s>``/``</s>``
+    as bos/eos tokens), as HF checkpoints of chat models carry it.
     """
     from transformers import MixtralConfig, MixtralForCausalLM
 
@@ -144,6 +147,9 @@ def make_mixtral_checkpoint(
         cfg["rope_parameters"] = {"rope_theta": float(rope_theta), "rope_type": "default"}
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     (out / "tokenizer.json").write_text(make_tokenizer_json(vocab))
+    if chat_template is not None:
+        (out / "tokenizer_config.json").write_text(json.dumps(
+            {"bos_token": "<s>", "eos_token": "</s>", "chat_template": chat_template}, indent=2) + "\n")
     files = sorted(p.name for p in out.glob("*.safetensors"))
     assert (len(files) > 1) == (shards > 1), f"expected {'several' if shards > 1 else 'one'} shard(s), got {files}"
     return out, cfg

@@ -12,6 +12,7 @@ one line naming it and leaves no manifest anywhere (GetManifest NOT_FOUND).
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 from pathlib import Path
@@ -35,6 +36,7 @@ from expert_store.tiers import NvmeTier
 MODEL = "tiny"
 LAYERS, EXPERTS = 2, 4
 PRECISIONS = ("bf16", "int4")
+CHAT_TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
 pytestmark = pytest.mark.timeout(240)
 
 
@@ -46,7 +48,7 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def checkpoint(workdir) -> Path:
     ckpt, _ = make_mixtral_checkpoint(workdir / "ckpt", hidden=64, ffn=96, layers=LAYERS, experts=EXPERTS,
-                                      dtype=torch.bfloat16, seed=11)
+                                      dtype=torch.bfloat16, seed=11, chat_template=CHAT_TEMPLATE)
     return ckpt
 
 
@@ -138,7 +140,8 @@ def test_pack_into_two_replicas_equals_a_local_pack(replicas, checkpoint, local_
                             "--precisions", ",".join(PRECISIONS))
     assert rc == 0, err
     assert f"packed {MODEL} into 2 replica(s)" in out and "placement all" in out
-    files_per_replica = 3 + LAYERS * EXPERTS * len(PRECISIONS) + 1  # config, tokenizer, dense; blobs; manifest
+    # config, tokenizer, tokenizer_config, dense; blobs; manifest
+    files_per_replica = 4 + LAYERS * EXPERTS * len(PRECISIONS) + 1
     assert counts(out) == (2 * files_per_replica, 0)
 
     # a client over both replicas fetches every expert and the dense file, equal to the local pack
@@ -150,6 +153,10 @@ def test_pack_into_two_replicas_equals_a_local_pack(replicas, checkpoint, local_
         assert MODEL in listed_models(server)
         assert model_files(store_of(server), MODEL) == local
         assert_matches_local(*fetch_all(target(server), MODEL), local_store)
+    # the chat template travels with the model (tokenizer_config.json, verbatim)
+    assert json.loads(local["tokenizer_config.json"])["chat_template"] == CHAT_TEMPLATE
+    with StoreClient.open(target(a, b)) as client:
+        assert client.manifest(MODEL).tokenizer_config["chat_template"] == CHAT_TEMPLATE
 
 
 def test_a_rerun_uploads_only_the_manifests_and_repairs_a_corrupt_blob(replicas, checkpoint, local_store):
@@ -157,7 +164,7 @@ def test_a_rerun_uploads_only_the_manifests_and_repairs_a_corrupt_blob(replicas,
     rc, out, err = cli_pack(str(checkpoint), "--store", target(a, b), "--model", MODEL,
                             "--precisions", ",".join(PRECISIONS))
     assert rc == 0, err
-    files_per_replica = 3 + LAYERS * EXPERTS * len(PRECISIONS)
+    files_per_replica = 4 + LAYERS * EXPERTS * len(PRECISIONS)
     assert counts(out) == (2, 2 * files_per_replica)  # only the manifest, last, to each replica
 
     # a blob rotted on replica b's disk: the probe makes b check it, b answers DATA_LOSS, the

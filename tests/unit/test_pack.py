@@ -306,3 +306,29 @@ def test_default_model_name():
     assert default_model_name("/x/my model (copy)") == "my-model-copy-"
     assert default_model_name("/x/..hidden") == "hidden"
     fmt.validate_model_name(default_model_name("/x/" + "a" * 300))
+
+
+def test_pack_stores_tokenizer_config_with_its_chat_template(tmp_path):
+    """tokenizer_config.json goes into the store verbatim, its xxh3 into the manifest, and the
+    store's manifest (what GetManifest sends) carries it; a malformed one is left out."""
+    from expert_store.client import StoreClient
+    from expert_store.store import ModelStore
+
+    template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
+    ckpt, _ = make_mixtral_checkpoint(tmp_path / "chat", seed=2, chat_template=template)
+    store = NvmeTier(tmp_path / "store")
+    result = pack_checkpoint(ckpt, store, model="chat", progress=False)
+    raw = (ckpt / "tokenizer_config.json").read_bytes()
+    assert store.get(fmt.file_key("chat", "tokenizer_config.json")) == raw
+    assert result.manifest["tokenizer_config_xxh3"] == fmt.blob_checksum(raw)
+    with StoreClient.open(tmp_path / "store") as client:
+        assert client.manifest("chat").tokenizer_config["chat_template"] == template
+    assert ModelStore.open(tmp_path / "store").verify_details("chat") == []
+
+    plain, _ = make_mixtral_checkpoint(tmp_path / "plain", seed=2)
+    (plain / "tokenizer_config.json").write_text("[not an object]")
+    result = pack_checkpoint(plain, store, model="plain", progress=False)
+    assert result.manifest["tokenizer_config_xxh3"] is None
+    assert not store.contains(fmt.file_key("plain", "tokenizer_config.json"))
+    with StoreClient.open(tmp_path / "store") as client:
+        assert client.manifest("plain").tokenizer_config is None

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61\x64\x61pmoe/v1/expert_store.proto\x12\nadapmoe.v1\"M\n\tExpertRef\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x11\n\tprecision\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x04\"#\n\x12GetManifestRequest\x12\r\n\x05model\x18\x01 \x01(\t\"X\n\x08\x42lobInfo\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x11\n\tprecision\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x0c\n\x04xxh3\x18\x05 \x01(\t\"\xe6\x01\n\x08Manifest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x16\n\x0etokenizer_json\x18\x03 \x01(\x0c\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x13\n\x0bnum_experts\x18\x05 \x01(\r\x12\x12\n\nprecisions\x18\x06 \x03(\t\x12#\n\x05\x62lobs\x18\x07 \x03(\x0b\x32\x14.adapmoe.v1.BlobInfo\x12\x12\n\ndense_size\x18\x08 \x01(\x04\x12\x12\n\ndense_xxh3\x18\t \x01(\t\x12\x14\n\x0cprofile_json\x18\n \x01(\t\"q\n\x13\x46\x65tchExpertsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x04refs\x18\x02 \x03(\x0b\x32\x15.adapmoe.v1.ExpertRef\x12&\n\x08priority\x18\x03 \x01(\x0e\x32\x14.adapmoe.v1.Priority\"2\n\x11\x46\x65tchDenseRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"Z\n\tBlobChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04last\x18\x05 \x01(\x08\"\x80\x01\n\rPutBlobHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x04 \x01(\r\x12\x11\n\tprecision\x18\x05 \x01(\t\x12\x12\n\ntotal_size\x18\x06 \x01(\x04\x12\x0c\n\x04xxh3\x18\x07 \x01(\t\"S\n\x0cPutBlobChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.adapmoe.v1.PutBlobHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\",\n\x0fPutBlobResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"\r\n\x0bStatRequest\"\x8f\x01\n\x08TierStat\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04hits\x18\x02 \x01(\x04\x12\x0e\n\x06misses\x18\x03 \x01(\x04\x12\x12\n\nbytes_read\x18\x04 \x01(\x04\x12\x15\n\rbytes_written\x18\x05 \x01(\x04\x12\x1c\n\x14mean_read_latency_ms\x18\x06 \x01(\x01\x12\x0e\n\x06\x65rrors\x18\x07 \x01(\x04\"[\n\x0cStatResponse\x12#\n\x05tiers\x18\x01 \x03(\x0b\x32\x14.adapmoe.v1.TierStat\x12\x0e\n\x06models\x18\x02 \x03(\t\x12\x16\n\x0e\x61\x63tive_streams\x18\x03 \x01(\r\"Q\n\rVerifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x03ref\x18\x02 \x01(\x0b\x32\x15.adapmoe.v1.ExpertRef\x12\r\n\x05\x64\x65nse\x18\x03 \x01(\x08\"L\n\x0eVerifyResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04good\x18\x02 \x01(\x08\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t*$\n\x08Priority\x12\n\n\x06\x44\x45MAND\x10\x00\x12\x0c\n\x08PREFETCH\x10\x01\x32\xa2\x03\n\x0b\x45xpertStore\x12\x43\n\x0bGetManifest\x12\x1e.adapmoe.v1.GetManifestRequest\x1a\x14.adapmoe.v1.Manifest\x12H\n\x0c\x46\x65tchExperts\x12\x1f.adapmoe.v1.FetchExpertsRequest\x1a\x15.adapmoe.v1.BlobChunk0\x01\x12\x44\n\nFetchDense\x12\x1d.adapmoe.v1.FetchDenseRequest\x1a\x15.adapmoe.v1.BlobChunk0\x01\x12\x42\n\x07PutBlob\x12\x18.adapmoe.v1.PutBlobChunk\x1a\x1b.adapmoe.v1.PutBlobResponse(\x01\x12\x39\n\x04Stat\x12\x17.adapmoe.v1.StatRequest\x1a\x18.adapmoe.v1.StatResponse\x12?\n\x06Verify\x12\x19.adapmoe.v1.VerifyRequest\x1a\x1a.adapmoe.v1.VerifyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61\x64\x61pmoe/v1/expert_store.proto\x12\nadapmoe.v1\"M\n\tExpertRef\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x11\n\tprecision\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x04\"#\n\x12GetManifestRequest\x12\r\n\x05model\x18\x01 \x01(\t\"X\n\x08\x42lobInfo\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\x12\x11\n\tprecision\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x0c\n\x04xxh3\x18\x05 \x01(\t\"\x85\x02\n\x08Manifest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x16\n\x0etokenizer_json\x18\x03 \x01(\x0c\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x13\n\x0bnum_experts\x18\x05 \x01(\r\x12\x12\n\nprecisions\x18\x06 \x03(\t\x12#\n\x05\x62lobs\x18\x07 \x03(\x0b\x32\x14.adapmoe.v1.BlobInfo\x12\x12\n\ndense_size\x18\x08 \x01(\x04\x12\x12\n\ndense_xxh3\x18\t \x01(\t\x12\x14\n\x0cprofile_json\x18\n \x01(\t\x12\x1d\n\x15tokenizer_config_json\x18\x0b \x01(\t\"q\n\x13\x46\x65tchExpertsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12#\n\x04refs\x18\x02 \x03(\x0b\x32\x15.adapmoe.v1.ExpertRef\x12&\n\x08priority\x18\x03 \x01(\x0e\x32\x14.adapmoe.v1.Priority\"2\n\x11\x46\x65tchDenseRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"Z\n\tBlobChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04last\x18\x05 \x01(\x08\"\x80\x01\n\rPutBlobHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05layer\x18\x03 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x04 \x01(\r\x12\x11\n\tprecision\x18\x05 \x01(\t\x12\x12\n\ntotal_size\x18\x06 \x01(\x04\x12\x0c\n\x04xxh3\x18\x07 \x01(\t\"S\n\x0cPutBlobChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.adapmoe.v1.PutBlobHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\",\n\x0fPutBlobResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"\r\n\x0bStatRequest\"\x8f\x01\n\x08TierStat\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04hits\x18\x02 \x01(\x04\x12\x0e\n\x06misses\x18\x03 \x01(\x04\x12\x12\n\nbytes_read\x18\x04 \x01(\x04\x12\x15\n\rbytes_written\x18\x05 \x01(\x04\x12\x1c\n\x14mean_read_latency_ms\x18\x06 \x01(\x01\x12\x0e\n\x06\x65rrors\x18\x07 \x01(\x04\"[\n\x0cStatResponse\x12#\n\x05tiers\x18\x01 \x03(\x0b\x32\x14.adapmoe.v1.TierStat\x12\x0e\n\x06models\x18\x02 \x03(\t\x12\x16\n\x0e\x61\x63tive_streams\x18\x03 \x01(\r\"Q\n\rVerifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x03ref\x18\x02 \x01(\x0b\x32\x15.adapmoe.v1.ExpertRef\x12\r\n\x05\x64\x65nse\x18\x03 \x01(\x08\"L\n\x0eVerifyResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04good\x18\x02 \x01(\x08\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t*$\n\x08Priority\x12\n\n\x06\x44\x45MAND\x10\x00\x12\x0c\n\x08PREFETCH\x10\x01\x32\xa2\x03\n\x0b\x45xpertStore\x12\x43\n\x0bGetManifest\x12\x1e.adapmoe.v1.GetManifestRequest\x1a\x14.adapmoe.v1.Manifest\x12H\n\x0c\x46\x65tchExperts\x12\x1f.adapmoe.v1.FetchExpertsRequest\x1a\x15.adapmoe.v1.BlobChunk0\x01\x12\x44\n\nFetchDense\x12\x1d.adapmoe.v1.FetchDenseRequest\x1a\x15.adapmoe.v1.BlobChunk0\x01\x12\x42\n\x07PutBlob\x12\x18.adapmoe.v1.PutBlobChunk\x1a\x1b.adapmoe.v1.PutBlobResponse(\x01\x12\x39\n\x04Stat\x12\x17.adapmoe.v1.StatRequest\x1a\x18.adapmoe.v1.StatResponse\x12?\n\x06Verify\x12\x19.adapmoe.v1.VerifyRequest\x1a\x1a.adapmoe.v1.VerifyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'adapmoe.v1.expert_store_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRIORITY']._serialized_start=1420
-  _globals['_PRIORITY']._serialized_end=1456
+  _globals['_PRIORITY']._serialized_start=1451
+  _globals['_PRIORITY']._serialized_end=1487
   _globals['_EXPERTREF']._serialized_start=45
   _globals['_EXPERTREF']._serialized_end=122
   _globals['_GETMANIFESTREQUEST']._serialized_start=124
@@ -40,29 +40,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BLOBINFO']._serialized_start=161
   _globals['_BLOBINFO']._serialized_end=249
   _globals['_MANIFEST']._serialized_start=252
-  _globals['_MANIFEST']._serialized_end=482
-  _globals['_FETCHEXPERTSREQUEST']._serialized_start=484
-  _globals['_FETCHEXPERTSREQUEST']._serialized_end=597
-  _globals['_FETCHDENSEREQUEST']._serialized_start=599
-  _globals['_FETCHDENSEREQUEST']._serialized_end=649
-  _globals['_BLOBCHUNK']._serialized_start=651
-  _globals['_BLOBCHUNK']._serialized_end=741
-  _globals['_PUTBLOBHEADER']._serialized_start=744
-  _globals['_PUTBLOBHEADER']._serialized_end=872
-  _globals['_PUTBLOBCHUNK']._serialized_start=874
-  _globals['_PUTBLOBCHUNK']._serialized_end=957
-  _globals['_PUTBLOBRESPONSE']._serialized_start=959
-  _globals['_PUTBLOBRESPONSE']._serialized_end=1003
-  _globals['_STATREQUEST']._serialized_start=1005
-  _globals['_STATREQUEST']._serialized_end=1018
-  _globals['_TIERSTAT']._serialized_start=1021
-  _globals['_TIERSTAT']._serialized_end=1164
-  _globals['_STATRESPONSE']._serialized_start=1166
-  _globals['_STATRESPONSE']._serialized_end=1257
-  _globals['_VERIFYREQUEST']._serialized_start=1259
-  _globals['_VERIFYREQUEST']._serialized_end=1340
-  _globals['_VERIFYRESPONSE']._serialized_start=1342
-  _globals['_VERIFYRESPONSE']._serialized_end=1418
-  _globals['_EXPERTSTORE']._serialized_start=1459
-  _globals['_EXPERTSTORE']._serialized_end=1877
+  _globals['_MANIFEST']._serialized_end=513
+  _globals['_FETCHEXPERTSREQUEST']._serialized_start=515
+  _globals['_FETCHEXPERTSREQUEST']._serialized_end=628
+  _globals['_FETCHDENSEREQUEST']._serialized_start=630
+  _globals['_FETCHDENSEREQUEST']._serialized_end=680
+  _globals['_BLOBCHUNK']._serialized_start=682
+  _globals['_BLOBCHUNK']._serialized_end=772
+  _globals['_PUTBLOBHEADER']._serialized_start=775
+  _globals['_PUTBLOBHEADER']._serialized_end=903
+  _globals['_PUTBLOBCHUNK']._serialized_start=905
+  _globals['_PUTBLOBCHUNK']._serialized_end=988
+  _globals['_PUTBLOBRESPONSE']._serialized_start=990
+  _globals['_PUTBLOBRESPONSE']._serialized_end=1034
+  _globals['_STATREQUEST']._serialized_start=1036
+  _globals['_STATREQUEST']._serialized_end=1049
+  _globals['_TIERSTAT']._serialized_start=1052
+  _globals['_TIERSTAT']._serialized_end=1195
+  _globals['_STATRESPONSE']._serialized_start=1197
+  _globals['_STATRESPONSE']._serialized_end=1288
+  _globals['_VERIFYREQUEST']._serialized_start=1290
+  _globals['_VERIFYREQUEST']._serialized_end=1371
+  _globals['_VERIFYRESPONSE']._serialized_start=1373
+  _globals['_VERIFYRESPONSE']._serialized_end=1449
+  _globals['_EXPERTSTORE']._serialized_start=1490
+  _globals['_EXPERTSTORE']._serialized_end=1908
 # @@protoc_insertion_point(module_scope)

@@ -47,7 +47,7 @@ class BlobInfo(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., precision: _Optional[str] = ..., size: _Optional[int] = ..., xxh3: _Optional[str] = ...) -> None: ...
 
 class Manifest(_message.Message):
-    __slots__ = ("model", "config_json", "tokenizer_json", "num_layers", "num_experts", "precisions", "blobs", "dense_size", "dense_xxh3", "profile_json")
+    __slots__ = ("model", "config_json", "tokenizer_json", "num_layers", "num_experts", "precisions", "blobs", "dense_size", "dense_xxh3", "profile_json", "tokenizer_config_json")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class Manifest(_message.Message):
     DENSE_SIZE_FIELD_NUMBER: _ClassVar[int]
     DENSE_XXH3_FIELD_NUMBER: _ClassVar[int]
     PROFILE_JSON_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     model: str
     config_json: str
     tokenizer_json: bytes
@@ -68,7 +69,8 @@ class Manifest(_message.Message):
     dense_size: int
     dense_xxh3: str
     profile_json: str
-    def __init__(self, model: _Optional[str] = ..., config_json: _Optional[str] = ..., tokenizer_json: _Optional[bytes] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., precisions: _Optional[_Iterable[str]] = ..., blobs: _Optional[_Iterable[_Union[BlobInfo, _Mapping]]] = ..., dense_size: _Optional[int] = ..., dense_xxh3: _Optional[str] = ..., profile_json: _Optional[str] = ...) -> None: ...
+    tokenizer_config_json: str
+    def __init__(self, model: _Optional[str] = ..., config_json: _Optional[str] = ..., tokenizer_json: _Optional[bytes] = ..., num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., precisions: _Optional[_Iterable[str]] = ..., blobs: _Optional[_Iterable[_Union[BlobInfo, _Mapping]]] = ..., dense_size: _Optional[int] = ..., dense_xxh3: _Optional[str] = ..., profile_json: _Optional[str] = ..., tokenizer_config_json: _Optional[str] = ...) -> None: ...
 
 class FetchExpertsRequest(_message.Message):
     __slots__ = ("model", "refs", "priority")
