@@ -7,9 +7,12 @@ host tier, the copy streams and the loader threads.
     store ──fetch_expert(out=host slot)──▶ host tier (pinned LRU) ──copy stream──▶ GPU slot ──▶ matmul
 
 GPU tier: one preallocated uint8 pool `[slots, slot_bytes]` on the compute device (no allocator
-churn). Layer l may keep `quota[l]` experts (from the DP plan, decoder/cache_plan.py), LRU within
-the layer. A few scratch slots (top_k by default) absorb demand loads of a layer whose own slots
-are all pinned; at `release` the layer is trimmed back to its quota (LRU). Experts are used in
+churn). Layer l may keep `quota[l]` experts (from the DP plan, decoder/cache_plan.py); which one
+gives its slot up is the eviction policy's choice (`eviction="lru"`, or `"lfru"`: recency and
+frequency; with `admission=True` a prefetch evicts only an expert less likely to be reused than
+it is to be used: gpu_slots.EvictionPolicy). A few scratch slots (top_k by default) absorb
+demand loads of a layer whose own slots are all pinned; at `release` the layer is trimmed back
+to its quota. Experts are used in
 place: the ExpertWeights of a slot are views of its bytes. `gpu_cache_bytes` counts the bytes of
 these slots (slot_bytes each).
 
@@ -69,8 +72,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from decoder.experts.gpu_slots import (HOST_ALIGN, DenseLayout, GpuEntry, Staging, align, dense_slots_for,
-                                      plan_quotas, raw_slot_bytes)
+from decoder.experts.gpu_slots import (HOST_ALIGN, DenseLayout, EvictionPolicy, GpuEntry, Staging, align,
+                                      dense_slots_for, plan_quotas, raw_slot_bytes)
 from decoder.experts.low_precision import LowPrecisionTier
 from decoder.experts.provider import ExpertProvider, ExpertSource, ExpertWeights, expert_weights_from_views
 from decoder.kernels.fused_moe import ExpertBank
@@ -96,6 +99,7 @@ class _Task:
     key: tuple[int, int]
     kind: str                        # "demand" | "prefetch"
     score: float = 0.0
+    use: float | None = None         # a prefetch's predicted probability of use (admission)
     state: str = "queued"            # queued | running | done
     error: BaseException | None = None
     dropped: bool = False
@@ -121,7 +125,8 @@ class ExpertCache(ExpertProvider):
                  scratch_slots: int | None = None, workers: int = 1, ewma_alpha: float = 0.3,
                  pin_memory: bool | None = None, miss_precision: str | None = None,
                  low_slots: int | None = None, fetch_workers: int = 0, fetch_target: str | None = None,
-                 fetch_options: Mapping[str, Any] | None = None, dense_slots: bool | None = None) -> None:
+                 fetch_options: Mapping[str, Any] | None = None, dense_slots: bool | None = None,
+                 eviction: str = "lru", eviction_decay: float = 0.5, admission: bool = False) -> None:
         cfg = source.config
         self.source = source
         self.config = cfg
@@ -166,6 +171,8 @@ class ExpertCache(ExpertProvider):
         self._gpu: list[OrderedDict[int, GpuEntry]] = [OrderedDict() for _ in range(self.L)]
         self._gpu_slot_events: dict[int, Any] = {}  # free slot -> event its last readers recorded
         self._bank = self._make_bank(header)
+        # which loaded expert gives its slot up, and whether a prefetch may take one (gpu_slots.py)
+        self.policy = EvictionPolicy(eviction, eviction_decay, admission)
         self._raw_offsets = _offsets(header)
 
         # --- host tier: pinned arena of fixed slots ------------------------------------------
@@ -257,7 +264,7 @@ class ExpertCache(ExpertProvider):
             self._tier = {t: {"lookups": 0, "hits": 0, "misses": 0, "bytes": 0, "loads": 0} for t in TIERS}
             self._pf_tier = {t: {"lookups": 0, "hits": 0, "misses": 0} for t in TIERS}
             self._c = dict(stall_s=0.0, steps=0, demand_loads=0, prefetch_requests=0, prefetch_loads=0,
-                           prefetch_useful=0, prefetch_late=0, prefetch_dropped_no_slot=0,
+                           prefetch_useful=0, prefetch_late=0, prefetch_dropped_no_slot=0, prefetch_refused=0,
                            prefetch_cancelled=0, prefetch_unused_evicted=0, prefetch_errors=0,
                            evictions_gpu=0, evictions_host=0, scratch_loads=0, transient_loads=0,
                            inline_loads=0, errors=0)
@@ -459,8 +466,9 @@ class ExpertCache(ExpertProvider):
                 while True:
                     ent = lru.get(expert)
                     if ent is not None and not ent.loading:
+                        # recency was set by the lookup (hits in lookup order, then misses as
+                        # they were loaded): the same order whichever load finished first
                         ent.step = self.step
-                        lru.move_to_end(expert)
                         handed = self._handed_out.get(layer)
                         if handed is None:
                             handed = self._handed_out[layer] = set()
@@ -525,7 +533,10 @@ class ExpertCache(ExpertProvider):
                         ent.free_event = ev
             self._trim_layer(layer)
 
-    def prefetch(self, layer: int, experts: Sequence[int], scores: Sequence[float] | None = None) -> None:
+    def prefetch(self, layer: int, experts: Sequence[int], scores: Sequence[float] | None = None,
+                 uses: Sequence[float] | None = None) -> None:
+        """Speculative loads, ordered by `scores`; `uses`: each one's predicted probability of
+        being used by this token (the admission test against a victim's reuse, when on)."""
         experts = [int(e) for e in experts]
         for e in experts:
             self._check(layer, e)
@@ -544,7 +555,8 @@ class ExpertCache(ExpertProvider):
                 if key in self._tasks:
                     continue
                 score = float(scores[i]) if scores is not None else 0.0
-                self._enqueue(key, "prefetch", score=score)
+                task = self._enqueue(key, "prefetch", score=score)
+                task.use = None if uses is None or uses[i] is None else float(uses[i])
 
     def allow_low_precision(self, layer: int, experts: Sequence[int]) -> None:
         """Gating hint for the coming forward of `layer`: these experts carry little weight, so a
@@ -583,6 +595,7 @@ class ExpertCache(ExpertProvider):
         """Count one demand lookup of (layer, expert) and start its load when missing."""
         key = (layer, expert)
         self._looked_up.add(key)
+        self.policy.use(key, self.step)
         g = self._tier["gpu"]
         g["lookups"] += 1
         ent = self._gpu[layer].get(expert)
@@ -666,7 +679,7 @@ class ExpertCache(ExpertProvider):
             if expert in self._gpu[layer]:
                 self._finish(task)
                 return
-            ent = self._alloc_gpu(layer, expert, task.kind)
+            ent = self._alloc_gpu(layer, expert, task.kind, task.use)
             if ent is None:
                 self._c["prefetch_dropped_no_slot"] += 1
                 self._finish(task, dropped=True)
@@ -702,7 +715,7 @@ class ExpertCache(ExpertProvider):
             g["bytes"] += self.raw_size
             self._finish(task)
 
-    def _alloc_gpu(self, layer: int, expert: int, kind: str) -> GpuEntry | None:
+    def _alloc_gpu(self, layer: int, expert: int, kind: str, use: float | None = None) -> GpuEntry | None:
         lru = self._gpu[layer]
         in_pool = sum(1 for en in lru.values() if en.slot >= 0)
         slot, prev_ev = -1, None
@@ -710,14 +723,14 @@ class ExpertCache(ExpertProvider):
             slot = self._gpu_free.pop()
             prev_ev = self._gpu_slot_events.pop(slot, None)
         else:
-            victim = None
-            for e, en in lru.items():  # least recently used first
-                if en.loading or en.slot < 0 or (layer, e) in self._pinned_keys:
-                    continue
-                if kind == "prefetch" and en.step == self.step:
-                    continue  # the current token used or wants it
-                victim = en
-                break
+            candidates = [(layer, e) for e, en in lru.items()   # least recently used first
+                          if not (en.loading or en.slot < 0 or (layer, e) in self._pinned_keys
+                                  or (kind == "prefetch" and en.step == self.step))]  # the token wants it
+            key = self.policy.victim(candidates, self.step)
+            victim = lru[key[1]] if key is not None else None
+            if victim is not None and kind == "prefetch" and not self.policy.admit(use, key, self.step):
+                self._c["prefetch_refused"] += 1
+                return None
             if victim is not None:
                 del lru[victim.expert]
                 self._c["evictions_gpu"] += 1
@@ -762,7 +775,8 @@ class ExpertCache(ExpertProvider):
             ent.slot = -2
 
     def _trim_layer(self, layer: int) -> None:
-        """Drop transient entries and trim the layer back to its quota (LRU, unpinned, loaded)."""
+        """Drop transient entries and trim the layer back to its quota (unpinned, loaded experts,
+        chosen by the eviction policy)."""
         lru = self._gpu[layer]
         if not self._transient and len(lru) <= self.quota[layer]:
             return                    # nothing outside the pool, nothing over the quota
@@ -771,12 +785,13 @@ class ExpertCache(ExpertProvider):
                 del lru[e]
                 self._transient -= 1
         excess = sum(1 for en in lru.values() if en.slot >= 0) - self.quota[layer]
-        for e, en in list(lru.items()):
-            if excess <= 0:
+        while excess > 0:
+            candidates = [(layer, e) for e, en in lru.items()
+                          if not (en.loading or en.slot < 0 or (layer, e) in self._pinned_keys)]
+            key = self.policy.victim(candidates, self.step)
+            if key is None:
                 break
-            if en.loading or en.slot < 0 or (layer, e) in self._pinned_keys:
-                continue
-            del lru[e]
+            en = lru.pop(key[1])
             self._c["evictions_gpu"] += 1
             if en.prefetched:
                 self._c["prefetch_unused_evicted"] += 1

@@ -9,7 +9,7 @@ per-layer quotas of slots from the cache plan (AdapMoE's DP, decoder/cache_plan.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -144,3 +144,63 @@ def plan_quotas(config: Any, slot_bytes: int, gpu_cache_bytes: int | None, scrat
     if plan not in ("uniform", "popularity"):
         raise ValueError(f"unknown cache plan {plan!r} (uniform | popularity)")
     return plan_slots(acc, r1, total, E, num_layers=L, top_k=getattr(config, "num_experts_per_tok", 2))
+
+
+EVICTIONS = ("lru", "lfru")
+
+
+class EvictionPolicy:
+    """Which loaded expert of a layer gives its slot up, and whether a prefetch may take one.
+
+    Every demand use of (layer, expert) at token step t adds to its combined recency-frequency
+    value (CRF, as LRFU): crf = 1 + crf_before * d^(t - t_before), d = 2^-decay per step.
+    - "lru": the least recently used candidate goes (the order the cache keeps).
+    - "lfru": the candidate with the smallest CRF now goes (ties: least recently used first), so
+      an expert used every other token outlives one used once just now. decay -> inf is LRU,
+      0 is LFU.
+    Admission (`admission=True`): a prefetch whose predicted use p (the probability that the
+    token uses it: prediction weight x measured precision) would evict a victim takes the slot
+    only when p exceeds the victim's expected reuse, its decayed use rate (`reuse`); otherwise
+    it is refused. A demand load always takes a slot.
+    """
+
+    def __init__(self, kind: str = "lru", decay: float = 0.5, admission: bool = False) -> None:
+        if kind not in EVICTIONS:
+            raise ValueError(f"unknown eviction {kind!r} (expected one of {EVICTIONS})")
+        if not decay >= 0:
+            raise ValueError("decay must be >= 0")
+        self.kind, self.decay, self.admission = kind, float(decay), bool(admission)
+        self.d = 2.0 ** -self.decay
+        self._crf: dict[tuple[int, int], tuple[float, int]] = {}     # key -> (crf at step, step)
+
+    def use(self, key: tuple[int, int], step: int) -> None:
+        """A demand use of `key` at token `step` (several uses in one step count once)."""
+        crf, at = self._crf.get(key, (0.0, step))
+        if at == step and crf > 0:
+            return
+        self._crf[key] = (1.0 + crf * self.d ** (step - at), step)
+
+    def crf(self, key: tuple[int, int], step: int) -> float:
+        crf, at = self._crf.get(key, (0.0, step))
+        return crf * self.d ** max(0, step - at)
+
+    def reuse(self, key: tuple[int, int], step: int) -> float:
+        """Expected uses per token step from now, for a key not used at `step` yet: a steady rate r
+        leaves crf = r (d + d^2 + ...) = r d / (1 - d) one step after its last use."""
+        if self.d >= 1:
+            return self.crf(key, step) / max(1, step)
+        return self.crf(key, step) * (1.0 - self.d) / self.d
+
+    def victim(self, candidates: Sequence[tuple[int, int]], step: int) -> tuple[int, int] | None:
+        """The candidate to evict; `candidates` in LRU order (least recent first)."""
+        if not candidates:
+            return None
+        if self.kind == "lru":
+            return candidates[0]
+        return min(enumerate(candidates), key=lambda ic: (self.crf(ic[1], step), ic[0]))[1]
+
+    def admit(self, predicted_use: float | None, victim: tuple[int, int], step: int) -> bool:
+        """May a prefetch with `predicted_use` (None: unknown) evict `victim`?"""
+        if not self.admission or predicted_use is None:
+            return True
+        return predicted_use > self.reuse(victim, step)

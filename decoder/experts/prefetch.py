@@ -124,6 +124,8 @@ class Prefetcher(MoEObserver):
         self.issue_after_demand = bool(issue_after_demand)
         self._deferred: tuple[int, int, Any] | None = None   # (layer, D, predictions) waiting for its demand
         self._stack: torch.Tensor | None = None        # routers [L, E, H] on the compute device
+        self._takes_uses: bool | None = None           # the provider's prefetch takes `uses`
+        self.min_measured = 32                         # predictions checked before a precision counts
         self._ratio: list[torch.Tensor] = []           # per layer l: norm[l+1 .. l+D] / norm[l], [D, H]
         self.reset_stats()
 
@@ -279,12 +281,31 @@ class Prefetcher(MoEObserver):
                     for d, (experts, scores, _) in preds.items() if d <= k]
         else:
             plan = self._budget_plan(layer, preds, k)
-        self._issue(plan)
+        self._issue(plan, layer, preds)
 
-    def _issue(self, plan: list[tuple[int, list[int], list[float]]]) -> None:
+    def predicted_use(self, target: int, distance: int, weight: float) -> float | None:
+        """The probability that a prediction of `weight` for layer `target`, made `distance`
+        layers ahead, is used: weight x the measured precision of such predictions (None until
+        `min_measured` of them were checked)."""
+        n = self._pred[target][distance]
+        if n < self.min_measured:
+            return None
+        return weight * self._tp[target][distance] / n
+
+    def _issue(self, plan: list[tuple[int, list[int], list[float]]], layer: int | None = None,
+               preds: dict | None = None) -> None:
         n = 0
+        if self._takes_uses is None:
+            import inspect
+            self._takes_uses = "uses" in inspect.signature(self.provider.prefetch).parameters
         for j, experts, scores in plan:
-            self.provider.prefetch(j, experts, scores)
+            if self._takes_uses and preds is not None and (j - layer) in preds:
+                d = j - layer
+                weight = dict(zip(preds[d][0], preds[d][1]))
+                self.provider.prefetch(j, experts, scores,
+                                       uses=[self.predicted_use(j, d, weight.get(e, 0.0)) for e in experts])
+            else:
+                self.provider.prefetch(j, experts, scores)
             self._issued += len(experts)
             self._issued_layer[j] += len(experts)
             self._issued_pending.setdefault(j, set()).update(experts)
