@@ -11,7 +11,10 @@ prompt in every row), the same prompts, `--new-tokens` new tokens each:
 - ondemand      no GPU expert cache: each expert is copied from pinned host memory when used
 - lru           mixtral-offloading's policy: equal per-layer LRU quotas, top-2, no prefetch,
                 every expert in pinned host memory
+- lfru          as lru, evicting by combined recency and frequency (no prediction)
 - adapmoe       DP cache plan + cross-layer prefetch + `adaptive` gating at the calibrated budget
+- adapmoe-lfru, adapmoe-admit, adapmoe-lfru-admit
+                as adapmoe with lfru eviction, prefetch admission, or both
 - adapmoe-cost  as adapmoe with `cost-aware` gating
 - accelerate    HF transformers MixtralForCausalLM, dense part on the GPU, each layer's experts
                 offloaded to the CPU with accelerate's hooks (`accelerate.cpu_offload`, what
@@ -57,7 +60,8 @@ from decoder.experts.provider import ExpertProvider, ExpertWeights, expert_weigh
 from expert_store import format as blob_format  # noqa: E402
 from expert_store.client import StoreClient  # noqa: E402
 
-MODES = ("reference", "resident", "ondemand", "lru", "adapmoe", "adapmoe-cost", "accelerate", "store-remote")
+MODES = ("reference", "resident", "ondemand", "lru", "lfru", "adapmoe", "adapmoe-lfru", "adapmoe-admit",
+         "adapmoe-lfru-admit", "adapmoe-cost", "accelerate", "store-remote")
 BUDGET_FREE = ("reference", "resident", "ondemand", "accelerate")   # rows that do not depend on the GPU expert budget
 TARGETS = {"adapmoe_vs_lru": {"A": 1.5, "B": 1.35}, "adapmoe_vs_accelerate": 10.0, "resident_vs_adapmoe_50": 2.0,
            # the GPU-driven step (issue 12)
@@ -478,17 +482,24 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
         eng.provider.close()
         eng.model.experts = eng.provider = od
         return eng
-    if mode == "lru":
+    if mode in ("lru", "lfru"):
         eng = Engine.from_store(target, prep.model, gpu_cache_bytes=gpu_bytes, host_cache_bytes=host_all,
                                 prefetch=False, gating="topk",
-                                cache_options={"profile": None, "scratch_slots": 0, "plan": "uniform", **dense_opt},
+                                cache_options={"profile": None, "scratch_slots": 0, "plan": "uniform", "eviction": mode,
+                                               **dense_opt},
                                 **common)
         eng.provider.fill_host([(l, e) for l in range(L) for e in range(E)], fill_threads, progress=True)
         return eng
-    if mode in ("adapmoe", "adapmoe-cost", "store-remote"):
+    if mode in ("adapmoe", "adapmoe-cost", "store-remote") or mode.startswith("adapmoe-"):
         gating = "cost-aware" if mode == "adapmoe-cost" else "adaptive"
         host = host_all if mode != "store-remote" else (n_experts // 2) * hslot
         options: dict[str, Any] = {"scratch_slots": 0, "plan": "uniform", **dense_opt}
+        # the issue-13 levers alone or together: lfru eviction, prefetch admission
+        levers = set(mode.split("-")[1:]) - {"cost"}
+        if "lfru" in levers:
+            options["eviction"] = "lfru"
+        if "admit" in levers:
+            options["admission"] = True
         if mode == "store-remote" and remote_fetch_workers:
             # the distributed case as deployed: the host tier is a FetchPool arena that N processes
             # receive into (one Python process receives ~0.3-0.9 GB/s)
