@@ -128,6 +128,8 @@ def ensure_checkpoint(ckpt: pathlib.Path, settings: train_demo.TrainSettings, re
             cached.pop("threads", None)
             if cached == _settings_key(settings):
                 _log(f"reusing the trained model in {ckpt} (delete it or pass --retrain to train again)")
+                if not (ckpt / "tokenizer_config.json").is_file():  # trained before it had a chat template
+                    train_demo.write_tokenizer_config(ckpt)
                 return report
             _log(f"the model in {ckpt} was trained with other settings: training again")
         except (OSError, ValueError):
@@ -146,7 +148,7 @@ def ensure_checkpoint(ckpt: pathlib.Path, settings: train_demo.TrainSettings, re
 
 def _checkpoint_fingerprint(ckpt: pathlib.Path) -> str:
     h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         with open(ckpt / name, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)

@@ -445,8 +445,27 @@ def evaluate(model, windows, byte_lengths: Sequence[int], batch: int = 8) -> dic
 # ---------------------------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------------------------
+# The demo model knows Python source only, so a chat is laid out as a Python file: every
+# message a comment line "# role: text", then "# assistant:" for the model to go on from.
+DEMO_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '# ' ~ message['role'] ~ ': ' ~ (message['content'] | replace('\n', '\n# ')) ~ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '# assistant:\n' }}{% endif %}"
+)
+
+
+def write_tokenizer_config(out: pathlib.Path) -> str:
+    """tokenizer_config.json with the demo's chat template and its end-of-text token (packed
+    into the store with the model; the HTTP chat API renders it)."""
+    cfg = {"eos_token": EOT, "chat_template": DEMO_CHAT_TEMPLATE}
+    _write_atomic(out / "tokenizer_config.json", (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode())
+    return "tokenizer_config.json"
+
+
 def save_checkpoint(out: pathlib.Path, model, tok) -> list[str]:
-    """config.json, model.safetensors (HF Mixtral names), tokenizer.json; returns the file names."""
+    """config.json, model.safetensors (HF Mixtral names), tokenizer.json, tokenizer_config.json
+    (the chat template); returns the file names."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -463,7 +482,7 @@ def save_checkpoint(out: pathlib.Path, model, tok) -> list[str]:
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / "model.safetensors")
     _write_atomic(out / "tokenizer.json", tok.to_str(pretty=True).encode("utf-8"))
-    return ["config.json", "model.safetensors", "tokenizer.json"]
+    return ["config.json", "model.safetensors", "tokenizer.json", write_tokenizer_config(out)]
 
 
 def _write_atomic(path: pathlib.Path, data: bytes) -> None:
