@@ -13,8 +13,9 @@ prompt in every row), the same prompts, `--new-tokens` new tokens each:
                 every expert in pinned host memory
 - lfru          as lru, evicting by combined recency and frequency (no prediction)
 - adapmoe       DP cache plan + cross-layer prefetch + `adaptive` gating at the calibrated budget
-- adapmoe-lfru, adapmoe-admit, adapmoe-lfru-admit
-                as adapmoe with lfru eviction, prefetch admission, or both
+- adapmoe-lfru, adapmoe-admit, adapmoe-skip, adapmoe-lfru-admit[-skip]
+                as adapmoe with lfru eviction, prefetch admission, no predictions for a layer
+                whose next layer missed < 5% lately, or several of them
 - adapmoe-cost  as adapmoe with `cost-aware` gating
 - accelerate    HF transformers MixtralForCausalLM, dense part on the GPU, each layer's experts
                 offloaded to the CPU with accelerate's hooks (`accelerate.cpu_offload`, what
@@ -61,7 +62,8 @@ from expert_store import format as blob_format  # noqa: E402
 from expert_store.client import StoreClient  # noqa: E402
 
 MODES = ("reference", "resident", "ondemand", "lru", "lfru", "adapmoe", "adapmoe-lfru", "adapmoe-admit",
-         "adapmoe-lfru-admit", "adapmoe-cost", "accelerate", "store-remote")
+         "adapmoe-lfru-admit", "adapmoe-skip", "adapmoe-lfru-admit-skip", "adapmoe-cost", "accelerate",
+         "store-remote")
 BUDGET_FREE = ("reference", "resident", "ondemand", "accelerate")   # rows that do not depend on the GPU expert budget
 TARGETS = {"adapmoe_vs_lru": {"A": 1.5, "B": 1.35}, "adapmoe_vs_accelerate": 10.0, "resident_vs_adapmoe_50": 2.0,
            # the GPU-driven step (issue 12)
@@ -500,12 +502,14 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
             options["eviction"] = "lfru"
         if "admit" in levers:
             options["admission"] = True
+        pf_options = {"skip_miss_rate": 0.05} if "skip" in levers else {}
         if mode == "store-remote" and remote_fetch_workers:
             # the distributed case as deployed: the host tier is a FetchPool arena that N processes
             # receive into (one Python process receives ~0.3-0.9 GB/s)
             options.update(fetch_workers=remote_fetch_workers, fetch_target=target)
         eng = Engine.from_store(target, prep.model, gpu_cache_bytes=gpu_bytes, host_cache_bytes=host,
-                                gating=gating, budget=T, prefetch=True, cache_options=options, **common)
+                                gating=gating, budget=T, prefetch=True, cache_options=options,
+                                prefetch_options=pf_options, **common)
         if mode == "store-remote":
             # the half the calibration found most popular, per layer
             pop = profile.get("popularity") or [[1.0] * E] * L

@@ -81,6 +81,7 @@ from decoder.kernels.fused_moe import ExpertBank
 log = logging.getLogger(__name__)
 
 TIERS = ("gpu", "host", "store")
+MISS_RATE_ALPHA = 0.05                 # weight of one demand lookup in a layer's miss rate
 # Priors (bytes/s) until a tier's cost has been measured once; replaced by the live EWMA.
 PRIOR_BANDWIDTH = {"host_cuda": 20e9, "host_cpu": 5e9, "store": 1e9}
 
@@ -173,6 +174,7 @@ class ExpertCache(ExpertProvider):
         self._bank = self._make_bank(header)
         # which loaded expert gives its slot up, and whether a prefetch may take one (gpu_slots.py)
         self.policy = EvictionPolicy(eviction, eviction_decay, admission)
+        self._miss_rate = [0.0] * self.L     # per layer: EWMA of demand misses per lookup
         self._raw_offsets = _offsets(header)
 
         # --- host tier: pinned arena of fixed slots ------------------------------------------
@@ -412,6 +414,10 @@ class ExpertCache(ExpertProvider):
         ent = self._gpu[layer].get(expert)    # no lock: called between get() and release()
         return ent.slot if ent is not None and not ent.loading else -1
 
+    def miss_rate(self, layer: int) -> float:
+        """Recent demand misses per lookup of `layer` (EWMA over about 20 lookups)."""
+        return self._miss_rate[layer]
+
     def all_resident(self) -> bool:
         """Every expert of every layer is loaded into a pool slot (quota E everywhere, so none is
         evicted again); their copies may still be in flight (the step synchronises once)."""
@@ -599,7 +605,9 @@ class ExpertCache(ExpertProvider):
         g = self._tier["gpu"]
         g["lookups"] += 1
         ent = self._gpu[layer].get(expert)
-        if ent is not None and not ent.loading:
+        hit = ent is not None and not ent.loading
+        self._miss_rate[layer] += MISS_RATE_ALPHA * ((0.0 if hit else 1.0) - self._miss_rate[layer])
+        if hit:
             g["hits"] += 1
             if ent.prefetched:
                 ent.prefetched = False

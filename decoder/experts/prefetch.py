@@ -82,6 +82,7 @@ class Prefetcher(MoEObserver):
                  norm_weights: Sequence[torch.Tensor] | None = None, renorm: bool = True,
                  ewma_alpha: float = 0.3, enabled: bool = True, policy: str = "budget",
                  min_score: float = 0.3, issue_after_demand: bool = False,
+                 skip_miss_rate: float | None = None,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         """routers[j]: layer j's router weight [E, H]. provider: the expert cache (None = only
         measure predictions). lookahead: fixed k (None = adaptive up to max_lookahead).
@@ -91,8 +92,10 @@ class Prefetcher(MoEObserver):
         layer l's input until the MoE block has asked for layer l's own experts
         (`on_demand_issued`), so a prefetch copy never starts ahead of that demand on the one
         host->GPU link (the engine turns this on; called without a MoE block, e.g. by tests,
-        the loads go out at once). clock: the time source of the layer timings (tests pass a
-        fake one)."""
+        the loads go out at once). skip_miss_rate: predict nothing for a layer whose next layer's
+        recent demand miss rate (provider.miss_rate) is below this (None: always predict).
+        clock: the time source of the layer timings (tests pass a fake one)."""
+        self.skip_miss_rate = skip_miss_rate
         self.routers = list(routers)
         self.L = len(self.routers)
         self.E = int(self.routers[0].shape[0]) if self.L else 0
@@ -141,6 +144,7 @@ class Prefetcher(MoEObserver):
         self._k_hist = [0] * (D + 1)
         self._issued = 0
         self._skipped = 0          # layers whose lookahead targets were all on the GPU: nothing predicted
+        self._skipped_low_miss = 0  # layers skipped because the next layer rarely missed lately
         self._issued_layer = [0] * self.L     # experts issued per target layer
         self._issued_tp = 0                   # issued and used by their target layer
         self._issued_checked = 0              # issued for a target layer whose routing was seen
@@ -176,6 +180,7 @@ class Prefetcher(MoEObserver):
                 "dropped_low_score": self._dropped["low_score"],
                 "dropped_budget": self._dropped["budget"],
                 "skipped_resident": self._skipped,
+                "skipped_low_miss": self._skipped_low_miss,
                 "layer_time_s": self.layer_time_s or 0.0,
                 "layer_compute_s": self.compute_time_s or 0.0}
 
@@ -242,6 +247,10 @@ class Prefetcher(MoEObserver):
         if self._all_resident(layer + 1, layer + (1 if self.fixed_k is None else D)):
             self._k_hist[min(self.fixed_k or 1, self.max_lookahead)] += 1
             self._skipped += 1
+            return None
+        rate = getattr(self.provider, "miss_rate", None)
+        if self.skip_miss_rate is not None and rate is not None and rate(layer + 1) < self.skip_miss_rate:
+            self._skipped_low_miss += 1
             return None
         return D
 
@@ -487,7 +496,7 @@ class Prefetcher(MoEObserver):
 def build_prefetcher(model: Any, provider: Any, source: Any = None, *, lookahead: int | None = None,
                      max_lookahead: int = 3, renorm: bool = True, enabled: bool = True,
                      policy: str = "budget", min_score: float = 0.3,
-                     issue_after_demand: bool = True) -> Prefetcher | None:
+                     issue_after_demand: bool = True, skip_miss_rate: float | None = None) -> Prefetcher | None:
     """What Engine.from_store calls: a Prefetcher over the model's routers feeding `provider`
     (None when the provider cannot prefetch, i.e. has no `prefetch` of its own)."""
     from decoder.experts.provider import ExpertProvider
@@ -499,4 +508,5 @@ def build_prefetcher(model: Any, provider: Any, source: Any = None, *, lookahead
     norms = [model.layers[l].post_attention_layernorm.weight.detach() for l in range(L)]
     return Prefetcher(routers, provider, top_k=model.config.num_experts_per_tok, lookahead=lookahead,
                       max_lookahead=max_lookahead, norm_weights=norms, renorm=renorm, enabled=enabled,
-                      policy=policy, min_score=min_score, issue_after_demand=issue_after_demand)
+                      policy=policy, min_score=min_score, issue_after_demand=issue_after_demand,
+                      skip_miss_rate=skip_miss_rate)

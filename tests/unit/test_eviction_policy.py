@@ -159,3 +159,25 @@ def test_a_prefetch_is_refused_when_its_victim_is_likelier_to_be_reused(store_di
             assert cache.stats()["prefetch_refused"] == 1 and 6 in cache.resident(0)
         finally:
             cache.close()
+
+
+def test_predictions_skip_a_layer_that_rarely_misses(store_dir):
+    """With every expert of layers 1-2 resident after a warm-up, their miss rates fall to 0 and
+    the prefetcher stops predicting for them (skip_miss_rate); layer 0 -> 1 predictions resume
+    while layer 1 keeps missing (quota 2 of 8 there)."""
+    ids = torch.randint(0, 320, (40,), generator=torch.Generator().manual_seed(12)).tolist()
+    out = {}
+    for skip in (None, 0.05):
+        with StoreClient.open(str(store_dir)) as c:
+            with Engine.from_store(c, "tiny", gpu_cache_bytes=0, host_cache_bytes=1 << 22, decode_step="eager",
+                                   prefetch=True, prefetch_options={"skip_miss_rate": skip, "policy": "all",
+                                                                    "lookahead": 1},
+                                   cache_options={"gpu_slots": [E, 2, E], "scratch_slots": 0}) as eng:
+                eng.decode_logits(ids)
+                out[skip] = (eng.stats()["prefetch"], [eng.provider.miss_rate(l) for l in range(L)])
+    (pf_on, rates), (pf_skip, _) = out[None], out[0.05]
+    assert pf_on["skipped_low_miss"] == 0
+    assert rates[1] > 0.05 and rates[2] < 0.05
+    # layer 1 predicts layer 2, which stopped missing: skipped; layer 0 -> 1 keeps predicting
+    assert pf_skip["skipped_low_miss"] > 0
+    assert 0 < pf_skip["prefetches_issued"] < pf_on["prefetches_issued"]
