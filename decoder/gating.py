@@ -478,6 +478,30 @@ class CostAwareGating(CountingGating):
 
 
 # --------------------------------------------------------------------------------------------
+DEFAULT_SINGLE_RATIO = 0.25
+CALIBRATE_HINT = "moe-decoder calibrate --store STORE --model MODEL --text HELD_OUT.txt --upload"
+
+
+def profile_budget(profile: Any, ratio: float, gating: str = "adaptive") -> float:
+    """The calibrated budget T at which `ratio` of the calibration decisions use one expert
+    (the profile's `budget_for_single_ratio`). ValueError, naming the calibrate command, when
+    the model has no such budgets; naming the recorded ratios when `ratio` is not one."""
+    if isinstance(profile, (str, bytes)):
+        import json
+        profile = json.loads(profile)
+    table = profile.get("budget_for_single_ratio") if isinstance(profile, Mapping) else getattr(
+        profile, "budget_for_single_ratio", None)
+    if not table:
+        raise ValueError(f"{gating} gating needs a budget: pass --budget T, or calibrate the model to store "
+                         f"budgets for single-expert ratios: `{CALIBRATE_HINT}`")
+    for key, T in table.items():
+        if abs(float(key) - float(ratio)) < 1e-9:
+            return float(T)
+    have = ", ".join(f"{float(k):g}" for k in sorted(table, key=float))
+    raise ValueError(f"the calibration profile has budgets for single-expert ratios {have}, not {ratio:g} "
+                     f"(pass --budget T, or one of those)")
+
+
 def profile_sensitivity(profile: Any, num_layers: int | None = None) -> list[float] | None:
     """Per-layer F_l from a calibration profile (dict or decoder.calibrate.Profile), or None."""
     if profile is None:
@@ -497,14 +521,25 @@ def profile_sensitivity(profile: Any, num_layers: int | None = None) -> list[flo
 def make_gating(name: str, *, config: Any, provider: Any = None, budget: float | None = None,
                 profile: Any = None, threshold: float | None = None, loss_bound: float | None = None,
                 sensitivity: Sequence[float] | None = None, store_cost_ratio: float = 10.0,
-                miss_precision_threshold: float | None = None) -> Gating:
+                miss_precision_threshold: float | None = None, single_expert_ratio: float | None = None) -> Gating:
     """Build a gating by name (see GATINGS). config: ModelConfig (top_k, layers).
 
     uniform: `threshold` (or `budget`) is the w2 threshold. adaptive / cost-aware: `budget` is T,
     sensitivity from `sensitivity` or the calibration `profile` (the store's profile.json).
+    Without a budget, T is the calibrated one for `single_expert_ratio` (default 0.25) from the
+    profile's `budget_for_single_ratio`; a profile without budgets is a one-line error naming
+    the calibrate command.
     miss_precision_threshold: with an ExpertCache built with `miss_precision`, experts whose
     routing weight is below it are loaded at that lower precision when they miss (HOBBIT).
     """
+    if name in ("adaptive", "cost-aware"):
+        if budget is not None and single_expert_ratio is not None:
+            raise ValueError("give a budget or a single-expert ratio, not both")
+        if budget is None:
+            budget = profile_budget(profile, DEFAULT_SINGLE_RATIO if single_expert_ratio is None
+                                    else single_expert_ratio, name)
+    elif single_expert_ratio is not None:
+        raise ValueError(f"a single-expert ratio applies to adaptive and cost-aware gating, not {name!r}")
     g = _make_gating(name, config=config, provider=provider, budget=budget, profile=profile, threshold=threshold,
                      loss_bound=loss_bound, sensitivity=sensitivity, store_cost_ratio=store_cost_ratio)
     if miss_precision_threshold is not None:

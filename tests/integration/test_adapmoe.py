@@ -123,6 +123,13 @@ def test_calibrate_profile_drives_adaptive_and_cost_aware(client, store_dir, tmp
         served = c2.manifest("tiny").profile
     assert served["sensitivity"] == prof["sensitivity"]
 
+    # no budget given: the one calibrate stored for a 25% single-expert ratio
+    with StoreClient.open(str(store_dir)) as c2:
+        with Engine.from_store(c2, "tiny", gating="adaptive") as eng:
+            assert eng.model.gating.budget == prof["budget_for_single_ratio"]["0.25"] > 0
+            eng.forward_logits(IDS)
+            assert eng.stats()["single_expert_ratio"] > 0
+
     T = prof["budget_for_single_ratio"]["0.5"]
     with StoreClient.open(str(store_dir)) as c2:
         with Engine.from_store(c2, "tiny", gating="adaptive", budget=T) as eng:

@@ -251,3 +251,26 @@ def test_make_gating_by_name():
         make_gating("nope", config=cfg)
     with pytest.raises(ValueError):
         make_gating("adaptive", config=cfg, budget=0.5, profile={"sensitivity": [1.0]})
+
+
+def test_adaptive_takes_the_calibrated_budget_by_default():
+    """Without --budget, adaptive and cost-aware gating use the budget calibrate stored for the
+    target single-expert ratio (0.25 unless asked otherwise); without stored budgets, a
+    one-line error naming the calibrate command."""
+    cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_local_experts=4,
+                      num_experts_per_tok=2)
+    prof = {"sensitivity": [1.0, 2.0], "budget": 0.02,
+            "budget_for_single_ratio": {"0.1": 0.004, "0.25": 0.02, "0.5": 0.09}}
+    assert make_gating("adaptive", config=cfg, profile=prof).budget == 0.02
+    assert make_gating("adaptive", config=cfg, profile=prof, single_expert_ratio=0.5).budget == 0.09
+    assert make_gating("adaptive", config=cfg, profile=prof, budget=0.3).budget == 0.3       # an override
+    assert make_gating("cost-aware", config=cfg, profile=prof, provider=object()).budget == 0.02
+    with pytest.raises(ValueError, match=r"calibrate --store STORE --model MODEL .* --upload"):
+        make_gating("adaptive", config=cfg, profile={"sensitivity": [1.0, 2.0]})
+    with pytest.raises(ValueError, match="ratios 0.1, 0.25, 0.5, not 0.3"):
+        make_gating("adaptive", config=cfg, profile=prof, single_expert_ratio=0.3)
+    with pytest.raises(ValueError, match="not both"):
+        make_gating("adaptive", config=cfg, profile=prof, budget=0.1, single_expert_ratio=0.25)
+    with pytest.raises(ValueError, match="not 'topk'"):
+        make_gating("topk", config=cfg, single_expert_ratio=0.25)
