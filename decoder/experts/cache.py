@@ -167,7 +167,7 @@ class ExpertCache(ExpertProvider):
         self.plan = plan  # how the quotas were planned (when gpu_slots was not given)
         self.scratch_slots = 0 if all(s == self.E for s in gpu_slots) else int(scratch_slots)
         n_pool = sum(gpu_slots) + self.scratch_slots
-        self.gpu_pool = torch.empty((n_pool, self.slot_bytes), dtype=torch.uint8, device=self.device)
+        self.gpu_pool = _allocate((n_pool, self.slot_bytes), self.device, "the GPU expert slots (gpu_cache_bytes)")
         self._gpu_free: list[int] = list(range(n_pool - 1, -1, -1))
         self._gpu: list[OrderedDict[int, GpuEntry]] = [OrderedDict() for _ in range(self.L)]
         self._gpu_slot_events: dict[int, Any] = {}  # free slot -> event its last readers recorded
@@ -182,6 +182,11 @@ class ExpertCache(ExpertProvider):
         if self.host_cache_bytes < 0:
             raise ValueError("host_cache_bytes must be >= 0")
         self.host_capacity = self.host_cache_bytes // self.host_slot_bytes  # resident experts
+        if self.host_capacity > self.L * self.E:   # more than the model has: keep what it needs
+            log.info("host_cache_bytes=%d holds %d experts; the model has %d: the host tier takes %d bytes",
+                     self.host_cache_bytes, self.host_capacity, self.L * self.E,
+                     self.L * self.E * self.host_slot_bytes)
+            self.host_capacity = self.L * self.E
         self.workers = max(1, int(workers))
         self.fetch_workers = int(fetch_workers or 0)
         if self.fetch_workers < 0:
@@ -204,8 +209,12 @@ class ExpertCache(ExpertProvider):
             self.host_pool = self._fetch_pool.tensor()
             self.pinned = self._fetch_pool.pin() if pin_memory else False
         else:
-            host = torch.empty((n_host, self.host_slot_bytes), dtype=torch.uint8)
-            self.host_pool = host.pin_memory() if pin_memory else host
+            host = _allocate((n_host, self.host_slot_bytes), torch.device("cpu"), "the host expert tier (host_cache_bytes)")
+            try:
+                self.host_pool = host.pin_memory() if pin_memory else host
+            except RuntimeError as e:
+                raise MemoryError(f"cannot page-lock {host.numel()} bytes for the host expert tier "
+                                  f"(host_cache_bytes): {str(e).splitlines()[0]}") from None
             self.pinned = bool(pin_memory)
         self._host_free: list[int] = list(range(n_host - 1, -1, -1))
         self._host_slot_event: dict[int, Any] = {}
@@ -1081,6 +1090,16 @@ class ExpertCache(ExpertProvider):
 
 
 # ---------------------------------------------------------------------------------------------
+def _allocate(shape: tuple[int, int], device: torch.device, what: str) -> torch.Tensor:
+    """A uint8 buffer for `what`; MemoryError naming it (and the bytes) when it does not fit."""
+    try:
+        return torch.empty(shape, dtype=torch.uint8, device=device)
+    except (RuntimeError, MemoryError) as e:   # torch.OutOfMemoryError is a RuntimeError
+        n = shape[0] * shape[1]
+        raise MemoryError(f"cannot allocate {n} bytes ({n / 2**30:.1f} GiB) on {device} for {what}: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
 def _offsets(header: Any) -> dict[str, tuple[int, int]]:
     """Byte offsets of each tensor of an expert blob's raw payload (values, scales or -1)."""
     return {t.name: (int(t.offset), int(t.quant.scales_offset) if t.quant is not None else -1)

@@ -8,12 +8,15 @@ per-layer quotas of slots from the cache plan (AdapMoE's DP, decoder/cache_plan.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from decoder.experts.provider import ExpertWeights
+
+log = logging.getLogger(__name__)
 
 GPU_ALIGN = 256
 HOST_ALIGN = 4096
@@ -130,6 +133,9 @@ def plan_quotas(config: Any, slot_bytes: int, gpu_cache_bytes: int | None, scrat
         return [E] * L
     total = int(gpu_cache_bytes) // slot_bytes
     if total >= L * E:
+        if total > L * E:
+            log.info("gpu_cache_bytes=%d holds %d experts; the model has %d: every expert gets a slot",
+                     gpu_cache_bytes, total, L * E)
         return [E] * L
     total -= scratch_slots
     if total < L:

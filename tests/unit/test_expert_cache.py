@@ -353,3 +353,22 @@ def test_low_precision_on_miss_for_low_weight_experts(client):
             ExpertCache(src, gpu_slots=[1, 1, 1], miss_precision="int4")   # not in this store
     finally:
         cache.close()
+
+
+def test_budgets_beyond_the_model_are_capped_and_allocation_failures_say_what(client, caplog):
+    import logging
+
+    from decoder.experts.cache import _allocate
+
+    src = make_source(client)
+    with caplog.at_level(logging.INFO, logger="decoder.experts"):
+        cache = ExpertCache(src, gpu_cache_bytes=64 << 30, host_cache_bytes=64 << 30)
+    try:
+        assert cache.host_capacity == L * E and cache.quota == [E] * L
+        assert cache.host_pool.numel() < (L * E + 16) * cache.host_slot_bytes     # not 64 GiB
+        assert any("host_cache_bytes" in r.getMessage() for r in caplog.records)
+        assert any("gpu_cache_bytes" in r.getMessage() for r in caplog.records)
+    finally:
+        cache.close()
+    with pytest.raises(MemoryError, match=r"cannot allocate 1125899906842624 bytes .* for the host expert tier"):
+        _allocate((1 << 40, 1024), torch.device("cpu"), "the host expert tier (host_cache_bytes)")
