@@ -27,6 +27,8 @@ prints "listening on HOST:PORT" once it serves. A thin grpc.aio servicer over
 - Prometheus metrics on --metrics-port (requests and latency by status, tokens, tokens/s,
   queue depth, active sequences, batch sizes, cache hit rates and bytes per tier).
 - One JSON log line per request on stderr (id, status, token counts, latency; never text).
+- --http-listen HOST:PORT: the OpenAI HTTP API beside gRPC (decoder/serving/http_api.py), on
+  the same scheduler, limits, metrics, token and TLS settings; prints "http on HOST:PORT".
 - Security (all optional): a bearer token clients must send (--auth-token-file or
   $MOE_DECODER_TOKEN; constant-time compare, health exempt, never logged), TLS or mTLS for
   clients (--tls-cert/--tls-key[/--tls-client-ca]), and TLS/mTLS to the store
@@ -86,6 +88,9 @@ class ServiceConfig:
     tls_cert: bytes | None = None   # PEM; with tls_key: serve TLS
     tls_key: bytes | None = None
     tls_client_ca: bytes | None = None  # PEM; set: clients need a certificate it signed (mTLS)
+    http_listen: str | None = None  # HOST:PORT of the OpenAI HTTP API (None: gRPC only)
+    model: str = ""                 # the model's name (the HTTP API's `model`)
+    retry_after_s: int = 1          # HTTP 429's Retry-After
 
     def __post_init__(self) -> None:
         grpc_serving.check_security(self.token, self.tls_cert, self.tls_key, self.tls_client_ca)
@@ -440,8 +445,30 @@ class DecoderServer:
         self.health = grpc_serving.add_health_and_reflection(self.server, SERVICE_NAME)
         self.port = 0
         self._stopping = asyncio.Event()
+        self.http = None  # the OpenAI HTTP API beside gRPC (--http-listen), on the same scheduler
+        self.http_address = ""
+        if config.http_listen:
+            from decoder.serving.http_api import HttpFrontend, HttpServer, HttpSettings
+
+            front = HttpFrontend(HttpSettings(model=config.model, default_max_tokens=config.default_max_tokens,
+                                              max_prompt_chars=config.max_prompt_chars, token=config.token,
+                                              retry_after_s=config.retry_after_s),
+                                 self.metrics, not_ready=self.servicer.not_ready)
+            self.http = HttpServer(front, config.http_listen, grace_s=config.grace_s, tls_cert=config.tls_cert,
+                                   tls_key=config.tls_key, tls_client_ca=config.tls_client_ca)
+
+    async def _attach_http(self, scheduler: BatchScheduler) -> None:
+        if self.http is not None:
+            from decoder.serving.http_api import chat_template_of
+
+            template = await asyncio.to_thread(chat_template_of, scheduler.engine)
+            self.http.front.attach(scheduler, template)
 
     async def start(self) -> str:
+        if self.http is not None:  # first: a port that cannot be bound fails before gRPC serves
+            self.http_address = await self.http.start()
+            if self.scheduler is not None:
+                await self._attach_http(self.scheduler)
         host, port = split_host_port(self.config.listen)
         self.port = grpc_serving.add_port(self.server, grpc_serving.join_host_port(host, port), self.config.tls_cert,
                                           self.config.tls_key, self.config.tls_client_ca)
@@ -457,6 +484,7 @@ class DecoderServer:
         health SERVING."""
         self.scheduler = scheduler
         self.servicer.attach(scheduler)
+        await self._attach_http(scheduler)
         await grpc_serving.set_health(self.health, SERVICE_NAME, serving=True)
 
     def request_stop(self) -> None:
@@ -490,17 +518,23 @@ class DecoderServer:
         log.info("shutting down: health NOT_SERVING, %.1fs drain, %.1fs grace for in-flight requests",
                  self.config.drain_s if serving else 0.0, self.config.grace_s)
         await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            self.http.front.draining = True  # /health 503, new requests 503
         if serving and self.config.drain_s > 0:
             await asyncio.sleep(self.config.drain_s)
-        await self.server.stop(self.config.grace_s)
+        await asyncio.gather(self.server.stop(self.config.grace_s),
+                             self.http.stop() if self.http is not None else asyncio.sleep(0))
 
 
 async def serve(scheduler: BatchScheduler, config: ServiceConfig, metrics: DecoderMetrics | None = None,
-                on_ready: Callable[[str], None] | None = None, handle_signals: bool = True) -> None:
+                on_ready: Callable[[str], None] | None = None, handle_signals: bool = True,
+                on_http_ready: Callable[[str], None] | None = None) -> None:
     srv = DecoderServer(scheduler, config, metrics)
     address = await srv.start()
     if handle_signals:
         grpc_serving.stop_on_signals(srv.request_stop)
+    if on_http_ready is not None and srv.http_address:
+        on_http_ready(srv.http_address)
     if on_ready is not None:
         on_ready(address)
     watchdog = asyncio.create_task(srv.watch_scheduler())
@@ -513,7 +547,8 @@ async def serve(scheduler: BatchScheduler, config: ServiceConfig, metrics: Decod
 async def serve_when_loaded(load: "Future[BatchScheduler]", config: ServiceConfig,
                             metrics: DecoderMetrics | None = None, on_ready: Callable[[str], None] | None = None,
                             not_ready: Callable[[], str] | None = None, handle_signals: bool = True,
-                            on_stop: Callable[[], None] | None = None) -> bool:
+                            on_stop: Callable[[], None] | None = None,
+                            on_http_ready: Callable[[str], None] | None = None) -> bool:
     """--wait-for-model: serve at once (health NOT_SERVING, Generate UNAVAILABLE with
     `not_ready()`), attach the started scheduler `load` resolves to (health SERVING), serve
     until SIGTERM/SIGINT. `on_stop` runs when a stop is requested (cancel the wait). A failed
@@ -528,6 +563,8 @@ async def serve_when_loaded(load: "Future[BatchScheduler]", config: ServiceConfi
 
     if handle_signals:
         grpc_serving.stop_on_signals(request_stop)
+    if on_http_ready is not None and srv.http_address:
+        on_http_ready(srv.http_address)
     if on_ready is not None:
         on_ready(address)
     loaded = asyncio.wrap_future(load)
@@ -540,6 +577,8 @@ async def serve_when_loaded(load: "Future[BatchScheduler]", config: ServiceConfi
             if error is not None:
                 await srv.health.enter_graceful_shutdown()
                 await srv.server.stop(0)
+                if srv.http is not None:
+                    await srv.http.stop()
                 raise error
             await srv.attach(loaded.result())
             if metrics is not None:
@@ -744,6 +783,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "or a store directory (in-process)")
     p.add_argument("--model", required=True, help="model name in the store")
     p.add_argument("--listen", default="127.0.0.1:50052", help="HOST:PORT to serve on (port 0: any free port)")
+    p.add_argument("--http-listen", default=None, metavar="HOST:PORT",
+                   help="also serve the OpenAI HTTP API (/v1/models, /v1/completions, /v1/chat/completions, "
+                        "/health, /metrics) here, on the same scheduler and limits (port 0: any free port)")
     p.add_argument("--max-active", type=int, default=4, help="sequences decoded together (KV-cache rows)")
     p.add_argument("--max-queue", type=int, default=16, help="sequences that may wait for a row; "
                                                               "beyond: RESOURCE_EXHAUSTED")
@@ -838,6 +880,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--max-queue must be >= 0")
     refuse_checkpoint_dir(args.store)
     listen_host, _ = split_host_port(args.listen)
+    if args.http_listen is not None:
+        grpc_serving.split_host_port(args.http_listen, example_port=8000)  # a bad address fails before loading
     options = engine_options(args)  # bad flag combinations fail before anything starts
     dtype = getattr(torch, args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32"))
     token = read_store_token(args.store_token_file)
@@ -845,7 +889,8 @@ def main(argv: list[str] | None = None) -> int:
     tls = {name: _read_pem(getattr(args, name), name.replace("_", "-"))
            for name in ("tls_cert", "tls_key", "tls_client_ca")}
     config = ServiceConfig(listen=args.listen, default_max_tokens=args.default_max_tokens,
-                           grace_s=args.grace, drain_s=args.drain, token=auth_token, **tls)
+                           grace_s=args.grace, drain_s=args.drain, token=auth_token, http_listen=args.http_listen,
+                           model=args.model, **tls)
 
     def open_client() -> StoreClient:
         return StoreClient.open(args.store, token=token, deadline_s=args.store_deadline,
@@ -877,8 +922,14 @@ def main(argv: list[str] | None = None) -> int:
     def on_ready(addr: str) -> None:
         print(f"listening on {addr}", flush=True)
 
+    def on_http_ready(addr: str) -> None:
+        print(f"http on {addr}", flush=True)
+
+    metrics_on = args.metrics_port is not None or args.http_listen is not None  # /metrics on the HTTP port too
+
     if args.wait_for_model:
-        return _serve_waiting(args, config, open_client, load_engine, start_scheduler, serve_metrics, on_ready)
+        return _serve_waiting(args, config, open_client, load_engine, start_scheduler, serve_metrics, on_ready,
+                              on_http_ready, metrics_on)
 
     client = open_client()
     try:
@@ -886,12 +937,12 @@ def main(argv: list[str] | None = None) -> int:
         with quiet_store_retries(enabled=args.log_level.upper() != "DEBUG"):
             engine = load_engine(client)
         with engine:
-            metrics = DecoderMetrics(args.metrics_port is not None)
+            metrics = DecoderMetrics(metrics_on)
             scheduler = start_scheduler(engine, metrics)
             try:
                 metrics.bind(scheduler)
                 serve_metrics(metrics)
-                asyncio.run(serve(scheduler, config, metrics, on_ready=on_ready))
+                asyncio.run(serve(scheduler, config, metrics, on_ready=on_ready, on_http_ready=on_http_ready))
             finally:
                 scheduler.close()
                 metrics.close()
@@ -902,9 +953,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve_waiting(args: argparse.Namespace, config: ServiceConfig, open_client: Callable[[], Any],
                    load_engine: Callable[[Any], Any], start_scheduler: Callable[[Any, DecoderMetrics], Any],
-                   serve_metrics: Callable[[DecoderMetrics], None], on_ready: Callable[[str], None]) -> int:
+                   serve_metrics: Callable[[DecoderMetrics], None], on_ready: Callable[[str], None],
+                   on_http_ready: Callable[[str], None] | None = None, metrics_on: bool = False) -> int:
     """--wait-for-model: the server (and metrics) first, the model when the store has it."""
-    metrics = DecoderMetrics(args.metrics_port is not None)
+    metrics = DecoderMetrics(metrics_on)
     waiter = ModelWaiter(args.model, args.store, open_client, timeout_s=args.wait_timeout)
 
     def load() -> BatchScheduler:
@@ -927,7 +979,8 @@ def _serve_waiting(args: argparse.Namespace, config: ServiceConfig, open_client:
         serve_metrics(metrics)
         try:
             asyncio.run(serve_when_loaded(background.future, config, metrics, on_ready=on_ready,
-                                          not_ready=waiter.message, on_stop=waiter.cancel))
+                                          not_ready=waiter.message, on_stop=waiter.cancel,
+                                          on_http_ready=on_http_ready))
         except WaitCancelled:
             pass
     finally:

@@ -93,6 +93,7 @@ class ServiceProcess:
         self.proc: subprocess.Popen | None = None
         self.address = ""
         self.metrics = ""
+        self.http = ""  # "host:port" of the OpenAI HTTP API (moe-decoder serve --http-listen)
         self.stdout_lines: list[str] = []
         self.stderr_lines: list[str] = []
 
@@ -123,6 +124,8 @@ class ServiceProcess:
                 self.stdout_lines.append(line)
                 if line.startswith("metrics on "):
                     self.metrics = line.split("metrics on ", 1)[1].strip()
+                if line.startswith("http on "):
+                    self.http = line.split("http on ", 1)[1].strip()
                 if line.startswith("listening on "):
                     self.address = line.split("listening on ", 1)[1].strip()
                     ready.set()
