@@ -24,6 +24,10 @@ that many slots; the cache's `top_k` scratch slots come on top, the same for eve
 - `uniform-paper`, `popularity-paper`: the same DPs under the paper's objective (s_l >= 1, f
   without the cost term), i.e. the planners before the top-k objective, passed to the cache as
   explicit `gpu_slots`.
+- any of them with cache levers after `+` (`uniform+lfru+admit+skip`): lfru eviction, prefetch
+  admission, no predictions for a layer whose next layer rarely misses (decoder/experts). The
+  "GPU loads/token" column counts every copy into the GPU tier, demanded or prefetched: what
+  the link carries.
 
 Gating: `topk` (the planners get single-expert ratio r = 0, as that gating never drops) and
 `adaptive` at the calibrated budget T for ~25% single-expert decisions (the planners get the
@@ -66,6 +70,10 @@ from decoder.engine import Engine  # noqa: E402
 
 MODEL = "cache-plan"
 PLANNERS = ("equal", "uniform", "popularity", "uniform-paper", "popularity-paper")
+# cache levers a planner name may carry after "+" (issue 13): lfru eviction, prefetch admission,
+# no predictions for a layer whose next layer rarely misses; e.g. "uniform+lfru+admit"
+LEVERS = {"lfru": ({"eviction": "lfru"}, {}), "admit": ({"admission": True}, {}),
+          "skip": ({}, {"skip_miss_rate": 0.05})}
 GATINGS = ("topk", "adaptive")
 DEFAULT_BUDGETS = (0.125, 0.25, 0.375, 0.5)
 
@@ -105,7 +113,17 @@ def planner_profile(profile: dict[str, Any], gating: str, num_layers: int) -> di
     return p
 
 
+def split_planner(spec: str) -> tuple[str, list[str]]:
+    """"uniform+lfru+admit" -> ("uniform", ["lfru", "admit"])."""
+    base, *levers = spec.split("+")
+    unknown = [x for x in levers if x not in LEVERS]
+    if base not in PLANNERS or unknown:
+        raise ValueError(f"unknown planner {spec!r} ({', '.join(PLANNERS)}, optionally +{'+'.join(LEVERS)})")
+    return base, levers
+
+
 def expected_plan(planner: str, prof: dict[str, Any], total: int, L: int, E: int) -> list[int]:
+    planner, _ = split_planner(planner)
     if planner == "equal":
         return equal_quotas(total, L, E)
     base, _, variant = planner.partition("-")
@@ -120,10 +138,12 @@ def expected_plan(planner: str, prof: dict[str, Any], total: int, L: int, E: int
 
 def cache_options(planner: str, prof: dict[str, Any], plan: list[int]) -> dict[str, Any]:
     """The cache plans `uniform` and `popularity` itself (its default objective); `equal` and the
-    paper-objective plans are handed over as explicit per-layer slots."""
+    paper-objective plans are handed over as explicit per-layer slots. Levers add their options."""
+    planner, levers = split_planner(planner)
+    extra = {k: v for x in levers for k, v in LEVERS[x][0].items()}
     if planner in ("uniform", "popularity"):
-        return {"profile": prof, "plan": planner}
-    return {"profile": prof, "plan": "uniform", "gpu_slots": plan}
+        return {"profile": prof, "plan": planner, **extra}
+    return {"profile": prof, "plan": "uniform", "gpu_slots": plan, **extra}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,6 +164,7 @@ def measure_row(client: Any, model: str, planner: str, gating: str, total_slots:
     with Engine.from_store(client, model, device=device, dtype=torch.float32, gating=gating,
                            budget=budget_T if gating != "topk" else None, gpu_cache_bytes=gpu_bytes,
                            host_cache_bytes=host_bytes, prefetch=True, cache_options=opts,
+                           prefetch_options={k: v for x in split_planner(planner)[1] for k, v in LEVERS[x][1].items()},
                            gating_options={"sensitivity": profile["sensitivity"]} if gating != "topk" else None
                            ) as eng:
         cache = eng.provider
@@ -176,6 +197,9 @@ def measure_row(client: Any, model: str, planner: str, gating: str, total_slots:
         "gpu_lookups": g["lookups"], "gpu_hits": g["hits"], "gpu_misses": g["misses"], "gpu_hit_rate": g["hit_rate"],
         "on_demand_loads_per_token": g["misses"] / max(1, tokens),
         "demand_loads": cs["demand_loads"], "prefetch_loads": cs["prefetch_loads"],
+        # every expert copied into the GPU tier, demanded or prefetched: the link's bytes
+        "gpu_loads_per_token": (cs["demand_loads"] + cs["prefetch_loads"]) / max(1, tokens),
+        "prefetch_refused": cs["prefetch_refused"],
         "prefetch_useful": cs["prefetch_useful"], "prefetch_late": cs["prefetch_late"],
         "prefetch_unused_evicted": cs["prefetch_unused_evicted"],
         "prefetch_useful_per_token": cs["prefetch_useful"] / max(1, tokens),
@@ -208,9 +232,15 @@ def run_cache_plan(checkpoint: Path, work: Path, s: Settings, eval_texts: Sequen
     from decoder.demo import gating_budget
     from expert_store.client import StoreClient
 
-    unknown = set(s.planners) - set(PLANNERS)
+    unknown = []
+    for p in s.planners:
+        try:
+            split_planner(p)
+        except ValueError:
+            unknown.append(p)
     if unknown:
-        raise ValueError(f"unknown planners {sorted(unknown)} ({', '.join(PLANNERS)})")
+        raise ValueError(f"unknown planners {sorted(unknown)} ({', '.join(PLANNERS)}, optionally "
+                         f"+{'+'.join(LEVERS)})")
     t_start = time.perf_counter()
     config = json.loads((checkpoint / "config.json").read_text())
     L, E = int(config["num_hidden_layers"]), int(config["num_local_experts"])
@@ -331,8 +361,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def markdown(result: dict[str, Any]) -> str:
     lines = ["| gating | GPU budget | planner | slots/layer | GPU hit rate | on-demand loads/token | vs equal | "
              "scratch loads/token | predicted: uniform, paper f | uniform, top-k f | popularity, top-k f | "
-             "prefetch loads/token | prefetch useful/token |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "prefetch loads/token | prefetch useful/token | GPU loads/token |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     vs = {(pt["gating"], pt["gpu_slots_total"]): pt.get("vs_equal_pct", {}) for pt in result["summary"]["per_point"]}
     for r in result["rows"]:
         t = r["tokens"] or 1
@@ -342,7 +372,8 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{'-' if v is None else f'{v:+.1f}%'} | {r['scratch_loads'] / t:.3f} | "
                      f"{r['predicted_paper_uniform_model']:.3f} | {r['predicted_uniform_model']:.3f} | "
                      f"{r['predicted_popularity_model']:.3f} | "
-                     f"{r['prefetch_loads'] / t:.3f} | {r['prefetch_useful_per_token']:.3f} |")
+                     f"{r['prefetch_loads'] / t:.3f} | {r['prefetch_useful_per_token']:.3f} | "
+                     f"{r['gpu_loads_per_token']:.3f} |")
     return "\n".join(lines)
 
 
@@ -373,7 +404,9 @@ def _own_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--single-ratio", type=float, default=d.single_ratio,
                     help="adaptive gating's calibrated single-expert target")
     ap.add_argument("--gatings", default=",".join(d.gatings))
-    ap.add_argument("--planners", default=",".join(d.planners), help=f"any of {', '.join(PLANNERS)}")
+    ap.add_argument("--planners", default=",".join(d.planners),
+                    help=f"any of {', '.join(PLANNERS)}, each optionally with levers +{'+'.join(LEVERS)} "
+                         "(e.g. uniform+lfru+admit)")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

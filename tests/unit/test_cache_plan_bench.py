@@ -74,3 +74,25 @@ def test_cache_plan_rows_on_a_tiny_checkpoint(tmp_path):
     assert len(json.loads(js.read_text())["rows"]) == len(rows)
     assert cache_plan.markdown(result).count("\n") == len(rows) + 1
     assert "wins where plans differ" in cache_plan.verdict(result)
+
+
+def test_lever_planners_carry_their_options(tmp_path):
+    """"uniform+lfru+admit+skip": the uniform plan with lfru eviction, prefetch admission and
+    skipped predictions; every row counts the GPU loads (demand + prefetch) per token."""
+    ckpt, cfg = make_mixtral_checkpoint(tmp_path / "ckpt", hidden=32, ffn=48, layers=2, experts=8, vocab=320, seed=5)
+    ev, cal, _ = accuracy.heldout_split(heldout_mb=0.05)
+    planners = ("uniform", "uniform+lfru+admit+skip")
+    s = cache_plan.Settings(eval_tokens=16, calib_tokens=128, seq_len=16, budgets=(0.25,), planners=planners,
+                            gatings=("adaptive",))
+    work = tmp_path / "work"
+    work.mkdir()
+    rows = cache_plan.run_cache_plan(ckpt, work, s, ev, cal, progress=False, log=lambda m: None)["rows"]
+    assert [r["planner"] for r in rows] == list(planners)
+    assert rows[0]["slots"] == rows[1]["slots"]
+    for r in rows:
+        assert r["gpu_loads_per_token"] == pytest.approx((r["demand_loads"] + r["prefetch_loads"]) / r["tokens"])
+        assert r["prefetch_refused"] >= 0
+    assert cache_plan.cache_options("uniform+lfru+admit", {}, [])["eviction"] == "lfru"
+    assert cache_plan.cache_options("equal+admit", {}, [2, 2])["admission"] is True
+    with pytest.raises(ValueError, match="unknown planner 'uniform\\+fifo'"):
+        cache_plan.split_planner("uniform+fifo")
