@@ -2,7 +2,7 @@
 
     python benchmarks/batching_bench.py [--device cuda] [--dtype bfloat16] [--batch 1,2,4,8,16]
         [--hidden 1024 --ffn 3584 --layers 8 --experts 8 --heads 16 --kv-heads 4]
-        [--requests 16 --prompt-tokens 64 --max-tokens 64]
+        [--requests 16 --prompt-tokens 64 --max-tokens 64] [--decode-step auto|step|eager]
 
 Builds a random Mixtral-layout model (experts resident on the device, so this measures the
 scheduler and the batched forward, not expert streaming), then for each --batch value runs
@@ -46,7 +46,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
     model = Transformer(cfg)
     model.init_weights(std=0.02, seed=0)
     model = model.to(device=args.device, dtype=dtype).eval()
-    return Engine.from_model(model, None, model_name="random")
+    return Engine.from_model(model, None, model_name="random", decode_step=args.decode_step)
 
 
 def run_batch(engine: Engine, prompts: list[list[int]], batch: int, max_tokens: int) -> dict:
@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--decode-step", default="auto", choices=["auto", "step", "eager"],
+                    help="Engine decode path: auto (the GPU-driven step on CUDA), step, eager")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -122,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{100 * row['identical_tokens']:.1f}% of tokens")
     out = {"device": args.device, "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda")
            else "cpu", "dtype": args.dtype, "torch": torch.__version__,
+           "decode_step": args.decode_step,
            "model": {k: getattr(args, k) for k in ("hidden", "ffn", "layers", "experts", "heads", "kv_heads", "vocab")},
            "requests": args.requests, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
            "runs": rows, "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
