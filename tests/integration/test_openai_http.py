@@ -289,6 +289,26 @@ def test_sse_framing_with_curl(decoder):
     assert payloads[-1]["choices"] == [] and payloads[-1]["usage"]["completion_tokens"] == 12
 
 
+def test_decoder_client_streams_the_same_tokens_over_grpc(decoder, engine):
+    from decoder.client import DecoderClient, DecoderError
+
+    ref = engine.generate(PROMPTS[3], max_tokens=16)
+    with DecoderClient(decoder.address, token=TOKEN, deadline_s=60) as c:
+        assert c.ready()
+        stream = c.stream(PROMPTS[3], max_tokens=16, request_id="client-test-1")
+        deltas = list(stream)
+        assert "".join(d.text for d in deltas) == ref.text
+        assert [t for d in deltas for t in d.token_ids] == ref.token_ids
+        assert stream.usage.request_id == "client-test-1" and stream.usage.finish_reason == "length"
+        r = c.generate(engine.encode(PROMPTS[3]), max_tokens=16)
+        assert list(r.token_ids) == ref.token_ids
+        s = c.stats()
+        assert s["max_active"] == 4 and s["scheduler"]["completed"] >= 2 and isinstance(s["engine"], dict)
+        with pytest.raises(DecoderError) as e:
+            c.generate(PROMPTS[0], max_tokens=2, temperature=-1)
+        assert e.value.code == "INVALID_ARGUMENT" and "temperature" in e.value.details
+
+
 # --------------------------------------------------------------------------------------------
 # limits shared with gRPC, disconnects: a decoder whose every expert miss waits on a slow store
 # (rows stay busy for as long as the test needs them)

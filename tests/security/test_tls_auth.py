@@ -11,6 +11,7 @@ Certificates are made at test time (tests/security/sec_pki.py).
 
 from __future__ import annotations
 
+import ssl
 import urllib.request
 
 import grpc
@@ -20,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sec_pki import make_pki
 from sec_procs import PROMPTS, ServiceProcess, cli, decoder_proc, free_port, generate, pack_tiny_model, status_of
 
+from decoder.client import DecoderClient, DecoderError
 from decoder.server import TOKEN_ENV as DECODER_TOKEN_ENV
 from decoder.server import _read_auth_token
 from expert_store._proto.adapmoe.v1 import decoder_pb2 as dpb
@@ -86,7 +88,7 @@ def decoder(workdir, pki, store):
                             "--store-tls-ca", pki.path("ca.pem"), "--store-tls-cert", pki.path("client.pem"),
                             "--store-tls-key", pki.path("client.key"),
                             "--tls-cert", pki.path("server.pem"), "--tls-key", pki.path("server.key"),
-                            "--tls-client-ca", pki.path("ca.pem"))
+                            "--tls-client-ca", pki.path("ca.pem"), "--http-listen", "127.0.0.1:0")
         proc.start()
     finally:
         mp.undo()
@@ -111,6 +113,38 @@ def test_decoder_with_tls_and_token_generates_the_reference_tokens(decoder, pki,
     with tls_channel(decoder.address, pki) as ch:
         ids, _, usage = generate(dpb_grpc.DecoderStub(ch), metadata=AUTH, prompt=PROMPTS[0], max_tokens=MAX_TOKENS)
     assert ids == reference and usage.completion_tokens == MAX_TOKENS
+
+
+def test_decoder_client_and_the_http_api_over_mtls_with_the_token(decoder, pki, reference):
+    """DecoderClient (PEM paths and bytes) and the openai SDK over HTTPS: the same certificates
+    and token as gRPC; a wrong token or no client certificate is refused."""
+    import openai
+
+    tls = dict(tls_ca=pki.ca_pem, tls_cert=pki.path("client.pem"), tls_key=pki.path("client.key"), deadline_s=60)
+    with DecoderClient(decoder.address, token=DECODER_TOKEN, **tls) as c:
+        r = c.generate(PROMPTS[0], max_tokens=MAX_TOKENS)
+        assert list(r.token_ids) == reference and r.usage.completion_tokens == MAX_TOKENS and c.ready()
+    with DecoderClient(decoder.address, token="wrong", **tls) as c:
+        with pytest.raises(DecoderError) as e:
+            c.generate(PROMPTS[0], max_tokens=2)
+        assert e.value.code == "UNAUTHENTICATED"
+
+    def https(cert: bool, token: str):
+        ctx = ssl.create_default_context(cafile=pki.path("ca.pem"))
+        if cert:
+            ctx.load_cert_chain(pki.path("client.pem"), pki.path("client.key"))
+        return openai.OpenAI(base_url=f"https://{decoder.http}/v1", api_key=token, max_retries=0, timeout=60,
+                             http_client=openai.DefaultHttpxClient(verify=ctx, timeout=60))
+
+    with https(True, DECODER_TOKEN) as oc:
+        out = oc.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0)
+        assert out.usage.completion_tokens == MAX_TOKENS
+    with https(True, "wrong") as oc:
+        with pytest.raises(openai.AuthenticationError):
+            oc.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=2)
+    with https(False, DECODER_TOKEN) as oc:
+        with pytest.raises(openai.APIConnectionError):
+            oc.models.list()
 
 
 def test_decoder_refuses_clients_without_the_token_or_tls(decoder, pki):
