@@ -751,6 +751,7 @@ def test_network_policies_allow_exactly_the_intended_paths(docs):
     store, dec, pack = "expert-store", "decoder", "expert-store-pack"
     expected = {
         ("client", dec, ports_of(dec, "grpc"), "TCP"),
+        ("client", dec, ports_of(dec, "http"), "TCP"),  # the OpenAI HTTP API
         ("scraper", dec, ports_of(dec, "metrics"), "TCP"),
         ("scraper", store, ports_of(store, "metrics"), "TCP"),
         (dec, store, ports_of(store, "grpc"), "TCP"),
