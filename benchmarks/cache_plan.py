@@ -404,6 +404,7 @@ def _own_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--single-ratio", type=float, default=d.single_ratio,
                     help="adaptive gating's calibrated single-expert target")
     ap.add_argument("--gatings", default=",".join(d.gatings))
+    ap.add_argument("--name", default="cache_plan", help="output file stem in --out-dir")
     ap.add_argument("--planners", default=",".join(d.planners),
                     help=f"any of {', '.join(PLANNERS)}, each optionally with levers +{'+'.join(LEVERS)} "
                          "(e.g. uniform+lfru+admit)")
@@ -426,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                                 progress=not args.no_progress))
     result["text"] = info
     result.update(_common.run_info("cache_plan.py", argv, args.device, args.threads))
-    js, png = write_outputs(result, Path(args.out_dir))
+    js, png = write_outputs(result, Path(args.out_dir), args.name)
     print()
     print(markdown(result))
     print()
