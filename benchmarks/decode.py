@@ -739,7 +739,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
 
 def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = check_step_targets(rows)
+    out = check_step_targets(rows) + check_lever_targets(rows)
     for r in rows:
         if r["mode"] != "adapmoe" or r.get("decode_step") == "eager" and any(
                 x.get("decode_step") == "step" for x in rows if x["model"] == r["model"]):
@@ -755,6 +755,38 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             slow = 1 / r["vs_resident"]
             out.append({"target": f"{r['model']} adapmoe within 2x of resident @ 50% (resident/adapmoe <= 2)",
                         "measured": slow, "met": slow <= TARGETS["resident_vs_adapmoe_50"]})
+    return out
+
+
+def check_lever_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 13's targets, for every adapmoe* row at a budget with an lru row beside it (the same
+    decode path): GB/token <= 0.75x lru; tokens/s >= 1.35x lru and >= 1.15x the best of
+    lru/lfru; held-out perplexity within 1% of topk (the lru row decodes with topk)."""
+    out = []
+    for r in rows:
+        if not r["mode"].startswith("adapmoe") or r["mode"] == "adapmoe-cost" or not r.get("tokens_per_s"):
+            continue
+        same = [x for x in rows if x["model"] == r["model"] and x["budget"] == r["budget"]
+                and x.get("decode_step") == r.get("decode_step") and x.get("tokens_per_s")]
+        lru = next((x for x in same if x["mode"] == "lru"), None)
+        lfru = next((x for x in same if x["mode"] == "lfru"), None)
+        if lru is None:
+            continue
+        where = f"{r['model']} {r['mode']} @ {r['budget']:.0%}"
+        gb, gb_lru = (r.get("gb_per_token") or {}).get("gpu"), (lru.get("gb_per_token") or {}).get("gpu")
+        if gb is not None and gb_lru:
+            out.append({"target": f"{where}: GB/token <= 0.75x lru (ratio)", "measured": gb / gb_lru,
+                        "met": gb <= 0.75 * gb_lru})
+        out.append({"target": f"{where}: tokens/s >= 1.35x lru", "measured": r["tokens_per_s"] / lru["tokens_per_s"],
+                    "met": r["tokens_per_s"] >= 1.35 * lru["tokens_per_s"]})
+        if lfru is not None:
+            best = max(lru["tokens_per_s"], lfru["tokens_per_s"])
+            out.append({"target": f"{where}: tokens/s >= 1.15x the best of lru/lfru", "measured": r["tokens_per_s"] / best,
+                        "met": r["tokens_per_s"] >= 1.15 * best})
+        p, p_ref = r.get("heldout_perplexity"), lru.get("heldout_perplexity")
+        if p and p_ref:
+            out.append({"target": f"{where}: held-out perplexity within 1% of topk (ratio)", "measured": p / p_ref,
+                        "met": p <= 1.01 * p_ref})
     return out
 
 
