@@ -16,9 +16,15 @@ Two ways to run it, chosen per step:
   experts (misses load; the compute stream waits on their copy events only), writes the
   layer's slot row (a pinned-memory copy in stream order) and replays `moe[l]`.
 
+Gatings that decide on the device (topk, uniform, adaptive) run inside `pre`; cost-aware
+gating decides on the host from the layer's read (where the experts are is host state) and
+writes the changed routing back before `moe`, as the low-precision-on-miss hint is given from
+the same read. An expert outside the slot bank (a transient buffer, the low-precision tier)
+makes its layer run through the provider's weights instead of the `moe` graph.
+
 Without CUDA (or with capture=False) the same functions run eagerly: that is how the CPU
-(CI) runs and tests it. `DecodeStep.supports` says whether a model's gating, observers and
-provider can run this way; otherwise the engine keeps the eager `Transformer.forward`.
+(CI) runs and tests it. `unsupported_reason(model)` says why a model's gating, observers or
+provider cannot run this way; the engine then keeps the eager `Transformer.forward`.
 """
 
 from __future__ import annotations
