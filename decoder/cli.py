@@ -4,9 +4,11 @@
     moe-decoder train-demo ...   -> decoder.train_demo.main(argv)
     moe-decoder demo ...         -> decoder.demo.main(argv)
     moe-decoder calibrate ...    -> decoder.calibrate.main(argv)
-    moe-decoder serve ...        -> decoder.server.main(argv)
+    moe-decoder serve ...        -> cmd_serve(argv): its flags here, the service in decoder.serving
 
-Delegated subcommands are imported lazily and receive the arguments after their name.
+Delegated subcommands are imported lazily and receive the arguments after their name; `serve`
+has its own parser here (prog "moe-decoder serve") and runs `decoder.serving.launch`. The CLI
+only parses and checks flags: decoder.serving never imports it.
 Errors are one line on stderr ("moe-decoder: error: ...") with a non-zero exit status and no
 traceback (set MOE_DECODER_DEBUG=1 to see tracebacks).
 """
@@ -31,7 +33,7 @@ DELEGATED: dict[str, tuple[str, str]] = {
     "train-demo": ("decoder.train_demo", "train the small demo Mixtral-layout model and save an HF checkpoint"),
     "demo": ("decoder.demo", "the embedded default: train/reuse, pack, serve, generate with stats"),
     "calibrate": ("decoder.calibrate", "measure per-layer sensitivity and write a calibration profile"),
-    "serve": ("decoder.server", "serve Generate over gRPC (decoder.proto)"),
+    "serve": ("decoder.cli", "serve Generate over gRPC (decoder.proto)"),  # cmd_serve
 }
 
 EXIT_ERROR = 1
@@ -85,6 +87,8 @@ def read_store_token(path: str | None) -> str | None:
 
     return read_token_file(path, TOKEN_ENV)
 
+
+TOKEN_ENV = "MOE_DECODER_TOKEN"  # the token clients of `serve` must send (--auth-token-file wins)
 
 GATING_HELP = "topk | uniform | adaptive | cost-aware"
 BUDGET_HELP = "gating budget: T for adaptive / cost-aware, the w2 threshold for uniform"
@@ -278,6 +282,155 @@ def format_stats(s: dict[str, Any]) -> str:
     return "\n".join([line] + [f"{k.ljust(width)}  {v}" for k, v in rows] + [line])
 
 
+def build_serve_parser() -> argparse.ArgumentParser:
+    """The flags of `moe-decoder serve` (its own parser: the subcommand gets its argv as is)."""
+    from decoder.serving.launch import DEFAULT_MAX_SEQ_LEN
+
+    p = _Parser(prog="moe-decoder serve", description="Serve Generate over gRPC (adapmoe.v1.Decoder).")
+    p.add_argument("--store", required=True, help="store address (host:port[,...], grpc://, dns:///, k8s://) "
+                                                  "or a store directory (in-process)")
+    p.add_argument("--model", required=True, help="model name in the store")
+    p.add_argument("--listen", default="127.0.0.1:50052", help="HOST:PORT to serve on (port 0: any free port)")
+    p.add_argument("--http-listen", default=None, metavar="HOST:PORT",
+                   help="also serve the OpenAI HTTP API (/v1/models, /v1/completions, /v1/chat/completions, "
+                        "/health, /metrics) here, on the same scheduler and limits (port 0: any free port)")
+    p.add_argument("--max-active", type=int, default=4, help="sequences decoded together (KV-cache rows)")
+    p.add_argument("--max-queue", type=int, default=16, help="sequences that may wait for a row; "
+                                                              "beyond: RESOURCE_EXHAUSTED")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="positions per KV-cache row (prompt + generated; longer prompts are "
+                        f"INVALID_ARGUMENT); default: the model's context, at most {DEFAULT_MAX_SEQ_LEN}")
+    p.add_argument("--default-max-tokens", type=int, default=128, help="for requests with max_tokens 0")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument("--metrics-host", default=None, help="metrics bind address (default: the --listen host)")
+    p.add_argument("--store-token-file", default=None, metavar="F",
+                   help="bearer token sent to the store (default: $EXPERT_STORE_TOKEN, if set)")
+    p.add_argument("--store-deadline", type=float, default=30.0, help="seconds per store RPC attempt")
+    p.add_argument("--store-tls-ca", default=None, metavar="F", help="CA (PEM) of the store's TLS certificate")
+    p.add_argument("--store-tls-cert", default=None, metavar="F", help="client certificate (PEM) for store mTLS")
+    p.add_argument("--store-tls-key", default=None, metavar="F", help="client key (PEM) for store mTLS")
+    p.add_argument("--store-tls-server-name", default=None, help="expected name in the store's certificate")
+    p.add_argument("--auth-token-file", default=None, metavar="F",
+                   help=f"require this bearer token from clients (default: ${TOKEN_ENV}, if set)")
+    p.add_argument("--tls-cert", default=None, metavar="F", help="serve TLS with this certificate chain (PEM)")
+    p.add_argument("--tls-key", default=None, metavar="F", help="private key (PEM) of --tls-cert")
+    p.add_argument("--tls-client-ca", default=None, metavar="F",
+                   help="require client certificates signed by this CA (mTLS)")
+    refuse_ambiguous_flags(p)  # --token-file, --tls-ca: which of the two is meant?
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: float32 on cpu, bfloat16 on cuda)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "int8", "int4"], help="expert precision")
+    p.add_argument("--gating", default="topk", help=GATING_HELP)
+    p.add_argument("--budget", type=float, default=None, help=BUDGET_HELP)
+    p.add_argument("--gpu-cache-bytes", type=parse_size, default=None, help="GPU expert cache budget")
+    p.add_argument("--host-cache-bytes", type=parse_size, default=None, help="host (pinned) expert cache budget")
+    add_adapmoe_options(p)  # --cache-plan, --lookahead, --loss-bound, --miss-precision, --miss-threshold
+    p.add_argument("--no-prefetch", action="store_true", help="disable the cross-layer prefetcher")
+    p.add_argument("--wait-for-model", action="store_true",
+                   help="serve at once (health NOT_SERVING, Generate UNAVAILABLE) and wait for the model to "
+                        "appear in the store (and for the store to be reachable), then load it and serve; "
+                        "without: a model not in the store is an error")
+    p.add_argument("--wait-timeout", type=float, default=None, metavar="S",
+                   help="with --wait-for-model: give up (exit 1) after S seconds (default: wait forever)")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--drain", type=float, default=1.0,
+                   help="seconds between NOT_SERVING and refusing new requests on SIGTERM")
+    p.add_argument("--log-level", default="INFO")
+    from expert_store.cli import show_defaults
+
+    return show_defaults(p)  # --help lists the defaults
+
+
+def setup_serve_logging(level: str) -> None:
+    """Service logs at `level` on stderr, and the per-request JSON lines ("decoder.requests")
+    bare, one per line."""
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter("%(message)s"))
+    request_log = logging.getLogger("decoder.requests")
+    request_log.addHandler(h)
+    request_log.propagate = False
+    request_log.setLevel(logging.INFO)
+
+
+def read_auth_token(path: str | None) -> str | None:
+    """The token `serve` requires from its clients: from a file (stripped), else
+    $MOE_DECODER_TOKEN, else None."""
+    from expert_store.grpc_serving import read_token_file
+
+    return read_token_file(path, TOKEN_ENV)
+
+
+def read_pem(path: str | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data:
+        raise ValueError(f"--{what} {path} is empty")
+    return data
+
+
+def cmd_serve(argv: list[str]) -> int:
+    """`moe-decoder serve`: check the flags (bad ones fail before anything loads or binds), read
+    the token and certificate files, then run the service (decoder.serving.launch)."""
+    import torch
+
+    from decoder.engine import Engine
+    from decoder.serving import launch
+    from decoder.serving.config import ServiceConfig
+    from decoder.serving.service import split_host_port
+    from expert_store import grpc_serving
+    from expert_store.client import StoreClient
+
+    args = build_serve_parser().parse_args(argv)
+    if args.wait_timeout is not None:
+        if not args.wait_for_model:
+            raise ValueError("--wait-timeout goes with --wait-for-model")
+        if not args.wait_timeout > 0:
+            raise ValueError("--wait-timeout must be > 0")
+    setup_serve_logging(args.log_level)
+    for name in ("max_active", "default_max_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_queue < 0:
+        raise ValueError("--max-queue must be >= 0")
+    refuse_checkpoint_dir(args.store)
+    split_host_port(args.listen)
+    if args.http_listen is not None:
+        grpc_serving.split_host_port(args.http_listen, example_port=8000)  # a bad address fails before loading
+    options = engine_options(args)  # bad flag combinations fail before anything starts
+    dtype = getattr(torch, args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32"))
+    token = read_store_token(args.store_token_file)
+    auth_token = read_auth_token(args.auth_token_file)
+    tls = {name: read_pem(getattr(args, name), name.replace("_", "-"))
+           for name in ("tls_cert", "tls_key", "tls_client_ca")}
+    config = ServiceConfig(listen=args.listen, default_max_tokens=args.default_max_tokens,
+                           grace_s=args.grace, drain_s=args.drain, token=auth_token, http_listen=args.http_listen,
+                           model=args.model, **tls)
+    settings = launch.ProcessSettings(
+        model=args.model, store=args.store, device=args.device, max_active=args.max_active,
+        max_queue=args.max_queue, max_seq_len=args.max_seq_len, metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host, wait_for_model=args.wait_for_model, wait_timeout_s=args.wait_timeout,
+        # a store that is down: one error line, not one per retry (unless debugging)
+        quiet_first_load=lambda: quiet_store_retries(enabled=args.log_level.upper() != "DEBUG"))
+
+    def open_client() -> StoreClient:
+        return StoreClient.open(args.store, token=token, deadline_s=args.store_deadline,
+                                tls_ca=args.store_tls_ca, tls_cert=args.store_tls_cert,
+                                tls_key=args.store_tls_key, tls_server_name=args.store_tls_server_name)
+
+    def load_engine(client: StoreClient) -> Engine:
+        return Engine.from_store(client, args.model, device=args.device, dtype=dtype, gating=args.gating,
+                                 gpu_cache_bytes=args.gpu_cache_bytes, host_cache_bytes=args.host_cache_bytes,
+                                 precision=args.precision, budget=args.budget,
+                                 prefetch=False if args.no_prefetch else None, **options)
+
+    return launch.run(config, settings, open_client, load_engine)
+
+
 def _describe(e: BaseException, args: argparse.Namespace | None) -> str:
     """One line for an error, with context for the common ones."""
     from expert_store.errors import StoreError
@@ -340,6 +493,8 @@ def refuse_checkpoint_dir(store: str) -> None:
 
 
 def _run_delegated(name: str, argv: list[str]) -> int:
+    if name == "serve":
+        return cmd_serve(argv)
     module_name, _ = DELEGATED[name]
     try:
         module = importlib.import_module(module_name)

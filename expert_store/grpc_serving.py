@@ -4,7 +4,7 @@ Bearer-token auth (`BearerTokenInterceptor`, `read_token_file`), the check that 
 set-up can work (`check_security`), HOST:PORT parsing and
 joining, the common channel options, the TLS / mTLS or plaintext port, and gRPC health +
 server reflection. Bytes and grpc only (no torch): the store's serving path imports it, and
-`decoder.server` imports it from here (`expert_store` never imports `decoder`).
+`decoder.serving` imports it from here (`expert_store` never imports `decoder`).
 """
 
 from __future__ import annotations

@@ -209,7 +209,7 @@ def probed_health_service(kind: str, name: str, probe: str) -> str:
     process works (also while --wait-for-model waits for the pack Job), NOT_SERVING when its
     batch scheduler died."""
     if name == "decoder" and probe in ("startupProbe", "livenessProbe"):
-        from decoder.server import LIVENESS_SERVICE
+        from decoder.serving.service import LIVENESS_SERVICE
 
         return LIVENESS_SERVICE
     return ""
@@ -507,7 +507,7 @@ def test_decoder_waits_for_the_pack_jobs_instead_of_crash_looping(docs):
     # a rollout that waits for a pack Job is not reported as failed after the default 10 minutes
     assert get(docs, "Deployment", "decoder")["spec"].get("progressDeadlineSeconds", 600) >= 3600
     assert c["readinessProbe"]["grpc"].get("service", "") == ""  # unready until the model is loaded
-    from decoder.server import LIVENESS_SERVICE
+    from decoder.serving.service import LIVENESS_SERVICE
 
     for probe in ("startupProbe", "livenessProbe"):  # not killed while waiting or loading
         assert c[probe]["grpc"].get("service") == LIVENESS_SERVICE, probe
@@ -793,7 +793,7 @@ def _cli_parser(argv: list[str]):
 
         return build_parser(), argv[1:]
     if argv[0] == "moe-decoder" and argv[1] == "serve":
-        from decoder.server import build_parser
+        from decoder.cli import build_serve_parser as build_parser
 
         return build_parser(), argv[2:]
     if argv[0] == "moe-decoder" and argv[1] == "train-demo":

@@ -22,8 +22,8 @@ from sec_pki import make_pki
 from sec_procs import PROMPTS, ServiceProcess, cli, decoder_proc, free_port, generate, pack_tiny_model, status_of
 
 from decoder.client import DecoderClient, DecoderError
-from decoder.server import TOKEN_ENV as DECODER_TOKEN_ENV
-from decoder.server import _read_auth_token
+from decoder.cli import TOKEN_ENV as DECODER_TOKEN_ENV
+from decoder.cli import read_auth_token
 from expert_store._proto.adapmoe.v1 import decoder_pb2 as dpb
 from expert_store._proto.adapmoe.v1 import decoder_pb2_grpc as dpb_grpc
 from expert_store._proto.adapmoe.v1 import expert_store_pb2 as spb
@@ -242,10 +242,10 @@ def test_token_sources(tmp_path, monkeypatch):
     monkeypatch.setenv(DECODER_TOKEN_ENV, "from-env")
     f = tmp_path / "token"
     f.write_text("  from-file \n")
-    assert _read_auth_token(str(f)) == "from-file"     # the file wins, stripped
-    assert _read_auth_token(None) == "from-env"
+    assert read_auth_token(str(f)) == "from-file"     # the file wins, stripped
+    assert read_auth_token(None) == "from-env"
     monkeypatch.delenv(DECODER_TOKEN_ENV)
-    assert _read_auth_token(None) is None
+    assert read_auth_token(None) is None
     f.write_text("\n")
     with pytest.raises(ValueError):
-        _read_auth_token(str(f))                         # an empty token file is an error, not "no auth"
+        read_auth_token(str(f))                         # an empty token file is an error, not "no auth"

@@ -19,7 +19,7 @@ from decoder.cli import engine_options
 from decoder.experts.gpu_slots import plan_quotas
 from decoder.gating import make_gating
 from decoder.model.transformer import TopKGating
-from decoder.server import build_parser as serve_parser
+from decoder.cli import build_serve_parser as serve_parser
 from expert_store.client import StoreClient
 from expert_store.pack import pack_checkpoint
 from expert_store.store import ModelStore

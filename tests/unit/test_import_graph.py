@@ -97,3 +97,16 @@ def test_the_graph_sees_known_edges():
     assert "decoder.routing" in g["decoder.model.transformer"]
     assert "decoder.experts.provider" in g["decoder.model.transformer"]
     assert "decoder.routing" in g["decoder.experts.prefetch"]
+
+
+def test_serving_never_imports_the_cli():
+    """decoder.cli parses flags and calls into decoder.serving, never the other way round:
+    no import of decoder.cli anywhere in decoder/serving/, inside functions included."""
+    bad = []
+    for path in sorted((ROOT / "decoder" / "serving").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom) else []
+            bad += [f"{path.name}: {n}" for n in names if n == "decoder.cli" or n.startswith("decoder.cli.")]
+    assert not bad
+    assert not (ROOT / "decoder" / "server.py").exists()  # the service lives in decoder/serving/

@@ -1,4 +1,4 @@
-"""decoder.server.ModelWaiter (the logic behind `moe-decoder serve --wait-for-model`) over a
+"""decoder.serving.waiter.ModelWaiter (the logic behind `moe-decoder serve --wait-for-model`) over a
 real store directory read in-process: capped backoff, one log line per reason to wait, the
 timeout, cancellation from another thread, and a model packed while it waits."""
 
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from decoder.server import ModelWaiter, ModelWaitTimeout, WaitCancelled
+from decoder.serving.waiter import ModelWaiter, ModelWaitTimeout, WaitCancelled
 from expert_store.client import StoreClient
 from expert_store.errors import DataLoss
 from service_procs import pack_tiny_model
@@ -28,7 +28,7 @@ def test_timeout_after_capped_backoff_with_one_log_line(tmp_path, caplog):
     (tmp_path / "store").mkdir()
     w = waiter(tmp_path / "store", timeout_s=1.0)
     loads = []
-    caplog.set_level(logging.INFO, logger="decoder.server")
+    caplog.set_level(logging.INFO, logger="decoder.waiter")
     t0 = time.monotonic()
     with pytest.raises(ModelWaitTimeout) as e:
         w.run(loads.append)
@@ -37,7 +37,7 @@ def test_timeout_after_capped_backoff_with_one_log_line(tmp_path, caplog):
     # 0.02, 0.04, 0.08, then every <= 0.1 s: the cap holds (no doubling past it)
     assert w.attempts >= 9, w.attempts
     assert "did not appear in store" in str(e.value) and "within 1s" in str(e.value)
-    lines = [r.getMessage() for r in caplog.records if r.name == "decoder.server"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "decoder.waiter"]
     assert len(lines) == 1 and "is not in the store yet" in lines[0], lines
     assert w.state == "no-model" and "not in the store yet" in w.message()
     w.close()
