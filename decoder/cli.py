@@ -91,7 +91,8 @@ def read_store_token(path: str | None) -> str | None:
 TOKEN_ENV = "MOE_DECODER_TOKEN"  # the token clients of `serve` must send (--auth-token-file wins)
 
 GATING_HELP = "topk | uniform | adaptive | cost-aware"
-BUDGET_HELP = "gating budget: T for adaptive / cost-aware, the w2 threshold for uniform"
+BUDGET_HELP = ("gating budget: T for adaptive / cost-aware (default: the calibrated one for --single-expert-ratio), "
+               "the w2 threshold for uniform")
 
 
 def add_adapmoe_options(p: argparse.ArgumentParser) -> None:
@@ -108,6 +109,10 @@ def add_adapmoe_options(p: argparse.ArgumentParser) -> None:
                    help="HOBBIT: serve demand misses of low-weight experts at this lower precision (needs cache budgets)")
     p.add_argument("--miss-threshold", type=float, default=None,
                    help="routing weight below which a missing expert may load at --miss-precision (default 0.3)")
+    p.add_argument("--single-expert-ratio", type=float, default=None, metavar="R",
+                   help="adaptive / cost-aware gating: use the budget the model's calibration profile stores "
+                        "for this share of single-expert decisions (`moe-decoder calibrate --upload` stores "
+                        "0.1, 0.25 and 0.5; without --budget the default is 0.25); --budget T overrides it")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -125,6 +130,15 @@ def engine_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         gating_options["miss_precision_threshold"] = 0.3 if args.miss_threshold is None else args.miss_threshold
     elif args.miss_threshold is not None:
         raise ValueError("--miss-threshold goes with --miss-precision")
+    if args.single_expert_ratio is not None:
+        if getattr(args, "budget", None) is not None:
+            raise ValueError("give --budget T or --single-expert-ratio R, not both (--budget overrides the "
+                             "calibrated budget)")
+        if args.gating not in ("adaptive", "cost-aware"):
+            raise ValueError("--single-expert-ratio applies to --gating adaptive and cost-aware")
+        if not 0 < args.single_expert_ratio < 1:
+            raise ValueError("--single-expert-ratio must be in (0, 1)")
+        gating_options["single_expert_ratio"] = args.single_expert_ratio
     if args.loss_bound is not None:
         if args.gating != "cost-aware":
             raise ValueError("--loss-bound applies to --gating cost-aware")
@@ -325,7 +339,8 @@ def build_serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=None, help=BUDGET_HELP)
     p.add_argument("--gpu-cache-bytes", type=parse_size, default=None, help="GPU expert cache budget")
     p.add_argument("--host-cache-bytes", type=parse_size, default=None, help="host (pinned) expert cache budget")
-    add_adapmoe_options(p)  # --cache-plan, --lookahead, --loss-bound, --miss-precision, --miss-threshold
+    add_adapmoe_options(p)  # --cache-plan, --lookahead, --loss-bound, --miss-precision, --miss-threshold,
+    #                         --single-expert-ratio
     p.add_argument("--no-prefetch", action="store_true", help="disable the cross-layer prefetcher")
     p.add_argument("--wait-for-model", action="store_true",
                    help="serve at once (health NOT_SERVING, Generate UNAVAILABLE) and wait for the model to "
