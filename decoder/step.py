@@ -43,6 +43,9 @@ from decoder.routing import TopKGating, overrides, topk_route, wants_host_routin
 
 def unsupported_reason(model: Transformer) -> str | None:
     """Why `model` cannot decode through DecodeStep (None when it can)."""
+    family = getattr(model.config, "family", "mixtral")
+    if family != "mixtral":
+        return f"the step implements Mixtral's block; {family} decodes eagerly"
     g = model.gating
     if isinstance(g, CountingGating):
         if (g.top_k >= 2 and not g.decides_on_device and not getattr(g, "decides_on_host", False)
