@@ -4,6 +4,13 @@
         [--max-tokens 32] [--prompt TEXT] [--temperature 0] [--deadline 60]
     python benchmarks/load_test.py store --target 127.0.0.1:50051 --model tiny --clients 8 --seconds 30 \\
         [--refs 4] [--precision bf16] [--priority demand] [--token-file F] [--processes 4]
+    python benchmarks/load_test.py --http --target 127.0.0.1:8000 --concurrency 1,2,4,8,16,32,64 \\
+        [--num-prompts N] [--endpoint completions|chat] [--model NAME] [--max-tokens 32] [--token-file F]
+
+--http is the serving benchmark of the OpenAI HTTP API (`moe-decoder serve --http-listen`):
+concurrency levels, TTFT / ITL / TPOT / E2E p50 and p99, tokens/s, errors by HTTP status, in
+the shape of vLLM's serving benchmark (benchmarks/http_load.py says what each figure is); it
+writes benchmarks/results/load_http_<UTC time>.json. The rest of this text is the gRPC modes.
 
 N closed-loop clients (each sends its next request when the previous one is answered) for M
 seconds; a request still running at the end is waited for (bounded by --deadline). Clients
@@ -25,7 +32,6 @@ import argparse
 import asyncio
 import ipaddress
 import json
-import math
 import multiprocessing
 import os
 import random
@@ -40,6 +46,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks._stats import percentile  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MAX_CLIENTS = 512
@@ -205,15 +213,6 @@ def _worker(spec: LoadSpec, clients: int, offset: int, conn: Any) -> None:
 # --------------------------------------------------------------------------------------------
 # summary
 # --------------------------------------------------------------------------------------------
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in [0, 100]) of `values`; 0.0 for none."""
-    if not values:
-        return 0.0
-    s = sorted(values)
-    k = max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))
-    return s[k]
-
-
 def _dist(values: list[float]) -> dict[str, float]:
     return {"count": len(values), "p50": percentile(values, 50), "p95": percentile(values, 95),
             "p99": percentile(values, 99), "mean": (sum(values) / len(values)) if values else 0.0,
@@ -325,7 +324,15 @@ def write_result(summary: dict[str, Any], out_dir: Path = RESULTS_DIR) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="load_test.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("kind", choices=["decoder", "store"])
+    ap.add_argument("kind", nargs="?", choices=["decoder", "store"], help="gRPC load on the decoder or the store")
+    ap.add_argument("--http", action="store_true",
+                    help="the serving benchmark of the OpenAI HTTP API (moe-decoder serve --http-listen) instead")
+    ap.add_argument("--concurrency", default="1,2,4,8,16,32,64",
+                    help="--http: requests in flight, one level after the other")
+    ap.add_argument("--num-prompts", type=int, default=0,
+                    help="--http: requests per level (default: 4 x concurrency, at least 8)")
+    ap.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
+                    help="--http: /v1/completions or /v1/chat/completions")
     ap.add_argument("--target", required=True, help="HOST:PORT on loopback")
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=10.0)
@@ -335,15 +342,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--model", default="")
+    ap.add_argument("--model", default="", help="store: the model to fetch; --http: the model "
+                                                "(default: the first of /v1/models)")
     ap.add_argument("--refs", type=int, default=4, help="experts per FetchExperts call")
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--priority", choices=["demand", "prefetch"], default="demand")
-    ap.add_argument("--token-file", default=None, help="bearer token file for the store "
-                                                       "(default: $EXPERT_STORE_TOKEN)")
+    ap.add_argument("--token-file", default=None, help="bearer token file for the store (default: "
+                                                       "$EXPERT_STORE_TOKEN); --http: for the decoder "
+                                                       "(default: $MOE_DECODER_TOKEN)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS_DIR), help="directory for the JSON result")
     args = ap.parse_args(argv)
+    if args.http:
+        if args.kind is not None:
+            ap.error("--http runs against the decoder's HTTP API: give no 'decoder' / 'store'")
+        return _main_http(args)
+    if args.kind is None:
+        ap.error("give 'decoder' or 'store' (gRPC), or --http")
     token = None
     if args.kind == "store":
         token = (Path(args.token_file).read_text().strip() if args.token_file
@@ -359,6 +374,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"load_test.py: error: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary))
+    path = write_result(summary, Path(args.out))
+    print(f"wrote {path}")
+    return 0
+
+
+
+def _main_http(args: argparse.Namespace) -> int:
+    """load_test.py --http: the HTTP serving benchmark (benchmarks/http_load.py)."""
+    from benchmarks.http_load import HttpLoadSpec, format_http_summary, parse_levels, run_http_load
+
+    try:
+        token = (Path(args.token_file).read_text().strip() if args.token_file
+                 else os.environ.get("MOE_DECODER_TOKEN") or None)
+        check_loopback(args.target)
+        spec = HttpLoadSpec(target=args.target, concurrency=parse_levels(args.concurrency),
+                            num_prompts=args.num_prompts, endpoint=args.endpoint, model=args.model,
+                            prompt=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                            deadline_s=args.deadline, backoff_ms=args.backoff_ms, seed=args.seed, token=token)
+        summary = run_http_load(spec)
+    except (ValueError, OSError) as e:
+        print(f"load_test.py: error: {e}", file=sys.stderr)
+        return 2
+    print(format_http_summary(summary))
     path = write_result(summary, Path(args.out))
     print(f"wrote {path}")
     return 0

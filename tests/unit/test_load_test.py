@@ -69,3 +69,27 @@ def test_bounds(lt, kw):
     args.update(kw)
     with pytest.raises(ValueError):
         lt.LoadSpec(**args).validate()
+
+
+def test_http_level_summary_in_the_serving_benchmark_shape(lt):
+    from benchmarks.http_load import HttpLoadSpec, RequestRecord, parse_levels, summarize_level
+
+    records = [RequestRecord("OK", 1.0, 0.1, [0.2, 0.3], prompt_tokens=5, output_tokens=4),
+               RequestRecord("OK", 0.5, 0.2, [], prompt_tokens=5, output_tokens=1),
+               RequestRecord("429", 0.01), RequestRecord("429", 0.01), RequestRecord("stream_error", 0.3)]
+    s = summarize_level(4, records, wall_s=2.0)
+    assert s["requests"] == 5 and s["completed"] == 2
+    assert s["errors"] == {"429": 2, "stream_error": 1}
+    assert s["total_output_tokens"] == 5 and s["output_throughput"] == 2.5
+    assert s["total_token_throughput"] == 7.5 and s["request_throughput"] == 1.0
+    assert s["ttft_s"] == {"count": 2, "p50": 0.1, "p99": 0.2, "mean": pytest.approx(0.15)}
+    assert s["itl_s"]["count"] == 2 and s["itl_s"]["p99"] == 0.3
+    # TPOT only where there is a token after the first: (1.0 - 0.1) / 3
+    assert s["tpot_s"]["count"] == 1 and s["tpot_s"]["p50"] == pytest.approx(0.3)
+    assert parse_levels("1, 2,64") == (1, 2, 64)
+    with pytest.raises(ValueError, match="not a positive integer"):
+        parse_levels("1,-2")
+    with pytest.raises(ValueError, match="concurrency"):
+        HttpLoadSpec(target="127.0.0.1:1", concurrency=(0,), prompt="x").validate()
+    assert HttpLoadSpec(target="127.0.0.1:1", prompt="x").prompts_for(1) == 8
+    assert HttpLoadSpec(target="127.0.0.1:1", prompt="x").prompts_for(64) == 256
