@@ -1,8 +1,9 @@
 """The AdapMoE expert cache: a GPU tier of preallocated slots over a pinned host tier over the store.
 
-What a slot holds, its size and the per-layer quotas are in gpu_slots.py; the low-precision
-tier for low-weight misses (HOBBIT) in low_precision.py; this module composes them with the
-host tier, the copy streams and the loader threads.
+What a slot holds, its size, the per-layer quotas and the eviction policy are in gpu_slots.py;
+the pinned host tier (the only decoder code that parses blobs) in host_tier.py; the
+low-precision tier for low-weight misses (HOBBIT) in low_precision.py; this module composes
+them with the copy streams and the loader threads.
 
     store ──fetch_expert(out=host slot)──▶ host tier (pinned LRU) ──copy stream──▶ GPU slot ──▶ matmul
 
@@ -73,7 +74,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from decoder.experts.gpu_slots import (HOST_ALIGN, DenseLayout, EvictionPolicy, GpuEntry, Staging, align,
-                                      dense_slots_for, plan_quotas, raw_slot_bytes)
+                                      allocate, dense_slots_for, plan_quotas, raw_slot_bytes)
+from decoder.experts.host_tier import HostEntry, HostTier
 from decoder.experts.low_precision import LowPrecisionTier
 from decoder.experts.provider import ExpertProvider, ExpertSource, ExpertWeights, expert_weights_from_views
 from decoder.kernels.fused_moe import ExpertBank
@@ -84,15 +86,6 @@ TIERS = ("gpu", "host", "store")
 MISS_RATE_ALPHA = 0.05                 # weight of one demand lookup in a layer's miss rate
 # Priors (bytes/s) until a tier's cost has been measured once; replaced by the live EWMA.
 PRIOR_BANDWIDTH = {"host_cuda": 20e9, "host_cpu": 5e9, "store": 1e9}
-
-
-@dataclass
-class _HostEntry:
-    slot: int
-    header: Any
-    raw_offset: int                  # where the raw payload starts in the slot
-    refs: int = 0                    # loads copying from it right now
-    resident: bool = True            # counted in the host LRU (False: transient staging)
 
 
 @dataclass
@@ -167,7 +160,7 @@ class ExpertCache(ExpertProvider):
         self.plan = plan  # how the quotas were planned (when gpu_slots was not given)
         self.scratch_slots = 0 if all(s == self.E for s in gpu_slots) else int(scratch_slots)
         n_pool = sum(gpu_slots) + self.scratch_slots
-        self.gpu_pool = _allocate((n_pool, self.slot_bytes), self.device, "the GPU expert slots (gpu_cache_bytes)")
+        self.gpu_pool = allocate((n_pool, self.slot_bytes), self.device, "the GPU expert slots (gpu_cache_bytes)")
         self._gpu_free: list[int] = list(range(n_pool - 1, -1, -1))
         self._gpu: list[OrderedDict[int, GpuEntry]] = [OrderedDict() for _ in range(self.L)]
         self._gpu_slot_events: dict[int, Any] = {}  # free slot -> event its last readers recorded
@@ -178,47 +171,20 @@ class ExpertCache(ExpertProvider):
         self._raw_offsets = _offsets(header)
 
         # --- host tier: pinned arena of fixed slots ------------------------------------------
-        self.host_cache_bytes = int(host_cache_bytes or 0)
-        if self.host_cache_bytes < 0:
-            raise ValueError("host_cache_bytes must be >= 0")
-        self.host_capacity = self.host_cache_bytes // self.host_slot_bytes  # resident experts
-        if self.host_capacity > self.L * self.E:   # more than the model has: keep what it needs
-            log.info("host_cache_bytes=%d holds %d experts; the model has %d: the host tier takes %d bytes",
-                     self.host_cache_bytes, self.host_capacity, self.L * self.E,
-                     self.L * self.E * self.host_slot_bytes)
-            self.host_capacity = self.L * self.E
         self.workers = max(1, int(workers))
         self.fetch_workers = int(fetch_workers or 0)
         if self.fetch_workers < 0:
             raise ValueError("fetch_workers must be >= 0")
         if self.fetch_workers:  # one loader thread per fetch in flight, so N processes are kept busy
             self.workers = max(self.workers, self.fetch_workers)
-        n_host = self.host_capacity + 2 * (self.workers + 1)  # + receive/decode staging per loader
         if pin_memory is None:
             pin_memory = torch.cuda.is_available()
-        self._fetch_pool = None
-        if self.fetch_workers:
-            # the host tier IS a FetchPool arena (expert_store/fetch_pool.py): N receiving processes
-            # write blobs straight into its slots, checked; it is page-locked in place
-            # (cudaHostRegister) instead of copied by pin_memory()
-            from expert_store.fetch_pool import FetchPool
-
-            self._fetch_pool = FetchPool(fetch_target or store_target(source.client), source.model,
-                                         workers=self.fetch_workers, slots=n_host, slot_bytes=self.host_slot_bytes,
-                                         **dict(fetch_options or {}))
-            self.host_pool = self._fetch_pool.tensor()
-            self.pinned = self._fetch_pool.pin() if pin_memory else False
-        else:
-            host = _allocate((n_host, self.host_slot_bytes), torch.device("cpu"), "the host expert tier (host_cache_bytes)")
-            try:
-                self.host_pool = host.pin_memory() if pin_memory else host
-            except RuntimeError as e:
-                raise MemoryError(f"cannot page-lock {host.numel()} bytes for the host expert tier "
-                                  f"(host_cache_bytes): {str(e).splitlines()[0]}") from None
-            self.pinned = bool(pin_memory)
-        self._host_free: list[int] = list(range(n_host - 1, -1, -1))
-        self._host_slot_event: dict[int, Any] = {}
-        self._host: OrderedDict[tuple[int, int], _HostEntry] = OrderedDict()
+        self.host = HostTier(self, cache_bytes=int(host_cache_bytes or 0), slot_bytes=self.host_slot_bytes,
+                             staging_slots=2 * (self.workers + 1),    # receive/decode staging per loader
+                             pin_memory=pin_memory, fetch_workers=self.fetch_workers, fetch_target=fetch_target,
+                             fetch_options=fetch_options)
+        self.host_cache_bytes, self.host_capacity = self.host.cache_bytes, self.host.capacity
+        self.host_pool, self.pinned = self.host.pool, self.host.pinned
 
         # --- copy stream (+ dequant stream and staging buffers for dense slots) --------------------
         self.copy_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
@@ -315,7 +281,7 @@ class ExpertCache(ExpertProvider):
                 "scratch_slots": self.scratch_slots,
                 "gpu_resident": sum(1 for d in self._gpu for en in d.values() if not en.loading),
                 "host_capacity": self.host_capacity,
-                "host_resident": sum(1 for h in self._host.values() if h.resident),
+                "host_resident": sum(1 for h in self.host.entries.values() if h.resident),
                 **c,
             }
 
@@ -363,7 +329,7 @@ class ExpertCache(ExpertProvider):
         # no lock: one dict membership test each (atomic); a load racing it is seen a moment later
         if expert in self._gpu[layer]:
             return "gpu"              # resident, or its H2D copy already issued
-        if (layer, expert) in self._host:
+        if (layer, expert) in self.host.entries:
             return "host"
         return "store"
 
@@ -600,8 +566,7 @@ class ExpertCache(ExpertProvider):
             for stream in (self.copy_stream, self.dequant_stream):
                 if stream is not None:
                     stream.synchronize()
-        if self._fetch_pool is not None:  # stops its processes, unregisters and unlinks the arena
-            self._fetch_pool.close()
+        self.host.close()
 
     # =========================================================================================
     # internals (call with the lock held unless noted)
@@ -708,12 +673,12 @@ class ExpertCache(ExpertProvider):
             else:
                 self._c["prefetch_loads"] += 1
         try:
-            hentry = self._host_acquire(layer, expert, task.kind)
+            hentry = self.host.acquire(layer, expert, task.kind)
             try:
                 self._copy_to_gpu(ent, hentry)
             finally:
                 with self._lock:
-                    self._host_release(task.key, hentry)
+                    self.host.release(task.key, hentry)
         except BaseException as exc:
             with self._lock:
                 if self._gpu[layer].get(expert) is ent:
@@ -819,111 +784,8 @@ class ExpertCache(ExpertProvider):
             excess -= 1
 
     # --- host tier ------------------------------------------------------------------------------
-    def _take_host_slot(self) -> int:
-        """A free host slot (evicting the host LRU when needed). Lock held."""
-        while True:
-            if self._host_free:
-                slot = self._host_free.pop()
-                ev = self._host_slot_event.pop(slot, None)
-                if ev is not None:
-                    ev.synchronize()  # an H2D copy may still read it
-                return slot
-            for key, h in self._host.items():
-                if h.refs == 0:
-                    del self._host[key]
-                    self._c["evictions_host"] += 1
-                    self._host_free.append(h.slot)
-                    break
-            else:
-                self._cond.wait(timeout=0.05)
-
-    def _host_acquire(self, layer: int, expert: int, kind: str) -> _HostEntry:
-        """The host entry holding (layer, expert)'s raw payload, fetched from the store if needed.
-        Called WITHOUT the lock; returns with refs incremented."""
-        from expert_store import format as blob_format
-
-        key = (layer, expert)
-        tier = self._tier if kind == "demand" else self._pf_tier
-        with self._lock:
-            tier["host"]["lookups"] += 1
-            h = self._host.get(key)
-            if h is not None:
-                tier["host"]["hits"] += 1
-                h.refs += 1
-                self._host.move_to_end(key)
-                return h
-            tier["host"]["misses"] += 1
-            tier["store"]["lookups"] += 1
-            recv = self._take_host_slot()
-        dec = -1
-        try:
-            t0 = time.perf_counter()
-            view = memoryview(self.host_pool[recv].numpy())
-            try:
-                if self._fetch_pool is not None:  # received (and checked) by a fetch process
-                    done = self._fetch_pool.submit(layer, expert, self.precision, priority=kind, slot=recv)
-                    blob = view[:done.result().size]
-                else:
-                    blob = self.source.fetch(layer, expert, out=view, priority=kind)
-            except BaseException:
-                with self._lock:
-                    tier["store"]["misses"] += 1
-                raise
-            n = len(blob)
-            if n > self.host_slot_bytes:  # pragma: no cover - manifest sizes bound every blob
-                raise ValueError(f"blob of layer {layer} expert {expert} is {n} bytes, host slot {self.host_slot_bytes}")
-            if blob is not view and not (isinstance(blob, memoryview) and blob.obj is view.obj):
-                view[:n] = blob  # a client that ignored `out`
-            header, _ = blob_format.read_header(view[:n])
-            if header.raw_size > self.slot_bytes or (header.layer, header.expert) != (layer, expert):
-                raise blob_format.BlobError(
-                    f"blob for layer {layer} expert {expert} holds layer {header.layer} expert {header.expert} "
-                    f"with {header.raw_size} raw bytes (slot {self.slot_bytes})")
-            if header.codec == "none":
-                blob_format.decode_raw(view[:n])  # verify seal + checksum; raw is where it landed
-                slot, raw_offset = recv, header.payload_offset
-            else:
-                with self._lock:
-                    dec = self._take_host_slot()
-                blob_format.decode_raw(view[:n], out=memoryview(self.host_pool[dec].numpy()))
-                slot, raw_offset = dec, 0
-            dt = time.perf_counter() - t0
-        except BaseException:
-            with self._lock:
-                self._host_free.append(recv)
-                if dec >= 0:
-                    self._host_free.append(dec)
-            raise
-        with self._lock:
-            if slot != recv:
-                self._host_free.append(recv)
-            tier["store"]["hits"] += 1
-            self._tier["store"]["loads"] += 1
-            self._tier["store"]["bytes"] += n
-            self._tier["host"]["loads"] += 1
-            self._tier["host"]["bytes"] += n
-            self._cost["store"].update(dt)
-            h = _HostEntry(slot, header, raw_offset, refs=1, resident=self.host_capacity > 0)
-            if h.resident:
-                while sum(1 for x in self._host.values() if x.resident) >= self.host_capacity:
-                    victim = next((k for k, x in self._host.items() if x.refs == 0), None)
-                    if victim is None:
-                        h.resident = False
-                        break
-                    old = self._host.pop(victim)
-                    self._c["evictions_host"] += 1
-                    self._host_free.append(old.slot)
-                if h.resident:
-                    self._host[key] = h
-            return h
-
-    def _host_release(self, key: tuple[int, int], h: _HostEntry) -> None:
-        h.refs -= 1
-        if not h.resident and h.refs == 0:
-            self._host_free.append(h.slot)
-
     # --- H2D ------------------------------------------------------------------------------------
-    def _copy_to_gpu(self, ent: GpuEntry, h: _HostEntry) -> None:
+    def _copy_to_gpu(self, ent: GpuEntry, h: HostEntry) -> None:
         """Copy the raw payload host slot -> GPU slot and build the weight views. No lock held."""
         from expert_store.quant import tensors_from_raw
 
@@ -945,7 +807,7 @@ class ExpertCache(ExpertProvider):
                 end = self._h2d(dst, src, stream)
             ent.copy_event = end
             with self._lock:
-                self._host_slot_event[h.slot] = end  # the host slot is read until `end`
+                self.host.slot_event[h.slot] = end  # the host slot is read until `end`
         else:
             t0 = time.perf_counter()
             dst.copy_(src)
@@ -965,7 +827,7 @@ class ExpertCache(ExpertProvider):
             self._pending_timings.append((start, end))
         return end
 
-    def _load_dense(self, ent: GpuEntry, h: _HostEntry, src: torch.Tensor) -> None:
+    def _load_dense(self, ent: GpuEntry, h: HostEntry, src: torch.Tensor) -> None:
         """Compact payload host slot -> staging buffer (copy stream) -> dequantized into the dense
         slot (dequant stream); the expert's event is recorded after the dequantization. No lock held."""
         from expert_store import format as blob_format
@@ -993,7 +855,7 @@ class ExpertCache(ExpertProvider):
                         end.record(deq_s)
                 stage.event = ent.copy_event = end
                 with self._lock:
-                    self._host_slot_event[h.slot] = copied  # the host slot is read until `copied`
+                    self.host.slot_event[h.slot] = copied  # the host slot is read until `copied`
             else:
                 t0 = time.perf_counter()
                 raw.copy_(src)
@@ -1030,8 +892,7 @@ class ExpertCache(ExpertProvider):
             return [e for e, en in self._gpu[layer].items() if not en.loading]
 
     def host_resident(self) -> list[tuple[int, int]]:
-        with self._lock:
-            return [k for k, h in self._host.items() if h.resident]
+        return self.host.resident()
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Block until no load is queued or running (tests, benchmarks)."""
@@ -1045,77 +906,14 @@ class ExpertCache(ExpertProvider):
         return True
 
     def fill_host(self, keys: Sequence[tuple[int, int]], threads: int = 8, progress: bool = False) -> int:
-        """Bring the (layer, expert) `keys` into the pinned host tier, fetched and decoded on up to
-        `threads` threads (benchmarks: "every expert in pinned host memory" before timing); returns
-        how many it loaded. None of `keys` is evicted by another: a wave runs at most half the free
-        host slots' loads (a coded blob holds two slots until it is decoded), so no slot is taken
-        from the LRU; only entries outside `keys` make room. Counted as prefetch lookups."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        from tqdm import tqdm
-
-        want = list(dict.fromkeys((int(l), int(e)) for l, e in keys))
-        for l, e in want:
-            self._check(l, e)
-        if len(want) > self.host_capacity:
-            raise ValueError(f"fill_host: {len(want)} experts do not fit the host tier of {self.host_capacity} "
-                             f"(host_cache_bytes={self.host_cache_bytes}, {self.host_slot_bytes} bytes per expert)")
-        threads = max(1, int(threads))
-        with self._lock:
-            for k in want:            # most recent now: the LRU evicts entries outside `keys` first
-                if k in self._host:
-                    self._host.move_to_end(k)
-            todo = [k for k in want if k not in self._host]
-
-        def load(key: tuple[int, int]) -> None:
-            h = self._host_acquire(key[0], key[1], "prefetch")
-            with self._lock:
-                self._host_release(key, h)
-
-        bar = tqdm(total=len(todo), desc="fill host tier", unit="expert", leave=False, disable=not progress)
-        try:
-            with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="host-fill") as pool:
-                i = 0
-                while i < len(todo):
-                    with self._lock:  # receive + decode slot per load, all from the free list
-                        n = max(1, min(threads, len(self._host_free) // 2))
-                    wave = todo[i:i + n]
-                    for f in [pool.submit(load, k) for k in wave]:
-                        f.result()
-                        bar.update(1)
-                    i += len(wave)
-        finally:
-            bar.close()
-        return len(todo)
-
+        """Bring `keys` into the pinned host tier on up to `threads` threads (HostTier.fill)."""
+        return self.host.fill(keys, threads, progress)
 
 # ---------------------------------------------------------------------------------------------
-def _allocate(shape: tuple[int, int], device: torch.device, what: str) -> torch.Tensor:
-    """A uint8 buffer for `what`; MemoryError naming it (and the bytes) when it does not fit."""
-    try:
-        return torch.empty(shape, dtype=torch.uint8, device=device)
-    except (RuntimeError, MemoryError) as e:   # torch.OutOfMemoryError is a RuntimeError
-        n = shape[0] * shape[1]
-        raise MemoryError(f"cannot allocate {n} bytes ({n / 2**30:.1f} GiB) on {device} for {what}: "
-                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-
-
 def _offsets(header: Any) -> dict[str, tuple[int, int]]:
     """Byte offsets of each tensor of an expert blob's raw payload (values, scales or -1)."""
     return {t.name: (int(t.offset), int(t.quant.scales_offset) if t.quant is not None else -1)
             for t in header.tensors}
-
-
-def store_target(client: Any) -> str:
-    """The target a StoreClient was opened with (what FetchPool workers open again): a
-    GrpcStoreClient's `target`, a LocalStoreClient's store directory."""
-    target = getattr(client, "target", None)
-    if target:
-        return str(target)
-    store = getattr(client, "store", None)
-    if store is not None and getattr(store, "root", None) is not None:
-        return str(store.root)
-    raise ValueError("fetch_workers needs fetch_target: cannot tell where this client reads from")
 
 
 def build_provider(source: ExpertSource, gpu_cache_bytes: int | None = None, host_cache_bytes: int | None = None,

@@ -210,3 +210,13 @@ class EvictionPolicy:
         if not self.admission or predicted_use is None:
             return True
         return predicted_use > self.reuse(victim, step)
+
+
+def allocate(shape: tuple[int, int], device: torch.device, what: str) -> torch.Tensor:
+    """A uint8 buffer for `what`; MemoryError naming it (and the bytes) when it does not fit."""
+    try:
+        return torch.empty(shape, dtype=torch.uint8, device=device)
+    except (RuntimeError, MemoryError) as e:   # torch.OutOfMemoryError is a RuntimeError
+        n = shape[0] * shape[1]
+        raise MemoryError(f"cannot allocate {n} bytes ({n / 2**30:.1f} GiB) on {device} for {what}: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

@@ -88,13 +88,13 @@ def test_fill_host_loads_every_key_without_eviction(client, precision, threads):
         assert st["tiers"]["store"]["loads"] == L * E           # one fetch each, no reload
         assert st["prefetch_tiers"]["host"]["misses"] == L * E  # counted as prefetch lookups
         assert st["tiers"]["gpu"]["loads"] == 0                 # the host tier only
-        free_before = len(cache._host_free)
+        free_before = len(cache.host.free)
 
         # the host slots hold each blob's decoded raw payload
         for l, e in KEYS:
             blob = client.fetch_expert("tiny", l, e, precision)
             _, raw = blob_format.decode_raw(blob)
-            h = cache._host[(l, e)]
+            h = cache.host.entries[(l, e)]
             assert h.header.codec == CODEC[precision]
             slot = cache.host_pool[h.slot, h.raw_offset:h.raw_offset + h.header.raw_size]
             assert bytes(slot.numpy()) == bytes(raw), (l, e)
@@ -113,7 +113,7 @@ def test_fill_host_loads_every_key_without_eviction(client, precision, threads):
         st = cache.stats()
         assert st["tiers"]["host"]["hits"] == L * E and st["tiers"]["host"]["misses"] == 0
         assert st["tiers"]["store"]["loads"] == 0 and st["evictions_host"] == 0
-        assert len(cache._host_free) == free_before             # no slot leaked by the fill
+        assert len(cache.host.free) == free_before             # no slot leaked by the fill
     finally:
         cache.close()
 

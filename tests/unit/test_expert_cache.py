@@ -358,7 +358,7 @@ def test_low_precision_on_miss_for_low_weight_experts(client):
 def test_budgets_beyond_the_model_are_capped_and_allocation_failures_say_what(client, caplog):
     import logging
 
-    from decoder.experts.cache import _allocate
+    from decoder.experts.gpu_slots import allocate
 
     src = make_source(client)
     with caplog.at_level(logging.INFO, logger="decoder.experts"):
@@ -371,4 +371,4 @@ def test_budgets_beyond_the_model_are_capped_and_allocation_failures_say_what(cl
     finally:
         cache.close()
     with pytest.raises(MemoryError, match=r"cannot allocate 1125899906842624 bytes .* for the host expert tier"):
-        _allocate((1 << 40, 1024), torch.device("cpu"), "the host expert tier (host_cache_bytes)")
+        allocate((1 << 40, 1024), torch.device("cpu"), "the host expert tier (host_cache_bytes)")

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from checkpoints import make_packed_store
-from decoder.experts.cache import ExpertCache, store_target
+from decoder.experts.cache import ExpertCache
+from decoder.experts.host_tier import store_target
 from decoder.experts.provider import ExpertSource, decode_expert_blob
 from decoder.model.config import ModelConfig
 from expert_store.client import StoreClient
@@ -54,7 +55,7 @@ def test_host_tier_filled_by_fetch_processes(store_dir, tmp_path, remote, precis
             assert store_target(client) == (client.target if remote else str(store_dir.resolve()))
             cache = ExpertCache(source(client, precision), gpu_slots=[1, 2, 1], host_cache_bytes=1 << 20,
                                 fetch_workers=2)
-            pool = cache._fetch_pool
+            pool = cache.host.fetch_pool
             try:
                 assert pool is not None and len(pool.worker_pids()) == 2 and cache.workers >= 2
                 assert cache.host_pool.shape == (pool.slots, pool.slot_bytes)
