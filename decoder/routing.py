@@ -16,7 +16,10 @@ class Gating:
     route(layer, router_logits[T, E]) -> (weights[T, k] float32, idx[T, k] int64), k <= top_k.
     idx == -1 means "no expert in this slot" (its weight must be 0): that is how a gating that
     uses fewer experts for some tokens (AdapMoE) says so. Weights multiply expert outputs as is
-    (already renormalised). Must be differentiable w.r.t. router_logits for training.
+    (renormalised to sum 1). A model whose router does not renormalise
+    (ModelConfig.norm_topk_prob false: Qwen2-MoE, OLMoE) takes only idx from a gating and weighs
+    each selected expert by its softmax probability (`selected_probs`), so every gating's choice
+    of experts works with every family. Must be differentiable w.r.t. router_logits for training.
     """
 
     name = "base"
@@ -29,23 +32,37 @@ class Gating:
 
 
 class TopKGating(Gating):
-    """Mixtral's routing: softmax over all experts in float32, top-k, renormalise."""
+    """Softmax over all experts in float32, top-k; renormalise the k weights to sum 1 (Mixtral,
+    and Qwen/OLMoE with norm_topk_prob) or keep them as probabilities (renormalize=False)."""
 
     name = "topk"
 
-    def __init__(self, top_k: int) -> None:
+    def __init__(self, top_k: int, renormalize: bool = True) -> None:
         self.top_k = top_k
+        self.renormalize = renormalize
 
     def route(self, layer: int, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return topk_route(router_logits, self.top_k)
+        return topk_route(router_logits, self.top_k, self.renormalize)
 
 
-def topk_route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # router_logits: [T, E] -> weights [T, k] float32 (sum 1), idx [T, k] int64
+def topk_route(router_logits: torch.Tensor, top_k: int,
+               renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    # router_logits: [T, E] -> weights [T, k] float32 (sum 1 when renormalised), idx [T, k] int64
     probs = F.softmax(router_logits.float(), dim=-1)          # [T, E]
     weights, idx = torch.topk(probs, top_k, dim=-1)            # [T, k]
-    weights = weights / weights.sum(dim=-1, keepdim=True)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, idx
+
+
+def selected_probs(router_logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Softmax probability of each selected expert, 0 where idx == -1: the weights of a router
+    that does not renormalise, for any gating's selection.
+    router_logits: [T, E]; idx: [T, k] int64 -> [T, k] float32 (bit-identical to topk_route's
+    unrenormalised weights for the same idx)."""
+    probs = F.softmax(router_logits.float(), dim=-1)          # [T, E]
+    picked = probs.gather(-1, idx.clamp(min=0))                # [T, k]
+    return torch.where(idx >= 0, picked, torch.zeros_like(picked))
 
 
 class MoEObserver:

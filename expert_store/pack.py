@@ -1,11 +1,14 @@
-"""Import a Hugging Face safetensors Mixtral-layout checkpoint into the expert store.
+"""Import a Hugging Face safetensors MoE checkpoint into the expert store: Mixtral, Qwen2-MoE,
+Qwen3-MoE and OLMoE (``expert_store.families``).
 
 ``pack_checkpoint(checkpoint_dir, store, model=None, precisions=("bf16",), group_size=128)``
 writes, under the model name:
 
 - one blob per expert per precision (``format.expert_key``; see ``quant.expert_to_blob``),
 - ``dense.safetensors``: every non-expert tensor under its HF name, dtype as in the checkpoint,
-  the router normalised to ``model.layers.{l}.block_sparse_moe.gate.weight``,
+  the router normalised to ``model.layers.{l}.block_sparse_moe.gate.weight``; shared experts
+  (Qwen2-MoE ``mlp.shared_expert.*`` and its ``shared_expert_gate``) and the MLPs of dense
+  layers are dense tensors like attention,
 - ``config.json``, ``tokenizer.json`` and ``tokenizer_config.json`` (whose ``chat_template`` the
   decoder's chat API renders) verbatim, the last two when the checkpoint has them,
 - ``manifest.json`` last (so a model without one is an incomplete import): model,
@@ -14,8 +17,9 @@ writes, under the model name:
 
 Checkpoints: one ``*.safetensors`` file or several (with or without
 ``model.safetensors.index.json``); config with ``rope_theta`` or ``rope_parameters``; experts as
-``model.layers.{l}.block_sparse_moe.experts.{e}.w1/w2/w3.weight`` or fused transformers-5
-tensors ``model.layers.{l}.mlp.experts.gate_up_proj [E, 2*ffn, hidden]`` (gate half first) and
+``model.layers.{l}.block_sparse_moe.experts.{e}.w1/w2/w3.weight`` (Mixtral),
+``model.layers.{l}.mlp.experts.{e}.gate_proj/up_proj/down_proj.weight`` (Qwen, OLMoE; stored
+as w1/w3/w2), or fused transformers-5 tensors ``model.layers.{l}.mlp.experts.gate_up_proj [E, 2*ffn, hidden]`` (gate half first) and
 ``down_proj [E, hidden, ffn]``.
 
 Memory stays bounded by one expert plus one copy of the dense part (small next to the experts):
@@ -52,6 +56,7 @@ import xxhash
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from . import families
 from . import format as fmt
 from .format import BlobError
 from .quant import DEFAULT_GROUP_SIZE, expert_to_blob
@@ -59,6 +64,7 @@ from .quant import DEFAULT_GROUP_SIZE, expert_to_blob
 __all__ = [
     "CheckpointError",
     "NotMixtralCheckpointError",
+    "UnsupportedCheckpointError",
     "PackResult",
     "CheckpointLayout",
     "read_checkpoint_layout",
@@ -71,6 +77,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = 1
 _PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
+_PER_EXPERT_PROJ = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_PROJ_TO_W = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 _FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 _ROUTER = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate\.weight$")
 _INDEX = "model.safetensors.index.json"
@@ -80,8 +88,11 @@ class CheckpointError(ValueError):
     """The checkpoint directory cannot be packed (missing or inconsistent files/tensors)."""
 
 
-class NotMixtralCheckpointError(CheckpointError):
-    """The checkpoint is not a Mixtral-layout MoE model."""
+class UnsupportedCheckpointError(CheckpointError):
+    """The checkpoint is not a MoE model of a supported family (the message lists them)."""
+
+
+NotMixtralCheckpointError = UnsupportedCheckpointError  # the name callers catch
 
 
 class _Store(Protocol):
@@ -102,7 +113,7 @@ class PackResult:
 
 @dataclass
 class CheckpointLayout:
-    """Where every tensor of a Mixtral checkpoint lives, read from file headers only."""
+    """Where every tensor of a MoE checkpoint lives, read from file headers only."""
 
     root: Path
     config: dict[str, Any]
@@ -110,16 +121,24 @@ class CheckpointLayout:
     num_layers: int
     num_experts: int
     hidden_size: int
-    intermediate_size: int
+    intermediate_size: int  # ffn width of one routed expert
     top_k: int
     rope_theta: float
     files: dict[str, Path]  # tensor name -> file
     fused: bool  # experts stored as transformers-5 fused tensors
     dense: list[str]  # non-expert tensor names (source names), sorted
     routers: dict[str, str]  # source name of a router -> normalised name
+    family: str = "mixtral"  # expert_store.families model_type
+    moe_layers: tuple[int, ...] | None = None  # layers with routed experts (None: all)
+    expert_names: dict[tuple[int, int, str], str] = field(default_factory=dict)  # (l, e, w1|w3|w2) -> source name
+
+    @property
+    def expert_layers(self) -> tuple[int, ...]:
+        """The layers whose experts become blobs, ascending."""
+        return tuple(range(self.num_layers)) if self.moe_layers is None else self.moe_layers
 
     def expert_tensors(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        """``{"w1", "w3", "w2"}`` of one expert, read from disk (only those bytes)."""
+        """``{"w1", "w3", "w2"}`` (gate, up, down) of one expert, read from disk (only those bytes)."""
         if self.fused:
             base = f"model.layers.{layer}.mlp.experts."
             gate_up = _read(self.files[base + "gate_up_proj"], base + "gate_up_proj", expert)
@@ -131,7 +150,8 @@ class CheckpointLayout:
             }
         out = {}
         for w in ("w1", "w3", "w2"):
-            name = f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.weight"
+            name = self.expert_names.get((layer, expert, w),
+                                         f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.weight")
             out[w] = _read(self.files[name], name)
         return out
 
@@ -182,6 +202,14 @@ def _rope_theta(config: dict) -> float:
     return float(theta)
 
 
+def _expert_name(family: str, layer: int, expert: int, w: str) -> str:
+    """The name a per-expert tensor has in a checkpoint of `family` as it ships."""
+    if family == "mixtral":
+        return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.weight"
+    proj = {v: k for k, v in _PROJ_TO_W.items()}[w]
+    return f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
+
+
 def read_checkpoint_layout(checkpoint_dir: str | os.PathLike) -> CheckpointLayout:
     """Validate a checkpoint directory and map its tensors (reads headers, not weights)."""
     root = Path(checkpoint_dir)
@@ -197,17 +225,19 @@ def read_checkpoint_layout(checkpoint_dir: str | os.PathLike) -> CheckpointLayou
         raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{cfg_path}: not a JSON object")
-    model_type = config.get("model_type")
-    archs = config.get("architectures") or []
-    if model_type != "mixtral" and not any(isinstance(a, str) and a.startswith("Mixtral") for a in archs):
-        raise NotMixtralCheckpointError(
-            f"{root}: not a Mixtral-layout checkpoint (model_type={model_type!r}, architectures={archs!r})"
-        )
-    num_layers = _positive_int(config, "num_hidden_layers", root)
-    num_experts = _positive_int(config, "num_local_experts", root)
+    try:
+        experts_at = families.expert_layout(config)
+    except families.UnsupportedFamilyError as e:
+        raise UnsupportedCheckpointError(f"{root}: {e}") from None
+    except ValueError as e:
+        raise UnsupportedCheckpointError(f"{root}: {e}") from None
+    family = experts_at.family
+    num_layers = experts_at.num_layers
+    num_experts = experts_at.num_experts
     hidden = _positive_int(config, "hidden_size", root)
-    ffn = _positive_int(config, "intermediate_size", root)
-    top_k = _positive_int(config, "num_experts_per_tok", root)
+    ffn = experts_at.expert_ffn
+    top_k = experts_at.top_k
+    moe_layers = experts_at.moe_layers
     rope_theta = _rope_theta(config)
 
     # tensor name -> file
@@ -236,12 +266,24 @@ def read_checkpoint_layout(checkpoint_dir: str | os.PathLike) -> CheckpointLayou
 
     # classify
     per_expert: dict[tuple[int, int], set[str]] = defaultdict(set)
+    expert_names: dict[tuple[int, int, str], str] = {}
     fused: dict[int, set[str]] = defaultdict(set)
     routers: dict[str, str] = {}
     dense: list[str] = []
     for name in files:
         if m := _PER_EXPERT.match(name):
-            per_expert[(int(m[1]), int(m[2]))].add(m[3])
+            w = m[3]
+        elif m := _PER_EXPERT_PROJ.match(name):
+            w = _PROJ_TO_W[m[3]]
+        else:
+            m = None
+        if m is not None:
+            key = (int(m[1]), int(m[2]), w)
+            if key in expert_names:
+                raise CheckpointError(f"{root}: layer {key[0]} expert {key[1]} has two {w} tensors "
+                                      f"({expert_names[key]}, {name})")
+            per_expert[key[:2]].add(w)
+            expert_names[key] = name
         elif m := _FUSED.match(name):
             fused[int(m[1])].add(m[2])
         else:
@@ -249,7 +291,9 @@ def read_checkpoint_layout(checkpoint_dir: str | os.PathLike) -> CheckpointLayou
                 routers[name] = f"model.layers.{m[1]}.block_sparse_moe.gate.weight"
             dense.append(name)
     if not per_expert and not fused:
-        raise NotMixtralCheckpointError(f"{root}: no Mixtral expert tensors (block_sparse_moe.experts.* or mlp.experts.*)")
+        raise UnsupportedCheckpointError(
+            f"{root}: no {family} expert tensors (block_sparse_moe.experts.*, mlp.experts.{{e}}.*_proj or "
+            f"fused mlp.experts.*)")
     if per_expert and fused:
         raise CheckpointError(f"{root}: mixes per-expert and fused expert tensors")
     is_fused = bool(fused)
@@ -273,24 +317,28 @@ def read_checkpoint_layout(checkpoint_dir: str | os.PathLike) -> CheckpointLayou
         if shapes[name] != shape:
             raise CheckpointError(f"{root}: {name} has shape {shapes[name]}, expected {shape}")
 
-    for layer in range(num_layers):
+    moe_set = set(moe_layers)
+    for layer in moe_layers:
         if is_fused:
             base = f"model.layers.{layer}.mlp.experts."
             expect(base + "gate_up_proj", [num_experts, 2 * ffn, hidden])
             expect(base + "down_proj", [num_experts, hidden, ffn])
         else:
             for e in range(num_experts):
-                base = f"model.layers.{layer}.block_sparse_moe.experts.{e}."
-                expect(base + "w1.weight", [ffn, hidden])
-                expect(base + "w3.weight", [ffn, hidden])
-                expect(base + "w2.weight", [hidden, ffn])
+                for w, shape in (("w1", [ffn, hidden]), ("w3", [ffn, hidden]), ("w2", [hidden, ffn])):
+                    expect(expert_names.get((layer, e, w)) or _expert_name(family, layer, e, w), shape)
         router = [n for n, norm in routers.items() if norm == f"model.layers.{layer}.block_sparse_moe.gate.weight"]
         if len(router) != 1:
             raise CheckpointError(f"{root}: layer {layer} needs exactly one router gate, found {router}")
         expect(router[0], [num_experts, hidden])
-    extra = sorted({k[0] for k in per_expert if k[0] >= num_layers or k[1] >= num_experts} | {l for l in fused if l >= num_layers})
+    extra = sorted({k[0] for k in per_expert if k[0] not in moe_set or k[1] >= num_experts}
+                   | {l for l in fused if l not in moe_set})
     if extra:
-        raise CheckpointError(f"{root}: expert tensors beyond the config's {num_layers} layers x {num_experts} experts")
+        raise CheckpointError(f"{root}: expert tensors in layers {extra} beyond the config's MoE layers "
+                              f"x {num_experts} experts")
+    stray = sorted(int(n.split(".")[2]) for n in routers if int(n.split(".")[2]) not in moe_set)
+    if stray:
+        raise CheckpointError(f"{root}: router gates in layers {stray}, which the config makes dense")
     return CheckpointLayout(
         root=root,
         config=config,
@@ -305,6 +353,9 @@ def read_checkpoint_layout(checkpoint_dir: str | os.PathLike) -> CheckpointLayou
         fused=is_fused,
         dense=sorted(dense),
         routers=routers,
+        family=family,
+        moe_layers=None if moe_layers == tuple(range(num_layers)) else moe_layers,
+        expert_names=expert_names,
     )
 
 
@@ -438,8 +489,9 @@ def pack_checkpoint(
     group_size: int = DEFAULT_GROUP_SIZE,
     progress: bool = True,
 ) -> PackResult:
-    """Pack a Mixtral checkpoint into ``store`` (anything with ``get/put/contains`` by key:
-    ``NvmeTier``, ``TieredStore``).  Raises :class:`NotMixtralCheckpointError` for other models,
+    """Pack a MoE checkpoint into ``store`` (anything with ``get/put/contains`` by key:
+    ``NvmeTier``, ``TieredStore``).  Raises :class:`UnsupportedCheckpointError` (also known as
+    ``NotMixtralCheckpointError``) for models of other families,
     :class:`CheckpointError` for broken checkpoints, ValueError for bad arguments."""
     precisions = _check_pack_args(precisions, group_size)
     layout = read_checkpoint_layout(checkpoint_dir)
@@ -457,9 +509,9 @@ def pack_checkpoint(
 
     shapes = _expert_shapes(layout)
     blobs: list[dict[str, Any]] = []
-    total = layout.num_layers * layout.num_experts * len(precisions)
+    total = len(layout.expert_layers) * layout.num_experts * len(precisions)
     with tqdm(total=total, unit="blob", desc=f"pack {model}", disable=not progress) as bar:
-        for layer in range(layout.num_layers):
+        for layer in layout.expert_layers:
             for expert in range(layout.num_experts):
                 pending = []
                 for precision in precisions:
@@ -535,7 +587,7 @@ def _build_manifest(layout: CheckpointLayout, model: str, precisions: tuple[str,
     return {
         "format": MANIFEST_FORMAT,
         "model": model,
-        "architecture": "mixtral",
+        "architecture": layout.family,
         "num_layers": layout.num_layers,
         "num_experts": layout.num_experts,
         "top_k": layout.top_k,
@@ -546,6 +598,7 @@ def _build_manifest(layout: CheckpointLayout, model: str, precisions: tuple[str,
         "precisions": list(precisions),
         "group_size": group_size,
         "expert_layout": "fused" if layout.fused else "per_expert",
+        "moe_layers": list(layout.expert_layers),
         "blobs": blobs,
         "dense_size": dense_size,
         "dense_xxh3": dense_xxh3,
@@ -600,7 +653,9 @@ def _extra_precisions(manifest: dict[str, Any], old: Any) -> dict[str, list[dict
     out = {}
     for precision in extra:
         entries = [b for b in old_blobs if isinstance(b, dict) and b.get("precision") == precision]
-        if len(entries) == manifest["num_layers"] * manifest["num_experts"]:
+        layers = manifest.get("moe_layers") or list(range(manifest["num_layers"]))
+        old_layers = old.get("moe_layers") or list(range(manifest["num_layers"]))
+        if len(entries) == len(layers) * manifest["num_experts"] and old_layers == layers:
             out[precision] = entries
     return out
 
@@ -933,7 +988,7 @@ def pack_remote(
     progress: bool = True,
     on_upload: Any = None,
 ) -> RemotePackResult:
-    """Pack a Mixtral checkpoint into running store replicas over gRPC (PutBlob), as
+    """Pack a MoE checkpoint into running store replicas over gRPC (PutBlob), as
     ``pack_checkpoint`` does into a directory: the same blobs, dense file, config, tokenizer and
     manifest, byte for byte.
 
@@ -1017,10 +1072,10 @@ def pack_remote(
                     pass
 
         blobs: list[dict[str, Any]] = []
-        total = layout.num_layers * layout.num_experts * len(precisions)
+        total = len(layout.expert_layers) * layout.num_experts * len(precisions)
         desc = f"pack {model} -> {len(replicas)} replica{'s' if len(replicas) > 1 else ''}"
         with tqdm(total=total, unit="blob", desc=desc, disable=not progress) as bar:
-            for layer in range(layout.num_layers):
+            for layer in layout.expert_layers:
                 for expert in range(layout.num_experts):
                     weights = layout.expert_tensors(layer, expert)
                     for precision in precisions:

@@ -1,4 +1,9 @@
-"""ModelConfig: the one config dataclass of the Mixtral-layout decoder, read from an HF config.json."""
+"""ModelConfig: the one config dataclass of the decoder, read from an HF config.json.
+
+A family (`family`, an HF model_type of expert_store.families) is this config's switches: the
+attention variant (q/k norm per head or over the whole projection, projection biases, q/k/v
+clipping), the router variant (renormalise the top-k weights or not), shared experts and
+dense layers. decoder/model/families.py reads each family's config.json keys into them."""
 
 from __future__ import annotations
 
@@ -6,9 +11,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-# model_type values whose checkpoints share Mixtral's layout (attention + router + w1/w3/w2 SiLU experts).
-MIXTRAL_MODEL_TYPES = ("mixtral",)
-MIXTRAL_ARCHITECTURES = ("MixtralForCausalLM",)
+from expert_store.families import SUPPORTED_MODEL_TYPES
+
+QK_NORMS = (None, "head", "full")
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,16 @@ class ModelConfig:
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
     router_aux_loss_coef: float = 0.001
+    # --- the family's switches (Mixtral's values by default) ---------------------------------
+    family: str = "mixtral"              # "mixtral" | "qwen3_moe" | "qwen2_moe" | "olmoe"
+    norm_topk_prob: bool = True          # renormalise the top-k router weights to sum 1
+    qk_norm: str | None = None           # RMSNorm of q and k: None, "head" (over hd, Qwen3) or "full" (over nh*hd / nkv*hd, OLMoE)
+    qkv_bias: bool = False               # q/k/v projections have biases (Qwen2-MoE)
+    o_bias: bool = False                 # o projection has a bias (attention_bias of Qwen3-MoE / OLMoE)
+    clip_qkv: float | None = None        # clamp q, k, v to [-c, c] after projection (OLMoE)
+    shared_expert_intermediate_size: int = 0  # one always-on SiLU expert behind a sigmoid gate (Qwen2-MoE); 0 = none
+    dense_intermediate_size: int = 0     # ffn width of the dense layers' MLP
+    dense_layers: tuple[int, ...] = ()   # layers with a dense MLP instead of router + experts
     # Everything else from config.json, verbatim (kept so to_hf() round-trips).
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -52,6 +67,26 @@ class ModelConfig:
             raise ValueError(f"config: head_dim must be even for RoPE, got {self.head_dim}")
         if not self.rope_theta > 0:
             raise ValueError(f"config: rope_theta must be positive, got {self.rope_theta!r}")
+        if self.family not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"config: family must be one of {', '.join(SUPPORTED_MODEL_TYPES)}, got {self.family!r}")
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"config: qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
+        if any(not 0 <= l < self.num_hidden_layers for l in self.dense_layers):
+            raise ValueError(f"config: dense_layers {self.dense_layers} outside 0..{self.num_hidden_layers - 1}")
+        if len(self.dense_layers) == self.num_hidden_layers:
+            raise ValueError("config: every layer is dense (no MoE layer)")
+        if self.dense_layers and self.dense_intermediate_size <= 0:
+            raise ValueError("config: dense layers need dense_intermediate_size > 0")
+        if self.shared_expert_intermediate_size < 0:
+            raise ValueError("config: shared_expert_intermediate_size must be >= 0")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer not in self.dense_layers
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """Layers with a router and routed experts, ascending."""
+        return tuple(l for l in range(self.num_hidden_layers) if l not in self.dense_layers)
 
     # --- derived sizes ------------------------------------------------------------------
     @property
@@ -66,25 +101,25 @@ class ModelConfig:
     # --- HF conversion ------------------------------------------------------------------
     @classmethod
     def from_hf(cls, cfg: Mapping[str, Any]) -> "ModelConfig":
-        """Build from an HF config.json dict (transformers 4.x `rope_theta` or 5.x `rope_parameters`).
+        """Build from an HF config.json dict (transformers 4.x `rope_theta` or 5.x `rope_parameters`)
+        of any family of expert_store.families (decoder/model/families.py reads its switches).
 
-        Raises ValueError with a one-line reason when the checkpoint is not Mixtral-layout.
+        Raises ValueError with a one-line reason for another model (naming the supported
+        model_types) or a variant of a family the decoder does not implement.
         """
+        from expert_store.families import family_of
+        from decoder.model.families import read_switches, required_keys
+
         if not isinstance(cfg, Mapping):
             raise ValueError(f"config.json must be a JSON object, got {type(cfg).__name__}")
-        model_type = cfg.get("model_type")
-        archs = cfg.get("architectures") or []
-        if model_type not in MIXTRAL_MODEL_TYPES and not any(a in MIXTRAL_ARCHITECTURES for a in archs):
-            what = model_type or (",".join(archs) if archs else "unknown")
-            raise ValueError(f"not a Mixtral-layout checkpoint (model_type={what!r}); "
-                             f"supported model_type: {', '.join(MIXTRAL_MODEL_TYPES)}")
-        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads", "num_local_experts") if cfg.get(k) is None]
+        family = family_of(cfg)
+        missing = [" / ".join(keys) for keys in required_keys(family) if all(cfg.get(k) is None for k in keys)]
         if missing:
-            raise ValueError(f"Mixtral config is missing {', '.join(missing)}")
+            raise ValueError(f"{family} config is missing {', '.join(missing)}")
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
-            raise ValueError(f"unsupported hidden_act {act!r} (Mixtral experts use silu)")
+            raise ValueError(f"unsupported hidden_act {act!r} ({family} experts use silu)")
+        switches = read_switches(family, cfg)
 
         rope_theta = cfg.get("rope_theta")
         rope_params = cfg.get("rope_parameters")
@@ -97,7 +132,7 @@ class ModelConfig:
             if rope_params.get("rope_theta") is not None:
                 rope_theta = rope_params["rope_theta"]
         if rope_theta is None:
-            rope_theta = 1e6  # MixtralConfig.default_theta
+            rope_theta = 1e6 if family == "mixtral" else 1e4  # transformers' defaults per family
 
         n_heads = int(cfg["num_attention_heads"])
         n_kv = cfg.get("num_key_value_heads") or n_heads
@@ -109,48 +144,44 @@ class ModelConfig:
         return cls(
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=int(cfg["hidden_size"]),
-            intermediate_size=int(cfg["intermediate_size"]),
             num_hidden_layers=int(cfg["num_hidden_layers"]),
             num_attention_heads=n_heads,
             num_key_value_heads=int(n_kv),
             head_dim=int(head_dim),
-            num_local_experts=int(cfg["num_local_experts"]),
             num_experts_per_tok=int(cfg.get("num_experts_per_tok", 2)),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6 if family in ("qwen2_moe", "qwen3_moe") else 1e-5)),
             rope_theta=float(rope_theta),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096 * 32)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            sliding_window=(int(cfg["sliding_window"]) if cfg.get("sliding_window") else None),
             bos_token_id=cfg.get("bos_token_id", 1),
             eos_token_ids=eos_ids,
             router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.001)),
             extra={k: v for k, v in cfg.items() if k not in known},
+            **switches,
         )
 
     def to_hf(self) -> dict[str, Any]:
-        """An HF config.json dict that `MixtralConfig` (transformers 4.x and 5.x) loads."""
+        """An HF config.json dict that the family's transformers config class (`MixtralConfig`,
+        `Qwen3MoeConfig`, ...; transformers 4.x and 5.x) loads."""
+        from decoder.model.families import hf_keys
+
         out: dict[str, Any] = dict(self.extra)
         out.update(
-            architectures=["MixtralForCausalLM"],
-            model_type="mixtral",
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
             num_hidden_layers=self.num_hidden_layers,
             num_attention_heads=self.num_attention_heads,
             num_key_value_heads=self.num_key_value_heads,
             head_dim=self.head_dim,
-            num_local_experts=self.num_local_experts,
-            num_experts_per_tok=self.num_experts_per_tok,
             rms_norm_eps=self.rms_norm_eps,
             rope_theta=self.rope_theta,
             max_position_embeddings=self.max_position_embeddings,
             tie_word_embeddings=self.tie_word_embeddings,
-            sliding_window=self.sliding_window,
             bos_token_id=self.bos_token_id,
             eos_token_id=(self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else list(self.eos_token_ids)),
             router_aux_loss_coef=self.router_aux_loss_coef,
             hidden_act="silu",
+            **hf_keys(self),
         )
         out.setdefault("torch_dtype", "float32")
         return out

@@ -1,16 +1,22 @@
-"""Mixtral-layout decoder in plain torch (gpt-fast style).
+"""The decoder in plain torch (gpt-fast style): one Transformer for every family of
+expert_store.families, whose switches (ModelConfig) pick the attention variant (q/k norm per
+head or over the projection, biases, clipping), the router variant (renormalised top-k or
+plain probabilities) and the MLP extras (a gated shared expert, dense layers).
 
 Module names mirror HF's (`model.` prefix dropped) so a dense state dict maps 1:1:
 embed_tokens, layers.{l}.input_layernorm, layers.{l}.self_attn.{q,k,v,o}_proj,
-layers.{l}.post_attention_layernorm, layers.{l}.block_sparse_moe.gate, norm, lm_head.
+layers.{l}.self_attn.{q,k}_norm, layers.{l}.post_attention_layernorm,
+layers.{l}.block_sparse_moe.gate (HF's mlp.gate too), layers.{l}.block_sparse_moe.shared_expert
+and .shared_expert_gate (HF's mlp.shared_expert*), layers.{l}.mlp.{gate,up,down}_proj (dense
+layers), norm, lm_head.
 
 Experts are not parameters of the MoE block: each block asks the model's `ExpertProvider`
 for (layer, expert) (see decoder/experts/provider.py). Routing goes through a `Gating` object
-(default `TopKGating` = Mixtral's router) and observers see each MoE input and routing
+(default `TopKGating` = the family's router) and observers see each MoE input and routing
 decision (the prefetcher and the engine's statistics plug in there).
 
 Shapes: B batch, S new tokens, T = B*S flattened tokens, H hidden, nh/nkv heads, hd head_dim,
-E experts, k experts per token, V vocab, L cached length.
+E experts, k experts per token, V vocab, L cached length, Fs / Fd shared-expert / dense ffn.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ from torch import nn
 
 from decoder.experts.provider import ExpertProvider, ResidentExperts
 from decoder.model.config import ModelConfig
-from decoder.routing import Gating, MoEObserver, TopKGating, overrides, topk_route, wants_host_routing
+from decoder.routing import (Gating, MoEObserver, TopKGating, overrides, selected_probs, topk_route,
+                             wants_host_routing)
 
-__all__ = ["Transformer", "TransformerBlock", "MoEBlock", "Attention", "KVCache", "RMSNorm", "Positions",
+__all__ = ["Transformer", "TransformerBlock", "MoEBlock", "Attention", "KVCache", "RMSNorm", "Positions", "DenseMLP",
            "load_balancing_loss", "rope_cos_sin", "apply_rope", "apply_rope_signed", "sign_rotated_sin",
            # routing protocols (decoder/routing.py), importable from here too
            "Gating", "TopKGating", "MoEObserver", "topk_route", "wants_host_routing"]
@@ -116,22 +123,49 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
+    """GQA attention with RoPE. Family variants (ModelConfig): `qk_norm` "head" = RMSNorm of q
+    and k over each head's hd (Qwen3-MoE), "full" = over the whole projection nh*hd / nkv*hd
+    (OLMoE), both before RoPE; `qkv_bias` / `o_bias` = projection biases; `clip_qkv` = clamp
+    q, k, v to [-c, c] after projection and norm (OLMoE)."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         H, nh, nkv, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.n_head, self.n_kv, self.head_dim = nh, nkv, hd
-        self.q_proj = nn.Linear(H, nh * hd, bias=False)
-        self.k_proj = nn.Linear(H, nkv * hd, bias=False)
-        self.v_proj = nn.Linear(H, nkv * hd, bias=False)
-        self.o_proj = nn.Linear(nh * hd, H, bias=False)
+        self.q_proj = nn.Linear(H, nh * hd, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(H, nkv * hd, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(H, nkv * hd, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(nh * hd, H, bias=config.o_bias)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm == "head":
+            self.q_norm = RMSNorm(hd, config.rms_norm_eps)            # over [.., hd]
+            self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+        elif config.qk_norm == "full":
+            self.q_norm = RMSNorm(nh * hd, config.rms_norm_eps)       # over [.., nh*hd]
+            self.k_norm = RMSNorm(nkv * hd, config.rms_norm_eps)      # over [.., nkv*hd]
+        self.clip_qkv = config.clip_qkv
         self.kv_cache: KVCache | None = None
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # x: [B, S, H] -> q [B, nh, S, hd], k, v [B, nkv, S, hd] (before RoPE)
+        B, S, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)                 # [B, S, nh*hd], [B, S, nkv*hd] x2
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            c = self.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+        q = q.view(B, S, self.n_head, self.head_dim)                             # [B, S, nh, hd]
+        k = k.view(B, S, self.n_kv, self.head_dim)                               # [B, S, nkv, hd]
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        v = v.view(B, S, self.n_kv, self.head_dim)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x: torch.Tensor, pos: "Positions") -> torch.Tensor:
         # x: [B, S, H]
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.n_head, self.head_dim).transpose(1, 2)  # [B, nh, S, hd]
-        k = self.k_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)    # [B, nkv, S, hd]
-        v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)    # [B, nkv, S, hd]
+        q, k, v = self._qkv(x)                                                     # [B, nh|nkv, S, hd]
         q, k = apply_rope_signed(q, pos.cos, pos.sin_signed), apply_rope_signed(k, pos.cos, pos.sin_signed)
 
         if pos.input_pos is not None:
@@ -147,6 +181,21 @@ class Attention(nn.Module):
                                            scale=self.head_dim ** -0.5)             # [B, nh, S, hd]
         y = y.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim)
         return self.o_proj(y)                                                       # [B, S, H]
+
+
+class DenseMLP(nn.Module):
+    """SiLU-gated MLP with HF's names: down(silu(gate(x)) * up(x)). A dense layer's MLP and
+    Qwen2-MoE's shared expert (dense tensors in the store, always resident)."""
+
+    def __init__(self, hidden: int, ffn: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, ffn, bias=False)   # [F, H]
+        self.up_proj = nn.Linear(hidden, ffn, bias=False)     # [F, H]
+        self.down_proj = nn.Linear(ffn, hidden, bias=False)   # [H, F]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., H] -> [..., H]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 @dataclass
@@ -191,13 +240,25 @@ def _attend_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None) -> 
 
 
 class MoEBlock(nn.Module):
-    """Router + sparse experts. Holds only the router; experts come from the provider."""
+    """Router + sparse experts (+ a gated shared expert). Holds the router and the shared
+    expert; routed experts come from the provider.
+
+    Router variant: the gating picks each token's experts; with `renormalize` (norm_topk_prob)
+    their weights are the gating's (sum 1), without it each selected expert's softmax
+    probability (Qwen2-MoE, OLMoE by default). Shared expert (Qwen2-MoE): every token adds
+    sigmoid(shared_expert_gate(x)) * shared_expert(x).
+    """
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
         self.num_experts = config.num_local_experts
+        self.renormalize = config.norm_topk_prob
         self.gate = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)  # router [E, H]
+        self.shared_expert: DenseMLP | None = None
+        if config.shared_expert_intermediate_size > 0:
+            self.shared_expert = DenseMLP(config.hidden_size, config.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)        # [1, H]
 
     def forward(self, x: torch.Tensor, experts: ExpertProvider, gating: Gating,
                 observers: Sequence[MoEObserver], router_log: list | None = None) -> torch.Tensor:
@@ -210,6 +271,8 @@ class MoEBlock(nn.Module):
         if router_log is not None:
             router_log.append(router_logits)
         weights, idx = gating.route(self.layer, router_logits)   # [T, k] float32, [T, k] int64 (-1 = none)
+        if not self.renormalize:
+            weights = selected_probs(router_logits, idx)          # [T, k] softmax probabilities
         host_observers = []
         for obs in observers:
             if wants_host_routing(obs):
@@ -226,6 +289,8 @@ class MoEBlock(nn.Module):
             out = self._one_token(xt, weights, rows[0], experts, after_prepare)
         else:
             out = self._tokens(xt, weights, rows, experts, after_prepare)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(xt)) * self.shared_expert(xt)  # [T, 1] * [T, H]
         return out.view(B, S, H)
 
     def _one_token(self, xt: torch.Tensor, weights: torch.Tensor, row: list[int],
@@ -297,17 +362,26 @@ class MoEBlock(nn.Module):
 
 
 class TransformerBlock(nn.Module):
+    """Pre-norm attention + MoE block (`block_sparse_moe`), or + a dense MLP (`mlp`) in the
+    layers the config makes dense (Qwen's mlp_only_layers / decoder_sparse_step)."""
+
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.block_sparse_moe = MoEBlock(config, layer)
+        self.is_moe = config.is_moe_layer(layer)
+        if self.is_moe:
+            self.block_sparse_moe = MoEBlock(config, layer)
+        else:
+            self.mlp = DenseMLP(config.hidden_size, config.dense_intermediate_size)
 
     def forward(self, x: torch.Tensor, pos: Positions, experts: ExpertProvider, gating: Gating,
                 observers: Sequence[MoEObserver], router_log: list | None) -> torch.Tensor:
         # x: [B, S, H]
         h = x + self.self_attn(self.input_layernorm(x), pos)
+        if not self.is_moe:
+            return h + self.mlp(self.post_attention_layernorm(h))
         return h + self.block_sparse_moe(self.post_attention_layernorm(h), experts, gating, observers, router_log)
 
 
@@ -315,11 +389,12 @@ class TransformerBlock(nn.Module):
 # The model
 # --------------------------------------------------------------------------------------------
 class Transformer(nn.Module):
-    """Mixtral-layout causal LM.
+    """Causal MoE LM of any supported family (config.family).
 
     experts: the ExpertProvider (default: a fresh `ResidentExperts`, registered as the
     submodule `experts` so it trains, moves with .to() and saves with the model; a provider
-    that is not an nn.Module is held as a plain attribute). gating: default `TopKGating`.
+    that is not an nn.Module is held as a plain attribute). gating: default `TopKGating` of the
+    family's router (renormalised or not, config.norm_topk_prob).
     """
 
     def __init__(self, config: ModelConfig, experts: ExpertProvider | None = None,
@@ -333,19 +408,21 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.experts = experts if experts is not None else ResidentExperts(config)
-        self.gating: Gating = gating or TopKGating(config.num_experts_per_tok)
+        self.gating: Gating = gating or TopKGating(config.num_experts_per_tok, config.norm_topk_prob)
         self.observers: list[MoEObserver] = []
         self.max_batch_size = 0
         self.max_seq_length = 0
 
     # --- setup ------------------------------------------------------------------------------
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
-        """Random init as HF Mixtral (normal(0, std) weights, unit norms): for training from scratch."""
+        """Random init as HF (normal(0, std) weights, unit norms, zero biases): for training from scratch."""
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         with torch.no_grad():
             for name, p in self.named_parameters():
-                if name.endswith("layernorm.weight") or name == "norm.weight":
+                if name.endswith("norm.weight"):
                     p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
                 else:
                     p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=g).to(p))
 
@@ -374,8 +451,12 @@ class Transformer(nn.Module):
         self.observers.remove(obs)
 
     def router_weight(self, layer: int) -> torch.Tensor:
-        """Router of `layer`: [E, H] (the prefetcher applies it to earlier layers' hidden states)."""
-        return self.layers[layer].block_sparse_moe.gate.weight
+        """Router of `layer`: [E, H] (the prefetcher applies it to earlier layers' hidden states).
+        ValueError for a dense layer (it has none)."""
+        block = self.layers[layer]
+        if not block.is_moe:
+            raise ValueError(f"layer {layer} is a dense layer: it has no router")
+        return block.block_sparse_moe.gate.weight
 
     # --- forward ----------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, *,
@@ -401,10 +482,12 @@ class Transformer(nn.Module):
 
     # --- weights in HF naming -----------------------------------------------------------------
     def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
-        """Load dense weights (and, for ResidentExperts, the experts) from HF Mixtral names.
+        """Load dense weights (and, for ResidentExperts, the experts) from HF names of the family.
 
-        Accepts transformers-4 (`block_sparse_moe.gate`) and -5 (`mlp.gate`) router names;
-        lm_head may be absent when embeddings are tied.
+        Accepts transformers-4 (`block_sparse_moe.gate`) and -5 (`mlp.gate`) router names,
+        Qwen2-MoE's `mlp.shared_expert*`, dense layers' `mlp.{gate,up,down}_proj`, and per-expert
+        `w1/w3/w2` or `gate_proj/up_proj/down_proj` names; lm_head may be absent when embeddings
+        are tied.
         """
         own = dict(self.named_parameters(remove_duplicate=False))
         loaded: set[str] = set()
@@ -429,7 +512,8 @@ class Transformer(nn.Module):
         elif "lm_head.weight" not in loaded and "embed_tokens.weight" in loaded and strict:
             raise ValueError("checkpoint has no lm_head.weight and tie_word_embeddings is false")
         if isinstance(self.experts, ResidentExperts):
-            self.experts.load_hf(state_dict, strict=strict)
+            # the provider reads w1/w3/w2 names; a dense layer has no experts to check for
+            self.experts.load_hf(_with_w_names(state_dict), strict=strict and not self.config.dense_layers)
         if strict:
             missing = [k for k in own if k not in loaded and not k.startswith("experts.")]
             if missing:
@@ -437,17 +521,44 @@ class Transformer(nn.Module):
                 raise ValueError(f"checkpoint lacks {len(missing)} dense weights, e.g. {first!r}")
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every weight under HF Mixtral names (experts too when resident): save with safetensors."""
+        """Every weight under the HF names of the family's checkpoints (experts too when
+        resident): save with safetensors, load with the family's transformers class."""
+        mixtral = self.config.family == "mixtral"
         out: dict[str, torch.Tensor] = {}
         for name, p in self.named_parameters():
             if name.startswith("experts."):
                 continue
+            if not mixtral:
+                name = name.replace(".block_sparse_moe.", ".mlp.")
             out[name if name == "lm_head.weight" else "model." + name] = p.detach().contiguous()
         if self.config.tie_word_embeddings:
             out.pop("lm_head.weight", None)
         if isinstance(self.experts, ResidentExperts):
-            out.update(self.experts.hf_state_dict())
+            moe = set(self.config.moe_layers)
+            for name, t in self.experts.hf_state_dict().items():
+                layer = int(name.split(".")[2])
+                if layer not in moe:
+                    continue
+                if not mixtral:
+                    head, w = name.rsplit(".", 2)[0], name.rsplit(".", 2)[1]  # ...experts.{e}, w1|w2|w3
+                    name = f"{head.replace('.block_sparse_moe.', '.mlp.')}.{_W_TO_PROJ[w]}.weight"
+                out[name] = t
         return out
+
+
+_W_TO_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def _with_w_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state_dict` plus `mlp.experts.{e}.w1/w3/w2.weight` aliases of per-expert
+    gate_proj/up_proj/down_proj tensors (Qwen, OLMoE), the names ResidentExperts reads."""
+    out = dict(state_dict)
+    for name, t in state_dict.items():
+        if ".mlp.experts." in name:
+            for w, proj in _W_TO_PROJ.items():
+                if name.endswith(f".{proj}.weight"):
+                    out[name[:-len(f"{proj}.weight")] + f"{w}.weight"] = t
+    return out
 
 
 def _hf_to_own(name: str) -> str | None:
@@ -459,4 +570,8 @@ def _hf_to_own(name: str) -> str | None:
     if not name.startswith("model."):
         return None
     name = name[len("model."):]
-    return name.replace(".mlp.gate.", ".block_sparse_moe.gate.")
+    for hf, own in ((".mlp.gate.", ".block_sparse_moe.gate."),
+                    (".mlp.shared_expert.", ".block_sparse_moe.shared_expert."),
+                    (".mlp.shared_expert_gate.", ".block_sparse_moe.shared_expert_gate.")):
+        name = name.replace(hf, own)
+    return name
