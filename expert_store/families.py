@@ -15,6 +15,7 @@ from typing import Any, Mapping
 # model_type -> architecture class names that identify the family when model_type is absent
 FAMILIES: dict[str, tuple[str, ...]] = {
     "mixtral": ("MixtralForCausalLM",),
+    "qwen2_moe": ("Qwen2MoeForCausalLM",),
     "qwen3_moe": ("Qwen3MoeForCausalLM",),
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)

@@ -490,12 +490,15 @@ class Transformer(nn.Module):
         are tied.
         """
         own = dict(self.named_parameters(remove_duplicate=False))
+        no_shared = self.config.shared_expert_intermediate_size == 0
         loaded: set[str] = set()
         with torch.no_grad():
             for name, t in state_dict.items():
                 key = _hf_to_own(name)
                 if key is None:
                     continue
+                if no_shared and ".shared_expert" in key:
+                    continue   # a width-0 shared expert (its gate too) adds exactly zero
                 if key not in own:
                     if strict:
                         raise ValueError(f"unexpected weight {name!r} for this config")

@@ -34,6 +34,14 @@ MODELS = {
     "q3-dense-bias-top1": ("qwen3_moe", dict(hidden=40, layers=3, experts=5, top_k=1, ffn=37, heads=5, kv_heads=5,
                                              norm_topk_prob=True, mlp_only_layers=[1], intermediate_size=56,
                                              attention_bias=True, seed=3)),
+    "q2-shared-e8-top4": ("qwen2_moe", dict(hidden=64, layers=2, experts=8, top_k=4, ffn=32, heads=4, kv_heads=2,
+                                            shared_expert_intermediate_size=72, seed=4)),
+    "q2-shared-dense-norm-e6-top2": ("qwen2_moe", dict(hidden=48, layers=4, experts=6, top_k=2, ffn=20, heads=6,
+                                                       kv_heads=3, shared_expert_intermediate_size=30,
+                                                       decoder_sparse_step=2, intermediate_size=44,
+                                                       norm_topk_prob=True, shards=3, seed=5)),
+    "q2-noshared-nobias-e12-top6": ("qwen2_moe", dict(hidden=36, layers=2, experts=12, top_k=6, ffn=18, heads=3,
+                                                      kv_heads=1, qkv_bias=False, seed=6)),
 }
 
 
@@ -103,7 +111,7 @@ def test_greedy_generation_matches_reference(store, client, name):
         assert res.token_ids == want
 
 
-@pytest.mark.parametrize("name", ["q3-e8-top4", "q3-e16-top8-mqa-noNorm"])
+@pytest.mark.parametrize("name", ["q3-e8-top4", "q3-e16-top8-mqa-noNorm", "q2-shared-e8-top4"])
 def test_expert_cache_with_top_k_above_two_matches_plain_provider(store, client, name):
     """The AdapMoE cache (GPU/host budgets smaller than a layer's top-k set of slots, prefetch on)
     computes exactly what the plain provider does with 4 and 8 experts per token."""

@@ -32,6 +32,9 @@ CASES = {
                        intermediate_size=40, seed=11),
                   dict(qk_norm="head", norm_topk_prob=True, dense_layers=(0,), dense_intermediate_size=40,
                        shared_expert_intermediate_size=0)),
+    "qwen2_moe": (dict(layers=2, experts=6, top_k=3, shared_expert_intermediate_size=56, seed=12),
+                  dict(qk_norm=None, norm_topk_prob=False, qkv_bias=True, o_bias=False, dense_layers=(),
+                       shared_expert_intermediate_size=56)),
 }
 
 
