@@ -17,6 +17,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "mixtral": ("MixtralForCausalLM",),
     "qwen2_moe": ("Qwen2MoeForCausalLM",),
     "qwen3_moe": ("Qwen3MoeForCausalLM",),
+    "olmoe": ("OlmoeForCausalLM",),
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
 

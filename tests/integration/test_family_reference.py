@@ -42,6 +42,12 @@ MODELS = {
                                                        norm_topk_prob=True, shards=3, seed=5)),
     "q2-noshared-nobias-e12-top6": ("qwen2_moe", dict(hidden=36, layers=2, experts=12, top_k=6, ffn=18, heads=3,
                                                       kv_heads=1, qkv_bias=False, seed=6)),
+    "olmoe-e16-top8": ("olmoe", dict(hidden=64, layers=2, experts=16, top_k=8, ffn=24, heads=4, kv_heads=4, seed=7)),
+    "olmoe-gqa-clip-norm-e6-top3": ("olmoe", dict(hidden=48, layers=3, experts=6, top_k=3, ffn=26, heads=6,
+                                                  kv_heads=2, clip_qkv=0.5, norm_topk_prob=True, shards=2,
+                                                  seed=8)),
+    "olmoe-bias-mqa-e4-top2": ("olmoe", dict(hidden=32, layers=2, experts=4, top_k=2, ffn=40, heads=4, kv_heads=1,
+                                             attention_bias=True, seed=9)),
 }
 
 
@@ -111,7 +117,8 @@ def test_greedy_generation_matches_reference(store, client, name):
         assert res.token_ids == want
 
 
-@pytest.mark.parametrize("name", ["q3-e8-top4", "q3-e16-top8-mqa-noNorm", "q2-shared-e8-top4"])
+@pytest.mark.parametrize("name", ["q3-e8-top4", "q3-e16-top8-mqa-noNorm", "q2-shared-e8-top4",
+                                  "olmoe-e16-top8"])
 def test_expert_cache_with_top_k_above_two_matches_plain_provider(store, client, name):
     """The AdapMoE cache (GPU/host budgets smaller than a layer's top-k set of slots, prefetch on)
     computes exactly what the plain provider does with 4 and 8 experts per token."""

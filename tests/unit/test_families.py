@@ -35,6 +35,9 @@ CASES = {
     "qwen2_moe": (dict(layers=2, experts=6, top_k=3, shared_expert_intermediate_size=56, seed=12),
                   dict(qk_norm=None, norm_topk_prob=False, qkv_bias=True, o_bias=False, dense_layers=(),
                        shared_expert_intermediate_size=56)),
+    "olmoe": (dict(layers=2, experts=8, top_k=4, kv_heads=2, clip_qkv=0.7, seed=13),
+              dict(qk_norm="full", norm_topk_prob=False, clip_qkv=0.7, qkv_bias=False, dense_layers=(),
+                   shared_expert_intermediate_size=0)),
 }
 
 
