@@ -6,7 +6,10 @@ them, sharded for some), packed with the real `expert-store pack` CLI and served
 `expert-store serve` on loopback; the engine gets its dense part and experts only from the
 store and decodes eagerly. The reference is `AutoModelForCausalLM` on the same checkpoint in
 float32, so both sides compute in float32 on identical weights: logits within 1e-4 (max abs)
-and the same greedy tokens through the KV cache as HF's `generate`.
+and the same greedy tokens through the KV cache as HF's `generate`. One model of each family
+is also packed at int8/int4 and held to the tolerances tests/integration/test_decoder_reference.py
+states for Mixtral (relative to max |logits(bf16)|: int8 <= 1%, int4 <= 15%; int8 argmax
+agrees with bf16 on >= 90% of positions).
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ MODELS = {
                                              attention_bias=True, seed=9)),
 }
 
+QUANT_MODELS = ("q3-e8-top4", "q2-shared-e8-top4", "olmoe-e16-top8")
+
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
@@ -58,7 +63,7 @@ def store(tmp_path_factory):
     ckpts = {}
     for name, (family, kw) in MODELS.items():
         ckpt = make_family_checkpoint(root / "ckpt" / name, family, **kw)
-        pack(ckpt, store_dir, name)
+        pack(ckpt, store_dir, name, precisions="bf16,int8,int4" if name in QUANT_MODELS else "bf16")
         ckpts[name] = ckpt
     return store_dir, ckpts
 
@@ -138,3 +143,19 @@ def test_expert_cache_with_top_k_above_two_matches_plain_provider(store, client,
         assert st["experts_per_token"] == k
         tiers = st["tiers"]
         assert tiers and all(t["hits"] + t["misses"] > 0 for t in tiers.values() if "hits" in t)
+
+
+@pytest.mark.parametrize("name", QUANT_MODELS)
+def test_quantized_experts_within_stated_tolerance(store, client, name):
+    ids = prompt_ids(300, n=24, seed=5)
+    logits = {}
+    for p in ("bf16", "int8", "int4"):
+        with Engine.from_store(client, name, precision=p, decode_step="eager") as engine:
+            logits[p] = engine.forward_logits(ids)
+            assert engine.stats()["precision"] == p
+    scale = logits["bf16"].abs().max().item()
+    d8 = (logits["int8"] - logits["bf16"]).abs().max().item() / scale
+    d4 = (logits["int4"] - logits["bf16"]).abs().max().item() / scale
+    assert d8 <= 0.01 and d4 <= 0.15 and d8 < d4, (d8, d4)
+    agree = (logits["int8"].argmax(-1) == logits["bf16"].argmax(-1)).float().mean().item()
+    assert agree >= 0.9
