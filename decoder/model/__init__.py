@@ -1,4 +1,5 @@
-"""Mixtral-layout model code: ModelConfig (config.py) and the Transformer (transformer.py)."""
+"""Model code: ModelConfig (config.py; family switches read by families.py) and the Transformer
+(transformer.py) of every supported MoE family."""
 
 from __future__ import annotations
 
