@@ -226,9 +226,7 @@ def read_checkpoint_layout(checkpoint_dir: str | os.PathLike) -> CheckpointLayou
     if not isinstance(config, dict):
         raise CheckpointError(f"{cfg_path}: not a JSON object")
     try:
-        experts_at = families.expert_layout(config)
-    except families.UnsupportedFamilyError as e:
-        raise UnsupportedCheckpointError(f"{root}: {e}") from None
+        experts_at = families.expert_layout(config)  # UnsupportedFamilyError is a ValueError too
     except ValueError as e:
         raise UnsupportedCheckpointError(f"{root}: {e}") from None
     family = experts_at.family
