@@ -87,7 +87,7 @@ def calibrate_model(model: Any, windows: Sequence[Any], budget: float | None = N
     import torch
     import torch.nn.functional as F
 
-    from decoder.experts.prefetch import Prefetcher
+    from decoder.experts.prefetch import Prefetcher, layer_routers
     from decoder.routing import MoEObserver, TopKGating
 
     cfg = model.config
@@ -110,10 +110,10 @@ def calibrate_model(model: Any, windows: Sequence[Any], budget: float | None = N
             self.route[layer] = (weights.detach(), idx.detach())
 
     rec = Recorder()
-    routers = [model.router_weight(l).detach() for l in range(L)]
+    routers, moe = layer_routers(model)
     norms = [model.layers[l].post_attention_layernorm.weight.detach() for l in range(L)]
     pred = Prefetcher(routers, None, top_k=k, lookahead=min(max_distance, max(1, L - 1)),
-                      max_lookahead=min(max_distance, max(1, L - 1)), norm_weights=norms)
+                      max_lookahead=min(max_distance, max(1, L - 1)), norm_weights=norms, moe_layers=moe)
     zs: dict[int, Any] = {}
 
     def make_hook(l):
@@ -123,7 +123,7 @@ def calibrate_model(model: Any, windows: Sequence[Any], budget: float | None = N
             return output + z
         return hook
 
-    handles = [model.layers[l].block_sparse_moe.register_forward_hook(make_hook(l)) for l in range(L)]
+    handles = [model.layers[l].block_sparse_moe.register_forward_hook(make_hook(l)) for l in sorted(moe)]
     model.add_observer(rec)
     model.add_observer(pred)
     sens_sum = [0.0] * L
@@ -145,12 +145,13 @@ def calibrate_model(model: Any, windows: Sequence[Any], budget: float | None = N
             with torch.enable_grad():
                 logits = model(ids)                                   # [1, S, V]
                 loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum")
-                grads = torch.autograd.grad(loss, [zs[l] for l in range(L)])
+                moe_sorted = sorted(moe)
+                grads = dict(zip(moe_sorted, torch.autograd.grad(loss, [zs[l] for l in moe_sorted])))
             S = ids.shape[1]
             loss_sum += float(loss.detach())
             tokens += S - 1
             with torch.no_grad():
-                for l in range(L):
+                for l in moe_sorted:                                   # dense layers decide nothing
                     g = grads[l].reshape(S, -1).float()                  # [S, H]
                     x = rec.x[l]                                       # [S, H]
                     w, idx = rec.route[l]                              # [S, k]
@@ -181,7 +182,7 @@ def calibrate_model(model: Any, windows: Sequence[Any], budget: float | None = N
         raise ValueError("calibration text is too short: no window with at least 2 tokens")
 
     sens = [s / tokens for s in sens_sum]
-    w2 = [torch.cat(v) for v in w2_all]
+    w2 = [torch.cat(v) if v else torch.zeros(0, dtype=torch.float64) for v in w2_all]
     est = torch.cat([sens[l] * w2[l] ** 2 for l in range(L)])            # all decisions
     budget_for = {}
     for r in RATIO_TARGETS:
@@ -190,7 +191,7 @@ def calibrate_model(model: Any, windows: Sequence[Any], budget: float | None = N
         budget_for[str(r)] = math.nextafter(q, math.inf)
     if budget is None:
         budget = budget_for["0.25"]
-    single = [float((sens[l] * w2[l] ** 2 < budget).double().mean()) for l in range(L)]
+    single = [float((sens[l] * w2[l] ** 2 < budget).double().mean()) if w2[l].numel() else 0.0 for l in range(L)]
     acc_by_d = {str(d): pred.accuracy_by_layer(d, per_token=True) for d in range(1, pred.max_lookahead + 1)}
     popularity = (pop / pop.sum(dim=1, keepdim=True).clamp_min(1)).tolist()
     return {

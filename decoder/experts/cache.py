@@ -132,7 +132,9 @@ class ExpertCache(ExpertProvider):
         self._cond = threading.Condition(self._lock)
 
         # --- sizes: probe one blob for the raw payload size; the manifest gives blob sizes ---
-        probe = bytes(source.fetch(0, 0, priority="demand"))
+        # layers with routed experts (a dense layer, as Qwen's decoder_sparse_step makes, has none)
+        self.moe_layers = list(getattr(cfg, "moe_layers", range(self.L)))
+        probe = bytes(source.fetch(self.moe_layers[0], 0, priority="demand"))
         from expert_store import format as blob_format
         header, _ = blob_format.read_header(probe)
         self.raw_size = int(header.raw_size)     # compact payload: what crosses the link
@@ -141,7 +143,7 @@ class ExpertCache(ExpertProvider):
         self.dense_layout = DenseLayout.of(header, source.dtype) if self.dense_slots else None
         self.slot_bytes = self.dense_layout.nbytes if self.dense_layout else raw_slot_bytes(header)
         max_blob = len(probe)
-        for l in range(self.L):
+        for l in self.moe_layers:
             for e in range(self.E):
                 sz = source.blob_size(l, e)
                 if sz is not None:
@@ -154,11 +156,14 @@ class ExpertCache(ExpertProvider):
         if gpu_slots is None:
             gpu_slots = plan_quotas(cfg, self.slot_bytes, gpu_cache_bytes, scratch_slots, plan, profile)
         gpu_slots = [int(s) for s in gpu_slots]
-        if len(gpu_slots) != self.L or any(not 1 <= s <= self.E for s in gpu_slots):
-            raise ValueError(f"gpu_slots must give 1..{self.E} slots for each of {self.L} layers, got {gpu_slots}")
+        moe = set(self.moe_layers)
+        if len(gpu_slots) != self.L or any(not (1 <= s <= self.E if l in moe else s == 0)
+                                           for l, s in enumerate(gpu_slots)):
+            raise ValueError(f"gpu_slots must give 1..{self.E} slots for each of the {len(moe)} MoE layers "
+                             f"(0 for a dense layer) of {self.L}, got {gpu_slots}")
         self.quota = gpu_slots
         self.plan = plan  # how the quotas were planned (when gpu_slots was not given)
-        self.scratch_slots = 0 if all(s == self.E for s in gpu_slots) else int(scratch_slots)
+        self.scratch_slots = 0 if all(gpu_slots[l] == self.E for l in moe) else int(scratch_slots)
         n_pool = sum(gpu_slots) + self.scratch_slots
         self.gpu_pool = allocate((n_pool, self.slot_bytes), self.device, "the GPU expert slots (gpu_cache_bytes)")
         self._gpu_free: list[int] = list(range(n_pool - 1, -1, -1))
@@ -397,9 +402,10 @@ class ExpertCache(ExpertProvider):
         """Every expert of every layer is loaded into a pool slot (quota E everywhere, so none is
         evicted again); their copies may still be in flight (the step synchronises once)."""
         with self._lock:
-            return (self._bank is not None and all(q == self.E for q in self.quota)
-                    and all(len(d) == self.E and all(not en.loading and en.slot >= 0 for en in d.values())
-                            for d in self._gpu))
+            return (self._bank is not None and all(self.quota[l] == self.E for l in self.moe_layers)
+                    and all(len(self._gpu[l]) == self.E
+                            and all(not en.loading and en.slot >= 0 for en in self._gpu[l].values())
+                            for l in self.moe_layers))
 
     def count_hits(self, n: int) -> None:
         """GPU lookups the captured step served without calling prepare/get (all hits)."""
@@ -409,8 +415,9 @@ class ExpertCache(ExpertProvider):
             g["hits"] += n
 
     def _check(self, layer: int, expert: int) -> None:
-        if not (0 <= layer < self.L and 0 <= expert < self.E):
-            raise ValueError(f"no expert ({layer}, {expert}): the model has {self.L} layers of {self.E} experts")
+        if not (0 <= layer < self.L and 0 <= expert < self.E) or self.quota[layer] == 0:
+            raise ValueError(f"no expert ({layer}, {expert}): the model has {self.L} layers of {self.E} experts"
+                             f" (MoE layers {self.moe_layers})")
 
     def prepare(self, layer: int, experts: Sequence[int]) -> None:
         needed = sorted({int(e) for e in experts})

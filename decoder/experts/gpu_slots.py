@@ -121,14 +121,43 @@ def dense_slots_for(option: bool | None, precision: str, cuda: bool) -> bool:
     return cuda if option is None else bool(option)
 
 
+@dataclass(frozen=True)
+class _MoeLayers:
+    """The sizes plan_quotas needs, for the MoE layers of a model with dense ones."""
+
+    config: Any
+    num_hidden_layers: int
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.config.num_local_experts
+
+    @property
+    def num_experts_per_tok(self) -> int:
+        return self.config.num_experts_per_tok
+
+
 def plan_quotas(config: Any, slot_bytes: int, gpu_cache_bytes: int | None, scratch_slots: int,
                 plan: str = "uniform", profile: Mapping[str, Any] | None = None) -> list[int]:
     """GPU slots per layer for a byte budget: AdapMoE's DP (`plan="uniform"`, uniform expert
     choice) or the measured-popularity DP (`plan="popularity"`), with prefetch accuracy and
     single-expert ratio from the calibration profile (0 when there is none)."""
+    L_all, E = config.num_hidden_layers, config.num_local_experts
+    moe = list(getattr(config, "moe_layers", range(L_all)))
+    if len(moe) < L_all:
+        # dense layers (no routed experts) get no slots; the plan is over the MoE layers
+        def pick(v: Any) -> Any:
+            return [v[l] for l in moe] if isinstance(v, (list, tuple)) and len(v) == L_all else v
+        prof = {k: pick(v) for k, v in (profile or {}).items()}
+        sub = _MoeLayers(config, len(moe))
+        q = plan_quotas(sub, slot_bytes, gpu_cache_bytes, scratch_slots, plan, prof)
+        out = [0] * L_all
+        for l, s in zip(moe, q):
+            out[l] = s
+        return out
     from decoder.cache_plan import plan_slots, plan_slots_popularity
 
-    L, E = config.num_hidden_layers, config.num_local_experts
+    L = L_all
     if gpu_cache_bytes is None:
         return [E] * L
     total = int(gpu_cache_bytes) // slot_bytes

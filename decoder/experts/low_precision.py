@@ -31,7 +31,7 @@ class LowPrecisionTier:
         from expert_store import format as blob_format
 
         self.cache, self.source = cache, source
-        probe = bytes(source.fetch(0, 0, priority="demand"))
+        probe = bytes(source.fetch(cache.moe_layers[0], 0, priority="demand"))
         header, _ = blob_format.read_header(probe)
         self.raw_size = int(header.raw_size)
         self.dense_layout = DenseLayout.of(header, source.dtype) if dense else None
@@ -40,7 +40,7 @@ class LowPrecisionTier:
                              if dense else None)
         if dense and cache.cuda and cache.dequant_stream is None:
             cache.dequant_stream = torch.cuda.Stream(device=cache.device)
-        max_blob = max([len(probe)] + [source.blob_size(l, e) or 0 for l in range(cache.L) for e in range(cache.E)])
+        max_blob = max([len(probe)] + [source.blob_size(l, e) or 0 for l in cache.moe_layers for e in range(cache.E)])
         stage = align(max(max_blob, self.raw_size), HOST_ALIGN)
         if slots < cache.top_k:
             raise ValueError(f"low_slots must be >= top_k ({cache.top_k})")

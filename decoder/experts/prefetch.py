@@ -82,7 +82,7 @@ class Prefetcher(MoEObserver):
                  norm_weights: Sequence[torch.Tensor] | None = None, renorm: bool = True,
                  ewma_alpha: float = 0.3, enabled: bool = True, policy: str = "budget",
                  min_score: float = 0.3, issue_after_demand: bool = False,
-                 skip_miss_rate: float | None = None,
+                 skip_miss_rate: float | None = None, moe_layers: Sequence[int] | None = None,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         """routers[j]: layer j's router weight [E, H]. provider: the expert cache (None = only
         measure predictions). lookahead: fixed k (None = adaptive up to max_lookahead).
@@ -96,8 +96,10 @@ class Prefetcher(MoEObserver):
         recent demand miss rate (provider.miss_rate) is below this (None: always predict).
         clock: the time source of the layer timings (tests pass a fake one)."""
         self.skip_miss_rate = skip_miss_rate
+        # layers with routed experts (a dense layer is never a prefetch target): moe_layers
         self.routers = list(routers)
         self.L = len(self.routers)
+        self.moe_layers = set(range(self.L)) if moe_layers is None else {int(l) for l in moe_layers}
         self.E = int(self.routers[0].shape[0]) if self.L else 0
         self.provider = provider
         self.top_k = int(top_k)
@@ -275,7 +277,7 @@ class Prefetcher(MoEObserver):
         them already), record them for the precision/recall checks, choose the lookahead and
         issue the plan."""
         rows = packed if isinstance(packed, list) else packed.tolist()
-        preds = dict(zip(range(1, D + 1), self._unpack(rows, D)))
+        preds = {d: p for d, p in zip(range(1, D + 1), self._unpack(rows, D)) if layer + d in self.moe_layers}
         k = self.fixed_k or self.max_lookahead
         if self.fixed_k is None:
             k = self._adaptive_k(layer, preds)
@@ -493,6 +495,16 @@ class Prefetcher(MoEObserver):
         self._deferred = None
 
 
+def layer_routers(model: Any) -> tuple[list[torch.Tensor], set[int]]:
+    """Every layer's router [E, H] (zeros for a dense layer, which has none: predictions for it
+    are never used) and the set of layers with routed experts."""
+    moe = set(getattr(model.config, "moe_layers", range(model.config.num_hidden_layers)))
+    routers: list[torch.Tensor | None] = [model.router_weight(l).detach() if l in moe else None
+                                          for l in range(model.config.num_hidden_layers)]
+    like = next(r for r in routers if r is not None)
+    return [r if r is not None else torch.zeros_like(like) for r in routers], moe
+
+
 def build_prefetcher(model: Any, provider: Any, source: Any = None, *, lookahead: int | None = None,
                      max_lookahead: int = 3, renorm: bool = True, enabled: bool = True,
                      policy: str = "budget", min_score: float = 0.3,
@@ -504,9 +516,9 @@ def build_prefetcher(model: Any, provider: Any, source: Any = None, *, lookahead
     if type(provider).prefetch is ExpertProvider.prefetch:
         return None
     L = model.config.num_hidden_layers
-    routers = [model.router_weight(l).detach() for l in range(L)]
+    routers, moe = layer_routers(model)
     norms = [model.layers[l].post_attention_layernorm.weight.detach() for l in range(L)]
-    return Prefetcher(routers, provider, top_k=model.config.num_experts_per_tok, lookahead=lookahead,
+    return Prefetcher(routers, provider, top_k=model.config.num_experts_per_tok, lookahead=lookahead, moe_layers=moe,
                       max_lookahead=max_lookahead, norm_weights=norms, renorm=renorm, enabled=enabled,
                       policy=policy, min_score=min_score, issue_after_demand=issue_after_demand,
                       skip_miss_rate=skip_miss_rate)
