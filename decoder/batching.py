@@ -1,4 +1,4 @@
-"""Continuous batching for the decoder service: the plain logic `decoder/server.py` wraps.
+"""Continuous batching for the decoder service: the plain logic the gRPC and HTTP front ends (decoder/serving/) share.
 
     scheduler = BatchScheduler(engine, max_active=4, max_queue=16)
     scheduler.start()                                 # the step loop runs on its own thread
