@@ -143,9 +143,8 @@ def tune_malloc() -> bool:
     message costs its pages' faults and zeroing: with both processes of a 1 -> 1 stream
     measured on the 2-core dev box (perf), page faults, clear_page and munmap were ~15% of the
     receiving process. Fixing the two thresholds below cut the client's CPU per GB by about
-    a third; that was measured in 1107b9b, together with a hand-written BlobChunk codec since
-    removed (f5a8762), and the ~30% more MB/s seen then is not claimed for the thresholds
-    alone. Setting only one of the two made things worse (a fixed threshold
+    a third (benchmarks/README.md, "Expert store throughput", has the measurement). Setting
+    only one of the two made things worse (a fixed threshold
     turns off glibc's dynamic one), so both are set. The cost: up to 128 MiB of freed heap
     kept per malloc arena, and allocations under 32 MiB come from the heap. A no-op off glibc."""
     global _malloc_tuned

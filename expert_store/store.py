@@ -54,8 +54,7 @@ from expert_store.tiers.nvme import file_signature, settled_signature
 DEFAULT_RAM_BYTES = 256 << 20
 DEFAULT_CHUNK_BYTES = 1 << 20
 # Files larger than this are streamed from NVMe in chunks (ranged serving, see
-# NvmeRangeReader); files up to this size are read whole, checked and promoted into RAM/Redis
-# as before.
+# NvmeRangeReader); files up to this size are read whole, checked and promoted into RAM/Redis.
 DEFAULT_STREAM_ABOVE_BYTES = 16 << 20
 READ_BLOCK_BYTES = 8 << 20  # a ranged stream reads the file this much at a time
 MAX_INDEX = 999  # what format.expert_key accepts
@@ -171,7 +170,7 @@ class NvmeRangeReader(BlobReader):
     blocks (read in a thread, 4 MiB handed to the event loop per hop) came within ~15% of it.
     A stream then holds at most ~16 MiB (block + one batch sent + one read ahead) instead of
     the blob (350 MB for a Mixtral bf16 expert); files up to ``stream_above_bytes`` (16 MiB)
-    are read whole as before. Chunks are memoryviews of the block read (each block is a new
+    are read whole. Chunks are memoryviews of the block read (each block is a new
     bytes object, so a chunk stays valid while it is being sent).
 
     Integrity. Unchecked file: the reader hashes exactly the bytes it hands out, in order,
