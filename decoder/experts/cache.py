@@ -173,6 +173,8 @@ class ExpertCache(ExpertProvider):
         # which loaded expert gives its slot up, and whether a prefetch may take one (gpu_slots.py)
         self.policy = EvictionPolicy(eviction, eviction_decay, admission)
         self._miss_rate = [0.0] * self.L     # per layer: EWMA of demand misses per lookup
+        self._all_loaded = False             # all_resident() once it held
+        self._full_quota = all(self.quota[l] == self.E for l in self.moe_layers)
         self._raw_offsets = _offsets(header)
 
         # --- host tier: pinned arena of fixed slots ------------------------------------------
@@ -400,12 +402,18 @@ class ExpertCache(ExpertProvider):
 
     def all_resident(self) -> bool:
         """Every expert of every layer is loaded into a pool slot (quota E everywhere, so none is
-        evicted again); their copies may still be in flight (the step synchronises once)."""
+        evicted again); their copies may still be in flight (the step synchronises once). Asked
+        every decode step: O(1) unless every quota is full and the loads are still coming in,
+        and once true it stays true (nothing is evicted at full quotas)."""
+        if self._all_loaded:
+            return True
+        if self._bank is None or not self._full_quota:
+            return False
         with self._lock:
-            return (self._bank is not None and all(self.quota[l] == self.E for l in self.moe_layers)
-                    and all(len(self._gpu[l]) == self.E
-                            and all(not en.loading and en.slot >= 0 for en in self._gpu[l].values())
-                            for l in self.moe_layers))
+            self._all_loaded = all(len(self._gpu[l]) == self.E
+                                   and all(not en.loading and en.slot >= 0 for en in self._gpu[l].values())
+                                   for l in self.moe_layers)
+        return self._all_loaded
 
     def count_hits(self, n: int) -> None:
         """GPU lookups the captured step served without calling prepare/get (all hits)."""
