@@ -25,6 +25,7 @@ import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
+from decoder.wire import TOKEN_ENV
 
 PROG = "moe-decoder"
 
@@ -83,12 +84,11 @@ def read_store_token(path: str | None) -> str | None:
     """The bearer token sent to the store: from --store-token-file (stripped), else
     $EXPERT_STORE_TOKEN, else None."""
     from expert_store.grpc_serving import read_token_file
-    from expert_store.client import TOKEN_ENV
+    from expert_store.wire import TOKEN_ENV as STORE_TOKEN_ENV
 
-    return read_token_file(path, TOKEN_ENV)
+    return read_token_file(path, STORE_TOKEN_ENV)
 
 
-TOKEN_ENV = "MOE_DECODER_TOKEN"  # the token clients of `serve` must send (--auth-token-file wins)
 
 GATING_HELP = "topk | uniform | adaptive | cost-aware"
 BUDGET_HELP = ("gating budget: T for adaptive / cost-aware (default: the calibrated one for --single-expert-ratio), "

@@ -33,8 +33,8 @@ import grpc
 
 from expert_store._proto.adapmoe.v1 import decoder_pb2 as pb
 from expert_store._proto.adapmoe.v1 import decoder_pb2_grpc as pb_grpc
+from decoder.wire import MAX_MESSAGE_BYTES
 
-MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # as the server
 
 
 class DecoderError(Exception):

@@ -213,7 +213,7 @@ class StoreProcess:
         if not self.address:
             tail = "".join(self.output[-20:]).strip()
             self.stop()
-            raise RuntimeError(f"expert-store serve did not report its address"
+            raise RuntimeError("expert-store serve did not report its address"
                                + (f": {tail.splitlines()[-1]}" if tail else ""))
         return self
 

@@ -97,12 +97,11 @@ from expert_store._proto.adapmoe.v1 import expert_store_pb2 as pb
 from expert_store._proto.adapmoe.v1 import expert_store_pb2_grpc as pb_grpc
 from expert_store.errors import DataLoss, InvalidArgument, NotFound, StoreError, Unavailable, error_for_code
 from expert_store.grpc_serving import tune_malloc
+from expert_store.wire import MAX_MESSAGE_BYTES, TOKEN_ENV
 
 log = logging.getLogger("expert_store.client")
 
 Ref = tuple[int, int, str]  # (layer, expert, precision)
-TOKEN_ENV = "EXPERT_STORE_TOKEN"
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # as the server (a manifest carries tokenizer.json)
 PRIORITIES = {"demand": pb.DEMAND, "prefetch": pb.PREFETCH}
 # A channel to a replica that went away retries its connection with exponential backoff up to
 # this; failover keeps retrying UNAVAILABLE for RETRY_WINDOW_S, so a restarted replica is reached.

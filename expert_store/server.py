@@ -46,6 +46,7 @@ from expert_store.errors import InvalidArgument, ResourceExhausted, StoreError
 from expert_store.grpc_serving import (BearerTokenInterceptor, add_health_and_reflection, add_port, auth_interceptors,
                                        channel_options, check_security, join_host_port, read_token_file,
                                        set_health, stop_on_signals, tune_malloc)
+from expert_store.wire import MAX_MESSAGE_BYTES, PUT_KINDS, TOKEN_ENV
 
 log = logging.getLogger("expert_store.server")
 
@@ -54,12 +55,9 @@ MIN_CHUNK_BYTES = 256 * 1024
 MAX_CHUNK_BYTES = 1024 * 1024
 # The largest message either side sends: a manifest carries tokenizer.json verbatim (~2 MB for
 # Mixtral); blob chunks are at most 1 MiB.
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 # A ranged (disk) stream hands this much to the event loop per thread hop; the next batch is
 # read while one is sent (see store.NvmeRangeReader for why not one hop per chunk).
 STREAM_BATCH_BYTES = 4 * 1024 * 1024
-TOKEN_ENV = "EXPERT_STORE_TOKEN"
-PUT_KINDS = ("expert", "dense", "config", "tokenizer", "tokenizer_config", "profile", "manifest")
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ from expert_store import format as blob_format
 from expert_store.errors import DataLoss, InvalidArgument, NotFound, StoreError
 from expert_store.tiers import MemoryTier, NvmeTier, RedisTier, TieredStore
 from expert_store.tiers.nvme import file_signature, settled_signature
+from expert_store.wire import PUT_KINDS
 
 DEFAULT_RAM_BYTES = 256 << 20
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -60,7 +61,6 @@ READ_BLOCK_BYTES = 8 << 20  # a ranged stream reads the file this much at a time
 MAX_INDEX = 999  # what format.expert_key accepts
 log = logging.getLogger(__name__)
 
-PUT_KINDS = ("expert", "dense", "config", "tokenizer", "tokenizer_config", "profile", "manifest")
 _FILE_OF_KIND = {
     "config": "config.json",
     "tokenizer": "tokenizer.json",

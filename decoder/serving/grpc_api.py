@@ -39,7 +39,6 @@ log = logging.getLogger("decoder.grpc")
 request_log = logging.getLogger("decoder.requests")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Decoder"].full_name  # "adapmoe.v1.Decoder"
-MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 

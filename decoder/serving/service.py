@@ -26,7 +26,8 @@ from grpc_health.v1 import health_pb2
 
 from decoder.batching import BatchScheduler
 from decoder.serving.config import ServiceConfig
-from decoder.serving.grpc_api import MAX_MESSAGE_BYTES, SERVICE_NAME, DecoderServicer
+from decoder.serving.grpc_api import SERVICE_NAME, DecoderServicer
+from decoder.wire import MAX_MESSAGE_BYTES
 from decoder.serving.metrics import DecoderMetrics
 from expert_store import grpc_serving
 from expert_store._proto.adapmoe.v1 import decoder_pb2_grpc as pb_grpc

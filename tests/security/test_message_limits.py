@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sec_procs import PROMPTS, decoder_proc, generate, pack_tiny_model, status_of, store_proc
 
-from decoder.serving import grpc_api
+from decoder import wire as decoder_wire
 from expert_store import client as store_client
 from expert_store import server as store_server
 from expert_store._proto.adapmoe.v1 import decoder_pb2 as dpb
@@ -62,7 +62,7 @@ def healthy(address: str) -> bool:
 
 def test_limits_are_explicit_constants():
     assert store_server.MAX_MESSAGE_BYTES == store_client.MAX_MESSAGE_BYTES == 16 << 20
-    assert grpc_api.MAX_MESSAGE_BYTES == 8 << 20
+    assert decoder_wire.MAX_MESSAGE_BYTES == 8 << 20
     cfg = dict(store_server.server_options(store_server.ServerConfig()))
     assert cfg["grpc.max_receive_message_length"] == cfg["grpc.max_send_message_length"] == STORE_LIMIT
 
@@ -112,7 +112,7 @@ def test_decoder_refuses_oversized_requests(store):
             assert status_of(lambda: stub.Generate(dpb.GenerateRequest(prompt=big, max_tokens=1), timeout=30)) \
                 == grpc.StatusCode.RESOURCE_EXHAUSTED
             ids = dpb.GenerateRequest(prompt_token_ids=[2 ** 31] * (2 << 20), max_tokens=1)  # ~10 MiB of varints
-            assert ids.ByteSize() > grpc_api.MAX_MESSAGE_BYTES
+            assert ids.ByteSize() > decoder_wire.MAX_MESSAGE_BYTES
             assert status_of(lambda: stub.Generate(ids, timeout=30)) == grpc.StatusCode.RESOURCE_EXHAUSTED
             mid = "a" * (2 << 20)  # fits a message, but no prompt is 2 MiB: refused before tokenizing
             assert status_of(lambda: stub.Generate(dpb.GenerateRequest(prompt=mid, max_tokens=1), timeout=30)) \

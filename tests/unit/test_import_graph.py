@@ -110,3 +110,27 @@ def test_serving_never_imports_the_cli():
             bad += [f"{path.name}: {n}" for n in names if n == "decoder.cli" or n.startswith("decoder.cli.")]
     assert not bad
     assert not (ROOT / "decoder" / "server.py").exists()  # the service lives in decoder/serving/
+
+
+def test_each_wire_constant_is_defined_once():
+    """The constants clients and servers must agree on live in expert_store/wire.py and
+    decoder/wire.py; no other module assigns them."""
+    import re
+
+    from decoder import wire as decoder_wire
+    from expert_store import wire as store_wire
+
+    names = {n for mod in (decoder_wire, store_wire) for n in vars(mod) if n.isupper()}
+    assert {"MAX_MESSAGE_BYTES", "TOKEN_ENV", "PUT_KINDS"} <= names
+    defs: dict[str, list[str]] = {}
+    for pkg in PACKAGES:
+        for p in (ROOT / pkg).rglob("*.py"):
+            if "_proto" in p.parts:
+                continue
+            for n in re.findall(r"^([A-Z_]+)\s*(?::[^=]+)?=", p.read_text(), flags=re.M):
+                if n in names:
+                    defs.setdefault(n, []).append(module_name(p))
+    # MAX_MESSAGE_BYTES and TOKEN_ENV: once for the store, once for the decoder (two protocols)
+    for n, where in defs.items():
+        assert all(m in ("expert_store.wire", "decoder.wire") for m in where), (n, where)
+        assert len(where) == len(set(where)) <= 2, (n, where)
