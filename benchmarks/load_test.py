@@ -373,9 +373,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"load_test.py: error: {e}", file=sys.stderr)
         return 2
-    print(format_summary(summary))
-    path = write_result(summary, Path(args.out))
-    print(f"wrote {path}")
+    return _report(format_summary(summary), summary, args.out)
+
+
+def _report(table: str, summary: dict[str, Any], out: str) -> int:
+    """Print the table, write the JSON result next to the others; exit status 0."""
+    print(table)
+    print(f"wrote {write_result(summary, Path(out))}")
     return 0
 
 
@@ -396,10 +400,7 @@ def _main_http(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"load_test.py: error: {e}", file=sys.stderr)
         return 2
-    print(format_http_summary(summary))
-    path = write_result(summary, Path(args.out))
-    print(f"wrote {path}")
-    return 0
+    return _report(format_http_summary(summary), summary, args.out)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from decoder.experts.provider import ExpertProvider, ExpertSource, StoreExperts
 from decoder.model.config import ModelConfig
 from decoder.model.transformer import Transformer
 from decoder.routing import Gating, MoEObserver, TopKGating
-from decoder.step import DecodeStep, unsupported_reason
+from decoder.step import DecodeStep, step_gating_key, unsupported_reason
 from decoder.tokenizer import StreamDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,7 @@ class Engine:
         # "step": always (eagerly on the CPU; an error when unsupported); "eager": never
         self.decode_step = decode_step
         self._steps: dict[int, DecodeStep] = {}     # batch size -> step (1: generate())
+        self._verdict: tuple[Any, str | None] | None = None   # (what it depends on, unsupported_reason)
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -356,9 +357,15 @@ class Engine:
 
     # --- the decode step ------------------------------------------------------------------------
     def _use_step(self) -> bool:
+        """Whether this decode token goes through the step. Asked every token: the model's
+        verdict is kept until its gating, observers or provider change."""
         if self.decode_step == "eager" or (self.decode_step == "auto" and self.device.type != "cuda"):
             return False
-        reason = unsupported_reason(self.model)
+        m = self.model
+        key = (m.gating, step_gating_key(m.gating), tuple(m.observers), m.experts)
+        if self._verdict is None or self._verdict[0] != key:
+            self._verdict = (key, unsupported_reason(m))
+        reason = self._verdict[1]
         if reason is not None and self.decode_step == "step":
             raise ValueError(f"decode_step='step': {reason}")
         return reason is None

@@ -64,7 +64,7 @@ def unsupported_reason(model: Transformer) -> str | None:
     return None
 
 
-def _gating_key(g: Any) -> tuple:
+def step_gating_key(g: Any) -> tuple:
     """The gating settings a captured step bakes in."""
     return (id(g), getattr(g, "budget", None), getattr(g, "threshold", None), getattr(g, "sensitivity", None) and
             tuple(g.sensitivity))
@@ -102,7 +102,7 @@ class DecodeStep:
             raise ValueError("graph capture needs CUDA and the fused MoE kernels (Triton, bf16/fp16)")
         self._kv_ptr = kv.k_cache.data_ptr()
         self._observers = tuple(model.observers)
-        self._gating_key = _gating_key(model.gating)
+        self._gating_key = step_gating_key(model.gating)
         self.prefetcher = next((o for o in model.observers if isinstance(o, Prefetcher)), None)
         self.host_observers = [o for o in model.observers if wants_host_routing(o)]
         # observers that count per batch row on the device (the batching scheduler's): the step
@@ -197,7 +197,9 @@ class DecodeStep:
         ids = torch.where(self.active[:, None], ids, -1)
         return w, ids, pend
 
-    def _pre(self, layer: int) -> None:
+    def _pre(self, layer: int, whole: bool = False) -> torch.Tensor:
+        """Attention, router and gating of `layer`; with a read to follow (not `whole`) also the
+        prefetcher's predictions and the packed readback. Returns the dropped w2 or -1 [B]."""
         if layer == 0:
             self._embed()
         blk = self.model.layers[layer]
@@ -213,11 +215,14 @@ class DecodeStep:
             per_row = torch.stack([n > 0, n, n == 1], dim=1).long()         # padding rows: n = 0
             for rc in self.row_counts:
                 rc[:self.B] += per_row
+        if whole:                   # nothing is read and every expert is resident: no predictions
+            return pend
         parts = [ids.float(), pend[:, None], w]
         if self.distance[layer]:
             pred = self.prefetcher.predict_device(layer, m)                  # [D, B, 2k]
             parts.append(pred.permute(1, 0, 2).reshape(self.B, -1))
         self.readback[layer].copy_(torch.cat(parts, dim=1))
+        return pend
 
     def _moe(self, layer: int, experts: list[int] | None = None) -> None:
         args = (self.moe_in, self.route_w[layer], self.route_ids[layer], self.slots[layer], self.banks[layer])
@@ -230,13 +235,12 @@ class DecodeStep:
         m = self.model
         self.logits.copy_(m.lm_head(m.norm(self.x)).float())
 
-    def _count(self, layer: int) -> None:
-        # device counters of one layer (whole mode): nothing is read
+    def _count(self, layer: int, pend: torch.Tensor) -> None:
+        # device counters of one layer (whole mode): nothing is read; pend: dropped w2 or -1 [B]
         ids = self.route_ids[layer]
         valid = ids >= 0                                                     # [B, k]
         n = valid.sum(1)                                                     # [B]
         act = self.active
-        pend = self.readback[layer][:, self.k]
         dropped = (pend >= 0) & act
         onehot = torch.zeros(self.E, dtype=torch.long, device=self.device)
         onehot.scatter_add_(0, ids.clamp(min=0).flatten(), valid.flatten().long())
@@ -247,9 +251,9 @@ class DecodeStep:
 
     def _whole(self) -> None:
         for l in range(self.L):
-            self._pre(l)
+            pend = self._pre(l, whole=True)
             self._moe(l)
-            self._count(l)
+            self._count(l, pend)
 
     def stale(self) -> bool:
         """True when the model changed under the step (KV cache reallocated, another gating or
@@ -257,7 +261,7 @@ class DecodeStep:
         m = self.model
         kv = m.layers[0].self_attn.kv_cache
         return (kv is None or kv.k_cache.data_ptr() != self._kv_ptr or m.gating is not self.gating
-                or _gating_key(m.gating) != self._gating_key or tuple(m.observers) != self._observers
+                or step_gating_key(m.gating) != self._gating_key or tuple(m.observers) != self._observers
                 or (self.prefetcher is not None
                     and [self.prefetcher.static_distance(l) for l in range(self.L)] != self.distance))
 
@@ -300,19 +304,20 @@ class DecodeStep:
             self._replay(f"pre{l}", lambda l=l: self._pre(l))
             flat = self.readback[l].tolist()                                 # the layer's one read
             self.reads += 1
-            rows = [[int(v) for v in r[:k]] for r in flat]
-            if self.B > 1:                  # padding rows route to no expert: leave them out
-                rows = [r for r in rows if any(e >= 0 for e in r)]
+            # the active rows (padding rows route to no expert): expert ids and their weights
+            live = [r for r in flat if any(e >= 0 for e in r[:k])]
+            rows = [[int(v) for v in r[:k]] for r in live]
+            wrows = [r[k + 1:2 * k + 1] for r in live]
             if pf is not None:
                 D = self.distance[l]
                 p0 = 2 * k + 1
-                preds = [[r[p0 + 2 * k * d: p0 + 2 * k * (d + 1)] for r in flat] for d in range(D)] if D else None
+                preds = [[r[p0 + 2 * k * d: p0 + 2 * k * (d + 1)] for r in live] for d in range(D)] if D else None
                 pf.on_moe_input_read(l, preds)
             if self.host_decides:
-                rows = self._decide_on_host(l, flat)
+                rows, wrows = self._decide_on_host(l, flat)
             else:
-                self._count_host(l, flat)
-            self._hint_low_precision(l, flat, rows)
+                self._count_host(l, rows, [r[k] for r in live])
+            self._hint_low_precision(l, rows, wrows)
             for obs in self.host_observers:
                 obs.on_routing_host(l, rows)
             needed = sorted({e for r in rows for e in r if e >= 0})
@@ -346,15 +351,16 @@ class DecodeStep:
         if layer == self.L - 1:
             self._head()
 
-    def _decide_on_host(self, layer: int, flat: list[list[float]]) -> list[list[int]]:
+    def _decide_on_host(self, layer: int, flat: list[list[float]]) -> tuple[list[list[int]], list[list[float]]]:
         """Cost-aware gating: decide from the read rows (expert locations are the host's), count,
         and write the changed routing back to the device buffers the MoE graph reads. Returns
-        the rows of active tokens after the decision."""
+        the active tokens' expert ids and weights after the decision."""
         g, k = self.gating, self.k
         live = [t for t, r in enumerate(flat) if any(e >= 0 for e in r[:k])]
         drop, w2 = g.decide_rows(layer, [flat[t][:k] + [flat[t][2 * k]] for t in live])
         g._count(layer, drop, w2)
         rows = [[int(e) for e in flat[t][:k]] for t in live]
+        wrows = [list(flat[t][k + 1:2 * k + 1]) for t in live]
         if any(drop):
             ids_h, w_h = self.ids_host[layer], self.w_host[layer]
             for t, r in enumerate(flat):
@@ -371,46 +377,35 @@ class DecodeStep:
                     kept = w_h[t, :-1]
                     w_h[t, :-1] = kept / kept.sum()
                     w_h[t, -1] = 0.0
+                wrows[j] = w_h[t].tolist()
             self.route_ids[layer].copy_(ids_h, non_blocking=True)
             self.route_w[layer].copy_(w_h, non_blocking=True)
-        return rows
+        return rows, wrows
 
-    def _hint_low_precision(self, layer: int, flat: list[list[float]], rows: list[list[int]]) -> None:
+    def _hint_low_precision(self, layer: int, rows: list[list[int]], wrows: list[list[float]]) -> None:
         """HOBBIT's hint as the eager gating gives it: experts whose largest weight in this step
-        is below the threshold may be loaded at the cache's miss precision."""
+        (after the gating's decision) is below the threshold may load at the cache's miss precision."""
         g = self.gating
         if not isinstance(g, CountingGating) or g.miss_threshold is None or g.miss_provider is None:
             return
-        k = self.k
-        live = [r for r in flat if any(e >= 0 for e in r[:k])]
         best: dict[int, float] = {}
-        for r, ids in zip(live, rows):
-            for j, e in enumerate(ids):
+        for ids, ws in zip(rows, wrows):
+            for e, w in zip(ids, ws):
                 if e >= 0:
-                    w = 1.0 if (j == 0 and ids[-1] < 0 and k == 2) else r[k + 1 + j]
                     best[e] = max(best.get(e, 0.0), w)
         low = sorted(e for e, w in best.items() if w < g.miss_threshold)
         if low:
             g.miss_provider.allow_low_precision(layer, low)
 
-    def _count_host(self, layer: int, flat: list[list[float]]) -> None:
-        """Gating counts of a layered step, from its read."""
+    def _count_host(self, layer: int, rows: list[list[int]], pend: list[float]) -> None:
+        """Gating counts of a layered step from its read: the active rows' expert ids and each
+        row's dropped w2 (-1 when it kept both)."""
         g = self.gating
         if not isinstance(g, CountingGating):
             return
-        decisions = experts = single = 0
-        w2sq = 0.0
-        for r in flat:
-            ids = r[:self.k]
-            if all(e < 0 for e in ids):
-                continue                    # a padding row
-            n = sum(1 for e in ids if e >= 0)
-            decisions += 1
-            experts += n
-            single += n == 1
-            if r[self.k] >= 0:
-                w2sq += r[self.k] * r[self.k]
-        g.count_step(layer, decisions, experts, single, w2sq)
+        used = [sum(1 for e in r if e >= 0) for r in rows]
+        g.count_step(layer, len(rows), sum(used), sum(1 for n in used if n == 1),
+                     sum(p * p for p in pend if p >= 0))
 
     def _replay(self, name: str, fn: Any, experts: list[int] | None = None) -> None:
         if not self.capture:

@@ -42,7 +42,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import xxhash
 
@@ -457,15 +457,17 @@ class ModelStore:
     # -- queries -------------------------------------------------------------------------
     def models(self) -> list[str]:
         """Names of the models that have a manifest, sorted."""
-        out = []
+        return [name for name in self._model_dirs()
+                if self.nvme.contains(blob_format.file_key(name, "manifest.json"))]
+
+    def _model_dirs(self) -> Iterator[str]:
+        """Top-level NVMe directories named like a model (what a pack writes into)."""
         for name in self.nvme.children(""):
             try:
                 blob_format.validate_model_name(name)
             except ValueError:
                 continue
-            if self.nvme.contains(blob_format.file_key(name, "manifest.json")):
-                out.append(name)
-        return out
+            yield name
 
     def has_model(self, model: str) -> bool:
         try:
@@ -935,11 +937,7 @@ class ModelStore:
         """Models with files on disk but no manifest yet: a pack that has not finished (or
         broke off), sorted. Nothing of them is served."""
         out = []
-        for name in self.nvme.children(""):
-            try:
-                blob_format.validate_model_name(name)
-            except ValueError:
-                continue
+        for name in self._model_dirs():
             has_files = next(iter(self.nvme.keys(f"{name}/")), None) is not None
             if has_files and not self.nvme.contains(blob_format.file_key(name, "manifest.json")):
                 out.append(name)

@@ -720,9 +720,9 @@ class ExpertCache(ExpertProvider):
             slot = self._gpu_free.pop()
             prev_ev = self._gpu_slot_events.pop(slot, None)
         else:
-            candidates = [(layer, e) for e, en in lru.items()   # least recently used first
+            candidates = ((layer, e) for e, en in lru.items()   # least recently used first
                           if not (en.loading or en.slot < 0 or (layer, e) in self._pinned_keys
-                                  or (kind == "prefetch" and en.step == self.step))]  # the token wants it
+                                  or (kind == "prefetch" and en.step == self.step)))  # the token wants it
             key = self.policy.victim(candidates, self.step)
             victim = lru[key[1]] if key is not None else None
             if victim is not None and kind == "prefetch" and not self.policy.admit(use, key, self.step):
@@ -783,8 +783,8 @@ class ExpertCache(ExpertProvider):
                 self._transient -= 1
         excess = sum(1 for en in lru.values() if en.slot >= 0) - self.quota[layer]
         while excess > 0:
-            candidates = [(layer, e) for e, en in lru.items()
-                          if not (en.loading or en.slot < 0 or (layer, e) in self._pinned_keys)]
+            candidates = ((layer, e) for e, en in lru.items()
+                          if not (en.loading or en.slot < 0 or (layer, e) in self._pinned_keys))
             key = self.policy.victim(candidates, self.step)
             if key is None:
                 break

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -207,9 +207,13 @@ class EvictionPolicy:
         self.kind, self.decay, self.admission = kind, float(decay), bool(admission)
         self.d = 2.0 ** -self.decay
         self._crf: dict[tuple[int, int], tuple[float, int]] = {}     # key -> (crf at step, step)
+        # plain LRU needs no use history: `use` is then free on the lookup path
+        self._tracks = kind != "lru" or self.admission
 
     def use(self, key: tuple[int, int], step: int) -> None:
         """A demand use of `key` at token `step` (several uses in one step count once)."""
+        if not self._tracks:
+            return
         crf, at = self._crf.get(key, (0.0, step))
         if at == step and crf > 0:
             return
@@ -226,13 +230,13 @@ class EvictionPolicy:
             return self.crf(key, step) / max(1, step)
         return self.crf(key, step) * (1.0 - self.d) / self.d
 
-    def victim(self, candidates: Sequence[tuple[int, int]], step: int) -> tuple[int, int] | None:
-        """The candidate to evict; `candidates` in LRU order (least recent first)."""
-        if not candidates:
-            return None
+    def victim(self, candidates: Iterable[tuple[int, int]], step: int) -> tuple[int, int] | None:
+        """The candidate to evict; `candidates` in LRU order (least recent first). LRU takes the
+        first without looking further."""
         if self.kind == "lru":
-            return candidates[0]
-        return min(enumerate(candidates), key=lambda ic: (self.crf(ic[1], step), ic[0]))[1]
+            return next(iter(candidates), None)
+        best = min(enumerate(candidates), key=lambda ic: (self.crf(ic[1], step), ic[0]), default=None)
+        return None if best is None else best[1]
 
     def admit(self, predicted_use: float | None, victim: tuple[int, int], step: int) -> bool:
         """May a prefetch with `predicted_use` (None: unknown) evict `victim`?"""

@@ -303,20 +303,21 @@ def chat_body(rid: str, created: int, model: str, text: str, finish: str, usage:
 
 def completion_chunk(rid: str, created: int, model: str, text: str, finish: str | None,
                      include_usage: bool) -> dict[str, Any]:
-    chunk: dict[str, Any] = {
-        "id": rid, "object": "text_completion", "created": created, "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None,
-                     "finish_reason": None if finish is None else FINISH_REASONS.get(finish, finish)}]}
-    if include_usage:
-        chunk["usage"] = None
-    return chunk
+    return _chunk(rid, created, model, "text_completion", {"text": text}, finish, include_usage)
 
 
 def chat_chunk(rid: str, created: int, model: str, delta: dict[str, Any], finish: str | None,
                include_usage: bool) -> dict[str, Any]:
+    return _chunk(rid, created, model, "chat.completion.chunk", {"delta": delta}, finish, include_usage)
+
+
+def _chunk(rid: str, created: int, model: str, obj: str, content: dict[str, Any], finish: str | None,
+           include_usage: bool) -> dict[str, Any]:
+    """One streamed choice (`content`: its text or delta); `usage: null` when the stream ends
+    with a usage chunk."""
     chunk: dict[str, Any] = {
-        "id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None,
+        "id": rid, "object": obj, "created": created, "model": model,
+        "choices": [{"index": 0, **content, "logprobs": None,
                      "finish_reason": None if finish is None else FINISH_REASONS.get(finish, finish)}]}
     if include_usage:
         chunk["usage"] = None
