@@ -122,7 +122,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['decode_tokens_per_s']:9.1f} decode tokens/s, mean batch {r['mean_batch']:.2f}, "
               f"identical to batch 1: {100 * row['identical_sequences']:.0f}% of sequences, "
               f"{100 * row['identical_tokens']:.1f}% of tokens")
-    out = {"device": args.device, "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda")
+    by_batch = {r["batch"]: r for r in rows}
+    target = None
+    if 8 in by_batch and by_batch[1]["decode_tokens_per_s"]:
+        ratio = by_batch[8]["decode_tokens_per_s"] / by_batch[1]["decode_tokens_per_s"]
+        target = {"name": "batch 8 decode tokens/s >= 5x batch 1", "ratio": ratio, "met": ratio >= 5.0}
+        print(f"target (issue 12): {target['name']}: {'MET' if target['met'] else 'MISSED'} ({ratio:.2f}x)")
+    out = {"device": args.device, "target": target, "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda")
            else "cpu", "dtype": args.dtype, "torch": torch.__version__,
            "decode_step": args.decode_step,
            "model": {k: getattr(args, k) for k in ("hidden", "ffn", "layers", "experts", "heads", "kv_heads", "vocab")},

@@ -31,9 +31,12 @@ interpreter has no bf16 arithmetic, so the kernels then widen bf16 tiles to fp32
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -202,11 +205,67 @@ def _sm_count(device: torch.device) -> int:
     return 8
 
 
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes of the two kernels: up tiles W1/W3 as [block_f, block_h], down tiles W2 as
+    [block_d, block_fd]. `benchmarks/moe_kernel.py` sweeps them on a GPU; the defaults are its
+    pick for the benchmark shapes (benchmarks/README.md, "The fused MoE kernels")."""
+
+    block_f: int = 64
+    block_h: int = 128
+    block_d: int = 64
+    block_fd: int = 128
+    up_warps: int = 4
+    up_stages: int = 3
+    down_warps: int = 4
+    down_stages: int = 3
+
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def config_file(device_name: str) -> Path:
+    """Where the tuned tiles of one GPU model live (written by benchmarks/moe_kernel.py)."""
+    return CONFIG_DIR / (re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json")
+
+
+def config_key(bits: int, hidden: int, ffn: int) -> str:
+    return f"bits={bits},hidden={hidden},ffn={ffn}"
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(device_name: str) -> dict:
+    path = config_file(device_name)
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text())
+
+
+def tuned_config(device: torch.device, bank: ExpertBank, tokens: int) -> KernelConfig:
+    """The tiles measured fastest for this GPU model, precision, layer shape and the smallest
+    tuned token count >= `tokens` (else the largest); the defaults where nothing was tuned."""
+    if device.type != "cuda":
+        return KernelConfig()
+    return pick_config(_tuned(torch.cuda.get_device_name(device)), bank, tokens)
+
+
+def pick_config(tuned: dict, bank: ExpertBank, tokens: int) -> KernelConfig:
+    """`tuned_config`'s choice from one GPU model's table {config_key: {tokens: tiles}}."""
+    table = tuned.get(config_key(bank.bits, bank.hidden, bank.ffn), {})
+    if not table:
+        return KernelConfig()
+    counts = sorted(int(t) for t in table)
+    pick = next((t for t in counts if t >= tokens), counts[-1])
+    return KernelConfig(**table[str(pick)])
+
+
 def moe_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, slot_of: torch.Tensor,
-               bank: ExpertBank) -> torch.Tensor:
-    """`fused_moe` through the two Triton kernels (no host read; capturable)."""
+               bank: ExpertBank, config: KernelConfig | None = None) -> torch.Tensor:
+    """`fused_moe` through the two Triton kernels (no host read; capturable). `config`: the
+    tiles (default: `tuned_config` for x's device)."""
     import triton
 
+    cfg = config or tuned_config(x.device, bank, x.shape[0])
     up, down = _kernels()
     T, H = x.shape
     k = ids.shape[1]
@@ -220,7 +279,7 @@ def moe_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, slot_o
     wts = weights.reshape(-1).float()
     slot_of = slot_of.to(torch.int32)
     BLOCK_R = max(16, triton.next_power_of_2(R))
-    BLOCK_F, BLOCK_H = 64, 128
+    BLOCK_F, BLOCK_H = cfg.block_f, cfg.block_h
     act = torch.empty(R, Fd, dtype=torch.float32 if widen else x.dtype, device=x.device)
     qbits = 0 if bank.bits == 16 else bank.bits
     scales = bank.scales if bank.scales is not None else wts          # any pointer when unused
@@ -229,8 +288,9 @@ def moe_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, slot_o
     up[(E, triton.cdiv(Fd, BLOCK_F))](x, ids_flat, slot_of, bank.w1, bank.w3, act, R, H, Fd, x.stride(0),
                                        bank.slot_stride, bank.off1, bank.off3, scales, bank.scale_stride,
                                        bank.soff1, bank.soff3, K=k, WIDEN=widen, QBITS=qbits, GROUP=group, DIV=div,
-                                       BLOCK_R=BLOCK_R, BLOCK_F=BLOCK_F, BLOCK_H=BLOCK_H, num_warps=4)
-    BLOCK_D, BLOCK_FD = 64, 128
+                                       BLOCK_R=BLOCK_R, BLOCK_F=BLOCK_F, BLOCK_H=BLOCK_H, num_warps=cfg.up_warps,
+                                       num_stages=cfg.up_stages)
+    BLOCK_D, BLOCK_FD = cfg.block_d, cfg.block_fd
     # split F so that the programs of the (at most min(E, R)) used experts cover the SMs twice
     d_blocks = triton.cdiv(H, BLOCK_D)
     used = min(E, R)
@@ -240,5 +300,6 @@ def moe_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, slot_o
     y = torch.zeros(split, R, H, dtype=torch.float32, device=x.device)
     down[(E, d_blocks, split)](act, ids_flat, wts, slot_of, bank.w2, y, R, H, Fd, bank.slot_stride, bank.off2,
                                f_per_split, scales, bank.scale_stride, bank.soff2, WIDEN=widen, QBITS=qbits,
-                               GROUP=group, DIV=div, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, BLOCK_F=BLOCK_FD, num_warps=4)
+                               GROUP=group, DIV=div, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, BLOCK_F=BLOCK_FD,
+                               num_warps=cfg.down_warps, num_stages=cfg.down_stages)
     return y.sum(0).view(T, k, H).sum(1).to(x.dtype)

@@ -6,23 +6,31 @@ import triton.language as tl
 
 
 @triton.jit
-def load_q(q_ptr, s_ptr, rows, cols, row_mask, col_mask, ncols, ngroups, QBITS: tl.constexpr,
-           GROUP: tl.constexpr, HALF: tl.constexpr):
-    """Dequantized fp32 tile of a group-wise int8 / int4 matrix: w[rows, cols] (for int4
-    `cols` index packed bytes and HALF picks the high (odd column) or low nibble)."""
+def load_q(q_ptr, s_ptr, rows, c, c0, row_mask, col_mask, ncols, ngroups, QBITS: tl.constexpr,
+           GROUP: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Dequantized fp32 tiles (lo, hi) of a group-wise int8 / int4 matrix w[rows, :] over the
+    stored columns `c` (a block of BLOCK_C starting at c0). int8: lo = w[rows, c] (hi unused).
+    int4: each stored byte holds two values, lo = w[rows, 2c] (low nibble) and
+    hi = w[rows, 2c + 1] (high nibble): the bytes are read once for both. One scale per row
+    serves the whole tile when it lies inside one quantization group, else one per column."""
+    DIV: tl.constexpr = 2 if QBITS == 4 else 1
     m = row_mask[:, None] & col_mask[None, :]
-    if QBITS == 8:
-        v = tl.load(q_ptr + rows[:, None].to(tl.int64) * ncols + cols[None, :], mask=m, other=0).to(tl.float32)
-        g = cols // GROUP
+    stored = ncols // DIV
+    raw = tl.load(q_ptr + rows[:, None].to(tl.int64) * stored + c[None, :], mask=m, other=0)
+    if GROUP % (BLOCK_C * DIV) == 0:
+        sc = tl.load(s_ptr + rows.to(tl.int64) * ngroups + (c0 * DIV) // GROUP, mask=row_mask,
+                     other=0.0).to(tl.float32)[:, None]
     else:
-        b = tl.load(q_ptr + rows[:, None].to(tl.int64) * (ncols // 2) + cols[None, :], mask=m, other=0).to(tl.int32)
-        if HALF:
-            v = ((b >> 4) - 8).to(tl.float32)
-        else:
-            v = ((b & 0xF) - 8).to(tl.float32)
-        g = (cols * 2) // GROUP
-    sc = tl.load(s_ptr + rows[:, None].to(tl.int64) * ngroups + g[None, :], mask=m, other=0.0).to(tl.float32)
-    return v * sc
+        sc = tl.load(s_ptr + rows[:, None].to(tl.int64) * ngroups + ((c * DIV) // GROUP)[None, :], mask=m,
+                     other=0.0).to(tl.float32)
+    if QBITS == 8:
+        lo = raw.to(tl.float32) * sc
+        hi = lo
+    else:
+        b = raw.to(tl.int32)
+        lo = ((b & 0xF) - 8).to(tl.float32) * sc
+        hi = ((b >> 4) - 8).to(tl.float32) * sc
+    return lo, hi
 
 
 @triton.jit
@@ -60,25 +68,33 @@ def moe_up(x_ptr, ids_ptr, slot_ptr, w1_ptr, w3_ptr, act_ptr, R, H, Fd, stride_x
         # quantized slot: dequantize each tile in registers, rounded once to x's dtype as
         # expert_store.quant.dequantize does; int4 runs over packed bytes, the even
         # columns' x against the low nibbles and the odd columns' against the high ones
+        BLOCK_C: tl.constexpr = BLOCK_H // DIV
         sbase = slot.to(tl.int64) * scale_stride
         ng = (H + GROUP - 1) // GROUP
         q1, q3 = w1_ptr + base + off1, w3_ptr + base + off3
         s1, s3 = s_ptr + sbase + soff1, s_ptr + sbase + soff3
-        for c0 in range(0, H // DIV, BLOCK_H // DIV):
-            c = c0 + tl.arange(0, BLOCK_H // DIV)                             # stored column
+        for c0 in range(0, H // DIV, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)                                     # stored column
             cm = c < H // DIV
-            for half in tl.static_range(DIV):
-                col = DIV * c + half                                           # its x column
-                xt = tl.load(x_ptr + tok[None, :] * stride_x + col[:, None], mask=match[None, :] & cm[:, None],
-                             other=0.0)
-                a = load_q(q1, s1, f, c, fm, cm, H, ng, QBITS, GROUP, half)
-                b = load_q(q3, s3, f, c, fm, cm, H, ng, QBITS, GROUP, half)
+            a_lo, a_hi = load_q(q1, s1, f, c, c0, fm, cm, H, ng, QBITS, GROUP, BLOCK_C)
+            b_lo, b_hi = load_q(q3, s3, f, c, c0, fm, cm, H, ng, QBITS, GROUP, BLOCK_C)
+            x_lo = tl.load(x_ptr + tok[None, :] * stride_x + (DIV * c)[:, None],
+                           mask=match[None, :] & cm[:, None], other=0.0)        # [BLOCK_C, BLOCK_R]
+            if WIDEN:
+                x_lo = x_lo.to(tl.float32)
+            else:
+                a_lo, b_lo = a_lo.to(x_lo.dtype), b_lo.to(x_lo.dtype)
+            g = tl.dot(a_lo, x_lo, g)
+            u = tl.dot(b_lo, x_lo, u)
+            if DIV == 2:
+                x_hi = tl.load(x_ptr + tok[None, :] * stride_x + (DIV * c + 1)[:, None],
+                               mask=match[None, :] & cm[:, None], other=0.0)
                 if WIDEN:
-                    xt = xt.to(tl.float32)
+                    x_hi = x_hi.to(tl.float32)
                 else:
-                    a, b = a.to(xt.dtype), b.to(xt.dtype)
-                g = tl.dot(a, xt, g)
-                u = tl.dot(b, xt, u)
+                    a_hi, b_hi = a_hi.to(x_hi.dtype), b_hi.to(x_hi.dtype)
+                g = tl.dot(a_hi, x_hi, g)
+                u = tl.dot(b_hi, x_hi, u)
     act = g * tl.sigmoid(g) * u                                    # SiLU(g) * u  [BLOCK_F, BLOCK_R]
     tl.store(act_ptr + r[None, :] * Fd + f[:, None], act.to(act_ptr.dtype.element_ty),
              mask=match[None, :] & (f[:, None] < Fd))
@@ -112,22 +128,29 @@ def moe_down(act_ptr, ids_ptr, wts_ptr, slot_ptr, w2_ptr, y_ptr, R, H, Fd, slot_
                 at, w = at.to(tl.float32), w.to(tl.float32)
             acc = tl.dot(w, at.to(w.dtype), acc)
     else:
+        BLOCK_C: tl.constexpr = BLOCK_F // DIV
         sbase = slot.to(tl.int64) * scale_stride + soff2
         ng = (Fd + GROUP - 1) // GROUP
         dm = d < H
-        for c0 in range(f_lo // DIV, (f_lo + f_per_split) // DIV, BLOCK_F // DIV):
-            c = c0 + tl.arange(0, BLOCK_F // DIV)
+        for c0 in range(f_lo // DIV, (f_lo + f_per_split) // DIV, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
             cm = (c < Fd // DIV) & (c < (f_lo + f_per_split) // DIV)
-            for half in tl.static_range(DIV):
-                col = DIV * c + half
-                at = tl.load(act_ptr + r[None, :] * Fd + col[:, None], mask=match[None, :] & cm[:, None],
+            w_lo, w_hi = load_q(w2_ptr + base, s_ptr + sbase, d, c, c0, dm, cm, Fd, ng, QBITS, GROUP, BLOCK_C)
+            at = tl.load(act_ptr + r[None, :] * Fd + (DIV * c)[:, None], mask=match[None, :] & cm[:, None],
+                         other=0.0)
+            if WIDEN:
+                at = at.to(tl.float32)
+            else:
+                w_lo = w_lo.to(act_ptr.dtype.element_ty)
+            acc = tl.dot(w_lo, at.to(w_lo.dtype), acc)
+            if DIV == 2:
+                at = tl.load(act_ptr + r[None, :] * Fd + (DIV * c + 1)[:, None], mask=match[None, :] & cm[:, None],
                              other=0.0)
-                w = load_q(w2_ptr + base, s_ptr + sbase, d, c, dm, cm, Fd, ng, QBITS, GROUP, half)
                 if WIDEN:
                     at = at.to(tl.float32)
                 else:
-                    w = w.to(act_ptr.dtype.element_ty)
-                acc = tl.dot(w, at.to(w.dtype), acc)
+                    w_hi = w_hi.to(act_ptr.dtype.element_ty)
+                acc = tl.dot(w_hi, at.to(w_hi.dtype), acc)
     scale = tl.load(wts_ptr + r, mask=match, other=0.0)
     acc = acc * scale[None, :]
     tl.store(y_ptr + (split * R + r[None, :]) * H + d[:, None], acc,

@@ -74,7 +74,7 @@ def test_moe_torch_through_a_pool_bank_equals_per_expert_compute():
 
 KERNEL_CHECK = textwrap.dedent("""
     import torch
-    from decoder.kernels.fused_moe import ExpertBank, moe_torch, moe_triton, use_kernels
+    from decoder.kernels.fused_moe import ExpertBank, KernelConfig, moe_torch, moe_triton, use_kernels
     from expert_store.quant import quantize
     assert use_kernels(torch.empty(0))
     g = torch.Generator().manual_seed(0)
@@ -118,16 +118,23 @@ KERNEL_CHECK = textwrap.dedent("""
         tol = 1e-5 if dt == torch.float32 else 2e-2
         err = (a - b).abs().max().item()
         assert err <= tol * max(1.0, a.abs().max().item()), (dt, T, k, err)
-    # quantized slots read in place (int8, int4; a group size that does not divide the block)
-    for bits, group, dt in ((8, 32, torch.float32), (4, 32, torch.float32), (4, 48, torch.bfloat16)):
-        E, Fd, H, T, k = 6, 192, 96, 4, 2
+    # quantized slots read in place (int8, int4): group sizes smaller than a tile and not
+    # dividing it (a scale per column), and multiples of the tile (one scale per row and tile),
+    # with the default tiles and with smaller ones
+    small = KernelConfig(block_f=32, block_h=64, block_d=32, block_fd=64, up_warps=2, up_stages=2,
+                         down_warps=2, down_stages=2)
+    for bits, group, dt, Fd, H, cfg in ((8, 32, torch.float32, 192, 96, None), (4, 32, torch.float32, 192, 96, None),
+                                        (4, 48, torch.bfloat16, 192, 96, None),
+                                        (4, 128, torch.bfloat16, 256, 256, None), (8, 256, torch.float32, 256, 512, None),
+                                        (4, 128, torch.float32, 256, 256, small)):
+        E, T, k = 6, 4, 2
         bank = quantized_bank(E + 1, Fd, H, bits, group)
         perm = torch.randperm(E + 1, generator=g)[:E].to(torch.int32)
         x = torch.randn(T, H, generator=g).to(dt)
         ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
         wts = torch.rand(T, k, generator=g)
         a = moe_torch(x, wts, ids, perm, bank).float()
-        b = moe_triton(x, wts, ids, perm, bank).float()
+        b = moe_triton(x, wts, ids, perm, bank, cfg).float()
         tol = 1e-4 if dt == torch.float32 else 3e-2
         err = (a - b).abs().max().item()
         assert err <= tol * max(1.0, a.abs().max().item()), (bits, group, dt, err)
@@ -139,6 +146,20 @@ def test_triton_kernels_match_the_torch_path_in_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=200)
     assert r.returncode == 0 and "kernels ok" in r.stdout, r.stderr[-3000:]
+
+
+def test_tuned_tiles_are_picked_by_precision_shape_and_token_count():
+    from decoder.kernels.fused_moe import KernelConfig, config_file, pick_config
+
+    w = torch.zeros(2, 8, 4)
+    bank = ExpertBank.stacked(w, w.clone(), torch.zeros(2, 4, 8))           # bf16-like: bits 16, H 4, F 8
+    tuned = {"bits=16,hidden=4,ffn=8": {"1": {"block_f": 32}, "8": {"block_f": 128, "down_warps": 8}},
+             "bits=4,hidden=4,ffn=8": {"1": {"block_f": 16}}}
+    assert pick_config(tuned, bank, 1) == KernelConfig(block_f=32)
+    assert pick_config(tuned, bank, 2) == KernelConfig(block_f=128, down_warps=8)    # next tuned count up
+    assert pick_config(tuned, bank, 16) == KernelConfig(block_f=128, down_warps=8)   # past the largest
+    assert pick_config({}, bank, 1) == KernelConfig()
+    assert config_file("NVIDIA H200").name == "NVIDIA_H200.json"
 
 
 # --- the step on resident experts -------------------------------------------------------------
