@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", default="1,8")
     ap.add_argument("--replays", type=int, default=20)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-budget-s", type=float, default=60.0,
+                    help="stop sweeping one shape/precision/token count after this long (the rest untried)")
     ap.add_argument("--write-configs", action="store_true")
     ap.add_argument("--tag", default="moe_kernel")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -171,9 +173,12 @@ def main(argv: list[str] | None = None) -> int:
                 t_default = time_layers(banks, x, wts, ids, slot_of, default, args.replays)
                 best, t_best, tried = default, t_default, 1
                 if args.sweep:
+                    deadline = time.perf_counter() + args.sweep_budget_s
                     for stage, grid in (("up", up_grid), ("down", down_grid)):
                         base = dataclasses.asdict(best)
                         for g in tqdm(grid, desc=f"{shape} {prec} T={T} {stage}", leave=False):
+                            if time.perf_counter() > deadline:
+                                break
                             cfg = KernelConfig(**{**base, **g})
                             try:
                                 t = time_layers(banks, x, wts, ids, slot_of, cfg, args.replays)
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"shape": shape, "hidden": H, "ffn": Fd, "precision": prec, "tokens": T, "experts_read": used,
                        "bytes_per_layer": nbytes, "default_us": t_default * 1e6, "default_gbps": nbytes / t_default / 1e9,
                        "best_us": t_best * 1e6, "best_gbps": nbytes / t_best / 1e9, "best_config": dataclasses.asdict(best),
-                       "configs_tried": tried}
+                       "configs_tried": tried, "configs_in_grid": 1 + len(up_grid) + len(down_grid)}
                 rows.append(row)
                 print(f"{shape} {prec:>4} T={T:<2} experts {used}: default {row['default_us']:8.1f} us "
                       f"({row['default_gbps']:6.0f} GB/s)  best {row['best_us']:8.1f} us ({row['best_gbps']:6.0f} GB/s)"
