@@ -83,7 +83,6 @@ def pageable_rate(nbytes: int, device: torch.device) -> float:
 # 1. H2D of fetched experts through the ExpertCache
 # ---------------------------------------------------------------------------------------------
 def cache_h2d(store: Path, device: torch.device, passes: int) -> dict[str, Any]:
-    from decoder.engine import _field
     from decoder.experts.cache import ExpertCache
     from decoder.experts.provider import ExpertSource
     from decoder.model.config import ModelConfig
@@ -94,7 +93,7 @@ def cache_h2d(store: Path, device: torch.device, passes: int) -> dict[str, Any]:
     out: dict[str, Any] = {"passes": []}
     with StoreClient.open(str(store)) as client:
         manifest = client.manifest(MODEL)
-        config = ModelConfig.from_hf(_field(manifest, "config"))
+        config = ModelConfig.from_hf(manifest.config)
         L, E = config.num_hidden_layers, config.num_local_experts
         for i in range(passes):
             source = ExpertSource(client=client, model=MODEL, config=config, manifest=manifest, precision="int4",
@@ -250,7 +249,6 @@ def fetch_pool_rows(store: Path, pairs: Sequence[tuple[int, int]], passes: int, 
     (the arena registered with cudaHostRegister first, as the decoder does). Then, per pair,
     the decoder's ExpertCache with fetch_workers=P (its host tier *is* a FetchPool arena):
     every expert prefetched from the store into its GPU slots, wall rate to the last copy."""
-    from decoder.engine import _field
     from decoder.experts.cache import ExpertCache
     from decoder.experts.provider import ExpertSource
     from decoder.model.config import ModelConfig
@@ -279,7 +277,7 @@ def fetch_pool_rows(store: Path, pairs: Sequence[tuple[int, int]], passes: int, 
                     per_pass.append(nbytes / (time.perf_counter() - t0) / 1e9)
             with StoreClient.open(target, deadline_s=120.0) as client:
                 manifest = client.manifest(MODEL)
-                config = ModelConfig.from_hf(_field(manifest, "config"))
+                config = ModelConfig.from_hf(manifest.config)
                 L, E = config.num_hidden_layers, config.num_local_experts
                 source = ExpertSource(client=client, model=MODEL, config=config, manifest=manifest,
                                       precision="int4", device=device, dtype=torch.bfloat16)

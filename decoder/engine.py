@@ -27,6 +27,8 @@ from decoder.model.transformer import Transformer
 from decoder.routing import Gating, MoEObserver, TopKGating
 from decoder.step import DecodeStep, step_gating_key, unsupported_reason
 from decoder.tokenizer import StreamDecoder, Tokenizer
+from expert_store.client import StoreClient
+from expert_store.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +125,7 @@ class _Counters:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, *, model_name: str = "",
-                 provider: ExpertProvider | None = None, client: Any = None, owns_client: bool = False,
+                 provider: ExpertProvider | None = None, client: StoreClient | None = None, owns_client: bool = False,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  precision: str = "bf16", extras: Sequence[Any] = (), decode_step: str = "auto") -> None:
         if decode_step not in DECODE_STEPS:
@@ -150,7 +152,7 @@ class Engine:
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
-    def from_store(cls, store: Any, model: str, device: torch.device | str = "cpu",
+    def from_store(cls, store: StoreClient | str, model: str, device: torch.device | str = "cpu",
                    dtype: torch.dtype = torch.float32, gating: str | Gating = "topk",
                    gpu_cache_bytes: int | None = None, host_cache_bytes: int | None = None,
                    precision: str = "bf16", budget: float | None = None, prefetch: bool | None = None,
@@ -166,7 +168,6 @@ class Engine:
         prefetcher when the provider supports it. decode_step: "auto" | "step" | "eager" (see
         Engine). *_options go verbatim to the builders below.
         """
-        from expert_store.client import StoreClient
         import safetensors.torch
 
         owns = isinstance(store, str)
@@ -177,7 +178,7 @@ class Engine:
             if device.type == "cuda" and not torch.cuda.is_available():
                 raise ValueError("device cuda requested but CUDA is not available")
             manifest = client.manifest(model)
-            config = ModelConfig.from_hf(_field(manifest, "config"))
+            config = ModelConfig.from_hf(manifest.config)
             source = ExpertSource(client=client, model=model, config=config, manifest=manifest,
                                   precision=precision, device=device, dtype=dtype)
             provider = _build_provider(source, gpu_cache_bytes, host_cache_bytes, cache_options or {})
@@ -189,7 +190,7 @@ class Engine:
             dense = safetensors.torch.load(bytes(client.fetch_dense(model)))
             net.load_hf_state_dict(dense)
             net.eval()
-            tok_json = _field(manifest, "tokenizer_json") or b""
+            tok_json = manifest.tokenizer_json
             tokenizer = Tokenizer.from_bytes(tok_json, config.bos_token_id, config.eos_token_ids) if tok_json else None
             net.gating = _build_gating(gating, config, provider, budget, manifest, gating_options or {})
             extras = _build_prefetcher(net, provider, source, prefetch, prefetch_options or {})
@@ -514,12 +515,6 @@ class Engine:
 
 
 # --- helpers ------------------------------------------------------------------------------------
-def _field(obj: Any, name: str, default: Any = None) -> Any:
-    if isinstance(obj, dict):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
-
-
 def _find_stop(text: str, stops: Sequence[str], start: int) -> int | None:
     best = None
     for s in stops:
@@ -565,7 +560,7 @@ def _build_provider(source: ExpertSource, gpu_cache_bytes: int | None, host_cach
 
 
 def _build_gating(gating: str | Gating, config: ModelConfig, provider: ExpertProvider, budget: float | None,
-                  manifest: Any, options: dict[str, Any]) -> Gating:
+                  manifest: Manifest, options: dict[str, Any]) -> Gating:
     """"topk" without options -> TopKGating; anything else (also "topk" with options, e.g.
     miss_precision_threshold; its logits are bit-identical to TopKGating's) ->
     decoder.gating.make_gating(name, config=, provider=, budget=, profile=, **options)."""
@@ -580,7 +575,7 @@ def _build_gating(gating: str | Gating, config: ModelConfig, provider: ExpertPro
     if gating_mod is None or not hasattr(gating_mod, "make_gating"):
         raise ValueError(f"unknown gating {gating!r} (available: topk)")
     return gating_mod.make_gating(gating, config=config, provider=provider, budget=budget,
-                                  profile=_field(manifest, "profile"), **options)
+                                  profile=manifest.profile, **options)
 
 
 def _build_prefetcher(model: Transformer, provider: ExpertProvider, source: ExpertSource,

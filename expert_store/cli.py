@@ -312,8 +312,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for model in sorted({r["model"] for r in rows}):
             try:
                 m = store.manifest(model)
-                print(f"{model}: {m['num_layers']} layers x {m['num_experts']} experts, "
-                      f"precisions {','.join(m['precisions'])}, dense {m['dense_size']:,} bytes")
+                print(f"{model}: {m.num_layers} layers x {m.num_experts} experts, "
+                      f"precisions {','.join(m.precisions)}, dense {m.dense_size:,} bytes")
             except Exception as e:  # a model without a sound manifest is still listed above
                 print(f"{model}: no usable manifest ({e})")
     return 0

@@ -1,7 +1,7 @@
 """StoreClient: read models from an expert store, local or over gRPC, with one API.
 
     with StoreClient.open("grpc://10.0.0.5:50051,10.0.0.6:50051", token=..., deadline_s=30) as store:
-        m = store.manifest("mixtral")                       # ModelManifest
+        m = store.manifest("mixtral")                       # Manifest
         blob = store.fetch_expert("mixtral", 3, 5, "int4")  # whole encoded blob
         store.fetch_expert("mixtral", 3, 6, "int4", out=pinned_view)  # straight into a buffer
         for (layer, expert, precision), blob in store.fetch_experts("mixtral", refs): ...
@@ -76,7 +76,6 @@ Over gRPC
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -97,11 +96,12 @@ from expert_store._proto.adapmoe.v1 import expert_store_pb2 as pb
 from expert_store._proto.adapmoe.v1 import expert_store_pb2_grpc as pb_grpc
 from expert_store.errors import DataLoss, InvalidArgument, NotFound, StoreError, Unavailable, error_for_code
 from expert_store.grpc_serving import tune_malloc
+from expert_store.manifest import Manifest, Ref
+from expert_store.store import ModelStore
 from expert_store.wire import MAX_MESSAGE_BYTES, TOKEN_ENV
 
 log = logging.getLogger("expert_store.client")
 
-Ref = tuple[int, int, str]  # (layer, expert, precision)
 PRIORITIES = {"demand": pb.DEMAND, "prefetch": pb.PREFETCH}
 # A channel to a replica that went away retries its connection with exponential backoff up to
 # this; failover keeps retrying UNAVAILABLE for RETRY_WINDOW_S, so a restarted replica is reached.
@@ -115,73 +115,6 @@ _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})$")
 # request itself was fine
 _BROKEN_STREAM_HINTS = ("rst_stream", "socket closed", "connection reset", "goaway", "stream removed",
                         "broken pipe", "end of stream", "connection closed", "failed to connect")
-
-
-# --------------------------------------------------------------------------------------------
-# manifest
-
-
-@dataclass(frozen=True)
-class ModelManifest:
-    model: str
-    config: dict
-    tokenizer_json: bytes
-    num_layers: int
-    num_experts: int
-    precisions: tuple[str, ...]
-    blobs: dict[Ref, tuple[int, str]]  # (layer, expert, precision) -> (size, xxh3-128 of the blob)
-    profile: dict | None = None
-    dense_size: int = 0
-    dense_xxh3: str = ""
-    tokenizer_config: dict | None = None  # tokenizer_config.json (its chat_template), when packed
-
-    @classmethod
-    def from_dict(cls, m: dict) -> "ModelManifest":
-        """From ModelStore.manifest(model) (fields of the Manifest message)."""
-        return cls(
-            model=m["model"],
-            config=_json_object(m.get("config_json")),
-            tokenizer_json=_as_bytes(m.get("tokenizer_json") or b""),
-            num_layers=int(m.get("num_layers", 0)),
-            num_experts=int(m.get("num_experts", 0)),
-            precisions=tuple(m.get("precisions") or ()),
-            blobs={(int(b["layer"]), int(b["expert"]), str(b["precision"])): (int(b["size"]), str(b.get("xxh3", "")))
-                   for b in m.get("blobs") or ()},
-            profile=_json_object(m.get("profile_json")) or None,
-            dense_size=int(m.get("dense_size") or 0),
-            dense_xxh3=str(m.get("dense_xxh3") or ""),
-            tokenizer_config=_json_object(m.get("tokenizer_config_json")) or None,
-        )
-
-    @classmethod
-    def from_proto(cls, m: pb.Manifest) -> "ModelManifest":
-        return cls(
-            model=m.model,
-            config=_json_object(m.config_json),
-            tokenizer_json=bytes(m.tokenizer_json),
-            num_layers=m.num_layers,
-            num_experts=m.num_experts,
-            precisions=tuple(m.precisions),
-            blobs={(b.layer, b.expert, b.precision): (b.size, b.xxh3) for b in m.blobs},
-            profile=_json_object(m.profile_json) or None,
-            dense_size=m.dense_size,
-            dense_xxh3=m.dense_xxh3,
-            tokenizer_config=_json_object(m.tokenizer_config_json) or None,
-        )
-
-
-def _as_bytes(value: Any) -> bytes:
-    return value.encode() if isinstance(value, str) else bytes(value)
-
-
-def _json_object(text: Any) -> dict:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DataLoss(f"manifest holds invalid JSON: {e}") from None
-    return value if isinstance(value, dict) else {}
 
 
 def _check_ref(ref: Any) -> Ref:
@@ -282,8 +215,6 @@ class StoreClient:
             if not Path(target).is_dir():
                 raise NotFound(f"store directory {target} does not exist "
                                f"(or give a replica address: grpc://HOST:PORT)")
-            from expert_store.store import ModelStore
-
             return LocalStoreClient(ModelStore.open(target, redis_url=redis_url, ram_bytes=ram_bytes))
         client = GrpcStoreClient(
             [], token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, tls_server_name=tls_server_name,
@@ -303,7 +234,7 @@ class StoreClient:
         return client
 
     # the API (both implementations)
-    def manifest(self, model: str) -> ModelManifest:
+    def manifest(self, model: str) -> Manifest:
         raise NotImplementedError
 
     def fetch_expert(self, model: str, layer: int, expert: int, precision: str, out: Any = None,
@@ -329,11 +260,11 @@ class StoreClient:
 class LocalStoreClient(StoreClient):
     """The embedded default: a store directory read in-process (no server)."""
 
-    def __init__(self, store: Any):
+    def __init__(self, store: ModelStore):
         self.store = store
 
-    def manifest(self, model: str) -> ModelManifest:
-        return ModelManifest.from_dict(self.store.manifest(_check_model(model)))
+    def manifest(self, model: str) -> Manifest:
+        return self.store.manifest(_check_model(model))
 
     def fetch_expert(self, model, layer, expert, precision, out=None, priority="demand"):
         _check_priority(priority)
@@ -522,7 +453,7 @@ class GrpcStoreClient(StoreClient):
         self._replicas: dict[str, _Replica] = {}
         self._streams = threading.BoundedSemaphore(max_streams)
         self._pool = ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="store-fetch")
-        self._manifests: dict[str, ModelManifest] = {}
+        self._manifests: dict[str, Manifest] = {}
         self._missing_logged: set[tuple[str, str]] = set()  # (replica, model) warned about
         self._discovery = None
         self._closed = False
@@ -741,14 +672,14 @@ class GrpcStoreClient(StoreClient):
 
     # ---- API
 
-    def manifest(self, model: str) -> ModelManifest:
+    def manifest(self, model: str) -> Manifest:
         model = _check_model(model)
         request = pb.GetManifestRequest(model=model)
         reply = self._with_failover(
             f"{model}/manifest.json",
             lambda stub, timeout: stub.GetManifest(request, timeout=timeout, metadata=self._metadata),
             f"GetManifest({model})")
-        m = ModelManifest.from_proto(reply)
+        m = Manifest.from_proto(reply)
         self._manifests[model] = m
         return m
 
@@ -1000,7 +931,7 @@ __all__ = [
     "StoreClient",
     "LocalStoreClient",
     "GrpcStoreClient",
-    "ModelManifest",
+    "Manifest",
     "Ref",
     "rendezvous_order",
     "rendezvous_score",

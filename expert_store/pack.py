@@ -47,7 +47,7 @@ import re
 import tempfile
 import threading
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol
 
@@ -58,7 +58,9 @@ from tqdm.auto import tqdm
 
 from . import families
 from . import format as fmt
+from .errors import DataLoss
 from .format import BlobError
+from .manifest import MANIFEST_FORMAT, BlobEntry, Manifest, Ref
 from .quant import DEFAULT_GROUP_SIZE, expert_to_blob
 
 __all__ = [
@@ -75,7 +77,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = 1
 _PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
 _PER_EXPERT_PROJ = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _PROJ_TO_W = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
@@ -104,7 +105,7 @@ class _Store(Protocol):
 @dataclass
 class PackResult:
     model: str
-    manifest: dict[str, Any]
+    manifest: Manifest | None
     blobs_written: int = 0
     blobs_skipped: int = 0
     bytes_written: int = 0  # expert blob bytes written by this run
@@ -494,7 +495,7 @@ def pack_checkpoint(
     precisions = _check_pack_args(precisions, group_size)
     layout = read_checkpoint_layout(checkpoint_dir)
     model = fmt.validate_model_name(model) if model is not None else default_model_name(checkpoint_dir)
-    result = PackResult(model=model, manifest={})
+    result = PackResult(model=model, manifest=None)
 
     # small files first, manifest last: a store without manifest.json holds no usable model
     _put_file(store, fmt.file_key(model, "config.json"), layout.config_bytes, result)
@@ -506,7 +507,7 @@ def pack_checkpoint(
     dense_size, dense_xxh3 = _pack_dense(layout, store, model, result)
 
     shapes = _expert_shapes(layout)
-    blobs: list[dict[str, Any]] = []
+    blobs: dict[Ref, BlobEntry] = {}
     total = len(layout.expert_layers) * layout.num_experts * len(precisions)
     with tqdm(total=total, unit="blob", desc=f"pack {model}", disable=not progress) as bar:
         for layer in layout.expert_layers:
@@ -526,7 +527,7 @@ def pack_checkpoint(
                     if data is None:
                         pending.append((precision, key))
                         continue
-                    blobs.append(_blob_entry(layer, expert, precision, data))
+                    blobs[(layer, expert, precision)] = _blob_entry(data)
                     result.blobs_skipped += 1
                     bar.update(1)
                 if not pending:
@@ -535,7 +536,7 @@ def pack_checkpoint(
                 for precision, key in pending:
                     data = expert_to_blob(model, layer, expert, precision, weights, group_size=group_size)
                     _put(store, key, data)
-                    blobs.append(_blob_entry(layer, expert, precision, data))
+                    blobs[(layer, expert, precision)] = _blob_entry(data)
                     result.blobs_written += 1
                     result.bytes_written += len(data)
                     bar.update(1)
@@ -545,8 +546,7 @@ def pack_checkpoint(
     manifest = _build_manifest(layout, model, precisions, group_size, blobs, dense_size, dense_xxh3, tokenizer,
                                tokenizer_config)
     manifest = _merge_previous(store, manifest)
-    data = _manifest_bytes(manifest)
-    _put_file(store, fmt.file_key(model, "manifest.json"), data, result)
+    _put_file(store, fmt.file_key(model, "manifest.json"), manifest.to_json(), result)
     result.manifest = manifest
     log.info(
         "packed %s: %d blobs written (%d bytes), %d already present",
@@ -558,8 +558,8 @@ def pack_checkpoint(
     return result
 
 
-def _blob_entry(layer: int, expert: int, precision: str, data: bytes) -> dict[str, Any]:
-    return {"layer": layer, "expert": expert, "precision": precision, "size": len(data), "xxh3": fmt.blob_checksum(data)}
+def _blob_entry(data: bytes) -> BlobEntry:
+    return BlobEntry(len(data), fmt.blob_checksum(data))
 
 
 def _check_pack_args(precisions: Iterable[str], group_size: int) -> tuple[str, ...]:
@@ -580,30 +580,29 @@ def _expert_shapes(layout: CheckpointLayout) -> dict[str, list[int]]:
 
 
 def _build_manifest(layout: CheckpointLayout, model: str, precisions: tuple[str, ...], group_size: int,
-                    blobs: list[dict[str, Any]], dense_size: int, dense_xxh3: str,
-                    tokenizer: bytes | None, tokenizer_config: bytes | None = None) -> dict[str, Any]:
-    return {
-        "format": MANIFEST_FORMAT,
-        "model": model,
-        "architecture": layout.family,
-        "num_layers": layout.num_layers,
-        "num_experts": layout.num_experts,
-        "top_k": layout.top_k,
-        "hidden_size": layout.hidden_size,
-        "intermediate_size": layout.intermediate_size,
-        "vocab_size": layout.config.get("vocab_size"),
-        "rope_theta": layout.rope_theta,
-        "precisions": list(precisions),
-        "group_size": group_size,
-        "expert_layout": "fused" if layout.fused else "per_expert",
-        "moe_layers": list(layout.expert_layers),
-        "blobs": blobs,
-        "dense_size": dense_size,
-        "dense_xxh3": dense_xxh3,
-        "config_xxh3": fmt.blob_checksum(layout.config_bytes),
-        "tokenizer_xxh3": None if tokenizer is None else fmt.blob_checksum(tokenizer),
-        "tokenizer_config_xxh3": None if tokenizer_config is None else fmt.blob_checksum(tokenizer_config),
-    }
+                    blobs: dict[Ref, BlobEntry], dense_size: int, dense_xxh3: str,
+                    tokenizer: bytes | None, tokenizer_config: bytes | None = None) -> Manifest:
+    return Manifest(
+        model=model,
+        num_layers=layout.num_layers,
+        num_experts=layout.num_experts,
+        precisions=precisions,
+        blobs=blobs,
+        dense_size=dense_size,
+        dense_xxh3=dense_xxh3,
+        architecture=layout.family,
+        top_k=layout.top_k,
+        hidden_size=layout.hidden_size,
+        intermediate_size=layout.intermediate_size,
+        vocab_size=layout.config.get("vocab_size"),
+        rope_theta=layout.rope_theta,
+        group_size=group_size,
+        expert_layout="fused" if layout.fused else "per_expert",
+        moe_layers=tuple(layout.expert_layers),
+        config_xxh3=fmt.blob_checksum(layout.config_bytes),
+        tokenizer_xxh3=None if tokenizer is None else fmt.blob_checksum(tokenizer),
+        tokenizer_config_xxh3=None if tokenizer_config is None else fmt.blob_checksum(tokenizer_config),
+    )
 
 
 def _tokenizer_files(layout: CheckpointLayout) -> tuple[bytes | None, bytes | None]:
@@ -627,65 +626,50 @@ def _tokenizer_files(layout: CheckpointLayout) -> tuple[bytes | None, bytes | No
     return tokenizer, tokenizer_config
 
 
-def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
-    """The manifest.json bytes (blobs sorted by layer, expert, precision): deterministic, so a
-    local and a remote pack of one checkpoint write the same file."""
-    manifest["blobs"].sort(key=lambda b: (b["layer"], b["expert"], fmt.PRECISIONS.index(b["precision"])))
-    return (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
-
-
-def _extra_precisions(manifest: dict[str, Any], old: Any) -> dict[str, list[dict[str, Any]]] | None:
-    """Precisions an earlier manifest (``old``: its parsed JSON) holds that this pack does not
-    write, each with its complete list of blob entries: ``{precision: entries}``. None when
-    there is nothing to consider (no usable old manifest, another shape, no other precision)."""
-    try:
-        same_shape = all(
-            old.get(k) == manifest[k] for k in ("num_layers", "num_experts", "hidden_size", "intermediate_size")
-        )
-        extra = [p for p in old.get("precisions", []) if p in fmt.PRECISIONS and p not in manifest["precisions"]]
-        old_blobs = old.get("blobs", [])
-    except (ValueError, AttributeError, TypeError):
-        return None
-    if not same_shape or not extra:
-        return None
+def _extra_precisions(manifest: Manifest, old: Manifest) -> dict[str, dict[Ref, BlobEntry]]:
+    """Precisions an earlier manifest of the model (``old``) holds that this pack does not
+    write, each with its complete set of blob entries: ``{precision: {ref: entry}}``. Empty when
+    there is nothing to consider (another shape, no other precision, an incomplete one)."""
+    same_shape = all(getattr(old, k) == getattr(manifest, k)
+                     for k in ("num_layers", "num_experts", "hidden_size", "intermediate_size"))
+    if not same_shape or old.expert_layers() != manifest.expert_layers():
+        return {}
     out = {}
-    for precision in extra:
-        entries = [b for b in old_blobs if isinstance(b, dict) and b.get("precision") == precision]
-        layers = manifest.get("moe_layers") or list(range(manifest["num_layers"]))
-        old_layers = old.get("moe_layers") or list(range(manifest["num_layers"]))
-        if len(entries) == len(layers) * manifest["num_experts"] and old_layers == layers:
+    for precision in old.precisions:
+        if precision not in fmt.PRECISIONS or precision in manifest.precisions:
+            continue
+        entries = {ref: b for ref, b in old.blobs.items() if ref[2] == precision}
+        if len(entries) == len(manifest.expert_layers()) * manifest.num_experts:
             out[precision] = entries
     return out
 
 
-def _add_precisions(manifest: dict[str, Any], extras: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    for precision, entries in extras.items():
-        manifest["precisions"].append(precision)
-        manifest["blobs"].extend(entries)
-    manifest["precisions"] = [p for p in fmt.PRECISIONS if p in manifest["precisions"]]
-    return manifest
+def _add_precisions(manifest: Manifest, extras: dict[str, dict[Ref, BlobEntry]]) -> Manifest:
+    blobs = dict(manifest.blobs)
+    for entries in extras.values():
+        blobs.update(entries)
+    precisions = [p for p in fmt.PRECISIONS if p in manifest.precisions or p in extras]
+    return replace(manifest, precisions=tuple(precisions), blobs=blobs)
 
 
-def _merge_previous(store: _Store, manifest: dict[str, Any]) -> dict[str, Any]:
+def _merge_previous(store: _Store, manifest: Manifest) -> Manifest:
     """Keep precisions an earlier pack of the same model stored (re-packing at int4 after bf16
     must not drop bf16 from the manifest), when all their blobs are still in the store."""
-    key = fmt.file_key(manifest["model"], "manifest.json")
+    key = fmt.file_key(manifest.model, "manifest.json")
     old_bytes = _source(store).get(key) if store.contains(key) else None
     if not old_bytes:
         return manifest
     try:
-        old = json.loads(old_bytes)
-    except ValueError:
+        raw = json.loads(old_bytes)
+        old = Manifest.from_json(manifest.model, raw if isinstance(raw, dict) else {})
+    except (ValueError, DataLoss):
         return manifest
     extras = _extra_precisions(manifest, old)
-    if extras is None:
-        return manifest
-    model = manifest["model"]
     kept = {
         p: entries for p, entries in extras.items()
-        if all(store.contains(fmt.expert_key(model, b["layer"], b["expert"], p)) for b in entries)
+        if all(store.contains(fmt.expert_key(manifest.model, *ref)) for ref in entries)
     }
-    return _add_precisions(manifest, kept)
+    return _add_precisions(manifest, kept) if kept else manifest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -699,13 +683,11 @@ UPLOAD_WINDOW = 2  # blobs whose uploads may still be in flight while the next o
 PROBE_MAX_REFS = 64  # the server's default --max-refs
 PROBE_MAX_BYTES = 1 << 30  # stored bytes the server may hash for one probe call
 
-Ref = tuple[int, int, str]
-
 
 @dataclass
 class RemotePackResult:
     model: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     replicas: list[str]
     placement: str
     uploaded: dict[str, int]  # replica -> files this run uploaded to it (blobs, dense, config, ..., manifest)
@@ -748,8 +730,7 @@ def _probe_answers() -> tuple:
 class _Replica:
     address: str
     client: Any  # GrpcStoreClient over this one address
-    old: Any = None  # pb.Manifest of the model as this replica serves it before the pack (None: none)
-    old_blobs: dict[Ref, tuple[int, str]] = field(default_factory=dict)
+    old: Manifest | None = None  # the model as this replica serves it before the pack (None: none)
     uploaded: int = 0
     skipped: int = 0
     bytes: int = 0
@@ -801,10 +782,10 @@ class _RemotePack:
         request = pb.GetManifestRequest(model=self.model)
         for r in self.replicas:
             try:
-                r.old = r.client.call(
+                r.old = Manifest.from_proto(r.client.call(
                     fmt.file_key(self.model, "manifest.json"),
                     lambda stub, timeout, metadata: stub.GetManifest(request, timeout=timeout, metadata=metadata),
-                    f"GetManifest({self.model})")
+                    f"GetManifest({self.model})"))
             except NotFound:
                 continue
             except DataLoss as e:
@@ -813,25 +794,6 @@ class _RemotePack:
                 continue
             except Exception as e:
                 raise self.replica_error(r, e) from None
-            r.old_blobs = {(b.layer, b.expert, b.precision): (b.size, b.xxh3) for b in r.old.blobs}
-
-    @staticmethod
-    def old_dict(old: Any) -> dict[str, Any]:
-        """A replica's pb.Manifest as the manifest.json fields _extra_precisions compares."""
-        try:
-            config = json.loads(old.config_json) if old.config_json else {}
-        except ValueError:
-            config = {}
-        config = config if isinstance(config, dict) else {}
-        return {
-            "num_layers": old.num_layers,
-            "num_experts": old.num_experts,
-            "hidden_size": config.get("hidden_size"),
-            "intermediate_size": config.get("intermediate_size"),
-            "precisions": list(old.precisions),
-            "blobs": [{"layer": b.layer, "expert": b.expert, "precision": b.precision, "size": b.size,
-                       "xxh3": b.xxh3} for b in old.blobs],
-        }
 
     # ---- probes: does a replica hold a file with this size and xxh3? (resume)
 
@@ -847,18 +809,19 @@ class _RemotePack:
         from ._proto.adapmoe.v1 import expert_store_pb2 as pb
 
         answers = _probe_answers()
-        refs = sorted(ref for ref in refs if ref in r.old_blobs and r.old_blobs[ref][0] > 0)
+        old_blobs = r.old.blobs if r.old is not None else {}
+        refs = sorted(ref for ref in refs if ref in old_blobs and old_blobs[ref].size > 0)
         confirmed: set[Ref] = set()
         i = 0
         while i < len(refs):
             batch, nbytes = [], 0
             for ref in refs[i:i + PROBE_MAX_REFS]:
-                if batch and nbytes + r.old_blobs[ref][0] > PROBE_MAX_BYTES:
+                if batch and nbytes + old_blobs[ref].size > PROBE_MAX_BYTES:
                     break
                 batch.append(ref)
-                nbytes += r.old_blobs[ref][0]
+                nbytes += old_blobs[ref].size
             request = pb.FetchExpertsRequest(model=self.model, priority=pb.PREFETCH, refs=[
-                pb.ExpertRef(layer=l, expert=e, precision=p, offset=r.old_blobs[(l, e, p)][0] - 1)
+                pb.ExpertRef(layer=l, expert=e, precision=p, offset=old_blobs[(l, e, p)].size - 1)
                 for (l, e, p) in batch])
 
             def rpc(stub, timeout, metadata, batch=batch, request=request, nbytes=nbytes):
@@ -867,7 +830,7 @@ class _RemotePack:
                     for chunk in stub.FetchExperts(request, timeout=timeout + nbytes / MIN_TRANSFER_BYTES_PER_S,
                                                    metadata=metadata):
                         if chunk.last and chunk.index < len(batch) \
-                                and chunk.total_size == r.old_blobs[batch[chunk.index]][0]:
+                                and chunk.total_size == old_blobs[batch[chunk.index]].size:
                             done.append(chunk.index)
                 except grpc.RpcError as e:
                     if e.code() in answers:
@@ -926,7 +889,7 @@ class _RemotePack:
             self.upload(r, kind, data, key)
 
     def ensure_expert(self, r: _Replica, ref: Ref, data: bytes, size: int, digest: str) -> None:
-        if r.old_blobs.get(ref) == (size, digest) and self.probe_experts(r, [ref]):
+        if r.old is not None and r.old.blobs.get(ref) == (size, digest) and self.probe_experts(r, [ref]):
             self.skip(r)
             return
         layer, expert, precision = ref
@@ -1069,7 +1032,7 @@ def pack_remote(
                 except BufferError:  # a finished upload's view not yet collected: the GC unmaps it
                     pass
 
-        blobs: list[dict[str, Any]] = []
+        blobs: dict[Ref, BlobEntry] = {}
         total = len(layout.expert_layers) * layout.num_experts * len(precisions)
         desc = f"pack {model} -> {len(replicas)} replica{'s' if len(replicas) > 1 else ''}"
         with tqdm(total=total, unit="blob", desc=desc, disable=not progress) as bar:
@@ -1078,10 +1041,9 @@ def pack_remote(
                     weights = layout.expert_tensors(layer, expert)
                     for precision in precisions:
                         data = expert_to_blob(model, layer, expert, precision, weights, group_size=group_size)
-                        entry = _blob_entry(layer, expert, precision, data)
-                        blobs.append(entry)
+                        entry = blobs[(layer, expert, precision)] = _blob_entry(data)
                         run.submit(run.holders(fmt.expert_key(model, layer, expert, precision)), run.ensure_expert,
-                                   (layer, expert, precision), data, entry["size"], entry["xxh3"])
+                                   (layer, expert, precision), data, entry.size, entry.xxh3)
                         del data
                         run.wait(keep=UPLOAD_WINDOW)
                         bar.update(1)
@@ -1092,7 +1054,7 @@ def pack_remote(
         manifest = _build_manifest(layout, model, precisions, group_size, blobs, dense_size, dense_xxh3, tokenizer,
                                tokenizer_config)
         manifest = _merge_remote(run, manifest)
-        data = _manifest_bytes(manifest)
+        data = manifest.to_json()
         # last, to every replica: every one of them has accepted all of its files by now
         key = fmt.file_key(model, "manifest.json")
         run.submit(replicas, run.upload, "manifest", data, key)
@@ -1113,26 +1075,26 @@ def pack_remote(
     return result
 
 
-def _merge_remote(run: _RemotePack, manifest: dict[str, Any]) -> dict[str, Any]:
+def _merge_remote(run: _RemotePack, manifest: Manifest) -> Manifest:
     """_merge_previous for replicas: keep a precision an earlier pack left (named by the first
     replica's manifest that has the model) when every replica that must hold each of its blobs
     lists it with the same size and xxh3 and serves it (probe). The manifest is the same on
-    every replica."""
+    every replica. The served manifest carries no checkpoint shapes: config.json's
+    hidden_size/intermediate_size stand in for them."""
     old = next((r.old for r in run.replicas if r.old is not None), None)
     if old is None:
         return manifest
-    extras = _extra_precisions(manifest, run.old_dict(old))
-    if extras is None:
+    old = replace(old, hidden_size=old.config.get("hidden_size"), intermediate_size=old.config.get("intermediate_size"))
+    extras = _extra_precisions(manifest, old)
+    if not extras:
         return manifest
-    model = manifest["model"]
     kept = {}
     for precision, entries in extras.items():
         need: dict[str, list[Ref]] = defaultdict(list)
         ok = True
-        for b in entries:
-            ref = (b["layer"], b["expert"], precision)
-            for r in run.holders(fmt.expert_key(model, *ref)):
-                if r.old_blobs.get(ref) != (b["size"], b["xxh3"]):
+        for ref, b in entries.items():
+            for r in run.holders(fmt.expert_key(manifest.model, *ref)):
+                if r.old is None or r.old.blobs.get(ref) != b:
                     ok = False
                 need[r.address].append(ref)
         if ok:
@@ -1144,5 +1106,5 @@ def _merge_remote(run: _RemotePack, manifest: dict[str, Any]) -> dict[str, Any]:
             kept[precision] = entries
         else:
             log.warning("dropping %s from %s's manifest: not every replica still holds all of its blobs",
-                        precision, model)
+                        precision, manifest.model)
     return _add_precisions(manifest, kept)

@@ -8,8 +8,7 @@ or, from the shell, `expert-store serve --store /srv/store --listen 0.0.0.0:5005
 The servicer only translates: protobuf in, `ModelStore` call (in a worker thread: tiers do
 blocking disk and Redis I/O), protobuf out, and `StoreError.code` -> `grpc.StatusCode`.
 The small pieces of logic it needs are plain classes testable without a server:
-`StreamLimiter` (bounded concurrent streams), `check_refs`, `chunks` (how a blob is cut
-into 256 KiB-1 MiB chunks from a resume offset), `PutAssembler` (PutBlob's
+`StreamLimiter` (bounded concurrent streams), `check_refs`, `PutAssembler` (PutBlob's
 all-or-nothing upload) and `verify_request` (Verify: ModelStore.verify_expert/verify_dense
 re-check one blob in every tier and remove a bad copy).
 
@@ -34,7 +33,7 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import grpc
 
@@ -43,9 +42,11 @@ from expert_store import grpc_serving
 from expert_store._proto.adapmoe.v1 import expert_store_pb2 as pb
 from expert_store._proto.adapmoe.v1 import expert_store_pb2_grpc as pb_grpc
 from expert_store.errors import InvalidArgument, ResourceExhausted, StoreError
+from expert_store.manifest import Manifest
 from expert_store.grpc_serving import (BearerTokenInterceptor, add_health_and_reflection, add_port, auth_interceptors,
                                        channel_options, check_security, join_host_port, read_token_file,
                                        set_health, stop_on_signals, tune_malloc)
+from expert_store.store import BlobReader, ModelStore
 from expert_store.wire import MAX_MESSAGE_BYTES, PUT_KINDS, TOKEN_ENV
 
 log = logging.getLogger("expert_store.server")
@@ -113,22 +114,6 @@ class StreamLimiter:
         self.active -= 1
 
 
-def chunks(blob: bytes | memoryview, offset: int, chunk_bytes: int) -> Iterator[tuple[int, memoryview, bool]]:
-    """(offset, data, last) pieces of blob[offset:], each at most chunk_bytes; at least one
-    piece even when nothing is left (so the reader still gets total_size and last=True).
-    `data` is a memoryview of `blob` (no copy until chunk_message)."""
-    view = memoryview(blob)
-    size = len(view)
-    if not 0 <= offset <= size:
-        raise InvalidArgument(f"offset {offset} is past the end of a {size}-byte blob")
-    while True:
-        end = min(size, offset + chunk_bytes)
-        yield offset, view[offset:end], end == size
-        if end == size:
-            return
-        offset = end
-
-
 def chunk_message(index: int, offset: int, total_size: int, data: Any, last: bool) -> pb.BlobChunk:
     """The BlobChunk of one (offset, data, last) piece of blob `index`; `data` any bytes-like
     object (protobuf takes bytes only, so a memoryview piece is copied into bytes first)."""
@@ -136,24 +121,7 @@ def chunk_message(index: int, offset: int, total_size: int, data: Any, last: boo
                         data=data if isinstance(data, bytes) else bytes(data), last=last)
 
 
-class _BytesReader:
-    """chunks() of a whole blob, as a BlobReader (stores without ranged reads)."""
-
-    def __init__(self, blob: bytes | memoryview, offset: int, chunk_bytes: int):
-        self.total = len(blob)
-        self._it = chunks(blob, offset, chunk_bytes)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[int, memoryview, bool]:
-        return next(self._it)
-
-    def close(self) -> None:
-        self._it = iter(())
-
-
-def _take(reader: Any, n: int) -> list[tuple[int, memoryview, bool]]:
+def _take(reader: BlobReader, n: int) -> list[tuple[int, memoryview, bool]]:
     """Up to n chunks of a reader (fewer at its end)."""
     pieces = []
     for piece in reader:
@@ -161,23 +129,6 @@ def _take(reader: Any, n: int) -> list[tuple[int, memoryview, bool]]:
         if piece[2] or len(pieces) >= n:
             break
     return pieces
-
-
-def open_expert_reader(store: Any, model: str, layer: int, expert: int, precision: str, offset: int,
-                       chunk_bytes: int) -> Any:
-    """store.open_expert (ranged: ModelStore streams large blobs from NVMe in chunks), or
-    chunks of store.expert_blob for a store without it."""
-    fn = getattr(store, "open_expert", None)
-    if fn is not None:
-        return fn(model, layer, expert, precision, offset, chunk_bytes)
-    return _BytesReader(store.expert_blob(model, layer, expert, precision), offset, chunk_bytes)
-
-
-def open_dense_reader(store: Any, model: str, offset: int, chunk_bytes: int) -> Any:
-    fn = getattr(store, "open_dense", None)
-    if fn is not None:
-        return fn(model, offset, chunk_bytes)
-    return _BytesReader(store.dense(model), offset, chunk_bytes)
 
 
 def _drop_reader(opening: asyncio.Future) -> None:
@@ -189,12 +140,6 @@ def _drop_reader(opening: asyncio.Future) -> None:
             opening.result().close()
 
 
-def manifest_field(manifest: Any, name: str, default: Any = None) -> Any:
-    if isinstance(manifest, dict):
-        return manifest.get(name, default)
-    return getattr(manifest, name, default)
-
-
 def validate_model(model: str) -> str:
     try:
         return blob_format.validate_model_name(model)
@@ -202,7 +147,7 @@ def validate_model(model: str) -> str:
         raise InvalidArgument(str(e)) from None
 
 
-def check_refs(store: Any, model: str, refs: Any, max_refs: int) -> None:
+def check_refs(store: ModelStore, model: str, refs: Any, max_refs: int) -> None:
     """Validate a whole FetchExperts ref list before streaming anything: count, then every
     ref against the model (ModelStore.check_ref: precision, layer/expert range, packed)."""
     if not refs:
@@ -216,7 +161,7 @@ def check_refs(store: Any, model: str, refs: Any, max_refs: int) -> None:
             raise type(e)(f"ref {i}: {e}") from None
 
 
-def verify_request(store: Any, request: Any) -> Any:
+def verify_request(store: ModelStore, request: Any) -> Any:
     """Verify's logic: one blob named by ``request`` (a pb.VerifyRequest: model plus an
     ExpertRef, or dense=true) -> ModelStore.verify_expert / verify_dense (a VerifyResult:
     key, good, dropped, detail). InvalidArgument for a request that names no blob or both,
@@ -350,16 +295,9 @@ class ServerMetrics:
         self._tier_seen[(tier, what)] = total
 
 
-def tier_stats(store: Any) -> dict[str, dict]:
-    """{tier name: stats dict} from the store (ModelStore.stats() or its TieredStore's)."""
-    for obj in (store, getattr(store, "tiered", None)):
-        fn = getattr(obj, "stats", None)
-        if callable(fn):
-            stats = fn()
-            if isinstance(stats, dict):
-                tiers = stats.get("tiers", stats)
-                return {k: v for k, v in tiers.items() if isinstance(v, dict)}
-    return {}
+def tier_stats(store: ModelStore) -> dict[str, dict]:
+    """{tier name: its counters} (ModelStore.stats)."""
+    return store.stats()
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,7 +339,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 class ExpertStoreServicer(pb_grpc.ExpertStoreServicer):
     """Protobuf <-> ModelStore. Store calls run in threads: tiers block on disk and Redis."""
 
-    def __init__(self, store: Any, config: ServerConfig, metrics: ServerMetrics | None = None):
+    def __init__(self, store: ModelStore, config: ServerConfig, metrics: ServerMetrics | None = None):
         self.store = store
         self.config = config
         self.metrics = metrics or ServerMetrics(False)
@@ -433,7 +371,7 @@ class ExpertStoreServicer(pb_grpc.ExpertStoreServicer):
         self.limiter.release()
         self.metrics.streams(self.limiter.active)
 
-    async def _manifest(self, model: str) -> Any:
+    async def _manifest(self, model: str) -> Manifest:
         validate_model(model)
         return await self._call(self.store.manifest, model)
 
@@ -443,7 +381,7 @@ class ExpertStoreServicer(pb_grpc.ExpertStoreServicer):
     async def GetManifest(self, request: pb.GetManifestRequest, context) -> pb.Manifest:
         try:
             m = await self._manifest(request.model)
-            reply = manifest_to_proto(m)
+            reply = m.to_proto()
         except Exception as e:
             await self._fail(context, "GetManifest", e)
         self.metrics.request("GetManifest", "OK")
@@ -466,7 +404,7 @@ class ExpertStoreServicer(pb_grpc.ExpertStoreServicer):
             def open_ref(i: int) -> asyncio.Future:
                 r = refs[i]
                 return asyncio.ensure_future(self._call(
-                    open_expert_reader, self.store, model, r.layer, r.expert, r.precision, r.offset, chunk_bytes))
+                    self.store.open_expert, model, r.layer, r.expert, r.precision, r.offset, chunk_bytes))
 
             # open-ahead: the next blob is opened (small ones read whole from disk/Redis; large
             # ones only opened, they stream chunk by chunk) while this one streams
@@ -489,7 +427,7 @@ class ExpertStoreServicer(pb_grpc.ExpertStoreServicer):
         self.metrics.request(method, "OK")
         self.metrics.tiers(tier_stats(self.store))
 
-    async def _stream(self, context: grpc.aio.ServicerContext, reader: Any, index: int) -> int:
+    async def _stream(self, context: grpc.aio.ServicerContext, reader: BlobReader, index: int) -> int:
         """Send every chunk of one BlobReader; returns bytes sent. A reader over bytes already
         in memory is iterated on the event loop; one that reads the disk is read in a thread,
         STREAM_BATCH_BYTES at a time (one thread hop per batch, not per chunk), the next batch
@@ -535,7 +473,7 @@ class ExpertStoreServicer(pb_grpc.ExpertStoreServicer):
             validate_model(request.model)
             self._acquire_stream()
             acquired = True
-            reader = await self._call(open_dense_reader, self.store, request.model, request.offset,
+            reader = await self._call(self.store.open_dense, request.model, request.offset,
                                       self.config.chunk_bytes)
             sent += await self._stream(context, reader, 0)
         except Exception as e:
@@ -615,47 +553,6 @@ class ExpertStoreServicer(pb_grpc.ExpertStoreServicer):
         return pb.VerifyResponse(key=result.key, good=result.good, dropped=result.dropped, detail=result.detail)
 
 
-def _json_text(value: Any) -> str:
-    import json
-
-    if value is None:
-        return ""
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value).decode()
-    if isinstance(value, str):
-        return value
-    return json.dumps(value)
-
-
-def manifest_to_proto(m: Any) -> pb.Manifest:
-    """ModelStore.manifest(model) (a dict shaped like the Manifest message) -> pb.Manifest."""
-    blobs = manifest_field(m, "blobs") or []
-    if isinstance(blobs, dict):  # {(layer, expert, precision): info}
-        blobs = [dict(zip(("layer", "expert", "precision"), k), **_blob_info(v)) for k, v in blobs.items()]
-    tok = manifest_field(m, "tokenizer_json") or b""
-    return pb.Manifest(
-        model=manifest_field(m, "model", ""),
-        config_json=_json_text(manifest_field(m, "config_json", manifest_field(m, "config"))),
-        tokenizer_json=tok.encode() if isinstance(tok, str) else bytes(tok),
-        num_layers=int(manifest_field(m, "num_layers", 0)),
-        num_experts=int(manifest_field(m, "num_experts", 0)),
-        precisions=list(manifest_field(m, "precisions") or []),
-        blobs=[pb.BlobInfo(layer=int(b["layer"]), expert=int(b["expert"]), precision=b["precision"],
-                           size=int(b["size"]), xxh3=b.get("xxh3", "")) for b in blobs],
-        dense_size=int(manifest_field(m, "dense_size", 0) or 0),
-        dense_xxh3=manifest_field(m, "dense_xxh3", "") or "",
-        profile_json=_json_text(manifest_field(m, "profile_json", manifest_field(m, "profile"))),
-        tokenizer_config_json=_json_text(manifest_field(m, "tokenizer_config_json")),
-    )
-
-
-def _blob_info(v: Any) -> dict:
-    if isinstance(v, dict):
-        return {"size": v["size"], "xxh3": v.get("xxh3", "")}
-    size, digest = v
-    return {"size": size, "xxh3": digest}
-
-
 # --------------------------------------------------------------------------------------------
 # auth
 
@@ -680,7 +577,7 @@ def server_options(config: ServerConfig) -> list[tuple[str, Any]]:
 class StoreServer:
     """One server process: servicer + health + reflection on one port."""
 
-    def __init__(self, store: Any, config: ServerConfig):
+    def __init__(self, store: ModelStore, config: ServerConfig):
         self.store = store
         self.config = config
         self.metrics = ServerMetrics(config.metrics_port is not None)
@@ -714,7 +611,7 @@ class StoreServer:
         await self.server.stop(self.config.grace_s)
 
 
-async def serve(store: Any, config: ServerConfig, on_ready: Callable[[str], None] | None = None,
+async def serve(store: ModelStore, config: ServerConfig, on_ready: Callable[[str], None] | None = None,
                 handle_signals: bool = True) -> None:
     """Run one server process until SIGTERM/SIGINT."""
     tune_malloc()
@@ -897,9 +794,7 @@ __all__ = [
     "serve",
     "run_single",
     "run_workers",
-    "chunks",
     "check_refs",
-    "manifest_to_proto",
     "read_token",
     "status_for",
     "MAX_MESSAGE_BYTES",

@@ -11,16 +11,7 @@ Layout of a store directory (NvmeTier root), per model (keys from ``expert_store
     models/<model>/dense.safetensors          every non-expert tensor
     models/<model>/experts/L000/E000.bf16.blob
 
-manifest.json (what this module reads; unknown fields are ignored):
-
-    {"model": str, "num_layers": int, "num_experts": int, "precisions": [str, ...],
-     "blobs": [{"layer", "expert", "precision", "size", "xxh3"}, ...],
-     "dense_size": int, "dense_xxh3": str}
-
-``blobs`` may also be a dict ``{expert_key: {"size", "xxh3"}}`` and the dense entry a
-``"dense": {"size", "xxh3"}`` object; ``num_layers``/``num_experts`` default to
-config.json's ``num_hidden_layers``/``num_local_experts``. ``xxh3`` is
-``format.blob_checksum`` (xxh3-128 hex of the whole file).
+manifest.json is ``expert_store.manifest.Manifest`` (its ``from_json`` says what is read).
 
 Integrity: every expert blob and the dense file is checked before it is served (size and
 xxh3 against the manifest, else the blob's own seal via ``format.check_blob``). A copy that
@@ -37,10 +28,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -48,6 +38,7 @@ import xxhash
 
 from expert_store import format as blob_format
 from expert_store.errors import DataLoss, InvalidArgument, NotFound, StoreError
+from expert_store.manifest import EXPERT_FILE_RE, Manifest
 from expert_store.tiers import MemoryTier, NvmeTier, RedisTier, TieredStore
 from expert_store.tiers.nvme import file_signature, settled_signature
 from expert_store.wire import PUT_KINDS
@@ -68,22 +59,6 @@ _FILE_OF_KIND = {
     "profile": "profile.json",
     "manifest": "manifest.json",
 }
-_EXPERT_FILE_RE = re.compile(r"^L(\d{3})/E(\d{3})\.(bf16|int8|int4)\.blob$")
-
-
-@dataclass(frozen=True)
-class _ModelIndex:
-    """A parsed manifest.json plus config.json, cached while the files are unchanged."""
-
-    model: str
-    raw: dict
-    config: dict
-    num_layers: int
-    num_experts: int
-    precisions: tuple[str, ...]
-    blobs: dict[tuple[int, int, str], tuple[int, str]] = field(default_factory=dict)
-    dense_size: int = 0
-    dense_xxh3: str = ""
 
 
 def _xxh3(data) -> str:
@@ -327,7 +302,7 @@ class ModelStore:
         self.stream_above_bytes = int(stream_above_bytes)
         self.nvme = tiered.nvme
         self._index_lock = threading.Lock()
-        self._index: dict[str, tuple[tuple, _ModelIndex]] = {}
+        self._index: dict[str, tuple[tuple, Manifest]] = {}
 
     @classmethod
     def open(
@@ -395,7 +370,7 @@ class ModelStore:
             sig.append((st.st_mtime_ns, st.st_size, st.st_ino))
         return tuple(sig)
 
-    def _model_index(self, model: Any) -> _ModelIndex:
+    def _model_index(self, model: Any) -> Manifest:
         model = self._model_name(model)
         sig = self._signature(model)
         if sig is None:
@@ -409,50 +384,13 @@ class ModelStore:
             self._index[model] = (sig, index)
         return index
 
-    def _parse_index(self, model: str) -> _ModelIndex:
+    def _parse_index(self, model: str) -> Manifest:
         raw = self._read_json(model, "manifest.json")
         if raw is None:
             raise NotFound(f"model {model!r} not found in {self.root}")
-        config = self._read_json(model, "config.json") or {}
-        if raw.get("model", model) != model:
-            raise DataLoss(f"{model}/manifest.json names model {raw.get('model')!r}")
-        try:
-            num_layers = int(raw.get("num_layers", config.get("num_hidden_layers", 0)))
-            num_experts = int(raw.get("num_experts", config.get("num_local_experts", 0)))
-            blobs: dict[tuple[int, int, str], tuple[int, str]] = {}
-            entries = raw.get("blobs", [])
-            if isinstance(entries, dict):
-                prefix = f"{model}/experts/"
-                for key, info in entries.items():
-                    m = _EXPERT_FILE_RE.match(key[len(prefix):] if key.startswith(prefix) else key)
-                    if m is None:
-                        raise ValueError(f"unrecognised blob key {key!r}")
-                    ref = (int(m.group(1)), int(m.group(2)), m.group(3))
-                    blobs[ref] = (int(info["size"]), str(info.get("xxh3", "")))
-            else:
-                for info in entries:
-                    ref = (int(info["layer"]), int(info["expert"]), str(info["precision"]))
-                    blobs[ref] = (int(info["size"]), str(info.get("xxh3", "")))
-            precisions = raw.get("precisions")
-            if precisions is None:
-                precisions = sorted({p for (_, _, p) in blobs}, key=blob_format.PRECISIONS.index)
-            precisions = tuple(str(p) for p in precisions)
-            dense = raw.get("dense") if isinstance(raw.get("dense"), dict) else {}
-            dense_size = int(raw.get("dense_size", dense.get("size", 0)) or 0)
-            dense_xxh3 = str(raw.get("dense_xxh3", dense.get("xxh3", "")) or "")
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DataLoss(f"{model}/manifest.json is malformed: {exc}") from None
-        return _ModelIndex(
-            model=model,
-            raw=raw,
-            config=config,
-            num_layers=num_layers,
-            num_experts=num_experts,
-            precisions=precisions,
-            blobs=blobs,
-            dense_size=dense_size,
-            dense_xxh3=dense_xxh3,
-        )
+        self._read_json(model, "config.json")  # DataLoss when it does not parse
+        config_json = (self._read_small(model, "config.json") or b"").decode("utf-8", "replace")
+        return Manifest.from_json(model, raw, config_json)
 
     # -- queries -------------------------------------------------------------------------
     def models(self) -> list[str]:
@@ -476,36 +414,21 @@ class ModelStore:
             return False
         return True
 
-    def manifest(self, model: str) -> dict:
-        """The model's manifest with the fields of the ``adapmoe.v1.Manifest`` message
-        (``expert_store_pb2.Manifest(**store.manifest(m))`` builds the message)."""
+    def manifest(self, model: str) -> Manifest:
+        """The model's manifest with the files served beside it (``.to_proto()`` is the
+        ``adapmoe.v1.Manifest`` message GetManifest answers)."""
         index = self._model_index(model)
-        config_json = self._read_small(index.model, "config.json")
-        tokenizer_json = self._read_small(index.model, "tokenizer.json")
-        profile_json = self._read_small(index.model, "profile.json")
-        tokenizer_config_json = self._read_small(index.model, "tokenizer_config.json")
-        dense_size = index.dense_size
-        if not dense_size:
-            dense_size = self.nvme.size(blob_format.dense_key(index.model)) or 0
-        return {
-            "model": index.model,
-            "config_json": (config_json or b"").decode("utf-8", "replace"),
-            "tokenizer_json": tokenizer_json or b"",
-            "tokenizer_config_json": (tokenizer_config_json or b"").decode("utf-8", "replace"),
-            "num_layers": index.num_layers,
-            "num_experts": index.num_experts,
-            "precisions": list(index.precisions),
-            "blobs": [
-                {"layer": layer, "expert": expert, "precision": precision, "size": size, "xxh3": digest}
-                for (layer, expert, precision), (size, digest) in sorted(
-                    index.blobs.items(), key=lambda kv: (kv[0][0], kv[0][1], blob_format.PRECISIONS.index(kv[0][2])
-                                                         if kv[0][2] in blob_format.PRECISIONS else 99)
-                )
-            ],
-            "dense_size": dense_size,
-            "dense_xxh3": index.dense_xxh3,
-            "profile_json": (profile_json or b"").decode("utf-8", "replace"),
-        }
+
+        def text(name: str) -> str:
+            return (self._read_small(index.model, name) or b"").decode("utf-8", "replace")
+
+        return replace(
+            index,
+            tokenizer_json=self._read_small(index.model, "tokenizer.json") or b"",
+            tokenizer_config_json=text("tokenizer_config.json"),
+            profile_json=text("profile.json"),
+            dense_size=index.dense_size or self.nvme.size(blob_format.dense_key(index.model)) or 0,
+        )
 
     def check_ref(self, model: str, layer: Any, expert: Any, precision: Any) -> str:
         """Validate one expert reference against the model; returns its store key.
@@ -513,7 +436,7 @@ class ModelStore:
         a precision the model was not packed at."""
         return self._ref(model, layer, expert, precision)[1]
 
-    def _ref(self, model: str, layer: Any, expert: Any, precision: Any) -> tuple[_ModelIndex, str]:
+    def _ref(self, model: str, layer: Any, expert: Any, precision: Any) -> tuple[Manifest, str]:
         model = self._model_name(model)
         precision = self._precision(precision)
         layer = _check_int("layer", layer)
@@ -527,7 +450,7 @@ class ModelStore:
             raise NotFound(f"{model} was not packed at precision {precision!r} (has {', '.join(index.precisions)})")
         return index, blob_format.expert_key(model, layer, expert, precision)
 
-    def _expert_check(self, index: _ModelIndex, layer: int, expert: int, precision: str) -> tuple[Any, tuple]:
+    def _expert_check(self, index: Manifest, layer: int, expert: int, precision: str) -> tuple[Any, tuple]:
         """(validator, token) of one expert blob: TieredStore.get's check and its name."""
         expected = index.blobs.get((layer, expert, precision))
         if expected is not None and expected[1]:
@@ -536,7 +459,7 @@ class ModelStore:
             token = ("seal", index.model, layer, expert, precision)
         return self._expert_validator(index, layer, expert, precision), token
 
-    def _expert_validator(self, index: _ModelIndex, layer: int, expert: int, precision: str):
+    def _expert_validator(self, index: Manifest, layer: int, expert: int, precision: str):
         expected = index.blobs.get((layer, expert, precision))
 
         def validate(data: bytes) -> None:
@@ -754,9 +677,8 @@ class ModelStore:
                 self._read_json(name, "config.json")
             except DataLoss as exc:
                 bad.append((blob_format.file_key(name, "config.json"), str(exc)))
-            for fname, field_name in (("config.json", "config_xxh3"), ("tokenizer.json", "tokenizer_xxh3"),
-                                      ("tokenizer_config.json", "tokenizer_config_xxh3")):
-                digest = index.raw.get(field_name)
+            for fname, digest in (("config.json", index.config_xxh3), ("tokenizer.json", index.tokenizer_xxh3),
+                                  ("tokenizer_config.json", index.tokenizer_config_xxh3)):
                 if digest:
                     fkey = blob_format.file_key(name, fname)
                     fdata = self._read_small(name, fname)
@@ -790,12 +712,12 @@ class ModelStore:
                 bad.append((dkey, "xxh3 mismatch"))
         return bad
 
-    def _verify_blob(self, index: _ModelIndex, key: str, ref: tuple[int, int, str] | None) -> str | None:
+    def _verify_blob(self, index: Manifest, key: str, ref: tuple[int, int, str] | None) -> str | None:
         data = self.nvme.read_range(key)
         if data is None:
             return "missing"
         if ref is None:
-            m = _EXPERT_FILE_RE.match(key[len(f"{index.model}/experts/"):])
+            m = EXPERT_FILE_RE.match(key[len(f"{index.model}/experts/"):])
             if m is None:
                 return "unexpected file"
             ref = (int(m.group(1)), int(m.group(2)), m.group(3))
@@ -951,7 +873,7 @@ class ModelStore:
         rows = []
         per_precision: dict[str, list[int]] = {}
         for key in self.nvme.keys(f"{name}/experts/"):
-            m = _EXPERT_FILE_RE.match(key[len(f"{name}/experts/"):])
+            m = EXPERT_FILE_RE.match(key[len(f"{name}/experts/"):])
             precision = m.group(3) if m else "?"
             acc = per_precision.setdefault(precision, [0, 0])
             acc[0] += 1

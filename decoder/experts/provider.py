@@ -34,10 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from decoder.kernels.fused_moe import ExpertBank
+from expert_store.client import StoreClient
+from expert_store.format import BlobHeader
+from expert_store.manifest import Manifest
+from expert_store.quant import QuantizedWeight
 
 if TYPE_CHECKING:  # pragma: no cover
     from decoder.model.config import ModelConfig
-    from expert_store.client import StoreClient
 
 # Where an expert currently lives, cheapest first. Cost-aware gating keys its costs on these.
 LOCATIONS = ("gpu", "host", "store")
@@ -131,36 +134,17 @@ class ExpertWeights:
         return ExpertWeights(dense(self.w1), dense(self.w3), dense(self.w2), self.precision)
 
 
-def _field(obj: Any, name: str, default: Any = None) -> Any:
-    if isinstance(obj, Mapping):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
-
-
-def expert_weights_from_views(header: Any, views: Mapping[str, Any]) -> ExpertWeights:
-    """Wrap `expert_store.quant.tensors_from_raw(header, raw)` output (no copies).
-
-    `views[name]` is a dense tensor (bf16), a `QuantizedWeight` (int8/int4: q, scales, bits,
-    group_size, shape), or a bare (q, scales) pair whose layout comes from the header.
-    """
-    precision = _field(header, "precision")
-    specs = {_field(t, "name"): t for t in _field(header, "tensors")}
+def expert_weights_from_views(header: BlobHeader, views: Mapping[str, torch.Tensor | QuantizedWeight]) -> ExpertWeights:
+    """Wrap `expert_store.quant.tensors_from_raw(header, raw)` output (no copies): a dense
+    tensor (bf16) or a `QuantizedWeight` (int8/int4: q, scales, bits, group_size, shape) per matrix."""
     mats: dict[str, Matrix] = {}
     for name in ("w1", "w3", "w2"):
         if name not in views:
             raise ValueError(f"expert blob has no tensor {name!r}")
         v = views[name]
-        if not isinstance(v, (torch.Tensor, tuple, list)) and hasattr(v, "scales"):
-            mats[name] = QuantizedMatrix(v.q, v.scales, int(v.bits), int(v.group_size), tuple(v.shape))
-        elif isinstance(v, (tuple, list)):
-            q, scales = v
-            spec = specs[name]
-            quant = _field(spec, "quant")
-            mats[name] = QuantizedMatrix(q, scales, int(_field(quant, "bits")), int(_field(quant, "group_size")),
-                                         tuple(int(s) for s in _field(spec, "shape")))
-        else:
-            mats[name] = v
-    return ExpertWeights(mats["w1"], mats["w3"], mats["w2"], precision)
+        mats[name] = v if isinstance(v, torch.Tensor) else \
+            QuantizedMatrix(v.q, v.scales, int(v.bits), int(v.group_size), tuple(v.shape))
+    return ExpertWeights(mats["w1"], mats["w3"], mats["w2"], header.precision)
 
 
 def decode_expert_blob(blob: bytes | memoryview, device: torch.device | str = "cpu",
@@ -342,27 +326,24 @@ class ResidentExperts(nn.Module, ExpertProvider):
 class ExpertSource:
     """Everything needed to fetch and decode one model's experts from an expert store."""
 
-    client: "StoreClient"
+    client: StoreClient
     model: str
     config: "ModelConfig"
-    manifest: Any                     # expert_store.client.ModelManifest
+    manifest: Manifest
     precision: str = "bf16"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32  # compute dtype of the model
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
-        precisions = list(_field(self.manifest, "precisions") or [])
+        precisions = self.manifest.precisions
         if precisions and self.precision not in precisions:
             raise ValueError(f"model {self.model!r} has no {self.precision} experts in the store "
                              f"(available: {', '.join(precisions)})")
 
     def blob_size(self, layer: int, expert: int) -> int | None:
-        blobs = _field(self.manifest, "blobs") or {}
-        info = blobs.get((layer, expert, self.precision))
-        if info is None:
-            return None
-        return int(info[0] if isinstance(info, (tuple, list)) else _field(info, "size"))
+        entry = self.manifest.blobs.get((layer, expert, self.precision))
+        return None if entry is None else entry.size
 
     def fetch(self, layer: int, expert: int, out: memoryview | None = None,
               priority: str = "demand") -> bytes | memoryview:

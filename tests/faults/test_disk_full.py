@@ -79,7 +79,7 @@ def test_pack_with_a_full_disk_fails_cleanly_and_a_rerun_completes(checkpoint, t
     v = run_cli("verify", "--store", str(store))
     assert v.returncode == 0, v.stdout
     with ModelStore.open(store, ram_bytes=0) as s:
-        assert s.models() == [MODEL] and len(s.manifest(MODEL)["blobs"]) == 2 * 2 * 2
+        assert s.models() == [MODEL] and len(s.manifest(MODEL).blobs) == 2 * 2 * 2
 
 
 def test_put_blob_with_a_full_disk_is_resource_exhausted_and_nothing_is_visible(tmp_path):

@@ -185,7 +185,7 @@ def test_a_rerun_uploads_only_the_manifests_and_repairs_a_corrupt_blob(replicas,
 def test_adding_a_precision_keeps_the_earlier_ones(replicas, checkpoint, local_store):
     a, b = replicas
     result = pack_remote(checkpoint, target(a, b), model=MODEL, precisions=("int8",), progress=False)
-    assert result.manifest["precisions"] == ["bf16", "int8", "int4"]
+    assert result.manifest.precisions == ("bf16", "int8", "int4")
     with StoreClient.open(target(a, b), deadline_s=20) as client:
         assert client.manifest(MODEL).precisions == ("bf16", "int8", "int4")
         assert sorted(ref for ref, _ in client.fetch_experts(MODEL, [(1, 3, "int8"), (1, 3, "bf16")])) == \

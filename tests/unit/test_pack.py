@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from expert_store import format as fmt
+from expert_store.manifest import Manifest
 from expert_store.pack import (
     CheckpointError,
     NotMixtralCheckpointError,
@@ -94,7 +95,8 @@ def test_pack_all_precisions_into_nvme(tmp_path):
     assert result.model == "tiny-mixtral"
     assert result.blobs_written == 2 * 4 * 3 and result.blobs_skipped == 0
     manifest = _check_store_against_reference(store, "tiny-mixtral", ckpt, ("bf16", "int8", "int4"), 32)
-    assert manifest == result.manifest
+    assert store.get(fmt.file_key("tiny-mixtral", "manifest.json")) == result.manifest.to_json()
+    assert Manifest.from_json("tiny-mixtral", manifest) == result.manifest  # the file reads back whole
     assert manifest["rope_theta"] == 1_000_000.0 and manifest["top_k"] == 2 and manifest["group_size"] == 32
     # files sit where the store layout says: <root>/models/<key>
     assert (tmp_path / "store" / "models" / "tiny-mixtral" / "experts" / "L001" / "E003.int4.blob").is_file()
@@ -320,7 +322,7 @@ def test_pack_stores_tokenizer_config_with_its_chat_template(tmp_path):
     result = pack_checkpoint(ckpt, store, model="chat", progress=False)
     raw = (ckpt / "tokenizer_config.json").read_bytes()
     assert store.get(fmt.file_key("chat", "tokenizer_config.json")) == raw
-    assert result.manifest["tokenizer_config_xxh3"] == fmt.blob_checksum(raw)
+    assert result.manifest.tokenizer_config_xxh3 == fmt.blob_checksum(raw)
     with StoreClient.open(tmp_path / "store") as client:
         assert client.manifest("chat").tokenizer_config["chat_template"] == template
     assert ModelStore.open(tmp_path / "store").verify_details("chat") == []
@@ -328,7 +330,7 @@ def test_pack_stores_tokenizer_config_with_its_chat_template(tmp_path):
     plain, _ = make_mixtral_checkpoint(tmp_path / "plain", seed=2)
     (plain / "tokenizer_config.json").write_text("[not an object]")
     result = pack_checkpoint(plain, store, model="plain", progress=False)
-    assert result.manifest["tokenizer_config_xxh3"] is None
+    assert result.manifest.tokenizer_config_xxh3 is None
     assert not store.contains(fmt.file_key("plain", "tokenizer_config.json"))
     with StoreClient.open(tmp_path / "store") as client:
         assert client.manifest("plain").tokenizer_config is None

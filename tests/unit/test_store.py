@@ -14,6 +14,7 @@ from expert_store import format as fmt
 from expert_store import quant
 from expert_store._proto.adapmoe.v1 import expert_store_pb2 as pb
 from expert_store.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted
+from expert_store.manifest import Manifest
 from expert_store.store import ModelStore
 from expert_store.tiers import NvmeTier
 
@@ -81,17 +82,20 @@ def test_models_and_manifest(packed, tmp_path):
     NvmeTier(tmp_path).put("half-imported/config.json", b"{}")  # no manifest yet: not a model
     assert store.models() == [MODEL]
     m = store.manifest(MODEL)
-    assert m["model"] == MODEL and m["num_layers"] == LAYERS and m["num_experts"] == EXPERTS
-    assert m["precisions"] == list(PRECISIONS)
-    assert m["config_json"] == info["config"].decode() and m["tokenizer_json"] == info["tokenizer"]
-    assert m["dense_size"] == len(info["dense"]) and m["dense_xxh3"] == fmt.blob_checksum(info["dense"])
-    assert m["profile_json"] == ""
-    assert len(m["blobs"]) == LAYERS * EXPERTS * len(PRECISIONS)
-    b = m["blobs"][1]
-    assert (b["layer"], b["expert"], b["precision"]) == (0, 0, "int8")
-    assert b["xxh3"] == fmt.blob_checksum(make_blob(0, 0, "int8"))
-    msg = pb.Manifest(**m)  # the dict is shaped like the proto message
-    assert msg.num_layers == LAYERS and len(msg.blobs) == len(m["blobs"])
+    assert m.model == MODEL and m.num_layers == LAYERS and m.num_experts == EXPERTS
+    assert m.precisions == tuple(PRECISIONS)
+    assert m.config_json == info["config"].decode() and m.tokenizer_json == info["tokenizer"]
+    assert m.dense_size == len(info["dense"]) and m.dense_xxh3 == fmt.blob_checksum(info["dense"])
+    assert m.profile_json == "" and m.profile is None
+    assert len(m.blobs) == LAYERS * EXPERTS * len(PRECISIONS)
+    assert m.blobs[(0, 0, "int8")].xxh3 == fmt.blob_checksum(make_blob(0, 0, "int8"))
+    msg = m.to_proto()  # what GetManifest answers, blobs by layer, expert, precision
+    assert msg.num_layers == LAYERS and len(msg.blobs) == len(m.blobs)
+    b = msg.blobs[1]
+    assert (b.layer, b.expert, b.precision) == (0, 0, "int8")
+    assert b.xxh3 == fmt.blob_checksum(make_blob(0, 0, "int8"))
+    back = Manifest.from_proto(msg)  # the message carries every served field
+    assert back.to_proto() == msg and (back.blobs, back.config, back.tokenizer_json) == (m.blobs, m.config, m.tokenizer_json)
 
 
 def test_expert_blob_is_the_packed_blob(packed):
@@ -226,7 +230,8 @@ def test_put_file_expert_and_files(tmp_path):
     assert store.expert_blob(MODEL, 1, 2, "int8") == blob
     profile = b'{"sensitivity": [1.0, 2.0]}'
     store.put_file(MODEL, "profile", profile, fmt.blob_checksum(profile))
-    assert store.manifest(MODEL)["profile_json"] == profile.decode()
+    assert store.manifest(MODEL).profile_json == profile.decode()
+    assert store.manifest(MODEL).profile == {"sensitivity": [1.0, 2.0]}
 
 
 @pytest.mark.parametrize(

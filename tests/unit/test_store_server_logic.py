@@ -1,4 +1,4 @@
-"""The plain logic inside the gRPC servicer: chunking, the stream limiter, PutBlob's
+"""The plain logic inside the gRPC servicer: chunking (the store's BufferReader), the stream limiter, PutBlob's
 assembler, status mapping, --listen parsing (no server needed)."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import pytest
 from expert_store import format as blob_format
 from expert_store._proto.adapmoe.v1 import expert_store_pb2 as pb
 from expert_store.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted
+from expert_store.store import BufferReader
 from expert_store.server import (
     MAX_CHUNK_BYTES,
     PutAssembler,
     ServerConfig,
     StreamLimiter,
-    chunks,
     split_host_port,
     status_for,
 )
@@ -24,7 +24,7 @@ from expert_store.server import (
                                          (3_000_000, 3_000_000)])
 def test_chunks_cover_the_rest_of_the_blob_in_order(size, offset):
     blob = bytes(range(256)) * (size // 256) + bytes(size % 256)
-    pieces = list(chunks(blob, offset, MAX_CHUNK_BYTES))
+    pieces = list(BufferReader(blob, offset, MAX_CHUNK_BYTES, "whole"))
     assert pieces, "at least one chunk, even when nothing is left"
     assert b"".join(d for _, d, _ in pieces) == blob[offset:]
     assert [last for _, _, last in pieces] == [False] * (len(pieces) - 1) + [True]
@@ -36,7 +36,7 @@ def test_chunks_cover_the_rest_of_the_blob_in_order(size, offset):
 
 def test_chunks_reject_an_offset_past_the_end():
     with pytest.raises(InvalidArgument):
-        list(chunks(b"abc", 4, MAX_CHUNK_BYTES))
+        list(BufferReader(b"abc", 4, MAX_CHUNK_BYTES, "whole"))
 
 
 def test_stream_limiter_reserves_slots_for_demand():
