@@ -10,6 +10,8 @@
                        [--max-refs N] [--max-streams N] [--token-file F]
                        [--tls-cert F --tls-key F [--tls-client-ca F]] [--metrics-port P] [--ram-bytes N]
                        [--stream-above-bytes N]
+    expert-store colocate --upstream DIR|grpc://H:P[,H:P] --arena PATH --arena-bytes N (--model NAME | --slot-bytes N)
+                          [--listen HOST:PORT] [--token-file F] [--upstream-token-file F]
     expert-store inspect --store DIR [--model NAME]
     expert-store verify --store DIR [--model NAME]
 
@@ -173,6 +175,10 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--inject-latency-ms", type=float, default=0.0, metavar="MS",
                    help="fault injection (tests, benchmarks): delay every expert blob served, and every "
                         "Verify (it re-reads a blob), by this much")
+
+    from expert_store import colocate
+
+    colocate.add_parser(sub, _size, _positive)
 
     for name, help_ in (("inspect", "list models, blobs and sizes"), ("verify", "check every checksum")):
         c = sub.add_parser(name, help=help_)
@@ -352,7 +358,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"pack": cmd_pack, "serve": cmd_serve, "inspect": cmd_inspect, "verify": cmd_verify}
+def cmd_colocate(args: argparse.Namespace) -> int:
+    from expert_store.colocate import cmd_colocate as run
+
+    return run(args)
+
+
+COMMANDS = {"pack": cmd_pack, "serve": cmd_serve, "colocate": cmd_colocate, "inspect": cmd_inspect,
+            "verify": cmd_verify}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -176,9 +176,9 @@ def parse_replicas(target: str) -> list[str]:
 
 
 def is_remote_target(target: str) -> bool:
-    """True for grpc://, dns:///, k8s:// and 'host:port[,host:port...]' (unless such a
-    directory exists); False for a store directory."""
-    if target.startswith(("grpc://", "dns:", "k8s://")):
+    """True for grpc://, dns:///, k8s://, local-shm:// and 'host:port[,host:port...]' (unless
+    such a directory exists); False for a store directory."""
+    if target.startswith(("grpc://", "dns:", "k8s://", "local-shm://")):
         return True
     if os.path.isdir(target):
         return False
@@ -211,6 +211,10 @@ class StoreClient:
         attempt; max_streams: parallel streams of this client; redis_url/ram_bytes: tiers of an
         in-process store directory."""
         target = os.fspath(target)
+        if target.startswith("local-shm://"):   # a co-located store's arena (expert_store/arena_client.py)
+            from expert_store.arena_client import ArenaStoreClient
+
+            return ArenaStoreClient.open_target(target, token=token, deadline_s=deadline_s)
         if not is_remote_target(target):
             if not Path(target).is_dir():
                 raise NotFound(f"store directory {target} does not exist "

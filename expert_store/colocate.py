@@ -1,0 +1,199 @@
+"""`expert-store colocate`: a store beside the decoder that publishes blobs into shared memory.
+
+    expert-store colocate --upstream grpc://store-0.store:50051,store-1.store:50051 \\
+        --arena /dev/shm/adapmoe.arena --arena-bytes 16G --model mixtral --listen 127.0.0.1:50061
+
+One process, one gRPC port (the control plane): `ExpertArena` (Ensure: "put these blobs in the
+arena, tell me where"; DescribeArena), `ExpertStore` (manifest, dense file, and blobs over gRPC
+for a client that cannot map the arena) and gRPC health. The bytes go upstream -> arena file ->
+the decoder's mapping (`local-shm://` targets, expert_store/arena_client.py). The logic is in
+`ArenaPublisher` (expert_store/arena_publisher.py); this module translates protobuf and statuses.
+
+It prints "listening on HOST:PORT" once it serves. Slots are sized to the largest blob of the
+`--model`s (their manifests are waited for, up to --wait-timeout) unless --slot-bytes is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+from typing import Any
+
+import grpc
+
+from expert_store._proto.adapmoe.v1 import expert_arena_pb2 as apb
+from expert_store._proto.adapmoe.v1 import expert_arena_pb2_grpc as apb_grpc
+from expert_store._proto.adapmoe.v1 import expert_store_pb2 as pb
+from expert_store._proto.adapmoe.v1 import expert_store_pb2_grpc as pb_grpc
+from expert_store.arena_publisher import ArenaPublisher, ReadThroughStore, slot_bytes_for
+from expert_store.errors import InvalidArgument, StoreError, Unavailable
+from expert_store.grpc_serving import (add_health_and_reflection, add_port, auth_interceptors, channel_options,
+                                       join_host_port, read_token_file, set_health, split_host_port,
+                                       stop_on_signals, tune_malloc)
+from expert_store.shm_arena import ArenaWriter
+from expert_store.wire import MAX_MESSAGE_BYTES, TOKEN_ENV
+
+log = logging.getLogger("expert_store.colocate")
+
+ARENA_SERVICE = apb.DESCRIPTOR.services_by_name["ExpertArena"].full_name   # "adapmoe.v1.ExpertArena"
+STORE_SERVICE = pb.DESCRIPTOR.services_by_name["ExpertStore"].full_name
+PRIORITY_NAMES = {pb.DEMAND: "demand", pb.PREFETCH: "prefetch"}
+
+
+def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, StoreError):
+        return getattr(grpc.StatusCode, exc.code, grpc.StatusCode.UNKNOWN), str(exc)
+    if isinstance(exc, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+
+
+class ExpertArenaServicer(apb_grpc.ExpertArenaServicer):
+    """Protobuf <-> ArenaPublisher; publisher calls run in threads (upstream I/O blocks)."""
+
+    def __init__(self, publisher: ArenaPublisher, arena_path: str) -> None:
+        self.publisher = publisher
+        self.arena_path = arena_path
+
+    async def Ensure(self, request: apb.EnsureRequest, context: grpc.aio.ServicerContext) -> apb.EnsureResponse:
+        try:
+            priority = PRIORITY_NAMES.get(request.priority)
+            if priority is None:
+                raise InvalidArgument(f"unknown priority {request.priority}")
+            refs = [(r.layer, r.expert, r.precision) for r in request.refs]
+            remaining = context.time_remaining()
+            locs = await asyncio.to_thread(self.publisher.ensure, request.model, refs, priority, request.pin_s,
+                                           remaining)
+            epoch = self.publisher.writer.epoch
+        except Exception as e:  # noqa: BLE001 - every failure is a status
+            code, details = _status(e)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("Ensure failed", exc_info=e)
+            await context.abort(code, details)
+        return apb.EnsureResponse(epoch=epoch, blobs=[
+            apb.BlobLocation(slot=l.slot, offset=l.offset, size=l.size, generation=l.generation) for l in locs])
+
+    async def DescribeArena(self, request: apb.DescribeArenaRequest, context) -> apb.ArenaInfo:
+        s = await asyncio.to_thread(self.publisher.stats)
+        return apb.ArenaInfo(path=self.arena_path, epoch=s["epoch"], slots=s["slots"], slot_bytes=s["slot_bytes"],
+                             used=s["used"], pinned=s["pinned"], hits=s["hits"], misses=s["misses"],
+                             publishes=s["publishes"], evictions=s["evictions"], data_loss=s["data_loss"],
+                             bytes_published=s["bytes_published"], fill_gbps=s["fill_gbps"])
+
+
+async def serve_colocated(publisher: ArenaPublisher, arena_path: str, listen: str, *, token: str | None = None,
+                          grace_s: float = 5.0, max_refs: int = 64, on_ready: Any = None) -> None:
+    """Serve ExpertArena + ExpertStore (read-through) + health on `listen` until SIGTERM/SIGINT."""
+    from expert_store.server import ExpertStoreServicer, ServerConfig
+
+    tune_malloc()
+    server = grpc.aio.server(interceptors=auth_interceptors(token),
+                             options=channel_options(MAX_MESSAGE_BYTES, reuse_port=False))
+    apb_grpc.add_ExpertArenaServicer_to_server(ExpertArenaServicer(publisher, arena_path), server)
+    pb_grpc.add_ExpertStoreServicer_to_server(
+        ExpertStoreServicer(ReadThroughStore(publisher), ServerConfig(listen=listen, max_refs=max_refs, token=token)),
+        server)
+    health = add_health_and_reflection(server, ARENA_SERVICE)
+    host, port = split_host_port(listen, example_port=50061)
+    bound = add_port(server, join_host_port(host, port), None, None, None)
+    if bound == 0:
+        raise OSError(f"could not bind {listen}")
+    await server.start()
+    await set_health(health, ARENA_SERVICE, serving=True)
+    await set_health(health, STORE_SERVICE, serving=True)
+    stopping = asyncio.Event()
+    stop_on_signals(stopping.set)
+    if on_ready is not None:
+        on_ready(join_host_port(host, bound))
+    await stopping.wait()
+    await health.enter_graceful_shutdown()
+    await server.stop(grace_s)
+
+
+# --------------------------------------------------------------------------------------------
+# the command
+
+
+def add_parser(sub: Any, size: Any, positive: Any) -> None:
+    """`expert-store colocate`'s options (expert_store/cli.py registers the command)."""
+    c = sub.add_parser("colocate", help="run beside a decoder: publish blobs into a shared-memory arena",
+                       description="A read-through store beside the decoder: fetches blobs from --upstream, "
+                                   "checks each once and publishes it into a shared-memory arena the decoder "
+                                   "maps (moe-decoder --store local-shm://ARENA?control=HOST:PORT).")
+    c.add_argument("--upstream", required=True, metavar="DIR|grpc://H:P[,H:P]|dns:///H:P|k8s://NS/SVC:PORT",
+                   help="the store that holds the models (the fleet's source of truth)")
+    c.add_argument("--arena", required=True, metavar="PATH",
+                   help="the arena file, on a memory filesystem both containers mount (/dev/shm, emptyDir Memory)")
+    c.add_argument("--arena-bytes", required=True, type=size, metavar="BYTES",
+                   help="the arena's budget, e.g. 16G (reserved up front; keep it under the volume's sizeLimit)")
+    c.add_argument("--model", action="append", default=[], metavar="NAME",
+                   help="a model to size the slots for (repeatable; its manifest is waited for)")
+    c.add_argument("--slot-bytes", type=size, metavar="BYTES",
+                   help="slot size instead of the --model's largest blob (a multiple of 4096)")
+    c.add_argument("--listen", default="127.0.0.1:50061", metavar="HOST:PORT", help="the control plane's port")
+    c.add_argument("--token-file", metavar="F", help="require this bearer token (else $EXPERT_STORE_TOKEN, if set)")
+    c.add_argument("--upstream-token-file", metavar="F", help="bearer token for --upstream")
+    c.add_argument("--upstream-tls-ca", metavar="F", help="CA of the upstream's certificates: use TLS")
+    c.add_argument("--upstream-tls-cert", metavar="F", help="client certificate for the upstream (mTLS)")
+    c.add_argument("--upstream-tls-key", metavar="F", help="client key for the upstream (mTLS)")
+    c.add_argument("--redis", metavar="URL", help="(directory upstream) its Redis tier")
+    c.add_argument("--fetch-threads", type=positive, default=4, metavar="N", help="parallel upstream fetches")
+    c.add_argument("--deadline", type=float, default=30.0, metavar="S", help="deadline of each upstream RPC")
+    c.add_argument("--wait-timeout", type=float, default=600.0, metavar="S",
+                   help="how long to wait for the upstream and the --model manifests at start")
+    c.add_argument("--grace", type=float, default=5.0, metavar="S", help="shutdown grace for in-flight calls")
+
+
+def cmd_colocate(args: argparse.Namespace) -> int:
+    from expert_store.client import StoreClient
+
+    if not args.model and not args.slot_bytes:
+        raise InvalidArgument("give --model (slots sized to its largest blob) or --slot-bytes")
+    token = read_token_file(args.token_file, TOKEN_ENV)
+    upstream_token = read_token_file(args.upstream_token_file, "EXPERT_STORE_UPSTREAM_TOKEN")
+    upstream = StoreClient.open(args.upstream, token=upstream_token, tls_ca=args.upstream_tls_ca,
+                                tls_cert=args.upstream_tls_cert, tls_key=args.upstream_tls_key,
+                                deadline_s=args.deadline, max_streams=args.fetch_threads,
+                                redis_url=args.redis)
+    try:
+        slot_bytes = args.slot_bytes or slot_bytes_for(_wait_for_manifests(upstream, args.model, args.wait_timeout))
+        writer = ArenaWriter.open(args.arena, args.arena_bytes, slot_bytes)
+    except BaseException:
+        upstream.close()
+        raise
+    publisher = ArenaPublisher(upstream, writer, fetch_threads=args.fetch_threads)
+    log.info("arena %s: %d slots of %d bytes (epoch %d, %d blobs kept)", args.arena, writer.slots,
+             writer.slot_bytes, writer.epoch, writer.used())
+    try:
+        asyncio.run(serve_colocated(publisher, args.arena, args.listen, token=token, grace_s=args.grace,
+                                    on_ready=lambda a: print(f"listening on {a}", flush=True)))
+    finally:
+        publisher.close()
+    return 0
+
+
+def _wait_for_manifests(upstream: Any, models: list[str], timeout_s: float) -> list[Any]:
+    """The models' manifests, retried while the upstream is down or the model not packed yet."""
+    from expert_store.errors import NotFound
+
+    deadline = time.monotonic() + timeout_s
+    delay = 0.2
+    out = []
+    for model in models:
+        while True:
+            try:
+                out.append(upstream.manifest(model))
+                break
+            except (Unavailable, NotFound) as e:
+                if time.monotonic() + delay > deadline:
+                    raise Unavailable(f"model {model} not available from the upstream after {timeout_s:.0f}s: {e}") \
+                        from None
+                log.info("waiting for %s from the upstream: %s", model, e)
+                time.sleep(delay)
+                delay = min(5.0, delay * 2)
+    return out
+
+
+__all__ = ["ExpertArenaServicer", "serve_colocated", "add_parser", "cmd_colocate"]
