@@ -406,27 +406,12 @@ class OnDemandExperts(ExpertProvider):
 # =============================================================================================
 # The expert-store server (store-remote)
 # =============================================================================================
-class StoreServer:
-    def __init__(self, store: Path, workers: int, log_path: Path, ram_bytes: int = 1 << 30) -> None:
-        cmd = [sys.executable, "-m", "expert_store.cli", "serve", "--store", str(store), "--listen", "127.0.0.1:0",
-               "--workers", str(workers), "--ram-bytes", str(ram_bytes)]
-        self.log = open(log_path, "ab")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=ROOT, env=env)
-        line = self.proc.stdout.readline()
-        if not line.startswith("listening on "):
-            self.proc.kill()
-            raise RuntimeError(f"expert-store serve did not start ({line!r}); see {log_path}")
-        self.address = line.split("listening on ", 1)[1].strip()
+def StoreServer(store: Path, workers: int, log_path: Path, ram_bytes: int = 1 << 30) -> Any:
+    """`expert-store serve --workers N` on a free loopback port, serving; its stderr in log_path.
+    `.address`, `.stop()` (expert_store.launch.ServerProcess)."""
+    from expert_store.launch import start_store
 
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+    return start_store(store, "--workers", str(workers), "--ram-bytes", str(ram_bytes), cwd=ROOT, stderr=log_path)
 
 
 # =============================================================================================
