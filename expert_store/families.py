@@ -18,6 +18,8 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "qwen2_moe": ("Qwen2MoeForCausalLM",),
     "qwen3_moe": ("Qwen3MoeForCausalLM",),
     "olmoe": ("OlmoeForCausalLM",),
+    "deepseek_v3": ("DeepseekV3ForCausalLM",),
+    "gpt_oss": ("GptOssForCausalLM",),
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
 
@@ -65,18 +67,26 @@ EXPERTS_KEYS: dict[str, tuple[str, ...]] = {
     "qwen2_moe": ("num_experts", "num_local_experts"),
     "qwen3_moe": ("num_experts", "num_local_experts"),
     "olmoe": ("num_experts", "num_local_experts"),
+    "deepseek_v3": ("n_routed_experts", "num_local_experts"),
+    "gpt_oss": ("num_local_experts",),
 }
 EXPERT_FFN_KEY: dict[str, str] = {
     "mixtral": "intermediate_size",
     "qwen2_moe": "moe_intermediate_size",
     "qwen3_moe": "moe_intermediate_size",
     "olmoe": "intermediate_size",
+    "deepseek_v3": "moe_intermediate_size",
+    "gpt_oss": "intermediate_size",
 }
 
 
 def moe_layers(config: Mapping[str, Any], family: str, num_layers: int) -> tuple[int, ...]:
     """Layers with routed experts. Qwen2/3-MoE: layer l unless it is in ``mlp_only_layers`` or
-    (l + 1) % ``decoder_sparse_step`` != 0 (those are dense MLPs); the others: every layer."""
+    (l + 1) % ``decoder_sparse_step`` != 0 (those are dense MLPs); DeepSeek-V3: l >=
+    ``first_k_dense_replace`` (transformers' default 3); the others: every layer."""
+    if family == "deepseek_v3":
+        first = _int(config, "first_k_dense_replace")
+        return tuple(range(3 if first is None else first, num_layers))
     if family not in ("qwen2_moe", "qwen3_moe"):
         return tuple(range(num_layers))
     step = _int(config, "decoder_sparse_step") or 1
@@ -101,6 +111,17 @@ def _need(config: Mapping[str, Any], family: str, *keys: str) -> int:
     return v
 
 
+def check_weight_format(config: Mapping[str, Any], family: str) -> None:
+    """ValueError (one line) for a checkpoint whose weights ship quantized in a format the
+    store does not import (DeepSeek-V3's fp8 blocks, GPT-OSS's MXFP4 experts)."""
+    quant = config.get("quantization_config")
+    if not quant:
+        return
+    method = quant.get("quant_method", "?") if isinstance(quant, Mapping) else "?"
+    raise ValueError(f"{family} checkpoint ships {method}-quantized weights (quantization_config); "
+                     f"only bf16/fp16/fp32 checkpoints are imported: dequantize it first")
+
+
 def expert_layout(config: Mapping[str, Any]) -> ExpertLayout:
     """The routed-expert layout of a config.json dict (UnsupportedFamilyError / ValueError).
 
@@ -109,8 +130,12 @@ def expert_layout(config: Mapping[str, Any]) -> ExpertLayout:
     ``moe_intermediate_size``; layer l is MoE unless it is in ``mlp_only_layers`` or
     (l + 1) % ``decoder_sparse_step`` != 0 (those are dense MLPs of ``intermediate_size``).
     olmoe: every layer is MoE, ``num_experts`` of ``intermediate_size``.
+    deepseek_v3: ``n_routed_experts`` of ``moe_intermediate_size`` from layer
+    ``first_k_dense_replace`` on (the first layers are dense MLPs of ``intermediate_size``).
+    gpt_oss: every layer is MoE, ``num_local_experts`` of ``intermediate_size``.
     """
     family = family_of(config)
+    check_weight_format(config, family)
     layers = _need(config, family, "num_hidden_layers")
     experts = _need(config, family, *EXPERTS_KEYS[family])
     ffn = _need(config, family, EXPERT_FFN_KEY[family])

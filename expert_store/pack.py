@@ -20,7 +20,10 @@ Checkpoints: one ``*.safetensors`` file or several (with or without
 ``model.layers.{l}.block_sparse_moe.experts.{e}.w1/w2/w3.weight`` (Mixtral),
 ``model.layers.{l}.mlp.experts.{e}.gate_proj/up_proj/down_proj.weight`` (Qwen, OLMoE; stored
 as w1/w3/w2), or fused transformers-5 tensors ``model.layers.{l}.mlp.experts.gate_up_proj [E, 2*ffn, hidden]`` (gate half first) and
-``down_proj [E, hidden, ffn]``.
+``down_proj [E, hidden, ffn]``; GPT-OSS's fused tensors are transposed with gate/up interleaved
+(``gate_up_proj [E, hidden, 2*ffn]``, ``down_proj [E, ffn, hidden]``; blobs hold them as
+w1/w3/w2 like every family) and their per-expert biases (``*_proj_bias``) go to the dense file.
+DeepSeek-V3's multi-token-prediction layers (past ``num_hidden_layers``) are not packed.
 
 Memory stays bounded by one expert plus one copy of the dense part (small next to the experts):
 tensors are read one at a time through ``safetensors.safe_open``, and each file mapping is
@@ -81,7 +84,8 @@ _PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d
 _PER_EXPERT_PROJ = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _PROJ_TO_W = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 _FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
-_ROUTER = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate\.weight$")
+_ROUTER = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.(?:gate|router)\.weight$")  # GPT-OSS: router
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _INDEX = "model.safetensors.index.json"
 
 
@@ -140,6 +144,14 @@ class CheckpointLayout:
 
     def expert_tensors(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """``{"w1", "w3", "w2"}`` (gate, up, down) of one expert, read from disk (only those bytes)."""
+        if self.fused and self.family == "gpt_oss":   # [H, 2F] gate/up interleaved, [F, H]: transposed
+            base = f"model.layers.{layer}.mlp.experts."
+            gate_up = _read(self.files[base + "gate_up_proj"], base + "gate_up_proj", expert)
+            return {
+                "w1": gate_up[:, 0::2].t().contiguous(),
+                "w3": gate_up[:, 1::2].t().contiguous(),
+                "w2": _read(self.files[base + "down_proj"], base + "down_proj", expert).t().contiguous(),
+            }
         if self.fused:
             base = f"model.layers.{layer}.mlp.experts."
             gate_up = _read(self.files[base + "gate_up_proj"], base + "gate_up_proj", expert)
@@ -263,6 +275,14 @@ def read_checkpoint_layout(checkpoint_dir: str | os.PathLike) -> CheckpointLayou
                         raise CheckpointError(f"{root}: tensor {name} is in both {files[name].name} and {p.name}")
                     files[name] = p
 
+    if family == "deepseek_v3":
+        # the multi-token-prediction module (layers num_hidden_layers..) is not part of the decoder
+        mtp = [n for n in files if (m := _LAYER.match(n)) and int(m[1]) >= num_layers]
+        if mtp:
+            log.info("%s: %d tensors of the multi-token-prediction layers are not packed", root, len(mtp))
+            for n in mtp:
+                del files[n]
+
     # classify
     per_expert: dict[tuple[int, int], set[str]] = defaultdict(set)
     expert_names: dict[tuple[int, int, str], str] = {}
@@ -318,7 +338,13 @@ def read_checkpoint_layout(checkpoint_dir: str | os.PathLike) -> CheckpointLayou
 
     moe_set = set(moe_layers)
     for layer in moe_layers:
-        if is_fused:
+        if is_fused and family == "gpt_oss":   # transposed, plus per-expert biases (packed dense)
+            base = f"model.layers.{layer}.mlp.experts."
+            expect(base + "gate_up_proj", [num_experts, hidden, 2 * ffn])
+            expect(base + "down_proj", [num_experts, ffn, hidden])
+            expect(base + "gate_up_proj_bias", [num_experts, 2 * ffn])
+            expect(base + "down_proj_bias", [num_experts, hidden])
+        elif is_fused:
             base = f"model.layers.{layer}.mlp.experts."
             expect(base + "gate_up_proj", [num_experts, 2 * ffn, hidden])
             expect(base + "down_proj", [num_experts, hidden, ffn])

@@ -114,6 +114,11 @@ class ExpertWeights:
 
     __call__ = forward
 
+    def matrices(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w1, w3, w2) as dense `dtype` tensors (int8/int4 dequantized): for an MoE block whose
+        experts use another activation or biases (GPT-OSS)."""
+        return _dense(self.w1, dtype), _dense(self.w3, dtype), _dense(self.w2, dtype)
+
     @property
     def nbytes(self) -> int:
         return sum(_nbytes(m) for m in (self.w1, self.w3, self.w2))

@@ -24,12 +24,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from decoder.experts.provider import ExpertProvider, ResidentExperts
-from decoder.model.config import ModelConfig
+from decoder.experts.provider import ExpertProvider, ExpertWeights, ResidentExperts
+from decoder.model.config import ModelConfig, YarnScaling
 from decoder.routing import (Gating, MoEObserver, TopKGating, overrides, selected_probs, topk_route,
                              wants_host_routing)
 
@@ -67,14 +69,37 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    # positions: [S] or [B, S] int -> cos, sin: [S, hd] or [B, S, hd]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device)
-                                .float() / head_dim))          # [hd/2]
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+                 scaling: YarnScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    # positions: [S] or [B, S] int -> cos, sin: [S, hd] or [B, S, hd] (YaRN: scaled frequencies, cos/sin x its factor)
+    inv_freq = rope_inv_freq(head_dim, theta, scaling).to(positions.device)  # [hd/2]
     freqs = positions[..., None].float() * inv_freq             # [..., S, hd/2]
     emb = torch.cat((freqs, freqs), dim=-1)                     # [..., S, hd]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    if scaling is None:
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+    m = scaling.cos_sin_scale
+    return (emb.cos() * m).to(dtype), (emb.sin() * m).to(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: YarnScaling | None = None) -> torch.Tensor:
+    """RoPE inverse frequencies [hd/2] (float32): theta^(-2i/hd), or YaRN's blend of them with
+    their interpolation (/ factor): extrapolated below the correction range of beta_fast..beta_slow
+    rotations over the original context, interpolated above it, a linear ramp between."""
+    base = theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)  # [hd/2]
+    if scaling is None:
+        return 1.0 / base
+    def dim_of(rotations: float) -> float:   # the dim that turns `rotations` times over the original context
+        return head_dim * math.log(scaling.original_max_position_embeddings / (rotations * 2 * math.pi)) \
+            / (2 * math.log(theta))
+    low, high = dim_of(scaling.beta_fast), dim_of(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # [hd/2]
+    extrapolate = 1 - ramp
+    return (1.0 / (scaling.factor * base)) * (1 - extrapolate) + (1.0 / base) * extrapolate
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -98,14 +123,24 @@ def apply_rope_signed(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tens
 
 
 class KVCache(nn.Module):
-    """Static per-layer cache: k/v [B, nkv, max_seq, hd]."""
+    """Static per-layer cache: k [B, nkv, max_seq, hd], v [B, nkv, max_seq, v_dim] (v_dim = hd
+    unless given; MLA keeps its latent [.., kv_lora_rank] as k and its RoPE key [.., rope] as v)."""
 
     def __init__(self, max_batch_size: int, max_seq_length: int, n_kv: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype, device: torch.device | str | None = None, v_dim: int | None = None) -> None:
         super().__init__()
         shape = (max_batch_size, n_kv, max_seq_length, head_dim)
+        v_shape = shape[:3] + (head_dim if v_dim is None else v_dim,)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(v_shape, dtype=dtype, device=device), persistent=False)
+
+    @staticmethod
+    def dims(config: ModelConfig) -> tuple[int, int, int]:
+        """(n_kv, k dim, v dim) of one layer's cache: MLA caches the compressed latent and the
+        shared RoPE key (1 head), the others nkv heads of keys and values."""
+        if config.attention == "mla":
+            return 1, config.kv_lora_rank, config.head_dim
+        return config.num_key_value_heads, config.head_dim, config.head_dim
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,10 +161,14 @@ class Attention(nn.Module):
     """GQA attention with RoPE. Family variants (ModelConfig): `qk_norm` "head" = RMSNorm of q
     and k over each head's hd (Qwen3-MoE), "full" = over the whole projection nh*hd / nkv*hd
     (OLMoE), both before RoPE; `qkv_bias` / `o_bias` = projection biases; `clip_qkv` = clamp
-    q, k, v to [-c, c] after projection and norm (OLMoE)."""
+    q, k, v to [-c, c] after projection and norm (OLMoE); `attention_sinks` = one learned logit
+    per head joins every softmax and takes its share of the weight (GPT-OSS); the layer's sliding
+    window (`config.layer_window`: every layer for Mixtral, sliding_attention layers for GPT-OSS)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
+        self.window = config.layer_window(layer)
+        self.sinks = nn.Parameter(torch.zeros(config.num_attention_heads)) if config.attention_sinks else None  # [nh]
         H, nh, nkv, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.n_head, self.n_kv, self.head_dim = nh, nkv, hd
         self.q_proj = nn.Linear(H, nh * hd, bias=config.qkv_bias)
@@ -177,10 +216,101 @@ class Attention(nn.Module):
             rep = self.n_head // self.n_kv
             k = k[:, :, None].expand(B, self.n_kv, rep, *k.shape[2:]).reshape(B, self.n_head, *k.shape[2:])
             v = v[:, :, None].expand(B, self.n_kv, rep, *v.shape[2:]).reshape(B, self.n_head, *v.shape[2:])
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=pos.mask, is_causal=pos.is_causal,
-                                           scale=self.head_dim ** -0.5)             # [B, nh, S, hd]
+        mask, causal = pos.attend(self.window)
+        if self.sinks is not None:
+            y = attention_with_sinks(q, k, v, mask, causal, self.head_dim ** -0.5, self.sinks)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                               scale=self.head_dim ** -0.5)         # [B, nh, S, hd]
         y = y.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim)
         return self.o_proj(y)                                                       # [B, S, H]
+
+    def make_cache(self, config: ModelConfig, max_batch_size: int, max_seq_length: int, dtype: torch.dtype,
+                   device: torch.device | str | None) -> KVCache:
+        n_kv, k_dim, v_dim = KVCache.dims(config)
+        return KVCache(max_batch_size, max_seq_length, n_kv, k_dim, dtype=dtype, device=device, v_dim=v_dim)
+
+
+def attention_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                         is_causal: bool, scale: float, sinks: torch.Tensor) -> torch.Tensor:
+    """Softmax attention where each head's sink logit joins the keys' logits (and takes its
+    share of the weight, attending to nothing).
+    q: [B, nh, S, d]; k: [B, nh, L, d]; v: [B, nh, L, dv]; mask: bool broadcastable to
+    [B, nh, S, L] or None; sinks: [nh] -> [B, nh, S, dv]"""
+    att = (q @ k.transpose(-1, -2)) * scale                                        # [B, nh, S, L]
+    B, nh, S, L = att.shape
+    if mask is None and is_causal:
+        mask = torch.ones(S, L, dtype=torch.bool, device=att.device).tril(L - S)   # [S, L]
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))
+    sink = sinks.to(att.dtype).view(1, nh, 1, 1).expand(B, nh, S, 1)               # [B, nh, S, 1]
+    p = torch.softmax(torch.cat([att, sink], dim=-1), dim=-1)[..., :L]             # [B, nh, S, L]
+    return p @ v
+
+
+class MLAttention(nn.Module):
+    """DeepSeek's multi-head latent attention: q from a low-rank projection (q_a -> RMSNorm ->
+    q_b; or one q_proj), keys and values from one compressed latent per token (kv_a -> RMSNorm
+    -> kv_b) plus a RoPE key shared by all heads (decoupled RoPE on the last head_dim dims of
+    q and k; interleaved pairs with `rope_interleave`). The KV cache holds the latent and the
+    RoPE key only ([B, 1, L, kv_lora_rank] and [B, 1, L, rope]): kv_b expands them every step.
+    Softmax scale (nope + rope)^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN."""
+
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
+        super().__init__()
+        H, nh = config.hidden_size, config.num_attention_heads
+        self.n_head, self.nope, self.rope, self.v_dim = nh, config.qk_nope_head_dim, config.head_dim, config.v_head_dim
+        self.rank = config.kv_lora_rank
+        dq = self.nope + self.rope
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(H, nh * dq, bias=False)                        # [nh*dq, H]
+        else:
+            self.q_a_proj = nn.Linear(H, config.q_lora_rank, bias=config.qkv_bias)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, 1e-6)                 # transformers' fixed eps
+            self.q_b_proj = nn.Linear(config.q_lora_rank, nh * dq, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(H, self.rank + self.rope, bias=config.qkv_bias)
+        self.kv_a_layernorm = RMSNorm(self.rank, 1e-6)
+        self.kv_b_proj = nn.Linear(self.rank, nh * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(nh * self.v_dim, H, bias=config.o_bias)
+        self.scale = dq ** -0.5
+        y = config.rope_scaling
+        if y is not None and y.mscale_all_dim:
+            self.scale *= YarnScaling.get_mscale(y.factor, y.mscale_all_dim) ** 2
+        # interleaved pairs (x0, x1), (x2, x3), ... -> halves [x0, x2, ..., x1, x3, ...]: then the usual RoPE
+        self.perm = list(range(0, self.rope, 2)) + list(range(1, self.rope, 2)) if config.rope_interleave else None
+        self.window = None
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, pos: "Positions") -> torch.Tensor:
+        # x: [B, S, H]
+        B, S, _ = x.shape
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, S, self.n_head, self.nope + self.rope).transpose(1, 2)      # [B, nh, S, dq]
+        q_nope, q_rot = q.split([self.nope, self.rope], dim=-1)
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)  # [B, S, r], [B, S, rope]
+        latent = self.kv_a_layernorm(latent)[:, None]                              # [B, 1, S, r]
+        k_rot = k_rot[:, None]                                                     # [B, 1, S, rope]
+        if self.perm is not None:
+            q_rot, k_rot = q_rot[..., self.perm], k_rot[..., self.perm]
+        q_rot = apply_rope_signed(q_rot, pos.cos, pos.sin_signed)
+        k_rot = apply_rope_signed(k_rot, pos.cos, pos.sin_signed)
+        if pos.input_pos is not None:
+            if self.kv_cache is None:
+                raise RuntimeError("input_pos given but caches are not set up: call setup_caches()")
+            latent, k_rot = self.kv_cache.update(pos.input_pos, latent, k_rot, pos.length)  # [B, 1, L, r|rope]
+        L = latent.shape[2]
+        kv = self.kv_b_proj(latent[:, 0]).view(B, L, self.n_head, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)                      # [B, nh, L, nope], [.., v]
+        k = torch.cat([k_nope, k_rot.expand(B, self.n_head, L, self.rope)], dim=-1)  # [B, nh, L, dq]
+        q = torch.cat([q_nope, q_rot], dim=-1)                                     # [B, nh, S, dq]
+        mask, causal = pos.attend(None)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale)
+        return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_head * self.v_dim))  # [B, S, H]
+
+    def make_cache(self, config: ModelConfig, max_batch_size: int, max_seq_length: int, dtype: torch.dtype,
+                   device: torch.device | str | None) -> KVCache:
+        n_kv, k_dim, v_dim = KVCache.dims(config)
+        return KVCache(max_batch_size, max_seq_length, n_kv, k_dim, dtype=dtype, device=device, v_dim=v_dim)
 
 
 class DenseMLP(nn.Module):
@@ -206,28 +336,35 @@ class Positions:
     sin_signed: torch.Tensor          # sin with its first half negated (see apply_rope_signed)
     input_pos: torch.Tensor | None    # None: full sequence without cache
     length: int                       # cached length attended to (max position + 1)
-    mask: torch.Tensor | None         # bool, broadcastable to [B, nh, S, L]; None with is_causal
-    is_causal: bool
+    # sliding window (None: full attention) -> (bool mask broadcastable to [B, nh, S, L], or None
+    # with is_causal / when every cached key is visible; is_causal)
+    views: dict[int | None, tuple[torch.Tensor | None, bool]]
+
+    def attend(self, window: int | None) -> tuple[torch.Tensor | None, bool]:
+        """(mask, is_causal) for a layer with this sliding window."""
+        return self.views[window]
 
     @classmethod
     def build(cls, config: ModelConfig, S: int, input_pos: torch.Tensor | None, device: torch.device,
               dtype: torch.dtype) -> "Positions":
-        window = config.sliding_window
+        windows = {config.layer_window(l) for l in range(config.num_hidden_layers)}
+        views: dict[int | None, tuple[torch.Tensor | None, bool]] = {}
         if input_pos is None:
             qpos = torch.arange(S, device=device)
-            cos, sin = rope_cos_sin(qpos, config.head_dim, config.rope_theta, dtype)
-            sin = sign_rotated_sin(sin)
-            mask = _attend_mask(qpos, qpos, window) if window is not None and window < S else None  # [S, S]
-            return cls(cos, sin, None, S, mask, mask is None and S > 1)
-        cos, sin = rope_cos_sin(input_pos, config.head_dim, config.rope_theta, dtype)
-        sin = sign_rotated_sin(sin)
+            cos, sin = rope_cos_sin(qpos, config.head_dim, config.rope_theta, dtype, config.rope_scaling)
+            for window in windows:
+                mask = _attend_mask(qpos, qpos, window) if window is not None and window < S else None  # [S, S]
+                views[window] = (mask, mask is None and S > 1)
+            return cls(cos, sign_rotated_sin(sin), None, S, views)
+        cos, sin = rope_cos_sin(input_pos, config.head_dim, config.rope_theta, dtype, config.rope_scaling)
         length = int(input_pos.max()) + 1                                            # one host sync per forward
-        if input_pos.dim() == 1 and input_pos.numel() == 1 and (window is None or length <= window):
-            return cls(cos, sin, input_pos, length, None, False)                     # one token sees all L
-        mask = _attend_mask(input_pos, torch.arange(length, device=device), window)  # [S, L] | [B, S, L]
-        if mask.dim() == 3:
-            mask = mask[:, None]                                                     # [B, 1, S, L]
-        return cls(cos, sin, input_pos, length, mask, False)
+        for window in windows:
+            if input_pos.dim() == 1 and input_pos.numel() == 1 and (window is None or length <= window):
+                views[window] = (None, False)                                        # one token sees all L
+                continue
+            mask = _attend_mask(input_pos, torch.arange(length, device=device), window)  # [S, L] | [B, S, L]
+            views[window] = (mask[:, None] if mask.dim() == 3 else mask, False)      # [B, 1, S, L]
+        return cls(cos, sign_rotated_sin(sin), input_pos, length, views)
 
 
 def _attend_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -239,14 +376,46 @@ def _attend_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None) -> 
     return mask
 
 
-class MoEBlock(nn.Module):
-    """Router + sparse experts (+ a gated shared expert). Holds the router and the shared
-    expert; routed experts come from the provider.
+class Router(nn.Linear):
+    """A MoE layer's router: logits = x W^T (+ b: GPT-OSS), W [E, H]. DeepSeek-V3's also holds
+    e_score_correction_bias [E], added to its sigmoid scores to choose experts, never to weigh them."""
 
-    Router variant: the gating picks each token's experts; with `renormalize` (norm_topk_prob)
-    their weights are the gating's (sum 1), without it each selected expert's softmax
-    probability (Qwen2-MoE, OLMoE by default). Shared expert (Qwen2-MoE): every token adds
-    sigmoid(shared_expert_gate(x)) * shared_expert(x).
+    def __init__(self, hidden: int, experts: int, bias: bool = False, correction_bias: bool = False) -> None:
+        super().__init__(hidden, experts, bias=bias)
+        self.e_score_correction_bias = (nn.Parameter(torch.zeros(experts), requires_grad=False)
+                                         if correction_bias else None)
+
+
+def group_limited(scores: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
+    """DeepSeek-V3's group-limited choice: experts in n_group equal groups, a group scored by the
+    sum of its two best experts; experts outside each token's topk_group best groups get -inf.
+    scores: [T, E] -> [T, E]"""
+    if n_group <= 1:
+        return scores
+    T, E = scores.shape
+    grouped = scores.view(T, n_group, E // n_group)                               # [T, G, E/G]
+    group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)                     # [T, G]
+    keep = torch.zeros_like(group_scores, dtype=torch.bool)
+    keep.scatter_(1, group_scores.topk(topk_group, dim=-1, sorted=False).indices, True)
+    return grouped.masked_fill(~keep[..., None], float("-inf")).view(T, E)
+
+
+class MoEBlock(nn.Module):
+    """Router + sparse experts (+ a shared expert). Holds the router and the shared expert;
+    routed experts come from the provider.
+
+    Router variants. Softmax (Mixtral, Qwen, OLMoE, GPT-OSS): the gating picks each token's
+    experts from the logits; with `renormalize` (norm_topk_prob) their weights are the gating's
+    (sum 1; for GPT-OSS, whose router has a bias, this is its softmax over the top-k logits),
+    without it each selected expert's softmax probability (Qwen2-MoE, OLMoE by default).
+    Sigmoid (DeepSeek-V3): scores = sigmoid(logits); the gating picks from scores +
+    e_score_correction_bias restricted to the token's best groups (`group_limited`); the weights
+    are the picked experts' scores (divided by their sum with norm_topk_prob) x routed_scaling_factor.
+    Shared expert: every token adds shared_expert(x), times sigmoid(shared_expert_gate(x)) when
+    gated (Qwen2-MoE; DeepSeek's n_shared_experts are one ungated MLP of n x the expert width).
+    Expert activation: SiLU-GLU, or GPT-OSS's clamped SwiGLU with per-expert biases
+    (`gate_up_proj_bias` [E, 2F] with gate/up interleaved and `down_proj_bias` [E, H], as the
+    checkpoint ships them, held here: they stay resident while w1/w3/w2 travel as blobs).
     """
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
@@ -254,11 +423,61 @@ class MoEBlock(nn.Module):
         self.layer = layer
         self.num_experts = config.num_local_experts
         self.renormalize = config.norm_topk_prob
-        self.gate = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)  # router [E, H]
+        self.scores = config.router_scores
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.scaling = config.routed_scaling_factor
+        self.gate = Router(config.hidden_size, config.num_local_experts, bias=config.router_bias,
+                           correction_bias=config.score_correction_bias)         # [E, H]
         self.shared_expert: DenseMLP | None = None
+        self.shared_expert_gate: nn.Linear | None = None
         if config.shared_expert_intermediate_size > 0:
             self.shared_expert = DenseMLP(config.hidden_size, config.shared_expert_intermediate_size)
-            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)        # [1, H]
+            if config.shared_expert_gated:
+                self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)    # [1, H]
+        self.clamped = config.expert_act == "swiglu_clamped"
+        self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
+        self.gate_up_proj_bias = self.down_proj_bias = None
+        if config.expert_bias:
+            E, F_, H = config.num_local_experts, config.intermediate_size, config.hidden_size
+            self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * F_))       # [E, 2F] gate/up interleaved
+            self.down_proj_bias = nn.Parameter(torch.zeros(E, H))               # [E, H]
+
+    def route(self, xt: torch.Tensor, gating: Gating) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """xt: [T, H] -> (logits the gating chose from [T, E], weights [T, k] float32, idx [T, k])."""
+        router_logits = self.gate(xt)                             # [T, E]
+        if self.scores == "softmax":
+            weights, idx = gating.route(self.layer, router_logits)   # [T, k] float32, [T, k] int64 (-1 = none)
+            if not self.renormalize:
+                weights = selected_probs(router_logits, idx)      # [T, k] softmax probabilities
+            return router_logits, weights, idx
+        scores = torch.sigmoid(router_logits.float())             # [T, E]
+        choice = scores
+        if self.gate.e_score_correction_bias is not None:
+            choice = choice + self.gate.e_score_correction_bias.float()
+        choice = group_limited(choice, self.n_group, self.topk_group)
+        _, idx = gating.route(self.layer, choice)                 # the gating picks, the scores weigh
+        picked = scores.gather(-1, idx.clamp(min=0))
+        weights = torch.where(idx >= 0, picked, torch.zeros_like(picked))   # [T, k]
+        if self.renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return choice, weights * self.scaling, idx
+
+    def expert(self, e: int, w: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
+        """Expert e with weights w on x: [T_e, H] -> [T_e, H]."""
+        if self.gate_up_proj_bias is None and not self.clamped:
+            return w(x)
+        w1, w3, w2 = w.matrices(x.dtype)                          # [F, H], [F, H], [H, F]
+        b13 = b2 = None
+        if self.gate_up_proj_bias is not None:
+            b13, b2 = self.gate_up_proj_bias[e].to(x.dtype), self.down_proj_bias[e].to(x.dtype)
+        g = F.linear(x, w1, None if b13 is None else b13[0::2])   # [T_e, F]
+        u = F.linear(x, w3, None if b13 is None else b13[1::2])
+        if self.clamped:
+            g, u = g.clamp(max=self.limit), u.clamp(-self.limit, self.limit)
+            h = (u + 1) * (g * torch.sigmoid(g * self.alpha))
+        else:
+            h = F.silu(g) * u
+        return F.linear(h, w2, b2)
 
     def forward(self, x: torch.Tensor, experts: ExpertProvider, gating: Gating,
                 observers: Sequence[MoEObserver], router_log: list | None = None) -> torch.Tensor:
@@ -267,12 +486,9 @@ class MoEBlock(nn.Module):
         xt = x.reshape(B * S, H)                                  # [T, H]
         for obs in observers:
             obs.on_moe_input(self.layer, xt)
-        router_logits = self.gate(xt)                             # [T, E]
+        router_logits, weights, idx = self.route(xt, gating)     # [T, E], [T, k] float32, [T, k] int64 (-1 = none)
         if router_log is not None:
             router_log.append(router_logits)
-        weights, idx = gating.route(self.layer, router_logits)   # [T, k] float32, [T, k] int64 (-1 = none)
-        if not self.renormalize:
-            weights = selected_probs(router_logits, idx)          # [T, k] softmax probabilities
         host_observers = []
         for obs in observers:
             if wants_host_routing(obs):
@@ -290,7 +506,10 @@ class MoEBlock(nn.Module):
         else:
             out = self._tokens(xt, weights, rows, experts, after_prepare)
         if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(xt)) * self.shared_expert(xt)  # [T, 1] * [T, H]
+            shared = self.shared_expert(xt)                                              # [T, H]
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(xt)) * shared            # [T, 1] * [T, H]
+            out = out + shared
         return out.view(B, S, H)
 
     def _one_token(self, xt: torch.Tensor, weights: torch.Tensor, row: list[int],
@@ -298,7 +517,8 @@ class MoEBlock(nn.Module):
         # xt: [1, H]; weights: [1, k]; row: the token's k expert ids (-1 = none) -> [1, H]
         slot_of = {e: s for s, e in enumerate(row) if e >= 0}
         needed = sorted(slot_of)
-        y = self._run_experts(needed, experts, lambda e, w: w(xt) * weights[:, slot_of[e]:slot_of[e] + 1],
+        y = self._run_experts(needed, experts,
+                              lambda e, w: self.expert(e, w, xt) * weights[:, slot_of[e]:slot_of[e] + 1],
                               after_prepare)
         # accumulate in expert order, so the result never depends on what was cached
         out = None
@@ -329,7 +549,7 @@ class MoEBlock(nn.Module):
 
         def compute(e: int, w: Any) -> torch.Tensor:
             a, b = span[e]
-            return w(xt[tok_all[a:b]]) * w_all[a:b]               # [T_e, H] (float32 if weights are)
+            return self.expert(e, w, xt[tok_all[a:b]]) * w_all[a:b]  # [T_e, H] (float32 if weights are)
 
         y = self._run_experts(needed, experts, compute, after_prepare)
         out = torch.zeros_like(xt)                                # [T, H]
@@ -368,7 +588,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = MLAttention(config, layer) if config.attention == "mla" else Attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_moe = config.is_moe_layer(layer)
         if self.is_moe:
@@ -435,8 +655,8 @@ class Transformer(nn.Module):
             return
         p = self.embed_tokens.weight
         for block in self.layers:
-            block.self_attn.kv_cache = KVCache(max_batch_size, max_seq_length, self.config.num_key_value_heads,
-                                               self.config.head_dim, dtype=p.dtype, device=p.device)
+            block.self_attn.kv_cache = block.self_attn.make_cache(self.config, max_batch_size, max_seq_length,
+                                                                  p.dtype, p.device)
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
 
     def clear_caches(self) -> None:
@@ -516,7 +736,8 @@ class Transformer(nn.Module):
             raise ValueError("checkpoint has no lm_head.weight and tie_word_embeddings is false")
         if isinstance(self.experts, ResidentExperts):
             # the provider reads w1/w3/w2 names; a dense layer has no experts to check for
-            self.experts.load_hf(_with_w_names(state_dict), strict=strict and not self.config.dense_layers)
+            self.experts.load_hf(_with_w_names(state_dict, self.config.family),
+                                 strict=strict and not self.config.dense_layers)
         if strict:
             missing = [k for k in own if k not in loaded and not k.startswith("experts.")]
             if missing:
@@ -526,17 +747,22 @@ class Transformer(nn.Module):
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """Every weight under the HF names of the family's checkpoints (experts too when
         resident): save with safetensors, load with the family's transformers class."""
-        mixtral = self.config.family == "mixtral"
+        family = self.config.family
+        mixtral = family == "mixtral"
         out: dict[str, torch.Tensor] = {}
         for name, p in self.named_parameters():
             if name.startswith("experts."):
                 continue
-            if not mixtral:
-                name = name.replace(".block_sparse_moe.", ".mlp.")
-            out[name if name == "lm_head.weight" else "model." + name] = p.detach().contiguous()
+            out[_own_to_hf(name, family)] = p.detach().contiguous()
         if self.config.tie_word_embeddings:
             out.pop("lm_head.weight", None)
-        if isinstance(self.experts, ResidentExperts):
+        if isinstance(self.experts, ResidentExperts) and family == "gpt_oss":
+            for l in self.config.moe_layers:   # fused, transposed, gate/up interleaved: [E, H, 2F], [E, F, H]
+                w1, w3, w2 = self.experts.w1[l].detach(), self.experts.w3[l].detach(), self.experts.w2[l].detach()
+                gate_up = torch.stack([w1, w3], dim=2).flatten(1, 2)          # [E, 2F, H]: rows g0, u0, g1, u1, ...
+                out[f"model.layers.{l}.mlp.experts.gate_up_proj"] = gate_up.transpose(1, 2).contiguous()
+                out[f"model.layers.{l}.mlp.experts.down_proj"] = w2.transpose(1, 2).contiguous()
+        elif isinstance(self.experts, ResidentExperts):
             moe = set(self.config.moe_layers)
             for name, t in self.experts.hf_state_dict().items():
                 layer = int(name.split(".")[2])
@@ -552,10 +778,21 @@ class Transformer(nn.Module):
 _W_TO_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
-def _with_w_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _with_w_names(state_dict: dict[str, torch.Tensor], family: str = "mixtral") -> dict[str, torch.Tensor]:
     """`state_dict` plus `mlp.experts.{e}.w1/w3/w2.weight` aliases of per-expert
-    gate_proj/up_proj/down_proj tensors (Qwen, OLMoE), the names ResidentExperts reads."""
+    gate_proj/up_proj/down_proj tensors (Qwen, OLMoE, DeepSeek), the names ResidentExperts
+    reads; GPT-OSS's fused experts (gate_up_proj [E, H, 2F] with gate/up interleaved, down_proj
+    [E, F, H]) are split into them instead."""
     out = dict(state_dict)
+    if family == "gpt_oss":
+        for name in [n for n in state_dict if n.endswith(".mlp.experts.gate_up_proj")]:
+            base = name[:-len("gate_up_proj")]
+            gate_up, down = out.pop(name), out.pop(base + "down_proj")
+            for e in range(gate_up.shape[0]):
+                out[f"{base}{e}.w1.weight"] = gate_up[e][:, 0::2].t()
+                out[f"{base}{e}.w3.weight"] = gate_up[e][:, 1::2].t()
+                out[f"{base}{e}.w2.weight"] = down[e].t()
+        return out
     for name, t in state_dict.items():
         if ".mlp.experts." in name:
             for w, proj in _W_TO_PROJ.items():
@@ -564,17 +801,38 @@ def _with_w_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+# HF name part -> this module's: routers (GPT-OSS `router`), shared experts (DeepSeek's plural),
+# GPT-OSS's per-expert biases (held by the MoE block)
+_HF_TO_OWN = ((".mlp.gate.", ".block_sparse_moe.gate."),
+              (".mlp.router.", ".block_sparse_moe.gate."),
+              (".mlp.shared_expert.", ".block_sparse_moe.shared_expert."),
+              (".mlp.shared_experts.", ".block_sparse_moe.shared_expert."),
+              (".mlp.shared_expert_gate.", ".block_sparse_moe.shared_expert_gate."),
+              (".mlp.experts.gate_up_proj_bias", ".block_sparse_moe.gate_up_proj_bias"),
+              (".mlp.experts.down_proj_bias", ".block_sparse_moe.down_proj_bias"))
+
+
 def _hf_to_own(name: str) -> str | None:
     """HF name -> this module's parameter name (None for expert weights, handled by the provider)."""
-    if ".experts." in name:
-        return None
     if name == "lm_head.weight":
         return name
     if not name.startswith("model."):
         return None
     name = name[len("model."):]
-    for hf, own in ((".mlp.gate.", ".block_sparse_moe.gate."),
-                    (".mlp.shared_expert.", ".block_sparse_moe.shared_expert."),
-                    (".mlp.shared_expert_gate.", ".block_sparse_moe.shared_expert_gate.")):
+    for hf, own in _HF_TO_OWN:
         name = name.replace(hf, own)
-    return name
+    return None if ".experts." in name else name
+
+
+def _own_to_hf(name: str, family: str) -> str:
+    """This module's parameter name -> the family's HF name (the inverse of _hf_to_own)."""
+    if name == "lm_head.weight":
+        return name
+    if family != "mixtral":
+        name = name.replace(".block_sparse_moe.", ".mlp.")
+        if family == "gpt_oss":
+            name = (name.replace(".mlp.gate.", ".mlp.router.").replace(".mlp.gate_up_proj_bias", ".mlp.experts.gate_up_proj_bias")
+                    .replace(".mlp.down_proj_bias", ".mlp.experts.down_proj_bias"))
+        elif family == "deepseek_v3":
+            name = name.replace(".mlp.shared_expert.", ".mlp.shared_experts.")
+    return "model." + name

@@ -38,6 +38,26 @@ CASES = {
     "olmoe": (dict(layers=2, experts=8, top_k=4, kv_heads=2, clip_qkv=0.7, seed=13),
               dict(qk_norm="full", norm_topk_prob=False, clip_qkv=0.7, qkv_bias=False, dense_layers=(),
                    shared_expert_intermediate_size=0)),
+    # MLA with low-rank q, 2 of 4 groups, a dense first layer, one shared expert, YaRN with mscale
+    "deepseek_v3": (dict(layers=3, experts=8, top_k=3, heads=4, ffn=24, intermediate_size=40, first_k_dense_replace=1,
+                         n_shared_experts=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=12,
+                         v_head_dim=10, n_group=4, topk_group=2, routed_scaling_factor=2.5, seed=14,
+                         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                          "original_max_position_embeddings": 8, "beta_fast": 32, "beta_slow": 1,
+                                          "mscale": 1.0, "mscale_all_dim": 1.0}),
+                    dict(attention="mla", router_scores="sigmoid", score_correction_bias=True, norm_topk_prob=True,
+                         n_group=4, topk_group=2, routed_scaling_factor=2.5, dense_layers=(0,),
+                         dense_intermediate_size=40, shared_expert_intermediate_size=24, shared_expert_gated=False,
+                         head_dim=8, qk_nope_head_dim=12, v_head_dim=10, kv_lora_rank=16, q_lora_rank=24)),
+    # sinks, a window of 4 on layers 0 and 2, clamps that bite (limit 0.6), YaRN without truncation
+    "gpt_oss": (dict(layers=3, experts=8, top_k=3, heads=4, kv_heads=2, ffn=20, sliding_window=4, swiglu_limit=0.6,
+                     layer_types=["sliding_attention", "full_attention", "sliding_attention"], seed=15,
+                     rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 8.0,
+                                      "original_max_position_embeddings": 16, "beta_fast": 32.0, "beta_slow": 1.0,
+                                      "truncate": False}),
+                dict(attention_sinks=True, sliding_window=4, sliding_layers=(0, 2), router_bias=True, qkv_bias=True,
+                     o_bias=True, expert_act="swiglu_clamped", expert_bias=True, swiglu_limit=0.6,
+                     norm_topk_prob=True, dense_layers=())),
 }
 
 
@@ -113,7 +133,7 @@ def test_hf_state_dict_loads_into_transformers(checkpoints, family, tmp_path):
         assert (ref(ids).logits - net(ids)).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("family", list(CASES))
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "olmoe"])
 def test_pack_stores_routed_experts_as_blobs_and_the_rest_dense(checkpoints, family, tmp_path):
     ckpt = checkpoints[family]
     layout = read_checkpoint_layout(ckpt)
@@ -122,8 +142,8 @@ def test_pack_stores_routed_experts_as_blobs_and_the_rest_dense(checkpoints, fam
     store = NvmeTier(tmp_path / "store")
     res = pack_checkpoint(ckpt, store, model="m", progress=False)
     m = res.manifest
-    assert m["architecture"] == family and m["moe_layers"] == list(cfg.moe_layers)
-    assert {(b["layer"], b["expert"]) for b in m["blobs"]} == {
+    assert m.architecture == family and m.moe_layers == cfg.moe_layers
+    assert {(layer, expert) for layer, expert, _ in m.blobs} == {
         (l, e) for l in cfg.moe_layers for e in range(cfg.num_local_experts)}
     state = {}
     for f in sorted(ckpt.glob("*.safetensors")):
@@ -144,21 +164,74 @@ def test_pack_stores_routed_experts_as_blobs_and_the_rest_dense(checkpoints, fam
         assert "model.layers.0.mlp.shared_expert_gate.weight" in dense
 
 
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
+def test_pack_layout_deepseek_and_gpt_oss(checkpoints, family, tmp_path):
+    """Routed experts become w1/w3/w2 blobs (GPT-OSS's fused, transposed, interleaved gate/up
+    split per expert); routers, DeepSeek's e_score_correction_bias and shared experts, GPT-OSS's
+    router bias, sinks and per-expert biases go to the dense file; dense layers get no blobs."""
+    ckpt = checkpoints[family]
+    layout = read_checkpoint_layout(ckpt)
+    cfg = ModelConfig.from_hf(layout.config)
+    assert layout.family == family and layout.expert_layers == cfg.moe_layers
+    store = NvmeTier(tmp_path / "store")
+    pack_checkpoint(ckpt, store, model="m", progress=False, precisions=("bf16", "int8"))
+    for l in range(cfg.num_hidden_layers):
+        for e in range(cfg.num_local_experts):
+            assert store.contains(fmt.expert_key("m", l, e, "bf16")) == (l in cfg.moe_layers)
+    state = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        state.update(safetensors.torch.load_file(str(f)))
+    dense = safetensors.torch.load(store.get(fmt.dense_key("m")))
+    l, e = cfg.moe_layers[-1], cfg.num_local_experts - 2
+    t = blob_to_tensors(store.get(fmt.expert_key("m", l, e, "bf16")))
+    p = f"model.layers.{l}.mlp."
+    if family == "gpt_oss":
+        gate_up, down = state[p + "experts.gate_up_proj"][e], state[p + "experts.down_proj"][e]   # [H, 2F], [F, H]
+        assert torch.equal(t["w1"], gate_up[:, 0::2].t()) and torch.equal(t["w3"], gate_up[:, 1::2].t())
+        assert torch.equal(t["w2"], down.t())
+        for name in ("experts.gate_up_proj_bias", "experts.down_proj_bias", "router.bias"):
+            assert torch.equal(dense[p + name], state[p + name])
+        assert torch.equal(dense[f"model.layers.{l}.block_sparse_moe.gate.weight"], state[p + "router.weight"])
+        assert f"model.layers.{l}.self_attn.sinks" in dense
+        assert not any(k.endswith("gate_up_proj") or k.endswith("down_proj") for k in dense)
+    else:
+        for w, proj in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+            assert torch.equal(t[w], state[f"{p}experts.{e}.{proj}.weight"])
+        assert not any(".experts." in k for k in dense)
+        assert torch.equal(dense[p + "gate.e_score_correction_bias"], state[p + "gate.e_score_correction_bias"])
+        assert p + "shared_experts.down_proj.weight" in dense and p + "gate.weight" not in dense
+        assert "model.layers.0.mlp.gate_proj.weight" in dense and "model.layers.0.self_attn.kv_b_proj.weight" in dense
+    # int8 blobs: the same matrices, quantized
+    q = blob_to_tensors(store.get(fmt.expert_key("m", l, e, "int8")), dtype=torch.float32)
+    assert (q["w1"] - t["w1"].float()).abs().max() <= t["w1"].float().abs().max() / 100
+
+
 def test_refusals_name_the_supported_model_types(tmp_path):
-    for bad in ({"model_type": "llama", "vocab_size": 10}, {"architectures": ["DeepseekV3ForCausalLM"]}):
+    for bad in ({"model_type": "llama", "vocab_size": 10}, {"architectures": ["DbrxForCausalLM"]}):
         with pytest.raises(ValueError) as ei:
             ModelConfig.from_hf(bad)
         msg = str(ei.value)
         assert "\n" not in msg and all(t in msg for t in SUPPORTED_MODEL_TYPES), msg
     ckpt = make_family_checkpoint(tmp_path / "q3", "qwen3_moe", layers=1, experts=4, top_k=2)
     cfg = json.loads((ckpt / "config.json").read_text())
-    cfg["model_type"], cfg["architectures"] = "deepseek_v3", ["DeepseekV3ForCausalLM"]
+    cfg["model_type"], cfg["architectures"] = "dbrx", ["DbrxForCausalLM"]
     (ckpt / "config.json").write_text(json.dumps(cfg))
     store = NvmeTier(tmp_path / "store")
     with pytest.raises(NotMixtralCheckpointError) as ei:
         pack_checkpoint(ckpt, store, progress=False)
-    assert "deepseek_v3" in str(ei.value) and all(t in str(ei.value) for t in SUPPORTED_MODEL_TYPES)
+    assert "dbrx" in str(ei.value) and all(t in str(ei.value) for t in SUPPORTED_MODEL_TYPES)
     assert list(store.keys()) == []
+    # checkpoints shipping fp8 (DeepSeek-V3) or MXFP4 (GPT-OSS) weights are refused in one line
+    for family, method in (("deepseek_v3", "fp8"), ("gpt_oss", "mxfp4")):
+        cfg.update(model_type=family, quantization_config={"quant_method": method})
+        (ckpt / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(NotMixtralCheckpointError, match=f"{method}-quantized") as ei:
+            pack_checkpoint(ckpt, store, progress=False)
+        assert "\n" not in str(ei.value)
+        with pytest.raises(ValueError, match=f"{method}-quantized"):
+            ModelConfig.from_hf(cfg)
+    assert list(store.keys()) == []
+    cfg.pop("quantization_config")
     # a variant the decoder does not implement is refused in one line
     cfg.update(model_type="qwen3_moe", use_sliding_window=True, sliding_window=8)
     with pytest.raises(ValueError, match="use_sliding_window"):

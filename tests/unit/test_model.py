@@ -77,7 +77,7 @@ def test_config_rope_styles_and_defaults():
     ({"model_type": "mixtral", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 4, "num_hidden_layers": 1,
       "num_attention_heads": 2, "num_local_experts": 2, "num_experts_per_tok": 3}, "exceeds"),
     ({"model_type": "mixtral", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 4, "num_hidden_layers": 1,
-      "num_attention_heads": 2, "num_local_experts": 2, "rope_parameters": {"rope_type": "yarn"}}, "rope_type"),
+      "num_attention_heads": 2, "num_local_experts": 2, "rope_parameters": {"rope_type": "longrope"}}, "rope_type"),
     ([1, 2], "JSON object"),
 ])
 def test_config_rejects(cfg, needle):
