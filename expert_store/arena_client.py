@@ -142,8 +142,11 @@ class ArenaStoreClient(StoreClient):
     def _read(self, model: str, ref: tuple[int, int, str], out: Any, priority: str) -> Any:
         """One blob out of the arena, published first when missing (see the module docstring)."""
         with self._lock:
-            reader = self._mapped()
-            got = reader.read(model, *ref, out=out, verify=self.verify)
+            try:
+                reader = self._mapped()
+            except Unavailable:   # no arena yet: the store is starting, Ensure waits for it
+                reader = None
+            got = reader.read(model, *ref, out=out, verify=self.verify) if reader is not None else None
             if got is not None:
                 self.counts["arena_hits"] += 1
                 return got
@@ -184,8 +187,11 @@ class ArenaStoreClient(StoreClient):
         model = _check_model(model)
         refs = [_check_ref(r) for r in refs]
         with self._lock:
-            reader = self._mapped()
-            missing = [r for r in dict.fromkeys(refs) if reader.find(model, *r) is None]
+            try:
+                reader = self._mapped()
+            except Unavailable:
+                reader = None
+            missing = [r for r in dict.fromkeys(refs) if reader is None or reader.find(model, *r) is None]
         for i in range(0, len(missing), MAX_REFS_PER_ENSURE):
             self._ensure(model, missing[i:i + MAX_REFS_PER_ENSURE], priority)
         for ref in refs:

@@ -9,8 +9,11 @@ for a client that cannot map the arena) and gRPC health. The bytes go upstream -
 the decoder's mapping (`local-shm://` targets, expert_store/arena_client.py). The logic is in
 `ArenaPublisher` (expert_store/arena_publisher.py); this module translates protobuf and statuses.
 
-It prints "listening on HOST:PORT" once it serves. Slots are sized to the largest blob of the
-`--model`s (their manifests are waited for, up to --wait-timeout) unless --slot-bytes is given.
+It listens at once and prints "listening on HOST:PORT"; then it sets the arena up: slots sized
+to the largest blob of the `--model`s (their manifests are waited for, up to --wait-timeout)
+unless --slot-bytes is given. Until the arena is up, gRPC health "" is NOT_SERVING (readiness)
+and every call answers UNAVAILABLE; the health service "liveness" is SERVING from the start
+(liveness and startup probes), so a pod waiting for its model is never restarted for it.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ import argparse
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from expert_store._proto.adapmoe.v1 import expert_arena_pb2 as apb
 from expert_store._proto.adapmoe.v1 import expert_arena_pb2_grpc as apb_grpc
@@ -50,11 +54,43 @@ def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
 
 
+LIVENESS_SERVICE = "liveness"   # SERVING while the process works, also while it sets up
+
+
+class PendingPublisher:
+    """The publisher once the arena is up; until then every use is Unavailable (why: `waiting`)."""
+
+    def __init__(self, waiting: str) -> None:
+        self.waiting = waiting
+        self._publisher: ArenaPublisher | None = None
+
+    def set(self, publisher: ArenaPublisher) -> None:
+        self._publisher = publisher
+
+    def get(self) -> ArenaPublisher:
+        if self._publisher is None:
+            raise Unavailable(f"the co-located store is starting: {self.waiting}")
+        return self._publisher
+
+
+class _StartingStore:
+    """ReadThroughStore once the publisher is up (ExpertStoreServicer is built before that)."""
+
+    def __init__(self, pending: PendingPublisher) -> None:
+        self._pending = pending
+        self._store: ReadThroughStore | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._store is None:
+            self._store = ReadThroughStore(self._pending.get())
+        return getattr(self._store, name)
+
+
 class ExpertArenaServicer(apb_grpc.ExpertArenaServicer):
     """Protobuf <-> ArenaPublisher; publisher calls run in threads (upstream I/O blocks)."""
 
-    def __init__(self, publisher: ArenaPublisher, arena_path: str) -> None:
-        self.publisher = publisher
+    def __init__(self, publisher: PendingPublisher, arena_path: str) -> None:
+        self.pending = publisher
         self.arena_path = arena_path
 
     async def Ensure(self, request: apb.EnsureRequest, context: grpc.aio.ServicerContext) -> apb.EnsureResponse:
@@ -63,10 +99,10 @@ class ExpertArenaServicer(apb_grpc.ExpertArenaServicer):
             if priority is None:
                 raise InvalidArgument(f"unknown priority {request.priority}")
             refs = [(r.layer, r.expert, r.precision) for r in request.refs]
+            publisher = self.pending.get()
             remaining = context.time_remaining()
-            locs = await asyncio.to_thread(self.publisher.ensure, request.model, refs, priority, request.pin_s,
-                                           remaining)
-            epoch = self.publisher.writer.epoch
+            locs = await asyncio.to_thread(publisher.ensure, request.model, refs, priority, request.pin_s, remaining)
+            epoch = publisher.writer.epoch
         except Exception as e:  # noqa: BLE001 - every failure is a status
             code, details = _status(e)
             if code == grpc.StatusCode.INTERNAL:
@@ -76,24 +112,31 @@ class ExpertArenaServicer(apb_grpc.ExpertArenaServicer):
             apb.BlobLocation(slot=l.slot, offset=l.offset, size=l.size, generation=l.generation) for l in locs])
 
     async def DescribeArena(self, request: apb.DescribeArenaRequest, context) -> apb.ArenaInfo:
-        s = await asyncio.to_thread(self.publisher.stats)
+        try:
+            s = await asyncio.to_thread(self.pending.get().stats)
+        except StoreError as e:
+            await context.abort(*_status(e))
         return apb.ArenaInfo(path=self.arena_path, epoch=s["epoch"], slots=s["slots"], slot_bytes=s["slot_bytes"],
                              used=s["used"], pinned=s["pinned"], hits=s["hits"], misses=s["misses"],
                              publishes=s["publishes"], evictions=s["evictions"], data_loss=s["data_loss"],
                              bytes_published=s["bytes_published"], fill_gbps=s["fill_gbps"])
 
 
-async def serve_colocated(publisher: ArenaPublisher, arena_path: str, listen: str, *, token: str | None = None,
-                          grace_s: float = 5.0, max_refs: int = 64, on_ready: Any = None) -> None:
-    """Serve ExpertArena + ExpertStore (read-through) + health on `listen` until SIGTERM/SIGINT."""
+async def serve_colocated(setup: Callable[[], ArenaPublisher], arena_path: str, listen: str, *,
+                          waiting: str = "setting the arena up", token: str | None = None, grace_s: float = 5.0,
+                          max_refs: int = 64, on_ready: Callable[[str], None] | None = None) -> None:
+    """Serve ExpertArena + ExpertStore (read-through) + health on `listen` at once, run `setup`
+    (in a thread) and serve SERVING once it returned, until SIGTERM/SIGINT. A failed setup
+    stops the server and is raised. The publisher is closed on the way out."""
     from expert_store.server import ExpertStoreServicer, ServerConfig
 
     tune_malloc()
+    pending = PendingPublisher(waiting)
     server = grpc.aio.server(interceptors=auth_interceptors(token),
                              options=channel_options(MAX_MESSAGE_BYTES, reuse_port=False))
-    apb_grpc.add_ExpertArenaServicer_to_server(ExpertArenaServicer(publisher, arena_path), server)
+    apb_grpc.add_ExpertArenaServicer_to_server(ExpertArenaServicer(pending, arena_path), server)
     pb_grpc.add_ExpertStoreServicer_to_server(
-        ExpertStoreServicer(ReadThroughStore(publisher), ServerConfig(listen=listen, max_refs=max_refs, token=token)),
+        ExpertStoreServicer(_StartingStore(pending), ServerConfig(listen=listen, max_refs=max_refs, token=token)),
         server)
     health = add_health_and_reflection(server, ARENA_SERVICE)
     host, port = split_host_port(listen, example_port=50061)
@@ -101,15 +144,31 @@ async def serve_colocated(publisher: ArenaPublisher, arena_path: str, listen: st
     if bound == 0:
         raise OSError(f"could not bind {listen}")
     await server.start()
-    await set_health(health, ARENA_SERVICE, serving=True)
-    await set_health(health, STORE_SERVICE, serving=True)
+    await set_health(health, ARENA_SERVICE, serving=False)
+    await set_health(health, STORE_SERVICE, serving=False)
+    await health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     stopping = asyncio.Event()
     stop_on_signals(stopping.set)
     if on_ready is not None:
         on_ready(join_host_port(host, bound))
-    await stopping.wait()
-    await health.enter_graceful_shutdown()
-    await server.stop(grace_s)
+    setting_up = asyncio.ensure_future(asyncio.to_thread(setup))
+    stop_wait = asyncio.ensure_future(stopping.wait())
+    publisher = None
+    try:
+        done, _ = await asyncio.wait({setting_up, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if setting_up in done:
+            publisher = setting_up.result()   # raises a failed setup
+            pending.set(publisher)
+            await set_health(health, ARENA_SERVICE, serving=True)
+            await set_health(health, STORE_SERVICE, serving=True)
+            await stop_wait
+    finally:
+        await health.enter_graceful_shutdown()
+        await server.stop(grace_s)
+        if publisher is None and setting_up.done() and not setting_up.cancelled() and not setting_up.exception():
+            publisher = setting_up.result()
+        if publisher is not None:
+            publisher.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,24 +212,25 @@ def cmd_colocate(args: argparse.Namespace) -> int:
         raise InvalidArgument("give --model (slots sized to its largest blob) or --slot-bytes")
     token = read_token_file(args.token_file, TOKEN_ENV)
     upstream_token = read_token_file(args.upstream_token_file, "EXPERT_STORE_UPSTREAM_TOKEN")
-    upstream = StoreClient.open(args.upstream, token=upstream_token, tls_ca=args.upstream_tls_ca,
-                                tls_cert=args.upstream_tls_cert, tls_key=args.upstream_tls_key,
-                                deadline_s=args.deadline, max_streams=args.fetch_threads,
-                                redis_url=args.redis)
-    try:
-        slot_bytes = args.slot_bytes or slot_bytes_for(_wait_for_manifests(upstream, args.model, args.wait_timeout))
-        writer = ArenaWriter.open(args.arena, args.arena_bytes, slot_bytes)
-    except BaseException:
-        upstream.close()
-        raise
-    publisher = ArenaPublisher(upstream, writer, fetch_threads=args.fetch_threads)
-    log.info("arena %s: %d slots of %d bytes (epoch %d, %d blobs kept)", args.arena, writer.slots,
-             writer.slot_bytes, writer.epoch, writer.used())
-    try:
-        asyncio.run(serve_colocated(publisher, args.arena, args.listen, token=token, grace_s=args.grace,
-                                    on_ready=lambda a: print(f"listening on {a}", flush=True)))
-    finally:
-        publisher.close()
+
+    def setup() -> ArenaPublisher:
+        upstream = StoreClient.open(args.upstream, token=upstream_token, tls_ca=args.upstream_tls_ca,
+                                    tls_cert=args.upstream_tls_cert, tls_key=args.upstream_tls_key,
+                                    deadline_s=args.deadline, max_streams=args.fetch_threads, redis_url=args.redis)
+        try:
+            slot_bytes = args.slot_bytes or slot_bytes_for(_wait_for_manifests(upstream, args.model,
+                                                                              args.wait_timeout))
+            writer = ArenaWriter.open(args.arena, args.arena_bytes, slot_bytes)
+        except BaseException:
+            upstream.close()
+            raise
+        log.info("arena %s: %d slots of %d bytes (epoch %d, %d blobs kept)", args.arena, writer.slots,
+                 writer.slot_bytes, writer.epoch, writer.used())
+        return ArenaPublisher(upstream, writer, fetch_threads=args.fetch_threads)
+
+    waiting = f"waiting for {', '.join(args.model) or 'the upstream'} from {args.upstream}"
+    asyncio.run(serve_colocated(setup, args.arena, args.listen, waiting=waiting, token=token, grace_s=args.grace,
+                                on_ready=lambda a: print(f"listening on {a}", flush=True)))
     return 0
 
 
@@ -196,4 +256,5 @@ def _wait_for_manifests(upstream: Any, models: list[str], timeout_s: float) -> l
     return out
 
 
-__all__ = ["ExpertArenaServicer", "serve_colocated", "add_parser", "cmd_colocate"]
+__all__ = ["ExpertArenaServicer", "PendingPublisher", "serve_colocated", "add_parser", "cmd_colocate",
+           "LIVENESS_SERVICE"]

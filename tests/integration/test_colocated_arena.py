@@ -81,6 +81,7 @@ class Colocated:
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env=child_env(), start_new_session=True)
         self.address = self._await_listening(120.0)
+        self._await_serving(120.0)
 
     def _await_listening(self, timeout: float) -> str:
         sel = selectors.DefaultSelector()
@@ -95,6 +96,24 @@ class Colocated:
                     break
         self.kill()
         raise RuntimeError(f"expert-store colocate did not start: {self.proc.stderr.read()}")
+
+    def _await_serving(self, timeout: float) -> None:
+        """Health "" turns SERVING once the arena is set up (it listens before)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        end = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while time.monotonic() < end and self.proc.poll() is None:
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+                            health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.05)
+        self.kill()
+        raise RuntimeError("expert-store colocate did not turn SERVING")
 
     @property
     def port(self) -> int:
@@ -412,3 +431,48 @@ def test_target_parsing():
                 "local-shm:///x?control=h:1&colour=red", "local-shm:///x?control=h:1&verify=yes"):
         with pytest.raises(InvalidArgument):
             parse_target(bad)
+
+
+def test_waits_for_its_model_live_but_not_ready_then_serves(tmp_path, arena_path):
+    """Started before the model is packed (a pod before the pack Job): liveness SERVING,
+    readiness NOT_SERVING and Ensure UNAVAILABLE; once the model is in the upstream, SERVING."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from checkpoints import make_mixtral_checkpoint
+    from expert_store.pack import pack_checkpoint
+    from expert_store.tiers import NvmeTier
+
+    store = pack_tiny_model(tmp_path / "m", MODEL, layers=2, experts=4)
+    argv = cli("expert-store") + ["colocate", "--upstream", str(store), "--arena", str(arena_path),
+                                  "--arena-bytes", "4M", "--model", "late", "--listen", "127.0.0.1:0"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("listening on "), (line, proc.stderr.read() if proc.poll() is not None else "")
+        address = line.split()[-1]
+        with grpc.insecure_channel(address) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+
+            def status(service: str) -> int:
+                return health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+            assert status("liveness") == health_pb2.HealthCheckResponse.SERVING
+            assert status("") == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as e:
+                apb_grpc.ExpertArenaStub(ch).Ensure(apb.EnsureRequest(
+                    model="late", refs=[pb.ExpertRef(layer=0, expert=0, precision="bf16")]), timeout=10)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "waiting for late" in e.value.details()
+            ckpt, _ = make_mixtral_checkpoint(tmp_path / "late-ckpt", hidden=64, ffn=96, layers=2, experts=4, seed=5)
+            pack_checkpoint(ckpt, NvmeTier(store), model="late", precisions=("bf16",), progress=False)
+            end = time.monotonic() + 60
+            while status("") != health_pb2.HealthCheckResponse.SERVING and time.monotonic() < end:
+                time.sleep(0.1)
+            assert status("") == health_pb2.HealthCheckResponse.SERVING
+            reply = apb_grpc.ExpertArenaStub(ch).Ensure(apb.EnsureRequest(
+                model="late", refs=[pb.ExpertRef(layer=1, expert=3, precision="bf16")]), timeout=30)
+            assert reply.blobs[0].size > 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        proc.stdout.close()
+        proc.stderr.close()
