@@ -19,11 +19,15 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import safetensors.torch
 import torch
 
+from decoder.experts.cache import build_provider as build_cache_provider
+from decoder.experts.prefetch import build_prefetcher
 from decoder.experts.provider import ExpertProvider, ExpertSource, StoreExperts
 from decoder.model.config import ModelConfig
 from decoder.model.transformer import Transformer
+from decoder.gating import make_gating
 from decoder.routing import Gating, MoEObserver, TopKGating
 from decoder.step import DecodeStep, step_gating_key, unsupported_reason
 from decoder.tokenizer import StreamDecoder, Tokenizer
@@ -168,8 +172,6 @@ class Engine:
         prefetcher when the provider supports it. decode_step: "auto" | "step" | "eager" (see
         Engine). *_options go verbatim to the builders below.
         """
-        import safetensors.torch
-
         owns = isinstance(store, str)
         client = StoreClient.open(store) if owns else store
         provider = None
@@ -436,7 +438,6 @@ class Engine:
         for st in self._steps.values():
             st.flush_counts(self.routing)
         c = self._c
-        dec = self.routing.summary("decode")
         allp = self.routing.summary()
         pstats = self.provider.stats() or {}
         tokens = max(1, c.generated_tokens + c.scored_tokens)
@@ -477,7 +478,7 @@ class Engine:
             "tiers": tiers,
             "provider": pstats,
         }
-        gstats = self.model.gating.stats() if hasattr(self.model.gating, "stats") else {}
+        gstats = self.model.gating.stats()
         if gstats:
             out["gating_stats"] = gstats
         for x in self.extras:
@@ -548,15 +549,7 @@ def _build_provider(source: ExpertSource, gpu_cache_bytes: int | None, host_cach
     for name, v in (("gpu_cache_bytes", gpu_cache_bytes), ("host_cache_bytes", host_cache_bytes)):
         if v is not None and v < 0:
             raise ValueError(f"{name} must be >= 0")
-    try:
-        from decoder.experts import cache as expert_cache
-    except ImportError:
-        expert_cache = None
-    if expert_cache is not None and hasattr(expert_cache, "build_provider"):
-        return expert_cache.build_provider(source, gpu_cache_bytes=gpu_cache_bytes,
-                                           host_cache_bytes=host_cache_bytes, **options)
-    # no AdapMoE cache available: a byte-bounded decoded LRU of the combined budget
-    return StoreExperts(source, cache_bytes=(gpu_cache_bytes or 0) + (host_cache_bytes or 0))
+    return build_cache_provider(source, gpu_cache_bytes=gpu_cache_bytes, host_cache_bytes=host_cache_bytes, **options)
 
 
 def _build_gating(gating: str | Gating, config: ModelConfig, provider: ExpertProvider, budget: float | None,
@@ -568,29 +561,16 @@ def _build_gating(gating: str | Gating, config: ModelConfig, provider: ExpertPro
         return gating
     if gating == "topk" and not options:
         return TopKGating(config.num_experts_per_tok)
-    try:
-        from decoder import gating as gating_mod
-    except ImportError:
-        gating_mod = None
-    if gating_mod is None or not hasattr(gating_mod, "make_gating"):
-        raise ValueError(f"unknown gating {gating!r} (available: topk)")
-    return gating_mod.make_gating(gating, config=config, provider=provider, budget=budget,
-                                  profile=manifest.profile, **options)
+    return make_gating(gating, config=config, provider=provider, budget=budget, profile=manifest.profile, **options)
 
 
 def _build_prefetcher(model: Transformer, provider: ExpertProvider, source: ExpertSource,
                       prefetch: bool | None, options: dict[str, Any]) -> list[Any]:
     """decoder.experts.prefetch.build_prefetcher(model, provider, source, **options) -> observer
-    (attached to the model) when available; prefetch=None means "when the provider can prefetch"."""
+    (attached to the model) when the provider can prefetch; prefetch=False: none."""
     if prefetch is False or isinstance(provider, StoreExperts):
         return []
-    try:
-        from decoder.experts import prefetch as prefetch_mod
-    except ImportError:
-        return []
-    if not hasattr(prefetch_mod, "build_prefetcher"):
-        return []
-    pf = prefetch_mod.build_prefetcher(model, provider, source, **options)
+    pf = build_prefetcher(model, provider, source, **options)
     if pf is None:
         return []
     model.add_observer(pf)
