@@ -1,7 +1,7 @@
 """`moe-decoder calibrate`: measure what AdapMoE's gating and cache plan need, write a profile.
 
     moe-decoder calibrate --store DIR_OR_ADDR --model NAME --text FILE [--out profile.json]
-                          [--tokens N] [--seq-len S] [--budget T] [--upload]
+                          [--tokens N] [--seq-len S] [--budget T] [--upload] [--wait-for-model]
 
 Per layer l, over the calibration tokens t of the text file (teacher-forced windows):
 
@@ -235,12 +235,22 @@ def build_profile(model_name: str, measured: Mapping[str, Any], config: Any, *, 
     }
 
 
-def upload_profile(store: Any, client: Any, model: str, data: bytes) -> str:
-    """Put profile.json next to the model: PutBlob through a gRPC client (`put`), the local
-    client's ModelStore (`put_file`), or a store directory."""
+def upload_profile(store: Any, client: Any, model: str, data: bytes, **replica_options: Any) -> str:
+    """Put profile.json next to the model: PutBlob to every replica of a gRPC client (each
+    serves the model's manifest, and with it the profile, on its own: `pack --placement all`
+    puts the model on all of them), the local client's ModelStore (`put_file`), or a store
+    directory. replica_options: token/TLS/deadline of the per-replica clients."""
     import xxhash
 
     digest = xxhash.xxh3_128_hexdigest(data)
+    if client is not None and callable(getattr(client, "replicas", None)):
+        from expert_store.client import GrpcStoreClient
+
+        addresses = client.replicas()
+        for address in addresses:
+            with GrpcStoreClient([address], target=address, **replica_options) as one:
+                one.put(model, "profile", data)
+        return f"{len(addresses)} replica(s): {', '.join(addresses)}"
     if client is not None and callable(getattr(client, "put", None)):
         client.put(model, "profile", data)
         return "store"
@@ -274,6 +284,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="bf16", choices=["bf16", "int8", "int4"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--store-token-file", default=None, metavar="F",
+                   help="bearer token sent to the store (default: $EXPERT_STORE_TOKEN, if set)")
+    p.add_argument("--store-tls-ca", default=None, metavar="F", help="CA (PEM) of the store's TLS certificate")
+    p.add_argument("--store-tls-server-name", default=None, help="expected name in the store's certificate")
+    p.add_argument("--store-deadline", type=float, default=30.0, help="seconds per store RPC attempt")
+    p.add_argument("--wait-for-model", action="store_true",
+                   help="wait for the model to appear in the store (and for the store to be reachable) "
+                        "before calibrating, as `moe-decoder serve --wait-for-model` does: a calibrate Job "
+                        "may start before the pack Job is done")
+    p.add_argument("--wait-timeout", type=float, default=None, metavar="S",
+                   help="with --wait-for-model: give up (exit 1) after S seconds (default: wait forever)")
     from expert_store.cli import show_defaults
 
     return show_defaults(p)  # --help lists the defaults
@@ -285,15 +306,47 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from decoder.engine import Engine
 
-    from decoder.cli import quiet_store_retries, refuse_checkpoint_dir
+    from decoder.cli import quiet_store_retries, read_store_token, refuse_checkpoint_dir
+    from expert_store.client import StoreClient
 
     if args.tokens < 2:
         raise ValueError("--tokens must be >= 2")
+    if args.wait_timeout is not None and not args.wait_for_model:
+        raise ValueError("--wait-timeout goes with --wait-for-model")
     refuse_checkpoint_dir(args.store)
     text = Path(args.text).read_text(encoding="utf-8")
-    with quiet_store_retries():
-        engine = Engine.from_store(args.store, args.model, device=args.device, dtype=torch.float32,
-                                   precision=args.precision, prefetch=False)
+    store_options = {"token": read_store_token(args.store_token_file), "tls_ca": args.store_tls_ca,
+                     "tls_server_name": args.store_tls_server_name, "deadline_s": args.store_deadline}
+
+    def open_client() -> Any:
+        return StoreClient.open(args.store, **store_options)
+
+    def load(client: Any) -> Engine:
+        return Engine.from_store(client, args.model, device=args.device, dtype=torch.float32,
+                                 precision=args.precision, prefetch=False)
+
+    if args.wait_for_model:
+        import logging
+
+        from decoder.serving.waiter import ModelWaiter
+
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        waiter = ModelWaiter(args.model, args.store, open_client, timeout_s=args.wait_timeout)
+        try:
+            engine = waiter.run(load)
+        except BaseException:
+            waiter.close()
+            raise
+        client = waiter.client
+    else:
+        with quiet_store_retries():
+            client = open_client()
+            try:
+                engine = load(client)
+            except BaseException:
+                client.close()
+                raise
     try:
         if engine.tokenizer is None:
             raise ValueError(f"model {args.model!r} has no tokenizer in the store")
@@ -310,11 +363,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             Path(out).write_bytes(data)
             print(f"wrote {out}")
         if args.upload:
-            where = upload_profile(args.store, engine.client, args.model, data)
+            where = upload_profile(args.store, client, args.model, data, **store_options)
             print(f"stored profile.json for {args.model} in {where}")
         print(format_profile(profile))
     finally:
         engine.close()
+        client.close()
     return 0
 
 

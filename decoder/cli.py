@@ -91,6 +91,8 @@ def read_store_token(path: str | None) -> str | None:
 
 
 GATING_HELP = "topk | uniform | adaptive | cost-aware"
+# gatings that read the model's calibration profile (per-layer sensitivity, default budget)
+PROFILE_GATINGS = ("adaptive", "cost-aware")
 BUDGET_HELP = ("gating budget: T for adaptive / cost-aware (default: the calibrated one for --single-expert-ratio), "
                "the w2 threshold for uniform")
 
@@ -344,8 +346,9 @@ def build_serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefetch", action="store_true", help="disable the cross-layer prefetcher")
     p.add_argument("--wait-for-model", action="store_true",
                    help="serve at once (health NOT_SERVING, Generate UNAVAILABLE) and wait for the model to "
-                        "appear in the store (and for the store to be reachable), then load it and serve; "
-                        "without: a model not in the store is an error")
+                        "appear in the store (and for the store to be reachable; with adaptive or cost-aware "
+                        "gating, for its calibration profile too), then load it and serve; without: a model "
+                        "not in the store is an error")
     p.add_argument("--wait-timeout", type=float, default=None, metavar="S",
                    help="with --wait-for-model: give up (exit 1) after S seconds (default: wait forever)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on SIGTERM")
@@ -429,6 +432,7 @@ def cmd_serve(argv: list[str]) -> int:
         model=args.model, store=args.store, device=args.device, max_active=args.max_active,
         max_queue=args.max_queue, max_seq_len=args.max_seq_len, metrics_port=args.metrics_port,
         metrics_host=args.metrics_host, wait_for_model=args.wait_for_model, wait_timeout_s=args.wait_timeout,
+        needs_profile=args.gating in PROFILE_GATINGS,
         # a store that is down: one error line, not one per retry (unless debugging)
         quiet_first_load=lambda: quiet_store_retries(enabled=args.log_level.upper() != "DEBUG"))
 

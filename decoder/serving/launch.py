@@ -46,6 +46,9 @@ class ProcessSettings:
     metrics_host: str | None = None     # None: the gRPC listen host
     wait_for_model: bool = False
     wait_timeout_s: float | None = None
+    # with wait_for_model: also wait for the model's calibration profile (adaptive / cost-aware
+    # gating read their sensitivities and budget from it)
+    needs_profile: bool = False
     # around the first load when not waiting: one error line for a store that is down, not one
     # per retry (the CLI's quiet_store_retries)
     quiet_first_load: Callable[[], ContextManager[Any]] = contextlib.nullcontext
@@ -111,7 +114,8 @@ def _serve_waiting(settings: ProcessSettings, config: ServiceConfig, open_client
                    on_http_ready: Callable[[str], None] | None = None, metrics_on: bool = False) -> int:
     """--wait-for-model: the server (and metrics) first, the model when the store has it."""
     metrics = DecoderMetrics(metrics_on)
-    waiter = ModelWaiter(settings.model, settings.store, open_client, timeout_s=settings.wait_timeout_s)
+    waiter = ModelWaiter(settings.model, settings.store, open_client, timeout_s=settings.wait_timeout_s,
+                         needs_profile=settings.needs_profile)
 
     def load() -> BatchScheduler:
         engine = waiter.run(load_engine)

@@ -22,9 +22,14 @@ class WaitCancelled(Exception):
     """The wait was cancelled (SIGTERM)."""
 
 
+class _NotCalibrated(Exception):
+    """The model is in the store, without the calibration profile the load needs."""
+
+
 # store errors that mean "not yet": the model is not packed, the store is not up (or busy)
 _WAITABLE = {"NOT_FOUND": "no-model", "UNAVAILABLE": "no-store", "RESOURCE_EXHAUSTED": "no-store",
              "DEADLINE_EXCEEDED": "no-store"}
+NO_PROFILE = "no calibration profile, profile.json"
 
 
 class ModelWaiter:
@@ -43,15 +48,17 @@ class ModelWaiter:
     QUIET_LOGGERS = ("expert_store.client", "expert_store.discovery")
 
     def __init__(self, model: str, store: str, open_client: Callable[[], Any], *, timeout_s: float | None = None,
-                 first_delay_s: float = 0.5, max_delay_s: float = 5.0, reminder_s: float = 60.0,
+                 needs_profile: bool = False, first_delay_s: float = 0.5, max_delay_s: float = 5.0,
+                 reminder_s: float = 60.0,
                  logger: logging.Logger | None = None) -> None:
         self.model, self.store = model, store
         self.open_client = open_client
         self.timeout_s = timeout_s
+        self.needs_profile = needs_profile
         self.first_delay_s, self.max_delay_s, self.reminder_s = first_delay_s, max_delay_s, reminder_s
         self.log = logger or log
         self.client: Any = None
-        self.state = "waiting"      # waiting | no-store | no-model | loading | loaded
+        self.state = "waiting"      # waiting | no-store | no-model | no-profile | loading | loaded
         self.last_error = ""
         self.attempts = 0
         self._stop = threading.Event()
@@ -68,6 +75,9 @@ class ModelWaiter:
         if self.state == "no-store":
             return (f"model {self.model!r} not in the store yet: store {self.store} is unreachable "
                     f"({self.last_error}); waiting for it")
+        if self.state == "no-profile":
+            return (f"model {self.model!r} is in the store but not calibrated yet ({NO_PROFILE}, which "
+                    f"`moe-decoder calibrate --upload` stores); waiting for it")
         if self.state == "loading":
             return f"model {self.model!r} is loading from store {self.store}"
         if self.state == "loaded":
@@ -96,7 +106,9 @@ class ModelWaiter:
                 try:
                     if self.client is None:
                         self.client = self.open_client()
-                    self.client.manifest(self.model)
+                    manifest = self.client.manifest(self.model)
+                    if self.needs_profile and not getattr(manifest, "profile", None):
+                        raise _NotCalibrated(NO_PROFILE)
                     self.state = "loading"
                     for name, level in quiet.items():  # from here on, store trouble is news
                         logging.getLogger(name).setLevel(level)
@@ -107,6 +119,8 @@ class ModelWaiter:
                     result = load(self.client)
                     self.state = "loaded"
                     return result
+                except _NotCalibrated as e:
+                    self.state, self.last_error = "no-profile", str(e)
                 except StoreError as e:
                     state = _WAITABLE.get(e.code)
                     if state is None:
@@ -120,6 +134,10 @@ class ModelWaiter:
                     if self.state == "no-model":
                         self.log.info("model %s is not in the store yet; waiting for it (store %s, %s)",
                                       self.model, self.store, retry)
+                    elif self.state == "no-profile":
+                        self.log.info("model %s is in store %s but not calibrated yet (%s: its gating needs "
+                                      "one); waiting for `moe-decoder calibrate --upload` (%s)", self.model,
+                                      self.store, NO_PROFILE, retry)
                     else:
                         self.log.warning("store %s is unreachable (%s); waiting for it (model %s, %s)",
                                          self.store, self.last_error, self.model, retry)

@@ -139,8 +139,9 @@ class Cluster:
         return out
 
     def mounts(self, workload: dict, container: dict, shared: dict[str, Path] | None = None) -> dict[str, Path]:
-        """mountPath -> a local directory. Secret volumes get the Secret's files; claims named
-        in `shared` map to the same directory (the pack Job and the store share a volume)."""
+        """mountPath -> a local directory. Secret and ConfigMap volumes get their object's files;
+        claims named in `shared` map to the same directory (the pack Job and the store share a
+        volume)."""
         spec = pod_template(workload)["spec"]
         volumes = {v["name"]: v for v in spec.get("volumes") or []}
         for t in workload["spec"].get("volumeClaimTemplates") or []:
@@ -160,6 +161,11 @@ class Cluster:
                 for item in items:
                     (local / item["path"]).write_bytes(base64.b64decode(secret["data"][item["key"]]))
                     (local / item["path"]).chmod(0o440)
+            if "configMap" in v:
+                cm = get(self.docs, "ConfigMap", v["configMap"]["name"])
+                items = v["configMap"].get("items") or [{"key": k, "path": k} for k in cm["data"]]
+                for item in items:
+                    (local / item["path"]).write_text(cm["data"][item["key"]], encoding="utf-8")
             out[m["mountPath"]] = local
         return out
 
@@ -194,6 +200,18 @@ class Process:
                 break
             time.sleep(0.05)
         raise AssertionError(f"{self.name} did not print {prefix!r} (rc={self.proc.poll()}):\n{self.output()}")
+
+    def wait_text(self, text: str, timeout: float) -> str:
+        """The first output line that contains `text` (log lines carry a timestamp first)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if text in line:
+                    return line.strip()
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"{self.name} did not print {text!r} (rc={self.proc.poll()}):\n{self.output()}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -292,6 +310,19 @@ def run_pack_job(cluster: Cluster, checkpoint_src: Path, job_name: str = "expert
     pack = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **penv, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)})
     return pack, argv
+
+
+def start_job(cluster: Cluster, job_name: str) -> Process:
+    """One attempt of a Job's (only) container as a local process, its command line as rendered
+    (k8s:// -> the Service's local port, volumes -> local directories)."""
+    job = get(cluster.docs, "Job", job_name)
+    (c,) = pod_template(job)["spec"]["containers"]
+    env = container_env(cluster.docs, {}, c, NAMESPACE)
+    mounts = cluster.mounts(job, c)
+    argv = command_line(cluster.docs, c, env)
+    local = [local_binary(argv[0])] + cluster.rewrite(job_name, c, argv[1:], mounts)
+    return Process(job_name, local, {**env, "TMPDIR": str(mounts.get("/tmp", cluster.root))},
+                   mounts.get("/tmp", cluster.root))
 
 
 def wait_ready(cluster, name, c, env, mounts, proc, timeout: float = 60) -> None:

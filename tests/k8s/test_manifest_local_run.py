@@ -17,6 +17,12 @@ volume): a first attempt before the store runs fails with one UNAVAILABLE line (
 restartPolicy OnFailure retries it), the attempt after the store is up packs the model, and
 the store itself writes it into its claim.
 
+The calibrate Job starts with the others, before the model is there: it waits for the
+model (stopped with SIGSTOP once it says so, standing for a Job pod scheduled late), while
+the decoder, which runs adaptive gating, stays unready after the pack because the model has
+no calibration profile yet; resumed, the Job calibrates the model on its ConfigMap's text
+and uploads the profile into the store, and the decoder turns ready on its own.
+
 Nothing is started that the manifests do not describe, except: the pack Job's demo
 checkpoint comes from tests/checkpoints.py instead of its `train-demo` init container (too
 slow for a test), and the decoder's and the pack Job's k8s:// store target becomes
@@ -26,6 +32,7 @@ tests/unit/test_discovery.py).
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import threading
 import time
@@ -42,7 +49,8 @@ pytestmark = [
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
-from local_cluster import Cluster, Process, health_checks, run_pack_job, run_probe, start, store_claims  # noqa: E402
+from local_cluster import (Cluster, Process, health_checks, run_pack_job, run_probe, start, start_job,  # noqa: E402
+                           store_claims)
 
 
 def readiness(cluster: Cluster, c: dict) -> int | None:
@@ -139,6 +147,14 @@ def test_dev_overlay_runs_locally(cluster, tmp_path):
             assert waiting.value.code() == grpc.StatusCode.UNAVAILABLE
             assert f"model '{settings['MODEL_NAME']}' not in the store yet" in waiting.value.details()
 
+        # -- the calibrate Job starts too, and waits for the model instead of failing; it is held
+        # (SIGSTOP) once it says so, as a Job pod that runs late would be
+        calibrate = start_job(cluster, "expert-store-calibrate")
+        procs.append(calibrate)
+        assert any(a.startswith("dns:///127.0.0.1:") for a in calibrate.argv)  # the k8s:// target, locally
+        calibrate.wait_text(f"model {settings['MODEL_NAME']} is not in the store yet; waiting for it", 60)
+        calibrate.proc.send_signal(signal.SIGSTOP)
+
         # -- the pack Job's next attempt uploads into the serving replica over gRPC; the store
         # writes what it receives into its own claim (the Job mounts no store volume)
         assert not any(shared[claim].rglob("manifest.json"))
@@ -167,8 +183,33 @@ def test_dev_overlay_runs_locally(cluster, tmp_path):
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
             assert resp.status == 200 and b"# TYPE" in resp.read()
 
-        # -- the decoder, unrestarted, sees the model (through the discovered store), loads it
-        # and turns ready: the kubelet keeps probing readiness (a failure never kills)
+        # -- the decoder (adaptive gating) sees the model but waits for its calibration profile:
+        # still unready, Generate UNAVAILABLE saying why
+        deadline = time.monotonic() + 60
+        with grpc.insecure_channel(decoder_addr) as channel:
+            while True:
+                with pytest.raises(grpc.RpcError) as waiting:
+                    list(decoder_pb2_grpc.DecoderStub(channel).Generate(request, timeout=30, metadata=auth))
+                assert waiting.value.code() == grpc.StatusCode.UNAVAILABLE
+                if "not calibrated yet" in waiting.value.details():
+                    break
+                assert time.monotonic() < deadline, waiting.value.details()
+                time.sleep(0.5)
+        assert readiness(cluster, dc) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert dproc.proc.poll() is None
+
+        # -- the calibrate Job resumes: it finds the model, calibrates it on the ConfigMap's text
+        # and stores the profile with it in every ready store replica, then completes
+        calibrate.proc.send_signal(signal.SIGCONT)
+        assert calibrate.proc.wait(120) == 0, calibrate.output()
+        assert f"stored profile.json for {model} in 1 replica(s)" in calibrate.output(), calibrate.output()
+        with StoreClient.open(store_addr, token=token, deadline_s=30) as client:
+            profile = client.manifest(model).profile
+        assert profile and profile["tokens"] >= 512 and set(profile["budget_for_single_ratio"]) >= {"0.25"}
+        assert any(shared[claim].rglob("profile.json"))
+
+        # -- the decoder, unrestarted, sees the profile (through the discovered store), loads the
+        # model and turns ready: the kubelet keeps probing readiness (a failure never kills)
         deadline = time.monotonic() + 60
         while readiness(cluster, dc) != health_pb2.HealthCheckResponse.SERVING:
             assert time.monotonic() < deadline, f"decoder not ready 60s after the pack:\n{dproc.output()}"

@@ -1,8 +1,8 @@
 """The TLS component, run locally: the dev overlay plus deploy/k8s/components/tls, with the
 two kubernetes.io/tls Secrets an operator (or cert-manager) would create. The store and the
 decoder start from their rendered command lines, pass their TLS gRPC probes, the decoder
-reaches the store by IP while verifying the store's certificate for the Service name, and a
-Generate over TLS (and the decoder's bearer token) completes through the decoder's Service
+reaches the store by IP while verifying the store's certificate for the Service name (as do
+the pack and calibrate Jobs), and a Generate over TLS (and the decoder's bearer token) completes through the decoder's Service
 port. See test_manifest_local_run.py for the plaintext run and what is substituted."""
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
-from local_cluster import NAMESPACE, Cluster, health_checks, run_pack_job, start, store_claims, wait_ready  # noqa: E402
+from local_cluster import (NAMESPACE, Cluster, health_checks, run_pack_job, start, start_job,  # noqa: E402
+                           store_claims, wait_ready)
 
 
 def _name(cn: str) -> x509.Name:
@@ -119,6 +120,12 @@ def test_tls_component_runs_locally(tmp_path):
         pack, pack_argv = run_pack_job(cluster, built)
         assert pack.returncode == 0, pack.stdout + pack.stderr
         assert pack_argv[pack_argv.index("--tls-server-name") + 1] == store_name
+        # the calibrate Job reads the model and uploads its profile over TLS the same way
+        calibrate = start_job(cluster, "expert-store-calibrate")
+        procs.append(calibrate)
+        assert calibrate.argv[calibrate.argv.index("--store-tls-server-name") + 1] == store_name
+        assert calibrate.proc.wait(120) == 0, calibrate.output()
+        assert "stored profile.json for demo in 1 replica(s)" in calibrate.output(), calibrate.output()
 
         # the decoder dials the store at 127.0.0.1 and verifies its certificate for the
         # Service name (--store-tls-server-name), as it dials pod IPs in a cluster

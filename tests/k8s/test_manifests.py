@@ -83,7 +83,9 @@ def test_overlays_render_with_expected_objects(docs):
         ("Service", "expert-store-headless"), ("Deployment", "redis"), ("Service", "redis"),
         ("Deployment", "decoder"), ("Service", "decoder"), ("Job", "expert-store-pack"),
         ("ServiceAccount", "decoder"), ("ServiceAccount", "expert-store-pack"), ("Role", "expert-store-discovery"),
-        ("RoleBinding", "decoder-expert-store-discovery"), ("RoleBinding", "expert-store-pack-expert-store-discovery"), ("PodDisruptionBudget", "expert-store"),
+        ("RoleBinding", "decoder-expert-store-discovery"), ("RoleBinding", "expert-store-pack-expert-store-discovery"),
+        ("Job", "expert-store-calibrate"), ("ServiceAccount", "expert-store-calibrate"),
+        ("RoleBinding", "expert-store-calibrate-expert-store-discovery"), ("PodDisruptionBudget", "expert-store"),
         ("PodDisruptionBudget", "decoder"), ("NetworkPolicy", "default-deny-all"),
     ]:
         assert expected in kinds, f"{expected} missing"
@@ -351,10 +353,10 @@ def test_pdbs_cover_store_and_decoder_and_allow_one_eviction(docs):
 
 def test_env_and_var_references_resolve(docs, overlay):
     """Every $(VAR) in command/args is defined, and every ConfigMap/Secret/SA/PVC exists
-    (the gpu overlay and base expect the token and Redis password Secrets from the operator;
-    the optional HF token Secret may be absent anywhere)."""
+    (the gpu overlay and base expect the token and Redis password Secrets and the calibration
+    text's ConfigMap from the operator; the optional HF token Secret may be absent anywhere)."""
     external = {("Secret", "adapmoe-store-token"), ("Secret", "adapmoe-decoder-token"),
-                ("Secret", "adapmoe-redis-auth")}
+                ("Secret", "adapmoe-redis-auth"), ("ConfigMap", "adapmoe-calibration")}
     present = {(d["kind"], d["metadata"]["name"]) for d in docs}
     for sts in objects(docs, "StatefulSet"):  # claims the StatefulSet controller creates
         for tmpl in sts["spec"].get("volumeClaimTemplates") or []:
@@ -400,7 +402,8 @@ def test_dev_overlay_is_cpu_only_with_a_clearly_fake_token():
             assert "nvidia.com/gpu" not in {**res.get("requests", {}), **res.get("limits", {})}
     assert by_prefix(docs, "ConfigMap", "adapmoe-settings")["data"]["DECODER_DEVICE"] == "cpu"
     assert get(docs, "StatefulSet", "expert-store")["spec"]["replicas"] == 1
-    assert [j["metadata"]["name"] for j in objects(docs, "Job")] == ["expert-store-pack"]
+    assert sorted(j["metadata"]["name"] for j in objects(docs, "Job")) == ["expert-store-calibrate",
+                                                                         "expert-store-pack"]
     import base64
 
     for name, key in (("adapmoe-store-token", "token"), ("adapmoe-decoder-token", "token"),
@@ -410,6 +413,9 @@ def test_dev_overlay_is_cpu_only_with_a_clearly_fake_token():
     # the pack Job builds the demo checkpoint itself: nothing to provision
     job_spec = pod_template(get(docs, "Job", "expert-store-pack"))["spec"]
     assert [c["command"] + c["args"][:1] for c in job_spec["initContainers"]] == [["moe-decoder", "train-demo"]]
+    # and the calibration text ships with the overlay
+    text = by_prefix(docs, "ConfigMap", "adapmoe-calibration")["data"]["text"]
+    assert len(text) > 4000 and "def " in text
 
 
 @pytest.mark.parametrize("overlay_name", ["base", "gpu"])
@@ -453,8 +459,7 @@ def test_one_pack_job_packs_into_every_ready_store_replica(docs):
     """One Job for the whole StatefulSet (it replaced one Job per replica writing into that
     replica's claim): pack uploads over gRPC to every ready endpoint of the store Service,
     with the store's token, and retries in place until the store is ready."""
-    (job,) = objects(docs, "Job")
-    assert job["metadata"]["name"] == "expert-store-pack"
+    job = get(docs, "Job", "expert-store-pack")
     spec = pod_template(job)["spec"]
     # a failed attempt (store not ready yet: pack exits 1 with one UNAVAILABLE line) restarts
     # the container in the same pod: init containers and the checkpoint volume are kept
@@ -524,6 +529,47 @@ def test_decoder_serves_the_model_the_jobs_pack(docs):
     assert len(models) == 1, models
 
 
+def test_decoder_gates_adaptively_on_the_profile_the_calibrate_job_stores(docs):
+    """The decoder runs adaptive gating by default with the calibrated budget (no --budget:
+    the profile's budget for the default single-expert ratio) and, with --wait-for-model,
+    waits for that profile. The calibrate Job calibrates the model the pack Job packs, read
+    from the same store the decoder reads (at the decoder's precision), with the store's
+    token, on the text of its ConfigMap, and uploads the profile; it waits for the pack Job
+    instead of failing while the model is not there."""
+    from decoder.cli import PROFILE_GATINGS
+
+    dec = container(docs, "Deployment", "decoder")
+    parser, args = _cli_parser(command_line(docs, dec, container_env(docs, {}, dec, NAMESPACE)))
+    dopts = vars(parser.parse_args(args))
+    assert dopts["gating"] == "adaptive" and dopts["budget"] is None and dopts["single_expert_ratio"] is None
+    assert dopts["wait_for_model"] and dopts["gating"] in PROFILE_GATINGS  # the wait includes the profile
+
+    job = get(docs, "Job", "expert-store-calibrate")
+    spec = pod_template(job)["spec"]
+    assert spec["restartPolicy"] == "OnFailure" and job["spec"]["backoffLimit"] >= 1
+    (c,) = spec["containers"]
+    argv = command_line(docs, c, container_env(docs, {}, c, NAMESPACE))
+    assert argv[:2] == ["moe-decoder", "calibrate"]
+    parser, args = _cli_parser(argv)
+    opts = vars(parser.parse_args(args))
+    assert opts["upload"] and opts["out"] is None  # into the store; the root filesystem is read-only
+    assert opts["wait_for_model"] and opts["wait_timeout"] is None
+    assert (opts["model"], opts["precision"]) == (dopts["model"], dopts["precision"])
+    assert _store_target(docs, "Job", "expert-store-calibrate", "calibrate") == _store_target(
+        docs, "Deployment", "decoder")
+    # the store's token, from the Secret the store reads
+    store = container(docs, "StatefulSet", "expert-store")
+    store_argv = command_line(docs, store, container_env(docs, {}, store, NAMESPACE))
+    store_token = _mounted_file(docs, "StatefulSet", "expert-store", store_argv[store_argv.index("--token-file") + 1])
+    token = _mounted_file(docs, "Job", "expert-store-calibrate", opts["store_token_file"], "calibrate")
+    assert (token[0]["secret"]["secretName"], token[1]) == (store_token[0]["secret"]["secretName"], store_token[1])
+    # the calibration text: key `text` of ConfigMap adapmoe-calibration, mounted read-only
+    (mount,) = [m for m in c["volumeMounts"] if opts["text"].startswith(m["mountPath"] + "/")]
+    (vol,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    assert re.fullmatch(r"adapmoe-calibration(-[a-z0-9]{10})?", vol["configMap"]["name"]), vol
+    assert opts["text"][len(mount["mountPath"]) + 1:] == "text" and mount.get("readOnly")
+
+
 def test_tuning_changes_roll_the_services_but_leave_the_immutable_jobs_alone(tmp_path):
     """A Job's pod template is immutable: `kubectl apply` after a settings change must not
     need to change it. Render a copy of the tree with one tuning value changed."""
@@ -581,10 +627,11 @@ def test_rbac_is_least_privilege_for_discovery(docs):
     assert rule["resources"] == ["endpointslices"]
     assert sorted(rule["verbs"]) == ["get", "list", "watch"]
     assert "resourceNames" not in rule or rule["resourceNames"]
-    # exactly the k8s:// clients (the decoder and the pack Job) are bound to it, each with its
-    # own ServiceAccount
+    # exactly the k8s:// clients (the decoder and the pack and calibrate Jobs) are bound to it,
+    # each with its own ServiceAccount
     clients = _discovery_clients(docs)
-    assert clients == {"decoder": "decoder", "expert-store-pack": "expert-store-pack"}
+    assert clients == {"decoder": "decoder", "expert-store-pack": "expert-store-pack",
+                       "expert-store-calibrate": "expert-store-calibrate"}
     bound = set()
     for binding in objects(docs, "RoleBinding"):
         assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
@@ -608,10 +655,12 @@ def test_decoder_discovers_the_store_service_it_may_read(docs):
     env = container_env(docs, {}, c, NAMESPACE)
     argv = command_line(docs, c, env)
     assert argv[:2] == ["moe-decoder", "serve"]
-    # the RoleBindings live where the watched EndpointSlices are (decoder and pack Job)
+    # the RoleBindings live where the watched EndpointSlices are (decoder, pack and calibrate Jobs)
     for kind, name, binding in (("Deployment", "decoder", "decoder-expert-store-discovery"),
-                                ("Job", "expert-store-pack", "expert-store-pack-expert-store-discovery")):
-        target = _store_target(docs, kind, name, "pack" if kind == "Job" else None)
+                                ("Job", "expert-store-pack", "expert-store-pack-expert-store-discovery"),
+                                ("Job", "expert-store-calibrate", "expert-store-calibrate-expert-store-discovery")):
+        target = _store_target(docs, kind, name, {"expert-store-pack": "pack",
+                                                  "expert-store-calibrate": "calibrate"}.get(name))
         assert get(docs, "RoleBinding", binding)["metadata"]["namespace"] == target.namespace
 
 
@@ -748,7 +797,7 @@ def test_network_policies_allow_exactly_the_intended_paths(docs):
                 return next(num for n, num, _ in p.ports if n == port_name)
         raise KeyError(name)
 
-    store, dec, pack = "expert-store", "decoder", "expert-store-pack"
+    store, dec, pack, cal = "expert-store", "decoder", "expert-store-pack", "expert-store-calibrate"
     expected = {
         ("client", dec, ports_of(dec, "grpc"), "TCP"),
         ("client", dec, ports_of(dec, "http"), "TCP"),  # the OpenAI HTTP API
@@ -766,6 +815,12 @@ def test_network_policies_allow_exactly_the_intended_paths(docs):
         # the decoder's reaches any HTTPS address too until an ipBlock narrows it
         (pack, "hub", 443, "TCP"),
         (dec, "hub", 443, "TCP"),
+        # the calibrate Job reads the model from the store and uploads its profile there, after
+        # listing the EndpointSlices (the same port-only API-server rule)
+        (cal, store, ports_of(store, "grpc"), "TCP"),
+        (cal, "apiserver", 443, "TCP"),
+        (cal, "apiserver", 6443, "TCP"),
+        (cal, "hub", 443, "TCP"),
     }
     for p in ours + [outsiders[2]]:  # every pod in the namespace resolves names
         expected |= {(p.name, "kube-dns", 53, "UDP"), (p.name, "kube-dns", 53, "TCP")}
@@ -794,6 +849,10 @@ def _cli_parser(argv: list[str]):
         return build_parser(), argv[1:]
     if argv[0] == "moe-decoder" and argv[1] == "serve":
         from decoder.cli import build_serve_parser as build_parser
+
+        return build_parser(), argv[2:]
+    if argv[0] == "moe-decoder" and argv[1] == "calibrate":
+        from decoder.calibrate import build_parser
 
         return build_parser(), argv[2:]
     if argv[0] == "moe-decoder" and argv[1] == "train-demo":
@@ -914,6 +973,15 @@ def test_tls_component_wires_certificates_and_tls_probes(tls_docs, capsys):
     assert ca_vol["secret"]["secretName"] == "adapmoe-store-tls" and ca_key == "ca.crt"
     assert [i["key"] for i in ca_vol["secret"]["items"]] == ["ca.crt"]
     assert popts["tls_server_name"] == f"{parse_target(popts['store']).service}.{NAMESPACE}.svc"
+    # and so does the calibrate Job (with the decoder's flag names: it is a store client too)
+    cal = container(docs, "Job", "expert-store-calibrate", "calibrate")
+    argv = command_line(docs, cal, container_env(docs, {}, cal, NAMESPACE))
+    parser, args = _cli_parser(argv)
+    copts = vars(parser.parse_args(args))
+    ca_vol, ca_key = _mounted_file(docs, "Job", "expert-store-calibrate", copts["store_tls_ca"], "calibrate")
+    assert ca_vol["secret"]["secretName"] == "adapmoe-store-tls" and ca_key == "ca.crt"
+    assert [i["key"] for i in ca_vol["secret"]["items"]] == ["ca.crt"]
+    assert copts["store_tls_server_name"] == f"{parse_target(copts['store']).service}.{NAMESPACE}.svc"
     # nothing else changed: same objects as the plain gpu overlay
     plain = {(d["kind"], d["metadata"]["name"]) for d in render("gpu")}
     assert {(d["kind"], d["metadata"]["name"]) for d in docs} == plain

@@ -88,3 +88,33 @@ def test_other_store_errors_are_not_waited_for(tmp_path):
         w.run(lambda c: None)
     assert time.monotonic() - t0 < 1.0 and w.attempts == 1
     w.close()
+
+
+def test_needs_profile_waits_for_the_calibration_profile(tmp_path, caplog):
+    """Adaptive gating reads its sensitivities and budget from the profile: with needs_profile
+    the waiter treats a model without one as not there yet (one log line, its own message),
+    and loads once `moe-decoder calibrate --upload` has stored it."""
+    from decoder.calibrate import upload_profile
+
+    store_dir = pack_tiny_model(tmp_path / "m", "tiny")
+    w = waiter(store_dir, needs_profile=True)
+    caplog.set_level(logging.INFO, logger="decoder.waiter")
+    got: list = []
+    t = threading.Thread(target=lambda: got.append(w.run(lambda client: client.manifest("tiny"))))
+    t.start()
+    deadline = time.monotonic() + 30
+    while w.state != "no-profile" or w.attempts < 2:  # asked at least twice, still waiting
+        assert t.is_alive() and time.monotonic() < deadline, (w.state, w.attempts)
+        time.sleep(0.01)
+    assert not got and "not calibrated yet" in w.message() and "calibrate --upload" in w.message()
+    upload_profile(str(store_dir), None, "tiny", b'{"schema": "adapmoe.profile", "sensitivity": [1.0]}\n')
+    t.join(10)
+    assert not t.is_alive() and got and got[0].profile["sensitivity"] == [1.0] and w.state == "loaded"
+    lines = [r.getMessage() for r in caplog.records if r.name == "decoder.waiter"]
+    assert sum("not calibrated yet" in line for line in lines) == 1, lines
+    w.close()
+    # without needs_profile the same model (before calibration) loads at once
+    bare = pack_tiny_model(tmp_path / "n", "tiny")
+    w = waiter(bare)
+    assert w.run(lambda client: client.manifest("tiny")).profile is None and w.attempts == 1
+    w.close()
