@@ -29,10 +29,8 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -44,6 +42,7 @@ import torch  # noqa: E402
 
 from decoder.engine import Engine  # noqa: E402
 from expert_store.client import StoreClient  # noqa: E402
+from expert_store.launch import ServerProcess, start_store  # noqa: E402
 from expert_store.pack import pack_checkpoint  # noqa: E402
 from expert_store.tiers import NvmeTier  # noqa: E402
 
@@ -85,45 +84,14 @@ def make_random_checkpoint(out: Path, hidden: int, ffn: int, layers: int, expert
     return out
 
 
-class StoreServer:
-    """`expert-store serve` with injected latency, on loopback port 0."""
-
-    def __init__(self, store_dir: Path, latency_ms: float) -> None:
-        exe = Path(sys.executable).with_name("expert-store")
-        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "expert_store.cli"]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
-                   OMP_NUM_THREADS="1")
-        self.proc = subprocess.Popen(cmd + ["serve", "--store", str(store_dir), "--listen", "127.0.0.1:0",
-                                            "--ram-bytes", "0", "--grace", "1",
-                                            "--inject-latency-ms", str(latency_ms)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-        line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(60)
-        if not line or not line[0].startswith("listening on "):
-            self.stop()
-            raise RuntimeError("expert-store serve did not start")
-        self.address = line[0].split("listening on ", 1)[1].strip()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-    def __enter__(self) -> "StoreServer":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+def start_store_server(store_dir: Path, latency_ms: float) -> ServerProcess:
+    """`expert-store serve --inject-latency-ms L` on a free loopback port, serving."""
+    return start_store(store_dir, "--ram-bytes", "0", "--grace", "1", "--inject-latency-ms", str(latency_ms),
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT, stderr=os.devnull, ready_timeout=60)
 
 
 def measure(store_dir: Path, model: str, latency_ms: float, gating: str, args: argparse.Namespace) -> dict:
-    with StoreServer(store_dir, latency_ms) as srv, StoreClient.open(srv.address, deadline_s=60) as client:
+    with start_store_server(store_dir, latency_ms) as srv, StoreClient.open(srv.address, deadline_s=60) as client:
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
         with Engine.from_store(client, model, device=args.device, dtype=dtype, gpu_cache_bytes=None,
                                host_cache_bytes=0, prefetch=False) as probe:

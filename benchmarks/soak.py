@@ -29,7 +29,6 @@ import random
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -45,6 +44,7 @@ import psutil  # noqa: E402
 
 from expert_store._proto.adapmoe.v1 import decoder_pb2 as dpb  # noqa: E402
 from expert_store._proto.adapmoe.v1 import decoder_pb2_grpc as dpb_grpc  # noqa: E402
+from expert_store.launch import READY, ServerProcess, console_command, store_command  # noqa: E402
 
 
 def free_port() -> int:
@@ -54,11 +54,7 @@ def free_port() -> int:
 
 
 def console(name: str) -> list[str]:
-    exe = Path(sys.executable).with_name(name)
-    if exe.exists():
-        return [str(exe)]
-    module = {"expert-store": "expert_store.cli", "moe-decoder": "decoder.cli"}[name]
-    return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())"]
+    return console_command(name, {"expert-store": "expert_store.cli", "moe-decoder": "decoder.cli"}[name])
 
 
 def redis_binary() -> str:
@@ -72,56 +68,28 @@ def redis_binary() -> str:
     return path
 
 
-class Proc:
-    """A child process on a fixed port that can be SIGKILLed and started again."""
+class Proc(ServerProcess):
+    """A child process on a fixed port that can be SIGKILLed and started again (a server
+    waits for its "listening on" line; ready=False: redis, started and left to come up)."""
 
-    def __init__(self, name: str, argv: list[str], ready: str | None, log: Path) -> None:
-        self.name, self.argv, self.ready, self.log = name, argv, ready, log
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 120.0) -> "Proc":
+    def __init__(self, name: str, argv: list[str], ready: bool, log: Path) -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
                    OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        super().__init__(argv, env=env, stderr=log, ready=READY if ready else None)
+        self.name = name
+
+    def start(self) -> "Proc":
+        super().start()
         if self.ready is None:
             time.sleep(0.3)
-            return self
-        got: list[str] = []
-
-        def read() -> None:
-            for line in self.proc.stdout:
-                if line.startswith(self.ready):
-                    got.append(line)
-                    break
-            for _ in self.proc.stdout:  # keep draining
-                pass
-
-        threading.Thread(target=read, daemon=True).start()
-        end = time.monotonic() + timeout
-        while not got and time.monotonic() < end and self.proc.poll() is None:
-            time.sleep(0.05)
-        if not got:
-            raise RuntimeError(f"{self.name} did not start; see {self.log}")
         return self
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        super().stop(20)
 
     def rss(self) -> int:
         try:
-            return psutil.Process(self.proc.pid).memory_info().rss if self.proc and self.proc.poll() is None else 0
+            return psutil.Process(self.proc.pid).memory_info().rss if self.running() else 0
         except psutil.NoSuchProcess:
             return 0
 
@@ -219,14 +187,13 @@ def main() -> int:
         vocab, layers = int(config["vocab_size"]), int(config["num_hidden_layers"])
         redis_port = free_port()
         redis = Proc("redis", [redis_binary(), "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no", "--dir", str(work)], None, work / "redis.log").start()
+                               "--appendonly", "no", "--dir", str(work)], False, work / "redis.log").start()
         procs.append(redis)
         replicas = []
         for i in range(args.replicas):
             port = free_port()
-            r = Proc(f"store{i}", console("expert-store") + [
-                "serve", "--store", str(store_dir), "--listen", f"127.0.0.1:{port}", "--ram-bytes", "0",
-                "--redis", f"redis://127.0.0.1:{redis_port}", "--grace", "1"], "listening on ", work / f"store{i}.log")
+            r = Proc(f"store{i}", store_command(store_dir, "--ram-bytes", "0", "--redis", f"redis://127.0.0.1:{redis_port}",
+                                                "--grace", "1", listen=f"127.0.0.1:{port}"), True, work / f"store{i}.log")
             replicas.append((r.start(), port))
             procs.append(r)
         target = ",".join(f"127.0.0.1:{p}" for _, p in replicas)
@@ -241,7 +208,7 @@ def main() -> int:
             "serve", "--store", target, "--model", args.model, "--listen", f"127.0.0.1:{dport}",
             "--max-active", str(args.max_active), "--max-queue", str(4 * args.clients),
             "--gpu-cache-bytes", str((layers + 2) * slot), "--host-cache-bytes", "0", "--store-deadline", "10"],
-            "listening on ", work / "decoder.log").start()
+            True, work / "decoder.log").start()
         procs.append(dec)
 
         stats = Stats()

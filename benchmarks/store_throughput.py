@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import threading
@@ -40,6 +39,7 @@ import xxhash  # noqa: E402
 
 from expert_store import format as blob_format  # noqa: E402
 from expert_store.client import StoreClient  # noqa: E402
+from expert_store.launch import ServerProcess, start_store  # noqa: E402
 from expert_store.quant import expert_to_blob  # noqa: E402
 from expert_store.store import ModelStore  # noqa: E402
 
@@ -165,26 +165,9 @@ def bench_pool(address: str, blobs, receivers: int, repeats: int, check: bool) -
     return total / best / 1e6
 
 
-class Server:
-    def __init__(self, store: Path, workers: int, log: Path):
-        cmd = [sys.executable, "-m", "expert_store.cli", "serve", "--store", str(store), "--listen", "127.0.0.1:0",
-               "--workers", str(workers), "--ram-bytes", "0"]
-        self.log = open(log, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=ROOT)
-        line = self.proc.stdout.readline()
-        if not line.startswith("listening on "):
-            self.proc.kill()
-            raise RuntimeError(f"server did not start ({line!r}); see {log}")
-        self.address = line.split("listening on ", 1)[1].strip()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+def start_server(store: Path, workers: int, log: Path) -> ServerProcess:
+    """`expert-store serve --workers N --ram-bytes 0` on a free loopback port, serving."""
+    return start_store(store, "--workers", str(workers), "--ram-bytes", "0", cwd=ROOT, stderr=log)
 
 
 def machine() -> dict:
@@ -263,7 +246,7 @@ def main() -> int:
         for s in streams:
             rows.append({"mode": "readinto", "workers": None, "streams": s, "mb_s": bench_readinto(blobs, s, args.repeats)})
         for w in workers:
-            server = Server(tmp / "store", w, tmp / f"server-{w}.log")
+            server = start_server(tmp / "store", w, tmp / f"server-{w}.log")
             try:
                 for s in streams:
                     mb_s = bench_grpc(server.address, blobs, s, args.repeats, check=(s == streams[0]))
@@ -271,7 +254,7 @@ def main() -> int:
             finally:
                 server.stop()
         for w, p in pool_pairs:
-            server = Server(tmp / "store", w, tmp / f"server-pool-{w}.log")
+            server = start_server(tmp / "store", w, tmp / f"server-pool-{w}.log")
             try:
                 mb_s = bench_pool(server.address, blobs, p, args.repeats, check=True)
                 rows.append({"mode": "fetchpool", "workers": w, "receivers": p, "streams": p, "mb_s": mb_s})

@@ -154,15 +154,11 @@ def _receiver(rank: int, address: str, shm_name: str, jobs: list[tuple[int, int,
         shm.close()
 
 
-class Server:
-    def __init__(self, store: Path, workers: int, log_path: Path) -> None:
-        from benchmarks.decode import StoreServer
+def start_server(store: Path, workers: int, log_path: Path) -> Any:
+    """`expert-store serve --workers N --ram-bytes 0` on a free loopback port, serving."""
+    from expert_store.launch import start_store
 
-        self.s = StoreServer(store, workers, log_path, ram_bytes=0)
-        self.address = self.s.address
-
-    def stop(self) -> None:
-        self.s.stop()
+    return start_store(store, "--workers", str(workers), "--ram-bytes", "0", cwd=ROOT, stderr=log_path)
 
 
 def store_to_arena(store: Path, pairs: Sequence[tuple[int, int]], passes: int, device: torch.device,
@@ -184,7 +180,7 @@ def store_to_arena(store: Path, pairs: Sequence[tuple[int, int]], passes: int, d
     registered = None
     try:
         for servers, receivers in pairs:
-            srv = Server(store, servers, work / f"serve-{servers}.log")
+            srv = start_server(store, servers, work / f"serve-{servers}.log")
             try:
                 barrier = ctx.Barrier(receivers + 1)
                 q = ctx.Queue()
@@ -257,7 +253,7 @@ def fetch_pool_rows(store: Path, pairs: Sequence[tuple[int, int]], passes: int, 
 
     rows = []
     for servers, procs in pairs:
-        srv = Server(store, servers, work / f"serve-pool-{servers}.log")
+        srv = start_server(store, servers, work / f"serve-pool-{servers}.log")
         try:
             target = f"grpc://{srv.address}"
             with StoreClient.open(target, deadline_s=120.0) as c:

@@ -36,6 +36,7 @@ from dataclasses import asdict, replace
 from typing import Any, Sequence
 
 from decoder import train_demo
+from expert_store.launch import ServerProcess, console_command, store_command
 
 MODEL_NAME = "stdlib-moe"
 DEFAULT_PROMPT = "import os\n\n\ndef read_config(path):\n"
@@ -68,15 +69,7 @@ def _env_flag(name: str) -> bool:
 
 
 def _cli(name: str) -> list[str]:
-    """The console script next to this interpreter, else on PATH, else `python -c` its main."""
-    exe = pathlib.Path(sys.executable).parent / name
-    if exe.is_file() and os.access(exe, os.X_OK):
-        return [str(exe)]
-    found = shutil.which(name)
-    if found:
-        return [found]
-    module = {"expert-store": "expert_store.cli", "moe-decoder": "decoder.cli"}[name]
-    return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())"]
+    return console_command(name, {"expert-store": "expert_store.cli", "moe-decoder": "decoder.cli"}[name])
 
 
 def _child_env() -> dict[str, str]:
@@ -86,26 +79,6 @@ def _child_env() -> dict[str, str]:
     # OpenMP threads on shared cores make it many times slower
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
-
-
-def _load_libc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:  # pragma: no cover
-        return None
-
-
-_LIBC = _load_libc()  # loaded in the parent: the child only calls into it (no dlopen after fork)
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the store gets SIGTERM if the demo process dies without stopping it."""
-    if _LIBC is not None:
-        _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,71 +150,6 @@ def ensure_store(ckpt: pathlib.Path, store: pathlib.Path, model: str, precisions
     if r.returncode != 0:
         raise RuntimeError(f"expert-store pack failed with exit status {r.returncode}")
     _log(f"packed in {time.perf_counter() - t0:.1f} s")
-
-
-class StoreProcess:
-    """`expert-store serve --store DIR --listen 127.0.0.1:0` as a child process."""
-
-    def __init__(self, store: pathlib.Path, ready_timeout: float = READY_TIMEOUT_S) -> None:
-        self.store = store
-        self.ready_timeout = ready_timeout
-        self.proc: subprocess.Popen | None = None
-        self.address = ""
-        self.output: list[str] = []
-        self.returncode: int | None = None
-
-    def start(self) -> "StoreProcess":
-        cmd = _cli("expert-store") + ["serve", "--store", str(self.store), "--listen", "127.0.0.1:0"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=_child_env(), preexec_fn=_die_with_parent if _LIBC is not None else None)
-        ready = threading.Event()
-
-        def drain() -> None:  # keeps reading, so the child never blocks on a full pipe
-            assert self.proc is not None and self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.output.append(line)
-                if not self.address and line.startswith("listening on "):
-                    self.address = line.split("listening on ", 1)[1].strip()
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=drain, name="store-output", daemon=True).start()
-        deadline = time.monotonic() + self.ready_timeout
-        while not ready.wait(0.1):
-            if time.monotonic() > deadline:
-                break
-        if not self.address:
-            tail = "".join(self.output[-20:]).strip()
-            self.stop()
-            raise RuntimeError("expert-store serve did not report its address"
-                               + (f": {tail.splitlines()[-1]}" if tail else ""))
-        return self
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    def stop(self) -> int | None:
-        """SIGTERM, wait; SIGKILL only if it does not exit in time. Returns its exit status."""
-        if self.proc is None:
-            return self.returncode
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                _log("the store did not stop within 15 s of SIGTERM: killing it")
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        self.returncode = self.proc.returncode
-        self.proc = None
-        return self.returncode
-
-    def __enter__(self) -> "StoreProcess":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
 
 def ensure_profile(store: pathlib.Path, model: str, cache: pathlib.Path, precision: str,
@@ -410,13 +318,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM (e.g. from a CI runner) unwinds like Ctrl-C, so the store is stopped on the way out
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    server = StoreProcess(store)
+    # the store gets SIGTERM too if this process dies without stopping it (Linux)
+    server = ServerProcess(store_command(store), env=_child_env(), stderr="stdout", ready_timeout=READY_TIMEOUT_S,
+                           die_with_parent=True)
     _log("starting expert-store serve on a free loopback port")
     rc = 1
     stats_path = cache / "generate_stats.json"
     with contextlib.ExitStack() as stack:
         server.start()
-        stack.callback(server.stop)
+        stack.callback(server.stop, STOP_TIMEOUT_S)
         _log(f"store pid {server.pid} listening on {server.address}")
         _log(f"experts: {L} layers x {E} x {per_expert / 1024:.0f} KiB ({args.precision}) = "
              f"{total / 2**20:.2f} MiB; cache budgets: GPU {gpu_bytes / 2**20:.2f} MiB "
