@@ -200,12 +200,18 @@ class ArenaStoreClient(StoreClient):
     def fetch_dense(self, model: str, out: Any = None):
         return self.control.fetch_dense(model, out=out)
 
-    def pin(self, model: str, refs: Sequence[tuple[int, int, str]], seconds: float) -> None:
-        """Keep these blobs in the arena for `seconds` (a lease on the store side)."""
+    def publish(self, model: str, refs: Sequence[tuple[int, int, str]], pin_s: float = 0.0,
+                priority: str = "prefetch") -> int:
+        """Have the store publish these blobs (a cold fill: at prefetch priority, on the store's
+        prefetch threads, so demand misses pass it), and keep them from eviction for `pin_s`
+        seconds (a lease). Returns how many blobs were asked for."""
+        if priority not in PRIORITIES:
+            raise InvalidArgument(f"priority must be one of {sorted(PRIORITIES)}, got {priority!r}")
         model = _check_model(model)
-        refs = [_check_ref(r) for r in refs]
+        refs = list(dict.fromkeys(_check_ref(r) for r in refs))
         for i in range(0, len(refs), MAX_REFS_PER_ENSURE):
-            self._ensure(model, refs[i:i + MAX_REFS_PER_ENSURE], "prefetch", pin_s=seconds)
+            self._ensure(model, refs[i:i + MAX_REFS_PER_ENSURE], priority, pin_s=pin_s)
+        return len(refs)
 
     def arena_info(self) -> apb.ArenaInfo:
         try:

@@ -69,7 +69,11 @@ class ArenaPublisher:
         self._lock = threading.Lock()
         self._fills: dict[int, _Fill] = {}
         self._manifests: dict[str, tuple[float, Any]] = {}
-        self._pool = ThreadPoolExecutor(max_workers=max(1, int(fetch_threads)), thread_name_prefix="arena-fill")
+        # demand and prefetch fetches on threads of their own: a cold fill (thousands of
+        # prefetch refs) never queues a decoder's demand miss behind it
+        threads = max(1, int(fetch_threads))
+        self._pools = {"demand": ThreadPoolExecutor(max_workers=threads, thread_name_prefix="arena-demand"),
+                       "prefetch": ThreadPoolExecutor(max_workers=threads, thread_name_prefix="arena-prefetch")}
         self._reader = ArenaReader(writer.path)   # ReadThroughStore copies out with the seqlock too
         self.counts = {"hits": 0, "misses": 0, "waits": 0, "data_loss": 0, "bytes_published": 0,
                        "fill_seconds": 0.0}
@@ -111,6 +115,8 @@ class ArenaPublisher:
             raise ResourceExhausted(f"{len(refs)} refs in one call; at most {self.max_refs}")
         if pin_s < 0:
             raise InvalidArgument("pin_s must be >= 0")
+        if priority not in self._pools:
+            raise InvalidArgument(f"priority must be one of {sorted(self._pools)}, got {priority!r}")
         refs = [(int(l), int(e), str(p)) for l, e, p in refs]
         wanted = list(dict.fromkeys(refs))
         entries = {ref: self.check_ref(model, *ref) for ref in wanted}
@@ -151,7 +157,8 @@ class ArenaPublisher:
                 for ref, slot, fill in mine:   # nothing fetched yet: give the slots back
                     self._finish(model, ref, slot, fill, error=Unavailable("cancelled"))
                 raise
-        futures = [self._pool.submit(self._publish, model, ref, slot, fill, entries[ref], priority, pin_until)
+        pool = self._pools["demand" if priority == "demand" else "prefetch"]
+        futures = [pool.submit(self._publish, model, ref, slot, fill, entries[ref], priority, pin_until)
                    for ref, slot, fill in mine]
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         first_error: BaseException | None = None
@@ -255,7 +262,8 @@ class ArenaPublisher:
         return c
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        for pool in self._pools.values():
+            pool.shutdown(wait=True, cancel_futures=True)
         self._reader.close()
         self.writer.close()
         self.upstream.close()

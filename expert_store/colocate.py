@@ -22,7 +22,7 @@ import argparse
 import asyncio
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -234,6 +234,103 @@ def cmd_colocate(args: argparse.Namespace) -> int:
     return 0
 
 
+class ColocatedStore:
+    """`expert-store colocate` as a child process, for benchmarks and tests:
+
+        with ColocatedStore(upstream, "/dev/shm/bench.arena", 16 << 30, model) as col:
+            engine = Engine.from_store(col.target, model, host_cache_bytes=..., gpu_cache_bytes=...)
+
+    Returns from the constructor once it serves (health SERVING: the arena is up); `.address`
+    is its control port, `.target` the decoder's local-shm:// store target. `stop()` sends
+    SIGTERM (the arena file stays: a later store adopts it; `remove=True` unlinks it)."""
+
+    def __init__(self, upstream: str, arena: str, arena_bytes: int, model: str, *, listen: str = "127.0.0.1:0",
+                 extra: Sequence[str] = (), start_timeout_s: float = 120.0, env: dict[str, str] | None = None) -> None:
+        import collections
+        import subprocess
+        import sys
+        import threading
+
+        self.arena = str(arena)
+        argv = [sys.executable, "-m", "expert_store.cli", "colocate", "--upstream", str(upstream), "--arena",
+                self.arena, "--arena-bytes", str(int(arena_bytes)), "--model", model, "--listen", listen, *extra]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self._stderr: collections.deque[str] = collections.deque(maxlen=50)
+        self._drain = threading.Thread(target=lambda: self._stderr.extend(self.proc.stderr), daemon=True)
+        self._drain.start()
+        try:
+            line = self.proc.stdout.readline()   # "listening on HOST:PORT", or EOF when it failed
+            if not line.startswith("listening on "):
+                self.proc.wait(30)
+                raise RuntimeError(f"expert-store colocate exited {self.proc.returncode}: {self.log()}")
+            self.address = line.split()[-1]
+            self._await_serving(start_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def target(self) -> str:
+        return f"local-shm://{self.arena}?control={self.address}"
+
+    def log(self) -> str:
+        return "".join(self._stderr).strip()
+
+    def _await_serving(self, timeout_s: float) -> None:
+        from grpc_health.v1 import health_pb2_grpc
+
+        end = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.address) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while time.monotonic() < end:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"expert-store colocate exited {self.proc.returncode}: {self.log()}")
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+                            health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.05)
+        raise RuntimeError(f"expert-store colocate did not serve within {timeout_s:.0f}s: {self.log()}")
+
+    def stop(self, timeout_s: float = 20.0, remove: bool = False) -> int | None:
+        import os
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._drain.join(5)
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f is not None and not f.closed:
+                f.close()
+        if remove:
+            try:
+                os.unlink(self.arena)
+            except FileNotFoundError:
+                pass
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL (a crash: no goodbye), then what stop() cleans up."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.stop()
+
+    def __enter__(self) -> "ColocatedStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 def _wait_for_manifests(upstream: Any, models: list[str], timeout_s: float) -> list[Any]:
     """The models' manifests, retried while the upstream is down or the model not packed yet."""
     from expert_store.errors import NotFound
@@ -256,5 +353,5 @@ def _wait_for_manifests(upstream: Any, models: list[str], timeout_s: float) -> l
     return out
 
 
-__all__ = ["ExpertArenaServicer", "PendingPublisher", "serve_colocated", "add_parser", "cmd_colocate",
+__all__ = ["ColocatedStore", "ExpertArenaServicer", "PendingPublisher", "serve_colocated", "add_parser", "cmd_colocate",
            "LIVENESS_SERVICE"]

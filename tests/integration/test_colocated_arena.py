@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import multiprocessing
 import random
-import selectors
 import signal
 import subprocess
 import time
@@ -34,6 +33,7 @@ from expert_store._proto.adapmoe.v1 import expert_arena_pb2_grpc as apb_grpc
 from expert_store._proto.adapmoe.v1 import expert_store_pb2 as pb
 from expert_store.arena_client import ArenaStoreClient, parse_target
 from expert_store.client import StoreClient
+from expert_store.colocate import ColocatedStore
 from expert_store.errors import DataLoss, InvalidArgument, ResourceExhausted, StoreError
 from expert_store.shm_arena import ArenaReader, ArenaWriter
 
@@ -70,50 +70,12 @@ def slot_bytes(blobs) -> int:
     return -(-max(len(b) for b in blobs.values()) // 4096) * 4096
 
 
-class Colocated:
-    """`expert-store colocate` as a child process; `.address` from its "listening on" line."""
+class Colocated(ColocatedStore):
+    """`expert-store colocate` as a child process (expert_store.colocate.ColocatedStore)."""
 
     def __init__(self, upstream: Path, arena: Path, arena_bytes: int, listen: str = "127.0.0.1:0",
                  *extra: str) -> None:
-        argv = cli("expert-store") + ["colocate", "--upstream", str(upstream), "--arena", str(arena),
-                                      "--arena-bytes", str(arena_bytes), "--model", MODEL, "--listen", listen,
-                                      *extra]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=child_env(), start_new_session=True)
-        self.address = self._await_listening(120.0)
-        self._await_serving(120.0)
-
-    def _await_listening(self, timeout: float) -> str:
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if sel.select(timeout=0.5):
-                line = self.proc.stdout.readline()
-                if line.startswith("listening on "):
-                    return line.split()[-1]
-                if not line and self.proc.poll() is not None:
-                    break
-        self.kill()
-        raise RuntimeError(f"expert-store colocate did not start: {self.proc.stderr.read()}")
-
-    def _await_serving(self, timeout: float) -> None:
-        """Health "" turns SERVING once the arena is set up (it listens before)."""
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        end = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            while time.monotonic() < end and self.proc.poll() is None:
-                try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
-                            health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.05)
-        self.kill()
-        raise RuntimeError("expert-store colocate did not turn SERVING")
+        super().__init__(str(upstream), str(arena), arena_bytes, MODEL, listen=listen, extra=extra, env=child_env())
 
     @property
     def port(self) -> int:
@@ -125,32 +87,6 @@ class Colocated:
     def stub(self) -> tuple[grpc.Channel, apb_grpc.ExpertArenaStub]:
         ch = grpc.insecure_channel(self.address)
         return ch, apb_grpc.ExpertArenaStub(ch)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._close()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(20)
-        self._close()
-
-    def _close(self) -> None:
-        for f in (self.proc.stdout, self.proc.stderr):
-            if f is not None and not f.closed:
-                f.close()
-
-    def __enter__(self) -> "Colocated":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 # ---- publish, map, read ---------------------------------------------------------------------
@@ -342,7 +278,7 @@ def test_arena_full_of_pinned_blobs_is_resource_exhausted_and_lru_evicts_otherwi
         info = client.arena_info()
         assert info.evictions >= len(refs) and info.used == 3
         # pinned: three leases hold every slot, a fourth blob has nowhere to go
-        client.pin(MODEL, refs[:3], seconds=600)
+        client.publish(MODEL, refs[:3], pin_s=600)
         with pytest.raises(ResourceExhausted, match="full"):
             client.fetch_expert(MODEL, *refs[3])
         assert client.arena_info().pinned == 3
