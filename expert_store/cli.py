@@ -278,7 +278,8 @@ def _pack_remote(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from expert_store.server import ServerConfig, StoreSpec, read_token, run_single, run_workers
+    from expert_store.server import ServerConfig, read_token
+    from expert_store.workers import StoreSpec, run_single, run_workers
 
     _existing_store(args.store)
     if (args.tls_cert is None) != (args.tls_key is None):

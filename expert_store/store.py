@@ -29,10 +29,9 @@ import json
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import xxhash
 
@@ -40,15 +39,15 @@ from expert_store import format as blob_format
 from expert_store.errors import DataLoss, InvalidArgument, NotFound, StoreError
 from expert_store.manifest import EXPERT_FILE_RE, Manifest
 from expert_store.tiers import MemoryTier, NvmeTier, RedisTier, TieredStore
-from expert_store.tiers.nvme import file_signature, settled_signature
+from expert_store.tiers.base import BlobReader, BufferReader, SourceTier, check_offset
+from expert_store.tiers.nvme import READ_BLOCK_BYTES
 from expert_store.wire import PUT_KINDS
 
 DEFAULT_RAM_BYTES = 256 << 20
 DEFAULT_CHUNK_BYTES = 1 << 20
 # Files larger than this are streamed from NVMe in chunks (ranged serving, see
-# NvmeRangeReader); files up to this size are read whole, checked and promoted into RAM/Redis.
+# tiers.nvme.NvmeRangeReader); files up to this size are read whole, checked and promoted into RAM/Redis.
 DEFAULT_STREAM_ABOVE_BYTES = 16 << 20
-READ_BLOCK_BYTES = 8 << 20  # a ranged stream reads the file this much at a time
 MAX_INDEX = 999  # what format.expert_key accepts
 log = logging.getLogger(__name__)
 
@@ -71,198 +70,6 @@ def _check_int(what: str, value: Any) -> int:
     if value < 0:
         raise InvalidArgument(f"{what} must be >= 0, got {value}")
     return value
-
-
-class BlobReader:
-    """The chunks ``(offset, data, last)`` of one stored file from a resume offset: what the
-    server streams. ``total`` is the file's size, ``source`` where the bytes come from
-    ("whole": read whole and checked, "cached": a checked copy from RAM/Redis, "nvme":
-    streamed from the file). Iterate (or call ``next``); always ``close()`` (or use ``with``). At least one
-    chunk comes out, even at offset == total (so the reader learns total and last=True).
-    ``data`` is a read-only memoryview (no copy here). The server copies each piece twice:
-    into bytes (protobuf's bytes fields take bytes only; server.chunk_message), then into the
-    pb.BlobChunk message, and grpc serializes that."""
-
-    total: int
-    source: str
-    reads_disk: bool = False  # True: next() may block on I/O (the server calls it in a thread)
-
-    def __iter__(self) -> "BlobReader":
-        return self
-
-    def __next__(self) -> tuple[int, memoryview, bool]:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> "BlobReader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _check_offset(offset: Any, total: int) -> int:
-    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= total:
-        raise InvalidArgument(f"offset {offset} is past the end of a {total}-byte blob")
-    return offset
-
-
-class BufferReader(BlobReader):
-    """Chunks of bytes already in memory (and already checked by the caller): memoryviews
-    of them, no copies (the bytes are immutable)."""
-
-    def __init__(self, data: bytes | memoryview, offset: int, chunk_bytes: int, source: str) -> None:
-        self._view = memoryview(data)
-        self.total = len(self._view)
-        self.source = source
-        self._pos = _check_offset(offset, self.total)
-        self._chunk = chunk_bytes
-        self._done = False
-
-    def __next__(self) -> tuple[int, memoryview, bool]:
-        if self._done:
-            raise StopIteration
-        start = self._pos
-        end = min(self.total, start + self._chunk)
-        self._pos = end
-        self._done = end == self.total
-        return start, self._view[start:end], self._done
-
-    def close(self) -> None:
-        self._done = True
-        self._view = memoryview(b"")
-
-
-class NvmeRangeReader(BlobReader):
-    """Streams one NVMe file in chunks while checking it against the manifest's whole-file
-    xxh3-128, holding in memory one read block (READ_BLOCK_BYTES) and the chunks cut from it,
-    whatever the size of the file.
-
-    Why 8 MiB blocks and not 1 MiB reads: on the 2-core dev box, reading 1 MiB per thread hop
-    halved a server's throughput against reading the blob whole (~180 vs ~460 MB/s); 8 MiB
-    blocks (read in a thread, 4 MiB handed to the event loop per hop) came within ~15% of it.
-    A stream then holds at most ~16 MiB (block + one batch sent + one read ahead) instead of
-    the blob (350 MB for a Mixtral bf16 expert); files up to ``stream_above_bytes`` (16 MiB)
-    are read whole. Chunks are memoryviews of the block read (each block is a new
-    bytes object, so a chunk stays valid while it is being sent).
-
-    Integrity. Unchecked file: the reader hashes exactly the bytes it hands out, in order,
-    from one open file, starting at byte 0. A resumed stream (offset > 0) first reads and
-    hashes the prefix the client already has, so the digest always covers the whole file.
-    The last chunk is handed out only after the digest matched the manifest; on a mismatch
-    ``next`` raises DataLoss instead, so a reader never sees last=True on bytes that fail the
-    check, and a corrupt copy can never complete a stream. (Bytes of earlier chunks have gone
-    out by then, but a client only accepts a blob at its last chunk, and the client checks the
-    assembled blob again - format.check_blob.) A full match is remembered against the file's
-    stat signature (TieredStore.note_nvme_verified; only for a file unchanged for
-    SETTLE_NS, since file timestamps are coarse).
-
-    Checked file (its signature at open matches a remembered check): read without hashing,
-    and a resume seeks straight to its offset. The last chunk is handed out only if the
-    file's signature is still the same (a write to it mid-stream, or since the check, changes
-    its mtime/ctime: DataLoss). What this cannot see is a change stat does not show (bit rot
-    under an unchanged inode); the client's seal check on the assembled blob catches that
-    (StoreClient tries the other replicas and answers DATA_LOSS when every replica it tried
-    sent bad data; UNAVAILABLE when another could not be reached), and `expert-store verify` re-reads everything. The client
-    then sends that replica Verify (ModelStore.verify_expert): the file is read and checked
-    again in full, the mark dropped and a bad file removed. A restart also forgets every
-    mark, and replacing the file (a new inode) makes it checked again. Any write from user space moves ctime, which utime cannot set back,
-    so only media rot goes unseen here. The win: no hash per request, and a
-    resume costs nothing.
-    """
-
-    def __init__(self, tiered: TieredStore, key: str, file: Any, size: int, digest: str, offset: int,
-                 chunk_bytes: int) -> None:
-        self._tiered = tiered
-        self.key = key
-        self._file = file
-        self.total = size
-        self.source = "nvme"
-        self.reads_disk = True
-        self._token = ("xxh3", size, digest)
-        try:
-            self._stat = os.fstat(file.fileno())
-            if self._stat.st_size != size:
-                tiered.note_corrupt()
-                raise DataLoss(f"no good copy of {key}: nvme: size {self._stat.st_size} != manifest size {size}")
-            self._offset = _check_offset(offset, size)
-            signature = settled_signature(self._stat, self._stat)
-            self.trusted = signature is not None and tiered.nvme_verified(key, signature, self._token)
-            if self.trusted and offset:
-                file.seek(offset)  # checked already: the prefix need not be read again
-        except BaseException:
-            self.close()
-            raise
-        self._digest = digest
-        self._hash = None if self.trusted else xxhash.xxh3_128()
-        self._chunk = chunk_bytes
-        self._pos = offset if self.trusted else 0  # bytes read from the file (and hashed, when not trusted)
-        self._block_bytes = max(chunk_bytes, READ_BLOCK_BYTES)
-        self._block = memoryview(b"")      # the last block read; chunks are cut from it
-        self._block_off = 0
-        self._done = False
-        self._seconds = 0.0
-
-    def _read(self, n: int) -> memoryview:
-        parts, want = [], n
-        while want:
-            data = self._file.read(want)
-            if not data:
-                self._tiered.note_corrupt()
-                raise DataLoss(f"no good copy of {self.key}: nvme: file ended at {self._pos} of {self.total} bytes")
-            parts.append(data)
-            want -= len(data)
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
-        self._pos += n
-        if self._hash is not None:
-            self._hash.update(data)
-            if self._pos == self.total:
-                # checked as soon as the last byte is read: before any chunk of the final block
-                if self._hash.hexdigest() != self._digest:
-                    self._tiered.note_corrupt()
-                    raise DataLoss(f"no good copy of {self.key}: nvme: xxh3 does not match the manifest")
-                signature = settled_signature(self._stat, os.fstat(self._file.fileno()))
-                if signature is not None:
-                    self._tiered.note_nvme_verified(self.key, signature, self._token)
-        elif self._pos == self.total and file_signature(os.fstat(self._file.fileno())) != file_signature(self._stat):
-            self._tiered.forget_nvme_verified(self.key)
-            self._tiered.note_corrupt()
-            raise DataLoss(f"no good copy of {self.key}: nvme: the file changed while it was streamed")
-        return memoryview(data)
-
-    def __next__(self) -> tuple[int, memoryview, bool]:
-        if self._done or self._file is None:
-            raise StopIteration
-        t0 = time.perf_counter()
-        try:
-            while self._pos < self._offset:  # the prefix the client already has: hash only
-                self._read(min(self._block_bytes, self._offset - self._pos))
-            if self._block_off == len(self._block) and self._pos < self.total:
-                # one read of a block, then chunks cut out of it (fewer, larger reads)
-                self._block = self._read(min(self._block_bytes, self.total - self._pos))
-                self._block_off = 0
-            start = self._pos - (len(self._block) - self._block_off)
-            end = min(len(self._block), self._block_off + self._chunk)
-            data = self._block[self._block_off:end]
-            self._block_off = end
-            last = self._pos == self.total and end == len(self._block)
-        except BaseException:
-            self.close()
-            raise
-        finally:
-            self._seconds += time.perf_counter() - t0
-        if last:
-            self._tiered.nvme.count_read(self.total - self._offset if self.trusted else self.total, self._seconds)
-            self.close()
-        return start, data, last
-
-    def close(self) -> None:
-        self._done = True
-        if self._file is not None:
-            self._file.close()
-            self._file = None
 
 
 @dataclass(frozen=True)
@@ -300,7 +107,7 @@ class ModelStore:
     def __init__(self, tiered: TieredStore, stream_above_bytes: int = DEFAULT_STREAM_ABOVE_BYTES) -> None:
         self.tiered = tiered
         self.stream_above_bytes = int(stream_above_bytes)
-        self.nvme = tiered.nvme
+        self.nvme: SourceTier = tiered.nvme  # the source of truth; RAM/Redis are reached through tiered
         self._index_lock = threading.Lock()
         self._index: dict[str, tuple[tuple, Manifest]] = {}
 
@@ -358,17 +165,11 @@ class ModelStore:
         return value
 
     def _signature(self, model: str) -> tuple | None:
-        sig = []
-        for name in ("manifest.json", "config.json"):
-            try:
-                st = os.stat(self.nvme.path(blob_format.file_key(model, name)))
-            except FileNotFoundError:
-                if name == "manifest.json":
-                    return None
-                sig.append(None)
-                continue
-            sig.append((st.st_mtime_ns, st.st_size, st.st_ino))
-        return tuple(sig)
+        """What the cached index of ``model`` depends on: its manifest.json and config.json files."""
+        manifest = self.nvme.signature(blob_format.file_key(model, "manifest.json"))
+        if manifest is None:
+            return None
+        return manifest, self.nvme.signature(blob_format.file_key(model, "config.json"))
 
     def _model_index(self, model: Any) -> Manifest:
         model = self._model_name(model)
@@ -526,7 +327,7 @@ class ModelStore:
         Blobs up to ``stream_above_bytes`` (or without a manifest xxh3) are read whole
         (expert_blob: checked, promoted into RAM/Redis). Larger ones come from RAM/Redis when
         a checked copy is cached there, else are streamed from NVMe chunk by chunk
-        (NvmeRangeReader: checked against the manifest's xxh3 before the last chunk), so a
+        (tiers.nvme.NvmeRangeReader: checked against the manifest's xxh3 before the last chunk), so a
         stream holds a few chunks, not the blob. Streamed blobs are not promoted (that would
         need the whole blob in memory); the page cache serves repeats."""
         index, key = self._ref(model, layer, expert, precision)
@@ -553,16 +354,16 @@ class ModelStore:
         return self._open_ranged(key, index.dense_size, index.dense_xxh3, validate, offset, chunk_bytes)
 
     def _open_ranged(self, key: str, size: int, digest: str, validate, offset: int, chunk_bytes: int) -> BlobReader:
-        _check_offset(offset, size)
+        check_offset(offset, size)
         # the token of a size+xxh3 check is the same as expert_blob's, so a copy checked by
         # either path counts for both
         data = self.tiered.get_cached(key, validate=validate, token=("xxh3", size, digest))
         if data is not None:
             return BufferReader(data, offset, chunk_bytes, "cached")
-        f = self.nvme.open_read(key)
-        if f is None:
+        reader = self.nvme.open_range(key, size, digest, offset, chunk_bytes, on_corrupt=self.tiered.note_corrupt)
+        if reader is None:
             raise NotFound(f"no file for {key}")
-        return NvmeRangeReader(self.tiered, key, f, size, digest, offset, chunk_bytes)
+        return reader
 
     def read_file(self, model: str, name: str) -> bytes | None:
         """config.json / tokenizer.json / profile.json / manifest.json bytes, or None."""
@@ -774,47 +575,28 @@ class ModelStore:
         NVMe with ``stream_check`` = (size, xxh3): hashed in blocks instead), drop the
         stale "checked" marks and remove what fails (see verify_expert)."""
         tiered = self.tiered
-        tiered.forget_nvme_verified(key)
         notes: list[str] = []
         found = bad = dropped = False
         nvme_bad = False
-        f = self.nvme.open_read(key)
-        if f is not None:
+
+        def check_file(f: BinaryIO) -> None:
+            if stream_check is not None:
+                _check_file_digest(f, *stream_check)
+            else:
+                check(f.read())
+
+        rechecked = self.nvme.recheck(key, check_file, token)
+        if rechecked is not None:
             found = True
-            t0 = time.perf_counter()
-            with f:
-                before = os.fstat(f.fileno())
-                try:
-                    if stream_check is not None:
-                        _check_file_digest(f, *stream_check)
-                    else:
-                        check(f.read())
-                    reason = None
-                except Exception as exc:  # noqa: BLE001 - any rejection means a bad copy
-                    reason = str(exc) or type(exc).__name__
-                after = os.fstat(f.fileno())
-            self.nvme.count_read(before.st_size, time.perf_counter() - t0)
+            reason, removed = rechecked
             if reason is None:
                 notes.append("nvme: good")
-                signature = settled_signature(before, after)
-                if signature is not None and token is not None:
-                    tiered.note_nvme_verified(key, signature, token)
             else:
                 bad = nvme_bad = True
                 tiered.note_corrupt()
-                try:
-                    now = os.stat(self.nvme.path(key))
-                    same = (now.st_dev, now.st_ino) == (before.st_dev, before.st_ino)
-                except FileNotFoundError:
-                    same = False
-                if same:  # not replaced by a new upload meanwhile
-                    self.nvme.delete(key)
-                    tiered.forget_nvme_verified(key)
-                    dropped = True
-                    notes.append(f"nvme: bad ({reason}), file removed")
-                else:
-                    notes.append(f"nvme: bad ({reason}), already replaced")
-                log.warning("verify %s: nvme copy is bad (%s)%s", key, reason, ", removed" if same else "")
+                dropped = dropped or removed
+                notes.append(f"nvme: bad ({reason}), " + ("file removed" if removed else "already replaced"))
+                log.warning("verify %s: nvme copy is bad (%s)%s", key, reason, ", removed" if removed else "")
         for tier in (tiered.memory, tiered.redis):
             if tier is None:
                 continue

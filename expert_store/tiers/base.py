@@ -1,9 +1,11 @@
-"""What every tier shares: the Tier protocol, key checks and thread-safe counters."""
+"""What every tier shares: the Tier protocol (and SourceTier, the source of truth), key checks,
+thread-safe counters, and the readers a stream is served from (BlobReader)."""
 
 from __future__ import annotations
 
 import threading
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Hashable, Iterator, Protocol, runtime_checkable
 
 from expert_store.errors import InvalidArgument
 
@@ -88,3 +90,101 @@ class Tier(Protocol):
     def contains(self, key: str) -> bool: ...
 
     def stats(self) -> dict: ...
+
+
+class BlobReader:
+    """The chunks ``(offset, data, last)`` of one stored file from a resume offset: what the
+    server streams. ``total`` is the file's size, ``source`` where the bytes come from
+    ("whole": read whole and checked, "cached": a checked copy from RAM/Redis, "nvme":
+    streamed from the file). Iterate (or call ``next``); always ``close()`` (or use ``with``). At least one
+    chunk comes out, even at offset == total (so the reader learns total and last=True).
+    ``data`` is a read-only memoryview (no copy here). The server copies each piece twice:
+    into bytes (protobuf's bytes fields take bytes only; server.chunk_message), then into the
+    pb.BlobChunk message, and grpc serializes that."""
+
+    total: int
+    source: str
+    reads_disk: bool = False  # True: next() may block on I/O (the server calls it in a thread)
+
+    def __iter__(self) -> "BlobReader":
+        return self
+
+    def __next__(self) -> tuple[int, memoryview, bool]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "BlobReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def check_offset(offset: Any, total: int) -> int:
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= total:
+        raise InvalidArgument(f"offset {offset} is past the end of a {total}-byte blob")
+    return offset
+
+
+class BufferReader(BlobReader):
+    """Chunks of bytes already in memory (and already checked by the caller): memoryviews
+    of them, no copies (the bytes are immutable)."""
+
+    def __init__(self, data: bytes | memoryview, offset: int, chunk_bytes: int, source: str) -> None:
+        self._view = memoryview(data)
+        self.total = len(self._view)
+        self.source = source
+        self._pos = check_offset(offset, self.total)
+        self._chunk = chunk_bytes
+        self._done = False
+
+    def __next__(self) -> tuple[int, memoryview, bool]:
+        if self._done:
+            raise StopIteration
+        start = self._pos
+        end = min(self.total, start + self._chunk)
+        self._pos = end
+        self._done = end == self.total
+        return start, self._view[start:end], self._done
+
+    def close(self) -> None:
+        self._done = True
+        self._view = memoryview(b"")
+
+
+@runtime_checkable
+class SourceTier(Tier, Protocol):
+    """The tier that is the source of truth (NVMe: every file of every model). Besides the Tier
+    calls, ModelStore lists it, reads parts of files, streams a file in chunks while checking it,
+    and re-checks a file in full; a file that passed a check is remembered against its stat
+    signature until it changes ("checked once")."""
+
+    root: Path
+
+    def keys(self, prefix: str = "") -> Iterator[str]: ...
+
+    def children(self, prefix: str = "") -> list[str]: ...
+
+    def size(self, key: str) -> int | None: ...
+
+    def read_range(self, key: str, offset: int = 0, length: int | None = None) -> bytes | None: ...
+
+    def signature(self, key: str) -> tuple | None:
+        """What changes when the file of ``key`` changes; None if absent."""
+
+    def open_range(self, key: str, size: int, digest: str, offset: int, chunk_bytes: int,
+                   on_corrupt: Callable[[], None] | None = None) -> BlobReader | None:
+        """The file streamed in chunks from ``offset``, checked against (size, xxh3) before its
+        last chunk (``on_corrupt`` is called when it fails); None if absent."""
+
+    def recheck(self, key: str, check: Callable[[BinaryIO], None], token: Hashable | None) \
+            -> tuple[str | None, bool] | None:
+        """Check the file again in full; a bad one is removed. None if absent, else (why bad, removed)."""
+
+    def checked(self, key: str, signature: tuple, token: Hashable) -> bool: ...
+
+    def mark_checked(self, key: str, signature: tuple, token: Hashable) -> None: ...
+
+    def forget_checked(self, key: str) -> None: ...

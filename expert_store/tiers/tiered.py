@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 from typing import Callable, Hashable
 
 from expert_store.errors import DataLoss
@@ -25,7 +24,6 @@ from expert_store.tiers.redis import RedisTier
 
 log = logging.getLogger(__name__)
 
-MAX_REMEMBERED_FILES = 1 << 16
 Validator = Callable[[bytes], None]
 """Raises (any exception) when the bytes are not a good copy of the key."""
 
@@ -40,8 +38,6 @@ class TieredStore:
         self._misses = 0
         self._corrupt = 0
         self._get_seconds = 0.0
-        # key -> (file signature, token) of NVMe files whose content passed a check
-        self._nvme_checked: OrderedDict[str, tuple[tuple, Hashable]] = OrderedDict()
 
     @property
     def tiers(self) -> list:
@@ -130,14 +126,14 @@ class TieredStore:
             if got is None:
                 return None, False, None
             data, signature = got
-            return data, signature is not None and self.nvme_verified(key, signature, token), signature
+            return data, signature is not None and tier.checked(key, signature, token), signature
         return tier.get(key), False, None  # Redis: shared and remote, checked on every read
 
     def _remember(self, tier, key: str, data: bytes, token: Hashable, signature: tuple | None) -> None:
         if tier is self.memory:
             tier.mark_verified(key, data, token)
         elif tier is self.nvme and signature is not None:
-            self.note_nvme_verified(key, signature, token)
+            tier.mark_checked(key, signature, token)
 
     def _promote(self, key: str, data: bytes, found_in, verified: Hashable | None) -> None:
         """Copies found below go up: NVMe -> Redis and RAM, Redis -> RAM."""
@@ -145,19 +141,6 @@ class TieredStore:
             self.redis.put(key, data)
         if (found_in is self.nvme or found_in is self.redis) and self.memory is not None:
             self.memory.put(key, data, verified=verified)
-
-    def nvme_verified(self, key: str, signature: tuple, token: Hashable) -> bool:
-        """Whether the NVMe file of ``key`` with this stat signature already passed ``token``."""
-        with self._lock:
-            return self._nvme_checked.get(key) == (signature, token)
-
-    def note_nvme_verified(self, key: str, signature: tuple, token: Hashable) -> None:
-        """Remember that the file of ``key`` with this (settled) signature passed ``token``."""
-        with self._lock:
-            self._nvme_checked.pop(key, None)
-            self._nvme_checked[key] = (signature, token)
-            while len(self._nvme_checked) > MAX_REMEMBERED_FILES:
-                self._nvme_checked.popitem(last=False)
 
     def note_corrupt(self) -> None:
         """Count a copy found corrupt outside get() (a ranged NVMe stream whose xxh3 failed)."""
@@ -169,7 +152,7 @@ class TieredStore:
         disk), then Redis and RAM (best effort). ``cache=False`` writes NVMe only and drops
         stale cached copies (bulk packing)."""
         self.nvme.put(key, data)
-        self.forget_nvme_verified(key)
+        self.nvme.forget_checked(key)
         for tier in (self.redis, self.memory):
             if tier is None:
                 continue
@@ -187,11 +170,7 @@ class TieredStore:
     def delete(self, key: str) -> None:
         self.invalidate(key)
         self.nvme.delete(key)
-        self.forget_nvme_verified(key)
-
-    def forget_nvme_verified(self, key: str) -> None:
-        with self._lock:
-            self._nvme_checked.pop(key, None)
+        self.nvme.forget_checked(key)
 
     def contains(self, key: str) -> bool:
         """Whether the store holds ``key`` (NVMe is authoritative)."""

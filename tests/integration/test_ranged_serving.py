@@ -30,7 +30,8 @@ from expert_store._proto.adapmoe.v1 import expert_store_pb2_grpc as pb_grpc
 from expert_store.client import StoreClient
 from expert_store.errors import DataLoss
 from expert_store.quant import expert_to_blob
-from expert_store.store import ModelStore, NvmeRangeReader
+from expert_store.store import ModelStore
+from expert_store.tiers.nvme import NvmeRangeReader
 
 pytestmark = pytest.mark.timeout(300)
 MODEL = "ranged"
@@ -231,7 +232,7 @@ def test_open_expert_prefers_a_checked_cached_copy(good, tmp_path):
 def test_nvme_reader_chunks_at_every_kind_of_offset(good):
     """In-process: chunk offsets, sizes and last flags from offsets on and off the 8 MiB read
     blocks and the 1 MiB chunks; the bytes are always blob[offset:]."""
-    from expert_store.store import READ_BLOCK_BYTES
+    from expert_store.tiers.nvme import READ_BLOCK_BYTES
 
     root, data = good
     big = data["blobs"][0]

@@ -10,7 +10,10 @@ import time
 import pytest
 import redis
 
+from expert_store import format as fmt
+from expert_store.store import ModelStore
 from expert_store.tiers import MemoryTier, NvmeTier, RedisTier, TieredStore, parse_redis_url
+from store_model import MODEL, make_blob, write_model
 
 KEY = "m/experts/L002/E005.int4.blob"
 
@@ -222,3 +225,20 @@ def test_cluster_round_trip_one_blob_one_slot(redis_cluster):
     finally:
         client.close()
         tier.close()
+
+
+def test_bad_redis_copy_is_dropped_and_nvme_serves(tmp_path, redis_server):
+    write_model(tmp_path)
+    store = ModelStore.open(tmp_path, redis_url=redis_server.url, ram_bytes=0, chunk_size=4096)
+    try:
+        key = fmt.expert_key(MODEL, 0, 0, "bf16")
+        good = store.expert_blob(MODEL, 0, 0, "bf16")  # NVMe hit, promoted into Redis
+        assert store.tiered.redis.contains(key)
+        # Redis holds a self-consistent but wrong blob (e.g. from an older pack)
+        store.tiered.redis.put(key, make_blob(0, 1, "bf16"))
+        assert store.expert_blob(MODEL, 0, 0, "bf16") == good
+        assert store.tiered.redis.get(key) == good  # the bad copy was replaced
+        redis_server.stop()
+        assert store.expert_blob(MODEL, 1, 1, "int8") == make_blob(1, 1, "int8")  # Redis gone: NVMe serves
+    finally:
+        store.close()

@@ -12,62 +12,11 @@ import torch
 
 from expert_store import format as fmt
 from expert_store import quant
-from expert_store._proto.adapmoe.v1 import expert_store_pb2 as pb
 from expert_store.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted
 from expert_store.manifest import Manifest
 from expert_store.store import ModelStore
 from expert_store.tiers import NvmeTier
-
-MODEL = "tiny-moe"
-LAYERS, EXPERTS, HIDDEN, FFN = 2, 3, 32, 64
-PRECISIONS = ("bf16", "int8")
-
-
-def expert_weights(layer: int, expert: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 * layer + expert)
-    return {
-        "w1": torch.randn(FFN, HIDDEN, generator=g),
-        "w3": torch.randn(FFN, HIDDEN, generator=g),
-        "w2": torch.randn(HIDDEN, FFN, generator=g),
-    }
-
-
-def make_blob(layer: int, expert: int, precision: str, model: str = MODEL) -> bytes:
-    return quant.expert_to_blob(model, layer, expert, precision, expert_weights(layer, expert), group_size=32)
-
-
-def write_model(root, model: str = MODEL) -> dict:
-    """A packed model laid out the way `expert-store pack` writes it (manifest last)."""
-    nvme = NvmeTier(root)
-    config = {"num_hidden_layers": LAYERS, "num_local_experts": EXPERTS, "hidden_size": HIDDEN}
-    config_bytes = json.dumps(config).encode()
-    tokenizer = b'{"version": "1.0"}'
-    dense = os.urandom(4096)
-    nvme.put(fmt.file_key(model, "config.json"), config_bytes)
-    nvme.put(fmt.file_key(model, "tokenizer.json"), tokenizer)
-    nvme.put(fmt.dense_key(model), dense)
-    blobs = []
-    for layer in range(LAYERS):
-        for expert in range(EXPERTS):
-            for precision in PRECISIONS:
-                data = make_blob(layer, expert, precision, model)
-                nvme.put(fmt.expert_key(model, layer, expert, precision), data)
-                blobs.append({"layer": layer, "expert": expert, "precision": precision,
-                              "size": len(data), "xxh3": fmt.blob_checksum(data)})
-    manifest = {
-        "model": model, "num_layers": LAYERS, "num_experts": EXPERTS, "precisions": list(PRECISIONS),
-        "blobs": blobs, "dense_size": len(dense), "dense_xxh3": fmt.blob_checksum(dense),
-        "config_xxh3": fmt.blob_checksum(config_bytes), "tokenizer_xxh3": fmt.blob_checksum(tokenizer),
-    }
-    nvme.put(fmt.file_key(model, "manifest.json"), json.dumps(manifest).encode())
-    return {"dense": dense, "config": config_bytes, "tokenizer": tokenizer, "manifest": manifest}
-
-
-def flip_byte(path, at: int = -3) -> None:
-    data = bytearray(path.read_bytes())
-    data[at] ^= 0x5A
-    path.write_bytes(bytes(data))
-
+from store_model import EXPERTS, LAYERS, MODEL, PRECISIONS, expert_weights, flip_byte, make_blob, write_model
 
 @pytest.fixture
 def packed(tmp_path):
@@ -305,20 +254,3 @@ def test_verify_and_inspect(packed, tmp_path):
     assert rows[(MODEL, "expert", "int4")]["count"] == 1
     assert rows[(MODEL, "dense", "")]["bytes"] == len(info["dense"])
     assert rows[(MODEL, "file", "")]["count"] == 3  # config, tokenizer, manifest
-
-
-def test_bad_redis_copy_is_dropped_and_nvme_serves(tmp_path, redis_server):
-    write_model(tmp_path)
-    store = ModelStore.open(tmp_path, redis_url=redis_server.url, ram_bytes=0, chunk_size=4096)
-    try:
-        key = fmt.expert_key(MODEL, 0, 0, "bf16")
-        good = store.expert_blob(MODEL, 0, 0, "bf16")  # NVMe hit, promoted into Redis
-        assert store.tiered.redis.contains(key)
-        # Redis holds a self-consistent but wrong blob (e.g. from an older pack)
-        store.tiered.redis.put(key, make_blob(0, 1, "bf16"))
-        assert store.expert_blob(MODEL, 0, 0, "bf16") == good
-        assert store.tiered.redis.get(key) == good  # the bad copy was replaced
-        redis_server.stop()
-        assert store.expert_blob(MODEL, 1, 1, "int8") == make_blob(1, 1, "int8")  # Redis gone: NVMe serves
-    finally:
-        store.close()

@@ -1,4 +1,4 @@
-"""The plain logic inside the gRPC servicer: chunking (the store's BufferReader), the stream limiter, PutBlob's
+"""The plain logic inside the gRPC servicer: chunking (the tiers' BufferReader), the stream limiter, PutBlob's
 assembler, status mapping, --listen parsing (no server needed)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from expert_store import format as blob_format
 from expert_store._proto.adapmoe.v1 import expert_store_pb2 as pb
 from expert_store.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted
-from expert_store.store import BufferReader
+from expert_store.tiers import BufferReader
 from expert_store.server import (
     MAX_CHUNK_BYTES,
     PutAssembler,

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from test_store import MODEL, flip_byte, make_blob, write_model
+from store_model import MODEL, flip_byte, make_blob, write_model
 
 from expert_store import format as fmt
 from expert_store.errors import InvalidArgument, NotFound
@@ -63,12 +63,12 @@ def test_rotten_nvme_file_under_a_stale_mark_is_removed_with_its_copies(store, m
     flip_byte(path)
     # rot the stat cannot show: the store's mark says this very file was checked
     s.tiered.memory.delete(key)
-    s.tiered.note_nvme_verified(key, file_signature(os.stat(path)), token_of(info, 1, 1, "int8"))
+    s.tiered.nvme.mark_checked(key, file_signature(os.stat(path)), token_of(info, 1, 1, "int8"))
     assert s.expert_blob(MODEL, 1, 1, "int8") != make_blob(1, 1, "int8")  # served bad, RAM holds it now
     assert s.tiered.memory.contains(key)
     r = s.verify_expert(MODEL, 1, 1, "int8")
     assert not r.good and r.dropped and "nvme: bad" in r.detail and "file removed" in r.detail
-    assert not path.exists() and not s.tiered.memory.contains(key) and key not in s.tiered._nvme_checked
+    assert not path.exists() and not s.tiered.memory.contains(key) and key not in s.tiered.nvme._checked
     with pytest.raises(NotFound):
         s.expert_blob(MODEL, 1, 1, "int8")
     with pytest.raises(NotFound):

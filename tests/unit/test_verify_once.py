@@ -10,11 +10,10 @@ import time
 
 import pytest
 
-from test_store import MODEL, flip_byte, make_blob, write_model
+from store_model import MODEL, flip_byte, make_blob, write_model
 
 from expert_store import format as fmt
 from expert_store.errors import DataLoss
-from expert_store import store as store_module
 from expert_store.store import ModelStore
 from expert_store.tiers import nvme as nvme_tier
 from expert_store.tiers.nvme import file_signature
@@ -29,7 +28,7 @@ def age(path) -> None:
 
 
 def checked(store, key, path, token) -> bool:
-    return store.tiered.nvme_verified(key, file_signature(os.stat(path)), token)
+    return store.tiered.nvme.checked(key, file_signature(os.stat(path)), token)
 
 
 @pytest.fixture
@@ -77,7 +76,7 @@ def test_recently_written_file_is_checked_on_every_read(tmp_path):
         key = fmt.expert_key(MODEL, 1, 2, "int8")
         path = store.nvme.path(key)
         assert store.expert_blob(MODEL, 1, 2, "int8") == make_blob(1, 2, "int8")
-        assert not store.tiered._nvme_checked
+        assert not store.tiered.nvme._checked
         flip_byte(path, at=200)
         with pytest.raises(DataLoss):
             store.expert_blob(MODEL, 1, 2, "int8")
@@ -101,7 +100,7 @@ def test_ram_copy_is_checked_when_it_enters_and_a_new_copy_is_checked_again(tmp_
 
 def test_ranged_stream_of_a_checked_file_skips_the_hash_but_not_a_change(settled_store, monkeypatch):
     store, info = settled_store
-    monkeypatch.setattr(store_module, "READ_BLOCK_BYTES", 1000)  # the file is read in several blocks
+    monkeypatch.setattr(nvme_tier, "READ_BLOCK_BYTES", 1000)  # the file is read in several blocks
     blob = make_blob(0, 0, "bf16")
     key = fmt.expert_key(MODEL, 0, 0, "bf16")
     path = store.nvme.path(key)
