@@ -82,6 +82,26 @@ def run_batch(engine: Engine, prompts: list[list[int]], batch: int, max_tokens: 
             "prefill_s": st.prefill_s, "decode_s": st.decode_s, "ids": [results[i] for i in range(len(prompts))]}
 
 
+def profile_steps(engine: Engine, prompts: list[list[int]], batch: int, tokens: int = 16) -> list[dict]:
+    """The 12 kernels that took the most device time over `batch` requests of `tokens` new
+    tokens each (prefill included), printed and returned as rows."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        run_batch(engine, prompts[:batch], batch, tokens)
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or engine.device.type != "cuda"]
+    key = "self_device_time_total" if hasattr(events[0] if events else None, "self_device_time_total") else "self_cpu_time_total"
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1.0
+    rows = [{"name": e.key[:90], "calls": e.count, "us": getattr(e, key), "share": getattr(e, key) / total}
+            for e in events[:12]]
+    print(f"batch {batch}: {total / 1e3:.1f} ms of kernels over {batch} x {tokens} tokens")
+    for r in rows:
+        print(f"  {r['us'] / 1e3:8.2f} ms {100 * r['share']:5.1f}% {r['calls']:6d}x  {r['name']}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -99,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--decode-step", default="auto", choices=["auto", "step", "eager"],
                     help="Engine decode path: auto (the GPU-driven step on CUDA), step, eager")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print the GPU kernels of 16 decode steps per batch size (torch.profiler)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -128,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         ratio = by_batch[8]["decode_tokens_per_s"] / by_batch[1]["decode_tokens_per_s"]
         target = {"name": "batch 8 decode tokens/s >= 5x batch 1", "ratio": ratio, "met": ratio >= 5.0}
         print(f"target (issue 12): {target['name']}: {'MET' if target['met'] else 'MISSED'} ({ratio:.2f}x)")
-    out = {"device": args.device, "target": target, "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda")
+    profiles = {b: profile_steps(engine, prompts, b) for b in batches} if args.profile else {}
+    out = {"device": args.device, "target": target, "profiles": profiles, "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda")
            else "cpu", "dtype": args.dtype, "torch": torch.__version__,
            "decode_step": args.decode_step,
            "model": {k: getattr(args, k) for k in ("hidden", "ffn", "layers", "experts", "heads", "kv_heads", "vocab")},

@@ -13,8 +13,9 @@ experts' stored bytes (values + scales) over the time per layer, next to the rat
 device-to-device copy measured in the same run (what HBM gives to a streaming read).
 
 `--sweep` times every tile configuration of a small grid (the up kernel's tiles with the down
-kernel's at their default, then the down kernel's with the best up tiles) for each shape and
-precision at each token count; `--write-configs` stores the fastest into
+kernel's at their default, then the down kernel's with the best up tiles, then for int4 the
+best tiles with the scale applied after the product) for each shape and precision at each
+token count; `--write-configs` stores the fastest into
 decoder/kernels/configs/<GPU>.json, which `fused_moe.tuned_config` reads.
 
 Writes benchmarks/results/TAG.json (and TAG.png when matplotlib is importable; `--plot` draws
@@ -174,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
                 best, t_best, tried = default, t_default, 1
                 if args.sweep:
                     deadline = time.perf_counter() + args.sweep_budget_s
-                    for stage, grid in (("up", up_grid), ("down", down_grid)):
+                    stages = [("up", up_grid), ("down", down_grid)]
+                    if bits == 4:                       # then scaling after the product, on the best tiles
+                        stages.append(("post-scale", [dict(int4_post_scale=True)]))
+                    for stage, grid in stages:
                         base = dataclasses.asdict(best)
                         for g in tqdm(grid, desc=f"{shape} {prec} T={T} {stage}", leave=False):
                             if time.perf_counter() > deadline:
@@ -192,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"shape": shape, "hidden": H, "ffn": Fd, "precision": prec, "tokens": T, "experts_read": used,
                        "bytes_per_layer": nbytes, "default_us": t_default * 1e6, "default_gbps": nbytes / t_default / 1e9,
                        "best_us": t_best * 1e6, "best_gbps": nbytes / t_best / 1e9, "best_config": dataclasses.asdict(best),
-                       "configs_tried": tried, "configs_in_grid": 1 + len(up_grid) + len(down_grid)}
+                       "configs_tried": tried, "configs_in_grid": 1 + len(up_grid) + len(down_grid) + (bits == 4)}
                 rows.append(row)
                 print(f"{shape} {prec:>4} T={T:<2} experts {used}: default {row['default_us']:8.1f} us "
                       f"({row['default_gbps']:6.0f} GB/s)  best {row['best_us']:8.1f} us ({row['best_gbps']:6.0f} GB/s)"

@@ -219,6 +219,10 @@ class KernelConfig:
     up_stages: int = 3
     down_warps: int = 4
     down_stages: int = 3
+    # int4 slots: multiply by the group scale after the product instead of dequantizing each
+    # weight (fewer instructions per weight; rounds differently from quant.dequantize, within
+    # bf16 tolerance). Applies when both kernels' tiles lie inside one group, x is bf16.
+    int4_post_scale: bool = False
 
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -285,9 +289,11 @@ def moe_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, slot_o
     scales = bank.scales if bank.scales is not None else wts          # any pointer when unused
     group = bank.group_size or 1
     div = 2 if qbits == 4 else 1          # values per stored byte along a row
+    post = (cfg.int4_post_scale and qbits == 4 and group % BLOCK_H == 0 and group % cfg.block_fd == 0
+            and (widen or x.dtype == torch.bfloat16))
     up[(E, triton.cdiv(Fd, BLOCK_F))](x, ids_flat, slot_of, bank.w1, bank.w3, act, R, H, Fd, x.stride(0),
                                        bank.slot_stride, bank.off1, bank.off3, scales, bank.scale_stride,
-                                       bank.soff1, bank.soff3, K=k, WIDEN=widen, QBITS=qbits, GROUP=group, DIV=div,
+                                       bank.soff1, bank.soff3, K=k, WIDEN=widen, QBITS=qbits, GROUP=group, DIV=div, POST=post,
                                        BLOCK_R=BLOCK_R, BLOCK_F=BLOCK_F, BLOCK_H=BLOCK_H, num_warps=cfg.up_warps,
                                        num_stages=cfg.up_stages)
     BLOCK_D, BLOCK_FD = cfg.block_d, cfg.block_fd
@@ -300,6 +306,6 @@ def moe_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, slot_o
     y = torch.zeros(split, R, H, dtype=torch.float32, device=x.device)
     down[(E, d_blocks, split)](act, ids_flat, wts, slot_of, bank.w2, y, R, H, Fd, bank.slot_stride, bank.off2,
                                f_per_split, scales, bank.scale_stride, bank.soff2, WIDEN=widen, QBITS=qbits,
-                               GROUP=group, DIV=div, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, BLOCK_F=BLOCK_FD,
+                               GROUP=group, DIV=div, POST=post, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, BLOCK_F=BLOCK_FD,
                                num_warps=cfg.down_warps, num_stages=cfg.down_stages)
     return y.sum(0).view(T, k, H).sum(1).to(x.dtype)

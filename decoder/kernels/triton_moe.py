@@ -11,32 +11,62 @@ def load_q(q_ptr, s_ptr, rows, c, c0, row_mask, col_mask, ncols, ngroups, QBITS:
     """Dequantized fp32 tiles (lo, hi) of a group-wise int8 / int4 matrix w[rows, :] over the
     stored columns `c` (a block of BLOCK_C starting at c0). int8: lo = w[rows, c] (hi unused).
     int4: each stored byte holds two values, lo = w[rows, 2c] (low nibble) and
-    hi = w[rows, 2c + 1] (high nibble): the bytes are read once for both. One scale per row
-    serves the whole tile when it lies inside one quantization group, else one per column."""
+    hi = w[rows, 2c + 1] (high nibble): the bytes are read once for both. The integers become
+    floats without an int-to-float conversion (a slow instruction on the GPU): OR-ed into the
+    mantissa of 2^23 and 2^23 subtracted, which is exact, so w = q * scale rounds exactly as
+    expert_store.quant.dequantize does. One scale per row serves the whole tile when it lies
+    inside one quantization group, else one per column (a tile past the last column, as
+    the last split of the down kernel may be, gets scale 0)."""
     DIV: tl.constexpr = 2 if QBITS == 4 else 1
     m = row_mask[:, None] & col_mask[None, :]
     stored = ncols // DIV
     raw = tl.load(q_ptr + rows[:, None].to(tl.int64) * stored + c[None, :], mask=m, other=0)
     if GROUP % (BLOCK_C * DIV) == 0:
-        sc = tl.load(s_ptr + rows.to(tl.int64) * ngroups + (c0 * DIV) // GROUP, mask=row_mask,
+        in_range = rows * 0 + c0 < stored
+        sc = tl.load(s_ptr + rows.to(tl.int64) * ngroups + (c0 * DIV) // GROUP, mask=row_mask & in_range,
                      other=0.0).to(tl.float32)[:, None]
     else:
         sc = tl.load(s_ptr + rows[:, None].to(tl.int64) * ngroups + ((c * DIV) // GROUP)[None, :], mask=m,
                      other=0.0).to(tl.float32)
+    MAGIC: tl.constexpr = 0x4B000000                               # the bits of 2.0 ** 23
     if QBITS == 8:
-        lo = raw.to(tl.float32) * sc
+        u = (raw.to(tl.int32) & 0xFF) ^ 0x80                       # q + 128, in [1, 255]
+        lo = ((u | MAGIC).to(tl.float32, bitcast=True) - 8388736.0) * sc        # 2^23 + 128
         hi = lo
     else:
         b = raw.to(tl.int32)
-        lo = ((b & 0xF) - 8).to(tl.float32) * sc
-        hi = ((b >> 4) - 8).to(tl.float32) * sc
+        lo = (((b & 0xF) | MAGIC).to(tl.float32, bitcast=True) - 8388616.0) * sc   # 2^23 + 8
+        hi = (((b >> 4) | MAGIC).to(tl.float32, bitcast=True) - 8388616.0) * sc
     return lo, hi
+
+
+@triton.jit
+def load_q4_biased(q_ptr, s_ptr, rows, c, c0, row_mask, col_mask, ncols, ngroups, GROUP: tl.constexpr,
+                   WIDEN: tl.constexpr):
+    """int4 tile for scaling after the product: (lo, hi, scale) with lo = q_even + 136 and
+    hi = q_odd + 136 (the stored nibbles + 128) as bf16, built from the bits alone (0x4300 is
+    bf16 128, whose last 4 mantissa bits take the nibble: no conversion at all), and the one
+    fp32 scale per row of the tile (the tile lies inside one group). The caller takes
+    136 * sum(x) off the product and multiplies by the scale."""
+    m = row_mask[:, None] & col_mask[None, :]
+    raw = tl.load(q_ptr + rows[:, None].to(tl.int64) * (ncols // 2) + c[None, :], mask=m, other=0)
+    in_range = rows * 0 + c0 < ncols // 2
+    sc = tl.load(s_ptr + rows.to(tl.int64) * ngroups + (c0 * 2) // GROUP, mask=row_mask & in_range,
+                 other=0.0).to(tl.float32)
+    b = raw.to(tl.int32)
+    if WIDEN:                                   # the interpreter: the same values in fp32
+        lo = ((b & 0xF) + 128).to(tl.float32)
+        hi = ((b >> 4) + 128).to(tl.float32)
+    else:
+        lo = ((b & 0xF) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        hi = ((b >> 4) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    return lo, hi, sc
 
 
 @triton.jit
 def moe_up(x_ptr, ids_ptr, slot_ptr, w1_ptr, w3_ptr, act_ptr, R, H, Fd, stride_x, slot_stride,
            off1, off3, s_ptr, scale_stride, soff1, soff3, K: tl.constexpr, WIDEN: tl.constexpr,
-           QBITS: tl.constexpr, GROUP: tl.constexpr, DIV: tl.constexpr,
+           QBITS: tl.constexpr, GROUP: tl.constexpr, DIV: tl.constexpr, POST: tl.constexpr,
            BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_H: tl.constexpr):
     e = tl.program_id(0)
     slot = tl.load(slot_ptr + e)
@@ -64,6 +94,29 @@ def moe_up(x_ptr, ids_ptr, slot_ptr, w1_ptr, w3_ptr, act_ptr, R, H, Fd, stride_x
                 xt, a, b = xt.to(tl.float32), a.to(tl.float32), b.to(tl.float32)
             g = tl.dot(a, xt, g)
             u = tl.dot(b, xt, u)
+    elif POST:
+        # int4, scaled after the product (tiles inside one group): g += scale * (B . x - 136 sum(x))
+        BLOCK_C: tl.constexpr = BLOCK_H // 2
+        sbase = slot.to(tl.int64) * scale_stride
+        ng = (H + GROUP - 1) // GROUP
+        q1, q3 = w1_ptr + base + off1, w3_ptr + base + off3
+        s1, s3 = s_ptr + sbase + soff1, s_ptr + sbase + soff3
+        for c0 in range(0, H // 2, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            cm = c < H // 2
+            a_lo, a_hi, sa = load_q4_biased(q1, s1, f, c, c0, fm, cm, H, ng, GROUP, WIDEN)
+            b_lo, b_hi, sb = load_q4_biased(q3, s3, f, c, c0, fm, cm, H, ng, GROUP, WIDEN)
+            x_lo = tl.load(x_ptr + tok[None, :] * stride_x + (2 * c)[:, None], mask=match[None, :] & cm[:, None],
+                           other=0.0)
+            x_hi = tl.load(x_ptr + tok[None, :] * stride_x + (2 * c + 1)[:, None], mask=match[None, :] & cm[:, None],
+                           other=0.0)
+            if WIDEN:
+                x_lo, x_hi = x_lo.to(tl.float32), x_hi.to(tl.float32)
+            bias = 136.0 * (tl.sum(x_lo.to(tl.float32), axis=0) + tl.sum(x_hi.to(tl.float32), axis=0))   # [BLOCK_R]
+            ta = tl.dot(a_hi, x_hi, tl.dot(a_lo, x_lo))
+            tb = tl.dot(b_hi, x_hi, tl.dot(b_lo, x_lo))
+            g += (ta - bias[None, :]) * sa[:, None]
+            u += (tb - bias[None, :]) * sb[:, None]
     else:
         # quantized slot: dequantize each tile in registers, rounded once to x's dtype as
         # expert_store.quant.dequantize does; int4 runs over packed bytes, the even
@@ -103,7 +156,8 @@ def moe_up(x_ptr, ids_ptr, slot_ptr, w1_ptr, w3_ptr, act_ptr, R, H, Fd, stride_x
 @triton.jit
 def moe_down(act_ptr, ids_ptr, wts_ptr, slot_ptr, w2_ptr, y_ptr, R, H, Fd, slot_stride, off2, f_per_split,
              s_ptr, scale_stride, soff2, WIDEN: tl.constexpr, QBITS: tl.constexpr, GROUP: tl.constexpr,
-             DIV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
+             DIV: tl.constexpr, POST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+             BLOCK_F: tl.constexpr):
     e = tl.program_id(0)
     slot = tl.load(slot_ptr + e)
     r = tl.arange(0, BLOCK_R)
@@ -127,6 +181,25 @@ def moe_down(act_ptr, ids_ptr, wts_ptr, slot_ptr, w2_ptr, y_ptr, R, H, Fd, slot_
             if WIDEN:
                 at, w = at.to(tl.float32), w.to(tl.float32)
             acc = tl.dot(w, at.to(w.dtype), acc)
+    elif POST:
+        BLOCK_C: tl.constexpr = BLOCK_F // 2
+        sbase = slot.to(tl.int64) * scale_stride + soff2
+        ng = (Fd + GROUP - 1) // GROUP
+        dm = d < H
+        for c0 in range(f_lo // 2, (f_lo + f_per_split) // 2, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            cm = (c < Fd // 2) & (c < (f_lo + f_per_split) // 2)
+            w_lo, w_hi, sw = load_q4_biased(w2_ptr + base, s_ptr + sbase, d, c, c0, dm, cm, Fd, ng, GROUP, WIDEN)
+            a_lo = tl.load(act_ptr + r[None, :] * Fd + (2 * c)[:, None], mask=match[None, :] & cm[:, None], other=0.0)
+            a_hi = tl.load(act_ptr + r[None, :] * Fd + (2 * c + 1)[:, None], mask=match[None, :] & cm[:, None],
+                           other=0.0)
+            if WIDEN:
+                a_lo, a_hi = a_lo.to(tl.float32), a_hi.to(tl.float32)
+            else:
+                a_lo, a_hi = a_lo.to(tl.bfloat16), a_hi.to(tl.bfloat16)
+            bias = 136.0 * (tl.sum(a_lo.to(tl.float32), axis=0) + tl.sum(a_hi.to(tl.float32), axis=0))
+            t = tl.dot(w_hi, a_hi, tl.dot(w_lo, a_lo))
+            acc += (t - bias[None, :]) * sw[:, None]
     else:
         BLOCK_C: tl.constexpr = BLOCK_F // DIV
         sbase = slot.to(tl.int64) * scale_stride + soff2

@@ -126,7 +126,11 @@ KERNEL_CHECK = textwrap.dedent("""
     for bits, group, dt, Fd, H, cfg in ((8, 32, torch.float32, 192, 96, None), (4, 32, torch.float32, 192, 96, None),
                                         (4, 48, torch.bfloat16, 192, 96, None),
                                         (4, 128, torch.bfloat16, 256, 256, None), (8, 256, torch.float32, 256, 512, None),
-                                        (4, 128, torch.float32, 256, 256, small)):
+                                        (4, 128, torch.float32, 256, 256, small),
+                                        (4, 128, torch.float32, 256, 256, KernelConfig(int4_post_scale=True)),
+                                        (4, 128, torch.bfloat16, 256, 384, KernelConfig(int4_post_scale=True)),
+                                        (4, 64, torch.float32, 192, 128, KernelConfig(block_h=64, block_fd=64,
+                                                                                      int4_post_scale=True))):
         E, T, k = 6, 4, 2
         bank = quantized_bank(E + 1, Fd, H, bits, group)
         perm = torch.randperm(E + 1, generator=g)[:E].to(torch.int32)
