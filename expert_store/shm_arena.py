@@ -117,7 +117,9 @@ class _Mapping:
             st = os.fstat(fd)
             if st.st_size < HEADER_BYTES:
                 raise InvalidArgument(f"{path} is not an arena (only {st.st_size} bytes)")
-            self.mm = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            # MAP_POPULATE: page tables are filled once here, not by faults on the per-token path
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            self.mm = mmap.mmap(fd, st.st_size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
             self.inode = (st.st_dev, st.st_ino)
         finally:
             os.close(fd)
