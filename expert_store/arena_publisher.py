@@ -42,11 +42,14 @@ Ref = tuple[int, int, str]
 MANIFEST_TTL_S = 30.0   # a re-packed model is seen within this long
 
 
-def slot_bytes_for(manifests: Sequence[Any]) -> int:
-    """The slot size that holds every blob of these manifests (rounded up to 4 KiB)."""
-    largest = max((size for m in manifests for size, _ in m.blobs.values()), default=0)
+def slot_bytes_for(manifests: Sequence[Any], precisions: Sequence[str] | None = None) -> int:
+    """The slot size that holds every blob of these manifests, or only those at `precisions`
+    (an int4 decoder need not pay bf16-sized slots), rounded up to 4 KiB."""
+    largest = max((entry[0] for m in manifests for (_, _, p), entry in m.blobs.items()
+                   if precisions is None or p in precisions), default=0)
     if largest <= 0:
-        raise InvalidArgument("the models list no expert blobs: cannot size the arena's slots")
+        raise InvalidArgument(f"the models list no expert blobs{f' at {list(precisions)}' if precisions else ''}: "
+                              f"cannot size the arena's slots")
     return -(-largest // SLOT_ALIGN) * SLOT_ALIGN
 
 

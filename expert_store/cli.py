@@ -178,7 +178,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     from expert_store import colocate
 
-    colocate.add_parser(sub, _size, _positive)
+    colocate.add_parser(sub, _size, _positive, _precisions)
 
     for name, help_ in (("inspect", "list models, blobs and sizes"), ("verify", "check every checksum")):
         c = sub.add_parser(name, help=help_)

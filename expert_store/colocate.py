@@ -175,7 +175,7 @@ async def serve_colocated(setup: Callable[[], ArenaPublisher], arena_path: str, 
 # the command
 
 
-def add_parser(sub: Any, size: Any, positive: Any) -> None:
+def add_parser(sub: Any, size: Any, positive: Any, precisions: Any) -> None:
     """`expert-store colocate`'s options (expert_store/cli.py registers the command)."""
     c = sub.add_parser("colocate", help="run beside a decoder: publish blobs into a shared-memory arena",
                        description="A read-through store beside the decoder: fetches blobs from --upstream, "
@@ -191,6 +191,9 @@ def add_parser(sub: Any, size: Any, positive: Any) -> None:
                    help="a model to size the slots for (repeatable; its manifest is waited for)")
     c.add_argument("--slot-bytes", type=size, metavar="BYTES",
                    help="slot size instead of the --model's largest blob (a multiple of 4096)")
+    c.add_argument("--precisions", type=precisions, metavar="P,P",
+                   help="size the slots for these precisions' blobs only (e.g. int4: slots a quarter of bf16's; "
+                        "a larger blob is then refused with RESOURCE_EXHAUSTED)")
     c.add_argument("--listen", default="127.0.0.1:50061", metavar="HOST:PORT", help="the control plane's port")
     c.add_argument("--token-file", metavar="F", help="require this bearer token (else $EXPERT_STORE_TOKEN, if set)")
     c.add_argument("--upstream-token-file", metavar="F", help="bearer token for --upstream")
@@ -218,8 +221,8 @@ def cmd_colocate(args: argparse.Namespace) -> int:
                                     tls_cert=args.upstream_tls_cert, tls_key=args.upstream_tls_key,
                                     deadline_s=args.deadline, max_streams=args.fetch_threads, redis_url=args.redis)
         try:
-            slot_bytes = args.slot_bytes or slot_bytes_for(_wait_for_manifests(upstream, args.model,
-                                                                              args.wait_timeout))
+            slot_bytes = args.slot_bytes or slot_bytes_for(
+                _wait_for_manifests(upstream, args.model, args.wait_timeout), args.precisions)
             writer = ArenaWriter.open(args.arena, args.arena_bytes, slot_bytes)
         except BaseException:
             upstream.close()

@@ -161,3 +161,16 @@ def test_a_budget_the_filesystem_cannot_hold_fails_at_start_in_one_line(path):
     assert r.returncode == 1
     assert "ResourceExhausted: cannot reserve" in r.stderr and "sizeLimit" in r.stderr
     assert not path.exists() and not list(path.parent.glob("a.arena.new-*"))
+
+
+def test_slots_sized_for_the_precisions_served():
+    from expert_store.arena_publisher import slot_bytes_for
+    from expert_store.manifest import BlobEntry, Manifest
+
+    m = Manifest(model=MODEL, num_layers=1, num_experts=2, precisions=("bf16", "int4"),
+                 blobs={(0, 0, "bf16"): BlobEntry(40000, ""), (0, 1, "bf16"): BlobEntry(41000, ""),
+                        (0, 0, "int4"): BlobEntry(11000, ""), (0, 1, "int4"): BlobEntry(12289, "")})
+    assert slot_bytes_for([m]) == 45056                       # 41000 up to 4 KiB
+    assert slot_bytes_for([m], ("int4",)) == 16384            # 12289 up to 4 KiB
+    with pytest.raises(InvalidArgument, match="no expert blobs at"):
+        slot_bytes_for([m], ("int8",))
