@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, NamedTuple
 
@@ -40,6 +40,10 @@ class BlobEntry(NamedTuple):
 
     size: int
     xxh3: str  # xxh3-128 hex of the whole blob file; "" = not recorded
+
+    @classmethod
+    def of(cls, data: bytes) -> "BlobEntry":
+        return cls(len(data), blob_format.blob_checksum(data))
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,32 @@ class Manifest:
     def sorted_blobs(self) -> list[tuple[Ref, BlobEntry]]:
         """(ref, entry) by layer, expert, precision (bf16, int8, int4)."""
         return sorted(self.blobs.items(), key=lambda kv: (kv[0][0], kv[0][1], _precision_rank(kv[0][2])))
+
+    # -- a re-pack keeps what an earlier pack stored --------------------------------------------
+    def older_precisions(self, old: "Manifest") -> dict[str, dict[Ref, BlobEntry]]:
+        """Precisions an earlier manifest of the model (``old``) holds that this one does not,
+        each with its complete set of blob entries: ``{precision: {ref: entry}}``. Empty when
+        there is nothing to keep (another shape, no other precision, an incomplete one)."""
+        same_shape = all(getattr(old, k) == getattr(self, k)
+                         for k in ("num_layers", "num_experts", "hidden_size", "intermediate_size"))
+        if not same_shape or old.expert_layers() != self.expert_layers():
+            return {}
+        out = {}
+        for precision in old.precisions:
+            if precision not in blob_format.PRECISIONS or precision in self.precisions:
+                continue
+            entries = {ref: b for ref, b in old.blobs.items() if ref[2] == precision}
+            if len(entries) == len(self.expert_layers()) * self.num_experts:
+                out[precision] = entries
+        return out
+
+    def with_precisions(self, extras: dict[str, dict[Ref, BlobEntry]]) -> "Manifest":
+        """This manifest plus the blob entries of more precisions (precisions in canonical order)."""
+        blobs = dict(self.blobs)
+        for entries in extras.values():
+            blobs.update(entries)
+        precisions = [p for p in blob_format.PRECISIONS if p in self.precisions or p in extras]
+        return replace(self, precisions=tuple(precisions), blobs=blobs)
 
     # -- the adapmoe.v1.Manifest message ------------------------------------------------------
     def to_proto(self) -> pb.Manifest:
