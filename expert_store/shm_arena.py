@@ -220,7 +220,7 @@ class ArenaWriter:
                 return writer
         tmp = f"{path}.new-{os.getpid()}"
         size = data_offset + slots * slot_bytes
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o660)   # the store's user and group
         try:
             try:
                 os.posix_fallocate(fd, 0, size)
