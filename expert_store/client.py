@@ -213,6 +213,8 @@ class StoreClient:
         if target.startswith("local-shm://"):   # a co-located store's arena (expert_store/arena_client.py)
             from expert_store.arena_client import ArenaStoreClient
 
+            if tls_ca or tls_cert or tls_key:
+                raise InvalidArgument("a local-shm:// store's control port is loopback plaintext: no TLS options")
             return ArenaStoreClient.open_target(target, token=token, deadline_s=deadline_s)
         if not is_remote_target(target):
             if not Path(target).is_dir():

@@ -367,6 +367,8 @@ def test_target_parsing():
                 "local-shm:///x?control=h:1&colour=red", "local-shm:///x?control=h:1&verify=yes"):
         with pytest.raises(InvalidArgument):
             parse_target(bad)
+    with pytest.raises(InvalidArgument, match="no TLS"):   # never silently plaintext
+        StoreClient.open("local-shm:///x?control=127.0.0.1:1", tls_ca=b"pem")
 
 
 def test_waits_for_its_model_live_but_not_ready_then_serves(tmp_path, arena_path):
