@@ -1,9 +1,11 @@
 """The AdapMoE expert cache: a GPU tier of preallocated slots over a pinned host tier over the store.
 
 What a slot holds, its size, the per-layer quotas and the eviction policy are in gpu_slots.py;
-the pinned host tier (the only decoder code that parses blobs) in host_tier.py; the
-low-precision tier for low-weight misses (HOBBIT) in low_precision.py; this module composes
-them with the copy streams and the loader threads.
+the pinned host tier (the only decoder code that parses blobs) in host_tier.py; the copy and
+dequant streams, staging buffers and the live load costs in copies.py; the demand-first load
+queue and its threads in loader.py; the low-precision tier for low-weight misses (HOBBIT) in
+low_precision.py. This module composes them: lookups, slot allocation and eviction, and the
+statistics.
 
     store ──fetch_expert(out=host slot)──▶ host tier (pinned LRU) ──copy stream──▶ GPU slot ──▶ matmul
 
@@ -23,13 +25,8 @@ A slot holds an expert in one of two forms:
   ExpertWeights.forward on every call.
 - dense (`dense_slots`, default on for int8/int4 on CUDA): w1, w3, w2 dequantized ONCE at load
   into the compute dtype (source.dtype), so a slot is the dense expert's size (4x an int4 payload
-  in bf16) and forward is three plain matmuls. The link still carries the compact payload: it is
-  copied into a staging buffer on the copy stream, then a second stream (dequant stream) waits
-  for that copy and the slot's previous readers and dequantizes straight into the slot's views;
-  the expert's event is recorded after the dequantization, so compute waits on that only. Two
-  staging buffers (each the compact size, outside gpu_cache_bytes) let the copy of one expert
-  overlap the dequantization of the one before; a staging buffer is written again only after
-  the dequantization that read it (its event).
+  in bf16) and forward is three plain matmuls. The link still carries the compact payload
+  (through a staging buffer and the dequant stream: copies.py).
 
 Host tier: one pinned arena (pin_memory only when CUDA is available) of fixed-size slots, an
 LRU of at most `host_cache_bytes // slot` experts. The store writes the encoded blob straight
@@ -39,19 +36,14 @@ With `fetch_workers=N` (default 0: off) the host arena is an expert_store FetchP
 each with its own gRPC channel, receive blobs straight into its slots (past the ~1 GB/s one
 Python process receives), and it is page-locked in place with cudaHostRegister.
 
-Copies: on CUDA every H2D copy runs on one dedicated stream with one event per expert; compute
-waits on that event only (`current_stream().wait_event`), never on the whole stream. Before a
-slot is overwritten the copy stream waits on the event recorded when the layer released it, so
-in-flight kernels never see their weights change. On the CPU the same code runs (copies are
-memcpy, events are None). A second stream for demand loads would not let them overtake queued
-prefetch copies: the H200's copy engine runs host->device copies in issue order across streams
-(benchmarks/demand_overtake.py); only not issuing a prefetch yet can (the prefetcher's budget).
+Copies (copies.py): one copy stream, one event per expert; compute waits on that event only.
+Before a slot is overwritten the copy waits on the event recorded when the layer released it, so
+in-flight kernels never see their weights change.
 
-Loads: a background loader thread serves two queues, demand first; prefetches (speculative,
-ordered by predicted score) run only when no demand is queued, and a `get` that finds its
-load still queued runs it on the caller's thread at once, so demand never waits behind
-prefetches. A prefetch never evicts an expert the current token needs: not the experts pinned
-by the current layer (prepare .. release), nor any expert touched during the current token.
+Loads (loader.py): demand first, prefetches by predicted score when no demand is queued; a `get`
+that finds its load still queued runs it on the caller's thread at once. A prefetch never
+evicts an expert the current token needs: not the experts pinned by the current layer
+(prepare .. release), nor any expert touched during the current token.
 
 Statistics (demand path): per tier lookups = hits + misses, bytes moved into each tier (the
 compact payload over the link, also for dense slots), loads,
@@ -62,20 +54,19 @@ into the GPU from each tier (`load_cost`), which cost-aware gating reads.
 from __future__ import annotations
 
 import dataclasses
-import heapq
-import itertools
 import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from decoder.experts.gpu_slots import (HOST_ALIGN, DenseLayout, EvictionPolicy, GpuEntry, Staging, align,
+from decoder.experts.gpu_slots import (HOST_ALIGN, DenseLayout, EvictionPolicy, GpuEntry, align,
                                       allocate, dense_slots_for, plan_quotas, raw_slot_bytes)
+from decoder.experts.copies import Copies, LoadCosts
 from decoder.experts.host_tier import HostEntry, HostTier
+from decoder.experts.loader import LoadQueue, LoaderThreads, LoadTask
 from decoder.experts.low_precision import LowPrecisionTier
 from decoder.experts.provider import ExpertProvider, ExpertSource, ExpertWeights, expert_weights_from_views
 from decoder.kernels.fused_moe import ExpertBank
@@ -84,31 +75,6 @@ log = logging.getLogger(__name__)
 
 TIERS = ("gpu", "host", "store")
 MISS_RATE_ALPHA = 0.05                 # weight of one demand lookup in a layer's miss rate
-# Priors (bytes/s) until a tier's cost has been measured once; replaced by the live EWMA.
-PRIOR_BANDWIDTH = {"host_cuda": 20e9, "host_cpu": 5e9, "store": 1e9}
-
-
-@dataclass
-class _Task:
-    key: tuple[int, int]
-    kind: str                        # "demand" | "prefetch"
-    score: float = 0.0
-    use: float | None = None         # a prefetch's predicted probability of use (admission)
-    state: str = "queued"            # queued | running | done
-    error: BaseException | None = None
-    dropped: bool = False
-    done: threading.Event = field(default_factory=threading.Event)
-    step: int = 0
-
-
-class _Ewma:
-    def __init__(self, alpha: float, prior: float) -> None:
-        self.alpha, self.value, self.n = alpha, prior, 0
-
-    def update(self, x: float) -> None:
-        self.value = x if self.n == 0 else (1 - self.alpha) * self.value + self.alpha * x
-        self.n += 1
-
 
 class ExpertCache(ExpertProvider):
     """GPU slots + pinned host LRU + store, behind the ExpertProvider interface."""
@@ -193,36 +159,23 @@ class ExpertCache(ExpertProvider):
         self.host_cache_bytes, self.host_capacity = self.host.cache_bytes, self.host.capacity
         self.host_pool, self.pinned = self.host.pool, self.host.pinned
 
-        # --- copy stream (+ dequant stream and staging buffers for dense slots) --------------------
-        self.copy_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
-        self.dequant_stream = torch.cuda.Stream(device=self.device) if self.cuda and self.dense_slots else None
+        # --- copies: copy stream (+ dequant stream and staging buffers for dense slots) ------------
+        self.costs = LoadCosts(ewma_alpha, self.raw_size, max_blob, self.cuda)
+        self.copies = Copies(self.device, self._lock, self._cond, self.costs, self.dense_layout,
+                             raw_slot_bytes(header), self.workers)
+        self.copy_stream, self.dequant_stream = self.copies.copy_stream, self.copies.dequant_stream
+        self.staging_buffers = self.copies.staging_buffers
         self._compute_stream = torch.cuda.current_stream(self.device) if self.cuda else None
-        self._pending_timings: list[tuple[Any, Any]] = []
-        self._staging: list[Staging] = []
-        if self.dense_slots:
-            # CUDA: two keep the copy engine and the dequantization busy (a buffer returns to the
-            # pool as soon as its work is enqueued); CPU: used synchronously, one per loader thread
-            n_stage = 2 if self.cuda else self.workers + 1
-            raw_bytes = raw_slot_bytes(header)
-            self._staging = [Staging(torch.empty(raw_bytes, dtype=torch.uint8, device=self.device))
-                             for _ in range(n_stage)]
-        self.staging_buffers = len(self._staging)
 
         # --- loader -----------------------------------------------------------------------------
-        self._tasks: dict[tuple[int, int], _Task] = {}
-        self._demand_q: list[_Task] = []
-        self._prefetch_q: list[tuple[float, int, _Task]] = []
-        self._seq = itertools.count()
-        self._closed = False
+        self._queue = LoadQueue(self._cond)
+        self._tasks = self._queue.tasks       # (layer, expert) -> its load in flight
         self._pinned_keys: set[tuple[int, int]] = set()
         self._looked_up: set[tuple[int, int]] = set()
         self._handed_out: dict[int, set[int]] = {}
         self._transient = 0                   # entries in buffers outside the pool (slot -1)
         self.step = 0
         self._last_layer = -1
-        prior_host = self.raw_size / (PRIOR_BANDWIDTH["host_cuda" if self.cuda else "host_cpu"])
-        self._cost = {"host": _Ewma(ewma_alpha, prior_host),
-                      "store": _Ewma(ewma_alpha, max_blob / PRIOR_BANDWIDTH["store"])}
         # --- optional low-precision copies for demand misses of low-weight experts (HOBBIT) ---
         self.miss_precision = miss_precision
         self._allow_low: set[tuple[int, int]] = set()
@@ -235,10 +188,7 @@ class ExpertCache(ExpertProvider):
             self._low = LowPrecisionTier(self, low_source, int(low_slots or max(self.L, 2 * self.top_k)),
                                           dense_slots_for(dense_slots, miss_precision, self.cuda))
         self.reset_stats()
-        self._threads = [threading.Thread(target=self._worker, name=f"expert-loader-{i}", daemon=True)
-                         for i in range(self.workers)]
-        for t in self._threads:
-            t.start()
+        self._loaders = LoaderThreads(self._queue, self._lock, self._cond, self._run, self.workers)
 
     # =========================================================================================
     # statistics
@@ -257,7 +207,7 @@ class ExpertCache(ExpertProvider):
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            self._harvest_timings()
+            self.copies.harvest()
             tiers = {t: dict(v) for t, v in self._tier.items()}
             if self._low is not None:
                 tiers["gpu-" + self.miss_precision] = dict(self._low_c)
@@ -278,7 +228,7 @@ class ExpertCache(ExpertProvider):
                 "stall_s": c.pop("stall_s"),
                 "stall_s_per_token": self._c["stall_s"] / steps,
                 "load_cost_s": {t: self.load_cost(t) for t in TIERS},
-                "load_cost_measured": {t: self._cost[t].n for t in ("host", "store")},
+                "load_cost_measured": self.costs.measured(),
                 "slot_bytes": self.slot_bytes,
                 "dense_slots": self.dense_slots,
                 "raw_bytes": self.raw_size,
@@ -308,13 +258,8 @@ class ExpertCache(ExpertProvider):
         if location == "gpu":
             return 0.0
         with self._lock:
-            self._harvest_timings()
-            host = self._cost["host"].value
-            if location == "host":
-                return host
-            if location == "store":
-                return self._cost["store"].value + host
-        raise ValueError(f"unknown location {location!r} (expected one of {TIERS})")
+            self.copies.harvest()
+            return self.costs.cost(location)
 
     # =========================================================================================
     # ExpertProvider interface
@@ -325,12 +270,8 @@ class ExpertCache(ExpertProvider):
             self._c["steps"] += 1
             self._last_layer = -1
             # prefetches queued for the previous token's layers are stale now
-            for _, _, task in self._prefetch_q:
-                if task.state == "queued" and task.kind == "prefetch":
-                    self._finish(task, dropped=True)
-                    self._c["prefetch_cancelled"] += 1
-            self._prefetch_q.clear()
-            self._harvest_timings()
+            self._c["prefetch_cancelled"] += self._queue.drop_queued_prefetches()
+            self.copies.harvest()
 
     def location(self, layer: int, expert: int) -> str:
         # no lock: one dict membership test each (atomic); a load racing it is seen a moment later
@@ -572,15 +513,8 @@ class ExpertCache(ExpertProvider):
                 and expert not in self._gpu[layer] and (layer, expert) not in self._tasks)
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._cond.notify_all()
-        for t in self._threads:
-            t.join(timeout=5)
-        if self.cuda:
-            for stream in (self.copy_stream, self.dequant_stream):
-                if stream is not None:
-                    stream.synchronize()
+        self._loaders.close()
+        self.copies.synchronize()
         self.host.close()
 
     # =========================================================================================
@@ -615,61 +549,18 @@ class ExpertCache(ExpertProvider):
             task = None
         if task is not None:
             if task.kind == "prefetch":
-                task.kind = "demand"
-                if task.state == "queued":
-                    self._demand_q.append(task)
-                    self._cond.notify_all()
+                self._queue.promote(task)
             return
         self._enqueue(key, "demand")
 
-    def _enqueue(self, key: tuple[int, int], kind: str, score: float = 0.0) -> _Task:
-        task = _Task(key, kind, score=score, step=self.step)
-        self._tasks[key] = task
-        if kind == "demand":
-            self._demand_q.append(task)
-        else:
-            # nearer layers first, then higher predicted weight
-            heapq.heappush(self._prefetch_q, (-score, next(self._seq), task))
-        self._cond.notify_all()
-        return task
+    def _enqueue(self, key: tuple[int, int], kind: str, score: float = 0.0) -> LoadTask:
+        return self._queue.enqueue(key, kind, score, self.step)
 
-    def _finish(self, task: _Task, error: BaseException | None = None, dropped: bool = False) -> None:
-        task.state = "done"
-        task.error = error
-        task.dropped = dropped
-        if self._tasks.get(task.key) is task and (error is None or task.kind == "prefetch"):
-            del self._tasks[task.key]
-        task.done.set()
-        self._cond.notify_all()
-
-    def _next_task(self) -> _Task | None:
-        while self._demand_q:
-            task = self._demand_q.pop(0)
-            if task.state == "queued":
-                return task
-        while self._prefetch_q:
-            _, _, task = heapq.heappop(self._prefetch_q)
-            if task.state == "queued":
-                return task
-        return None
-
-    def _worker(self) -> None:
-        while True:
-            with self._lock:
-                task = self._next_task()
-                while task is None:
-                    if self._closed:
-                        return
-                    self._cond.wait()
-                    task = self._next_task()
-                task.state = "running"
-            try:
-                self._run(task)
-            except BaseException:  # pragma: no cover - _run records its own errors
-                log.exception("expert loader crashed on %s", task.key)
+    def _finish(self, task: LoadTask, error: BaseException | None = None, dropped: bool = False) -> None:
+        self._queue.finish(task, error, dropped)
 
     # --- one load: store -> host -> GPU -------------------------------------------------------
-    def _run(self, task: _Task) -> None:
+    def _run(self, task: LoadTask) -> None:
         """Bring task.key into its layer's GPU slots. Called WITHOUT the lock."""
         layer, expert = task.key
         with self._lock:
@@ -813,34 +704,13 @@ class ExpertCache(ExpertProvider):
 
             raise blob_format.BlobError(f"layer {ent.layer} expert {ent.expert}: tensor offsets "
                                         f"{_offsets(h.header)} differ from the first expert's")
-        dst = ent.buf[:h.header.raw_size]
-        if self.cuda:
-            stream = self.copy_stream
-            with torch.cuda.device(self.device), torch.cuda.stream(stream):
-                if ent.prev_free_event is not None:   # kernels still reading the slot
-                    stream.wait_event(ent.prev_free_event)
-                end = self._h2d(dst, src, stream)
+        end = self.copies.copy_raw(ent.buf[:h.header.raw_size], src, ent.prev_free_event)
+        if end is not None:
             ent.copy_event = end
             with self._lock:
                 self.host.slot_event[h.slot] = end  # the host slot is read until `end`
-        else:
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            with self._lock:
-                self._cost["host"].update(time.perf_counter() - t0)
         views = tensors_from_raw(h.header, ent.buf[:h.header.raw_size])
         ent.weights = expert_weights_from_views(h.header, views)
-
-    def _h2d(self, dst: torch.Tensor, src: torch.Tensor, stream: Any) -> Any:
-        """Enqueue host -> device `dst.copy_(src)` on `stream` (the current stream), timed by a
-        start/end event pair for the host-tier cost EWMA. Returns `end`."""
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(stream)
-        dst.copy_(src, non_blocking=True)
-        end.record(stream)
-        with self._lock:
-            self._pending_timings.append((start, end))
-        return end
 
     def _load_dense(self, ent: GpuEntry, h: HostEntry, src: torch.Tensor) -> None:
         """Compact payload host slot -> staging buffer (copy stream) -> dequantized into the dense
@@ -851,54 +721,12 @@ class ExpertCache(ExpertProvider):
         if not layout.matches(header):
             raise blob_format.BlobError(f"layer {ent.layer} expert {ent.expert}: tensors "
                                         f"{[(t.name, t.shape) for t in header.tensors]} differ from the first expert's")
-        stage = self._take_staging()
-        try:
-            raw = stage.buf[:header.raw_size]
-            if self.cuda:
-                copy_s, deq_s = self.copy_stream, self.dequant_stream
-                with torch.cuda.device(self.device):
-                    with torch.cuda.stream(copy_s):
-                        if stage.event is not None:   # the last dequantization that read this buffer
-                            copy_s.wait_event(stage.event)
-                        copied = self._h2d(raw, src, copy_s)
-                    with torch.cuda.stream(deq_s):
-                        deq_s.wait_event(copied)
-                        if ent.prev_free_event is not None:   # kernels still reading the slot
-                            deq_s.wait_event(ent.prev_free_event)
-                        dense = layout.fill(header, raw, ent.buf)
-                        end = torch.cuda.Event()
-                        end.record(deq_s)
-                stage.event = ent.copy_event = end
-                with self._lock:
-                    self.host.slot_event[h.slot] = copied  # the host slot is read until `copied`
-            else:
-                t0 = time.perf_counter()
-                raw.copy_(src)
-                dense = layout.fill(header, raw, ent.buf)
-                with self._lock:
-                    self._cost["host"].update(time.perf_counter() - t0)
-        finally:
+        dense, end, copied = self.copies.copy_dense(header, ent.buf, src, ent.prev_free_event)
+        if end is not None:
+            ent.copy_event = end
             with self._lock:
-                self._staging.append(stage)
-                self._cond.notify_all()
+                self.host.slot_event[h.slot] = copied  # the host slot is read until `copied`
         ent.weights = ExpertWeights(dense["w1"], dense["w3"], dense["w2"], self.precision)
-
-    def _take_staging(self) -> Staging:
-        with self._lock:
-            while not self._staging:
-                self._cond.wait(timeout=0.05)
-            return self._staging.pop()
-
-    def _harvest_timings(self) -> None:
-        if not self._pending_timings:
-            return
-        keep = []
-        for start, end in self._pending_timings:
-            if end.query():
-                self._cost["host"].update(start.elapsed_time(end) / 1e3)
-            else:
-                keep.append((start, end))
-        self._pending_timings = keep
 
     # --- introspection for tests and the prefetcher --------------------------------------------
     def resident(self, layer: int) -> list[int]:

@@ -171,7 +171,7 @@ class HostTier:
             self.c._tier["store"]["bytes"] += n
             self.c._tier["host"]["loads"] += 1
             self.c._tier["host"]["bytes"] += n
-            self.c._cost["store"].update(dt)
+            self.c.costs.observe("store", dt)
             h = HostEntry(slot, header, raw_offset, refs=1, resident=self.capacity > 0)
             if h.resident:
                 while sum(1 for x in self.entries.values() if x.resident) >= self.capacity:

@@ -117,7 +117,7 @@ def test_dense_slot_is_the_dense_expert_and_the_link_carries_the_compact_payload
         assert s["tiers"]["gpu"]["bytes"] == L * E * header.raw_size            # compact, not dense
         blobs = sum(src.blob_size(l, e) for l in range(L) for e in range(E))
         assert s["bytes_fetched"] == blobs == s["tiers"]["host"]["bytes"]
-        assert len(cache._staging) == cache.staging_buffers == cache.workers + 1   # all back in the pool
+        assert cache.copies.staging_free == cache.staging_buffers == cache.workers + 1   # all back in the pool
     finally:
         cache.close()
 
@@ -175,7 +175,7 @@ def test_slot_reuse_under_eviction_with_prefetch_and_two_loaders(client):
         check_tiers(s)
         assert s["errors"] == 0 and s["evictions_gpu"] > 50 and s["prefetch_loads"] > 0
         assert s["tiers"]["gpu"]["bytes"] == s["tiers"]["gpu"]["loads"] * cache.raw_size
-        assert len(cache._staging) == cache.staging_buffers == 3
+        assert cache.copies.staging_free == cache.staging_buffers == 3
         assert len(cache._gpu_free) + sum(1 for d in cache._gpu for en in d.values() if en.slot >= 0) \
             == cache.gpu_pool.shape[0]
     finally:
@@ -274,7 +274,7 @@ def test_cuda_dense_slots_match_resident(client, precision):
             assert s["tiers"]["gpu"]["bytes"] == s["tiers"]["gpu"]["loads"] * cache.raw_size
             assert s["load_cost_measured"]["host"] == s["tiers"]["gpu"]["loads"] > 0
             if dense:
-                assert len(cache._staging) == cache.staging_buffers == 2
+                assert cache.copies.staging_free == cache.staging_buffers == 2
     # slot reuse on the GPU: one slot per layer, every get checked against the reference weights
     src = make_source(client, precision, dtype=dtype, device="cuda")
     refw = reference(client, precision, dtype=dtype, device="cuda")
