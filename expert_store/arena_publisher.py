@@ -243,6 +243,36 @@ class ArenaPublisher:
         fill.error = error
         fill.done.set()
 
+    def prefill(self, model: str, precision: str, stop: threading.Event | None = None) -> dict[str, Any]:
+        """A cold fill: publish the model's blobs at `precision`, layer by layer, at most as
+        many as the arena has slots (it never cycles the arena through itself). At prefetch priority, on the
+        prefetch threads: demand misses pass it, so the decoder serves while it runs. A blob
+        that fails (DATA_LOSS, ...) is logged and skipped. Returns blobs, bytes, seconds."""
+        refs = sorted(r for r in self.manifest(model).blobs if r[2] == precision)
+        if not refs:
+            raise NotFound(f"model {model} has no blobs at {precision}")
+        refs = refs[:self.writer.slots]
+        before = self.counts["bytes_published"]
+        t0 = time.perf_counter()
+        done = 0
+        step = min(64, self.max_refs, max(1, self.writer.slots // 2))
+        for i in range(0, len(refs), step):
+            if stop is not None and stop.is_set():
+                break
+            batch = refs[i:i + step]
+            try:
+                self.ensure(model, batch, priority="prefetch")
+            except (StoreError, RuntimeError) as e:   # RuntimeError: closing under it
+                log.warning("prefill of %s: %d blobs from L%d E%d: %s", model, len(batch), batch[0][0], batch[0][1], e)
+                if isinstance(e, RuntimeError):
+                    break
+            done += len(batch)
+        seconds = time.perf_counter() - t0
+        nbytes = self.counts["bytes_published"] - before
+        log.info("prefilled %d of %s's %s blobs: %.2f GB in %.1f s (%.2f GB/s into the arena)", done, model,
+                 precision, nbytes / 1e9, seconds, nbytes / seconds / 1e9 if seconds else 0.0)
+        return {"blobs": done, "bytes": nbytes, "seconds": seconds}
+
     # ---- reading back (the gRPC face) ----------------------------------------------------------
     def blob(self, model: str, layer: int, expert: int, precision: str, attempts: int = 4) -> bytes:
         """The blob's bytes, through the arena (published first when missing)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -124,10 +125,12 @@ class ExpertArenaServicer(apb_grpc.ExpertArenaServicer):
 
 async def serve_colocated(setup: Callable[[], ArenaPublisher], arena_path: str, listen: str, *,
                           waiting: str = "setting the arena up", token: str | None = None, grace_s: float = 5.0,
-                          max_refs: int = 64, on_ready: Callable[[str], None] | None = None) -> None:
+                          max_refs: int = 64, on_ready: Callable[[str], None] | None = None,
+                          after_ready: Callable[[ArenaPublisher, threading.Event], Any] | None = None) -> None:
     """Serve ExpertArena + ExpertStore (read-through) + health on `listen` at once, run `setup`
-    (in a thread) and serve SERVING once it returned, until SIGTERM/SIGINT. A failed setup
-    stops the server and is raised. The publisher is closed on the way out."""
+    (in a thread) and serve SERVING once it returned, until SIGTERM/SIGINT; then
+    `after_ready(publisher, stopping)` runs in a thread of its own (a cold fill). A failed
+    setup stops the server and is raised. The publisher is closed on the way out."""
     from expert_store.server import ExpertStoreServicer, ServerConfig
 
     tune_malloc()
@@ -151,6 +154,7 @@ async def serve_colocated(setup: Callable[[], ArenaPublisher], arena_path: str, 
     stop_on_signals(stopping.set)
     if on_ready is not None:
         on_ready(join_host_port(host, bound))
+    closing = threading.Event()
     setting_up = asyncio.ensure_future(asyncio.to_thread(setup))
     stop_wait = asyncio.ensure_future(stopping.wait())
     publisher = None
@@ -161,8 +165,13 @@ async def serve_colocated(setup: Callable[[], ArenaPublisher], arena_path: str, 
             pending.set(publisher)
             await set_health(health, ARENA_SERVICE, serving=True)
             await set_health(health, STORE_SERVICE, serving=True)
+            if after_ready is not None:
+                background = threading.Thread(target=after_ready, args=(publisher, closing), name="arena-prefill",
+                                              daemon=True)
+                background.start()
             await stop_wait
     finally:
+        closing.set()
         await health.enter_graceful_shutdown()
         await server.stop(grace_s)
         if publisher is None and setting_up.done() and not setting_up.cancelled() and not setting_up.exception():
@@ -194,6 +203,9 @@ def add_parser(sub: Any, size: Any, positive: Any, precisions: Any) -> None:
     c.add_argument("--precisions", type=precisions, metavar="P,P",
                    help="size the slots for these precisions' blobs only (e.g. int4: slots a quarter of bf16's; "
                         "a larger blob is then refused with RESOURCE_EXHAUSTED)")
+    c.add_argument("--prefill", metavar="PRECISION", choices=("bf16", "int8", "int4"),
+                   help="once up, publish the --model's blobs at this precision (layer by layer, until the arena "
+                        "is full) at prefetch priority: a cold fill that demand misses pass")
     c.add_argument("--listen", default="127.0.0.1:50061", metavar="HOST:PORT", help="the control plane's port")
     c.add_argument("--token-file", metavar="F", help="require this bearer token (else $EXPERT_STORE_TOKEN, if set)")
     c.add_argument("--upstream-token-file", metavar="F", help="bearer token for --upstream")
@@ -231,9 +243,22 @@ def cmd_colocate(args: argparse.Namespace) -> int:
                  writer.slot_bytes, writer.epoch, writer.used())
         return ArenaPublisher(upstream, writer, fetch_threads=args.fetch_threads)
 
+    if args.prefill and not args.model:
+        raise InvalidArgument("--prefill needs --model")
+
+    def prefill(publisher: ArenaPublisher, stop: threading.Event) -> None:
+        for model in args.model:
+            if stop.is_set():
+                return
+            try:
+                publisher.prefill(model, args.prefill, stop)
+            except StoreError as e:   # the arena serves on; misses publish on demand
+                log.error("prefill of %s at %s failed: %s", model, args.prefill, e)
+
     waiting = f"waiting for {', '.join(args.model) or 'the upstream'} from {args.upstream}"
     asyncio.run(serve_colocated(setup, args.arena, args.listen, waiting=waiting, token=token, grace_s=args.grace,
-                                on_ready=lambda a: print(f"listening on {a}", flush=True)))
+                                on_ready=lambda a: print(f"listening on {a}", flush=True),
+                                after_ready=prefill if args.prefill else None))
     return 0
 
 

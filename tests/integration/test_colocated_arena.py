@@ -414,3 +414,28 @@ def test_waits_for_its_model_live_but_not_ready_then_serves(tmp_path, arena_path
         assert proc.wait(30) == 0
         proc.stdout.close()
         proc.stderr.close()
+
+
+@pytest.mark.parametrize("slots", [64, 5])
+def test_prefill_publishes_the_model_up_to_the_arenas_size(store_dir, blobs, arena_path, slots):
+    """--prefill bf16: a cold fill at prefetch priority after the arena is up (the store is
+    ready before it ends); it publishes at most as many blobs as there are slots, never cycling
+    the arena through itself."""
+    sb = slot_bytes(blobs)
+    budget = slots * (sb + 256) + 8192
+    with Colocated(store_dir, arena_path, budget, "127.0.0.1:0", "--prefill", "bf16") as store, \
+            StoreClient.open(store.target(arena_path)) as client:
+        ref = list(blobs)[-1]
+        assert bytes(client.fetch_expert(MODEL, *ref)) == blobs[ref]   # demand, while it fills
+        capacity = client.arena_info().slots
+        want = min(capacity, len(blobs))
+        end = time.monotonic() + 120
+        while client.arena_info().used < want and time.monotonic() < end:
+            time.sleep(0.1)
+        info = client.arena_info()
+        assert info.used == want
+        if capacity >= len(blobs):
+            assert info.evictions == 0
+            ensures = client.counts["ensures"]
+            assert dict(client.fetch_experts(MODEL, list(blobs))) == blobs
+            assert client.counts["ensures"] == ensures   # all of it was there already
