@@ -26,7 +26,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import grpc
 
@@ -39,7 +39,7 @@ from expert_store.manifest import Manifest
 from expert_store.grpc_serving import (BearerTokenInterceptor, add_health_and_reflection, add_port, auth_interceptors,
                                        channel_options, check_security, join_host_port, read_token_file,
                                        set_health, stop_on_signals, tune_malloc)
-from expert_store.store import ModelStore
+from expert_store.store import ModelStore, VerifyResult
 from expert_store.tiers.base import BlobReader
 from expert_store.wire import MAX_MESSAGE_BYTES, PUT_KINDS, TOKEN_ENV
 
@@ -141,7 +141,7 @@ def validate_model(model: str) -> str:
         raise InvalidArgument(str(e)) from None
 
 
-def check_refs(store: ModelStore, model: str, refs: Any, max_refs: int) -> None:
+def check_refs(store: ModelStore, model: str, refs: Sequence[pb.ExpertRef], max_refs: int) -> None:
     """Validate a whole FetchExperts ref list before streaming anything: count, then every
     ref against the model (ModelStore.check_ref: precision, layer/expert range, packed)."""
     if not refs:
@@ -155,7 +155,7 @@ def check_refs(store: ModelStore, model: str, refs: Any, max_refs: int) -> None:
             raise type(e)(f"ref {i}: {e}") from None
 
 
-def verify_request(store: ModelStore, request: Any) -> Any:
+def verify_request(store: ModelStore, request: pb.VerifyRequest) -> VerifyResult:
     """Verify's logic: one blob named by ``request`` (a pb.VerifyRequest: model plus an
     ExpertRef, or dense=true) -> ModelStore.verify_expert / verify_dense (a VerifyResult:
     key, good, dropped, detail). InvalidArgument for a request that names no blob or both,
@@ -164,13 +164,10 @@ def verify_request(store: ModelStore, request: Any) -> Any:
     has_ref = request.HasField("ref")
     if request.dense == has_ref:
         raise InvalidArgument("Verify names one blob: an expert ref, or dense=true (not both)")
-    fn = getattr(store, "verify_dense" if request.dense else "verify_expert", None)
-    if fn is None:
-        raise StoreError("this store cannot verify a blob on request", code="UNIMPLEMENTED")
     if request.dense:
-        return fn(request.model)
+        return store.verify_dense(request.model)
     ref = request.ref
-    return fn(request.model, ref.layer, ref.expert, ref.precision)
+    return store.verify_expert(request.model, ref.layer, ref.expert, ref.precision)
 
 
 class PutAssembler:
@@ -178,7 +175,7 @@ class PutAssembler:
     data. ModelStore.put_file verifies the xxh3 and the content and writes atomically, so
     an upload that breaks off or fails a check leaves nothing visible."""
 
-    def __init__(self, header: Any, max_bytes: int):
+    def __init__(self, header: pb.PutBlobHeader, max_bytes: int):
         validate_model(header.model)
         if header.kind not in PUT_KINDS:
             raise InvalidArgument(f"unknown PutBlob kind {header.kind!r}; expected one of {', '.join(PUT_KINDS)}")
