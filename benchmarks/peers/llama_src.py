@@ -110,7 +110,7 @@ def build_info(build: Path, src: Path = SRC) -> dict[str, Any]:
     args = build / "adapmoe_cmake_args.json"
     if args.is_file():
         conf = json.loads(args.read_text())
-        info["cmake_flags"] = [a for a in conf if a.startswith("-D") or a.startswith("-G")]
+        info["cmake_flags"] = conf[conf.index("-B") + 2:]     # what follows cmake -S SRC -B BUILD
     cache = build / "CMakeCache.txt"
     if cache.is_file():
         text = cache.read_text(errors="replace")

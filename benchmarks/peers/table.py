@@ -92,7 +92,7 @@ def check_target(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _gb(v: Any) -> str:
-    return "-" if v is None else f"{v / 1e9:.2f}"
+    return "-" if v is None else f"{v / 1e9:.3g}"
 
 
 def _num(v: Any, spec: str = ".1f") -> str:
@@ -118,9 +118,10 @@ def markdown(rows: list[dict[str, Any]], targets: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['model']} | {r['peer']} | {row} | {_num(r.get('budget'), '.0%')} | "
                      f"{_num(r.get('gpu_expert_fraction'), '.0%')} | {_gb(r.get('gpu_expert_bytes'))} | {tps} | "
                      f"{_num(ratio, '.2f')} |")
-    for t in targets:
+    if targets:
         lines.append("")
-        lines.append(f"target {'MET' if t['met'] else 'MISSED'}: {t['target']}: {t['measured']:.2f} "
+    for t in targets:
+        lines.append(f"- target {'MET' if t['met'] else 'MISSED'}: {t['target']}: {t['measured']:.2f} "
                      f"(adapmoe {t['adapmoe_tokens_per_s']:.1f} tok/s, llama.cpp {t['llama_cpp_placement']} "
                      f"{t['llama_cpp_tokens_per_s']:.1f} tok/s)")
     cmds = [r for r in rows if r.get("peer") == "llama.cpp" and r.get("command")]

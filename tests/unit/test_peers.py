@@ -230,7 +230,7 @@ def test_target_is_adapmoe_over_the_best_llama_cpp_placement_at_the_same_budget(
     (t,) = table.combine(faster, None, PEER_ROWS)[1]
     assert t["met"] and t["measured"] == pytest.approx(100 / 82)
     md = table.markdown(rows, targets)
-    assert "target MISSED: B @ 25%: adapmoe >= 1.2x llama.cpp at the same GPU expert memory: 0.46" in md
+    assert "- target MISSED: B @ 25%: adapmoe >= 1.2x llama.cpp at the same GPU expert memory: 0.46" in md
     assert "`llama-bench ... ot`" in md and "0c1e57098" in md
     assert re.search(r"\| B \| llama.cpp \| ncmoe \(Q4_0\) \| 50% \| 50% \| 3\.15 \| 82\.0 \| 0\.38 \|", md)
 
