@@ -14,7 +14,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from k8s_render import command_line, container_env, get, objects, pod_template, service_selects, workloads
+
+from expert_store.launch import ServerProcess
 
 NAMESPACE = "adapmoe"
 BIN = Path(sys.executable).parent
@@ -170,22 +171,22 @@ class Cluster:
         return out
 
 
-class Process:
+class Process(ServerProcess):
+    """One container as a local process, started at once (expert_store.launch.ServerProcess:
+    stdout and stderr merged, read by a thread into `.lines`); wait_line / wait_text wait for
+    what it prints."""
+
     def __init__(self, name: str, argv: list[str], env: dict[str, str], cwd: Path):
-        self.name = name
-        self.argv = argv
         full_env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "SYSTEMROOT")}
         full_env.update({"HOME": str(cwd), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
         full_env.update(env)
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=full_env, cwd=cwd)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        super().__init__(argv, env=full_env, cwd=cwd, stderr="stdout", ready=None)
+        self.name = name
+        self.start()
 
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
+    @property
+    def lines(self) -> list[str]:
+        return self.stdout_lines
 
     def output(self) -> str:
         return "".join(self.lines[-60:])
@@ -214,13 +215,7 @@ class Process:
         raise AssertionError(f"{self.name} did not print {text!r} (rc={self.proc.poll()}):\n{self.output()}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        super().stop(60)
 
 
 def run_probe(cluster: Cluster, workload: str, container: dict, probe_name: str, env: dict[str, str],
