@@ -199,8 +199,8 @@ class RowKVCache(KVCache):
     cache row `selection.rows[b]`. Without a selection it behaves as `KVCache` (rows 0..B-1)."""
 
     def __init__(self, selection: RowSelection, max_rows: int, max_seq_length: int, n_kv: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
-        super().__init__(max_rows, max_seq_length, n_kv, head_dim, dtype, device)
+                 dtype: torch.dtype, device: torch.device | str | None = None, v_dim: int | None = None) -> None:
+        super().__init__(max_rows, max_seq_length, n_kv, head_dim, dtype, device, v_dim=v_dim)
         self.selection = selection
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -332,11 +332,11 @@ class BatchScheduler:
         return self
 
     def _install_caches(self) -> None:
-        cfg = self.model.config
+        n_kv, k_dim, v_dim = KVCache.dims(self.model.config)   # MLA: the latent and the RoPE key
         p = self.model.embed_tokens.weight
         for block in self.model.layers:
             block.self_attn.kv_cache = RowKVCache(self._selection, self.max_active, self.max_seq_len,
-                                                  cfg.num_key_value_heads, cfg.head_dim, dtype=p.dtype, device=p.device)
+                                                  n_kv, k_dim, dtype=p.dtype, device=p.device, v_dim=v_dim)
         # so that setup_caches() (Engine.generate) reuses these caches instead of replacing them
         self.model.max_batch_size, self.model.max_seq_length = self.max_active, self.max_seq_len
         self.model.add_observer(self._attribution)
@@ -420,9 +420,9 @@ class BatchScheduler:
     def kv_cache_bytes(self) -> int:
         """Bytes of the per-row KV caches (all layers, keys and values)."""
         cfg = self.model.config
+        n_kv, k_dim, v_dim = KVCache.dims(cfg)
         elem = self.model.embed_tokens.weight.element_size()
-        return 2 * cfg.num_hidden_layers * self.max_active * cfg.num_key_value_heads * self.max_seq_len \
-            * cfg.head_dim * elem
+        return cfg.num_hidden_layers * self.max_active * n_kv * self.max_seq_len * (k_dim + v_dim) * elem
 
     @property
     def active(self) -> int:

@@ -278,3 +278,30 @@ def test_close_answers_everything_left_with_unavailable(engine):
         assert isinstance(s.end, ErrorEvent) and s.end.code == "UNAVAILABLE"
     # the engine is usable on its own again
     assert engine.generate("Hello", max_tokens=3).completion_tokens == 3
+
+
+@pytest.mark.parametrize("family,kw", [
+    ("deepseek_v3", dict(hidden=48, layers=2, experts=8, top_k=2, ffn=24, heads=4, first_k_dense_replace=1,
+                         n_shared_experts=1, kv_lora_rank=12, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                         v_head_dim=12, n_group=2, topk_group=1, seed=31)),
+    ("gpt_oss", dict(hidden=48, layers=2, experts=4, top_k=2, ffn=24, heads=4, kv_heads=2, sliding_window=5,
+                     swiglu_limit=1.0, seed=32)),
+])
+def test_batched_rows_match_generate_for_mla_and_sinks(tmp_path, family, kw):
+    """Batched KV-cache rows hold DeepSeek's compressed latent + RoPE key (KVCache.dims) and GPT-OSS's
+    per-row sliding windows and sinks: each row decodes exactly Engine.generate's tokens."""
+    from family_checkpoints import make_family_checkpoint
+
+    ckpt = make_family_checkpoint(tmp_path / "ckpt", family, max_position_embeddings=CTX, **kw)
+    pack_checkpoint(ckpt, NvmeTier(tmp_path / "store"), model="fam", precisions=("bf16",), progress=False)
+    prompts = [[1, 40, 41, 42, 43, 44, 45, 46, 47], [1, 90], [1, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
+    with Engine.from_store(str(tmp_path / "store"), "fam", decode_step="eager") as eng:
+        refs = [eng.generate(p, max_tokens=12).token_ids for p in prompts]
+        with BatchScheduler(eng, max_active=3, max_queue=4) as sch:
+            sinks = [Collector() for _ in prompts]
+            for p, s in zip(prompts, sinks):
+                sch.submit(p, SamplingSpec(max_tokens=12), s)
+            for s in sinks:
+                s.wait()
+            assert sch.stats.max_batch >= 2
+    assert [s.ids for s in sinks] == refs
