@@ -223,7 +223,14 @@ def test_the_pod_runs_locally_as_the_manifest_says(tmp_path):
         assert r.returncode == 0, r.stderr
 
     # volumes: Secrets as files, emptyDirs as directories (the Memory one under /dev/shm)
-    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path
+    from expert_store.cli import _size
+
+    # the Memory emptyDir: /dev/shm when it has room for the arena (a container's default
+    # /dev/shm is 64 MiB), else a plain directory (the arena works on any filesystem)
+    need = 2 * _size(flag(side, "--arena-bytes"))
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shutil.disk_usage(shm).free < need:
+        shm = tmp_path
     arena_dir = Path(tempfile.mkdtemp(prefix=f"adapmoe-arena-{uuid.uuid4().hex[:8]}-", dir=shm))
     mounts: dict[str, Path] = {}
     for v in spec["volumes"]:
