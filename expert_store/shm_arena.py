@@ -107,6 +107,17 @@ class Location:
     generation: int
 
 
+@dataclass(frozen=True)
+class Lease:
+    """A blob's place at one moment (ArenaReader.lease): valid while its record's seq is `seq`."""
+
+    mapping: Any
+    slot: int
+    size: int
+    generation: int
+    seq: int
+
+
 class _Mapping:
     """One mmap of an arena file and word views of its header and index."""
 
@@ -457,6 +468,30 @@ class ArenaReader:
         self.counts["bytes"] += length
         return got
 
+    # ---- zero-copy consumers ----------------------------------------------------------------
+    def lease(self, model: str, layer: int, expert: int, precision: str) -> "Lease | None":
+        """Where the blob sits now, for a consumer that copies it itself (a DMA from tensor()
+        straight into a GPU slot): copy tensor()[slot, :size], wait for the copy to finish, then
+        `valid(lease)`; False means the slot was replaced meanwhile and the copy must be
+        discarded (the seqlock, checked after the copy instead of around a memcpy). None: not
+        published."""
+        slot = self.find(model, layer, expert, precision)
+        if slot is None:
+            return None
+        m = self.m
+        seq, size = m.word(slot, SEQ), m.word(slot, LENGTH)
+        if seq & 1 or m.word(slot, KEY) != blob_key(model, layer, expert, precision) or not 0 < size <= m.slot_bytes \
+                or m.names(slot) != (model, layer, expert, precision):
+            return None
+        return Lease(m, slot, size, m.word(slot, GENERATION), seq)
+
+    def valid(self, lease: "Lease") -> bool:
+        """True when nothing replaced the leased slot since lease() (and stamps its use)."""
+        if lease.mapping is not self.m or self.m.word(lease.slot, SEQ) != lease.seq:
+            return False
+        self.m.words[lease.slot * RECORD_WORDS + LAST_USED] = time.monotonic_ns()
+        return True
+
     # ---- DMA ------------------------------------------------------------------------------
     def tensor(self) -> Any:
         """The data region as a torch uint8 tensor [slots, slot_bytes] (no copy, read-only use)."""
@@ -502,4 +537,4 @@ class ArenaReader:
         self.m.close()
 
 
-__all__ = ["ArenaReader", "ArenaWriter", "Location", "blob_key", "layout", "MAGIC", "LIVE", "RETIRED"]
+__all__ = ["ArenaReader", "ArenaWriter", "Lease", "Location", "blob_key", "layout", "MAGIC", "LIVE", "RETIRED"]

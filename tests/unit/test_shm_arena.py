@@ -174,3 +174,29 @@ def test_slots_sized_for_the_precisions_served():
     assert slot_bytes_for([m], ("int4",)) == 16384            # 12289 up to 4 KiB
     with pytest.raises(InvalidArgument, match="no expert blobs at"):
         slot_bytes_for([m], ("int8",))
+
+
+def test_lease_for_a_zero_copy_consumer(path):
+    """A consumer that copies from tensor() itself (a DMA to the GPU) checks valid() after its
+    copy: True when untouched, False once the slot was replaced or evicted meanwhile."""
+    import torch
+
+    w = ArenaWriter.open(path, 6 * SLOT, SLOT)
+    r = ArenaReader(path)
+    try:
+        publish(w, 1, (0, 3, "int4"), blob(3))
+        lease = r.lease(MODEL, 0, 3, "int4")
+        assert (lease.slot, lease.size) == (1, 5000)
+        dst = r.tensor()[lease.slot, :lease.size].clone()      # stands for the H2D copy
+        assert r.valid(lease) and bytes(dst.numpy()) == blob(3)
+        assert r.lease(MODEL, 0, 4, "int4") is None
+        publish(w, 1, (0, 3, "int4"), blob(4))                  # replaced under the consumer
+        assert not r.valid(lease)
+        lease2 = r.lease(MODEL, 0, 3, "int4")
+        w.begin(1)                                              # evicted mid-copy
+        assert not r.valid(lease2) and r.lease(MODEL, 0, 3, "int4") is None
+        assert isinstance(r.tensor(), torch.Tensor) and r.tensor().shape == (r.slots, SLOT)
+        assert r.pin() == torch.cuda.is_available()
+    finally:
+        r.close()
+        w.close()
