@@ -83,6 +83,7 @@ class ServiceProcess(ServerProcess):
         super().__init__(argv, env=child_env() if env is None else env, cwd=ROOT,
                          stderr="pipe" if stderr_path is None else stderr_path, ready_timeout=ready_timeout)
         self.stderr_path = stderr_path
+        self._metrics = self._http = ""
 
     @classmethod
     def expert_store(cls, store_dir: Path, *extra: str) -> "ServiceProcess":
@@ -93,13 +94,22 @@ class ServiceProcess(ServerProcess):
         return cls(cli("moe-decoder") + ["serve", "--store", store_address, "--model", model,
                                          "--listen", "127.0.0.1:0", "--metrics-port", "0", *extra])
 
+    # announced on stdout, or set by a test that gave the server a fixed port
     @property
     def metrics(self) -> str:
-        return self.endpoints.get("metrics", "")
+        return self.endpoints.get("metrics", self._metrics)
+
+    @metrics.setter
+    def metrics(self, address: str) -> None:
+        self._metrics = address
 
     @property
     def http(self) -> str:  # the OpenAI HTTP API (moe-decoder serve --http-listen)
-        return self.endpoints.get("http", "")
+        return self.endpoints.get("http", self._http)
+
+    @http.setter
+    def http(self, address: str) -> None:
+        self._http = address
 
     def stderr_text(self) -> str:
         return self.output()
