@@ -101,6 +101,8 @@ from expert_store.wire import MAX_MESSAGE_BYTES, TOKEN_ENV
 
 log = logging.getLogger("expert_store.client")
 
+Pem = bytes | str | os.PathLike | None  # PEM bytes, or the path of a PEM file
+
 PRIORITIES = {"demand": pb.DEMAND, "prefetch": pb.PREFETCH}
 # A channel to a replica that went away retries its connection with exponential backoff up to
 # this; failover keeps retrying UNAVAILABLE for RETRY_WINDOW_S, so a restarted replica is reached.
@@ -197,8 +199,8 @@ class StoreClient:
     `StoreClient.open(target, ...)` picks the implementation."""
 
     @staticmethod
-    def open(target: str | os.PathLike, *, token: str | None = None, tls_ca: str | bytes | None = None,
-             tls_cert: str | bytes | None = None, tls_key: str | bytes | None = None,
+    def open(target: str | os.PathLike, *, token: str | None = None, tls_ca: Pem = None, tls_cert: Pem = None,
+             tls_key: Pem = None,
              tls_server_name: str | None = None, deadline_s: float = 30.0, max_streams: int = 4,
              max_refs_per_call: int = 64, max_attempts: int | None = None, channels_per_replica: int | None = None,
              verify: bool = True, redis_url: str | None = None, ram_bytes: int = 0,
@@ -425,8 +427,8 @@ class _BadData(Exception):
 
 
 class GrpcStoreClient(StoreClient):
-    def __init__(self, addresses: Sequence[str], *, token: str | None = None, tls_ca: Any = None,
-                 tls_cert: Any = None, tls_key: Any = None, tls_server_name: str | None = None,
+    def __init__(self, addresses: Sequence[str], *, token: str | None = None, tls_ca: Pem = None,
+                 tls_cert: Pem = None, tls_key: Pem = None, tls_server_name: str | None = None,
                  deadline_s: float = 30.0, max_streams: int = 4, max_refs_per_call: int = 64,
                  max_attempts: int | None = None, channels_per_replica: int | None = None, verify: bool = True,
                  target: str | None = None):
@@ -911,7 +913,7 @@ def _store_error(e: grpc.RpcError, address: str) -> StoreError:
     return error_for_code(name, f"{e.details()} (from {address})")
 
 
-def _pem(value: Any, what: str) -> bytes | None:
+def _pem(value: Pem, what: str) -> bytes | None:
     if value is None:
         return None
     if isinstance(value, (bytes, bytearray)):
@@ -922,7 +924,7 @@ def _pem(value: Any, what: str) -> bytes | None:
         raise InvalidArgument(f"cannot read {what} {value}: {e.strerror or e}") from None
 
 
-def _channel_credentials(tls_ca: Any, tls_cert: Any, tls_key: Any) -> grpc.ChannelCredentials | None:
+def _channel_credentials(tls_ca: Pem, tls_cert: Pem, tls_key: Pem) -> grpc.ChannelCredentials | None:
     if tls_ca is None and tls_cert is None:
         return None
     if (tls_cert is None) != (tls_key is None):

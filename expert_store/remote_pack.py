@@ -11,7 +11,7 @@ import threading
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import grpc
 from tqdm.auto import tqdm
@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import format as fmt
 from ._proto.adapmoe.v1 import expert_store_pb2 as pb
 from .checkpoint import check_pack_args, default_model_name, dense_file, pack_manifest, read_checkpoint_layout, tokenizer_files
-from .client import GrpcStoreClient, parse_replicas, rendezvous_order
+from .client import GrpcStoreClient, Pem, parse_replicas, rendezvous_order
 from .discovery import open_discovery
 from .errors import DataLoss, NotFound, StoreError, error_for_code
 from .manifest import BlobEntry, Manifest, Ref
@@ -269,15 +269,15 @@ def pack_remote(
     *,
     placement: str = "all",
     token: str | None = None,
-    tls_ca: Any = None,
-    tls_cert: Any = None,
-    tls_key: Any = None,
+    tls_ca: Pem = None,
+    tls_cert: Pem = None,
+    tls_key: Pem = None,
     tls_server_name: str | None = None,
     deadline_s: float = 30.0,
     discovery_timeout_s: float = 30.0,
     max_attempts: int | None = None,
     progress: bool = True,
-    on_upload: Any = None,
+    on_upload: Callable[[str, str], None] | None = None,
 ) -> RemotePackResult:
     """Pack a MoE checkpoint into running store replicas over gRPC (PutBlob), as
     ``pack_checkpoint`` does into a directory: the same blobs, dense file, config, tokenizer and
