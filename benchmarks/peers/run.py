@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-depth", type=int, default=None, help="context before them (default 48, our prompt length)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--reps", type=int, default=None, help="llama-bench repetitions (default 5; --tiny 2)")
+    p.add_argument("--llama-args", default="", metavar="FLAGS",
+                   help="further llama-bench flags for every placement, one string (e.g. '-lm auto,none')")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="build jobs")
     p.add_argument("--nice", type=int, default=19, help="build priority (nice) while our rows prepare")
     p.add_argument("--tag", default=None, help="output stem (default peers_M)")
@@ -291,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     def on_row(row: dict[str, Any]) -> None:
         """Log the row and keep every row so far in OUT (a call cut short still returns them)."""
         log(f"  {row['mode']:>16} budget {row['budget']}: {row.get('tokens_per_s') or row.get('error')}")
+        row["matched_type"] = row.get("model_path", "") == models[0]["path"]   # F16 for A, --b-type for B
         so_far.append(row)
         (out_dir / f"{tag}.json").write_text(json.dumps(so_far, indent=1, default=str) + "\n")
 
@@ -301,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"llama-bench: {Path(m['path']).name}, {len(places)} placements, -n {n_gen} -d {n_depth} -t {a.threads}")
         rows += bench.bench_model(bins["llama-bench"], Path(m["path"]), a.model, places, n_gen=n_gen, n_depth=n_depth,
                                   threads=a.threads, reps=reps, build=info, log=logf,
-                                  on_row=on_row)
+                                  extra=tuple(shlex.split(a.llama_args)), on_row=on_row)
     stages.end("bench")
 
     decode_rows = json.loads(ours.read_text()) if ours is not None else []

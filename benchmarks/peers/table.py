@@ -72,14 +72,15 @@ def our_rows(decode_rows: list[dict[str, Any]], model: str, config: dict[str, An
 
 def check_target(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """At each budget with an adapmoe row: adapmoe's tokens/s over the best llama.cpp row that
-    was asked for the same budget (its actual fraction is shown: placements come in whole
-    tensors or layers)."""
+    was asked for the same budget, among the rows in the type matched to our experts'
+    (`matched_type`: F16 for A's bf16, Q4_0 for B's int4; extra llama-quantize types are shown,
+    not compared). Its actual fraction is shown: placements come in whole tensors or layers."""
     out = []
     for r in rows:
         if r.get("peer") != "adapmoe" or r["mode"] != "adapmoe" or r.get("budget") is None:
             continue
         peers = [p for p in rows if p.get("peer") == "llama.cpp" and p["model"] == r["model"]
-                 and p.get("budget") == r["budget"] and p.get("tokens_per_s")]
+                 and p.get("budget") == r["budget"] and p.get("tokens_per_s") and p.get("matched_type", True)]
         if not peers:
             continue
         best = max(peers, key=lambda p: p["tokens_per_s"])
@@ -114,7 +115,8 @@ def markdown(rows: list[dict[str, Any]], targets: list[dict[str, Any]]) -> str:
             tps = f"failed: {r['error'][:60]}"
         row = r["placement"] if r.get("peer") == "llama.cpp" else r["mode"]
         if r.get("peer") == "llama.cpp":
-            row += f" ({r.get('weight_type', '?')})"
+            row += f" ({r.get('weight_type', '?')}"
+            row += f", -lm {r['load_mode']})" if r.get("load_mode") not in (None, "auto") else ")"
         lines.append(f"| {r['model']} | {r['peer']} | {row} | {_num(r.get('budget'), '.0%')} | "
                      f"{_num(r.get('gpu_expert_fraction'), '.0%')} | {_gb(r.get('gpu_expert_bytes'))} | {tps} | "
                      f"{_num(ratio, '.2f')} |")
@@ -132,7 +134,7 @@ def markdown(rows: list[dict[str, Any]], targets: list[dict[str, Any]]) -> str:
             v = first["version"]
             lines.append(f"- version: llama.cpp {v['llama_cpp_commit']} (llama-cpp-python {v['llama_cpp_python']} "
                          f"sdist), build flags: {' '.join(first.get('build_flags') or [])}")
-        lines += [f"- `{r['command']}`" for r in cmds]
+        lines += [f"- `{c}`" for c in dict.fromkeys(r["command"] for r in cmds)]   # once per run
     return "\n".join(lines) + "\n"
 
 
@@ -149,7 +151,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         for r in rows:
             if r["model"] != m or not r.get("tokens_per_s") or r.get("gpu_expert_bytes") is None:
                 continue
-            name = f"llama.cpp {r['placement']}" if r.get("peer") == "llama.cpp" else r["mode"]
+            name = r["mode"]
+            if r.get("peer") == "llama.cpp":
+                name = f"llama.cpp {r['placement']} {r.get('weight_type', '')}".strip()
+                if r.get("load_mode") not in (None, "auto"):
+                    name += f" -lm {r['load_mode']}"
             series.setdefault(name, []).append((r["gpu_expert_bytes"] / 1e9, r["tokens_per_s"]))
         for name, pts in sorted(series.items()):
             pts.sort()

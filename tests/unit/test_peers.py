@@ -175,11 +175,47 @@ def test_bench_command_and_row(tiny_gguf):
     assert cmd[:2] == ["/b/llama-bench", "-m"] and cmd[-2:] == list(p.args)
     i = cmd.index
     assert (cmd[i("-p") + 1], cmd[i("-n") + 1], cmd[i("-ngl") + 1], cmd[i("-o") + 1]) == ("0", "64", "99", "json")
-    row = bench.peer_row(bench_result(57.5), model="B", placement=p, layout=layout, cmd=cmd, build=BUILD, seconds=3.0)
+    assert "-v" in cmd
+    extra = bench.bench_command(Path("/b/llama-bench"), path, p, n_gen=64, n_depth=48, threads=16, reps=5,
+                                extra=("-lm", "auto,none"))
+    assert extra[-2:] == ["-lm", "auto,none"]
+    load = bench.load_reports(BENCH_STDERR)[0]
+    row = bench.peer_row(bench_result(57.5, load_mode="auto"), model="B", placement=p, layout=layout, cmd=cmd,
+                         build=BUILD, seconds=3.0, load=load)
+    assert row["model_buffers_mib"]["CUDA0"] == 6104.06 and row["overridden_tensors"] == {"CPU_REPACK": 2}
     assert row["mode"] == "llama.cpp-ot" and row["tokens_per_s"] == 57.5 and row["budget"] == 0.5
     assert row["gpu_expert_bytes"] == bench.gpu_expert_bytes(layout, p) and row["weight_type"] == "Q4_0"
     assert row["version"]["llama_cpp_commit"] == "0c1e57098" and "-ot" in row["command"]
     assert abs(row["ms_per_token"] - 1e3 / 57.5) < 1e-9
+
+
+# what llama-bench -v printed on stderr for one placement run twice (-lm auto,none), abridged
+BENCH_STDERR = """llama_model_loader: loaded meta data with 30 key-value pairs and 33 tensors from b.gguf (version GGUF V3 (latest))
+llama_model_loader: tensor overrides to CPU are used with mmap enabled - consider using --load-mode none for better performance
+tensor blk.0.ffn_up_exps.weight (0 MiB q4_0) buffer type overridden to CPU_REPACK
+tensor blk.1.ffn_gate_exps.weight (0 MiB q4_0) buffer type overridden to CPU_REPACK
+load_tensors: offloaded 3/3 layers to GPU
+load_tensors:        CUDA0 model buffer size =  6104.06 MiB
+load_tensors:   CPU_Mapped model buffer size =    70.31 MiB
+load_tensors:   CPU_REPACK model buffer size =   528.00 MiB
+llama_context: constructing llama_context
+llama_kv_cache:      CUDA0 KV buffer size =     8.00 MiB
+tensor blk.0.ffn_up_exps.weight (0 MiB q4_0) buffer type overridden to CPU_REPACK
+tensor blk.1.ffn_gate_exps.weight (0 MiB q4_0) buffer type overridden to CPU_REPACK
+load_tensors:        CUDA0 model buffer size =  6104.06 MiB
+load_tensors:          CPU model buffer size =    70.31 MiB
+load_tensors:   CPU_REPACK model buffer size =   528.00 MiB
+llama_context: constructing llama_context
+"""
+
+
+def test_load_reports_pair_each_load_with_its_buffers():
+    loads = bench.load_reports(BENCH_STDERR)
+    assert loads == [{"buffers_mib": {"CUDA0": 6104.06, "CPU_Mapped": 70.31, "CPU_REPACK": 528.0},
+                      "overridden": {"CPU_REPACK": 2}},
+                     {"buffers_mib": {"CUDA0": 6104.06, "CPU": 70.31, "CPU_REPACK": 528.0},
+                      "overridden": {"CPU_REPACK": 2}}]
+    assert bench.load_reports("no load here\n") == []
 
 
 # ------------------------------------------------------------------ table and target
@@ -229,6 +265,10 @@ def test_target_is_adapmoe_over_the_best_llama_cpp_placement_at_the_same_budget(
     faster = [ours("adapmoe", 0.5, 100.0, [4] * 8)]
     (t,) = table.combine(faster, None, PEER_ROWS)[1]
     assert t["met"] and t["measured"] == pytest.approx(100 / 82)
+    # a llama-quantize type other than the one matched to our experts is shown, not compared
+    other = {**peer("ncmoe", 0.5, 500.0), "weight_type": "Q2_K", "matched_type": False}
+    rows2, (t2,) = table.combine(faster, None, PEER_ROWS + [other])
+    assert t2["llama_cpp_tokens_per_s"] == 82.0 and any(r.get("weight_type") == "Q2_K" for r in rows2)
     md = table.markdown(rows, targets)
     assert "- target MISSED: B @ 25%: adapmoe >= 1.2x llama.cpp at the same GPU expert memory: 0.46" in md
     assert "`llama-bench ... ot`" in md and "0c1e57098" in md
