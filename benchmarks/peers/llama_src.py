@@ -55,7 +55,8 @@ def nvcc() -> str | None:
 
 
 def cmake_args(src: Path, build: Path, cuda: bool, commit: str) -> list[str]:
-    args = ["cmake", "-S", str(src), "-B", str(build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []   # else CMake's default (make)
+    args = ["cmake", "-S", str(src), "-B", str(build), *generator, "-DCMAKE_BUILD_TYPE=Release",
             "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
             "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", f"-DLLAMA_BUILD_COMMIT={commit}",
             f"-DGGML_CUDA={'ON' if cuda else 'OFF'}"]

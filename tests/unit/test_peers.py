@@ -284,3 +284,19 @@ def test_write_outputs(tmp_path, capsys):
     table.print_targets(targets)
     out = capsys.readouterr().out
     assert out.count("target MISSED") == 2
+
+
+# ------------------------------------------------------------------ the build's command line
+def test_build_script_names_the_flags_and_targets(tmp_path):
+    from benchmarks.peers import llama_src
+
+    with pytest.raises(FileNotFoundError, match="fetch-llama-cpp.sh"):
+        llama_src.source_info(tmp_path)
+    (tmp_path / "ADAPMOE_SOURCE.json").write_text(json.dumps({"llama_cpp_commit": "0c1e57098",
+                                                               "llama_cpp_python": "0.3.36"}))
+    script, conf = llama_src.build_script(tmp_path, tmp_path / "b", cuda=True, jobs=16, nice=19)
+    assert {"-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=90", "-DLLAMA_BUILD_COMMIT=0c1e57098",
+            "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TESTS=OFF"} <= set(conf)
+    assert script.endswith("nice -n 19 cmake --build " + str(tmp_path / "b") + " --target llama-bench llama-quantize -j 16")
+    _, cpu = llama_src.build_script(tmp_path, tmp_path / "b", cuda=False, jobs=2)
+    assert "-DGGML_CUDA=OFF" in cpu and not any(a.startswith("-DCMAKE_CUDA") for a in cpu)
