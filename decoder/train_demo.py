@@ -1,6 +1,12 @@
 """`moe-decoder train-demo`: train the small demo Mixtral-layout model, save an HF checkpoint.
 
-    moe-decoder train-demo --out DIR [--steps N] [--seed S]
+    moe-decoder train-demo --out DIR [--steps N] [--seed S] [--family qwen3_moe] [--experts E --top-k K --ffn F]
+
+`--family` trains the same-size model in another softmax-routed family's layout (TRAIN_FAMILIES:
+Qwen3-MoE's per-head q/k norm and renormalised top-k, Qwen2-MoE's q/k/v biases, OLMoE's
+full-projection q/k norm; the last two weigh the top-k by their softmax probabilities), with
+fine-grained experts by default (16 of ffn 128, top-4: the expert parameters and active width
+of Mixtral's 8 of 256, top-2), so the real-routing benchmarks can run on fine-grained experts.
 
 Corpus: the CPython standard library sources of the running interpreter (every install has
 them): `*.py` under sysconfig's "stdlib" path (site-packages excluded), read in a fixed
@@ -15,10 +21,11 @@ trained from scratch with AdamW (warmup + cosine), next-token cross-entropy plus
 Switch/Mixtral load-balancing loss, so the routers learn genuinely specialised routing while
 keeping the experts' load spread out.
 
-Saved to DIR: config.json (model_type "mixtral", architectures ["MixtralForCausalLM"]),
-model.safetensors (HF Mixtral names, per-expert
+Saved to DIR: config.json (model_type "mixtral", architectures ["MixtralForCausalLM"]; or the
+family's), model.safetensors (HF Mixtral names, per-expert
 model.layers.{l}.block_sparse_moe.experts.{e}.w1/w2/w3.weight, which every transformers
-version loads), tokenizer.json, and train_report.json with:
+version loads; or the family's mlp.experts.{e}.gate_proj/up_proj/down_proj), tokenizer.json,
+and train_report.json with:
 
 - held-out loss, perplexity (per token) and bits per byte;
 - per layer: mean router entropy in bits (uniform = log2(E)) after training and at init,
@@ -52,6 +59,13 @@ EOT = "<|endoftext|>"
 # machine whose cores are shared, several spinning OpenMP threads slow training down tenfold).
 DEFAULT_STEPS = 500
 DEFAULT_SEED = 1234
+# family -> (experts, top-k, expert ffn) by default; and the family's ModelConfig switches
+TRAIN_FAMILIES: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {
+    "mixtral": ((8, 2, 256), {}),
+    "qwen3_moe": ((16, 4, 128), {"qk_norm": "head", "norm_topk_prob": True}),
+    "qwen2_moe": ((16, 4, 128), {"qkv_bias": True, "norm_topk_prob": False}),
+    "olmoe": ((16, 4, 128), {"qk_norm": "full", "norm_topk_prob": False}),
+}
 
 
 @dataclass
@@ -63,7 +77,8 @@ class TrainSettings:
     heldout_mb: float = 1.0          # held-out text read for evaluation, MB
     heldout_mod: int = 20            # a file is held out when hash(relpath) % heldout_mod == 0
     vocab_size: int = 2048
-    # model (Mixtral layout)
+    # model (Mixtral layout unless family says otherwise)
+    family: str = "mixtral"
     hidden_size: int = 128
     intermediate_size: int = 256
     num_layers: int = 4
@@ -219,6 +234,7 @@ def model_config(s: TrainSettings, vocab_size: int):
         head_dim=s.hidden_size // s.num_heads, num_local_experts=s.num_experts, num_experts_per_tok=s.top_k,
         rms_norm_eps=1e-5, rope_theta=s.rope_theta, max_position_embeddings=s.max_position_embeddings,
         tie_word_embeddings=False, bos_token_id=0, eos_token_ids=(0,), router_aux_loss_coef=s.aux_loss_coef,
+        family=s.family, **TRAIN_FAMILIES[s.family][1],
     )
 
 
@@ -464,7 +480,7 @@ def write_tokenizer_config(out: pathlib.Path) -> str:
 
 
 def save_checkpoint(out: pathlib.Path, model, tok) -> list[str]:
-    """config.json, model.safetensors (HF Mixtral names), tokenizer.json, tokenizer_config.json
+    """config.json, model.safetensors (the family's HF names), tokenizer.json, tokenizer_config.json
     (the chat template); returns the file names."""
     from safetensors.torch import save_file
 
@@ -527,7 +543,7 @@ def run(out: str | os.PathLike, settings: TrainSettings, progress: bool = True,
     model.init_weights(std=s.init_std, seed=s.seed)
     n_params = sum(p.numel() for p in model.parameters())
     n_expert = cfg.expert_params * cfg.num_local_experts * cfg.num_hidden_layers
-    log(f"train-demo: Mixtral layout: {cfg.num_hidden_layers} layers, {cfg.num_local_experts} experts "
+    log(f"train-demo: {cfg.family} layout: {cfg.num_hidden_layers} layers, {cfg.num_local_experts} experts "
         f"(top-{cfg.num_experts_per_tok}), hidden {cfg.hidden_size}, ffn {cfg.intermediate_size}: "
         f"{n_params / 1e6:.2f} M parameters ({n_expert / 1e6:.2f} M in experts)")
 
@@ -548,7 +564,9 @@ def run(out: str | os.PathLike, settings: TrainSettings, progress: bool = True,
     files = save_checkpoint(out, model, tok)
     active = (n_params - n_expert) + cfg.expert_params * cfg.num_experts_per_tok * cfg.num_hidden_layers
     report: dict[str, Any] = {
-        "command": "moe-decoder train-demo --out DIR " + f"--steps {s.steps} --seed {s.seed}",
+        "command": "moe-decoder train-demo --out DIR " + f"--steps {s.steps} --seed {s.seed}"
+                   + ("" if s.family == "mixtral" else f" --family {s.family} --experts {s.num_experts} "
+                                                        f"--top-k {s.top_k} --ffn {s.intermediate_size}"),
         "settings": asdict(s),
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "platform": platform.platform(), "stdlib": corpus.root},
@@ -609,6 +627,10 @@ def _validate(s: TrainSettings) -> None:
         raise ValueError(f"--seq-len must be in [8, {s.max_position_embeddings})")
     if s.batch_size < 1 or s.eval_windows < 1 or s.threads < 1:
         raise ValueError("--batch-size, --eval-windows and --threads must be >= 1")
+    if s.family not in TRAIN_FAMILIES:
+        raise ValueError(f"--family must be one of {', '.join(TRAIN_FAMILIES)}, got {s.family!r}")
+    if s.num_experts < 2 or s.intermediate_size < 1 or not 1 <= s.top_k <= s.num_experts:
+        raise ValueError("--experts must be >= 2, --ffn >= 1 and --top-k in 1..--experts")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -629,6 +651,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-windows", type=int, default=d.eval_windows, help="held-out windows of --seq-len")
     p.add_argument("--threads", type=int, default=d.threads,
                    help="torch threads (fixed, part of what makes runs reproducible)")
+    p.add_argument("--family", default=d.family, choices=list(TRAIN_FAMILIES),
+                   help="the checkpoint's family layout (model_type)")
+    p.add_argument("--experts", type=int, default=None,
+                   help="routed experts per layer (default: 8 for mixtral, 16 for the others)")
+    p.add_argument("--top-k", type=int, default=None, help="experts per token (default: 2 for mixtral, 4 for the others)")
+    p.add_argument("--ffn", type=int, default=None, help="one expert's ffn width (default: 256 for mixtral, 128 for the others)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     from expert_store.cli import show_defaults
 
@@ -636,9 +664,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> TrainSettings:
+    experts, top_k, ffn = TRAIN_FAMILIES[args.family][0]
     return TrainSettings(steps=args.steps, seed=args.seed, corpus_mb=args.corpus_mb, heldout_mb=args.heldout_mb,
                          vocab_size=args.vocab_size, batch_size=args.batch_size, seq_len=args.seq_len,
-                         lr=args.lr, eval_windows=args.eval_windows, threads=args.threads)
+                         lr=args.lr, eval_windows=args.eval_windows, threads=args.threads, family=args.family,
+                         num_experts=args.experts if args.experts is not None else experts,
+                         top_k=args.top_k if args.top_k is not None else top_k,
+                         intermediate_size=args.ffn if args.ffn is not None else ffn)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
