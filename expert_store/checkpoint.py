@@ -9,8 +9,10 @@ Checkpoints: one ``*.safetensors`` file or several (with or without
 as w1/w3/w2), or fused transformers-5 tensors ``model.layers.{l}.mlp.experts.gate_up_proj [E, 2*ffn, hidden]`` (gate half first) and
 ``down_proj [E, hidden, ffn]``; GPT-OSS's fused tensors are transposed with gate/up interleaved
 (``gate_up_proj [E, hidden, 2*ffn]``, ``down_proj [E, ffn, hidden]``; blobs hold them as
-w1/w3/w2 like every family) and their per-expert biases (``*_proj_bias``) go to the dense file.
-DeepSeek-V3's multi-token-prediction layers (past ``num_hidden_layers``) are not packed.
+w1/w3/w2 like every family) and their per-expert biases (``*_proj_bias``) go to the dense file;
+GPT-OSS as released ships them MXFP4 (``*_proj_blocks`` + ``*_proj_scales``, rows = outputs),
+dequantized exactly when read (``quant.dequantize_mxfp4``). DeepSeek-V3's
+multi-token-prediction layers (past ``num_hidden_layers``) are not packed; its fp8 release is refused.
 
 Memory stays bounded by one expert plus one copy of the dense part (small next to the experts):
 tensors are read one at a time through ``safetensors.safe_open``, and each file mapping is
@@ -38,6 +40,7 @@ from safetensors import safe_open
 from . import families
 from . import format as fmt
 from .manifest import BlobEntry, Manifest, Ref
+from .quant import dequantize_mxfp4
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,8 @@ _PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d
 _PER_EXPERT_PROJ = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _PROJ_TO_W = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 _FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+# GPT-OSS as released: MXFP4 experts, [E, rows, in/32, 16] packed nibbles + [E, rows, in/32] exponents
+_FUSED_MXFP4 = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.((?:gate_up_proj|down_proj)_(?:blocks|scales))$")
 _ROUTER = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.(?:gate|router)\.weight$")  # GPT-OSS: router
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _INDEX = "model.safetensors.index.json"
@@ -81,6 +86,7 @@ class CheckpointLayout:
     family: str = "mixtral"  # expert_store.families model_type
     moe_layers: tuple[int, ...] | None = None  # layers with routed experts (None: all)
     expert_names: dict[tuple[int, int, str], str] = field(default_factory=dict)  # (l, e, w1|w3|w2) -> source name
+    mxfp4: bool = False  # GPT-OSS experts as MXFP4 blocks + scales (dequantized when read)
 
     @property
     def expert_layers(self) -> tuple[int, ...]:
@@ -89,6 +95,12 @@ class CheckpointLayout:
 
     def expert_tensors(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """``{"w1", "w3", "w2"}`` (gate, up, down) of one expert, read from disk (only those bytes)."""
+        if self.mxfp4:   # rows are outputs: [2F, H] with gate/up interleaved, [H, F]
+            base = f"model.layers.{layer}.mlp.experts."
+            gate_up, down = (dequantize_mxfp4(_read(self.files[base + p + "_blocks"], base + p + "_blocks", expert),
+                                              _read(self.files[base + p + "_scales"], base + p + "_scales", expert))
+                             for p in ("gate_up_proj", "down_proj"))
+            return {"w1": gate_up[0::2].contiguous(), "w3": gate_up[1::2].contiguous(), "w2": down}
         if self.fused and self.family == "gpt_oss":   # [H, 2F] gate/up interleaved, [F, H]: transposed
             base = f"model.layers.{layer}.mlp.experts."
             gate_up = _read(self.files[base + "gate_up_proj"], base + "gate_up_proj", expert)
@@ -248,7 +260,7 @@ def read_checkpoint_layout(checkpoint_dir: str | os.PathLike) -> CheckpointLayou
                                       f"({expert_names[key]}, {name})")
             per_expert[key[:2]].add(w)
             expert_names[key] = name
-        elif m := _FUSED.match(name):
+        elif (m := _FUSED.match(name)) or (family == "gpt_oss" and (m := _FUSED_MXFP4.match(name))):
             fused[int(m[1])].add(m[2])
         else:
             if m := _ROUTER.match(name):
@@ -261,6 +273,9 @@ def read_checkpoint_layout(checkpoint_dir: str | os.PathLike) -> CheckpointLayou
     if per_expert and fused:
         raise CheckpointError(f"{root}: mixes per-expert and fused expert tensors")
     is_fused = bool(fused)
+    mxfp4 = any(n.endswith("_blocks") for names in fused.values() for n in names)
+    if mxfp4 and (hidden % 32 or ffn % 32):
+        raise CheckpointError(f"{root}: MXFP4 experts need hidden_size and intermediate_size multiples of 32")
 
     # completeness and shapes (headers only)
     shapes: dict[str, list[int]] = {}
@@ -283,10 +298,16 @@ def read_checkpoint_layout(checkpoint_dir: str | os.PathLike) -> CheckpointLayou
 
     moe_set = set(moe_layers)
     for layer in moe_layers:
+        if mxfp4:
+            base = f"model.layers.{layer}.mlp.experts."
+            for proj, rows, cols in (("gate_up_proj", 2 * ffn, hidden), ("down_proj", hidden, ffn)):
+                expect(base + proj + "_blocks", [num_experts, rows, cols // 32, 16])
+                expect(base + proj + "_scales", [num_experts, rows, cols // 32])
         if is_fused and family == "gpt_oss":   # transposed, plus per-expert biases (packed dense)
             base = f"model.layers.{layer}.mlp.experts."
-            expect(base + "gate_up_proj", [num_experts, hidden, 2 * ffn])
-            expect(base + "down_proj", [num_experts, ffn, hidden])
+            if not mxfp4:
+                expect(base + "gate_up_proj", [num_experts, hidden, 2 * ffn])
+                expect(base + "down_proj", [num_experts, ffn, hidden])
             expect(base + "gate_up_proj_bias", [num_experts, 2 * ffn])
             expect(base + "down_proj_bias", [num_experts, hidden])
         elif is_fused:
@@ -326,6 +347,7 @@ def read_checkpoint_layout(checkpoint_dir: str | os.PathLike) -> CheckpointLayou
         family=family,
         moe_layers=None if moe_layers == tuple(range(num_layers)) else moe_layers,
         expert_names=expert_names,
+        mxfp4=mxfp4,
     )
 
 

@@ -200,6 +200,27 @@ def dequantize(
     return out
 
 
+# the 16 FP4 (e2m1) values, by nibble: sign bit 3, then 0, 0.5, 1, 1.5, 2, 3, 4, 6
+_FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """OCP MX FP4 weights (GPT-OSS's released experts) -> float32, exactly.
+
+    ``blocks`` uint8 ``[..., rows, G, 16]``: blocks of 32 values along the input dim, two FP4
+    (e2m1) values per byte, the even column in the low nibble; ``scales`` uint8 ``[..., rows,
+    G]``: one E8M0 exponent per block (value = fp4 x 2^(scale - 127)). Returns ``[..., rows, G*32]``.
+    """
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.shape[-1] != 16 \
+            or tuple(blocks.shape[:-1]) != tuple(scales.shape):
+        raise ValueError(f"MXFP4 needs uint8 blocks [..., G, 16] and uint8 scales [..., G], got "
+                         f"{blocks.dtype} {tuple(blocks.shape)} and {scales.dtype} {tuple(scales.shape)}")
+    lut = torch.tensor(_FP4_E2M1, dtype=torch.float32, device=blocks.device)
+    vals = torch.stack([lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]], dim=-1)   # [..., G, 16, 2]
+    vals = torch.ldexp(vals.flatten(-2), (scales.to(torch.int32) - 127)[..., None])       # [..., G, 32]
+    return vals.flatten(-2)
+
+
 def error_bound(scales: torch.Tensor, group_size: int, in_f: int) -> torch.Tensor:
     """Per-element bound ``scale/2 * (1 + 2**-10)`` as a float32 ``[out, in]`` tensor."""
     s = scales.to(torch.float32).repeat_interleave(group_size, dim=1)[:, :in_f]

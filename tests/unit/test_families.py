@@ -206,6 +206,54 @@ def test_pack_layout_deepseek_and_gpt_oss(checkpoints, family, tmp_path):
     assert (q["w1"] - t["w1"].float()).abs().max() <= t["w1"].float().abs().max() / 100
 
 
+def test_gpt_oss_mxfp4_experts_are_dequantized_when_packed(tmp_path):
+    """A GPT-OSS checkpoint as released (experts as MXFP4 `*_blocks` + `*_scales`, quantization_config
+    mxfp4) packs into the bf16 blobs of its dequantized experts: transformers' own MXFP4 conversion
+    (`convert_moe_packed_tensors`) of the same blocks gives the bf16 checkpoint AutoModelForCausalLM
+    runs, the blobs hold exactly its experts and the engine over the packed store matches it."""
+    import shutil
+
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from decoder import Engine
+
+    src = make_family_checkpoint(tmp_path / "src", "gpt_oss", hidden=64, ffn=32, experts=4, top_k=2, layers=2,
+                                 heads=4, kv_heads=2, sliding_window=4, swiglu_limit=1.0, seed=16)
+    state = {}
+    for f in sorted(src.glob("*.safetensors")):
+        state.update(safetensors.torch.load_file(str(f)))
+    cfg = json.loads((src / "config.json").read_text())
+    g = torch.Generator().manual_seed(17)
+    packed, ref = dict(state), dict(state)
+    for l in range(cfg["num_hidden_layers"]):
+        for proj, rows, cols in (("gate_up_proj", 64, 64), ("down_proj", 64, 32)):   # [E, rows, cols/32, 16]
+            name = f"model.layers.{l}.mlp.experts.{proj}"
+            blocks = torch.randint(0, 256, (4, rows, cols // 32, 16), generator=g, dtype=torch.int32).to(torch.uint8)
+            scales = torch.randint(118, 123, (4, rows, cols // 32), generator=g, dtype=torch.int32).to(torch.uint8)
+            del packed[name]
+            packed[name + "_blocks"], packed[name + "_scales"] = blocks, scales
+            ref[name] = convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16)   # [E, cols, rows]
+            assert ref[name].shape == state[name].shape
+    for d, tensors, extra in ((tmp_path / "mxfp4", packed, {"quantization_config": {"quant_method": "mxfp4"}}),
+                              (tmp_path / "ref", ref, {})):
+        d.mkdir()
+        safetensors.torch.save_file(tensors, str(d / "model.safetensors"))
+        (d / "config.json").write_text(json.dumps({**cfg, **extra}))
+        shutil.copy(src / "tokenizer.json", d / "tokenizer.json")
+    store = NvmeTier(tmp_path / "store")
+    pack_checkpoint(tmp_path / "mxfp4", store, model="m", progress=False)
+    t = blob_to_tensors(store.get(fmt.expert_key("m", 1, 3, "bf16")))
+    gate_up, down = ref["model.layers.1.mlp.experts.gate_up_proj"][3], ref["model.layers.1.mlp.experts.down_proj"][3]
+    assert torch.equal(t["w1"], gate_up[:, 0::2].t()) and torch.equal(t["w3"], gate_up[:, 1::2].t())
+    assert torch.equal(t["w2"], down.t())
+    want_model = load_reference(tmp_path / "ref")
+    ids = [1] + torch.randint(3, 300, (17,), generator=g).tolist()
+    with Engine.from_store(str(tmp_path / "store"), "m", decode_step="eager") as engine, torch.no_grad():
+        got = engine.forward_logits(ids)
+        want = want_model(torch.tensor([ids])).logits[0]
+    assert want.abs().max().item() > 0.5 and (got - want).abs().max().item() < 1e-4
+
+
 def test_refusals_name_the_supported_model_types(tmp_path):
     for bad in ({"model_type": "llama", "vocab_size": 10}, {"architectures": ["DbrxForCausalLM"]}):
         with pytest.raises(ValueError) as ei:
@@ -221,8 +269,8 @@ def test_refusals_name_the_supported_model_types(tmp_path):
         pack_checkpoint(ckpt, store, progress=False)
     assert "dbrx" in str(ei.value) and all(t in str(ei.value) for t in SUPPORTED_MODEL_TYPES)
     assert list(store.keys()) == []
-    # checkpoints shipping fp8 (DeepSeek-V3) or MXFP4 (GPT-OSS) weights are refused in one line
-    for family, method in (("deepseek_v3", "fp8"), ("gpt_oss", "mxfp4")):
+    # checkpoints shipping fp8 weights (DeepSeek-V3 as released) are refused in one line
+    for family, method in (("deepseek_v3", "fp8"), ("gpt_oss", "fp8")):
         cfg.update(model_type=family, quantization_config={"quant_method": method})
         (ckpt / "config.json").write_text(json.dumps(cfg))
         with pytest.raises(NotMixtralCheckpointError, match=f"{method}-quantized") as ei:
