@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = build_engine(args)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, args.vocab, (args.prompt_tokens,), generator=g).tolist() for _ in range(args.requests)]
-    run_batch(engine, prompts[:2], 2, 4)  # warm-up (allocator, kernels)
+    for b in batches:   # warm-up: allocator, kernel compilation, the step's graphs of every bucket up to b
+        run_batch(engine, prompts[:b], b, 4)
     runs = [run_batch(engine, prompts, b, args.max_tokens) for b in batches]
     ref = runs[0]["ids"]
     rows = []

@@ -122,11 +122,19 @@ def copy_rate() -> float:
     return 10 * a.numel() / (time.perf_counter() - t0) / 1e9 * 2  # read + write both cross HBM
 
 
-def sweep_grid() -> tuple[list[dict], list[dict]]:
+def sweep_grid(bits: int) -> tuple[list[dict], list[dict]]:
+    """Tiles to try for the up and the down kernel. Quantized tiles hold fewer bytes per element,
+    so their grid also reaches wider tiles along the stored rows (more bytes in flight per step)."""
+    if bits == 16:
+        up_tiles = list(itertools.product((32, 64, 128), (128, 256)))
+        down_tiles = list(itertools.product((32, 64, 128), (128, 256)))
+    else:
+        up_tiles = [(16, 512), (16, 1024), (32, 256), (32, 512), (64, 128), (64, 256), (64, 512), (128, 256)]
+        down_tiles = [(16, 512), (32, 256), (32, 512), (64, 128), (64, 256), (64, 512), (128, 256)]
     up = [dict(block_f=f, block_h=h, up_warps=w, up_stages=st)
-          for f, h, w, st in itertools.product((32, 64, 128), (128, 256), (4, 8), (3, 4))]
+          for (f, h), w, st in itertools.product(up_tiles, (4, 8), (3, 4))]
     down = [dict(block_d=d, block_fd=fd, down_warps=w, down_stages=st)
-            for d, fd, w, st in itertools.product((32, 64, 128), (128, 256), (4, 8), (3, 4))]
+            for (d, fd), w, st in itertools.product(down_tiles, (4, 8), (3, 4))]
     return up, down
 
 
@@ -156,11 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     hbm = copy_rate()
     print(f"{device}: device copy {hbm:.0f} GB/s (bytes read + written)")
     rows, tuned = [], {}
-    up_grid, down_grid = sweep_grid()
     for shape in args.shapes.split(","):
         H, Fd = SHAPES[shape]
         for prec in args.precisions.split(","):
             bits = BITS[prec]
+            up_grid, down_grid = sweep_grid(bits)
             gen = torch.Generator(device="cuda").manual_seed(0)
             banks, expert_bytes = make_banks(H, Fd, bits, gen)
             slot_of = torch.arange(EXPERTS, dtype=torch.int32, device="cuda")

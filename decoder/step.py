@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from decoder.experts.prefetch import Prefetcher
 from decoder.gating import CountingGating
 from decoder.kernels.fused_moe import fused_moe, moe_torch, use_kernels
+from decoder.kernels.norm import rms_norm
 from decoder.model.transformer import Transformer, apply_rope_signed, rope_cos_sin, sign_rotated_sin
 from decoder.routing import TopKGating, overrides, topk_route, wants_host_routing
 
@@ -128,11 +129,16 @@ class DecodeStep:
         self.kpos = torch.arange(self.S, device=dev)
         # activations
         self.x = zeros(B, H)                    # residual stream
+        self.xn = zeros(B, H)                   # input norm
         self.h = zeros(B, H)                    # after attention
         self.moe_in = zeros(B, H)               # post-attention norm
+        self.cos_t = zeros(B, 1, self.hd)       # RoPE of this token's positions
+        self.sin_t = zeros(B, 1, self.hd)
         self.mask = torch.zeros(B, 1, 1, self.S, dtype=torch.bool, device=dev)
         self.route_w = [zeros(B, self.k, dtype=torch.float32) for _ in range(self.L)]
-        self.route_ids = [zeros(B, self.k, dtype=torch.long) for _ in range(self.L)]
+        self.ids_all = zeros(self.L, B, self.k, dtype=torch.long)         # every layer's routing
+        self.route_ids = list(self.ids_all.unbind(0))                      # views, per layer
+        self.pend_all = zeros(self.L, B, dtype=torch.float32)              # dropped w2 or -1
         self.distance = [self.prefetcher.static_distance(l) if self.prefetcher else 0 for l in range(self.L)]
         # per layer, what the host reads: ids [k], dropped w2 or -1 [1], weights [k], predictions [D * 2k]
         self.readback = [zeros(B, 2 * self.k + 1 + 2 * self.k * d, dtype=torch.float32) for d in self.distance]
@@ -165,6 +171,8 @@ class DecodeStep:
         if window is not None:
             mask = mask & (q - self.kpos[None, :] < window)
         self.mask.copy_(mask[:, None, None, :])
+        self.cos_t.copy_(self.cos[self.input_pos][:, None])
+        self.sin_t.copy_(self.sin[self.input_pos][:, None])
 
     def _attention(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         # x: [B, H] (normed) -> [B, H]; K/V of this token go to the static cache at input_pos
@@ -173,9 +181,7 @@ class DecodeStep:
         q = a.q_proj(x).view(B, nh, 1, hd)
         k = a.k_proj(x).view(B, nkv, 1, hd)
         v = a.v_proj(x).view(B, nkv, 1, hd)
-        cos = self.cos[self.input_pos][:, None]                             # [B, 1, hd]
-        sin = self.sin[self.input_pos][:, None]
-        q, k = apply_rope_signed(q, cos, sin), apply_rope_signed(k, cos, sin)
+        q, k = apply_rope_signed(q, self.cos_t, self.sin_t), apply_rope_signed(k, self.cos_t, self.sin_t)
         kc, vc = a.kv_cache.k_cache, a.kv_cache.v_cache                    # [Bmax, nkv, S, hd]
         kc[self.rows, :, self.input_pos] = k[:, :, 0]
         vc[self.rows, :, self.input_pos] = v[:, :, 0]
@@ -203,18 +209,13 @@ class DecodeStep:
         if layer == 0:
             self._embed()
         blk = self.model.layers[layer]
-        h = self.x + self._attention(layer, blk.input_layernorm(self.x))
-        self.h.copy_(h)
-        m = blk.post_attention_layernorm(h)
-        self.moe_in.copy_(m)
+        rms_norm(blk.input_layernorm, self.x, self.xn)
+        attn = self._attention(layer, self.xn)
+        rms_norm(blk.post_attention_layernorm, self.x, self.moe_in, residual=attn, h_out=self.h)   # h = x + attn
+        m = self.moe_in
         w, ids, pend = self._route(layer, blk.block_sparse_moe.gate(m))
         self.route_w[layer].copy_(w)
         self.route_ids[layer].copy_(ids)
-        if self.row_counts:
-            n = (ids >= 0).sum(1)                                            # [B]
-            per_row = torch.stack([n > 0, n, n == 1], dim=1).long()         # padding rows: n = 0
-            for rc in self.row_counts:
-                rc[:self.B] += per_row
         if whole:                   # nothing is read and every expert is resident: no predictions
             return pend
         parts = [ids.float(), pend[:, None], w]
@@ -227,33 +228,44 @@ class DecodeStep:
     def _moe(self, layer: int, experts: list[int] | None = None) -> None:
         args = (self.moe_in, self.route_w[layer], self.route_ids[layer], self.slots[layer], self.banks[layer])
         y = fused_moe(*args) if experts is None or self.kernels else moe_torch(*args, experts=experts)
-        self.x.copy_(self.h + y)
+        torch.add(self.h, y, out=self.x)
         if layer == self.L - 1:
+            self._count_rows()
             self._head()
 
     def _head(self) -> None:
         m = self.model
         self.logits.copy_(m.lm_head(m.norm(self.x)).float())
 
-    def _count(self, layer: int, pend: torch.Tensor) -> None:
-        # device counters of one layer (whole mode): nothing is read; pend: dropped w2 or -1 [B]
-        ids = self.route_ids[layer]
-        valid = ids >= 0                                                     # [B, k]
-        n = valid.sum(1)                                                     # [B]
-        act = self.active
+    def _count_rows(self) -> None:
+        # per batch row [decisions, experts used, single-expert decisions] of this token's final
+        # routing (after any host decision), for the batching scheduler's usage
+        if not self.row_counts:
+            return
+        n = (self.ids_all >= 0).sum(2)                                         # [L, B]
+        per_row = torch.stack([(n > 0).sum(0), n.sum(0), (n == 1).sum(0)], dim=1).long()   # padding rows: 0
+        for rc in self.row_counts:
+            rc[:self.B] += per_row
+
+    def _count(self) -> None:
+        # device counters of a whole-mode token, every layer at once: nothing is read
+        ids, pend, act = self.ids_all, self.pend_all, self.active              # [L, B, k], [L, B], [B]
+        L = self.L
+        valid = ids >= 0
+        n = valid.sum(2)                                                       # [L, B]
         dropped = (pend >= 0) & act
-        onehot = torch.zeros(self.E, dtype=torch.long, device=self.device)
-        onehot.scatter_add_(0, ids.clamp(min=0).flatten(), valid.flatten().long())
-        c = torch.stack([act.sum(), (n * act).sum(), ((n == 1) & act).sum(),
-                         torch.where(dropped, pend * pend, 0.0).sum(), (onehot > 0).sum()]).double()
-        self.counts[layer] += c
-        self.loads[layer] += onehot
+        onehot = torch.zeros(L, self.E, dtype=torch.long, device=self.device)
+        onehot.scatter_add_(1, ids.clamp(min=0).view(L, -1), valid.view(L, -1).long())
+        c = torch.stack([act.sum().expand(L), (n * act).sum(1), ((n == 1) & act).sum(1),
+                         torch.where(dropped, pend * pend, 0.0).sum(1), (onehot > 0).sum(1)], dim=1).double()
+        self.counts += c
+        self.loads += onehot
 
     def _whole(self) -> None:
         for l in range(self.L):
-            pend = self._pre(l, whole=True)
+            self.pend_all[l].copy_(self._pre(l, whole=True))
             self._moe(l)
-            self._count(l, pend)
+        self._count()
 
     def stale(self) -> bool:
         """True when the model changed under the step (KV cache reallocated, another gating or
@@ -349,6 +361,7 @@ class DecodeStep:
             out.index_add_(0, tok, weights[e](self.moe_in[tok]).float() * w.reshape(-1)[pos, None])
         self.x.copy_(self.h + out.to(self.dtype))
         if layer == self.L - 1:
+            self._count_rows()
             self._head()
 
     def _decide_on_host(self, layer: int, flat: list[list[float]]) -> tuple[list[list[int]], list[list[float]]]:

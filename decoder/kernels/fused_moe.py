@@ -279,7 +279,7 @@ def moe_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, slot_o
     widen = _interpreting()
     if x.stride(1) != 1:
         x = x.contiguous()
-    ids_flat = ids.reshape(-1).to(torch.int32)
+    ids_flat = ids.reshape(-1)                  # int32 or int64: the kernels compare it with the expert
     wts = weights.reshape(-1).float()
     slot_of = slot_of.to(torch.int32)
     BLOCK_R = max(16, triton.next_power_of_2(R))
@@ -308,4 +308,4 @@ def moe_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, slot_o
                                f_per_split, scales, bank.scale_stride, bank.soff2, WIDEN=widen, QBITS=qbits,
                                GROUP=group, DIV=div, POST=post, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, BLOCK_F=BLOCK_FD,
                                num_warps=cfg.down_warps, num_stages=cfg.down_stages)
-    return y.sum(0).view(T, k, H).sum(1).to(x.dtype)
+    return y.view(split, T, k, H).sum(dim=(0, 2)).to(x.dtype)

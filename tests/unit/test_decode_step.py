@@ -142,6 +142,23 @@ KERNEL_CHECK = textwrap.dedent("""
         tol = 1e-4 if dt == torch.float32 else 3e-2
         err = (a - b).abs().max().item()
         assert err <= tol * max(1.0, a.abs().max().item()), (bits, group, dt, err)
+    # the decode step's RMSNorm kernel (with and without the residual add) against RMSNorm
+    from decoder.kernels.norm import _kernel
+    from decoder.model.transformer import RMSNorm
+    for dt in (torch.float16, torch.bfloat16):
+        norm = RMSNorm(96, eps=1e-5)
+        norm.weight.data = (torch.rand(96, generator=g) + 0.5)
+        norm = norm.to(dt)
+        x, r = torch.randn(3, 96, generator=g).to(dt), torch.randn(3, 96, generator=g).to(dt)
+        h, y = torch.empty_like(x), torch.empty_like(x)
+        _kernel()[(3,)](x, r, h, norm.weight, y, 96, norm.eps, HAS_R=True, BLOCK=128)
+        if dt == torch.float16:
+            assert torch.equal(h, x + r)
+        else:       # the interpreter casts to bf16 by truncation (CUDA rounds): one ulp apart at most
+            torch.testing.assert_close(h.float(), (x + r).float(), rtol=2 ** -7, atol=0)
+        torch.testing.assert_close(y.float(), norm(x + r).float(), rtol=2e-2, atol=2e-2)
+        _kernel()[(3,)](x, x, x, norm.weight, y, 96, norm.eps, HAS_R=False, BLOCK=128)
+        torch.testing.assert_close(y.float(), norm(x).float(), rtol=2e-2, atol=2e-2)
     print("kernels ok")
 """)
 
