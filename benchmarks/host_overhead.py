@@ -192,8 +192,9 @@ def run_row(row: str, model: Transformer, store: Path, a: argparse.Namespace, de
                 "cpu_us_per_token": cpu * 1e6, "cpu_us_per_layer": cpu * 1e6 / L,
                 "us_per_token_runs": [s * 1e6 for s in per_token],
                 "host_reads_per_step": reads,
-                "experts_per_token": st.get("experts_per_token"),
-                "single_expert_ratio": st.get("single_expert_ratio"),
+                # the decode steps' routing (the timed part; the engine's top level counts prefill too)
+                "experts_per_token": st["routing"].get("decode", st)["experts_per_token"],
+                "single_expert_ratio": st["routing"].get("decode", st)["single_expert_ratio"],
                 "prefetch_precision": (st.get("prefetch") or {}).get("precision"),
                 "token_ids_head": tokens[:16]}
     finally:

@@ -466,8 +466,10 @@ class Engine:
             "prefill_tokens_per_s": (c.prompt_tokens / c.prefill_s) if c.prefill_s else 0.0,
             # decode throughput: tokens produced by decode steps / time in decode steps
             "tokens_per_s": (c.decode_steps / c.decode_s) if c.decode_s else 0.0,
-            "experts_per_token": dec["experts_per_token"] if dec["decisions"] else allp["experts_per_token"],
-            "single_expert_ratio": dec["single_expert_ratio"] if dec["decisions"] else allp["single_expert_ratio"],
+            # over every routing decision (prefill, scoring and decode), as gating_stats counts
+            # them: one name, one scope; "routing" splits them by phase
+            "experts_per_token": allp["experts_per_token"],
+            "single_expert_ratio": allp["single_expert_ratio"],
             "routing": {p: self.routing.summary(p) for p in self.routing.decisions},
             "expert_loads": self.routing.loads.tolist(),
             "bytes_fetched": bytes_fetched,

@@ -19,7 +19,15 @@ pytestmark = pytest.mark.timeout(150)
 torch.set_num_threads(1)
 MODEL, LAYERS, TOKENS = "tiny", 4, 24
 PROMPT = "Once upon a time"
-BUDGET = 1e-4  # T: with sensitivity 1, drop expert 2 when w2^2 < T * (load cost / one host copy)
+# T: with sensitivity 1, cost-aware drops expert 2 when w2^2 < T * scale, scale = (cost of loading it
+# from where it is) / (one host copy). One host copy here is a ~30 us memcpy whose measured EWMA
+# grows several-fold when the copying thread is descheduled, and this tiny model's router is
+# near-uniform (w2^2 up to 0.25, the decode steps' store misses above 0.08). At T = 5e-4 a store
+# miss on the 50 ms store has T * scale ~ 0.8 > 0.25: it is dropped even with the host copy
+# measured 3x too slow; on the fast store (~5 ms per blob) T * scale ~ 0.08. (At 1e-4 the slow
+# store's threshold sat at ~0.2, inside the w2^2 range, so the count of drops followed the
+# scheduler's noise: 0.07-0.47 of the decisions across runs.)
+BUDGET = 5e-4
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +65,19 @@ def test_slow_store_deeper_prefetch_more_single_expert_decisions(store_dir):
     assert mean_lookahead(slow) > mean_lookahead(fast), (slow["prefetch"]["lookahead_hist"],
                                                          fast["prefetch"]["lookahead_hist"])
     assert max(int(k) for k in slow["prefetch"]["lookahead_hist"]) >= 2
-    # ... and cost-aware gating drops more second experts
+    # ... and cost-aware gating drops more second experts: over the whole run (the gating's and
+    # the engine's counts are the same decisions under the same name) and in the decode steps
     gs, gf = slow["gating_stats"], fast["gating_stats"]
+    for run_stats in (slow, fast):
+        g, routing = run_stats["gating_stats"], run_stats["routing"]
+        assert g["decisions"] == sum(p["decisions"] for p in routing.values()) > 0, (g, routing)
+        assert (run_stats["single_expert_ratio"], run_stats["experts_per_token"]) == (
+            pytest.approx(g["single_expert_ratio"]), pytest.approx(g["experts_per_token"]))
     assert gs["single_expert_ratio"] > gf["single_expert_ratio"], (gs, gf)
     assert slow["single_expert_ratio"] > fast["single_expert_ratio"]
     assert slow["experts_per_token"] < fast["experts_per_token"]
+    assert slow["routing"]["decode"]["single_expert_ratio"] > fast["routing"]["decode"]["single_expert_ratio"], (
+        slow["routing"], fast["routing"])
 
 
 def test_slow_store_topk_lookahead_grows_despite_stalls(store_dir):
