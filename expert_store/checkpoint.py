@@ -12,7 +12,9 @@ as w1/w3/w2), or fused transformers-5 tensors ``model.layers.{l}.mlp.experts.gat
 w1/w3/w2 like every family) and their per-expert biases (``*_proj_bias``) go to the dense file;
 GPT-OSS as released ships them MXFP4 (``*_proj_blocks`` + ``*_proj_scales``, rows = outputs),
 dequantized exactly when read (``quant.dequantize_mxfp4``). DeepSeek-V3's
-multi-token-prediction layers (past ``num_hidden_layers``) are not packed; its fp8 release is refused.
+multi-token-prediction layers (past ``num_hidden_layers``) are not packed; its fp8 release
+(e4m3 weights with a float32 ``weight_scale_inv`` per ``weight_block_size`` block) is dequantized
+into bf16 when read, experts and dense part alike (``quant.dequantize_fp8_blocks``).
 
 Memory stays bounded by one expert plus one copy of the dense part (small next to the experts):
 tensors are read one at a time through ``safetensors.safe_open``, and each file mapping is
@@ -40,7 +42,7 @@ from safetensors import safe_open
 from . import families
 from . import format as fmt
 from .manifest import BlobEntry, Manifest, Ref
-from .quant import dequantize_mxfp4
+from .quant import dequantize_fp8_blocks, dequantize_mxfp4
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,16 @@ class CheckpointLayout:
     moe_layers: tuple[int, ...] | None = None  # layers with routed experts (None: all)
     expert_names: dict[tuple[int, int, str], str] = field(default_factory=dict)  # (l, e, w1|w3|w2) -> source name
     mxfp4: bool = False  # GPT-OSS experts as MXFP4 blocks + scales (dequantized when read)
+    fp8_scales: dict[str, str] = field(default_factory=dict)  # fp8 weight -> its weight_scale_inv (DeepSeek-V3)
+    fp8_block: tuple[int, int] = (128, 128)  # rows x columns one fp8 scale covers
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        """One tensor by its source name; an fp8 weight comes dequantized to bf16."""
+        t = _read(self.files[name], name)
+        scale = self.fp8_scales.get(name)
+        if scale is None:
+            return t
+        return dequantize_fp8_blocks(t, _read(self.files[scale], scale), self.fp8_block).to(torch.bfloat16)
 
     @property
     def expert_layers(self) -> tuple[int, ...]:
@@ -122,13 +134,13 @@ class CheckpointLayout:
         for w in ("w1", "w3", "w2"):
             name = self.expert_names.get((layer, expert, w),
                                          f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.weight")
-            out[w] = _read(self.files[name], name)
+            out[w] = self._tensor(name)
         return out
 
     def dense_tensors(self) -> Iterable[tuple[str, torch.Tensor]]:
         """(normalised name, tensor) of every non-expert tensor, one at a time."""
         for name in self.dense:
-            yield self.routers.get(name, name), _read(self.files[name], name)
+            yield self.routers.get(name, name), self._tensor(name)
 
 
 def _read(path: Path, name: str, index: int | None = None) -> torch.Tensor:
@@ -232,6 +244,23 @@ def read_checkpoint_layout(checkpoint_dir: str | os.PathLike) -> CheckpointLayou
                         raise CheckpointError(f"{root}: tensor {name} is in both {files[name].name} and {p.name}")
                     files[name] = p
 
+    fp8_scales: dict[str, str] = {}
+    fp8_block = (128, 128)
+    quant = config.get("quantization_config")
+    if family == "deepseek_v3" and isinstance(quant, dict) and quant.get("quant_method") == "fp8":
+        # fp8 e4m3 weights, each with a float32 weight_scale_inv per block: dequantized into bf16 when read
+        block = quant.get("weight_block_size") or [128, 128]
+        if (not isinstance(block, (list, tuple)) or len(block) != 2
+                or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+            raise CheckpointError(f"{root}: quantization_config weight_block_size must be two positive ints, got {block!r}")
+        fp8_block = (block[0], block[1])
+        for n in [n for n in files if n.endswith(".weight_scale_inv")]:
+            w = n[:-len("_scale_inv")]
+            if w not in files:
+                raise CheckpointError(f"{root}: {n} scales no weight ({w} is missing)")
+            fp8_scales[w] = n
+        scale_files = {n: files.pop(n) for n in fp8_scales.values()}
+
     if family == "deepseek_v3":
         # the multi-token-prediction module (layers num_hidden_layers..) is not part of the decoder
         mtp = [n for n in files if (m := _LAYER.match(n)) and int(m[1]) >= num_layers]
@@ -327,6 +356,16 @@ def read_checkpoint_layout(checkpoint_dir: str | os.PathLike) -> CheckpointLayou
     if extra:
         raise CheckpointError(f"{root}: expert tensors in layers {extra} beyond the config's MoE layers "
                               f"x {num_experts} experts")
+    if fp8_scales:
+        files.update({n: p for n, p in scale_files.items() if n[:-len("_scale_inv")] in files})
+        with_scale = [w for w in fp8_scales if w in shapes]
+        for w in with_scale:   # headers only: the scale grid covers the weight
+            rows, cols = shapes[w]
+            with _open_header(files[fp8_scales[w]]) as f:
+                got = _shape(f, fp8_scales[w])
+            want = [-(-rows // fp8_block[0]), -(-cols // fp8_block[1])]
+            if got != want:
+                raise CheckpointError(f"{root}: {fp8_scales[w]} has shape {got}, expected {want}")
     stray = sorted(int(n.split(".")[2]) for n in routers if int(n.split(".")[2]) not in moe_set)
     if stray:
         raise CheckpointError(f"{root}: router gates in layers {stray}, which the config makes dense")
@@ -348,6 +387,8 @@ def read_checkpoint_layout(checkpoint_dir: str | os.PathLike) -> CheckpointLayou
         moe_layers=None if moe_layers == tuple(range(num_layers)) else moe_layers,
         expert_names=expert_names,
         mxfp4=mxfp4,
+        fp8_scales={w: n for w, n in fp8_scales.items() if w in files},
+        fp8_block=fp8_block,
     )
 
 

@@ -113,13 +113,13 @@ def _need(config: Mapping[str, Any], family: str, *keys: str) -> int:
 
 def check_weight_format(config: Mapping[str, Any], family: str) -> None:
     """ValueError (one line) for a checkpoint whose weights ship quantized in a format the
-    store does not import (DeepSeek-V3's fp8 blocks). GPT-OSS's MXFP4 experts are imported:
-    pack dequantizes them (exactly, into bf16 blobs)."""
+    store does not import. Imported (pack dequantizes them into bf16): GPT-OSS's MXFP4 experts
+    and DeepSeek-V3's block-scaled fp8 weights, the formats those models are released in."""
     quant = config.get("quantization_config")
     if not quant:
         return
     method = quant.get("quant_method", "?") if isinstance(quant, Mapping) else "?"
-    if family == "gpt_oss" and method == "mxfp4":
+    if (family, method) in (("gpt_oss", "mxfp4"), ("deepseek_v3", "fp8")):
         return
     raise ValueError(f"{family} checkpoint ships {method}-quantized weights (quantization_config); "
                      f"only bf16/fp16/fp32 checkpoints are imported: dequantize it first")

@@ -221,6 +221,17 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     return vals.flatten(-2)
 
 
+def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Block-scaled fp8 weights (DeepSeek-V3 as released) -> float32: ``weight [out, in]``
+    (float8_e4m3fn) times ``scale_inv [ceil(out/b0), ceil(in/b1)]`` (float32), one scale per
+    b0 x b1 block."""
+    if weight.dim() != 2 or scale_inv.dim() != 2:
+        raise ValueError(f"fp8 weight and scales must be 2-D, got {tuple(weight.shape)} and {tuple(scale_inv.shape)}")
+    rows, cols = weight.shape
+    scale = scale_inv.float().repeat_interleave(block[0], dim=0)[:rows].repeat_interleave(block[1], dim=1)[:, :cols]
+    return weight.float() * scale
+
+
 def error_bound(scales: torch.Tensor, group_size: int, in_f: int) -> torch.Tensor:
     """Per-element bound ``scale/2 * (1 + 2**-10)`` as a float32 ``[out, in]`` tensor."""
     s = scales.to(torch.float32).repeat_interleave(group_size, dim=1)[:, :in_f]

@@ -254,6 +254,59 @@ def test_gpt_oss_mxfp4_experts_are_dequantized_when_packed(tmp_path):
     assert want.abs().max().item() > 0.5 and (got - want).abs().max().item() < 1e-4
 
 
+def test_deepseek_fp8_weights_are_dequantized_when_packed(tmp_path):
+    """A DeepSeek-V3 checkpoint as released (every projection fp8 e4m3 with a float32
+    weight_scale_inv per block, quantization_config fp8) packs into bf16: experts and dense part
+    are transformers' own block dequantization of the same bytes (`_dequantize_fp8_weight`), and
+    the engine over the packed store matches AutoModelForCausalLM on that dequantized checkpoint."""
+    import shutil
+
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    from decoder import Engine
+
+    kw, _ = CASES["deepseek_v3"]
+    src = make_family_checkpoint(tmp_path / "src", "deepseek_v3", **{**kw, "seed": 18})
+    state = {}
+    for f in sorted(src.glob("*.safetensors")):
+        state.update(safetensors.torch.load_file(str(f)))
+    cfg = json.loads((src / "config.json").read_text())
+    block = [16, 8]
+    fp8, ref = dict(state), dict(state)
+    for name, w in state.items():
+        if "_proj" not in name or not name.endswith(".weight"):
+            continue   # norms, embeddings, lm_head and routers ship unquantized
+        rows, cols = w.shape
+        grid = torch.nn.functional.pad(w.float(), (0, -cols % block[1], 0, -rows % block[0])).abs()
+        grid = grid.unflatten(1, (-1, block[1])).unflatten(0, (-1, block[0])).amax(dim=(1, 3))   # [R, C]
+        scale = (grid / 448.0).clamp(min=1e-12)
+        full = scale.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+        fp8[name] = (w.float() / full).to(torch.float8_e4m3fn)
+        fp8[name + "_scale_inv"] = scale
+        ref[name] = _dequantize_fp8_weight(fp8[name], scale, block, torch.float32).to(torch.bfloat16)
+    quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": block}
+    for d, tensors, extra in ((tmp_path / "fp8", fp8, {"quantization_config": quant}), (tmp_path / "ref", ref, {})):
+        d.mkdir()
+        safetensors.torch.save_file(tensors, str(d / "model.safetensors"))
+        (d / "config.json").write_text(json.dumps({**cfg, **extra}))
+        shutil.copy(src / "tokenizer.json", d / "tokenizer.json")
+    store = NvmeTier(tmp_path / "store")
+    pack_checkpoint(tmp_path / "fp8", store, model="m", progress=False)
+    t = blob_to_tensors(store.get(fmt.expert_key("m", 2, 5, "bf16")))
+    for w, proj in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+        assert torch.equal(t[w], ref[f"model.layers.2.mlp.experts.5.{proj}.weight"])
+    dense = safetensors.torch.load(store.get(fmt.dense_key("m")))
+    assert not any(k.endswith("_scale_inv") for k in dense)
+    for name in ("model.layers.0.self_attn.kv_b_proj.weight", "model.layers.1.mlp.shared_experts.up_proj.weight"):
+        assert dense[name].dtype == torch.bfloat16 and torch.equal(dense[name], ref[name])
+    want_model = load_reference(tmp_path / "ref")
+    ids = [1] + torch.randint(3, 300, (17,), generator=torch.Generator().manual_seed(19)).tolist()
+    with Engine.from_store(str(tmp_path / "store"), "m", decode_step="eager") as engine, torch.no_grad():
+        got = engine.forward_logits(ids)
+        want = want_model(torch.tensor([ids])).logits[0]
+    assert want.abs().max().item() > 0.5 and (got - want).abs().max().item() < 1e-4
+
+
 def test_refusals_name_the_supported_model_types(tmp_path):
     for bad in ({"model_type": "llama", "vocab_size": 10}, {"architectures": ["DbrxForCausalLM"]}):
         with pytest.raises(ValueError) as ei:
@@ -269,8 +322,8 @@ def test_refusals_name_the_supported_model_types(tmp_path):
         pack_checkpoint(ckpt, store, progress=False)
     assert "dbrx" in str(ei.value) and all(t in str(ei.value) for t in SUPPORTED_MODEL_TYPES)
     assert list(store.keys()) == []
-    # checkpoints shipping fp8 weights (DeepSeek-V3 as released) are refused in one line
-    for family, method in (("deepseek_v3", "fp8"), ("gpt_oss", "fp8")):
+    # a quantized release in another format than the family's own is refused in one line
+    for family, method in (("gpt_oss", "fp8"), ("deepseek_v3", "mxfp4")):
         cfg.update(model_type=family, quantization_config={"quant_method": method})
         (ckpt / "config.json").write_text(json.dumps(cfg))
         with pytest.raises(NotMixtralCheckpointError, match=f"{method}-quantized") as ei:
