@@ -26,6 +26,7 @@ import logging
 import sys
 from pathlib import Path
 
+from expert_store import families
 from expert_store import format as blob_format
 from expert_store.errors import StoreError
 
@@ -118,8 +119,8 @@ def _build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("pack", help="import an HF safetensors MoE checkpoint (mixtral, qwen3_moe, qwen2_moe, "
-                                    "olmoe) into a store",
+    p = sub.add_parser("pack", help=f"import an HF safetensors MoE checkpoint ({families.supported_list()}) "
+                                    f"into a store",
                        description="Import a checkpoint into a store directory, or into running store replicas "
                                    "over gRPC (PutBlob; the manifest goes last, so nothing is visible before "
                                    "the pack is complete; a re-run skips files a replica already holds).")
