@@ -114,6 +114,12 @@ class ServiceProcess(ServerProcess):
     def stderr_text(self) -> str:
         return self.output()
 
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, wait (SIGKILL past `timeout`); `.proc` is None afterwards. Its exit status."""
+        rc = super().stop(timeout)
+        self.proc = None
+        return rc
+
     def rss(self) -> int:
         import psutil
 
@@ -140,8 +146,8 @@ class StoreServerProcess(ServiceProcess):
         return self.stderr_text()
 
     def stop(self, timeout_s: float = 20.0) -> int | None:
-        """SIGTERM (graceful) and wait; SIGKILL if it does not exit in time."""
-        return super().stop(timeout_s)
+        """SIGTERM (graceful) and wait; SIGKILL if it does not exit in time. Keeps `.proc`."""
+        return ServerProcess.stop(self, timeout_s)
 
 
 def wait_until(pred: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> bool:
