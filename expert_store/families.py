@@ -70,6 +70,8 @@ EXPERTS_KEYS: dict[str, tuple[str, ...]] = {
     "deepseek_v3": ("n_routed_experts", "num_local_experts"),
     "gpt_oss": ("num_local_experts",),
 }
+# num_experts_per_tok when config.json has none: transformers' default of the family's config class
+DEFAULT_TOP_K: dict[str, int] = {"mixtral": 2, "qwen2_moe": 4, "qwen3_moe": 8, "olmoe": 8, "deepseek_v3": 8, "gpt_oss": 4}
 EXPERT_FFN_KEY: dict[str, str] = {
     "mixtral": "intermediate_size",
     "qwen2_moe": "moe_intermediate_size",
@@ -145,7 +147,7 @@ def expert_layout(config: Mapping[str, Any]) -> ExpertLayout:
     moe = moe_layers(config, family, layers)
     top_k = _int(config, "num_experts_per_tok")
     if top_k is None:
-        top_k = 2
+        top_k = DEFAULT_TOP_K[family]
     if not 0 < top_k <= experts:
         raise ValueError(f"config.json: num_experts_per_tok must be in 1..{experts}, got {top_k}")
     if not moe:

@@ -201,7 +201,7 @@ class ModelConfig:
         Raises ValueError with a one-line reason for another model (naming the supported
         model_types) or a variant of a family the decoder does not implement.
         """
-        from expert_store.families import check_weight_format, family_of
+        from expert_store.families import DEFAULT_TOP_K, check_weight_format, family_of
         from decoder.model.families import read_switches, required_keys
 
         if not isinstance(cfg, Mapping):
@@ -246,7 +246,7 @@ class ModelConfig:
             num_attention_heads=n_heads,
             num_key_value_heads=int(n_kv),
             head_dim=int(head_dim),
-            num_experts_per_tok=int(cfg.get("num_experts_per_tok", 2)),
+            num_experts_per_tok=int(cfg.get("num_experts_per_tok") or DEFAULT_TOP_K[family]),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6 if family in ("qwen2_moe", "qwen3_moe", "deepseek_v3")
                                        else 1e-5)),
             rope_theta=float(rope_theta),

@@ -12,7 +12,9 @@
 | deepseek_v3 | n_routed_experts / moe_intermediate_size | MLA: low-rank q and kv, compressed KV cache, decoupled (interleaved) RoPE, YaRN | sigmoid + e_score_correction_bias, group-limited top-k, norm_topk_prob, routed_scaling_factor | n_shared_experts ungated shared experts; first_k_dense_replace dense layers |
 | gpt_oss   | num_local_experts / intermediate_size     | attention sinks, q/k/v/o biases, sliding_attention / full_attention layer_types, YaRN | router bias, softmax over the top-k logits (= renormalised top-k) | clamped SwiGLU with per-expert biases |
 
-transformers' own defaults apply to absent keys (norm_topk_prob false, Qwen2-MoE qkv_bias true).
+transformers' own defaults apply to absent keys (norm_topk_prob false, Qwen2-MoE qkv_bias true;
+DeepSeek-V3's n_group 8, topk_group 4, routed_scaling_factor 2.5, one shared expert, the first 3
+layers dense; GPT-OSS's sliding_window 128, attention biases, swiglu_alpha 1.702, swiglu_limit 7).
 """
 
 from __future__ import annotations
@@ -81,14 +83,15 @@ def _deepseek_v3(cfg: Mapping[str, Any], out: dict[str, Any]) -> dict[str, Any]:
     nope, rope = int(cfg.get("qk_nope_head_dim", 128)), int(cfg.get("qk_rope_head_dim", 64))
     out.update(
         attention="mla", head_dim=rope, qk_nope_head_dim=nope, v_head_dim=int(cfg.get("v_head_dim") or 128),
+        num_key_value_heads=int(cfg["num_attention_heads"]),   # MLA: keys and values per head
         kv_lora_rank=int(cfg.get("kv_lora_rank", 512)),
         q_lora_rank=None if cfg.get("q_lora_rank", 1536) is None else int(cfg.get("q_lora_rank", 1536)),
         rope_interleave=bool(cfg.get("rope_interleave", True)),
         qkv_bias=bool(cfg.get("attention_bias", False)), o_bias=bool(cfg.get("attention_bias", False)),
         router_scores="sigmoid", score_correction_bias=True, norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
-        n_group=int(cfg.get("n_group") or 1), topk_group=int(cfg.get("topk_group") or 1),
-        routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
-        shared_expert_intermediate_size=int(cfg.get("n_shared_experts") or 0) * out["intermediate_size"],
+        n_group=int(cfg.get("n_group", 8) or 1), topk_group=int(cfg.get("topk_group", 4) or 1),
+        routed_scaling_factor=float(cfg.get("routed_scaling_factor", 2.5)),
+        shared_expert_intermediate_size=int(cfg.get("n_shared_experts", 1) or 0) * out["intermediate_size"],
         shared_expert_gated=False, sliding_window=None,
         dense_layers=tuple(l for l in range(L) if l not in moe))
     if out["dense_layers"]:
@@ -104,7 +107,7 @@ def _gpt_oss(cfg: Mapping[str, Any], out: dict[str, Any]) -> dict[str, Any]:
     bias = bool(cfg.get("attention_bias", True))
     out.update(
         norm_topk_prob=True, router_bias=True, attention_sinks=True, qkv_bias=bias, o_bias=bias,
-        sliding_window=int(cfg["sliding_window"]) if cfg.get("sliding_window") else None,
+        sliding_window=int(cfg.get("sliding_window", 128) or 0) or None,
         sliding_layers=tuple(l for l, t in enumerate(types) if t == "sliding_attention"),
         expert_act="swiglu_clamped", expert_bias=True,
         swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)), swiglu_limit=float(cfg.get("swiglu_limit", 7.0)))

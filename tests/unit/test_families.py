@@ -7,6 +7,7 @@ save_pretrained); references are the same checkpoints loaded by AutoModelForCaus
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -337,6 +338,27 @@ def test_refusals_name_the_supported_model_types(tmp_path):
     cfg.update(model_type="qwen3_moe", use_sliding_window=True, sliding_window=8)
     with pytest.raises(ValueError, match="use_sliding_window"):
         ModelConfig.from_hf(cfg)
+
+
+@pytest.mark.parametrize("family,minimal", [
+    ("deepseek_v3", dict(vocab_size=100, hidden_size=64, num_hidden_layers=5, num_attention_heads=4,
+                         n_routed_experts=16, moe_intermediate_size=32, intermediate_size=96, kv_lora_rank=16,
+                         q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)),
+    ("gpt_oss", dict(vocab_size=100, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, head_dim=16,
+                     num_key_value_heads=2, num_local_experts=8, intermediate_size=32)),
+])
+def test_absent_keys_read_as_transformers_defaults(family, minimal):
+    """A config.json without the family's optional keys reads as transformers' config class fills them."""
+    import transformers
+
+    cls = type(transformers.AutoConfig.for_model(family))
+    full = ModelConfig.from_hf(cls(**minimal).to_dict())
+    mine = ModelConfig.from_hf({"model_type": family, **minimal})
+    skip = {"extra", "bos_token_id", "eos_token_ids", "rope_scaling", "rope_theta", "max_position_embeddings",
+            "tie_word_embeddings", "router_aux_loss_coef", "rms_norm_eps"}   # shared keys, not the family's
+    for f in dataclasses.fields(ModelConfig):
+        if f.name not in skip:
+            assert getattr(mine, f.name) == getattr(full, f.name), f.name
 
 
 def test_router_variants_top_k_above_two():
