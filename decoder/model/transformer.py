@@ -1,14 +1,19 @@
 """The decoder in plain torch (gpt-fast style): one Transformer for every family of
-expert_store.families, whose switches (ModelConfig) pick the attention variant (q/k norm per
-head or over the projection, biases, clipping), the router variant (renormalised top-k or
-plain probabilities) and the MLP extras (a gated shared expert, dense layers).
+expert_store.families, whose switches (ModelConfig) pick the attention variant (GQA with q/k
+norm per head or over the projection, biases, clipping, sinks, per-layer sliding windows; or
+DeepSeek's multi-head latent attention, `MLAttention`), the RoPE (plain or YaRN), the router
+variant (softmax with renormalised top-k or plain probabilities; sigmoid with group-limited
+top-k), the experts' activation (SiLU-GLU or GPT-OSS's clamped SwiGLU with biases) and the MLP
+extras (a gated or ungated shared expert, dense layers).
 
 Module names mirror HF's (`model.` prefix dropped) so a dense state dict maps 1:1:
-embed_tokens, layers.{l}.input_layernorm, layers.{l}.self_attn.{q,k,v,o}_proj,
-layers.{l}.self_attn.{q,k}_norm, layers.{l}.post_attention_layernorm,
-layers.{l}.block_sparse_moe.gate (HF's mlp.gate too), layers.{l}.block_sparse_moe.shared_expert
-and .shared_expert_gate (HF's mlp.shared_expert*), layers.{l}.mlp.{gate,up,down}_proj (dense
-layers), norm, lm_head.
+embed_tokens, layers.{l}.input_layernorm, layers.{l}.self_attn.{q,k,v,o}_proj (+ .sinks),
+layers.{l}.self_attn.{q,k}_norm, MLA's layers.{l}.self_attn.{q_a_proj, q_a_layernorm, q_b_proj,
+kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj}, layers.{l}.post_attention_layernorm,
+layers.{l}.block_sparse_moe.gate (+ .bias, .e_score_correction_bias; HF's mlp.gate / mlp.router),
+layers.{l}.block_sparse_moe.shared_expert and .shared_expert_gate (HF's mlp.shared_expert*,
+DeepSeek's mlp.shared_experts), layers.{l}.block_sparse_moe.{gate_up,down}_proj_bias (GPT-OSS's
+mlp.experts.*_bias), layers.{l}.mlp.{gate,up,down}_proj (dense layers), norm, lm_head.
 
 Experts are not parameters of the MoE block: each block asks the model's `ExpertProvider`
 for (layer, expert) (see decoder/experts/provider.py). Routing goes through a `Gating` object
