@@ -181,16 +181,14 @@ def run_decode(args: argparse.Namespace, work: Path, out_dir: Path, build: Build
 
 def b_shapes(args: argparse.Namespace, decode_meta: dict[str, Any] | None) -> dict[str, int]:
     """Model B's shapes: what our rows ran (decode meta), else decode.py's defaults (or --tiny's)."""
+    from dataclasses import asdict
+
     from benchmarks.peers.gguf_models import Shapes
 
     cfg = (((decode_meta or {}).get("models") or {}).get("B") or {}).get("config")
     if cfg:
-        return {k: int(cfg[k]) for k in ("layers", "hidden", "ffn", "heads", "kv_heads", "experts", "top_k", "vocab")}
-    if args.tiny:
-        return dict(TINY_B)
-    s = Shapes()
-    return {"layers": s.layers, "hidden": s.hidden, "ffn": s.ffn, "heads": s.heads, "kv_heads": s.kv_heads,
-            "experts": s.experts, "top_k": s.top_k, "vocab": s.vocab}
+        return {k: int(cfg[k]) for k in TINY_B}
+    return dict(TINY_B) if args.tiny else {k: v for k, v in asdict(Shapes()).items() if k in TINY_B}
 
 
 def write_models(args: argparse.Namespace, work: Path, ckpt: Path | None, decode_meta: dict[str, Any] | None,
