@@ -383,12 +383,29 @@ def _attend_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None) -> 
 
 class Router(nn.Linear):
     """A MoE layer's router: logits = x W^T (+ b: GPT-OSS), W [E, H]. DeepSeek-V3's also holds
-    e_score_correction_bias [E], added to its sigmoid scores to choose experts, never to weigh them."""
+    e_score_correction_bias [E], added to its sigmoid scores to choose experts, never to weigh them;
+    that router stays float32 whatever dtype the model is cast to, and computes its logits in
+    float32 (as transformers keeps it): in bf16 the bias's small gaps between experts would round away."""
 
     def __init__(self, hidden: int, experts: int, bias: bool = False, correction_bias: bool = False) -> None:
         super().__init__(hidden, experts, bias=bias)
         self.e_score_correction_bias = (nn.Parameter(torch.zeros(experts), requires_grad=False)
                                          if correction_bias else None)
+        self.fp32 = correction_bias
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if self.fp32:
+            for p in self.parameters(recurse=False):
+                if p.is_floating_point() and p.dtype != torch.float32:
+                    p.data = p.data.float()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, H] -> [T, E] (float32 for a float32 router)
+        if self.fp32:
+            return F.linear(x.float(), self.weight, self.bias)
+        return super().forward(x)
 
 
 def group_limited(scores: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:

@@ -361,6 +361,20 @@ def test_absent_keys_read_as_transformers_defaults(family, minimal):
             assert getattr(mine, f.name) == getattr(full, f.name), f.name
 
 
+def test_sigmoid_router_stays_float32_in_a_bf16_model(checkpoints):
+    """DeepSeek's router (weight and e_score_correction_bias) is float32 after .to(bfloat16) and
+    computes float32 logits; the rest of the model is bf16."""
+    net = _load_resident(checkpoints["deepseek_v3"]).to(torch.bfloat16)
+    gate = net.layers[1].block_sparse_moe.gate
+    assert gate.weight.dtype == gate.e_score_correction_bias.dtype == torch.float32
+    assert net.layers[1].self_attn.kv_b_proj.weight.dtype == torch.bfloat16
+    x = torch.randn(5, net.config.hidden_size, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    assert gate(x).dtype == torch.float32
+    ids = torch.randint(3, net.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.isfinite(net(ids).float()).all()
+
+
 def test_router_variants_top_k_above_two():
     g = torch.Generator().manual_seed(5)
     logits = torch.randn(7, 16, generator=g)
