@@ -99,6 +99,7 @@ def ensure_checkpoint(ckpt: pathlib.Path, settings: train_demo.TrainSettings, re
             report = json.loads(report_path.read_text())
             cached = report.get("settings", {})
             cached.pop("threads", None)
+            cached.setdefault("family", "mixtral")  # reports written before train-demo had --family
             if cached == _settings_key(settings):
                 _log(f"reusing the trained model in {ckpt} (delete it or pass --retrain to train again)")
                 if not (ckpt / "tokenizer_config.json").is_file():  # trained before it had a chat template

@@ -240,3 +240,23 @@ def test_family_qwen3_moe_with_fine_grained_experts(tmp_path):
     assert len(rep["routing"]["per_layer"][0]["load"]) == 16
     assert rep["heldout"]["loss"] < rep["heldout"]["loss_at_init"]
     assert "--family qwen3_moe --experts 16 --top-k 4 --ffn 128" in rep["command"]
+
+
+def test_demo_reuses_a_model_trained_before_family_existed(tmp_path):
+    """A cached demo model whose report predates --family (no "family" in its settings) was trained
+    in the Mixtral layout: `moe-decoder demo` reuses it instead of training again."""
+    from dataclasses import asdict
+
+    from decoder import demo, train_demo
+
+    s = train_demo.TrainSettings()
+    settings = asdict(s)
+    del settings["family"]
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "train_report.json").write_text(json.dumps({"settings": settings, "marker": 1}))
+    assert demo.ensure_checkpoint(tmp_path, s, retrain=False)["marker"] == 1
+    # other settings still train again (here: refused before training, the corpus is not read)
+    other = train_demo.TrainSettings(family="qwen3_moe", steps=0)
+    with pytest.raises(ValueError, match="--steps"):
+        demo.ensure_checkpoint(tmp_path, other, retrain=False)
