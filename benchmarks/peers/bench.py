@@ -62,6 +62,9 @@ def bench_command(llama_bench: Path, model: Path, placement: Placement, *, n_gen
             *extra]
 
 
+DEADLINE_MARGIN_S = 10.0   # left for the table after the last llama-bench run
+MIN_RUN_S = 5.0            # a placement is not started with less time than this left
+
 _BUFFER = re.compile(r"load_tensors:\s+(\S+) model buffer size =\s+([0-9.]+) MiB")
 _OVERRIDE = re.compile(r"^tensor \S+ .*buffer type overridden to (\S+)")
 
@@ -134,23 +137,28 @@ def peer_row(result: dict[str, Any], *, model: str, placement: Placement, layout
 
 def bench_model(llama_bench: Path, gguf_path: Path, model: str, placements: list[Placement], *, n_gen: int,
                 n_depth: int, threads: int, reps: int, build: dict[str, Any], log: Path,
-                extra: tuple[str, ...] = (), on_row: Any = None) -> list[dict[str, Any]]:
+                extra: tuple[str, ...] = (), on_row: Any = None, deadline: float | None = None) -> list[dict[str, Any]]:
     """Every placement of one model, in order (a row per llama-bench result); a failing
-    placement is a row with its error."""
+    placement is a row with its error. `deadline` (time.perf_counter() seconds): placements
+    not started `DEADLINE_MARGIN_S` before it are rows marked skipped, a running one is
+    stopped at that margin."""
     layout = model_layout(gguf_path)
     rows = []
     for p in placements:
         cmd = bench_command(llama_bench, gguf_path, p, n_gen=n_gen, n_depth=n_depth, threads=threads, reps=reps,
                             extra=extra)
         t0 = time.perf_counter()
+        left = None if deadline is None else deadline - DEADLINE_MARGIN_S - t0
         try:
-            results, loads = run_bench(cmd, log)
+            if left is not None and left < MIN_RUN_S:
+                raise RuntimeError("skipped: the call's deadline")
+            results, loads = run_bench(cmd, log, timeout=600 if left is None else left)
             if len(loads) != len(results):
                 loads = [None] * len(results)      # a load report we cannot pair: leave it out
             new = [peer_row(r, model=model, placement=p, layout=layout, cmd=cmd, build=build,
                             seconds=(time.perf_counter() - t0) / len(results), load=ld)
                    for r, ld in zip(results, loads)]
-        except (RuntimeError, subprocess.TimeoutExpired, KeyError, ValueError) as e:
+        except (RuntimeError, OSError, subprocess.TimeoutExpired, KeyError, ValueError) as e:
             new = [{"model": model, "peer": "llama.cpp", "mode": f"llama.cpp-{p.name}", "placement": p.name,
                     "model_path": layout["path"], "budget": p.budget, "gpu_expert_fraction": p.gpu_fraction,
                     "gpu_expert_bytes": gpu_expert_bytes(layout, p), "tokens_per_s": None,

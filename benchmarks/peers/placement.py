@@ -83,15 +83,14 @@ def ot_placement(layers: int, budget: float) -> Placement:
 
 
 def placements(layers: int, budgets: tuple[float, ...], ways: tuple[str, ...] = ("ncmoe", "ot")) -> list[Placement]:
-    """Every way x budget, and the two ends (all experts on the GPU, none) once as `ncmoe` rows."""
+    """Every way x budget (the rows the target compares, first: a run cut short keeps them),
+    then the two ends (all experts on the GPU, none) once as `ncmoe` rows."""
     make = {"ncmoe": ncmoe_placement, "ot": ot_placement}
     unknown = set(ways) - set(make)
     if unknown:
         raise ValueError(f"unknown placement(s) {sorted(unknown)}; known: {sorted(make)}")
-    out = [ncmoe_placement(layers, 1.0)]
-    for b in budgets:
-        out += [make[w](layers, b) for w in ways]
-    out.append(ncmoe_placement(layers, 0.0))
+    out = [make[w](layers, b) for b in budgets for w in ways]
+    out += [ncmoe_placement(layers, 1.0), ncmoe_placement(layers, 0.0)]
     seen, unique = set(), []
     for p in out:                      # e.g. ot at a budget that is whole layers equals nothing new
         key = (p.name, p.gpu_tensors)

@@ -238,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="build jobs")
     p.add_argument("--nice", type=int, default=19, help="build priority (nice) while our rows prepare")
     p.add_argument("--tag", default=None, help="output stem (default peers_M)")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="seconds from the start by which the table must be written (a GPU call's limit less a "
+                        "margin): llama-bench placements that would run past it are skipped rows")
     a = p.parse_args(argv)
 
     stages = Stages()
@@ -302,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"llama-bench: {Path(m['path']).name}, {len(places)} placements, -n {n_gen} -d {n_depth} -t {a.threads}")
         rows += bench.bench_model(bins["llama-bench"], Path(m["path"]), a.model, places, n_gen=n_gen, n_depth=n_depth,
                                   threads=a.threads, reps=reps, build=info, log=logf,
-                                  extra=tuple(shlex.split(a.llama_args)), on_row=on_row)
+                                  extra=tuple(shlex.split(a.llama_args)), on_row=on_row,
+                                  deadline=None if a.deadline_s is None else stages.t0 + a.deadline_s)
     stages.end("bench")
 
     decode_rows = json.loads(ours.read_text()) if ours is not None else []

@@ -69,8 +69,8 @@ def test_ot_patterns_keep_exactly_the_planned_tensors_on_the_gpu():
 
 def test_placements_list_both_ways_per_budget_and_both_ends_once():
     ps = placement.placements(8, (0.25, 0.5))
-    assert [(p.name, p.budget) for p in ps] == [("ncmoe", 1.0), ("ncmoe", 0.25), ("ot", 0.25), ("ncmoe", 0.5),
-                                                ("ot", 0.5), ("ncmoe", 0.0)]
+    assert [(p.name, p.budget) for p in ps] == [("ncmoe", 0.25), ("ot", 0.25), ("ncmoe", 0.5), ("ot", 0.5),
+                                                ("ncmoe", 1.0), ("ncmoe", 0.0)]
     assert [p.name for p in placement.placements(8, (0.5,), ("ncmoe",))] == ["ncmoe"] * 3
     with pytest.raises(ValueError, match="unknown placement"):
         placement.placements(8, (0.5,), ("experts",))
@@ -300,3 +300,20 @@ def test_build_script_names_the_flags_and_targets(tmp_path):
     assert script.endswith("nice -n 19 cmake --build " + str(tmp_path / "b") + " --target llama-bench llama-quantize -j 16")
     _, cpu = llama_src.build_script(tmp_path, tmp_path / "b", cuda=False, jobs=2)
     assert "-DGGML_CUDA=OFF" in cpu and not any(a.startswith("-DCMAKE_CUDA") for a in cpu)
+
+
+def test_placements_past_the_deadline_are_skipped_rows(tiny_gguf, tmp_path):
+    import time
+
+    path, _ = tiny_gguf
+    seen = []
+    rows = bench.bench_model(tmp_path / "no-llama-bench", path, "B", placement.placements(3, (0.5,)), n_gen=8,
+                             n_depth=0, threads=1, reps=1, build=BUILD, log=tmp_path / "log",
+                             on_row=seen.append, deadline=time.perf_counter() + bench.DEADLINE_MARGIN_S + 1)
+    assert len(rows) == 4 and seen == rows
+    assert all(r["tokens_per_s"] is None and r["error"] == "skipped: the call's deadline" for r in rows)
+    assert rows[0]["budget"] == 0.5 and rows[0]["gpu_expert_bytes"] > 0
+    # without a deadline the missing binary is that placement's error, and the next still runs
+    rows = bench.bench_model(tmp_path / "no-llama-bench", path, "B", placement.placements(3, (0.5,))[:2],
+                             n_gen=8, n_depth=0, threads=1, reps=1, build=BUILD, log=tmp_path / "log")
+    assert [r["placement"] for r in rows] == ["ncmoe", "ot"] and all("error" in r for r in rows)
