@@ -22,6 +22,8 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "gpt_oss": ("GptOssForCausalLM",),
 }
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(FAMILIES)
+# other model_types that ship a family's architecture unchanged (Kimi-K2 is DeepSeek-V3's)
+ALIASES: dict[str, str] = {"kimi_k2": "deepseek_v3"}
 
 
 class UnsupportedFamilyError(ValueError):
@@ -39,6 +41,8 @@ def family_of(config: Mapping[str, Any]) -> str:
     archs = [a for a in (config.get("architectures") or []) if isinstance(a, str)]
     if model_type in FAMILIES:
         return model_type
+    if model_type in ALIASES and any(a in FAMILIES[ALIASES[model_type]] for a in archs):
+        return ALIASES[model_type]
     if model_type is None:
         for family, names in FAMILIES.items():
             if any(a in names or (family == "mixtral" and a.startswith("Mixtral")) for a in archs):

@@ -361,6 +361,21 @@ def test_absent_keys_read_as_transformers_defaults(family, minimal):
             assert getattr(mine, f.name) == getattr(full, f.name), f.name
 
 
+def test_kimi_k2_reads_as_deepseek_v3(checkpoints, tmp_path):
+    """Kimi-K2 ships DeepSeek-V3's architecture under model_type kimi_k2: it packs and runs as deepseek_v3."""
+    import shutil
+
+    ckpt = tmp_path / "kimi"
+    shutil.copytree(checkpoints["deepseek_v3"], ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["model_type"] = "kimi_k2"
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    assert ModelConfig.from_hf(cfg) == ModelConfig.from_hf({**cfg, "model_type": "deepseek_v3"})
+    assert read_checkpoint_layout(ckpt).family == "deepseek_v3"
+    with pytest.raises(ValueError, match="supported model_type"):   # the alias needs the architecture too
+        ModelConfig.from_hf({**cfg, "architectures": ["Qwen3MoeForCausalLM"]})
+
+
 def test_sigmoid_router_stays_float32_in_a_bf16_model(checkpoints):
     """DeepSeek's router (weight and e_score_correction_bias) is float32 after .to(bfloat16) and
     computes float32 logits; the rest of the model is bf16."""
