@@ -115,16 +115,24 @@ class Build:
             self.stages.end("build_paused")
             log("build resumed")
 
-    def wait(self) -> None:
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the build (False: not done within `timeout` s, and stopped)."""
         if self.proc is None:
-            return
+            return True
         self.resume()
-        rc = self.proc.wait()
+        try:
+            rc = self.proc.wait(timeout=None if timeout is None else max(timeout, 0.0))
+        except subprocess.TimeoutExpired:
+            self.stop()
+            self.stages.end("build")
+            log(f"llama.cpp build not done by the deadline: stopped; see {self.log}")
+            return False
         self.stages.end("build")
         if rc != 0 or not llama_src.built(self.dir):
             tail = self.log.read_text(errors="replace")[-3000:] if self.log.is_file() else ""
             raise RuntimeError(f"llama.cpp build failed (exit {rc}); end of {self.log}:\n{tail}")
         log(f"llama.cpp built ({self.stages.as_dict()['build']['seconds']} s, {self.paused_s:.0f} s of it paused)")
+        return True
 
     def stop(self) -> None:
         if self.running():
@@ -254,9 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     build_dir = (a.build_dir or work / ("build-cpu" if a.cpu else "build-cuda")).resolve()
     build = Build(build_dir, not a.cpu, a.jobs, a.nice, logf, stages)
     try:
-        ckpt, decode_error = None, None
+        ckpt, run_error = None, None
         if a.decode is not None:
-            ours, ckpt, decode_error = run_decode(a, work, out_dir, build, stages)
+            ours, ckpt, run_error = run_decode(a, work, out_dir, build, stages)
         else:
             ours = a.ours
         decode_meta = None
@@ -266,13 +274,16 @@ def main(argv: list[str] | None = None) -> int:
         stages.start("models")
         models = write_models(a, work, ckpt, decode_meta, logf)
         stages.end("models")
-        build.wait()
+        deadline = None if a.deadline_s is None else stages.t0 + a.deadline_s
+        if not build.wait(None if deadline is None else deadline - time.perf_counter() - 15):
+            models = []                # no llama.cpp rows: the table holds ours, and the run fails
+            run_error = (run_error + "; " if run_error else "") + "llama.cpp build not done by the deadline"
     except BaseException:
         build.stop()
         raise
     info = llama_src.build_info(build_dir)
     bins = llama_src.binaries(build_dir)
-    if a.model == "A" and a.a_types:
+    if a.model == "A" and a.a_types and models:
         from benchmarks.peers.convert import quantize
 
         stages.start("quantize")
@@ -306,20 +317,20 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench.bench_model(bins["llama-bench"], Path(m["path"]), a.model, places, n_gen=n_gen, n_depth=n_depth,
                                   threads=a.threads, reps=reps, build=info, log=logf,
                                   extra=tuple(shlex.split(a.llama_args)), on_row=on_row,
-                                  deadline=None if a.deadline_s is None else stages.t0 + a.deadline_s)
+                                  deadline=deadline)
     stages.end("bench")
 
     decode_rows = json.loads(ours.read_text()) if ours is not None else []
-    all_rows, targets = table.combine(decode_rows, decode_meta, rows)
+    all_rows, targets = table.combine(decode_rows, decode_meta, rows, models=[a.model])
     meta = {"command": "python3 " + shlex.join([os.path.relpath(__file__, ROOT)] + (argv or sys.argv[1:])),
             "model": a.model, "ours": str(ours) if ours else None, "models": models, "build": info,
             "n_gen": n_gen, "n_depth": n_depth, "threads": a.threads, "reps": reps, "budgets": budgets,
-            "stages": stages.as_dict(), "build_paused_s": round(build.paused_s, 1), "decode_error": decode_error,
+            "stages": stages.as_dict(), "build_paused_s": round(build.paused_s, 1), "error": run_error,
             "seconds": stages.now()}
     print(table.write(out_dir, tag, all_rows, targets, meta))
     table.print_targets(targets)
     failed = [r for r in rows if r.get("error")]
-    return 1 if (failed or decode_error) else 0
+    return 1 if (failed or run_error) else 0
 
 
 if __name__ == "__main__":

@@ -173,9 +173,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def combine(decode_rows: list[dict[str, Any]], decode_meta: dict[str, Any] | None,
-            peer_rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Our rows of every model the peers ran, then the peer rows; and the targets."""
-    models = sorted({r["model"] for r in peer_rows})
+            peer_rows: list[dict[str, Any]], models: list[str] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Our rows of every model (default: those the peers ran), then the peer rows; and the targets."""
+    models = models or sorted({r["model"] for r in peer_rows})
     configs = ((decode_meta or {}).get("models") or {})
     rows: list[dict[str, Any]] = []
     for m in models:
