@@ -75,10 +75,13 @@ def link_checkpoint(ckpt: Path, dst: Path) -> Path:
     transformers needs to load tokenizer.json as it is (the converter loads it through
     AutoTokenizer; without one, the config's model_type would pick Llama's tokenizer class)."""
     dst.mkdir(parents=True, exist_ok=True)
+    same = ckpt.resolve() == dst.resolve()
     for name in CHECKPOINT_FILES:
         src, out = ckpt / name, dst / name
         if not src.is_file():
             raise FileNotFoundError(f"{src} missing: not a checkpoint that benchmarks/decode.py wrote")
+        if same:
+            continue
         if out.exists():
             out.unlink()
         try:

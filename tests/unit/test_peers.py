@@ -151,6 +151,7 @@ def test_linked_checkpoint_loads_our_tokenizer_through_transformers(tmp_path):
     text = "def sub(a, b):\n    return a - b  # quick fox\n"
     assert hf.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False).ids
     assert hf.eos_token == train_demo.EOT
+    assert convert.link_checkpoint(dst, dst) == dst and (dst / "model.safetensors").stat().st_size > 0  # in place
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         convert.link_checkpoint(ckpt, tmp_path / "again")
 
