@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from decoder.model.config import ModelConfig
 from decoder.routing import Gating, topk_route
 
 GATINGS = ("topk", "uniform", "adaptive", "cost-aware")
@@ -482,15 +483,11 @@ DEFAULT_SINGLE_RATIO = 0.25
 CALIBRATE_HINT = "moe-decoder calibrate --store STORE --model MODEL --text HELD_OUT.txt --upload"
 
 
-def profile_budget(profile: Any, ratio: float, gating: str = "adaptive") -> float:
+def profile_budget(profile: Mapping[str, Any] | None, ratio: float, gating: str = "adaptive") -> float:
     """The calibrated budget T at which `ratio` of the calibration decisions use one expert
     (the profile's `budget_for_single_ratio`). ValueError, naming the calibrate command, when
     the model has no such budgets; naming the recorded ratios when `ratio` is not one."""
-    if isinstance(profile, (str, bytes)):
-        import json
-        profile = json.loads(profile)
-    table = profile.get("budget_for_single_ratio") if isinstance(profile, Mapping) else getattr(
-        profile, "budget_for_single_ratio", None)
+    table = (profile or {}).get("budget_for_single_ratio")
     if not table:
         raise ValueError(f"{gating} gating needs a budget: pass --budget T, or calibrate the model to store "
                          f"budgets for single-expert ratios: `{CALIBRATE_HINT}`")
@@ -502,14 +499,9 @@ def profile_budget(profile: Any, ratio: float, gating: str = "adaptive") -> floa
                      f"(pass --budget T, or one of those)")
 
 
-def profile_sensitivity(profile: Any, num_layers: int | None = None) -> list[float] | None:
-    """Per-layer F_l from a calibration profile (dict or decoder.calibrate.Profile), or None."""
-    if profile is None:
-        return None
-    if isinstance(profile, (str, bytes)):
-        import json
-        profile = json.loads(profile)
-    sens = profile.get("sensitivity") if isinstance(profile, Mapping) else getattr(profile, "sensitivity", None)
+def profile_sensitivity(profile: Mapping[str, Any] | None, num_layers: int | None = None) -> list[float] | None:
+    """Per-layer F_l from a calibration profile (profile.json as the manifest carries it), or None."""
+    sens = (profile or {}).get("sensitivity")
     if sens is None:
         return None
     sens = [float(x) for x in sens]
@@ -518,8 +510,8 @@ def profile_sensitivity(profile: Any, num_layers: int | None = None) -> list[flo
     return sens
 
 
-def make_gating(name: str, *, config: Any, provider: Any = None, budget: float | None = None,
-                profile: Any = None, threshold: float | None = None, loss_bound: float | None = None,
+def make_gating(name: str, *, config: ModelConfig, provider: Any = None, budget: float | None = None,
+                profile: Mapping[str, Any] | None = None, threshold: float | None = None, loss_bound: float | None = None,
                 sensitivity: Sequence[float] | None = None, store_cost_ratio: float = 10.0,
                 miss_precision_threshold: float | None = None, single_expert_ratio: float | None = None) -> Gating:
     """Build a gating by name (see GATINGS). config: ModelConfig (top_k, layers).
@@ -549,7 +541,8 @@ def make_gating(name: str, *, config: Any, provider: Any = None, budget: float |
     return g
 
 
-def _make_gating(name: str, *, config: Any, provider: Any, budget: float | None, profile: Any,
+def _make_gating(name: str, *, config: ModelConfig, provider: Any, budget: float | None,
+                 profile: Mapping[str, Any] | None,
                  threshold: float | None, loss_bound: float | None, sensitivity: Sequence[float] | None,
                  store_cost_ratio: float) -> CountingGating:
     k = int(config.num_experts_per_tok)
