@@ -204,9 +204,10 @@ def secret_files(docs, volume: dict, into: Path) -> None:
 
 
 def test_the_pod_runs_locally_as_the_manifest_says(tmp_path):
-    from service_procs import cli, moe_decoder, pack_tiny_model
+    from service_procs import child_env, cli, moe_decoder, pack_tiny_model
 
     from decoder.client import DecoderClient
+    from expert_store.launch import start_store
     from expert_store._proto.adapmoe.v1 import expert_arena_pb2 as apb
     from expert_store._proto.adapmoe.v1 import expert_arena_pb2_grpc as apb_grpc
 
@@ -252,14 +253,11 @@ def test_the_pod_runs_locally_as_the_manifest_says(tmp_path):
         return [pattern.sub(lambda m: table[m.group(0)], a) for a in argv]
 
     token = (mounts["store-token"] / "token").read_text().strip()
-    store = Proc(cli("expert-store") + ["serve", "--store", str(store_dir), "--listen", "127.0.0.1:0",
-                                       "--token-file", str(mounts["store-token"] / "token")], tmp_path / "store.log")
+    store = start_store(store_dir, "--token-file", str(mounts["store-token"] / "token"), env=child_env(),
+                        stderr=tmp_path / "store.log", ready_timeout=60)
     procs = [store]
     try:
-        end = time.monotonic() + 60
-        while "listening on" not in store.log.read_text() and time.monotonic() < end:
-            time.sleep(0.1)
-        store_address = store.log.read_text().split("listening on ")[1].split()[0]
+        store_address = store.address
         arena_port, grpc_port, http_port, metrics_port = (free_port() for _ in range(4))
         listen = flag(side, "--listen")
         ports = {f"k8s://{NAMESPACE}/expert-store:grpc": f"grpc://{store_address}",
