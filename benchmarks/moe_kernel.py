@@ -14,8 +14,9 @@ device-to-device copy measured in the same run (what HBM gives to a streaming re
 
 `--sweep` times every tile configuration of a small grid (the up kernel's tiles with the down
 kernel's at their default, then the down kernel's with the best up tiles, then for int4 the
-best tiles with the scale applied after the product) for each shape and precision at each
-token count; `--write-configs` stores the fastest into
+best tiles with the scale applied after the product, then the number of programs: H split
+over up to 8 up programs, F over up to 16 down programs per SM) for each shape and precision
+at each token count; `--write-configs` stores the fastest into
 decoder/kernels/configs/<GPU>.json, which `fused_moe.tuned_config` reads.
 
 Writes benchmarks/results/TAG.json (and TAG.png when matplotlib is importable; `--plot` draws
@@ -38,8 +39,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from decoder.kernels.fused_moe import (ExpertBank, KernelConfig, config_file, config_key,  # noqa: E402
-                                       moe_triton)
+from decoder.kernels.fused_moe import (ExpertBank, KernelConfig, _tuned, config_file,  # noqa: E402
+                                       config_key, moe_triton, pick_config)
 
 SHAPES = {"A": (2048, 7168), "B": (4096, 14336)}
 BITS = {"bf16": 16, "int8": 8, "int4": 4}
@@ -145,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", default="1,8")
     ap.add_argument("--replays", type=int, default=20)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--stages", default="up,down,post-scale,programs",
+                    help="sweep stages to run, each starting from the best so far (first: the tiles "
+                         "already tuned for this GPU, else the defaults)")
     ap.add_argument("--sweep-budget-s", type=float, default=60.0,
                     help="stop sweeping one shape/precision/token count after this long (the rest untried)")
     ap.add_argument("--write-configs", action="store_true")
@@ -181,12 +185,21 @@ def main(argv: list[str] | None = None) -> int:
                 default = KernelConfig()
                 t_default = time_layers(banks, x, wts, ids, slot_of, default, args.replays)
                 best, t_best, tried = default, t_default, 1
+                known = pick_config(_tuned(device), banks[0], T)
+                if args.sweep and known != default:
+                    t_known = time_layers(banks, x, wts, ids, slot_of, known, args.replays)
+                    tried += 1
+                    if t_known < t_best:
+                        best, t_best = known, t_known
                 if args.sweep:
                     deadline = time.perf_counter() + args.sweep_budget_s
                     stages = [("up", up_grid), ("down", down_grid)]
                     if bits == 4:                       # then scaling after the product, on the best tiles
                         stages.append(("post-scale", [dict(int4_post_scale=True)]))
-                    for stage, grid in stages:
+                    stages.append(("programs", [dict(up_split=u, down_programs=d)       # then more programs
+                                                for u, d in itertools.product((1, 2, 4, 8), (2, 4, 8, 16))]))
+                    wanted = set(args.stages.split(","))
+                    for stage, grid in [(n, g) for n, g in stages if n in wanted]:
                         base = dataclasses.asdict(best)
                         for g in tqdm(grid, desc=f"{shape} {prec} T={T} {stage}", leave=False):
                             if time.perf_counter() > deadline:
@@ -204,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"shape": shape, "hidden": H, "ffn": Fd, "precision": prec, "tokens": T, "experts_read": used,
                        "bytes_per_layer": nbytes, "default_us": t_default * 1e6, "default_gbps": nbytes / t_default / 1e9,
                        "best_us": t_best * 1e6, "best_gbps": nbytes / t_best / 1e9, "best_config": dataclasses.asdict(best),
-                       "configs_tried": tried, "configs_in_grid": 1 + len(up_grid) + len(down_grid) + (bits == 4)}
+                       "configs_tried": tried, "configs_in_grid": 1 + len(up_grid) + len(down_grid) + (bits == 4) + 16}
                 rows.append(row)
                 print(f"{shape} {prec:>4} T={T:<2} experts {used}: default {row['default_us']:8.1f} us "
                       f"({row['default_gbps']:6.0f} GB/s)  best {row['best_us']:8.1f} us ({row['best_gbps']:6.0f} GB/s)"

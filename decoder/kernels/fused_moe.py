@@ -9,10 +9,11 @@ experts to slots. Nothing is read back to the host, so the call can be captured 
 graph and replayed after the cache moved experts around (only the table changes).
 
 Two Triton kernels on CUDA (`_kernels`):
-- up:   grid (E, F / BLOCK_F). A program takes one expert and one block of F rows, returns at
-        once when no token chose that expert (or it has no slot), else multiplies the block
-        of W1 and W3 with every token that chose it (tl.dot over [BLOCK_F, H] x [H, R]) and
-        stores SiLU(g) * u for those (token, choice) rows. Each used expert's weights are read
+- up:   grid (E, F / BLOCK_F, UP_SPLIT). A program takes one expert and one block of F rows,
+        returns at once when no token chose that expert (or it has no slot), else multiplies
+        the block of W1 and W3 with every token that chose it (tl.dot over [BLOCK_F, H] x
+        [H, R]) and stores SiLU(g) * u for those (token, choice) rows (with UP_SPLIT > 1 each
+        program covers a share of H and stores partial g, u; torch adds them and applies SiLU). Each used expert's weights are read
         once per call, whatever the number of tokens.
 - down: grid (E, H / BLOCK_D, SPLIT). The same for W2 over a SPLIT-th of F, scaled by the
         routing weight; partial sums go to their own plane of an fp32 buffer and are added in
@@ -223,6 +224,11 @@ class KernelConfig:
     # weight (fewer instructions per weight; rounds differently from quant.dequantize, within
     # bf16 tolerance). Applies when both kernels' tiles lie inside one group, x is bf16.
     int4_post_scale: bool = False
+    # parallelism: the up kernel splits H over `up_split` programs per F block (partial sums added
+    # after it, then SiLU), the down kernel splits F until its programs cover `down_programs`
+    # per SM; more programs keep more loads in flight when a kernel is latency-bound
+    up_split: int = 1
+    down_programs: int = 2
 
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -291,16 +297,24 @@ def moe_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, slot_o
     div = 2 if qbits == 4 else 1          # values per stored byte along a row
     post = (cfg.int4_post_scale and qbits == 4 and group % BLOCK_H == 0 and group % cfg.block_fd == 0
             and (widen or x.dtype == torch.bfloat16))
-    up[(E, triton.cdiv(Fd, BLOCK_F))](x, ids_flat, slot_of, bank.w1, bank.w3, act, R, H, Fd, x.stride(0),
+    h_per_split = triton.cdiv(triton.cdiv(H, max(1, cfg.up_split)), BLOCK_H) * BLOCK_H
+    split_h = triton.cdiv(H, h_per_split)
+    part = torch.empty(split_h, 2, R, Fd, dtype=torch.float32, device=x.device) if split_h > 1 else act
+    up[(E, triton.cdiv(Fd, BLOCK_F), split_h)](x, ids_flat, slot_of, bank.w1, bank.w3, act, R, H, Fd, x.stride(0),
                                        bank.slot_stride, bank.off1, bank.off3, scales, bank.scale_stride,
-                                       bank.soff1, bank.soff3, K=k, WIDEN=widen, QBITS=qbits, GROUP=group, DIV=div, POST=post,
+                                       bank.soff1, bank.soff3, h_per_split, part, K=k, WIDEN=widen, QBITS=qbits,
+                                       GROUP=group, DIV=div, POST=post, SPLIT=split_h,
                                        BLOCK_R=BLOCK_R, BLOCK_F=BLOCK_F, BLOCK_H=BLOCK_H, num_warps=cfg.up_warps,
                                        num_stages=cfg.up_stages)
+    if split_h > 1:             # rows no token chose hold garbage here: the down kernel never reads them
+        g, u = part.sum(0).unbind(0)
+        act = (g * torch.sigmoid(g) * u).to(act.dtype)
     BLOCK_D, BLOCK_FD = cfg.block_d, cfg.block_fd
-    # split F so that the programs of the (at most min(E, R)) used experts cover the SMs twice
+    # split F so that the programs of the (at most min(E, R)) used experts cover every SM
+    # `down_programs` times
     d_blocks = triton.cdiv(H, BLOCK_D)
     used = min(E, R)
-    split = max(1, min(triton.cdiv(Fd, BLOCK_FD), triton.cdiv(2 * _sm_count(x.device), used * d_blocks)))
+    split = max(1, min(triton.cdiv(Fd, BLOCK_FD), triton.cdiv(cfg.down_programs * _sm_count(x.device), used * d_blocks)))
     f_per_split = triton.cdiv(triton.cdiv(Fd, split), BLOCK_FD) * BLOCK_FD
     split = triton.cdiv(Fd, f_per_split)
     y = torch.zeros(split, R, H, dtype=torch.float32, device=x.device)

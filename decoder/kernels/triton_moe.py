@@ -65,9 +65,9 @@ def load_q4_biased(q_ptr, s_ptr, rows, c, c0, row_mask, col_mask, ncols, ngroups
 
 @triton.jit
 def moe_up(x_ptr, ids_ptr, slot_ptr, w1_ptr, w3_ptr, act_ptr, R, H, Fd, stride_x, slot_stride,
-           off1, off3, s_ptr, scale_stride, soff1, soff3, K: tl.constexpr, WIDEN: tl.constexpr,
-           QBITS: tl.constexpr, GROUP: tl.constexpr, DIV: tl.constexpr, POST: tl.constexpr,
-           BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_H: tl.constexpr):
+           off1, off3, s_ptr, scale_stride, soff1, soff3, h_per_split, part_ptr, K: tl.constexpr,
+           WIDEN: tl.constexpr, QBITS: tl.constexpr, GROUP: tl.constexpr, DIV: tl.constexpr, POST: tl.constexpr,
+           SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_H: tl.constexpr):
     e = tl.program_id(0)
     slot = tl.load(slot_ptr + e)
     r = tl.arange(0, BLOCK_R)
@@ -77,16 +77,19 @@ def moe_up(x_ptr, ids_ptr, slot_ptr, w1_ptr, w3_ptr, act_ptr, R, H, Fd, stride_x
         return
     tok = r // K
     f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    split = tl.program_id(2)                  # this program's share of H: [h_lo, h_hi)
+    h_lo = split * h_per_split
+    h_hi = tl.minimum(H, h_lo + h_per_split)
     base = slot.to(tl.int64) * slot_stride
     g = tl.zeros((BLOCK_F, BLOCK_R), dtype=tl.float32)
     u = tl.zeros((BLOCK_F, BLOCK_R), dtype=tl.float32)
     fm = f < Fd
     if QBITS == 0:
-        for h0 in range(0, H, BLOCK_H):
+        for h0 in range(h_lo, h_hi, BLOCK_H):
             h = h0 + tl.arange(0, BLOCK_H)
             xt = tl.load(x_ptr + tok[None, :] * stride_x + h[:, None],
-                         mask=match[None, :] & (h[:, None] < H), other=0.0)      # [BLOCK_H, BLOCK_R]
-            wm = fm[:, None] & (h[None, :] < H)
+                         mask=match[None, :] & (h[:, None] < h_hi), other=0.0)   # [BLOCK_H, BLOCK_R]
+            wm = fm[:, None] & (h[None, :] < h_hi)
             w_off = f[:, None].to(tl.int64) * H + h[None, :]
             a = tl.load(w1_ptr + base + off1 + w_off, mask=wm, other=0.0)        # [BLOCK_F, BLOCK_H]
             b = tl.load(w3_ptr + base + off3 + w_off, mask=wm, other=0.0)
@@ -101,9 +104,9 @@ def moe_up(x_ptr, ids_ptr, slot_ptr, w1_ptr, w3_ptr, act_ptr, R, H, Fd, stride_x
         ng = (H + GROUP - 1) // GROUP
         q1, q3 = w1_ptr + base + off1, w3_ptr + base + off3
         s1, s3 = s_ptr + sbase + soff1, s_ptr + sbase + soff3
-        for c0 in range(0, H // 2, BLOCK_C):
+        for c0 in range(h_lo // 2, h_hi // 2, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
-            cm = c < H // 2
+            cm = c < h_hi // 2
             a_lo, a_hi, sa = load_q4_biased(q1, s1, f, c, c0, fm, cm, H, ng, GROUP, WIDEN)
             b_lo, b_hi, sb = load_q4_biased(q3, s3, f, c, c0, fm, cm, H, ng, GROUP, WIDEN)
             x_lo = tl.load(x_ptr + tok[None, :] * stride_x + (2 * c)[:, None], mask=match[None, :] & cm[:, None],
@@ -126,9 +129,9 @@ def moe_up(x_ptr, ids_ptr, slot_ptr, w1_ptr, w3_ptr, act_ptr, R, H, Fd, stride_x
         ng = (H + GROUP - 1) // GROUP
         q1, q3 = w1_ptr + base + off1, w3_ptr + base + off3
         s1, s3 = s_ptr + sbase + soff1, s_ptr + sbase + soff3
-        for c0 in range(0, H // DIV, BLOCK_C):
+        for c0 in range(h_lo // DIV, h_hi // DIV, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)                                     # stored column
-            cm = c < H // DIV
+            cm = c < h_hi // DIV
             a_lo, a_hi = load_q(q1, s1, f, c, c0, fm, cm, H, ng, QBITS, GROUP, BLOCK_C)
             b_lo, b_hi = load_q(q3, s3, f, c, c0, fm, cm, H, ng, QBITS, GROUP, BLOCK_C)
             x_lo = tl.load(x_ptr + tok[None, :] * stride_x + (DIV * c)[:, None],
@@ -148,9 +151,14 @@ def moe_up(x_ptr, ids_ptr, slot_ptr, w1_ptr, w3_ptr, act_ptr, R, H, Fd, stride_x
                     a_hi, b_hi = a_hi.to(x_hi.dtype), b_hi.to(x_hi.dtype)
                 g = tl.dot(a_hi, x_hi, g)
                 u = tl.dot(b_hi, x_hi, u)
-    act = g * tl.sigmoid(g) * u                                    # SiLU(g) * u  [BLOCK_F, BLOCK_R]
-    tl.store(act_ptr + r[None, :] * Fd + f[:, None], act.to(act_ptr.dtype.element_ty),
-             mask=match[None, :] & (f[:, None] < Fd))
+    out_mask = match[None, :] & (f[:, None] < Fd)
+    if SPLIT == 1:
+        act = g * tl.sigmoid(g) * u                                # SiLU(g) * u  [BLOCK_F, BLOCK_R]
+        tl.store(act_ptr + r[None, :] * Fd + f[:, None], act.to(act_ptr.dtype.element_ty), mask=out_mask)
+    else:                       # partial sums [SPLIT, 2, R, F]: the caller adds them and applies SiLU
+        pg = part_ptr + (split * 2 * R + r[None, :]).to(tl.int64) * Fd + f[:, None]
+        tl.store(pg, g, mask=out_mask)
+        tl.store(pg + R * Fd, u, mask=out_mask)
 
 
 @triton.jit

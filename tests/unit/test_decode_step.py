@@ -115,7 +115,9 @@ KERNEL_CHECK = textwrap.dedent("""
         wts[0, -1] = 0.0
         a = moe_torch(x, wts, ids, perm, bank).float()
         b = moe_triton(x, wts, ids, perm, bank).float()
+        c = moe_triton(x, wts, ids, perm, bank, KernelConfig(block_h=32, up_split=3, down_programs=64)).float()
         tol = 1e-5 if dt == torch.float32 else 2e-2
+        assert (a - c).abs().max().item() <= tol * max(1.0, a.abs().max().item()), (dt, T, k, "split")
         err = (a - b).abs().max().item()
         assert err <= tol * max(1.0, a.abs().max().item()), (dt, T, k, err)
     # quantized slots read in place (int8, int4): group sizes smaller than a tile and not
@@ -130,6 +132,10 @@ KERNEL_CHECK = textwrap.dedent("""
                                         (4, 128, torch.float32, 256, 256, KernelConfig(int4_post_scale=True)),
                                         (4, 128, torch.bfloat16, 256, 384, KernelConfig(int4_post_scale=True)),
                                         (4, 64, torch.float32, 192, 128, KernelConfig(block_h=64, block_fd=64,
+                                                                                      int4_post_scale=True)),
+                                        (4, 128, torch.float32, 256, 384, KernelConfig(up_split=3, down_programs=64)),
+                                        (8, 32, torch.float32, 192, 96, KernelConfig(block_h=32, up_split=2)),
+                                        (4, 64, torch.float32, 192, 256, KernelConfig(block_h=64, up_split=4,
                                                                                       int4_post_scale=True))):
         E, T, k = 6, 4, 2
         bank = quantized_bank(E + 1, Fd, H, bits, group)
