@@ -124,3 +124,12 @@ def child_env_with(**extra: str) -> dict[str, str]:
     env = child_env()
     env.update(extra)
     return env
+
+
+def failover_warnings(records: Any) -> list[str]:
+    """The store client's failover warnings among log records (caplog.records, with the
+    expert_store.client logger at WARNING): one per transport failure (UNAVAILABLE, a broken
+    stream), the only path on which a client call waits (a backoff sleep after each full round
+    of replicas, rounds for RETRY_WINDOW_S). None: every replica asked answered, at once."""
+    return [r.getMessage() for r in records if r.name == "expert_store.client"
+            and r.getMessage().endswith(("; failing over", "; giving up"))]

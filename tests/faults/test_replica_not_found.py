@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 
 import pytest
 
 from checkpoints import make_mixtral_checkpoint
-from fault_procs import store_proc
+from fault_procs import failover_warnings, store_proc
 
 from expert_store import format as blob_format
-from expert_store.client import RETRY_WINDOW_S, StoreClient, rendezvous_order
+from expert_store.client import StoreClient, rendezvous_order
 from expert_store.errors import InvalidArgument, NotFound
 from expert_store.pack import pack_checkpoint
 from expert_store.tiers import NvmeTier
@@ -88,9 +87,8 @@ def test_blob_missing_on_its_owner_is_fetched_from_the_other_replica(replicas, c
     caplog.set_level(logging.WARNING, logger="expert_store.client")
     with StoreClient.open(",".join(addresses), deadline_s=10) as c:
         # no manifest fetched yet: the client fetches it on the NOT_FOUND to see the blob is listed
-        t0 = time.monotonic()
         assert bytes(c.fetch_expert(MODEL, *gone[0])) == want[gone[0]]
-        assert time.monotonic() - t0 < RETRY_WINDOW_S / 2  # the next replica at once, no backoff
+        assert not failover_warnings(caplog.records)  # the next replica at once: no outage, no backoff
         buf = bytearray(len(want[gone[1]]) + 7)
         assert bytes(c.fetch_expert(MODEL, *gone[1], out=buf)) == want[gone[1]]
         got = dict(c.fetch_experts(MODEL, ALL_REFS))
@@ -112,10 +110,9 @@ def test_blob_missing_on_every_replica_is_not_found_naming_both(replicas, caplog
     caplog.set_level(logging.WARNING, logger="expert_store.client")
     with StoreClient.open(",".join(addresses), deadline_s=10) as c:
         c.manifest(MODEL)
-        t0 = time.monotonic()
         with pytest.raises(NotFound) as e:
             c.fetch_expert(MODEL, *ref)
-        assert time.monotonic() - t0 < RETRY_WINDOW_S / 2  # both answered: no retry window waited out
+        assert not failover_warnings(caplog.records)  # both answered: no retry window waited out
         msg = str(e.value)
         assert e.value.code == "NOT_FOUND"
         assert key in msg and all(a in msg for a in addresses), msg
@@ -132,17 +129,15 @@ def test_unknown_model_unlisted_blob_and_bad_ref_fail_at_once(replicas, caplog):
     addresses = [a for a, _ in replicas]
     caplog.set_level(logging.WARNING, logger="expert_store.client")
     with StoreClient.open(",".join(addresses), deadline_s=10) as c:
-        t0 = time.monotonic()
         with pytest.raises(NotFound):
             c.fetch_expert("no-such-model", 0, 0, "bf16")
         with pytest.raises(NotFound):
             dict(c.fetch_experts("no-such-model", [(0, 0, "bf16"), (0, 1, "bf16")]))
         with pytest.raises(NotFound):
             c.manifest("no-such-model")
-        assert time.monotonic() - t0 < RETRY_WINDOW_S / 2, time.monotonic() - t0
+        assert not failover_warnings(caplog.records)  # answered at once, not retried as outages
         m = c.manifest(MODEL)
         assert (0, 0, "int8") not in m.blobs
-        t0 = time.monotonic()
         with pytest.raises(NotFound) as e:  # a precision that was not packed: the manifest does not list it
             c.fetch_expert(MODEL, 0, 0, "int8")
         assert "int8" in str(e.value)
@@ -150,5 +145,5 @@ def test_unknown_model_unlisted_blob_and_bad_ref_fail_at_once(replicas, caplog):
             c.fetch_expert(MODEL, -1, 0, "bf16")
         with pytest.raises(InvalidArgument):
             c.fetch_expert(MODEL, 0, 0, "fp8")
-        assert time.monotonic() - t0 < RETRY_WINDOW_S / 2, time.monotonic() - t0
+        assert not failover_warnings(caplog.records)
     assert not not_found_warnings(caplog)  # nothing here is a replica inconsistency

@@ -264,13 +264,13 @@ def test_concurrent_stream_limit_answers_resource_exhausted_at_once(server, clie
 
     first = open_stream(pb.DEMAND)
     try:
-        t0 = time.monotonic()
         assert code_of(lambda: open_stream(pb.PREFETCH)) == grpc.StatusCode.RESOURCE_EXHAUSTED
         second = open_stream(pb.DEMAND)  # demand may use the slot prefetch may not
         try:
+            # refused at once, not queued (a queued call would wait for the slot and end in
+            # DEADLINE_EXCEEDED) and not retried: the server said no
             with pytest.raises(ResourceExhausted):
-                client.fetch_expert(MODEL, 0, 0, "int4")  # not retried: the server said no
-            assert time.monotonic() - t0 < 5.0  # refused at once, not queued
+                client.fetch_expert(MODEL, 0, 0, "int4")
         finally:
             second.cancel()
     finally:
