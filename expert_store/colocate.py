@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -37,6 +38,7 @@ from expert_store.errors import InvalidArgument, StoreError, Unavailable
 from expert_store.grpc_serving import (add_health_and_reflection, add_port, auth_interceptors, channel_options,
                                        join_host_port, read_token_file, set_health, split_host_port,
                                        stop_on_signals, tune_malloc)
+from expert_store.launch import ServerProcess, console_command
 from expert_store.shm_arena import ArenaWriter
 from expert_store.wire import MAX_MESSAGE_BYTES, TOKEN_ENV
 
@@ -262,8 +264,9 @@ def cmd_colocate(args: argparse.Namespace) -> int:
     return 0
 
 
-class ColocatedStore:
-    """`expert-store colocate` as a child process, for benchmarks and tests:
+class ColocatedStore(ServerProcess):
+    """`expert-store colocate` as a child process, for benchmarks and tests
+    (expert_store.launch.ServerProcess):
 
         with ColocatedStore(upstream, "/dev/shm/bench.arena", 16 << 30, model) as col:
             engine = Engine.from_store(col.target, model, host_cache_bytes=..., gpu_cache_bytes=...)
@@ -274,24 +277,13 @@ class ColocatedStore:
 
     def __init__(self, upstream: str, arena: str, arena_bytes: int, model: str, *, listen: str = "127.0.0.1:0",
                  extra: Sequence[str] = (), start_timeout_s: float = 120.0, env: dict[str, str] | None = None) -> None:
-        import collections
-        import subprocess
-        import sys
-        import threading
-
         self.arena = str(arena)
-        argv = [sys.executable, "-m", "expert_store.cli", "colocate", "--upstream", str(upstream), "--arena",
-                self.arena, "--arena-bytes", str(int(arena_bytes)), "--model", model, "--listen", listen, *extra]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        self._stderr: collections.deque[str] = collections.deque(maxlen=50)
-        self._drain = threading.Thread(target=lambda: self._stderr.extend(self.proc.stderr), daemon=True)
-        self._drain.start()
+        argv = console_command("expert-store", "expert_store.cli") + [
+            "colocate", "--upstream", str(upstream), "--arena", self.arena, "--arena-bytes", str(int(arena_bytes)),
+            "--model", model, "--listen", listen, *extra]
+        super().__init__(argv, env=env, stderr="pipe", ready_timeout=start_timeout_s)
+        self.start()   # it listens at once ("listening on"), then sets the arena up
         try:
-            line = self.proc.stdout.readline()   # "listening on HOST:PORT", or EOF when it failed
-            if not line.startswith("listening on "):
-                self.proc.wait(30)
-                raise RuntimeError(f"expert-store colocate exited {self.proc.returncode}: {self.log()}")
-            self.address = line.split()[-1]
             self._await_serving(start_timeout_s)
         except BaseException:
             self.stop()
@@ -302,7 +294,7 @@ class ColocatedStore:
         return f"local-shm://{self.arena}?control={self.address}"
 
     def log(self) -> str:
-        return "".join(self._stderr).strip()
+        return "".join(self.stderr_lines[-50:]).strip()
 
     def _await_serving(self, timeout_s: float) -> None:
         from grpc_health.v1 import health_pb2_grpc
@@ -311,8 +303,8 @@ class ColocatedStore:
         with grpc.insecure_channel(self.address) as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             while time.monotonic() < end:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"expert-store colocate exited {self.proc.returncode}: {self.log()}")
+                if not self.running():
+                    raise RuntimeError(f"expert-store colocate exited {self.returncode}: {self.log()}")
                 try:
                     if stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
                             health_pb2.HealthCheckResponse.SERVING:
@@ -323,40 +315,13 @@ class ColocatedStore:
         raise RuntimeError(f"expert-store colocate did not serve within {timeout_s:.0f}s: {self.log()}")
 
     def stop(self, timeout_s: float = 20.0, remove: bool = False) -> int | None:
-        import os
-        import signal
-        import subprocess
-
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._drain.join(5)
-        for f in (self.proc.stdout, self.proc.stderr):
-            if f is not None and not f.closed:
-                f.close()
+        rc = super().stop(timeout_s)
         if remove:
             try:
                 os.unlink(self.arena)
             except FileNotFoundError:
                 pass
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        """SIGKILL (a crash: no goodbye), then what stop() cleans up."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.stop()
-
-    def __enter__(self) -> "ColocatedStore":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return rc
 
 
 def _wait_for_manifests(upstream: Any, models: list[str], timeout_s: float) -> list[Any]:
