@@ -77,7 +77,7 @@ class RMSNorm(nn.Module):
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
                  scaling: YarnScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     # positions: [S] or [B, S] int -> cos, sin: [S, hd] or [B, S, hd] (YaRN: scaled frequencies, cos/sin x its factor)
-    inv_freq = rope_inv_freq(head_dim, theta, scaling).to(positions.device)  # [hd/2]
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, positions.device)      # [hd/2]
     freqs = positions[..., None].float() * inv_freq             # [..., S, hd/2]
     emb = torch.cat((freqs, freqs), dim=-1)                     # [..., S, hd]
     if scaling is None:
@@ -86,11 +86,12 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
     return (emb.cos() * m).to(dtype), (emb.sin() * m).to(dtype)
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: YarnScaling | None = None) -> torch.Tensor:
+def rope_inv_freq(head_dim: int, theta: float, scaling: YarnScaling | None = None,
+                  device: torch.device | str | None = None) -> torch.Tensor:
     """RoPE inverse frequencies [hd/2] (float32): theta^(-2i/hd), or YaRN's blend of them with
     their interpolation (/ factor): extrapolated below the correction range of beta_fast..beta_slow
     rotations over the original context, interpolated above it, a linear ramp between."""
-    base = theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)  # [hd/2]
+    base = theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)  # [hd/2]
     if scaling is None:
         return 1.0 / base
     def dim_of(rotations: float) -> float:   # the dim that turns `rotations` times over the original context
@@ -102,7 +103,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: YarnScaling | None = Non
     low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # [hd/2]
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
     extrapolate = 1 - ramp
     return (1.0 / (scaling.factor * base)) * (1 - extrapolate) + (1.0 / base) * extrapolate
 
