@@ -764,8 +764,5 @@ def build_provider(source: ExpertSource, gpu_cache_bytes: int | None = None, hos
     """What Engine.from_store calls when cache budgets are given. The calibration profile in the
     store's manifest (profile.json) feeds the slot plan unless `profile` is passed."""
     if "profile" not in options:
-        prof = getattr(source.manifest, "profile", None)
-        if prof is None and isinstance(source.manifest, Mapping):
-            prof = source.manifest.get("profile")
-        options["profile"] = prof
+        options["profile"] = source.manifest.profile
     return ExpertCache(source, gpu_cache_bytes=gpu_cache_bytes, host_cache_bytes=host_cache_bytes or 0, **options)
