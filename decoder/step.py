@@ -22,9 +22,14 @@ writes the changed routing back before `moe`, as the low-precision-on-miss hint 
 the same read. An expert outside the slot bank (a transient buffer, the low-precision tier)
 makes its layer run through the provider's weights instead of the `moe` graph.
 
+Families: Mixtral, Qwen3-MoE (q/k head norms), OLMoE (full q/k norms, clamps, unrenormalised
+router weights) and Qwen2-MoE (q/k/v biases, the gated shared expert added after the routed
+ones). MLA attention, attention sinks, sigmoid routers, clamped-SwiGLU experts with biases,
+dense layers and YaRN RoPE (DeepSeek-V3, GPT-OSS, Qwen's dense layers) keep the eager path.
+
 Without CUDA (or with capture=False) the same functions run eagerly: that is how the CPU
-(CI) runs and tests it. `unsupported_reason(model)` says why a model's gating, observers or
-provider cannot run this way; the engine then keeps the eager `Transformer.forward`.
+(CI) runs and tests it. `unsupported_reason(model)` says why a model's family, gating,
+observers or provider cannot run this way; the engine then keeps the eager `Transformer.forward`.
 """
 
 from __future__ import annotations
@@ -39,15 +44,26 @@ from decoder.gating import CountingGating
 from decoder.kernels.fused_moe import fused_moe, moe_torch, use_kernels
 from decoder.kernels.norm import rms_norm
 from decoder.model.transformer import Transformer, apply_rope_signed, rope_cos_sin, sign_rotated_sin
-from decoder.routing import TopKGating, overrides, topk_route, wants_host_routing
+from decoder.routing import TopKGating, overrides, selected_probs, topk_route, wants_host_routing
 
 
 def unsupported_reason(model: Transformer) -> str | None:
     """Why `model` cannot decode through DecodeStep (None when it can)."""
-    family = getattr(model.config, "family", "mixtral")
-    if family != "mixtral":
-        return f"the step implements Mixtral's block; {family} decodes eagerly"
+    cfg = model.config
+    family = cfg.family
+    if cfg.attention != "gqa" or cfg.attention_sinks:
+        return f"{family}'s attention ({'MLA' if cfg.attention != 'gqa' else 'sinks'}) decodes eagerly"
+    if cfg.router_scores != "softmax" or cfg.router_bias or cfg.expert_act != "silu" or cfg.expert_bias:
+        return f"{family}'s router or expert activation decodes eagerly"
+    if cfg.dense_layers:
+        return f"{family}'s dense layers decode eagerly"
+    if cfg.rope_scaling is not None:
+        return "YaRN RoPE decodes eagerly"
+    if any(cfg.layer_window(l) != cfg.sliding_window for l in range(cfg.num_hidden_layers)):
+        return "per-layer attention windows decode eagerly"
     g = model.gating
+    if not cfg.norm_topk_prob and getattr(g, "decides_on_host", False):
+        return "a gating deciding on the host over unrenormalised router weights decodes eagerly"
     if isinstance(g, CountingGating):
         if (g.top_k >= 2 and not g.decides_on_device and not getattr(g, "decides_on_host", False)
                 and type(g).__name__ != "TopK"):
@@ -178,9 +194,7 @@ class DecodeStep:
         # x: [B, H] (normed) -> [B, H]; K/V of this token go to the static cache at input_pos
         a = self.model.layers[layer].self_attn
         B, nh, nkv, hd = self.B, self.nh, self.nkv, self.hd
-        q = a.q_proj(x).view(B, nh, 1, hd)
-        k = a.k_proj(x).view(B, nkv, 1, hd)
-        v = a.v_proj(x).view(B, nkv, 1, hd)
+        q, k, v = a._qkv(x.view(B, 1, -1))          # [B, nh|nkv, 1, hd]: biases, q/k norms, clamps as the family has them
         q, k = apply_rope_signed(q, self.cos_t, self.sin_t), apply_rope_signed(k, self.cos_t, self.sin_t)
         kc, vc = a.kv_cache.k_cache, a.kv_cache.v_cache                    # [Bmax, nkv, S, hd]
         kc[self.rows, :, self.input_pos] = k[:, :, 0]
@@ -201,6 +215,8 @@ class DecodeStep:
         else:
             pend = torch.full((self.B,), -1.0, device=self.device)
         ids = torch.where(self.active[:, None], ids, -1)
+        if not self.config.norm_topk_prob:      # Qwen2-MoE, OLMoE: each chosen expert's softmax probability
+            w = selected_probs(logits, ids)
         return w, ids, pend
 
     def _pre(self, layer: int, whole: bool = False) -> torch.Tensor:
@@ -228,10 +244,20 @@ class DecodeStep:
     def _moe(self, layer: int, experts: list[int] | None = None) -> None:
         args = (self.moe_in, self.route_w[layer], self.route_ids[layer], self.slots[layer], self.banks[layer])
         y = fused_moe(*args) if experts is None or self.kernels else moe_torch(*args, experts=experts)
-        torch.add(self.h, y, out=self.x)
+        torch.add(self.h, self._with_shared(layer, y), out=self.x)
         if layer == self.L - 1:
             self._count_rows()
             self._head()
+
+    def _with_shared(self, layer: int, y: torch.Tensor) -> torch.Tensor:
+        # the routed experts' sum y [B, H] plus the layer's shared expert, gated (Qwen2-MoE) or not
+        moe = self.model.layers[layer].block_sparse_moe
+        if moe.shared_expert is None:
+            return y
+        shared = moe.shared_expert(self.moe_in)
+        if moe.shared_expert_gate is not None:
+            shared = torch.sigmoid(moe.shared_expert_gate(self.moe_in)) * shared
+        return y + shared
 
     def _head(self) -> None:
         m = self.model
@@ -359,7 +385,7 @@ class DecodeStep:
             pos = (flat == e).nonzero().flatten()
             tok = pos // self.k
             out.index_add_(0, tok, weights[e](self.moe_in[tok]).float() * w.reshape(-1)[pos, None])
-        self.x.copy_(self.h + out.to(self.dtype))
+        self.x.copy_(self.h + self._with_shared(layer, out.to(self.dtype)))
         if layer == self.L - 1:
             self._count_rows()
             self._head()

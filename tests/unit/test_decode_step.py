@@ -25,6 +25,7 @@ from decoder.engine import Engine
 from decoder.kernels.fused_moe import ExpertBank, moe_torch
 from decoder.model.config import ModelConfig
 from decoder.model.transformer import Transformer
+from decoder.routing import TopKGating
 from decoder.step import DecodeStep, unsupported_reason
 from expert_store.client import StoreClient
 
@@ -206,6 +207,56 @@ def test_whole_step_gives_the_eager_logits_and_counts():
     assert st["routing"]["decode"] == ref_stats["routing"]["decode"]
     assert st["expert_loads"] == ref_stats["expert_loads"]
     assert st["provider"]["gets"] == ref_stats["provider"]["gets"]     # one lookup per used expert
+
+
+FAMILIES = {
+    "qwen3_moe": dict(family="qwen3_moe", qk_norm="head", o_bias=True),
+    "olmoe": dict(family="olmoe", qk_norm="full", clip_qkv=1.5, norm_topk_prob=False),
+    "qwen2_moe": dict(family="qwen2_moe", qkv_bias=True, norm_topk_prob=False, shared_expert_intermediate_size=20),
+}
+
+
+def family_model(family: str, seed: int = 0) -> Transformer:
+    """A tiny model of `family` whose biases and norm weights are drawn too (HF's init leaves
+    them 0 and 1, which would hide a step that skips them)."""
+    m = tiny_model(seed=seed, **FAMILIES[family])
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, p in sorted(m.named_parameters()):
+            if name.endswith(".bias") or "norm" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return m
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_blocks_through_the_step_give_the_eager_logits(family):
+    """Qwen3-MoE's q/k head norms, OLMoE's full q/k norms, clamps and unrenormalised weights,
+    Qwen2-MoE's q/k/v biases and gated shared expert: the step computes them as the eager
+    path does (fp32: the same logits and tokens)."""
+    ids = torch.randint(0, 300, (10,), generator=torch.Generator().manual_seed(2))
+    eager = Engine.from_model(family_model(family), decode_step="eager")
+    step = Engine.from_model(family_model(family), decode_step="step")
+    assert unsupported_reason(step.model) is None
+    torch.testing.assert_close(step.decode_logits(ids), eager.decode_logits(ids), rtol=1e-4, atol=1e-4)
+    assert step._step is not None and step._step.whole_steps == 10
+    prompt = ids[:4].tolist()
+    a = Engine.from_model(family_model(family, seed=5), decode_step="eager").generate(prompt, max_tokens=12,
+                                                                                      stop_at_eos=False)
+    b = Engine.from_model(family_model(family, seed=5), decode_step="step").generate(prompt, max_tokens=12,
+                                                                                     stop_at_eos=False)
+    assert a.token_ids == b.token_ids
+
+
+def test_families_the_step_does_not_implement_keep_the_eager_path():
+    for kw, why in ((dict(family="gpt_oss", attention_sinks=True), "sinks"),
+                    (dict(family="qwen3_moe", dense_layers=(1,), dense_intermediate_size=16), "dense layers"),
+                    (dict(family="olmoe", norm_topk_prob=False), None)):
+        m = tiny_model(**kw)
+        reason = unsupported_reason(m)
+        assert (reason is None) if why is None else (why in reason), (kw, reason)
+    m = tiny_model(family="olmoe", norm_topk_prob=False)
+    m.gating = type("HostDecides", (TopKGating,), {"decides_on_host": True})(2)
+    assert "unrenormalised" in unsupported_reason(m)
 
 
 def test_generate_through_the_step_equals_eager_generation():
