@@ -572,7 +572,9 @@ def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torc
         "model": prep.name, "budget": budget, "mode": mode, "tokens_per_s": tps,
         "decode_step": "step" if used_step else "eager", "host_reads_per_token": step_reads,
         "ms_per_token": 1e3 / tps if tps else None,
-        "experts_per_token": st["experts_per_token"], "single_expert_ratio": st["single_expert_ratio"],
+        # the decode steps' routing (the engine's top-level figures count the prefill too)
+        "experts_per_token": st["routing"]["decode"]["experts_per_token"],
+        "single_expert_ratio": st["routing"]["decode"]["single_expert_ratio"],
         "gpu_hit_rate": (tiers.get("gpu") or {}).get("hit_rate"),
         "host_hit_rate": (tiers.get("host") or {}).get("hit_rate"),
         "prefetch_precision": pf.get("precision"), "prefetch_recall": pf.get("recall"),
