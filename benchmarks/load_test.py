@@ -162,7 +162,8 @@ async def _run_clients(spec: LoadSpec, clients: int, offset: int) -> list[tuple[
     """-> [(status, latency_s, first_s, units, start offset_s)] of every request."""
     import grpc
 
-    from expert_store._proto.adapmoe.v1 import decoder_pb2, decoder_pb2_grpc, expert_store_pb2, expert_store_pb2_grpc
+    from decoder._proto.adapmoe.v1 import decoder_pb2, decoder_pb2_grpc
+    from expert_store._proto.adapmoe.v1 import expert_store_pb2, expert_store_pb2_grpc
 
     options = [("grpc.max_receive_message_length", 16 << 20)]
     metadata = (("authorization", f"Bearer {spec.token}"),) if spec.token else None

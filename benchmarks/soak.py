@@ -42,8 +42,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 import grpc  # noqa: E402
 import psutil  # noqa: E402
 
-from expert_store._proto.adapmoe.v1 import decoder_pb2 as dpb  # noqa: E402
-from expert_store._proto.adapmoe.v1 import decoder_pb2_grpc as dpb_grpc  # noqa: E402
+from decoder._proto.adapmoe.v1 import decoder_pb2 as dpb  # noqa: E402
+from decoder._proto.adapmoe.v1 import decoder_pb2_grpc as dpb_grpc  # noqa: E402
 from expert_store.launch import READY, ServerProcess, console_command, store_command  # noqa: E402
 
 

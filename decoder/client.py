@@ -31,8 +31,8 @@ from typing import Any, Iterator, Sequence
 
 import grpc
 
-from expert_store._proto.adapmoe.v1 import decoder_pb2 as pb
-from expert_store._proto.adapmoe.v1 import decoder_pb2_grpc as pb_grpc
+from decoder._proto.adapmoe.v1 import decoder_pb2 as pb
+from decoder._proto.adapmoe.v1 import decoder_pb2_grpc as pb_grpc
 from decoder.wire import MAX_MESSAGE_BYTES
 
 

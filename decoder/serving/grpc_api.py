@@ -32,8 +32,8 @@ from decoder.batching import (BatchScheduler, ErrorEvent, FinishEvent, InvalidRe
                               SchedulerError, TokenEvent)
 from decoder.serving.config import ServiceConfig
 from decoder.serving.metrics import DecoderMetrics
-from expert_store._proto.adapmoe.v1 import decoder_pb2 as pb
-from expert_store._proto.adapmoe.v1 import decoder_pb2_grpc as pb_grpc
+from decoder._proto.adapmoe.v1 import decoder_pb2 as pb
+from decoder._proto.adapmoe.v1 import decoder_pb2_grpc as pb_grpc
 
 log = logging.getLogger("decoder.grpc")
 request_log = logging.getLogger("decoder.requests")

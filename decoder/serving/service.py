@@ -30,7 +30,7 @@ from decoder.serving.grpc_api import SERVICE_NAME, DecoderServicer
 from decoder.wire import MAX_MESSAGE_BYTES
 from decoder.serving.metrics import DecoderMetrics
 from expert_store import grpc_serving
-from expert_store._proto.adapmoe.v1 import decoder_pb2_grpc as pb_grpc
+from decoder._proto.adapmoe.v1 import decoder_pb2_grpc as pb_grpc
 
 log = logging.getLogger("decoder.service")
 

@@ -15,8 +15,8 @@ import psutil
 from redis_server import free_port  # noqa: E402
 from service_procs import ServiceProcess, cli, pack_tiny_model, wait_until  # noqa: E402,F401
 
-from expert_store._proto.adapmoe.v1 import decoder_pb2 as dpb  # noqa: E402
-from expert_store._proto.adapmoe.v1 import decoder_pb2_grpc as dpb_grpc  # noqa: E402
+from decoder._proto.adapmoe.v1 import decoder_pb2 as dpb  # noqa: E402
+from decoder._proto.adapmoe.v1 import decoder_pb2_grpc as dpb_grpc  # noqa: E402
 
 PROMPTS = ["Once upon a time", "The quick brown fox jumps over", "Hello, world!", "Numbers: 0 1 2 3",
            "def forward(x): return silu(x @ w1.T)", "A mixture of experts routes every token"]

@@ -17,7 +17,7 @@ from fault_procs import (PROMPTS, decoder_proc, free_port, generate, my_children
 from service_procs import run_cli
 
 from expert_store import format as blob_format
-from expert_store._proto.adapmoe.v1 import decoder_pb2_grpc as dpb_grpc
+from decoder._proto.adapmoe.v1 import decoder_pb2_grpc as dpb_grpc
 from expert_store.client import StoreClient, rendezvous_order
 from expert_store.errors import DataLoss
 

@@ -22,8 +22,8 @@ import pytest
 from fault_procs import (PROMPTS, decoder_proc, decoder_stats, free_port, generate, generate_with_retry,
                          my_children, pack_tiny_model, reference_tokens, small_cache_args, store_proc, wait_until)
 
-from expert_store._proto.adapmoe.v1 import decoder_pb2 as dpb
-from expert_store._proto.adapmoe.v1 import decoder_pb2_grpc as dpb_grpc
+from decoder._proto.adapmoe.v1 import decoder_pb2 as dpb
+from decoder._proto.adapmoe.v1 import decoder_pb2_grpc as dpb_grpc
 
 pytestmark = pytest.mark.timeout(170)
 MODEL, LAYERS, MAX_TOKENS = "tiny", 2, 24

@@ -18,7 +18,7 @@ import pytest
 from fault_procs import (PROMPTS, decoder_proc, decoder_stats, free_port, generate, my_children, pack_tiny_model,
                          reference_tokens, small_cache_args, store_proc, wait_until)
 
-from expert_store._proto.adapmoe.v1 import decoder_pb2_grpc as dpb_grpc
+from decoder._proto.adapmoe.v1 import decoder_pb2_grpc as dpb_grpc
 from expert_store.client import StoreClient
 
 pytestmark = pytest.mark.timeout(150)

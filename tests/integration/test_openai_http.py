@@ -25,8 +25,8 @@ import torch
 
 from checkpoints import make_mixtral_checkpoint
 from decoder import Engine
-from expert_store._proto.adapmoe.v1 import decoder_pb2 as pb
-from expert_store._proto.adapmoe.v1 import decoder_pb2_grpc as pb_grpc
+from decoder._proto.adapmoe.v1 import decoder_pb2 as pb
+from decoder._proto.adapmoe.v1 import decoder_pb2_grpc as pb_grpc
 from service_procs import ServiceProcess, pack, wait_until
 
 pytestmark = pytest.mark.timeout(300)

@@ -19,8 +19,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from expert_store._proto.adapmoe.v1 import decoder_pb2 as pb
-from expert_store._proto.adapmoe.v1 import decoder_pb2_grpc as pb_grpc
+from decoder._proto.adapmoe.v1 import decoder_pb2 as pb
+from decoder._proto.adapmoe.v1 import decoder_pb2_grpc as pb_grpc
 from service_procs import ROOT, ServiceProcess, pack_tiny_model, wait_until
 
 pytestmark = pytest.mark.timeout(240)

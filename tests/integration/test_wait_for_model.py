@@ -23,8 +23,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from checkpoints import make_mixtral_checkpoint
-from expert_store._proto.adapmoe.v1 import decoder_pb2 as pb
-from expert_store._proto.adapmoe.v1 import decoder_pb2_grpc as pb_grpc
+from decoder._proto.adapmoe.v1 import decoder_pb2 as pb
+from decoder._proto.adapmoe.v1 import decoder_pb2_grpc as pb_grpc
 from service_procs import ServiceProcess, StoreServerProcess, moe_decoder, pack, wait_until
 
 pytestmark = pytest.mark.timeout(240)

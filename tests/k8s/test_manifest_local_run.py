@@ -135,7 +135,7 @@ def test_dev_overlay_runs_locally(cluster, tmp_path):
         run_probe(cluster, "decoder", dc, "livenessProbe", denv, dmounts, dproc)
         decoder_addr = f"127.0.0.1:{cluster.service_port('decoder', 'grpc')}"
         assert readiness(cluster, dc) == health_pb2.HealthCheckResponse.NOT_SERVING
-        from expert_store._proto.adapmoe.v1 import decoder_pb2, decoder_pb2_grpc
+        from decoder._proto.adapmoe.v1 import decoder_pb2, decoder_pb2_grpc
 
         decoder_token = (dmounts["/etc/adapmoe/decoder-token"] / "token").read_text().strip()
         auth = (("authorization", f"Bearer {decoder_token}"),)

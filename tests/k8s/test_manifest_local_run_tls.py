@@ -85,7 +85,7 @@ def render_dev_with_tls(tmp_path: Path) -> list[dict]:
 def test_tls_component_runs_locally(tmp_path):
     from checkpoints import make_mixtral_checkpoint
 
-    from expert_store._proto.adapmoe.v1 import decoder_pb2, decoder_pb2_grpc
+    from decoder._proto.adapmoe.v1 import decoder_pb2, decoder_pb2_grpc
 
     docs = render_dev_with_tls(tmp_path / "render")
     store_name = f"expert-store.{NAMESPACE}.svc"

@@ -17,8 +17,8 @@ import pytest
 from sec_procs import PROMPTS, ServiceProcess, pack_tiny_model, status_of
 from service_procs import child_env, cli
 
-from expert_store._proto.adapmoe.v1 import decoder_pb2 as dpb
-from expert_store._proto.adapmoe.v1 import decoder_pb2_grpc as dpb_grpc
+from decoder._proto.adapmoe.v1 import decoder_pb2 as dpb
+from decoder._proto.adapmoe.v1 import decoder_pb2_grpc as dpb_grpc
 
 pytestmark = pytest.mark.timeout(170)
 MODEL = "tiny"

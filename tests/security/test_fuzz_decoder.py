@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from sec_procs import PROMPTS, decoder_proc, generate, pack_tiny_model, store_proc
 
-from expert_store._proto.adapmoe.v1 import decoder_pb2 as dpb
-from expert_store._proto.adapmoe.v1 import decoder_pb2_grpc as dpb_grpc
+from decoder._proto.adapmoe.v1 import decoder_pb2 as dpb
+from decoder._proto.adapmoe.v1 import decoder_pb2_grpc as dpb_grpc
 
 pytestmark = pytest.mark.timeout(170)
 MODEL, CTX, VOCAB, DEFAULT_MAX = "tiny", 256, 320, 3

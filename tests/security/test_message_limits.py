@@ -20,8 +20,8 @@ from sec_procs import PROMPTS, decoder_proc, generate, pack_tiny_model, status_o
 from decoder import wire as decoder_wire
 from expert_store import client as store_client
 from expert_store import server as store_server
-from expert_store._proto.adapmoe.v1 import decoder_pb2 as dpb
-from expert_store._proto.adapmoe.v1 import decoder_pb2_grpc as dpb_grpc
+from decoder._proto.adapmoe.v1 import decoder_pb2 as dpb
+from decoder._proto.adapmoe.v1 import decoder_pb2_grpc as dpb_grpc
 from expert_store._proto.adapmoe.v1 import expert_store_pb2 as spb
 from expert_store._proto.adapmoe.v1 import expert_store_pb2_grpc as spb_grpc
 from expert_store.client import StoreClient

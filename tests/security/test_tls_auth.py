@@ -24,8 +24,8 @@ from sec_procs import PROMPTS, ServiceProcess, cli, decoder_proc, free_port, gen
 from decoder.client import DecoderClient, DecoderError
 from decoder.cli import TOKEN_ENV as DECODER_TOKEN_ENV
 from decoder.cli import read_auth_token
-from expert_store._proto.adapmoe.v1 import decoder_pb2 as dpb
-from expert_store._proto.adapmoe.v1 import decoder_pb2_grpc as dpb_grpc
+from decoder._proto.adapmoe.v1 import decoder_pb2 as dpb
+from decoder._proto.adapmoe.v1 import decoder_pb2_grpc as dpb_grpc
 from expert_store._proto.adapmoe.v1 import expert_store_pb2 as spb
 from expert_store._proto.adapmoe.v1 import expert_store_pb2_grpc as spb_grpc
 from expert_store.client import StoreClient

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from expert_store._proto.adapmoe.v1 import decoder_pb2 as adapmoe_dot_v1_dot_decoder__pb2
+from decoder._proto.adapmoe.v1 import decoder_pb2 as adapmoe_dot_v1_dot_decoder__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
