@@ -103,7 +103,7 @@ def measure(store_dir: Path, model: str, latency_ms: float, gating: str, args: a
             ids = list(range(3, 3 + args.prompt_tokens))
             eng.generate(ids, max_tokens=2)  # warm-up: connections, first loads
             eng.provider.reset_stats()
-            for x in eng.extras:
+            for x in eng.prefetchers:
                 if hasattr(x, "reset_stats"):
                     x.reset_stats()
             gating_obj = eng.model.gating

@@ -23,7 +23,7 @@ import safetensors.torch
 import torch
 
 from decoder.experts.cache import build_provider as build_cache_provider
-from decoder.experts.prefetch import build_prefetcher
+from decoder.experts.prefetch import Prefetcher, build_prefetcher
 from decoder.experts.provider import ExpertProvider, ExpertSource, StoreExperts
 from decoder.model.config import ModelConfig
 from decoder.model.transformer import Transformer
@@ -131,7 +131,8 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, *, model_name: str = "",
                  provider: ExpertProvider | None = None, client: StoreClient | None = None, owns_client: bool = False,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 precision: str = "bf16", extras: Sequence[Any] = (), decode_step: str = "auto") -> None:
+                 precision: str = "bf16", prefetchers: Sequence[Prefetcher] = (),
+                 decode_step: str = "auto") -> None:
         if decode_step not in DECODE_STEPS:
             raise ValueError(f"decode_step must be one of {DECODE_STEPS}, got {decode_step!r}")
         self.model = model
@@ -144,10 +145,10 @@ class Engine:
         self.device = torch.device(device)
         self.dtype = dtype
         self.precision = precision
-        self.extras = list(extras)  # e.g. the prefetcher: anything with stats()/close()
+        self.prefetchers = list(prefetchers)   # attached to the model as observers; stats, reset, close here
         self.routing = RoutingStats(self.config.num_hidden_layers, self.config.num_local_experts)
         model.add_observer(self.routing)
-        self._c = _Counters()
+        self._counters = _Counters()
         # "auto": the GPU-driven step (decoder/step.py) on CUDA when the model supports it;
         # "step": always (eagerly on the CPU; an error when unsupported); "eager": never
         self.decode_step = decode_step
@@ -195,9 +196,9 @@ class Engine:
             tok_json = manifest.tokenizer_json
             tokenizer = Tokenizer.from_bytes(tok_json, config.bos_token_id, config.eos_token_ids) if tok_json else None
             net.gating = _build_gating(gating, config, provider, budget, manifest, gating_options or {})
-            extras = _build_prefetcher(net, provider, source, prefetch, prefetch_options or {})
+            prefetchers = _build_prefetcher(net, provider, source, prefetch, prefetch_options or {})
             return cls(net, tokenizer, model_name=model, provider=provider, client=client, owns_client=owns,
-                       device=device, dtype=dtype, precision=precision, extras=extras,
+                       device=device, dtype=dtype, precision=precision, prefetchers=prefetchers,
                        decode_step=decode_step)
         except BaseException:
             if provider is not None:   # its loader threads / fetch processes / pinned memory
@@ -242,7 +243,7 @@ class Engine:
         self.routing.phase = "score"
         self.provider.begin_token()
         logits = self.model(ids[None])[0].float()
-        self._c.scored_tokens += ids.numel()
+        self._counters.scored_tokens += ids.numel()
         return logits
 
     @torch.inference_mode()
@@ -260,9 +261,9 @@ class Engine:
         for i in range(n):
             self.provider.begin_token()
             rows.append(self._decode_one(ids[i:i + 1], i).float().clone())
-        self._c.decode_s += time.perf_counter() - t0
-        self._c.decode_steps += n
-        self._c.scored_tokens += n
+        self._counters.decode_s += time.perf_counter() - t0
+        self._counters.decode_steps += n
+        self._counters.scored_tokens += n
         return torch.stack(rows)
 
     def _check_context(self, n_prompt: int, n_new: int) -> None:
@@ -306,8 +307,8 @@ class Engine:
         finish = "length"
         text = ""
 
-        self._c.requests += 1
-        self._c.prompt_tokens += n_prompt
+        self._counters.requests += 1
+        self._counters.prompt_tokens += n_prompt
         t0 = time.perf_counter()
         prefill_s = decode_s = 0.0
         if max_new > 0:
@@ -316,13 +317,13 @@ class Engine:
             self.provider.begin_token()
             logits = self.model(ids[None], torch.arange(n_prompt, device=self.device), last_only=True)[0, -1]
             prefill_s = time.perf_counter() - t0
-            self._c.prefill_s += prefill_s
+            self._counters.prefill_s += prefill_s
             self.routing.phase = "decode"
             pos = n_prompt
             while True:
                 tok = self._sample(logits, temperature, top_p, gen)
                 out_ids.append(tok)
-                self._c.generated_tokens += 1
+                self._counters.generated_tokens += 1
                 done = None
                 if stop_at_eos and tok in self.config.eos_token_ids:
                     done = "eos"
@@ -349,9 +350,9 @@ class Engine:
                 self.provider.begin_token()
                 logits = self._decode_one(torch.tensor([tok]), pos)
                 pos += 1
-                self._c.decode_steps += 1
+                self._counters.decode_steps += 1
                 decode_s += time.perf_counter() - t1
-            self._c.decode_s += decode_s
+            self._counters.decode_s += decode_s
         seconds = time.perf_counter() - t0
         if stream is None:
             text = ""
@@ -437,7 +438,7 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         for st in self._steps.values():
             st.flush_counts(self.routing)
-        c = self._c
+        c = self._counters
         allp = self.routing.summary()
         pstats = self.provider.stats() or {}
         tokens = max(1, c.generated_tokens + c.scored_tokens)
@@ -483,27 +484,23 @@ class Engine:
         gstats = self.model.gating.stats()
         if gstats:
             out["gating_stats"] = gstats
-        for x in self.extras:
-            if hasattr(x, "stats"):
-                out[getattr(x, "stats_name", type(x).__name__.lower())] = x.stats()
+        for pf in self.prefetchers:
+            out[pf.stats_name] = pf.stats()
         return out
 
     def reset_stats(self) -> None:
         for st in self._steps.values():
             st.flush_counts()           # drop what they counted so far
-        self._c = _Counters()
+        self._counters = _Counters()
         self.routing.reset()
         self.provider.reset_stats()
-        if hasattr(self.model.gating, "reset_stats"):
-            self.model.gating.reset_stats()
-        for x in self.extras:
-            if hasattr(x, "reset_stats"):
-                x.reset_stats()
+        self.model.gating.reset_stats()
+        for pf in self.prefetchers:
+            pf.reset_stats()
 
     def close(self) -> None:
-        for x in self.extras:
-            if hasattr(x, "close"):
-                x.close()
+        for pf in self.prefetchers:
+            pf.close()
         self.provider.close()
         self.model.clear_caches()
         if self._owns_client and self.client is not None:
@@ -567,7 +564,7 @@ def _build_gating(gating: str | Gating, config: ModelConfig, provider: ExpertPro
 
 
 def _build_prefetcher(model: Transformer, provider: ExpertProvider, source: ExpertSource,
-                      prefetch: bool | None, options: dict[str, Any]) -> list[Any]:
+                      prefetch: bool | None, options: dict[str, Any]) -> list[Prefetcher]:
     """decoder.experts.prefetch.build_prefetcher(model, provider, source, **options) -> observer
     (attached to the model) when the provider can prefetch; prefetch=False: none."""
     if prefetch is False or isinstance(provider, StoreExperts):

@@ -225,7 +225,7 @@ class CountingGating(Gating):
         raise NotImplementedError
 
 
-class TopK(CountingGating):
+class CountingTopK(CountingGating):
     """Mixtral's routing (identical to decoder.model.transformer.TopKGating), with counters."""
 
     name = "topk"
@@ -548,7 +548,7 @@ def _make_gating(name: str, *, config: ModelConfig, provider: Any, budget: float
     k = int(config.num_experts_per_tok)
     L = int(config.num_hidden_layers)
     if name == "topk":
-        return TopK(k, L)
+        return CountingTopK(k, L)
     sens = list(sensitivity) if sensitivity is not None else profile_sensitivity(profile, L)
     if name == "uniform":
         t = threshold if threshold is not None else budget

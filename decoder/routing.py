@@ -30,6 +30,9 @@ class Gating:
     def stats(self) -> dict[str, Any]:
         return {}
 
+    def reset_stats(self) -> None:
+        pass
+
 
 class TopKGating(Gating):
     """Softmax over all experts in float32, top-k; renormalise the k weights to sum 1 (Mixtral,

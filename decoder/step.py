@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from decoder.experts.prefetch import Prefetcher
-from decoder.gating import CountingGating
+from decoder.gating import CountingGating, CountingTopK
 from decoder.kernels.fused_moe import fused_moe, moe_torch, use_kernels
 from decoder.kernels.norm import rms_norm
 from decoder.model.transformer import Transformer, apply_rope_signed, rope_cos_sin, sign_rotated_sin
@@ -66,7 +66,7 @@ def unsupported_reason(model: Transformer) -> str | None:
         return "a gating deciding on the host over unrenormalised router weights decodes eagerly"
     if isinstance(g, CountingGating):
         if (g.top_k >= 2 and not g.decides_on_device and not getattr(g, "decides_on_host", False)
-                and type(g).__name__ != "TopK"):
+                and not isinstance(g, CountingTopK)):
             return f"gating {g.name!r} decides neither on the device nor from host rows"
     elif not isinstance(g, TopKGating):
         return f"gating {type(g).__name__} is not known to decide on the device"

@@ -196,37 +196,37 @@ class ExpertCache(ExpertProvider):
     def reset_stats(self) -> None:
         with self._lock:
             self._tier = {t: {"lookups": 0, "hits": 0, "misses": 0, "bytes": 0, "loads": 0} for t in TIERS}
-            self._pf_tier = {t: {"lookups": 0, "hits": 0, "misses": 0} for t in TIERS}
-            self._c = dict(stall_s=0.0, steps=0, demand_loads=0, prefetch_requests=0, prefetch_loads=0,
+            self._prefetch_tier = {t: {"lookups": 0, "hits": 0, "misses": 0} for t in TIERS}
+            self._counts = dict(stall_s=0.0, steps=0, demand_loads=0, prefetch_requests=0, prefetch_loads=0,
                            prefetch_useful=0, prefetch_late=0, prefetch_dropped_no_slot=0, prefetch_refused=0,
                            prefetch_cancelled=0, prefetch_unused_evicted=0, prefetch_errors=0,
                            evictions_gpu=0, evictions_host=0, scratch_loads=0, transient_loads=0,
                            inline_loads=0, errors=0)
             # demand lookups served by the low-precision tier (lookups = hits + misses)
-            self._low_c = {"lookups": 0, "hits": 0, "misses": 0, "bytes": 0, "loads": 0}
+            self._low_counts = {"lookups": 0, "hits": 0, "misses": 0, "bytes": 0, "loads": 0}
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
             self.copies.harvest()
             tiers = {t: dict(v) for t, v in self._tier.items()}
             if self._low is not None:
-                tiers["gpu-" + self.miss_precision] = dict(self._low_c)
+                tiers["gpu-" + self.miss_precision] = dict(self._low_counts)
             for v in tiers.values():
                 v["hit_rate"] = (v["hits"] / v["lookups"]) if v["lookups"] else 0.0
-            steps = max(1, self._c["steps"])
-            c = dict(self._c)
+            steps = max(1, self._counts["steps"])
+            c = dict(self._counts)
             return {
                 "provider": "adapmoe-cache",
                 "precision": self.precision,
                 "device": str(self.device),
                 "pinned_host": self.pinned,
                 "tiers": tiers,
-                "prefetch_tiers": {t: dict(v) for t, v in self._pf_tier.items()},
+                "prefetch_tiers": {t: dict(v) for t, v in self._prefetch_tier.items()},
                 "fetches": self._tier["store"]["loads"],
                 "bytes_fetched": self._tier["store"]["bytes"],
                 "bytes_per_token": {t: self._tier[t]["bytes"] / steps for t in TIERS},
                 "stall_s": c.pop("stall_s"),
-                "stall_s_per_token": self._c["stall_s"] / steps,
+                "stall_s_per_token": self._counts["stall_s"] / steps,
                 "load_cost_s": {t: self.load_cost(t) for t in TIERS},
                 "load_cost_measured": self.costs.measured(),
                 "slot_bytes": self.slot_bytes,
@@ -244,7 +244,7 @@ class ExpertCache(ExpertProvider):
 
     def _add_stall(self, seconds: float) -> None:
         """Count `seconds` the compute thread spent blocked in get() waiting for a load. Lock held."""
-        self._c["stall_s"] += seconds
+        self._counts["stall_s"] += seconds
         self._stall_total_s += seconds
 
     def stall_seconds(self) -> float:
@@ -267,10 +267,10 @@ class ExpertCache(ExpertProvider):
     def begin_token(self) -> None:
         with self._lock:
             self.step += 1
-            self._c["steps"] += 1
+            self._counts["steps"] += 1
             self._last_layer = -1
             # prefetches queued for the previous token's layers are stale now
-            self._c["prefetch_cancelled"] += self._queue.drop_queued_prefetches()
+            self._counts["prefetch_cancelled"] += self._queue.drop_queued_prefetches()
             self.copies.harvest()
 
     def location(self, layer: int, expert: int) -> str:
@@ -375,7 +375,7 @@ class ExpertCache(ExpertProvider):
         with self._lock:
             if layer <= self._last_layer:   # the engine did not call begin_token: a new step anyway
                 self.step += 1
-                self._c["steps"] += 1
+                self._counts["steps"] += 1
             self._last_layer = layer
             self._pinned_keys.update([(layer, e) for e in needed])
             if self._tasks:
@@ -383,7 +383,7 @@ class ExpertCache(ExpertProvider):
                 for (l, e), task in list(self._tasks.items()):
                     if l == layer and task.kind == "prefetch" and task.state == "queued" and e not in needed:
                         self._finish(task, dropped=True)
-                        self._c["prefetch_cancelled"] += 1
+                        self._counts["prefetch_cancelled"] += 1
             low = self._low is not None
             for e in needed:
                 if low and self._use_low(layer, e):
@@ -421,7 +421,7 @@ class ExpertCache(ExpertProvider):
                     if task.state == "queued":
                         # still waiting behind the loader: run it here, now
                         task.state = "running"
-                        self._c["inline_loads"] += 1
+                        self._counts["inline_loads"] += 1
                         self._lock.release()
                         try:
                             self._run(task)
@@ -478,8 +478,8 @@ class ExpertCache(ExpertProvider):
         for e in experts:
             self._check(layer, e)
         with self._lock:
-            lru, g = self._gpu[layer], self._pf_tier["gpu"]
-            self._c["prefetch_requests"] += len(experts)
+            lru, g = self._gpu[layer], self._prefetch_tier["gpu"]
+            self._counts["prefetch_requests"] += len(experts)
             g["lookups"] += len(experts)
             for i, e in enumerate(experts):
                 ent = lru.get(e)
@@ -534,7 +534,7 @@ class ExpertCache(ExpertProvider):
             g["hits"] += 1
             if ent.prefetched:
                 ent.prefetched = False
-                self._c["prefetch_useful"] += 1
+                self._counts["prefetch_useful"] += 1
             ent.step = self.step
             self._gpu[layer].move_to_end(expert)
             return
@@ -542,7 +542,7 @@ class ExpertCache(ExpertProvider):
         if ent is not None and ent.prefetched:
             # a prefetch is bringing it in right now: late, but it saves part of the wait
             ent.prefetched = False
-            self._c["prefetch_late"] += 1
+            self._counts["prefetch_late"] += 1
         task = self._tasks.get(key)
         if task is not None and task.state == "done":   # a failed demand load nobody collected
             del self._tasks[key]
@@ -569,15 +569,15 @@ class ExpertCache(ExpertProvider):
                 return
             ent = self._alloc_gpu(layer, expert, task.kind, task.use)
             if ent is None:
-                self._c["prefetch_dropped_no_slot"] += 1
+                self._counts["prefetch_dropped_no_slot"] += 1
                 self._finish(task, dropped=True)
                 return
             ent.prefetched = task.kind == "prefetch"
             ent.step = self.step
             if task.kind == "demand":
-                self._c["demand_loads"] += 1
+                self._counts["demand_loads"] += 1
             else:
-                self._c["prefetch_loads"] += 1
+                self._counts["prefetch_loads"] += 1
         try:
             hentry = self.host.acquire(layer, expert, task.kind)
             try:
@@ -590,9 +590,9 @@ class ExpertCache(ExpertProvider):
                 if self._gpu[layer].get(expert) is ent:
                     del self._gpu[layer][expert]
                 self._free_gpu_slot(ent)
-                self._c["errors"] += 1
+                self._counts["errors"] += 1
                 if task.kind == "prefetch":
-                    self._c["prefetch_errors"] += 1
+                    self._counts["prefetch_errors"] += 1
                     log.warning("prefetch of layer %d expert %d failed: %s", layer, expert, exc)
                 self._finish(task, error=exc)
             return
@@ -617,22 +617,22 @@ class ExpertCache(ExpertProvider):
             key = self.policy.victim(candidates, self.step)
             victim = lru[key[1]] if key is not None else None
             if victim is not None and kind == "prefetch" and not self.policy.admit(use, key, self.step):
-                self._c["prefetch_refused"] += 1
+                self._counts["prefetch_refused"] += 1
                 return None
             if victim is not None:
                 del lru[victim.expert]
-                self._c["evictions_gpu"] += 1
+                self._counts["evictions_gpu"] += 1
                 if victim.prefetched:
-                    self._c["prefetch_unused_evicted"] += 1
+                    self._counts["prefetch_unused_evicted"] += 1
                 slot, prev_ev = victim.slot, victim.free_event
             elif kind == "prefetch":
                 return None
             elif self._gpu_free and self._over_quota() < self.scratch_slots:
                 slot = self._gpu_free.pop()
                 prev_ev = self._gpu_slot_events.pop(slot, None)
-                self._c["scratch_loads"] += 1
+                self._counts["scratch_loads"] += 1
             else:
-                self._c["transient_loads"] += 1
+                self._counts["transient_loads"] += 1
         if slot >= 0:
             buf = self.gpu_pool[slot]
         else:
@@ -680,9 +680,9 @@ class ExpertCache(ExpertProvider):
             if key is None:
                 break
             en = lru.pop(key[1])
-            self._c["evictions_gpu"] += 1
+            self._counts["evictions_gpu"] += 1
             if en.prefetched:
-                self._c["prefetch_unused_evicted"] += 1
+                self._counts["prefetch_unused_evicted"] += 1
             # the slot's next writer must wait until the kernels that read it are done
             self._gpu_free.append(en.slot)
             if en.free_event is not None:

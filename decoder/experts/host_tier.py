@@ -100,7 +100,7 @@ class HostTier:
             for key, h in self.entries.items():
                 if h.refs == 0:
                     del self.entries[key]
-                    self.c._c["evictions_host"] += 1
+                    self.c._counts["evictions_host"] += 1
                     self.free.append(h.slot)
                     break
             else:
@@ -112,7 +112,7 @@ class HostTier:
         from expert_store import format as blob_format
 
         key = (layer, expert)
-        tier = self.c._tier if kind == "demand" else self.c._pf_tier
+        tier = self.c._tier if kind == "demand" else self.c._prefetch_tier
         with self.c._lock:
             tier["host"]["lookups"] += 1
             h = self.entries.get(key)
@@ -180,7 +180,7 @@ class HostTier:
                         h.resident = False
                         break
                     old = self.entries.pop(victim)
-                    self.c._c["evictions_host"] += 1
+                    self.c._counts["evictions_host"] += 1
                     self.free.append(old.slot)
                 if h.resident:
                     self.entries[key] = h

@@ -61,14 +61,14 @@ class LowPrecisionTier:
         c = self.cache
         key = (layer, expert)
         with c._lock:
-            c._low_c["lookups"] += 1
+            c._low_counts["lookups"] += 1
             ent = self.lru.get(key)
             if ent is not None:
-                c._low_c["hits"] += 1
+                c._low_counts["hits"] += 1
                 self.lru.move_to_end(key)
                 self.handed.add(key)
                 return ent.weights, ent.copy_event, False
-            c._low_c["misses"] += 1
+            c._low_counts["misses"] += 1
         with self.lock:
             if self.stage_event is not None:
                 self.stage_event.synchronize()   # the last H2D copy out of the staging buffers is done
@@ -116,8 +116,8 @@ class LowPrecisionTier:
                     dst.copy_(src)
                 ent.weights = expert_weights_from_views(header, tensors_from_raw(header, dst))
             with c._lock:
-                c._low_c["loads"] += 1
-                c._low_c["bytes"] += header.raw_size
+                c._low_counts["loads"] += 1
+                c._low_counts["bytes"] += header.raw_size
                 self.lru[key] = ent
                 self.handed.add(key)
             return ent.weights, ent.copy_event, True

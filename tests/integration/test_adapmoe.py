@@ -75,7 +75,7 @@ def test_topk_logits_identical_for_every_cache_config(client, reference, precisi
                                gpu_cache_bytes=None if gpu is None else gpu * slot,
                                host_cache_bytes=host * hslot, prefetch=prefetch, cache_options=opts) as eng:
             assert isinstance(eng.provider, ExpertCache)
-            assert any(isinstance(x, Prefetcher) for x in eng.extras) == prefetch
+            assert any(isinstance(x, Prefetcher) for x in eng.prefetchers) == prefetch
             for _ in range(2):  # cold, then warm cache
                 assert torch.equal(eng.forward_logits(IDS), ref_logits), (gpu, host, prefetch)
             assert eng.generate(IDS[:4], max_tokens=6).token_ids == ref_tokens

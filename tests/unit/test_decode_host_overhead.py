@@ -10,7 +10,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from decoder.engine import RoutingStats
-from decoder.gating import AdaptiveGating, TopK
+from decoder.gating import AdaptiveGating, CountingTopK
 from decoder.model.config import ModelConfig
 from decoder.model.transformer import MoEObserver, Transformer
 
@@ -58,7 +58,7 @@ def decode_reads(m: Transformer, steps: int = 3) -> list[list[str]]:
 
 @pytest.mark.parametrize("gating", [None, "counting-topk"])
 def test_topk_decode_reads_routing_once_per_layer(gating):
-    m = model(TopK(2, L) if gating else None)
+    m = model(CountingTopK(2, L) if gating else None)
     m.add_observer(RoutingStats(L, E))
     for reads in decode_reads(m):
         # one read per MoE layer (the routing) + one per forward (the cached length)

@@ -100,14 +100,14 @@ def test_each_flag_reaches_its_component(store, which):
                 g = eng.model.gating
                 assert g.name == "cost-aware" and g.loss_bound == 0.25 and g.budget == 0.1
                 assert g.miss_threshold == 0.2 and g.miss_provider is eng.provider
-                (pf,) = eng.extras
+                (pf,) = eng.prefetchers
                 assert pf.fixed_k == 2
                 eng.generate([1, 5, 9], max_tokens=3)
                 assert max(pf.stats()["lookahead_hist"]) == 2
         # without --lookahead the prefetcher adapts
         args = parsed(which, "--gpu-cache-bytes", str(budget))
         with Engine.from_store(client, "t", gpu_cache_bytes=args.gpu_cache_bytes, **engine_options(args)) as eng:
-            assert eng.extras[0].fixed_k is None and eng.provider.plan == "uniform"
+            assert eng.prefetchers[0].fixed_k is None and eng.provider.plan == "uniform"
 
 
 def test_topk_with_options_is_bit_identical_and_reset_stats(store):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from decoder.gating import (AdaptiveGating, CostAwareGating, TopK, UniformThresholdGating, make_gating)
+from decoder.gating import (AdaptiveGating, CostAwareGating, CountingTopK, UniformThresholdGating, make_gating)
 from decoder.model.config import ModelConfig
 from decoder.model.transformer import topk_route
 
@@ -19,7 +19,7 @@ def test_adaptive_budget_zero_equals_topk_exactly():
         for layer in range(3):
             w, i = AdaptiveGating(2, 3, [0.0, 1.0, 1e9], budget=0.0).route(layer, logits)
             assert torch.equal(w, w0) and torch.equal(i, i0)
-        w, i = TopK(2, 3).route(0, logits)
+        w, i = CountingTopK(2, 3).route(0, logits)
         assert torch.equal(w, w0) and torch.equal(i, i0)
 
 
