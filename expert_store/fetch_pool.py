@@ -67,7 +67,7 @@ from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 from typing import Any, Sequence
 
-from expert_store import format as blob_format
+from expert_store import format as blob_format, page_lock
 from expert_store.errors import InvalidArgument, NotFound, ResourceExhausted, StoreError, Unavailable, error_for_code
 
 log = logging.getLogger("expert_store.fetch_pool")
@@ -292,20 +292,9 @@ class FetchPool:
 
     def pin(self) -> bool:
         """Page-lock the arena for DMA with cudaHostRegister (once); False without CUDA."""
-        if self._pinned_ptr is not None:
-            return True
-        try:
-            import torch
-        except ImportError:
-            return False
-        if not torch.cuda.is_available():
-            return False
-        t = self.tensor()
-        rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel(), 0)  # 0: cudaHostRegisterDefault
-        if int(rc) != 0:
-            raise RuntimeError(f"cudaHostRegister of the {t.numel()}-byte arena failed (cudaError {int(rc)})")
-        self._pinned_ptr = t.data_ptr()
-        return True
+        if self._pinned_ptr is None:
+            self._pinned_ptr = page_lock.register(self.tensor())
+        return self._pinned_ptr is not None
 
     @property
     def pinned(self) -> bool:
@@ -561,9 +550,7 @@ class FetchPool:
 
     def _release_arena(self) -> None:
         if self._pinned_ptr is not None:
-            import torch
-
-            torch.cuda.cudart().cudaHostUnregister(self._pinned_ptr)
+            page_lock.unregister(self._pinned_ptr)
             self._pinned_ptr = None
         self._tensor = None
         self.arena = None

@@ -54,7 +54,7 @@ from typing import Any
 
 import xxhash
 
-from expert_store import format as blob_format
+from expert_store import format as blob_format, page_lock
 from expert_store.errors import DataLoss, InvalidArgument, ResourceExhausted
 
 MAGIC = b"ADAPARNA"
@@ -509,26 +509,13 @@ class ArenaReader:
     def pin(self) -> bool:
         """Page-lock the mapping for DMA (cudaHostRegister, once): copies from tensor() slices
         to the GPU then run at the pinned rate. False without CUDA."""
-        if self._pinned_ptr is not None:
-            return True
-        try:
-            import torch
-        except ImportError:
-            return False
-        if not torch.cuda.is_available():
-            return False
-        t = self.tensor()
-        rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel(), 0)  # 0: cudaHostRegisterDefault
-        if int(rc) != 0:
-            raise RuntimeError(f"cudaHostRegister of the {t.numel()}-byte arena failed (cudaError {int(rc)})")
-        self._pinned_ptr = t.data_ptr()
-        return True
+        if self._pinned_ptr is None:
+            self._pinned_ptr = page_lock.register(self.tensor())
+        return self._pinned_ptr is not None
 
     def unpin(self) -> None:
         if self._pinned_ptr is not None:
-            import torch
-
-            torch.cuda.cudart().cudaHostUnregister(self._pinned_ptr)
+            page_lock.unregister(self._pinned_ptr)
             self._pinned_ptr = None
 
     def close(self) -> None:
