@@ -700,12 +700,9 @@ class BatchScheduler:
     def _count_engine(self, **inc: float) -> None:
         """Keep engine.stats() truthful: the scheduler bypasses Engine.generate, so it adds to
         the engine's counters what generate would have (requests, tokens, prefill/decode time)."""
-        c = getattr(self.engine, "_c", None)
-        if c is None:
-            return
+        c = self.engine._counters
         for name, v in inc.items():
-            if hasattr(c, name):
-                setattr(c, name, getattr(c, name) + v)
+            setattr(c, name, getattr(c, name) + v)
 
 
 __all__ = [
