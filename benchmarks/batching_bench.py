@@ -91,7 +91,7 @@ def profile_steps(engine: Engine, prompts: list[list[int]], batch: int, tokens: 
     with profile(activities=acts) as prof:
         run_batch(engine, prompts[:batch], batch, tokens)
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or engine.device.type != "cuda"]
-    key = "self_device_time_total" if hasattr(events[0] if events else None, "self_device_time_total") else "self_cpu_time_total"
+    key = "self_device_time_total" if engine.device.type == "cuda" else "self_cpu_time_total"
     events.sort(key=lambda e: getattr(e, key), reverse=True)
     total = sum(getattr(e, key) for e in events) or 1.0
     rows = [{"name": e.key[:90], "calls": e.count, "us": getattr(e, key), "share": getattr(e, key) / total}

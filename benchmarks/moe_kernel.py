@@ -39,8 +39,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from decoder.kernels.fused_moe import (ExpertBank, KernelConfig, _tuned, config_file,  # noqa: E402
-                                       config_key, moe_triton, pick_config)
+from decoder.kernels.fused_moe import (ExpertBank, KernelConfig, config_file, config_key,  # noqa: E402
+                                       moe_triton, pick_config, tuned_table)
 
 SHAPES = {"A": (2048, 7168), "B": (4096, 14336)}
 BITS = {"bf16": 16, "int8": 8, "int4": 4}
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                 default = KernelConfig()
                 t_default = time_layers(banks, x, wts, ids, slot_of, default, args.replays)
                 best, t_best, tried = default, t_default, 1
-                known = pick_config(_tuned(device), banks[0], T)
+                known = pick_config(tuned_table(device), banks[0], T)
                 if args.sweep and known != default:
                     t_known = time_layers(banks, x, wts, ids, slot_of, known, args.replays)
                     tried += 1
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out / f'{args.tag}.json'}")
     if args.write_configs and tuned:
         path = config_file(device)
-        old = json.loads(path.read_text()) if path.exists() else {}
+        old = {k: dict(v) for k, v in tuned_table(device).items()}
         for k, v in tuned.items():
             old.setdefault(k, {}).update(v)
         path.parent.mkdir(parents=True, exist_ok=True)

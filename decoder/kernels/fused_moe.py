@@ -244,7 +244,9 @@ def config_key(bits: int, hidden: int, ffn: int) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(device_name: str) -> dict:
+def tuned_table(device_name: str) -> dict:
+    """One GPU model's tuned tiles {config_key: {tokens: tiles}} as its config file holds them
+    (read once; {} when there is none)."""
     path = config_file(device_name)
     if not path.exists():
         return {}
@@ -256,7 +258,7 @@ def tuned_config(device: torch.device, bank: ExpertBank, tokens: int) -> KernelC
     tuned token count >= `tokens` (else the largest); the defaults where nothing was tuned."""
     if device.type != "cuda":
         return KernelConfig()
-    return pick_config(_tuned(torch.cuda.get_device_name(device)), bank, tokens)
+    return pick_config(tuned_table(torch.cuda.get_device_name(device)), bank, tokens)
 
 
 def pick_config(tuned: dict, bank: ExpertBank, tokens: int) -> KernelConfig:
