@@ -1,26 +1,41 @@
 """Gating: which experts each token uses, selectable by name (`--gating`).
 
-- `topk`       Mixtral's own routing (reference): softmax over all experts in float32, top-k,
+- `topk`       the family's own routing (reference): softmax over all experts in float32, top-k,
                renormalise.
-- `uniform`    the AdapMoE paper's naive baseline: drop expert 2 when its renormalised weight
-               w2 is below one threshold, the same for every layer.
-- `adaptive`   AdapMoE: use expert 1 alone when F_l * w2^2 < T, where F_l is layer l's
-               sensitivity from the calibration profile (decoder/calibrate.py) and T the budget.
-               Dropping expert 2 and renormalising changes the layer output by w2 * (E1 - E2),
-               so the next-token loss rises by about F_l * w2^2 (second-order Taylor with the
-               Fisher approximation).
+- `uniform`    the AdapMoE paper's naive baseline: drop the tail of a token's top-k (lowest weights
+               first) while the dropped weights' sum W is below one threshold, the same for every
+               layer (top-2: drop expert 2 when its renormalised weight w2 is below it).
+- `adaptive`   AdapMoE: drop the tail while F_l * W^2 < T, where F_l is layer l's sensitivity from
+               the calibration profile (decoder/calibrate.py) and T the budget; at least one expert
+               stays. Derivation below; for top-2, expert 1 alone when F_l * w2^2 < T.
 - `cost-aware` ours: adaptive's rule with T scaled per decision by the live cost of loading
-               expert 2 from where it is now (the expert cache's EWMA per tier) over the running
-               mean of that cost across recent expert-2 decisions (GPU ones count 0): an expert 2
-               on the GPU is never dropped, and the budget adaptive would spread over every
-               decision goes to the misses, more to the costlier ones (the threshold averaged
-               over decisions stays ~T). The estimated loss a token accumulates over the layers
-               (sum of F_l * w2^2 of its dropped experts) never exceeds `loss_bound`.
+               the tail expert from where it is now (the expert cache's EWMA per tier) over the
+               running mean of that cost across recent decisions (GPU ones count 0): an expert on
+               the GPU is never dropped, and the budget adaptive would spread over every decision
+               goes to the misses, more to the costlier ones (the threshold averaged over decisions
+               stays ~T). The estimated loss a token accumulates over the layers (sum of F_l * W^2
+               of its dropped experts) never exceeds `loss_bound`.
+
+The estimated loss of dropping a tail. A token's top-k weights w_1 >= ... >= w_k (renormalised
+to sum 1: the decision weights, whatever the family's router) split into the kept K and the
+dropped D, W = sum_D w_i. A renormalising family (Mixtral, Qwen3-MoE, GPT-OSS, DeepSeek-V3)
+outputs sum_K w_i E_i / (1 - W) instead of sum_i w_i E_i, a change of
+
+    dy = W * (ybar_K - ybar_D),   ybar_S = sum_S w_i E_i / sum_S w_i  (weighted mean over S);
+
+one that weighs by unrenormalised probabilities p_i = Z w_i (Qwen2-MoE, OLMoE; Z = the top-k's
+probability mass) keeps p_i for the kept experts: dy = -W * Z * ybar_D. Either way dy = W * v,
+and with the Fisher approximation of the Hessian the next-token loss rises by about
+0.5 (g . dy)^2 = W^2 * 0.5 (g . v)^2, g the loss gradient at the layer's output; calibration
+measures F_l = mean 0.5 (g . v)^2 over tokens and tail sizes, so the estimate is F_l * W^2.
+For top-2 (D = {2}): dy = w2 * (E1 - E2), the estimate F_l * w2^2. F_l * W^2 grows with the
+tail, so "drop while under T" drops the longest tail whose estimate is under T.
 
 Every gating returns (weights [T, k] float32, idx [T, k] int64) with idx == -1 (weight 0) in a
-slot a token does not use (see decoder.model.transformer.Gating); when every token of a call
-drops expert 2 the result has k = 1. Decisions are counted per layer: experts per token,
-single-expert ratio and the estimated loss of the dropped experts.
+slot a token does not use (see decoder.routing.Gating). Decisions are counted per layer: experts
+per token, single-expert ratio and the estimated loss of the dropped experts. A gating built for
+a router whose weights are not softmax(logits) (DeepSeek-V3's sigmoid scores) gets them as
+`scores` and decides on the picked experts' scores renormalised (`takes_scores`).
 """
 
 from __future__ import annotations
@@ -38,17 +53,19 @@ GATINGS = ("topk", "uniform", "adaptive", "cost-aware")
 
 
 class CountingGating(Gating):
-    """Base: top-k routing, then `_drop_second(layer, logits, weights, idx)` (or `_decide`)
-    decides per token whether the second expert goes. Counts decisions.
+    """Base: top-k routing, then `_tail_drops(layer, logits, weights, idx)` (or `_decide`) says
+    per token how many of its lowest-weight experts go (0..k-1). Counts decisions.
 
     A gating whose decision is a pure function of the router output (`decides_on_device`:
     uniform, adaptive) makes it on the device and returns without reading anything: its
-    decisions (and w2, for the estimated loss) are counted later, from one batched read every
-    `read_every` calls or at `stats()`. On a GPU a read is a synchronisation that stops the host
-    from running ahead, and the MoE block already makes one per layer (its routing)."""
+    decisions (and the dropped weight, for the estimated loss) are counted later, from one
+    batched read every `read_every` calls or at `stats()`. On a GPU a read is a synchronisation
+    that stops the host from running ahead, and the MoE block already makes one per layer (its
+    routing)."""
 
     name = "counting"
     decides_on_device = False
+    takes_scores = True     # route(..., scores=) decides on a sigmoid router's scores (DeepSeek-V3)
     read_every = 256
     _drop_consts: tuple | None = None     # (device, dtype), (1.0, 0.0) weights, (False, True) "last slot"
 
@@ -79,7 +96,7 @@ class CountingGating(Gating):
         self._experts = [0] * L
         self._single = [0] * L
         self._est_loss = [0.0] * L
-        self._unread: list[tuple[int, torch.Tensor]] = []   # (layer, [T] dropped w2 or -1) on the device
+        self._unread: list[tuple[int, torch.Tensor]] = []   # (layer, [2, T] drops, dropped W or -1) on the device
 
     def stats(self) -> dict[str, Any]:
         self._read_decisions()
@@ -89,11 +106,12 @@ class CountingGating(Gating):
             "decisions": d,
             "experts_per_token": (sum(self._experts) / d) if d else 0.0,
             "single_expert_ratio": (sum(self._single) / d) if d else 0.0,
-            # estimated loss increase (nats) per token, summed over layers: sum of F_l * w2^2 dropped
+            # estimated loss increase (nats) per token, summed over layers: sum of F_l * W^2 dropped
             "est_loss_per_token": (sum(self._est_loss) / (d / self.num_layers)) if d else 0.0,
             "per_layer": [
                 {"decisions": self._decisions[l],
                  "single_expert_ratio": (self._single[l] / self._decisions[l]) if self._decisions[l] else 0.0,
+                 "experts_per_token": (self._experts[l] / self._decisions[l]) if self._decisions[l] else 0.0,
                  "est_loss": self._est_loss[l]}
                 for l in range(self.num_layers)
             ],
@@ -107,8 +125,11 @@ class CountingGating(Gating):
         self.miss_provider = provider if threshold is not None else None
         self.miss_threshold = threshold
 
-    def route(self, layer: int, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        weights, idx = self._route(layer, router_logits)
+    def route(self, layer: int, router_logits: torch.Tensor,
+              scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """router_logits [T, E] pick the top-k; scores [T, E] (optional), the router's expert
+        weights when they are not softmax(router_logits), are what the decision weighs."""
+        weights, idx = self._route(layer, router_logits, scores)
         if self.miss_threshold is not None and self.miss_provider is not None:
             self._hint_low_precision(layer, weights, idx)
         return weights, idx
@@ -127,37 +148,49 @@ class CountingGating(Gating):
         if low:
             self.miss_provider.allow_low_precision(layer, low)
 
-    def _route(self, layer: int, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _route(self, layer: int, router_logits: torch.Tensor,
+               scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         # router_logits: [T, E] -> weights [T, k] float32, idx [T, k] int64 (-1 = unused slot)
         weights, idx = topk_route(router_logits, self.top_k)
+        if scores is not None:
+            weights = decision_weights(scores, idx)
         T = weights.shape[0]
         if self.top_k < 2 or T == 0:
-            self._count(layer, [False] * T, None)
+            self._count(layer, [0] * T, None)
             return weights, idx
         if self.decides_on_device:
-            drop_dev = self._drop_second(layer, router_logits, weights, idx)       # [T] bool
-            # [T]: the dropped expert's w2 (>= 0), -1 where kept: one kernel carries both
-            pending = torch.where(drop_dev, weights[:, -1], -1.0).detach()
+            weights, idx, n, dropped = self.decide_on_device(layer, router_logits, weights, idx)
+            pending = torch.stack((n.to(torch.float32), dropped)).detach()      # [2, T]: one kernel
             with self._unread_lock:          # stats() may read them from another thread
                 self._unread.append((layer, pending))
                 full = len(self._unread) >= self.read_every
             if full:
                 self._read_decisions()
-            return self._apply_drop(weights, idx, drop_dev)
-        drop, w2, drop_dev = self._decide(layer, router_logits, weights, idx)
-        self._count(layer, drop, w2)
-        if not any(drop):
             return weights, idx
-        # drop the last (for k = 2: the second) expert of the flagged tokens; renormalise the rest
-        if drop_dev is None:
-            drop_dev = torch.tensor(drop, dtype=torch.bool).to(weights.device)
-        return self._apply_drop(weights, idx, drop_dev)
+        drops, dropped, n_dev = self._decide(layer, router_logits, weights, idx)
+        self._count(layer, drops, dropped)
+        if not any(drops):
+            return weights, idx
+        if n_dev is None:
+            n_dev = torch.tensor(drops, dtype=torch.int64).to(weights.device)
+        return self._apply_drops(weights, idx, n_dev)
 
-    def _apply_drop(self, weights: torch.Tensor, idx: torch.Tensor,
-                    drop_dev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # weights/idx [T, k], drop_dev [T] bool -> the last expert of flagged tokens removed
-        # (id -1, weight 0) and their other weights renormalised; unflagged rows unchanged
-        if weights.shape[1] == 2:
+    def decide_on_device(self, layer: int, router_logits: torch.Tensor, weights: torch.Tensor,
+                         idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The device decision (uniform, adaptive), nothing read: weights [T, k] f32, idx [T, k]
+        -> (weights, idx after the drops, experts dropped per token [T] int64, the dropped weight
+        W per token [T] f32 (-1 where nothing was dropped))."""
+        n = self._tail_drops(layer, router_logits, weights, idx)                # [T] int64
+        dropped = torch.where(n > 0, tail_sums(weights).gather(1, (n - 1).clamp(min=0)[:, None])[:, 0], -1.0)
+        w, i = self._apply_drops(weights, idx, n)
+        return w, i, n, dropped
+
+    def _apply_drops(self, weights: torch.Tensor, idx: torch.Tensor,
+                     n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # weights/idx [T, k], n [T] int64 -> the last n[t] experts of token t removed (id -1,
+        # weight 0) and its other weights renormalised; rows with n == 0 unchanged
+        k = weights.shape[1]
+        if k == 2:
             # k = 2 (Mixtral): a dropped row is exactly (1.0, 0.0) (w1 / w1 == 1 in IEEE
             # arithmetic) and ids (e1, -1): three kernels, no reduction
             key = (weights.device, weights.dtype)
@@ -165,24 +198,24 @@ class CountingGating(Gating):
                 self._drop_consts = (key, torch.tensor([1.0, 0.0], dtype=weights.dtype, device=weights.device),
                                      torch.tensor([False, True], device=weights.device))
             _, one_zero, last = self._drop_consts
-            flag = drop_dev[:, None]                                             # [T, 1]
+            flag = (n > 0)[:, None]                                              # [T, 1]
             return torch.where(flag, one_zero, weights), idx.masked_fill(flag & last, -1)
-        keep = torch.ones_like(weights, dtype=torch.bool)
-        keep[:, -1] = ~drop_dev
+        pos = torch.arange(k, device=weights.device)
+        keep = pos[None, :] < (k - n)[:, None]                                   # [T, k]
         w = torch.where(keep, weights, torch.zeros_like(weights))
         # renormalise only the rows that changed: the others stay bit-identical to top-k
-        w = torch.where(drop_dev[:, None], w / w.sum(dim=-1, keepdim=True), weights)
+        w = torch.where((n > 0)[:, None], w / w.sum(dim=-1, keepdim=True), weights)
         i = torch.where(keep, idx, torch.full_like(idx, -1))
         return w, i
 
     def _decide(self, layer: int, router_logits: torch.Tensor, weights: torch.Tensor,
-                idx: torch.Tensor) -> tuple[list[bool], list[float] | None, torch.Tensor | None]:
-        """Per token: drop expert 2? -> (drop [T] on the host, w2 [T] on the host or None,
-        drop as a device bool tensor or None). Default: `_drop_second`'s device mask and w2
-        read in one device->host transfer."""
-        drop_dev = self._drop_second(layer, router_logits, weights, idx)       # [T] bool
-        both = torch.stack((drop_dev.to(weights.dtype), weights[:, -1])).tolist()  # one sync: [2][T]
-        return [d != 0 for d in both[0]], both[1], drop_dev
+                idx: torch.Tensor) -> tuple[list[int], list[float] | None, torch.Tensor | None]:
+        """Per token: how many tail experts go? -> (drops [T] on the host, dropped weight W [T]
+        on the host or None, drops as a device int64 tensor or None). Default: the device
+        decision read in one device->host transfer."""
+        _, _, n, dropped = self.decide_on_device(layer, router_logits, weights, idx)
+        both = torch.stack((n.to(weights.dtype), dropped)).tolist()              # one sync: [2][T]
+        return [int(d) for d in both[0]], [max(w, 0.0) for w in both[1]], n
 
     def _read_decisions(self) -> None:
         """Count the decisions made on the device so far: one transfer for all of them."""
@@ -193,26 +226,25 @@ class CountingGating(Gating):
         flat = torch.cat([t.reshape(-1).float() for _, t in unread]).tolist()
         at = 0
         for layer, t in unread:
-            vals = flat[at:at + t.shape[0]]                      # w2 of a dropped expert, -1 = kept
-            at += t.shape[0]
-            self._count(layer, [v >= 0 for v in vals], [max(v, 0.0) for v in vals])
+            T = t.shape[1]
+            n, w = flat[at:at + T], flat[at + T:at + 2 * T]        # experts dropped; their weight W, -1 = none
+            at += 2 * T
+            self._count(layer, [int(d) for d in n], [max(v, 0.0) for v in w])
 
-    def _count(self, layer: int, drop: list[bool], w2: list[float] | None) -> None:
-        T = len(drop)
-        n_drop = sum(drop)
+    def _count(self, layer: int, drops: list[int], dropped: list[float] | None) -> None:
+        """drops [T]: tail experts dropped per token; dropped [T]: their weight W (or None)."""
+        T = len(drops)
+        k = self.top_k
         self._decisions[layer] += T
-        self._experts[layer] += T * self.top_k - n_drop
-        if self.top_k == 1:
-            self._single[layer] += T
-        elif self.top_k == 2:
-            self._single[layer] += n_drop
-        if n_drop and self.sensitivity is not None and w2 is not None:
+        self._experts[layer] += T * k - sum(drops)
+        self._single[layer] += sum(1 for d in drops if k - d == 1)
+        if self.sensitivity is not None and dropped is not None and any(drops):
             F = self.sensitivity[layer]
-            self._est_loss[layer] += sum(F * w * w for w, d in zip(w2, drop) if d)
+            self._est_loss[layer] += sum(F * w * w for w, d in zip(dropped, drops) if d)
 
     def count_step(self, layer: int, decisions: int, experts: int, single: int, w2sq_dropped: float) -> None:
         """Add decisions the captured decode step (decoder/step.py) made on the device: tokens,
-        experts they used, single-expert decisions and the sum of the dropped experts' w2^2."""
+        experts they used, single-expert decisions and the sum of the dropped weights W^2."""
         with self._unread_lock:
             self._decisions[layer] += decisions
             self._experts[layer] += experts
@@ -220,13 +252,25 @@ class CountingGating(Gating):
             if self.sensitivity is not None:
                 self._est_loss[layer] += self.sensitivity[layer] * w2sq_dropped
 
-    def _drop_second(self, layer: int, router_logits: torch.Tensor, weights: torch.Tensor,
-                     idx: torch.Tensor) -> torch.Tensor:
+    def _tail_drops(self, layer: int, router_logits: torch.Tensor, weights: torch.Tensor,
+                    idx: torch.Tensor) -> torch.Tensor:
+        """weights [T, k] (descending, sum 1) -> tail experts to drop per token [T] int64 in 0..k-1."""
         raise NotImplementedError
 
 
+def tail_sums(weights: torch.Tensor) -> torch.Tensor:
+    """weights [T, k] (descending) -> [T, k - 1]: W_m = the sum of the last m weights, m = 1..k-1."""
+    return weights.flip(-1).cumsum(-1)[:, :-1]
+
+
+def decision_weights(scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """scores [T, E] (a sigmoid router's), idx [T, k] -> the picked scores renormalised [T, k] f32."""
+    picked = scores.float().gather(-1, idx)
+    return picked / (picked.sum(dim=-1, keepdim=True) + 1e-20)
+
+
 class CountingTopK(CountingGating):
-    """Mixtral's routing (identical to decoder.model.transformer.TopKGating), with counters."""
+    """The family's top-k routing (identical to decoder.routing.TopKGating's choice), with counters."""
 
     name = "topk"
 
@@ -234,14 +278,15 @@ class CountingTopK(CountingGating):
         super().__init__(top_k, num_layers)
 
     def _decide(self, layer, router_logits, weights, idx):
-        return [False] * weights.shape[0], None, None           # keeps every expert: nothing to read
+        return [0] * weights.shape[0], None, None               # keeps every expert: nothing to read
 
-    def _drop_second(self, layer, router_logits, weights, idx):
-        return torch.zeros(weights.shape[0], dtype=torch.bool, device=weights.device)
+    def _tail_drops(self, layer, router_logits, weights, idx):
+        return torch.zeros(weights.shape[0], dtype=torch.int64, device=weights.device)
 
 
 class UniformThresholdGating(CountingGating):
-    """The paper's naive baseline: drop expert 2 when its renormalised weight w2 < threshold."""
+    """The paper's naive baseline: drop the tail while its weight sum W < threshold (top-2:
+    expert 2 when w2 < threshold), the same threshold in every layer."""
 
     name = "uniform"
     decides_on_device = True
@@ -253,12 +298,15 @@ class UniformThresholdGating(CountingGating):
             raise ValueError("uniform threshold must be in [0, 1] (a renormalised weight)")
         self.threshold = float(threshold)
 
-    def _drop_second(self, layer, router_logits, weights, idx):
-        return weights[:, -1] < self.threshold
+    def _tail_drops(self, layer, router_logits, weights, idx):
+        if weights.shape[1] == 2:
+            return (weights[:, -1] < self.threshold).long()
+        return (tail_sums(weights) < self.threshold).sum(dim=1)       # W_m grows with m: a prefix
 
 
 class AdaptiveGating(CountingGating):
-    """AdapMoE: expert 1 alone when F_l * w2^2 < T (T = budget; T = 0 is exactly top-k)."""
+    """AdapMoE: drop the tail while F_l * W^2 < T (T = budget; T = 0 is exactly top-k); top-2:
+    expert 1 alone when F_l * w2^2 < T."""
 
     name = "adaptive"
     decides_on_device = True
@@ -271,13 +319,22 @@ class AdaptiveGating(CountingGating):
             raise ValueError("budget must be >= 0")
         self.budget = float(budget)
 
-    def _drop_second(self, layer, router_logits, weights, idx):
-        w2 = weights[:, -1].float()
-        return self.sensitivity[layer] * w2 * w2 < self.budget
+    def _tail_drops(self, layer, router_logits, weights, idx):
+        F = self.sensitivity[layer]
+        if weights.shape[1] == 2:
+            w2 = weights[:, -1].float()
+            return (F * w2 * w2 < self.budget).long()
+        W = tail_sums(weights.float())                                  # [T, k - 1]
+        return (F * W * W < self.budget).sum(dim=1)                     # F W_m^2 grows with m: a prefix
 
 
 class CostAwareGating(CountingGating):
-    """Adaptive gating whose budget goes to the second experts that cost link time to load.
+    """Adaptive gating whose budget goes to the tail experts that cost link time to load.
+
+    Written for top-2 below; with top-k the rule walks the tail from the last expert up: the
+    m-th from the end goes while F_l * W_m^2 (W_m the weight of the m last) passes the test with
+    that expert's loc, and the first one kept ends the tail ("expert 2" = the expert considered,
+    w2 = W_m; a decision per expert considered).
 
     Per token and layer l: drop expert 2 when
 
@@ -425,57 +482,64 @@ class CostAwareGating(CountingGating):
     def _decide(self, layer, router_logits, weights, idx):
         # one transfer: each token's expert ids and w2; the decision is made on the host in
         # float64 (the same arithmetic as float64 tensors), the per-token loss spent in Python
-        packed = torch.cat((idx.to(torch.float64), weights[:, -1:].double()), dim=1).tolist()  # [T][k + 1]
-        drop, w2 = self.decide_rows(layer, packed)
-        return drop, w2, None
+        packed = torch.cat((idx.to(torch.float64), weights.double()), dim=1).tolist()  # [T][2k]
+        drops, dropped = self.decide_rows(layer, packed)
+        return drops, dropped, None
 
     def count_resident(self, layer: int, decisions: int) -> None:
-        """Expert-2 decisions of a step that ran with every expert on the GPU (the captured
-        whole step decides nothing on the host: a GPU expert 2 is never dropped)."""
+        """Decisions of a step that ran with every expert on the GPU (the captured whole step
+        decides nothing on the host: a GPU tail expert is never dropped, so each decision
+        looked at one, its last expert, on the GPU)."""
         self._tier_counts["gpu"] = self._tier_counts.get("gpu", 0) + decisions
         if getattr(self.provider, "load_cost", None) is not None:
             self._observe([0.0] * decisions)
 
-    def decide_rows(self, layer: int, packed: list[list[float]]) -> tuple[list[bool], list[float]]:
-        """Drop expert 2? for each token from host rows [T][k + 1] (k expert ids, then w2):
-        (drop [T], w2 [T]). Keeps the per-token loss spent over the layers of a step."""
+    def decide_rows(self, layer: int, packed: list[list[float]]) -> tuple[list[int], list[float]]:
+        """How many tail experts each token drops, from host rows [T][2k] (k expert ids, then
+        their k weights, descending): (drops [T], dropped weight W [T]). From the last expert
+        up, the m-th goes while F_l * W_m^2 < T * scale(its location) and the token's loss spent
+        over the layers of the step stays within loss_bound; the first kept one ends the tail.
+        Every token's first expert is loaded anyway ("gpu" for the others' tails)."""
         T = len(packed)
         k = self.top_k
         if layer <= self._last_layer or self._acc is None or len(self._acc) != T:
             self._acc = [0.0] * T                              # a new forward: new tokens
         self._last_layer = layer
-        first = {int(e) for row in packed for e in row[:k - 1]}  # loaded anyway for some token
+        first = {int(row[0]) for row in packed}                # never dropped: loaded anyway
         has_cost = getattr(self.provider, "load_cost", None) is not None
         memo: dict[str, float | None] = {}                     # load_cost per location, read once per call
         scale_of: dict[int, float] = {}
         loc_of: dict[int, str] = {}
         F = self.sensitivity[layer]
-        drop, w2, seen = [], [], []
+        drops, dropped, seen = [], [], []
         for t, row in enumerate(packed):
-            e, w = int(row[k - 1]), row[k]
-            if e not in scale_of:
-                loc = "gpu" if e in first else self.provider.location(layer, e)
-                scale_of[e], loc_of[e] = self.scale(loc, memo), loc
-            loc = loc_of[e]
-            self._tier_counts[loc] = self._tier_counts.get(loc, 0) + 1
-            self._scale_sum += scale_of[e]
-            if has_cost:
-                seen.append(self._cost(loc, memo))
-            est = F * w * w
-            want = est < self.budget * scale_of[e]
-            fits = self._acc[t] + est <= self.loss_bound
-            self._capped += want and not fits
-            d = want and fits
-            if d:
-                self._acc[t] = self._acc[t] + est
-            drop.append(d)
-            w2.append(w)
+            n, W, est_n, tail = 0, 0.0, 0.0, 0.0
+            for m in range(1, k):
+                e, tail = int(row[k - m]), tail + row[2 * k - m]     # the m-th expert from the end; W_m
+                if e not in scale_of:
+                    loc = "gpu" if e in first else self.provider.location(layer, e)
+                    scale_of[e], loc_of[e] = self.scale(loc, memo), loc
+                loc = loc_of[e]
+                self._tier_counts[loc] = self._tier_counts.get(loc, 0) + 1
+                self._scale_sum += scale_of[e]
+                if has_cost:
+                    seen.append(self._cost(loc, memo))
+                est = F * tail * tail
+                want = est < self.budget * scale_of[e]
+                fits = self._acc[t] + est <= self.loss_bound
+                self._capped += want and not fits
+                if not (want and fits):
+                    break
+                n, W, est_n = m, tail, est
+            self._acc[t] += est_n
+            drops.append(n)
+            dropped.append(W)
         self._observe(seen)
-        return drop, w2
+        return drops, dropped
 
-    def _drop_second(self, layer, router_logits, weights, idx):
-        drop, _, _ = self._decide(layer, router_logits, weights, idx)
-        return torch.tensor(drop, dtype=torch.bool).to(weights.device)
+    def _tail_drops(self, layer, router_logits, weights, idx):
+        drops, _, _ = self._decide(layer, router_logits, weights, idx)
+        return torch.tensor(drops, dtype=torch.int64).to(weights.device)
 
 
 # --------------------------------------------------------------------------------------------

@@ -154,9 +154,9 @@ class DecodeStep:
         self.route_w = [zeros(B, self.k, dtype=torch.float32) for _ in range(self.L)]
         self.ids_all = zeros(self.L, B, self.k, dtype=torch.long)         # every layer's routing
         self.route_ids = list(self.ids_all.unbind(0))                      # views, per layer
-        self.pend_all = zeros(self.L, B, dtype=torch.float32)              # dropped w2 or -1
+        self.pend_all = zeros(self.L, B, dtype=torch.float32)              # dropped weight W or -1
         self.distance = [self.prefetcher.static_distance(l) if self.prefetcher else 0 for l in range(self.L)]
-        # per layer, what the host reads: ids [k], dropped w2 or -1 [1], weights [k], predictions [D * 2k]
+        # per layer, what the host reads: ids [k], dropped weight W or -1 [1], weights [k], predictions [D * 2k]
         self.readback = [zeros(B, 2 * self.k + 1 + 2 * self.k * d, dtype=torch.float32) for d in self.distance]
         # a gating that decides from the read rows (cost-aware) writes its routing back through these
         self.host_decides = bool(getattr(self.gating, "decides_on_host", False))
@@ -167,7 +167,7 @@ class DecodeStep:
         self.slots = torch.full((self.L, self.E), -1, dtype=torch.int32, device=dev)
         self.slots_host = torch.full((self.L, self.E), -1, dtype=torch.int32, pin_memory=cuda)
         # device counters of whole-mode steps: per layer decisions, experts used, single-expert
-        # decisions, sum of dropped w2^2, unique experts looked up; per (layer, expert) loads
+        # decisions, sum of dropped W^2, unique experts looked up; per (layer, expert) loads
         self.counts = zeros(self.L, 5, dtype=torch.float64)
         self.loads = zeros(self.L, self.E, dtype=torch.long)
         self._counted = False
@@ -205,13 +205,11 @@ class DecodeStep:
         return a.o_proj(y.reshape(B, nh * hd))
 
     def _route(self, layer: int, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # logits: [B, E] -> weights [B, k] f32, ids [B, k] (-1 = none), dropped w2 or -1 [B]
+        # logits: [B, E] -> weights [B, k] f32, ids [B, k] (-1 = none), dropped weight W or -1 [B]
         w, ids = topk_route(logits, self.k)
         g = self.gating
         if isinstance(g, CountingGating) and g.decides_on_device and not self.host_decides and self.k >= 2:
-            drop = g._drop_second(layer, logits, w, ids)
-            pend = torch.where(drop, w[:, -1], -1.0)
-            w, ids = g._apply_drop(w, ids, drop)
+            w, ids, _, pend = g.decide_on_device(layer, logits, w, ids)
         else:
             pend = torch.full((self.B,), -1.0, device=self.device)
         ids = torch.where(self.active[:, None], ids, -1)
@@ -221,7 +219,7 @@ class DecodeStep:
 
     def _pre(self, layer: int, whole: bool = False) -> torch.Tensor:
         """Attention, router and gating of `layer`; with a read to follow (not `whole`) also the
-        prefetcher's predictions and the packed readback. Returns the dropped w2 or -1 [B]."""
+        prefetcher's predictions and the packed readback. Returns the dropped weight W or -1 [B]."""
         if layer == 0:
             self._embed()
         blk = self.model.layers[layer]
@@ -396,26 +394,27 @@ class DecodeStep:
         the active tokens' expert ids and weights after the decision."""
         g, k = self.gating, self.k
         live = [t for t, r in enumerate(flat) if any(e >= 0 for e in r[:k])]
-        drop, w2 = g.decide_rows(layer, [flat[t][:k] + [flat[t][2 * k]] for t in live])
-        g._count(layer, drop, w2)
+        drops, dropped = g.decide_rows(layer, [flat[t][:k] + flat[t][k + 1:2 * k + 1] for t in live])
+        g._count(layer, drops, dropped)
         rows = [[int(e) for e in flat[t][:k]] for t in live]
         wrows = [list(flat[t][k + 1:2 * k + 1]) for t in live]
-        if any(drop):
+        if any(drops):
             ids_h, w_h = self.ids_host[layer], self.w_host[layer]
             for t, r in enumerate(flat):
                 ids_h[t] = torch.tensor([int(e) for e in r[:k]])
                 w_h[t] = torch.tensor(r[k + 1:2 * k + 1])
             for j, t in enumerate(live):
-                if not drop[j]:
+                n = drops[j]
+                if not n:
                     continue
-                rows[j][-1] = -1
-                ids_h[t, -1] = -1
-                if k == 2:       # exactly what _apply_drop gives: (1.0, 0.0)
+                rows[j][k - n:] = [-1] * n
+                ids_h[t, k - n:] = -1
+                if k == 2:       # exactly what _apply_drops gives: (1.0, 0.0)
                     w_h[t] = torch.tensor([1.0, 0.0])
                 else:
-                    kept = w_h[t, :-1]
-                    w_h[t, :-1] = kept / kept.sum()
-                    w_h[t, -1] = 0.0
+                    kept = w_h[t, :k - n]
+                    w_h[t, :k - n] = kept / kept.sum()
+                    w_h[t, k - n:] = 0.0
                 wrows[j] = w_h[t].tolist()
             self.route_ids[layer].copy_(ids_h, non_blocking=True)
             self.route_w[layer].copy_(w_h, non_blocking=True)
@@ -438,7 +437,7 @@ class DecodeStep:
 
     def _count_host(self, layer: int, rows: list[list[int]], pend: list[float]) -> None:
         """Gating counts of a layered step from its read: the active rows' expert ids and each
-        row's dropped w2 (-1 when it kept both)."""
+        row's dropped weight W (-1 when it kept every expert)."""
         g = self.gating
         if not isinstance(g, CountingGating):
             return

@@ -478,7 +478,10 @@ class MoEBlock(nn.Module):
         if self.gate.e_score_correction_bias is not None:
             choice = choice + self.gate.e_score_correction_bias.float()
         choice = group_limited(choice, self.n_group, self.topk_group)
-        _, idx = gating.route(self.layer, choice)                 # the gating picks, the scores weigh
+        if getattr(gating, "takes_scores", False):              # decides on the scores it is to weigh by
+            _, idx = gating.route(self.layer, choice, scores=scores)
+        else:
+            _, idx = gating.route(self.layer, choice)             # the gating picks, the scores weigh
         picked = scores.gather(-1, idx.clamp(min=0))
         weights = torch.where(idx >= 0, picked, torch.zeros_like(picked))   # [T, k]
         if self.renormalize:
