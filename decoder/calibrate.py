@@ -5,15 +5,20 @@
 
 Per layer l, over the calibration tokens t of the text file (teacher-forced windows):
 
-- sensitivity F_l = mean_t 0.5 * (g_{l,t} . (E1(x_t) - E2(x_t)))^2, with g_{l,t} the gradient
-  of the window's summed next-token loss (nats) w.r.t. layer l's MoE output at token t (autograd)
-  and E1, E2 the outputs of the token's top-2 experts. Dropping expert 2 and renormalising
-  changes the MoE output by w2 * (E1 - E2), so the loss rises by about F_l * w2^2 (Fisher /
-  second-order Taylor): adaptive gating drops expert 2 when F_l * w2^2 < T.
+- sensitivity F_l = mean over t and tail sizes m = 1..k-1 of 0.5 * (g_{l,t} . v_{t,m})^2, with
+  g_{l,t} the gradient of the window's summed next-token loss (nats) w.r.t. layer l's MoE output
+  at token t (autograd) and v_{t,m} = dy / W: the change of the MoE output when the token's m
+  lowest-weight experts are dropped (and the rest reweighed as the family does), per unit of
+  their renormalised weight W (decoder/gating.py derives it: W * (ybar_K - ybar_D), or
+  -W * Z * ybar_D for a router that does not renormalise). So the loss rises by about
+  F_l * W^2 (Fisher / second-order Taylor): adaptive gating drops the tail while F_l * W^2 < T.
+  For top-2: v = E1 - E2 and the rule F_l * w2^2 < T.
 - prefetch accuracy: recall of the cross-layer prediction (layer l's router applied to layer
   l-d's MoE input, decoder/experts/prefetch.py) at distances 1..3 (layer 0 cannot be predicted: 0).
-- single-expert ratio at the budget T (fraction of tokens with F_l * w2^2 < T), and the budget
-  that gives overall single-expert ratios of 10/25/50 %.
+- drop ratio at the budget T: the share of the droppable expert uses (all of a token's top-k
+  but the first: (t, m) with F_l * W_m^2 < T) that adaptive gating drops, per layer
+  (`single_expert_ratio`; for top-2 exactly the share of single-expert tokens), and the budgets
+  that give overall ratios of 10/25/50 % (`budget_for_single_ratio`).
 - expert popularity: share of top-k assignments per expert.
 
 The profile is versioned JSON (`"schema": "adapmoe.profile"`, `"version": 1`); the store keeps
@@ -93,7 +98,7 @@ def calibrate_model(model: Any, windows: Sequence[Any], budget: float | None = N
     cfg = model.config
     L, E, k = cfg.num_hidden_layers, cfg.num_local_experts, cfg.num_experts_per_tok
     if k < 2:
-        raise ValueError("calibration needs a top-k >= 2 model (sensitivity compares experts 1 and 2)")
+        raise ValueError("calibration needs a top-k >= 2 model (sensitivity is of dropping experts)")
     provider = model.experts
     old_gating = model.gating
     model.gating = TopKGating(k)
@@ -127,7 +132,7 @@ def calibrate_model(model: Any, windows: Sequence[Any], budget: float | None = N
     model.add_observer(rec)
     model.add_observer(pred)
     sens_sum = [0.0] * L
-    w2_all: list[list[Any]] = [[] for _ in range(L)]
+    tails_all: list[list[Any]] = [[] for _ in range(L)]    # per layer [S, k-1] dropped weights W_m
     pop = torch.zeros(L, E, dtype=torch.float64)
     tokens = 0
     loss_sum = 0.0
@@ -152,23 +157,15 @@ def calibrate_model(model: Any, windows: Sequence[Any], budget: float | None = N
             tokens += S - 1
             with torch.no_grad():
                 for l in moe_sorted:                                   # dense layers decide nothing
-                    g = grads[l].reshape(S, -1).float()                  # [S, H]
-                    x = rec.x[l]                                       # [S, H]
-                    w, idx = rec.route[l]                              # [S, k]
-                    e1, e2 = idx[:, 0], idx[:, 1]
-                    diff = torch.zeros_like(g)
-                    for e in torch.unique(torch.cat([e1, e2])).tolist():
-                        ex = provider.get(l, e)
-                        m1, m2 = e1 == e, e2 == e
-                        sel = m1 | m2
-                        y = ex(x[sel]).float()                         # [n, H]
-                        diff[sel] += y * (m1[sel].float() - m2[sel].float())[:, None]
-                    provider.release(l, torch.unique(torch.cat([e1, e2])).tolist())
+                    g = grads[l].reshape(S, -1)                          # [S, H]
+                    w, idx = rec.route[l]                              # [S, k] weights as applied, ids
+                    y = expert_outputs(model.layers[l].block_sparse_moe, provider, rec.x[l], idx)   # [S, k, H]
+                    v, W = tail_directions(w, y, model.layers[l].block_sparse_moe.renormalize)    # [S, k-1, H], [S, k-1]
                     # the last position has no next token: its gradient is 0 by construction,
                     # but it is a decision like any other; average over positions with a target
-                    contrib = 0.5 * (g * diff).sum(-1) ** 2              # [S]
-                    sens_sum[l] += float(contrib[:-1].sum())
-                    w2_all[l].append(w[:-1, 1].double().cpu())
+                    contrib = 0.5 * torch.einsum("sh,smh->sm", g.to(v.dtype), v) ** 2   # [S, k-1]
+                    sens_sum[l] += float(contrib[:-1].mean(dim=1).sum())
+                    tails_all[l].append(W[:-1].double().cpu())
                     pop[l] += torch.bincount(idx[:-1].flatten().cpu(), minlength=E).double()
     finally:
         for h in handles:
@@ -182,16 +179,17 @@ def calibrate_model(model: Any, windows: Sequence[Any], budget: float | None = N
         raise ValueError("calibration text is too short: no window with at least 2 tokens")
 
     sens = [s / tokens for s in sens_sum]
-    w2 = [torch.cat(v) if v else torch.zeros(0, dtype=torch.float64) for v in w2_all]
-    est = torch.cat([sens[l] * w2[l] ** 2 for l in range(L)])            # all decisions
+    tails = [torch.cat(v) if v else torch.zeros(0, k - 1, dtype=torch.float64) for v in tails_all]   # [N, k-1]
+    est = torch.cat([(sens[l] * tails[l] ** 2).flatten() for l in range(L)])   # every droppable expert use
     budget_for = {}
     for r in RATIO_TARGETS:
-        # smallest T with (F * w2^2 < T) for a fraction >= r of decisions
+        # smallest T with (F * W_m^2 < T) for a fraction >= r of the droppable expert uses
         q = float(torch.quantile(est, r)) if est.numel() else 0.0
         budget_for[str(r)] = math.nextafter(q, math.inf)
     if budget is None:
         budget = budget_for["0.25"]
-    single = [float((sens[l] * w2[l] ** 2 < budget).double().mean()) if w2[l].numel() else 0.0 for l in range(L)]
+    single = [float((sens[l] * tails[l] ** 2 < budget).double().mean()) if tails[l].numel() else 0.0
+              for l in range(L)]
     acc_by_d = {str(d): pred.accuracy_by_layer(d, per_token=True) for d in range(1, pred.max_lookahead + 1)}
     popularity = (pop / pop.sum(dim=1, keepdim=True).clamp_min(1)).tolist()
     return {
@@ -203,9 +201,51 @@ def calibrate_model(model: Any, windows: Sequence[Any], budget: float | None = N
         "budget": float(budget),
         "single_expert_ratio": single,
         "budget_for_single_ratio": budget_for,
-        "mean_w2": [float(v.mean()) if v.numel() else 0.0 for v in w2],
+        "mean_w2": [float(v[:, 0].mean()) if v.numel() else 0.0 for v in tails],   # the last expert's weight
         "popularity": popularity,
     }
+
+
+def expert_outputs(moe: Any, provider: Any, x: Any, idx: Any) -> Any:
+    """Each token's top-k expert outputs as the block computes them (GPT-OSS biases and clamps
+    included). moe: the layer's MoEBlock; x: [S, H]; idx: [S, k] -> [S, k, H] float32."""
+    import torch
+
+    S, k = idx.shape
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    y = torch.zeros(S, k, x.shape[1], dtype=dtype, device=x.device)
+    used = torch.unique(idx).tolist()
+    for e in used:
+        sel = (idx == e).nonzero()                                     # [n, 2]: (token, slot)
+        y[sel[:, 0], sel[:, 1]] = moe.expert(e, provider.get(moe.layer, e), x[sel[:, 0]]).to(dtype)
+    provider.release(moe.layer, used)
+    return y
+
+
+def tail_directions(w: Any, y: Any, renormalize: bool) -> tuple[Any, Any]:
+    """The MoE output's change per unit of dropped weight when a token's m last experts go.
+
+    w: [S, k] the weights the block applied (descending), y: [S, k, H] the experts' outputs ->
+    (v [S, k-1, H], W [S, k-1]) for m = 1..k-1: W_m = the m last weights' share of the top-k's
+    (the gating's renormalised weights), dy_m the exact output change (a renormalising router
+    rescales the kept weights by sum(w) / sum(kept w); one that does not keeps them), v = dy / W."""
+    import torch
+
+    S, k = w.shape
+    w = w.to(y.dtype)
+    wy = w[..., None] * y                                              # [S, k, H]
+    total = w.sum(dim=1)                                               # [S]
+    out_v, out_W = [], []
+    for m in range(1, k):
+        kept_w = w[:, :k - m].sum(dim=1)                              # [S]
+        kept_y = wy[:, :k - m].sum(dim=1)                             # [S, H]
+        dy = -wy[:, k - m:].sum(dim=1)                                # [S, H]
+        if renormalize:
+            dy = dy + kept_y * (total / kept_w - 1.0)[:, None]
+        W = (total - kept_w) / total                                  # [S]
+        out_v.append(dy / W.clamp_min(1e-30)[:, None])
+        out_W.append(W)
+    return torch.stack(out_v, dim=1), torch.stack(out_W, dim=1)
 
 
 def token_windows(ids: Sequence[int], seq_len: int, max_tokens: int) -> list[Any]:

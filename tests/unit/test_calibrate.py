@@ -111,3 +111,126 @@ def test_budget_ratios_and_profile(engine):
         validate_profile(p, L + 1, E)
     with pytest.raises(ValueError):
         token_windows([1, 2, 3], seq_len=1, max_tokens=3)
+
+
+# --- top-k > 2, every router variant --------------------------------------------------------
+class DropTail:
+    """Top-k routing with the last `n` experts of token `t` dropped and the rest renormalised
+    (the gating's own transform), every other token untouched."""
+
+    def __init__(self, k, t=None, n=0):
+        self.k, self.t, self.n = k, t, n
+
+    def route(self, layer, router_logits):
+        from decoder.routing import topk_route
+
+        w, i = topk_route(router_logits, self.k)
+        if self.n and self.t is not None:
+            i, w = i.clone(), w.clone()
+            i[self.t, self.k - self.n:] = -1
+            w[self.t, self.k - self.n:] = 0
+            w[self.t] = w[self.t] / w[self.t].sum()
+        return w, i
+
+
+def family_model(family, seed):
+    from decoder.model.config import ModelConfig
+    from decoder.model.transformer import Transformer
+
+    kw = {"qwen3_moe": dict(family="qwen3_moe", qk_norm="head", norm_topk_prob=True),
+          "qwen2_moe": dict(family="qwen2_moe", qkv_bias=True, norm_topk_prob=False,
+                            shared_expert_intermediate_size=20),
+          "deepseek_v3": dict(family="deepseek_v3", router_scores="sigmoid", score_correction_bias=True,
+                              norm_topk_prob=True, n_group=2, topk_group=1, routed_scaling_factor=2.5),
+          "gpt_oss": dict(family="gpt_oss", router_bias=True, expert_act="swiglu_clamped", expert_bias=True,
+                          swiglu_limit=1.0, norm_topk_prob=True)}[family]
+    cfg = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=12, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, head_dim=8, num_local_experts=8, num_experts_per_tok=4,
+                      max_position_embeddings=32, **kw)
+    m = Transformer(cfg)
+    m.init_weights(std=0.4, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in sorted(m.named_parameters()):
+            if name.endswith("bias"):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return m.double().eval()
+
+
+def finite_difference_topk(model, ids, eps=1e-3):
+    """F_l = mean over tokens t and tail sizes m of 0.5 * (dLoss/d eps)^2 for out_l[t] += eps * v,
+    v = (MoE output with token t's m last experts dropped - with none dropped) / W_m: the
+    direction taken from the MoE block itself (no algebra of calibrate's), the derivative by
+    central differences (no autograd)."""
+    import torch.nn.functional as F
+
+    from decoder.routing import MoEObserver
+
+    k = model.config.num_experts_per_tok
+
+    class Rec(MoEObserver):
+        x, w = {}, {}
+
+        def on_moe_input(self, layer, x):
+            self.x[layer] = x.detach().clone()
+
+        def on_routing(self, layer, logits, w, idx):
+            self.w[layer] = w.detach().clone()
+
+    rec = Rec()
+    model.add_observer(rec)
+    with torch.no_grad():
+        model(ids[None])
+    model.remove_observer(rec)
+    S = ids.numel()
+    out = []
+    for l in range(model.config.num_hidden_layers):
+        moe = model.layers[l].block_sparse_moe
+        x = rec.x[l][None]                                            # [1, S, H]
+        with torch.no_grad():
+            full = moe(x, model.experts, DropTail(k), [])[0]
+        total = 0.0
+        for t in range(S - 1):
+            w = rec.w[l][t]
+            for m in range(1, k):
+                with torch.no_grad():
+                    dropped = moe(x, model.experts, DropTail(k, t, m), [])[0]
+                W = float(w[k - m:].sum() / w.sum())
+                v = (dropped[t] - full[t]) / W
+                torch.testing.assert_close(dropped[:t], full[:t], rtol=0, atol=1e-12)   # only token t changed
+
+                def loss_at(scale):
+                    def hook(module, inputs, output):
+                        output = output.clone()
+                        output[0, t] += scale * v
+                        return output
+                    h = moe.register_forward_hook(hook)
+                    try:
+                        with torch.no_grad():
+                            logits = model(ids[None])
+                            return float(F.cross_entropy(logits[0, :-1], ids[1:], reduction="sum"))
+                    finally:
+                        h.remove()
+                d = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
+                total += 0.5 * d * d / (k - 1)
+        out.append(total / (S - 1))
+    return out
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+def test_top_k_sensitivity_matches_finite_differences(family):
+    """Top-4 of 8, each router variant: renormalised softmax (Qwen3-MoE), unrenormalised with a
+    gated shared expert (Qwen2-MoE), sigmoid scores x routed scaling (DeepSeek-V3), router
+    bias with biased clamped experts (GPT-OSS): calibrate's F_l (autograd, tail directions from
+    the derivation) equals F_l from the blocks' own outputs and finite differences."""
+    model = family_model(family, seed=31)
+    ids = torch.tensor([1, 40, 7, 59, 3, 50, 22, 8], dtype=torch.long)
+    measured = calibrate_model(model, [ids], budget=1e-3)
+    want = finite_difference_topk(model, ids)
+    assert all(w > 0 for w in want)
+    for got, ref in zip(measured["sensitivity"], want):
+        assert got == pytest.approx(ref, rel=1e-3)   # FD noise: RMSNorm and the router compute in float32
+    # budgets are quantiles over every droppable expert use (k - 1 per token): 2 layers x 7 x 3
+    m = calibrate_model(model, [ids])
+    ratio = sum(m["single_expert_ratio"]) / 2
+    assert m["budget"] == m["budget_for_single_ratio"]["0.25"] and 0.25 <= ratio < 0.25 + 2 / 42
