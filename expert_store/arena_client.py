@@ -3,11 +3,15 @@
     with StoreClient.open("local-shm:///dev/shm/adapmoe.arena?control=127.0.0.1:50061") as store:
         blob = store.fetch_expert("mixtral", 3, 5, "int4", out=host_slot)   # a copy out of the arena
 
-`ArenaStoreClient` is a StoreClient, so the decoder's host tier fills from it as from any store
-(`source.fetch(out=host slot)`). It maps the arena file once and reads blobs straight from it
-with the seqlock check (expert_store/shm_arena.py); only a blob the arena does not hold costs a
-call to the co-located store (`ExpertArena.Ensure`, which publishes it and answers where it
-sits). Manifests and the dense file come from the same port's `ExpertStore` service.
+`ArenaStoreClient` is a StoreClient (fetch_expert copies a blob out, with the seqlock check:
+expert_store/shm_arena.py), and it hands out leases for readers that use the bytes in place:
+`lease()` says where a blob sits, `view()`/`payload()` are its bytes in the mapping (a memoryview,
+a torch tensor that `pin()` page-locks for DMA), `valid()` after the use says whether the store
+replaced it meanwhile. The decoder's host tier reads this way (decoder/experts/host_tier.py):
+arena -> GPU slot, no bytes object per expert. It maps the arena file once; only a blob the
+arena does not hold costs a call to the co-located store (`ExpertArena.Ensure`, which publishes
+it and answers where it sits). Manifests and the dense file come from the same port's
+`ExpertStore` service.
 
 Faults:
 - a blob evicted or replaced while it is copied: the copy is discarded, Ensure, read again
@@ -32,7 +36,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import parse_qs
 
 import grpc
@@ -42,7 +46,7 @@ from expert_store._proto.adapmoe.v1 import expert_arena_pb2_grpc as apb_grpc
 from expert_store._proto.adapmoe.v1 import expert_store_pb2 as pb
 from expert_store.client import PRIORITIES, GrpcStoreClient, StoreClient, _check_model, _check_ref, parse_replicas
 from expert_store.errors import InvalidArgument, StoreError, Unavailable, error_for_code
-from expert_store.shm_arena import ArenaReader
+from expert_store.shm_arena import ArenaReader, Lease
 from expert_store.wire import MAX_MESSAGE_BYTES, TOKEN_ENV
 
 log = logging.getLogger("expert_store.arena_client")
@@ -95,6 +99,7 @@ class ArenaStoreClient(StoreClient):
         self._stub = apb_grpc.ExpertArenaStub(self._channel)
         self._lock = threading.Lock()   # one reader; its counters and remaps are not thread-safe
         self._reader: ArenaReader | None = None
+        self._pin = False   # page-lock every mapping (pin())
         self.counts = {"arena_hits": 0, "ensures": 0, "retries": 0}
 
     @classmethod
@@ -111,6 +116,8 @@ class ArenaStoreClient(StoreClient):
             except FileNotFoundError:
                 raise Unavailable(f"no arena at {self.path} yet (is the co-located store at "
                                   f"{self.control_address} running with --arena {self.path}?)") from None
+            if self._pin:
+                self._reader.pin()
         elif self._reader.retired:
             log.info("the arena at %s was replaced: mapping it again", self.path)
             self._reader.remap()
@@ -139,17 +146,20 @@ class ArenaStoreClient(StoreClient):
                     continue
                 raise error_for_code(code.name, f"{self.control_address}: {e.details()}") from None
 
-    def _read(self, model: str, ref: tuple[int, int, str], out: Any, priority: str) -> Any:
-        """One blob out of the arena, published first when missing (see the module docstring)."""
+    def _through_arena(self, model: str, ref: tuple[int, int, str], priority: str,
+                       take: Callable[[ArenaReader, int | None], Any]) -> tuple[Any, bool]:
+        """take(reader, generation) on the mapped arena; when it answers None (not published,
+        replaced meanwhile), Ensure and take again (see the module docstring). Returns (what
+        take answered, whether an Ensure published it for this call)."""
         with self._lock:
             try:
                 reader = self._mapped()
             except Unavailable:   # no arena yet: the store is starting, Ensure waits for it
                 reader = None
-            got = reader.read(model, *ref, out=out, verify=self.verify) if reader is not None else None
+            got = take(reader, None) if reader is not None else None
             if got is not None:
                 self.counts["arena_hits"] += 1
-                return got
+                return got, False
         epochs = None
         for _ in range(self.max_attempts):
             reply = self._ensure(model, [ref], priority)
@@ -160,15 +170,69 @@ class ArenaStoreClient(StoreClient):
                     if reply.epoch != reader.epoch:
                         epochs = (reply.epoch, reader.epoch)
                         continue
-                got = reader.read(model, *ref, out=out, verify=self.verify, generation=reply.blobs[0].generation)
+                got = take(reader, reply.blobs[0].generation)
             if got is not None:
-                return got
+                return got, True
         if epochs is not None:
             raise StoreError(f"{self.path} is not the arena the store at {self.control_address} publishes to "
                              f"(its epoch {epochs[1]}, the store's {epochs[0]}): mount the store's arena volume "
                              f"at this path", code="FAILED_PRECONDITION")
         raise Unavailable(f"{model} L{ref[0]} E{ref[1]} {ref[2]} was evicted {self.max_attempts} times before it "
                           f"could be read: the arena is too small for the working set")
+
+    def _read(self, model: str, ref: tuple[int, int, str], out: Any, priority: str) -> Any:
+        """One blob copied out of the arena, published first when missing."""
+        return self._through_arena(model, ref, priority, lambda reader, generation: reader.read(
+            model, *ref, out=out, verify=self.verify, generation=generation))[0]
+
+    # ---- zero-copy: leases (the decoder's host tier copies from the mapping into GPU slots) ----
+    def lease(self, model: str, layer: int, expert: int, precision: str,
+              priority: str = "demand") -> tuple[Lease, bool]:
+        """(where the blob sits now, whether an Ensure published it for this call), published
+        first when missing. The caller reads `view(lease)` or `tensor()[lease.slot, :lease.size]`
+        in place, then `valid(lease)`: False means the slot was replaced meanwhile and what was
+        read must be discarded. A blob this call published was checked by the store as it
+        entered (its xxh3 against the manifest); one found in place was published earlier."""
+        if priority not in PRIORITIES:
+            raise InvalidArgument(f"priority must be one of {sorted(PRIORITIES)}, got {priority!r}")
+        model, ref = _check_model(model), _check_ref((layer, expert, precision))
+
+        def take(reader: ArenaReader, generation: int | None) -> Lease | None:
+            got = reader.lease(model, *ref)
+            return got if got is not None and generation in (None, got.generation) else None
+
+        return self._through_arena(model, ref, priority, take)
+
+    def valid(self, lease: Lease) -> bool:
+        """True when nothing replaced the leased blob since lease() (and stamps its use)."""
+        with self._lock:
+            return self._reader is not None and self._reader.valid(lease)
+
+    def view(self, lease: Lease) -> memoryview | None:
+        """The leased blob's bytes in place; None when the arena was mapped again since."""
+        with self._lock:
+            if self._reader is None or lease.mapping is not self._reader.m:
+                return None
+            return self._reader.view(lease)
+
+    def payload(self, lease: Lease, start: int, stop: int) -> Any:
+        """Bytes [start, stop) of the leased blob as a torch uint8 tensor over the mapping (no
+        copy; page-locked when pin() succeeded): the source of a DMA into a GPU slot. None when
+        the arena was mapped again since."""
+        with self._lock:
+            if self._reader is None or lease.mapping is not self._reader.m:
+                return None
+            if not 0 <= start <= stop <= lease.size:
+                raise InvalidArgument(f"bytes [{start}, {stop}) of a {lease.size}-byte blob")
+            return self._reader.tensor()[lease.slot, start:stop]
+
+    def pin(self) -> bool:
+        """Page-lock the mapping for DMA (cudaHostRegister) now and after every remap. False
+        without CUDA (copies are then memcpy). The arena is mapped first (Unavailable until the
+        store made it)."""
+        with self._lock:
+            self._pin = True
+            return self._mapped().pin()
 
     # ---- the StoreClient API ----------------------------------------------------------------------
     def manifest(self, model: str) -> Any:

@@ -23,6 +23,9 @@ def register(tensor: Any) -> int | None:
 
 
 def unregister(ptr: int) -> None:
+    """Undo register(): waits for the device first, since a copy still reading the memory must
+    finish before its pages stop being locked (and the memory may be unmapped right after)."""
     import torch
 
+    torch.cuda.synchronize()
     torch.cuda.cudart().cudaHostUnregister(ptr)

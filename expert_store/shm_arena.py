@@ -109,13 +109,15 @@ class Location:
 
 @dataclass(frozen=True)
 class Lease:
-    """A blob's place at one moment (ArenaReader.lease): valid while its record's seq is `seq`."""
+    """A blob's place at one moment (ArenaReader.lease): valid while its record's seq is `seq`.
+    (epoch, slot, generation) names one published blob for as long as the file lives."""
 
     mapping: Any
     slot: int
     size: int
     generation: int
     seq: int
+    epoch: int = 0
 
 
 class _Mapping:
@@ -483,16 +485,21 @@ class ArenaReader:
         if seq & 1 or m.word(slot, KEY) != blob_key(model, layer, expert, precision) or not 0 < size <= m.slot_bytes \
                 or m.names(slot) != (model, layer, expert, precision):
             return None
-        return Lease(m, slot, size, m.word(slot, GENERATION), seq)
+        return Lease(m, slot, size, m.word(slot, GENERATION), seq, m.epoch)
 
     def valid(self, lease: "Lease") -> bool:
         """True when nothing replaced the leased slot since lease() (and stamps its use)."""
         if lease.mapping is not self.m or self.m.word(lease.slot, SEQ) != lease.seq:
+            self.counts["torn"] += 1
             return False
         self.m.words[lease.slot * RECORD_WORDS + LAST_USED] = time.monotonic_ns()
         return True
 
     # ---- DMA ------------------------------------------------------------------------------
+    def view(self, lease: "Lease") -> memoryview:
+        """The leased blob's bytes in place (read-only; check valid(lease) after using them)."""
+        return lease.mapping.slot_view(lease.slot)[:lease.size]
+
     def tensor(self) -> Any:
         """The data region as a torch uint8 tensor [slots, slot_bytes] (no copy, read-only use)."""
         if self._tensor is None:

@@ -579,12 +579,7 @@ class ExpertCache(ExpertProvider):
             else:
                 self._counts["prefetch_loads"] += 1
         try:
-            hentry = self.host.acquire(layer, expert, task.kind)
-            try:
-                self._copy_to_gpu(ent, hentry)
-            finally:
-                with self._lock:
-                    self.host.release(task.key, hentry)
+            self.host.load(layer, expert, task.kind, lambda hentry: self._copy_to_gpu(ent, hentry))
         except BaseException as exc:
             with self._lock:
                 if self._gpu[layer].get(expert) is ent:
@@ -695,7 +690,7 @@ class ExpertCache(ExpertProvider):
         """Copy the raw payload host slot -> GPU slot and build the weight views. No lock held."""
         from expert_store.quant import tensors_from_raw
 
-        src = self.host_pool[h.slot, h.raw_offset:h.raw_offset + h.header.raw_size]
+        src = self.host.payload(h)
         if self.dense_layout is not None:
             self._load_dense(ent, h, src)
             return
@@ -707,8 +702,7 @@ class ExpertCache(ExpertProvider):
         end = self.copies.copy_raw(ent.buf[:h.header.raw_size], src, ent.prev_free_event)
         if end is not None:
             ent.copy_event = end
-            with self._lock:
-                self.host.slot_event[h.slot] = end  # the host slot is read until `end`
+        self.host.copied(h, end)  # the host slot is read until `end` (an arena lease is checked after it)
         views = tensors_from_raw(h.header, ent.buf[:h.header.raw_size])
         ent.weights = expert_weights_from_views(h.header, views)
 
@@ -724,8 +718,7 @@ class ExpertCache(ExpertProvider):
         dense, end, copied = self.copies.copy_dense(header, ent.buf, src, ent.prev_free_event)
         if end is not None:
             ent.copy_event = end
-            with self._lock:
-                self.host.slot_event[h.slot] = copied  # the host slot is read until `copied`
+        self.host.copied(h, copied)  # the host slot is read until `copied`
         ent.weights = ExpertWeights(dense["w1"], dense["w3"], dense["w2"], self.precision)
 
     # --- introspection for tests and the prefetcher --------------------------------------------

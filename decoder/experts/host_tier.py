@@ -5,8 +5,23 @@ parses blobs: a blob is fetched into a slot, checked (seal and payload checksum)
 payload is used where it landed; a compressed one is decoded into a second slot.
 
 It belongs to one ExpertCache and shares its lock, its counters (lookups, hits, misses, loads
-and bytes per tier) and its store-cost EWMA; the cache copies payloads from `pool` to GPU slots
-and records in `slot_event` when a slot's last copy ends (a slot is reused only after it).
+and bytes per tier) and its store-cost EWMA; the cache copies payloads from `payload(entry)` to
+GPU slots inside `load()`, which learns through `copied(entry, event)` when the copy ends (a
+host slot is reused only after it).
+
+Co-located store (`local-shm://` targets, expert_store/arena_client.py): the store's
+shared-memory arena is mapped once and page-locked in place (cudaHostRegister; nothing on the
+CPU), and it is part of this tier. An expert the pool does not hold is leased from the arena
+(published there first when missing: the store's fetch, counted as a store load):
+- a raw payload (codec none: int8/int4) is copied straight from the mapping into its GPU slot:
+  no copy into the pool, no bytes object; the lease is checked after the copy finished, and a
+  blob the store replaced meanwhile is copied again (the arena's seqlock, checked after a DMA);
+- a coded payload (bf16 byte planes) is decoded from the mapping straight into a pool slot.
+Integrity: a blob the store published for this decoder was checked as it entered the arena;
+one found there already (published for an earlier or another decoder) is checked here once per
+publication (epoch, slot, generation), so a scribbled arena is caught before use. `fill` asks the
+store to publish the keys (a cold fill at prefetch priority: demand misses pass it) and keeps
+the rate in `fill_stats`; coded blobs are then decoded into the pool.
 """
 
 from __future__ import annotations
@@ -15,7 +30,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -28,11 +43,20 @@ log = logging.getLogger("decoder.experts.cache")   # one logger for the cache an
 
 @dataclass
 class HostEntry:
-    slot: int
+    slot: int                        # pool slot; -1: read in place from the co-located arena
     header: Any
     raw_offset: int                  # where the raw payload starts in the slot
     refs: int = 0                    # loads copying from it right now
     resident: bool = True            # counted in the host LRU (False: transient staging)
+    lease: Any = None                # the arena lease it was read under (valid after the copy?)
+    src: Any = None                  # slot -1: the raw payload as a tensor over the arena mapping
+
+
+class ArenaReplaced(Exception):
+    """The arena slot an entry was read from was replaced before the copy finished."""
+
+
+ARENA_ATTEMPTS = 8   # copies of one expert retried after its arena slot was replaced
 
 
 class HostTier:
@@ -54,6 +78,17 @@ class HostTier:
             self.capacity = n_model
         n_host = self.capacity + staging_slots
         self.fetch_pool = None
+        self.arena = _arena_client(cache.source.client)
+        self._verified: dict[int, tuple[int, int]] = {}   # arena slot -> (epoch, generation) checked here
+        self.fill_stats: dict[str, float] = {}
+        if self.arena is not None and fetch_workers:
+            raise ValueError("fetch_workers receives from a remote store; a local-shm:// store is read in place "
+                             "from its arena (leave fetch_workers at 0)")
+        if self.arena is not None and pin_memory:
+            try:   # the mapping, page-locked once (and again after a remap): DMA straight from it
+                self.arena.pin()
+            except Exception as e:   # noqa: BLE001 - the store is not up yet: pinned at the first map
+                log.info("the co-located arena is not mapped yet (%s): it is page-locked when it is", e)
         if fetch_workers:
             # the arena IS a FetchPool's (expert_store/fetch_pool.py): N receiving processes write
             # blobs straight into its slots, checked; it is page-locked in place (cudaHostRegister)
@@ -121,9 +156,12 @@ class HostTier:
                 h.refs += 1
                 self.entries.move_to_end(key)
                 return h
-            tier["host"]["misses"] += 1
-            tier["store"]["lookups"] += 1
-            recv = self.take_slot()
+            if self.arena is None:
+                tier["host"]["misses"] += 1
+                tier["store"]["lookups"] += 1
+                recv = self.take_slot()
+        if self.arena is not None:
+            return self._from_arena(layer, expert, kind, tier)
         dec = -1
         try:
             t0 = time.perf_counter()
@@ -172,31 +210,141 @@ class HostTier:
             self.c._tier["host"]["loads"] += 1
             self.c._tier["host"]["bytes"] += n
             self.c.costs.observe("store", dt)
-            h = HostEntry(slot, header, raw_offset, refs=1, resident=self.capacity > 0)
+            return self._admit(key, HostEntry(slot, header, raw_offset, refs=1, resident=self.capacity > 0))
+
+    def _from_arena(self, layer: int, expert: int, kind: str, tier: dict) -> HostEntry:
+        """(layer, expert) leased from the co-located arena (published there first when
+        missing): read in place when raw, decoded into a pool slot when coded. Called WITHOUT
+        the lock; returns with refs incremented (see the module docstring)."""
+        from expert_store import format as blob_format
+
+        c, arena = self.c, self.arena
+        for _ in range(ARENA_ATTEMPTS):
+            t0 = time.perf_counter()
+            lease, published = arena.lease(c.source.model, layer, expert, c.precision, priority=kind)
+            view = arena.view(lease)
+            if view is None:
+                continue   # mapped again meanwhile
+            dec = -1
+            try:
+                header, _ = blob_format.read_header(view)
+                if header.raw_size > c.slot_bytes or (header.layer, header.expert) != (layer, expert):
+                    raise blob_format.BlobError(
+                        f"blob for layer {layer} expert {expert} holds layer {header.layer} expert "
+                        f"{header.expert} with {header.raw_size} raw bytes (slot {c.slot_bytes})")
+                name = (lease.epoch, lease.generation)
+                if header.codec == "none":
+                    if not published and self._verified.get(lease.slot) != name:
+                        blob_format.decode_raw(view)   # seal + payload checksum, once per publication
+                    start = header.payload_offset
+                    src = arena.payload(lease, start, start + header.raw_size)
+                    if src is None:
+                        continue
+                else:
+                    with c._lock:
+                        dec = self.take_slot()
+                    blob_format.decode_raw(view, out=memoryview(self.pool[dec].numpy()))
+                    src = None
+            except blob_format.BlobError:
+                with c._lock:
+                    if dec >= 0:
+                        self.free.append(dec)
+                if not arena.valid(lease):   # replaced while it was checked: read it again
+                    continue
+                raise
+            finally:
+                view.release()
+            if not arena.valid(lease):        # replaced while it was decoded
+                if dec >= 0:
+                    with c._lock:
+                        self.free.append(dec)
+                continue
+            dt = time.perf_counter() - t0
+            self._verified[lease.slot] = name
+            with c._lock:
+                if published:   # the store fetched it: a host miss, a store load
+                    tier["host"]["misses"] += 1
+                    tier["store"]["lookups"] += 1
+                    tier["store"]["hits"] += 1
+                    c._tier["store"]["loads"] += 1
+                    c._tier["store"]["bytes"] += lease.size
+                    c.costs.observe("store", dt)
+                else:           # in host memory already (the arena)
+                    tier["host"]["hits"] += 1
+                if src is not None:
+                    return HostEntry(-1, header, 0, refs=1, resident=False, lease=lease, src=src)
+                c._tier["host"]["loads"] += 1
+                c._tier["host"]["bytes"] += lease.size
+                return self._admit((layer, expert), HostEntry(dec, header, 0, refs=1, resident=self.capacity > 0))
+        raise ArenaReplaced(f"layer {layer} expert {expert} was replaced in the co-located arena "
+                            f"{ARENA_ATTEMPTS} times while being read: the arena is too small for the working set")
+
+    def _admit(self, key: tuple[int, int], h: HostEntry) -> HostEntry:
+        """Count a new entry in the host LRU (evicting unreferenced ones), or keep it transient
+        when every resident entry is in use. Lock held."""
+        if h.resident:
+            while sum(1 for x in self.entries.values() if x.resident) >= self.capacity:
+                victim = next((k for k, x in self.entries.items() if x.refs == 0), None)
+                if victim is None:
+                    h.resident = False
+                    break
+                old = self.entries.pop(victim)
+                self.c._counts["evictions_host"] += 1
+                self.free.append(old.slot)
             if h.resident:
-                while sum(1 for x in self.entries.values() if x.resident) >= self.capacity:
-                    victim = next((k for k, x in self.entries.items() if x.refs == 0), None)
-                    if victim is None:
-                        h.resident = False
-                        break
-                    old = self.entries.pop(victim)
-                    self.c._counts["evictions_host"] += 1
-                    self.free.append(old.slot)
-                if h.resident:
-                    self.entries[key] = h
-            return h
+                self.entries[key] = h
+        return h
+
+    def payload(self, h: HostEntry) -> torch.Tensor:
+        """The raw payload an entry holds, as a host tensor to copy to the GPU."""
+        if h.src is not None:
+            return h.src
+        return self.pool[h.slot, h.raw_offset:h.raw_offset + h.header.raw_size]
+
+    def copied(self, h: HostEntry, event: Any) -> None:
+        """The copy out of `h` was issued; `event` (None: it already ended) marks its end. A pool
+        slot is reused only after it; an arena entry is checked once the copy ended
+        (ArenaReplaced: the store replaced the blob meanwhile and the copy must be redone)."""
+        if h.lease is None:
+            if event is not None:
+                with self.c._lock:
+                    self.slot_event[h.slot] = event
+            return
+        if event is not None:
+            event.synchronize()
+        if not self.arena.valid(h.lease):
+            raise ArenaReplaced(f"layer {h.header.layer} expert {h.header.expert}: its arena slot was replaced "
+                                f"during the copy")
+
+    def load(self, layer: int, expert: int, kind: str, copy: Callable[[HostEntry], None]) -> None:
+        """acquire -> copy(entry) (which issues the copy to the GPU and calls copied()) ->
+        release; a copy from an arena slot the store replaced meanwhile is redone from the
+        blob's new place. Called WITHOUT the lock."""
+        for attempt in range(ARENA_ATTEMPTS):
+            h = self.acquire(layer, expert, kind)
+            try:
+                copy(h)
+                return
+            except ArenaReplaced:
+                if attempt == ARENA_ATTEMPTS - 1:
+                    raise
+            finally:
+                with self.c._lock:
+                    self.release((layer, expert), h)
 
     def release(self, key: tuple[int, int], h: HostEntry) -> None:
         h.refs -= 1
-        if not h.resident and h.refs == 0:
+        if not h.resident and h.refs == 0 and h.slot >= 0:
             self.free.append(h.slot)
 
     def fill(self, keys: Sequence[tuple[int, int]], threads: int = 8, progress: bool = False) -> int:
-        """Bring the (layer, expert) `keys` into the pinned host tier, fetched and decoded on up to
+        """Bring the (layer, expert) `keys` into the host tier, fetched and decoded on up to
         `threads` threads (benchmarks: "every expert in pinned host memory" before timing); returns
         how many it loaded. None of `keys` is evicted by another: a wave runs at most half the free
         host slots' loads (a coded blob holds two slots until it is decoded), so no slot is taken
-        from the LRU; only entries outside `keys` make room. Counted as prefetch lookups."""
+        from the LRU; only entries outside `keys` make room. Counted as prefetch lookups. With a
+        co-located store the store first publishes them into its arena (`_publish`). The fill's
+        bytes, seconds and GB/s are in `fill_stats` (the arena's publish: `arena_*`)."""
         from concurrent.futures import ThreadPoolExecutor
 
         from tqdm import tqdm
@@ -204,7 +352,19 @@ class HostTier:
         want = list(dict.fromkeys((int(l), int(e)) for l, e in keys))
         for l, e in want:
             self.c._check(l, e)
-        if len(want) > self.capacity:
+        t0 = time.perf_counter()
+        self.fill_stats = {}
+        in_place = False   # raw payloads read in place from the arena: nothing is held in the pool
+        if self.arena is not None and want:
+            self._publish(want, threads, progress)
+            lease, _ = self.arena.lease(self.c.source.model, *want[0], self.c.precision, priority="prefetch")
+            view = self.arena.view(lease)
+            if view is not None:
+                from expert_store import format as blob_format
+
+                in_place = blob_format.read_header(view)[0].codec == "none"
+                view.release()
+        if len(want) > self.capacity and not in_place:
             raise ValueError(f"fill_host: {len(want)} experts do not fit the host tier of {self.capacity} "
                              f"(host_cache_bytes={self.cache_bytes}, {self.slot_bytes} bytes per expert)")
         threads = max(1, int(threads))
@@ -213,6 +373,7 @@ class HostTier:
                 if k in self.entries:
                     self.entries.move_to_end(k)
             todo = [k for k in want if k not in self.entries]
+        sizes = {k: self.c.source.blob_size(*k) or 0 for k in todo}
 
         def load(key: tuple[int, int]) -> None:
             h = self.acquire(key[0], key[1], "prefetch")
@@ -233,7 +394,50 @@ class HostTier:
                     i += len(wave)
         finally:
             bar.close()
+        seconds = time.perf_counter() - t0
+        nbytes = sum(sizes.values())
+        self.fill_stats.update(experts=len(todo), bytes=nbytes, seconds=seconds,
+                               gbps=nbytes / seconds / 1e9 if seconds > 0 else 0.0)
         return len(todo)
+
+    def _publish(self, keys: list[tuple[int, int]], threads: int, progress: bool) -> None:
+        """Have the co-located store publish `keys` into its arena at prefetch priority (a cold
+        fill: demand misses pass it), batches in flight on up to `threads` threads; the rate
+        into the arena goes to fill_stats (arena_bytes, arena_seconds, arena_gbps)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tqdm import tqdm
+
+        info = self.arena.arena_info()
+        if len(keys) > info.slots:
+            raise ValueError(f"fill_host: {len(keys)} experts do not fit the co-located arena of {info.slots} slots "
+                             f"(its --arena-bytes)")
+        model, precision = self.c.source.model, self.c.precision
+        batch = max(1, min(16, -(-len(keys) // max(1, threads))))
+        batches = [keys[i:i + batch] for i in range(0, len(keys), batch)]
+        t0 = time.perf_counter()
+        bar = tqdm(total=len(keys), desc="fill co-located arena", unit="expert", leave=False, disable=not progress)
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, min(threads, len(batches))),
+                                    thread_name_prefix="arena-fill") as pool:
+                futures = [pool.submit(self.arena.publish, model, [(l, e, precision) for l, e in b])
+                           for b in batches]
+                for f, b in zip(futures, batches):
+                    f.result()
+                    bar.update(len(b))
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - t0
+        nbytes = self.arena.arena_info().bytes_published - info.bytes_published   # what entered the arena
+        self.fill_stats.update(arena_bytes=nbytes, arena_seconds=seconds,
+                               arena_gbps=nbytes / seconds / 1e9 if seconds > 0 else 0.0)
+
+
+def _arena_client(client: Any) -> Any:
+    """The client when it reads a co-located store's arena (local-shm://), else None."""
+    from expert_store.arena_client import ArenaStoreClient
+
+    return client if isinstance(client, ArenaStoreClient) else None
 
 
 def store_target(client: Any) -> str:

@@ -1,0 +1,236 @@
+"""The decoder on a co-located store, on the CPU: a real `expert-store colocate` process
+publishing into a shared-memory arena and the decoder's host tier reading it in place
+(`local-shm://`; decoder/experts/host_tier.py). Each case compares logits or tokens with the
+same engine reading the store directory.
+
+Covers: raw payloads (int8) copied from the mapping into GPU slots and bf16 byte planes decoded
+from it into the pool, with no blob copied out of the arena; an arena smaller than the working
+set (slots replaced while the decoder reads them: every expert it computes with is whole);
+a scribbled arena caught on the raw path; an arena full of pinned blobs (RESOURCE_EXHAUSTED,
+the decoder carries on once it has room); the store killed and restarted with another layout
+under a running decoder (it reads on, maps the new file, no crash); `moe-decoder serve --store
+local-shm://...` end to end and restarted (the second process fetches nothing); `fill_host`
+publishing into the arena (a cold fill with its rate).
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from service_procs import ServiceProcess, child_env
+
+from decoder.client import DecoderClient
+from decoder.engine import Engine
+from expert_store.client import StoreClient
+from expert_store.colocate import ColocatedStore
+from expert_store.errors import ResourceExhausted
+from expert_store.shm_arena import RECORD_BYTES, ArenaReader
+
+MODEL = "tiny"
+LAYERS, EXPERTS = 2, 8
+SHM = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+IDS = list(range(3, 43))
+# GPU slots for ~3 of 8 experts per layer: most experts are loaded through the host tier
+KW = dict(gpu_cache_bytes=3 * LAYERS * 40_000, host_cache_bytes=4 * 60_000, prefetch=False)
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    """A tiny random Mixtral (8 experts, top-2) packed at bf16 (coded byte planes) and int8 (raw)."""
+    from checkpoints import make_mixtral_checkpoint
+    from expert_store.pack import pack_checkpoint
+    from expert_store.tiers import NvmeTier
+
+    root = tmp_path_factory.mktemp("colocated-decoder")
+    ckpt, _ = make_mixtral_checkpoint(root / "ckpt", hidden=64, ffn=96, layers=LAYERS, experts=EXPERTS, seed=14,
+                                      max_position_embeddings=256)
+    pack_checkpoint(ckpt, NvmeTier(root / "store"), model=MODEL, precisions=("bf16", "int8"), progress=False)
+    return root / "store"
+
+
+@pytest.fixture(scope="module")
+def slot_bytes(store_dir) -> int:
+    with StoreClient.open(str(store_dir)) as c:
+        return -(-max(e[0] for e in c.manifest(MODEL).blobs.values()) // 4096) * 4096
+
+
+@pytest.fixture
+def arena_path(tmp_path):
+    base = SHM if SHM is not None and shutil.disk_usage(SHM).free > (64 << 20) else tmp_path
+    path = base / f"adapmoe-test-{uuid.uuid4().hex[:12]}.arena"
+    yield path
+    for p in (path, *base.glob(path.name + ".new-*")):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def budget(slots: int, slot_bytes: int) -> int:
+    """Arena bytes that hold exactly `slots` slots."""
+    return slots * (slot_bytes + RECORD_BYTES) + 8192
+
+
+def colocated(store_dir: Path, arena: Path, arena_bytes: int, listen: str = "127.0.0.1:0") -> ColocatedStore:
+    return ColocatedStore(str(store_dir), str(arena), arena_bytes, MODEL, listen=listen, env=child_env())
+
+
+def reference_logits(store_dir: Path, precision: str, **kw) -> torch.Tensor:
+    with Engine.from_store(str(store_dir), MODEL, precision=precision, **{**KW, **kw}) as engine:
+        return engine.forward_logits(IDS)
+
+
+def arena_reads(engine: Engine) -> dict:
+    return engine.client.stat()["arena"]["reader"]
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_the_host_tier_reads_the_arena_in_place(store_dir, slot_bytes, arena_path, precision):
+    """int8 payloads go from the mapping to GPU slots (nothing in the host pool), bf16 planes are
+    decoded from the mapping into the pool; no blob is copied out of the arena (the one read is
+    the cache's size probe at start); logits equal the store directory's."""
+    want = reference_logits(store_dir, precision)
+    with colocated(store_dir, arena_path, budget(64, slot_bytes)) as store, \
+            Engine.from_store(store.target, MODEL, precision=precision, **KW) as engine:
+        got = engine.forward_logits(IDS)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert arena_reads(engine)["bytes"] == engine.provider.source.blob_size(0, 0)   # only the probe's copy
+        tiers = engine.provider.stats()["tiers"]
+        published = engine.client.arena_info().publishes
+        assert tiers["store"]["loads"] == published - 1 > 0   # the probe's blob was published for the probe
+        host = engine.provider.host
+        if precision == "int8":
+            assert not host.entries
+        else:
+            assert host.entries and all(h.slot >= 0 and h.lease is None for h in host.entries.values())
+        # a second pass: every expert the GPU evicts comes back from host memory (the arena), no store load
+        engine.provider.reset_stats()
+        torch.testing.assert_close(engine.forward_logits(IDS), want, rtol=0, atol=0)
+        tiers = engine.provider.stats()["tiers"]
+        assert tiers["store"]["loads"] == 0 and tiers["host"]["hits"] > 0
+        assert engine.client.arena_info().publishes == published
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_an_arena_smaller_than_the_working_set_never_gives_a_torn_expert(store_dir, slot_bytes, arena_path,
+                                                                        precision):
+    """4 arena slots for 16 experts, two loader threads and the prefetcher: slots are replaced
+    while the decoder copies out of them; what it computes with is whole (logits and greedy
+    tokens equal the store directory's)."""
+    kw = dict(KW, prefetch=True, cache_options={"workers": 2})
+    want = reference_logits(store_dir, precision, **kw)
+    with Engine.from_store(str(store_dir), MODEL, precision=precision, **kw) as engine:
+        want_tokens = engine.generate(IDS[:8], max_tokens=12, temperature=0.0, stop_at_eos=False).token_ids
+    with colocated(store_dir, arena_path, budget(4, slot_bytes)) as store, \
+            Engine.from_store(store.target, MODEL, precision=precision, **kw) as engine:
+        for _ in range(2):
+            torch.testing.assert_close(engine.forward_logits(IDS), want, rtol=0, atol=0)
+        assert engine.generate(IDS[:8], max_tokens=12, temperature=0.0, stop_at_eos=False).token_ids == want_tokens
+        info = engine.client.arena_info()
+        assert info.slots == 4 and info.evictions > 0 and info.data_loss == 0
+
+
+def test_a_scribbled_raw_blob_is_caught_before_use(store_dir, slot_bytes, arena_path):
+    """A raw (int8) blob found in the arena is checked once before the decoder first copies it
+    to the GPU: a byte flipped after the store published it is a checksum error, not a wrong
+    logit."""
+    with colocated(store_dir, arena_path, budget(64, slot_bytes)) as store:
+        with StoreClient.open(store.target) as client:
+            for e in range(EXPERTS):
+                client.fetch_expert(MODEL, 0, e, "int8")
+        reader = ArenaReader(arena_path)
+        slot = reader.find(MODEL, 0, 1, "int8")
+        offset = reader.m.data_offset + slot * reader.slot_bytes + reader.m.word(slot, 3) // 2
+        reader.close()
+        with open(arena_path, "r+b") as f:
+            f.seek(offset)
+            b = f.read(1)
+            f.seek(offset)
+            f.write(bytes([b[0] ^ 0x5A]))
+        with Engine.from_store(store.target, MODEL, precision="int8", **KW) as engine:
+            with pytest.raises(ValueError, match="seal|checksum"):   # format.BlobError
+                engine.provider.fill_host([(0, 1)])
+
+
+def test_an_arena_full_of_pinned_blobs_is_an_error_then_the_decoder_carries_on(store_dir, slot_bytes,
+                                                                             arena_path):
+    """Another client leases every slot: a load that needs a slot fails with RESOURCE_EXHAUSTED
+    (no hang, no crash); once the pins are gone the same engine computes the right logits."""
+    want = reference_logits(store_dir, "int8")
+    with colocated(store_dir, arena_path, budget(3, slot_bytes)) as store, \
+            StoreClient.open(store.target) as other, \
+            Engine.from_store(store.target, MODEL, precision="int8", **KW) as engine:
+        pinned = [(1, e, "int8") for e in range(3)]
+        other.publish(MODEL, pinned, pin_s=600)
+        with pytest.raises(ResourceExhausted, match="full"):
+            engine.provider.fill_host([(0, 0)])
+        assert other.arena_info().pinned == 3
+    # a new store adopts the arena and its blobs (pins are cleared on adoption)
+    with colocated(store_dir, arena_path, budget(3, slot_bytes)) as store, \
+            Engine.from_store(store.target, MODEL, precision="int8", **KW) as engine:
+        torch.testing.assert_close(engine.forward_logits(IDS), want, rtol=0, atol=0)
+
+
+def test_store_killed_and_restarted_with_another_layout_under_a_running_decoder(store_dir, slot_bytes,
+                                                                               arena_path):
+    """The store dies: the decoder reads on from the mapped arena. It comes back with another
+    layout: it writes a new file and retires the old; the decoder maps the new one and carries on."""
+    want = reference_logits(store_dir, "int8")
+    first = colocated(store_dir, arena_path, budget(64, slot_bytes))
+    port = first.address.rsplit(":", 1)[1]
+    try:
+        with Engine.from_store(first.target, MODEL, precision="int8", **KW) as engine:
+            torch.testing.assert_close(engine.forward_logits(IDS), want, rtol=0, atol=0)
+            first.kill()   # SIGKILL: no goodbye
+            engine.provider.reset_stats()
+            torch.testing.assert_close(engine.forward_logits(IDS), want, rtol=0, atol=0)   # no store at all
+            assert engine.provider.stats()["tiers"]["store"]["loads"] == 0
+            with colocated(store_dir, arena_path, budget(32, slot_bytes), f"127.0.0.1:{port}"):
+                engine.provider.reset_stats()
+                torch.testing.assert_close(engine.forward_logits(IDS), want, rtol=0, atol=0)
+                assert arena_reads(engine)["remaps"] == 1
+                assert engine.provider.stats()["tiers"]["store"]["loads"] > 0   # the new file started empty
+                assert engine.client.arena_info().slots == 32
+    finally:
+        first.kill()
+
+
+def test_moe_decoder_serve_on_local_shm_and_a_decoder_restart(store_dir, slot_bytes, arena_path):
+    """`moe-decoder serve --store local-shm://...` answers Generate with the tokens the store
+    directory gives; a restarted decoder process finds every blob mapped and publishes nothing."""
+    with Engine.from_store(str(store_dir), MODEL, precision="int8", **KW) as engine:
+        want = engine.generate(IDS[:6], max_tokens=8, temperature=0.0, stop_at_eos=False).token_ids
+    flags = ("--precision", "int8", "--gpu-cache-bytes", str(KW["gpu_cache_bytes"]), "--host-cache-bytes",
+             str(KW["host_cache_bytes"]), "--no-prefetch")
+    with colocated(store_dir, arena_path, budget(64, slot_bytes)) as store, \
+            StoreClient.open(store.target) as probe:
+        publishes = []
+        for _ in range(2):
+            with ServiceProcess.decoder(store.target, MODEL, *flags) as dec:
+                with DecoderClient(dec.address) as client:
+                    got = client.generate(IDS[:6], max_tokens=8, temperature=0.0)
+                assert list(got.token_ids) == list(want), dec.stderr_text()
+            publishes.append(probe.arena_info().publishes)
+        assert publishes[0] > 0 and publishes[1] == publishes[0]
+
+
+def test_fill_host_publishes_into_the_arena_and_reports_its_rate(store_dir, slot_bytes, arena_path):
+    """fill_host on a co-located store: the store publishes the keys into its arena (rate in
+    fill_stats); int8 needs no host pool (read in place), so host_cache_bytes=0 holds them all."""
+    keys = [(l, e) for l in range(LAYERS) for e in range(EXPERTS)]
+    with colocated(store_dir, arena_path, budget(64, slot_bytes)) as store, \
+            Engine.from_store(store.target, MODEL, precision="int8", gpu_cache_bytes=KW["gpu_cache_bytes"],
+                              host_cache_bytes=0, prefetch=False) as engine:
+        assert engine.provider.fill_host(keys) == len(keys)
+        fs = engine.provider.host.fill_stats
+        assert fs["arena_bytes"] > 0 and fs["arena_gbps"] > 0 and fs["experts"] == len(keys)
+        assert engine.client.arena_info().used == len(keys)
+        engine.provider.reset_stats()
+        engine.forward_logits(IDS)
+        tiers = engine.provider.stats()["tiers"]
+        assert tiers["store"]["loads"] == 0 and tiers["host"]["misses"] == 0
