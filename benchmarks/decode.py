@@ -21,7 +21,22 @@ prompt in every row), the same prompts, `--new-tokens` new tokens each:
                 offloaded to the CPU with accelerate's hooks (`accelerate.cpu_offload`, what
                 `device_map={...experts: "cpu"}` installs)
 - store-remote  as adapmoe, but the host tier holds half the experts; misses stream from
-                `expert-store serve --workers N` on loopback
+                `expert-store serve --workers N` on loopback (into a FetchPool arena with
+                `--remote-fetch-workers` receiving processes)
+- store-colocated
+                as store-remote, but the store runs beside the decoder (`expert-store colocate`,
+                upstream: the store directory, a local NVMe copy) and publishes blobs into a
+                shared-memory arena that holds `--colocated-arena-frac` of the experts; the decoder
+                maps it (`local-shm://`), page-locks it and copies raw payloads from it straight
+                into GPU slots (bf16 byte planes are decoded from it into the host tier)
+
+The store rows start from a cold host tier: the fill (store-remote: the popular half into the
+host tier; store-colocated: every expert into the arena, then the popular half decoded into
+the host tier) runs on its own threads at prefetch priority while the first tokens are
+generated (demand first); the row records the fill's GB/s and when the first token came
+(`cold_fill`). Targets (issue 14): store-colocated >= 0.8x lru; store-remote >= 0.4x lru on A
+at 50%; cold fill >= 10 GB/s into the arena (co-located), >= 3 GB/s into the host tier
+(remote); the first token before the fill ends.
 
 Models:
 - A: the demo model (decoder/train_demo.py: stdlib corpus, BPE, Mixtral layout) scaled up and
@@ -63,11 +78,15 @@ from expert_store.client import StoreClient  # noqa: E402
 
 MODES = ("reference", "resident", "ondemand", "lru", "lfru", "adapmoe", "adapmoe-lfru", "adapmoe-admit",
          "adapmoe-lfru-admit", "adapmoe-skip", "adapmoe-lfru-admit-skip", "adapmoe-cost", "accelerate",
-         "store-remote")
+         "store-remote", "store-colocated")
+STORE_ROWS = ("store-remote", "store-colocated")   # host tier half the experts, misses from a store process
 BUDGET_FREE = ("reference", "resident", "ondemand", "accelerate")   # rows that do not depend on the GPU expert budget
 TARGETS = {"adapmoe_vs_lru": {"A": 1.5, "B": 1.35}, "adapmoe_vs_accelerate": 10.0, "resident_vs_adapmoe_50": 2.0,
            # the GPU-driven step (issue 12)
-           "resident_ms": {"A": 2.5, "B": 1.5}, "cached_vs_bound": 1.25}
+           "resident_ms": {"A": 2.5, "B": 1.5}, "cached_vs_bound": 1.25,
+           # the store off the per-token path (issue 14)
+           "colocated_vs_lru": 0.8, "remote_vs_lru": {"A": {0.5: 0.4}}, "colocated_fill_gbps": 10.0,
+           "remote_fill_gbps": 3.0}
 
 
 def log(msg: str) -> None:
@@ -414,6 +433,30 @@ def StoreServer(store: Path, workers: int, log_path: Path, ram_bytes: int = 1 <<
     return start_store(store, "--workers", str(workers), "--ram-bytes", str(ram_bytes), cwd=ROOT, stderr=log_path)
 
 
+def ColocatedServer(store: Path, model: str, precision: str, arena_frac: float, fetch_threads: int,
+                    work: Path, upstream: str | None = None) -> Any:
+    """`expert-store colocate` reading `upstream` (default: the store directory) and publishing
+    into an arena that holds `arena_frac` of the model's `precision` blobs: on /dev/shm when it
+    has room, else in `work`. `.target` is the decoder's local-shm:// store; `stop(remove=True)`."""
+    import shutil
+
+    from expert_store.colocate import ColocatedStore
+    from expert_store.shm_arena import HEADER_BYTES, RECORD_BYTES, SLOT_ALIGN
+
+    with StoreClient.open(str(store)) as c:
+        sizes = [e[0] for (_, _, p), e in c.manifest(model).blobs.items() if p == precision]
+    slot = -(-max(sizes) // SLOT_ALIGN) * SLOT_ALIGN
+    n = max(1, round(arena_frac * len(sizes)))
+    budget = n * (slot + RECORD_BYTES) + HEADER_BYTES + 2 * SLOT_ALIGN
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and shutil.disk_usage(shm).free > budget + (1 << 30) else work
+    arena = base / f"adapmoe-bench-{os.getpid()}.arena"
+    log(f"co-located arena: {n} of {len(sizes)} {precision} blobs, {budget / 1e9:.2f} GB at {arena}")
+    return ColocatedStore(upstream or str(store), str(arena), budget, model,
+                          extra=["--precisions", precision, "--fetch-threads", str(fetch_threads)],
+                          start_timeout_s=600)
+
+
 # =============================================================================================
 # One row
 # =============================================================================================
@@ -477,9 +520,9 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
                                 **common)
         eng.provider.fill_host([(l, e) for l in range(L) for e in range(E)], fill_threads, progress=True)
         return eng
-    if mode in ("adapmoe", "adapmoe-cost", "store-remote") or mode.startswith("adapmoe-"):
+    if mode in ("adapmoe", "adapmoe-cost") or mode in STORE_ROWS or mode.startswith("adapmoe-"):
         gating = "cost-aware" if mode == "adapmoe-cost" else "adaptive"
-        host = host_all if mode != "store-remote" else (n_experts // 2) * hslot
+        host = host_all if mode not in STORE_ROWS else (n_experts // 2) * hslot
         options: dict[str, Any] = {"scratch_slots": 0, "plan": "uniform", **dense_opt}
         # the issue-13 levers alone or together: lfru eviction, prefetch admission
         levers = set(mode.split("-")[1:]) - {"cost"}
@@ -492,16 +535,15 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
             # the distributed case as deployed: the host tier is a FetchPool arena that N processes
             # receive into (one Python process receives ~0.3-0.9 GB/s)
             options.update(fetch_workers=remote_fetch_workers, fetch_target=target)
+        if mode == "store-colocated":
+            # as many loader threads as the remote row's fetch processes: arena reads and decodes in parallel
+            options["workers"] = max(1, remote_fetch_workers)
         eng = Engine.from_store(target, prep.model, gpu_cache_bytes=gpu_bytes, host_cache_bytes=host,
                                 gating=gating, budget=T, prefetch=True, cache_options=options,
                                 prefetch_options=pf_options, **common)
-        if mode == "store-remote":
-            # the half the calibration found most popular, per layer
-            pop = profile.get("popularity") or [[1.0] * E] * L
-            keys = [(l, e) for l in range(L) for e in sorted(range(E), key=lambda e: -pop[l][e])[:E // 2]]
-        else:
-            keys = [(l, e) for l in range(L) for e in range(E)]
-        eng.provider.fill_host(keys, fill_threads, progress=True)
+        if mode in STORE_ROWS:
+            return eng   # a cold host tier: run_engine_row fills it while the first tokens are generated
+        eng.provider.fill_host([(l, e) for l in range(L) for e in range(E)], fill_threads, progress=True)
         return eng
     raise ValueError(f"unknown mode {mode!r}")
 
@@ -533,13 +575,17 @@ def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torc
     eng = build_engine(prep, mode, budget, device, target, profile, args.remote_fetch_workers,
                        {"auto": None, "on": True, "off": False}[args.dense_slots], args.fill_threads, decode_step)
     build_s = time.perf_counter() - t_build
+    cold_fill = None
     try:
-        warm = min(args.warmup_tokens, 4) if mode == "store-remote" else args.warmup_tokens
-        eng.generate(prep.warmup_prompt, max_tokens=warm, temperature=0.0, stop_at_eos=False)
+        warm = min(args.warmup_tokens, 4) if mode in STORE_ROWS else args.warmup_tokens
+        if mode in STORE_ROWS:
+            cold_fill = fill_while_serving(eng, prep, mode, profile, args, warm)
+        else:
+            eng.generate(prep.warmup_prompt, max_tokens=warm, temperature=0.0, stop_at_eos=False)
         eng.reset_stats()
         reads0 = eng._step.reads if eng._step is not None else 0
         outs = []
-        n_new = args.remote_tokens if mode == "store-remote" else args.new_tokens
+        n_new = args.remote_tokens if mode in STORE_ROWS else args.new_tokens
         for i, p in enumerate(tqdm(prep.prompts, desc=f"{prep.name} {mode} {budget}", unit="prompt", leave=False)):
             outs.append(eng.generate(p, max_tokens=n_new, temperature=args.temperature, seed=args.seed + i,
                                      stop_at_eos=False).token_ids)
@@ -591,7 +637,57 @@ def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torc
         "outputs_head": [o[:8] for o in outs],
         "gating_stats": {k: v for k, v in (st.get("gating_stats") or {}).items() if k != "per_layer"},
         "torch_profile": profile_txt,
+        "cold_fill": cold_fill,
     }
+
+
+def fill_while_serving(eng: Engine, prep: Prepared, mode: str, profile: dict, args: argparse.Namespace,
+                       warm: int) -> dict[str, Any]:
+    """A store row's cold start: the fill runs on its own threads at prefetch priority while the
+    warm-up tokens are generated (demand loads pass it); timing starts after both. store-remote
+    fills the host tier with the half of each layer's experts the calibration found most popular;
+    store-colocated has the co-located store publish every expert its arena holds (the popular
+    first), then decodes the popular half into the host tier. Returns the fill's bytes, seconds
+    and GB/s, and when the first token came (seconds after the fill began)."""
+    import threading
+
+    cache = eng.provider
+    L, E = cache.L, cache.E
+    pop = profile.get("popularity") or [[1.0] * E] * L
+    ranked = [sorted(range(E), key=lambda e: -pop[l][e]) for l in range(L)]
+    half = [(l, e) for l in range(L) for e in ranked[l][:E // 2]]
+    out: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def fill() -> None:
+        try:
+            if mode == "store-colocated":
+                slots = eng.client.arena_info().slots
+                every = half + [(l, e) for l in range(L) for e in ranked[l][E // 2:]]
+                out["arena"] = cache.host.publish(every[:slots], args.fill_threads, progress=True)
+            cache.fill_host(half, args.fill_threads, progress=True)
+            out["host"] = dict(cache.host.fill_stats)
+        except BaseException as e:  # noqa: BLE001 - reported with the row
+            errors.append(e)
+        finally:
+            out["fill_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    filler = threading.Thread(target=fill, name="cold-fill", daemon=True)
+    filler.start()
+    eng.generate(prep.warmup_prompt, max_tokens=1, temperature=0.0, stop_at_eos=False)
+    out["first_token_s"] = time.perf_counter() - t0
+    out["first_token_before_fill_end"] = filler.is_alive()
+    eng.generate(prep.warmup_prompt, max_tokens=warm, temperature=0.0, stop_at_eos=False)
+    filler.join()
+    if errors:
+        raise errors[0]
+    src = out.get("arena") or out["host"]
+    out["gbps"] = src.get("arena_gbps", src.get("gbps"))
+    out["into"] = "arena" if "arena" in out else "host tier"
+    log(f"{prep.name} {mode}: cold fill {out['gbps']:.2f} GB/s into the {out['into']} "
+        f"({out['fill_s']:.1f} s in all); first token after {out['first_token_s']:.2f} s")
+    return out
 
 
 def torch_profile(eng: Engine, prep: Prepared, args: argparse.Namespace) -> str:
@@ -726,7 +822,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
 
 def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = check_step_targets(rows) + check_lever_targets(rows)
+    out = check_step_targets(rows) + check_lever_targets(rows) + check_store_targets(rows)
     for r in rows:
         if r["mode"] != "adapmoe" or r.get("decode_step") == "eager" and any(
                 x.get("decode_step") == "step" for x in rows if x["model"] == r["model"]):
@@ -774,6 +870,33 @@ def check_lever_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if p and p_ref:
             out.append({"target": f"{where}: held-out perplexity within 1% of topk (ratio)", "measured": p / p_ref,
                         "met": p <= 1.01 * p_ref})
+    return out
+
+
+def check_store_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 14's targets for the store rows: tokens/s against lru at the same budget
+    (store-colocated >= 0.8x everywhere; store-remote >= 0.4x on A at 50%), the cold fill's GB/s
+    (>= 10 into the co-located arena, >= 3 into the remote row's host tier) and the first token
+    before the fill ended (demand first)."""
+    out = []
+    for r in rows:
+        if r["mode"] not in STORE_ROWS or not r.get("tokens_per_s"):
+            continue
+        where = f"{r['model']} {r['mode']} @ {r['budget']:.0%}"
+        need = TARGETS["colocated_vs_lru"] if r["mode"] == "store-colocated" else \
+            TARGETS["remote_vs_lru"].get(r["model"], {}).get(r["budget"])
+        if need is not None and r.get("vs_lru") is not None:
+            out.append({"target": f"{where}: tokens/s >= {need}x lru (ratio)", "measured": r["vs_lru"],
+                        "met": r["vs_lru"] >= need})
+        fill = r.get("cold_fill") or {}
+        if fill.get("gbps") is not None:
+            need = TARGETS["colocated_fill_gbps" if r["mode"] == "store-colocated" else "remote_fill_gbps"]
+            out.append({"target": f"{where}: cold fill >= {need:g} GB/s into the {fill.get('into')} (GB/s)",
+                        "measured": fill["gbps"], "met": fill["gbps"] >= need})
+        if "first_token_s" in fill:
+            out.append({"target": f"{where}: first token before the cold fill ended (first token s / fill s)",
+                        "measured": fill["first_token_s"] / max(fill["fill_s"], 1e-9),
+                        "met": bool(fill.get("first_token_before_fill_end"))})
     return out
 
 
@@ -894,7 +1017,7 @@ def run_model(prep: Prepared, device: torch.device, args: argparse.Namespace, wo
         profile = c.manifest(prep.model).profile
     if not profile:
         raise RuntimeError(f"model {prep.model} has no calibration profile in the store")
-    server = None
+    server = colocated = None
     if args.warmup_row and args.modes:
         # the first row of a process pays one-time costs (allocator growth, kernel/library loading,
         # clocks) that an engine's own warm-up tokens do not cover: run it once, untimed
@@ -903,7 +1026,7 @@ def run_model(prep: Prepared, device: torch.device, args: argparse.Namespace, wo
         try:
             if first == "accelerate":
                 run_accelerate_row(prep, device, args)
-            elif first not in ("store-remote", "reference"):
+            elif first not in (*STORE_ROWS, "reference"):
                 run_engine_row(prep, first, None if first in BUDGET_FREE else args.budgets[0], device, args,
                                str(prep.store), profile, pinned_gbps)
         except Exception as e:
@@ -930,12 +1053,27 @@ def run_model(prep: Prepared, device: torch.device, args: argparse.Namespace, wo
                             if server is None:
                                 server = StoreServer(prep.store, args.store_workers, work / "store-server.log")
                             target = f"grpc://{server.address}"
+                        if mode == "store-colocated":
+                            if colocated is None:
+                                upstream = None
+                                if args.colocated_upstream == "remote":
+                                    if server is None:
+                                        server = StoreServer(prep.store, args.store_workers,
+                                                             work / "store-server.log")
+                                    upstream = f"grpc://{server.address}"
+                                colocated = ColocatedServer(prep.store, prep.model, store_precision(prep),
+                                                            args.colocated_arena_frac, args.colocated_fetch_threads,
+                                                            work, upstream)
+                            target = colocated.target
                         for ds in args.decode_steps:
                             t0 = time.perf_counter()
                             row = run_engine_row(prep, mode, b, device, args, target, profile, pinned_gbps, ds)
                             if mode == "store-remote":
                                 row["store_workers"] = args.store_workers
                                 row["fetch_workers"] = args.remote_fetch_workers
+                            if mode == "store-colocated":
+                                row["colocated_upstream"] = args.colocated_upstream
+                                row["arena_frac"] = args.colocated_arena_frac
                             if ds != args.decode_steps[-1]:
                                 finish_row(row, rows, t0, prep, mode, b, on_row)
                 except Exception as e:   # one broken row must not lose the others
@@ -946,6 +1084,8 @@ def run_model(prep: Prepared, device: torch.device, args: argparse.Namespace, wo
                     free_memory(device)
                 finish_row(row, rows, t0, prep, mode, b, on_row)
     finally:
+        if colocated is not None:
+            colocated.stop(remove=True)
         if server is not None:
             server.stop()
     return rows
@@ -1011,6 +1151,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "dequantized in every forward (off)")
     p.add_argument("--remote-fetch-workers", type=int, default=4,
                    help="store-remote: FetchPool processes receiving into the host tier (0 = the engine's own client)")
+    p.add_argument("--colocated-arena-frac", type=float, default=1.0,
+                   help="store-colocated: the share of the model's experts the co-located arena holds")
+    p.add_argument("--colocated-upstream", choices=("dir", "remote"), default="dir",
+                   help="store-colocated: the co-located store reads the store directory (a local NVMe copy) "
+                        "or the remote `expert-store serve` of the store-remote row")
+    p.add_argument("--colocated-fetch-threads", type=int, default=8,
+                   help="store-colocated: the co-located store's upstream fetch threads")
     p.add_argument("--fill-threads", type=int, default=8,
                    help="threads that fetch and decode experts into the host tier (and loader threads of "
                         "the resident row) while a row is built, before timing")
@@ -1063,6 +1210,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.remote_tokens, args.b_accelerate_tokens = 4, 3
         args.ppl_windows, args.calib_tokens, args.calib_seq, args.store_workers = 2, 128, 64, 2
         args.remote_fetch_workers = 2
+        args.colocated_fetch_threads = 2
         args.profile_tokens = 2
     return args
 

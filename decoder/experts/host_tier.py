@@ -343,7 +343,7 @@ class HostTier:
         how many it loaded. None of `keys` is evicted by another: a wave runs at most half the free
         host slots' loads (a coded blob holds two slots until it is decoded), so no slot is taken
         from the LRU; only entries outside `keys` make room. Counted as prefetch lookups. With a
-        co-located store the store first publishes them into its arena (`_publish`). The fill's
+        co-located store the store first publishes them into its arena (`publish`). The fill's
         bytes, seconds and GB/s are in `fill_stats` (the arena's publish: `arena_*`)."""
         from concurrent.futures import ThreadPoolExecutor
 
@@ -356,7 +356,7 @@ class HostTier:
         self.fill_stats = {}
         in_place = False   # raw payloads read in place from the arena: nothing is held in the pool
         if self.arena is not None and want:
-            self._publish(want, threads, progress)
+            self.publish(want, threads, progress)
             lease, _ = self.arena.lease(self.c.source.model, *want[0], self.c.precision, priority="prefetch")
             view = self.arena.view(lease)
             if view is not None:
@@ -400,17 +400,20 @@ class HostTier:
                                gbps=nbytes / seconds / 1e9 if seconds > 0 else 0.0)
         return len(todo)
 
-    def _publish(self, keys: list[tuple[int, int]], threads: int, progress: bool) -> None:
+    def publish(self, keys: Sequence[tuple[int, int]], threads: int = 8, progress: bool = False) -> dict[str, float]:
         """Have the co-located store publish `keys` into its arena at prefetch priority (a cold
-        fill: demand misses pass it), batches in flight on up to `threads` threads; the rate
-        into the arena goes to fill_stats (arena_bytes, arena_seconds, arena_gbps)."""
+        fill: demand misses pass it), batches in flight on up to `threads` threads. Returns the
+        rate into the arena (arena_bytes, arena_seconds, arena_gbps), also kept in fill_stats."""
         from concurrent.futures import ThreadPoolExecutor
 
         from tqdm import tqdm
 
+        if self.arena is None:
+            raise ValueError("publish needs a co-located store (a local-shm:// target)")
+        keys = list(dict.fromkeys((int(l), int(e)) for l, e in keys))
         info = self.arena.arena_info()
         if len(keys) > info.slots:
-            raise ValueError(f"fill_host: {len(keys)} experts do not fit the co-located arena of {info.slots} slots "
+            raise ValueError(f"{len(keys)} experts do not fit the co-located arena of {info.slots} slots "
                              f"(its --arena-bytes)")
         model, precision = self.c.source.model, self.c.precision
         batch = max(1, min(16, -(-len(keys) // max(1, threads))))
@@ -429,8 +432,9 @@ class HostTier:
             bar.close()
         seconds = time.perf_counter() - t0
         nbytes = self.arena.arena_info().bytes_published - info.bytes_published   # what entered the arena
-        self.fill_stats.update(arena_bytes=nbytes, arena_seconds=seconds,
-                               arena_gbps=nbytes / seconds / 1e9 if seconds > 0 else 0.0)
+        out = dict(arena_bytes=nbytes, arena_seconds=seconds, arena_gbps=nbytes / seconds / 1e9 if seconds > 0 else 0.0)
+        self.fill_stats.update(out)
+        return out
 
 
 def _arena_client(client: Any) -> Any:

@@ -1,0 +1,59 @@
+"""Plumbing of benchmarks/decode.py's store rows on the CPU at toy sizes (`--tiny --device cpu`):
+store-remote (a real `expert-store serve --workers 2`, FetchPool receivers) and store-colocated
+(a real `expert-store colocate` publishing into a shared-memory arena), each from a cold host
+tier filled while the first tokens are generated. Timings are meaningless here; what is checked
+is that each row runs, decodes the tokens the lru row decodes, and reports its cold fill and
+its targets as the GPU run does.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import decode  # noqa: E402
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_store_rows_on_a_random_mixtral(tmp_path):
+    torch.set_num_threads(1)
+    args = decode.parse_args(["--tiny", "--device", "cpu", "--models", "B", "--budgets", "0.5",
+                              "--modes", "lru,store-remote,store-colocated", "--profile-rows", "",
+                              "--calib-tokens", "64", "--prompts", "1", "--no-warmup-row", "--fill-threads", "2"])
+    device = torch.device("cpu")
+    prep = decode.prepare_model_b(tmp_path, device, args)
+    rows: list[dict] = []
+    decode.run_model(prep, device, args, tmp_path, pinned_gbps=5.0, rows=rows)
+    decode.add_ratios(rows)
+    assert all("error" not in r for r in rows), [r.get("error") for r in rows]
+    by_mode = {r["mode"]: r for r in rows}
+    assert set(by_mode) == {"lru", "store-remote", "store-colocated"}
+    for mode in decode.STORE_ROWS:
+        r = by_mode[mode]
+        assert r["tokens_per_s"] > 0 and r["vs_lru"] is not None
+        fill = r["cold_fill"]
+        assert fill["gbps"] > 0 and fill["fill_s"] > 0 and fill["first_token_s"] > 0
+        assert fill["into"] == ("arena" if mode == "store-colocated" else "host tier")
+        # half the experts in the host tier: some demand loads come from the store
+        assert r["host_hit_rate"] is not None
+    colo = by_mode["store-colocated"]["cold_fill"]
+    assert colo["arena"]["arena_bytes"] > 0   # every expert went into the arena
+    targets = decode.check_targets(rows)
+    names = [t["target"] for t in targets]
+    assert any("store-colocated @ 50%: tokens/s >= 0.8x lru" in n for n in names)
+    assert any("store-colocated @ 50%: cold fill >= 10 GB/s into the arena" in n for n in names)
+    assert any("store-remote @ 50%: cold fill >= 3 GB/s into the host tier" in n for n in names)
+    assert sum("first token before the cold fill ended" in n for n in names) == 2
+    assert all(isinstance(t["met"], bool) for t in targets)
+    assert "| B | 50% | store-colocated |" in decode.markdown(rows, targets)
+    # the co-located store was stopped and its arena file removed
+    arena = f"adapmoe-bench-{os.getpid()}.arena"
+    assert not (Path("/dev/shm") / arena).exists() and not (tmp_path / arena).exists()
