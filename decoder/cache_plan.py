@@ -43,9 +43,22 @@ the cost term alone still under-rates a second slot; with adaptive gating it sti
   f_k(s) = f(s) + (1 - r) * a * P1 for s < top_k (P1 = P(exactly one of the pair is cached)),
   i.e. one demand load for that expert in the P1 case.
 
-The f model (and so the cost term) is the paper's top-2 pair model; for top_k > 2 the constraint
-applies as stated and the cost term is the same pair approximation. objective="paper" keeps the
-paper's objective unchanged (s_l >= 1, plain f), for comparison.
+Top-k (fine-grained experts: Qwen3-MoE, OLMoE, DeepSeek-V3, top-4 to top-8). f above is the
+k = 2 case of: a token uses k' experts, 1 + Binomial(k - 1, 1 - r) (each of the k - 1 experts
+adaptive gating may drop goes with probability r, the calibrated drop ratio: for top-2 exactly
+"one expert with probability r"); M of them miss the s cached (hypergeometric under uniform
+choice, P(M = m) = C(E - s, m) C(s, k' - m) / C(E, k')); each miss loads on demand except one
+that the prefetcher brings in time with probability a:
+
+    f(s) = sum_k' P(k') * (E[M | k'] - a * P(M >= 1 | k'))
+
+(k' = 2: E[M] - a (P1 + P2) = 2 P2 (1 - a) + P2 a + P1 (1 - a), the paper's). The cost term
+generalises the same way: with s < k' slots the prefetched expert needs a slot the token's
+k' - M resident experts leave free, so the credit is a * P(M >= k' - s + 1) (k' = 2, s = 1:
+a * P2, i.e. f + a * P1). The popularity model draws the k' experts without replacement in
+proportion to popularity, exactly for k' <= 2 and, for k' > 2, from `POPULARITY_SAMPLES` seeded
+draws (deterministic; the DP sees one fixed estimate). objective="paper" keeps the paper's
+objective (s_l >= 1, no cost term), with f for the model's top_k.
 
 Both minimise sum_l f_l(s_l) subject to s_l in [floor, E] and sum_l s_l = total_slots, exactly,
 by dynamic programming over (layer, slots used) in O(L * total_slots * E); among optimal plans
@@ -54,8 +67,9 @@ by dynamic programming over (layer, slots used) in O(L * total_slots * E); among
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 Number = Union[int, float]
 PerLayer = Union[Number, Sequence[Number]]
@@ -93,17 +107,47 @@ def _check_objective(objective: str, top_k: int) -> None:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
 
 
-def expected_loads(s: int, E: int, a: float, r: float, top_k: int | None = None) -> float:
+def expected_loads(s: int, E: int, a: float, r: float, top_k: int | None = None,
+                   experts_per_token: int | None = None) -> float:
     """f(s): expected on-demand loads per token at one layer under uniform expert choice.
-    top_k=None: the paper's f; top_k=k: with the cost term for s < k (module docstring)."""
+    top_k=None: the paper's f; top_k=k: with the cost term for s < k (module docstring).
+    experts_per_token: the model's top-k f is for (default: top_k, else 2)."""
     if not 1 <= s <= E:
         raise ValueError(f"slots must be in [1, {E}], got {s}")
     if E == 1:
         return 0.0
+    k = int(experts_per_token or top_k or 2)
+    if k != 2:
+        return _f_top_k(k, r, a, s, lambda kk, m: _hypergeom_ge(E, s, kk, m), kk_miss=lambda kk: kk * (1 - s / E),
+                        cost_term=top_k is not None)
     denom = E * (E - 1)
     p2 = (E - s) * (E - s - 1) / denom
     p1 = 2 * s * (E - s) / denom
     return _f(1.0 - s / E, p1, p2, a, r, below_top_k=top_k is not None and s < top_k)
+
+
+def kept_distribution(k: int, r: float) -> list[tuple[int, float]]:
+    """[(k', P(k'))]: a token keeps its first expert and each of the other k - 1 with
+    probability 1 - r (r = the calibrated drop ratio)."""
+    return [(1 + j, math.comb(k - 1, j) * (1 - r) ** j * r ** (k - 1 - j)) for j in range(k)]
+
+
+def _hypergeom_ge(E: int, s: int, kk: int, m: int) -> float:
+    """P(M >= m): M misses among kk experts drawn uniformly without replacement from E, s cached."""
+    total = math.comb(E, kk)
+    return sum(math.comb(E - s, j) * math.comb(s, kk - j) for j in range(max(m, 0), kk + 1)) / total
+
+
+def _f_top_k(k: int, r: float, a: float, s: int, p_ge, kk_miss, cost_term: bool) -> float:
+    """sum_k' P(k') (E[M | k'] - a P(M >= need | k')), need = 1, or k' - s + 1 with the cost
+    term when s < k' (module docstring). p_ge(k', m) = P(M >= m | k'); kk_miss(k') = E[M | k']."""
+    f = 0.0
+    for kk, pk in kept_distribution(k, r):
+        if pk == 0.0:
+            continue
+        need = max(1, kk - s + 1) if cost_term else 1
+        f += pk * (kk_miss(kk) - a * p_ge(kk, need))
+    return f
 
 
 def _f(miss1: float, p1: float, p2: float, a: float, r: float, below_top_k: bool = False) -> float:
@@ -114,12 +158,18 @@ def _f(miss1: float, p1: float, p2: float, a: float, r: float, below_top_k: bool
     return f
 
 
-def popularity_loads(s: int, popularity: Sequence[float], a: float, r: float, top_k: int | None = None) -> float:
+def popularity_loads(s: int, popularity: Sequence[float], a: float, r: float, top_k: int | None = None,
+                     experts_per_token: int | None = None) -> float:
     """f(s) for one layer with measured per-expert popularity (cache = the s most popular experts).
-    top_k as in `expected_loads`."""
+    top_k, experts_per_token as in `expected_loads`."""
     E = len(popularity)
     if not 1 <= s <= E:
         raise ValueError(f"slots must be in [1, {E}], got {s}")
+    k = int(experts_per_token or top_k or 2)
+    if k != 2:
+        draws = _popularity_draws(tuple(float(x) for x in popularity))
+        return _f_top_k(k, r, a, s, lambda kk, m: draws.p_ge(kk, s, m), kk_miss=lambda kk: draws.mean_miss(kk, s),
+                        cost_term=top_k is not None)
     p = _normalised(popularity)
     order = sorted(range(E), key=lambda e: -p[e])
     cached = set(order[:s])
@@ -143,6 +193,53 @@ def popularity_loads(s: int, popularity: Sequence[float], a: float, r: float, to
             elif misses == 1:
                 p1 += pij
     return _f(miss1, p1, p2, a, r, below_top_k=top_k is not None and s < top_k)
+
+
+POPULARITY_SAMPLES = 4096
+
+
+class _Draws:
+    """Ranks (0 = most popular) of k' experts drawn without replacement in proportion to
+    popularity, for k' = 1..E: exact for k' = 1 (one draw), sampled for k' > 1."""
+
+    def __init__(self, popularity: tuple[float, ...]) -> None:
+        import torch
+
+        self.p = _normalised(popularity)
+        self.E = len(self.p)
+        order = sorted(range(self.E), key=lambda e: -self.p[e])
+        self.rank = torch.empty(self.E, dtype=torch.long)
+        self.rank[torch.tensor(order)] = torch.arange(self.E)
+        self._sorted: dict[int, Any] = {}
+
+    def _ranks(self, kk: int) -> Any:
+        # [N, kk] ranks of each sample's experts, ascending
+        import torch
+
+        if kk not in self._sorted:
+            g = torch.Generator().manual_seed(kk)
+            w = torch.tensor(self.p, dtype=torch.float64).clamp_min(1e-12).expand(POPULARITY_SAMPLES, -1)
+            idx = torch.multinomial(w, kk, replacement=False, generator=g)              # [N, kk]
+            self._sorted[kk] = self.rank[idx].sort(dim=1).values
+        return self._sorted[kk]
+
+    def p_ge(self, kk: int, s: int, m: int) -> float:
+        """P(M >= m): at least m of the kk drawn have rank >= s (are not among the s cached)."""
+        if m <= 0:
+            return 1.0
+        if m > kk:
+            return 0.0
+        if kk == 1:
+            return sum(self.p[e] for e in range(self.E) if int(self.rank[e]) >= s)
+        return float((self._ranks(kk)[:, kk - m] >= s).double().mean())
+
+    def mean_miss(self, kk: int, s: int) -> float:
+        return sum(self.p_ge(kk, s, m) for m in range(1, kk + 1))
+
+
+@functools.lru_cache(maxsize=256)
+def _popularity_draws(popularity: tuple[float, ...]) -> _Draws:
+    return _Draws(popularity)
 
 
 def _normalised(popularity: Sequence[float]) -> list[float]:
@@ -216,7 +313,8 @@ def plan_slots(prefetch_accuracy: PerLayer, top1_ratio: PerLayer, total_slots: i
     """GPU slots per layer minimising the expected on-demand loads per token (AdapMoE DP).
 
     prefetch_accuracy, top1_ratio: scalars (same for every layer; then `num_layers` is needed)
-    or per-layer sequences. top_k: experts per token of the model's gating (Mixtral: 2).
+    or per-layer sequences; top1_ratio is the drop ratio r (the profile's single_expert_ratio: for top-2
+    the single-expert ratio). top_k: experts per token of the model (Mixtral: 2), f's k.
     objective: "top-k" (default: s_l >= top_k where total_slots >= L * top_k, and the cost term
     for layers below top_k) or "paper" (AdapMoE's f, s_l >= 1). Returns s_l with sum =
     total_slots, or all E per layer when total_slots >= L * E.
@@ -229,7 +327,7 @@ def plan_slots(prefetch_accuracy: PerLayer, top1_ratio: PerLayer, total_slots: i
     acc = _per_layer(prefetch_accuracy, L, "prefetch_accuracy")
     r1 = _per_layer(top1_ratio, L, "top1_ratio")
     k = int(top_k) if objective == "top-k" else None
-    costs = [[expected_loads(s, E, acc[l], r1[l], k) for s in range(1, E + 1)] for l in range(L)]
+    costs = [[expected_loads(s, E, acc[l], r1[l], k, int(top_k)) for s in range(1, E + 1)] for l in range(L)]
     total = int(total_slots)
     return _solve(costs, total, slot_floor(objective, top_k, total, L, E))
 
@@ -249,7 +347,8 @@ def plan_slots_popularity(popularity: Sequence[Sequence[float]], prefetch_accura
     acc = _per_layer(prefetch_accuracy, L, "prefetch_accuracy")
     r1 = _per_layer(top1_ratio, L, "top1_ratio")
     k = int(top_k) if objective == "top-k" else None
-    costs = [[popularity_loads(s, popularity[l], acc[l], r1[l], k) for s in range(1, E + 1)] for l in range(L)]
+    costs = [[popularity_loads(s, popularity[l], acc[l], r1[l], k, int(top_k)) for s in range(1, E + 1)]
+             for l in range(L)]
     total = int(total_slots)
     return _solve(costs, total, slot_floor(objective, top_k, total, L, E))
 
@@ -265,5 +364,5 @@ def plan_cost(plan: Sequence[int], prefetch_accuracy: PerLayer, top1_ratio: PerL
     r1 = _per_layer(top1_ratio, L, "top1_ratio")
     k = int(top_k) if objective == "top-k" else None
     if popularity is None:
-        return sum(expected_loads(s, experts_per_layer, acc[l], r1[l], k) for l, s in enumerate(plan))
-    return sum(popularity_loads(s, popularity[l], acc[l], r1[l], k) for l, s in enumerate(plan))
+        return sum(expected_loads(s, experts_per_layer, acc[l], r1[l], k, int(top_k)) for l, s in enumerate(plan))
+    return sum(popularity_loads(s, popularity[l], acc[l], r1[l], k, int(top_k)) for l, s in enumerate(plan))

@@ -2,6 +2,7 @@
 paper's objective and under the top-k one (s_l >= top_k where the budget allows, brute force over
 the same constrained space)."""
 import itertools
+import math
 import random
 
 import pytest
@@ -168,3 +169,69 @@ def test_ties_give_the_most_even_plan():
     assert plan_slots(0.0, 0.0, 10, 8, num_layers=4) == [3, 3, 2, 2] or \
         sorted(plan_slots(0.0, 0.0, 10, 8, num_layers=4)) == [2, 2, 3, 3]
     assert plan_slots(0.0, 0.0, 16, 8, num_layers=8) == [2] * 8
+
+
+# --- top-k > 2 ---------------------------------------------------------------------------------
+def enumerated_loads(s, E, a, r, k, cost_term):
+    """f by enumeration: k' = 1 + Binomial(k - 1, 1 - r) experts, every k'-subset of the E
+    equally likely, experts 0..s-1 cached; M misses load on demand, one less when the prefetcher
+    (probability a) has a slot for it (M >= 1, and M >= k' - s + 1 with the cost term)."""
+    f = 0.0
+    for j in range(k):
+        kk, pk = 1 + j, math.comb(k - 1, j) * (1 - r) ** j * r ** (k - 1 - j)
+        subsets = list(itertools.combinations(range(E), kk))
+        for sub in subsets:
+            M = sum(e >= s for e in sub)
+            need = max(1, kk - s + 1) if cost_term else 1
+            f += pk * (M - a * (M >= need)) / len(subsets)
+    return f
+
+
+@pytest.mark.parametrize("k", [1, 3, 4, 6])
+def test_top_k_f_equals_enumeration(k):
+    E = 7
+    for s in range(1, E + 1):
+        for a, r in ((0.0, 0.0), (0.6, 0.3), (0.9, 0.8), (1.0, 1.0)):
+            assert expected_loads(s, E, a, r, experts_per_token=k) == pytest.approx(
+                enumerated_loads(s, E, a, r, k, False), abs=1e-12)
+            assert expected_loads(s, E, a, r, top_k=k) == pytest.approx(enumerated_loads(s, E, a, r, k, True), abs=1e-12)
+
+
+def test_top_2_enumeration_is_the_papers_f_with_its_cost_term():
+    E = 8
+    for s in range(1, E + 1):
+        for a, r in ((0.7, 0.4), (0.2, 0.0), (1.0, 0.5)):
+            assert enumerated_loads(s, E, a, r, 2, False) == pytest.approx(expected_loads(s, E, a, r), abs=1e-12)
+            assert enumerated_loads(s, E, a, r, 2, True) == pytest.approx(expected_loads(s, E, a, r, top_k=2), abs=1e-12)
+
+
+def test_top_k_popularity_model_uniform_and_skewed():
+    E, k = 12, 4
+    for s in (1, 3, 4, 8, 12):
+        for a, r in ((0.5, 0.2), (0.9, 0.6)):
+            # uniform popularity: the sampled draws estimate the exact uniform model
+            assert popularity_loads(s, [1.0] * E, a, r, top_k=k) == pytest.approx(
+                expected_loads(s, E, a, r, top_k=k), abs=0.03)
+    # popularity concentrated on few experts: caching them saves more than under uniform choice
+    skew = [2.0 ** -i for i in range(E)]
+    assert popularity_loads(4, skew, 0.5, 0.2, top_k=k) < expected_loads(4, E, 0.5, 0.2, top_k=k) - 0.5
+    # deterministic: the same estimate every call
+    assert popularity_loads(5, skew, 0.5, 0.2, top_k=k) == popularity_loads(5, skew, 0.5, 0.2, top_k=k)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_top_k_plans_optimal_vs_brute_force(seed):
+    rng = random.Random(90 + seed)
+    L, E, k = 2, 6, rng.choice([3, 4])
+    acc = [rng.random() for _ in range(L)]
+    r1 = [rng.random() for _ in range(L)]
+    pop = [[rng.random() + 0.05 for _ in range(E)] for _ in range(L)]
+    for total in range(L, L * E + 1):
+        floor = slot_floor("top-k", k, total, L, E)
+        plan = plan_slots(acc, r1, total, E, top_k=k)
+        assert sum(plan) == total and all(floor <= s <= E for s in plan)
+        opt, _ = brute(lambda p: plan_cost(p, acc, r1, E, top_k=k), L, E, total, floor)
+        assert plan_cost(plan, acc, r1, E, top_k=k) == pytest.approx(opt, abs=1e-12)
+        plan = plan_slots_popularity(pop, acc, r1, total, top_k=k)
+        opt, _ = brute(lambda p: plan_cost(p, acc, r1, E, pop, top_k=k), L, E, total, floor)
+        assert plan_cost(plan, acc, r1, E, pop, top_k=k) == pytest.approx(opt, abs=1e-12)
