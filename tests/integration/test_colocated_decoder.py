@@ -4,13 +4,15 @@ publishing into a shared-memory arena and the decoder's host tier reading it in 
 same engine reading the store directory.
 
 Covers: raw payloads (int8) copied from the mapping into GPU slots and bf16 byte planes decoded
-from it into the pool, with no blob copied out of the arena; an arena smaller than the working
-set (slots replaced while the decoder reads them: every expert it computes with is whole);
-a scribbled arena caught on the raw path; an arena full of pinned blobs (RESOURCE_EXHAUSTED,
-the decoder carries on once it has room); the store killed and restarted with another layout
-under a running decoder (it reads on, maps the new file, no crash); `moe-decoder serve --store
-local-shm://...` end to end and restarted (the second process fetches nothing); `fill_host`
-publishing into the arena (a cold fill with its rate).
+from it into the pool, with no blob copied out of the arena; replace while reading (the store
+reuses a slot halfway through the decoder's copy out of it: the torn copy is detected and
+redone; and an arena smaller than the working set, slots replaced while the decoder reads
+them: every expert it computes with is whole); a scribbled arena caught on the raw path; an
+arena full of pinned blobs (RESOURCE_EXHAUSTED, the decoder carries on once it has room); the
+store killed and restarted with another layout under a running decoder (it reads on, maps the
+new file, no crash), also under `moe-decoder serve` answering requests throughout; `moe-decoder
+serve --store local-shm://...` end to end and restarted (the second process fetches nothing);
+`fill_host` publishing into the arena (a cold fill with its rate).
 """
 
 from __future__ import annotations
@@ -234,3 +236,86 @@ def test_fill_host_publishes_into_the_arena_and_reports_its_rate(store_dir, slot
         engine.forward_logits(IDS)
         tiers = engine.provider.stats()["tiers"]
         assert tiers["store"]["loads"] == 0 and tiers["host"]["misses"] == 0
+
+
+def test_a_copy_from_a_slot_the_store_replaces_midway_is_redone(store_dir, slot_bytes, arena_path):
+    """Deterministic replace-while-reading through the decoder's host tier: halfway through the
+    copy of an expert out of the arena, the store reuses its slot for other blobs (a 2-slot
+    arena, another client asking for two more). The copy it made is torn; the lease check after
+    the copy says so, and the load copies again from the blob's new place: the bytes it ends
+    with are the expert's."""
+    with StoreClient.open(str(store_dir)) as local:
+        from expert_store import format as blob_format
+
+        _, raw = blob_format.decode_raw(local.fetch_expert(MODEL, 0, 1, "int8"))
+        want = bytes(raw)
+    with colocated(store_dir, arena_path, budget(2, slot_bytes)) as store, \
+            StoreClient.open(store.target) as other, \
+            Engine.from_store(store.target, MODEL, precision="int8", gpu_cache_bytes=KW["gpu_cache_bytes"],
+                              host_cache_bytes=0, prefetch=False) as engine:
+        host = engine.provider.host
+        copies: list[bytes] = []
+
+        def copy(h) -> None:
+            src = host.payload(h)
+            half = src.numel() // 2
+            first = src[:half].numpy().tobytes()
+            if not copies:   # the first attempt: the store takes the slot over now
+                other.fetch_expert(MODEL, 1, 0, "int8")
+                other.fetch_expert(MODEL, 1, 1, "int8")
+            copies.append(first + src[half:].numpy().tobytes())
+            host.copied(h, None)
+
+        host.load(0, 1, "demand", copy)
+        assert len(copies) == 2
+        assert copies[0] != want   # torn: its second half is another blob's
+        assert copies[1] == want
+        assert arena_reads(engine)["torn"] >= 1
+
+
+def test_a_serving_decoder_rides_out_a_store_restart_with_another_layout(store_dir, slot_bytes, arena_path):
+    """`moe-decoder serve` on local-shm:// answers requests in a loop while its co-located store
+    is killed and started again with another layout (a new arena file): every request completes
+    with the right tokens, the decoder process never exits, and it maps the new file."""
+    import threading
+
+    with Engine.from_store(str(store_dir), MODEL, precision="int8", **KW) as engine:
+        want = engine.generate(IDS[:6], max_tokens=6, temperature=0.0, stop_at_eos=False).token_ids
+    flags = ("--precision", "int8", "--gpu-cache-bytes", str(KW["gpu_cache_bytes"]), "--host-cache-bytes", "0",
+             "--no-prefetch")
+    first = colocated(store_dir, arena_path, budget(6, slot_bytes))   # fewer slots than experts: misses go on
+    port = first.address.rsplit(":", 1)[1]
+    results: list = []
+    stop = threading.Event()
+    try:
+        with ServiceProcess.decoder(first.target, MODEL, *flags) as dec:
+            def ask() -> None:
+                with DecoderClient(dec.address) as client:
+                    while not stop.is_set():
+                        try:
+                            results.append(list(client.generate(IDS[:6], max_tokens=6, temperature=0.0).token_ids))
+                        except Exception as e:  # noqa: BLE001 - recorded, asserted below
+                            results.append(e)
+
+            asker = threading.Thread(target=ask)
+            asker.start()
+            try:
+                while len(results) < 2:
+                    asker.join(0.05)
+                first.kill()
+                n = len(results)
+                with colocated(store_dir, arena_path, budget(5, slot_bytes), f"127.0.0.1:{port}") as second:
+                    while len(results) < n + 3:
+                        asker.join(0.05)
+                        assert dec.running(), dec.stderr_text()
+                    stop.set()
+                    asker.join(120)   # the last request finishes while the store is up
+                    with StoreClient.open(second.target) as probe:
+                        assert probe.arena_info().slots == 5 and probe.arena_info().publishes > 0
+            finally:
+                stop.set()
+                asker.join(120)
+            assert dec.running(), dec.stderr_text()
+    finally:
+        first.kill()
+    assert results and all(r == list(want) for r in results), [r for r in results if r != list(want)][:3]
