@@ -92,7 +92,7 @@ def calibrate_model(model: Any, windows: Sequence[Any], budget: float | None = N
     import torch
     import torch.nn.functional as F
 
-    from decoder.experts.prefetch import Prefetcher, layer_routers
+    from decoder.experts.prefetch import Prefetcher, layer_routers, router_variant
     from decoder.routing import MoEObserver, TopKGating
 
     cfg = model.config
@@ -118,7 +118,8 @@ def calibrate_model(model: Any, windows: Sequence[Any], budget: float | None = N
     routers, moe = layer_routers(model)
     norms = [model.layers[l].post_attention_layernorm.weight.detach() for l in range(L)]
     pred = Prefetcher(routers, None, top_k=k, lookahead=min(max_distance, max(1, L - 1)),
-                      max_lookahead=min(max_distance, max(1, L - 1)), norm_weights=norms, moe_layers=moe)
+                      max_lookahead=min(max_distance, max(1, L - 1)), norm_weights=norms, moe_layers=moe,
+                      router=router_variant(model))
     zs: dict[int, Any] = {}
 
     def make_hook(l):

@@ -68,6 +68,20 @@ def selected_probs(router_logits: torch.Tensor, idx: torch.Tensor) -> torch.Tens
     return torch.where(idx >= 0, picked, torch.zeros_like(picked))
 
 
+def group_limited(scores: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
+    """DeepSeek-V3's group-limited choice: experts in n_group equal groups, a group scored by the
+    sum of its two best experts; experts outside each token's topk_group best groups get -inf.
+    scores: [T, E] -> [T, E]"""
+    if n_group <= 1:
+        return scores
+    T, E = scores.shape
+    grouped = scores.view(T, n_group, E // n_group)                               # [T, G, E/G]
+    group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)                     # [T, G]
+    keep = torch.zeros_like(group_scores, dtype=torch.bool)
+    keep.scatter_(1, group_scores.topk(topk_group, dim=-1, sorted=False).indices, True)
+    return grouped.masked_fill(~keep[..., None], float("-inf")).view(T, E)
+
+
 class MoEObserver:
     """Hooks called by every MoE block (all optional). x is the MoE input (after the
     post-attention norm), flattened to [T, H]; tensors must not be modified.

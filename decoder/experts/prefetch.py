@@ -10,7 +10,9 @@ ahead of layer l's demand loads, and a copy in flight cannot be pre-empted. The 
 are then also READ only there: their kernels are queued at x_l, the block's own routing read
 waits for them anyway, so the prefetcher adds no host<->GPU synchronisation of its own.
 The residual stream changes little between adjacent layers, so this is accurate at distance 1
-and degrades with distance. x_l is normalised with layer l's post-attention RMSNorm weight;
+and degrades with distance. Predictions follow each family's router: its logit bias (GPT-OSS),
+and a sigmoid router's choice (DeepSeek-V3: sigmoid scores + e_score_correction_bias, the best
+topk_group of n_group groups), weighed by the picked scores renormalised, as the block weighs. x_l is normalised with layer l's post-attention RMSNorm weight;
 with `renorm` the prediction for layer j rescales it by w_j / w_l, i.e. applies layer j's norm
 weight to the same residual stream (exact if the stream did not change).
 
@@ -44,7 +46,9 @@ What is issued depends on `policy`:
   (with a Mixtral-shaped random router, logits of std ~1.3 over 8 experts, a third of the second
   picks are that weak), and it is exactly the one adaptive gating
   tends to drop (its sensitivity x w2^2 is small), so its load is the most likely to be wasted.
-  The top-1 prediction (weight >= 1/k) always passes for k <= 3.
+  The top-1 prediction (weight >= 1/k) always passes for k <= 3. At top-k the weights spread
+  over k experts, so the floor scales with 2/k (`score_floor`: 0.15 at top-4, 0.075 at top-8):
+  the same weight relative to an even split.
 - "all": every predicted expert of every target d <= k (the behaviour before the budget).
 
 Nothing is predicted when there is nothing to load: with adaptive k, when every expert of layer
@@ -64,14 +68,28 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
-from decoder.routing import MoEObserver
+from decoder.routing import MoEObserver, group_limited
 
 
 POLICIES = ("budget", "all")
+
+
+@dataclass(frozen=True)
+class RouterVariant:
+    """What a family's router adds to W x (decoder.model.transformer.MoEBlock.route): per-layer
+    logit biases [E] (GPT-OSS), or sigmoid scores chosen with per-layer correction biases [E]
+    and group-limited top-k (DeepSeek-V3). Dense layers hold zeros."""
+
+    bias: Sequence[torch.Tensor] | None = None
+    sigmoid: bool = False
+    correction: Sequence[torch.Tensor] | None = None
+    n_group: int = 1
+    topk_group: int = 1
 
 
 class Prefetcher(MoEObserver):
@@ -83,6 +101,7 @@ class Prefetcher(MoEObserver):
                  ewma_alpha: float = 0.3, enabled: bool = True, policy: str = "budget",
                  min_score: float = 0.3, issue_after_demand: bool = False,
                  skip_miss_rate: float | None = None, moe_layers: Sequence[int] | None = None,
+                 router: RouterVariant | None = None,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         """routers[j]: layer j's router weight [E, H]. provider: the expert cache (None = only
         measure predictions). lookahead: fixed k (None = adaptive up to max_lookahead).
@@ -94,6 +113,7 @@ class Prefetcher(MoEObserver):
         host->GPU link (the engine turns this on; called without a MoE block, e.g. by tests,
         the loads go out at once). skip_miss_rate: predict nothing for a layer whose next layer's
         recent demand miss rate (provider.miss_rate) is below this (None: always predict).
+        router: the family's router beyond W x (biases, sigmoid choice; None: softmax of W x).
         clock: the time source of the layer timings (tests pass a fake one)."""
         self.skip_miss_rate = skip_miss_rate
         # layers with routed experts (a dense layer is never a prefetch target): moe_layers
@@ -111,6 +131,8 @@ class Prefetcher(MoEObserver):
             raise ValueError(f"unknown prefetch policy {policy!r} (expected one of {POLICIES})")
         self.policy = policy
         self.min_score = float(min_score)
+        self.score_floor = self.min_score * 2.0 / max(2, self.top_k)   # min_score for top-2, scaled by 2/k
+        self.router = router or RouterVariant()
         self.fixed_k = lookahead
         self.max_lookahead = int(max(max_lookahead, lookahead or 1))
         self.norm_weights = list(norm_weights) if norm_weights is not None else None
@@ -329,7 +351,8 @@ class Prefetcher(MoEObserver):
 
         Candidates (j = layer + d, e) for d <= k ranked by weight / d; dropped when on the GPU or
         below min_score; issued while their summed load cost fits in one layer's compute time
-        (at least one), or, compute time unmeasured, at most top_k per target layer."""
+        (at least one), or, compute time unmeasured, at most top_k per target layer. The floor is
+        `score_floor` (min_score x 2 / top_k)."""
         loc = getattr(self.provider, "location", None)
         cost = getattr(self.provider, "load_cost", None)
         t_compute = self.compute_time_s if cost is not None else None
@@ -341,7 +364,7 @@ class Prefetcher(MoEObserver):
                 where = loc(layer + d, e) if loc is not None else None
                 if where == "gpu":
                     self._dropped["resident"] += 1
-                elif w < self.min_score:
+                elif w < self.score_floor:
                     self._dropped["low_score"] += 1
                 else:
                     cands.append((w / d, d, w, e, where))
@@ -415,7 +438,8 @@ class Prefetcher(MoEObserver):
         """Each token's top-k router logits and expert ids for layers layer+1 .. layer+D from x,
         on x's device: [D, T, 2k] float32 (k logits, then k ids). Top-k is taken on the logits
         (softmax is monotonic); `_unpack` renormalises the weights over those k on the host:
-        softmax(top-k logits) = top-k probs / their sum."""
+        softmax(top-k logits) = top-k probs / their sum. A sigmoid router picks by its choice and
+        packs log(score) as the logit, so the same softmax gives the scores renormalised."""
         # x: [T, H]
         if self._stack is None or self._stack.device != x.device or self._stack.dtype != x.dtype:
             self._build_stacks(x.device, x.dtype)
@@ -425,9 +449,22 @@ class Prefetcher(MoEObserver):
         else:
             xin = x[None].expand(D, -1, -1)
         logits = torch.bmm(xin, W.transpose(1, 2))                                             # [D, T, E]
+        rv = self.router
+        if rv.bias is not None:
+            logits = logits + self._bias[layer + 1: layer + 1 + D, None, :]
         k = min(self.top_k, self.E)
-        v, i = torch.topk(logits, k, dim=-1)                                                   # [D, T, k]
-        return torch.cat([v.float(), i.float()], dim=-1)                                       # [D, T, 2k]
+        if not rv.sigmoid:
+            v, i = torch.topk(logits, k, dim=-1)                                               # [D, T, k]
+            return torch.cat([v.float(), i.float()], dim=-1)                                   # [D, T, 2k]
+        scores = torch.sigmoid(logits.float())                                                 # [D, T, E]
+        choice = scores
+        if rv.correction is not None:
+            choice = choice + self._corr[layer + 1: layer + 1 + D, None, :]
+        Dn, T, E = choice.shape
+        choice = group_limited(choice.reshape(Dn * T, E), rv.n_group, rv.topk_group).view(Dn, T, E)
+        i = torch.topk(choice, k, dim=-1).indices                                              # [D, T, k]
+        v = scores.gather(-1, i).clamp_min(1e-30).log()
+        return torch.cat([v, i.float()], dim=-1)
 
     def _unpack(self, packed: list, D: int) -> list[tuple[list[int], list[float], list[list[int]]]]:
         # packed: [D][T][2k] host lists from _predict_device
@@ -452,6 +489,11 @@ class Prefetcher(MoEObserver):
 
     def _build_stacks(self, device: torch.device, dtype: torch.dtype) -> None:
         self._stack = torch.stack([r.to(device, dtype) for r in self.routers])                  # [L, E, H]
+        rv = self.router
+        if rv.bias is not None:
+            self._bias = torch.stack([b.to(device, dtype) for b in rv.bias])                    # [L, E]
+        if rv.correction is not None:
+            self._corr = torch.stack([c.to(device, torch.float32) for c in rv.correction])      # [L, E]
         self._ratio = []
         if self.renorm:
             norms = torch.stack([w.to(device, dtype) for w in self.norm_weights])              # [L, H]
@@ -505,6 +547,25 @@ def layer_routers(model: Any) -> tuple[list[torch.Tensor], set[int]]:
     return [r if r is not None else torch.zeros_like(like) for r in routers], moe
 
 
+def router_variant(model: Any) -> RouterVariant:
+    """The family's router of `model` beyond W x, for predictions (zeros for dense layers)."""
+    cfg = model.config
+    moe = set(getattr(cfg, "moe_layers", range(cfg.num_hidden_layers)))
+    gates = {l: model.layers[l].block_sparse_moe.gate for l in moe}
+    E = cfg.num_local_experts
+
+    def per_layer(get: Callable[[Any], Any]) -> list[torch.Tensor]:
+        return [get(gates[l]).detach().float() if l in gates else torch.zeros(E)
+                for l in range(cfg.num_hidden_layers)]
+
+    return RouterVariant(
+        bias=per_layer(lambda g: g.bias) if getattr(cfg, "router_bias", False) else None,
+        sigmoid=getattr(cfg, "router_scores", "softmax") == "sigmoid",
+        correction=(per_layer(lambda g: g.e_score_correction_bias) if getattr(cfg, "score_correction_bias", False)
+                    else None),
+        n_group=int(getattr(cfg, "n_group", 1) or 1), topk_group=int(getattr(cfg, "topk_group", 1) or 1))
+
+
 def build_prefetcher(model: Any, provider: Any, source: Any = None, *, lookahead: int | None = None,
                      max_lookahead: int = 3, renorm: bool = True, enabled: bool = True,
                      policy: str = "budget", min_score: float = 0.3,
@@ -521,4 +582,4 @@ def build_prefetcher(model: Any, provider: Any, source: Any = None, *, lookahead
     return Prefetcher(routers, provider, top_k=model.config.num_experts_per_tok, lookahead=lookahead, moe_layers=moe,
                       max_lookahead=max_lookahead, norm_weights=norms, renorm=renorm, enabled=enabled,
                       policy=policy, min_score=min_score, issue_after_demand=issue_after_demand,
-                      skip_miss_rate=skip_miss_rate)
+                      skip_miss_rate=skip_miss_rate, router=router_variant(model))

@@ -37,8 +37,8 @@ from torch import nn
 
 from decoder.experts.provider import ExpertProvider, ExpertWeights, ResidentExperts
 from decoder.model.config import ModelConfig, YarnScaling
-from decoder.routing import (Gating, MoEObserver, TopKGating, overrides, selected_probs, topk_route,
-                             wants_host_routing)
+from decoder.routing import (Gating, MoEObserver, TopKGating, group_limited, overrides, selected_probs,
+                             topk_route, wants_host_routing)
 
 __all__ = ["Transformer", "TransformerBlock", "MoEBlock", "Attention", "KVCache", "RMSNorm", "Positions", "DenseMLP",
            "load_balancing_loss", "rope_cos_sin", "apply_rope", "apply_rope_signed", "sign_rotated_sin",
@@ -407,20 +407,6 @@ class Router(nn.Linear):
         if self.fp32:
             return F.linear(x.float(), self.weight, self.bias)
         return super().forward(x)
-
-
-def group_limited(scores: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
-    """DeepSeek-V3's group-limited choice: experts in n_group equal groups, a group scored by the
-    sum of its two best experts; experts outside each token's topk_group best groups get -inf.
-    scores: [T, E] -> [T, E]"""
-    if n_group <= 1:
-        return scores
-    T, E = scores.shape
-    grouped = scores.view(T, n_group, E // n_group)                               # [T, G, E/G]
-    group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)                     # [T, G]
-    keep = torch.zeros_like(group_scores, dtype=torch.bool)
-    keep.scatter_(1, group_scores.topk(topk_group, dim=-1, sorted=False).indices, True)
-    return grouped.masked_fill(~keep[..., None], float("-inf")).view(T, E)
 
 
 class MoEBlock(nn.Module):
