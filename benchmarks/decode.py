@@ -12,6 +12,10 @@ prompt in every row), the same prompts, `--new-tokens` new tokens each:
 - lru           mixtral-offloading's policy: equal per-layer LRU quotas, top-2, no prefetch,
                 every expert in pinned host memory
 - lfru          as lru, evicting by combined recency and frequency (no prediction)
+- lru-cpu, adapmoe-cpu
+                as lru / adapmoe, with a miss computed on the host's cores from the host tier's
+                bytes when that finishes first (`--miss-compute auto`, the cache's cost rule) or
+                whenever it can (`--miss-compute cpu`): decoder/experts/host_compute.py
 - adapmoe       DP cache plan + cross-layer prefetch + `adaptive` gating at the calibrated budget
 - adapmoe-lfru, adapmoe-admit, adapmoe-skip, adapmoe-lfru-admit[-skip]
                 as adapmoe with lfru eviction, prefetch admission, no predictions for a layer
@@ -78,7 +82,7 @@ from expert_store.client import StoreClient  # noqa: E402
 
 MODES = ("reference", "resident", "ondemand", "lru", "lfru", "adapmoe", "adapmoe-lfru", "adapmoe-admit",
          "adapmoe-lfru-admit", "adapmoe-skip", "adapmoe-lfru-admit-skip", "adapmoe-cost", "accelerate",
-         "store-remote", "store-colocated")
+         "store-remote", "store-colocated", "lru-cpu", "adapmoe-cpu")
 STORE_ROWS = ("store-remote", "store-colocated")   # host tier half the experts, misses from a store process
 BUDGET_FREE = ("reference", "resident", "ondemand", "accelerate")   # rows that do not depend on the GPU expert budget
 TARGETS = {"adapmoe_vs_lru": {"A": 1.5, "B": 1.35}, "adapmoe_vs_accelerate": 10.0, "resident_vs_adapmoe_50": 2.0,
@@ -483,7 +487,8 @@ def fill_gpu(cache: Any, L: int, E: int) -> None:
 
 def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.device, target: str,
                  profile: dict, remote_fetch_workers: int = 0, dense_slots: bool | None = None,
-                 fill_threads: int = 8, decode_step: str = "auto") -> Engine:
+                 fill_threads: int = 8, decode_step: str = "auto", miss_compute: str = "auto",
+                 cpu_threads: int | None = None) -> Engine:
     from decoder.experts.gpu_slots import dense_slots_for
 
     precision = store_precision(prep)
@@ -498,6 +503,8 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
     host_all = n_experts * hslot
     common = dict(device=device, dtype=dtype, precision=precision, decode_step=decode_step)
     dense_opt = {"dense_slots": dense}
+    # the -cpu rows: misses computed on the host's cores (decoder/experts/host_compute.py)
+    cpu_opt = {"miss_compute": miss_compute, "cpu_threads": cpu_threads} if mode.endswith("-cpu") else {}
     if mode == "resident":
         # through a host tier filled on fill_threads threads (fetch + decode in parallel); nothing
         # is loaded while it is timed: every expert is on the GPU
@@ -512,20 +519,21 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
         eng.provider.close()
         eng.model.experts = eng.provider = od
         return eng
-    if mode in ("lru", "lfru"):
+    if mode in ("lru", "lfru", "lru-cpu"):
         eng = Engine.from_store(target, prep.model, gpu_cache_bytes=gpu_bytes, host_cache_bytes=host_all,
                                 prefetch=False, gating="topk",
-                                cache_options={"profile": None, "scratch_slots": 0, "plan": "uniform", "eviction": mode,
-                                               **dense_opt},
+                                cache_options={"profile": None, "scratch_slots": 0, "plan": "uniform",
+                                               "eviction": mode.split("-")[0], **dense_opt, **cpu_opt},
                                 **common)
         eng.provider.fill_host([(l, e) for l in range(L) for e in range(E)], fill_threads, progress=True)
+        eng.provider.pack_host([(l, e) for l in range(L) for e in range(E)])   # -cpu rows: packed before timing
         return eng
     if mode in ("adapmoe", "adapmoe-cost") or mode in STORE_ROWS or mode.startswith("adapmoe-"):
         gating = "cost-aware" if mode == "adapmoe-cost" else "adaptive"
         host = host_all if mode not in STORE_ROWS else (n_experts // 2) * hslot
-        options: dict[str, Any] = {"scratch_slots": 0, "plan": "uniform", **dense_opt}
+        options: dict[str, Any] = {"scratch_slots": 0, "plan": "uniform", **dense_opt, **cpu_opt}
         # the issue-13 levers alone or together: lfru eviction, prefetch admission
-        levers = set(mode.split("-")[1:]) - {"cost"}
+        levers = set(mode.split("-")[1:]) - {"cost", "cpu"}
         if "lfru" in levers:
             options["eviction"] = "lfru"
         if "admit" in levers:
@@ -544,6 +552,7 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
         if mode in STORE_ROWS:
             return eng   # a cold host tier: run_engine_row fills it while the first tokens are generated
         eng.provider.fill_host([(l, e) for l in range(L) for e in range(E)], fill_threads, progress=True)
+        eng.provider.pack_host([(l, e) for l in range(L) for e in range(E)])   # -cpu rows: packed before timing
         return eng
     raise ValueError(f"unknown mode {mode!r}")
 
@@ -573,7 +582,8 @@ def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torc
                    target: str, profile: dict, pinned_gbps: float, decode_step: str = "auto") -> dict[str, Any]:
     t_build = time.perf_counter()
     eng = build_engine(prep, mode, budget, device, target, profile, args.remote_fetch_workers,
-                       {"auto": None, "on": True, "off": False}[args.dense_slots], args.fill_threads, decode_step)
+                       {"auto": None, "on": True, "off": False}[args.dense_slots], args.fill_threads, decode_step,
+                       args.miss_compute, args.cpu_threads)
     build_s = time.perf_counter() - t_build
     cold_fill = None
     try:
@@ -632,6 +642,9 @@ def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torc
         "gb_per_token": gb_tok,
         "lower_bound_ms_per_token": lower_bound_ms,
         "gpu_quota": pst.get("gpu_quota"), "dense_slots": pst.get("dense_slots"),
+        # misses the host computed (the -cpu rows), per generated token, and its measured cost
+        "cpu_misses_per_token": pst.get("cpu_misses", 0) / steps,
+        "host_compute": pst.get("host_compute"), "miss_compute": pst.get("miss_compute"),
         "heldout_perplexity": ppl, "heldout_perplexity_per_window": ppl_windows,
         "generated_tokens": st["generated_tokens"], "decode_s": st["decode_s"], "build_s": round(build_s, 1),
         "outputs_head": [o[:8] for o in outs],
@@ -954,7 +967,7 @@ def ppl_cell(r: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 def markdown(rows: list[dict[str, Any]], targets: list[dict[str, Any]]) -> str:
     head = ("| model | budget | mode | tok/s | vs lru | vs resident | experts/tok | single | GPU hit | "
             "pf prec | pf recall | issued prec | stall ms/tok | GB/tok gpu | GB/tok host | GB/tok store | bound ms/tok | "
-            "ms/tok | held-out ppl |")
+            "ms/tok | CPU misses/tok | held-out ppl |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     def label(r: dict[str, Any]) -> str:
         # the decode path is named only where a table holds the same row on both paths
@@ -972,7 +985,7 @@ def markdown(rows: list[dict[str, Any]], targets: list[dict[str, Any]]) -> str:
             fmt(r.get("prefetch_issued_precision")), fmt(r.get("stall_ms_per_token"), ".1f"),
             fmt(gb.get("gpu"), ".3f"), fmt(gb.get("host"), ".3f"), fmt(gb.get("store"), ".3f"),
             fmt(r.get("lower_bound_ms_per_token"), ".2f"), fmt(r.get("ms_per_token"), ".2f"),
-            ppl_cell(r, rows)]) + " |")
+            fmt(r.get("cpu_misses_per_token"), ".2f"), ppl_cell(r, rows)]) + " |")
     lines.append("")
     for t in targets:
         lines.append(f"- {'MET' if t['met'] else 'MISSED'}: {t['target']}: measured {t['measured']:.2f}")
@@ -1151,6 +1164,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "dequantized in every forward (off)")
     p.add_argument("--remote-fetch-workers", type=int, default=4,
                    help="store-remote: FetchPool processes receiving into the host tier (0 = the engine's own client)")
+    p.add_argument("--miss-compute", choices=("auto", "cpu"), default="auto",
+                   help="the -cpu rows: a miss goes to the host's cores when that finishes first by the "
+                        "measured costs (auto), or whenever it can (cpu)")
+    p.add_argument("--cpu-threads", type=int, default=None,
+                   help="the -cpu rows: torch threads for host-computed experts (default: torch's, the cores)")
     p.add_argument("--colocated-arena-frac", type=float, default=1.0,
                    help="store-colocated: the share of the model's experts the co-located arena holds")
     p.add_argument("--colocated-upstream", choices=("dir", "remote"), default="dir",

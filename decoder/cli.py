@@ -111,6 +111,10 @@ def add_adapmoe_options(p: argparse.ArgumentParser) -> None:
                    help="HOBBIT: serve demand misses of low-weight experts at this lower precision (needs cache budgets)")
     p.add_argument("--miss-threshold", type=float, default=None,
                    help="routing weight below which a missing expert may load at --miss-precision (default 0.3)")
+    p.add_argument("--miss-compute", default=None, choices=["copy", "cpu", "auto"],
+                   help="a missed expert: copied to the GPU (copy, the default), computed on the host's cores "
+                        "from the host tier when it can (cpu), or whichever finishes first by measured cost "
+                        "(auto); needs cache budgets")
     p.add_argument("--single-expert-ratio", type=float, default=None, metavar="R",
                    help="adaptive / cost-aware gating: use the budget the model's calibration profile stores "
                         "for this share of single-expert decisions (`moe-decoder calibrate --upload` stores "
@@ -145,6 +149,10 @@ def engine_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         if args.gating != "cost-aware":
             raise ValueError("--loss-bound applies to --gating cost-aware")
         gating_options["loss_bound"] = args.loss_bound
+    if getattr(args, "miss_compute", None) is not None:
+        if not has_cache:
+            raise ValueError("--miss-compute needs the expert cache: give --gpu-cache-bytes/--host-cache-bytes")
+        cache_options["miss_compute"] = args.miss_compute
     if args.cache_plan is not None:
         if not has_cache:
             raise ValueError("--cache-plan needs the expert cache: give --gpu-cache-bytes/--host-cache-bytes")

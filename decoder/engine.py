@@ -22,7 +22,8 @@ from typing import Any, Callable, Sequence
 import safetensors.torch
 import torch
 
-from decoder.experts.cache import build_provider as build_cache_provider
+from decoder.experts.cache import ExpertCache, build_provider as build_cache_provider
+from decoder.experts.host_compute import MissTokens
 from decoder.experts.prefetch import Prefetcher, build_prefetcher
 from decoder.experts.provider import ExpertProvider, ExpertSource, StoreExperts
 from decoder.model.config import ModelConfig
@@ -196,6 +197,8 @@ class Engine:
             tok_json = manifest.tokenizer_json
             tokenizer = Tokenizer.from_bytes(tok_json, config.bos_token_id, config.eos_token_ids) if tok_json else None
             net.gating = _build_gating(gating, config, provider, budget, manifest, gating_options or {})
+            if isinstance(provider, ExpertCache) and provider.host_experts is not None:
+                net.add_observer(MissTokens(provider))    # tokens per expert: misses the host may compute
             prefetchers = _build_prefetcher(net, provider, source, prefetch, prefetch_options or {})
             return cls(net, tokenizer, model_name=model, provider=provider, client=client, owns_client=owns,
                        device=device, dtype=dtype, precision=precision, prefetchers=prefetchers,

@@ -175,6 +175,7 @@ class DecodeStep:
         self._graphs: dict[str, Any] = {}
         self._pool: Any = None
         self.reads = 0                          # host reads the step made (tests, host_overhead.py)
+        self.host_inputs = 0                    # layer inputs sent to the host (misses computed there)
         self.whole_steps = 0
         self.layered_steps = 0
 
@@ -361,21 +362,33 @@ class DecodeStep:
             if pf is not None:
                 pf.on_demand_issued(l)
             try:
-                ready = [e for e in needed if provider.ready(l, e)]
-                weights = {e: provider.get(l, e) for e in ready + [e for e in needed if e not in ready]}
-                slots = [provider.gpu_slot(l, e) for e in needed]
+                # misses the host computes: the layer's input goes there now, their weighted sum
+                # comes back after the GPU's share (before it on the last layer, whose graph ends
+                # in the head)
+                on_host = provider.on_host(l)
+                job = self._host_job(l, flat, rows, wrows, on_host) if on_host else None
+                gpu = [e for e in needed if e not in on_host]
+                ready = [e for e in gpu if provider.ready(l, e)]
+                weights = {e: provider.get(l, e) for e in ready + [e for e in gpu if e not in ready]}
+                slots = [provider.gpu_slot(l, e) for e in gpu]
                 if all(s >= 0 for s in slots):
                     row = self.slots_host[l]
-                    for e, s in zip(needed, slots):
+                    for e, s in zip(gpu, slots):
                         row[e] = s
+                    for e in on_host:
+                        row[e] = -1                        # the kernels skip an expert without a slot
                     self.slots[l].copy_(row, non_blocking=True)
-                    self._replay(f"moe{l}", lambda l=l: self._moe(l), experts=needed)
+                    if job is not None and l == self.L - 1:
+                        self.h.add_(job.result(self.device, self.dtype))
+                    self._replay(f"moe{l}", lambda l=l: self._moe(l), experts=gpu)
+                    if job is not None and l < self.L - 1:
+                        self.x.add_(job.result(self.device, self.dtype))
                 else:        # an expert outside the bank (transient buffer): this layer eagerly
-                    self._moe_through_weights(l, weights)
+                    self._moe_through_weights(l, weights, job)
             finally:
                 provider.release(l, needed)
 
-    def _moe_through_weights(self, layer: int, weights: dict[int, Any]) -> None:
+    def _moe_through_weights(self, layer: int, weights: dict[int, Any], job: Any = None) -> None:
         ids, w = self.route_ids[layer], self.route_w[layer]
         flat = ids.reshape(-1)
         out = torch.zeros(self.B, self.model.config.hidden_size, dtype=torch.float32, device=self.device)
@@ -383,10 +396,24 @@ class DecodeStep:
             pos = (flat == e).nonzero().flatten()
             tok = pos // self.k
             out.index_add_(0, tok, weights[e](self.moe_in[tok]).float() * w.reshape(-1)[pos, None])
+        if job is not None:                          # the host's share of the layer
+            out += job.result(self.device, torch.float32)
         self.x.copy_(self.h + self._with_shared(layer, out.to(self.dtype)))
         if layer == self.L - 1:
             self._count_rows()
             self._head()
+
+    def _host_job(self, layer: int, flat: list[list[float]], rows: list[list[int]], wrows: list[list[float]],
+                  on_host: list[int]) -> Any:
+        """Hand the provider the (batch row, expert, weight) choices of `layer` that the host
+        computes; rows/wrows are the active rows' final routing (after any host decision)."""
+        k = self.k
+        live = [t for t, r in enumerate(flat) if any(e >= 0 for e in r[:k])]
+        mine = set(on_host)
+        items = [(live[j], e, wt) for j, (r, ws) in enumerate(zip(rows, wrows))
+                 for e, wt in zip(r, ws) if e in mine]
+        self.host_inputs += 1
+        return self.provider.compute_on_host(layer, items, self.moe_in)
 
     def _decide_on_host(self, layer: int, flat: list[list[float]]) -> tuple[list[list[int]], list[list[float]]]:
         """Cost-aware gating: decide from the read rows (expert locations are the host's), count,

@@ -45,6 +45,16 @@ that finds its load still queued runs it on the caller's thread at once. A prefe
 evicts an expert the current token needs: not the experts pinned by the current layer
 (prepare .. release), nor any expert touched during the current token.
 
+Misses computed on the host (`miss_compute`, host_compute.py): "copy" (default) copies every
+miss; "cpu" computes every miss it can on the host's cores straight from the host tier's bytes;
+"auto" decides per miss by measured cost (one copy, one CPU call, the work queued on each side:
+host_compute.MissRule). A miss can go to the host when its expert is in the host tier, no load
+of it is in flight, and the layer's routing (told by host_compute.MissTokens before `prepare`)
+gives it at most `cpu_max_tokens` tokens. Such an expert takes no GPU slot and moves no bytes
+into the GPU tier; `get` hands out a callable that computes it on the host (the eager MoE
+block), and the decode step sends the layer's hidden state to the host once (`compute_on_host`)
+and adds the weighted sum the host returns, while the GPU works on the rest.
+
 Statistics (demand path): per tier lookups = hits + misses, bytes moved into each tier (the
 compact payload over the link, also for dense slots), loads,
 stall time in `get`, late prefetches, and the live EWMA cost (seconds) of loading one expert
@@ -65,7 +75,8 @@ import torch
 from decoder.experts.gpu_slots import (HOST_ALIGN, DenseLayout, EvictionPolicy, GpuEntry, align,
                                       allocate, dense_slots_for, plan_quotas, raw_slot_bytes)
 from decoder.experts.copies import Copies, LoadCosts
-from decoder.experts.host_tier import HostEntry, HostTier
+from decoder.experts.host_compute import HostExperts, HostJob, MissRule, OnHost
+from decoder.experts.host_tier import ArenaReplaced, HostEntry, HostTier
 from decoder.experts.loader import LoadQueue, LoaderThreads, LoadTask
 from decoder.experts.low_precision import LowPrecisionTier
 from decoder.experts.provider import ExpertProvider, ExpertSource, ExpertWeights, expert_weights_from_views
@@ -86,7 +97,9 @@ class ExpertCache(ExpertProvider):
                  pin_memory: bool | None = None, miss_precision: str | None = None,
                  low_slots: int | None = None, fetch_workers: int = 0, fetch_target: str | None = None,
                  fetch_options: Mapping[str, Any] | None = None, dense_slots: bool | None = None,
-                 eviction: str = "lru", eviction_decay: float = 0.5, admission: bool = False) -> None:
+                 eviction: str = "lru", eviction_decay: float = 0.5, admission: bool = False,
+                 miss_compute: str = "copy", cpu_threads: int | None = None, cpu_pack_bytes: int | None = None,
+                 cpu_max_tokens: int = 4) -> None:
         cfg = source.config
         self.source = source
         self.config = cfg
@@ -187,6 +200,24 @@ class ExpertCache(ExpertProvider):
             low_source = dataclasses.replace(source, precision=miss_precision)  # checks the store has it
             self._low = LowPrecisionTier(self, low_source, int(low_slots or max(self.L, 2 * self.top_k)),
                                           dense_slots_for(dense_slots, miss_precision, self.cuda))
+        # --- misses computed on the host's cores (host_compute.py) ----------------------------
+        self.miss_rule = MissRule(miss_compute)
+        if miss_compute != "copy" and (cfg.expert_act != "silu" or cfg.expert_bias):
+            if miss_compute == "cpu":
+                raise ValueError(f"miss_compute='cpu' computes SiLU-GLU experts without biases; "
+                                 f"{cfg.family}'s experts are {cfg.expert_act}{' with biases' if cfg.expert_bias else ''}")
+            log.info("miss_compute=auto: %s's experts are not plain SiLU-GLU: every miss is copied", cfg.family)
+            self.miss_rule = MissRule("copy")
+        self.miss_compute = self.miss_rule.mode
+        self.cpu_max_tokens = int(cpu_max_tokens)
+        self.host_experts: HostExperts | None = None
+        if self.miss_compute != "copy":
+            # packed (int8/int4) copies may take as much memory as the host tier itself
+            self.host_experts = HostExperts(pack_bytes=self.host_cache_bytes if cpu_pack_bytes is None
+                                            else int(cpu_pack_bytes), threads=cpu_threads, alpha=ewma_alpha)
+        self._expect: dict[int, dict[int, int]] = {}   # layer -> {expert: tokens} of its coming forward
+        self._on_host: dict[int, set[int]] = {}         # layer -> experts its current forward computes on the host
+        self._host_bufs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}   # (layer, B) -> (x, out)
         self.reset_stats()
         self._loaders = LoaderThreads(self._queue, self._lock, self._cond, self._run, self.workers)
 
@@ -201,9 +232,11 @@ class ExpertCache(ExpertProvider):
                            prefetch_useful=0, prefetch_late=0, prefetch_dropped_no_slot=0, prefetch_refused=0,
                            prefetch_cancelled=0, prefetch_unused_evicted=0, prefetch_errors=0,
                            evictions_gpu=0, evictions_host=0, scratch_loads=0, transient_loads=0,
-                           inline_loads=0, errors=0)
+                           inline_loads=0, errors=0, cpu_misses=0, cpu_tokens=0)
             # demand lookups served by the low-precision tier (lookups = hits + misses)
             self._low_counts = {"lookups": 0, "hits": 0, "misses": 0, "bytes": 0, "loads": 0}
+            if getattr(self, "host_experts", None) is not None:
+                self.host_experts.reset_stats()
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -239,6 +272,8 @@ class ExpertCache(ExpertProvider):
                 "gpu_resident": sum(1 for d in self._gpu for en in d.values() if not en.loading),
                 "host_capacity": self.host_capacity,
                 "host_resident": sum(1 for h in self.host.entries.values() if h.resident),
+                "miss_compute": self.miss_compute,
+                "host_compute": self.host_experts.stats() if self.host_experts is not None else None,
                 **c,
             }
 
@@ -277,7 +312,7 @@ class ExpertCache(ExpertProvider):
         # no lock: one dict membership test each (atomic); a load racing it is seen a moment later
         if expert in self._gpu[layer]:
             return "gpu"              # resident, or its H2D copy already issued
-        if (layer, expert) in self.host.entries:
+        if (layer, expert) in self.host:   # the pool, or a co-located store's arena
             return "host"
         return "store"
 
@@ -385,9 +420,13 @@ class ExpertCache(ExpertProvider):
                         self._finish(task, dropped=True)
                         self._counts["prefetch_cancelled"] += 1
             low = self._low is not None
+            on_host = self._plan_host(layer, needed) if self.host_experts is not None else ()
             for e in needed:
                 if low and self._use_low(layer, e):
                     continue          # get() serves it from the low-precision tier
+                if e in on_host:
+                    self._lookup_on_host(layer, e)
+                    continue
                 self._lookup(layer, e)
 
     def get(self, layer: int, expert: int) -> ExpertWeights:
@@ -395,6 +434,8 @@ class ExpertCache(ExpertProvider):
         key = (layer, expert)
         t0 = None                     # set when the expert is not there: the stall starts
         with self._lock:
+            if expert in self._on_host.get(layer, ()):
+                return OnHost(lambda x, layer=layer, expert=expert: self._on_host_call(layer, expert, x))
             low = self._low is not None and self._use_low(layer, expert)
             if not low:
                 if key not in self._looked_up:
@@ -450,6 +491,7 @@ class ExpertCache(ExpertProvider):
 
     def release(self, layer: int, experts: Sequence[int]) -> None:
         with self._lock:
+            self._on_host.pop(layer, None)
             handed = self._handed_out.pop(layer, None)
             pinned, looked, allow_low = self._pinned_keys, self._looked_up, self._allow_low
             for e in experts:
@@ -512,7 +554,183 @@ class ExpertCache(ExpertProvider):
         return (self._low is not None and (layer, expert) in self._allow_low
                 and expert not in self._gpu[layer] and (layer, expert) not in self._tasks)
 
+    # --- misses computed on the host (host_compute.py) -----------------------------------------
+    def expect_tokens(self, layer: int, counts: Mapping[int, int]) -> None:
+        """The coming forward of `layer` routes counts[e] tokens to expert e (host_compute.MissTokens
+        tells it before `prepare`): a miss with few tokens may be computed on the host."""
+        if self.host_experts is not None:
+            self._expect[layer] = dict(counts)
+
+    def on_host(self, layer: int) -> list[int]:
+        """The experts of `layer`'s current forward that the host computes (prepare .. release)."""
+        return sorted(self._on_host.get(layer, ()))
+
+    def compute_on_host(self, layer: int, items: Sequence[tuple[int, int, float]], x: torch.Tensor) -> HostJob:
+        """Start the host's share of `layer`: `items` (row of x, expert, gate weight), `x` the
+        layer's MoE input [B, H] on the device (ready: the step read the layer before). x goes to
+        the host once; the worker adds w * expert(x[row]) per item into a float32 [B, H] sum."""
+        B, H = x.shape
+        hx = self.host_experts
+        if hx is None:
+            raise RuntimeError("compute_on_host: this cache has miss_compute='copy'")
+        bufs = self._host_bufs.get((layer, B))
+        if bufs is None or bufs[0].dtype != x.dtype:
+            pin = self.pinned
+            bufs = self._host_bufs[(layer, B)] = (torch.empty(B, H, dtype=x.dtype, pin_memory=pin),
+                                                  torch.empty(B, H, dtype=torch.float32, pin_memory=pin))
+        xh, out = bufs
+        xh.copy_(x)                                   # one device -> host copy of the layer's input
+        groups: dict[int, tuple[list[int], list[float]]] = {}
+        for row, e, w in items:
+            rs, ws = groups.setdefault(int(e), ([], []))
+            rs.append(int(row))
+            ws.append(float(w))
+
+        def job() -> None:
+            left = len(groups)
+            try:
+                out.zero_()
+                for e in sorted(groups):
+                    rs, ws = groups[e]
+                    rows = torch.tensor(rs, dtype=torch.long)
+                    y = self._on_host_call(layer, e, xh[rows], queued=True)
+                    out.index_add_(0, rows, y.float() * torch.tensor(ws, dtype=torch.float32)[:, None])
+                    left -= 1
+                    hx.done_call()
+            finally:
+                for _ in range(left):
+                    hx.done_call()
+
+        return HostJob(out, hx.submit(job, calls=len(groups)))
+
+    def _on_host_call(self, layer: int, expert: int, x: torch.Tensor, queued: bool = False) -> torch.Tensor:
+        """expert(x) on the host: x [T, H] on any device -> [T, H] on x's device. From the worker
+        (`queued`) it runs there; from another thread it is queued to the worker and waited for.
+        The expert is packed from its host slot on first use (held while a bf16 expert, read in
+        place, computes); a packed int8/int4 expert no longer needs the slot."""
+        hx = self.host_experts
+        if not queued:
+            xc = x.to("cpu")
+            fut = hx.submit(lambda: self._on_host_call(layer, expert, xc, queued=True), calls=1)
+            try:
+                return fut.result().to(x.device)
+            finally:
+                hx.done_call()
+        key = (layer, expert)
+        ex = hx.packed(key)
+        if ex is not None:
+            y = hx.run_call(ex, x)
+        else:
+            out: list[torch.Tensor] = []
+
+            def compute(h: HostEntry) -> None:
+                out[:] = [hx.run_call(hx.expert(key, h.header, self.host.payload(h)), x)]
+                self._read_done(key, h)
+
+            self.host.load(layer, expert, "demand", compute)
+            y = out[0]
+        with self._lock:
+            self._counts["cpu_tokens"] += int(x.shape[0])
+        return y
+
+    def _plan_host(self, layer: int, needed: Sequence[int]) -> set[int]:
+        """Which of `layer`'s misses the host computes (MissRule on the measured costs). Lock held."""
+        counts = self._expect.pop(layer, None)
+        if counts is None:
+            return set()
+        gpu, tasks, host = self._gpu[layer], self._tasks, self.host.entries
+
+        def queued_prefetch(e: int) -> bool:
+            t = tasks.get((layer, e))
+            return t is not None and t.kind == "prefetch" and t.state == "queued"
+
+        # a load already running stays a copy; a prefetch still queued may give way to the host
+        misses = [e for e in needed if e not in gpu and ((layer, e) not in tasks or queued_prefetch(e))
+                  and not self._use_low(layer, e)]
+        cands = [e for e in misses if (layer, e) in host and 0 < counts.get(e, 0) <= self.cpu_max_tokens]
+        for e in [e for e in cands if not self._host_ready(layer, e)]:
+            cands.remove(e)            # copied this time; packed in the background for the next
+            self.host_experts.request_pack((layer, e), lambda e=e: self._pack_one(layer, e))
+        if not cands:
+            return set()
+        self.copies.harvest()
+        copy_s = self.costs.cost("host")
+        # the copy link is busy with copies in flight, loads queued or running, and this layer's
+        # misses the host cannot take
+        busy = self.copies.in_flight() + sum(1 for t in tasks.values() if t.state != "done"
+                                             and (t.kind == "demand" or t.state == "running"))
+        busy += len(misses) - len(cands)
+        hx = self.host_experts
+        chosen = set(self.miss_rule.assign(cands, copy_s, busy * copy_s, hx.cost.value, hx.backlog()))
+        for e in chosen:
+            if queued_prefetch(e):
+                self._finish(tasks[(layer, e)], dropped=True)
+                self._counts["prefetch_cancelled"] += 1
+        if chosen:
+            self._on_host[layer] = chosen
+        return chosen
+
+    def _host_ready(self, layer: int, expert: int) -> bool:
+        """The host can compute (layer, expert) without packing it first: packed already, or a
+        bf16 payload its kernels read in place (16-byte aligned in its host slot). Lock held."""
+        key = (layer, expert)
+        if self.host_experts.packed(key) is not None:
+            return True
+        h = self.host.entries.get(key)
+        return h is not None and h.header.precision == "bf16" and self.host.payload(h).data_ptr() % 16 == 0
+
+    def _pack_one(self, layer: int, expert: int) -> None:
+        """Pack (layer, expert) for the host's kernels from its host slot. No lock held."""
+        key = (layer, expert)
+
+        def pack(h: HostEntry) -> None:
+            self.host_experts.expert(key, h.header, self.host.payload(h))
+            self._read_done(key, h)
+
+        self.host.load(layer, expert, "prefetch", pack)
+
+    def _read_done(self, key: tuple[int, int], h: HostEntry) -> None:
+        """The host's kernels finished reading h's payload: an arena slot the store replaced
+        meanwhile drops what was packed from it, and HostTier.load reads the expert again."""
+        try:
+            self.host.copied(h, None)
+        except ArenaReplaced:
+            self.host_experts.forget(key)
+            raise
+
+    def pack_host(self, keys: Sequence[tuple[int, int]]) -> int:
+        """Pack `keys` (in the host tier) for the host's kernels now, on this thread, while the
+        packed budget lasts (benchmarks: before timing, as fill_host fills the host tier);
+        returns how many it packed. A no-op without miss_compute."""
+        hx, n = self.host_experts, 0
+        if hx is None:
+            return 0
+        for l, e in keys:
+            with self._lock:
+                if (l, e) not in self.host.entries or self._host_ready(l, e):
+                    continue
+            before = hx.packed_bytes
+            self._pack_one(l, e)
+            n += 1
+            grown = hx.packed_bytes - before
+            if grown <= 0 or hx.packed_bytes + grown > hx.pack_bytes:
+                break                  # not kept (bf16 in place) or the next would evict one
+        return n
+
+    def _lookup_on_host(self, layer: int, expert: int) -> None:
+        """Count one demand lookup of (layer, expert) that misses the GPU and is computed on the host."""
+        key = (layer, expert)
+        self._looked_up.add(key)
+        self.policy.use(key, self.step)
+        g = self._tier["gpu"]
+        g["lookups"] += 1
+        g["misses"] += 1
+        self._miss_rate[layer] += MISS_RATE_ALPHA * (1.0 - self._miss_rate[layer])
+        self._counts["cpu_misses"] += 1
+
     def close(self) -> None:
+        if self.host_experts is not None:
+            self.host_experts.close()
         self._loaders.close()
         self.copies.synchronize()
         self.host.close()

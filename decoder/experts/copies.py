@@ -162,6 +162,10 @@ class Copies:
                 keep.append((start, end))
         self._pending = keep
 
+    def in_flight(self) -> int:
+        """Copies issued and not yet harvested as done (0 on the CPU). Lock held."""
+        return len(self._pending)
+
     def synchronize(self) -> None:
         for stream in (self.copy_stream, self.dequant_stream):
             if stream is not None:

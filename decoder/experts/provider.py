@@ -220,6 +220,18 @@ class ExpertProvider:
         decode step may be captured once with a fixed slot table."""
         return False
 
+    def on_host(self, layer: int) -> list[int]:
+        """Experts of `layer`'s current forward (prepare .. release) that the host computes
+        instead of the GPU (decoder/experts/host_compute.py); the step leaves them out of the
+        slot table and adds what `compute_on_host` returns."""
+        return []
+
+    def compute_on_host(self, layer: int, items: Sequence[tuple[int, int, float]], x: torch.Tensor) -> Any:
+        """Start computing `items` (row of x, expert, gate weight) of `layer` on the host from
+        the layer's MoE input x [B, H]; returns a host_compute.HostJob (its `result(device,
+        dtype)` is the weighted sum [B, H] on the device)."""
+        raise NotImplementedError(f"{type(self).__name__} computes no expert on the host")
+
     def stats(self) -> dict[str, Any]:
         """Counters; keys used by Engine.stats(): `tiers` {name: {hits, misses, ...}},
         `bytes_fetched`, `fetches`, `stall_s` (time get() blocked)."""

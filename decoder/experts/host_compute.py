@@ -1,0 +1,447 @@
+"""A missed expert computed on the host's cores, from the bytes the host tier holds.
+
+When a token's expert is not in a GPU slot, copying it costs its whole payload over the link
+(raw bytes at ~55 GB/s on an H200 host), while computing it for one token on the host reads the
+same bytes from DRAM once (~60-96 GB/s on 16 cores) and moves only the hidden state and the
+result (a few KB) across the link (llama.cpp's --n-cpu-moe, Fiddler, HybriMoE, KTransformers).
+Doing both at once, for different misses, beats either. This module holds the host side:
+
+- `HostExpert`: one expert in the form torch's CPU kernels read, built once from the host
+  tier's raw payload (`expert_store.quant.tensors_from_raw` views):
+    int4: `_convert_weight_to_int4pack_for_cpu` once, then `_weight_int4pack_mm_for_cpu` (group
+          scales with zero point 0: exactly the store's (q - 8) * scale); needs a group size of
+          32/64/128/256 dividing the input and an output size divisible by 16;
+    int8: `_weight_int8pack_mm` (weight-only int8 with one scale per output row) once per
+          quantization group, the values repacked group-major [G, N, gs] once: the store's
+          int8 is group-wise, the kernel per-channel; partial sums added in float32;
+    bf16: the host slot's bytes used in place by F.linear (nothing repacked or kept);
+    anything else (shapes those kernels refuse, a torch without them): dequantize + matmul
+          per call, as the GPU path's ExpertWeights does (`kernel` says which path a matrix took).
+  Numerics follow the GPU path's expert (decoder/experts/provider.py ExpertWeights.forward):
+  y = (SiLU(x w1^T) * (x w3^T)) w2^T in x's dtype; the int kernels apply the scale after the
+  integer dot product instead of rounding each dequantized weight to x's dtype first.
+- `HostExperts`: the packed experts (an LRU bounded by `pack_bytes`), one worker thread that
+  runs jobs in submission order (each kernel spreads over torch's intra-op pool, the host's
+  cores: one expert at a time uses them all, two at once would only share them), a packer
+  thread that packs experts asked for ahead of use (packing an int4 Mixtral expert takes far
+  longer than computing it, so a miss goes to the host only once its expert is packed), the
+  EWMA seconds of one expert call (`cost`) and the expert calls queued (`backlog`).
+- `MissRule`: per layer, which misses the host computes: list scheduling onto two queues, the
+  copy link and the CPU, each miss to the one that finishes it first given the measured cost
+  of one copy and of one CPU call and the work already queued on each side.
+- `HostJob`: the host-computed experts of one layer for the decode step: their weighted sum
+  [B, H] float32 in (pinned) host memory, brought to the device and added when done.
+- `MissTokens`: an MoE observer telling the cache how many tokens each expert of a layer gets
+  (it hears the routing before the block asks for experts); a miss with more tokens than
+  `max_tokens` (a prefill) is always copied: the CPU's batch-1 advantage is gone there.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from decoder.experts.copies import Ewma
+from decoder.routing import MoEObserver
+
+log = logging.getLogger(__name__)
+
+MISS_COMPUTE = ("copy", "cpu", "auto")
+INT4_GROUPS = (32, 64, 128, 256)    # group sizes _weight_int4pack_mm_for_cpu takes
+
+
+def cpu_kernels() -> dict[str, bool]:
+    """Which of torch's weight-only CPU kernels this torch has."""
+    def has(name: str) -> bool:
+        try:
+            getattr(torch.ops.aten, name)
+            return True
+        except (AttributeError, RuntimeError):
+            return False
+    return {"int8": has("_weight_int8pack_mm"),
+            "int4": has("_weight_int4pack_mm_for_cpu") and has("_convert_weight_to_int4pack_for_cpu")}
+
+
+# --------------------------------------------------------------------------------------------
+# one matrix in a CPU kernel's form
+# --------------------------------------------------------------------------------------------
+class _Dense:
+    """A dense matrix [N, K] (the host slot's bf16 bytes in place); cast to x's dtype per call
+    when it differs, as the GPU path does."""
+
+    kernel = "linear"
+
+    def __init__(self, w: torch.Tensor, owned: bool = False) -> None:
+        self.w = w
+        self.nbytes = w.numel() * w.element_size() if owned else 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.w if self.w.dtype == x.dtype else self.w.to(x.dtype)
+        return F.linear(x, w)
+
+
+class _Dequant:
+    """A quantized matrix the kernels do not take: dequantized to x's dtype per call (the
+    packed bytes copied once, so nothing refers to the host slot afterwards)."""
+
+    kernel = "dequant"
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bits: int, group: int, shape: tuple[int, int]) -> None:
+        self.q, self.scales = q.clone(), scales.clone()
+        self.bits, self.group, self.shape = bits, group, shape
+        self.nbytes = self.q.numel() * self.q.element_size() + self.scales.numel() * 2
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from expert_store.quant import dequantize
+
+        return F.linear(x, dequantize(self.q, self.scales, self.bits, self.group, self.shape, x.dtype))
+
+
+class _Int8:
+    """Group-wise int8 [N, K] as G group-major blocks [G, N, gs] for `_weight_int8pack_mm`
+    (per-row scales): y = sum_g x_g Q_g^T * s_g, the partial sums added in float32."""
+
+    kernel = "int8pack"
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, group: int) -> None:
+        N, K = q.shape
+        self.G, self.gs, self.N = K // group, group, N
+        self.q = q.view(N, self.G, group).transpose(0, 1).contiguous()     # [G, N, gs] int8
+        self.scales16 = scales.t().contiguous()                             # [G, N] fp16
+        self._scales: dict[torch.dtype, torch.Tensor] = {}
+        self.nbytes = self.q.numel() + self.scales16.numel() * 2
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        s = self._scales.get(x.dtype)
+        if s is None:
+            s = self._scales[x.dtype] = self.scales16.to(x.dtype)          # the kernel wants x's dtype
+        T = x.shape[0]
+        if self.G == 1:
+            return torch._weight_int8pack_mm(x.contiguous(), self.q[0], s[0])
+        xg = x.view(T, self.G, self.gs).transpose(0, 1).contiguous()        # [G, T, gs]
+        acc = torch.zeros(T, self.N, dtype=torch.float32)
+        for g in range(self.G):
+            acc.add_(torch._weight_int8pack_mm(xg[g], self.q[g], s[g]))
+        return acc.to(x.dtype)
+
+
+class _Int4:
+    """Group-wise int4 [N, K] in `_weight_int4pack_mm_for_cpu`'s packed layout; scale and zero
+    point (0) per group and output row: (q - 8) * scale, the store's dequantization."""
+
+    kernel = "int4pack"
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, group: int, K: int) -> None:
+        N = q.shape[0]
+        vals = torch.stack([(q & 0xF).to(torch.int32), (q >> 4).to(torch.int32)], dim=-1).view(N, -1)[:, :K]
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(vals.contiguous(), 1)
+        self.scales16 = scales.t().contiguous()                             # [G, N] fp16
+        self.group = group
+        self._sz: dict[torch.dtype, torch.Tensor] = {}
+        self.nbytes = self.packed.numel() * self.packed.element_size() + self.scales16.numel() * 2
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        sz = self._sz.get(x.dtype)
+        if sz is None:
+            s = self.scales16.to(x.dtype)
+            sz = self._sz[x.dtype] = torch.stack([s, torch.zeros_like(s)], dim=-1).contiguous()   # [G, N, 2]
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group, sz)
+
+
+def _matrix(view: Any, kernels: dict[str, bool], owned: bool) -> Any:
+    """One matrix of a host-tier payload (a bf16 tensor or an expert_store QuantizedWeight) in
+    the fastest form this torch computes it in; `owned`: the payload is a copy of its own."""
+    if isinstance(view, torch.Tensor):
+        return _Dense(view, owned)
+    q, scales, bits, group = view.q, view.scales, int(view.bits), int(view.group_size)
+    N, K = (int(d) for d in view.shape)
+    if bits == 8 and kernels["int8"] and K % group == 0:
+        return _Int8(q, scales, group)
+    if bits == 4 and kernels["int4"] and group in INT4_GROUPS and K % group == 0 and N % 16 == 0:
+        return _Int4(q, scales, group, K)
+    return _Dequant(q, scales, bits, group, (N, K))
+
+
+class HostExpert:
+    """One expert's w1, w3, w2 in CPU-kernel form; `forward(x [T, H]) -> [T, H]` in x's dtype on
+    the CPU. `nbytes`: memory it owns (0 for bf16, which reads the host slot in place: valid
+    only while the slot holds it); `kernel`: the path of its matrices ("int4pack", ...)."""
+
+    __slots__ = ("w1", "w3", "w2", "nbytes", "kernel")
+
+    def __init__(self, w1: Any, w3: Any, w2: Any) -> None:
+        self.w1, self.w3, self.w2 = w1, w3, w2
+        self.nbytes = w1.nbytes + w3.nbytes + w2.nbytes
+        self.kernel = "/".join(sorted({w1.kernel, w3.kernel, w2.kernel}))
+
+    @classmethod
+    def from_raw(cls, header: Any, raw: torch.Tensor, kernels: dict[str, bool] | None = None) -> "HostExpert":
+        """From an expert blob's header and its raw payload (a CPU uint8 tensor). A payload
+        that does not start 16-byte aligned (an uncompressed blob read where it landed, after
+        its header) is copied first: typed views need aligned bytes; the copy is then owned."""
+        from expert_store.quant import tensors_from_raw
+
+        kernels = cpu_kernels() if kernels is None else kernels
+        owned = raw.data_ptr() % 16 != 0
+        if owned:
+            raw = raw.clone()
+        views = tensors_from_raw(header, raw)
+        return cls(*(_matrix(views[n], kernels, owned) for n in ("w1", "w3", "w2")))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    __call__ = forward
+
+
+# --------------------------------------------------------------------------------------------
+# the pool: packed experts, one worker, measured cost
+# --------------------------------------------------------------------------------------------
+class HostExperts:
+    """Packed experts (LRU, at most `pack_bytes` owned bytes), one worker thread running jobs in
+    order, the EWMA seconds of one expert call and the calls queued. `threads`: torch intra-op
+    threads for the worker's kernels (None: the creating thread's, torch's default of the host's
+    cores; set in the worker, whose OpenMP team size is its own). The cost starts at `prior_s`
+    (default 0: unmeasured, so the first misses a rule weighs go to the host and measure it)."""
+
+    def __init__(self, pack_bytes: int = 4 << 30, threads: int | None = None, alpha: float = 0.3,
+                 prior_s: float = 0.0) -> None:
+        self.pack_bytes = int(pack_bytes)
+        self.threads = int(threads) if threads else torch.get_num_threads()
+        self.kernels = cpu_kernels()
+        self._packed: OrderedDict[Any, HostExpert] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.cost = Ewma(alpha, prior_s)     # seconds of one expert call (any token count <= max_tokens)
+        self.queued = 0                       # expert calls submitted and not finished
+        self.calls = self.tokens = self.packs = 0
+        self.seconds = 0.0
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._worker = threading.Thread(target=self._loop, name="host-experts", daemon=True)
+        self._worker.start()
+        self._packs: queue.SimpleQueue = queue.SimpleQueue()
+        self._pack_pending: set[Any] = set()
+        self._too_big = False                 # an expert's pack exceeded pack_bytes: pack nothing ahead
+        self._packer = threading.Thread(target=self._pack_loop, name="host-experts-pack", daemon=True)
+        self._packer.start()
+
+    # --- packed experts --------------------------------------------------------------------
+    def expert(self, key: Any, header: Any, raw: torch.Tensor) -> HostExpert:
+        """The packed expert `key`, packed from (header, raw) on first use and kept while the
+        budget allows; a bf16 expert read in place (views of `raw`: the caller holds the host
+        slot while computing) owns nothing and is not kept."""
+        with self._lock:
+            ex = self._packed.get(key)
+            if ex is not None:
+                self._packed.move_to_end(key)
+                return ex
+        ex = HostExpert.from_raw(header, raw, self.kernels)
+        with self._lock:
+            self.packs += 1
+            self._too_big = self._too_big or ex.nbytes > self.pack_bytes
+            if ex.nbytes and ex.nbytes <= self.pack_bytes:
+                self._packed[key] = ex
+                self._bytes += ex.nbytes
+                while self._bytes > self.pack_bytes:
+                    _, old = self._packed.popitem(last=False)
+                    self._bytes -= old.nbytes
+        return ex
+
+    def packed(self, key: Any) -> HostExpert | None:
+        """The kept packed expert `key` (None: not packed, or bf16, which is never kept)."""
+        with self._lock:
+            ex = self._packed.get(key)
+            if ex is not None:
+                self._packed.move_to_end(key)
+            return ex
+
+    @property
+    def packed_bytes(self) -> int:
+        return self._bytes
+
+    def forget(self, key: Any) -> None:
+        """Drop the packed expert `key` (its source bytes were replaced)."""
+        with self._lock:
+            ex = self._packed.pop(key, None)
+            if ex is not None:
+                self._bytes -= ex.nbytes
+
+    def request_pack(self, key: Any, pack: Callable[[], Any]) -> None:
+        """Have the packer thread run pack() (which packs `key` through `expert`) unless `key`
+        is packed or already asked for, or a pack has been too big to keep (packing ahead
+        would only be thrown away)."""
+        with self._lock:
+            if key in self._packed or key in self._pack_pending or self._too_big:
+                return
+            self._pack_pending.add(key)
+        self._packs.put((key, pack))
+
+    # --- jobs ------------------------------------------------------------------------------------
+    def submit(self, fn: Callable[[], Any], calls: int = 1) -> Future:
+        """Run fn() on the worker after the jobs before it; `calls`: expert calls it makes (the
+        backlog counts them until fn calls `done_call` for each)."""
+        fut: Future = Future()
+        with self._lock:
+            self.queued += calls
+        self._jobs.put((fn, fut))
+        return fut
+
+    def run_call(self, ex: HostExpert, x: torch.Tensor) -> torch.Tensor:
+        """One expert call on the calling thread (the worker), timed into `cost`."""
+        t0 = time.perf_counter()
+        y = ex(x)
+        dt = time.perf_counter() - t0
+        with self._lock:
+            self.cost.update(dt)
+            self.calls += 1
+            self.tokens += int(x.shape[0])
+            self.seconds += dt
+        return y
+
+    def done_call(self) -> None:
+        with self._lock:
+            self.queued = max(0, self.queued - 1)
+
+    def backlog(self) -> float:
+        """Seconds of expert calls queued on the worker (queued x cost)."""
+        with self._lock:
+            return self.queued * self.cost.value
+
+    def reset_stats(self) -> None:
+        """Zero the call counters (the cost EWMA is kept: it is a measurement, not a count)."""
+        with self._lock:
+            self.calls = self.tokens = self.packs = 0
+            self.seconds = 0.0
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._packs.put(None)
+        self._worker.join(timeout=5.0)
+        self._packer.join(timeout=5.0)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {"calls": self.calls, "tokens": self.tokens, "seconds": self.seconds,
+                    "cost_s": self.cost.value, "measured": self.cost.n, "packs": self.packs,
+                    "packed_experts": len(self._packed), "packed_bytes": self._bytes, "kernels": dict(self.kernels)}
+
+    def _loop(self) -> None:
+        torch.set_num_threads(self.threads)
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            fn, fut = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                with torch.inference_mode():      # grad mode is per thread: the step's is off
+                    fut.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiter
+                fut.set_exception(exc)
+
+    def _pack_loop(self) -> None:
+        torch.set_num_threads(self.threads)
+        while True:
+            item = self._packs.get()
+            if item is None:
+                return
+            key, pack = item
+            try:
+                with torch.inference_mode():
+                    pack()
+            except Exception as exc:  # noqa: BLE001 - the miss is copied instead
+                log.warning("packing expert %s for the host failed: %s", key, exc)
+            finally:
+                with self._lock:
+                    self._pack_pending.discard(key)
+
+
+# --------------------------------------------------------------------------------------------
+# which misses the host computes
+# --------------------------------------------------------------------------------------------
+class MissRule:
+    """Per layer, which misses the host computes ("auto"), all it can ("cpu") or none ("copy").
+
+    "auto" is list scheduling onto two queues: the copy link, free after `copy_backlog` seconds,
+    each copy `copy_s`; the CPU, free after `cpu_backlog` seconds, each call `cpu_s`. Misses are
+    taken in order and each goes where it would be finished first (ties: copy, which also leaves
+    the expert on the GPU for later tokens)."""
+
+    def __init__(self, mode: str) -> None:
+        if mode not in MISS_COMPUTE:
+            raise ValueError(f"miss_compute must be one of {MISS_COMPUTE}, got {mode!r}")
+        self.mode = mode
+
+    def assign(self, misses: Sequence[int], copy_s: float, copy_backlog: float, cpu_s: float,
+               cpu_backlog: float) -> list[int]:
+        """The misses (expert ids, in the order they are served) the host computes."""
+        if self.mode == "copy":
+            return []
+        if self.mode == "cpu":
+            return list(misses)
+        copy_free, cpu_free, out = copy_backlog, cpu_backlog, []
+        for e in misses:
+            if cpu_free + cpu_s < copy_free + copy_s:
+                cpu_free += cpu_s
+                out.append(e)
+            else:
+                copy_free += copy_s
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# the step's side: one layer's host experts, summed
+# --------------------------------------------------------------------------------------------
+class HostJob:
+    """The host-computed experts of one layer: `items` (row, expert, gate weight) over the
+    layer's MoE input `x` [B, H]; the worker adds each expert's weighted output into `out`
+    ([B, H] float32, pinned when the device is CUDA). `result(device, dtype)` waits and returns
+    the sum on the device (enqueued after the compute stream's work so far)."""
+
+    def __init__(self, out: torch.Tensor, future: Future) -> None:
+        self.out, self.future = out, future
+
+    def result(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        self.future.result()
+        return self.out.to(device, non_blocking=True).to(dtype)
+
+
+class OnHost:
+    """What the cache's `get` hands out for an expert the host computes: called with x [T, H]
+    on any device it computes the expert on the host (waiting for it) and returns y on x's
+    device, as ExpertWeights would (the eager MoE block and the step's per-expert path call it)."""
+
+    precision = "host"
+
+    def __init__(self, compute: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self._compute = compute
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._compute(x)
+
+    __call__ = forward
+
+
+class MissTokens(MoEObserver):
+    """Tells `cache.expect_tokens(layer, {expert: tokens})` what the layer's routing gives each
+    expert, before the MoE block (or the decode step) asks for them."""
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+
+    def on_routing_host(self, layer: int, rows: list[list[int]]) -> None:
+        counts: dict[int, int] = {}
+        for row in rows:
+            for e in row:
+                if e >= 0:
+                    counts[e] = counts.get(e, 0) + 1
+        self.cache.expect_tokens(layer, counts)

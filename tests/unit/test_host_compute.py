@@ -1,0 +1,255 @@
+"""Misses computed on the host's cores (decoder/experts/host_compute.py), on the CPU.
+
+- numerics: an expert packed for torch's CPU kernels (int4pack, int8pack, bf16 in place, and
+  the dequantize fallback for shapes the kernels refuse) against the GPU path's expert math
+  (provider.decode_expert_blob -> ExpertWeights.forward) on the same blob, per precision and
+  activation dtype;
+- the decision rule on recorded costs, and the cache's use of it (which misses `prepare`
+  sends to the host, from measured costs and queue depth; prefills always copy);
+- end to end: greedy fp32 generation with every eligible miss computed on the host gives the
+  tokens (and close logits) of copying every miss, through the eager MoE block and through the
+  decode step, for bf16, int8 and int4 stores.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from checkpoints import make_packed_store
+from decoder.engine import Engine
+from decoder.experts.host_compute import HostExpert, HostExperts, MissRule, MissTokens, cpu_kernels
+from decoder.experts.provider import decode_expert_blob
+from expert_store import format as blob_format
+from expert_store.client import StoreClient
+from expert_store.quant import expert_to_blob
+
+pytestmark = pytest.mark.timeout(240)
+torch.set_num_threads(1)
+L, E = 3, 4
+
+
+def blob_and_raw(precision: str, ffn: int, hidden: int, group: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    w = {"w1": torch.randn(ffn, hidden, generator=g) * 0.1, "w3": torch.randn(ffn, hidden, generator=g) * 0.1,
+         "w2": torch.randn(hidden, ffn, generator=g) * 0.1}
+    blob = expert_to_blob("m", 0, 0, precision, w, group_size=group)
+    header, raw = blob_format.decode_raw(blob)
+    aligned = torch.empty(header.raw_size + 64, dtype=torch.uint8)[:header.raw_size]   # a fresh, aligned buffer
+    aligned.copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    return blob, header, aligned
+
+
+# (precision, ffn, hidden, group, the kernel torch's CPU ops give it when present)
+CASES = [("int4", 96, 64, 32, "int4pack"),
+         ("int4", 96, 64, 16, "dequant"),          # group 16: _weight_int4pack_mm_for_cpu refuses it
+         ("int4", 40, 64, 32, "dequant"),          # w1/w3: 40 rows, not a multiple of 16; w2: 40 columns
+         ("int8", 96, 64, 32, "int8pack"),
+         ("int8", 96, 64, 64, "int8pack"),          # w2's input of 96 is not a multiple of 64: dequant
+         ("bf16", 96, 64, 32, "linear")]
+
+
+@pytest.mark.parametrize("precision,ffn,hidden,group,kernel", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_host_expert_matches_the_gpu_paths_expert(precision, ffn, hidden, group, kernel, dtype):
+    blob, header, raw = blob_and_raw(precision, ffn, hidden, group, seed=ffn + group)
+    ref_w = decode_expert_blob(blob)                        # the GPU path's expert, on CPU tensors
+    ex = HostExpert.from_raw(header, raw)
+    x = torch.randn(3, hidden, generator=torch.Generator().manual_seed(5)).to(dtype)
+    y, ref = ex(x), ref_w(x)
+    assert y.dtype == dtype and y.shape == (3, hidden)
+    scale = ref.float().abs().max().item()
+    # fp32: the same sums in another order; bf16: the int kernels scale after the integer dot
+    # product instead of rounding every dequantized weight to bf16 first
+    tol = 2e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(y.float(), ref.float(), rtol=0, atol=tol * scale)
+    kinds = set(ex.kernel.split("/"))
+    have = cpu_kernels()
+    if precision == "bf16":
+        assert kinds == {"linear"} and ex.nbytes == 0      # read in place
+    elif not have[precision]:
+        assert kinds == {"dequant"}
+    elif precision == "int8" and group == 64:
+        assert kinds == {"int8pack", "dequant"}
+    else:
+        assert kinds == {kernel}
+
+
+def test_unaligned_payload_is_copied_and_owned():
+    blob, header, raw = blob_and_raw("bf16", 96, 64, 32, seed=1)
+    buf = torch.zeros(raw.numel() + 1, dtype=torch.uint8)
+    buf[1:] = raw
+    ex = HostExpert.from_raw(header, buf[1:])               # odd address: bf16 cannot be viewed there
+    assert ex.nbytes == sum(t.nbytes for t in header.tensors)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(ex(x), decode_expert_blob(blob)(x), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_experts_stay_within_their_budget():
+    _, header, raw = blob_and_raw("int4", 96, 64, 32, seed=3)
+    one = HostExpert.from_raw(header, raw).nbytes
+    hx = HostExperts(pack_bytes=2 * one)
+    try:
+        for key in range(4):
+            hx.expert(key, header, raw)
+        assert hx.packed_bytes <= 2 * one and hx.packed(3) is not None and hx.packed(0) is None
+        _, hb, rb = blob_and_raw("bf16", 96, 64, 32, seed=3)
+        hx.expert("bf16", hb, rb)
+        assert hx.packed("bf16") is None                    # in place: never kept
+    finally:
+        hx.close()
+
+
+# --- the decision rule on recorded costs -------------------------------------------------------
+def test_rule_modes():
+    assert MissRule("copy").assign([1, 2], 1e-3, 0.0, 1e-6, 0.0) == []
+    assert MissRule("cpu").assign([1, 2], 1e-6, 0.0, 1.0, 5.0) == [1, 2]
+    with pytest.raises(ValueError):
+        MissRule("gpu")
+
+
+def test_rule_auto_schedules_each_miss_where_it_finishes_first():
+    rule = MissRule("auto")
+    # B's int4 expert on the H200 host (copy 1.7 ms) against a CPU call of 1.0 ms: the first miss
+    # goes to the idle CPU; the second would finish at 2.0 ms there, 1.7 ms over the link
+    assert rule.assign([3, 5], 1.7e-3, 0.0, 1.0e-3, 0.0) == [3]
+    # a bf16 expert (copy 6.8 ms, CPU 7.9 ms): copied while the link is free ...
+    assert rule.assign([2], 6.8e-3, 0.0, 7.9e-3, 0.0) == []
+    # ... computed on the host when two copies are already ahead of it
+    assert rule.assign([2], 6.8e-3, 2 * 6.8e-3, 7.9e-3, 0.0) == [2]
+    # a busy CPU sends everything to the link; equal finishing times go to the link
+    assert rule.assign([0, 1, 2], 1e-3, 0.0, 1e-3, 10e-3) == []
+    assert rule.assign([0], 1e-3, 0.0, 1e-3, 0.0) == []
+    # six misses, the CPU twice as fast as the link: two thirds of them to the CPU
+    assert rule.assign([0, 1, 2, 3, 4, 5], 2e-3, 0.0, 1e-3, 0.0) == [0, 2, 3, 5]
+
+
+# --- the cache's decisions ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    return make_packed_store(tmp_path_factory.mktemp("hostc"), precisions=("bf16", "int8", "int4"), group_size=32,
+                             hidden=64, ffn=96, layers=L, experts=E, seed=11)
+
+
+def cache_engine(store_dir, precision="int8", miss_compute="copy", decode_step="eager", pack=True, **options):
+    client = StoreClient.open(str(store_dir))
+    opts = {"gpu_slots": [2, 1, 2], "miss_compute": miss_compute, **options}
+    if precision != "bf16":
+        opts.setdefault("dense_slots", True)      # the step's bank in fp32 on the CPU
+    eng = Engine.from_store(client, "tiny", precision=precision, decode_step=decode_step, gpu_cache_bytes=0,
+                            host_cache_bytes=1 << 22, prefetch=False, cache_options=opts)
+    eng._owns_client = True
+    keys = [(l, e) for l in range(L) for e in range(E)]
+    eng.provider.fill_host(keys)
+    if pack:
+        assert eng.provider.pack_host(keys) == (0 if precision == "bf16" or miss_compute == "copy" else L * E)
+    return eng
+
+
+def test_prepare_sends_misses_to_the_host_by_measured_cost(store_dir):
+    with cache_engine(store_dir, miss_compute="auto") as eng:
+        cache = eng.provider
+        assert any(isinstance(o, MissTokens) for o in eng.model.observers)
+        cache.costs.host.value, cache.host_experts.cost.value = 2e-3, 1e-3      # recorded costs
+        cache.begin_token()
+        cache.expect_tokens(0, {0: 1, 1: 1, 2: 1})
+        cache.prepare(0, [0, 1, 2])
+        assert cache.on_host(0) == [0, 2]          # CPU at 1 and 2 ms, the link at 2 ms (tie: link)
+        w = cache.get(0, 0)
+        x = torch.randn(1, 64, generator=torch.Generator().manual_seed(0))
+        ref = decode_expert_blob(bytes(cache.source.fetch(0, 0))).materialize(torch.float32)(x)
+        torch.testing.assert_close(w(x), ref, rtol=1e-5, atol=1e-5)
+        cache.get(0, 1)
+        cache.release(0, [0, 1, 2])
+        assert cache.on_host(0) == [] and cache.resident(0) == [1]
+        st = cache.stats()
+        assert st["cpu_misses"] == 2 and st["tiers"]["gpu"]["misses"] == 3 and st["tiers"]["gpu"]["loads"] == 1
+        assert st["host_compute"]["calls"] == 1
+        # a prefill (more tokens than cpu_max_tokens) is copied; so is a miss without a routing hint
+        cache.begin_token()
+        cache.expect_tokens(1, {0: 16})
+        cache.prepare(1, [0])
+        assert cache.on_host(1) == []
+        cache.get(1, 0)
+        cache.release(1, [0])
+        cache.begin_token()
+        cache.prepare(2, [3])
+        assert cache.on_host(2) == []
+        cache.get(2, 3)
+        cache.release(2, [3])
+        # a slow CPU: everything is copied
+        cache.host_experts.cost.value = 1.0
+        cache.begin_token()
+        cache.expect_tokens(2, {0: 1, 1: 1})
+        cache.prepare(2, [0, 1])
+        assert cache.on_host(2) == []
+        cache.release(2, [0, 1])
+
+
+def test_an_unpacked_expert_is_copied_and_packed_for_next_time(store_dir):
+    with cache_engine(store_dir, miss_compute="cpu", pack=False) as eng:
+        cache = eng.provider
+        cache.begin_token()
+        cache.expect_tokens(0, {1: 1})
+        cache.prepare(0, [1])
+        assert cache.on_host(0) == []                       # int8: not packed yet, so copied
+        cache.get(0, 1)
+        cache.release(0, [1])
+        for _ in range(500):                                # the packer thread packs it meanwhile
+            if cache.host_experts.packed((0, 1)) is not None:
+                break
+            threading.Event().wait(0.01)
+        assert cache.host_experts.packed((0, 1)) is not None
+        cache.begin_token()
+        cache.expect_tokens(2, {1: 1})                      # another layer's expert 1: still unpacked
+        cache.prepare(2, [1])
+        assert cache.on_host(2) == []
+        cache.release(2, [1])
+
+
+def test_packed_budget_bounds_pack_host(store_dir):
+    with cache_engine(store_dir, miss_compute="cpu", pack=False, cpu_pack_bytes=1) as eng:
+        assert eng.provider.pack_host([(0, 0), (0, 1)]) == 1 and eng.provider.host_experts.packed_bytes == 0
+
+
+def test_cpu_mode_needs_silu_experts_and_copy_mode_builds_no_pool(store_dir):
+    with cache_engine(store_dir, miss_compute="copy") as eng:
+        assert eng.provider.host_experts is None
+        assert not any(isinstance(o, MissTokens) for o in eng.model.observers)
+        assert eng.provider.stats()["miss_compute"] == "copy"
+
+
+# --- end to end: the tokens of copying every miss -------------------------------------------------
+@pytest.mark.parametrize("precision,decode_step", [("bf16", "eager"), ("int8", "eager"), ("int8", "step"),
+                                                    ("int4", "step")])
+def test_generation_with_misses_on_the_host_equals_copying_them(store_dir, precision, decode_step):
+    ids = torch.randint(3, 300, (6,), generator=torch.Generator().manual_seed(1)).tolist()
+    probe = torch.randint(3, 300, (10,), generator=torch.Generator().manual_seed(2))
+    runs = {}
+    for mode in ("copy", "cpu", "auto"):
+        with cache_engine(store_dir, precision, mode, decode_step) as eng:
+            tokens = eng.generate(ids, max_tokens=12, stop_at_eos=False).token_ids
+            logits = eng.decode_logits(probe)
+            runs[mode] = (tokens, logits, eng.stats(), eng._step)
+    (t_copy, l_copy, s_copy, _), (t_cpu, l_cpu, s_cpu, step) = runs["copy"], runs["cpu"]
+    assert t_cpu == t_copy and runs["auto"][0] == t_copy
+    torch.testing.assert_close(l_cpu, l_copy, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(runs["auto"][1], l_copy, rtol=1e-4, atol=1e-4)
+    assert s_copy["provider"]["cpu_misses"] == 0 and s_cpu["provider"]["cpu_misses"] > 10
+    # the host's misses move no bytes into the GPU tier
+    assert s_cpu["provider"]["tiers"]["gpu"]["bytes"] < s_copy["provider"]["tiers"]["gpu"]["bytes"]
+    assert s_cpu["routing"] == s_copy["routing"]
+    if decode_step == "step":
+        assert step is not None and step.host_inputs > 0 and step.layered_steps > 0
+
+
+def test_cli_flag_becomes_the_cache_option():
+    from decoder.cli import build_parser, engine_options
+
+    base = ["generate", "--store", "S", "--model", "t", "--prompt", "x"]
+    args = build_parser().parse_args(base + ["--miss-compute", "auto", "--gpu-cache-bytes", "1M"])
+    assert engine_options(args)["cache_options"] == {"miss_compute": "auto"}
+    with pytest.raises(ValueError, match="--miss-compute needs the expert cache"):
+        engine_options(build_parser().parse_args(base + ["--miss-compute", "cpu"]))
