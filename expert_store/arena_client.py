@@ -203,6 +203,12 @@ class ArenaStoreClient(StoreClient):
 
         return self._through_arena(model, ref, priority, take)
 
+    def holds(self, model: str, layer: int, expert: int, precision: str) -> bool:
+        """Whether the mapped arena holds the blob now (no call; False before the arena is mapped)."""
+        with self._lock:
+            return self._reader is not None and not self._reader.retired and \
+                self._reader.find(model, layer, expert, precision) is not None
+
     def valid(self, lease: Lease) -> bool:
         """True when nothing replaced the leased blob since lease() (and stamps its use)."""
         with self._lock:

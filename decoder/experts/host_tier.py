@@ -113,7 +113,10 @@ class HostTier:
         self.entries: OrderedDict[tuple[int, int], HostEntry] = OrderedDict()
 
     def __contains__(self, key: tuple[int, int]) -> bool:
-        return key in self.entries
+        """Whether (layer, expert) is in host memory: the pool, or the co-located arena."""
+        if key in self.entries:
+            return True
+        return self.arena is not None and self.arena.holds(self.c.source.model, key[0], key[1], self.c.precision)
 
     def resident(self) -> list[tuple[int, int]]:
         with self.c._lock:

@@ -228,7 +228,12 @@ def test_fill_host_publishes_into_the_arena_and_reports_its_rate(store_dir, slot
     with colocated(store_dir, arena_path, budget(64, slot_bytes)) as store, \
             Engine.from_store(store.target, MODEL, precision="int8", gpu_cache_bytes=KW["gpu_cache_bytes"],
                               host_cache_bytes=0, prefetch=False) as engine:
+        cache = engine.provider
+        assert cache.location(1, 3) == "store"   # not in the arena yet: a miss costs a store fetch
         assert engine.provider.fill_host(keys) == len(keys)
+        # in the arena: host memory (what the prefetcher's lookahead and cost-aware gating price)
+        assert all(cache.location(l, e) in ("gpu", "host") for l, e in keys)
+        assert cache.location(1, 3) == "host"
         fs = engine.provider.host.fill_stats
         assert fs["arena_bytes"] > 0 and fs["arena_gbps"] > 0 and fs["experts"] == len(keys)
         assert engine.client.arena_info().used == len(keys)
