@@ -56,9 +56,10 @@ block), and the decode step sends the layer's hidden state to the host once (`co
 and adds the weighted sum the host returns, while the GPU works on the rest.
 
 Statistics (demand path): per tier lookups = hits + misses, bytes moved into each tier (the
-compact payload over the link, also for dense slots), loads,
-stall time in `get`, late prefetches, and the live EWMA cost (seconds) of loading one expert
-into the GPU from each tier (`load_cost`), which cost-aware gating reads.
+compact payload over the link, also for dense slots), loads, stall time in `get` (and waiting
+for the host's share of a layer), late prefetches, misses computed on the host (`cpu_misses`,
+`host_compute`), and the live EWMA cost (seconds) of loading one expert into the GPU from each
+tier (`load_cost`), which cost-aware gating reads.
 """
 
 from __future__ import annotations
@@ -601,7 +602,11 @@ class ExpertCache(ExpertProvider):
                 for _ in range(left):
                     hx.done_call()
 
-        return HostJob(out, hx.submit(job, calls=len(groups)))
+        return HostJob(out, hx.submit(job, calls=len(groups)), on_wait=self._add_host_stall)
+
+    def _add_host_stall(self, seconds: float) -> None:
+        with self._lock:
+            self._add_stall(seconds)
 
     def _on_host_call(self, layer: int, expert: int, x: torch.Tensor, queued: bool = False) -> torch.Tensor:
         """expert(x) on the host: x [T, H] on any device -> [T, H] on x's device. From the worker
@@ -611,11 +616,14 @@ class ExpertCache(ExpertProvider):
         hx = self.host_experts
         if not queued:
             xc = x.to("cpu")
+            t0 = time.perf_counter()
             fut = hx.submit(lambda: self._on_host_call(layer, expert, xc, queued=True), calls=1)
             try:
-                return fut.result().to(x.device)
+                y = fut.result()
             finally:
                 hx.done_call()
+                self._add_host_stall(time.perf_counter() - t0)
+            return y.to(x.device)
         key = (layer, expert)
         ex = hx.packed(key)
         if ex is not None:

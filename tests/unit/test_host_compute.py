@@ -20,7 +20,8 @@ import torch
 
 from checkpoints import make_packed_store
 from decoder.engine import Engine
-from decoder.experts.host_compute import HostExpert, HostExperts, MissRule, MissTokens, cpu_kernels
+from decoder.experts.host_compute import (HostExpert, HostExperts, MissRule, MissTokens, cpu_kernels,
+                                          int4pack_for_cpu)
 from decoder.experts.provider import decode_expert_blob
 from expert_store import format as blob_format
 from expert_store.client import StoreClient
@@ -75,6 +76,14 @@ def test_host_expert_matches_the_gpu_paths_expert(precision, ffn, hidden, group,
         assert kinds == {"int8pack", "dequant"}
     else:
         assert kinds == {kernel}
+
+
+@pytest.mark.skipif(not cpu_kernels()["int4"], reason="this torch has no int4 CPU kernel")
+@pytest.mark.parametrize("N,K", [(128, 64), (192, 256), (96, 64)])
+def test_int4_layout_built_with_bytes_equals_torchs_conversion(N, K):
+    q = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(N))
+    vals = torch.stack([(q & 0xF).to(torch.int32), (q >> 4).to(torch.int32)], dim=-1).view(N, K)
+    assert torch.equal(int4pack_for_cpu(q, K), torch.ops.aten._convert_weight_to_int4pack_for_cpu(vals, 1))
 
 
 def test_unaligned_payload_is_copied_and_owned():
