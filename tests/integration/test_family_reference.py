@@ -7,7 +7,8 @@ them, sharded for some), packed with the real `expert-store pack` CLI and served
 `expert-store serve` on loopback; the engine gets its dense part and experts only from the
 store and decodes eagerly. The reference is `AutoModelForCausalLM` on the same checkpoint in
 float32, so both sides compute in float32 on identical weights: logits within 1e-4 (max abs)
-and the same greedy tokens through the KV cache as HF's `generate`. One model of each family
+and the same 32 greedy tokens through the KV cache as HF's `generate` (and, for the families the
+decode step runs, through decoder/step.py too). One model of each family
 is also packed at int8/int4 and held to the tolerances tests/integration/test_decoder_reference.py
 states for Mixtral (relative to max |logits(bf16)|: int8 <= 1%, int4 <= 15%; int8 argmax
 agrees with bf16 on >= 90% of positions).
@@ -15,14 +16,20 @@ agrees with bf16 on >= 90% of positions).
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import safetensors.torch
 import torch
 
 from family_checkpoints import load_reference, make_family_checkpoint
 from service_procs import ServiceProcess, pack
 
 from decoder import Engine
+from decoder.model.config import ModelConfig
+from decoder.model.transformer import Transformer
 from decoder.routing import MoEObserver
+from decoder.step import unsupported_reason
 from expert_store.client import StoreClient
 
 pytestmark = pytest.mark.timeout(600)
@@ -89,6 +96,9 @@ MODELS = {
                                               layer_types=["full_attention", "sliding_attention"], seed=26)),
 }
 
+# the models the decode step (decoder/step.py) runs: Qwen and OLMoE families without dense layers
+STEP_MODELS = ("q3-e8-top4", "q3-e16-top8-mqa-noNorm", "q2-shared-e8-top4", "q2-noshared-nobias-e12-top6",
+               "olmoe-e16-top8", "olmoe-gqa-clip-norm-e6-top3", "olmoe-bias-mqa-e4-top2")
 QUANT_MODELS = ("q3-e8-top4", "q2-shared-e8-top4", "olmoe-e16-top8", "oss-e8-top4-w8-yarn")
 # sigmoid routers (DeepSeek-V3) squeeze the logits' gaps by up to 4x, so int8 noise flips a near
 # tie now and then: their tolerance holds where the routing agrees, and flips must stay rare
@@ -150,15 +160,38 @@ def test_forward_logits_match_reference_over_grpc(store, client, name):
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_greedy_generation_matches_reference(store, client, name):
+    """32 greedy tokens through the KV cache (prefill, then one token per step: past GPT-OSS's
+    sliding windows) equal transformers' `generate`; where the family runs the decode step
+    (decoder/step.py: Qwen3-MoE, Qwen2-MoE, OLMoE without dense layers) through it as well."""
     ref = reference(store, name)
     ids = prompt_ids(ref.config.vocab_size, n=9, seed=7)
-    n_new = 24
+    n_new = 32
     with torch.no_grad():
         want = ref.generate(torch.tensor([ids]), max_new_tokens=n_new, do_sample=False)[0, len(ids):].tolist()
     assert len(want) == n_new
     with Engine.from_store(client, name, decode_step="eager") as engine:
         res = engine.generate(ids, max_tokens=n_new, temperature=0.0, stop_at_eos=False)
         assert res.token_ids == want
+    # the step reads experts through a slot bank in the compute dtype (a float32 step from a bf16
+    # store has none): the checkpoint's own weights, resident in float32
+    net = resident_model(store[1][name])
+    assert (unsupported_reason(net) is None) == (name in STEP_MODELS), (name, unsupported_reason(net))
+    if name in STEP_MODELS:
+        with Engine.from_model(net, decode_step="step") as engine:
+            res = engine.generate(ids, max_tokens=n_new, temperature=0.0, stop_at_eos=False)
+            assert engine._step is not None and engine._step.whole_steps == n_new - 1
+            assert res.token_ids == want
+
+
+def resident_model(ckpt) -> Transformer:
+    """The checkpoint in float32 with every expert a parameter (ResidentExperts)."""
+    cfg = ModelConfig.from_hf(json.loads((ckpt / "config.json").read_text()))
+    net = Transformer(cfg)
+    state = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        state.update(safetensors.torch.load_file(str(f)))
+    net.load_hf_state_dict({k: v.float() for k, v in state.items()})
+    return net.eval()
 
 
 @pytest.mark.parametrize("name", ["q3-e8-top4", "q3-e16-top8-mqa-noNorm", "q2-shared-e8-top4",
