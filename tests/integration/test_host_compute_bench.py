@@ -43,3 +43,17 @@ def test_cpu_miss_rows_on_a_random_mixtral(tmp_path):
     assert by_mode["adapmoe-cpu"]["miss_compute"] == "cpu"
     table = decode.markdown(rows, decode.check_targets(rows))
     assert "| B | 50% | lru-cpu |" in table and "CPU misses/tok" in table
+
+
+def test_host_compute_benchmark_runs_at_toy_shapes(tmp_path):
+    from benchmarks import host_compute
+
+    torch.set_num_threads(1)
+    out = tmp_path / "hc.json"
+    host_compute.main(["--hidden", "64", "--ffn", "128", "--device", "cpu", "--iters", "1", "--tokens", "1,2",
+                       "--out", str(out)])
+    import json
+    rows = json.loads(out.read_text())
+    calls = [r for r in rows if r["what"] == "host expert"]
+    assert {(r["precision"], r["tokens"]) for r in calls} == {(p, t) for p in ("int4", "int8", "bf16") for t in (1, 2)}
+    assert all(r["ms"] > 0 for r in calls)

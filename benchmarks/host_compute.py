@@ -1,0 +1,95 @@
+"""One missed expert on the host's cores against copying it to the GPU, per precision.
+
+For each precision (int4, int8, bf16) an expert of the given shapes (Mixtral's by default) is
+packed into a blob as the store packs it, then packed for the host's kernels
+(decoder/experts/host_compute.py) and called for 1..4 tokens with bf16 activations (the GPU's
+compute dtype); beside it, the pinned host -> device copy of the same raw payload (what the
+cache's copy path moves). Prints one JSON line per figure and writes them to --out.
+
+    python3 benchmarks/host_compute.py                         # Mixtral shapes, on the GPU host
+    python3 benchmarks/host_compute.py --hidden 2048 --ffn 7168  # model A's shapes
+    python3 benchmarks/host_compute.py --hidden 64 --ffn 128 --device cpu   # plumbing check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from decoder.experts.host_compute import HostExpert, cpu_kernels  # noqa: E402
+from expert_store import format as blob_format  # noqa: E402
+from expert_store.quant import expert_to_blob  # noqa: E402
+
+
+def timed(fn: Any, n: int) -> float:
+    """Mean seconds of fn() over n calls, after two untimed ones."""
+    fn()
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n
+
+
+def measure(hidden: int, ffn: int, precisions: Sequence[str], tokens: Sequence[int], device: torch.device,
+            group: int = 128, n: int = 10) -> list[dict[str, Any]]:
+    g = torch.Generator().manual_seed(0)
+    w = {"w1": torch.randn(ffn, hidden, generator=g) * 0.02, "w3": torch.randn(ffn, hidden, generator=g) * 0.02,
+         "w2": torch.randn(hidden, ffn, generator=g) * 0.02}
+    rows: list[dict[str, Any]] = [{"what": "setup", "threads": torch.get_num_threads(), "kernels": cpu_kernels(),
+                                   "cpu": torch.backends.cpu.get_cpu_capability(), "hidden": hidden, "ffn": ffn}]
+    cuda = device.type == "cuda"
+    for prec in precisions:
+        header, raw_view = blob_format.decode_raw(expert_to_blob("m", 0, 0, prec, w, group_size=group))
+        raw = torch.empty(header.raw_size, dtype=torch.uint8, pin_memory=cuda)
+        raw.copy_(torch.frombuffer(bytearray(raw_view), dtype=torch.uint8))
+        t0 = time.perf_counter()
+        ex = HostExpert.from_raw(header, raw)
+        pack_s = time.perf_counter() - t0
+        for t in tokens:
+            x = torch.randn(t, hidden, generator=g).to(torch.bfloat16)
+            s = timed(lambda: ex(x), n)
+            rows.append({"what": "host expert", "precision": prec, "kernel": ex.kernel, "tokens": t,
+                         "ms": round(s * 1e3, 3), "payload_gbps": round(header.raw_size / s / 1e9, 1),
+                         "pack_ms": round(pack_s * 1e3, 1), "payload_mb": round(header.raw_size / 1e6, 1)})
+        if cuda:
+            dst = torch.empty(header.raw_size, dtype=torch.uint8, device=device)
+
+            def copy() -> None:
+                dst.copy_(raw, non_blocking=True)
+                torch.cuda.synchronize(device)
+            s = timed(copy, n)
+            rows.append({"what": "pinned H2D copy", "precision": prec, "ms": round(s * 1e3, 3),
+                         "gbps": round(header.raw_size / s / 1e9, 1)})
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--ffn", type=int, default=14336)
+    p.add_argument("--precisions", default="int4,int8,bf16")
+    p.add_argument("--tokens", default="1,2,4")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--out", default=None, help="JSON file for the figures")
+    a = p.parse_args(argv)
+    rows = measure(a.hidden, a.ffn, a.precisions.split(","), [int(t) for t in a.tokens.split(",")],
+                   torch.device(a.device), n=a.iters)
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    if a.out:
+        Path(a.out).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
