@@ -31,8 +31,9 @@ prompt in every row), the same prompts, `--new-tokens` new tokens each:
                 as store-remote, but the store runs beside the decoder (`expert-store colocate`,
                 upstream: the store directory, a local NVMe copy) and publishes blobs into a
                 shared-memory arena that holds `--colocated-arena-frac` of the experts; the decoder
-                maps it (`local-shm://`), page-locks it and copies raw payloads from it straight
-                into GPU slots (bf16 byte planes are decoded from it into the host tier)
+                maps it (`local-shm://`), page-locks it and copies payloads from it straight
+                into GPU slots (`--colocated-publish raw`, the default: the store joins bf16 byte
+                planes once as it publishes; `stored`: the decoder decodes them on every miss)
 
 The store rows start from a cold host tier: the fill (store-remote: the popular half into the
 host tier; store-colocated: every expert into the arena, then the popular half decoded into
@@ -438,26 +439,30 @@ def StoreServer(store: Path, workers: int, log_path: Path, ram_bytes: int = 1 <<
 
 
 def ColocatedServer(store: Path, model: str, precision: str, arena_frac: float, fetch_threads: int,
-                    work: Path, upstream: str | None = None) -> Any:
+                    work: Path, upstream: str | None = None, publish: str = "raw") -> Any:
     """`expert-store colocate` reading `upstream` (default: the store directory) and publishing
+    (`--publish raw`: bf16 planes joined once, so the decoder copies blobs to the GPU as they lie)
     into an arena that holds `arena_frac` of the model's `precision` blobs: on /dev/shm when it
     has room, else in `work`. `.target` is the decoder's local-shm:// store; `stop(remove=True)`."""
     import shutil
 
+    from expert_store.arena_publisher import raw_slot_bytes, slot_bytes_for
     from expert_store.colocate import ColocatedStore
     from expert_store.shm_arena import HEADER_BYTES, RECORD_BYTES, SLOT_ALIGN
 
     with StoreClient.open(str(store)) as c:
-        sizes = [e[0] for (_, _, p), e in c.manifest(model).blobs.items() if p == precision]
-    slot = -(-max(sizes) // SLOT_ALIGN) * SLOT_ALIGN
+        m = c.manifest(model)
+        sizes = [e[0] for (_, _, p), e in m.blobs.items() if p == precision]
+        slot = (raw_slot_bytes(c, [m], [precision]) if publish == "raw" else slot_bytes_for([m], [precision]))
     n = max(1, round(arena_frac * len(sizes)))
     budget = n * (slot + RECORD_BYTES) + HEADER_BYTES + 2 * SLOT_ALIGN
     shm = Path("/dev/shm")
     base = shm if shm.is_dir() and shutil.disk_usage(shm).free > budget + (1 << 30) else work
     arena = base / f"adapmoe-bench-{os.getpid()}.arena"
-    log(f"co-located arena: {n} of {len(sizes)} {precision} blobs, {budget / 1e9:.2f} GB at {arena}")
+    log(f"co-located arena: {n} of {len(sizes)} {precision} blobs, {budget / 1e9:.2f} GB at {arena} "
+        f"(published {publish})")
     return ColocatedStore(upstream or str(store), str(arena), budget, model,
-                          extra=["--precisions", precision, "--fetch-threads", str(fetch_threads)],
+                          extra=["--precisions", precision, "--fetch-threads", str(fetch_threads), "--publish", publish],
                           start_timeout_s=600)
 
 
@@ -1076,7 +1081,7 @@ def run_model(prep: Prepared, device: torch.device, args: argparse.Namespace, wo
                                     upstream = f"grpc://{server.address}"
                                 colocated = ColocatedServer(prep.store, prep.model, store_precision(prep),
                                                             args.colocated_arena_frac, args.colocated_fetch_threads,
-                                                            work, upstream)
+                                                            work, upstream, args.colocated_publish)
                             target = colocated.target
                         for ds in args.decode_steps:
                             t0 = time.perf_counter()
@@ -1087,6 +1092,7 @@ def run_model(prep: Prepared, device: torch.device, args: argparse.Namespace, wo
                             if mode == "store-colocated":
                                 row["colocated_upstream"] = args.colocated_upstream
                                 row["arena_frac"] = args.colocated_arena_frac
+                                row["arena_publish"] = args.colocated_publish
                             if ds != args.decode_steps[-1]:
                                 finish_row(row, rows, t0, prep, mode, b, on_row)
                 except Exception as e:   # one broken row must not lose the others
@@ -1176,6 +1182,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "or the remote `expert-store serve` of the store-remote row")
     p.add_argument("--colocated-fetch-threads", type=int, default=8,
                    help="store-colocated: the co-located store's upstream fetch threads")
+    p.add_argument("--colocated-publish", choices=("raw", "stored"), default="raw",
+                   help="store-colocated: bf16 blobs into the arena with their planes joined (raw: the decoder "
+                        "copies them to the GPU as they lie) or as stored (decoded on every host-tier miss)")
     p.add_argument("--fill-threads", type=int, default=8,
                    help="threads that fetch and decode experts into the host tier (and loader threads of "
                         "the resident row) while a row is built, before timing")

@@ -14,7 +14,12 @@ fetching what is missing straight into a free (or evicted) slot:
 - a missing ref takes the least recently used unpinned slot that no ref of the same call
   holds; none left -> ResourceExhausted (RESOURCE_EXHAUSTED), nothing fetched;
 - a fetched blob is checked once, as it enters: its length and xxh3-128 against the manifest
-  and its header's ref (DataLoss otherwise; the slot stays empty).
+  and its header's ref (DataLoss otherwise; the slot stays empty);
+- with `raw=True` (`expert-store colocate --publish raw`) a bf16 blob is published with its
+  byte planes joined (codec none, a new seal; format.transcode_raw): the planes are joined once
+  here rather than by the decoder on every host-tier miss, and the decoder copies the payload
+  from the arena to the GPU as it lies. The slots must then hold the raw blob (`raw_slot_bytes`);
+  one that does not fit is published as stored. Its record's xxh3 is of what the slot holds.
 
 `pin_s` keeps the call's refs from eviction for that many seconds (a lease: a decoder that
 dies leaks nothing), e.g. a cold fill's working set. `ReadThroughStore` gives the same arena
@@ -53,6 +58,18 @@ def slot_bytes_for(manifests: Sequence[Any], precisions: Sequence[str] | None = 
     return -(-largest // SLOT_ALIGN) * SLOT_ALIGN
 
 
+def raw_slot_bytes(upstream: Any, manifests: Sequence[Any], precisions: Sequence[str] | None = None) -> int:
+    """slot_bytes_for, large enough for bf16 blobs published raw (codec none): one blob's
+    header per model tells the raw payload's size (a model's experts share their shapes)."""
+    slot = slot_bytes_for(manifests, precisions)
+    for m in manifests:
+        refs = sorted(r for r in m.blobs if r[2] == "bf16" and (precisions is None or "bf16" in precisions))
+        if refs:
+            header, _ = blob_format.read_header(upstream.fetch_expert(m.model, *refs[0]))
+            slot = max(slot, -(-blob_format.raw_blob_size(header) // SLOT_ALIGN) * SLOT_ALIGN)
+    return slot
+
+
 class _Fill:
     """One blob being published: later callers wait on it instead of fetching it again."""
 
@@ -65,9 +82,11 @@ class ArenaPublisher:
     """Read-through tier over `upstream` that publishes into `writer` (see the module docstring)."""
 
     def __init__(self, upstream: Any, writer: ArenaWriter, *, fetch_threads: int = 4,
-                 max_refs: int = 256) -> None:
+                 max_refs: int = 256, raw: bool = False) -> None:
         self.upstream = upstream
         self.writer = writer
+        self.raw = bool(raw)   # publish coded blobs with codec none (format.transcode_raw)
+        self._scratch = threading.local()   # raw: a receive buffer per fetch thread
         self.max_refs = int(max_refs)
         self._lock = threading.Lock()
         self._fills: dict[int, _Fill] = {}
@@ -193,7 +212,9 @@ class ArenaPublisher:
         t0 = time.perf_counter()
         length, digest = 0, b""
         try:
-            view = self.writer.m.slot_view(slot)
+            slot_view = self.writer.m.slot_view(slot)
+            # raw: received beside the slot, then written into it with its planes joined
+            view = self._receive_buffer() if self.raw and ref[2] == "bf16" else slot_view
             try:
                 got = self.upstream.fetch_expert(model, *ref, out=view, priority=priority)
                 length = len(got)
@@ -216,9 +237,12 @@ class ArenaPublisher:
                                    f"L{header.layer} E{header.expert} {header.precision}")
                 if not xxh3:   # no manifest hash to hold it to: the blob's own seal
                     blob_format.check_blob(blob)
+                if view is not slot_view:
+                    length = self._write_raw(blob, slot_view, length)
+                    digest = xxhash.xxh3_128_digest(slot_view[:length])
                 blob.release()
             finally:
-                view.release()
+                slot_view.release()   # (the receive buffer is this thread's, reused)
         except blob_format.BlobError as e:
             error = DataLoss(f"{model} L{ref[0]} E{ref[1]} {ref[2]}: integrity check failed: {e}")
         except BaseException as e:  # noqa: BLE001 - handed to every waiter
@@ -231,6 +255,23 @@ class ArenaPublisher:
                 self.counts["bytes_published"] += length
                 self.counts["fill_seconds"] += time.perf_counter() - t0
             self._finish(model, ref, slot, fill, error=error, length=length, digest=digest, pin_until=pin_until)
+
+    def _receive_buffer(self) -> memoryview:
+        """This thread's buffer for a blob that is transcoded into its slot (raw publishing)."""
+        buf = getattr(self._scratch, "buf", None)
+        if buf is None:
+            buf = self._scratch.buf = memoryview(bytearray(self.writer.slot_bytes))
+        return buf
+
+    @staticmethod
+    def _write_raw(blob: memoryview, slot_view: memoryview, length: int) -> int:
+        """The checked `blob` into its slot with codec none (its planes joined: the decoder copies
+        it to the GPU as it lies); as it came when that does not fit the slot. Returns its length."""
+        try:
+            return blob_format.transcode_raw(blob, slot_view)
+        except ValueError:
+            slot_view[:length] = blob
+            return length
 
     def _finish(self, model: str, ref: Ref, slot: int, fill: _Fill, *, error: BaseException | None,
                 length: int = 0, digest: bytes = b"", pin_until: int = 0) -> None:
@@ -323,6 +364,9 @@ class ReadThroughStore:
                     chunk_bytes: int = 1 << 20) -> Any:
         from expert_store.store import BufferReader
 
+        if self.publisher.raw and precision == "bf16":   # the arena's copy is transcoded: serve the stored one
+            return BufferReader(self.publisher.upstream.fetch_expert(model, layer, expert, precision), offset,
+                                chunk_bytes, "upstream")
         return BufferReader(self.publisher.blob(model, layer, expert, precision), offset, chunk_bytes, "arena")
 
     def open_dense(self, model: str, offset: int = 0, chunk_bytes: int = 1 << 20) -> Any:
@@ -342,4 +386,4 @@ class ReadThroughStore:
         return {"arena": {"hits": s["hits"], "misses": s["misses"], "bytes_written": s["bytes_published"]}}
 
 
-__all__ = ["ArenaPublisher", "ReadThroughStore", "slot_bytes_for"]
+__all__ = ["ArenaPublisher", "ReadThroughStore", "raw_slot_bytes", "slot_bytes_for"]

@@ -33,7 +33,7 @@ from expert_store._proto.adapmoe.v1 import expert_arena_pb2 as apb
 from expert_store._proto.adapmoe.v1 import expert_arena_pb2_grpc as apb_grpc
 from expert_store._proto.adapmoe.v1 import expert_store_pb2 as pb
 from expert_store._proto.adapmoe.v1 import expert_store_pb2_grpc as pb_grpc
-from expert_store.arena_publisher import ArenaPublisher, ReadThroughStore, slot_bytes_for
+from expert_store.arena_publisher import ArenaPublisher, ReadThroughStore, raw_slot_bytes, slot_bytes_for
 from expert_store.errors import InvalidArgument, StoreError, Unavailable
 from expert_store.grpc_serving import (add_health_and_reflection, add_port, auth_interceptors, channel_options,
                                        join_host_port, read_token_file, set_health, split_host_port,
@@ -205,6 +205,10 @@ def add_parser(sub: Any, size: Any, positive: Any, precisions: Any) -> None:
     c.add_argument("--precisions", type=precisions, metavar="P,P",
                    help="size the slots for these precisions' blobs only (e.g. int4: slots a quarter of bf16's; "
                         "a larger blob is then refused with RESOURCE_EXHAUSTED)")
+    c.add_argument("--publish", choices=("stored", "raw"), default="stored",
+                   help="raw: publish bf16 blobs with their byte planes joined (codec none), so the decoder "
+                        "copies them from the arena to the GPU as they lie instead of decoding each host-tier "
+                        "miss; costs the join once per publish and slots sized for the raw payload")
     c.add_argument("--prefill", metavar="PRECISION", choices=("bf16", "int8", "int4"),
                    help="once up, publish the --model's blobs at this precision (layer by layer, until the arena "
                         "is full) at prefetch priority: a cold fill that demand misses pass")
@@ -235,15 +239,19 @@ def cmd_colocate(args: argparse.Namespace) -> int:
                                     tls_cert=args.upstream_tls_cert, tls_key=args.upstream_tls_key,
                                     deadline_s=args.deadline, max_streams=args.fetch_threads, redis_url=args.redis)
         try:
-            slot_bytes = args.slot_bytes or slot_bytes_for(
-                _wait_for_manifests(upstream, args.model, args.wait_timeout), args.precisions)
+            if args.slot_bytes:
+                slot_bytes = args.slot_bytes
+            else:
+                manifests = _wait_for_manifests(upstream, args.model, args.wait_timeout)
+                slot_bytes = (raw_slot_bytes(upstream, manifests, args.precisions) if args.publish == "raw"
+                              else slot_bytes_for(manifests, args.precisions))
             writer = ArenaWriter.open(args.arena, args.arena_bytes, slot_bytes)
         except BaseException:
             upstream.close()
             raise
         log.info("arena %s: %d slots of %d bytes (epoch %d, %d blobs kept)", args.arena, writer.slots,
                  writer.slot_bytes, writer.epoch, writer.used())
-        return ArenaPublisher(upstream, writer, fetch_threads=args.fetch_threads)
+        return ArenaPublisher(upstream, writer, fetch_threads=args.fetch_threads, raw=args.publish == "raw")
 
     if args.prefill and not args.model:
         raise InvalidArgument("--prefill needs --model")

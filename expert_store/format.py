@@ -564,6 +564,62 @@ def _encode_payload(raw: memoryview, codec: str, min_saving: float) -> tuple[str
     return "none", [Segment("raw", "none", n, n)], [raw]
 
 
+def _raw_header(header: "BlobHeader") -> bytes:
+    """The msgpack header of `header`'s blob stored with codec ``none`` (seal zeroed)."""
+    n = header.raw_size
+    hbytes = msgpack.packb({
+        "v": FORMAT_VERSION,
+        "model": header.model,
+        "layer": header.layer,
+        "expert": header.expert,
+        "precision": header.precision,
+        "tensors": [t.to_msg() for t in header.tensors],
+        "raw_size": n,
+        "codec": "none",
+        "segments": [Segment("raw", "none", n, n).to_msg()],
+        "xxh3": header.xxh3,
+        "seal": b"\0" * _SEAL_LEN,
+    }, use_bin_type=True)
+    assert hbytes.endswith(_SEAL_BIN_PREFIX + b"\0" * _SEAL_LEN)
+    return hbytes
+
+
+def raw_blob_size(header: "BlobHeader") -> int:
+    """Bytes of `header`'s blob stored with codec ``none`` (what :func:`transcode_raw` writes)."""
+    return _PREFIX.size + len(_raw_header(header)) + header.raw_size
+
+
+def transcode_raw(blob: Any, out: Any) -> int:
+    """Write `blob` with codec ``none`` into `out` (a writable buffer of at least
+    :func:`raw_blob_size` bytes): the same expert, tensors and raw payload checksum, its byte
+    planes joined, a new seal. A reader then uses the payload where it lies (a co-located
+    store publishes bf16 blobs this way, so the decoder copies them to the GPU as they are).
+    The input is verified as :func:`decode_raw` does (BlobError); ValueError when `out` is
+    too small. Returns the bytes written."""
+    header, _ = read_header(blob)
+    dst = memoryview(out)
+    dst = _writable_out(dst, len(dst) if dst.format == "B" and dst.ndim == 1 else dst.nbytes)
+    if header.codec == "none":
+        check_blob(blob)
+        n = header.blob_size
+        if len(dst) < n:
+            raise ValueError(f"a {n}-byte blob does not fit {len(dst)} bytes")
+        dst[:n] = _as_bytes_view(blob)[:n]
+        return n
+    hbytes = _raw_header(header)
+    prefix = _PREFIX.pack(MAGIC, len(hbytes))
+    off = len(prefix) + len(hbytes)
+    n = off + header.raw_size
+    if len(dst) < n:
+        raise ValueError(f"the {n}-byte raw blob does not fit {len(dst)} bytes")
+    _, raw = decode_raw(blob, out=dst[off:n])
+    seal = xxhash.xxh3_64()
+    for piece in (prefix, hbytes, raw):
+        seal.update(piece)
+    dst[:off] = prefix + hbytes[:-_SEAL_LEN] + seal.digest()
+    return n
+
+
 def encode_blob(
     model: str,
     layer: int,

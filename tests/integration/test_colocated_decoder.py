@@ -12,7 +12,8 @@ arena full of pinned blobs (RESOURCE_EXHAUSTED, the decoder carries on once it h
 store killed and restarted with another layout under a running decoder (it reads on, maps the
 new file, no crash), also under `moe-decoder serve` answering requests throughout; `moe-decoder
 serve --store local-shm://...` end to end and restarted (the second process fetches nothing);
-`fill_host` publishing into the arena (a cold fill with its rate).
+`fill_host` publishing into the arena (a cold fill with its rate); bf16 published raw (`--publish
+raw`: planes joined once by the store, read in place by the decoder).
 """
 
 from __future__ import annotations
@@ -78,8 +79,9 @@ def budget(slots: int, slot_bytes: int) -> int:
     return slots * (slot_bytes + RECORD_BYTES) + 8192
 
 
-def colocated(store_dir: Path, arena: Path, arena_bytes: int, listen: str = "127.0.0.1:0") -> ColocatedStore:
-    return ColocatedStore(str(store_dir), str(arena), arena_bytes, MODEL, listen=listen, env=child_env())
+def colocated(store_dir: Path, arena: Path, arena_bytes: int, listen: str = "127.0.0.1:0",
+              *extra: str) -> ColocatedStore:
+    return ColocatedStore(str(store_dir), str(arena), arena_bytes, MODEL, listen=listen, extra=extra, env=child_env())
 
 
 def reference_logits(store_dir: Path, precision: str, **kw) -> torch.Tensor:
@@ -324,3 +326,30 @@ def test_a_serving_decoder_rides_out_a_store_restart_with_another_layout(store_d
     finally:
         first.kill()
     assert results and all(r == list(want) for r in results), [r for r in results if r != list(want)][:3]
+
+
+def test_bf16_published_raw_goes_from_the_arena_to_the_gpu_as_it_lies(store_dir, arena_path):
+    """`--publish raw`: the store joins a bf16 blob's byte planes once as it publishes it (codec
+    none, a new seal), so the decoder reads it in place like an int8 one (nothing decoded into
+    the host pool); logits equal the store directory's; the port's ExpertStore face still serves
+    the blob as stored."""
+    from expert_store import format as blob_format
+    from expert_store.arena_publisher import raw_slot_bytes
+
+    want = reference_logits(store_dir, "bf16")
+    with StoreClient.open(str(store_dir)) as local:
+        m = local.manifest(MODEL)
+        sb = raw_slot_bytes(local, [m], ["bf16"])
+        stored = bytes(local.fetch_expert(MODEL, 1, 2, "bf16"))
+    assert blob_format.read_header(stored)[0].codec != "none"
+    with colocated(store_dir, arena_path, budget(64, sb), "127.0.0.1:0", "--publish", "raw",
+                   "--precisions", "bf16") as store, \
+            Engine.from_store(store.target, MODEL, precision="bf16", **KW) as engine:
+        torch.testing.assert_close(engine.forward_logits(IDS), want, rtol=0, atol=0)
+        assert not engine.provider.host.entries   # read in place, as raw payloads are
+        assert engine.client.arena_info().slot_bytes == sb
+        published = bytes(engine.client.fetch_expert(MODEL, 1, 2, "bf16"))   # what the arena holds
+        header, raw = blob_format.decode_raw(published)
+        assert header.codec == "none" and bytes(raw) == bytes(blob_format.decode_raw(stored)[1])
+        with StoreClient.open(f"grpc://{store.address}") as grpc_client:
+            assert bytes(grpc_client.fetch_expert(MODEL, 1, 2, "bf16")) == stored

@@ -373,3 +373,28 @@ def test_every_single_bit_flip_of_a_small_blob_is_detected():
             bad[pos] ^= 1 << bit
             with pytest.raises(BlobError):
                 decode_raw(bytes(bad))
+
+
+def test_transcode_raw_keeps_the_payload_and_seals_the_copy():
+    """A coded bf16 blob rewritten with codec none: same header fields and raw payload (its
+    checksum too), a valid new seal; a damaged input is a BlobError; a short buffer ValueError."""
+    import numpy as np
+
+    rng = np.random.default_rng(14)
+    raw = (rng.normal(size=4096).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).tobytes()
+    tensors = [fmt.RawTensor("w1", (64, 64), "bfloat16", 0, 8192)]
+    blob = fmt.encode_blob("m", 2, 3, "bf16", tensors, raw)
+    header, _ = fmt.read_header(blob)
+    assert header.codec == "bf16-planes+lz4"
+    out = bytearray(fmt.raw_blob_size(header) + 16)
+    n = fmt.transcode_raw(blob, out)
+    assert n == fmt.raw_blob_size(header)
+    h2, got = fmt.decode_raw(bytes(out[:n]))
+    assert h2.codec == "none" and bytes(got) == raw and h2.xxh3 == header.xxh3
+    assert (h2.model, h2.layer, h2.expert, h2.precision, h2.tensors) == ("m", 2, 3, "bf16", header.tensors)
+    with pytest.raises(ValueError):
+        fmt.transcode_raw(blob, bytearray(n - 1))
+    bad = bytearray(blob)
+    bad[-10] ^= 0x10
+    with pytest.raises(fmt.BlobError):
+        fmt.transcode_raw(bytes(bad), out)
