@@ -665,8 +665,9 @@ def fill_while_serving(eng: Engine, prep: Prepared, mode: str, profile: dict, ar
     warm-up tokens are generated (demand loads pass it); timing starts after both. store-remote
     fills the host tier with the half of each layer's experts the calibration found most popular;
     store-colocated has the co-located store publish every expert its arena holds (the popular
-    first), then decodes the popular half into the host tier. Returns the fill's bytes, seconds
-    and GB/s, and when the first token came (seconds after the fill began)."""
+    first); the decoder then checks them where they lie (raw payloads: the arena is its host
+    tier) or decodes the popular half into its host tier (bf16 published as stored). Returns the
+    fill's bytes, seconds and GB/s, and when the first token came (seconds after the fill began)."""
     import threading
 
     cache = eng.provider
@@ -679,11 +680,14 @@ def fill_while_serving(eng: Engine, prep: Prepared, mode: str, profile: dict, ar
 
     def fill() -> None:
         try:
+            keys = half
             if mode == "store-colocated":
                 slots = eng.client.arena_info().slots
-                every = half + [(l, e) for l in range(L) for e in ranked[l][E // 2:]]
-                out["arena"] = cache.host.publish(every[:slots], args.fill_threads, progress=True)
-            cache.fill_host(half, args.fill_threads, progress=True)
+                every = (half + [(l, e) for l in range(L) for e in ranked[l][E // 2:]])[:slots]
+                out["arena"] = cache.host.publish(every, args.fill_threads, progress=True)
+                if cache.host.reads_in_place(every[0]):
+                    keys = every   # the arena is the host tier: each checked once now, not on first use
+            cache.fill_host(keys, args.fill_threads, progress=True)
             out["host"] = dict(cache.host.fill_stats)
         except BaseException as e:  # noqa: BLE001 - reported with the row
             errors.append(e)

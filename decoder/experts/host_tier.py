@@ -360,13 +360,7 @@ class HostTier:
         in_place = False   # raw payloads read in place from the arena: nothing is held in the pool
         if self.arena is not None and want:
             self.publish(want, threads, progress)
-            lease, _ = self.arena.lease(self.c.source.model, *want[0], self.c.precision, priority="prefetch")
-            view = self.arena.view(lease)
-            if view is not None:
-                from expert_store import format as blob_format
-
-                in_place = blob_format.read_header(view)[0].codec == "none"
-                view.release()
+            in_place = self.reads_in_place(want[0])
         if len(want) > self.capacity and not in_place:
             raise ValueError(f"fill_host: {len(want)} experts do not fit the host tier of {self.capacity} "
                              f"(host_cache_bytes={self.cache_bytes}, {self.slot_bytes} bytes per expert)")
@@ -402,6 +396,29 @@ class HostTier:
         self.fill_stats.update(experts=len(todo), bytes=nbytes, seconds=seconds,
                                gbps=nbytes / seconds / 1e9 if seconds > 0 else 0.0)
         return len(todo)
+
+    def reads_in_place(self, key: tuple[int, int]) -> bool:
+        """Whether the co-located arena holds (layer, expert) as a raw payload, which the GPU copy
+        reads where it lies (no host pool slot), rather than coded (decoded into the pool).
+        Published first when missing; False without a co-located store."""
+        if self.arena is None:
+            return False
+        from expert_store import format as blob_format
+
+        for _ in range(ARENA_ATTEMPTS):
+            lease, _ = self.arena.lease(self.c.source.model, *key, self.c.precision, priority="prefetch")
+            view = self.arena.view(lease)
+            if view is None:
+                continue
+            try:
+                codec = blob_format.read_header(view)[0].codec
+            except blob_format.BlobError:
+                codec = None
+            finally:
+                view.release()
+            if self.arena.valid(lease) and codec is not None:
+                return codec == "none"
+        raise ArenaReplaced(f"layer {key[0]} expert {key[1]} kept being replaced in the co-located arena")
 
     def publish(self, keys: Sequence[tuple[int, int]], threads: int = 8, progress: bool = False) -> dict[str, float]:
         """Have the co-located store publish `keys` into its arena at prefetch priority (a cold
