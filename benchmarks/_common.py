@@ -36,9 +36,11 @@ T = TypeVar("T")
 # ---------------------------------------------------------------------------------------------
 # model and text
 # ---------------------------------------------------------------------------------------------
-def find_checkpoint(path: str | None, log: Callable[[str], None] = print) -> Path:
+def find_checkpoint(path: str | None, log: Callable[[str], None] = print, family: str | None = None) -> Path:
     """--checkpoint DIR as given; otherwise the demo's cached checkpoint, trained with
-    decoder.train_demo's defaults when missing or trained with other settings."""
+    decoder.train_demo's defaults when missing or trained with other settings. family (a
+    train-demo family other than mixtral): checkpoint-FAMILY, trained in that family's layout
+    with its default experts, top-k and expert width."""
     if path:
         p = Path(path)
         for f in ("config.json", "tokenizer.json"):
@@ -47,9 +49,14 @@ def find_checkpoint(path: str | None, log: Callable[[str], None] = print) -> Pat
         return p
     from decoder import demo, train_demo
 
-    ckpt = demo.default_cache_dir() / "checkpoint"
+    if family in (None, "mixtral"):
+        ckpt, settings = demo.default_cache_dir() / "checkpoint", train_demo.TrainSettings()
+    else:
+        (experts, top_k, ffn), _ = train_demo.TRAIN_FAMILIES[family]
+        ckpt = demo.default_cache_dir() / f"checkpoint-{family}"
+        settings = train_demo.TrainSettings(family=family, num_experts=experts, top_k=top_k, intermediate_size=ffn)
     log(f"demo checkpoint: {ckpt}")
-    demo.ensure_checkpoint(ckpt, train_demo.TrainSettings(), retrain=False)
+    demo.ensure_checkpoint(ckpt, settings, retrain=False)
     return ckpt
 
 

@@ -1,11 +1,13 @@
-"""Held-out perplexity against the gating budget: what dropping second experts costs in accuracy.
+"""Held-out perplexity against the gating budget: what dropping tail experts costs in accuracy.
 
     .venv/bin/python benchmarks/accuracy.py                       # the trained demo model (cached or trained)
+    .venv/bin/python benchmarks/accuracy.py --family qwen3_moe    # the fine-grained demo model (16 experts, top-4)
     .venv/bin/python benchmarks/accuracy.py --checkpoint DIR --eval-tokens 4096
 
 Model: the trained demo model (`moe-decoder train-demo`, CPython stdlib code). `--checkpoint DIR`
-takes any HF Mixtral checkpoint with a tokenizer.json; by default the demo's cached checkpoint
-(decoder.demo's cache dir: $ADAPMOE_DEMO_DIR or .demo/checkpoint), trained there with
+takes any HF checkpoint of a supported family with a tokenizer.json; by default the demo's
+cached checkpoint (decoder.demo's cache dir: $ADAPMOE_DEMO_DIR or .demo/checkpoint; with
+`--family F`, .demo/checkpoint-F, train-demo's layout and defaults for F), trained there with
 decoder.train_demo's defaults when it is missing or was trained with other settings.
 
 Text: the held-out split of train_demo (stdlib files the model never trained on), split again
@@ -14,32 +16,36 @@ calibration text, so calibration and evaluation never share a file. The checkpoi
 (bf16 experts) into a temporary store, calibrated with decoder.calibrate (per-layer
 sensitivity F_l, prefetch accuracy, popularity) and the profile is stored next to the model.
 
-Sweep: budgets come from the calibration text only: for each target single-expert ratio r,
-`uniform`'s threshold is the r-quantile of the renormalised second weight w2, and `adaptive`'s
-T the r-quantile of F_l * w2^2 (over all calibration routing decisions). `cost-aware` runs at the
+Sweep: budgets come from the calibration text only: for each target ratio r of the droppable
+expert uses (a token's top-k but the first; top-2: the single-expert ratio), `uniform`'s
+threshold is the r-quantile of the tail weights W_m (the renormalised weight of a token's m
+last experts, m = 1..k-1; top-2: w2), and `adaptive`'s T the r-quantile of F_l * W_m^2 (over
+all calibration routing decisions). `cost-aware` runs at the
 same T values as `adaptive`, plus points at multiples of the largest T (--cost-aware-extra):
 its ratio follows the live location of expert 2 (kept when it is on the GPU tier, dropped
 below T x load cost / min(mean load cost of recent experts 2, one H2D copy) when it is further
 away, capped by a loss bound of L x T per token; decoder/gating.py), so it saturates below 100%. `topk` is the reference. Per point: held-out perplexity, the
 single-expert ratio and experts/token over the evaluated decisions, and the estimated loss per
-token (sum over layers of F_l * w2^2 of the dropped experts), next to the measured loss change.
+token (sum over layers of F_l * W^2 of the dropped experts), next to the measured loss change,
+and the share of expert uses saved (1 - experts per token / k).
 
 Scoring: windows of --seq-len tokens evenly spaced over the evaluation text, each from position
 0, every token scored. `cost-aware` always runs the decode path (Engine.decode_logits: one token
 per forward step through the static KV cache, as generate() decodes), on an engine with a
 GPU/host expert cache smaller than the model (3 and 5 experts per layer) and the prefetcher:
 its decisions depend on where experts are at that moment. `topk`, `uniform` and `adaptive`
-decide each (token, layer) from that token's own router logits only (w2, F_l, T), so scoring a
+decide each (token, layer) from that token's own router logits only (W, F_l, T), so scoring a
 window with one causal full-sequence forward makes exactly the decisions the decode path makes
 (hidden states of earlier tokens are the same under causal attention); `--scoring auto`
 (default) uses the full forward for them and checks this on every point: the first window is
 also decoded token by token and must give the same single-expert decisions and logits within
 1e-3. `--scoring decode` decodes everything.
 
-Target (issue 4): at >= 25% single-expert decisions, perplexity within 1% of `topk`, and better
-than the uniform threshold at the same ratio (uniform's perplexity linearly interpolated in the
-single-expert ratio). Writes results/accuracy.json and results/accuracy.png and prints a
-markdown table.
+Target: top-2 (issue 4): at >= 25% single-expert decisions; top-k > 2 (issue 15): at >= 25%
+fewer expert uses; in both, perplexity within 1% of `topk` and better than the uniform threshold
+at the same ratio (uniform's perplexity linearly interpolated in it). Prints MET / MISSED with
+the numbers. Writes results/accuracy.json and results/accuracy.png (accuracy-FAMILY.* with
+--family) and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -64,6 +70,9 @@ from benchmarks._common import (encode_texts, eval_windows, find_checkpoint,  # 
                                 heldout_split)
 from decoder.engine import Engine  # noqa: E402
 from decoder.gating import make_gating  # noqa: E402
+from decoder.gating import tail_sums  # noqa: E402
+from decoder.train_demo import TRAIN_FAMILIES  # noqa: E402
+from decoder.model.config import ModelConfig  # noqa: E402
 from decoder.model.transformer import MoEObserver  # noqa: E402
 
 MODEL = "accuracy"
@@ -83,22 +92,24 @@ class Settings:
     methods: Sequence[str] = ("uniform", "adaptive", "cost-aware")
     scoring: str = "auto"              # auto | decode
     device: str = "cpu"
-    gpu_experts_per_layer: int = 3     # cost-aware's cache (of num_local_experts per layer)
-    host_experts_per_layer: int = 5
+    gpu_experts_per_layer: int | None = None    # cost-aware's cache; None: 3/8 of the experts (3 of 8)
+    host_experts_per_layer: int | None = None   # None: 5/8 of the experts (5 of 8)
     heldout_mb: float = 1.0
 
 
 # ---------------------------------------------------------------------------------------------
 # calibration and budgets
 # ---------------------------------------------------------------------------------------------
-class _SecondWeights(MoEObserver):
-    """Collects each top-2 routing decision's renormalised second weight w2, per layer."""
+class _TailWeights(MoEObserver):
+    """Collects each routing decision's tail weights W_m (the renormalised weight of the m last
+    experts, m = 1..k-1; top-2: w2), per layer: [T, k-1] per call."""
 
     def __init__(self, num_layers: int) -> None:
-        self.w2: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self.tails: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
 
     def on_routing(self, layer, router_logits, weights, idx):
-        self.w2[layer].append(weights[:, -1].detach().double().cpu())
+        w = weights.detach().double()
+        self.tails[layer].append(tail_sums(w / w.sum(dim=-1, keepdim=True)).cpu())
 
 
 def calibrate(engine: Engine, store_dir: Path, calib_ids: torch.Tensor, s: Settings,
@@ -110,12 +121,12 @@ def calibrate(engine: Engine, store_dir: Path, calib_ids: torch.Tensor, s: Setti
 
 def sweep_budgets(engine: Engine, calib_ids: torch.Tensor, sensitivity: Sequence[float], s: Settings
                   ) -> dict[str, list[float]]:
-    """Per target ratio: uniform's w2 threshold and adaptive's T, from the calibration text's
-    top-k routing (quantiles of w2 and of F_l * w2^2 over all (token, layer) decisions)."""
+    """Per target ratio: uniform's threshold and adaptive's T, from the calibration text's top-k
+    routing (quantiles of W_m and of F_l * W_m^2 over every droppable expert use)."""
     from decoder.calibrate import token_windows
 
     L = engine.config.num_hidden_layers
-    rec = _SecondWeights(L)
+    rec = _TailWeights(L)
     old = engine.model.gating
     engine.model.gating = make_gating("topk", config=engine.config)
     engine.model.add_observer(rec)
@@ -125,14 +136,15 @@ def sweep_budgets(engine: Engine, calib_ids: torch.Tensor, sensitivity: Sequence
     finally:
         engine.model.remove_observer(rec)
         engine.model.gating = old
-    w2 = [torch.cat(v) for v in rec.w2]
-    all_w2 = torch.cat(w2)
-    est = torch.cat([sensitivity[l] * w2[l] ** 2 for l in range(L)])
+    moe = engine.config.moe_layers
+    tails = {l: torch.cat(rec.tails[l]) for l in moe}                  # [N, k-1]
+    all_w = torch.cat([tails[l].flatten() for l in moe])
+    est = torch.cat([(sensitivity[l] * tails[l] ** 2).flatten() for l in moe])
 
     def q(x: torch.Tensor, r: float) -> float:  # smallest value v with (x < v) for a share >= r
         return math.nextafter(float(torch.quantile(x, r)), math.inf)
 
-    return {"uniform": [q(all_w2, r) for r in s.ratios], "adaptive": [q(est, r) for r in s.ratios]}
+    return {"uniform": [q(all_w, r) for r in s.ratios], "adaptive": [q(est, r) for r in s.ratios]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,9 +168,11 @@ def _set_gating(engine: Engine, method: str, budget: float | None, sensitivity: 
     engine.model.gating = g
 
 
-def _single_decisions(engine: Engine) -> tuple[int, int]:
+def _single_decisions(engine: Engine) -> tuple[int, int, int]:
+    """(single-expert decisions, experts used, decisions) of the gating so far."""
     st = engine.model.gating.stats()
-    return round(st["single_expert_ratio"] * st["decisions"]), st["decisions"]
+    d = st["decisions"]
+    return round(st["single_expert_ratio"] * d), round(st["experts_per_token"] * d), d
 
 
 def measure_point(engine: Engine, method: str, budget: float | None, windows: torch.Tensor,
@@ -181,10 +195,11 @@ def measure_point(engine: Engine, method: str, budget: float | None, windows: to
     gs = engine.model.gating.stats()
     row: dict[str, Any] = {
         "method": method, "budget": budget,
-        "budget_kind": {"uniform": "w2 threshold", "topk": None}.get(method, "T"),
+        "budget_kind": {"uniform": "W threshold", "topk": None}.get(method, "T"),
         "scoring": "decode" if decode else "full-forward",
         "tokens": n, "nll": nll / n, "perplexity": math.exp(nll / n),
         "single_expert_ratio": gs["single_expert_ratio"], "experts_per_token": gs["experts_per_token"],
+        "uses_saved": 1.0 - gs["experts_per_token"] / engine.config.num_experts_per_tok,
         "decisions": gs["decisions"], "est_loss_per_token": gs["est_loss_per_token"],
         "seconds": round(seconds, 2),
     }
@@ -243,6 +258,7 @@ def run_accuracy(checkpoint: Path, work: Path, s: Settings, eval_texts: Sequence
 
     store = work / "store"
     _common.pack_bf16(checkpoint, store, MODEL)
+    model_cfg = ModelConfig.from_hf(config)
     device = torch.device(s.device)
     dtype = torch.float32
     with StoreClient.open(str(store)) as client:
@@ -278,12 +294,14 @@ def run_accuracy(checkpoint: Path, work: Path, s: Settings, eval_texts: Sequence
                 rows.append(row)
         # 3. cost-aware: a GPU/host cache smaller than the model, the prefetcher, the decode path
         if "cost-aware" in s.methods:
-            L, E = config["num_hidden_layers"], config["num_local_experts"]
             with Engine.from_store(client, MODEL, device=device, dtype=dtype, prefetch=False,
                                    gpu_cache_bytes=1 << 40) as probe:
                 slot = probe.provider.slot_bytes
-            gpu_bytes = slot * (L * min(E, s.gpu_experts_per_layer) + config["num_experts_per_tok"])
-            host_bytes = slot * L * min(E, s.host_experts_per_layer)
+                L, E = probe.config.num_hidden_layers, probe.config.num_local_experts
+            n_gpu = s.gpu_experts_per_layer if s.gpu_experts_per_layer is not None else max(1, 3 * E // 8)
+            n_host = s.host_experts_per_layer if s.host_experts_per_layer is not None else max(1, 5 * E // 8)
+            gpu_bytes = slot * (L * min(E, n_gpu) + model_cfg.num_experts_per_tok)
+            host_bytes = slot * L * min(E, n_host)
             with Engine.from_store(client, MODEL, device=device, dtype=dtype, gpu_cache_bytes=gpu_bytes,
                                    host_cache_bytes=host_bytes) as eng:
                 cache_info = {"gpu_cache_bytes": gpu_bytes, "host_cache_bytes": host_bytes,
@@ -308,8 +326,10 @@ def run_accuracy(checkpoint: Path, work: Path, s: Settings, eval_texts: Sequence
         r["measured_delta_loss"] = r["nll"] - topk["nll"]
     return {
         "checkpoint": str(checkpoint),
-        "model_config": {k: config.get(k) for k in ("num_hidden_layers", "num_local_experts", "num_experts_per_tok",
-                                                     "hidden_size", "intermediate_size", "vocab_size")},
+        "model_config": {"family": model_cfg.family,
+                         **{k: getattr(model_cfg, k) for k in ("num_hidden_layers", "num_local_experts",
+                                                               "num_experts_per_tok", "hidden_size",
+                                                               "intermediate_size", "vocab_size")}},
         "checkpoint_sha256": _fingerprint(checkpoint),
         "settings": {**asdict(s), "ratios": list(s.ratios), "methods": list(s.methods),
                      "cost_aware_extra": list(s.cost_aware_extra)},
@@ -320,7 +340,7 @@ def run_accuracy(checkpoint: Path, work: Path, s: Settings, eval_texts: Sequence
         "budgets": budgets,
         "cost_aware_cache": cache_info,
         "rows": rows,
-        "target": check_target(rows),
+        "target": check_target(rows, model_cfg.num_experts_per_tok),
         "seconds": round(time.perf_counter() - t_start, 1),
     }
 
@@ -345,20 +365,27 @@ def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float | None:
     return None
 
 
-def check_target(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Issue 4's target per method: a measured point with single-expert ratio >= 25%, perplexity
-    within 1% of topk and below uniform's (interpolated) perplexity at that ratio."""
+def target_metric(top_k: int) -> tuple[str, str]:
+    """(row key, label) of the target's x-axis: top-2's single-expert ratio (issue 4), or the
+    share of expert uses saved at top-k > 2 (issue 15)."""
+    return ("single_expert_ratio", "single-expert decisions") if top_k <= 2 else ("uses_saved", "fewer expert uses")
+
+
+def check_target(rows: Sequence[dict[str, Any]], top_k: int = 2) -> dict[str, Any]:
+    """The target per method: a measured point with >= 25% on the target's metric (single-expert
+    ratio for top-2, expert uses saved for top-k > 2), perplexity within 1% of topk and below
+    uniform's (interpolated) perplexity at that ratio."""
+    key, label = target_metric(top_k)
     topk = next(r for r in rows if r["method"] == "topk")
     limit = topk["perplexity"] * (1 + TARGET_PPL_TOL)
 
     def curve(method: str) -> tuple[list[float], list[float]]:
-        pts = [(0.0, topk["perplexity"])] + [(r["single_expert_ratio"], r["perplexity"])
-                                             for r in rows if r["method"] == method]
+        pts = [(0.0, topk["perplexity"])] + [(r[key], r["perplexity"]) for r in rows if r["method"] == method]
         return [p[0] for p in pts], [p[1] for p in pts]
 
     ux, uy = curve("uniform")
     out: dict[str, Any] = {"topk_perplexity": topk["perplexity"], "perplexity_limit": limit,
-                           "min_single_expert_ratio": TARGET_RATIO}
+                           "metric": key, "metric_label": label, "min_ratio": TARGET_RATIO}
     for method in ("adaptive", "cost-aware"):
         mrows = [r for r in rows if r["method"] == method]
         if not mrows:
@@ -366,13 +393,12 @@ def check_target(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         mx, my = curve(method)
         points = []
         for r in mrows:
-            u = _interp(ux, uy, r["single_expert_ratio"]) if len(ux) > 1 else None
-            points.append({"budget": r["budget"], "single_expert_ratio": r["single_expert_ratio"],
-                           "perplexity": r["perplexity"], "uniform_at_same_ratio": u,
-                           "within_1pct": r["perplexity"] <= limit,
+            u = _interp(ux, uy, r[key]) if len(ux) > 1 else None
+            points.append({"budget": r["budget"], "ratio": r[key], "single_expert_ratio": r["single_expert_ratio"],
+                           "experts_per_token": r["experts_per_token"], "perplexity": r["perplexity"],
+                           "uniform_at_same_ratio": u, "within_1pct": r["perplexity"] <= limit,
                            "better_than_uniform": u is not None and r["perplexity"] < u})
-        good = [p for p in points if p["single_expert_ratio"] >= TARGET_RATIO and p["within_1pct"]
-                and p["better_than_uniform"]]
+        good = [p for p in points if p["ratio"] >= TARGET_RATIO and p["within_1pct"] and p["better_than_uniform"]]
         # largest ratio the curve keeps within 1% of topk (linear between measured points)
         best_ratio = 0.0
         pts = sorted(zip(mx, my))
@@ -384,7 +410,7 @@ def check_target(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 break
         out[method] = {
             "met": bool(good),
-            "best_point": max(good, key=lambda p: p["single_expert_ratio"]) if good else None,
+            "best_point": max(good, key=lambda p: p["ratio"]) if good else None,
             "max_ratio_within_1pct": best_ratio,
             "perplexity_at_25pct": _interp(mx, my, TARGET_RATIO),
             "uniform_perplexity_at_25pct": _interp(ux, uy, TARGET_RATIO) if len(ux) > 1 else None,
@@ -404,22 +430,24 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
+    key, label = result["target"]["metric"], result["target"]["metric_label"]
     topk = next(r for r in rows if r["method"] == "topk")
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     styles = {"uniform": ("s--", "tab:gray"), "adaptive": ("o-", "tab:blue"), "cost-aware": ("^-", "tab:orange")}
     for method, (style, color) in styles.items():
-        pts = sorted((r["single_expert_ratio"], r["perplexity"]) for r in rows if r["method"] == method)
+        pts = sorted((r[key], r["perplexity"]) for r in rows if r["method"] == method)
         if not pts:
             continue
         pts = [(0.0, topk["perplexity"])] + pts
         ax.plot([100 * x for x, _ in pts], [y for _, y in pts], style, color=color, label=method, ms=5)
     ax.axhline(topk["perplexity"], color="black", lw=1, label=f"topk ({topk['perplexity']:.2f})")
     ax.axhline(topk["perplexity"] * (1 + TARGET_PPL_TOL), color="black", lw=0.8, ls=":", label="topk + 1%")
-    ax.axvline(100 * TARGET_RATIO, color="tab:red", lw=0.8, ls=":", label="25% single-expert")
-    ax.set_xlabel("single-expert decisions (%)")
+    ax.axvline(100 * TARGET_RATIO, color="tab:red", lw=0.8, ls=":", label=f"25% {label}")
+    ax.set_xlabel(f"{label} (%)")
     ax.set_ylabel("held-out perplexity")
     ev = result["eval"]
-    ax.set_title(f"held-out perplexity vs single-expert ratio ({ev['tokens_scored']} tokens)")
+    fam = result.get("model_config", {}).get("family")
+    ax.set_title(f"{fam or 'model'}: held-out perplexity vs {label} ({ev['tokens_scored']} tokens)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -428,21 +456,22 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = ["| method | budget | single-expert ratio | experts/token | perplexity | vs topk | "
+    lines = ["| method | budget | single-expert ratio | experts/token | uses saved | perplexity | vs topk | "
              "est. loss/token | measured Δloss | scoring |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in result["rows"]:
-        b = "-" if r["budget"] is None else (f"w2<{r['budget']:.3f}" if r["method"] == "uniform"
+        b = "-" if r["budget"] is None else (f"W<{r['budget']:.3f}" if r["method"] == "uniform"
                                               else f"T={r['budget']:.3g}")
         lines.append(f"| {r['method']} | {b} | {100 * r['single_expert_ratio']:.1f}% | {r['experts_per_token']:.3f} | "
-                     f"{r['perplexity']:.3f} | {r['ppl_vs_topk_pct']:+.2f}% | {r['est_loss_per_token']:.4f} | "
-                     f"{r['measured_delta_loss']:+.4f} | {r['scoring']} |")
+                     f"{100 * r['uses_saved']:.1f}% | {r['perplexity']:.3f} | {r['ppl_vs_topk_pct']:+.2f}% | "
+                     f"{r['est_loss_per_token']:.4f} | {r['measured_delta_loss']:+.4f} | {r['scoring']} |")
     return "\n".join(lines)
 
 
 def verdict(result: dict[str, Any]) -> str:
     t = result["target"]
-    lines = [f"target: >= {TARGET_RATIO:.0%} single-expert decisions, perplexity <= {t['perplexity_limit']:.3f} "
+    label = t["metric_label"]
+    lines = [f"target: >= {TARGET_RATIO:.0%} {label}, perplexity <= {t['perplexity_limit']:.3f} "
              f"(topk {t['topk_perplexity']:.3f} + 1%), and below uniform at the same ratio"]
     for method in ("adaptive", "cost-aware"):
         m = t.get(method)
@@ -450,16 +479,16 @@ def verdict(result: dict[str, Any]) -> str:
             continue
         at25 = m["perplexity_at_25pct"]
         u25 = m["uniform_perplexity_at_25pct"]
-        s = (f"  {method}: {'MET' if m['met'] else 'NOT met'}; within 1% of topk up to "
-             f"{100 * m['max_ratio_within_1pct']:.1f}% single-expert decisions")
+        s = (f"  {method}: {'MET' if m['met'] else 'MISSED'}; within 1% of topk up to "
+             f"{100 * m['max_ratio_within_1pct']:.1f}% {label}")
         if at25 is not None and u25 is not None:
             s += f"; at 25%: perplexity {at25:.3f} vs uniform {u25:.3f}"
         if m["best_point"]:
             p = m["best_point"]
-            s += (f"; best point {100 * p['single_expert_ratio']:.1f}% at perplexity {p['perplexity']:.3f} "
-                  f"(uniform {p['uniform_at_same_ratio']:.3f})")
+            s += (f"; best point {100 * p['ratio']:.1f}% ({p['experts_per_token']:.2f} experts/token) at perplexity "
+                  f"{p['perplexity']:.3f} (uniform {p['uniform_at_same_ratio']:.3f})")
         lines.append(s)
-    lines.append(f"overall: {'MET' if t['met'] else 'NOT met'}")
+    lines.append(f"overall: {'MET' if t['met'] else 'MISSED'}")
     return "\n".join(lines)
 
 
@@ -469,8 +498,12 @@ def write_outputs(result: dict[str, Any], out_dir: Path, name: str = "accuracy")
 
 def _own_args(ap: argparse.ArgumentParser) -> None:
     d = Settings()
+    ap.add_argument("--family", default=None, choices=sorted(TRAIN_FAMILIES),
+                    help="without --checkpoint: the demo model trained in this family's layout "
+                         "(.demo/checkpoint-FAMILY; default: the Mixtral demo model)")
     ap.add_argument("--ratios", default=",".join(str(r) for r in d.ratios),
-                    help="target single-expert ratios the budgets are calibrated for")
+                    help="target ratios of the droppable expert uses (top-2: single-expert ratios) "
+                         "the budgets are calibrated for")
     ap.add_argument("--methods", default=",".join(d.methods))
     ap.add_argument("--cost-aware-extra", default=",".join(f"{x:g}" for x in d.cost_aware_extra),
                     help="extra cost-aware points at these multiples of the largest calibrated T ('' = none)")
@@ -490,7 +523,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = Settings(eval_tokens=args.eval_tokens, calib_tokens=args.calib_tokens, seq_len=args.seq_len,
                  ratios=_common.floats(args.ratios), methods=_common.names(args.methods),
                  cost_aware_extra=_common.floats(args.cost_aware_extra), scoring=args.scoring, device=args.device)
-    ckpt = find_checkpoint(args.checkpoint)
+    if args.family is not None and args.checkpoint:
+        raise ValueError("give --checkpoint or --family, not both")
+    ckpt = find_checkpoint(args.checkpoint, family=args.family)
     ev, cal, info = heldout_split(s.heldout_mb)
     result = _common.run_in_tempdir("accuracy-", lambda work: run_accuracy(ckpt, work, s, ev, cal,
                                                                             progress=not args.no_progress))
@@ -500,7 +535,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rep = json.loads(report.read_text())
         result["train_report"] = {"heldout": rep.get("heldout"), "settings": rep.get("settings")}
     result.update(_common.run_info("accuracy.py", argv, args.device, args.threads))
-    js, png = write_outputs(result, Path(args.out_dir))
+    js, png = write_outputs(result, Path(args.out_dir), "accuracy" if args.family in (None, "mixtral")
+                            else f"accuracy-{args.family}")
     print()
     print(markdown(result))
     print()
