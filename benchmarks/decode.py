@@ -615,6 +615,7 @@ def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torc
         if args.profile_rows and mode in args.profile_rows:
             profile_txt = torch_profile(eng, prep, args)
         ppl, ppl_windows = perplexity_engine(eng, prep.heldout)
+        arena = arena_stats(eng) if mode == "store-colocated" else None
     finally:
         eng.close()
         del eng
@@ -656,7 +657,18 @@ def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torc
         "gating_stats": {k: v for k, v in (st.get("gating_stats") or {}).items() if k != "per_layer"},
         "torch_profile": profile_txt,
         "cold_fill": cold_fill,
+        "arena": arena,
     }
+
+
+def arena_stats(eng: Engine) -> dict[str, Any]:
+    """The co-located arena as the store and this decoder saw it (slots, use, evictions,
+    publishes; the decoder's reader: copies redone after a replacement, remaps)."""
+    info = eng.client.arena_info()
+    reader = eng.client.stat()["arena"]["reader"]
+    return {"slots": info.slots, "slot_bytes": info.slot_bytes, "used": info.used, "evictions": info.evictions,
+            "publishes": info.publishes, "data_loss": info.data_loss, "store_fill_gbps": info.fill_gbps,
+            "torn": reader.get("torn", 0), "remaps": reader.get("remaps", 0)}
 
 
 def fill_while_serving(eng: Engine, prep: Prepared, mode: str, profile: dict, args: argparse.Namespace,

@@ -46,6 +46,8 @@ def test_store_rows_on_a_random_mixtral(tmp_path):
         assert r["host_hit_rate"] is not None
     colo = by_mode["store-colocated"]["cold_fill"]
     assert colo["arena"]["arena_bytes"] > 0   # every expert went into the arena
+    arena = by_mode["store-colocated"]["arena"]
+    assert arena["used"] == arena["slots"] > 0 and arena["data_loss"] == 0
     targets = decode.check_targets(rows)
     names = [t["target"] for t in targets]
     assert any("store-colocated @ 50%: tokens/s >= 0.8x lru" in n for n in names)
