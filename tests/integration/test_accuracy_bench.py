@@ -91,3 +91,33 @@ def test_decode_scoring_matches_auto(tmp_path, texts):
         assert (a["scoring"], b["scoring"]) == ("full-forward", "decode")
         assert a["budget"] == b["budget"] and a["single_expert_ratio"] == b["single_expert_ratio"]
         assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-5)
+
+
+def test_top_k_sweep_on_a_tiny_qwen3_checkpoint(tmp_path, texts):
+    """Top-4 of 8 (Qwen3-MoE layout): budgets over every droppable expert use, so the share of
+    expert uses saved grows with the budget up to (k - 1) / k; the target is read on it."""
+    from family_checkpoints import make_family_checkpoint
+
+    ckpt = make_family_checkpoint(tmp_path / "q3", "qwen3_moe", hidden=32, layers=2, experts=8, top_k=4, ffn=24,
+                                  vocab=320, norm_topk_prob=True, seed=8)
+    s = accuracy.Settings(eval_tokens=64, calib_tokens=128, seq_len=16, ratios=(0.2, 0.5, 0.9),
+                          methods=("uniform", "adaptive"))
+    work = tmp_path / "work"
+    work.mkdir()
+    result = accuracy.run_accuracy(ckpt, work, s, *texts, progress=False, log=lambda m: None)
+    assert result["model_config"]["family"] == "qwen3_moe" and result["model_config"]["num_experts_per_tok"] == 4
+    assert result["target"]["metric"] == "uses_saved"
+    rows = result["rows"]
+    assert rows[0]["method"] == "topk" and rows[0]["uses_saved"] == 0 and rows[0]["experts_per_token"] == 4
+    for m in ("uniform", "adaptive"):
+        mrows = [r for r in rows if r["method"] == m]
+        saved = [r["uses_saved"] for r in mrows]
+        assert saved == sorted(saved) and 0 < saved[0] < saved[-1] <= 0.75, (m, saved)
+        for r in mrows:
+            assert r["uses_saved"] == pytest.approx(1 - r["experts_per_token"] / 4)
+            assert r["decode_check"]["ok"]
+        # some tokens keep 2 or 3 experts: the drops are partial tails, not only single-expert tokens
+        assert any(r["experts_per_token"] < 4 - 3 * r["single_expert_ratio"] - 1e-9 for r in mrows)
+    assert [p["ratio"] for p in result["target"]["adaptive"]["points"]] == \
+        [r["uses_saved"] for r in rows if r["method"] == "adaptive"]
+    assert "fewer expert uses" in accuracy.verdict(result)
