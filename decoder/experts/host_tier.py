@@ -85,10 +85,15 @@ class HostTier:
             raise ValueError("fetch_workers receives from a remote store; a local-shm:// store is read in place "
                              "from its arena (leave fetch_workers at 0)")
         if self.arena is not None and pin_memory:
+            from expert_store.errors import Unavailable
+
             try:   # the mapping, page-locked once (and again after a remap): DMA straight from it
                 self.arena.pin()
-            except Exception as e:   # noqa: BLE001 - the store is not up yet: pinned at the first map
+            except Unavailable as e:   # the store is not up yet: page-locked when it is mapped
                 log.info("the co-located arena is not mapped yet (%s): it is page-locked when it is", e)
+            except RuntimeError as e:   # CUDA refused (e.g. a filesystem it cannot lock): pageable copies
+                log.warning("could not page-lock the co-located arena: %s; copies from it run at the pageable "
+                            "rate", e)
         if fetch_workers:
             # the arena IS a FetchPool's (expert_store/fetch_pool.py): N receiving processes write
             # blobs straight into its slots, checked; it is page-locked in place (cudaHostRegister)
