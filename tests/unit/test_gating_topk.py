@@ -190,3 +190,33 @@ def test_top_k_adaptive_decisions_through_the_decode_step_equal_the_eager_ones()
     for key in ("decisions", "experts_per_token", "single_expert_ratio"):
         assert a[key] == pytest.approx(b[key])
     assert a["est_loss_per_token"] == pytest.approx(b["est_loss_per_token"], rel=1e-5)
+
+
+def test_cost_aware_top_k_decides_from_the_steps_read(tmp_path):
+    """Cost-aware at top-4 through the layered decode step: it walks each token's tail on the
+    host from the step's one read per layer and writes the shortened routing back; the same
+    decisions, locations and logits as the eager path."""
+    from checkpoints import make_packed_store
+    from expert_store.client import StoreClient
+
+    store = make_packed_store(tmp_path, precisions=("int8",), group_size=32, hidden=64, ffn=48, layers=3,
+                              experts=8, top_k=4, seed=12)
+    ids = torch.randint(0, 320, (16,), generator=torch.Generator().manual_seed(7))
+    runs = {}
+    for mode in ("eager", "step"):
+        with StoreClient.open(str(store)) as client, Engine.from_store(
+                client, "tiny", precision="int8", decode_step=mode, gpu_cache_bytes=0, host_cache_bytes=1 << 20,
+                cache_options={"gpu_slots": [4, 5, 4], "dense_slots": True}, gating="cost-aware", budget=0.02,
+                prefetch=False, gating_options={"sensitivity": [1.0, 0.5, 2.0]}) as eng:
+            eng.provider.load_cost = lambda loc: {"gpu": 0.0, "host": 1e-3, "store": 4e-3}[loc]
+            logits = eng.decode_logits(ids)
+            runs[mode] = (logits, eng.stats(), eng._step)
+    (a, sa, _), (b, sb, st) = runs["eager"], runs["step"]
+    assert st is not None and st.layered_steps == 16
+    ga, gb = sa["gating_stats"], sb["gating_stats"]
+    assert 1.0 < ga["experts_per_token"] < 4.0 - 3 * ga["single_expert_ratio"] - 1e-9   # partial tails too
+    assert ga["expert2_location"].get("host", 0) > 0 and ga["expert2_location"].get("gpu", 0) > 0
+    for key in ("decisions", "experts_per_token", "single_expert_ratio", "expert2_location", "capped_by_bound"):
+        assert gb[key] == ga[key], key
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    assert sb["routing"] == sa["routing"]
