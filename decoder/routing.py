@@ -20,6 +20,9 @@ class Gating:
     (ModelConfig.norm_topk_prob false: Qwen2-MoE, OLMoE) takes only idx from a gating and weighs
     each selected expert by its softmax probability (`selected_probs`), so every gating's choice
     of experts works with every family. Must be differentiable w.r.t. router_logits for training.
+    A sigmoid router (DeepSeek-V3) passes its choice (scores + correction bias, group-limited)
+    as router_logits and weighs by the picked scores; a gating with `takes_scores` also gets
+    those scores (`route(layer, choice, scores=scores)`) to decide on the weights that apply.
     """
 
     name = "base"

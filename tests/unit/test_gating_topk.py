@@ -220,3 +220,46 @@ def test_cost_aware_top_k_decides_from_the_steps_read(tmp_path):
         assert gb[key] == ga[key], key
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     assert sb["routing"] == sa["routing"]
+
+
+FAMILY_SWITCHES = {
+    "mixtral": dict(family="mixtral", norm_topk_prob=True),
+    "qwen3_moe": dict(family="qwen3_moe", qk_norm="head", norm_topk_prob=True),
+    "qwen2_moe": dict(family="qwen2_moe", qkv_bias=True, norm_topk_prob=False, shared_expert_intermediate_size=20),
+    "olmoe": dict(family="olmoe", qk_norm="full", norm_topk_prob=False),
+    "deepseek_v3": dict(family="deepseek_v3", router_scores="sigmoid", score_correction_bias=True, norm_topk_prob=True,
+                        n_group=2, topk_group=1, routed_scaling_factor=2.5, shared_expert_intermediate_size=16,
+                        shared_expert_gated=False),
+    "gpt_oss": dict(family="gpt_oss", router_bias=True, expert_act="swiglu_clamped", expert_bias=True,
+                    swiglu_limit=1.0, norm_topk_prob=True),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_SWITCHES))
+def test_calibrated_adaptive_gating_for_every_family(family):
+    """calibrate -> profile -> adaptive gating at the profile's 25% budget: on the calibration
+    text it drops ~25% of the droppable expert uses (3 per token at top-4), partial tails
+    included, and its estimated loss is F_l * W^2 of what it dropped."""
+    from decoder.calibrate import build_profile, calibrate_model, validate_profile
+    from decoder.gating import make_gating
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=8,
+                      num_experts_per_tok=4, max_position_embeddings=64, **FAMILY_SWITCHES[family])
+    m = Transformer(cfg)
+    m.init_weights(std=0.3, seed=5)
+    m.eval()
+    windows = [torch.randint(0, 64, (32,), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    prof = validate_profile(build_profile("t", calibrate_model(m, windows), cfg, text_file=None, seq_len=32), 2, 8)
+    assert all(f > 0 for f in prof["sensitivity"])
+    g = make_gating("adaptive", config=cfg, profile=prof)
+    assert g.budget == prof["budget_for_single_ratio"]["0.25"]
+    m.gating = g
+    with torch.no_grad():
+        for w in windows:
+            m(w[None, :-1])                   # the positions calibration counted (each but the last)
+    s = g.stats()
+    dropped = 4 - s["experts_per_token"]
+    assert dropped / 3 == pytest.approx(0.25, abs=0.04)
+    assert s["single_expert_ratio"] < dropped / 3          # some tokens drop 1 or 2, not 3
+    assert s["est_loss_per_token"] > 0
