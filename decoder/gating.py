@@ -180,15 +180,18 @@ class CountingGating(Gating):
         """The device decision (uniform, adaptive), nothing read: weights [T, k] f32, idx [T, k]
         -> (weights, idx after the drops, experts dropped per token [T] int64, the dropped weight
         W per token [T] f32 (-1 where nothing was dropped))."""
-        n = self._tail_drops(layer, router_logits, weights, idx)                # [T] int64
-        dropped = torch.where(n > 0, tail_sums(weights).gather(1, (n - 1).clamp(min=0)[:, None])[:, 0], -1.0)
+        n = self._tail_drops(layer, router_logits, weights, idx)                # [T] int64, or bool (k = 2)
+        if n.dtype == torch.bool:                                               # k = 2: W is w2
+            dropped = torch.where(n, weights[:, -1], -1.0)
+        else:
+            dropped = torch.where(n > 0, tail_sums(weights).gather(1, (n - 1).clamp(min=0)[:, None])[:, 0], -1.0)
         w, i = self._apply_drops(weights, idx, n)
         return w, i, n, dropped
 
     def _apply_drops(self, weights: torch.Tensor, idx: torch.Tensor,
                      n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # weights/idx [T, k], n [T] int64 -> the last n[t] experts of token t removed (id -1,
-        # weight 0) and its other weights renormalised; rows with n == 0 unchanged
+        # weights/idx [T, k], n [T] int64 (or bool, k = 2) -> the last n[t] experts of token t
+        # removed (id -1, weight 0) and its other weights renormalised; rows with n == 0 unchanged
         k = weights.shape[1]
         if k == 2:
             # k = 2 (Mixtral): a dropped row is exactly (1.0, 0.0) (w1 / w1 == 1 in IEEE
@@ -198,7 +201,7 @@ class CountingGating(Gating):
                 self._drop_consts = (key, torch.tensor([1.0, 0.0], dtype=weights.dtype, device=weights.device),
                                      torch.tensor([False, True], device=weights.device))
             _, one_zero, last = self._drop_consts
-            flag = (n > 0)[:, None]                                              # [T, 1]
+            flag = (n if n.dtype == torch.bool else n > 0)[:, None]              # [T, 1]
             return torch.where(flag, one_zero, weights), idx.masked_fill(flag & last, -1)
         pos = torch.arange(k, device=weights.device)
         keep = pos[None, :] < (k - n)[:, None]                                   # [T, k]
@@ -254,7 +257,9 @@ class CountingGating(Gating):
 
     def _tail_drops(self, layer: int, router_logits: torch.Tensor, weights: torch.Tensor,
                     idx: torch.Tensor) -> torch.Tensor:
-        """weights [T, k] (descending, sum 1) -> tail experts to drop per token [T] int64 in 0..k-1."""
+        """weights [T, k] (descending, sum 1) -> tail experts to drop per token [T] int64 in 0..k-1;
+        for k = 2 a bool mask may stand for the counts (the one droppable expert: fewer kernels
+        in the captured decode step, as before top-k)."""
         raise NotImplementedError
 
 
@@ -300,7 +305,7 @@ class UniformThresholdGating(CountingGating):
 
     def _tail_drops(self, layer, router_logits, weights, idx):
         if weights.shape[1] == 2:
-            return (weights[:, -1] < self.threshold).long()
+            return weights[:, -1] < self.threshold
         return (tail_sums(weights) < self.threshold).sum(dim=1)       # W_m grows with m: a prefix
 
 
@@ -323,7 +328,7 @@ class AdaptiveGating(CountingGating):
         F = self.sensitivity[layer]
         if weights.shape[1] == 2:
             w2 = weights[:, -1].float()
-            return (F * w2 * w2 < self.budget).long()
+            return F * w2 * w2 < self.budget
         W = tail_sums(weights.float())                                  # [T, k - 1]
         return (F * W * W < self.budget).sum(dim=1)                     # F W_m^2 grows with m: a prefix
 
