@@ -229,23 +229,34 @@ def tail_directions(w: Any, y: Any, renormalize: bool) -> tuple[Any, Any]:
     w: [S, k] the weights the block applied (descending), y: [S, k, H] the experts' outputs ->
     (v [S, k-1, H], W [S, k-1]) for m = 1..k-1: W_m = the m last weights' share of the top-k's
     (the gating's renormalised weights), dy_m the exact output change (a renormalising router
-    rescales the kept weights by sum(w) / sum(kept w); one that does not keeps them), v = dy / W."""
+    rescales the kept weights by sum(w) / sum(kept w); one that does not keeps them), v = dy / W.
+
+    v is formed from weighted means, not by dividing dy by W: with D the dropped experts (weight
+    T_D, weighted mean output ybar_D) and K the kept ones (ybar_K), a renormalising router gives
+    dy = T_D (ybar_K - ybar_D), so v = sum(w) (ybar_K - ybar_D); one that does not gives
+    v = -sum(w) ybar_D. Dividing the difference dy by a W of 1e-38 (a random router's tail in
+    float32) would multiply dy's rounding error by 1e38 and overflow (g . v)^2. A tail of weight
+    exactly 0 takes the plain mean of its outputs (dy / W has no limit there; F W^2 is 0)."""
     import torch
 
     S, k = w.shape
     w = w.to(y.dtype)
-    wy = w[..., None] * y                                              # [S, k, H]
     total = w.sum(dim=1)                                               # [S]
     out_v, out_W = [], []
     for m in range(1, k):
-        kept_w = w[:, :k - m].sum(dim=1)                              # [S]
-        kept_y = wy[:, :k - m].sum(dim=1)                             # [S, H]
-        dy = -wy[:, k - m:].sum(dim=1)                                # [S, H]
+        kept, tail = w[:, :k - m], w[:, k - m:]                        # [S, k-m], [S, m]
+        kept_w, tail_w = kept.sum(dim=1), tail.sum(dim=1)              # [S]
+        some = tail_w[:, None] > 0
+        share = torch.where(some, tail / torch.where(some, tail_w[:, None], 1.0),
+                            torch.full_like(tail, 1.0 / m))           # [S, m], rows sum to 1
+        ybar_d = (share[..., None] * y[:, k - m:]).sum(dim=1)         # [S, H]
         if renormalize:
-            dy = dy + kept_y * (total / kept_w - 1.0)[:, None]
-        W = (total - kept_w) / total                                  # [S]
-        out_v.append(dy / W.clamp_min(1e-30)[:, None])
-        out_W.append(W)
+            ybar_k = (kept[..., None] * y[:, :k - m]).sum(dim=1) / kept_w[:, None]
+            v = total[:, None] * (ybar_k - ybar_d)
+        else:
+            v = -total[:, None] * ybar_d
+        out_v.append(v)
+        out_W.append(tail_w / total)
     return torch.stack(out_v, dim=1), torch.stack(out_W, dim=1)
 
 
