@@ -18,8 +18,9 @@ sensitivity F_l, prefetch accuracy, popularity) and the profile is stored next t
 
 Sweep: budgets come from the calibration text only: for each target ratio r of the droppable
 expert uses (a token's top-k but the first; top-2: the single-expert ratio), `uniform`'s
-threshold is the r-quantile of the tail weights W_m (the renormalised weight of a token's m
-last experts, m = 1..k-1; top-2: w2), and `adaptive`'s T the r-quantile of F_l * W_m^2 (over
+threshold is the r-quantile of the tail weights W_m (the decision weight of a token's m last
+experts, m = 1..k-1: their share of the top-k's, or their router probability for a family that
+does not renormalise; top-2: w2), and `adaptive`'s T the r-quantile of F_l * W_m^2 (over
 all calibration routing decisions). `cost-aware` runs at the
 same T values as `adaptive`, plus points at multiples of the largest T (--cost-aware-extra):
 its ratio follows the live location of expert 2 (kept when it is on the GPU tier, dropped
@@ -70,7 +71,7 @@ from benchmarks._common import (encode_texts, eval_windows, find_checkpoint,  # 
                                 heldout_split)
 from decoder.engine import Engine  # noqa: E402
 from decoder.gating import make_gating  # noqa: E402
-from decoder.gating import tail_sums  # noqa: E402
+from decoder.calibrate import decision_tails  # noqa: E402
 from decoder.train_demo import TRAIN_FAMILIES  # noqa: E402
 from decoder.model.config import ModelConfig  # noqa: E402
 from decoder.model.transformer import MoEObserver  # noqa: E402
@@ -101,15 +102,17 @@ class Settings:
 # calibration and budgets
 # ---------------------------------------------------------------------------------------------
 class _TailWeights(MoEObserver):
-    """Collects each routing decision's tail weights W_m (the renormalised weight of the m last
-    experts, m = 1..k-1; top-2: w2), per layer: [T, k-1] per call."""
+    """Collects each routing decision's tail weights W_m (the decision weight of the m last
+    experts, m = 1..k-1, as the gating sees it: decoder.calibrate.decision_tails; top-2 of a
+    renormalising family: w2), per layer: [T, k-1] per call."""
 
-    def __init__(self, num_layers: int) -> None:
-        self.tails: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.tails: list[list[torch.Tensor]] = [[] for _ in range(model.config.num_hidden_layers)]
 
     def on_routing(self, layer, router_logits, weights, idx):
-        w = weights.detach().double()
-        self.tails[layer].append(tail_sums(w / w.sum(dim=-1, keepdim=True)).cpu())
+        moe = self.model.layers[layer].block_sparse_moe
+        self.tails[layer].append(decision_tails(moe, weights.detach().double()).cpu())
 
 
 def calibrate(engine: Engine, store_dir: Path, calib_ids: torch.Tensor, s: Settings,
@@ -125,8 +128,7 @@ def sweep_budgets(engine: Engine, calib_ids: torch.Tensor, sensitivity: Sequence
     routing (quantiles of W_m and of F_l * W_m^2 over every droppable expert use)."""
     from decoder.calibrate import token_windows
 
-    L = engine.config.num_hidden_layers
-    rec = _TailWeights(L)
+    rec = _TailWeights(engine.model)
     old = engine.model.gating
     engine.model.gating = make_gating("topk", config=engine.config)
     engine.model.add_observer(rec)

@@ -161,7 +161,7 @@ def calibrate_model(model: Any, windows: Sequence[Any], budget: float | None = N
                     g = grads[l].reshape(S, -1)                          # [S, H]
                     w, idx = rec.route[l]                              # [S, k] weights as applied, ids
                     y = expert_outputs(model.layers[l].block_sparse_moe, provider, rec.x[l], idx)   # [S, k, H]
-                    v, W = tail_directions(w, y, model.layers[l].block_sparse_moe.renormalize)    # [S, k-1, H], [S, k-1]
+                    v, W = tail_directions(w, y, model.layers[l].block_sparse_moe)    # [S, k-1, H], [S, k-1]
                     # the last position has no next token: its gradient is 0 by construction,
                     # but it is a decision like any other; average over positions with a target
                     contrib = 0.5 * torch.einsum("sh,smh->sm", g.to(v.dtype), v) ** 2   # [S, k-1]
@@ -223,41 +223,41 @@ def expert_outputs(moe: Any, provider: Any, x: Any, idx: Any) -> Any:
     return y
 
 
-def tail_directions(w: Any, y: Any, renormalize: bool) -> tuple[Any, Any]:
-    """The MoE output's change per unit of dropped weight when a token's m last experts go.
+def tail_directions(w: Any, y: Any, moe: Any) -> tuple[Any, Any]:
+    """The MoE output's change per unit of dropped decision weight when a token's m last experts go.
 
-    w: [S, k] the weights the block applied (descending), y: [S, k, H] the experts' outputs ->
-    (v [S, k-1, H], W [S, k-1]) for m = 1..k-1: W_m = the m last weights' share of the top-k's
-    (the gating's renormalised weights), dy_m the exact output change (a renormalising router
-    rescales the kept weights by sum(w) / sum(kept w); one that does not keeps them), v = dy / W.
-
-    v is formed from weighted means, not by dividing dy by W: with D the dropped experts (weight
-    T_D, weighted mean output ybar_D) and K the kept ones (ybar_K), a renormalising router gives
-    dy = T_D (ybar_K - ybar_D), so v = sum(w) (ybar_K - ybar_D); one that does not gives
-    v = -sum(w) ybar_D. Dividing the difference dy by a W of 1e-38 (a random router's tail in
-    float32) would multiply dy's rounding error by 1e38 and overflow (g . v)^2. A tail of weight
-    exactly 0 takes the plain mean of its outputs (dy / W has no limit there; F W^2 is 0)."""
+    w: [S, k] the weights the block applied (descending), y: [S, k, H] the experts' outputs,
+    moe: the layer's MoEBlock -> (v [S, k-1, H], W [S, k-1]) for m = 1..k-1: dy_m the exact output
+    change (a renormalising router rescales the kept weights by sum(w) / sum(kept w); one that
+    does not keeps them), W_m = `decision_tails` (what the gating compares), v = dy / W."""
     import torch
 
     S, k = w.shape
     w = w.to(y.dtype)
+    wy = w[..., None] * y                                              # [S, k, H]
     total = w.sum(dim=1)                                               # [S]
-    out_v, out_W = [], []
+    W = decision_tails(moe, w)                                         # [S, k-1]
+    out_v = []
     for m in range(1, k):
-        kept, tail = w[:, :k - m], w[:, k - m:]                        # [S, k-m], [S, m]
-        kept_w, tail_w = kept.sum(dim=1), tail.sum(dim=1)              # [S]
-        some = tail_w[:, None] > 0
-        share = torch.where(some, tail / torch.where(some, tail_w[:, None], 1.0),
-                            torch.full_like(tail, 1.0 / m))           # [S, m], rows sum to 1
-        ybar_d = (share[..., None] * y[:, k - m:]).sum(dim=1)         # [S, H]
-        if renormalize:
-            ybar_k = (kept[..., None] * y[:, :k - m]).sum(dim=1) / kept_w[:, None]
-            v = total[:, None] * (ybar_k - ybar_d)
-        else:
-            v = -total[:, None] * ybar_d
-        out_v.append(v)
-        out_W.append(tail_w / total)
-    return torch.stack(out_v, dim=1), torch.stack(out_W, dim=1)
+        kept_w = w[:, :k - m].sum(dim=1)                              # [S]
+        kept_y = wy[:, :k - m].sum(dim=1)                             # [S, H]
+        dy = -wy[:, k - m:].sum(dim=1)                                # [S, H]
+        if moe.renormalize:
+            dy = dy + kept_y * (total / kept_w - 1.0)[:, None]
+        out_v.append(dy / W[:, m - 1].clamp_min(1e-30)[:, None])
+    return torch.stack(out_v, dim=1), W
+
+
+def decision_tails(moe: Any, w: Any) -> Any:
+    """W_m, m = 1..k-1: the decision weight of a token's m last experts, as the gating sees it
+    (decoder/gating.py). moe: the layer's MoEBlock; w: [S, k] the weights it applied -> [S, k-1]:
+    their share of the top-k's when the family renormalises, else the router weights themselves
+    (the routed scaling factor of a sigmoid router taken out: the gating sees the scores)."""
+    if moe.renormalize:
+        d = w / w.sum(dim=1, keepdim=True)
+    else:
+        d = w / moe.scaling if moe.scores == "sigmoid" else w
+    return d.flip(-1).cumsum(-1)[:, :-1]
 
 
 def token_windows(ids: Sequence[int], seq_len: int, max_tokens: int) -> list[Any]:

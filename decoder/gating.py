@@ -16,16 +16,18 @@
                stays ~T). The estimated loss a token accumulates over the layers (sum of F_l * W^2
                of its dropped experts) never exceeds `loss_bound`.
 
-The estimated loss of dropping a tail. A token's top-k weights w_1 >= ... >= w_k (renormalised
-to sum 1: the decision weights, whatever the family's router) split into the kept K and the
-dropped D, W = sum_D w_i. A renormalising family (Mixtral, Qwen3-MoE, GPT-OSS, DeepSeek-V3)
+The estimated loss of dropping a tail. A token's top-k decision weights w_1 >= ... >= w_k split
+into the kept K and the dropped D, W = sum_D w_i. A renormalising family (Mixtral, Qwen3-MoE,
+GPT-OSS, DeepSeek-V3 with norm_topk_prob) weighs by the top-k's shares (w sums to 1) and
 outputs sum_K w_i E_i / (1 - W) instead of sum_i w_i E_i, a change of
 
     dy = W * (ybar_K - ybar_D),   ybar_S = sum_S w_i E_i / sum_S w_i  (weighted mean over S);
 
-one that weighs by unrenormalised probabilities p_i = Z w_i (Qwen2-MoE, OLMoE; Z = the top-k's
-probability mass) keeps p_i for the kept experts: dy = -W * Z * ybar_D. Either way dy = W * v,
-and with the Fisher approximation of the Hessian the next-token loss rises by about
+one that weighs by unrenormalised router weights (Qwen2-MoE, OLMoE: softmax probabilities;
+DeepSeek-V3 without norm_topk_prob: sigmoid scores, x the routed scaling factor) keeps them for
+the kept experts, and w is those weights (`renormalize=False`): dy = -W * ybar_D, W the router
+probability mass that goes (a token whose top-k holds little of it loses little). Either way
+dy = W * v, and with the Fisher approximation of the Hessian the next-token loss rises by about
 0.5 (g . dy)^2 = W^2 * 0.5 (g . v)^2, g the loss gradient at the layer's output; calibration
 measures F_l = mean 0.5 (g . v)^2 over tokens and tail sizes, so the estimate is F_l * W^2.
 For top-2 (D = {2}): dy = w2 * (E1 - E2), the estimate F_l * w2^2. F_l * W^2 grows with the
@@ -35,7 +37,8 @@ Every gating returns (weights [T, k] float32, idx [T, k] int64) with idx == -1 (
 slot a token does not use (see decoder.routing.Gating). Decisions are counted per layer: experts
 per token, single-expert ratio and the estimated loss of the dropped experts. A gating built for
 a router whose weights are not softmax(logits) (DeepSeek-V3's sigmoid scores) gets them as
-`scores` and decides on the picked experts' scores renormalised (`takes_scores`).
+`scores` and decides on the picked experts' scores (renormalised when the family renormalises;
+`takes_scores`).
 """
 
 from __future__ import annotations
@@ -74,10 +77,14 @@ class CountingGating(Gating):
     miss_threshold: float | None = None
     miss_provider: Any = None
 
-    def __init__(self, top_k: int, num_layers: int, sensitivity: Sequence[float] | None = None) -> None:
+    def __init__(self, top_k: int, num_layers: int, sensitivity: Sequence[float] | None = None, *,
+                 renormalize: bool = True) -> None:
+        """renormalize: the family renormalises its top-k weights (ModelConfig.norm_topk_prob):
+        decide on the shares; otherwise on the router weights as they apply (module docstring)."""
         if top_k < 1:
             raise ValueError("top_k must be >= 1")
         self.top_k = int(top_k)
+        self.renormalize = bool(renormalize)
         self.num_layers = int(num_layers)
         if sensitivity is not None:
             sensitivity = [float(f) for f in sensitivity]
@@ -151,9 +158,9 @@ class CountingGating(Gating):
     def _route(self, layer: int, router_logits: torch.Tensor,
                scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         # router_logits: [T, E] -> weights [T, k] float32, idx [T, k] int64 (-1 = unused slot)
-        weights, idx = topk_route(router_logits, self.top_k)
+        weights, idx = topk_route(router_logits, self.top_k, self.renormalize)
         if scores is not None:
-            weights = decision_weights(scores, idx)
+            weights = decision_weights(scores, idx, self.renormalize)
         T = weights.shape[0]
         if self.top_k < 2 or T == 0:
             self._count(layer, [0] * T, None)
@@ -191,9 +198,10 @@ class CountingGating(Gating):
     def _apply_drops(self, weights: torch.Tensor, idx: torch.Tensor,
                      n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # weights/idx [T, k], n [T] int64 (or bool, k = 2) -> the last n[t] experts of token t
-        # removed (id -1, weight 0) and its other weights renormalised; rows with n == 0 unchanged
+        # removed (id -1, weight 0) and its other weights renormalised (kept as they are without
+        # `renormalize`); rows with n == 0 unchanged
         k = weights.shape[1]
-        if k == 2:
+        if k == 2 and self.renormalize:
             # k = 2 (Mixtral): a dropped row is exactly (1.0, 0.0) (w1 / w1 == 1 in IEEE
             # arithmetic) and ids (e1, -1): three kernels, no reduction
             key = (weights.device, weights.dtype)
@@ -204,10 +212,11 @@ class CountingGating(Gating):
             flag = (n if n.dtype == torch.bool else n > 0)[:, None]              # [T, 1]
             return torch.where(flag, one_zero, weights), idx.masked_fill(flag & last, -1)
         pos = torch.arange(k, device=weights.device)
-        keep = pos[None, :] < (k - n)[:, None]                                   # [T, k]
+        keep = pos[None, :] < (k - n.long())[:, None]                            # [T, k]
         w = torch.where(keep, weights, torch.zeros_like(weights))
-        # renormalise only the rows that changed: the others stay bit-identical to top-k
-        w = torch.where((n > 0)[:, None], w / w.sum(dim=-1, keepdim=True), weights)
+        if self.renormalize:
+            # renormalise only the rows that changed: the others stay bit-identical to top-k
+            w = torch.where((n > 0)[:, None], w / w.sum(dim=-1, keepdim=True), weights)
         i = torch.where(keep, idx, torch.full_like(idx, -1))
         return w, i
 
@@ -268,10 +277,11 @@ def tail_sums(weights: torch.Tensor) -> torch.Tensor:
     return weights.flip(-1).cumsum(-1)[:, :-1]
 
 
-def decision_weights(scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """scores [T, E] (a sigmoid router's), idx [T, k] -> the picked scores renormalised [T, k] f32."""
+def decision_weights(scores: torch.Tensor, idx: torch.Tensor, renormalize: bool = True) -> torch.Tensor:
+    """scores [T, E] (a sigmoid router's), idx [T, k] -> the picked scores [T, k] f32, renormalised
+    when the family renormalises."""
     picked = scores.float().gather(-1, idx)
-    return picked / (picked.sum(dim=-1, keepdim=True) + 1e-20)
+    return picked / (picked.sum(dim=-1, keepdim=True) + 1e-20) if renormalize else picked
 
 
 class CountingTopK(CountingGating):
@@ -279,8 +289,8 @@ class CountingTopK(CountingGating):
 
     name = "topk"
 
-    def __init__(self, top_k: int, num_layers: int) -> None:
-        super().__init__(top_k, num_layers)
+    def __init__(self, top_k: int, num_layers: int, *, renormalize: bool = True) -> None:
+        super().__init__(top_k, num_layers, renormalize=renormalize)
 
     def _decide(self, layer, router_logits, weights, idx):
         return [0] * weights.shape[0], None, None               # keeps every expert: nothing to read
@@ -297,8 +307,8 @@ class UniformThresholdGating(CountingGating):
     decides_on_device = True
 
     def __init__(self, top_k: int, num_layers: int, threshold: float,
-                 sensitivity: Sequence[float] | None = None) -> None:
-        super().__init__(top_k, num_layers, sensitivity)
+                 sensitivity: Sequence[float] | None = None, *, renormalize: bool = True) -> None:
+        super().__init__(top_k, num_layers, sensitivity, renormalize=renormalize)
         if not 0 <= threshold <= 1:
             raise ValueError("uniform threshold must be in [0, 1] (a renormalised weight)")
         self.threshold = float(threshold)
@@ -316,10 +326,11 @@ class AdaptiveGating(CountingGating):
     name = "adaptive"
     decides_on_device = True
 
-    def __init__(self, top_k: int, num_layers: int, sensitivity: Sequence[float], budget: float) -> None:
+    def __init__(self, top_k: int, num_layers: int, sensitivity: Sequence[float], budget: float, *,
+                 renormalize: bool = True) -> None:
         if sensitivity is None:
             raise ValueError("adaptive gating needs per-layer sensitivity (run `moe-decoder calibrate`)")
-        super().__init__(top_k, num_layers, sensitivity)
+        super().__init__(top_k, num_layers, sensitivity, renormalize=renormalize)
         if not budget >= 0:
             raise ValueError("budget must be >= 0")
         self.budget = float(budget)
@@ -396,10 +407,11 @@ class CostAwareGating(CountingGating):
     mean_alpha = 0.02
 
     def __init__(self, top_k: int, num_layers: int, sensitivity: Sequence[float], budget: float,
-                 provider: Any, loss_bound: float | None = None, store_cost_ratio: float = 10.0) -> None:
+                 provider: Any, loss_bound: float | None = None, store_cost_ratio: float = 10.0, *,
+                 renormalize: bool = True) -> None:
         if sensitivity is None:
             raise ValueError("cost-aware gating needs per-layer sensitivity (run `moe-decoder calibrate`)")
-        super().__init__(top_k, num_layers, sensitivity)
+        super().__init__(top_k, num_layers, sensitivity, renormalize=renormalize)
         if not budget >= 0:
             raise ValueError("budget must be >= 0")
         self.budget = float(budget)
@@ -616,22 +628,24 @@ def _make_gating(name: str, *, config: ModelConfig, provider: Any, budget: float
                  store_cost_ratio: float) -> CountingGating:
     k = int(config.num_experts_per_tok)
     L = int(config.num_hidden_layers)
+    renorm = bool(getattr(config, "norm_topk_prob", True))
     if name == "topk":
-        return CountingTopK(k, L)
+        return CountingTopK(k, L, renormalize=renorm)
     sens = list(sensitivity) if sensitivity is not None else profile_sensitivity(profile, L)
     if name == "uniform":
         t = threshold if threshold is not None else budget
         if t is None:
             raise ValueError("uniform gating needs a threshold (--budget)")
-        return UniformThresholdGating(k, L, t, sens)
+        return UniformThresholdGating(k, L, t, sens, renormalize=renorm)
     if name in ("adaptive", "cost-aware"):
         if sens is None:
             raise ValueError(f"{name} gating needs a calibration profile with per-layer sensitivity: "
                              f"run `moe-decoder calibrate` and put profile.json in the store")
         T = 0.0 if budget is None else float(budget)
         if name == "adaptive":
-            return AdaptiveGating(k, L, sens, T)
+            return AdaptiveGating(k, L, sens, T, renormalize=renorm)
         if provider is None:
             raise ValueError("cost-aware gating needs the expert provider")
-        return CostAwareGating(k, L, sens, T, provider, loss_bound=loss_bound, store_cost_ratio=store_cost_ratio)
+        return CostAwareGating(k, L, sens, T, provider, loss_bound=loss_bound, store_cost_ratio=store_cost_ratio,
+                               renormalize=renorm)
     raise ValueError(f"unknown gating {name!r} (available: {', '.join(GATINGS)})")

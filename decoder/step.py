@@ -207,8 +207,9 @@ class DecodeStep:
 
     def _route(self, layer: int, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # logits: [B, E] -> weights [B, k] f32, ids [B, k] (-1 = none), dropped weight W or -1 [B]
-        w, ids = topk_route(logits, self.k)
         g = self.gating
+        renorm = g.renormalize if isinstance(g, CountingGating) else True
+        w, ids = topk_route(logits, self.k, renorm)                      # the gating's decision weights
         if isinstance(g, CountingGating) and g.decides_on_device and not self.host_decides and self.k >= 2:
             w, ids, _, pend = g.decide_on_device(layer, logits, w, ids)
         else:

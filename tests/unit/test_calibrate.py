@@ -159,7 +159,8 @@ def family_model(family, seed):
 
 def finite_difference_topk(model, ids, eps=1e-3):
     """F_l = mean over tokens t and tail sizes m of 0.5 * (dLoss/d eps)^2 for out_l[t] += eps * v,
-    v = (MoE output with token t's m last experts dropped - with none dropped) / W_m: the
+    v = (MoE output with token t's m last experts dropped - with none dropped) / W_m (the dropped
+    decision weight, decoder/gating.py): the
     direction taken from the MoE block itself (no algebra of calibrate's), the derivative by
     central differences (no autograd)."""
     import torch.nn.functional as F
@@ -195,7 +196,9 @@ def finite_difference_topk(model, ids, eps=1e-3):
             for m in range(1, k):
                 with torch.no_grad():
                     dropped = moe(x, model.experts, DropTail(k, t, m), [])[0]
-                W = float(w[k - m:].sum() / w.sum())
+                # the gating's decision weight: the dropped share when the family renormalises,
+                # else the router weight that goes (sigmoid scores without the scaling factor)
+                W = float(w[k - m:].sum() / (w.sum() if moe.renormalize else moe.scaling))
                 v = (dropped[t] - full[t]) / W
                 torch.testing.assert_close(dropped[:t], full[:t], rtol=0, atol=1e-12)   # only token t changed
 

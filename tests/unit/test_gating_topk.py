@@ -169,20 +169,23 @@ def test_a_sigmoid_router_is_judged_on_its_own_weights():
         torch.testing.assert_close(w[t, :4 - n], 2.5 * kept / kept.sum())
 
 
-def _qwen3(seed: int) -> Transformer:
+def _stepped(family: str, seed: int) -> Transformer:
+    switches = {"qwen3_moe": dict(qk_norm="head"), "olmoe": dict(qk_norm="full", norm_topk_prob=False)}[family]
     cfg = ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=8,
-                      num_experts_per_tok=4, max_position_embeddings=64, family="qwen3_moe", qk_norm="head")
+                      num_experts_per_tok=4, max_position_embeddings=64, family=family, **switches)
     m = Transformer(cfg)
     m.init_weights(std=0.3, seed=seed)
-    m.gating = AdaptiveGating(4, 2, [1.0, 3.0], budget=0.05)
+    T = 0.05 if cfg.norm_topk_prob else 0.02
+    m.gating = AdaptiveGating(4, 2, [1.0, 3.0], budget=T, renormalize=cfg.norm_topk_prob)
     return m.eval()
 
 
-def test_top_k_adaptive_decisions_through_the_decode_step_equal_the_eager_ones():
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe"])
+def test_top_k_adaptive_decisions_through_the_decode_step_equal_the_eager_ones(family):
     ids = torch.randint(0, 300, (12,), generator=torch.Generator().manual_seed(6))
-    eager = Engine.from_model(_qwen3(seed=1), decode_step="eager")
-    step = Engine.from_model(_qwen3(seed=1), decode_step="step")
+    eager = Engine.from_model(_stepped(family, seed=1), decode_step="eager")
+    step = Engine.from_model(_stepped(family, seed=1), decode_step="step")
     torch.testing.assert_close(step.decode_logits(ids), eager.decode_logits(ids), rtol=1e-4, atol=1e-4)
     assert step._step is not None and step._step.whole_steps == 12
     a, b = eager.stats()["gating_stats"], step.stats()["gating_stats"]
@@ -263,3 +266,26 @@ def test_calibrated_adaptive_gating_for_every_family(family):
     assert dropped / 3 == pytest.approx(0.25, abs=0.04)
     assert s["single_expert_ratio"] < dropped / 3          # some tokens drop 1 or 2, not 3
     assert s["est_loss_per_token"] > 0
+
+
+def test_an_unrenormalised_router_is_judged_on_the_probability_that_goes():
+    """Qwen2-MoE / OLMoE (norm_topk_prob off): the decision weights are the top-k's softmax
+    probabilities (W = the probability mass dropped, dy = -W ybar_D) and the kept experts keep
+    their probabilities, as the block weighs them; make_gating follows the config."""
+    from decoder.gating import make_gating
+    from decoder.routing import selected_probs
+
+    logits = _logits(seed=13)
+    p0, i0 = topk_route(logits, 4, renormalize=False)
+    F, T = 2.0, 0.01
+    g = AdaptiveGating(4, 1, [F], budget=T, renormalize=False)
+    w, i = g.route(0, logits)
+    drops = reference_drops(p0, lambda W: F * W * W < T)
+    assert drops != reference_drops(p0 / p0.sum(-1, keepdim=True), lambda W: F * W * W < T)
+    for t, n in enumerate(drops):
+        assert i[t].tolist() == i0[t, :4 - n].tolist() + [-1] * n
+    assert torch.equal(w, selected_probs(logits, i))
+    cfg = ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+                      num_key_value_heads=1, head_dim=8, num_local_experts=16, num_experts_per_tok=4,
+                      family="olmoe", norm_topk_prob=False)
+    assert make_gating("adaptive", config=cfg, budget=T, sensitivity=[F]).renormalize is False
