@@ -14,7 +14,8 @@ device-to-device copy measured in the same run (what HBM gives to a streaming re
 
 `--sweep` times every tile configuration of a small grid (the up kernel's tiles with the down
 kernel's at their default, then the down kernel's with the best up tiles, then for int4 the
-best tiles with the scale applied after the product, then the number of programs: H split
+best tiles with the scale applied after the product, then for int4 the matrix-vector kernels
+(`KernelConfig.gemv`) over their own small tile grid, then the number of programs: H split
 over up to 8 up programs, F over up to 16 down programs per SM) for each shape and precision
 at each token count; `--write-configs` stores the fastest into
 decoder/kernels/configs/<GPU>.json, which `fused_moe.tuned_config` reads.
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", default="1,8")
     ap.add_argument("--replays", type=int, default=20)
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--stages", default="up,down,post-scale,programs",
+    ap.add_argument("--stages", default="up,down,post-scale,gemv,programs",
                     help="sweep stages to run, each starting from the best so far (first: the tiles "
                          "already tuned for this GPU, else the defaults)")
     ap.add_argument("--sweep-budget-s", type=float, default=60.0,
@@ -196,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
                     stages = [("up", up_grid), ("down", down_grid)]
                     if bits == 4:                       # then scaling after the product, on the best tiles
                         stages.append(("post-scale", [dict(int4_post_scale=True)]))
+                        # then the matrix-vector kernels, with their own tiles
+                        stages.append(("gemv", [dict(gemv=True, block_f=f, block_h=h, block_d=f, block_fd=h,
+                                                     up_warps=w, down_warps=w, int4_post_scale=False)
+                                                for f, h, w in itertools.product((16, 32, 64), (128, 256, 512), (4, 8))]))
                     stages.append(("programs", [dict(up_split=u, down_programs=d)       # then more programs
                                                 for u, d in itertools.product((1, 2, 4, 8), (2, 4, 8, 16))]))
                     wanted = set(args.stages.split(","))
@@ -217,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"shape": shape, "hidden": H, "ffn": Fd, "precision": prec, "tokens": T, "experts_read": used,
                        "bytes_per_layer": nbytes, "default_us": t_default * 1e6, "default_gbps": nbytes / t_default / 1e9,
                        "best_us": t_best * 1e6, "best_gbps": nbytes / t_best / 1e9, "best_config": dataclasses.asdict(best),
-                       "configs_tried": tried, "configs_in_grid": 1 + len(up_grid) + len(down_grid) + (bits == 4) + 16}
+                       "configs_tried": tried, "configs_in_grid": 1 + len(up_grid) + len(down_grid) + (bits == 4) * 19 + 16}
                 rows.append(row)
                 print(f"{shape} {prec:>4} T={T:<2} experts {used}: default {row['default_us']:8.1f} us "
                       f"({row['default_gbps']:6.0f} GB/s)  best {row['best_us']:8.1f} us ({row['best_gbps']:6.0f} GB/s)"

@@ -200,6 +200,21 @@ def _kernels():
     return triton_moe.moe_up, triton_moe.moe_down
 
 
+@functools.lru_cache(maxsize=1)
+def _gemv_kernels():
+    """(up, down) int4 matrix-vector kernels (decoder/kernels/triton_moe.py)."""
+    from decoder.kernels import triton_moe
+
+    return triton_moe.moe_up_gemv4, triton_moe.moe_down_gemv4
+
+
+def gemv_fits(group: int, block: int) -> bool:
+    """Whether a tile of `block` values along a row suits the int4 matrix-vector kernels: it
+    lies inside one quantization group, or holds whole groups of a power-of-two size."""
+    gc, bc = group // 2, block // 2
+    return group % 2 == 0 and bc > 0 and (gc % bc == 0 or (bc % gc == 0 and gc & (gc - 1) == 0))
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -229,6 +244,12 @@ class KernelConfig:
     # per SM; more programs keep more loads in flight when a kernel is latency-bound
     up_split: int = 1
     down_programs: int = 2
+    # int4 slots: matrix-vector kernels (`moe_up_gemv4`, `moe_down_gemv4`: one program per
+    # (token, choice) row, no tensor cores, the group scale per partial sum) instead of the
+    # tile products; for a token or two, where a tensor-core tile is mostly padding and the
+    # dequantized tile has to be staged for the dot. Applies when each tile holds whole groups
+    # or lies inside one (`gemv_fits`).
+    gemv: bool = False
 
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -299,9 +320,12 @@ def moe_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, slot_o
     div = 2 if qbits == 4 else 1          # values per stored byte along a row
     post = (cfg.int4_post_scale and qbits == 4 and group % BLOCK_H == 0 and group % cfg.block_fd == 0
             and (widen or x.dtype == torch.bfloat16))
+    gemv = cfg.gemv and qbits == 4 and gemv_fits(group, BLOCK_H) and gemv_fits(group, cfg.block_fd)
     h_per_split = triton.cdiv(triton.cdiv(H, max(1, cfg.up_split)), BLOCK_H) * BLOCK_H
     split_h = triton.cdiv(H, h_per_split)
     part = torch.empty(split_h, 2, R, Fd, dtype=torch.float32, device=x.device) if split_h > 1 else act
+    if gemv:
+        return _moe_gemv4(x, ids_flat, wts, slot_of, bank, cfg, act, part, h_per_split, split_h, k, group)
     up[(E, triton.cdiv(Fd, BLOCK_F), split_h)](x, ids_flat, slot_of, bank.w1, bank.w3, act, R, H, Fd, x.stride(0),
                                        bank.slot_stride, bank.off1, bank.off3, scales, bank.scale_stride,
                                        bank.soff1, bank.soff3, h_per_split, part, K=k, WIDEN=widen, QBITS=qbits,
@@ -315,13 +339,49 @@ def moe_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, slot_o
     # split F so that the programs of the (at most min(E, R)) used experts cover every SM
     # `down_programs` times
     d_blocks = triton.cdiv(H, BLOCK_D)
-    used = min(E, R)
-    split = max(1, min(triton.cdiv(Fd, BLOCK_FD), triton.cdiv(cfg.down_programs * _sm_count(x.device), used * d_blocks)))
-    f_per_split = triton.cdiv(triton.cdiv(Fd, split), BLOCK_FD) * BLOCK_FD
-    split = triton.cdiv(Fd, f_per_split)
+    split, f_per_split = _down_split(cfg, H, Fd, min(E, R), d_blocks, x.device)
     y = torch.zeros(split, R, H, dtype=torch.float32, device=x.device)
     down[(E, d_blocks, split)](act, ids_flat, wts, slot_of, bank.w2, y, R, H, Fd, bank.slot_stride, bank.off2,
                                f_per_split, scales, bank.scale_stride, bank.soff2, WIDEN=widen, QBITS=qbits,
                                GROUP=group, DIV=div, POST=post, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, BLOCK_F=BLOCK_FD,
                                num_warps=cfg.down_warps, num_stages=cfg.down_stages)
+    return y.view(split, T, k, H).sum(dim=(0, 2)).to(x.dtype)
+
+
+def _down_split(cfg: KernelConfig, H: int, Fd: int, used: int, d_blocks: int, device: torch.device) -> tuple[int, int]:
+    """(splits of F, F per split) so that the down programs of `used` rows or experts cover
+    every SM `cfg.down_programs` times."""
+    import triton
+
+    split = max(1, min(triton.cdiv(Fd, cfg.block_fd), triton.cdiv(cfg.down_programs * _sm_count(device), used * d_blocks)))
+    f_per_split = triton.cdiv(triton.cdiv(Fd, split), cfg.block_fd) * cfg.block_fd
+    return triton.cdiv(Fd, f_per_split), f_per_split
+
+
+def _moe_gemv4(x: torch.Tensor, ids_flat: torch.Tensor, wts: torch.Tensor, slot_of: torch.Tensor, bank: ExpertBank,
+               cfg: KernelConfig, act: torch.Tensor, part: torch.Tensor, h_per_split: int, split_h: int, k: int,
+               group: int) -> torch.Tensor:
+    """`moe_triton` for int4 slots through the matrix-vector kernels: the same result, one
+    program per (token, choice) row instead of per expert."""
+    import triton
+
+    up, down = _gemv_kernels()
+    T, H = x.shape
+    R, Fd = ids_flat.shape[0], bank.ffn
+    up[(R, triton.cdiv(Fd, cfg.block_f), split_h)](x, ids_flat, slot_of, bank.w1, bank.w3, act, H, Fd, x.stride(0),
+                                                   bank.slot_stride, bank.off1, bank.off3, bank.scales,
+                                                   bank.scale_stride, bank.soff1, bank.soff3, h_per_split, part, R,
+                                                   K=k, GROUP=group, SPLIT=split_h, BLOCK_F=cfg.block_f,
+                                                   BLOCK_H=cfg.block_h, num_warps=cfg.up_warps,
+                                                   num_stages=cfg.up_stages)
+    if split_h > 1:             # rows of dropped choices hold garbage here: the down kernel skips them
+        g, u = part.sum(0).unbind(0)
+        act = (g * torch.sigmoid(g) * u).to(act.dtype)
+    d_blocks = triton.cdiv(H, cfg.block_d)
+    split, f_per_split = _down_split(cfg, H, Fd, R, d_blocks, x.device)
+    y = torch.zeros(split, R, H, dtype=torch.float32, device=x.device)
+    down[(R, d_blocks, split)](act, ids_flat, wts, slot_of, bank.w2, y, R, H, Fd, bank.slot_stride, bank.off2,
+                               f_per_split, bank.scales, bank.scale_stride, bank.soff2, GROUP=group,
+                               BLOCK_D=cfg.block_d, BLOCK_F=cfg.block_fd, num_warps=cfg.down_warps,
+                               num_stages=cfg.down_stages)
     return y.view(split, T, k, H).sum(dim=(0, 2)).to(x.dtype)

@@ -236,3 +236,105 @@ def moe_down(act_ptr, ids_ptr, wts_ptr, slot_ptr, w2_ptr, y_ptr, R, H, Fd, slot_
     acc = acc * scale[None, :]
     tl.store(y_ptr + (split * R + r[None, :]) * H + d[:, None], acc,
              mask=match[None, :] & (d[:, None] < H))
+
+
+@triton.jit
+def q4_row_dot(q_ptr, s_ptr, rows, row_mask, c0, ncols, ngroups, x_ptr, GROUP: tl.constexpr,
+               BLOCK_C: tl.constexpr):
+    """sum over the stored columns [c0, c0 + BLOCK_C) of w[row, :] * x for an int4 matrix, one
+    fp32 per row: [BLOCK_ROWS]. No tensor cores: each weight is used once at one token, so a
+    multiply-add per weight is all the work, and the tile goes straight from the load into ALU
+    code. Nibbles become floats through 2^23's mantissa (exact); the group scale multiplies each
+    group's partial sum, not each weight."""
+    c = c0 + tl.arange(0, BLOCK_C)
+    cm = c < ncols // 2
+    m = row_mask[:, None] & cm[None, :]
+    b = tl.load(q_ptr + rows[:, None].to(tl.int64) * (ncols // 2) + c[None, :], mask=m, other=0).to(tl.int32)
+    x_lo = tl.load(x_ptr + 2 * c, mask=cm, other=0.0).to(tl.float32)              # [BLOCK_C]
+    x_hi = tl.load(x_ptr + 2 * c + 1, mask=cm, other=0.0).to(tl.float32)
+    MAGIC: tl.constexpr = 0x4B000000                                              # 2.0 ** 23
+    lo = ((b & 0xF) | MAGIC).to(tl.float32, bitcast=True) - 8388616.0             # q_even (2^23 + 8)
+    hi = ((b >> 4) | MAGIC).to(tl.float32, bitcast=True) - 8388616.0              # q_odd
+    p = lo * x_lo[None, :] + hi * x_hi[None, :]                                   # [ROWS, BLOCK_C]
+    GC: tl.constexpr = GROUP // 2                                                 # stored columns per group
+    if GC >= BLOCK_C:                          # the tile lies inside one group: one scale per row
+        in_range = rows * 0 + c0 < ncols // 2
+        sc = tl.load(s_ptr + rows.to(tl.int64) * ngroups + (c0 * 2) // GROUP, mask=row_mask & in_range,
+                     other=0.0).to(tl.float32)
+        return tl.sum(p, axis=1) * sc
+    else:                                      # BLOCK_C / GC groups: a partial sum per group
+        NG: tl.constexpr = BLOCK_C // GC
+        ROWS: tl.constexpr = p.shape[0]
+        part = tl.sum(tl.reshape(p, (ROWS, NG, GC)), axis=2)                       # [ROWS, NG]
+        gi = (c0 * 2) // GROUP + tl.arange(0, NG)
+        sc = tl.load(s_ptr + rows[:, None].to(tl.int64) * ngroups + gi[None, :],
+                     mask=row_mask[:, None] & (gi[None, :] < ngroups), other=0.0).to(tl.float32)
+        return tl.sum(part * sc, axis=1)
+
+
+@triton.jit
+def moe_up_gemv4(x_ptr, ids_ptr, slot_ptr, w1_ptr, w3_ptr, act_ptr, H, Fd, stride_x, slot_stride, off1, off3,
+                 s_ptr, scale_stride, soff1, soff3, h_per_split, part_ptr, R, K: tl.constexpr,
+                 GROUP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The up kernel for int4 slots at a token or two: one program per (token, choice) row, F
+    block and share of H, a matrix-vector product (`q4_row_dot`). grid (R, F / BLOCK_F, SPLIT)."""
+    r = tl.program_id(0)
+    e = tl.load(ids_ptr + r)
+    if e < 0:
+        return
+    slot = tl.load(slot_ptr + e)
+    if slot < 0:
+        return
+    tok = r // K
+    f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    fm = f < Fd
+    split = tl.program_id(2)
+    h_lo = split * h_per_split
+    h_hi = tl.minimum(H, h_lo + h_per_split)
+    base = slot.to(tl.int64) * slot_stride
+    sbase = slot.to(tl.int64) * scale_stride
+    ng = (H + GROUP - 1) // GROUP
+    BLOCK_C: tl.constexpr = BLOCK_H // 2
+    g = tl.zeros((BLOCK_F,), dtype=tl.float32)
+    u = tl.zeros((BLOCK_F,), dtype=tl.float32)
+    xr = x_ptr + tok * stride_x
+    for c0 in range(h_lo // 2, h_hi // 2, BLOCK_C):
+        g += q4_row_dot(w1_ptr + base + off1, s_ptr + sbase + soff1, f, fm, c0, H, ng, xr, GROUP, BLOCK_C)
+        u += q4_row_dot(w3_ptr + base + off3, s_ptr + sbase + soff3, f, fm, c0, H, ng, xr, GROUP, BLOCK_C)
+    if SPLIT == 1:
+        act = g * tl.sigmoid(g) * u
+        tl.store(act_ptr + r * Fd + f, act.to(act_ptr.dtype.element_ty), mask=fm)
+    else:
+        pg = part_ptr + (split * 2 * R + r).to(tl.int64) * Fd + f
+        tl.store(pg, g, mask=fm)
+        tl.store(pg + R * Fd, u, mask=fm)
+
+
+@triton.jit
+def moe_down_gemv4(act_ptr, ids_ptr, wts_ptr, slot_ptr, w2_ptr, y_ptr, R, H, Fd, slot_stride, off2, f_per_split,
+                   s_ptr, scale_stride, soff2, GROUP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
+    """The down kernel for int4 slots at a token or two: one program per (token, choice) row,
+    H block and share of F; y[split, r, d] = weight_r * sum_f W2[d, f] act[r, f].
+    grid (R, H / BLOCK_D, SPLIT)."""
+    r = tl.program_id(0)
+    e = tl.load(ids_ptr + r)
+    if e < 0:
+        return
+    slot = tl.load(slot_ptr + e)
+    if slot < 0:
+        return
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dm = d < H
+    split = tl.program_id(2)
+    f_lo = split * f_per_split
+    f_hi = tl.minimum(Fd, f_lo + f_per_split)
+    base = slot.to(tl.int64) * slot_stride + off2
+    sbase = slot.to(tl.int64) * scale_stride + soff2
+    ng = (Fd + GROUP - 1) // GROUP
+    BLOCK_C: tl.constexpr = BLOCK_F // 2
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    ar = act_ptr + r.to(tl.int64) * Fd
+    for c0 in range(f_lo // 2, f_hi // 2, BLOCK_C):
+        acc += q4_row_dot(w2_ptr + base, s_ptr + sbase, d, dm, c0, Fd, ng, ar, GROUP, BLOCK_C)
+    acc = acc * tl.load(wts_ptr + r)
+    tl.store(y_ptr + (split * R + r).to(tl.int64) * H + d, acc, mask=dm)

@@ -149,6 +149,28 @@ KERNEL_CHECK = textwrap.dedent("""
         tol = 1e-4 if dt == torch.float32 else 3e-2
         err = (a - b).abs().max().item()
         assert err <= tol * max(1.0, a.abs().max().item()), (bits, group, dt, err)
+    # int4 through the matrix-vector kernels (KernelConfig.gemv): a tile inside one group, a
+    # tile of whole groups, split H, one token and several, a dropped choice, a slot-less run
+    # that falls back (group 48 fits neither way) - all against the torch path
+    for group, dt, T, Fd, H, cfg in ((128, torch.float32, 1, 256, 256, KernelConfig(gemv=True)),
+                                     (128, torch.bfloat16, 1, 256, 384, KernelConfig(gemv=True)),
+                                     (32, torch.float32, 3, 192, 256, KernelConfig(gemv=True, block_h=128, block_fd=64)),
+                                     (64, torch.float32, 2, 192, 256, KernelConfig(gemv=True, block_h=64, up_split=2,
+                                                                                   block_fd=64, down_programs=64)),
+                                     (128, torch.bfloat16, 1, 256, 512, KernelConfig(gemv=True, block_h=256, up_split=2)),
+                                     (48, torch.float32, 2, 192, 96, KernelConfig(gemv=True))):
+        E, k = 6, 2
+        bank = quantized_bank(E + 1, Fd, H, 4, group)
+        perm = torch.randperm(E + 1, generator=g)[:E].to(torch.int32)
+        x = torch.randn(T, H, generator=g).to(dt)
+        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+        ids[-1, -1] = -1
+        wts = torch.rand(T, k, generator=g)
+        a = moe_torch(x, wts, ids, perm, bank).float()
+        b = moe_triton(x, wts, ids, perm, bank, cfg).float()
+        tol = 1e-4 if dt == torch.float32 else 3e-2
+        err = (a - b).abs().max().item()
+        assert err <= tol * max(1.0, a.abs().max().item()), ("gemv", group, dt, T, err)
     # the decode step's RMSNorm kernel (with and without the residual add) against RMSNorm
     from decoder.kernels.norm import _kernel
     from decoder.model.transformer import RMSNorm
@@ -471,3 +493,12 @@ def test_batch_scheduler_through_the_step_equals_generate_alone():
         assert results[i] == ref
         assert isinstance(ends[i], FinishEvent) and ends[i].usage.experts_per_token == pytest.approx(2.0)
     assert 4 in eng._steps and set(eng._steps) <= {1, 2, 4} and all(s.whole_steps for s in eng._steps.values())
+
+
+def test_gemv_fits_whole_groups_or_one_group_per_tile():
+    from decoder.kernels.fused_moe import gemv_fits
+
+    assert gemv_fits(128, 128) and gemv_fits(128, 64)          # the tile inside one group
+    assert gemv_fits(128, 256) and gemv_fits(32, 128)          # whole groups of a power-of-two size
+    assert not gemv_fits(48, 128) and not gemv_fits(48, 32)    # 24 stored columns: neither
+    assert not gemv_fits(128, 96)                              # 48 columns: not within 64, not whole groups
