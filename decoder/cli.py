@@ -94,7 +94,7 @@ GATING_HELP = "topk | uniform | adaptive | cost-aware"
 # gatings that read the model's calibration profile (per-layer sensitivity, default budget)
 PROFILE_GATINGS = ("adaptive", "cost-aware")
 BUDGET_HELP = ("gating budget: T for adaptive / cost-aware (default: the calibrated one for --single-expert-ratio), "
-               "the w2 threshold for uniform")
+               "the w2 threshold for uniform (top-k: the dropped tail weight W)")
 
 
 def add_adapmoe_options(p: argparse.ArgumentParser) -> None:
@@ -117,7 +117,8 @@ def add_adapmoe_options(p: argparse.ArgumentParser) -> None:
                         "(auto); needs cache budgets")
     p.add_argument("--single-expert-ratio", type=float, default=None, metavar="R",
                    help="adaptive / cost-aware gating: use the budget the model's calibration profile stores "
-                        "for this share of single-expert decisions (`moe-decoder calibrate --upload` stores "
+                        "for this share of single-expert decisions (top-k > 2: of the droppable expert uses, "
+                        "all but each token's first, dropped; `moe-decoder calibrate --upload` stores "
                         "0.1, 0.25 and 0.5; without --budget the default is 0.25); --budget T overrides it")
 
 
