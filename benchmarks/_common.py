@@ -82,12 +82,9 @@ def encode_texts(tokenizer_json: Path, texts: Sequence[str], sep_id: int) -> tor
     the format train_demo trains on."""
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(tokenizer_json))
-    ids: list[int] = []
-    for enc in tok.encode_batch(list(texts), add_special_tokens=False):
-        ids.extend(enc.ids)
-        ids.append(sep_id)
-    return torch.tensor(ids, dtype=torch.long)
+    from decoder import train_demo
+
+    return train_demo.token_stream(Tokenizer.from_file(str(tokenizer_json)), texts, sep_id)
 
 
 def eval_windows(stream: torch.Tensor, seq_len: int, n: int) -> torch.Tensor:

@@ -200,15 +200,16 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int):
     return tok
 
 
-def token_stream(tok, texts: Sequence[str]):
-    """All texts encoded, each followed by EOT: int64 tensor [N]."""
+def token_stream(tok, texts: Sequence[str], sep_id: int | None = None):
+    """All texts encoded (no special tokens added), each followed by `sep_id` (default: EOT's
+    id): int64 tensor [N], the stream the demo model trains and is scored on."""
     import torch
 
-    eot = tok.token_to_id(EOT)
+    sep = tok.token_to_id(EOT) if sep_id is None else sep_id
     ids: list[int] = []
     for enc in tok.encode_batch(list(texts), add_special_tokens=False):
         ids.extend(enc.ids)
-        ids.append(eot)
+        ids.append(sep)
     return torch.tensor(ids, dtype=torch.int64)
 
 
