@@ -24,17 +24,12 @@ that a layer with s < top_k slots cannot hold a token's top_k experts at once: w
 slot, the slot holds at most one of the pair and the other comes in on demand (a transient load
 through a scratch slot) whatever the prefetcher predicted. f credits the prefetcher with the
 missing expert in the P1 case (resident + prefetched = 0 loads), which one slot cannot hold.
-Measured through the real ExpertCache (benchmarks/cache_plan.py, README "Cache plan"; demo
-model, 4 layers x 8 experts, top-2): at a 25% budget both DPs gave some layers one slot
-([5, 1, 1, 1] with the paper's objective, as on a Mixtral-shaped model on the GPU) and made
-15-39% more on-demand loads than equal quotas [2, 2, 2, 2], which the paper's objective
-predicted to be worse (3.88 vs 3.80 loads/token; 3.08 vs 4.27 measured). f under-predicts
-every plan with one-slot layers: 4.80 for [1, 1, 1, 1] (5.28-5.31 measured), 3.80 for
-[5, 1, 1, 1] (4.27), 2.82 for [8, 2, 1, 1] (3.24); with the cost term below: 5.35, 4.35, 3.24.
-Plans without one-slot layers it over-predicts (LRU and the prefetcher keep recent experts,
-which f, with independent tokens, does not credit: 1.97 for [8, 4, 2, 2], 1.28 measured), so
-the cost term alone still under-rates a second slot; with adaptive gating it still gave
-[3, 1, 2, 2] at 25%. So the default objective does two things:
+Measured through the real ExpertCache (benchmarks/README.md, "Cache plan", has the rows and
+their command), the paper's objective gives some layers one slot at small budgets and those
+plans make more on-demand loads than equal quotas; f under-predicts every plan with one-slot
+layers and over-predicts plans without them (LRU and the prefetcher keep recent experts, which
+f, with independent tokens, does not credit), so a cost term alone still under-rates a second
+slot. So the default objective does two things:
 
 - constraint: s_l >= top_k in every layer whenever the budget allows it (total_slots >= L * top_k);
   below that, s_l >= 1 as in the paper;

@@ -1,9 +1,9 @@
 """Fused int4 dequantization on CUDA (Triton): one pass from packed nibbles to the compute dtype.
 
 `expert_store.quant.dequantize` in plain torch runs five elementwise passes for an int4 matrix
-(xor, two shifts into an int8 buffer, the scale multiply, the cast). On an H200 that was
+(xor, two shifts into an int8 buffer, the scale multiply, the cast). On an H200 that takes
 ~1.6 ms per Mixtral-shaped expert (3 matrices of 58.7 M elements): as long as copying the
-expert's 91 MB over PCIe, so a dense-slot load cost twice its copy. This kernel reads the packed
+expert's 91 MB over PCIe, so a dense-slot load would cost twice its copy. This kernel reads the packed
 bytes and the fp16 scales once and writes the result once (29 MB in, 117 MB out per matrix).
 
 Same arithmetic as the torch path, so the results are bit-identical: a stored nibble is v + 8
