@@ -46,6 +46,7 @@ from expert_store._proto.adapmoe.v1 import expert_arena_pb2_grpc as apb_grpc
 from expert_store._proto.adapmoe.v1 import expert_store_pb2 as pb
 from expert_store.client import PRIORITIES, GrpcStoreClient, StoreClient, _check_model, _check_ref, parse_replicas
 from expert_store.errors import InvalidArgument, StoreError, Unavailable, error_for_code
+from expert_store.manifest import Manifest
 from expert_store.shm_arena import ArenaReader, Lease
 from expert_store.wire import MAX_MESSAGE_BYTES, TOKEN_ENV
 
@@ -241,7 +242,7 @@ class ArenaStoreClient(StoreClient):
             return self._mapped().pin()
 
     # ---- the StoreClient API ----------------------------------------------------------------------
-    def manifest(self, model: str) -> Any:
+    def manifest(self, model: str) -> Manifest:
         return self.control.manifest(model)
 
     def fetch_expert(self, model, layer, expert, precision, out=None, priority="demand"):

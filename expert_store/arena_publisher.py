@@ -39,7 +39,11 @@ import xxhash
 
 from expert_store import format as blob_format
 from expert_store.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted, StoreError, Unavailable
+from expert_store.client import StoreClient
+from expert_store.manifest import Manifest
 from expert_store.shm_arena import ArenaReader, ArenaWriter, Location, SLOT_ALIGN, blob_key
+from expert_store.store import VerifyResult
+from expert_store.tiers.base import BlobReader, BufferReader
 
 log = logging.getLogger("expert_store.arena")
 
@@ -47,7 +51,7 @@ Ref = tuple[int, int, str]
 MANIFEST_TTL_S = 30.0   # a re-packed model is seen within this long
 
 
-def slot_bytes_for(manifests: Sequence[Any], precisions: Sequence[str] | None = None) -> int:
+def slot_bytes_for(manifests: Sequence[Manifest], precisions: Sequence[str] | None = None) -> int:
     """The slot size that holds every blob of these manifests, or only those at `precisions`
     (an int4 decoder need not pay bf16-sized slots), rounded up to 4 KiB."""
     largest = max((entry[0] for m in manifests for (_, _, p), entry in m.blobs.items()
@@ -58,7 +62,7 @@ def slot_bytes_for(manifests: Sequence[Any], precisions: Sequence[str] | None = 
     return -(-largest // SLOT_ALIGN) * SLOT_ALIGN
 
 
-def raw_slot_bytes(upstream: Any, manifests: Sequence[Any], precisions: Sequence[str] | None = None) -> int:
+def raw_slot_bytes(upstream: StoreClient, manifests: Sequence[Manifest], precisions: Sequence[str] | None = None) -> int:
     """slot_bytes_for, large enough for bf16 blobs published raw (codec none): one blob's
     header per model tells the raw payload's size (a model's experts share their shapes)."""
     slot = slot_bytes_for(manifests, precisions)
@@ -81,7 +85,7 @@ class _Fill:
 class ArenaPublisher:
     """Read-through tier over `upstream` that publishes into `writer` (see the module docstring)."""
 
-    def __init__(self, upstream: Any, writer: ArenaWriter, *, fetch_threads: int = 4,
+    def __init__(self, upstream: StoreClient, writer: ArenaWriter, *, fetch_threads: int = 4,
                  max_refs: int = 256, raw: bool = False) -> None:
         self.upstream = upstream
         self.writer = writer
@@ -90,7 +94,7 @@ class ArenaPublisher:
         self.max_refs = int(max_refs)
         self._lock = threading.Lock()
         self._fills: dict[int, _Fill] = {}
-        self._manifests: dict[str, tuple[float, Any]] = {}
+        self._manifests: dict[str, tuple[float, Manifest]] = {}
         # demand and prefetch fetches on threads of their own: a cold fill (thousands of
         # prefetch refs) never queues a decoder's demand miss behind it
         threads = max(1, int(fetch_threads))
@@ -101,7 +105,7 @@ class ArenaPublisher:
                        "fill_seconds": 0.0}
 
     # ---- manifests ---------------------------------------------------------------------------
-    def manifest(self, model: str) -> Any:
+    def manifest(self, model: str) -> Manifest:
         """The upstream's manifest (cached for MANIFEST_TTL_S)."""
         now = time.monotonic()
         with self._lock:
@@ -352,7 +356,7 @@ class ReadThroughStore:
         self.publisher = publisher
         self._models: set[str] = set()
 
-    def manifest(self, model: str) -> Any:
+    def manifest(self, model: str) -> Manifest:
         m = self.publisher.manifest(model)
         self._models.add(model)
         return m
@@ -361,25 +365,28 @@ class ReadThroughStore:
         self.publisher.check_ref(model, layer, expert, precision)
 
     def open_expert(self, model: str, layer: int, expert: int, precision: str, offset: int = 0,
-                    chunk_bytes: int = 1 << 20) -> Any:
-        from expert_store.store import BufferReader
-
+                    chunk_bytes: int = 1 << 20) -> BlobReader:
         if self.publisher.raw and precision == "bf16":   # the arena's copy is transcoded: serve the stored one
             return BufferReader(self.publisher.upstream.fetch_expert(model, layer, expert, precision), offset,
                                 chunk_bytes, "upstream")
         return BufferReader(self.publisher.blob(model, layer, expert, precision), offset, chunk_bytes, "arena")
 
-    def open_dense(self, model: str, offset: int = 0, chunk_bytes: int = 1 << 20) -> Any:
-        from expert_store.store import BufferReader
-
+    def open_dense(self, model: str, offset: int = 0, chunk_bytes: int = 1 << 20) -> BlobReader:
         return BufferReader(self.publisher.upstream.fetch_dense(model), offset, chunk_bytes, "upstream")
 
     def models(self) -> list[str]:
         return sorted(self._models)
 
-    def put_file(self, *args: Any, **kw: Any) -> Any:
+    def put_file(self, *args: Any, **kw: Any) -> tuple[str, int]:
         raise StoreError("a co-located store is a read-through copy: pack into its upstream store",
                          code="FAILED_PRECONDITION")
+
+    def verify_expert(self, model: str, layer: int, expert: int, precision: str) -> VerifyResult:
+        raise StoreError("a co-located store checks each blob as it enters the arena: verify its upstream store",
+                         code="FAILED_PRECONDITION")
+
+    def verify_dense(self, model: str) -> VerifyResult:
+        return self.verify_expert(model, 0, 0, "")
 
     def stats(self) -> dict[str, dict]:
         s = self.publisher.stats()

@@ -34,11 +34,14 @@ from expert_store._proto.adapmoe.v1 import expert_arena_pb2_grpc as apb_grpc
 from expert_store._proto.adapmoe.v1 import expert_store_pb2 as pb
 from expert_store._proto.adapmoe.v1 import expert_store_pb2_grpc as pb_grpc
 from expert_store.arena_publisher import ArenaPublisher, ReadThroughStore, raw_slot_bytes, slot_bytes_for
-from expert_store.errors import InvalidArgument, StoreError, Unavailable
+from expert_store.client import StoreClient
+from expert_store.errors import InvalidArgument, NotFound, StoreError, Unavailable
 from expert_store.grpc_serving import (add_health_and_reflection, add_port, auth_interceptors, channel_options,
                                        join_host_port, read_token_file, set_health, split_host_port,
                                        stop_on_signals, tune_malloc)
 from expert_store.launch import ServerProcess, console_command
+from expert_store.manifest import Manifest
+from expert_store.server import ExpertStoreServicer, ServerConfig
 from expert_store.shm_arena import ArenaWriter
 from expert_store.wire import MAX_MESSAGE_BYTES, TOKEN_ENV
 
@@ -133,8 +136,6 @@ async def serve_colocated(setup: Callable[[], ArenaPublisher], arena_path: str, 
     (in a thread) and serve SERVING once it returned, until SIGTERM/SIGINT; then
     `after_ready(publisher, stopping)` runs in a thread of its own (a cold fill). A failed
     setup stops the server and is raised. The publisher is closed on the way out."""
-    from expert_store.server import ExpertStoreServicer, ServerConfig
-
     tune_malloc()
     pending = PendingPublisher(waiting)
     server = grpc.aio.server(interceptors=auth_interceptors(token),
@@ -227,8 +228,6 @@ def add_parser(sub: Any, size: Any, positive: Any, precisions: Any) -> None:
 
 
 def cmd_colocate(args: argparse.Namespace) -> int:
-    from expert_store.client import StoreClient
-
     if not args.model and not args.slot_bytes:
         raise InvalidArgument("give --model (slots sized to its largest blob) or --slot-bytes")
     token = read_token_file(args.token_file, TOKEN_ENV)
@@ -332,10 +331,8 @@ class ColocatedStore(ServerProcess):
         return rc
 
 
-def _wait_for_manifests(upstream: Any, models: list[str], timeout_s: float) -> list[Any]:
+def _wait_for_manifests(upstream: StoreClient, models: list[str], timeout_s: float) -> list[Manifest]:
     """The models' manifests, retried while the upstream is down or the model not packed yet."""
-    from expert_store.errors import NotFound
-
     deadline = time.monotonic() + timeout_s
     delay = 0.2
     out = []

@@ -39,7 +39,7 @@ from expert_store.manifest import Manifest
 from expert_store.grpc_serving import (BearerTokenInterceptor, add_health_and_reflection, add_port, auth_interceptors,
                                        channel_options, check_security, join_host_port, read_token_file,
                                        set_health, stop_on_signals, tune_malloc)
-from expert_store.store import ModelStore, VerifyResult
+from expert_store.store import ModelStore, ServedStore, VerifyResult
 from expert_store.tiers.base import BlobReader
 from expert_store.wire import MAX_MESSAGE_BYTES, PUT_KINDS, TOKEN_ENV
 
@@ -141,7 +141,7 @@ def validate_model(model: str) -> str:
         raise InvalidArgument(str(e)) from None
 
 
-def check_refs(store: ModelStore, model: str, refs: Sequence[pb.ExpertRef], max_refs: int) -> None:
+def check_refs(store: ServedStore, model: str, refs: Sequence[pb.ExpertRef], max_refs: int) -> None:
     """Validate a whole FetchExperts ref list before streaming anything: count, then every
     ref against the model (ModelStore.check_ref: precision, layer/expert range, packed)."""
     if not refs:
@@ -155,7 +155,7 @@ def check_refs(store: ModelStore, model: str, refs: Sequence[pb.ExpertRef], max_
             raise type(e)(f"ref {i}: {e}") from None
 
 
-def verify_request(store: ModelStore, request: pb.VerifyRequest) -> VerifyResult:
+def verify_request(store: ServedStore, request: pb.VerifyRequest) -> VerifyResult:
     """Verify's logic: one blob named by ``request`` (a pb.VerifyRequest: model plus an
     ExpertRef, or dense=true) -> ModelStore.verify_expert / verify_dense (a VerifyResult:
     key, good, dropped, detail). InvalidArgument for a request that names no blob or both,
@@ -286,7 +286,7 @@ class ServerMetrics:
         self._tier_seen[(tier, what)] = total
 
 
-def tier_stats(store: ModelStore) -> dict[str, dict]:
+def tier_stats(store: ServedStore) -> dict[str, dict]:
     """{tier name: its counters} (ModelStore.stats)."""
     return store.stats()
 
@@ -328,9 +328,10 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 class ExpertStoreServicer(pb_grpc.ExpertStoreServicer):
-    """Protobuf <-> ModelStore. Store calls run in threads: tiers block on disk and Redis."""
+    """Protobuf <-> a ServedStore (ModelStore, or colocate's read-through store). Store calls
+    run in threads: tiers block on disk and Redis."""
 
-    def __init__(self, store: ModelStore, config: ServerConfig, metrics: ServerMetrics | None = None):
+    def __init__(self, store: ServedStore, config: ServerConfig, metrics: ServerMetrics | None = None):
         self.store = store
         self.config = config
         self.metrics = metrics or ServerMetrics(False)

@@ -31,7 +31,7 @@ import os
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Protocol
 
 import xxhash
 
@@ -101,6 +101,31 @@ def _check_file_digest(f: Any, size: int, digest: str) -> None:
         h.update(block)
         n += len(block)
     _check_digest(n, h.hexdigest, size, digest)
+
+
+class ServedStore(Protocol):
+    """What ExpertStoreServicer serves from: ModelStore, or a co-located store's read-through
+    face (arena_publisher.ReadThroughStore, which refuses writes and Verify)."""
+
+    def models(self) -> list[str]: ...
+
+    def manifest(self, model: str) -> Manifest: ...
+
+    def check_ref(self, model: str, layer: Any, expert: Any, precision: Any) -> Any: ...
+
+    def open_expert(self, model: str, layer: int, expert: int, precision: str, offset: int = 0,
+                    chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> BlobReader: ...
+
+    def open_dense(self, model: str, offset: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> BlobReader: ...
+
+    def put_file(self, model: str, kind: str, data: Any, xxh3: str, *, layer: int = 0, expert: int = 0,
+                 precision: str = "", cache: bool = False) -> tuple[str, int]: ...
+
+    def verify_expert(self, model: str, layer: int, expert: int, precision: str) -> VerifyResult: ...
+
+    def verify_dense(self, model: str) -> VerifyResult: ...
+
+    def stats(self) -> dict[str, dict]: ...
 
 
 class ModelStore:

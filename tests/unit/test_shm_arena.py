@@ -179,3 +179,22 @@ def test_lease_for_a_zero_copy_consumer(path):
     finally:
         r.close()
         w.close()
+
+
+def test_the_read_through_store_answers_every_call_the_servicer_makes():
+    """ExpertStoreServicer serves a ServedStore: ModelStore, or the co-located store's
+    read-through face, which refuses writes and Verify (FAILED_PRECONDITION, not a crash)."""
+    from expert_store.arena_publisher import ReadThroughStore
+    from expert_store.errors import StoreError
+    from expert_store.store import ModelStore, ServedStore
+
+    calls = [n for n in vars(ServedStore) if not n.startswith("_")]
+    assert {"manifest", "open_expert", "verify_expert", "verify_dense", "put_file"} <= set(calls)
+    for cls in (ModelStore, ReadThroughStore):
+        assert [n for n in calls if not callable(getattr(cls, n, None))] == [], cls
+    store = ReadThroughStore(publisher=None)
+    for call in (lambda: store.verify_expert(MODEL, 0, 0, "bf16"), lambda: store.verify_dense(MODEL),
+                 lambda: store.put_file(MODEL, "expert", b"", "0")):
+        with pytest.raises(StoreError) as e:
+            call()
+        assert e.value.code == "FAILED_PRECONDITION"
