@@ -651,7 +651,8 @@ class GrpcStoreClient(StoreClient):
         refs = list(refs or ())
         return model, bool(refs) and all(r in m.blobs for r in refs)
 
-    def _tell_replica(self, stub: Any, address: str, request: pb.VerifyRequest | None, what: str) -> str:
+    def _tell_replica(self, stub: pb_grpc.ExpertStoreStub, address: str, request: pb.VerifyRequest | None,
+                      what: str) -> str:
         """Send Verify for a blob the replica served bad: it re-checks every copy, forgets
         its "checked" mark and removes a bad copy. Best effort, with a short deadline: a
         failure is logged, never raised. Returns a note for the caller's message."""

@@ -187,7 +187,8 @@ async def serve_colocated(setup: Callable[[], ArenaPublisher], arena_path: str, 
 # the command
 
 
-def add_parser(sub: Any, size: Any, positive: Any, precisions: Any) -> None:
+def add_parser(sub: argparse._SubParsersAction, size: Callable[[str], int], positive: Callable[[str], int],
+               precisions: Callable[[str], tuple[str, ...]]) -> None:
     """`expert-store colocate`'s options (expert_store/cli.py registers the command)."""
     c = sub.add_parser("colocate", help="run beside a decoder: publish blobs into a shared-memory arena",
                        description="A read-through store beside the decoder: fetches blobs from --upstream, "
