@@ -134,3 +134,21 @@ def test_each_wire_constant_is_defined_once():
     for n, where in defs.items():
         assert all(m in ("expert_store.wire", "decoder.wire") for m in where), (n, where)
         assert len(where) == len(set(where)) <= 2, (n, where)
+
+
+def test_listen_addresses_are_parsed_in_one_place():
+    """HOST:PORT / [V6]:PORT parsing lives in expert_store.grpc_serving.split_host_port; a
+    service's own split_host_port only names its example port and hands the address on."""
+    where = []
+    for pkg in PACKAGES:
+        for p in (ROOT / pkg).rglob("*.py"):
+            if "_proto" in p.parts or module_name(p) == "expert_store.grpc_serving":
+                continue
+            for node in ast.walk(ast.parse(p.read_text())):
+                if isinstance(node, ast.FunctionDef) and node.name == "split_host_port":
+                    body = [n for n in node.body if not isinstance(n, ast.Expr)]   # a docstring may stay
+                    delegates = (len(body) == 1 and isinstance(body[0], ast.Return)
+                                 and isinstance(body[0].value, ast.Call)
+                                 and "grpc_serving.split_host_port" in ast.unparse(body[0].value.func))
+                    where.append((module_name(p), delegates))
+    assert where and all(d for _, d in where), where
