@@ -17,8 +17,11 @@ The arena is `slots` fixed slots of `slot_bytes` (default: the model's largest b
 up to 4 KiB). `submit(..., slot=None)` takes a free slot; a caller that manages its own slots
 (an expert cache whose host tier *is* the arena) passes `slot=i` and owns it.
 
-Scheduling: the parent keeps one queue, demand before prefetch (FIFO within each, a crashed
-worker's request goes back at its old place). Each worker holds one request at a time, so a
+Scheduling: the parent keeps one queue, demand before prefetch before background (FIFO within
+each, a crashed worker's request goes back at its old place). "background" (an expert cache's
+store prefetch into its host tier, for predicted host-tier misses) is the lowest and bounded:
+at most `background_limit` of them are on the wire at once (default: half the workers, at least
+one), so the other workers stay free for demand and prefetch; the store sees it as a prefetch. Each worker holds one request at a time, so a
 demand submitted behind a hundred prefetches waits only for the requests already on the wire
 (at most `workers`), never for the queue. A Future still queued can be cancelled.
 
@@ -74,7 +77,8 @@ log = logging.getLogger("expert_store.fetch_pool")
 
 Ref = tuple[int, int, str]
 SLOT_ALIGN = 4096
-_RANK = {"demand": 0, "prefetch": 1}
+_RANK = {"demand": 0, "prefetch": 1, "background": 2}
+WIRE_PRIORITY = {"demand": "demand", "prefetch": "prefetch", "background": "prefetch"}   # what the store is told
 
 
 @dataclass(frozen=True)
@@ -199,7 +203,7 @@ class FetchPool:
                  slots: int | None = None, slot_bytes: int | None = None, max_attempts: int = 3,
                  start_timeout_s: float = 60.0, deadline_s: float = 30.0, token: str | None = None,
                  tls_ca: Any = None, tls_cert: Any = None, tls_key: Any = None,
-                 tls_server_name: str | None = None) -> None:
+                 tls_server_name: str | None = None, background_limit: int | None = None) -> None:
         from expert_store.client import StoreClient
 
         if workers < 1:
@@ -209,6 +213,9 @@ class FetchPool:
         self.target = str(target)
         self.model = model
         self.workers_wanted = int(workers)
+        self.background_limit = max(1, int(workers) // 2) if background_limit is None else int(background_limit)
+        if self.background_limit < 1:
+            raise InvalidArgument("background_limit must be >= 1")
         self.max_attempts = int(max_attempts)
         self._client_options = {"deadline_s": deadline_s, "max_streams": 1}
         for k, v in (("token", token), ("tls_ca", tls_ca), ("tls_cert", tls_cert), ("tls_key", tls_key),
@@ -492,12 +499,18 @@ class FetchPool:
     def _dispatch(self) -> None:
         sends = []
         with self._lock:
+            background = sum(1 for w in self._workers if w.request is not None and w.request.priority == "background")
             for w in self._workers:
                 if not self._queue:
                     break
                 if w.dead or not w.ready or w.request is not None:
                     continue
+                # the queue is by rank: a background request first means only background is left
+                if self._queue[0][2].priority == "background" and background >= self.background_limit:
+                    break
                 while self._queue:
+                    if self._queue[0][2].priority == "background" and background >= self.background_limit:
+                        break
                     _, _, req = heapq.heappop(self._queue)
                     if req.attempts == 0 and not req.future.set_running_or_notify_cancel():
                         self._requests.pop(req.rid, None)  # cancelled while queued
@@ -508,10 +521,12 @@ class FetchPool:
                     req.attempts += 1
                     w.request = req
                     sends.append((w, req))
+                    if req.priority == "background":
+                        background += 1
                     break
         for w, req in sends:
             try:
-                w.conn.send((req.rid, req.ref, req.priority, req.slot * self.slot_bytes))
+                w.conn.send((req.rid, req.ref, WIRE_PRIORITY[req.priority], req.slot * self.slot_bytes))
             except OSError:
                 self._on_death(w)
 

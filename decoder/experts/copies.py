@@ -54,9 +54,12 @@ class LoadCosts:
     def __init__(self, alpha: float, raw_bytes: int, blob_bytes: int, cuda: bool) -> None:
         self.host = Ewma(alpha, raw_bytes / PRIOR_BANDWIDTH["host_cuda" if cuda else "host_cpu"])
         self.store = Ewma(alpha, blob_bytes / PRIOR_BANDWIDTH["store"])
+        # store fetches at the low-precision tier's miss_precision: kept apart, so that a smaller
+        # blob does not make the full-precision store fetch (the prefetcher's and gating's price) look cheaper
+        self.store_low = Ewma(alpha, blob_bytes / PRIOR_BANDWIDTH["store"])
 
     def observe(self, tier: str, seconds: float) -> None:
-        {"host": self.host, "store": self.store}[tier].update(seconds)
+        {"host": self.host, "store": self.store, "store_low": self.store_low}[tier].update(seconds)
 
     def cost(self, location: str) -> float:
         """Seconds to bring one expert into the GPU from `location` (gpu | host | store)."""

@@ -50,6 +50,7 @@ class HostEntry:
     resident: bool = True            # counted in the host LRU (False: transient staging)
     lease: Any = None                # the arena lease it was read under (valid after the copy?)
     src: Any = None                  # slot -1: the raw payload as a tensor over the arena mapping
+    prefetched: bool = False         # brought in by a store prefetch into the host tier, not used yet
 
 
 class ArenaReplaced(Exception):
@@ -116,6 +117,7 @@ class HostTier:
         self.free: list[int] = list(range(n_host - 1, -1, -1))
         self.slot_event: dict[int, Any] = {}
         self.entries: OrderedDict[tuple[int, int], HostEntry] = OrderedDict()
+        self.fetching: set[tuple[int, int]] = set()   # store fetches into the pool in flight
 
     def __contains__(self, key: tuple[int, int]) -> bool:
         """Whether (layer, expert) is in host memory: the pool, or the co-located arena."""
@@ -143,7 +145,7 @@ class HostTier:
             for key, h in self.entries.items():
                 if h.refs == 0:
                     del self.entries[key]
-                    self.c._counts["evictions_host"] += 1
+                    self._evicted(h)
                     self.free.append(h.slot)
                     break
             else:
@@ -151,25 +153,63 @@ class HostTier:
 
     def acquire(self, layer: int, expert: int, kind: str) -> HostEntry:
         """The host entry holding (layer, expert)'s raw payload, fetched from the store if needed.
-        Called WITHOUT the lock; returns with refs incremented."""
-        from expert_store import format as blob_format
-
+        Called WITHOUT the lock; returns with refs incremented. kind: "demand", "prefetch" or
+        "background" (a store prefetch into the host tier: ExpertCache.prefetch_host). A fetch
+        of the same expert already in flight is waited for, not repeated."""
         key = (layer, expert)
+        background = kind == "background"   # a store prefetch into the host tier (prefetch_host)
         tier = self.c._tier if kind == "demand" else self.c._prefetch_tier
+        counts = self.c._counts
         with self.c._lock:
             tier["host"]["lookups"] += 1
-            h = self.entries.get(key)
-            if h is not None:
-                tier["host"]["hits"] += 1
-                h.refs += 1
-                self.entries.move_to_end(key)
-                return h
+            waited = False
+            while True:
+                h = self.entries.get(key)
+                if h is not None:
+                    tier["host"]["hits"] += 1
+                    h.refs += 1
+                    self.entries.move_to_end(key)
+                    if h.prefetched and not background:
+                        h.prefetched = False       # a store prefetch into the host tier was used
+                        counts["host_prefetch_useful"] += 1
+                    return h
+                if self.arena is not None or key not in self.fetching:
+                    break
+                # its store fetch is in flight (a host-tier prefetch): wait for it, not a second fetch
+                if not waited:
+                    waited = True
+                    counts["host_prefetch_waited"] += 1
+                self.c._cond.wait(timeout=0.05)
             if self.arena is None:
                 tier["host"]["misses"] += 1
                 tier["store"]["lookups"] += 1
-                recv = self.take_slot()
+                self.fetching.add(key)
+                try:
+                    recv = self.take_slot()
+                except BaseException:
+                    self._fetched(key)
+                    raise
         if self.arena is not None:
-            return self._from_arena(layer, expert, kind, tier)
+            return self._from_arena(layer, expert, "prefetch" if background else kind, tier)
+        try:
+            return self._fetch(key, recv, kind, tier)
+        finally:
+            with self.c._lock:
+                self._fetched(key)
+
+    def _fetched(self, key: tuple[int, int]) -> None:
+        """The store fetch of `key` into the pool ended (admitted or failed). Lock held."""
+        self.fetching.discard(key)
+        self.c._cond.notify_all()
+
+    def _fetch(self, key: tuple[int, int], recv: int, kind: str, tier: dict) -> HostEntry:
+        """Fetch `key` from the store into pool slot `recv`, check it and admit it (see acquire).
+        kind "background": the lowest priority (FetchPool: below its prefetches, bounded in
+        flight; the store's own wire priority: prefetch). Called WITHOUT the lock."""
+        from expert_store import format as blob_format
+
+        layer, expert = key
+        background = kind == "background"
         dec = -1
         try:
             t0 = time.perf_counter()
@@ -179,7 +219,8 @@ class HostTier:
                     done = self.fetch_pool.submit(layer, expert, self.c.precision, priority=kind, slot=recv)
                     blob = view[:done.result().size]
                 else:
-                    blob = self.c.source.fetch(layer, expert, out=view, priority=kind)
+                    blob = self.c.source.fetch(layer, expert, out=view,
+                                               priority="prefetch" if background else kind)
             except BaseException:
                 with self.c._lock:
                     tier["store"]["misses"] += 1
@@ -218,7 +259,12 @@ class HostTier:
             self.c._tier["host"]["loads"] += 1
             self.c._tier["host"]["bytes"] += n
             self.c.costs.observe("store", dt)
-            return self._admit(key, HostEntry(slot, header, raw_offset, refs=1, resident=self.capacity > 0))
+            if background:
+                counts = self.c._counts
+                counts["host_prefetch_loads"] += 1
+                counts["host_prefetch_bytes"] += n
+            return self._admit(key, HostEntry(slot, header, raw_offset, refs=1, resident=self.capacity > 0,
+                                              prefetched=background))
 
     def _from_arena(self, layer: int, expert: int, kind: str, tier: dict) -> HostEntry:
         """(layer, expert) leased from the co-located arena (published there first when
@@ -297,11 +343,17 @@ class HostTier:
                     h.resident = False
                     break
                 old = self.entries.pop(victim)
-                self.c._counts["evictions_host"] += 1
+                self._evicted(old)
                 self.free.append(old.slot)
             if h.resident:
                 self.entries[key] = h
         return h
+
+    def _evicted(self, h: HostEntry) -> None:
+        """Count an entry leaving the host LRU. Lock held."""
+        self.c._counts["evictions_host"] += 1
+        if h.prefetched:
+            self.c._counts["host_prefetch_unused_evicted"] += 1
 
     def payload(self, h: HostEntry) -> torch.Tensor:
         """The raw payload an entry holds, as a host tensor to copy to the GPU."""

@@ -86,7 +86,7 @@ class LowPrecisionTier:
                 blob_format.decode_raw(view[:n], out=memoryview(self.stage[1].numpy()))
                 src = self.stage[1, :header.raw_size]
             with c._lock:
-                c.costs.observe("store", time.perf_counter() - t0)
+                c.costs.observe("store_low", time.perf_counter() - t0)
                 c._tier["store"]["loads"] += 1
                 c._tier["store"]["bytes"] += n
                 if self.free:

@@ -51,6 +51,20 @@ What is issued depends on `policy`:
   the same weight relative to an even split.
 - "all": every predicted expert of every target d <= k (the behaviour before the budget).
 
+Store lookahead (a host tier in front of a store, `ExpertCache.prefetch_host`): a prediction
+for an expert in neither the GPU nor the host tier also starts a store fetch into the host tier
+(lowest priority, bounded in flight by the cache), far enough ahead to hide the store: with
+t_store = the cache's live EWMA of one store fetch (`store_fetch_cost`) and t_compute as above,
+k_store = ceil(t_store / t_compute), clamped to [1, max_store_lookahead] (default: the model's
+layer count, i.e. up to one token ahead). Targets past the last layer wrap into the NEXT token
+(layer l + d - L, predicted from the same hidden state with that layer's router: the residual
+stream of one token predicts the next one's experts only partly, but a fetch that takes several
+layers cannot start any later). These predictions are made on the device with the others (the
+captured step reads them with its routing: `static_distance` covers the store horizon); their
+targets of this token (d <= the layers left) are the same predictions the GPU plan checks.
+Counted: `store_lookahead_hist`, `store_prefetches` (asked of the cache), `store_prefetches_next_token`;
+the cache counts what was fetched and used (host_prefetch_*).
+
 Nothing is predicted when there is nothing to load: with adaptive k, when every expert of layer
 l+1 is on the GPU (k would be 1 and its loads free); with a fixed k, when layers l+1..l+k all
 are (counted as `skipped_resident`; those layers add no precision/recall samples).
@@ -101,7 +115,7 @@ class Prefetcher(MoEObserver):
                  ewma_alpha: float = 0.3, enabled: bool = True, policy: str = "budget",
                  min_score: float = 0.3, issue_after_demand: bool = False,
                  skip_miss_rate: float | None = None, moe_layers: Sequence[int] | None = None,
-                 router: RouterVariant | None = None,
+                 router: RouterVariant | None = None, max_store_lookahead: int | None = None,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         """routers[j]: layer j's router weight [E, H]. provider: the expert cache (None = only
         measure predictions). lookahead: fixed k (None = adaptive up to max_lookahead).
@@ -114,6 +128,9 @@ class Prefetcher(MoEObserver):
         the loads go out at once). skip_miss_rate: predict nothing for a layer whose next layer's
         recent demand miss rate (provider.miss_rate) is below this (None: always predict).
         router: the family's router beyond W x (biases, sigmoid choice; None: softmax of W x).
+        max_store_lookahead: the farthest (in layers, wrapping into the next token) a store fetch
+        into the host tier is started for a predicted host-tier miss (None: the layer count when
+        the provider has host-tier prefetch, `prefetch_host` with `host_prefetch` > 0; 0: none).
         clock: the time source of the layer timings (tests pass a fake one)."""
         self.skip_miss_rate = skip_miss_rate
         # layers with routed experts (a dense layer is never a prefetch target): moe_layers
@@ -139,6 +156,13 @@ class Prefetcher(MoEObserver):
         self.renorm = renorm and self.norm_weights is not None
         self.alpha = float(ewma_alpha)
         self.enabled = enabled
+        if max_store_lookahead is None:
+            max_store_lookahead = (self.L if provider is not None and getattr(provider, "host_prefetch", 0)
+                                   and hasattr(provider, "prefetch_host") else 0)
+        if max_store_lookahead and (provider is None or not hasattr(provider, "prefetch_host")):
+            raise ValueError("max_store_lookahead needs a provider with prefetch_host (an ExpertCache)")
+        self.max_store_lookahead = max(0, min(int(max_store_lookahead), self.L))
+        self._targets: dict[tuple[int, int, Any], torch.Tensor] = {}   # (layer, D, device) -> target layers
         self._last_layer = math.inf
         self._last_t = 0.0
         self._last_stall = 0.0
@@ -149,7 +173,7 @@ class Prefetcher(MoEObserver):
         self._pending: dict[int, list[tuple[int, set[int], list[list[int]]]]] = {}
         self._issued_pending: dict[int, set[int]] = {}   # target layer -> experts issued for it this step
         self.issue_after_demand = bool(issue_after_demand)
-        self._deferred: tuple[int, int, Any] | None = None   # (layer, D, predictions) waiting for its demand
+        self._deferred: tuple[int, int, Any, int] | None = None   # (layer, D, predictions, GPU D) waiting for its demand
         self._stack: torch.Tensor | None = None        # routers [L, E, H] on the compute device
         self._takes_uses: bool | None = None           # the provider's prefetch takes `uses`
         self.min_measured = 32                         # predictions checked before a precision counts
@@ -177,6 +201,10 @@ class Prefetcher(MoEObserver):
         self._max_issued = 0                  # the most experts issued at one MoE input
         self._dropped = {"resident": 0, "low_score": 0, "budget": 0}
         self._deferred_count = 0              # plans held until their layer's demand was issued
+        self._store_k_hist = [0] * (self.max_store_lookahead + 1)
+        self._store_issued = 0                # predicted host-tier misses the cache queued a store fetch for
+        self._store_next_token = 0            # of those, for the next token's layers
+        self._store_dropped_low = 0           # store-tier predictions below the score floor
 
     def stats(self) -> dict[str, Any]:
         def pr(tp: int, pred: int, used: int) -> dict[str, float]:
@@ -206,7 +234,13 @@ class Prefetcher(MoEObserver):
                 "skipped_resident": self._skipped,
                 "skipped_low_miss": self._skipped_low_miss,
                 "layer_time_s": self.layer_time_s or 0.0,
-                "layer_compute_s": self.compute_time_s or 0.0}
+                "layer_compute_s": self.compute_time_s or 0.0,
+                "max_store_lookahead": self.max_store_lookahead,
+                "store_lookahead_hist": {k: n for k, n in enumerate(self._store_k_hist) if k and n},
+                "store_prefetches": self._store_issued,
+                "store_prefetches_next_token": self._store_next_token,
+                "store_dropped_low_score": self._store_dropped_low,
+                "store_fetch_s": self._store_cost() or 0.0}
 
     def accuracy_by_layer(self, distance: int = 1, per_token: bool = True) -> list[float]:
         """Per-layer recall at `distance` (the 'prefetch accuracy' of the cache plan): per token
@@ -222,14 +256,15 @@ class Prefetcher(MoEObserver):
             return
         with torch.no_grad():
             packed = self._predict_device(layer, x, D)                 # [D, T, 2k], not read yet
-        self._predicted(layer, D, packed)
+        self._predicted(layer, D, packed, self._gpu_D)
 
     def static_distance(self, layer: int) -> int:
         """How many layers ahead predictions made at `layer` reach when not skipped (0: none).
         A captured decode step computes that many on the device, every step (`predict_device`)."""
-        if layer + 1 >= self.L or not self.enabled:
+        if not self.enabled:
             return 0
-        return min(self.fixed_k or self.max_lookahead, self.L - 1 - layer)
+        gpu = min(self.fixed_k or self.max_lookahead, self.L - 1 - layer) if layer + 1 < self.L else 0
+        return max(gpu, self.max_store_lookahead)
 
     def predict_device(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
         """[D, T, 2k] predictions of layers layer+1 .. layer+D (D = static_distance) from x,
@@ -243,7 +278,7 @@ class Prefetcher(MoEObserver):
         D = self._enter(layer)
         if D is None or packed is None:
             return
-        self._predicted(layer, D, packed[:D])
+        self._predicted(layer, D, packed[:D], self._gpu_D)
 
     def _enter(self, layer: int) -> int | None:
         """Per-layer bookkeeping at the MoE input of `layer` (timing, a new step, the deferred
@@ -262,8 +297,12 @@ class Prefetcher(MoEObserver):
             self.layer_time_s = self._ewma(self.layer_time_s, dt)
             self.compute_time_s = self._ewma(self.compute_time_s, dt - blocked)
         self._last_layer, self._last_t, self._last_stall = layer, now, stall
-        if layer + 1 >= self.L or not self.enabled:
+        self._gpu_D = 0
+        if not self.enabled:
             return None
+        store_D = self._store_k() if self.max_store_lookahead else 0
+        if layer + 1 >= self.L:
+            return store_D or None
         k = self.fixed_k or self.max_lookahead
         D = min(k, self.L - 1 - layer)
         # adaptive k is 1 when layer+1 is on the GPU already (loading it costs nothing), and a
@@ -271,21 +310,23 @@ class Prefetcher(MoEObserver):
         if self._all_resident(layer + 1, layer + (1 if self.fixed_k is None else D)):
             self._k_hist[min(self.fixed_k or 1, self.max_lookahead)] += 1
             self._skipped += 1
-            return None
+            return store_D or None
         rate = getattr(self.provider, "miss_rate", None)
         if self.skip_miss_rate is not None and rate is not None and rate(layer + 1) < self.skip_miss_rate:
             self._skipped_low_miss += 1
-            return None
-        return D
+            return store_D or None
+        self._gpu_D = D
+        return max(D, store_D)
 
-    def _predicted(self, layer: int, D: int, packed: "torch.Tensor | list") -> None:
+    def _predicted(self, layer: int, D: int, packed: "torch.Tensor | list", gpu_D: int | None = None) -> None:
+        gpu_D = D if gpu_D is None else gpu_D
         if self.issue_after_demand and self.provider is not None:
             # read, planned and issued once the block has read its routing and asked for its
             # experts: the GPU has computed these by then, so reading them adds no wait of its own
-            self._deferred = (layer, D, packed)
+            self._deferred = (layer, D, packed, gpu_D)
             self._deferred_count += 1
             return
-        self._complete(layer, D, packed)
+        self._complete(layer, D, packed, gpu_D)
 
     def on_demand_issued(self, layer: int) -> None:
         """The MoE block of `layer` has asked for its experts: the loads predicted at this
@@ -294,12 +335,21 @@ class Prefetcher(MoEObserver):
             deferred, self._deferred = self._deferred, None
             self._complete(*deferred)
 
-    def _complete(self, layer: int, D: int, packed: "torch.Tensor | list") -> None:
+    def _complete(self, layer: int, D: int, packed: "torch.Tensor | list", gpu_D: int | None = None) -> None:
         """Read the predictions made at `layer`'s input (one transfer, unless the caller read
         them already), record them for the precision/recall checks, choose the lookahead and
-        issue the plan."""
+        issue the plan: the GPU tier's for distances up to gpu_D (default D), then the store
+        fetches into the host tier for distances up to D (`_store_plan`)."""
         rows = packed if isinstance(packed, list) else packed.tolist()
-        preds = {d: p for d, p in zip(range(1, D + 1), self._unpack(rows, D)) if layer + d in self.moe_layers}
+        gpu_D = D if gpu_D is None else gpu_D
+        every = self._unpack(rows, D)
+        if gpu_D:
+            self._complete_gpu(layer, gpu_D, every[:gpu_D])
+        if self.max_store_lookahead and self.provider is not None:
+            self._store_plan(layer, every)
+
+    def _complete_gpu(self, layer: int, D: int, unpacked: list) -> None:
+        preds = {d: p for d, p in zip(range(1, D + 1), unpacked) if layer + d in self.moe_layers}
         k = self.fixed_k or self.max_lookahead
         if self.fixed_k is None:
             k = self._adaptive_k(layer, preds)
@@ -315,6 +365,44 @@ class Prefetcher(MoEObserver):
         else:
             plan = self._budget_plan(layer, preds, k)
         self._issue(plan, layer, preds)
+
+    def _store_plan(self, layer: int, every: list[tuple[list[int], list[float], list[list[int]]]]) -> None:
+        """Store fetches into the host tier for the predicted experts that are in neither tier,
+        at distances 1 .. k_store (`_store_k`; wrapping into the next token), nearest first and by
+        weight within a target layer, those below the score floor left out."""
+        ks = min(self._store_k(), len(every))
+        self._store_k_hist[ks] += 1
+        loc = self.provider.location
+        for d in range(1, ks + 1):
+            j = (layer + d) % self.L
+            if j not in self.moe_layers:
+                continue
+            experts, scores, _ = every[d - 1]
+            want, ws = [], []
+            for e, w in zip(experts, scores):
+                if loc(j, e) != "store":
+                    continue
+                if w < self.score_floor:
+                    self._store_dropped_low += 1
+                    continue
+                want.append(e)
+                ws.append(w / d)
+            if want:
+                n = self.provider.prefetch_host(j, want, ws)
+                self._store_issued += n
+                if layer + d >= self.L:
+                    self._store_next_token += n
+
+    def _store_cost(self) -> float | None:
+        f = getattr(self.provider, "store_fetch_cost", None)
+        return float(f()) if f is not None else None
+
+    def _store_k(self) -> int:
+        """k_store = ceil(t_store / t_compute) in [1, max_store_lookahead] (1 until both are measured)."""
+        t_store = self._store_cost()
+        if t_store is None:
+            return 1
+        return self.lookahead_rule(t_store, self.compute_time_s, self.max_store_lookahead, self.max_store_lookahead)
 
     def predicted_use(self, target: int, distance: int, weight: float) -> float | None:
         """The probability that a prediction of `weight` for layer `target`, made `distance`
@@ -443,7 +531,9 @@ class Prefetcher(MoEObserver):
         # x: [T, H]
         if self._stack is None or self._stack.device != x.device or self._stack.dtype != x.dtype:
             self._build_stacks(x.device, x.dtype)
-        W = self._stack[layer + 1: layer + 1 + D]                                              # [D, E, H]
+        wrap = layer + D >= self.L                   # the store lookahead reaches the next token
+        tgt = self._target_index(layer, D, x.device) if wrap else slice(layer + 1, layer + 1 + D)
+        W = self._stack[tgt]                                                                   # [D, E, H]
         if self.renorm:
             xin = x[None] * self._ratio[layer][:D, None, :]                                    # [D, T, H]
         else:
@@ -451,7 +541,7 @@ class Prefetcher(MoEObserver):
         logits = torch.bmm(xin, W.transpose(1, 2))                                             # [D, T, E]
         rv = self.router
         if rv.bias is not None:
-            logits = logits + self._bias[layer + 1: layer + 1 + D, None, :]
+            logits = logits + self._bias[tgt][:, None, :]
         k = min(self.top_k, self.E)
         if not rv.sigmoid:
             v, i = torch.topk(logits, k, dim=-1)                                               # [D, T, k]
@@ -459,7 +549,7 @@ class Prefetcher(MoEObserver):
         scores = torch.sigmoid(logits.float())                                                 # [D, T, E]
         choice = scores
         if rv.correction is not None:
-            choice = choice + self._corr[layer + 1: layer + 1 + D, None, :]
+            choice = choice + self._corr[tgt][:, None, :]
         Dn, T, E = choice.shape
         choice = group_limited(choice.reshape(Dn * T, E), rv.n_group, rv.topk_group).view(Dn, T, E)
         i = torch.topk(choice, k, dim=-1).indices                                              # [D, T, k]
@@ -497,9 +587,21 @@ class Prefetcher(MoEObserver):
         self._ratio = []
         if self.renorm:
             norms = torch.stack([w.to(device, dtype) for w in self.norm_weights])              # [L, H]
+            Dmax = max(self.max_lookahead, self.max_store_lookahead)
             for l in range(self.L):
-                wl, wj = norms[l], norms[l + 1: l + 1 + self.max_lookahead]                    # [H], [D, H]
+                # targets l+1 .. l+Dmax, wrapping into the next token's layers (store lookahead)
+                n = Dmax if self.max_store_lookahead else max(0, min(Dmax, self.L - 1 - l))
+                idx = torch.tensor([(l + 1 + d) % self.L for d in range(n)], dtype=torch.long, device=device)
+                wl, wj = norms[l], norms[idx]                                                  # [H], [D, H]
                 self._ratio.append(torch.where(wl.abs() > 1e-12, wj / wl, torch.zeros_like(wj)))  # [D, H]
+
+    def _target_index(self, layer: int, D: int, device: Any) -> torch.Tensor:
+        """Target layers layer+1 .. layer+D, wrapped into the next token ([D] long on `device`)."""
+        key = (layer, D, device)
+        t = self._targets.get(key)
+        if t is None:
+            t = self._targets[key] = torch.tensor([(layer + 1 + d) % self.L for d in range(D)], device=device)
+        return t
 
     def _ewma(self, old: float | None, x: float) -> float:
         return x if old is None else (1 - self.alpha) * old + self.alpha * x
@@ -569,7 +671,9 @@ def router_variant(model: Any) -> RouterVariant:
 def build_prefetcher(model: Any, provider: Any, source: Any = None, *, lookahead: int | None = None,
                      max_lookahead: int = 3, renorm: bool = True, enabled: bool = True,
                      policy: str = "budget", min_score: float = 0.3,
-                     issue_after_demand: bool = True, skip_miss_rate: float | None = None) -> Prefetcher | None:
+                     issue_after_demand: bool = True, skip_miss_rate: float | None = None,
+                     max_store_lookahead: int | None = None,
+                     clock: Callable[[], float] = time.perf_counter) -> Prefetcher | None:
     """What Engine.from_store calls: a Prefetcher over the model's routers feeding `provider`
     (None when the provider cannot prefetch, i.e. has no `prefetch` of its own)."""
     from decoder.experts.provider import ExpertProvider
@@ -582,4 +686,5 @@ def build_prefetcher(model: Any, provider: Any, source: Any = None, *, lookahead
     return Prefetcher(routers, provider, top_k=model.config.num_experts_per_tok, lookahead=lookahead, moe_layers=moe,
                       max_lookahead=max_lookahead, norm_weights=norms, renorm=renorm, enabled=enabled,
                       policy=policy, min_score=min_score, issue_after_demand=issue_after_demand,
-                      skip_miss_rate=skip_miss_rate, router=router_variant(model))
+                      skip_miss_rate=skip_miss_rate, router=router_variant(model),
+                      max_store_lookahead=max_store_lookahead, clock=clock)
