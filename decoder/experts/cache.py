@@ -65,6 +65,12 @@ of an expert whose fetch is in flight waits for it rather than fetching it again
 host_prefetch_requests / loads / bytes / useful (a later load found it in the host tier) /
 unused_evicted / waited / dropped / errors.
 
+Low-precision misses (`miss_precision`, HOBBIT; the gating's `miss_precision_threshold` names the
+low-weight experts): with `low_precision_misses="store"` only an expert whose full-precision copy
+is not in the host tier is fetched at miss_precision (a smaller blob over the wire); one in the
+host tier is copied at full precision, which is cheap. `low_precision_store_misses` counts the
+misses served at miss_precision whose full copy was only in the store.
+
 Statistics (demand path): per tier lookups = hits + misses, bytes moved into each tier (the
 compact payload over the link, also for dense slots), loads, stall time in `get` (and waiting
 for the host's share of a layer), late prefetches, misses computed on the host (`cpu_misses`,
@@ -110,7 +116,7 @@ class ExpertCache(ExpertProvider):
                  fetch_options: Mapping[str, Any] | None = None, dense_slots: bool | None = None,
                  eviction: str = "lru", eviction_decay: float = 0.5, admission: bool = False,
                  miss_compute: str = "copy", cpu_threads: int | None = None, cpu_pack_bytes: int | None = None,
-                 cpu_max_tokens: int = 4, host_prefetch: int | None = None) -> None:
+                 cpu_max_tokens: int = 4, host_prefetch: int | None = None, low_precision_misses: str = "all") -> None:
         cfg = source.config
         self.source = source
         self.config = cfg
@@ -229,6 +235,9 @@ class ExpertCache(ExpertProvider):
         self._expect: dict[int, dict[int, int]] = {}   # layer -> {expert: tokens} of its coming forward
         self._on_host: dict[int, set[int]] = {}         # layer -> experts its current forward computes on the host
         self._host_bufs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}   # (layer, B) -> (x, out)
+        if low_precision_misses not in ("all", "store"):
+            raise ValueError(f"low_precision_misses must be 'all' or 'store', got {low_precision_misses!r}")
+        self.low_precision_misses = low_precision_misses
         # --- store prefetches into the host tier (prefetch_host): bounded, below every other load ---
         if host_prefetch is None:   # on when the host tier keeps experts and a store lies behind it
             host_prefetch = (max(1, self.fetch_workers // 2) if self.host_capacity > 0 and self.host.arena is None
@@ -261,7 +270,9 @@ class ExpertCache(ExpertProvider):
                            # flight, dropped (stale or past the queue bound), failed
                            host_prefetch_requests=0, host_prefetch_loads=0, host_prefetch_bytes=0,
                            host_prefetch_useful=0, host_prefetch_unused_evicted=0, host_prefetch_waited=0,
-                           host_prefetch_dropped=0, host_prefetch_errors=0)
+                           host_prefetch_dropped=0, host_prefetch_errors=0,
+                           # demand misses served at miss_precision over the wire (low_precision_misses)
+                           low_precision_store_misses=0)
             # demand lookups served by the low-precision tier (lookups = hits + misses)
             self._low_counts = {"lookups": 0, "hits": 0, "misses": 0, "bytes": 0, "loads": 0}
             if getattr(self, "host_experts", None) is not None:
@@ -303,6 +314,7 @@ class ExpertCache(ExpertProvider):
                 "host_resident": sum(1 for h in self.host.entries.values() if h.resident),
                 "miss_compute": self.miss_compute,
                 "host_prefetch_threads": self.host_prefetch,
+                "low_precision_misses": self.low_precision_misses if self._low is not None else None,
                 "host_compute": self.host_experts.stats() if self.host_experts is not None else None,
                 **c,
             }
@@ -519,6 +531,9 @@ class ExpertCache(ExpertProvider):
             w, ev, waited = self._low.get(layer, expert)
             if not waited:
                 t0 = None
+            elif key not in self.host:
+                with self._lock:   # its full-precision copy was only in the store: a smaller blob crossed the wire
+                    self._counts["low_precision_store_misses"] += 1
         if ev is not None:
             stream = torch.cuda.current_stream(self.device)
             self._compute_stream = stream
@@ -668,11 +683,14 @@ class ExpertCache(ExpertProvider):
         at full precision (or on their way) are used as they are."""
         if self._low is None:
             return
+        store_only = self.low_precision_misses == "store"
         with self._lock:
             for e in experts:
                 e = int(e)
                 self._check(layer, e)
                 if e not in self._gpu[layer] and (layer, e) not in self._tasks:
+                    if store_only and (layer, e) in self.host:
+                        continue      # a full-precision copy from the host tier is cheap: take it
                     self._allow_low.add((layer, e))
 
     def _use_low(self, layer: int, expert: int) -> bool:

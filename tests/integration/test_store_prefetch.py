@@ -9,6 +9,8 @@ behind an ExpertCache whose host tier holds part of the experts.
   compute time (a fake clock gives the compute time; the store latency is real), reaching into
   the next token on a slow store;
 - cost-aware gating prices an expert whose only copy is in the store above one in the host tier;
+- a low-gate-weight miss crosses the wire at int4 only when allowed, and only for an expert the
+  host tier does not hold (`low_precision_misses="store"`).
 
 Decisions and counters are asserted, never durations.
 """
@@ -224,5 +226,38 @@ def test_cost_aware_prices_store_only_experts_higher(store):
             drops, _ = g.decide_rows(1, [[3.0, 7.0, 1 - w2, w2]])       # expert 7: only in the store
             assert drops == [1]
             assert g.stats()["expert2_location"] == {"host": 1, "store": 1}
+        finally:
+            cache.close()
+
+
+def test_low_precision_over_the_wire_only_when_allowed(store):
+    torch.manual_seed(3)
+    x = torch.randn(2, 64)
+    with StoreClient.open(store.address) as client:
+        cache = make_cache(client, host_experts=8, host_prefetch=0, miss_precision="int4",
+                           low_precision_misses="store")
+        try:
+            use(cache, 2, 0, x)
+            use(cache, 2, 1, x)
+            use(cache, 2, 2, x)        # (2, 0) evicted from the GPU, still in the host tier
+            assert cache.location(2, 0) == "host" and cache.location(2, 5) == "store"
+            low0 = cache.stats()["tiers"]["gpu-int4"]["loads"]
+            # not allowed: a store-only miss comes at full precision
+            ref5 = decode_expert_blob(client.fetch_expert(MODEL, 2, 5, "bf16"))(x)
+            assert torch.equal(use(cache, 2, 5, x), ref5)
+            s = cache.stats()
+            assert s["tiers"]["gpu-int4"]["loads"] == low0 and s["low_precision_store_misses"] == 0
+            # allowed (the gating's hint for low-weight experts): only the store-only one goes int4
+            cache.allow_low_precision(2, [0, 6])
+            ref0 = decode_expert_blob(client.fetch_expert(MODEL, 2, 0, "bf16"))(x)
+            ref6 = decode_expert_blob(client.fetch_expert(MODEL, 2, 6, "int4"))(x)
+            cache.prepare(2, [0, 6])
+            y0, y6 = cache.get(2, 0)(x), cache.get(2, 6)(x)
+            cache.release(2, [0, 6])
+            assert torch.equal(y0, ref0)                       # from the host tier, full precision
+            assert torch.allclose(y6, ref6, rtol=1e-4, atol=1e-4)   # int4 over the wire
+            s = cache.stats()
+            assert s["tiers"]["gpu-int4"]["loads"] == low0 + 1 and s["low_precision_store_misses"] == 1, s
+            assert s["low_precision_misses"] == "store"
         finally:
             cache.close()
