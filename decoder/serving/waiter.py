@@ -107,7 +107,7 @@ class ModelWaiter:
                     if self.client is None:
                         self.client = self.open_client()
                     manifest = self.client.manifest(self.model)
-                    if self.needs_profile and not getattr(manifest, "profile", None):
+                    if self.needs_profile and not manifest.profile:
                         raise _NotCalibrated(NO_PROFILE)
                     self.state = "loading"
                     for name, level in quiet.items():  # from here on, store trouble is news
