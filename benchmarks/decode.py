@@ -207,7 +207,9 @@ def prepare_model_a(work: Path, device: torch.device, args: argparse.Namespace) 
     free_memory(device)
 
     store = work / "store"
-    _pack(ckpt, store, "demo-a", ("bf16",), group_size=128)
+    # --remote-miss-precision: the store also holds the precision low-weight misses cross the wire at
+    low = getattr(args, "remote_miss_precision", None)
+    _pack(ckpt, store, "demo-a", ("bf16",) + ((low,) if low else ()), group_size=128)
     # prompts: the opening of held-out files (same for every row)
     texts = corpus.heldout_texts
     prompts = [tok.encode(t, add_special_tokens=False).ids[:args.prompt_tokens] for t in texts[:args.prompts]]
@@ -493,7 +495,7 @@ def fill_gpu(cache: Any, L: int, E: int) -> None:
 def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.device, target: str,
                  profile: dict, remote_fetch_workers: int = 0, dense_slots: bool | None = None,
                  fill_threads: int = 8, decode_step: str = "auto", miss_compute: str = "auto",
-                 cpu_threads: int | None = None) -> Engine:
+                 cpu_threads: int | None = None, remote: dict[str, Any] | None = None) -> Engine:
     from decoder.experts.gpu_slots import dense_slots_for
 
     precision = store_precision(prep)
@@ -551,9 +553,22 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
         if mode == "store-colocated":
             # as many loader threads as the remote row's fetch processes: arena reads and decodes in parallel
             options["workers"] = max(1, remote_fetch_workers)
+        gating_options: dict[str, Any] = {}
+        if mode == "store-remote" and remote:
+            # the remote path's levers (issue 14): store fetches into the host tier for predicted
+            # host-tier misses (threads in flight; -1: the cache's default), the store lookahead's
+            # bound (-1: the layer count), low-weight misses of store-only experts at a lower precision
+            if remote.get("host_prefetch", -1) >= 0:
+                options["host_prefetch"] = remote["host_prefetch"]
+            if remote.get("store_lookahead", -1) >= 0:
+                pf_options["max_store_lookahead"] = remote["store_lookahead"]
+            low = remote.get("miss_precision")
+            if low and low != precision:
+                options.update(miss_precision=low, low_precision_misses="store")
+                gating_options["miss_precision_threshold"] = remote.get("miss_threshold", 0.3)
         eng = Engine.from_store(target, prep.model, gpu_cache_bytes=gpu_bytes, host_cache_bytes=host,
                                 gating=gating, budget=T, prefetch=True, cache_options=options,
-                                prefetch_options=pf_options, **common)
+                                gating_options=gating_options or None, prefetch_options=pf_options, **common)
         if mode in STORE_ROWS:
             return eng   # a cold host tier: run_engine_row fills it while the first tokens are generated
         eng.provider.fill_host([(l, e) for l in range(L) for e in range(E)], fill_threads, progress=True)
@@ -588,7 +603,10 @@ def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torc
     t_build = time.perf_counter()
     eng = build_engine(prep, mode, budget, device, target, profile, args.remote_fetch_workers,
                        {"auto": None, "on": True, "off": False}[args.dense_slots], args.fill_threads, decode_step,
-                       args.miss_compute, args.cpu_threads)
+                       args.miss_compute, args.cpu_threads,
+                       remote={"host_prefetch": args.remote_host_prefetch, "store_lookahead": args.remote_store_lookahead,
+                               "miss_precision": args.remote_miss_precision,
+                               "miss_threshold": args.remote_miss_threshold})
     build_s = time.perf_counter() - t_build
     cold_fill = None
     try:
@@ -658,7 +676,29 @@ def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torc
         "torch_profile": profile_txt,
         "cold_fill": cold_fill,
         "arena": arena,
+        "remote_path": remote_path_stats(pst, pf, steps) if mode == "store-remote" else None,
     }
+
+
+def remote_path_stats(pst: dict[str, Any], pf: dict[str, Any], steps: int) -> dict[str, Any]:
+    """What the remote path did to hide the store (issue 14): store fetches into the host tier for
+    predicted host-tier misses (asked, fetched, used by a later load, evicted unused, a load that
+    waited for one in flight), the store lookahead (its histogram and mean, the fetches for the
+    next token's layers, the measured store fetch and layer compute time it follows), and the
+    low-weight misses that crossed the wire at the lower precision."""
+    hist = {int(k): v for k, v in (pf.get("store_lookahead_hist") or {}).items()}
+    n = sum(hist.values())
+    out = {k: pst.get(k, 0) for k in ("host_prefetch_threads", "host_prefetch_requests", "host_prefetch_loads",
+                                      "host_prefetch_useful", "host_prefetch_unused_evicted", "host_prefetch_waited",
+                                      "host_prefetch_dropped", "host_prefetch_errors", "low_precision_store_misses")}
+    out.update(store_lookahead_hist=hist, store_lookahead_mean=sum(k * v for k, v in hist.items()) / n if n else None,
+               store_prefetches_next_token=pf.get("store_prefetches_next_token", 0),
+               store_fetch_ms=1e3 * (pf.get("store_fetch_s") or 0.0),
+               layer_compute_ms=1e3 * (pf.get("layer_compute_s") or 0.0),
+               low_precision_misses_per_token=pst.get("low_precision_store_misses", 0) / steps)
+    lows = {t: v for t, v in (pst.get("tiers") or {}).items() if t.startswith("gpu-")}
+    out["low_precision_tier"] = lows or None
+    return out
 
 
 def arena_stats(eng: Engine) -> dict[str, Any]:
@@ -1008,6 +1048,19 @@ def markdown(rows: list[dict[str, Any]], targets: list[dict[str, Any]]) -> str:
             fmt(r.get("lower_bound_ms_per_token"), ".2f"), fmt(r.get("ms_per_token"), ".2f"),
             fmt(r.get("cpu_misses_per_token"), ".2f"), ppl_cell(r, rows)]) + " |")
     lines.append("")
+    for r in rows:
+        rp = r.get("remote_path")
+        if rp:   # what the remote path did to hide the store
+            lines.append(
+                f"- {r['model']} {r['mode']} @ {fmt(r['budget'], '.0%')}: host-tier store prefetches "
+                f"{rp['host_prefetch_loads']} fetched of {rp['host_prefetch_requests']} asked, "
+                f"{rp['host_prefetch_useful']} used, {rp['host_prefetch_unused_evicted']} evicted unused, "
+                f"{rp['host_prefetch_waited']} waited for; store lookahead mean {fmt(rp['store_lookahead_mean'])} "
+                f"(store fetch {fmt(rp['store_fetch_ms'], '.1f')} ms / layer compute "
+                f"{fmt(rp['layer_compute_ms'], '.2f')} ms), {rp['store_prefetches_next_token']} for the next token; "
+                f"low-precision misses over the wire {fmt(rp['low_precision_misses_per_token'], '.2f')}/token")
+    if any(r.get("remote_path") for r in rows):
+        lines.append("")
     for t in targets:
         lines.append(f"- {'MET' if t['met'] else 'MISSED'}: {t['target']}: measured {t['measured']:.2f}")
     return "\n".join(lines) + "\n"
@@ -1186,6 +1239,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "dequantized in every forward (off)")
     p.add_argument("--remote-fetch-workers", type=int, default=4,
                    help="store-remote: FetchPool processes receiving into the host tier (0 = the engine's own client)")
+    p.add_argument("--remote-host-prefetch", type=int, default=-1,
+                   help="store-remote: threads fetching predicted host-tier misses from the store into the host "
+                        "tier (-1: the cache's default, half the fetch processes; 0: off)")
+    p.add_argument("--remote-store-lookahead", type=int, default=-1,
+                   help="store-remote: the farthest the store lookahead reaches, in layers (into the next token "
+                        "past the last; -1: the layer count; 0: no store fetches for predictions)")
+    p.add_argument("--remote-miss-precision", choices=("int8", "int4"), default=None,
+                   help="store-remote: low-weight misses of experts not in the host tier cross the wire at this "
+                        "precision (A packs it too; B's store is int4 already)")
+    p.add_argument("--remote-miss-threshold", type=float, default=0.3,
+                   help="store-remote with --remote-miss-precision: the gate weight below which a miss may go low")
     p.add_argument("--miss-compute", choices=("auto", "cpu"), default="auto",
                    help="the -cpu rows: a miss goes to the host's cores when that finishes first by the "
                         "measured costs (auto), or whenever it can (cpu)")

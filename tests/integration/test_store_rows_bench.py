@@ -44,6 +44,13 @@ def test_store_rows_on_a_random_mixtral(tmp_path):
         assert fill["into"] == ("arena" if mode == "store-colocated" else "host tier")
         # half the experts in the host tier: some demand loads come from the store
         assert r["host_hit_rate"] is not None
+    # the remote path's levers are on by default and reported (issue 14): one thread (of the two
+    # fetch processes) fetching predicted host-tier misses, the store lookahead's decisions
+    rp = by_mode["store-remote"]["remote_path"]
+    assert rp["host_prefetch_threads"] == 1 and rp["host_prefetch_errors"] == 0
+    assert sum(rp["store_lookahead_hist"].values()) > 0 and rp["store_lookahead_mean"] >= 1
+    assert rp["low_precision_store_misses"] == 0 and rp["low_precision_tier"] is None   # not asked for
+    assert by_mode["store-colocated"]["remote_path"] is None
     colo = by_mode["store-colocated"]["cold_fill"]
     assert colo["arena"]["arena_bytes"] > 0   # every expert went into the arena
     arena = by_mode["store-colocated"]["arena"]
@@ -56,6 +63,7 @@ def test_store_rows_on_a_random_mixtral(tmp_path):
     assert sum("first token before the cold fill ended" in n for n in names) == 2
     assert all(isinstance(t["met"], bool) for t in targets)
     assert "| B | 50% | store-colocated |" in decode.markdown(rows, targets)
+    assert "B store-remote @ 50%: host-tier store prefetches" in decode.markdown(rows, targets)
     # the co-located store was stopped and its arena file removed
     arena = f"adapmoe-bench-{os.getpid()}.arena"
     assert not (Path("/dev/shm") / arena).exists() and not (tmp_path / arena).exists()
