@@ -1,10 +1,13 @@
-"""One missed expert on the host's cores against copying it to the GPU, per precision.
+"""One missed expert on the host's cores against copying it to the GPU, per precision and path.
 
 For each precision (int4, int8, bf16) an expert of the given shapes (Mixtral's by default) is
-packed into a blob as the store packs it, then packed for the host's kernels
-(decoder/experts/host_compute.py) and called for 1..4 tokens with bf16 activations (the GPU's
-compute dtype); beside it, the pinned host -> device copy of the same raw payload (what the
-cache's copy path moves). Prints one JSON line per figure and writes them to --out.
+packed into a blob as the store packs it, then built in every kernel path the host can take
+for it (decoder/experts/host_compute.py: int4pack / int8pack, int8row = requantized to per-row
+int8, dequant = dequantize + F.linear per call; bf16 read in place) and called for 1..4 tokens
+with bf16 activations (the GPU's compute dtype), side by side; a "fastest" line per precision
+and token count names the quickest path (what HostExperts' calibration would keep). Beside
+them, the pinned host -> device copy of the same raw payload (what the cache's
+copy path moves). Prints one JSON line per figure and writes them to --out.
 
     python3 benchmarks/host_compute.py                         # Mixtral shapes, on the GPU host
     python3 benchmarks/host_compute.py --hidden 2048 --ffn 7168  # model A's shapes
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,19 +29,22 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from decoder.experts.host_compute import HostExpert, cpu_kernels  # noqa: E402
+from decoder.experts.host_compute import HostExpert, candidate_paths, cpu_kernels  # noqa: E402
 from expert_store import format as blob_format  # noqa: E402
 from expert_store.quant import expert_to_blob  # noqa: E402
 
 
 def timed(fn: Any, n: int) -> float:
-    """Mean seconds of fn() over n calls, after two untimed ones."""
+    """Median seconds of fn() over n calls, after two untimed ones (one slow call, another
+    process on the cores, moves a mean more than the kernel choice it is meant to show)."""
     fn()
     fn()
-    t0 = time.perf_counter()
+    ts = []
     for _ in range(n):
+        t0 = time.perf_counter()
         fn()
-    return (time.perf_counter() - t0) / n
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
 
 
 def measure(hidden: int, ffn: int, precisions: Sequence[str], tokens: Sequence[int], device: torch.device,
@@ -45,22 +52,33 @@ def measure(hidden: int, ffn: int, precisions: Sequence[str], tokens: Sequence[i
     g = torch.Generator().manual_seed(0)
     w = {"w1": torch.randn(ffn, hidden, generator=g) * 0.02, "w3": torch.randn(ffn, hidden, generator=g) * 0.02,
          "w2": torch.randn(hidden, ffn, generator=g) * 0.02}
-    rows: list[dict[str, Any]] = [{"what": "setup", "threads": torch.get_num_threads(), "kernels": cpu_kernels(),
+    threads = torch.get_num_threads()
+    kernels = cpu_kernels()
+    rows: list[dict[str, Any]] = [{"what": "setup", "threads": threads, "kernels": kernels,
                                    "cpu": torch.backends.cpu.get_cpu_capability(), "hidden": hidden, "ffn": ffn}]
     cuda = device.type == "cuda"
     for prec in precisions:
         header, raw_view = blob_format.decode_raw(expert_to_blob("m", 0, 0, prec, w, group_size=group))
         raw = torch.empty(header.raw_size, dtype=torch.uint8, pin_memory=cuda)
         raw.copy_(torch.frombuffer(bytearray(raw_view), dtype=torch.uint8))
-        t0 = time.perf_counter()
-        ex = HostExpert.from_raw(header, raw)
-        pack_s = time.perf_counter() - t0
-        for t in tokens:
-            x = torch.randn(t, hidden, generator=g).to(torch.bfloat16)
-            s = timed(lambda: ex(x), n)
-            rows.append({"what": "host expert", "precision": prec, "kernel": ex.kernel, "tokens": t,
-                         "ms": round(s * 1e3, 3), "payload_gbps": round(header.raw_size / s / 1e9, 1),
-                         "pack_ms": round(pack_s * 1e3, 1), "payload_mb": round(header.raw_size / 1e6, 1)})
+        mb = round(header.raw_size / 1e6, 1)
+        best: dict[int, tuple[float, str]] = {}
+        built: dict[str, HostExpert] = {}
+        for path in candidate_paths(prec, kernels) or ("native",):
+            t0 = time.perf_counter()
+            ex = built[path] = HostExpert.from_raw(header, raw, kernels, path)
+            pack_s = time.perf_counter() - t0
+            for t in tokens:
+                x = torch.randn(t, hidden, generator=g).to(torch.bfloat16)
+                s = timed(lambda: ex(x), n)
+                best[t] = min(best.get(t, (s, path)), (s, path))
+                rows.append({"what": "host expert", "precision": prec, "path": path, "kernel": ex.kernel,
+                             "tokens": t, "ms": round(s * 1e3, 3), "payload_gbps": round(header.raw_size / s / 1e9, 1),
+                             "pack_ms": round(pack_s * 1e3, 1), "payload_mb": mb,
+                             "kept_mb": round(ex.nbytes / 1e6, 1)})
+        for t, (s, path) in sorted(best.items()):
+            rows.append({"what": "fastest", "precision": prec, "tokens": t, "path": path, "ms": round(s * 1e3, 3)})
+        built.clear()
         if cuda:
             dst = torch.empty(header.raw_size, dtype=torch.uint8, device=device)
 

@@ -7,22 +7,31 @@ result (a few KB) across the link (llama.cpp's --n-cpu-moe, Fiddler, HybriMoE, K
 Doing both at once, for different misses, beats either. This module holds the host side:
 
 - `HostExpert`: one expert in the form torch's CPU kernels read, built once from the host
-  tier's raw payload (`expert_store.quant.tensors_from_raw` views):
-    int4: `_convert_weight_to_int4pack_for_cpu` once, then `_weight_int4pack_mm_for_cpu` (group
-          scales with zero point 0: exactly the store's (q - 8) * scale); needs a group size of
-          32/64/128/256 dividing the input and an output size divisible by 16;
-    int8: `_weight_int8pack_mm` (weight-only int8 with one scale per output row) once per
+  tier's raw payload (`expert_store.quant.tensors_from_raw` views), in one of these paths:
+    int4pack: `_convert_weight_to_int4pack_for_cpu` once, then `_weight_int4pack_mm_for_cpu`
+          (group scales with zero point 0: exactly the store's (q - 8) * scale); needs a group
+          size of 32/64/128/256 dividing the input and an output size divisible by 16;
+    int8pack: `_weight_int8pack_mm` (weight-only int8 with one scale per output row) once per
           quantization group, the values repacked group-major [G, N, gs] once: the store's
           int8 is group-wise, the kernel per-channel; partial sums added in float32;
-    bf16: the host slot's bytes used in place by F.linear (nothing repacked or kept);
-    anything else (shapes those kernels refuse, a torch without them): dequantize + matmul
-          per call, as the GPU path's ExpertWeights does (`kernel` says which path a matrix took).
-  Numerics follow the GPU path's expert (decoder/experts/provider.py ExpertWeights.forward):
-  y = (SiLU(x w1^T) * (x w3^T)) w2^T in x's dtype; the int kernels apply the scale after the
-  integer dot product instead of rounding each dequantized weight to x's dtype first.
-- `HostExperts`: the packed experts (an LRU bounded by `pack_bytes`), one worker thread that
-  runs jobs in submission order (each kernel spreads over torch's intra-op pool, the host's
-  cores: one expert at a time uses them all, two at once would only share them), a packer
+    int8row: an int4 or int8 expert requantized once to per-row int8 for one
+          `_weight_int8pack_mm` call per matrix (twice int4's bytes; the added error is bounded
+          in `requantize_rows`: at most 1/254 of a row's largest weight, under 1/36 of an int4
+          step): torch's int8 CPU kernel reads bytes several times faster than its int4
+          kernel at one token, so on a host where it wins it beats reading half the bytes;
+    dequant: dequantize + F.linear per call (also what a shape the kernels refuse takes);
+    bf16: the host slot's bytes used in place by F.linear (nothing repacked or kept).
+  "native" (the default) is the stored precision's own kernel (int4pack, int8pack) where it
+  takes the shape, else dequant: exact against the store's dequantization. `kernel` says
+  which path a matrix took. Numerics follow the GPU path's expert
+  (decoder/experts/provider.py ExpertWeights.forward): y = (SiLU(x w1^T) * (x w3^T)) w2^T in
+  x's dtype; the int kernels apply the scale after the integer dot product instead of
+  rounding each dequantized weight to x's dtype first.
+- `HostExperts`: the packed experts (an LRU bounded by `pack_bytes`, counting what each path
+  keeps: int8row twice int4's bytes), one worker thread that runs jobs in submission order
+  (each kernel spreads over torch's intra-op pool, the host's cores: one expert at a time uses
+  them all, two at once would only share them), the path per precision (given, or the
+  fastest of the candidates timed on the first expert of a kind: `calibration`), a packer
   thread that packs experts asked for ahead of use (packing an int4 Mixtral expert takes far
   longer than computing it, so a miss goes to the host only once its expert is packed), the
   EWMA seconds of one expert call (`cost`) and the expert calls queued (`backlog`).
@@ -56,6 +65,15 @@ log = logging.getLogger(__name__)
 
 MISS_COMPUTE = ("copy", "cpu", "auto")
 INT4_GROUPS = (32, 64, 128, 256)    # group sizes _weight_int4pack_mm_for_cpu takes
+
+
+def set_thread_count(n: int) -> None:
+    """This thread's torch intra-op thread count, n. torch (OpenMP build) keeps it per thread
+    (omp_set_num_threads), but a thread's first get_num_threads or parallel op first sets it
+    to the value some thread last passed to set_num_threads (ATen's lazy per-thread init), so
+    that first runs here, before the count is set."""
+    torch.get_num_threads()
+    torch.set_num_threads(int(n))
 
 
 def cpu_kernels() -> dict[str, bool]:
@@ -172,13 +190,80 @@ def int4pack_for_cpu(q: torch.Tensor, K: int) -> torch.Tensor:
     return out.view(N, K // 2)
 
 
-def _matrix(view: Any, kernels: dict[str, bool], owned: bool) -> Any:
+class _Int8Row:
+    """A group-wise int4/int8 matrix [N, K] requantized once to per-row int8 for
+    `_weight_int8pack_mm` (int8 [N, K] and one scale per output row): twice int4's bytes, but
+    torch's int8 CPU kernel reads them several times faster per byte than its int4 kernel reads
+    int4 at one token (`requantize_rows` states the error this adds)."""
+
+    kernel = "int8row"
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bits: int, group: int, shape: tuple[int, int]) -> None:
+        self.q, self.scales = requantize_rows(q, scales, bits, group, shape)
+        self._s: dict[torch.dtype, torch.Tensor] = {}
+        self.nbytes = self.q.numel() + self.scales.numel() * 4
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        s = self._s.get(x.dtype)
+        if s is None:
+            s = self._s[x.dtype] = self.scales.to(x.dtype)     # exact: the scales are bf16 values
+        return torch._weight_int8pack_mm(x.contiguous(), self.q, s)
+
+
+def requantize_rows(q: torch.Tensor, scales: torch.Tensor, bits: int, group: int, shape: tuple[int, int],
+                    block: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """The store's group-wise matrix (its own dequantization W, exact in float32) as per-row
+    int8: (Q int8 [N, K], s float32 [N]) with s[n] = max_k |W[n, k]| / 127 rounded up to a
+    bfloat16 value (so bf16 and fp32 activations see the same scale) and Q = W x (1 / s)
+    rounded to the nearest integer (|Q| <= 127: no clamp).
+
+    Bound, per element: |Q[n, k] s[n] - W[n, k]| <= s[n] / 2 * (1 + 2**-14) (half a step, plus
+    the two float32 roundings of W x (1 / s), under 127 x 2**-23 of a step), where
+    s[n] <= max_k |W[n, k]| / 127 * (1 + 2**-7): at most 1/254 (+0.8%) of the row's largest
+    magnitude. For int4 (|q - 8| <= 7) that is at most 7/254 (+0.8%) of the row's largest group
+    scale, under 1/36 of one int4 step; for int8 (|q| <= 127) half the row's largest group scale
+    (the requantization adds up to one group step where a row's group scales differ). Rows
+    dequantized `block` at a time in float32 (a cache-sized working set)."""
+    from expert_store.quant import dequantize
+
+    N, K = (int(d) for d in shape)
+    out = torch.empty(N, K, dtype=torch.int8)
+    s = torch.empty(N, dtype=torch.float32)
+    for r0 in range(0, N, block):
+        r1 = min(N, r0 + block)
+        w = dequantize(q[r0:r1], scales[r0:r1], bits, group, (r1 - r0, K), torch.float32)
+        sc = _bf16_ceil(torch.linalg.vector_norm(w, float("inf"), dim=1) / 127)
+        sc = torch.where(sc > 0, sc, torch.ones_like(sc))            # an all-zero row: any scale
+        out[r0:r1] = w.mul_((1 / sc)[:, None]).round_()               # |.| <= 127 (+ rounding): no clamp
+        s[r0:r1] = sc
+    return out, s
+
+
+def _bf16_ceil(v: torch.Tensor) -> torch.Tensor:
+    """Non-negative finite float32 values rounded up to the nearest bfloat16 value (as float32)."""
+    bits = v.contiguous().view(torch.int32)
+    return ((bits + 0xFFFF) & -0x10000).view(torch.float32)
+
+
+# the paths a quantized expert can take ("native": the store's own precision's kernel when it
+# takes the shape, else dequant); HostExperts times CANDIDATES per precision and keeps the fastest
+PATHS = ("native", "int4pack", "int8pack", "int8row", "dequant")
+CANDIDATES = {"int4": ("int4pack", "int8row", "dequant"), "int8": ("int8pack", "int8row", "dequant")}
+
+
+def _matrix(view: Any, kernels: dict[str, bool], owned: bool, path: str = "native") -> Any:
     """One matrix of a host-tier payload (a bf16 tensor or an expert_store QuantizedWeight) in
-    the fastest form this torch computes it in; `owned`: the payload is a copy of its own."""
+    the form `path` names; a path this torch or shape cannot take falls back to "native" (the
+    precision's own kernel where it takes the shape, else dequant). `owned`: the payload is a
+    copy of its own."""
     if isinstance(view, torch.Tensor):
         return _Dense(view, owned)
     q, scales, bits, group = view.q, view.scales, int(view.bits), int(view.group_size)
     N, K = (int(d) for d in view.shape)
+    if path == "dequant":
+        return _Dequant(q, scales, bits, group, (N, K))
+    if path == "int8row" and kernels["int8"]:
+        return _Int8Row(q, scales, bits, group, (N, K))
     if bits == 8 and kernels["int8"] and K % group == 0:
         return _Int8(q, scales, group)
     if bits == 4 and kernels["int4"] and group in INT4_GROUPS and K % group == 0 and N % 16 == 0:
@@ -199,18 +284,22 @@ class HostExpert:
         self.kernel = "/".join(sorted({w1.kernel, w3.kernel, w2.kernel}))
 
     @classmethod
-    def from_raw(cls, header: Any, raw: torch.Tensor, kernels: dict[str, bool] | None = None) -> "HostExpert":
-        """From an expert blob's header and its raw payload (a CPU uint8 tensor). A payload
-        that does not start 16-byte aligned (an uncompressed blob read where it landed, after
-        its header) is copied first: typed views need aligned bytes; the copy is then owned."""
+    def from_raw(cls, header: Any, raw: torch.Tensor, kernels: dict[str, bool] | None = None,
+                 path: str = "native") -> "HostExpert":
+        """From an expert blob's header and its raw payload (a CPU uint8 tensor), each quantized
+        matrix in the form `path` names (PATHS; bf16 is read in place whatever the path). A
+        payload that does not start 16-byte aligned (an uncompressed blob read where it landed,
+        after its header) is copied first: typed views need aligned bytes; the copy is then owned."""
         from expert_store.quant import tensors_from_raw
 
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         kernels = cpu_kernels() if kernels is None else kernels
         owned = raw.data_ptr() % 16 != 0
         if owned:
             raw = raw.clone()
         views = tensors_from_raw(header, raw)
-        return cls(*(_matrix(views[n], kernels, owned) for n in ("w1", "w3", "w2")))
+        return cls(*(_matrix(views[n], kernels, owned, path) for n in ("w1", "w3", "w2")))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -218,21 +307,59 @@ class HostExpert:
     __call__ = forward
 
 
+def time_call(ex: HostExpert, x: torch.Tensor, reps: int = 3) -> float:
+    """Seconds of ex(x): the best of `reps` calls after one untimed call."""
+    ex(x)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        ex(x)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def candidate_paths(precision: str, kernels: dict[str, bool]) -> tuple[str, ...]:
+    """The paths worth timing for an expert stored at `precision` with this torch's kernels."""
+    need = {"int4pack": "int4", "int8pack": "int8", "int8row": "int8"}
+    return tuple(p for p in CANDIDATES.get(precision, ()) if p not in need or kernels[need[p]])
+
+
 # --------------------------------------------------------------------------------------------
 # the pool: packed experts, one worker, measured cost
 # --------------------------------------------------------------------------------------------
 class HostExperts:
     """Packed experts (LRU, at most `pack_bytes` owned bytes), one worker thread running jobs in
-    order, the EWMA seconds of one expert call and the calls queued. `threads`: torch intra-op
-    threads for the worker's kernels (None: the creating thread's, torch's default of the host's
-    cores; set in the worker, whose OpenMP team size is its own). The cost starts at `prior_s`
-    (default 0: unmeasured, so the first misses a rule weighs go to the host and measure it)."""
+    order, the EWMA seconds of one expert call and the calls queued.
+
+    `threads`: torch intra-op threads for the worker's kernels (None: the creating thread's,
+    torch's default of the host's cores; set in the worker, whose OpenMP team size is its own:
+    `set_thread_count`). One worker runs the jobs in submission order over all the threads.
+
+    The kernel path per precision (`paths`, e.g. {"int4": "int8row"}) is given or measured:
+    the first expert of a precision and payload size with at least `calib_min_bytes` is built
+    in each candidate form (`candidate_paths`) and timed (`timer(expert, x)` seconds, x one
+    token of `calib_dtype`, on a thread with the worker's threads); the fastest is kept for
+    every expert of that kind. Below `calib_min_bytes`, or with calibrate=False, the path is
+    "native" (the stored precision's kernel: exact against the store's dequantization), as
+    it is for bf16. The cost starts at `prior_s` (default 0: unmeasured, so the first misses a
+    rule weighs go to the host and measure it)."""
 
     def __init__(self, pack_bytes: int = 4 << 30, threads: int | None = None, alpha: float = 0.3,
-                 prior_s: float = 0.0) -> None:
+                 prior_s: float = 0.0, paths: dict[str, str] | None = None,
+                 calibrate: bool = True, calib_min_bytes: int = 1 << 20, calib_dtype: torch.dtype = torch.bfloat16,
+                 timer: Callable[[HostExpert, torch.Tensor], float] | None = None) -> None:
         self.pack_bytes = int(pack_bytes)
         self.threads = int(threads) if threads else torch.get_num_threads()
         self.kernels = cpu_kernels()
+        self.paths: dict[str, str] = dict(paths or {})
+        for prec, path in self.paths.items():
+            if path not in PATHS:
+                raise ValueError(f"paths[{prec!r}] must be one of {PATHS}, got {path!r}")
+        self.calibrate, self.calib_min_bytes, self.calib_dtype = bool(calibrate), int(calib_min_bytes), calib_dtype
+        self.timer = timer or time_call
+        self.calibration: dict[str, dict[str, Any]] = {}    # "precision/raw bytes" -> {path: seconds, "chosen": path}
+        self._chosen: dict[tuple[str, int], str] = {}
+        self._calib_lock = threading.Lock()
         self._packed: OrderedDict[Any, HostExpert] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -251,25 +378,82 @@ class HostExperts:
 
     # --- packed experts --------------------------------------------------------------------
     def expert(self, key: Any, header: Any, raw: torch.Tensor) -> HostExpert:
-        """The packed expert `key`, packed from (header, raw) on first use and kept while the
-        budget allows; a bf16 expert read in place (views of `raw`: the caller holds the host
-        slot while computing) owns nothing and is not kept."""
+        """The packed expert `key`, packed from (header, raw) on first use (in the path chosen
+        for its kind, `path_for`) and kept while the budget allows; a bf16 expert read in
+        place (views of `raw`: the caller holds the host slot while computing) owns nothing
+        and is not kept."""
         with self._lock:
             ex = self._packed.get(key)
             if ex is not None:
                 self._packed.move_to_end(key)
                 return ex
-        ex = HostExpert.from_raw(header, raw, self.kernels)
+        path, ex = self._path_for(header, raw)
+        if ex is None:
+            ex = HostExpert.from_raw(header, raw, self.kernels, path)
         with self._lock:
             self.packs += 1
             self._too_big = self._too_big or ex.nbytes > self.pack_bytes
             if ex.nbytes and ex.nbytes <= self.pack_bytes:
+                old = self._packed.pop(key, None)          # packed meanwhile by another thread
+                if old is not None:
+                    self._bytes -= old.nbytes
                 self._packed[key] = ex
                 self._bytes += ex.nbytes
                 while self._bytes > self.pack_bytes:
                     _, old = self._packed.popitem(last=False)
                     self._bytes -= old.nbytes
         return ex
+
+    def path_for(self, header: Any, raw: torch.Tensor) -> str:
+        """The path experts like (header, raw) take here (calibrating on this one if its kind
+        has not been timed yet)."""
+        return self._path_for(header, raw)[0]
+
+    def _path_for(self, header: Any, raw: torch.Tensor) -> tuple[str, HostExpert | None]:
+        """(path, the expert built while calibrating on it, or None)."""
+        prec = str(header.precision)
+        if prec in self.paths:
+            return self.paths[prec], None
+        cands = candidate_paths(prec, self.kernels)
+        if not self.calibrate or len(cands) < 2 or int(header.raw_size) < self.calib_min_bytes:
+            return "native", None
+        kind = (prec, int(header.raw_size))
+        with self._calib_lock:
+            path = self._chosen.get(kind)
+            if path is not None:
+                return path, None
+            path, ex, times = self._calibrate(header, raw, cands)
+            self._chosen[kind] = path
+            self.calibration[f"{prec}/{int(header.raw_size)}"] = {**times, "chosen": path}
+            log.info("host experts, %s: %s (seconds per call: %s)", prec, path, times)
+            return path, ex
+
+    def _calibrate(self, header: Any, raw: torch.Tensor, cands: Sequence[str]) -> tuple[str, HostExpert, dict[str, float]]:
+        """Build the expert in every candidate path and time one call of each on a thread with
+        the worker's threads; the fastest (ties: the earlier candidate) and its expert."""
+        result: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                set_thread_count(self.threads)
+                with torch.inference_mode():
+                    H = next(int(t.shape[1]) for t in header.tensors if t.name == "w1")
+                    x = torch.randn(1, H, generator=torch.Generator().manual_seed(0)).to(self.calib_dtype)
+                    built, times = {}, {}
+                    for p in cands:
+                        ex = built[p] = HostExpert.from_raw(header, raw, self.kernels, p)
+                        times[p] = float(self.timer(ex, x))
+                    best = min(cands, key=lambda p: (times[p], cands.index(p)))
+                    result.update(path=best, ex=built[best], times=times)
+            except BaseException as exc:  # noqa: BLE001 - raised on the caller's thread
+                result["error"] = exc
+
+        t = threading.Thread(target=run, name="host-experts-calibrate", daemon=True)
+        t.start()
+        t.join()
+        if "error" in result:
+            raise result["error"]
+        return result["path"], result["ex"], result["times"]
 
     def packed(self, key: Any) -> HostExpert | None:
         """The kept packed expert `key` (None: not packed, or bf16, which is never kept)."""
@@ -347,10 +531,12 @@ class HostExperts:
         with self._lock:
             return {"calls": self.calls, "tokens": self.tokens, "seconds": self.seconds,
                     "cost_s": self.cost.value, "measured": self.cost.n, "packs": self.packs,
-                    "packed_experts": len(self._packed), "packed_bytes": self._bytes, "kernels": dict(self.kernels)}
+                    "packed_experts": len(self._packed), "packed_bytes": self._bytes, "kernels": dict(self.kernels),
+                    "paths": {**{f"{k[0]}/{k[1]}": v for k, v in self._chosen.items()}, **self.paths},
+                    "calibration": {k: dict(v) for k, v in self.calibration.items()}}
 
     def _loop(self) -> None:
-        torch.set_num_threads(self.threads)
+        set_thread_count(self.threads)     # this thread's OpenMP team (see the class doc)
         while True:
             item = self._jobs.get()
             if item is None:
@@ -365,7 +551,7 @@ class HostExperts:
                 fut.set_exception(exc)
 
     def _pack_loop(self) -> None:
-        torch.set_num_threads(self.threads)
+        set_thread_count(self.threads)
         while True:
             item = self._packs.get()
             if item is None:

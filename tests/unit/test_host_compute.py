@@ -20,8 +20,8 @@ import torch
 
 from checkpoints import make_packed_store
 from decoder.engine import Engine
-from decoder.experts.host_compute import (HostExpert, HostExperts, MissRule, MissTokens, cpu_kernels,
-                                          int4pack_for_cpu)
+from decoder.experts.host_compute import (CANDIDATES, HostExpert, HostExperts, MissRule, MissTokens,
+                                          candidate_paths, cpu_kernels, int4pack_for_cpu, requantize_rows)
 from decoder.experts.provider import decode_expert_blob
 from expert_store import format as blob_format
 from expert_store.client import StoreClient
@@ -107,6 +107,152 @@ def test_packed_experts_stay_within_their_budget():
         _, hb, rb = blob_and_raw("bf16", 96, 64, 32, seed=3)
         hx.expert("bf16", hb, rb)
         assert hx.packed("bf16") is None                    # in place: never kept
+    finally:
+        hx.close()
+
+
+# --- int4/int8 requantized to per-row int8 (the int8row path) ---------------------------------
+@pytest.mark.parametrize("bits", [4, 8])
+def test_per_row_requantization_error_is_within_its_bound(bits):
+    from expert_store.quant import dequantize, quantize
+
+    g = torch.Generator().manual_seed(bits)
+    N, K, group = 48, 256, 32
+    # rows whose groups differ in magnitude (the case per-row scales lose most on), and a zero row
+    w = torch.randn(N, K, generator=g) * torch.rand(N, K // group, generator=g).repeat_interleave(group, 1)
+    w[7] = 0
+    q, scales = quantize(w, bits, group)
+    W = dequantize(q, scales, bits, group, (N, K), torch.float32)        # the store's own dequantization
+    Q, s = requantize_rows(q, scales, bits, group, (N, K), block=20)     # blocks that split the rows unevenly
+    assert Q.dtype == torch.int8 and Q.shape == (N, K) and s.dtype == torch.float32 and s.shape == (N,)
+    assert int(Q.abs().max()) <= 127 and torch.equal(s.to(torch.bfloat16).float(), s)   # bf16-exact scales
+    amax = W.abs().amax(dim=1)
+    live = amax > 0
+    assert torch.all(s[live] >= amax[live] / 127) and torch.all(s[live] <= amax[live] / 127 * (1 + 2.0**-7))
+    err = (Q.float() * s[:, None] - W).abs()
+    assert torch.all(err <= s[:, None] / 2 * (1 + 2.0**-14))
+    assert torch.all(err.amax(dim=1)[live] <= amax[live] / 254 * (1 + 2.0**-7) * (1 + 2.0**-14))
+    assert torch.all(Q[7] == 0)
+    if bits == 4:        # |q - 8| <= 7: under 1/36 of the row's largest int4 step
+        smax = scales.float().amax(dim=1)
+        assert torch.all(err.amax(dim=1) <= smax * 7 / 254 * (1 + 2.0**-7) * (1 + 2.0**-14))
+        assert torch.all(err.amax(dim=1)[live] < smax[live] / 36)
+
+
+@pytest.mark.skipif(not cpu_kernels()["int8"], reason="this torch has no int8 CPU kernel")
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8row_expert_computes_the_requantized_expert(precision, dtype):
+    blob, header, raw = blob_and_raw(precision, 96, 64, 32, seed=21)
+    ex = HostExpert.from_raw(header, raw, path="int8row")
+    assert ex.kernel == "int8row"
+    ref_w = decode_expert_blob(blob)                        # the GPU path's expert (store dequantization)
+    # the same expert with each matrix requantized per row, in float32
+    mats = {n: m.q.float() * m.scales[:, None] for n, m in (("w1", ex.w1), ("w3", ex.w3), ("w2", ex.w2))}
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(6)).to(dtype)
+    xf = x.float()
+    ref8 = (torch.nn.functional.silu(xf @ mats["w1"].t()) * (xf @ mats["w3"].t())) @ mats["w2"].t()
+    y = ex(x)
+    assert y.dtype == dtype and y.shape == (3, 64)
+    scale = ref8.abs().max().item()
+    torch.testing.assert_close(y.float(), ref8, rtol=0, atol=(2e-5 if dtype == torch.float32 else 3e-2) * scale)
+    # against the store's own dequantization: the requantization's error (bounded above) on top
+    torch.testing.assert_close(y.float(), ref_w(x).float(), rtol=0, atol=5e-2 * scale)
+    # memory: one int8 byte per weight (twice int4's, the same as int8's) and a float32 scale per row
+    assert ex.nbytes == sum(N * K + 4 * N for N, K in ((96, 64), (96, 64), (64, 96)))
+
+
+@pytest.mark.skipif(not all(cpu_kernels().values()), reason="this torch lacks an int CPU kernel")
+def test_paths_and_their_candidates():
+    _, header, raw = blob_and_raw("int4", 96, 64, 32, seed=4)
+    assert HostExpert.from_raw(header, raw).kernel == "int4pack"                   # native: exact
+    assert HostExpert.from_raw(header, raw, path="dequant").kernel == "dequant"
+    assert HostExpert.from_raw(header, raw, path="int8pack").kernel == "int4pack"  # not int4's: native
+    int4, int8 = HostExpert.from_raw(header, raw, path="int4pack"), HostExpert.from_raw(header, raw, path="int8row")
+    assert sum(m.q.numel() for m in (int8.w1, int8.w3, int8.w2)) == 2 * sum(
+        m.packed.numel() * m.packed.element_size() for m in (int4.w1, int4.w3, int4.w2))
+    with pytest.raises(ValueError):
+        HostExpert.from_raw(header, raw, path="fp8")
+    assert candidate_paths("int4", cpu_kernels()) == CANDIDATES["int4"] == ("int4pack", "int8row", "dequant")
+    assert candidate_paths("int8", {"int8": False, "int4": True}) == ("dequant",)
+    assert candidate_paths("bf16", cpu_kernels()) == ()
+
+
+class FakeTimer:
+    """Recorded seconds per path (by the expert's kernel name); counts the calls."""
+
+    def __init__(self, seconds):
+        self.seconds, self.calls = seconds, []
+
+    def __call__(self, ex, x):
+        assert x.shape[0] == 1 and x.dtype == torch.bfloat16
+        self.calls.append(ex.kernel)
+        return self.seconds[ex.kernel]
+
+
+@pytest.mark.skipif(not all(cpu_kernels().values()), reason="this torch lacks an int CPU kernel")
+def test_calibration_keeps_the_fastest_path_per_kind():
+    _, header, raw = blob_and_raw("int4", 96, 64, 32, seed=5)
+    _, h8, r8 = blob_and_raw("int8", 96, 64, 32, seed=5)
+    timer = FakeTimer({"int4pack": 2.0, "int8row": 1.0, "dequant": 3.0, "int8pack": 0.5})
+    hx = HostExperts(calib_min_bytes=0, timer=timer)
+    try:
+        assert hx.expert((0, 0), header, raw).kernel == "int8row"
+        assert timer.calls == ["int4pack", "int8row", "dequant"]       # each candidate timed once
+        assert hx.expert((0, 1), header, raw).kernel == "int8row" and len(timer.calls) == 3   # kept
+        assert hx.expert((1, 0), h8, r8).kernel == "int8pack"          # int8: its own calibration
+        assert timer.calls[3:] == ["int8pack", "int8row", "dequant"]
+        st = hx.stats()
+        assert st["paths"] == {f"int4/{header.raw_size}": "int8row", f"int8/{h8.raw_size}": "int8pack"}
+        assert st["calibration"][f"int4/{header.raw_size}"] == {"int4pack": 2.0, "int8row": 1.0, "dequant": 3.0,
+                                                               "chosen": "int8row"}
+        # the kept expert is the one calibration built: int8row's bytes counted in the LRU
+        assert hx.packed_bytes == 2 * hx.packed((0, 0)).nbytes + hx.packed((1, 0)).nbytes
+        _, hb, rb = blob_and_raw("bf16", 96, 64, 32, seed=5)
+        assert hx.expert("b", hb, rb).kernel == "linear" and len(timer.calls) == 6    # bf16: nothing to time
+    finally:
+        hx.close()
+    # ties go to the earlier candidate
+    hx = HostExperts(calib_min_bytes=0, timer=FakeTimer({"int4pack": 1.0, "int8row": 1.0, "dequant": 1.0}))
+    try:
+        assert hx.path_for(header, raw) == "int4pack"
+    finally:
+        hx.close()
+
+
+def test_without_calibration_the_path_is_given_or_native():
+    _, header, raw = blob_and_raw("int4", 96, 64, 32, seed=6)
+    timer = FakeTimer({})
+    for kw in ({"calibrate": False, "calib_min_bytes": 0}, {}):      # off, or an expert below calib_min_bytes
+        hx = HostExperts(timer=timer, **kw)
+        try:
+            assert hx.path_for(header, raw) == "native" and hx.stats()["calibration"] == {}
+        finally:
+            hx.close()
+    hx = HostExperts(timer=timer, calib_min_bytes=0, paths={"int4": "dequant"})
+    try:
+        assert hx.expert(0, header, raw).kernel == "dequant"
+    finally:
+        hx.close()
+    assert timer.calls == []
+    with pytest.raises(ValueError):
+        HostExperts(paths={"int4": "int2"})
+
+
+def test_packing_a_key_twice_counts_its_bytes_once():
+    _, header, raw = blob_and_raw("int8", 96, 64, 32, seed=8)
+    hx = HostExperts()
+    try:
+        one = hx.expert(0, header, raw).nbytes
+        hx.forget(0)
+        hx.expert(0, header, raw)
+        with hx._lock:                       # another thread packed it meanwhile
+            ex = hx._packed.pop(0)
+            hx._bytes -= ex.nbytes
+        hx._packed[0] = ex
+        hx._bytes += ex.nbytes
+        hx.expert(1, header, raw)
+        assert hx.packed_bytes == 2 * one
     finally:
         hx.close()
 
@@ -252,6 +398,28 @@ def test_generation_with_misses_on_the_host_equals_copying_them(store_dir, preci
     assert s_cpu["routing"] == s_copy["routing"]
     if decode_step == "step":
         assert step is not None and step.host_inputs > 0 and step.layered_steps > 0
+
+
+@pytest.mark.skipif(not cpu_kernels()["int8"], reason="this torch has no int8 CPU kernel")
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_generation_with_int8row_misses_on_the_host_stays_close_to_copying_them(store_dir, precision):
+    ids = torch.randint(3, 300, (6,), generator=torch.Generator().manual_seed(1)).tolist()
+    probe = torch.randint(3, 300, (10,), generator=torch.Generator().manual_seed(2))
+    runs = {}
+    for mode in ("copy", "cpu"):
+        with cache_engine(store_dir, precision, mode, "step", pack=False) as eng:
+            if mode == "cpu":
+                eng.provider.host_experts.paths = {precision: "int8row"}     # what calibration may pick
+                assert eng.provider.pack_host([(l, e) for l in range(L) for e in range(E)]) == L * E
+                assert {eng.provider.host_experts.packed((l, e)).kernel for l in range(L) for e in range(E)} \
+                    == {"int8row"}
+            tokens = eng.generate(ids, max_tokens=12, stop_at_eos=False).token_ids
+            runs[mode] = (tokens, eng.decode_logits(probe), eng.stats())
+    (t_copy, l_copy, _), (t_cpu, l_cpu, s_cpu) = runs["copy"], runs["cpu"]
+    assert s_cpu["provider"]["cpu_misses"] > 10
+    assert t_cpu == t_copy
+    # per-row requantization: within 1/254 of each row's largest weight (requantize_rows)
+    torch.testing.assert_close(l_cpu, l_copy, rtol=0, atol=5e-3 * l_copy.abs().max().item())
 
 
 def test_cli_flag_becomes_the_cache_option():
