@@ -28,16 +28,17 @@ Doing both at once, for different misses, beats either. This module holds the ho
   x's dtype; the int kernels apply the scale after the integer dot product instead of
   rounding each dequantized weight to x's dtype first.
 - `HostExperts`: the packed experts (an LRU bounded by `pack_bytes`, counting what each path
-  keeps: int8row twice int4's bytes), one worker thread that runs jobs in submission order
-  (each kernel spreads over torch's intra-op pool, the host's cores: one expert at a time uses
-  them all, two at once would only share them), the path per precision (given, or the
-  fastest of the candidates timed on the first expert of a kind: `calibration`), a packer
-  thread that packs experts asked for ahead of use (packing an int4 Mixtral expert takes far
-  longer than computing it, so a miss goes to the host only once its expert is packed), the
-  EWMA seconds of one expert call (`cost`) and the expert calls queued (`backlog`).
-- `MissRule`: per layer, which misses the host computes: list scheduling onto two queues, the
-  copy link and the CPU, each miss to the one that finishes it first given the measured cost
-  of one copy and of one CPU call and the work already queued on each side.
+  keeps: int8row twice int4's bytes), `workers` worker threads taking jobs from one queue (each
+  on threads // workers intra-op threads: torch's thread count is per calling thread in its
+  OpenMP build; one worker by default, several run a layer's experts side by side through
+  `submit_layer`), the path per precision (given, or the fastest of the candidates timed on
+  the first expert of a kind: `calibration`), a packer thread that packs experts asked for
+  ahead of use (packing an int4 Mixtral expert takes far longer than computing it, so a miss
+  goes to the host only once its expert is packed), the EWMA seconds of one expert call
+  (`cost`) and the expert calls queued (`backlog`).
+- `MissRule`: per layer, which misses the host computes: list scheduling onto the copy link
+  and the CPU's worker queues, each miss to the one that finishes it first given the measured
+  cost of one copy and of one CPU call and the work already queued on each side.
 - `HostJob`: the host-computed experts of one layer for the decode step: their weighted sum
   [B, H] float32 in (pinned) host memory, brought to the device and added when done.
 - `MissTokens`: an MoE observer telling the cache how many tokens each expert of a layer gets
@@ -325,31 +326,39 @@ def candidate_paths(precision: str, kernels: dict[str, bool]) -> tuple[str, ...]
 
 
 # --------------------------------------------------------------------------------------------
-# the pool: packed experts, one worker, measured cost
+# the pool: packed experts, the workers, measured cost
 # --------------------------------------------------------------------------------------------
 class HostExperts:
-    """Packed experts (LRU, at most `pack_bytes` owned bytes), one worker thread running jobs in
-    order, the EWMA seconds of one expert call and the calls queued.
+    """Packed experts (LRU, at most `pack_bytes` owned bytes), `workers` threads running jobs
+    from one queue, the EWMA seconds of one expert call and the calls queued.
 
-    `threads`: torch intra-op threads for the worker's kernels (None: the creating thread's,
-    torch's default of the host's cores; set in the worker, whose OpenMP team size is its own:
-    `set_thread_count`). One worker runs the jobs in submission order over all the threads.
+    `threads`: torch intra-op threads in all (None: the creating thread's, torch's default of
+    the host's cores); each worker sets threads // workers for itself. In torch's OpenMP build
+    `torch.set_num_threads` is per calling thread (ATen's set_num_threads calls
+    omp_set_num_threads, whose nthreads ICV belongs to the calling thread, and get_num_threads
+    reads omp_get_max_threads), so `workers` teams of that size run side by side; it also
+    stores a process-wide value that a thread takes on its first parallel region or
+    get_num_threads, so every thread here initializes its own first (`set_thread_count`).
+    With one worker (the default) jobs run in submission order over all the threads; with
+    more, a layer's experts run at once when submitted one job each (`submit_layer`).
 
     The kernel path per precision (`paths`, e.g. {"int4": "int8row"}) is given or measured:
     the first expert of a precision and payload size with at least `calib_min_bytes` is built
     in each candidate form (`candidate_paths`) and timed (`timer(expert, x)` seconds, x one
-    token of `calib_dtype`, on a thread with the worker's threads); the fastest is kept for
+    token of `calib_dtype`, on a thread with one worker's threads); the fastest is kept for
     every expert of that kind. Below `calib_min_bytes`, or with calibrate=False, the path is
     "native" (the stored precision's kernel: exact against the store's dequantization), as
     it is for bf16. The cost starts at `prior_s` (default 0: unmeasured, so the first misses a
     rule weighs go to the host and measure it)."""
 
     def __init__(self, pack_bytes: int = 4 << 30, threads: int | None = None, alpha: float = 0.3,
-                 prior_s: float = 0.0, paths: dict[str, str] | None = None,
+                 prior_s: float = 0.0, workers: int = 1, paths: dict[str, str] | None = None,
                  calibrate: bool = True, calib_min_bytes: int = 1 << 20, calib_dtype: torch.dtype = torch.bfloat16,
                  timer: Callable[[HostExpert, torch.Tensor], float] | None = None) -> None:
         self.pack_bytes = int(pack_bytes)
         self.threads = int(threads) if threads else torch.get_num_threads()
+        self.workers = max(1, int(workers))
+        self.worker_threads = max(1, self.threads // self.workers)
         self.kernels = cpu_kernels()
         self.paths: dict[str, str] = dict(paths or {})
         for prec, path in self.paths.items():
@@ -368,8 +377,10 @@ class HostExperts:
         self.calls = self.tokens = self.packs = 0
         self.seconds = 0.0
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._worker = threading.Thread(target=self._loop, name="host-experts", daemon=True)
-        self._worker.start()
+        self._workers = [threading.Thread(target=self._loop, name=f"host-experts-{i}", daemon=True)
+                         for i in range(self.workers)]
+        for t in self._workers:
+            t.start()
         self._packs: queue.SimpleQueue = queue.SimpleQueue()
         self._pack_pending: set[Any] = set()
         self._too_big = False                 # an expert's pack exceeded pack_bytes: pack nothing ahead
@@ -430,12 +441,12 @@ class HostExperts:
 
     def _calibrate(self, header: Any, raw: torch.Tensor, cands: Sequence[str]) -> tuple[str, HostExpert, dict[str, float]]:
         """Build the expert in every candidate path and time one call of each on a thread with
-        the worker's threads; the fastest (ties: the earlier candidate) and its expert."""
+        one worker's threads; the fastest (ties: the earlier candidate) and its expert."""
         result: dict[str, Any] = {}
 
         def run() -> None:
             try:
-                set_thread_count(self.threads)
+                set_thread_count(self.worker_threads)
                 with torch.inference_mode():
                     H = next(int(t.shape[1]) for t in header.tensors if t.name == "w1")
                     x = torch.randn(1, H, generator=torch.Generator().manual_seed(0)).to(self.calib_dtype)
@@ -486,13 +497,52 @@ class HostExperts:
 
     # --- jobs ------------------------------------------------------------------------------------
     def submit(self, fn: Callable[[], Any], calls: int = 1) -> Future:
-        """Run fn() on the worker after the jobs before it; `calls`: expert calls it makes (the
-        backlog counts them until fn calls `done_call` for each)."""
+        """Run fn() on a worker (the first free one, in submission order); `calls`: expert calls
+        it makes (the backlog counts them until fn calls `done_call` for each)."""
         fut: Future = Future()
         with self._lock:
             self.queued += calls
         self._jobs.put((fn, fut))
         return fut
+
+    def submit_layer(self, groups: dict[int, tuple[Sequence[int], Sequence[float]]], x: torch.Tensor,
+                     out: torch.Tensor, call: Callable[[int, torch.Tensor], torch.Tensor]) -> Future:
+        """One layer's host experts, spread over the workers: out [B, H] (float32) becomes
+        sum over e in groups of w * call(e, x[rows]) for groups[e] = (rows, weights); one job
+        per expert (each counted as one call: the backlog drops as each finishes) and the sum
+        taken, in expert order, by whichever finishes last, so `out` holds the same bits for any
+        worker count. The future is done once `out` is written (its exception: the first an
+        expert call raised, after all have finished)."""
+        order = sorted(groups)
+        done: Future = Future()
+        if not order:
+            out.zero_()
+            done.set_result(None)
+            return done
+        ys: dict[int, torch.Tensor] = {}
+        errors: list[BaseException] = []
+        left = [len(order)]
+        lock = threading.Lock()
+
+        def one(e: int) -> None:
+            rs, ws = groups[e]
+            rows = torch.tensor(list(rs), dtype=torch.long)
+            try:
+                y = call(e, x[rows])
+                ys[e] = y.float() * torch.tensor(list(ws), dtype=torch.float32)[:, None]
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiter
+                errors.append(exc)
+            finally:
+                self.done_call()
+                with lock:
+                    left[0] -= 1
+                    last = left[0] == 0
+                if last:
+                    _finish_layer(done, errors, out, order, groups, ys)
+
+        for e in order:
+            self.submit(lambda e=e: one(e), calls=1)
+        return done
 
     def run_call(self, ex: HostExpert, x: torch.Tensor) -> torch.Tensor:
         """One expert call on the calling thread (the worker), timed into `cost`."""
@@ -511,7 +561,8 @@ class HostExperts:
             self.queued = max(0, self.queued - 1)
 
     def backlog(self) -> float:
-        """Seconds of expert calls queued on the worker (queued x cost)."""
+        """Seconds of expert calls queued on the workers in all (queued x cost; with several
+        workers they drain in about backlog / workers: MissRule divides)."""
         with self._lock:
             return self.queued * self.cost.value
 
@@ -522,9 +573,11 @@ class HostExperts:
             self.seconds = 0.0
 
     def close(self) -> None:
-        self._jobs.put(None)
+        for _ in self._workers:
+            self._jobs.put(None)
         self._packs.put(None)
-        self._worker.join(timeout=5.0)
+        for t in self._workers:
+            t.join(timeout=5.0)
         self._packer.join(timeout=5.0)
 
     def stats(self) -> dict[str, Any]:
@@ -532,11 +585,12 @@ class HostExperts:
             return {"calls": self.calls, "tokens": self.tokens, "seconds": self.seconds,
                     "cost_s": self.cost.value, "measured": self.cost.n, "packs": self.packs,
                     "packed_experts": len(self._packed), "packed_bytes": self._bytes, "kernels": dict(self.kernels),
+                    "workers": self.workers, "threads_per_worker": self.worker_threads,
                     "paths": {**{f"{k[0]}/{k[1]}": v for k, v in self._chosen.items()}, **self.paths},
                     "calibration": {k: dict(v) for k, v in self.calibration.items()}}
 
     def _loop(self) -> None:
-        set_thread_count(self.threads)     # this thread's OpenMP team (see the class doc)
+        set_thread_count(self.worker_threads)     # this thread's OpenMP team (see the class doc)
         while True:
             item = self._jobs.get()
             if item is None:
@@ -567,33 +621,56 @@ class HostExperts:
                     self._pack_pending.discard(key)
 
 
+def _finish_layer(done: Future, errors: list[BaseException], out: torch.Tensor, order: Sequence[int],
+                  groups: dict[int, tuple[Sequence[int], Sequence[float]]], ys: dict[int, torch.Tensor]) -> None:
+    """submit_layer's last step: the weighted outputs summed into `out` in expert order."""
+    if errors:
+        done.set_exception(errors[0])
+        return
+    try:
+        out.zero_()
+        for k in order:
+            out.index_add_(0, torch.tensor(list(groups[k][0]), dtype=torch.long), ys[k])
+    except BaseException as exc:  # noqa: BLE001 - handed to the waiter
+        done.set_exception(exc)
+        return
+    done.set_result(None)
+
+
 # --------------------------------------------------------------------------------------------
 # which misses the host computes
 # --------------------------------------------------------------------------------------------
 class MissRule:
     """Per layer, which misses the host computes ("auto"), all it can ("cpu") or none ("copy").
 
-    "auto" is list scheduling onto two queues: the copy link, free after `copy_backlog` seconds,
-    each copy `copy_s`; the CPU, free after `cpu_backlog` seconds, each call `cpu_s`. Misses are
-    taken in order and each goes where it would be finished first (ties: copy, which also leaves
-    the expert on the GPU for later tokens)."""
+    "auto" is list scheduling onto the copy link and `workers` CPU queues: the link is free
+    after `copy_backlog` seconds, each copy `copy_s`; the CPU's `cpu_backlog` seconds of queued
+    calls are spread over its workers (each free after cpu_backlog / workers), each call
+    `cpu_s`. Misses are taken in order and each goes where it would be finished first (the
+    earliest-free worker or the link; ties: the link, which also leaves the expert on the GPU
+    for later tokens)."""
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, workers: int = 1) -> None:
         if mode not in MISS_COMPUTE:
             raise ValueError(f"miss_compute must be one of {MISS_COMPUTE}, got {mode!r}")
         self.mode = mode
+        self.workers = max(1, int(workers))
 
     def assign(self, misses: Sequence[int], copy_s: float, copy_backlog: float, cpu_s: float,
-               cpu_backlog: float) -> list[int]:
-        """The misses (expert ids, in the order they are served) the host computes."""
+               cpu_backlog: float, *, workers: int | None = None) -> list[int]:
+        """The misses (expert ids, in the order they are served) the host computes, with
+        `workers` (default self.workers) CPU queues."""
         if self.mode == "copy":
             return []
         if self.mode == "cpu":
             return list(misses)
-        copy_free, cpu_free, out = copy_backlog, cpu_backlog, []
+        w = self.workers if workers is None else max(1, int(workers))
+        copy_free, out = copy_backlog, []
+        cpu_free = [cpu_backlog / w] * w
         for e in misses:
-            if cpu_free + cpu_s < copy_free + copy_s:
-                cpu_free += cpu_s
+            i = min(range(w), key=cpu_free.__getitem__)
+            if cpu_free[i] + cpu_s < copy_free + copy_s:
+                cpu_free[i] += cpu_s
                 out.append(e)
             else:
                 copy_free += copy_s

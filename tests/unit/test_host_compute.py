@@ -257,6 +257,59 @@ def test_packing_a_key_twice_counts_its_bytes_once():
         hx.close()
 
 
+# --- several workers ------------------------------------------------------------------------------
+def test_each_worker_runs_on_its_share_of_the_threads():
+    hx = HostExperts(threads=4, workers=2)
+    try:
+        assert hx.worker_threads == 2
+        got = [hx.submit(torch.get_num_threads).result(timeout=30) for _ in range(4)]
+        assert got == [2] * 4 and torch.get_num_threads() == 1     # per thread: the test's own is untouched
+        assert hx.stats()["workers"] == 2
+    finally:
+        hx.close()
+
+
+def test_workers_run_jobs_side_by_side():
+    hx = HostExperts(workers=2)
+    barrier = threading.Barrier(2, timeout=30)
+    try:
+        # each job waits for the other: both finish only if two workers run them at once
+        futs = [hx.submit(barrier.wait) for _ in range(2)]
+        assert sorted(f.result(timeout=60) for f in futs) == [0, 1]
+    finally:
+        hx.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_submit_layer_sums_the_same_bits_for_any_worker_count(workers):
+    g = torch.Generator().manual_seed(9)
+    B, H = 4, 64
+    x = torch.randn(B, H, generator=g)
+    mats = {e: torch.randn(H, H, generator=g) for e in range(5)}
+    groups = {3: ([0, 2], [0.25, 0.5]), 0: ([1], [0.75]), 4: ([0, 1, 3], [0.1, 0.2, 0.3]), 1: ([2], [1.0])}
+    ref = torch.zeros(B, H)
+    for e in sorted(groups):
+        rows = torch.tensor(groups[e][0])
+        ref.index_add_(0, rows, (x[rows] @ mats[e]) * torch.tensor(groups[e][1])[:, None])
+    hx = HostExperts(workers=workers)
+    try:
+        out = torch.full((B, H), float("nan"))
+        hx.submit_layer(groups, x, out, lambda e, xe: xe @ mats[e]).result(timeout=60)
+        assert torch.equal(out, ref) and hx.queued == 0
+        # an expert's failure reaches the waiter, after every call is done
+        def bad(e, xe):
+            if e == 3:
+                raise RuntimeError("expert 3")
+            return xe @ mats[e]
+        with pytest.raises(RuntimeError, match="expert 3"):
+            hx.submit_layer(groups, x, out, bad).result(timeout=60)
+        assert hx.queued == 0
+        hx.submit_layer({}, x, out, bad).result(timeout=60)
+        assert torch.all(out == 0)
+    finally:
+        hx.close()
+
+
 # --- the decision rule on recorded costs -------------------------------------------------------
 def test_rule_modes():
     assert MissRule("copy").assign([1, 2], 1e-3, 0.0, 1e-6, 0.0) == []
@@ -279,6 +332,20 @@ def test_rule_auto_schedules_each_miss_where_it_finishes_first():
     assert rule.assign([0], 1e-3, 0.0, 1e-3, 0.0) == []
     # six misses, the CPU twice as fast as the link: two thirds of them to the CPU
     assert rule.assign([0, 1, 2, 3, 4, 5], 2e-3, 0.0, 1e-3, 0.0) == [0, 2, 3, 5]
+
+
+def test_rule_spreads_the_host_queue_over_its_workers():
+    rule = MissRule("auto")
+    # copy 3 ms, a CPU call 2 ms: one worker takes the first miss, the link the second (3 < 4),
+    # the worker the third (4 < 6); two workers take the first two at once, the link the third
+    assert rule.assign([0, 1, 2], 3e-3, 0.0, 2e-3, 0.0) == [0, 2]
+    assert rule.assign([0, 1, 2], 3e-3, 0.0, 2e-3, 0.0, workers=2) == [0, 1]
+    assert MissRule("auto", workers=2).assign([0, 1, 2], 3e-3, 0.0, 2e-3, 0.0) == [0, 1]
+    # 4 ms of calls queued: 4 ms ahead of one worker (6 > 3: copied), 2 ms ahead of each of two (4 > 3)
+    assert rule.assign([0], 3e-3, 0.0, 2e-3, 4e-3) == []
+    assert rule.assign([0], 3e-3, 0.0, 2e-3, 4e-3, workers=2) == []
+    assert rule.assign([0], 5e-3, 0.0, 2e-3, 4e-3, workers=2) == [0]        # 4 < 5
+    assert rule.assign([0], 5e-3, 0.0, 2e-3, 4e-3) == []                    # 6 > 5
 
 
 # --- the cache's decisions ------------------------------------------------------------------------
