@@ -55,9 +55,10 @@ from decoder.routing import Gating, topk_route
 GATINGS = ("topk", "uniform", "adaptive", "cost-aware")
 
 
-class CountingGating(Gating):
-    """Base: top-k routing, then `_tail_drops(layer, logits, weights, idx)` (or `_decide`) says
-    per token how many of its lowest-weight experts go (0..k-1). Counts decisions.
+class TailDropGating(Gating):
+    """Base of every gating here: top-k routing, then `_tail_drops(layer, logits, weights, idx)`
+    (or `_decide`) says per token how many of its lowest-weight experts go (0..k-1; always 0 for
+    `CountingTopK`). Counts decisions.
 
     A gating whose decision is a pure function of the router output (`decides_on_device`:
     uniform, adaptive) makes it on the device and returns without reading anything: its
@@ -268,7 +269,7 @@ class CountingGating(Gating):
                     idx: torch.Tensor) -> torch.Tensor:
         """weights [T, k] (descending, sum 1) -> tail experts to drop per token [T] int64 in 0..k-1;
         for k = 2 a bool mask may stand for the counts (the one droppable expert: fewer kernels
-        in the captured decode step, as before top-k)."""
+        in the captured decode step)."""
         raise NotImplementedError
 
 
@@ -284,7 +285,7 @@ def decision_weights(scores: torch.Tensor, idx: torch.Tensor, renormalize: bool 
     return picked / (picked.sum(dim=-1, keepdim=True) + 1e-20) if renormalize else picked
 
 
-class CountingTopK(CountingGating):
+class CountingTopK(TailDropGating):
     """The family's top-k routing (identical to decoder.routing.TopKGating's choice), with counters."""
 
     name = "topk"
@@ -299,7 +300,7 @@ class CountingTopK(CountingGating):
         return torch.zeros(weights.shape[0], dtype=torch.int64, device=weights.device)
 
 
-class UniformThresholdGating(CountingGating):
+class UniformThresholdGating(TailDropGating):
     """The paper's naive baseline: drop the tail while its weight sum W < threshold (top-2:
     expert 2 when w2 < threshold), the same threshold in every layer."""
 
@@ -319,7 +320,7 @@ class UniformThresholdGating(CountingGating):
         return (tail_sums(weights) < self.threshold).sum(dim=1)       # W_m grows with m: a prefix
 
 
-class AdaptiveGating(CountingGating):
+class AdaptiveGating(TailDropGating):
     """AdapMoE: drop the tail while F_l * W^2 < T (T = budget; T = 0 is exactly top-k); top-2:
     expert 1 alone when F_l * w2^2 < T."""
 
@@ -344,7 +345,7 @@ class AdaptiveGating(CountingGating):
         return (F * W * W < self.budget).sum(dim=1)                     # F W_m^2 grows with m: a prefix
 
 
-class CostAwareGating(CountingGating):
+class CostAwareGating(TailDropGating):
     """Adaptive gating whose budget goes to the tail experts that cost link time to load.
 
     Written for top-2 below; with top-k the rule walks the tail from the last expert up: the
@@ -625,7 +626,7 @@ def make_gating(name: str, *, config: ModelConfig, provider: Any = None, budget:
 def _make_gating(name: str, *, config: ModelConfig, provider: Any, budget: float | None,
                  profile: Mapping[str, Any] | None,
                  threshold: float | None, loss_bound: float | None, sensitivity: Sequence[float] | None,
-                 store_cost_ratio: float) -> CountingGating:
+                 store_cost_ratio: float) -> TailDropGating:
     k = int(config.num_experts_per_tok)
     L = int(config.num_hidden_layers)
     renorm = bool(getattr(config, "norm_topk_prob", True))

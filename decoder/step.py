@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from decoder.experts.prefetch import Prefetcher
-from decoder.gating import CountingGating, CountingTopK
+from decoder.gating import TailDropGating, CountingTopK
 from decoder.kernels.fused_moe import fused_moe, moe_torch, use_kernels
 from decoder.kernels.norm import rms_norm
 from decoder.model.transformer import Transformer, apply_rope_signed, rope_cos_sin, sign_rotated_sin
@@ -64,7 +64,7 @@ def unsupported_reason(model: Transformer) -> str | None:
     g = model.gating
     if not cfg.norm_topk_prob and getattr(g, "decides_on_host", False):
         return "a gating deciding on the host over unrenormalised router weights decodes eagerly"
-    if isinstance(g, CountingGating):
+    if isinstance(g, TailDropGating):
         if (g.top_k >= 2 and not g.decides_on_device and not getattr(g, "decides_on_host", False)
                 and not isinstance(g, CountingTopK)):
             return f"gating {g.name!r} decides neither on the device nor from host rows"
@@ -208,9 +208,9 @@ class DecodeStep:
     def _route(self, layer: int, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # logits: [B, E] -> weights [B, k] f32, ids [B, k] (-1 = none), dropped weight W or -1 [B]
         g = self.gating
-        renorm = g.renormalize if isinstance(g, CountingGating) else True
+        renorm = g.renormalize if isinstance(g, TailDropGating) else True
         w, ids = topk_route(logits, self.k, renorm)                      # the gating's decision weights
-        if isinstance(g, CountingGating) and g.decides_on_device and not self.host_decides and self.k >= 2:
+        if isinstance(g, TailDropGating) and g.decides_on_device and not self.host_decides and self.k >= 2:
             w, ids, _, pend = g.decide_on_device(layer, logits, w, ids)
         else:
             pend = torch.full((self.B,), -1.0, device=self.device)
@@ -452,7 +452,7 @@ class DecodeStep:
         """HOBBIT's hint as the eager gating gives it: experts whose largest weight in this step
         (after the gating's decision) is below the threshold may load at the cache's miss precision."""
         g = self.gating
-        if not isinstance(g, CountingGating) or g.miss_threshold is None or g.miss_provider is None:
+        if not isinstance(g, TailDropGating) or g.miss_threshold is None or g.miss_provider is None:
             return
         best: dict[int, float] = {}
         for ids, ws in zip(rows, wrows):
@@ -467,7 +467,7 @@ class DecodeStep:
         """Gating counts of a layered step from its read: the active rows' expert ids and each
         row's dropped weight W (-1 when it kept every expert)."""
         g = self.gating
-        if not isinstance(g, CountingGating):
+        if not isinstance(g, TailDropGating):
             return
         used = [sum(1 for e in r if e >= 0) for r in rows]
         g.count_step(layer, len(rows), sum(used), sum(1 for n in used if n == 1),
@@ -519,7 +519,7 @@ class DecodeStep:
         self._counted = False
         lookups = 0
         for l, (dec, used, single, w2sq, uniq) in enumerate(counts):
-            if isinstance(self.gating, CountingGating):
+            if isinstance(self.gating, TailDropGating):
                 self.gating.count_step(l, int(dec), int(used), int(single), w2sq)
                 if self.host_decides:
                     self.gating.count_resident(l, int(dec))
