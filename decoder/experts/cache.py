@@ -59,7 +59,7 @@ Store prefetches into the host tier (`prefetch_host`, for a host tier in front o
 prefetcher's predictions of experts in neither tier start a store fetch into the host tier, far
 enough ahead to hide the store (its store lookahead, prefetch.py). `host_prefetch` threads run
 them (the bound on them in flight; default half the fetch processes, at least one, when the host
-tier keeps experts and is not a co-located arena), best score first, below every other load (a
+tier keeps some of the experts but not all, and is not a co-located arena), best score first, below every other load (a
 FetchPool sends them as "background" requests, bounded, behind its demand and prefetches). A load
 of an expert whose fetch is in flight waits for it rather than fetching it again. Counted:
 host_prefetch_requests / loads / bytes / useful (a later load found it in the host tier) /
@@ -239,9 +239,11 @@ class ExpertCache(ExpertProvider):
             raise ValueError(f"low_precision_misses must be 'all' or 'store', got {low_precision_misses!r}")
         self.low_precision_misses = low_precision_misses
         # --- store prefetches into the host tier (prefetch_host): bounded, below every other load ---
-        if host_prefetch is None:   # on when the host tier keeps experts and a store lies behind it
-            host_prefetch = (max(1, self.fetch_workers // 2) if self.host_capacity > 0 and self.host.arena is None
-                             else 0)
+        if host_prefetch is None:
+            # on when the host tier keeps some experts but not all of them, and a store (not a
+            # co-located arena, whose experts are in host memory) lies behind it
+            partial = 0 < self.host_capacity < len(self.moe_layers) * self.E
+            host_prefetch = max(1, self.fetch_workers // 2) if partial and self.host.arena is None else 0
         self.host_prefetch = max(0, int(host_prefetch))
         self._hp_queue: dict[tuple[int, int], tuple[float, int]] = {}   # key -> (score, step it was asked at)
         self._hp_closed = False

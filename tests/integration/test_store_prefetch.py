@@ -261,3 +261,21 @@ def test_low_precision_over_the_wire_only_when_allowed(store):
             assert s["low_precision_misses"] == "store"
         finally:
             cache.close()
+
+
+def test_host_prefetch_default_only_for_a_partial_host_tier(store):
+    """On by default only where it can help: a host tier that keeps some experts but not all
+    (the store-remote case); a full host tier (every expert in host memory) or none has no store
+    fetches for predictions, and its prefetcher no store lookahead (its predictions stay as before)."""
+    from decoder.experts.prefetch import Prefetcher
+
+    with StoreClient.open(store.address) as client:
+        for experts, want in ((0, 0), (L * E // 2, 1), (L * E, 0)):
+            cache = make_cache(client, host_experts=experts)
+            try:
+                assert cache.host_prefetch == want, (experts, cache.host_capacity)
+                pf = Prefetcher([torch.zeros(E, 64)] * L, cache)
+                assert pf.max_store_lookahead == (L if want else 0)
+                assert [pf.static_distance(l) for l in range(L)] == ([L] * L if want else [3, 2, 1, 0])
+            finally:
+                cache.close()
