@@ -37,13 +37,15 @@ Doing both at once, for different misses, beats either. This module holds the ho
   goes to the host only once its expert is packed), the EWMA seconds of one expert call
   (`cost`) and the expert calls queued (`backlog`).
 - `MissRule`: per layer, which misses the host computes: list scheduling onto the copy link
-  and the CPU's worker queues, each miss to the one that finishes it first given the measured
-  cost of one copy and of one CPU call and the work already queued on each side.
+  and the CPU's worker queues, each miss to the host only if it finishes there earlier than
+  over the link by more than the hits a copy buys (the layer's measured reuse rate x one
+  copy: a miss computed on the host leaves its expert off the GPU).
 - `HostJob`: the host-computed experts of one layer for the decode step: their weighted sum
   [B, H] float32 in (pinned) host memory, brought to the device and added when done.
 - `MissTokens`: an MoE observer telling the cache how many tokens each expert of a layer gets
-  (it hears the routing before the block asks for experts); a miss with more tokens than
-  `max_tokens` (a prefill) is always copied: the CPU's batch-1 advantage is gone there.
+  (it hears the routing before the block asks for experts) and the rule which experts a
+  decode step uses (its reuse rate); a miss with more tokens than `max_tokens` (a prefill) is
+  always copied: the CPU's batch-1 advantage is gone there.
 """
 
 from __future__ import annotations
@@ -646,35 +648,73 @@ class MissRule:
     "auto" is list scheduling onto the copy link and `workers` CPU queues: the link is free
     after `copy_backlog` seconds, each copy `copy_s`; the CPU's `cpu_backlog` seconds of queued
     calls are spread over its workers (each free after cpu_backlog / workers), each call
-    `cpu_s`. Misses are taken in order and each goes where it would be finished first (the
-    earliest-free worker or the link; ties: the link, which also leaves the expert on the GPU
-    for later tokens)."""
+    `cpu_s`. Misses are taken in order; each goes to the host only when the earliest-free
+    worker would finish it more than `reuse x copy_s` before the link would: a copy leaves the
+    expert in a GPU slot, where a later token's use of it is a hit, while a miss computed on
+    the host stays a miss next time. `reuse` is the layer's measured rate at which an expert a
+    token uses is used again by the next token (`observe`, which MissTokens feeds from the
+    routing): the hit a copy buys one token later, a lower bound on the hits over the copy's
+    stay in its slot. Equal times go to the link. With `credit_reuse=False` the credit is 0
+    (the fastest finish wins)."""
 
-    def __init__(self, mode: str, workers: int = 1) -> None:
+    def __init__(self, mode: str, workers: int = 1, credit_reuse: bool = True, alpha: float = 0.1) -> None:
         if mode not in MISS_COMPUTE:
             raise ValueError(f"miss_compute must be one of {MISS_COMPUTE}, got {mode!r}")
         self.mode = mode
         self.workers = max(1, int(workers))
+        self.credit_reuse = bool(credit_reuse)
+        self.alpha = float(alpha)
+        self._reuse: dict[int, Ewma] = {}
+        self._last: dict[int, set[int]] = {}
+        self._layer: int | None = None       # the layer observed last: the one whose misses come next
+
+    def observe(self, layer: int, experts: Sequence[int]) -> None:
+        """The experts `layer` uses at this token (one decode step; every row's choices): the
+        share of the previous token's experts used again goes into the layer's reuse rate."""
+        now = {int(e) for e in experts if int(e) >= 0}
+        prev = self._last.get(layer)
+        if prev:
+            r = self._reuse.get(layer)
+            if r is None:
+                r = self._reuse[layer] = Ewma(self.alpha, 0.0)
+            r.update(len(prev & now) / len(prev))
+        self._last[layer] = now
+        self._layer = layer
+
+    def reuse(self, layer: int | None = None) -> float:
+        """The measured reuse rate of `layer` (default: the layer observed last); 0 unmeasured."""
+        layer = self._layer if layer is None else layer
+        r = self._reuse.get(layer) if layer is not None else None
+        return r.value if r is not None and r.n else 0.0
 
     def assign(self, misses: Sequence[int], copy_s: float, copy_backlog: float, cpu_s: float,
-               cpu_backlog: float, *, workers: int | None = None) -> list[int]:
-        """The misses (expert ids, in the order they are served) the host computes, with
-        `workers` (default self.workers) CPU queues."""
+               cpu_backlog: float, *, workers: int | None = None, reuse: float | None = None,
+               layer: int | None = None) -> list[int]:
+        """The misses (expert ids, in the order they are served) the host computes. `workers`
+        (default self.workers) CPU queues; `reuse` (default the measured rate of `layer`, or of
+        the layer observed last; 0 with credit_reuse off) prices the later hits of a copy."""
         if self.mode == "copy":
             return []
         if self.mode == "cpu":
             return list(misses)
         w = self.workers if workers is None else max(1, int(workers))
+        if reuse is None:
+            reuse = self.reuse(layer) if self.credit_reuse else 0.0
+        credit = max(0.0, float(reuse)) * copy_s
         copy_free, out = copy_backlog, []
         cpu_free = [cpu_backlog / w] * w
         for e in misses:
             i = min(range(w), key=cpu_free.__getitem__)
-            if cpu_free[i] + cpu_s < copy_free + copy_s:
+            if cpu_free[i] + cpu_s + credit < copy_free + copy_s:
                 cpu_free[i] += cpu_s
                 out.append(e)
             else:
                 copy_free += copy_s
         return out
+
+    def stats(self) -> dict[str, Any]:
+        return {"workers": self.workers, "credit_reuse": self.credit_reuse,
+                "reuse": {l: round(r.value, 4) for l, r in sorted(self._reuse.items()) if r.n}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -718,10 +758,12 @@ class OnHost:
 
 class MissTokens(MoEObserver):
     """Tells `cache.expect_tokens(layer, {expert: tokens})` what the layer's routing gives each
-    expert, before the MoE block (or the decode step) asks for them."""
+    expert, before the MoE block (or the decode step) asks for them, and the cache's MissRule
+    which experts a decode step (at most `max_rows` rows) uses, for its reuse rate."""
 
-    def __init__(self, cache: Any) -> None:
+    def __init__(self, cache: Any, max_rows: int = 8) -> None:
         self.cache = cache
+        self.max_rows = int(max_rows)
 
     def on_routing_host(self, layer: int, rows: list[list[int]]) -> None:
         counts: dict[int, int] = {}
@@ -729,4 +771,7 @@ class MissTokens(MoEObserver):
             for e in row:
                 if e >= 0:
                     counts[e] = counts.get(e, 0) + 1
+        rule = getattr(self.cache, "miss_rule", None)
+        if isinstance(rule, MissRule) and len(rows) <= self.max_rows:
+            rule.observe(layer, list(counts))       # decode steps only: a prefill is no next token
         self.cache.expect_tokens(layer, counts)

@@ -319,7 +319,7 @@ def test_rule_modes():
 
 
 def test_rule_auto_schedules_each_miss_where_it_finishes_first():
-    rule = MissRule("auto")
+    rule = MissRule("auto", credit_reuse=False)
     # B's int4 expert on the H200 host (copy 1.7 ms) against a CPU call of 1.0 ms: the first miss
     # goes to the idle CPU; the second would finish at 2.0 ms there, 1.7 ms over the link
     assert rule.assign([3, 5], 1.7e-3, 0.0, 1.0e-3, 0.0) == [3]
@@ -335,17 +335,66 @@ def test_rule_auto_schedules_each_miss_where_it_finishes_first():
 
 
 def test_rule_spreads_the_host_queue_over_its_workers():
-    rule = MissRule("auto")
+    rule = MissRule("auto", credit_reuse=False)
     # copy 3 ms, a CPU call 2 ms: one worker takes the first miss, the link the second (3 < 4),
     # the worker the third (4 < 6); two workers take the first two at once, the link the third
     assert rule.assign([0, 1, 2], 3e-3, 0.0, 2e-3, 0.0) == [0, 2]
     assert rule.assign([0, 1, 2], 3e-3, 0.0, 2e-3, 0.0, workers=2) == [0, 1]
-    assert MissRule("auto", workers=2).assign([0, 1, 2], 3e-3, 0.0, 2e-3, 0.0) == [0, 1]
+    assert MissRule("auto", workers=2, credit_reuse=False).assign([0, 1, 2], 3e-3, 0.0, 2e-3, 0.0) == [0, 1]
     # 4 ms of calls queued: 4 ms ahead of one worker (6 > 3: copied), 2 ms ahead of each of two (4 > 3)
     assert rule.assign([0], 3e-3, 0.0, 2e-3, 4e-3) == []
     assert rule.assign([0], 3e-3, 0.0, 2e-3, 4e-3, workers=2) == []
     assert rule.assign([0], 5e-3, 0.0, 2e-3, 4e-3, workers=2) == [0]        # 4 < 5
     assert rule.assign([0], 5e-3, 0.0, 2e-3, 4e-3) == []                    # 6 > 5
+
+
+def test_rule_credits_a_copy_with_the_hits_it_buys():
+    rule = MissRule("auto")
+    # the first H200 figures for B: copy 1.6 ms; a host call of 1.0 ms (what a faster kernel
+    # needs): with no reuse the idle CPU wins by 0.6 ms ...
+    assert rule.assign([4], 1.6e-3, 0.0, 1.0e-3, 0.0, reuse=0.0) == [4]
+    # ... but if the layer's experts come back at the next token 50% of the time, the copy's
+    # expected later hit is worth 0.8 ms: the copy wins; at 30% (0.48 ms) the CPU still does
+    assert rule.assign([4], 1.6e-3, 0.0, 1.0e-3, 0.0, reuse=0.5) == []
+    assert rule.assign([4], 1.6e-3, 0.0, 1.0e-3, 0.0, reuse=0.3) == [4]
+    # a busy link (two copies ahead) still loses to the host with the credit
+    assert rule.assign([4], 1.6e-3, 3.2e-3, 1.0e-3, 0.0, reuse=0.5) == [4]
+    # unmeasured layers have no credit; measured ones use their own rate, the layer observed last by default
+    assert rule.reuse(0) == 0.0 and rule.assign([4], 1.6e-3, 0.0, 1.0e-3, 0.0, layer=0) == [4]
+    rule.observe(0, [1, 2])
+    rule.observe(0, [2, 3])             # one of the two came back: 0.5
+    rule.observe(1, [5, 6])
+    rule.observe(1, [0, 7])             # none came back: 0
+    assert rule.reuse(0) == pytest.approx(0.5) and rule.reuse(1) == 0.0 and rule.reuse() == 0.0
+    assert rule.assign([4], 1.6e-3, 0.0, 1.0e-3, 0.0, layer=0) == []
+    assert rule.assign([4], 1.6e-3, 0.0, 1.0e-3, 0.0) == [4]              # layer 1, observed last
+    rule.observe(0, [2, -1])            # 2 of {2, 3}: 0.5 again; -1 (a dropped choice) is no expert
+    assert rule.reuse() == pytest.approx(0.5)
+    assert rule.assign([4], 1.6e-3, 0.0, 1.0e-3, 0.0) == []
+    assert rule.stats()["reuse"] == {0: 0.5, 1: 0.0}
+    # without the credit the measured rate is not used: the fastest finish wins again
+    plain = MissRule("auto", credit_reuse=False)
+    plain.observe(0, [1, 2])
+    plain.observe(0, [1, 2])
+    assert plain.reuse(0) > 0 and plain.assign([4], 1.6e-3, 0.0, 1.0e-3, 0.0) == [4]
+
+
+def test_miss_tokens_feeds_the_rules_reuse_on_decode_steps():
+    class Cache:
+        def __init__(self):
+            self.miss_rule, self.expected = MissRule("auto"), []
+
+        def expect_tokens(self, layer, counts):
+            self.expected.append((layer, counts))
+
+    cache = Cache()
+    obs = MissTokens(cache, max_rows=2)
+    obs.on_routing_host(0, [[1, 2]])
+    obs.on_routing_host(0, [[2, 3]])
+    assert cache.miss_rule.reuse(0) == pytest.approx(0.5)
+    obs.on_routing_host(0, [[5, 6], [7, 8], [9, 10]])          # a prefill: counted, not observed
+    assert cache.miss_rule.reuse(0) == pytest.approx(0.5)
+    assert cache.expected[-1] == (0, {5: 1, 6: 1, 7: 1, 8: 1, 9: 1, 10: 1})
 
 
 # --- the cache's decisions ------------------------------------------------------------------------
