@@ -1,0 +1,136 @@
+"""The Triton kernels of the decode step (decoder/kernels/triton_moe.py, norm.py) under Triton's
+interpreter, in a child process (TRITON_INTERPRET must be set before Triton is imported), against
+the torch reference (fused_moe.moe_torch, RMSNorm): bf16/fp32 slots, int8/int4 slots read in
+place, split H and F, post-scaling, the int4 matrix-vector kernels, a dropped choice."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+KERNEL_CHECK = textwrap.dedent("""
+    import torch
+    from decoder.kernels.fused_moe import ExpertBank, KernelConfig, moe_torch, moe_triton, use_kernels
+    from expert_store.quant import quantize
+    assert use_kernels(torch.empty(0))
+    g = torch.Generator().manual_seed(0)
+
+    def quantized_bank(slots, Fd, H, bits, group):
+        # a uint8 pool laid out like raw int8/int4 cache slots: values then scales per matrix
+        mats, offs, soffs, at = [], {}, {}, 0
+        for s in range(slots):
+            mats.append({n: quantize(torch.randn(*shape, generator=g) * 0.1, bits, group)
+                         for n, shape in (("w1", (Fd, H)), ("w3", (Fd, H)), ("w2", (H, Fd)))})
+        for n in ("w1", "w3", "w2"):
+            q, sc = mats[0][n]
+            offs[n] = at
+            at += (q.numel() * q.element_size() + 15) // 16 * 16
+            soffs[n] = at
+            at += (sc.numel() * 2 + 15) // 16 * 16
+        pool = torch.zeros(slots, at, dtype=torch.uint8)
+        for s in range(slots):
+            for n in ("w1", "w3", "w2"):
+                q, sc = mats[s][n]
+                qb, sb = q.reshape(-1).view(torch.uint8), sc.reshape(-1).view(torch.uint8)
+                pool[s, offs[n]:offs[n] + qb.numel()] = qb
+                pool[s, soffs[n]:soffs[n] + sb.numel()] = sb
+        return ExpertBank.quantized_pool(pool, bits, group, offs, soffs, Fd, H)
+
+    for dt, T, k, E, Fd, H in ((torch.float32, 3, 2, 6, 200, 144), (torch.bfloat16, 5, 2, 8, 96, 80),
+                               (torch.float32, 2, 4, 8, 64, 32)):
+        slots = E + 2
+        w1 = (torch.randn(slots, Fd, H, generator=g) * 0.1).to(dt)
+        w3 = (torch.randn(slots, Fd, H, generator=g) * 0.1).to(dt)
+        w2 = (torch.randn(slots, H, Fd, generator=g) * 0.1).to(dt)
+        bank = ExpertBank.stacked(w1, w3, w2)
+        perm = torch.randperm(slots, generator=g)[:E].to(torch.int32)
+        x = torch.randn(T, H, generator=g).to(dt)
+        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+        ids[0, -1] = -1                                    # a dropped choice contributes nothing
+        wts = torch.rand(T, k, generator=g)
+        wts[0, -1] = 0.0
+        a = moe_torch(x, wts, ids, perm, bank).float()
+        b = moe_triton(x, wts, ids, perm, bank).float()
+        c = moe_triton(x, wts, ids, perm, bank, KernelConfig(block_h=32, up_split=3, down_programs=64)).float()
+        tol = 1e-5 if dt == torch.float32 else 2e-2
+        assert (a - c).abs().max().item() <= tol * max(1.0, a.abs().max().item()), (dt, T, k, "split")
+        err = (a - b).abs().max().item()
+        assert err <= tol * max(1.0, a.abs().max().item()), (dt, T, k, err)
+    # quantized slots read in place (int8, int4): group sizes smaller than a tile and not
+    # dividing it (a scale per column), and multiples of the tile (one scale per row and tile),
+    # with the default tiles and with smaller ones
+    small = KernelConfig(block_f=32, block_h=64, block_d=32, block_fd=64, up_warps=2, up_stages=2,
+                         down_warps=2, down_stages=2)
+    for bits, group, dt, Fd, H, cfg in ((8, 32, torch.float32, 192, 96, None), (4, 32, torch.float32, 192, 96, None),
+                                        (4, 48, torch.bfloat16, 192, 96, None),
+                                        (4, 128, torch.bfloat16, 256, 256, None), (8, 256, torch.float32, 256, 512, None),
+                                        (4, 128, torch.float32, 256, 256, small),
+                                        (4, 128, torch.float32, 256, 256, KernelConfig(int4_post_scale=True)),
+                                        (4, 128, torch.bfloat16, 256, 384, KernelConfig(int4_post_scale=True)),
+                                        (4, 64, torch.float32, 192, 128, KernelConfig(block_h=64, block_fd=64,
+                                                                                      int4_post_scale=True)),
+                                        (4, 128, torch.float32, 256, 384, KernelConfig(up_split=3, down_programs=64)),
+                                        (8, 32, torch.float32, 192, 96, KernelConfig(block_h=32, up_split=2)),
+                                        (4, 64, torch.float32, 192, 256, KernelConfig(block_h=64, up_split=4,
+                                                                                      int4_post_scale=True))):
+        E, T, k = 6, 4, 2
+        bank = quantized_bank(E + 1, Fd, H, bits, group)
+        perm = torch.randperm(E + 1, generator=g)[:E].to(torch.int32)
+        x = torch.randn(T, H, generator=g).to(dt)
+        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+        wts = torch.rand(T, k, generator=g)
+        a = moe_torch(x, wts, ids, perm, bank).float()
+        b = moe_triton(x, wts, ids, perm, bank, cfg).float()
+        tol = 1e-4 if dt == torch.float32 else 3e-2
+        err = (a - b).abs().max().item()
+        assert err <= tol * max(1.0, a.abs().max().item()), (bits, group, dt, err)
+    # int4 through the matrix-vector kernels (KernelConfig.gemv): a tile inside one group, a
+    # tile of whole groups, split H, one token and several, a dropped choice, a slot-less run
+    # that falls back (group 48 fits neither way) - all against the torch path
+    for group, dt, T, Fd, H, cfg in ((128, torch.float32, 1, 256, 256, KernelConfig(gemv=True)),
+                                     (128, torch.bfloat16, 1, 256, 384, KernelConfig(gemv=True)),
+                                     (32, torch.float32, 3, 192, 256, KernelConfig(gemv=True, block_h=128, block_fd=64)),
+                                     (64, torch.float32, 2, 192, 256, KernelConfig(gemv=True, block_h=64, up_split=2,
+                                                                                   block_fd=64, down_programs=64)),
+                                     (128, torch.bfloat16, 1, 256, 512, KernelConfig(gemv=True, block_h=256, up_split=2)),
+                                     (48, torch.float32, 2, 192, 96, KernelConfig(gemv=True))):
+        E, k = 6, 2
+        bank = quantized_bank(E + 1, Fd, H, 4, group)
+        perm = torch.randperm(E + 1, generator=g)[:E].to(torch.int32)
+        x = torch.randn(T, H, generator=g).to(dt)
+        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+        ids[-1, -1] = -1
+        wts = torch.rand(T, k, generator=g)
+        a = moe_torch(x, wts, ids, perm, bank).float()
+        b = moe_triton(x, wts, ids, perm, bank, cfg).float()
+        tol = 1e-4 if dt == torch.float32 else 3e-2
+        err = (a - b).abs().max().item()
+        assert err <= tol * max(1.0, a.abs().max().item()), ("gemv", group, dt, T, err)
+    # the decode step's RMSNorm kernel (with and without the residual add) against RMSNorm
+    from decoder.kernels.norm import _kernel
+    from decoder.model.transformer import RMSNorm
+    for dt in (torch.float16, torch.bfloat16):
+        norm = RMSNorm(96, eps=1e-5)
+        norm.weight.data = (torch.rand(96, generator=g) + 0.5)
+        norm = norm.to(dt)
+        x, r = torch.randn(3, 96, generator=g).to(dt), torch.randn(3, 96, generator=g).to(dt)
+        h, y = torch.empty_like(x), torch.empty_like(x)
+        _kernel()[(3,)](x, r, h, norm.weight, y, 96, norm.eps, HAS_R=True, BLOCK=128)
+        if dt == torch.float16:
+            assert torch.equal(h, x + r)
+        else:       # the interpreter casts to bf16 by truncation (CUDA rounds): one ulp apart at most
+            torch.testing.assert_close(h.float(), (x + r).float(), rtol=2 ** -7, atol=0)
+        torch.testing.assert_close(y.float(), norm(x + r).float(), rtol=2e-2, atol=2e-2)
+        _kernel()[(3,)](x, x, x, norm.weight, y, 96, norm.eps, HAS_R=False, BLOCK=128)
+        torch.testing.assert_close(y.float(), norm(x).float(), rtol=2e-2, atol=2e-2)
+    print("kernels ok")
+""")
+
+
+def test_triton_kernels_match_the_torch_path_in_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=200)
+    assert r.returncode == 0 and "kernels ok" in r.stdout, r.stderr[-3000:]
