@@ -11,7 +11,6 @@ under Triton's interpreter in tests/integration/test_triton_interpreter.py (a ch
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +26,6 @@ from expert_store.client import StoreClient
 
 pytestmark = pytest.mark.timeout(240)
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[2]
 L, E = 3, 4
 
 
