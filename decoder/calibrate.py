@@ -35,7 +35,13 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+if TYPE_CHECKING:          # torch loads inside the functions: `calibrate --help` stays quick
+    import torch
+
+    from decoder.model.config import ModelConfig
+    from decoder.model.transformer import MoEBlock, Transformer
 
 PROFILE_SCHEMA = "adapmoe.profile"
 PROFILE_VERSION = 1
@@ -82,7 +88,7 @@ def validate_profile(profile: Any, num_layers: int | None = None, num_experts: i
 # --------------------------------------------------------------------------------------------
 # Measurement
 # --------------------------------------------------------------------------------------------
-def calibrate_model(model: Any, windows: Sequence[Any], budget: float | None = None,
+def calibrate_model(model: Transformer, windows: Sequence[torch.Tensor], budget: float | None = None,
                     max_distance: int = 3, progress: bool = False) -> dict[str, Any]:
     """Measure a Transformer (decoder.model.transformer) on token windows ([S] int64 tensors).
 
@@ -207,7 +213,7 @@ def calibrate_model(model: Any, windows: Sequence[Any], budget: float | None = N
     }
 
 
-def expert_outputs(moe: Any, provider: Any, x: Any, idx: Any) -> Any:
+def expert_outputs(moe: MoEBlock, provider: Any, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Each token's top-k expert outputs as the block computes them (GPT-OSS biases and clamps
     included). moe: the layer's MoEBlock; x: [S, H]; idx: [S, k] -> [S, k, H] float32."""
     import torch
@@ -223,32 +229,48 @@ def expert_outputs(moe: Any, provider: Any, x: Any, idx: Any) -> Any:
     return y
 
 
-def tail_directions(w: Any, y: Any, moe: Any) -> tuple[Any, Any]:
+def tail_directions(w: torch.Tensor, y: torch.Tensor, moe: MoEBlock) -> tuple[torch.Tensor, torch.Tensor]:
     """The MoE output's change per unit of dropped decision weight when a token's m last experts go.
 
     w: [S, k] the weights the block applied (descending), y: [S, k, H] the experts' outputs,
     moe: the layer's MoEBlock -> (v [S, k-1, H], W [S, k-1]) for m = 1..k-1: dy_m the exact output
     change (a renormalising router rescales the kept weights by sum(w) / sum(kept w); one that
-    does not keeps them), W_m = `decision_tails` (what the gating compares), v = dy / W."""
+    does not keeps them), W_m = `decision_tails` (what the gating compares), v = dy / W.
+
+    v is formed from weighted means, not by dividing dy by W: with D the dropped experts (applied
+    weight T_D, weighted mean output ybar_D) and K the kept ones (ybar_K), a renormalising router
+    gives dy = T_D (ybar_K - ybar_D) and W = T_D / sum(w), so v = sum(w) (ybar_K - ybar_D); one
+    that does not gives dy = -T_D ybar_D and W = T_D / c (c: the routed scaling factor of a
+    sigmoid router, else 1), so v = -c ybar_D. Dividing dy by a W of 1e-38 (a random router's
+    tail in float32) would multiply dy's rounding error by 1e38 and overflow (g . v)^2. A tail
+    of weight exactly 0 takes the plain mean of its outputs (dy / W has no limit there; F W^2
+    is 0)."""
     import torch
 
     S, k = w.shape
     w = w.to(y.dtype)
-    wy = w[..., None] * y                                              # [S, k, H]
-    total = w.sum(dim=1)                                               # [S]
     W = decision_tails(moe, w)                                         # [S, k-1]
+    if moe.renormalize:
+        ratio = w.sum(dim=1)                                           # T_D / W_m = sum(w)  [S]
+    else:
+        ratio = torch.full((S,), float(moe.scaling) if moe.scores == "sigmoid" else 1.0, dtype=y.dtype,
+                           device=y.device)
     out_v = []
     for m in range(1, k):
-        kept_w = w[:, :k - m].sum(dim=1)                              # [S]
-        kept_y = wy[:, :k - m].sum(dim=1)                             # [S, H]
-        dy = -wy[:, k - m:].sum(dim=1)                                # [S, H]
+        kept, tail = w[:, :k - m], w[:, k - m:]                        # [S, k-m], [S, m]
+        tail_w = tail.sum(dim=1, keepdim=True)                         # [S, 1]
+        some = tail_w > 0
+        share = torch.where(some, tail / torch.where(some, tail_w, 1.0), torch.full_like(tail, 1.0 / m))
+        ybar_d = (share[..., None] * y[:, k - m:]).sum(dim=1)          # [S, H]
         if moe.renormalize:
-            dy = dy + kept_y * (total / kept_w - 1.0)[:, None]
-        out_v.append(dy / W[:, m - 1].clamp_min(1e-30)[:, None])
+            ybar_k = (kept[..., None] * y[:, :k - m]).sum(dim=1) / kept.sum(dim=1, keepdim=True)
+            out_v.append(ratio[:, None] * (ybar_k - ybar_d))
+        else:
+            out_v.append(-ratio[:, None] * ybar_d)
     return torch.stack(out_v, dim=1), W
 
 
-def decision_tails(moe: Any, w: Any) -> Any:
+def decision_tails(moe: MoEBlock, w: torch.Tensor) -> torch.Tensor:
     """W_m, m = 1..k-1: the decision weight of a token's m last experts, as the gating sees it
     (decoder/gating.py). moe: the layer's MoEBlock; w: [S, k] the weights it applied -> [S, k-1]:
     their share of the top-k's when the family renormalises, else the router weights themselves
@@ -271,7 +293,7 @@ def token_windows(ids: Sequence[int], seq_len: int, max_tokens: int) -> list[Any
     return [w for w in out if w.numel() >= 2]
 
 
-def build_profile(model_name: str, measured: Mapping[str, Any], config: Any, *, text_file: str | None,
+def build_profile(model_name: str, measured: Mapping[str, Any], config: ModelConfig, *, text_file: str | None,
                   seq_len: int) -> dict[str, Any]:
     return {
         "schema": PROFILE_SCHEMA,

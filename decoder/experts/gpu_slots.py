@@ -15,6 +15,8 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from decoder.experts.provider import ExpertWeights
+from decoder.model.config import ModelConfig
+from expert_store.format import BlobHeader
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ class DenseLayout:
     nbytes: int                      # bytes a slot needs
 
     @classmethod
-    def of(cls, header: Any, dtype: torch.dtype) -> "DenseLayout":
+    def of(cls, header: BlobHeader, dtype: torch.dtype) -> "DenseLayout":
         item = torch.empty((), dtype=dtype).element_size()
         tensors, off = [], 0
         for t in header.tensors:
@@ -45,7 +47,7 @@ class DenseLayout:
             off = align(off + shape[0] * shape[1] * item, GPU_ALIGN)
         return cls(dtype, tuple(tensors), off)
 
-    def matches(self, header: Any) -> bool:
+    def matches(self, header: BlobHeader) -> bool:
         return len(header.tensors) == len(self.tensors) and all(
             t.name == name and (int(t.shape[0]), int(t.shape[1])) == shape
             for t, (name, _, shape) in zip(header.tensors, self.tensors))
@@ -56,7 +58,7 @@ class DenseLayout:
         return {name: buf[off:off + shape[0] * shape[1] * item].view(self.dtype).view(shape)
                 for name, off, shape in self.tensors}
 
-    def fill(self, header: Any, raw: torch.Tensor, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+    def fill(self, header: BlobHeader, raw: torch.Tensor, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         """Dequantize the raw payload `raw` (uint8, same device) into `buf`'s views; returns them.
         Runs on the current stream."""
         from expert_store.quant import tensors_from_raw
@@ -70,18 +72,18 @@ class DenseLayout:
         return dense
 
 
-def dense_slot_bytes(header: Any, dtype: torch.dtype) -> int:
+def dense_slot_bytes(header: BlobHeader, dtype: torch.dtype) -> int:
     """Bytes of one dense GPU slot for experts shaped like `header`'s, dequantized into `dtype`
     (what `ExpertCache(dense_slots=True).slot_bytes` is; budgets: gpu_cache_bytes = slots x this)."""
     return DenseLayout.of(header, dtype).nbytes
 
 
-def raw_slot_bytes(header: Any) -> int:
+def raw_slot_bytes(header: BlobHeader) -> int:
     """Bytes of one raw GPU slot (`ExpertCache(dense_slots=False).slot_bytes`)."""
     return align(int(header.raw_size), GPU_ALIGN)
 
 
-def gpu_slot_bytes(header: Any, dtype: torch.dtype, device: torch.device | str,
+def gpu_slot_bytes(header: BlobHeader, dtype: torch.dtype, device: torch.device | str,
                    dense_slots: bool | None = None) -> int:
     """`ExpertCache.slot_bytes` for experts shaped like `header`'s (an expert blob header at the
     cache's precision), compute `dtype`, `device` and the `dense_slots` option, without building
@@ -125,7 +127,7 @@ def dense_slots_for(option: bool | None, precision: str, cuda: bool) -> bool:
 class _MoeLayers:
     """The sizes plan_quotas needs, for the MoE layers of a model with dense ones."""
 
-    config: Any
+    config: ModelConfig
     num_hidden_layers: int
 
     @property
@@ -137,7 +139,7 @@ class _MoeLayers:
         return self.config.num_experts_per_tok
 
 
-def plan_quotas(config: Any, slot_bytes: int, gpu_cache_bytes: int | None, scratch_slots: int,
+def plan_quotas(config: ModelConfig | _MoeLayers, slot_bytes: int, gpu_cache_bytes: int | None, scratch_slots: int,
                 plan: str = "uniform", profile: Mapping[str, Any] | None = None) -> list[int]:
     """GPU slots per layer for a byte budget: AdapMoE's DP (`plan="uniform"`, uniform expert
     choice) or the measured-popularity DP (`plan="popularity"`), with prefetch accuracy and

@@ -5,9 +5,16 @@ division multiplied dy's rounding error by 1e38 and the sensitivity overflowed t
 profile was then refused). v is built from weighted means instead; these checks hold it to the
 float64 quotient where that is well conditioned, and finite where it is not."""
 
+from types import SimpleNamespace
+
 import torch
 
 from decoder.calibrate import tail_directions
+
+
+def _moe(renormalize, scores="softmax", scaling=1.0):
+    """The three MoEBlock attributes tail_directions reads."""
+    return SimpleNamespace(renormalize=renormalize, scores=scores, scaling=scaling)
 
 
 def _quotient(w, y, m, renormalize):
@@ -25,7 +32,7 @@ def test_tail_directions_equal_dy_over_w_and_stay_finite_for_tiny_tails():
     w = torch.tensor([[0.6, 0.25, 0.15], [1.0, 6e-39, 0.0], [0.5, 0.5, 0.0], [0.4, 0.3, 0.3]])
     y = torch.randn(4, 3, 16, generator=g) * 10
     for renormalize in (True, False):
-        v, W = tail_directions(w, y, renormalize)                      # [4, 2, 16], [4, 2]
+        v, W = tail_directions(w, y, _moe(renormalize))                      # [4, 2, 16], [4, 2]
         assert torch.isfinite(v).all() and torch.isfinite(W).all()
         assert v.abs().max() <= 3 * y.abs().max() * w.sum(1).max()   # bounded by the outputs
         for m in (1, 2):
@@ -43,6 +50,22 @@ def test_sensitivity_contribution_does_not_overflow_on_a_subnormal_tail():
     w = torch.tensor([[1.0, 6e-39]])
     y = torch.tensor([[[12.5, -3.0, 7.0]], [[0.0, 0.0, 0.0]]]).reshape(1, 2, 3)
     g = torch.tensor([[1e3, 1e3, 1e3]])
-    v, _ = tail_directions(w, y, True)
+    v, _ = tail_directions(w, y, _moe(True))
     contrib = 0.5 * torch.einsum("sh,smh->sm", g, v) ** 2
     assert torch.isfinite(contrib).all()
+
+
+def test_tail_directions_of_a_scaled_sigmoid_router_divide_out_its_scaling():
+    """DeepSeek-V3 without renormalisation: applied weights = 2.5 x scores, the gating decides on
+    the scores, so v = dy / (T_D / 2.5) = -2.5 ybar_D."""
+    g = torch.Generator().manual_seed(1)
+    scores = torch.tensor([[0.9, 0.5, 0.2, 0.1], [0.7, 0.6, 1e-39, 0.0]])
+    w = 2.5 * scores
+    y = torch.randn(2, 4, 8, generator=g)
+    v, W = tail_directions(w, y, _moe(False, "sigmoid", 2.5))
+    assert torch.isfinite(v).all()
+    torch.testing.assert_close(W[0], torch.tensor([0.1, 0.3, 0.8]), rtol=1e-6, atol=1e-6)
+    for m in (1, 2, 3):
+        dy = -(w[0, 4 - m:, None].double() * y[0, 4 - m:].double()).sum(0)
+        torch.testing.assert_close(v[0, m - 1].double(), dy / W[0, m - 1].double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v[1, 1], -2.5 * y[1, 2], rtol=1e-6, atol=1e-6)   # the subnormal tail alone
