@@ -693,6 +693,7 @@ def remote_path_stats(pst: dict[str, Any], pf: dict[str, Any], steps: int) -> di
                                       "host_prefetch_dropped", "host_prefetch_errors", "low_precision_store_misses")}
     out.update(store_lookahead_hist=hist, store_lookahead_mean=sum(k * v for k, v in hist.items()) / n if n else None,
                store_prefetches_next_token=pf.get("store_prefetches_next_token", 0),
+               store_next_token_precision=pf.get("store_next_token_precision"),
                store_fetch_ms=1e3 * (pf.get("store_fetch_s") or 0.0),
                layer_compute_ms=1e3 * (pf.get("layer_compute_s") or 0.0),
                low_precision_misses_per_token=pst.get("low_precision_store_misses", 0) / steps)
@@ -1057,7 +1058,8 @@ def markdown(rows: list[dict[str, Any]], targets: list[dict[str, Any]]) -> str:
                 f"{rp['host_prefetch_useful']} used, {rp['host_prefetch_unused_evicted']} evicted unused, "
                 f"{rp['host_prefetch_waited']} waited for; store lookahead mean {fmt(rp['store_lookahead_mean'])} "
                 f"(store fetch {fmt(rp['store_fetch_ms'], '.1f')} ms / layer compute "
-                f"{fmt(rp['layer_compute_ms'], '.2f')} ms), {rp['store_prefetches_next_token']} for the next token; "
+                f"{fmt(rp['layer_compute_ms'], '.2f')} ms), {rp['store_prefetches_next_token']} for the next token "
+                f"(precision {fmt(rp['store_next_token_precision'])}); "
                 f"low-precision misses over the wire {fmt(rp['low_precision_misses_per_token'], '.2f')}/token")
     if any(r.get("remote_path") for r in rows):
         lines.append("")

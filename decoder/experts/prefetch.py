@@ -62,7 +62,9 @@ stream of one token predicts the next one's experts only partly, but a fetch tha
 layers cannot start any later). These predictions are made on the device with the others (the
 captured step reads them with its routing: `static_distance` covers the store horizon); their
 targets of this token (d <= the layers left) are the same predictions the GPU plan checks.
-Counted: `store_lookahead_hist`, `store_prefetches` (asked of the cache), `store_prefetches_next_token`;
+Counted: `store_lookahead_hist`, `store_prefetches` (asked of the cache), `store_prefetches_next_token`
+and how many of the experts asked for the next token it used (`store_next_token_precision` over
+`store_next_token_checked`);
 the cache counts what was fetched and used (host_prefetch_*).
 
 Nothing is predicted when there is nothing to load: with adaptive k, when every expert of layer
@@ -205,6 +207,10 @@ class Prefetcher(MoEObserver):
         self._store_issued = 0                # predicted host-tier misses the cache queued a store fetch for
         self._store_next_token = 0            # of those, for the next token's layers
         self._store_dropped_low = 0           # store-tier predictions below the score floor
+        self._next_asked: dict[int, set[int]] = {}     # this step's store fetches for the next token's layers
+        self._next_check: dict[int, set[int]] = {}     # the last step's, checked against this step's routing
+        self._next_hits = 0                   # next-token store fetches the next token used
+        self._next_checked = 0                # next-token store fetches checked
 
     def stats(self) -> dict[str, Any]:
         def pr(tp: int, pred: int, used: int) -> dict[str, float]:
@@ -240,6 +246,8 @@ class Prefetcher(MoEObserver):
                 "store_prefetches": self._store_issued,
                 "store_prefetches_next_token": self._store_next_token,
                 "store_dropped_low_score": self._store_dropped_low,
+                "store_next_token_checked": self._next_checked,
+                "store_next_token_precision": self._next_hits / self._next_checked if self._next_checked else None,
                 "store_fetch_s": self._store_cost() or 0.0}
 
     def accuracy_by_layer(self, distance: int = 1, per_token: bool = True) -> list[float]:
@@ -291,6 +299,8 @@ class Prefetcher(MoEObserver):
         if layer <= self._last_layer:
             self._pending.clear()            # a new forward step
             self._issued_pending.clear()
+            # the store fetches asked for this step's layers by the last one are checked now
+            self._next_check, self._next_asked = self._next_asked, {}
         elif layer == self._last_layer + 1:
             dt = now - self._last_t
             blocked = min(dt, max(0.0, stall - self._last_stall))   # waiting for expert loads
@@ -392,6 +402,7 @@ class Prefetcher(MoEObserver):
                 self._store_issued += n
                 if layer + d >= self.L:
                     self._store_next_token += n
+                    self._next_asked.setdefault(j, set()).update(want)
 
     def _store_cost(self) -> float | None:
         f = getattr(self.provider, "store_fetch_cost", None)
@@ -485,6 +496,11 @@ class Prefetcher(MoEObserver):
 
     def on_routing_host(self, layer: int, rows: list[list[int]]) -> None:
         # rows: [T][k] expert ids the layer used (-1 = none), read by the MoE block
+        asked = self._next_check.pop(layer, None)
+        if asked:                            # predicted for this token by the last one's hidden states
+            used = {e for row in rows for e in row if e >= 0}
+            self._next_checked += len(asked)
+            self._next_hits += len(asked & used)
         if layer not in self._pending:
             return
         tok_used = [set(e for e in row if e >= 0) for row in rows]

@@ -200,6 +200,10 @@ def test_store_lookahead_follows_store_latency(store_dir, tmp_path):
     assert sh.get(L, 0) >= sum(sh.values()) - 2, sh
     # fetches into the host tier were started, on the slow store also for the next token's layers
     assert slow_pf["store_prefetches"] > 0 and slow_pf["store_prefetches_next_token"] > 0, slow_pf
+    # those for the next token are checked against its routing (a step in between, prefill, is
+    # only the first)
+    assert slow_pf["store_next_token_checked"] > 0, slow_pf
+    assert 0.0 <= slow_pf["store_next_token_precision"] <= 1.0
     p = slow["provider"]
     assert p["host_prefetch_requests"] >= slow_pf["store_prefetches"]
     assert p["host_prefetch_loads"] > 0
