@@ -495,7 +495,7 @@ def fill_gpu(cache: Any, L: int, E: int) -> None:
 def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.device, target: str,
                  profile: dict, remote_fetch_workers: int = 0, dense_slots: bool | None = None,
                  fill_threads: int = 8, decode_step: str = "auto", miss_compute: str = "auto",
-                 cpu_threads: int | None = None, remote: dict[str, Any] | None = None) -> Engine:
+                 cpu_threads: int | None = None, remote: dict[str, Any] | None = None, cpu_workers: int = 1) -> Engine:
     from decoder.experts.gpu_slots import dense_slots_for
 
     precision = store_precision(prep)
@@ -511,7 +511,8 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
     common = dict(device=device, dtype=dtype, precision=precision, decode_step=decode_step)
     dense_opt = {"dense_slots": dense}
     # the -cpu rows: misses computed on the host's cores (decoder/experts/host_compute.py)
-    cpu_opt = {"miss_compute": miss_compute, "cpu_threads": cpu_threads} if mode.endswith("-cpu") else {}
+    cpu_opt = ({"miss_compute": miss_compute, "cpu_threads": cpu_threads, "cpu_workers": cpu_workers}
+               if mode.endswith("-cpu") else {})
     if mode == "resident":
         # through a host tier filled on fill_threads threads (fetch + decode in parallel); nothing
         # is loaded while it is timed: every expert is on the GPU
@@ -606,7 +607,8 @@ def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torc
                        args.miss_compute, args.cpu_threads,
                        remote={"host_prefetch": args.remote_host_prefetch, "store_lookahead": args.remote_store_lookahead,
                                "miss_precision": args.remote_miss_precision,
-                               "miss_threshold": args.remote_miss_threshold})
+                               "miss_threshold": args.remote_miss_threshold},
+                       cpu_workers=args.cpu_workers)
     build_s = time.perf_counter() - t_build
     cold_fill = None
     try:
@@ -1257,6 +1259,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "measured costs (auto), or whenever it can (cpu)")
     p.add_argument("--cpu-threads", type=int, default=None,
                    help="the -cpu rows: torch threads for host-computed experts (default: torch's, the cores)")
+    p.add_argument("--cpu-workers", type=int, default=1,
+                   help="the -cpu rows: host experts computed at once, each on cpu-threads / W threads")
     p.add_argument("--colocated-arena-frac", type=float, default=1.0,
                    help="store-colocated: the share of the model's experts the co-located arena holds")
     p.add_argument("--colocated-upstream", choices=("dir", "remote"), default="dir",

@@ -115,6 +115,9 @@ def add_adapmoe_options(p: argparse.ArgumentParser) -> None:
                    help="a missed expert: copied to the GPU (copy, the default), computed on the host's cores "
                         "from the host tier when it can (cpu), or whichever finishes first by measured cost "
                         "(auto); needs cache budgets")
+    p.add_argument("--cpu-workers", type=int, default=None, metavar="W",
+                   help="with --miss-compute cpu/auto: host experts computed at once, each on cores / W threads "
+                        "(default 1)")
     p.add_argument("--single-expert-ratio", type=float, default=None, metavar="R",
                    help="adaptive / cost-aware gating: use the budget the model's calibration profile stores "
                         "for this share of single-expert decisions (top-k > 2: of the droppable expert uses, "
@@ -154,6 +157,12 @@ def engine_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         if not has_cache:
             raise ValueError("--miss-compute needs the expert cache: give --gpu-cache-bytes/--host-cache-bytes")
         cache_options["miss_compute"] = args.miss_compute
+    if getattr(args, "cpu_workers", None) is not None:
+        if getattr(args, "miss_compute", None) in (None, "copy"):
+            raise ValueError("--cpu-workers applies to --miss-compute cpu or auto")
+        if args.cpu_workers < 1:
+            raise ValueError("--cpu-workers must be >= 1")
+        cache_options["cpu_workers"] = args.cpu_workers
     if args.cache_plan is not None:
         if not has_cache:
             raise ValueError("--cache-plan needs the expert cache: give --gpu-cache-bytes/--host-cache-bytes")

@@ -116,6 +116,7 @@ class ExpertCache(ExpertProvider):
                  fetch_options: Mapping[str, Any] | None = None, dense_slots: bool | None = None,
                  eviction: str = "lru", eviction_decay: float = 0.5, admission: bool = False,
                  miss_compute: str = "copy", cpu_threads: int | None = None, cpu_pack_bytes: int | None = None,
+                 cpu_workers: int = 1,
                  cpu_max_tokens: int = 4, host_prefetch: int | None = None, low_precision_misses: str = "all") -> None:
         cfg = source.config
         self.source = source
@@ -218,7 +219,7 @@ class ExpertCache(ExpertProvider):
             self._low = LowPrecisionTier(self, low_source, int(low_slots or max(self.L, 2 * self.top_k)),
                                           dense_slots_for(dense_slots, miss_precision, self.cuda))
         # --- misses computed on the host's cores (host_compute.py) ----------------------------
-        self.miss_rule = MissRule(miss_compute)
+        self.miss_rule = MissRule(miss_compute, workers=cpu_workers)
         if miss_compute != "copy" and (cfg.expert_act != "silu" or cfg.expert_bias):
             if miss_compute == "cpu":
                 raise ValueError(f"miss_compute='cpu' computes SiLU-GLU experts without biases; "
@@ -229,9 +230,11 @@ class ExpertCache(ExpertProvider):
         self.cpu_max_tokens = int(cpu_max_tokens)
         self.host_experts: HostExperts | None = None
         if self.miss_compute != "copy":
-            # packed (int8/int4) copies may take as much memory as the host tier itself
-            self.host_experts = HostExperts(pack_bytes=self.host_cache_bytes if cpu_pack_bytes is None
-                                            else int(cpu_pack_bytes), threads=cpu_threads, alpha=ewma_alpha)
+            # packed copies may take twice the host tier (an int4 expert repacked as per-row int8
+            # for the faster kernel keeps twice its bytes); `cpu_workers` experts run at once
+            self.host_experts = HostExperts(pack_bytes=2 * self.host_cache_bytes if cpu_pack_bytes is None
+                                            else int(cpu_pack_bytes), threads=cpu_threads, alpha=ewma_alpha,
+                                            workers=cpu_workers)
         self._expect: dict[int, dict[int, int]] = {}   # layer -> {expert: tokens} of its coming forward
         self._on_host: dict[int, set[int]] = {}         # layer -> experts its current forward computes on the host
         self._host_bufs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}   # (layer, B) -> (x, out)
@@ -317,7 +320,8 @@ class ExpertCache(ExpertProvider):
                 "miss_compute": self.miss_compute,
                 "host_prefetch_threads": self.host_prefetch,
                 "low_precision_misses": self.low_precision_misses if self._low is not None else None,
-                "host_compute": self.host_experts.stats() if self.host_experts is not None else None,
+                "host_compute": ({**self.host_experts.stats(), "miss_rule": self.miss_rule.stats()}
+                                 if self.host_experts is not None else None),
                 **c,
             }
 
@@ -713,7 +717,8 @@ class ExpertCache(ExpertProvider):
     def compute_on_host(self, layer: int, items: Sequence[tuple[int, int, float]], x: torch.Tensor) -> HostJob:
         """Start the host's share of `layer`: `items` (row of x, expert, gate weight), `x` the
         layer's MoE input [B, H] on the device (ready: the step read the layer before). x goes to
-        the host once; the worker adds w * expert(x[row]) per item into a float32 [B, H] sum."""
+        the host once; the workers compute one expert each and w * expert(x[row]) per item is
+        summed, in expert order, into a float32 [B, H] sum."""
         B, H = x.shape
         hx = self.host_experts
         if hx is None:
@@ -730,23 +735,9 @@ class ExpertCache(ExpertProvider):
             rs, ws = groups.setdefault(int(e), ([], []))
             rs.append(int(row))
             ws.append(float(w))
-
-        def job() -> None:
-            left = len(groups)
-            try:
-                out.zero_()
-                for e in sorted(groups):
-                    rs, ws = groups[e]
-                    rows = torch.tensor(rs, dtype=torch.long)
-                    y = self._on_host_call(layer, e, xh[rows], queued=True)
-                    out.index_add_(0, rows, y.float() * torch.tensor(ws, dtype=torch.float32)[:, None])
-                    left -= 1
-                    hx.done_call()
-            finally:
-                for _ in range(left):
-                    hx.done_call()
-
-        return HostJob(out, hx.submit(job, calls=len(groups)), on_wait=self._add_host_stall)
+        # one job per expert over the workers; the sum is taken in expert order whatever their number
+        fut = hx.submit_layer(groups, xh, out, lambda e, xe: self._on_host_call(layer, e, xe, queued=True))
+        return HostJob(out, fut, on_wait=self._add_host_stall)
 
     def _add_host_stall(self, seconds: float) -> None:
         with self._lock:
@@ -813,7 +804,7 @@ class ExpertCache(ExpertProvider):
                                              and (t.kind == "demand" or t.state == "running"))
         busy += len(misses) - len(cands)
         hx = self.host_experts
-        chosen = set(self.miss_rule.assign(cands, copy_s, busy * copy_s, hx.cost.value, hx.backlog()))
+        chosen = set(self.miss_rule.assign(cands, copy_s, busy * copy_s, hx.cost.value, hx.backlog(), layer=layer))
         for e in chosen:
             if queued_prefetch(e):
                 self._finish(tasks[(layer, e)], dropped=True)

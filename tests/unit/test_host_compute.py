@@ -516,6 +516,23 @@ def test_generation_with_misses_on_the_host_equals_copying_them(store_dir, preci
         assert step is not None and step.host_inputs > 0 and step.layered_steps > 0
 
 
+def test_generation_with_several_host_workers_gives_the_bits_of_one(store_dir):
+    """cpu_workers=3: a layer's host experts run on three workers at once; their sum is taken
+    in expert order, so tokens and logits are those of one worker, bit for bit."""
+    ids = torch.randint(3, 300, (6,), generator=torch.Generator().manual_seed(1)).tolist()
+    probe = torch.randint(3, 300, (10,), generator=torch.Generator().manual_seed(2))
+    runs = {}
+    for workers in (1, 3):
+        with cache_engine(store_dir, "int8", "cpu", "step", cpu_workers=workers) as eng:
+            assert eng.provider.host_experts.workers == workers and eng.provider.miss_rule.workers == workers
+            tokens = eng.generate(ids, max_tokens=12, stop_at_eos=False).token_ids
+            runs[workers] = (tokens, eng.decode_logits(probe), eng.stats())
+    assert runs[3][0] == runs[1][0]
+    assert torch.equal(runs[3][1], runs[1][1])
+    assert runs[3][2]["provider"]["cpu_misses"] > 10
+    assert runs[3][2]["provider"]["host_compute"]["miss_rule"]["workers"] == 3
+
+
 @pytest.mark.skipif(not cpu_kernels()["int8"], reason="this torch has no int8 CPU kernel")
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_generation_with_int8row_misses_on_the_host_stays_close_to_copying_them(store_dir, precision):
@@ -546,3 +563,7 @@ def test_cli_flag_becomes_the_cache_option():
     assert engine_options(args)["cache_options"] == {"miss_compute": "auto"}
     with pytest.raises(ValueError, match="--miss-compute needs the expert cache"):
         engine_options(build_parser().parse_args(base + ["--miss-compute", "cpu"]))
+    args = build_parser().parse_args(base + ["--miss-compute", "cpu", "--cpu-workers", "2", "--gpu-cache-bytes", "1M"])
+    assert engine_options(args)["cache_options"] == {"miss_compute": "cpu", "cpu_workers": 2}
+    with pytest.raises(ValueError, match="--cpu-workers applies to --miss-compute"):
+        engine_options(build_parser().parse_args(base + ["--cpu-workers", "2", "--gpu-cache-bytes", "1M"]))
