@@ -1,7 +1,8 @@
 """FetchPool: receive expert blobs in several processes, straight into one shared-memory arena.
 
-One Python process receives gRPC at ~1 GB/s at best (threads do not help: the GIL; benchmarks/README.md "Expert store throughput"),
-so a decoder that needs more receives in N worker processes, each with its own StoreClient
+One Python process receives gRPC at ~1 GB/s at best (threads do not help: the GIL;
+benchmarks/README.md, "Expert store throughput"), so a decoder that needs more receives in N
+worker processes, each with its own StoreClient
 (its own gRPC channel), all writing into slots of one `multiprocessing.shared_memory` arena
 that the parent (the decoder) owns and registers with CUDA once. Bytes go wire -> arena ->
 GPU with no extra copy.
