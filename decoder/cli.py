@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     g = sub.add_parser("generate", help="generate text from a prompt")
-    g.add_argument("--store", required=True, help="store directory (in-process) or gRPC address host:port[,...]")
+    g.add_argument("--store", required=True, help="store directory (in-process), gRPC address host:port[,...], "
+                   "or a co-located store's arena local-shm://PATH?control=HOST:PORT")
     g.add_argument("--model", required=True, help="model name in the store")
     g.add_argument("--prompt", required=True, help="prompt text")
     g.add_argument("--max-tokens", type=int, default=64)
@@ -321,7 +322,8 @@ def build_serve_parser() -> argparse.ArgumentParser:
     from decoder.serving.launch import DEFAULT_MAX_SEQ_LEN
 
     p = _Parser(prog="moe-decoder serve", description="Serve Generate over gRPC (adapmoe.v1.Decoder).")
-    p.add_argument("--store", required=True, help="store address (host:port[,...], grpc://, dns:///, k8s://) "
+    p.add_argument("--store", required=True, help="store address (host:port[,...], grpc://, dns:///, k8s://), "
+                                                  "a co-located store's arena (local-shm://PATH?control=HOST:PORT) "
                                                   "or a store directory (in-process)")
     p.add_argument("--model", required=True, help="model name in the store")
     p.add_argument("--listen", default="127.0.0.1:50052", help="HOST:PORT to serve on (port 0: any free port)")
