@@ -615,12 +615,13 @@ def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torc
         warm = min(args.warmup_tokens, 4) if mode in STORE_ROWS else args.warmup_tokens
         if mode in STORE_ROWS:
             cold_fill = fill_while_serving(eng, prep, mode, profile, args, warm)
-        else:
-            eng.generate(prep.warmup_prompt, max_tokens=warm, temperature=0.0, stop_at_eos=False)
+        # every row is timed after the same untimed warm-up (a store row's also after its cold
+        # fill): otherwise a store row's GPU cache starts colder than lru's and moves more bytes
+        eng.generate(prep.warmup_prompt, max_tokens=args.warmup_tokens, temperature=0.0, stop_at_eos=False)
         eng.reset_stats()
         reads0 = eng._step.reads if eng._step is not None else 0
         outs = []
-        n_new = args.remote_tokens if mode in STORE_ROWS else args.new_tokens
+        n_new = args.remote_tokens if mode == "store-remote" else args.new_tokens
         for i, p in enumerate(tqdm(prep.prompts, desc=f"{prep.name} {mode} {budget}", unit="prompt", leave=False)):
             outs.append(eng.generate(p, max_tokens=n_new, temperature=args.temperature, seed=args.seed + i,
                                      stop_at_eos=False).token_ids)

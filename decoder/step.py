@@ -497,7 +497,10 @@ class DecodeStep:
                 fn()
         torch.cuda.current_stream(self.device).wait_stream(s)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self._pool):
+        # thread_local: the cache's loader and host-tier threads keep copying and pinning
+        # memory on their own streams while this thread captures; "global" would fail them
+        # (and so this capture) with cudaErrorStreamCaptureUnsupported.
+        with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
             fn()
         if self._pool is None:
             self._pool = g.pool()
