@@ -693,7 +693,8 @@ def remote_path_stats(pst: dict[str, Any], pf: dict[str, Any], steps: int) -> di
     n = sum(hist.values())
     out = {k: pst.get(k, 0) for k in ("host_prefetch_threads", "host_prefetch_requests", "host_prefetch_loads",
                                       "host_prefetch_useful", "host_prefetch_unused_evicted", "host_prefetch_waited",
-                                      "host_prefetch_dropped", "host_prefetch_errors", "low_precision_store_misses")}
+                                      "host_prefetch_dropped", "host_prefetch_errors", "low_precision_store_misses",
+                                      "demotions", "demotions_skipped", "demoted_used")}
     out.update(store_lookahead_hist=hist, store_lookahead_mean=sum(k * v for k, v in hist.items()) / n if n else None,
                store_prefetches_next_token=pf.get("store_prefetches_next_token", 0),
                store_next_token_precision=pf.get("store_next_token_precision"),
@@ -1063,7 +1064,9 @@ def markdown(rows: list[dict[str, Any]], targets: list[dict[str, Any]]) -> str:
                 f"(store fetch {fmt(rp['store_fetch_ms'], '.1f')} ms / layer compute "
                 f"{fmt(rp['layer_compute_ms'], '.2f')} ms), {rp['store_prefetches_next_token']} for the next token "
                 f"(precision {fmt(rp['store_next_token_precision'])}); "
-                f"low-precision misses over the wire {fmt(rp['low_precision_misses_per_token'], '.2f')}/token")
+                f"low-precision misses over the wire {fmt(rp['low_precision_misses_per_token'], '.2f')}/token; "
+                f"GPU evictions written back to the host tier {rp.get('demotions', 0)} "
+                f"({rp.get('demoted_used', 0)} used again, {rp.get('demotions_skipped', 0)} skipped)")
     if any(r.get("remote_path") for r in rows):
         lines.append("")
     for t in targets:

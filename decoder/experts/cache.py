@@ -4,8 +4,8 @@ What a slot holds, its size, the per-layer quotas and the eviction policy are in
 the pinned host tier (the only decoder code that parses blobs) in host_tier.py; the copy and
 dequant streams, staging buffers and the live load costs in copies.py; the demand-first load
 queue and its threads in loader.py; the low-precision tier for low-weight misses (HOBBIT) in
-low_precision.py. This module composes them: lookups, slot allocation and eviction, and the
-statistics.
+low_precision.py; GPU evictions written back to a partial host tier in demote.py. This module
+composes them: lookups, slot allocation and eviction, and the statistics.
 
     store ──fetch_expert(out=host slot)──▶ host tier (pinned LRU) ──copy stream──▶ GPU slot ──▶ matmul
 
@@ -35,6 +35,12 @@ landed, a compressed one is decoded into a second slot (the first goes back to t
 With `fetch_workers=N` (default 0: off) the host arena is an expert_store FetchPool: N processes,
 each with its own gRPC channel, receive blobs straight into its slots (past the ~1 GB/s one
 Python process receives), and it is page-locked in place with cudaHostRegister.
+
+A host tier that holds part of the model (in front of a store) keeps what the GPU does not:
+it evicts the experts the GPU holds first, and an expert the GPU evicts that it does not hold
+is written back to it (`demote_evictions`, default on there with raw slots: demote.py), so the
+two tiers together hold up to their sum of distinct experts and the store is asked only for
+experts in neither.
 
 Copies (copies.py): one copy stream, one event per expert; compute waits on that event only.
 Before a slot is overwritten the copy waits on the event recorded when the layer released it, so
@@ -92,6 +98,7 @@ import torch
 from decoder.experts.gpu_slots import (HOST_ALIGN, DenseLayout, EvictionPolicy, GpuEntry, align,
                                       allocate, dense_slots_for, plan_quotas, raw_slot_bytes)
 from decoder.experts.copies import Copies, LoadCosts
+from decoder.experts.demote import Demoter
 from decoder.experts.host_compute import HostExperts, HostJob, MissRule, OnHost
 from decoder.experts.host_tier import ArenaReplaced, HostEntry, HostTier
 from decoder.experts.loader import LoadQueue, LoaderThreads, LoadTask
@@ -117,7 +124,8 @@ class ExpertCache(ExpertProvider):
                  eviction: str = "lru", eviction_decay: float = 0.5, admission: bool = False,
                  miss_compute: str = "copy", cpu_threads: int | None = None, cpu_pack_bytes: int | None = None,
                  cpu_workers: int = 1,
-                 cpu_max_tokens: int = 4, host_prefetch: int | None = None, low_precision_misses: str = "all") -> None:
+                 cpu_max_tokens: int = 4, host_prefetch: int | None = None, low_precision_misses: str = "all",
+                 demote_evictions: bool | None = None) -> None:
         cfg = source.config
         self.source = source
         self.config = cfg
@@ -198,6 +206,15 @@ class ExpertCache(ExpertProvider):
         self.staging_buffers = self.copies.staging_buffers
         self._compute_stream = torch.cuda.current_stream(self.device) if self.cuda else None
 
+        # --- GPU evictions written back to a partial host tier (demote.py) ------------------------
+        if demote_evictions is None:   # on when a store lies behind a host tier holding part of the model
+            demote_evictions = (0 < self.host_capacity < len(self.moe_layers) * self.E
+                                and self.host.arena is None and self.dense_layout is None)
+        elif demote_evictions and self.dense_layout is not None:
+            raise ValueError("demote_evictions needs raw GPU slots: dense slots hold dequantized weights, "
+                             "not the payload (dense_slots=False)")
+        self.demoter = Demoter(self) if demote_evictions else None
+
         # --- loader -----------------------------------------------------------------------------
         self._queue = LoadQueue(self._cond)
         self._tasks = self._queue.tasks       # (layer, expert) -> its load in flight
@@ -277,7 +294,10 @@ class ExpertCache(ExpertProvider):
                            host_prefetch_useful=0, host_prefetch_unused_evicted=0, host_prefetch_waited=0,
                            host_prefetch_dropped=0, host_prefetch_errors=0,
                            # demand misses served at miss_precision over the wire (low_precision_misses)
-                           low_precision_store_misses=0)
+                           low_precision_store_misses=0,
+                           # GPU evictions written back to the host tier, skipped (no staging
+                           # buffer free), and found there by a later GPU load (demote.py)
+                           demotions=0, demotions_skipped=0, demoted_used=0)
             # demand lookups served by the low-precision tier (lookups = hits + misses)
             self._low_counts = {"lookups": 0, "hits": 0, "misses": 0, "bytes": 0, "loads": 0}
             if getattr(self, "host_experts", None) is not None:
@@ -881,6 +901,8 @@ class ExpertCache(ExpertProvider):
         for t in self._hp_threads:
             t.join(timeout=5.0)
         self._loaders.close()
+        if self.demoter is not None:
+            self.demoter.close()
         self.copies.synchronize()
         self.host.close()
 
@@ -968,7 +990,7 @@ class ExpertCache(ExpertProvider):
     def _alloc_gpu(self, layer: int, expert: int, kind: str, use: float | None = None) -> GpuEntry | None:
         lru = self._gpu[layer]
         in_pool = sum(1 for en in lru.values() if en.slot >= 0)
-        slot, prev_ev = -1, None
+        slot, prev_ev, demote = -1, None, None
         if in_pool < self.quota[layer]:
             slot = self._gpu_free.pop()
             prev_ev = self._gpu_slot_events.pop(slot, None)
@@ -983,6 +1005,8 @@ class ExpertCache(ExpertProvider):
                 return None
             if victim is not None:
                 del lru[victim.expert]
+                if self.demoter is not None and self.demoter.wants(victim.header, key):
+                    demote = (layer, victim.expert, victim.header)
                 self._counts["evictions_gpu"] += 1
                 if victim.prefetched:
                     self._counts["prefetch_unused_evicted"] += 1
@@ -1005,7 +1029,7 @@ class ExpertCache(ExpertProvider):
                 # the copy stream waits for the compute stream's work so far before writing it
                 prev_ev = torch.cuda.Event()
                 prev_ev.record(self._compute_stream)
-        ent = GpuEntry(layer, expert, slot, buf, prev_free_event=prev_ev)
+        ent = GpuEntry(layer, expert, slot, buf, prev_free_event=prev_ev, demote=demote)
         lru[expert] = ent
         return ent
 
@@ -1066,7 +1090,11 @@ class ExpertCache(ExpertProvider):
 
             raise blob_format.BlobError(f"layer {ent.layer} expert {ent.expert}: tensor offsets "
                                         f"{_offsets(h.header)} differ from the first expert's")
+        if ent.demote is not None:   # the evicted occupant goes to the host tier before the slot is written
+            victim, ent.demote = ent.demote, None
+            self.demoter.write_back(victim, ent.buf)
         end = self.copies.copy_raw(ent.buf[:h.header.raw_size], src, ent.prev_free_event)
+        ent.header = h.header
         if end is not None:
             ent.copy_event = end
         self.host.copied(h, end)  # the host slot is read until `end` (an arena lease is checked after it)

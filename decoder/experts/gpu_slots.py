@@ -113,6 +113,8 @@ class GpuEntry:
     step: int = -1                   # last token step that used or prefetched it
     prefetched: bool = False         # loaded speculatively, not used yet
     prev_free_event: Any = None      # the evicted occupant's free_event: copy waits on it
+    header: Any = None               # the blob header of a raw slot's payload (what a demotion needs)
+    demote: Any = None               # the evicted occupant (layer, expert, header) to write back first
 
 
 def dense_slots_for(option: bool | None, precision: str, cuda: bool) -> bool:

@@ -4,6 +4,10 @@ FetchPool: N processes receiving blobs straight into its slots). The only decode
 parses blobs: a blob is fetched into a slot, checked (seal and payload checksum), and its raw
 payload is used where it landed; a compressed one is decoded into a second slot.
 
+When it is full it evicts, among its least recently used entries, first one whose expert the
+GPU holds (a redundant copy while it stays there), so that a partial host tier keeps what the
+GPU does not; the cache writes GPU evictions back into it (demote.py).
+
 It belongs to one ExpertCache and shares its lock, its counters (lookups, hits, misses, loads
 and bytes per tier) and its store-cost EWMA; the cache copies payloads from `payload(entry)` to
 GPU slots inside `load()`, which learns through `copied(entry, event)` when the copy ends (a
@@ -51,6 +55,7 @@ class HostEntry:
     lease: Any = None                # the arena lease it was read under (valid after the copy?)
     src: Any = None                  # slot -1: the raw payload as a tensor over the arena mapping
     prefetched: bool = False         # brought in by a store prefetch into the host tier, not used yet
+    demoted: bool = False            # written back from a GPU slot (demote.py), not used since
 
 
 class ArenaReplaced(Exception):
@@ -58,6 +63,7 @@ class ArenaReplaced(Exception):
 
 
 ARENA_ATTEMPTS = 8   # copies of one expert retried after its arena slot was replaced
+VICTIM_SCAN = 64     # host LRU entries looked at for one that the GPU also holds
 
 
 class HostTier:
@@ -142,14 +148,29 @@ class HostTier:
                 if ev is not None:
                     ev.synchronize()  # an H2D copy may still read it
                 return slot
-            for key, h in self.entries.items():
-                if h.refs == 0:
-                    del self.entries[key]
-                    self._evicted(h)
-                    self.free.append(h.slot)
-                    break
+            key = self._victim()
+            if key is not None:
+                h = self.entries.pop(key)
+                self._evicted(h)
+                self.free.append(h.slot)
             else:
                 self.c._cond.wait(timeout=0.05)
+
+    def _victim(self) -> tuple[int, int] | None:
+        """The entry to evict: among the VICTIM_SCAN least recently used ones not being copied
+        from, the oldest whose expert the GPU holds (a redundant copy while it stays there: the
+        host tier then keeps what the GPU does not), else the oldest. Lock held."""
+        fallback = None
+        for i, (key, h) in enumerate(self.entries.items()):
+            if i >= VICTIM_SCAN and fallback is not None:
+                break
+            if h.refs:
+                continue
+            if key[1] in self.c._gpu[key[0]]:
+                return key
+            if fallback is None:
+                fallback = key
+        return fallback
 
     def acquire(self, layer: int, expert: int, kind: str) -> HostEntry:
         """The host entry holding (layer, expert)'s raw payload, fetched from the store if needed.
@@ -172,6 +193,9 @@ class HostTier:
                     if h.prefetched and not background:
                         h.prefetched = False       # a store prefetch into the host tier was used
                         counts["host_prefetch_useful"] += 1
+                    if h.demoted and not background:
+                        h.demoted = False          # a GPU eviction written back saved a store fetch
+                        counts["demoted_used"] += 1
                     return h
                 if self.arena is not None or key not in self.fetching:
                     break
@@ -338,7 +362,7 @@ class HostTier:
         when every resident entry is in use. Lock held."""
         if h.resident:
             while sum(1 for x in self.entries.values() if x.resident) >= self.capacity:
-                victim = next((k for k, x in self.entries.items() if x.refs == 0), None)
+                victim = self._victim()
                 if victim is None:
                     h.resident = False
                     break

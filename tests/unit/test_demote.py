@@ -1,0 +1,155 @@
+"""GPU evictions written back to a partial host tier (decoder/experts/demote.py), on the CPU
+against a real store directory: what is written back is served again without a store fetch,
+bit for bit the store's expert, and the host tier keeps what the GPU does not hold.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from checkpoints import make_packed_store
+from decoder.experts.cache import ExpertCache
+from decoder.experts.provider import ExpertSource, decode_expert_blob
+from decoder.model.config import ModelConfig
+from expert_store.client import StoreClient
+
+pytestmark = pytest.mark.timeout(120)
+torch.set_num_threads(1)
+
+L, E = 3, 4
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    store = make_packed_store(tmp_path_factory.mktemp("demote"), precisions=("bf16", "int8"), group_size=32,
+                              hidden=64, ffn=96, layers=L, experts=E, seed=11)
+    with StoreClient.open(str(store)) as c:
+        yield c
+
+
+def make_cache(client, precision="bf16", host_experts=2, device="cpu", **kw):
+    m = client.manifest("tiny")
+    src = ExpertSource(client=client, model="tiny", config=ModelConfig.from_hf(m.config), manifest=m,
+                       precision=precision, dtype=torch.float32, device=device)
+    probe = ExpertCache(src, gpu_slots=[1] * L, host_cache_bytes=0)
+    slot = probe.host_slot_bytes
+    probe.close()
+    return ExpertCache(src, host_cache_bytes=host_experts * slot, **kw)
+
+
+def use(cache, layer, expert, x=None):
+    cache.begin_token()
+    cache.prepare(layer, [expert])
+    w = cache.get(layer, expert)        # waits for the load
+    y = w(x) if x is not None else None
+    cache.release(layer, [expert])
+    return y
+
+
+@pytest.mark.parametrize("demote", [True, False])
+def test_an_evicted_expert_comes_back_from_the_host_tier(client, demote):
+    # layer 0 keeps 2 experts on the GPU, the host tier 2: using 0 1 2 3 evicts 1 from the GPU
+    # when the host tier no longer holds it (it dropped 1 for 2, which the GPU held)
+    cache = make_cache(client, gpu_slots=[2, 1, 1], demote_evictions=None if demote else False)
+    try:
+        assert (cache.demoter is not None) == demote
+        for e in (0, 1, 2, 3):
+            use(cache, 0, e)
+        s = cache.stats()
+        assert s["tiers"]["store"]["lookups"] == 4
+        if demote:
+            assert s["demotions"] == 1 and (0, 1) in cache.host_resident()
+        x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+        y = use(cache, 0, 1, x)
+        ref = decode_expert_blob(client.fetch_expert("tiny", 0, 1, "bf16"))(x)
+        assert torch.equal(y, ref)
+        s = cache.stats()
+        if demote:
+            assert s["tiers"]["store"]["lookups"] == 4 and s["demoted_used"] == 1   # no store fetch
+        else:
+            assert s["tiers"]["store"]["lookups"] == 5 and s["demotions"] == 0
+    finally:
+        cache.close()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_random_trace_serves_the_store_experts_with_fewer_fetches(client, precision):
+    # a seeded trace over every layer: each expert served equals the store's; written-back
+    # experts save store fetches against the same trace without write-back
+    rng = random.Random(5)
+    trace = [(rng.randrange(L), min(E - 1, int(rng.expovariate(0.9)))) for _ in range(120)]
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(1))
+    refs = {(l, e): decode_expert_blob(client.fetch_expert("tiny", l, e, precision))(x)
+            for l in range(L) for e in range(E)}
+    fetches = {}
+    for demote in (True, False):
+        cache = make_cache(client, precision, host_experts=4, gpu_slots=[2, 2, 2], demote_evictions=demote)
+        try:
+            for l, e in trace:
+                assert torch.equal(use(cache, l, e, x), refs[(l, e)]), (demote, l, e)
+            s = cache.stats()
+            fetches[demote] = s["tiers"]["store"]["lookups"]
+            if demote:
+                assert s["demotions"] > 0 and s["demoted_used"] > 0
+                # what the host tier holds beside the GPU: at most what it had to keep
+                assert len(cache.host_resident()) <= cache.host_capacity
+        finally:
+            cache.close()
+    assert fetches[True] < fetches[False], fetches
+
+
+def test_host_tier_evicts_what_the_gpu_holds_first(client):
+    cache = make_cache(client, gpu_slots=[1, 1, 1], demote_evictions=False)
+    try:
+        use(cache, 0, 0)
+        use(cache, 0, 1)          # GPU layer 0 {1}, host {(0, 0), (0, 1)}
+        use(cache, 1, 0)          # host full: (0, 0) is older, but the GPU holds (0, 1): it goes
+        assert sorted(cache.host_resident()) == [(0, 0), (1, 0)]
+        use(cache, 2, 3)          # the GPU holds both (1, 0) and (2, 3); (0, 0) stays
+        assert sorted(cache.host_resident()) == [(0, 0), (2, 3)]
+        assert cache.location(0, 0) == "host" and cache.location(0, 1) == "gpu"
+    finally:
+        cache.close()
+
+
+def test_write_back_needs_raw_slots(client):
+    with pytest.raises(ValueError, match="raw GPU slots"):
+        make_cache(client, "int8", gpu_slots=[1, 1, 1], dense_slots=True, demote_evictions=True)
+    cache = make_cache(client, "int8", gpu_slots=[1, 1, 1], dense_slots=True)
+    try:
+        assert cache.demoter is None     # the default leaves dense slots alone
+    finally:
+        cache.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_cuda_write_back_through_staging_gives_the_same_outputs(client, precision):
+    # on CUDA: device staging buffer, copy stream, the demoter thread's D2H; the same seeded
+    # trace with and without write-back gives bit-identical outputs, and written-back experts
+    # are found again (each write-back drained before the next use, so the counts are exact)
+    rng = random.Random(5)
+    trace = [(rng.randrange(L), min(E - 1, int(rng.expovariate(0.9)))) for _ in range(120)]
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(1)).cuda()
+    outs, stats = {}, {}
+    for demote in (True, False):
+        cache = make_cache(client, precision, host_experts=4, device="cuda", gpu_slots=[2, 2, 2],
+                           dense_slots=False, demote_evictions=demote)
+        try:
+            assert cache.cuda and (cache.demoter is not None) == demote
+            outs[demote] = []
+            for l, e in trace:
+                outs[demote].append(use(cache, l, e, x))
+                if demote:
+                    assert cache.demoter.drain()
+            torch.cuda.synchronize()
+            stats[demote] = cache.stats()
+        finally:
+            cache.close()
+    assert all(torch.equal(a, b) for a, b in zip(outs[True], outs[False]))
+    assert stats[True]["demotions"] > 0 and stats[True]["demoted_used"] > 0
+    assert stats[True]["tiers"]["store"]["lookups"] < stats[False]["tiers"]["store"]["lookups"]
