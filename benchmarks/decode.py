@@ -694,7 +694,7 @@ def remote_path_stats(pst: dict[str, Any], pf: dict[str, Any], steps: int) -> di
     out = {k: pst.get(k, 0) for k in ("host_prefetch_threads", "host_prefetch_requests", "host_prefetch_loads",
                                       "host_prefetch_useful", "host_prefetch_unused_evicted", "host_prefetch_waited",
                                       "host_prefetch_dropped", "host_prefetch_errors", "low_precision_store_misses",
-                                      "demotions", "demotions_skipped", "demoted_used")}
+                                      "demotions", "demotions_waited", "demoted_used")}
     out.update(store_lookahead_hist=hist, store_lookahead_mean=sum(k * v for k, v in hist.items()) / n if n else None,
                store_prefetches_next_token=pf.get("store_prefetches_next_token", 0),
                store_next_token_precision=pf.get("store_next_token_precision"),
@@ -721,6 +721,7 @@ def fill_while_serving(eng: Engine, prep: Prepared, mode: str, profile: dict, ar
     """A store row's cold start: the fill runs on its own threads at prefetch priority while the
     warm-up tokens are generated (demand loads pass it); timing starts after both. store-remote
     fills the host tier with the half of each layer's experts the calibration found most popular;
+    store-remote then fills it with the experts the GPU does not hold after the warm-up;
     store-colocated has the co-located store publish every expert its arena holds (the popular
     first); the decoder then checks them where they lie (raw payloads: the arena is its host
     tier) or decodes the popular half into its host tier (bf16 published as stored). Returns the
@@ -761,6 +762,15 @@ def fill_while_serving(eng: Engine, prep: Prepared, mode: str, profile: dict, ar
     filler.join()
     if errors:
         raise errors[0]
+    if mode == "store-remote":
+        # then the host tier takes the experts the GPU does not hold, most popular first (it
+        # evicts what the GPU holds first): with the GPU's write-backs (demote.py) the two tiers
+        # then hold up to their sum of distinct experts, and the store serves the rest
+        order = sorted(((i, l, e) for l in range(L) for i, e in enumerate(ranked[l])), key=lambda t: t[:2])
+        rest = [(l, e) for _, l, e in order if cache.location(l, e) != "gpu"][:cache.host_capacity]
+        t1 = time.perf_counter()
+        cache.fill_host(rest, args.fill_threads, progress=True)
+        out["complement"] = {"experts": len(rest), "seconds": time.perf_counter() - t1}
     src = out.get("arena") or out["host"]
     out["gbps"] = src.get("arena_gbps", src.get("gbps"))
     out["into"] = "arena" if "arena" in out else "host tier"
@@ -1066,7 +1076,7 @@ def markdown(rows: list[dict[str, Any]], targets: list[dict[str, Any]]) -> str:
                 f"(precision {fmt(rp['store_next_token_precision'])}); "
                 f"low-precision misses over the wire {fmt(rp['low_precision_misses_per_token'], '.2f')}/token; "
                 f"GPU evictions written back to the host tier {rp.get('demotions', 0)} "
-                f"({rp.get('demoted_used', 0)} used again, {rp.get('demotions_skipped', 0)} skipped)")
+                f"({rp.get('demoted_used', 0)} used again, {rp.get('demotions_waited', 0)} waited for a buffer)")
     if any(r.get("remote_path") for r in rows):
         lines.append("")
     for t in targets:

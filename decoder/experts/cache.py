@@ -295,9 +295,9 @@ class ExpertCache(ExpertProvider):
                            host_prefetch_dropped=0, host_prefetch_errors=0,
                            # demand misses served at miss_precision over the wire (low_precision_misses)
                            low_precision_store_misses=0,
-                           # GPU evictions written back to the host tier, skipped (no staging
-                           # buffer free), and found there by a later GPU load (demote.py)
-                           demotions=0, demotions_skipped=0, demoted_used=0)
+                           # GPU evictions written back to the host tier, waits for a staging
+                           # buffer, and found there by a later GPU load (demote.py)
+                           demotions=0, demotions_waited=0, demoted_used=0)
             # demand lookups served by the low-precision tier (lookups = hits + misses)
             self._low_counts = {"lookups": 0, "hits": 0, "misses": 0, "bytes": 0, "loads": 0}
             if getattr(self, "host_experts", None) is not None:

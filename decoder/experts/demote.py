@@ -9,13 +9,15 @@ of the link's ~50. `Demoter` keeps it in host memory instead:
   that evicted it waits for a device-to-device copy, ~30 us for a Mixtral expert, not a
   device->host one); a thread then copies the buffer into a host slot on its own stream and
   admits the entry to the host LRU once that copy ended, so nothing half-copied is ever seen;
-  when both buffers are busy the eviction is not written back (counted);
+  when all four buffers are busy the loader waits for one (counted): a write-back lost would
+  cost a store fetch later;
 - on the CPU the slot is copied into the host slot on the loader thread.
 
 The host tier makes room by evicting first the entries whose expert the GPU holds
 (`HostTier._victim`). Raw slots only (a dense slot's dequantized weights are not the payload),
 and only payloads at the cache's precision. Counters: `demotions` (written back),
-`demotions_skipped` (no staging buffer free), `demoted_used` (a later GPU load found it there).
+`demotions_waited` (a loader waited for a staging buffer), `demoted_used` (a later GPU load
+found it there).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("decoder.experts.cache")   # one logger for the cache and its tiers
 
-STAGING_BUFFERS = 2
+STAGING_BUFFERS = 4
 
 
 class Demoter:
@@ -79,9 +81,12 @@ class Demoter:
         with self.c._lock:
             if not self.wants(header, key):
                 return
-            if not self._staging:
-                self.c._counts["demotions_skipped"] += 1
-                return
+            if not self._staging:   # every buffer's D2H in flight: wait for one (~1 ms) rather than lose it
+                self.c._counts["demotions_waited"] += 1
+                while not self._staging:
+                    self.c._cond.wait(timeout=0.05)
+                if not self.wants(header, key):
+                    return
             buf = self._staging.pop()
         stream = self.c.copies.copy_stream   # the slot's next H2D copy is queued after this one
         with torch.cuda.device(self.c.device), torch.cuda.stream(stream):
