@@ -767,9 +767,8 @@ def fill_while_serving(eng: Engine, prep: Prepared, mode: str, profile: dict, ar
         # evicts what the GPU holds first): with the GPU's write-backs (demote.py) the two tiers
         # then hold up to their sum of distinct experts, and the store serves the rest
         order = sorted(((i, l, e) for l in range(L) for i, e in enumerate(ranked[l])), key=lambda t: t[:2])
-        rest = [(l, e) for _, l, e in order if cache.location(l, e) != "gpu"][:cache.host_capacity]
         t1 = time.perf_counter()
-        cache.fill_host(rest, args.fill_threads, progress=True)
+        rest = cache.fill_host_beside_gpu([(l, e) for _, l, e in order], args.fill_threads, progress=True)
         out["complement"] = {"experts": len(rest), "seconds": time.perf_counter() - t1}
     src = out.get("arena") or out["host"]
     out["gbps"] = src.get("arena_gbps", src.get("gbps"))

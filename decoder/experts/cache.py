@@ -1140,6 +1140,18 @@ class ExpertCache(ExpertProvider):
         """Bring `keys` into the pinned host tier on up to `threads` threads (HostTier.fill)."""
         return self.host.fill(keys, threads, progress)
 
+    def fill_host_beside_gpu(self, order: Sequence[tuple[int, int]], threads: int = 8,
+                             progress: bool = False) -> list[tuple[int, int]]:
+        """Fill the host tier with the experts of `order` (most wanted first) that the GPU does
+        not hold, up to its capacity: once the GPU holds its share (after a warm-up), a partial
+        host tier then keeps the next ones, and with the write-back of GPU evictions the two
+        tiers hold up to their sum of distinct experts. Returns the keys it filled."""
+        with self._lock:
+            keys = [(int(l), int(e)) for l, e in order if int(e) not in self._gpu[int(l)]]
+        keys = list(dict.fromkeys(keys))[:self.host_capacity]
+        self.host.fill(keys, threads, progress)
+        return keys
+
 # ---------------------------------------------------------------------------------------------
 def _offsets(header: Any) -> dict[str, tuple[int, int]]:
     """Byte offsets of each tensor of an expert blob's raw payload (values, scales or -1)."""

@@ -153,3 +153,18 @@ def test_cuda_write_back_through_staging_gives_the_same_outputs(client, precisio
     assert all(torch.equal(a, b) for a, b in zip(outs[True], outs[False]))
     assert stats[True]["demotions"] > 0 and stats[True]["demoted_used"] > 0
     assert stats[True]["tiers"]["store"]["lookups"] < stats[False]["tiers"]["store"]["lookups"]
+
+
+def test_fill_host_beside_gpu_keeps_what_the_gpu_does_not_hold(client):
+    # after the GPU took layer 0's experts 0 and 1, the host tier (3 experts) is filled in the
+    # given order with the next ones the GPU does not hold, evicting its copies of 0 and 1
+    cache = make_cache(client, host_experts=3, gpu_slots=[2, 1, 1])
+    try:
+        use(cache, 0, 0)
+        use(cache, 0, 1)
+        order = [(0, 0), (0, 1), (0, 2), (1, 3), (0, 3), (2, 0)]
+        assert cache.fill_host_beside_gpu(order, threads=2) == [(0, 2), (1, 3), (0, 3)]
+        assert sorted(cache.host_resident()) == [(0, 2), (0, 3), (1, 3)]
+        assert sorted(cache.resident(0)) == [0, 1]
+    finally:
+        cache.close()
