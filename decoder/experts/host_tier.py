@@ -359,7 +359,11 @@ class HostTier:
 
     def _admit(self, key: tuple[int, int], h: HostEntry) -> HostEntry:
         """Count a new entry in the host LRU (evicting unreferenced ones), or keep it transient
-        when every resident entry is in use. Lock held."""
+        when every resident entry is in use, or when another copy of `key` is in the LRU already
+        (a GPU eviction written back while the same expert was fetched): that one stays, and
+        this one's slot is freed when its last copy ends. Lock held."""
+        if h.resident and self.entries.get(key, h) is not h:
+            h.resident = False
         if h.resident:
             while sum(1 for x in self.entries.values() if x.resident) >= self.capacity:
                 victim = self._victim()

@@ -12,6 +12,7 @@ import torch
 
 from checkpoints import make_packed_store
 from decoder.experts.cache import ExpertCache
+from decoder.experts.host_tier import HostEntry
 from decoder.experts.provider import ExpertSource, decode_expert_blob
 from decoder.model.config import ModelConfig
 from expert_store.client import StoreClient
@@ -166,5 +167,24 @@ def test_fill_host_beside_gpu_keeps_what_the_gpu_does_not_hold(client):
         assert cache.fill_host_beside_gpu(order, threads=2) == [(0, 2), (1, 3), (0, 3)]
         assert sorted(cache.host_resident()) == [(0, 2), (0, 3), (1, 3)]
         assert sorted(cache.resident(0)) == [0, 1]
+    finally:
+        cache.close()
+
+
+def test_a_second_copy_of_an_expert_never_leaks_its_slot(client):
+    # a GPU eviction written back while the same expert is fetched gives two copies: the one in
+    # the LRU stays, the other is transient and its slot returns once its copy ended (a second
+    # entry overwriting the first would lose the first's slot for good: the server hung on it)
+    cache = make_cache(client, host_experts=2, gpu_slots=[1, 1, 1], demote_evictions=False)
+    try:
+        cache.fill_host([(0, 0)], threads=1)
+        host = cache.host
+        with cache._lock:
+            first = host.entries[(0, 0)]
+            free_before = len(host.free)
+            dup = host._admit((0, 0), HostEntry(host.take_slot(), first.header, 0, refs=1))
+            assert not dup.resident and host.entries[(0, 0)] is first
+            host.release((0, 0), dup)
+            assert len(host.free) == free_before
     finally:
         cache.close()
