@@ -4,13 +4,14 @@ When the host tier holds part of the model and a store lies behind it, an expert
 that the host tier does not hold would next come from the store, over gRPC at ~1 GB/s instead
 of the link's ~50. `Demoter` keeps it in host memory instead:
 
-- on CUDA the evicted slot's raw payload is first copied on the device into one of two staging
+- on CUDA the evicted slot's raw payload is first copied on the device into a staging
   buffers, on the copy stream, just before the H2D copy that overwrites the slot (so the miss
   that evicted it waits for a device-to-device copy, ~30 us for a Mixtral expert, not a
   device->host one); a thread then copies the buffer into a host slot on its own stream and
   admits the entry to the host LRU once that copy ended, so nothing half-copied is ever seen;
-  when all four buffers are busy the loader waits for one (counted): a write-back lost would
-  cost a store fetch later;
+  up to four buffers in at most 512 MiB of device memory outside gpu_cache_bytes (one for a
+  bf16 Mixtral expert, four for an int4 one); when all are busy the loader waits for one
+  (counted): a write-back lost would cost a store fetch later;
 - on the CPU the slot is copied into the host slot on the loader thread.
 
 The host tier makes room by evicting first the entries whose expert the GPU holds
@@ -37,7 +38,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("decoder.experts.cache")   # one logger for the cache and its tiers
 
-STAGING_BUFFERS = 4
+STAGING_BUFFERS = 4                  # at most, and at most STAGING_BYTES of device memory in all
+STAGING_BYTES = 512 << 20            # (outside gpu_cache_bytes): one for a bf16 Mixtral expert
 
 
 class Demoter:
@@ -50,8 +52,9 @@ class Demoter:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         if cache.cuda:
+            n = max(1, min(STAGING_BUFFERS, STAGING_BYTES // max(1, self.raw_size)))
             self._staging = [torch.empty(self.raw_size, dtype=torch.uint8, device=cache.device)
-                             for _ in range(STAGING_BUFFERS)]
+                             for _ in range(n)]
             self._stream = torch.cuda.Stream(device=cache.device)
             self._thread = threading.Thread(target=self._loop, name="demoter", daemon=True)
             self._thread.start()
