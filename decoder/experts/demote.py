@@ -5,7 +5,7 @@ that the host tier does not hold would next come from the store, over gRPC at ~1
 of the link's ~50. `Demoter` keeps it in host memory instead:
 
 - on CUDA the evicted slot's raw payload is first copied on the device into a staging
-  buffers, on the copy stream, just before the H2D copy that overwrites the slot (so the miss
+  buffer, on the copy stream, just before the H2D copy that overwrites the slot (so the miss
   that evicted it waits for a device-to-device copy, ~30 us for a Mixtral expert, not a
   device->host one); a thread then copies the buffer into a host slot on its own stream and
   admits the entry to the host LRU once that copy ended, so nothing half-copied is ever seen;
