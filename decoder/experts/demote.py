@@ -153,7 +153,8 @@ class Demoter:
             if key in host.entries:
                 host.free.append(hslot)
                 return
-            h = host._admit(key, HostEntry(hslot, header, 0, refs=0, resident=host.capacity > 0, demoted=True))
+            h = host._admit(key, HostEntry(hslot, header, 0, refs=0, resident=host.capacity > 0, demoted=True),
+                            swap=True)
             if not h.resident:
                 host.free.append(hslot)
                 return

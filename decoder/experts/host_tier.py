@@ -64,6 +64,7 @@ class ArenaReplaced(Exception):
 
 ARENA_ATTEMPTS = 8   # copies of one expert retried after its arena slot was replaced
 VICTIM_SCAN = 64     # host LRU entries looked at for one that the GPU also holds
+SWAP = (-1, -1)      # _victim: the entry the GPU is loading gives its place once copied
 
 
 class HostTier:
@@ -156,21 +157,26 @@ class HostTier:
             else:
                 self.c._cond.wait(timeout=0.05)
 
-    def _victim(self) -> tuple[int, int] | None:
+    def _victim(self, swap: bool = False) -> tuple[int, int] | None:
         """The entry to evict: among the VICTIM_SCAN least recently used ones not being copied
         from, the oldest whose expert the GPU holds (a redundant copy while it stays there: the
-        host tier then keeps what the GPU does not), else the oldest. Lock held."""
-        fallback = None
+        host tier then keeps what the GPU does not), else the oldest. With `swap` (a GPU
+        eviction written back), SWAP when the only entries the GPU holds are being copied to it
+        right now: the one written back takes the place of that copy once it ends (`release`).
+        Lock held."""
+        fallback, busy = None, False
         for i, (key, h) in enumerate(self.entries.items()):
             if i >= VICTIM_SCAN and fallback is not None:
                 break
+            held = key[1] in self.c._gpu[key[0]]
             if h.refs:
+                busy = busy or held
                 continue
-            if key[1] in self.c._gpu[key[0]]:
+            if held:
                 return key
             if fallback is None:
                 fallback = key
-        return fallback
+        return SWAP if swap and busy else fallback
 
     def acquire(self, layer: int, expert: int, kind: str) -> HostEntry:
         """The host entry holding (layer, expert)'s raw payload, fetched from the store if needed.
@@ -357,7 +363,7 @@ class HostTier:
         raise ArenaReplaced(f"layer {layer} expert {expert} was replaced in the co-located arena "
                             f"{ARENA_ATTEMPTS} times while being read: the arena is too small for the working set")
 
-    def _admit(self, key: tuple[int, int], h: HostEntry) -> HostEntry:
+    def _admit(self, key: tuple[int, int], h: HostEntry, swap: bool = False) -> HostEntry:
         """Count a new entry in the host LRU (evicting unreferenced ones), or keep it transient
         when every resident entry is in use, or when another copy of `key` is in the LRU already
         (a GPU eviction written back while the same expert was fetched): that one stays, and
@@ -365,8 +371,10 @@ class HostTier:
         if h.resident and self.entries.get(key, h) is not h:
             h.resident = False
         if h.resident:
-            while sum(1 for x in self.entries.values() if x.resident) >= self.capacity:
-                victim = self._victim()
+            while len(self.entries) >= self.capacity:
+                victim = self._victim(swap)
+                if victim is SWAP:     # past the capacity until the copy to the GPU ends
+                    break
                 if victim is None:
                     h.resident = False
                     break
@@ -421,8 +429,17 @@ class HostTier:
                     self.release((layer, expert), h)
 
     def release(self, key: tuple[int, int], h: HostEntry) -> None:
+        """A copy out of `h` ended. A transient entry's slot is freed; an entry the GPU now holds
+        leaves a tier that a write-back filled past its capacity (the swap of `_victim`). Lock held."""
         h.refs -= 1
-        if not h.resident and h.refs == 0 and h.slot >= 0:
+        if h.refs:
+            return
+        if not h.resident:
+            if h.slot >= 0:
+                self.free.append(h.slot)
+        elif len(self.entries) > self.capacity and self.entries.get(key) is h and key[1] in self.c._gpu[key[0]]:
+            del self.entries[key]
+            self._evicted(h)
             self.free.append(h.slot)
 
     def fill(self, keys: Sequence[tuple[int, int]], threads: int = 8, progress: bool = False) -> int:

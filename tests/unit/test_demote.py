@@ -188,3 +188,28 @@ def test_a_second_copy_of_an_expert_never_leaks_its_slot(client):
             assert len(host.free) == free_before
     finally:
         cache.close()
+
+
+@pytest.mark.parametrize("demote", [True, False])
+def test_gpu_and_host_tiers_hold_every_expert_they_can(client, demote):
+    # layer 0: 2 GPU slots + a host tier of 2 = its 4 experts. Once the host tier holds the two
+    # the GPU does not, cycling through all four never asks the store: each GPU miss comes from
+    # the host tier, and the expert it evicts takes the place of the one copied to the GPU
+    cache = make_cache(client, host_experts=2, gpu_slots=[2, 1, 1], demote_evictions=demote)
+    try:
+        use(cache, 0, 0)
+        use(cache, 0, 1)
+        cache.fill_host_beside_gpu([(0, e) for e in range(E)], threads=1)
+        assert sorted(cache.host_resident()) == [(0, 2), (0, 3)]
+        before = cache.stats()["tiers"]["store"]["lookups"]
+        for e in [2, 3, 0, 1] * 3:
+            use(cache, 0, e)
+        s = cache.stats()
+        fetched = s["tiers"]["store"]["lookups"] - before
+        if demote:
+            assert fetched == 0 and s["demoted_used"] == 10   # all but the two the fill brought
+            assert len(cache.host_resident()) == 2 and not set(cache.host_resident()) & {(0, e) for e in cache.resident(0)}
+        else:
+            assert fetched > 0
+    finally:
+        cache.close()
