@@ -612,9 +612,8 @@ def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torc
     build_s = time.perf_counter() - t_build
     cold_fill = None
     try:
-        warm = min(args.warmup_tokens, 4) if mode in STORE_ROWS else args.warmup_tokens
-        if mode in STORE_ROWS:
-            cold_fill = fill_while_serving(eng, prep, mode, profile, args, warm)
+        if mode in STORE_ROWS:   # a few tokens while the cold fill runs, then the warm-up below
+            cold_fill = fill_while_serving(eng, prep, mode, profile, args, min(args.warmup_tokens, 4))
         # every row is timed after the same untimed warm-up (a store row's also after its cold
         # fill): otherwise a store row's GPU cache starts colder than lru's and moves more bytes
         eng.generate(prep.warmup_prompt, max_tokens=args.warmup_tokens, temperature=0.0, stop_at_eos=False)

@@ -6,7 +6,7 @@ of the link's ~50. `Demoter` keeps it in host memory instead:
 
 - on CUDA the evicted slot's raw payload is first copied on the device into a staging
   buffer, on the copy stream, just before the H2D copy that overwrites the slot (so the miss
-  that evicted it waits for a device-to-device copy, ~30 us for a Mixtral expert, not a
+  that evicted it waits for a device-to-device copy at HBM speed, not a
   device->host one); a thread then copies the buffer into a host slot on its own stream and
   admits the entry to the host LRU once that copy ended, so nothing half-copied is ever seen;
   up to four buffers in at most 512 MiB of device memory outside gpu_cache_bytes (one for a
@@ -84,7 +84,7 @@ class Demoter:
         with self.c._lock:
             if not self.wants(header, key):
                 return
-            if not self._staging:   # every buffer's D2H in flight: wait for one (~1 ms) rather than lose it
+            if not self._staging:   # every buffer's D2H in flight: wait for one (one D2H copy) rather than lose it
                 self.c._counts["demotions_waited"] += 1
                 while not self._staging:
                     self.c._cond.wait(timeout=0.05)
@@ -147,12 +147,9 @@ class Demoter:
 
     def _admit(self, key: tuple[int, int], header: Any, hslot: int) -> None:
         """The copy into `hslot` ended: the entry becomes visible (unless a store fetch admitted
-        the expert meanwhile)."""
+        the expert meanwhile: HostTier._admit keeps that one, and the slot is freed here)."""
         with self.c._lock:
             host = self.c.host
-            if key in host.entries:
-                host.free.append(hslot)
-                return
             h = host._admit(key, HostEntry(hslot, header, 0, refs=0, resident=host.capacity > 0, demoted=True),
                             swap=True)
             if not h.resident:
