@@ -168,7 +168,7 @@ class HostTier:
         for i, (key, h) in enumerate(self.entries.items()):
             if i >= VICTIM_SCAN and fallback is not None:
                 break
-            held = key[1] in self.c._gpu[key[0]]
+            held = self._gpu_keeps(key)
             if h.refs:
                 busy = busy or held
                 continue
@@ -177,6 +177,14 @@ class HostTier:
             if fallback is None:
                 fallback = key
         return SWAP if swap and busy else fallback
+
+    def _gpu_keeps(self, key: tuple[int, int]) -> bool:
+        """Whether the GPU holds `key` in a pool slot: a copy the host tier may give up. A
+        transient buffer (a demand load past the layer's quota, e.g. a prefill using every
+        expert) is dropped when its layer ends without a write-back, so it does not count.
+        Lock held."""
+        ent = self.c._gpu[key[0]].get(key[1])
+        return ent is not None and ent.slot >= 0
 
     def acquire(self, layer: int, expert: int, kind: str) -> HostEntry:
         """The host entry holding (layer, expert)'s raw payload, fetched from the store if needed.
@@ -437,7 +445,7 @@ class HostTier:
         if not h.resident:
             if h.slot >= 0:
                 self.free.append(h.slot)
-        elif len(self.entries) > self.capacity and self.entries.get(key) is h and key[1] in self.c._gpu[key[0]]:
+        elif len(self.entries) > self.capacity and self.entries.get(key) is h and self._gpu_keeps(key):
             del self.entries[key]
             self._evicted(h)
             self.free.append(h.slot)

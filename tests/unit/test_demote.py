@@ -213,3 +213,34 @@ def test_gpu_and_host_tiers_hold_every_expert_they_can(client, demote):
             assert fetched > 0
     finally:
         cache.close()
+
+
+def test_a_transient_gpu_copy_does_not_count_as_held(client):
+    # a prefill needs all 4 of layer 0's experts with 2 GPU slots: 2 and 3 go to transient
+    # buffers that are dropped when the layer ends. While they live the host tier must not give
+    # up its copies of them for a store fetch of another layer, but a copy the GPU keeps in a
+    # pool slot, else those experts would be in neither tier afterwards and come from the store
+    cache = make_cache(client, host_experts=4, gpu_slots=[2, 1, 1], scratch_slots=0)
+    try:
+        use(cache, 0, 0)
+        use(cache, 0, 1)
+        cache.fill_host_beside_gpu([(1, 3), (0, 2), (0, 3)], threads=1)   # host: (1,3) (0,2) (0,3)
+        cache.begin_token()
+        cache.prepare(0, [0, 1, 2, 3])
+        for e in range(E):
+            cache.get(0, e)
+        assert cache.stats()["transient_loads"] == 2
+        cache.prepare(2, [0])     # a store fetch into the free host slot: the GPU keeps (2, 0) in its slot
+        cache.get(2, 0)
+        cache.release(2, [0])
+        cache.prepare(1, [0])     # a store fetch into a full host tier: the copy of (2, 0) goes
+        cache.get(1, 0)
+        cache.release(1, [0])
+        cache.release(0, [0, 1, 2, 3])
+        assert sorted(cache.host_resident()) == [(0, 2), (0, 3), (1, 0), (1, 3)]
+        before = cache.stats()["tiers"]["store"]["lookups"]
+        for e in (2, 3):
+            use(cache, 0, e)
+        assert cache.stats()["tiers"]["store"]["lookups"] == before
+    finally:
+        cache.close()
