@@ -73,12 +73,20 @@ class Demoter:
         layer, expert, header = victim
         key = (layer, expert)
         src = slot_buf[:self.raw_size]
+        host = self.c.host
         if not self.c.cuda:
             with self.c._lock:
                 if not self.wants(header, key):
                     return
-                hslot = self.c.host.take_slot()
-            self.c.host.pool[hslot, :self.raw_size].copy_(src)
+                hslot = host.take_slot()
+                host.writing.add(key)
+            try:
+                host.pool[hslot, :self.raw_size].copy_(src)
+            except BaseException:
+                with self.c._lock:
+                    host.free.append(hslot)
+                    self._written(key)
+                raise
             self._admit(key, header, hslot)
             return
         with self.c._lock:
@@ -91,6 +99,7 @@ class Demoter:
                 if not self.wants(header, key):
                     return
             buf = self._staging.pop()
+            host.writing.add(key)
         stream = self.c.copies.copy_stream   # the slot's next H2D copy is queued after this one
         with torch.cuda.device(self.c.device), torch.cuda.stream(stream):
             buf.copy_(src, non_blocking=True)
@@ -143,13 +152,21 @@ class Demoter:
             finally:
                 with self.c._lock:
                     self._staging.append(buf)
-                    self.c._cond.notify_all()
+                    self._written(key)
+
+    def _written(self, key: tuple[int, int]) -> None:
+        """The write-back of `key` ended (admitted, dropped or failed): a load waiting for it
+        goes on (HostTier.acquire). Lock held."""
+        self.c.host.writing.discard(key)
+        self.c._cond.notify_all()
 
     def _admit(self, key: tuple[int, int], header: Any, hslot: int) -> None:
         """The copy into `hslot` ended: the entry becomes visible (unless a store fetch admitted
         the expert meanwhile: HostTier._admit keeps that one, and the slot is freed here)."""
         with self.c._lock:
             host = self.c.host
+            if not self.c.cuda:
+                self._written(key)
             h = host._admit(key, HostEntry(hslot, header, 0, refs=0, resident=host.capacity > 0, demoted=True),
                             swap=True)
             if not h.resident:

@@ -125,6 +125,7 @@ class HostTier:
         self.slot_event: dict[int, Any] = {}
         self.entries: OrderedDict[tuple[int, int], HostEntry] = OrderedDict()
         self.fetching: set[tuple[int, int]] = set()   # store fetches into the pool in flight
+        self.writing: set[tuple[int, int]] = set()    # GPU evictions being written back (demote.py)
 
     def __contains__(self, key: tuple[int, int]) -> bool:
         """Whether (layer, expert) is in host memory: the pool, or the co-located arena."""
@@ -190,7 +191,8 @@ class HostTier:
         """The host entry holding (layer, expert)'s raw payload, fetched from the store if needed.
         Called WITHOUT the lock; returns with refs incremented. kind: "demand", "prefetch" or
         "background" (a store prefetch into the host tier: ExpertCache.prefetch_host). A fetch
-        of the same expert already in flight is waited for, not repeated."""
+        of the same expert already in flight is waited for, not repeated, and so is a write-back
+        of a GPU eviction (demote.py) still copying it here."""
         key = (layer, expert)
         background = kind == "background"   # a store prefetch into the host tier (prefetch_host)
         tier = self.c._tier if kind == "demand" else self.c._prefetch_tier
@@ -211,6 +213,9 @@ class HostTier:
                         h.demoted = False          # a GPU eviction written back saved a store fetch
                         counts["demoted_used"] += 1
                     return h
+                if key in self.writing:   # a GPU eviction on its way back: soon here, not from the store
+                    self.c._cond.wait(timeout=0.05)
+                    continue
                 if self.arena is not None or key not in self.fetching:
                     break
                 # its store fetch is in flight (a host-tier prefetch): wait for it, not a second fetch
