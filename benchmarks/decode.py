@@ -770,8 +770,15 @@ def fill_while_serving(eng: Engine, prep: Prepared, mode: str, profile: dict, ar
         rest = cache.fill_host_beside_gpu([(l, e) for _, l, e in order], args.fill_threads, progress=True)
         out["complement"] = {"experts": len(rest), "seconds": time.perf_counter() - t1}
     src = out.get("arena") or out["host"]
-    out["gbps"] = src.get("arena_gbps", src.get("gbps"))
     out["into"] = "arena" if "arena" in out else "host tier"
+    if out["into"] == "arena" and not src.get("arena_bytes"):
+        # an earlier row's decoder had the co-located store publish every expert: this decoder
+        # started against a warm arena (what a decoder restart sees); no fill to time
+        out["gbps"], out["warm_arena"] = None, True
+        log(f"{prep.name} {mode}: the arena was warm (nothing to publish); first token after "
+            f"{out['first_token_s']:.2f} s")
+        return out
+    out["gbps"] = src.get("arena_gbps", src.get("gbps"))
     log(f"{prep.name} {mode}: cold fill {out['gbps']:.2f} GB/s into the {out['into']} "
         f"({out['fill_s']:.1f} s in all); first token after {out['first_token_s']:.2f} s")
     return out
@@ -980,7 +987,7 @@ def check_store_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             need = TARGETS["colocated_fill_gbps" if r["mode"] == "store-colocated" else "remote_fill_gbps"]
             out.append({"target": f"{where}: cold fill >= {need:g} GB/s into the {fill.get('into')} (GB/s)",
                         "measured": fill["gbps"], "met": fill["gbps"] >= need})
-        if "first_token_s" in fill:
+        if "first_token_s" in fill and not fill.get("warm_arena"):
             out.append({"target": f"{where}: first token before the cold fill ended (first token s / fill s)",
                         "measured": fill["first_token_s"] / max(fill["fill_s"], 1e-9),
                         "met": bool(fill.get("first_token_before_fill_end"))})
