@@ -27,8 +27,10 @@ demand submitted behind a hundred prefetches waits only for the requests already
 (at most `workers`), never for the queue. A Future still queued can be cancelled.
 
 Integrity: a worker reports a completion only after `format.check_blob` passed on the bytes
-in the arena (the blob's seal over every byte), its header names the requested ref and its
-size is the manifest's. (The client also checks; a store replies DATA_LOSS rather than bytes
+in the arena (the blob's seal over every byte) and, for a raw blob, its payload's xxh3, its
+header names the requested ref and its size is the manifest's. With `raw=True` a coded bf16 blob is checked as received, then written
+into its slot with its byte planes joined (codec none, a new seal: `format.transcode_raw`), so
+the consumer copies the payload where it lies and the decode runs in the N workers. (The client also checks; a store replies DATA_LOSS rather than bytes
 that fail the manifest's xxh3.)
 
 Faults: a worker that dies (SIGKILL, OOM) is noticed through its process sentinel; its
@@ -115,13 +117,18 @@ def _release_views(*views: Any) -> None:
             v.release()
 
 
-def _worker_main(target: str, model: str, shm_name: str, slot_bytes: int, conn: Any, client_options: dict) -> None:
-    """One receiving process: its own StoreClient; fetch into the arena, check, report."""
+def _worker_main(target: str, model: str, shm_name: str, slot_bytes: int, conn: Any, client_options: dict,
+                 raw: bool = False) -> None:
+    """One receiving process: its own StoreClient; fetch into the arena, check, report. With
+    `raw`, a coded blob (bf16 byte planes) is received beside the slot and written into it with
+    codec none (format.transcode_raw, which checks it as it decodes), as it came when that does
+    not fit the slot: the decode runs in this process, not in the decoder's."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
     from expert_store.client import StoreClient
 
     shm = shared_memory.SharedMemory(name=shm_name)
     client = None
+    scratch: memoryview | None = None
     try:
         client = StoreClient.open(target, **client_options)
         manifest = client.manifest(model)  # connects before the first request, sizes for the checks
@@ -136,16 +143,27 @@ def _worker_main(target: str, model: str, shm_name: str, slot_bytes: int, conn: 
             rid, (layer, expert, precision), priority, offset = msg
             out = shm.buf[offset:offset + slot_bytes]
             got = None
+            # bf16 blobs may be coded: received into this process's buffer, decoded into the slot
+            recv = out if not (raw and precision == "bf16") else (scratch := scratch or memoryview(bytearray(slot_bytes)))
             try:
-                got = client.fetch_expert(model, layer, expert, precision, out=out, priority=priority)
+                got = client.fetch_expert(model, layer, expert, precision, out=recv, priority=priority)
                 size = len(got)
-                header = blob_format.check_blob(out[:size])
+                header = blob_format.check_blob(recv[:size])
                 if (header.model, header.layer, header.expert, header.precision) != (model, layer, expert, precision):
                     raise blob_format.BlobError(f"header is for {header.model} L{header.layer} E{header.expert} "
                                                 f"{header.precision}")
                 expected = manifest.blobs.get((layer, expert, precision))
                 if expected is not None and expected[0] != size:
                     raise blob_format.BlobError(f"size {size} != manifest size {expected[0]}")
+                if header.codec == "none":   # the raw payload's own checksum too: used where it lies
+                    off = header.payload_offset
+                    if blob_format.payload_checksum(recv[off:off + header.raw_size]) != header.xxh3:
+                        raise blob_format.BlobError("raw payload checksum mismatch")
+                elif recv is not out:
+                    try:
+                        size = blob_format.transcode_raw(recv[:size], out)
+                    except ValueError:   # the raw blob does not fit the slot: as it came
+                        out[:size] = recv[:size]
                 reply = ("done", rid, size)
             except StoreError as e:
                 reply = ("error", rid, e.code, str(e))
@@ -176,7 +194,7 @@ def _worker_main(target: str, model: str, shm_name: str, slot_bytes: int, conn: 
 class _Worker:
     def __init__(self, ctx: Any, args: tuple) -> None:
         self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(*args[:4], child, args[4]), daemon=True,
+        self.proc = ctx.Process(target=_worker_main, args=(*args[:4], child, *args[4:]), daemon=True,
                                 name="fetch-pool-worker")
         self.proc.start()
         child.close()
@@ -204,7 +222,8 @@ class FetchPool:
                  slots: int | None = None, slot_bytes: int | None = None, max_attempts: int = 3,
                  start_timeout_s: float = 60.0, deadline_s: float = 30.0, token: str | None = None,
                  tls_ca: Any = None, tls_cert: Any = None, tls_key: Any = None,
-                 tls_server_name: str | None = None, background_limit: int | None = None) -> None:
+                 tls_server_name: str | None = None, background_limit: int | None = None,
+                 raw: bool = False) -> None:
         from expert_store.client import StoreClient
 
         if workers < 1:
@@ -258,7 +277,8 @@ class FetchPool:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._ctx = multiprocessing.get_context("spawn")
-        self._worker_args = (self.target, model, self.shm_name, self.slot_bytes, self._client_options)
+        self.raw = bool(raw)   # coded bf16 blobs land in their slots decoded (codec none)
+        self._worker_args = (self.target, model, self.shm_name, self.slot_bytes, self._client_options, self.raw)
         self._workers: list[_Worker] = []
         self.all_worker_pids: list[int] = []
         try:

@@ -34,7 +34,8 @@ into a host slot (`fetch_expert(out=...)`); an uncompressed blob's raw payload i
 landed, a compressed one is decoded into a second slot (the first goes back to the free list).
 With `fetch_workers=N` (default 0: off) the host arena is an expert_store FetchPool: N processes,
 each with its own gRPC channel, receive blobs straight into its slots (past the ~1 GB/s one
-Python process receives), and it is page-locked in place with cudaHostRegister.
+Python process receives), and it is page-locked in place with cudaHostRegister. They also
+decode coded bf16 blobs into their slots (`FetchPool(raw=True)`), checked there once.
 
 A host tier that holds part of the model (in front of a store) keeps what the GPU does not:
 it evicts the experts the GPU holds first, and an expert the GPU evicts that it does not hold
@@ -153,6 +154,10 @@ class ExpertCache(ExpertProvider):
                 sz = source.blob_size(l, e)
                 if sz is not None:
                     max_blob = max(max_blob, sz)
+        if fetch_workers and header.codec != "none":
+            # the FetchPool's processes write coded bf16 blobs into their slots decoded (codec
+            # none): a slot holds the raw blob (+ slack: other experts' headers differ by a few bytes)
+            max_blob = max(max_blob, blob_format.raw_blob_size(header) + HOST_ALIGN)
         self.host_slot_bytes = align(max(max_blob, self.raw_size), HOST_ALIGN)
 
         # --- GPU tier: quotas + scratch, one pool --------------------------------------------

@@ -110,7 +110,7 @@ class HostTier:
 
             self.fetch_pool = FetchPool(fetch_target or store_target(cache.source.client), cache.source.model,
                                         workers=fetch_workers, slots=n_host, slot_bytes=self.slot_bytes,
-                                        **dict(fetch_options or {}))
+                                        **{"raw": True, **dict(fetch_options or {})})
             self.pool = self.fetch_pool.tensor()
             self.pinned = self.fetch_pool.pin() if pin_memory else False
         else:
@@ -279,7 +279,8 @@ class HostTier:
                     f"blob for layer {layer} expert {expert} holds layer {header.layer} expert {header.expert} "
                     f"with {header.raw_size} raw bytes (slot {self.c.slot_bytes})")
             if header.codec == "none":
-                blob_format.decode_raw(view[:n])  # verify seal + checksum; raw is where it landed
+                if self.fetch_pool is None:   # (a fetch process checked it in the arena already)
+                    blob_format.decode_raw(view[:n])  # verify seal + checksum; raw is where it landed
                 slot, raw_offset = recv, header.payload_offset
             else:
                 with self.c._lock:

@@ -229,3 +229,38 @@ def test_local_store_directory_and_a_store_error(store_dir, tmp_path):
             pool.submit(0, 1, "int8").result(timeout=60)
         assert pool.free_slots() == pool.slots - 1  # the failed request gave its slot back
     assert_cleaned_up(pool)
+
+
+def test_raw_mode_decodes_coded_bf16_blobs_in_the_workers(store_dir, tmp_path):
+    """raw=True: a coded bf16 blob lands in its slot with codec none, the same raw payload
+    (and a seal of its own); int8 blobs land as stored; a bf16 blob corrupted on disk is a
+    DataLoss."""
+    root, blobs = store_dir
+    import shutil
+
+    coded = [ref for ref, b in blobs.items() if blob_format.read_header(b)[0].codec != "none"]
+    assert coded and all(ref[2] == "bf16" for ref in coded)   # the fixture's bf16 blobs are coded
+    bad = tmp_path / "bad"
+    shutil.copytree(root, bad)
+    path = bad / "models" / blob_format.expert_key(MODEL, 1, 2, "bf16")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    from expert_store.errors import DataLoss
+
+    raw_sizes = [blob_format.raw_blob_size(blob_format.read_header(b)[0]) for b in blobs.values()]
+    with FetchPool(str(bad), MODEL, workers=2, slots=len(blobs), slot_bytes=-(-max(raw_sizes) // 4096) * 4096,
+                   raw=True) as pool:
+        for ref, blob in blobs.items():
+            if ref == (1, 2, "bf16"):
+                with pytest.raises(DataLoss):
+                    pool.submit(*ref).result(timeout=60)
+                continue
+            c = pool.submit(*ref).result(timeout=60)
+            got = bytes(pool.arena[c.offset:c.offset + c.size])
+            header, payload = blob_format.decode_raw(got)
+            assert header.codec == "none" and (header.layer, header.expert, header.precision) == ref
+            assert bytes(payload) == bytes(blob_format.decode_raw(blob)[1])
+            if ref[2] == "int8":
+                assert got == blob
+    assert_cleaned_up(pool)
