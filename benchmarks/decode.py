@@ -551,9 +551,10 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
             # the distributed case as deployed: the host tier is a FetchPool arena that N processes
             # receive into (one Python process receives ~0.3-0.9 GB/s)
             options.update(fetch_workers=remote_fetch_workers, fetch_target=target)
-        if mode == "store-colocated":
-            # as many loader threads as the remote row's fetch processes: arena reads and decodes in parallel
-            options["workers"] = max(1, remote_fetch_workers)
+        if mode == "store-colocated" and remote:
+            # loader threads: each waits for its copy out of the arena to end (the seqlock is
+            # checked after it), so a few overlap those waits; decodes (`stored`) want more
+            options["workers"] = max(1, remote.get("colocated_loaders", 2))
         gating_options: dict[str, Any] = {}
         if mode == "store-remote" and remote:
             # the remote path's levers (issue 14): store fetches into the host tier for predicted
@@ -607,7 +608,8 @@ def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torc
                        args.miss_compute, args.cpu_threads,
                        remote={"host_prefetch": args.remote_host_prefetch, "store_lookahead": args.remote_store_lookahead,
                                "miss_precision": args.remote_miss_precision,
-                               "miss_threshold": args.remote_miss_threshold},
+                               "miss_threshold": args.remote_miss_threshold,
+                               "colocated_loaders": args.colocated_loaders},
                        cpu_workers=args.cpu_workers)
     build_s = time.perf_counter() - t_build
     cold_fill = None
@@ -1185,6 +1187,7 @@ def run_model(prep: Prepared, device: torch.device, args: argparse.Namespace, wo
                                 row["colocated_upstream"] = args.colocated_upstream
                                 row["arena_frac"] = args.colocated_arena_frac
                                 row["arena_publish"] = args.colocated_publish
+                                row["colocated_loaders"] = args.colocated_loaders
                             if ds != args.decode_steps[-1]:
                                 finish_row(row, rows, t0, prep, mode, b, on_row)
                 except Exception as e:   # one broken row must not lose the others
@@ -1287,6 +1290,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "or the remote `expert-store serve` of the store-remote row")
     p.add_argument("--colocated-fetch-threads", type=int, default=8,
                    help="store-colocated: the co-located store's upstream fetch threads")
+    p.add_argument("--colocated-loaders", type=int, default=2,
+                   help="store-colocated: the decoder's loader threads (each waits for its copy from the arena)")
     p.add_argument("--colocated-publish", choices=("raw", "stored"), default="raw",
                    help="store-colocated: bf16 blobs into the arena with their planes joined (raw: the decoder "
                         "copies them to the GPU as they lie) or as stored (decoded on every host-tier miss)")
