@@ -31,6 +31,7 @@ the rate in `fill_stats`; coded blobs are then decoded into the pool.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -89,6 +90,7 @@ class HostTier:
         self.arena = _arena_client(cache.source.client)
         self._verified: dict[int, tuple[int, int]] = {}   # arena slot -> (epoch, generation) checked here
         self.fill_stats: dict[str, float] = {}
+        self.fill_progress: dict[str, int] = {"done": 0, "total": 0}
         if self.arena is not None and fetch_workers:
             raise ValueError("fetch_workers receives from a remote store; a local-shm:// store is read in place "
                              "from its arena (leave fetch_workers at 0)")
@@ -456,15 +458,19 @@ class HostTier:
             self._evicted(h)
             self.free.append(h.slot)
 
-    def fill(self, keys: Sequence[tuple[int, int]], threads: int = 8, progress: bool = False) -> int:
+    def fill(self, keys: Sequence[tuple[int, int]], threads: int = 8, progress: bool = False,
+             stop: threading.Event | None = None) -> int:
         """Bring the (layer, expert) `keys` into the host tier, fetched and decoded on up to
-        `threads` threads (benchmarks: "every expert in pinned host memory" before timing); returns
-        how many it loaded. None of `keys` is evicted by another: a wave runs at most half the free
-        host slots' loads (a coded blob holds two slots until it is decoded), so no slot is taken
+        `threads` threads, each starting the next load as soon as its last one ended (benchmarks:
+        "every expert in pinned host memory" before timing; a decoder's cold start: in the
+        background at prefetch priority, demand loads pass it); returns how many it loaded. None
+        of `keys` is evicted by another: a load starts only while the free host slots cover two
+        per load in flight (a coded blob holds two slots until it is decoded), so no slot is taken
         from the LRU; only entries outside `keys` make room. Counted as prefetch lookups. With a
-        co-located store the store first publishes them into its arena (`publish`). The fill's
-        bytes, seconds and GB/s are in `fill_stats` (the arena's publish: `arena_*`)."""
-        from concurrent.futures import ThreadPoolExecutor
+        co-located store the store first publishes them into its arena (`publish`). `stop` set:
+        no further load starts. The fill's bytes, seconds and GB/s are in `fill_stats` (the
+        arena's publish: `arena_*`); `fill_progress` counts the loads done as they end."""
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
         from tqdm import tqdm
 
@@ -493,25 +499,37 @@ class HostTier:
             with self.c._lock:
                 self.release(key, h)
 
+        self.fill_progress = {"done": 0, "total": len(todo)}
         bar = tqdm(total=len(todo), desc="fill host tier", unit="expert", leave=False, disable=not progress)
+        done, nbytes = 0, 0
         try:
             with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="host-fill") as pool:
-                i = 0
-                while i < len(todo):
-                    with self.c._lock:  # receive + decode slot per load, all from the free list
-                        n = max(1, min(threads, len(self.free) // 2))
-                    wave = todo[i:i + n]
-                    for f in [pool.submit(load, k) for k in wave]:
+                i, running, key_of = 0, set(), {}
+                while i < len(todo) or running:
+                    while i < len(todo) and len(running) < threads and not (stop is not None and stop.is_set()):
+                        with self.c._lock:   # a receive and a decode slot per load, from the free list
+                            room = len(self.free) - len(running) >= 2 or not running
+                        if not room:
+                            break
+                        f = pool.submit(load, todo[i])
+                        running.add(f)
+                        key_of[f] = todo[i]
+                        i += 1
+                    if not running:
+                        break   # stopped
+                    ended, running = wait(running, return_when=FIRST_COMPLETED)
+                    for f in ended:
                         f.result()
+                        done += 1
+                        nbytes += sizes[key_of.pop(f)]
+                        self.fill_progress["done"] = done
                         bar.update(1)
-                    i += len(wave)
         finally:
             bar.close()
         seconds = time.perf_counter() - t0
-        nbytes = sum(sizes.values())
-        self.fill_stats.update(experts=len(todo), bytes=nbytes, seconds=seconds,
+        self.fill_stats.update(experts=done, bytes=nbytes, seconds=seconds,
                                gbps=nbytes / seconds / 1e9 if seconds > 0 else 0.0)
-        return len(todo)
+        return done
 
     def reads_in_place(self, key: tuple[int, int]) -> bool:
         """Whether the co-located arena holds (layer, expert) as a raw payload, which the GPU copy
