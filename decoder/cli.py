@@ -361,6 +361,10 @@ def build_serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=None, help=BUDGET_HELP)
     p.add_argument("--gpu-cache-bytes", type=parse_size, default=None, help="GPU expert cache budget")
     p.add_argument("--host-cache-bytes", type=parse_size, default=None, help="host (pinned) expert cache budget")
+    p.add_argument("--host-fill-threads", type=int, default=8, metavar="N",
+                   help="at start, fill the host tier from the store on N threads in the background, the "
+                        "calibration profile's most used experts first, while serving (demand misses pass "
+                        "it; progress in the cache stats' host_fill); 0: fetch experts only when used")
     add_adapmoe_options(p)  # --cache-plan, --lookahead, --loss-bound, --miss-precision, --miss-threshold,
     #                         --single-expert-ratio
     p.add_argument("--no-prefetch", action="store_true", help="disable the cross-layer prefetcher")
@@ -440,6 +444,8 @@ def cmd_serve(argv: list[str]) -> int:
     if args.http_listen is not None:
         grpc_serving.split_host_port(args.http_listen, example_port=8000)  # a bad address fails before loading
     options = engine_options(args)  # bad flag combinations fail before anything starts
+    if args.host_fill_threads < 0:
+        raise ValueError(f"--host-fill-threads must be >= 0 (0: no fill at start), got {args.host_fill_threads}")
     dtype = getattr(torch, args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32"))
     token = read_store_token(args.store_token_file)
     auth_token = read_auth_token(args.auth_token_file)
@@ -462,10 +468,14 @@ def cmd_serve(argv: list[str]) -> int:
                                 tls_key=args.store_tls_key, tls_server_name=args.store_tls_server_name)
 
     def load_engine(client: StoreClient) -> Engine:
-        return Engine.from_store(client, args.model, device=args.device, dtype=dtype, gating=args.gating,
-                                 gpu_cache_bytes=args.gpu_cache_bytes, host_cache_bytes=args.host_cache_bytes,
-                                 precision=args.precision, budget=args.budget,
-                                 prefetch=False if args.no_prefetch else None, **options)
+        engine = Engine.from_store(client, args.model, device=args.device, dtype=dtype, gating=args.gating,
+                                   gpu_cache_bytes=args.gpu_cache_bytes, host_cache_bytes=args.host_cache_bytes,
+                                   precision=args.precision, budget=args.budget,
+                                   prefetch=False if args.no_prefetch else None, **options)
+        start_fill = getattr(engine.provider, "start_host_fill", None)
+        if args.host_fill_threads > 0 and start_fill is not None:
+            start_fill(threads=args.host_fill_threads)   # serving starts meanwhile: demand first
+        return engine
 
     return launch.run(config, settings, open_client, load_engine)
 

@@ -99,6 +99,7 @@ import torch
 from decoder.experts.gpu_slots import (HOST_ALIGN, DenseLayout, EvictionPolicy, GpuEntry, align,
                                       allocate, dense_slots_for, plan_quotas, raw_slot_bytes)
 from decoder.experts.copies import Copies, LoadCosts
+from decoder.experts.cold_start import HostFill, fill_order
 from decoder.experts.demote import Demoter
 from decoder.experts.host_compute import HostExperts, HostJob, MissRule, OnHost
 from decoder.experts.host_tier import ArenaReplaced, HostEntry, HostTier
@@ -219,6 +220,8 @@ class ExpertCache(ExpertProvider):
             raise ValueError("demote_evictions needs raw GPU slots: dense slots hold dequantized weights, "
                              "not the payload (dense_slots=False)")
         self.demoter = Demoter(self) if demote_evictions else None
+        self.profile = profile                            # the calibration profile (fill order)
+        self._host_fill: HostFill | None = None           # the cold start's fill (start_host_fill)
 
         # --- loader -----------------------------------------------------------------------------
         self._queue = LoadQueue(self._cond)
@@ -342,6 +345,7 @@ class ExpertCache(ExpertProvider):
                 "gpu_resident": sum(1 for d in self._gpu for en in d.values() if not en.loading),
                 "host_capacity": self.host_capacity,
                 "host_resident": sum(1 for h in self.host.entries.values() if h.resident),
+                "host_fill": self._host_fill.stats() if self._host_fill is not None else None,
                 "miss_compute": self.miss_compute,
                 "host_prefetch_threads": self.host_prefetch,
                 "low_precision_misses": self.low_precision_misses if self._low is not None else None,
@@ -897,6 +901,8 @@ class ExpertCache(ExpertProvider):
         self._counts["cpu_misses"] += 1
 
     def close(self) -> None:
+        if self._host_fill is not None:
+            self._host_fill.stop()
         if self.host_experts is not None:
             self.host_experts.close()
         with self._lock:
@@ -1141,9 +1147,28 @@ class ExpertCache(ExpertProvider):
                 self._cond.wait(timeout=min(left, 0.05))
         return True
 
-    def fill_host(self, keys: Sequence[tuple[int, int]], threads: int = 8, progress: bool = False) -> int:
+    def fill_host(self, keys: Sequence[tuple[int, int]], threads: int = 8, progress: bool = False,
+                  stop: threading.Event | None = None) -> int:
         """Bring `keys` into the pinned host tier on up to `threads` threads (HostTier.fill)."""
-        return self.host.fill(keys, threads, progress)
+        return self.host.fill(keys, threads, progress, stop)
+
+    def start_host_fill(self, threads: int = 8, keys: Sequence[tuple[int, int]] | None = None,
+                        progress: bool = False) -> HostFill | None:
+        """A decoder's cold start (cold_start.py): fill the host tier in the background with
+        `keys`, by default the experts it holds most wanted first (the calibration profile's
+        popularity; with a co-located arena every expert the arena holds). None when there is
+        no host tier to fill."""
+        if self.host_capacity <= 0:
+            return None
+        if keys is None:
+            limit = self.host_capacity
+            if self.host.arena is not None:
+                limit = max(limit, self.host.arena.arena_info().slots)
+            keys = fill_order(self.moe_layers, self.E, self.profile, limit)
+        if self._host_fill is not None:
+            self._host_fill.stop()
+        self._host_fill = HostFill(self, keys, threads, progress)
+        return self._host_fill
 
     def fill_host_beside_gpu(self, order: Sequence[tuple[int, int]], threads: int = 8,
                              progress: bool = False) -> list[tuple[int, int]]:

@@ -229,6 +229,10 @@ def test_metrics_endpoint_serves_the_counters(stub, decoder):
     s, sched = stats(stub)
     eng = json.loads(s.stats_json)
     assert eng["generated_tokens"] >= 5 and eng["requests"] >= 1 and s.max_active == 4 and s.max_queue == 4
+    # the host tier (6 experts) was filled from the store in the background at start
+    fill = eng["provider"]["host_fill"]
+    assert fill["experts"] == 6 and fill["state"] in ("running", "done") and fill["error"] is None
+    assert wait_until(lambda: json.loads(stats(stub)[0].stats_json)["provider"]["host_fill"]["state"] == "done", 60)
     # one JSON log line per request, without any text
     lines = [json.loads(l) for l in decoder.stderr_text().splitlines() if l.startswith('{"ts"')]
     assert lines and all({"id", "status", "tokens", "latency_s"} <= set(l) for l in lines)
