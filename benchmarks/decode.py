@@ -472,10 +472,11 @@ def ColocatedServer(store: Path, model: str, precision: str, arena_frac: float, 
 # One row
 # =============================================================================================
 def slot_sizes(client: Any, model: str, precision: str, dense: bool = False,
-               dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int, int]:
+               dtype: torch.dtype = torch.bfloat16, fetch_workers: int = 0) -> tuple[int, int, int, int]:
     """(raw payload bytes, GPU slot bytes, host slot bytes, L*E) as decoder/experts/cache.py sizes
-    them; dense=True: the GPU slot of a dense-slot cache (int8/int4 dequantized once per load)."""
-    from decoder.experts.gpu_slots import GPU_ALIGN, HOST_ALIGN, align, dense_slot_bytes
+    them; dense=True: the GPU slot of a dense-slot cache (int8/int4 dequantized once per load);
+    fetch_workers: a FetchPool host tier (slots for the raw blobs its processes decode)."""
+    from decoder.experts.gpu_slots import GPU_ALIGN, align, dense_slot_bytes, host_slot_bytes
 
     m = client.manifest(model)
     blob = bytes(client.fetch_expert(model, 0, 0, precision))
@@ -483,7 +484,7 @@ def slot_sizes(client: Any, model: str, precision: str, dense: bool = False,
     sizes = [v[0] if isinstance(v, (tuple, list)) else v.size for k, v in m.blobs.items() if k[2] == precision]
     raw = int(h.raw_size)
     gpu_slot = dense_slot_bytes(h, dtype) if dense else align(raw, GPU_ALIGN)
-    return raw, gpu_slot, align(max(max(sizes), raw), HOST_ALIGN), m.num_layers * m.num_experts
+    return raw, gpu_slot, host_slot_bytes(h, max(sizes), bool(fetch_workers)), m.num_layers * m.num_experts
 
 
 def fill_gpu(cache: Any, L: int, E: int) -> None:
@@ -502,7 +503,8 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
     dtype = compute_dtype(device)
     dense = dense_slots_for(dense_slots, precision, device.type == "cuda")
     with StoreClient.open(str(prep.store)) as c:
-        raw, slot, hslot, n_experts = slot_sizes(c, prep.model, precision, dense=dense, dtype=dtype)
+        raw, slot, hslot, n_experts = slot_sizes(c, prep.model, precision, dense=dense, dtype=dtype,
+                                                 fetch_workers=remote_fetch_workers if mode == "store-remote" else 0)
         m = c.manifest(prep.model)
         L, E = m.num_layers, m.num_experts
     T = float(profile["budget"])

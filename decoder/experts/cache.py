@@ -96,8 +96,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from decoder.experts.gpu_slots import (HOST_ALIGN, DenseLayout, EvictionPolicy, GpuEntry, align,
-                                      allocate, dense_slots_for, plan_quotas, raw_slot_bytes)
+from decoder.experts.gpu_slots import (DenseLayout, EvictionPolicy, GpuEntry,
+                                      allocate, dense_slots_for, host_slot_bytes, plan_quotas, raw_slot_bytes)
 from decoder.experts.copies import Copies, LoadCosts
 from decoder.experts.cold_start import HostFill, fill_order
 from decoder.experts.demote import Demoter
@@ -155,11 +155,8 @@ class ExpertCache(ExpertProvider):
                 sz = source.blob_size(l, e)
                 if sz is not None:
                     max_blob = max(max_blob, sz)
-        if fetch_workers and header.codec != "none":
-            # the FetchPool's processes write coded bf16 blobs into their slots decoded (codec
-            # none): a slot holds the raw blob (+ slack: other experts' headers differ by a few bytes)
-            max_blob = max(max_blob, blob_format.raw_blob_size(header) + HOST_ALIGN)
-        self.host_slot_bytes = align(max(max_blob, self.raw_size), HOST_ALIGN)
+        # a FetchPool's processes write coded bf16 blobs into their slots decoded (codec none)
+        self.host_slot_bytes = host_slot_bytes(header, max_blob, receives_raw=bool(fetch_workers))
 
         # --- GPU tier: quotas + scratch, one pool --------------------------------------------
         if scratch_slots is None:

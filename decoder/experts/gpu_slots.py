@@ -28,6 +28,17 @@ def align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
+def host_slot_bytes(header: Any, max_blob: int, receives_raw: bool = False) -> int:
+    """A host tier slot: the largest blob (or the raw payload a coded blob is decoded into);
+    `receives_raw` (a FetchPool that decodes coded bf16 blobs into its slots): the raw blob,
+    with a page of slack since other experts' headers differ by a few bytes."""
+    from expert_store import format as blob_format
+
+    if receives_raw and header.codec != "none":
+        max_blob = max(max_blob, blob_format.raw_blob_size(header) + HOST_ALIGN)
+    return align(max(max_blob, int(header.raw_size)), HOST_ALIGN)
+
+
 @dataclass(frozen=True)
 class DenseLayout:
     """Where a dense slot keeps each matrix of one expert, dequantized into `dtype`:

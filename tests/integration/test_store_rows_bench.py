@@ -72,3 +72,30 @@ def test_store_rows_on_a_random_mixtral(tmp_path):
     # the co-located store was stopped and its arena file removed
     arena = f"adapmoe-bench-{os.getpid()}.arena"
     assert not (Path("/dev/shm") / arena).exists() and not (tmp_path / arena).exists()
+
+
+def test_store_remote_host_tier_holds_half_a_bf16_model(tmp_path):
+    # bf16 blobs are coded: the FetchPool decodes them into its slots (raw blobs, a little
+    # larger than the stored ones), and the row's host tier is still sized for half the experts
+    torch.set_num_threads(1)
+    args = decode.parse_args(["--tiny", "--device", "cpu", "--models", "A", "--budgets", "0.5",
+                              "--modes", "store-remote", "--profile-rows", "", "--prompts", "1"])
+    device = torch.device("cpu")
+    prep = decode.prepare_model_a(tmp_path / "A", device, args)
+    with decode.StoreClient.open(str(prep.store)) as c:
+        profile = c.manifest(prep.model).profile
+        codecs = {decode.blob_format.read_header(bytes(c.fetch_expert(prep.model, 0, e, "bf16")))[0].codec
+                  for e in range(2)}
+    assert codecs != {"none"}   # the case at hand: coded bf16 blobs
+    server = decode.StoreServer(prep.store, 1, tmp_path / "server.log")
+    try:
+        eng = decode.build_engine(prep, "store-remote", 0.5, device, f"grpc://{server.address}", profile,
+                                  remote_fetch_workers=2, fill_threads=2)
+        try:
+            cache = eng.provider
+            assert cache.host_capacity == cache.L * cache.E // 2
+            assert cache.host.fetch_pool is not None and cache.host.fetch_pool.raw
+        finally:
+            eng.close()
+    finally:
+        server.stop()
