@@ -276,6 +276,11 @@ class LocalStoreClient(StoreClient):
     def fetch_expert(self, model, layer, expert, precision, out=None, priority="demand"):
         _check_priority(priority)
         layer, expert, precision = _check_ref((layer, expert, precision))
+        if out is not None:   # read straight into the caller's buffer (no copy under the GIL)
+            try:
+                return self.store.expert_into(_check_model(model), layer, expert, precision, _writable(out))
+            except ValueError as e:
+                raise InvalidArgument(f"out is too small: {e}") from None
         blob = self.store.expert_blob(_check_model(model), layer, expert, precision)
         return _into(out, blob)
 

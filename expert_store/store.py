@@ -316,6 +316,35 @@ class ModelStore:
             raise NotFound(f"no blob for {model} layer {layer} expert {expert} at {precision}")
         return data
 
+    def expert_into(self, model: str, layer: int, expert: int, precision: str, out: memoryview) -> memoryview:
+        """expert_blob into ``out`` (a writable byte view): a checked RAM/Redis copy is copied,
+        else the file is read straight into ``out`` and checked there (once while the file is
+        unchanged, as expert_blob does) and not promoted: the caller's buffer is the cache (a
+        co-located store's arena slot). Returns the view of the blob in ``out``."""
+        index, key = self._ref(model, layer, expert, precision)
+        validate, token = self._expert_check(index, layer, expert, precision)
+        cached = self.tiered.get_cached(key, validate=validate, token=token)
+        if cached is not None:
+            if len(cached) > len(out):
+                raise InvalidArgument(f"out holds {len(out)} bytes; the blob has {len(cached)}")
+            out[:len(cached)] = cached
+            return out[:len(cached)]
+        got = self.nvme.read_into(key, out)
+        if got is None:
+            raise NotFound(f"no blob for {model} layer {layer} expert {expert} at {precision}")
+        n, signature = got
+        view = out[:n]
+        if signature is None or not self.nvme.checked(key, signature, token):
+            try:
+                validate(view)
+            except Exception as exc:  # noqa: BLE001 - any rejection means a bad copy
+                self.tiered.note_corrupt()
+                log.warning("bad copy of %s in the nvme tier: %s", key, exc)
+                raise DataLoss(f"no good copy of {key}: nvme: {exc}") from None
+            if signature is not None:
+                self.nvme.mark_checked(key, signature, token)
+        return view
+
     def expert_size(self, model: str, layer: int, expert: int, precision: str) -> int:
         """Size of an expert blob (from the manifest, else the file) without reading it."""
         index, key = self._ref(model, layer, expert, precision)

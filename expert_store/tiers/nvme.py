@@ -193,6 +193,35 @@ class NvmeTier:
         self._stats.hit(len(data), time.perf_counter() - t0)
         return data, settled_signature(before, after)
 
+    def read_into(self, key: str, out: memoryview) -> tuple[int, tuple | None] | None:
+        """The file of ``key`` read straight into ``out`` (a writable byte view; the kernel
+        copies from the page cache, no intermediate bytes object and no copy under the GIL):
+        (bytes read, the file's settled_signature around the read), None when absent.
+        ValueError when ``out`` is smaller than the file."""
+        path = self.path(key)
+        t0 = time.perf_counter()
+        try:
+            with open(path, "rb", buffering=0) as f:
+                before = os.fstat(f.fileno())
+                size = before.st_size
+                if size > len(out):
+                    raise ValueError(f"{key} is {size} bytes; the buffer holds {len(out)}")
+                n = 0
+                while n < size:
+                    got = f.readinto(out[n:size])
+                    if not got:
+                        break
+                    n += got
+                after = os.fstat(f.fileno())
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            self._stats.miss(time.perf_counter() - t0)
+            return None
+        except OSError:
+            self._stats.error()
+            raise
+        self._stats.hit(n, time.perf_counter() - t0)
+        return n, settled_signature(before, after) if n == size else None
+
     def read_range(self, key: str, offset: int = 0, length: int | None = None) -> bytes | None:
         """``length`` bytes of ``key`` from ``offset`` (to the end when None); None if absent."""
         try:

@@ -115,6 +115,30 @@ def test_corrupt_ram_copy_is_evicted_and_nvme_serves(packed):
     assert store.tiered.totals()["corrupt_copies"] == 1
 
 
+
+def test_expert_into_reads_the_file_into_the_buffer_and_checks_it(packed):
+    store, _ = packed
+    want = make_blob(1, 2, "bf16")
+    out = bytearray(len(want) + 100)
+    view = store.expert_into(MODEL, 1, 2, "bf16", memoryview(out))
+    assert bytes(view) == want and view.obj is out                 # in the caller's buffer
+    key = fmt.expert_key(MODEL, 1, 2, "bf16")
+    assert store.tiered.memory.get(key) is None                     # not promoted: the buffer is the cache
+    assert store.expert_into(MODEL, 1, 2, "bf16", memoryview(bytearray(len(want))))  # again: checked once
+    with pytest.raises(ValueError):
+        store.expert_into(MODEL, 1, 2, "bf16", memoryview(bytearray(len(want) - 1)))
+    flip_byte(store.nvme.path(fmt.expert_key(MODEL, 0, 2, "int8")))
+    with pytest.raises(DataLoss):
+        store.expert_into(MODEL, 0, 2, "int8", memoryview(bytearray(len(want) * 2)))
+    assert store.tiered.totals()["corrupt_copies"] == 1
+    store.nvme.delete(fmt.expert_key(MODEL, 1, 1, "int8"))
+    with pytest.raises(NotFound):
+        store.expert_into(MODEL, 1, 1, "int8", memoryview(out))
+    # a RAM copy (checked when it entered) is copied from
+    good = store.expert_blob(MODEL, 1, 0, "int8")
+    assert store.tiered.memory.get(fmt.expert_key(MODEL, 1, 0, "int8")) == good
+    assert bytes(store.expert_into(MODEL, 1, 0, "int8", memoryview(out))) == good
+
 def test_blob_without_manifest_entry_is_checked_by_its_seal(packed):
     """A blob the manifest does not list (e.g. uploaded after it) is served only when its
     own header and seal check out and name the requested ref."""
