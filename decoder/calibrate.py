@@ -2,6 +2,7 @@
 
     moe-decoder calibrate --store DIR_OR_ADDR --model NAME --text FILE [--out profile.json]
                           [--tokens N] [--seq-len S] [--budget T] [--upload] [--wait-for-model]
+                          [--max-ppl-rise PCT [--ppl-tokens N]]
 
 Per layer l, over the calibration tokens t of the text file (teacher-forced windows):
 
@@ -20,6 +21,11 @@ Per layer l, over the calibration tokens t of the text file (teacher-forced wind
   (`single_expert_ratio`; for top-2 exactly the share of single-expert tokens), and the budgets
   that give overall ratios of 10/25/50 % (`budget_for_single_ratio`).
 - expert popularity: share of top-k assignments per expert.
+- with `--max-ppl-rise PCT`: the budget for a quality target rather than a drop ratio: the
+  largest T on `budget_curve` (the budget at every 5% of drop ratio) whose adaptive gating
+  keeps the perplexity on held-out text (the --text after the calibration tokens) within PCT of
+  top-k's (`budget_for_ppl_rise`, with what was evaluated under `quality`); the decoder takes
+  it as its default budget.
 
 The profile is versioned JSON (`"schema": "adapmoe.profile"`, `"version": 1`); the store keeps
 it next to the model as profile.json (`--upload`), where the decoder finds it (manifest.profile)
@@ -82,7 +88,21 @@ def validate_profile(profile: Any, num_layers: int | None = None, num_experts: i
     pop = profile.get("popularity")
     if not isinstance(pop, list) or len(pop) != L:
         raise ValueError("profile field 'popularity' must have one row per layer")
+    quality = profile.get("budget_for_ppl_rise")
+    if quality is not None:
+        if not isinstance(quality, Mapping) or not quality or not all(
+                _number(k) and 0 < float(k) < 1 and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+                for k, v in quality.items()):
+            raise ValueError("profile field 'budget_for_ppl_rise' must map rises in (0, 1) to finite budgets >= 0")
     return dict(profile)
+
+
+def _number(text: Any) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,6 +213,9 @@ def calibrate_model(model: Transformer, windows: Sequence[torch.Tensor], budget:
         # smallest T with (F * W_m^2 < T) for a fraction >= r of the droppable expert uses
         q = float(torch.quantile(est, r)) if est.numel() else 0.0
         budget_for[str(r)] = math.nextafter(q, math.inf)
+    # the budget at every 5% of drop ratio: what a quality target searches (budget_for_quality)
+    curve = [[r / 100, math.nextafter(float(torch.quantile(est, r / 100)), math.inf) if est.numel() else 0.0]
+             for r in range(5, 100, 5)]
     if budget is None:
         budget = budget_for["0.25"]
     single = [float((sens[l] * tails[l] ** 2 < budget).double().mean()) if tails[l].numel() else 0.0
@@ -208,9 +231,75 @@ def calibrate_model(model: Transformer, windows: Sequence[torch.Tensor], budget:
         "budget": float(budget),
         "single_expert_ratio": single,
         "budget_for_single_ratio": budget_for,
+        "budget_curve": curve,
         "mean_w2": [float(v[:, 0].mean()) if v.numel() else 0.0 for v in tails],   # the last expert's weight
         "popularity": popularity,
     }
+
+
+def perplexity(model: Transformer, windows: Sequence[torch.Tensor], gating: Any) -> float:
+    """Held-out perplexity of `model` over token `windows` with `gating` (teacher-forced)."""
+    import torch
+    import torch.nn.functional as F
+
+    old = model.gating
+    model.gating = gating
+    nll, n = 0.0, 0
+    try:
+        with torch.no_grad():
+            for ids in windows:
+                ids = ids.to(next(model.parameters()).device).view(1, -1)
+                logits = model(ids)
+                nll += float(F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum"))
+                n += ids.shape[1] - 1
+    finally:
+        model.gating = old
+    if n == 0:
+        raise ValueError("no held-out window with at least 2 tokens")
+    return math.exp(nll / n)
+
+
+def budget_for_quality(model: Transformer, windows: Sequence[torch.Tensor], measured: Mapping[str, Any],
+                       max_rise: float, progress: bool = False) -> dict[str, Any]:
+    """The largest budget T of `measured["budget_curve"]` (the most experts dropped) whose
+    adaptive gating keeps the perplexity over `windows` within `max_rise` (0.01 = 1%) of top-k's:
+    a bisection over the curve (perplexity grows with the drop ratio). Returns max_ppl_rise,
+    budget, drop_ratio (the calibration's share of droppable uses dropped at T: 0 when none is
+    within the target), ppl_topk, ppl_at_budget, tokens and every (ratio, T, ppl) evaluated."""
+    from decoder.gating import make_gating
+    from decoder.routing import TopKGating
+
+    if not 0 < max_rise < 1:
+        raise ValueError(f"the perplexity rise must be in (0, 1) (0.01 = 1%), got {max_rise}")
+    cfg = model.config
+    curve = measured["budget_curve"]
+    base = perplexity(model, windows, TopKGating(cfg.num_experts_per_tok))
+    evaluated: list[list[float]] = []
+
+    def ppl_at(i: int) -> float:
+        ratio, T = curve[i]
+        g = make_gating("adaptive", config=cfg, budget=T, sensitivity=measured["sensitivity"])
+        p = perplexity(model, windows, g)
+        evaluated.append([ratio, T, p])
+        if progress:
+            print(f"  drop ratio {ratio:.0%} (T={T:.3g}): perplexity {p:.4f} ({p / base - 1:+.2%} vs top-k)",
+                  file=sys.stderr, flush=True)
+        return p
+
+    lo, hi, best = 0, len(curve) - 1, None     # the answer is the last index within the target
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        p = ppl_at(mid)
+        if p <= (1 + max_rise) * base:
+            best, lo = (mid, p), mid + 1
+        else:
+            hi = mid - 1
+    tokens = sum(int(w.numel()) - 1 for w in windows)
+    if best is None:
+        return {"max_ppl_rise": max_rise, "budget": 0.0, "drop_ratio": 0.0, "ppl_topk": base,
+                "ppl_at_budget": base, "tokens": tokens, "evaluated": evaluated}
+    return {"max_ppl_rise": max_rise, "budget": curve[best[0]][1], "drop_ratio": curve[best[0]][0],
+            "ppl_topk": base, "ppl_at_budget": best[1], "tokens": tokens, "evaluated": evaluated}
 
 
 def expert_outputs(moe: MoEBlock, provider: Any, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -344,6 +433,18 @@ def upload_profile(store: Any, client: Any, model: str, data: bytes, **replica_o
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
+def parse_rise(text: str) -> float:
+    """'1%' or '0.01' -> 0.01: a perplexity rise in (0, 1)."""
+    t = text.strip()
+    try:
+        v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a percentage: {text!r} (e.g. 1%)") from None
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"the rise must be in (0%, 100%), got {text!r}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe-decoder calibrate", description=__doc__.split("\n\n")[0])
     p.add_argument("--store", required=True, help="store directory or gRPC address")
@@ -353,6 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upload", action="store_true", help="store the profile next to the model (profile.json)")
     p.add_argument("--tokens", type=int, default=2048, help="calibration tokens (default 2048)")
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--max-ppl-rise", type=parse_rise, default=None, metavar="PCT",
+                   help="also find the budget T that drops the most experts while the perplexity on held-out "
+                        "text (the --text after the calibration tokens) stays within PCT of top-k's, e.g. 1%%; "
+                        "stored as budget_for_ppl_rise, the decoder's default budget then")
+    p.add_argument("--ppl-tokens", type=int, default=2048,
+                   help="held-out tokens for --max-ppl-rise (default 2048)")
     p.add_argument("--budget", type=float, default=None,
                    help="budget T for the recorded single-expert ratio (default: the T giving 25%%)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "int8", "int4"])
@@ -429,6 +536,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         measured = calibrate_model(engine.model, windows, budget=args.budget, progress=not args.no_progress)
         if measured["tokens"] < MIN_RELIABLE_TOKENS:
             print(few_tokens_warning(measured["tokens"]), file=sys.stderr, flush=True)
+        if args.max_ppl_rise is not None:
+            held = token_windows(ids[args.tokens:], args.seq_len, args.ppl_tokens) if len(ids) > args.tokens else []
+            n_held = sum(int(w.numel()) - 1 for w in held)
+            if not held:
+                print("moe-decoder calibrate: warning: no text after the calibration tokens: the quality budget "
+                      "is measured on the calibration text itself (give a longer --text)", file=sys.stderr, flush=True)
+                held = windows
+            elif n_held < MIN_RELIABLE_TOKENS // 2:
+                print(f"moe-decoder calibrate: warning: the quality budget rests on {n_held} held-out tokens: "
+                      f"its perplexities are noisy (give a longer --text)", file=sys.stderr, flush=True)
+            q = budget_for_quality(engine.model, held, measured, args.max_ppl_rise, progress=not args.no_progress)
+            measured["budget_for_ppl_rise"] = {str(args.max_ppl_rise): q["budget"]}
+            measured["quality"] = q
         profile = build_profile(args.model, measured, engine.config, text_file=args.text, seq_len=args.seq_len)
         validate_profile(profile, engine.config.num_hidden_layers, engine.config.num_local_experts)
         data = (json.dumps(profile, indent=1) + "\n").encode()
@@ -462,6 +582,11 @@ def format_profile(p: Mapping[str, Any]) -> str:
                      f"{p['single_expert_ratio'][l]:>9.3f} {p['mean_w2'][l]:>8.3f}")
     lines.append("budget for single-expert ratio: " +
                  ", ".join(f"{float(r):.0%}: T={t:.3g}" for r, t in p["budget_for_single_ratio"].items()))
+    q = p.get("quality")
+    if q:
+        lines.append(f"budget for a perplexity rise <= {q['max_ppl_rise']:.2%}: T={q['budget']:.3g}, dropping "
+                     f"{q['drop_ratio']:.0%} of the droppable expert uses (perplexity {q['ppl_at_budget']:.4f} vs "
+                     f"top-k {q['ppl_topk']:.4f} on {q['tokens']} held-out tokens; the decoder's default budget)")
     return "\n".join(lines)
 
 

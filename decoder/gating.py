@@ -600,9 +600,10 @@ def make_gating(name: str, *, config: ModelConfig, provider: Any = None, budget:
 
     uniform: `threshold` (or `budget`) is the w2 threshold. adaptive / cost-aware: `budget` is T,
     sensitivity from `sensitivity` or the calibration `profile` (the store's profile.json).
-    Without a budget, T is the calibrated one for `single_expert_ratio` (default 0.25) from the
-    profile's `budget_for_single_ratio`; a profile without budgets is a one-line error naming
-    the calibrate command.
+    Without a budget, T is the calibrated one for `single_expert_ratio` from the profile's
+    `budget_for_single_ratio`; without a ratio either, the profile's quality budget
+    (`budget_for_ppl_rise`, from `calibrate --max-ppl-rise`) when it has one, else the one for
+    a ratio of 0.25; a profile without budgets is a one-line error naming the calibrate command.
     miss_precision_threshold: with an ExpertCache built with `miss_precision`, experts whose
     routing weight is below it are loaded at that lower precision when they miss (HOBBIT).
     """
@@ -610,8 +611,13 @@ def make_gating(name: str, *, config: ModelConfig, provider: Any = None, budget:
         if budget is not None and single_expert_ratio is not None:
             raise ValueError("give a budget or a single-expert ratio, not both")
         if budget is None:
-            budget = profile_budget(profile, DEFAULT_SINGLE_RATIO if single_expert_ratio is None
-                                    else single_expert_ratio, name)
+            quality = (profile or {}).get("budget_for_ppl_rise")
+            if single_expert_ratio is None and quality:
+                # calibrated for a quality target (`calibrate --max-ppl-rise`): the strictest one
+                budget = float(quality[min(quality, key=float)])
+            else:
+                budget = profile_budget(profile, DEFAULT_SINGLE_RATIO if single_expert_ratio is None
+                                        else single_expert_ratio, name)
     elif single_expert_ratio is not None:
         raise ValueError(f"a single-expert ratio applies to adaptive and cost-aware gating, not {name!r}")
     g = _make_gating(name, config=config, provider=provider, budget=budget, profile=profile, threshold=threshold,

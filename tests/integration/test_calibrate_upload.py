@@ -47,3 +47,30 @@ def test_profile_is_uploaded_to_every_replica(tmp_path):
         on_disk = [json.loads(p.read_text()) for p in (first / "models" / "tiny" / "profile.json",
                                                         second / "models" / "tiny" / "profile.json")]
         assert on_disk[0] == on_disk[1] == profiles[0]
+
+
+def test_calibrate_for_a_perplexity_target(tmp_path):
+    """--max-ppl-rise: the quality budget is found on the text after the calibration tokens,
+    stored as budget_for_ppl_rise (with what was evaluated), printed, and a decoder built on the
+    profile takes it as its default budget."""
+    store = pack_tiny_model(tmp_path / "s", "tiny", layers=2, seed=3)
+    (tmp_path / "text.txt").write_text(TEXT * 10)
+    out = tmp_path / "profile.json"
+    r = moe_decoder("calibrate", "--store", str(store), "--model", "tiny", "--text", str(tmp_path / "text.txt"),
+                    "--tokens", "256", "--seq-len", "64", "--max-ppl-rise", "1%", "--ppl-tokens", "512",
+                    "--out", str(out), "--no-progress", timeout=300)
+    assert r.returncode == 0, r.stderr
+    profile = json.loads(out.read_text())
+    q = profile["quality"]
+    assert profile["budget_for_ppl_rise"] == {"0.01": q["budget"]} and q["max_ppl_rise"] == 0.01
+    assert q["ppl_at_budget"] <= 1.01 * q["ppl_topk"] and 400 <= q["tokens"] <= 512 and q["evaluated"]
+    assert "budget for a perplexity rise <= 1.00%" in r.stdout, r.stdout
+    from decoder.gating import make_gating
+    from decoder.model.config import ModelConfig
+
+    with StoreClient.open(str(store)) as c:
+        config = ModelConfig.from_hf(c.manifest("tiny").config)
+    assert make_gating("adaptive", config=config, profile=profile).budget == q["budget"]
+    bad = moe_decoder("calibrate", "--store", str(store), "--model", "tiny", "--text", str(tmp_path / "text.txt"),
+                      "--max-ppl-rise", "150%", timeout=60)
+    assert bad.returncode != 0 and "rise must be in" in bad.stderr

@@ -237,3 +237,48 @@ def test_top_k_sensitivity_matches_finite_differences(family):
     m = calibrate_model(model, [ids])
     ratio = sum(m["single_expert_ratio"]) / 2
     assert m["budget"] == m["budget_for_single_ratio"]["0.25"] and 0.25 <= ratio < 0.25 + 2 / 42
+
+
+def test_budget_for_a_perplexity_target(engine):
+    """The quality budget drops the most experts whose perplexity stays within the target: the
+    next point of the curve is past it (or the curve's end), and the decoder takes it as its
+    default budget."""
+    from decoder.calibrate import budget_for_quality, parse_rise, perplexity
+    from decoder.gating import make_gating
+    from decoder.routing import TopKGating
+
+    V = engine.config.vocab_size
+    ids = [(7 * i + 3) % V for i in range(200)]
+    m = calibrate_model(engine.model, token_windows(ids, seq_len=32, max_tokens=100))
+    held = token_windows(ids[100:], seq_len=32, max_tokens=96)
+    curve = m["budget_curve"]
+    assert [r for r, _ in curve] == pytest.approx([i / 20 for i in range(1, 20)])
+    assert all(a[1] <= b[1] for a, b in zip(curve, curve[1:]))           # T grows with the ratio
+    base = perplexity(engine.model, held, TopKGating(2))
+    for rise in (0.0001, 0.02):   # this random model barely minds drops: a tight target too
+        q = budget_for_quality(engine.model, held, m, rise)
+        assert q["ppl_topk"] == pytest.approx(base)
+        assert q["ppl_at_budget"] <= (1 + rise) * base
+        i = next((i for i, (_, T) in enumerate(curve) if T == q["budget"]), None)
+        if q["drop_ratio"] == 0.0:   # not even 5% of the drops within the target
+            assert q["budget"] == 0.0
+        else:
+            assert i is not None
+            if i + 1 < len(curve):   # one point further is past the target
+                g = make_gating("adaptive", config=engine.config, budget=curve[i + 1][1], sensitivity=m["sensitivity"])
+                assert perplexity(engine.model, held, g) > (1 + rise) * base
+        assert len(q["evaluated"]) <= 5   # a bisection over 19 points
+    p = build_profile("tiny", {**m, "budget_for_ppl_rise": {"0.02": q["budget"]}}, engine.config,
+                      text_file=None, seq_len=32)
+    validate_profile(p, L, E)
+    g = make_gating("adaptive", config=engine.config, profile=p)
+    assert g.budget == q["budget"]                                        # the decoder's default
+    assert make_gating("adaptive", config=engine.config, profile=p, single_expert_ratio=0.25).budget == \
+        m["budget_for_single_ratio"]["0.25"]
+    with pytest.raises(ValueError, match="budget_for_ppl_rise"):
+        validate_profile({**p, "budget_for_ppl_rise": {"2": 1.0}}, L, E)
+    assert parse_rise("1%") == pytest.approx(0.01) and parse_rise("0.005") == 0.005
+    import argparse
+    for bad in ("x", "0", "150%"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_rise(bad)
