@@ -25,7 +25,8 @@ that many slots; the cache's `top_k` scratch slots come on top, the same for eve
   without the cost term), i.e. the planners before the top-k objective, passed to the cache as
   explicit `gpu_slots`.
 - any of them with cache levers after `+` (`uniform+lfru+admit+skip`): lfru eviction, prefetch
-  admission, no predictions for a layer whose next layer rarely misses (decoder/experts). The
+  admission, no predictions for a layer whose next layer rarely misses (decoder/experts), or
+  no prefetcher (`equal+noprefetch` with topk gating: decode.py's lru row). The
   "GPU loads/token" column counts every copy into the GPU tier, demanded or prefetched: what
   the link carries.
 
@@ -73,7 +74,9 @@ PLANNERS = ("equal", "uniform", "popularity", "uniform-paper", "popularity-paper
 # cache levers a planner name may carry after "+" (issue 13): lfru eviction, prefetch admission,
 # no predictions for a layer whose next layer rarely misses; e.g. "uniform+lfru+admit"
 LEVERS = {"lfru": ({"eviction": "lfru"}, {}), "admit": ({"admission": True}, {}),
-          "skip": ({}, {"skip_miss_rate": 0.05})}
+          "skip": ({}, {"skip_miss_rate": 0.05}),
+          # no prefetcher at all: with `equal` and topk gating, mixtral-offloading's lru (decode.py's lru row)
+          "noprefetch": ({}, {})}
 GATINGS = ("topk", "adaptive")
 DEFAULT_BUDGETS = (0.125, 0.25, 0.375, 0.5)
 
@@ -163,7 +166,8 @@ def measure_row(client: Any, model: str, planner: str, gating: str, total_slots:
     host_bytes = host_slot_bytes * L * E                    # the host tier holds every expert
     with Engine.from_store(client, model, device=device, dtype=torch.float32, gating=gating,
                            budget=budget_T if gating != "topk" else None, gpu_cache_bytes=gpu_bytes,
-                           host_cache_bytes=host_bytes, prefetch=True, cache_options=opts,
+                           host_cache_bytes=host_bytes, prefetch="noprefetch" not in split_planner(planner)[1],
+                           cache_options=opts,
                            prefetch_options={k: v for x in split_planner(planner)[1] for k, v in LEVERS[x][1].items()},
                            gating_options={"sensitivity": profile["sensitivity"]} if gating != "topk" else None
                            ) as eng:

@@ -17,9 +17,11 @@ prompt in every row), the same prompts, `--new-tokens` new tokens each:
                 bytes when that finishes first (`--miss-compute auto`, the cache's cost rule) or
                 whenever it can (`--miss-compute cpu`): decoder/experts/host_compute.py
 - adapmoe       DP cache plan + cross-layer prefetch + `adaptive` gating at the calibrated budget
-- adapmoe-lfru, adapmoe-admit, adapmoe-skip, adapmoe-lfru-admit[-skip]
+- adapmoe-lfru, adapmoe-admit, adapmoe-skip, adapmoe-lfru-admit[-skip], adapmoe[-lfru]-nopf
                 as adapmoe with lfru eviction, prefetch admission, no predictions for a layer
-                whose next layer missed < 5% lately, or several of them
+                whose next layer missed < 5% lately, no prefetcher at all, or several of them
+                (every adapmoe row at the budget for `--adapmoe-ratio` of the droppable expert
+                uses dropped, by default the profile's own budget: 25%)
 - adapmoe-cost  as adapmoe with `cost-aware` gating
 - accelerate    HF transformers MixtralForCausalLM, dense part on the GPU, each layer's experts
                 offloaded to the CPU with accelerate's hooks (`accelerate.cpu_offload`, what
@@ -83,7 +85,8 @@ from expert_store import format as blob_format  # noqa: E402
 from expert_store.client import StoreClient  # noqa: E402
 
 MODES = ("reference", "resident", "ondemand", "lru", "lfru", "adapmoe", "adapmoe-lfru", "adapmoe-admit",
-         "adapmoe-lfru-admit", "adapmoe-skip", "adapmoe-lfru-admit-skip", "adapmoe-cost", "accelerate",
+         "adapmoe-lfru-admit", "adapmoe-skip", "adapmoe-lfru-admit-skip", "adapmoe-cost", "adapmoe-nopf",
+         "adapmoe-lfru-nopf", "accelerate",
          "store-remote", "store-colocated", "lru-cpu", "adapmoe-cpu")
 STORE_ROWS = ("store-remote", "store-colocated")   # host tier half the experts, misses from a store process
 BUDGET_FREE = ("reference", "resident", "ondemand", "accelerate")   # rows that do not depend on the GPU expert budget
@@ -494,10 +497,27 @@ def fill_gpu(cache: Any, L: int, E: int) -> None:
     cache.wait_idle(timeout=600)
 
 
+def adapmoe_budget(profile: dict, ratio: float | None) -> float:
+    """The adaptive gating budget T of the adapmoe rows: the profile's own (calibrated for 25% of
+    the droppable expert uses dropped) or, with `ratio`, the one for that share (the profile's
+    budget_curve, every 5%)."""
+    if ratio is None:
+        return float(profile["budget"])
+    for r, T in profile.get("budget_curve") or []:
+        if abs(float(r) - ratio) < 1e-9:
+            return float(T)
+    table = profile.get("budget_for_single_ratio") or {}
+    for r, T in table.items():
+        if abs(float(r) - ratio) < 1e-9:
+            return float(T)
+    raise ValueError(f"--adapmoe-ratio {ratio}: the profile has budgets for 5%, 10%, ... 95% of drops")
+
+
 def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.device, target: str,
                  profile: dict, remote_fetch_workers: int = 0, dense_slots: bool | None = None,
                  fill_threads: int = 8, decode_step: str = "auto", miss_compute: str = "auto",
-                 cpu_threads: int | None = None, remote: dict[str, Any] | None = None, cpu_workers: int = 1) -> Engine:
+                 cpu_threads: int | None = None, remote: dict[str, Any] | None = None, cpu_workers: int = 1,
+                 adapmoe_ratio: float | None = None) -> Engine:
     from decoder.experts.gpu_slots import dense_slots_for
 
     precision = store_precision(prep)
@@ -508,7 +528,7 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
                                                  fetch_workers=remote_fetch_workers if mode == "store-remote" else 0)
         m = c.manifest(prep.model)
         L, E = m.num_layers, m.num_experts
-    T = float(profile["budget"])
+    T = adapmoe_budget(profile, adapmoe_ratio)
     gpu_bytes = None if budget is None else max(L, round(budget * n_experts)) * slot
     host_all = n_experts * hslot
     common = dict(device=device, dtype=dtype, precision=precision, decode_step=decode_step)
@@ -545,6 +565,7 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
         options: dict[str, Any] = {"scratch_slots": 0, "plan": "uniform", **dense_opt, **cpu_opt}
         # the issue-13 levers alone or together: lfru eviction, prefetch admission
         levers = set(mode.split("-")[1:]) - {"cost", "cpu"}
+        prefetch = "nopf" not in levers
         if "lfru" in levers:
             options["eviction"] = "lfru"
         if "admit" in levers:
@@ -572,7 +593,7 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
                 options.update(miss_precision=low, low_precision_misses="store")
                 gating_options["miss_precision_threshold"] = remote.get("miss_threshold", 0.3)
         eng = Engine.from_store(target, prep.model, gpu_cache_bytes=gpu_bytes, host_cache_bytes=host,
-                                gating=gating, budget=T, prefetch=True, cache_options=options,
+                                gating=gating, budget=T, prefetch=prefetch, cache_options=options,
                                 gating_options=gating_options or None, prefetch_options=pf_options, **common)
         if mode in STORE_ROWS:
             return eng   # a cold host tier: run_engine_row fills it while the first tokens are generated
@@ -613,7 +634,7 @@ def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torc
                                "miss_precision": args.remote_miss_precision,
                                "miss_threshold": args.remote_miss_threshold,
                                "colocated_loaders": args.colocated_loaders},
-                       cpu_workers=args.cpu_workers)
+                       cpu_workers=args.cpu_workers, adapmoe_ratio=args.adapmoe_ratio)
     build_s = time.perf_counter() - t_build
     cold_fill = None
     try:
@@ -1265,6 +1286,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--b-accelerate-tokens", type=int, default=4, help="new tokens per prompt of B's accelerate row")
     p.add_argument("--ppl-windows", type=int, default=8)
     p.add_argument("--calib-tokens", type=int, default=2048)
+    p.add_argument("--adapmoe-ratio", type=float, default=None, metavar="R",
+                   help="adapmoe rows at the budget for a share R of the droppable expert uses dropped (0.05 "
+                        "steps; default: the calibrated profile's budget, R = 0.25)")
     p.add_argument("--calib-seq", type=int, default=256)
     p.add_argument("--store-workers", type=int, default=4)
     p.add_argument("--dense-slots", choices=("auto", "on", "off"), default="auto",

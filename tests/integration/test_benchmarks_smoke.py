@@ -48,6 +48,14 @@ def test_decode_rows_on_a_random_mixtral(tmp_path):
     assert "| B | 50% | adapmoe |" in table
 
 
+def test_adapmoe_budget_for_a_drop_ratio():
+    profile = {"budget": 2.0, "budget_curve": [[0.05, 0.5], [0.5, 3.0]], "budget_for_single_ratio": {"0.1": 1.0}}
+    assert decode.adapmoe_budget(profile, None) == 2.0
+    assert decode.adapmoe_budget(profile, 0.5) == 3.0 and decode.adapmoe_budget(profile, 0.1) == 1.0
+    with pytest.raises(ValueError, match="adapmoe-ratio"):
+        decode.adapmoe_budget(profile, 0.33)
+
+
 def test_transfer_h2d_through_the_expert_cache(tmp_path):
     decode.pack_random_mixtral(tmp_path, tmp_path / "store", transfer.MODEL, hidden=64, ffn=128, layers=1, heads=4,
                                vocab=64, precision="int4")

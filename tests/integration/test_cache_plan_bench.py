@@ -81,7 +81,7 @@ def test_lever_planners_carry_their_options(tmp_path):
     skipped predictions; every row counts the GPU loads (demand + prefetch) per token."""
     ckpt, cfg = make_mixtral_checkpoint(tmp_path / "ckpt", hidden=32, ffn=48, layers=2, experts=8, vocab=320, seed=5)
     ev, cal, _ = accuracy.heldout_split(heldout_mb=0.05)
-    planners = ("uniform", "uniform+lfru+admit+skip")
+    planners = ("uniform", "uniform+lfru+admit+skip", "equal+noprefetch")
     s = cache_plan.Settings(eval_tokens=16, calib_tokens=128, seq_len=16, budgets=(0.25,), planners=planners,
                             gatings=("adaptive",))
     work = tmp_path / "work"
@@ -89,6 +89,7 @@ def test_lever_planners_carry_their_options(tmp_path):
     rows = cache_plan.run_cache_plan(ckpt, work, s, ev, cal, progress=False, log=lambda m: None)["rows"]
     assert [r["planner"] for r in rows] == list(planners)
     assert rows[0]["slots"] == rows[1]["slots"]
+    assert rows[2]["prefetch_loads"] == 0 and rows[0]["prefetch_loads"] > 0   # noprefetch: no prefetcher
     for r in rows:
         assert r["gpu_loads_per_token"] == pytest.approx((r["demand_loads"] + r["prefetch_loads"]) / r["tokens"])
         assert r["prefetch_refused"] >= 0
