@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 import threading
 from collections import OrderedDict
-from typing import BinaryIO, Callable, Hashable, Iterator
+from typing import Any, BinaryIO, Callable, Hashable, Iterator
 
 import xxhash
 
@@ -177,41 +177,40 @@ class NvmeTier:
     def get_signed(self, key: str) -> tuple[bytes, tuple | None] | None:
         """get(key) plus the file's settled_signature around the read (None when it changed
         meanwhile or changed recently); None when absent."""
-        path = self.path(key)
-        t0 = time.perf_counter()
-        try:
-            with open(path, "rb", buffering=0) as f:
-                before = os.fstat(f.fileno())
-                data = f.read()
-                after = os.fstat(f.fileno())
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            self._stats.miss(time.perf_counter() - t0)
-            return None
-        except OSError:
-            self._stats.error()
-            raise
-        self._stats.hit(len(data), time.perf_counter() - t0)
-        return data, settled_signature(before, after)
+        def read(f: BinaryIO, size: int) -> tuple[bytes, int]:
+            data = f.read()
+            return data, len(data)
+
+        return self._read_settled(key, read)
 
     def read_into(self, key: str, out: memoryview) -> tuple[int, tuple | None] | None:
         """The file of ``key`` read straight into ``out`` (a writable byte view; the kernel
         copies from the page cache, no intermediate bytes object and no copy under the GIL):
-        (bytes read, the file's settled_signature around the read), None when absent.
-        ValueError when ``out`` is smaller than the file."""
+        (bytes read, the file's settled_signature around the read, None when it was cut short),
+        None when absent. ValueError when ``out`` is smaller than the file."""
+        def read(f: BinaryIO, size: int) -> tuple[int, int]:
+            if size > len(out):
+                raise ValueError(f"{key} is {size} bytes; the buffer holds {len(out)}")
+            n = 0
+            while n < size:
+                got = f.readinto(out[n:size])
+                if not got:
+                    break
+                n += got
+            return n, n
+
+        return self._read_settled(key, read)
+
+    def _read_settled(self, key: str,
+                      read: Callable[[BinaryIO, int], tuple[Any, int]]) -> tuple[Any, tuple | None] | None:
+        """read(file, size) -> (result, bytes read) on the file of ``key``, counted in the tier's
+        stats; (result, its settled_signature around the read) or None when absent."""
         path = self.path(key)
         t0 = time.perf_counter()
         try:
             with open(path, "rb", buffering=0) as f:
                 before = os.fstat(f.fileno())
-                size = before.st_size
-                if size > len(out):
-                    raise ValueError(f"{key} is {size} bytes; the buffer holds {len(out)}")
-                n = 0
-                while n < size:
-                    got = f.readinto(out[n:size])
-                    if not got:
-                        break
-                    n += got
+                result, n = read(f, before.st_size)
                 after = os.fstat(f.fileno())
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             self._stats.miss(time.perf_counter() - t0)
@@ -220,7 +219,8 @@ class NvmeTier:
             self._stats.error()
             raise
         self._stats.hit(n, time.perf_counter() - t0)
-        return n, settled_signature(before, after) if n == size else None
+        signature = settled_signature(before, after) if n == before.st_size else None
+        return result, signature
 
     def read_range(self, key: str, offset: int = 0, length: int | None = None) -> bytes | None:
         """``length`` bytes of ``key`` from ``offset`` (to the end when None); None if absent."""

@@ -64,6 +64,18 @@ def store_dir(tmp_path_factory):
     return root, build(root)
 
 
+def corrupted_copy(root: Path, dest: Path, ref: tuple[int, int, str]) -> Path:
+    """A copy of the store at `root` in `dest` with one byte of `ref`'s blob flipped."""
+    import shutil
+
+    shutil.copytree(root, dest)
+    path = dest / "models" / blob_format.expert_key(MODEL, *ref)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    return dest
+
+
 def shm_exists(name: str) -> bool:
     return os.path.exists(f"/dev/shm/{name.lstrip('/')}")
 
@@ -212,14 +224,7 @@ def test_local_store_directory_and_a_store_error(store_dir, tmp_path):
     """Workers can read a store directory in-process too; a blob that fails its check is a
     DataLoss on its Future, not bytes."""
     root, blobs = store_dir
-    import shutil
-
-    bad = tmp_path / "bad"
-    shutil.copytree(root, bad)
-    path = bad / "models" / blob_format.expert_key(MODEL, 0, 1, "int8")
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 1
-    path.write_bytes(bytes(data))
+    bad = corrupted_copy(root, tmp_path / "bad", (0, 1, "int8"))
     from expert_store.errors import DataLoss
 
     with FetchPool(str(bad), MODEL, workers=1, arena_bytes=4 << 20) as pool:
@@ -236,16 +241,9 @@ def test_raw_mode_decodes_coded_bf16_blobs_in_the_workers(store_dir, tmp_path):
     (and a seal of its own); int8 blobs land as stored; a bf16 blob corrupted on disk is a
     DataLoss."""
     root, blobs = store_dir
-    import shutil
-
     coded = [ref for ref, b in blobs.items() if blob_format.read_header(b)[0].codec != "none"]
     assert coded and all(ref[2] == "bf16" for ref in coded)   # the fixture's bf16 blobs are coded
-    bad = tmp_path / "bad"
-    shutil.copytree(root, bad)
-    path = bad / "models" / blob_format.expert_key(MODEL, 1, 2, "bf16")
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 1
-    path.write_bytes(bytes(data))
+    bad = corrupted_copy(root, tmp_path / "bad", (1, 2, "bf16"))
     from expert_store.errors import DataLoss
 
     raw_sizes = [blob_format.raw_blob_size(blob_format.read_header(b)[0]) for b in blobs.values()]
