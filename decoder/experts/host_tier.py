@@ -487,6 +487,8 @@ class HostTier:
             raise ValueError(f"fill_host: {len(want)} experts do not fit the host tier of {self.capacity} "
                              f"(host_cache_bytes={self.cache_bytes}, {self.slot_bytes} bytes per expert)")
         threads = max(1, int(threads))
+        if self.fetch_pool is not None:   # each receiving process takes one request at a time: keep all busy
+            threads = max(threads, self.fetch_pool.workers_wanted)
         with self.c._lock:
             for k in want:            # most recent now: the LRU evicts entries outside `keys` first
                 if k in self.entries:
