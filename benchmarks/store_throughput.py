@@ -197,8 +197,10 @@ def plot(result: dict, path: Path) -> None:
     if pool_rows:
         fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 2]})
         bars = ax2.bar(range(len(pool_rows)), [r["mb_s"] for r in pool_rows], color="#2ca02c")
-        ax2.bar_label(bars, labels=[f"{r['mb_s']:.0f}\n{r['ratio_to_one_process']:.2f}x" for r in pool_rows],
-                      fontsize=8)
+        # the ratio when the run had the one-process row (--workers 1, 1 stream) to divide by
+        ax2.bar_label(bars, labels=[f"{r['mb_s']:.0f}" + (f"\n{r['ratio_to_one_process']:.2f}x"
+                                                          if "ratio_to_one_process" in r else "")
+                                    for r in pool_rows], fontsize=8)
         ax2.set_xticks(range(len(pool_rows)),
                        [f"--workers {r['workers']}\n{r['receivers']} recv proc" for r in pool_rows], fontsize=8)
         ax2.set_ylim(0, 1.25 * max(r["mb_s"] for r in pool_rows))
