@@ -215,6 +215,13 @@ class ArenaStoreClient(StoreClient):
         with self._lock:
             return self._reader is not None and self._reader.valid(lease)
 
+    def pinned_past(self, lease: Lease, margin_s: float) -> bool:
+        """True when the leased blob is in place and pinned for at least `margin_s` more seconds
+        (ArenaReader.pinned_past): a copy out of it issued now needs no check after it ends."""
+        with self._lock:
+            return (self._reader is not None and lease.mapping is self._reader.m
+                    and self._reader.pinned_past(lease, time.monotonic_ns(), int(margin_s * 1e9)))
+
     def view(self, lease: Lease) -> memoryview | None:
         """The leased blob's bytes in place; None when the arena was mapped again since."""
         with self._lock:

@@ -118,6 +118,7 @@ class Lease:
     generation: int
     seq: int
     epoch: int = 0
+    pinned_until: int = 0   # the record's pinned_until_ns when leased: the writer keeps the slot till then
 
 
 class _Mapping:
@@ -485,7 +486,17 @@ class ArenaReader:
         if seq & 1 or m.word(slot, KEY) != blob_key(model, layer, expert, precision) or not 0 < size <= m.slot_bytes \
                 or m.names(slot) != (model, layer, expert, precision):
             return None
-        return Lease(m, slot, size, m.word(slot, GENERATION), seq, m.epoch)
+        return Lease(m, slot, size, m.word(slot, GENERATION), seq, m.epoch, m.word(slot, PINNED_UNTIL))
+
+    def pinned_past(self, lease: "Lease", now_ns: int, margin_ns: int) -> bool:
+        """True when the leased blob is still in place (seq and epoch unchanged) and was pinned
+        until at least `margin_ns` after `now_ns`: the writer evicts or replaces no pinned slot,
+        so a copy out of it that ends within the margin needs no check afterwards. A store that
+        restarts clears pins when it adopts the file, but changes the epoch first. Stamps its
+        use as valid() does."""
+        if lease.pinned_until <= now_ns + margin_ns or lease.epoch != self.m.epoch:
+            return False
+        return self.valid(lease)
 
     def valid(self, lease: "Lease") -> bool:
         """True when nothing replaced the leased slot since lease() (and stamps its use)."""

@@ -43,6 +43,11 @@ is written back to it (`demote_evictions`, default on there with raw slots: demo
 two tiers together hold up to their sum of distinct experts and the store is asked only for
 experts in neither.
 
+A co-located store's arena (local-shm://) is read in place; on CUDA a copy out of a blob the
+arena keeps pinned counts as loaded as soon as it is issued, without waiting for it to end
+before the arena's seqlock check (`arena_pins`, default on: host_tier.ArenaPins pins the blobs
+this decoder copies while the arena holds the whole model).
+
 Copies (copies.py): one copy stream, one event per expert; compute waits on that event only.
 Before a slot is overwritten the copy waits on the event recorded when the layer released it, so
 in-flight kernels never see their weights change.
@@ -127,7 +132,7 @@ class ExpertCache(ExpertProvider):
                  miss_compute: str = "copy", cpu_threads: int | None = None, cpu_pack_bytes: int | None = None,
                  cpu_workers: int = 1,
                  cpu_max_tokens: int = 4, host_prefetch: int | None = None, low_precision_misses: str = "all",
-                 demote_evictions: bool | None = None) -> None:
+                 demote_evictions: bool | None = None, arena_pins: bool = True) -> None:
         cfg = source.config
         self.source = source
         self.config = cfg
@@ -197,7 +202,7 @@ class ExpertCache(ExpertProvider):
         self.host = HostTier(self, cache_bytes=int(host_cache_bytes or 0), slot_bytes=self.host_slot_bytes,
                              staging_slots=2 * (self.workers + 1),    # receive/decode staging per loader
                              pin_memory=pin_memory, fetch_workers=self.fetch_workers, fetch_target=fetch_target,
-                             fetch_options=fetch_options)
+                             fetch_options=fetch_options, arena_pins=arena_pins)
         self.host_cache_bytes, self.host_capacity = self.host.cache_bytes, self.host.capacity
         self.host_pool, self.pinned = self.host.pool, self.host.pinned
 
@@ -343,6 +348,8 @@ class ExpertCache(ExpertProvider):
                 "host_capacity": self.host_capacity,
                 "host_resident": sum(1 for h in self.host.entries.values() if h.resident),
                 "host_fill": self._host_fill.stats() if self._host_fill is not None else None,
+                # copies out of a co-located arena: counted loaded at once (pinned) or after a check
+                "arena_copies": self.host.pins.stats() if self.host.pins is not None else None,
                 "miss_compute": self.miss_compute,
                 "host_prefetch_threads": self.host_prefetch,
                 "low_precision_misses": self.low_precision_misses if self._low is not None else None,

@@ -64,8 +64,88 @@ class ArenaReplaced(Exception):
 
 
 ARENA_ATTEMPTS = 8   # copies of one expert retried after its arena slot was replaced
+PIN_S = 60.0         # a co-located arena blob this decoder copies from is pinned this long (ArenaPins)
+PIN_MARGIN_S = 5.0   # a copy from a blob pinned for less than this more is checked after it ends
 VICTIM_SCAN = 64     # host LRU entries looked at for one that the GPU also holds
 SWAP = (-1, -1)      # _victim: the entry the GPU is loading gives its place once copied
+
+
+class ArenaPins:
+    """Pins on the co-located arena's blobs this decoder copies from (Ensure with pin_s), asked
+    for in the background, and only while the arena has a slot for every expert of the model at
+    this precision (a pin then keeps nothing out that another blob of it needs).
+
+    Why: the arena's seqlock is checked after a copy out of a slot ended, so a loader waits for
+    each copy before the expert counts as loaded, and the decode thread for the loader. The
+    writer never evicts or replaces a pinned slot, so a copy issued while the slot is pinned for
+    PIN_MARGIN_S more (and its seq and the arena's epoch are unchanged) is whole without that
+    wait: HostTier.copied counts it as loaded at once and the compute stream orders itself after
+    the copy's event. A copy from a blob without such a pin is waited for and checked as before,
+    and its blob is pinned for the next time."""
+
+    def __init__(self, arena: Any, model: str, precision: str, n_experts: int) -> None:
+        self.arena, self.model, self.precision, self.n_experts = arena, model, precision, n_experts
+        self.counts = {"pinned_copies": 0, "checked_copies": 0, "pin_requests": 0, "pin_errors": 0,
+                       "batches": 0}
+        self._want: set[tuple[int, int]] = set()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._fits: tuple[float, bool] | None = None     # (when asked, the arena holds the whole model)
+        self._thread = threading.Thread(target=self._loop, name="arena-pins", daemon=True)
+        self._thread.start()
+
+    def count(self, what: str) -> None:
+        with self._cond:
+            self.counts[what] += 1
+
+    def want(self, key: tuple[int, int]) -> None:
+        with self._cond:
+            self._want.add(key)
+            self._cond.notify()
+
+    def stats(self) -> dict[str, Any]:
+        with self._cond:
+            return {**self.counts, "pinning": bool(self._fits and self._fits[1])}
+
+    def _whole_model_fits(self) -> bool:
+        now = time.monotonic()
+        if self._fits is None or now - self._fits[0] > 30.0:
+            self._fits = (now, self.arena.arena_info().slots >= self.n_experts)
+        return self._fits[1]
+
+    def _loop(self) -> None:
+        from expert_store.arena_client import MAX_REFS_PER_ENSURE
+
+        while True:
+            with self._cond:
+                while not self._want and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                keys = sorted(self._want)[:MAX_REFS_PER_ENSURE]
+                self._want.difference_update(keys)
+            try:
+                if not self._whole_model_fits():
+                    continue
+                refs = [(l, e, self.precision) for l, e in keys
+                        if self.arena.holds(self.model, l, e, self.precision)]
+                if refs:
+                    self.arena.publish(self.model, refs, pin_s=PIN_S, priority="prefetch")
+                    with self._cond:
+                        self.counts["pin_requests"] += len(refs)
+            except Exception as e:  # noqa: BLE001 - without a pin a copy is checked after it ends
+                with self._cond:
+                    self.counts["pin_errors"] += 1
+                log.debug("pinning %d arena blobs failed: %s", len(keys), e)
+            finally:
+                with self._cond:
+                    self.counts["batches"] += 1
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=5.0)
 
 
 class HostTier:
@@ -73,7 +153,7 @@ class HostTier:
 
     def __init__(self, cache: "ExpertCache", *, cache_bytes: int, slot_bytes: int, staging_slots: int,
                  pin_memory: bool, fetch_workers: int = 0, fetch_target: str | None = None,
-                 fetch_options: Mapping[str, Any] | None = None) -> None:
+                 fetch_options: Mapping[str, Any] | None = None, arena_pins: bool = True) -> None:
         self.c = cache
         self.cache_bytes = int(cache_bytes)
         if self.cache_bytes < 0:
@@ -89,6 +169,9 @@ class HostTier:
         self.fetch_pool = None
         self.arena = _arena_client(cache.source.client)
         self._verified: dict[int, tuple[int, int]] = {}   # arena slot -> (epoch, generation) checked here
+        # CUDA copies out of the arena: pinned blobs need no wait after each copy (ArenaPins)
+        self.pins = (ArenaPins(self.arena, cache.source.model, cache.precision, len(cache.moe_layers) * cache.E)
+                     if self.arena is not None and cache.cuda and arena_pins else None)
         self.fill_stats: dict[str, float] = {}
         self.fill_progress: dict[str, int] = {"done": 0, "total": 0}
         if self.arena is not None and fetch_workers:
@@ -140,6 +223,8 @@ class HostTier:
             return [k for k, h in self.entries.items() if h.resident]
 
     def close(self) -> None:
+        if self.pins is not None:
+            self.pins.close()
         if self.fetch_pool is not None:  # stops its processes, unregisters and unlinks the arena
             self.fetch_pool.close()
 
@@ -422,11 +507,18 @@ class HostTier:
                 with self.c._lock:
                     self.slot_event[h.slot] = event
             return
+        if event is not None and self.pins is not None:
+            if self.arena.pinned_past(h.lease, PIN_MARGIN_S):   # whole without waiting (ArenaPins)
+                self.pins.count("pinned_copies")
+                return
+            self.pins.want((h.header.layer, h.header.expert))
         if event is not None:
             event.synchronize()
         if not self.arena.valid(h.lease):
             raise ArenaReplaced(f"layer {h.header.layer} expert {h.header.expert}: its arena slot was replaced "
                                 f"during the copy")
+        if self.pins is not None:
+            self.pins.count("checked_copies")
 
     def load(self, layer: int, expert: int, kind: str, copy: Callable[[HostEntry], None]) -> None:
         """acquire -> copy(entry) (which issues the copy to the GPU and calls copied()) ->

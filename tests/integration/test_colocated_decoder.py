@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service_procs import ServiceProcess, child_env
+from service_procs import ServiceProcess, child_env, wait_until
 
 from decoder.client import DecoderClient
 from decoder.engine import Engine
@@ -353,3 +353,72 @@ def test_bf16_published_raw_goes_from_the_arena_to_the_gpu_as_it_lies(store_dir,
         assert header.codec == "none" and bytes(raw) == bytes(blob_format.decode_raw(stored)[1])
         with StoreClient.open(f"grpc://{store.address}") as grpc_client:
             assert bytes(grpc_client.fetch_expert(MODEL, 1, 2, "bf16")) == stored
+
+
+def test_arena_pins_the_blobs_a_decoder_copies_while_the_arena_holds_the_model(store_dir, slot_bytes, arena_path):
+    """host_tier.ArenaPins against a real co-located store: the blobs it is asked for get pinned
+    (the lease shows it; a copy from them then needs no check after it ends) while the arena
+    has a slot for every expert of the model; with a smaller arena it pins nothing."""
+    import time
+
+    from decoder.experts.host_tier import PIN_MARGIN_S, PIN_S, ArenaPins
+
+    def settle(pins, done):
+        assert wait_until(lambda: done(pins.stats()), 60)
+        return pins.stats()
+
+    n_model = LAYERS * EXPERTS
+    with colocated(store_dir, arena_path, budget(n_model, slot_bytes)) as store, \
+            StoreClient.open(store.target) as client:
+        client.publish(MODEL, [(l, e, "int8") for l in range(LAYERS) for e in range(EXPERTS)])
+        before = client.lease(MODEL, 0, 3, "int8")[0]
+        assert not client.pinned_past(before, PIN_MARGIN_S)
+        pins = ArenaPins(client, MODEL, "int8", n_model)
+        try:
+            pins.want((0, 3))
+            pins.want((1, 5))
+            st = settle(pins, lambda st: st["pin_requests"] + st["pin_errors"] >= 2)
+            assert st["pinning"] and st["pin_requests"] == 2 and st["pin_errors"] == 0
+            for l, e in ((0, 3), (1, 5)):
+                lease = client.lease(MODEL, l, e, "int8")[0]
+                assert lease.pinned_until > time.monotonic_ns() + (PIN_S - 30) * 1e9
+                assert client.pinned_past(lease, PIN_MARGIN_S)
+            assert not client.pinned_past(client.lease(MODEL, 0, 4, "int8")[0], PIN_MARGIN_S)
+            assert client.arena_info().pinned == 2
+        finally:
+            pins.close()
+    arena_path.unlink()
+    with colocated(store_dir, arena_path, budget(4, slot_bytes)) as store, \
+            StoreClient.open(store.target) as client:
+        client.publish(MODEL, [(0, e, "int8") for e in range(4)])
+        pins = ArenaPins(client, MODEL, "int8", n_model)
+        try:
+            pins.want((0, 1))
+            st = settle(pins, lambda st: st["batches"] >= 1)
+            assert st["pinning"] is False and st["pin_requests"] == 0
+            assert client.arena_info().pinned == 0
+        finally:
+            pins.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_copies_from_pinned_arena_blobs_are_not_waited_for_and_give_the_same_logits(store_dir, slot_bytes,
+                                                                                       arena_path):
+    """On CUDA with an arena holding the whole model: the first pass waits for and checks its
+    copies and pins their blobs; once pinned, copies count as loaded when issued; every pass
+    gives the store directory's logits (the same CUDA kernels)."""
+    kw = dict(KW, device="cuda", dtype=torch.float32)
+    with Engine.from_store(str(store_dir), MODEL, precision="int8", **kw) as engine:
+        want = engine.forward_logits(IDS)
+    with colocated(store_dir, arena_path, budget(LAYERS * EXPERTS, slot_bytes)) as store, \
+            Engine.from_store(store.target, MODEL, precision="int8", **kw) as engine:
+        torch.testing.assert_close(engine.forward_logits(IDS), want, rtol=0, atol=0)
+        pins = engine.provider.host.pins
+        assert pins is not None
+        assert wait_until(lambda: pins.stats()["pin_requests"] > 0, 60)
+        for _ in range(3):   # the GPU tier holds 3 of 8 experts per layer: the arena is read again
+            torch.testing.assert_close(engine.forward_logits(IDS), want, rtol=0, atol=0)
+        st = engine.stats()["provider"]["arena_copies"]
+        assert st["pinning"] and st["pinned_copies"] > 0 and st["checked_copies"] > 0
+        assert arena_reads(engine)["torn"] == 0

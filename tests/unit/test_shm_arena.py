@@ -198,3 +198,33 @@ def test_the_read_through_store_answers_every_call_the_servicer_makes():
         with pytest.raises(StoreError) as e:
             call()
         assert e.value.code == "FAILED_PRECONDITION"
+
+
+def test_a_lease_is_pinned_past_a_margin_only_while_nothing_can_replace_it(path):
+    """pinned_past: the lease's pin reaches past now + margin, its seq and the arena's epoch are
+    unchanged; a replacement (seq) or a store restart (epoch, which clears pins) ends it."""
+    w = ArenaWriter.open(path, 6 * SLOT, SLOT)
+    r = ArenaReader(path)
+    try:
+        now = time.monotonic_ns()
+        publish(w, 0, (0, 0, "int4"), blob(1), pin_until=now + 60 * 10**9)
+        publish(w, 1, (0, 1, "int4"), blob(2))                          # not pinned
+        lease = r.lease(MODEL, 0, 0, "int4")
+        assert lease.pinned_until == now + 60 * 10**9
+        assert r.pinned_past(lease, time.monotonic_ns(), 5 * 10**9)
+        assert not r.pinned_past(lease, time.monotonic_ns(), 61 * 10**9)   # the pin ends within the margin
+        assert not r.pinned_past(r.lease(MODEL, 0, 1, "int4"), time.monotonic_ns(), 0)
+        w.begin(0)                                                       # replaced (an expired pin, say)
+        publish(w, 0, (0, 0, "int4"), blob(3), pin_until=now + 60 * 10**9)
+        assert not r.pinned_past(lease, time.monotonic_ns(), 0)
+        lease = r.lease(MODEL, 0, 0, "int4")
+        assert r.pinned_past(lease, time.monotonic_ns(), 0)
+    finally:
+        w.close()
+    w = ArenaWriter.open(path, 6 * SLOT, SLOT)                           # a restarted store adopts the file
+    try:
+        assert not r.pinned_past(lease, time.monotonic_ns(), 0)          # new epoch (and pins cleared)
+        assert r.lease(MODEL, 0, 0, "int4").pinned_until == 0
+    finally:
+        r.close()
+        w.close()
