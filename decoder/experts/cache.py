@@ -70,9 +70,10 @@ and adds the weighted sum the host returns, while the GPU works on the rest.
 Store prefetches into the host tier (`prefetch_host`, for a host tier in front of a store): the
 prefetcher's predictions of experts in neither tier start a store fetch into the host tier, far
 enough ahead to hide the store (its store lookahead, prefetch.py). `host_prefetch` threads run
-them (the bound on them in flight; default half the fetch processes, at least one, when the host
-tier keeps some of the experts but not all, and is not a co-located arena), best score first, below every other load (a
-FetchPool sends them as "background" requests, bounded, behind its demand and prefetches). A load
+them (host_prefetch.py; the bound on them in flight; default half the fetch processes, at least
+one, when the host tier keeps some of the experts but not all, and is not a co-located arena),
+best score first, below every other load (a FetchPool sends them as "background" requests,
+bounded, behind its demand and prefetches). A load
 of an expert whose fetch is in flight waits for it rather than fetching it again. Counted:
 host_prefetch_requests / loads / bytes / useful (a later load found it in the host tier) /
 unused_evicted / waited / dropped / errors.
@@ -106,6 +107,7 @@ from decoder.experts.gpu_slots import (DenseLayout, EvictionPolicy, GpuEntry,
 from decoder.experts.copies import Copies, LoadCosts
 from decoder.experts.cold_start import HostFill, fill_order
 from decoder.experts.demote import Demoter
+from decoder.experts.host_prefetch import HostPrefetcher
 from decoder.experts.host_compute import HostExperts, HostJob, MissRule, OnHost
 from decoder.experts.host_tier import ArenaReplaced, HostEntry, HostTier
 from decoder.experts.loader import LoadQueue, LoaderThreads, LoadTask
@@ -275,15 +277,9 @@ class ExpertCache(ExpertProvider):
             partial = 0 < self.host_capacity < len(self.moe_layers) * self.E
             host_prefetch = max(1, self.fetch_workers // 2) if partial and self.host.arena is None else 0
         self.host_prefetch = max(0, int(host_prefetch))
-        self._hp_queue: dict[tuple[int, int], tuple[float, int]] = {}   # key -> (score, step it was asked at)
-        self._hp_closed = False
-        self._hp_active: set[tuple[int, int]] = set()   # host-tier prefetches taken by a thread
         self.reset_stats()
         self._loaders = LoaderThreads(self._queue, self._lock, self._cond, self._run, self.workers)
-        self._hp_threads = [threading.Thread(target=self._host_prefetch_loop, name=f"host-prefetch-{i}", daemon=True)
-                            for i in range(self.host_prefetch)]
-        for t in self._hp_threads:
-            t.start()
+        self._host_prefetcher = HostPrefetcher(self, self.host_prefetch)
 
     # =========================================================================================
     # statistics
@@ -392,11 +388,7 @@ class ExpertCache(ExpertProvider):
             self._last_layer = -1
             # prefetches queued for the previous token's layers are stale now
             self._counts["prefetch_cancelled"] += self._queue.drop_queued_prefetches()
-            # host-tier prefetches asked before the previous token are stale (those of the last
-            # token may be for this one: the prefetcher looks into the next token)
-            for key in [k for k, (_, st) in self._hp_queue.items() if st < self.step - 1]:
-                del self._hp_queue[key]
-                self._counts["host_prefetch_dropped"] += 1
+            self._host_prefetcher.drop_stale(self.step)
             self.copies.harvest()
 
     def location(self, layer: int, expert: int) -> str:
@@ -631,90 +623,27 @@ class ExpertCache(ExpertProvider):
                 task = self._enqueue(key, "prefetch", score=score)
                 task.use = None if uses is None or uses[i] is None else float(uses[i])
 
-    # --- store prefetches into the host tier --------------------------------------------------
-    HOST_PREFETCH_QUEUE = 4      # queued host-tier prefetches kept, per thread, x experts per layer
-
+    # --- store prefetches into the host tier (host_prefetch.py) ---------------------------------
     def prefetch_host(self, layer: int, experts: Sequence[int], scores: Sequence[float] | None = None) -> int:
-        """Predicted misses of the host tier: start a store fetch into the host tier (not the GPU)
-        for each expert that is neither on the GPU, nor in the host tier, nor on its way. The
-        lowest priority of all loads: `host_prefetch` threads (the bound on such fetches in
-        flight) take the best-scored first; with a FetchPool they go as "background" requests,
-        behind its demand and prefetch ones. The queue keeps the best HOST_PREFETCH_QUEUE x
-        threads x E; a request is stale after the token that follows the one that asked.
-        Returns how many were queued (0 when the cache has no host-tier prefetch)."""
+        """Predicted misses of the host tier: a store fetch into the host tier (not the GPU) for
+        each expert that is neither on the GPU, nor in the host tier, nor on its way, at the
+        lowest priority of all loads (HostPrefetcher). Returns how many were queued (0 when the
+        cache has no host-tier prefetch)."""
         if not self.host_prefetch:
             return 0
         experts = [int(e) for e in experts]
         for e in experts:
             self._check(layer, e)
-        n = 0
-        with self._lock:
-            for i, e in enumerate(experts):
-                key = (layer, e)
-                if (e in self._gpu[layer] or key in self._tasks or key in self.host.entries
-                        or key in self.host.fetching or key in self._hp_active):
-                    continue
-                score = float(scores[i]) if scores is not None else 0.0
-                old = self._hp_queue.get(key)
-                if old is None:
-                    self._counts["host_prefetch_requests"] += 1
-                    n += 1
-                self._hp_queue[key] = (max(score, old[0]) if old else score, self.step)
-            bound = self.HOST_PREFETCH_QUEUE * self.host_prefetch * self.E
-            if len(self._hp_queue) > bound:
-                for key in sorted(self._hp_queue, key=lambda k: self._hp_queue[k][0])[:len(self._hp_queue) - bound]:
-                    del self._hp_queue[key]
-                    self._counts["host_prefetch_dropped"] += 1
-            if n:
-                self._cond.notify_all()
-        return n
+        return self._host_prefetcher.ask(layer, experts, scores)
 
     def host_prefetch_pending(self) -> int:
         """Host-tier prefetches queued or in flight (tests, benchmarks)."""
         with self._lock:
-            return len(self._hp_queue) + len(self._hp_active)
+            return self._host_prefetcher.pending()
 
     def wait_host_prefetch(self, timeout: float = 30.0) -> bool:
         """Block until no host-tier prefetch is queued or in flight (tests, benchmarks)."""
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while self._hp_queue or self._hp_active:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(timeout=min(left, 0.05))
-        return True
-
-    def _host_prefetch_loop(self) -> None:
-        while True:
-            with self._lock:
-                key = None
-                while key is None:
-                    if self._hp_closed:
-                        return
-                    if self._hp_queue:
-                        key = max(self._hp_queue, key=lambda k: self._hp_queue[k][0])
-                        del self._hp_queue[key]
-                        layer, e = key
-                        if (e in self._gpu[layer] or key in self._tasks or key in self.host.entries
-                                or key in self.host.fetching):
-                            key = None          # on its way or there since it was asked for
-                            continue
-                        self._hp_active.add(key)
-                    else:
-                        self._cond.wait()
-            try:
-                h = self.host.acquire(key[0], key[1], "background")
-                with self._lock:
-                    self.host.release(key, h)
-            except Exception as exc:  # noqa: BLE001 - a failed prefetch costs only its demand load later
-                with self._lock:
-                    self._counts["host_prefetch_errors"] += 1
-                log.warning("host-tier prefetch of layer %d expert %d failed: %s", key[0], key[1], exc)
-            finally:
-                with self._lock:
-                    self._hp_active.discard(key)
-                    self._cond.notify_all()
+        return self._host_prefetcher.wait(timeout)
 
     def allow_low_precision(self, layer: int, experts: Sequence[int]) -> None:
         """Gating hint for the coming forward of `layer`: these experts carry little weight, so a
@@ -909,12 +838,7 @@ class ExpertCache(ExpertProvider):
             self._host_fill.stop()
         if self.host_experts is not None:
             self.host_experts.close()
-        with self._lock:
-            self._hp_closed = True
-            self._hp_queue.clear()
-            self._cond.notify_all()
-        for t in self._hp_threads:
-            t.join(timeout=5.0)
+        self._host_prefetcher.close()
         self._loaders.close()
         if self.demoter is not None:
             self.demoter.close()
