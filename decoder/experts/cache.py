@@ -57,7 +57,7 @@ that finds its load still queued runs it on the caller's thread at once. A prefe
 evicts an expert the current token needs: not the experts pinned by the current layer
 (prepare .. release), nor any expert touched during the current token.
 
-Misses computed on the host (`miss_compute`, host_compute.py): "copy" (default) copies every
+Misses computed on the host (`miss_compute`, host_compute.py; the cache's side in host_misses.py): "copy" (default) copies every
 miss; "cpu" computes every miss it can on the host's cores straight from the host tier's bytes;
 "auto" decides per miss by measured cost (one copy, one CPU call, the work queued on each side:
 host_compute.MissRule). A miss can go to the host when its expert is in the host tier, no load
@@ -107,9 +107,10 @@ from decoder.experts.gpu_slots import (DenseLayout, EvictionPolicy, GpuEntry,
 from decoder.experts.copies import Copies, LoadCosts
 from decoder.experts.cold_start import HostFill, fill_order
 from decoder.experts.demote import Demoter
+from decoder.experts.host_misses import HostMisses
 from decoder.experts.host_prefetch import HostPrefetcher
 from decoder.experts.host_compute import HostExperts, HostJob, MissRule, OnHost
-from decoder.experts.host_tier import ArenaReplaced, HostEntry, HostTier
+from decoder.experts.host_tier import HostEntry, HostTier
 from decoder.experts.loader import LoadQueue, LoaderThreads, LoadTask
 from decoder.experts.low_precision import LowPrecisionTier
 from decoder.experts.provider import ExpertProvider, ExpertSource, ExpertWeights, expert_weights_from_views
@@ -264,9 +265,7 @@ class ExpertCache(ExpertProvider):
             self.host_experts = HostExperts(pack_bytes=2 * self.host_cache_bytes if cpu_pack_bytes is None
                                             else int(cpu_pack_bytes), threads=cpu_threads, alpha=ewma_alpha,
                                             workers=cpu_workers)
-        self._expect: dict[int, dict[int, int]] = {}   # layer -> {expert: tokens} of its coming forward
-        self._on_host: dict[int, set[int]] = {}         # layer -> experts its current forward computes on the host
-        self._host_bufs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}   # (layer, B) -> (x, out)
+        self._host_misses = HostMisses(self)            # which misses the host computes, and the calls
         if low_precision_misses not in ("all", "store"):
             raise ValueError(f"low_precision_misses must be 'all' or 'store', got {low_precision_misses!r}")
         self.low_precision_misses = low_precision_misses
@@ -503,7 +502,7 @@ class ExpertCache(ExpertProvider):
                         self._finish(task, dropped=True)
                         self._counts["prefetch_cancelled"] += 1
             low = self._low is not None
-            on_host = self._plan_host(layer, needed) if self.host_experts is not None else ()
+            on_host = self._host_misses.plan(layer, needed) if self.host_experts is not None else ()
             for e in needed:
                 if low and self._use_low(layer, e):
                     continue          # get() serves it from the low-precision tier
@@ -517,8 +516,8 @@ class ExpertCache(ExpertProvider):
         key = (layer, expert)
         t0 = None                     # set when the expert is not there: the stall starts
         with self._lock:
-            if expert in self._on_host.get(layer, ()):
-                return OnHost(lambda x, layer=layer, expert=expert: self._on_host_call(layer, expert, x))
+            if self._host_misses.computes(layer, expert):
+                return OnHost(lambda x, layer=layer, expert=expert: self._host_misses.call(layer, expert, x))
             low = self._low is not None and self._use_low(layer, expert)
             if not low:
                 if key not in self._looked_up:
@@ -577,7 +576,7 @@ class ExpertCache(ExpertProvider):
 
     def release(self, layer: int, experts: Sequence[int]) -> None:
         with self._lock:
-            self._on_host.pop(layer, None)
+            self._host_misses.release(layer)
             handed = self._handed_out.pop(layer, None)
             pinned, looked, allow_low = self._pinned_keys, self._looked_up, self._allow_low
             for e in experts:
@@ -665,162 +664,29 @@ class ExpertCache(ExpertProvider):
         return (self._low is not None and (layer, expert) in self._allow_low
                 and expert not in self._gpu[layer] and (layer, expert) not in self._tasks)
 
-    # --- misses computed on the host (host_compute.py) -----------------------------------------
+    # --- misses computed on the host (host_misses.py, host_compute.py) ------------------------
     def expect_tokens(self, layer: int, counts: Mapping[int, int]) -> None:
         """The coming forward of `layer` routes counts[e] tokens to expert e (host_compute.MissTokens
         tells it before `prepare`): a miss with few tokens may be computed on the host."""
         if self.host_experts is not None:
-            self._expect[layer] = dict(counts)
+            self._host_misses.expect(layer, counts)
 
     def on_host(self, layer: int) -> list[int]:
         """The experts of `layer`'s current forward that the host computes (prepare .. release)."""
-        return sorted(self._on_host.get(layer, ()))
+        return self._host_misses.on_host(layer)
 
     def compute_on_host(self, layer: int, items: Sequence[tuple[int, int, float]], x: torch.Tensor) -> HostJob:
-        """Start the host's share of `layer`: `items` (row of x, expert, gate weight), `x` the
-        layer's MoE input [B, H] on the device (ready: the step read the layer before). x goes to
-        the host once; the workers compute one expert each and w * expert(x[row]) per item is
-        summed, in expert order, into a float32 [B, H] sum."""
-        B, H = x.shape
-        hx = self.host_experts
-        if hx is None:
+        """Start the host's share of `layer` (HostMisses.compute): `items` (row of x, expert, gate
+        weight), `x` the layer's MoE input [B, H] on the device."""
+        if self.host_experts is None:
             raise RuntimeError("compute_on_host: this cache has miss_compute='copy'")
-        bufs = self._host_bufs.get((layer, B))
-        if bufs is None or bufs[0].dtype != x.dtype:
-            pin = self.pinned
-            bufs = self._host_bufs[(layer, B)] = (torch.empty(B, H, dtype=x.dtype, pin_memory=pin),
-                                                  torch.empty(B, H, dtype=torch.float32, pin_memory=pin))
-        xh, out = bufs
-        xh.copy_(x)                                   # one device -> host copy of the layer's input
-        groups: dict[int, tuple[list[int], list[float]]] = {}
-        for row, e, w in items:
-            rs, ws = groups.setdefault(int(e), ([], []))
-            rs.append(int(row))
-            ws.append(float(w))
-        # one job per expert over the workers; the sum is taken in expert order whatever their number
-        fut = hx.submit_layer(groups, xh, out, lambda e, xe: self._on_host_call(layer, e, xe, queued=True))
-        return HostJob(out, fut, on_wait=self._add_host_stall)
-
-    def _add_host_stall(self, seconds: float) -> None:
-        with self._lock:
-            self._add_stall(seconds)
-
-    def _on_host_call(self, layer: int, expert: int, x: torch.Tensor, queued: bool = False) -> torch.Tensor:
-        """expert(x) on the host: x [T, H] on any device -> [T, H] on x's device. From the worker
-        (`queued`) it runs there; from another thread it is queued to the worker and waited for.
-        The expert is packed from its host slot on first use (held while a bf16 expert, read in
-        place, computes); a packed int8/int4 expert no longer needs the slot."""
-        hx = self.host_experts
-        if not queued:
-            xc = x.to("cpu")
-            t0 = time.perf_counter()
-            fut = hx.submit(lambda: self._on_host_call(layer, expert, xc, queued=True), calls=1)
-            try:
-                y = fut.result()
-            finally:
-                hx.done_call()
-                self._add_host_stall(time.perf_counter() - t0)
-            return y.to(x.device)
-        key = (layer, expert)
-        ex = hx.packed(key)
-        if ex is not None:
-            y = hx.run_call(ex, x)
-        else:
-            out: list[torch.Tensor] = []
-
-            def compute(h: HostEntry) -> None:
-                out[:] = [hx.run_call(hx.expert(key, h.header, self.host.payload(h)), x)]
-                self._read_done(key, h)
-
-            self.host.load(layer, expert, "demand", compute)
-            y = out[0]
-        with self._lock:
-            self._counts["cpu_tokens"] += int(x.shape[0])
-        return y
-
-    def _plan_host(self, layer: int, needed: Sequence[int]) -> set[int]:
-        """Which of `layer`'s misses the host computes (MissRule on the measured costs). Lock held."""
-        counts = self._expect.pop(layer, None)
-        if counts is None:
-            return set()
-        gpu, tasks, host = self._gpu[layer], self._tasks, self.host.entries
-
-        def queued_prefetch(e: int) -> bool:
-            t = tasks.get((layer, e))
-            return t is not None and t.kind == "prefetch" and t.state == "queued"
-
-        # a load already running stays a copy; a prefetch still queued may give way to the host
-        misses = [e for e in needed if e not in gpu and ((layer, e) not in tasks or queued_prefetch(e))
-                  and not self._use_low(layer, e)]
-        cands = [e for e in misses if (layer, e) in host and 0 < counts.get(e, 0) <= self.cpu_max_tokens]
-        for e in [e for e in cands if not self._host_ready(layer, e)]:
-            cands.remove(e)            # copied this time; packed in the background for the next
-            self.host_experts.request_pack((layer, e), lambda e=e: self._pack_one(layer, e))
-        if not cands:
-            return set()
-        self.copies.harvest()
-        copy_s = self.costs.cost("host")
-        # the copy link is busy with copies in flight, loads queued or running, and this layer's
-        # misses the host cannot take
-        busy = self.copies.in_flight() + sum(1 for t in tasks.values() if t.state != "done"
-                                             and (t.kind == "demand" or t.state == "running"))
-        busy += len(misses) - len(cands)
-        hx = self.host_experts
-        chosen = set(self.miss_rule.assign(cands, copy_s, busy * copy_s, hx.cost.value, hx.backlog(), layer=layer))
-        for e in chosen:
-            if queued_prefetch(e):
-                self._finish(tasks[(layer, e)], dropped=True)
-                self._counts["prefetch_cancelled"] += 1
-        if chosen:
-            self._on_host[layer] = chosen
-        return chosen
-
-    def _host_ready(self, layer: int, expert: int) -> bool:
-        """The host can compute (layer, expert) without packing it first: packed already, or a
-        bf16 payload its kernels read in place (16-byte aligned in its host slot). Lock held."""
-        key = (layer, expert)
-        if self.host_experts.packed(key) is not None:
-            return True
-        h = self.host.entries.get(key)
-        return h is not None and h.header.precision == "bf16" and self.host.payload(h).data_ptr() % 16 == 0
-
-    def _pack_one(self, layer: int, expert: int) -> None:
-        """Pack (layer, expert) for the host's kernels from its host slot. No lock held."""
-        key = (layer, expert)
-
-        def pack(h: HostEntry) -> None:
-            self.host_experts.expert(key, h.header, self.host.payload(h))
-            self._read_done(key, h)
-
-        self.host.load(layer, expert, "prefetch", pack)
-
-    def _read_done(self, key: tuple[int, int], h: HostEntry) -> None:
-        """The host's kernels finished reading h's payload: an arena slot the store replaced
-        meanwhile drops what was packed from it, and HostTier.load reads the expert again."""
-        try:
-            self.host.copied(h, None)
-        except ArenaReplaced:
-            self.host_experts.forget(key)
-            raise
+        return self._host_misses.compute(layer, items, x)
 
     def pack_host(self, keys: Sequence[tuple[int, int]]) -> int:
         """Pack `keys` (in the host tier) for the host's kernels now, on this thread, while the
         packed budget lasts (benchmarks: before timing, as fill_host fills the host tier);
         returns how many it packed. A no-op without miss_compute."""
-        hx, n = self.host_experts, 0
-        if hx is None:
-            return 0
-        for l, e in keys:
-            with self._lock:
-                if (l, e) not in self.host.entries or self._host_ready(l, e):
-                    continue
-            before = hx.packed_bytes
-            self._pack_one(l, e)
-            n += 1
-            grown = hx.packed_bytes - before
-            if grown <= 0 or hx.packed_bytes + grown > hx.pack_bytes:
-                break                  # not kept (bf16 in place) or the next would evict one
-        return n
+        return self._host_misses.pack(keys) if self.host_experts is not None else 0
 
     def _lookup_on_host(self, layer: int, expert: int) -> None:
         """Count one demand lookup of (layer, expert) that misses the GPU and is computed on the host."""
