@@ -57,8 +57,9 @@ that finds its load still queued runs it on the caller's thread at once. A prefe
 evicts an expert the current token needs: not the experts pinned by the current layer
 (prepare .. release), nor any expert touched during the current token.
 
-Misses computed on the host (`miss_compute`, host_compute.py; the cache's side in host_misses.py): "copy" (default) copies every
-miss; "cpu" computes every miss it can on the host's cores straight from the host tier's bytes;
+Misses computed on the host (`miss_compute`, host_compute.py; the cache's side in
+host_misses.py): "copy" (default) copies every miss; "cpu" computes every miss it can on the
+host's cores straight from the host tier's bytes;
 "auto" decides per miss by measured cost (one copy, one CPU call, the work queued on each side:
 host_compute.MissRule). A miss can go to the host when its expert is in the host tier, no load
 of it is in flight, and the layer's routing (told by host_compute.MissTokens before `prepare`)
