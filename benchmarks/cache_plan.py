@@ -162,13 +162,13 @@ def measure_row(client: Any, model: str, planner: str, gating: str, total_slots:
     want = expected_plan(planner, prof, total_slots, L, E)
     top_k = int(profile.get("top_k", 2))
     opts = cache_options(planner, prof, want)
+    levers = split_planner(planner)[1]
     gpu_bytes = slot_bytes * (total_slots + top_k)          # the plan's slots + top_k scratch slots
     host_bytes = host_slot_bytes * L * E                    # the host tier holds every expert
     with Engine.from_store(client, model, device=device, dtype=torch.float32, gating=gating,
                            budget=budget_T if gating != "topk" else None, gpu_cache_bytes=gpu_bytes,
-                           host_cache_bytes=host_bytes, prefetch="noprefetch" not in split_planner(planner)[1],
-                           cache_options=opts,
-                           prefetch_options={k: v for x in split_planner(planner)[1] for k, v in LEVERS[x][1].items()},
+                           host_cache_bytes=host_bytes, prefetch="noprefetch" not in levers, cache_options=opts,
+                           prefetch_options={k: v for x in levers for k, v in LEVERS[x][1].items()},
                            gating_options={"sensitivity": profile["sensitivity"]} if gating != "topk" else None
                            ) as eng:
         cache = eng.provider

@@ -501,16 +501,17 @@ def adapmoe_budget(profile: dict, ratio: float | None) -> float:
     """The adaptive gating budget T of the adapmoe rows: the profile's own (calibrated for 25% of
     the droppable expert uses dropped) or, with `ratio`, the one for that share (the profile's
     budget_curve, every 5%)."""
+    from decoder.gating import profile_budget
+
     if ratio is None:
         return float(profile["budget"])
     for r, T in profile.get("budget_curve") or []:
         if abs(float(r) - ratio) < 1e-9:
             return float(T)
-    table = profile.get("budget_for_single_ratio") or {}
-    for r, T in table.items():
-        if abs(float(r) - ratio) < 1e-9:
-            return float(T)
-    raise ValueError(f"--adapmoe-ratio {ratio}: the profile has budgets for 5%, 10%, ... 95% of drops")
+    try:   # a profile from before the curve: its 10% / 25% / 50% table
+        return profile_budget(profile, ratio)
+    except ValueError as e:
+        raise ValueError(f"--adapmoe-ratio {ratio}: {e}") from None
 
 
 def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.device, target: str,

@@ -294,12 +294,9 @@ def budget_for_quality(model: Transformer, windows: Sequence[torch.Tensor], meas
             best, lo = (mid, p), mid + 1
         else:
             hi = mid - 1
-    tokens = sum(int(w.numel()) - 1 for w in windows)
-    if best is None:
-        return {"max_ppl_rise": max_rise, "budget": 0.0, "drop_ratio": 0.0, "ppl_topk": base,
-                "ppl_at_budget": base, "tokens": tokens, "evaluated": evaluated}
-    return {"max_ppl_rise": max_rise, "budget": curve[best[0]][1], "drop_ratio": curve[best[0]][0],
-            "ppl_topk": base, "ppl_at_budget": best[1], "tokens": tokens, "evaluated": evaluated}
+    (ratio, T), ppl = (curve[best[0]], best[1]) if best is not None else ((0.0, 0.0), base)   # T=0: top-k
+    return {"max_ppl_rise": max_rise, "budget": T, "drop_ratio": ratio, "ppl_topk": base, "ppl_at_budget": ppl,
+            "tokens": sum(int(w.numel()) - 1 for w in windows), "evaluated": evaluated}
 
 
 def expert_outputs(moe: MoEBlock, provider: Any, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -28,9 +28,10 @@ demand submitted behind a hundred prefetches waits only for the requests already
 
 Integrity: a worker reports a completion only after `format.check_blob` passed on the bytes
 in the arena (the blob's seal over every byte) and, for a raw blob, its payload's xxh3, its
-header names the requested ref and its size is the manifest's. With `raw=True` a coded bf16 blob is checked as received, then written
-into its slot with its byte planes joined (codec none, a new seal: `format.transcode_raw`), so
-the consumer copies the payload where it lies and the decode runs in the N workers. (The client also checks; a store replies DATA_LOSS rather than bytes
+header names the requested ref and its size is the manifest's. With `raw=True` a coded bf16
+blob is checked as it is written into its slot with its byte planes joined (codec none, a new
+seal: `format.transcode_raw`), so the consumer copies the payload where it lies and the decode
+runs in the N workers. (The client also checks; a store replies DATA_LOSS rather than bytes
 that fail the manifest's xxh3.)
 
 Faults: a worker that dies (SIGKILL, OOM) is noticed through its process sentinel; its
@@ -148,22 +149,22 @@ def _worker_main(target: str, model: str, shm_name: str, slot_bytes: int, conn: 
             try:
                 got = client.fetch_expert(model, layer, expert, precision, out=recv, priority=priority)
                 size = len(got)
-                header = blob_format.check_blob(recv[:size])
+                header, _ = blob_format.read_header(recv[:size])
                 if (header.model, header.layer, header.expert, header.precision) != (model, layer, expert, precision):
                     raise blob_format.BlobError(f"header is for {header.model} L{header.layer} E{header.expert} "
                                                 f"{header.precision}")
                 expected = manifest.blobs.get((layer, expert, precision))
                 if expected is not None and expected[0] != size:
                     raise blob_format.BlobError(f"size {size} != manifest size {expected[0]}")
-                if header.codec == "none":   # the raw payload's own checksum too: used where it lies
-                    off = header.payload_offset
-                    if blob_format.payload_checksum(recv[off:off + header.raw_size]) != header.xxh3:
-                        raise blob_format.BlobError("raw payload checksum mismatch")
-                elif recv is not out:
-                    try:
-                        size = blob_format.transcode_raw(recv[:size], out)
-                    except ValueError:   # the raw blob does not fit the slot: as it came
-                        out[:size] = recv[:size]
+                if header.codec == "none":   # seal and payload xxh3: the payload is used where it lies
+                    blob_format.decode_raw(recv[:size])
+                elif recv is out:
+                    blob_format.check_blob(recv[:size])
+                elif blob_format.raw_blob_size(header) <= len(out):
+                    size = blob_format.transcode_raw(recv[:size], out)   # checks it as it decodes
+                else:                         # the raw blob does not fit the slot: as it came
+                    blob_format.check_blob(recv[:size])
+                    out[:size] = recv[:size]
                 reply = ("done", rid, size)
             except StoreError as e:
                 reply = ("error", rid, e.code, str(e))

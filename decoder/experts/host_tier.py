@@ -80,8 +80,8 @@ class ArenaPins:
     writer never evicts or replaces a pinned slot, so a copy issued while the slot is pinned for
     PIN_MARGIN_S more (and its seq and the arena's epoch are unchanged) is whole without that
     wait: HostTier.copied counts it as loaded at once and the compute stream orders itself after
-    the copy's event. A copy from a blob without such a pin is waited for and checked as before,
-    and its blob is pinned for the next time."""
+    the copy's event. A copy from a blob without such a pin is waited for and checked
+    (HostTier.copied), and its blob is pinned for the next time."""
 
     def __init__(self, arena: Any, model: str, precision: str, n_experts: int) -> None:
         self.arena, self.model, self.precision, self.n_experts = arena, model, precision, n_experts
@@ -110,7 +110,9 @@ class ArenaPins:
     def _whole_model_fits(self) -> bool:
         now = time.monotonic()
         if self._fits is None or now - self._fits[0] > 30.0:
-            self._fits = (now, self.arena.arena_info().slots >= self.n_experts)
+            fits = (now, self.arena.arena_info().slots >= self.n_experts)
+            with self._cond:
+                self._fits = fits
         return self._fits[1]
 
     def _loop(self) -> None:
@@ -598,24 +600,22 @@ class HostTier:
         done, nbytes = 0, 0
         try:
             with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="host-fill") as pool:
-                i, running, key_of = 0, set(), {}
+                i, running = 0, {}    # future -> its key, in flight
                 while i < len(todo) or running:
                     while i < len(todo) and len(running) < threads and not (stop is not None and stop.is_set()):
                         with self.c._lock:   # a receive and a decode slot per load, from the free list
                             room = len(self.free) - len(running) >= 2 or not running
                         if not room:
                             break
-                        f = pool.submit(load, todo[i])
-                        running.add(f)
-                        key_of[f] = todo[i]
+                        running[pool.submit(load, todo[i])] = todo[i]
                         i += 1
                     if not running:
                         break   # stopped
-                    ended, running = wait(running, return_when=FIRST_COMPLETED)
-                    for f in ended:
+                    for f in wait(running, return_when=FIRST_COMPLETED).done:
+                        key = running.pop(f)
                         f.result()
                         done += 1
-                        nbytes += sizes[key_of.pop(f)]
+                        nbytes += sizes[key]
                         self.fill_progress["done"] = done
                         bar.update(1)
         finally:
