@@ -271,11 +271,11 @@ class ArenaPublisher:
     def _write_raw(blob: memoryview, slot_view: memoryview, length: int) -> int:
         """The checked `blob` into its slot with codec none (its planes joined: the decoder copies
         it to the GPU as it lies); as it came when that does not fit the slot. Returns its length."""
-        try:
+        header, _ = blob_format.read_header(blob)
+        if blob_format.raw_blob_size(header) <= len(slot_view):
             return blob_format.transcode_raw(blob, slot_view)
-        except ValueError:
-            slot_view[:length] = blob
-            return length
+        slot_view[:length] = blob
+        return length
 
     def _finish(self, model: str, ref: Ref, slot: int, fill: _Fill, *, error: BaseException | None,
                 length: int = 0, digest: bytes = b"", pin_until: int = 0) -> None:
