@@ -118,7 +118,7 @@ class Prefetcher(MoEObserver):
                  min_score: float = 0.3, issue_after_demand: bool = False,
                  skip_miss_rate: float | None = None, moe_layers: Sequence[int] | None = None,
                  router: RouterVariant | None = None, max_store_lookahead: int | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 gpu: bool = True, clock: Callable[[], float] = time.perf_counter) -> None:
         """routers[j]: layer j's router weight [E, H]. provider: the expert cache (None = only
         measure predictions). lookahead: fixed k (None = adaptive up to max_lookahead).
         policy: "budget" (issue what the link can move during one layer, see the module
@@ -133,6 +133,9 @@ class Prefetcher(MoEObserver):
         max_store_lookahead: the farthest (in layers, wrapping into the next token) a store fetch
         into the host tier is started for a predicted host-tier miss (None: the layer count when
         the provider has host-tier prefetch, `prefetch_host` with `host_prefetch` > 0; 0: none).
+        gpu: prefetch into the GPU tier (False: only the store lookahead into the host tier; on a
+        link-bound GPU a wrong guess costs a copy and evicts an expert recency would have kept,
+        see benchmarks/README "Against lru").
         clock: the time source of the layer timings (tests pass a fake one)."""
         self.skip_miss_rate = skip_miss_rate
         # layers with routed experts (a dense layer is never a prefetch target): moe_layers
@@ -158,6 +161,7 @@ class Prefetcher(MoEObserver):
         self.renorm = renorm and self.norm_weights is not None
         self.alpha = float(ewma_alpha)
         self.enabled = enabled
+        self.gpu = bool(gpu)
         if max_store_lookahead is None:
             max_store_lookahead = (self.L if provider is not None and getattr(provider, "host_prefetch", 0)
                                    and hasattr(provider, "prefetch_host") else 0)
@@ -271,7 +275,7 @@ class Prefetcher(MoEObserver):
         A captured decode step computes that many on the device, every step (`predict_device`)."""
         if not self.enabled:
             return 0
-        gpu = min(self.fixed_k or self.max_lookahead, self.L - 1 - layer) if layer + 1 < self.L else 0
+        gpu = min(self.fixed_k or self.max_lookahead, self.L - 1 - layer) if layer + 1 < self.L and self.gpu else 0
         return max(gpu, self.max_store_lookahead)
 
     def predict_device(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
@@ -311,7 +315,7 @@ class Prefetcher(MoEObserver):
         if not self.enabled:
             return None
         store_D = self._store_k() if self.max_store_lookahead else 0
-        if layer + 1 >= self.L:
+        if layer + 1 >= self.L or not self.gpu:
             return store_D or None
         k = self.fixed_k or self.max_lookahead
         D = min(k, self.L - 1 - layer)
@@ -688,7 +692,7 @@ def build_prefetcher(model: Any, provider: Any, source: Any = None, *, lookahead
                      max_lookahead: int = 3, renorm: bool = True, enabled: bool = True,
                      policy: str = "budget", min_score: float = 0.3,
                      issue_after_demand: bool = True, skip_miss_rate: float | None = None,
-                     max_store_lookahead: int | None = None,
+                     max_store_lookahead: int | None = None, gpu: bool = True,
                      clock: Callable[[], float] = time.perf_counter) -> Prefetcher | None:
     """What Engine.from_store calls: a Prefetcher over the model's routers feeding `provider`
     (None when the provider cannot prefetch, i.e. has no `prefetch` of its own)."""
@@ -703,4 +707,4 @@ def build_prefetcher(model: Any, provider: Any, source: Any = None, *, lookahead
                       max_lookahead=max_lookahead, norm_weights=norms, renorm=renorm, enabled=enabled,
                       policy=policy, min_score=min_score, issue_after_demand=issue_after_demand,
                       skip_miss_rate=skip_miss_rate, router=router_variant(model),
-                      max_store_lookahead=max_store_lookahead, clock=clock)
+                      max_store_lookahead=max_store_lookahead, gpu=gpu, clock=clock)

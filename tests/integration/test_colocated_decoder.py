@@ -408,7 +408,8 @@ def test_cuda_copies_from_pinned_arena_blobs_are_not_waited_for_and_give_the_sam
     """On CUDA with an arena holding the whole model: the first pass waits for and checks its
     copies and pins their blobs; once pinned, copies count as loaded when issued; every pass
     gives the store directory's logits (the same CUDA kernels)."""
-    kw = dict(KW, device="cuda", dtype=torch.float32)
+    fp32_slot = 3 * 64 * 96 * 4   # an int8 expert dequantized into an fp32 slot (hidden 64, ffn 96)
+    kw = dict(KW, device="cuda", dtype=torch.float32, gpu_cache_bytes=(3 * LAYERS + 2) * fp32_slot)
     with Engine.from_store(str(store_dir), MODEL, precision="int8", **kw) as engine:
         want = engine.forward_logits(IDS)
     with colocated(store_dir, arena_path, budget(LAYERS * EXPERTS, slot_bytes)) as store, \

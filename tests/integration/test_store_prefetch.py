@@ -159,14 +159,14 @@ class StepClock:
         return next(self.t) * self.step
 
 
-def run_store_lookahead(address: str, tokens: int = 10) -> tuple[dict, dict]:
+def run_store_lookahead(address: str, tokens: int = 10, gpu: bool = True) -> tuple[dict, dict]:
     with StoreClient.open(address, deadline_s=30) as client:
         probe = ExpertCache(source(client), gpu_slots=[1] * L, host_cache_bytes=0)
         slot, gslot = probe.host_slot_bytes, probe.slot_bytes
         probe.close()
         with Engine.from_store(client, MODEL, gating="topk", gpu_cache_bytes=(2 * L + 2) * gslot,
                                host_cache_bytes=slot * (L * E // 2), cache_options={"host_prefetch": 1},
-                               prefetch_options={"clock": StepClock(0.1)}) as eng:
+                               prefetch_options={"clock": StepClock(0.1), "gpu": gpu}) as eng:
             eng.generate("Once upon a time", max_tokens=tokens)
             pf = eng.prefetchers[0]
             return eng.stats(), pf.stats()
@@ -207,6 +207,22 @@ def test_store_lookahead_follows_store_latency(store_dir, tmp_path):
     p = slow["provider"]
     assert p["host_prefetch_requests"] >= slow_pf["store_prefetches"]
     assert p["host_prefetch_loads"] > 0
+
+
+def test_store_lookahead_without_gpu_prefetch(store_dir, tmp_path):
+    """gpu=False (the decoder's default on a link-bound GPU): no prefetch copies into GPU slots,
+    yet predicted host-tier misses still start store fetches, as far ahead as the store's
+    latency needs."""
+    srv = StoreServerProcess(store_dir, "--ram-bytes", "0", "--inject-latency-ms", "400",
+                             log_dir=tmp_path / "slow").start()
+    try:
+        st, pf = run_store_lookahead(srv.address, tokens=6, gpu=False)
+    finally:
+        srv.stop()
+    assert pf["prefetches_issued"] == 0 and pf["predicted"] == 0, pf
+    assert pf["store_prefetches"] > 0 and pf["store_prefetches_next_token"] > 0, pf
+    assert st["provider"]["host_prefetch_loads"] > 0
+    assert st["provider"]["prefetch_requests"] == 0
 
 
 @pytest.mark.parametrize("store", [100], indirect=True)
