@@ -16,13 +16,17 @@ prompt in every row), the same prompts, `--new-tokens` new tokens each:
                 as lru / adapmoe, with a miss computed on the host's cores from the host tier's
                 bytes when that finishes first (`--miss-compute auto`, the cache's cost rule) or
                 whenever it can (`--miss-compute cpu`): decoder/experts/host_compute.py
-- adapmoe       DP cache plan + cross-layer prefetch + `adaptive` gating at the calibrated budget
+- adapmoe       the decoder's default, the levers that paid on the H200 (benchmarks/README
+                "Against lru"): DP cache plan + `adaptive` gating + lfru eviction, no prefetch
+                copies into GPU slots (a store behind a partial host tier keeps its lookahead)
+- adapmoe-paper the AdapMoE paper's configuration: DP cache plan + cross-layer prefetch into GPU
+                slots + `adaptive` gating, lru eviction
 - adapmoe-lfru, adapmoe-admit, adapmoe-skip, adapmoe-lfru-admit[-skip], adapmoe[-lfru]-nopf
-                as adapmoe with lfru eviction, prefetch admission, no predictions for a layer
-                whose next layer missed < 5% lately, no prefetcher at all, or several of them
-                (every adapmoe row at the budget for `--adapmoe-ratio` of the droppable expert
-                uses dropped, by default the profile's own budget: 25%)
-- adapmoe-cost  as adapmoe with `cost-aware` gating
+                adapmoe-paper with one or more levers: lfru eviction, prefetch admission, no
+                predictions for a layer whose next layer missed < 5% lately, no prefetcher
+                (adapmoe-lfru-nopf is adapmoe's configuration). Every adapmoe row runs at the
+                budget for `--adapmoe-ratio` of the droppable expert uses dropped (default 0.5)
+- adapmoe-cost  as adapmoe-paper with `cost-aware` gating
 - accelerate    HF transformers MixtralForCausalLM, dense part on the GPU, each layer's experts
                 offloaded to the CPU with accelerate's hooks (`accelerate.cpu_offload`, what
                 `device_map={...experts: "cpu"}` installs)
@@ -84,11 +88,14 @@ from decoder.experts.provider import ExpertProvider, ExpertWeights, expert_weigh
 from expert_store import format as blob_format  # noqa: E402
 from expert_store.client import StoreClient  # noqa: E402
 
-MODES = ("reference", "resident", "ondemand", "lru", "lfru", "adapmoe", "adapmoe-lfru", "adapmoe-admit",
+MODES = ("reference", "resident", "ondemand", "lru", "lfru", "adapmoe", "adapmoe-paper", "adapmoe-lfru", "adapmoe-admit",
          "adapmoe-lfru-admit", "adapmoe-skip", "adapmoe-lfru-admit-skip", "adapmoe-cost", "adapmoe-nopf",
          "adapmoe-lfru-nopf", "accelerate",
          "store-remote", "store-colocated", "lru-cpu", "adapmoe-cpu")
 STORE_ROWS = ("store-remote", "store-colocated")   # host tier half the experts, misses from a store process
+# adapmoe's levers (the rows named adapmoe, adapmoe-cpu and the store rows): what paid on the H200
+# (decode_A_r50: 1.39x / 1.25x lru at 25% / 50% against 1.21x / 1.13x with prefetch)
+DEFAULT_LEVERS = frozenset({"lfru", "nopf"})
 BUDGET_FREE = ("reference", "resident", "ondemand", "accelerate")   # rows that do not depend on the GPU expert budget
 TARGETS = {"adapmoe_vs_lru": {"A": 1.5, "B": 1.35}, "adapmoe_vs_accelerate": 10.0, "resident_vs_adapmoe_50": 2.0,
            # the GPU-driven step (issue 12)
@@ -564,14 +571,21 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
         gating = "cost-aware" if mode == "adapmoe-cost" else "adaptive"
         host = host_all if mode not in STORE_ROWS else (n_experts // 2) * hslot
         options: dict[str, Any] = {"scratch_slots": 0, "plan": "uniform", **dense_opt, **cpu_opt}
-        # the issue-13 levers alone or together: lfru eviction, prefetch admission
-        levers = set(mode.split("-")[1:]) - {"cost", "cpu"}
-        prefetch = "nopf" not in levers
+        # the issue-13 levers alone or together over the paper's configuration (adapmoe-paper):
+        # lfru eviction, prefetch admission, skipping, no prefetch; adapmoe: DEFAULT_LEVERS
+        levers = set(mode.split("-")[1:]) - {"cost", "cpu", "paper"}
+        if mode in ("adapmoe", "adapmoe-cpu") or mode in STORE_ROWS:
+            levers = set(DEFAULT_LEVERS)
+        pf_options: dict[str, Any] = {"skip_miss_rate": 0.05} if "skip" in levers else {}
+        # nopf: no prefetch copies into GPU slots; a store behind a partial host tier keeps its
+        # lookahead (the prefetcher's store fetches into the host tier)
+        prefetch = "nopf" not in levers or mode in STORE_ROWS
+        if "nopf" in levers and mode in STORE_ROWS:
+            pf_options["gpu"] = False
         if "lfru" in levers:
             options["eviction"] = "lfru"
         if "admit" in levers:
             options["admission"] = True
-        pf_options = {"skip_miss_rate": 0.05} if "skip" in levers else {}
         if mode == "store-remote" and remote_fetch_workers:
             # the distributed case as deployed: the host tier is a FetchPool arena that N processes
             # receive into (one Python process receives ~0.3-0.9 GB/s)
@@ -1287,9 +1301,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--b-accelerate-tokens", type=int, default=4, help="new tokens per prompt of B's accelerate row")
     p.add_argument("--ppl-windows", type=int, default=8)
     p.add_argument("--calib-tokens", type=int, default=2048)
-    p.add_argument("--adapmoe-ratio", type=float, default=None, metavar="R",
+    p.add_argument("--adapmoe-ratio", type=float, default=0.5, metavar="R",
                    help="adapmoe rows at the budget for a share R of the droppable expert uses dropped (0.05 "
-                        "steps; default: the calibrated profile's budget, R = 0.25)")
+                        "steps; within 1%% of top-k's held-out perplexity on model A at 0.5)")
     p.add_argument("--calib-seq", type=int, default=256)
     p.add_argument("--store-workers", type=int, default=4)
     p.add_argument("--dense-slots", choices=("auto", "on", "off"), default="auto",
