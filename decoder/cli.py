@@ -103,8 +103,17 @@ def add_adapmoe_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-plan", default=None, choices=["uniform", "popularity"],
                    help="GPU slots per layer: AdapMoE's DP under uniform expert choice, or the DP on the "
                         "calibrated expert popularity (needs cache budgets; default uniform)")
+    p.add_argument("--eviction", default=None, choices=["lru", "lfru"],
+                   help="which GPU expert gives its slot up: least recently used, or by recency and frequency "
+                        "(default lfru: fewer copies per token on the H200, benchmarks/README 'Against lru')")
+    p.add_argument("--gpu-prefetch", action="store_true",
+                   help="also copy predicted experts into GPU slots ahead of use (the AdapMoE paper's prefetch; "
+                        "off by default: on a link-bound GPU its wrong guesses cost more copies than its overlap "
+                        "saves, benchmarks/README 'Against lru'). A store behind a partial host tier is prefetched "
+                        "from either way")
     p.add_argument("--lookahead", type=int, default=None, metavar="N",
-                   help="prefetch a fixed N layers ahead (default: adaptive, from measured load/compute time)")
+                   help="prefetch into GPU slots a fixed N layers ahead (implies --gpu-prefetch; default: adaptive, "
+                        "from measured load/compute time)")
     p.add_argument("--loss-bound", type=float, default=None,
                    help="cost-aware gating: cap on the estimated loss added per token")
     p.add_argument("--miss-precision", default=None, choices=["int8", "int4"],
@@ -167,6 +176,15 @@ def engine_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         if not has_cache:
             raise ValueError("--cache-plan needs the expert cache: give --gpu-cache-bytes/--host-cache-bytes")
         cache_options["plan"] = args.cache_plan
+    for flag, given in (("--eviction", args.eviction is not None), ("--gpu-prefetch", args.gpu_prefetch)):
+        if given and not has_cache:
+            raise ValueError(f"{flag} needs the expert cache: give --gpu-cache-bytes/--host-cache-bytes")
+    if args.gpu_prefetch and getattr(args, "no_prefetch", False):
+        raise ValueError("--gpu-prefetch and --no-prefetch contradict each other")
+    if has_cache:
+        cache_options["eviction"] = args.eviction or "lfru"
+        if not getattr(args, "no_prefetch", False):
+            prefetch_options["gpu"] = bool(args.gpu_prefetch or args.lookahead is not None)
     if args.lookahead is not None:
         if args.lookahead < 1:
             raise ValueError("--lookahead must be >= 1")
@@ -309,9 +327,14 @@ def format_stats(s: dict[str, Any]) -> str:
                                          f"({t.get('hits', 0)} hits, {t.get('misses', 0)} misses{moved})"))
     for key in ("prefetch", "prefetcher"):
         pf = s.get(key)
-        if isinstance(pf, dict) and ("precision" in pf or "recall" in pf):
+        if isinstance(pf, dict) and pf.get("gpu", True) and ("precision" in pf or "recall" in pf):
             rows.append(("prefetch precision / recall",
                          f"{100 * float(pf.get('precision', 0.0)):.1f} % / {100 * float(pf.get('recall', 0.0)):.1f} %"))
+        if isinstance(pf, dict) and pf.get("max_store_lookahead"):
+            nt = pf.get("store_next_token_precision")
+            rows.append(("store prefetches into host tier",
+                         f"{pf.get('store_prefetches', 0)} ({pf.get('store_prefetches_next_token', 0)} for the next "
+                         f"token" + (f", {100 * float(nt):.1f} % of those used" if nt is not None else "") + ")"))
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 2 + max(len(v) for _, v in rows))
     return "\n".join([line] + [f"{k.ljust(width)}  {v}" for k, v in rows] + [line])

@@ -228,7 +228,7 @@ class Prefetcher(MoEObserver):
         tot = pr(sum(map(sum, self._tp)), sum(map(sum, self._pred)), sum(map(sum, self._used)))
         tu = sum(map(sum, self._tok_used))
         tot["token_recall"] = sum(map(sum, self._tok_tp)) / tu if tu else 0.0
-        return {**tot, "per_layer": per_layer, "per_distance": per_distance,
+        return {**tot, "gpu": self.gpu, "per_layer": per_layer, "per_distance": per_distance,
                 "lookahead_hist": {k: n for k, n in enumerate(self._k_hist) if k and n},
                 "prefetches_issued": self._issued,
                 "issued_per_layer": list(self._issued_layer),

@@ -79,7 +79,8 @@ def test_demo_prints_text_and_stats_table(first_run):
     # the generated continuation follows the prompt
     after = out.split(PROMPT, 1)[1]
     assert after.strip(), "no generated text"
-    for row in ("decode tokens/s", "experts per token", "hit rate", "bytes fetched from store"):
+    for row in ("decode tokens/s", "experts per token", "hit rate", "bytes fetched from store",
+                "store prefetches into host tier"):
         assert row in out, f"stats table lacks {row!r}:\n{out}"
     assert re.search(r"gpu hit rate\s+\d", out) and re.search(r"host hit rate\s+\d", out)
     assert "held-out perplexity" in out

@@ -60,14 +60,26 @@ def test_flags_become_engine_options(which):
     args = parsed(which, "--gating", "cost-aware", "--budget", "0.1", "--gpu-cache-bytes", str(slot),
                   "--cache-plan", "popularity", "--lookahead", "2", "--loss-bound", "0.5",
                   "--miss-precision", "int4", "--miss-threshold", "0.2")
-    assert engine_options(args) == {"cache_options": {"plan": "popularity", "miss_precision": "int4"},
+    # --lookahead is a GPU prefetch distance: it turns the GPU prefetch on; eviction defaults to lfru
+    assert engine_options(args) == {"cache_options": {"plan": "popularity", "miss_precision": "int4",
+                                                      "eviction": "lfru"},
                                     "gating_options": {"loss_bound": 0.5, "miss_precision_threshold": 0.2},
-                                    "prefetch_options": {"lookahead": 2}}
+                                    "prefetch_options": {"lookahead": 2, "gpu": True}}
     assert engine_options(parsed(which)) == {"cache_options": {}, "gating_options": {}, "prefetch_options": {}}
+    # with a cache, the defaults the H200 rows chose (benchmarks/README "Against lru")
+    assert engine_options(parsed(which, "--gpu-cache-bytes", "1M")) == {
+        "cache_options": {"eviction": "lfru"}, "gating_options": {}, "prefetch_options": {"gpu": False}}
+    assert engine_options(parsed(which, "--gpu-cache-bytes", "1M", "--eviction", "lru", "--gpu-prefetch")) == {
+        "cache_options": {"eviction": "lru"}, "gating_options": {}, "prefetch_options": {"gpu": True}}
+    assert engine_options(parsed(which, "--gpu-cache-bytes", "1M", "--no-prefetch")) == {
+        "cache_options": {"eviction": "lfru"}, "gating_options": {}, "prefetch_options": {}}
     for bad, msg in [(["--cache-plan", "uniform"], "--cache-plan needs the expert cache"),
                      (["--lookahead", "2"], "--lookahead needs the expert cache"),
                      (["--lookahead", "0", "--gpu-cache-bytes", "1M"], "--lookahead must be >= 1"),
                      (["--lookahead", "1", "--gpu-cache-bytes", "1M", "--no-prefetch"], "contradict"),
+                     (["--gpu-prefetch", "--gpu-cache-bytes", "1M", "--no-prefetch"], "contradict"),
+                     (["--gpu-prefetch"], "--gpu-prefetch needs the expert cache"),
+                     (["--eviction", "lru"], "--eviction needs the expert cache"),
                      (["--loss-bound", "1"], "cost-aware"),
                      (["--miss-threshold", "0.2"], "goes with --miss-precision")]:
         with pytest.raises(ValueError, match=msg):
@@ -108,6 +120,7 @@ def test_each_flag_reaches_its_component(store, which):
         args = parsed(which, "--gpu-cache-bytes", str(budget))
         with Engine.from_store(client, "t", gpu_cache_bytes=args.gpu_cache_bytes, **engine_options(args)) as eng:
             assert eng.prefetchers[0].fixed_k is None and eng.provider.plan == "uniform"
+            assert eng.provider.policy.kind == "lfru" and eng.prefetchers[0].gpu is False
 
 
 def test_topk_with_options_is_bit_identical_and_reset_stats(store):
