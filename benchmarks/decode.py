@@ -719,6 +719,9 @@ def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torc
         "torch_profile": profile_txt,
         "cold_fill": cold_fill,
         "arena": arena,
+        # copies out of the arena issued while their blob was pinned (counted as loaded at once)
+        # or checked after they ended (host_tier.ArenaPins)
+        "arena_copies": pst.get("arena_copies") if mode == "store-colocated" else None,
         "remote_path": remote_path_stats(pst, pf, steps) if mode == "store-remote" else None,
     }
 
