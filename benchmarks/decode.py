@@ -708,7 +708,7 @@ def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torc
         "stall_ms_per_token": st["stall_s_per_token"] * 1e3,
         "gb_per_token": gb_tok,
         "lower_bound_ms_per_token": lower_bound_ms,
-        "gpu_quota": pst.get("gpu_quota"), "dense_slots": pst.get("dense_slots"),
+        "gpu_quota": pst.get("gpu_quota"), "dense_slots": pst.get("dense_slots"), "eviction": pst.get("eviction"),
         # misses the host computed (the -cpu rows), per generated token, and its measured cost
         "cpu_misses_per_token": pst.get("cpu_misses", 0) / steps,
         "host_compute": pst.get("host_compute"), "miss_compute": pst.get("miss_compute"),

@@ -324,6 +324,7 @@ class ExpertCache(ExpertProvider):
                 "precision": self.precision,
                 "device": str(self.device),
                 "pinned_host": self.pinned,
+                "eviction": self.policy.kind,
                 "tiers": tiers,
                 "prefetch_tiers": {t: dict(v) for t, v in self._prefetch_tier.items()},
                 "fetches": self._tier["store"]["loads"],
