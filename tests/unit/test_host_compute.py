@@ -560,10 +560,10 @@ def test_cli_flag_becomes_the_cache_option():
 
     base = ["generate", "--store", "S", "--model", "t", "--prompt", "x"]
     args = build_parser().parse_args(base + ["--miss-compute", "auto", "--gpu-cache-bytes", "1M"])
-    assert engine_options(args)["cache_options"] == {"miss_compute": "auto"}
+    assert engine_options(args)["cache_options"] == {"miss_compute": "auto", "eviction": "lfru"}
     with pytest.raises(ValueError, match="--miss-compute needs the expert cache"):
         engine_options(build_parser().parse_args(base + ["--miss-compute", "cpu"]))
     args = build_parser().parse_args(base + ["--miss-compute", "cpu", "--cpu-workers", "2", "--gpu-cache-bytes", "1M"])
-    assert engine_options(args)["cache_options"] == {"miss_compute": "cpu", "cpu_workers": 2}
+    assert engine_options(args)["cache_options"] == {"miss_compute": "cpu", "cpu_workers": 2, "eviction": "lfru"}
     with pytest.raises(ValueError, match="--cpu-workers applies to --miss-compute"):
         engine_options(build_parser().parse_args(base + ["--cpu-workers", "2", "--gpu-cache-bytes", "1M"]))
