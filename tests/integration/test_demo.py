@@ -95,6 +95,11 @@ def test_demo_trains_packs_and_budgets_below_the_model(first_run, cache):
     assert m, err[-2000:]
     total, gpu, host = map(float, m.groups())
     assert gpu < total and host < total
+    # the gating budget is calibrated for a quality target (calibrate --max-ppl-rise 1%)
+    q = re.search(r"perplexity rise <= 1\.00%: T=\S+, dropping (\d+)% .*perplexity ([\d.]+) vs top-k ([\d.]+)", err)
+    assert q, err[-3000:]
+    assert float(q.group(2)) <= 1.01 * float(q.group(3))
+    assert "budget calibrate chose for at most a 1% perplexity rise" in err
 
 
 def test_store_is_stopped_cleanly(first_run, cache):
