@@ -176,6 +176,7 @@ def pack_checkpoint(
     precisions: Iterable[str] = ("bf16",),
     group_size: int = DEFAULT_GROUP_SIZE,
     progress: bool = True,
+    codec: str = "auto",
 ) -> PackResult:
     """Pack a MoE checkpoint into ``store`` (anything with ``get/put/contains`` by key:
     ``NvmeTier``, ``TieredStore``).  Raises :class:`UnsupportedCheckpointError` (also known as
@@ -223,7 +224,8 @@ def pack_checkpoint(
                     continue
                 weights = layout.expert_tensors(layer, expert)
                 for precision, key in pending:
-                    data = expert_to_blob(model, layer, expert, precision, weights, group_size=group_size)
+                    data = expert_to_blob(model, layer, expert, precision, weights, group_size=group_size,
+                                          codec=codec)
                     _put(store, key, data)
                     blobs[(layer, expert, precision)] = BlobEntry.of(data)
                     result.blobs_written += 1

@@ -274,10 +274,12 @@ def expert_to_blob(
     precision: str,
     tensors: Mapping[str, torch.Tensor],
     group_size: int = DEFAULT_GROUP_SIZE,
+    codec: str = "auto",
 ) -> bytes:
     """Encode one expert's ``{"w1", "w3", "w2"}`` (2-D float tensors) as a blob at
     ``precision`` ("bf16": cast to bfloat16, exact for bf16 sources; "int8"/"int4":
-    group-wise quantized)."""
+    group-wise quantized). codec: "auto" (bf16 byte planes + lz4 where that saves) or "none"
+    (the raw payload: larger, but a reader uses it where it lies, see ``format.encode_blob``)."""
     if precision not in fmt.PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {fmt.PRECISIONS}")
     if set(tensors) != set(EXPERT_TENSORS):
@@ -312,7 +314,7 @@ def expert_to_blob(
     raw = bytearray(offset)
     for start, data in parts:
         raw[start : start + len(data)] = data
-    return fmt.encode_blob(model, layer, expert, precision, layout, raw)
+    return fmt.encode_blob(model, layer, expert, precision, layout, raw, codec=codec)
 
 
 def tensors_from_raw(header: BlobHeader, raw: torch.Tensor) -> dict[str, torch.Tensor | QuantizedWeight]:

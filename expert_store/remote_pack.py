@@ -267,6 +267,7 @@ def pack_remote(
     precisions: Iterable[str] = ("bf16",),
     group_size: int = DEFAULT_GROUP_SIZE,
     *,
+    codec: str = "auto",
     placement: str = "all",
     token: str | None = None,
     tls_ca: Pem = None,
@@ -366,7 +367,8 @@ def pack_remote(
                 for expert in range(layout.num_experts):
                     weights = layout.expert_tensors(layer, expert)
                     for precision in precisions:
-                        data = expert_to_blob(model, layer, expert, precision, weights, group_size=group_size)
+                        data = expert_to_blob(model, layer, expert, precision, weights, group_size=group_size,
+                                              codec=codec)
                         entry = blobs[(layer, expert, precision)] = BlobEntry.of(data)
                         run.submit(run.holders(fmt.expert_key(model, layer, expert, precision)), run.ensure_expert,
                                    (layer, expert, precision), data, entry.size, entry.xxh3)

@@ -270,3 +270,25 @@ def test_pack_stores_tokenizer_config_with_its_chat_template(tmp_path):
     assert not store.contains(fmt.file_key("plain", "tokenizer_config.json"))
     with StoreClient.open(tmp_path / "store") as client:
         assert client.manifest("plain").tokenizer_config is None
+
+
+def test_pack_codec_none_stores_raw_payloads_a_reader_uses_as_they_lie(tmp_path):
+    """`expert-store pack --codec none`: every bf16 blob stored with codec none (no lz4 to undo
+    when a co-located store publishes it), the same payload as the default coded pack."""
+    from expert_store.cli import main as store_cli
+
+    ckpt, _ = make_mixtral_checkpoint(tmp_path / "tiny-mixtral", dtype=torch.bfloat16, seed=3)
+    coded, plain = NvmeTier(tmp_path / "coded"), tmp_path / "plain"
+    pack_checkpoint(ckpt, coded, precisions=("bf16",), progress=False)
+    assert store_cli(["pack", str(ckpt), "--store", str(plain), "--codec", "none", "--no-progress"]) == 0
+    plain_tier = NvmeTier(plain)
+    keys = [fmt.expert_key("tiny-mixtral", l, e, "bf16") for l in range(2) for e in range(4)]
+    codecs = {fmt.read_header(coded.get(k))[0].codec for k in keys}
+    assert codecs == {"bf16-planes+lz4"}, codecs   # the default codes these bf16 experts
+    for k in keys:
+        a, b = coded.get(k), plain_tier.get(k)
+        assert fmt.read_header(b)[0].codec == "none"
+        assert bytes(fmt.decode_raw(a)[1]) == bytes(fmt.decode_raw(b)[1])
+        assert len(b) > len(a)
+    with pytest.raises(SystemExit):
+        store_cli(["pack", str(ckpt), "--store", str(tmp_path / "x"), "--codec", "zstd"])
