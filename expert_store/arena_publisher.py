@@ -91,6 +91,9 @@ class ArenaPublisher:
         self.writer = writer
         self.raw = bool(raw)   # publish coded blobs with codec none (format.transcode_raw)
         self._scratch = threading.local()   # raw: a receive buffer per fetch thread
+        # raw: whether a (model, precision)'s last blob came coded, so the next is received beside
+        # its slot (to be transcoded into it) or straight into it (codec none: published as read)
+        self._coded: dict[tuple[str, str], bool] = {}
         self.max_refs = int(max_refs)
         self._lock = threading.Lock()
         self._fills: dict[int, _Fill] = {}
@@ -217,8 +220,10 @@ class ArenaPublisher:
         length, digest = 0, b""
         try:
             slot_view = self.writer.m.slot_view(slot)
-            # raw: received beside the slot, then written into it with its planes joined
-            view = self._receive_buffer() if self.raw and ref[2] == "bf16" else slot_view
+            # raw: a coded blob is received beside the slot, then written into it with its planes
+            # joined; one stored with codec none goes straight into the slot, as every int blob does
+            raw = self.raw and ref[2] == "bf16"
+            view = self._receive_buffer() if raw and self._coded.get((model, ref[2]), True) else slot_view
             try:
                 got = self.upstream.fetch_expert(model, *ref, out=view, priority=priority)
                 length = len(got)
@@ -241,6 +246,13 @@ class ArenaPublisher:
                                    f"L{header.layer} E{header.expert} {header.precision}")
                 if not xxh3:   # no manifest hash to hold it to: the blob's own seal
                     blob_format.check_blob(blob)
+                if raw:
+                    coded = self._coded[(model, ref[2])] = header.codec != "none"
+                    if coded and view is slot_view:   # guessed wrong: move it beside the slot first
+                        view = self._receive_buffer()
+                        view[:length] = blob
+                        blob.release()
+                        blob = view[:length]
                 if view is not slot_view:
                     length = self._write_raw(blob, slot_view, length)
                     digest = xxhash.xxh3_128_digest(slot_view[:length])
