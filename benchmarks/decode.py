@@ -238,13 +238,14 @@ def prepare_model_a(work: Path, device: torch.device, args: argparse.Namespace) 
     return prep
 
 
-def _pack(ckpt: Path, store: Path, model: str, precisions: Sequence[str], group_size: int) -> None:
+def _pack(ckpt: Path, store: Path, model: str, precisions: Sequence[str], group_size: int,
+          codec: str = "auto") -> None:
     from expert_store.pack import pack_checkpoint
     from expert_store.tiers import NvmeTier
 
     t0 = time.perf_counter()
     res = pack_checkpoint(ckpt, NvmeTier(store), model=model, precisions=precisions, group_size=group_size,
-                          progress=True)
+                          progress=True, codec=codec)
     log(f"packed {model}: {res.blobs_written} blobs, {res.bytes_written / 1e9:.2f} GB "
         f"({time.perf_counter() - t0:.0f} s)")
 
@@ -335,6 +336,21 @@ def prepare_model_b(work: Path, device: torch.device, args: argparse.Namespace) 
                           "weights": "random normal(0, 0.02) experts quantized to int4; routers normal(0, 0.5)"})
     calibrate(prep, device, calib, args)
     return prep
+
+
+def plain_copy(prep: Prepared, work: Path) -> Path:
+    """The store-colocated row's upstream with `--colocated-upstream plain`: the model packed
+    again with codec none (`expert-store pack --codec none`, a local copy the co-located store
+    publishes as read) beside the calibration profile; B's int blobs are never coded, so B's
+    store is its own plain copy."""
+    if prep.ckpt is None:
+        return prep.store
+    out = work / "store-plain"
+    if not (out / "models" / prep.model / "manifest.json").is_file():
+        _pack(prep.ckpt, out, prep.model, (store_precision(prep),), group_size=128, codec="none")
+        profile = prep.store / "models" / prep.model / "profile.json"
+        (out / "models" / prep.model / "profile.json").write_bytes(profile.read_bytes())
+    return out
 
 
 # =============================================================================================
@@ -1214,6 +1230,8 @@ def run_model(prep: Prepared, device: torch.device, args: argparse.Namespace, wo
                         if mode == "store-colocated":
                             if colocated is None:
                                 upstream = None
+                                if args.colocated_upstream == "plain":
+                                    upstream = str(plain_copy(prep, work))
                                 if args.colocated_upstream == "remote":
                                     if server is None:
                                         server = StoreServer(prep.store, args.store_workers,
@@ -1334,9 +1352,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="the -cpu rows: host experts computed at once, each on cpu-threads / W threads")
     p.add_argument("--colocated-arena-frac", type=float, default=1.0,
                    help="store-colocated: the share of the model's experts the co-located arena holds")
-    p.add_argument("--colocated-upstream", choices=("dir", "remote"), default="dir",
-                   help="store-colocated: the co-located store reads the store directory (a local NVMe copy) "
-                        "or the remote `expert-store serve` of the store-remote row")
+    p.add_argument("--colocated-upstream", choices=("dir", "plain", "remote"), default="dir",
+                   help="store-colocated: the co-located store reads the store directory (a local NVMe copy), "
+                        "a copy of it packed with codec none (plain: published as read, no lz4 to undo) or the "
+                        "remote `expert-store serve` of the store-remote row")
     p.add_argument("--colocated-fetch-threads", type=int, default=8,
                    help="store-colocated: the co-located store's upstream fetch threads")
     p.add_argument("--colocated-loaders", type=int, default=2,

@@ -99,3 +99,31 @@ def test_store_remote_host_tier_holds_half_a_bf16_model(tmp_path):
             eng.close()
     finally:
         server.stop()
+
+
+def test_plain_copy_is_the_model_packed_with_codec_none(tmp_path):
+    """`--colocated-upstream plain`: the co-located store's upstream is the model packed again
+    with codec none (the same payloads, no lz4 to undo as it publishes) with the profile beside
+    it; B (random int blobs, never coded) is its own plain copy."""
+    from expert_store import format as fmt
+    from expert_store.pack import pack_checkpoint
+    from expert_store.tiers import NvmeTier
+    from tests.checkpoints import make_mixtral_checkpoint
+
+    ckpt, _ = make_mixtral_checkpoint(tmp_path / "ckpt", dtype=torch.bfloat16, seed=9)
+    store = tmp_path / "store"
+    pack_checkpoint(ckpt, NvmeTier(store), model="m", precisions=("bf16",), progress=False)
+    (store / "models" / "m" / "profile.json").write_text('{"budget": 1.0}\n')
+    prep = decode.Prepared(name="A", store=store, model="m", ckpt=ckpt, prompts=[], warmup_prompt=[])
+    plain = decode.plain_copy(prep, tmp_path / "work")
+    assert plain != store and (plain / "models" / "m" / "profile.json").read_text() == '{"budget": 1.0}\n'
+    coded_tier, plain_tier = NvmeTier(store), NvmeTier(plain)
+    for l in range(2):
+        for e in range(4):
+            key = fmt.expert_key("m", l, e, "bf16")
+            a, b = coded_tier.get(key), plain_tier.get(key)
+            assert fmt.read_header(a)[0].codec == "bf16-planes+lz4" and fmt.read_header(b)[0].codec == "none"
+            assert bytes(fmt.decode_raw(a)[1]) == bytes(fmt.decode_raw(b)[1])
+    assert decode.plain_copy(prep, tmp_path / "work") == plain   # packed once
+    b = decode.Prepared(name="B", store=store, model="m", ckpt=None, prompts=[], warmup_prompt=[])
+    assert decode.plain_copy(b, tmp_path / "work") == store
