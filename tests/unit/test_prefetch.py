@@ -475,3 +475,22 @@ def test_issued_precision_and_recall():
     assert s["predicted"] == 2 + 4 + 4 and s["hits"] == 1 + 4 + 2
     assert s["precision"] == pytest.approx(7 / 10)
     assert s["issued_per_input"] == pytest.approx(1.0)
+
+
+def test_without_gpu_prefetch_nothing_is_predicted_for_the_gpu_tier():
+    """gpu=False: the captured step computes no predictions for GPU slots (static_distance 0
+    without a store lookahead) and the eager hooks predict nothing; with gpu=True the same
+    prefetcher reaches its lookahead."""
+    on = Prefetcher(routers(seed=3), None, top_k=2, lookahead=2)
+    off = Prefetcher(routers(seed=3), None, top_k=2, lookahead=2, gpu=False)
+    assert [on.static_distance(l) for l in range(L)] == [2, 2, 1, 0]
+    assert [off.static_distance(l) for l in range(L)] == [0] * L
+    x = torch.randn(1, H, generator=torch.Generator().manual_seed(4))
+    for pf in (on, off):
+        for l in range(L):
+            pf.on_moe_input(l, x)
+            assert (pf.predict_device(l, x) is None) is (pf is off or l == L - 1)
+            w, idx = topk_route(x @ pf.routers[l].T, 2)
+            pf.on_routing(l, None, w, idx)
+    assert on.stats()["predicted"] > 0 and on.stats()["gpu"] is True
+    assert off.stats()["predicted"] == 0 and off.stats()["gpu"] is False
