@@ -41,6 +41,7 @@ def test_store_rows_on_a_random_mixtral(tmp_path):
         assert r["tokens_per_s"] > 0 and r["vs_lru"] is not None
         fill = r["cold_fill"]
         assert fill["gbps"] > 0 and fill["fill_s"] > 0 and fill["first_token_s"] > 0
+        assert fill["first_token_floor_s"] > 0   # the store's measured fetch time, once per layer
         assert fill["into"] == ("arena" if mode == "store-colocated" else "host tier")
         # half the experts in the host tier: some demand loads come from the store
         assert r["host_hit_rate"] is not None
