@@ -96,13 +96,18 @@ def stream_whole(address, layer, expert) -> bytes:
         return b"".join(parts)
 
 
-def ports_where(want, tries=200) -> int:
-    """A free port p for which want(f"127.0.0.1:{p}") holds (rendezvous ownership)."""
-    for _ in range(tries):
-        port = free_port()
-        if want(f"127.0.0.1:{port}"):
-            return port
-    raise AssertionError("no free port gave the wanted rendezvous order")
+def ports_where(want, goods=50, bads=200) -> tuple[int, int]:
+    """Free ports (g, b) for which want(f"127.0.0.1:{g}", f"127.0.0.1:{b}") holds (rendezvous
+    ownership). Both are chosen: for a given good address a wanted order can be next to
+    impossible (its score for a key near the top of the hash range leaves almost no address
+    that beats it), so the good replica's port is picked too, not taken as it comes."""
+    for _ in range(goods):
+        g = free_port()
+        for _ in range(bads):
+            b = free_port()
+            if b != g and want(f"127.0.0.1:{g}", f"127.0.0.1:{b}"):
+                return g, b
+    raise AssertionError("no pair of free ports gave the wanted rendezvous order")
 
 
 def test_in_place_flip_with_mtime_put_back_is_data_loss_from_the_server(good_dir, tmp_path, caplog):
@@ -170,10 +175,10 @@ def test_bad_bytes_from_every_replica_are_data_loss_naming_blob_and_replicas(goo
 
 
 def test_good_copy_on_another_replica_is_served_and_the_bad_replica_logged(good_dir, tmp_path, caplog):
-    good = store_proc(good_dir).start()
+    key = blob_format.expert_key(MODEL, 1, 3, "bf16")
+    good_port, port = ports_where(lambda good, bad: rendezvous_order(key, [good, bad])[0] == bad)
+    good = store_proc(good_dir, port=good_port).start()
     try:
-        key = blob_format.expert_key(MODEL, 1, 3, "bf16")
-        port = ports_where(lambda bad: rendezvous_order(key, [good.address, bad])[0] == bad)
         bad_dir = rotted_copy(good_dir, tmp_path / "bad", refs=[(1, 3)])
         caplog.set_level(logging.WARNING, logger="expert_store.client")
         with store_proc(bad_dir, port=port) as bad, \
@@ -214,11 +219,11 @@ def test_bad_bytes_and_an_unreachable_replica_is_unavailable_naming_both(good_di
 def test_dense_that_fails_the_manifest_is_fetched_from_another_replica(good_dir, tmp_path):
     """fetch_dense checks the manifest's size/xxh3 inside the failover: a replica whose dense
     file rotted (and whose own manifest agrees with it) is skipped, not the end of the call."""
-    good = store_proc(good_dir).start()
+    mkey, dkey = blob_format.file_key(MODEL, "manifest.json"), blob_format.dense_key(MODEL)
+    good_port, port = ports_where(lambda good, bad: rendezvous_order(mkey, [good, bad])[0] == good
+                                  and rendezvous_order(dkey, [good, bad])[0] == bad)
+    good = store_proc(good_dir, port=good_port).start()
     try:
-        mkey, dkey = blob_format.file_key(MODEL, "manifest.json"), blob_format.dense_key(MODEL)
-        port = ports_where(lambda bad: rendezvous_order(mkey, [good.address, bad])[0] == good.address
-                           and rendezvous_order(dkey, [good.address, bad])[0] == bad)
         bad_dir = rotted_copy(good_dir, tmp_path / "bad", dense=True)
         want = (good_dir / "models" / dkey).read_bytes()
         with store_proc(bad_dir, port=port) as bad:

@@ -88,9 +88,9 @@ def test_rotten_replica_is_verified_and_drops_the_blob(good_dir, tmp_path, caplo
     settle(blob_path(rotten_dir, 1, 2))
     good_before = blob_path(good_dir, 1, 2).stat()
     caplog.set_level(logging.WARNING, logger="expert_store.client")
-    good = store_proc(good_dir).start()
+    good_port, port = ports_where(lambda good, bad: rendezvous_order(key, [good, bad])[0] == bad)
+    good = store_proc(good_dir, port=good_port).start()
     try:
-        port = ports_where(lambda bad: rendezvous_order(key, [good.address, bad])[0] == bad)
         with store_proc(rotten_dir, port=port) as rotten, \
                 StoreClient.open(f"{good.address},{rotten.address}", deadline_s=10) as c:
             assert bytes(c.fetch_expert(MODEL, 1, 2, "bf16")) == want  # from its owner, rotten: checked once
@@ -160,8 +160,8 @@ def test_failed_verify_is_logged_and_the_fetch_goes_on(good_dir, tmp_path, caplo
     rot(rotten_dir, 0, 1)
     want = blob_path(good_dir, 0, 1).read_bytes()
     caplog.set_level(logging.WARNING, logger="expert_store.client")
-    with store_proc(good_dir) as good:
-        port = ports_where(lambda bad: rendezvous_order(key, [good.address, bad])[0] == bad)
+    good_port, port = ports_where(lambda good, bad: rendezvous_order(key, [good, bad])[0] == bad)
+    with store_proc(good_dir, port=good_port) as good:
         with store_proc(rotten_dir, "--inject-latency-ms", "3000", port=port) as rotten, \
                 StoreClient.open(f"{good.address},{rotten.address}", deadline_s=20) as c:
             assert bytes(c.fetch_expert(MODEL, 0, 1, "bf16")) == want
