@@ -23,8 +23,8 @@ prompt in every row), the same prompts, `--new-tokens` new tokens each:
                 slots + `adaptive` gating, lru eviction
 - adapmoe-lfru, adapmoe-admit, adapmoe-skip, adapmoe-lfru-admit[-skip], adapmoe[-lfru]-nopf
                 adapmoe-paper with one or more levers: lfru eviction, prefetch admission, no
-                predictions for a layer whose next layer missed < 5% lately, no prefetcher
-                (adapmoe-lfru-nopf is adapmoe's configuration). Every adapmoe row runs at the
+                predictions for a layer whose next layer missed < 5% lately, no prefetch into
+                GPU slots (adapmoe-lfru-nopf is adapmoe's configuration). Every adapmoe row runs at the
                 budget for `--adapmoe-ratio` of the droppable expert uses dropped (default 0.5)
 - adapmoe-cost  as adapmoe-paper with `cost-aware` gating
 - accelerate    HF transformers MixtralForCausalLM, dense part on the GPU, each layer's experts
@@ -592,12 +592,11 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
         levers = set(mode.split("-")[1:]) - {"cost", "cpu", "paper"}
         if mode in ("adapmoe", "adapmoe-cpu") or mode in STORE_ROWS:
             levers = set(DEFAULT_LEVERS)
-        pf_options: dict[str, Any] = {"skip_miss_rate": 0.05} if "skip" in levers else {}
-        # nopf: no prefetch copies into GPU slots; a store behind a partial host tier keeps its
-        # lookahead (the prefetcher's store fetches into the host tier)
-        prefetch = "nopf" not in levers or mode in STORE_ROWS
-        if "nopf" in levers and mode in STORE_ROWS:
-            pf_options["gpu"] = False
+        # nopf: no prefetch copies into GPU slots (Prefetcher gpu=False); a store behind a partial
+        # host tier keeps its lookahead (the prefetcher's store fetches into the host tier)
+        pf_options: dict[str, Any] = {"gpu": "nopf" not in levers}
+        if "skip" in levers:
+            pf_options["skip_miss_rate"] = 0.05
         if "lfru" in levers:
             options["eviction"] = "lfru"
         if "admit" in levers:
@@ -624,7 +623,7 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
                 options.update(miss_precision=low, low_precision_misses="store")
                 gating_options["miss_precision_threshold"] = remote.get("miss_threshold", 0.3)
         eng = Engine.from_store(target, prep.model, gpu_cache_bytes=gpu_bytes, host_cache_bytes=host,
-                                gating=gating, budget=T, prefetch=prefetch, cache_options=options,
+                                gating=gating, budget=T, cache_options=options,
                                 gating_options=gating_options or None, prefetch_options=pf_options, **common)
         if mode in STORE_ROWS:
             return eng   # a cold host tier: run_engine_row fills it while the first tokens are generated
@@ -705,6 +704,7 @@ def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torc
         per_tier = {"gpu": pst.get("gpu_bytes_total", 0) / steps, "host": 0.0, "store": 0.0}
     gb_tok = {k: v / 1e9 for k, v in per_tier.items()}
     pf = st.get("prefetch") or {}
+    gpf = pf if pf.get("gpu", True) else {}   # the prefetch into GPU slots (none: no figures)
     tps = st["tokens_per_s"]
     lower_bound_ms = gb_tok.get("gpu", 0.0) / pinned_gbps * 1e3
     return {
@@ -716,11 +716,11 @@ def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torc
         "single_expert_ratio": st["routing"]["decode"]["single_expert_ratio"],
         "gpu_hit_rate": (tiers.get("gpu") or {}).get("hit_rate"),
         "host_hit_rate": (tiers.get("host") or {}).get("hit_rate"),
-        "prefetch_precision": pf.get("precision"), "prefetch_recall": pf.get("recall"),
-        "prefetch_token_recall": pf.get("token_recall"),
+        "prefetch_precision": gpf.get("precision"), "prefetch_recall": gpf.get("recall"),
+        "prefetch_token_recall": gpf.get("token_recall"),
         # what the prefetcher issued to the cache (its link budget), not every prediction
-        "prefetch_issued_precision": pf.get("issued_precision"), "prefetch_issued_recall": pf.get("issued_recall"),
-        "prefetch_issued": pf.get("issued"),
+        "prefetch_issued_precision": gpf.get("issued_precision"), "prefetch_issued_recall": gpf.get("issued_recall"),
+        "prefetch_issued": gpf.get("issued"),
         "stall_ms_per_token": st["stall_s_per_token"] * 1e3,
         "gb_per_token": gb_tok,
         "lower_bound_ms_per_token": lower_bound_ms,

@@ -176,9 +176,8 @@ def ensure_profile(store: pathlib.Path, model: str, cache: pathlib.Path, precisi
         except ValueError:
             pass
     text_path = cache / "calibration.txt"
-    # calibration tokens, then PPL_TOKENS more for the quality budget (a few thousand held-out
-    # tokens are too noisy to tell a 1% rise: 2k picked 90% drops, 12k picks what the accuracy
-    # benchmark's held-out files allow)
+    # calibration tokens, then PPL_TOKENS more held-out tokens for the quality budget (a 1% rise
+    # is within the noise of a few thousand)
     text_path.write_text(train_demo.heldout_text(4 * (calibration_tokens + PPL_TOKENS)), encoding="utf-8")
     _log(f"calibrating adaptive gating on {calibration_tokens} held-out tokens (moe-decoder calibrate --upload)")
     t0 = time.perf_counter()

@@ -254,7 +254,7 @@ class ArenaPublisher:
                         blob.release()
                         blob = view[:length]
                 if view is not slot_view:
-                    length = self._write_raw(blob, slot_view, length)
+                    length = self._write_raw(blob, header, slot_view, length)
                     digest = xxhash.xxh3_128_digest(slot_view[:length])
                 blob.release()
             finally:
@@ -280,10 +280,10 @@ class ArenaPublisher:
         return buf
 
     @staticmethod
-    def _write_raw(blob: memoryview, slot_view: memoryview, length: int) -> int:
-        """The checked `blob` into its slot with codec none (its planes joined: the decoder copies
-        it to the GPU as it lies); as it came when that does not fit the slot. Returns its length."""
-        header, _ = blob_format.read_header(blob)
+    def _write_raw(blob: memoryview, header: blob_format.BlobHeader, slot_view: memoryview, length: int) -> int:
+        """The checked `blob` (its parsed `header`) into its slot with codec none (its planes
+        joined: the decoder copies it to the GPU as it lies); as it came when that does not fit
+        the slot. Returns its length."""
         if blob_format.raw_blob_size(header) <= len(slot_view):
             return blob_format.transcode_raw(blob, slot_view)
         slot_view[:length] = blob
