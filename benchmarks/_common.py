@@ -189,3 +189,24 @@ def write_outputs(result: dict[str, Any], out_dir: Path, name: str,
     js.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, png)
     return js, png
+
+
+def kernel_table(prof: Any, steps: int, cuda: bool, limit: int = 30) -> tuple[list[dict[str, Any]], str]:
+    """The kernels (CUDA) or ops (CPU) of a torch.profiler run of `steps` decode steps, most
+    device time first: rows {name, calls, per_step, us, us_per_step, share} and a printable
+    table whose first line sums them (kernels per step, device time per step). Kernels that a
+    CUDA graph replays are listed too: CUPTI reports them one by one."""
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if not cuda or e.device_type.name == "CUDA"]
+    events = [e for e in events if getattr(e, key) > 0]
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1.0
+    calls = sum(e.count for e in events)
+    rows = [{"name": e.key[:90], "calls": e.count, "per_step": e.count / steps, "us": getattr(e, key),
+             "us_per_step": getattr(e, key) / steps, "share": getattr(e, key) / total} for e in events]
+    lines = [f"{calls / steps:.1f} {'kernels' if cuda else 'ops'} and {total / steps:.1f} us of "
+             f"{'device' if cuda else 'CPU'} time per step ({steps} steps)",
+             f"{'us/step':>9} {'share':>6} {'calls/step':>10}  name"]
+    lines += [f"{r['us_per_step']:9.1f} {100 * r['share']:5.1f}% {r['per_step']:10.2f}  {r['name']}"
+              for r in rows[:limit]]
+    return rows[:limit], "\n".join(lines)

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import kernel_table  # noqa: E402
 from decoder.batching import BatchScheduler, FinishEvent, SamplingSpec, TokenEvent  # noqa: E402
 from decoder.engine import Engine  # noqa: E402
 from decoder.model.config import ModelConfig  # noqa: E402
@@ -83,22 +84,17 @@ def run_batch(engine: Engine, prompts: list[list[int]], batch: int, max_tokens: 
 
 
 def profile_steps(engine: Engine, prompts: list[list[int]], batch: int, tokens: int = 16) -> list[dict]:
-    """The 12 kernels that took the most device time over `batch` requests of `tokens` new
-    tokens each (prefill included), printed and returned as rows."""
+    """The kernels of `batch` requests of `tokens` new tokens each (prefill included), most
+    device time first, printed and returned as rows (per decode step: the steps are counted
+    by the scheduler)."""
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
+    cuda = engine.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
-        run_batch(engine, prompts[:batch], batch, tokens)
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or engine.device.type != "cuda"]
-    key = "self_device_time_total" if engine.device.type == "cuda" else "self_cpu_time_total"
-    events.sort(key=lambda e: getattr(e, key), reverse=True)
-    total = sum(getattr(e, key) for e in events) or 1.0
-    rows = [{"name": e.key[:90], "calls": e.count, "us": getattr(e, key), "share": getattr(e, key) / total}
-            for e in events[:12]]
-    print(f"batch {batch}: {total / 1e3:.1f} ms of kernels over {batch} x {tokens} tokens")
-    for r in rows:
-        print(f"  {r['us'] / 1e3:8.2f} ms {100 * r['share']:5.1f}% {r['calls']:6d}x  {r['name']}")
+        run = run_batch(engine, prompts[:batch], batch, tokens)
+    rows, table = kernel_table(prof, max(1, run["decode_steps"]), cuda)
+    print(f"batch {batch}, {batch} x {tokens} tokens:\n{table}")
     return rows
 
 

@@ -83,6 +83,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from benchmarks._common import kernel_table  # noqa: E402
 from decoder.engine import Engine  # noqa: E402
 from decoder.experts.provider import ExpertProvider, ExpertWeights, expert_weights_from_views  # noqa: E402
 from expert_store import format as blob_format  # noqa: E402
@@ -853,16 +854,18 @@ def fill_while_serving(eng: Engine, prep: Prepared, mode: str, profile: dict, ar
 
 
 def torch_profile(eng: Engine, prep: Prepared, args: argparse.Namespace) -> str:
-    """Where the time of a few decode steps goes (torch profiler, CPU + CUDA)."""
+    """Where the time of a few decode steps goes (torch profiler): the host's ops by self CPU
+    time, then every kernel of the steps (those graphs replay too) by device time per step."""
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    cuda = torch.cuda.is_available()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
         eng.generate(prep.prompts[0], max_tokens=args.profile_tokens, temperature=0.0, stop_at_eos=False)
-    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50)
-    gpu = prof.key_averages().table(sort_by=key, row_limit=8, max_name_column_width=50)
-    return f"## {args.profile_tokens} decode steps, by self CPU time\n{cpu}\n## by self device time\n{gpu}"
+    _, kernels = kernel_table(prof, args.profile_tokens, cuda, limit=40)
+    return (f"## {args.profile_tokens} decode steps (and the prompt's prefill), by self CPU time\n{cpu}\n"
+            f"## kernels, by device time\n{kernels}")
 
 
 # =============================================================================================
