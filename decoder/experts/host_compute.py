@@ -50,6 +50,7 @@ Doing both at once, for different misses, beats either. This module holds the ho
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -178,19 +179,38 @@ class _Int4:
 def int4pack_for_cpu(q: torch.Tensor, K: int) -> torch.Tensor:
     """The store's int4 values (uint8 [N, K/2], even column in the low nibble, offset 8) in
     `_weight_int4pack_mm_for_cpu`'s layout: what `_convert_weight_to_int4pack_for_cpu` makes of
-    them unpacked to int32 [N, K]. For N a multiple of 64 it is built here with byte
-    operations (blocks of 64 rows; per block and column, 32 bytes holding rows j and j + 32 in
-    the low and high nibble), several times faster than the op's int32 detour; otherwise the op."""
+    them unpacked to int32 [N, K]. That layout depends on the CPU torch runs on; where it is the
+    AVX-512 one (blocks of 64 rows; per block and column, 32 bytes holding rows j and j + 32 in
+    the low and high nibble: `_bytes_layout_matches`) and N is a multiple of 64 it is built
+    here with byte operations, several times faster than the op's int32 detour; otherwise the op."""
     N = q.shape[0]
-    if N % 64 or K % 2:
-        vals = torch.stack([(q & 0xF).to(torch.int32), (q >> 4).to(torch.int32)], dim=-1).view(N, -1)[:, :K]
-        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(vals.contiguous(), 1)
+    if N % 64 or K % 2 or not _bytes_layout_matches():
+        return _int4pack_op(q, K)
+    return _int4pack_bytes(q, K)
+
+
+def _int4pack_op(q: torch.Tensor, K: int) -> torch.Tensor:
+    N = q.shape[0]
+    vals = torch.stack([(q & 0xF).to(torch.int32), (q >> 4).to(torch.int32)], dim=-1).view(N, -1)[:, :K]
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(vals.contiguous(), 1)
+
+
+def _int4pack_bytes(q: torch.Tensor, K: int) -> torch.Tensor:
+    N = q.shape[0]
     qb = q.view(N // 64, 2, 32, K // 2)
     a, b = qb[:, 0], qb[:, 1]                                        # rows j, j + 32 of each block
     out = torch.empty(N // 64, K // 2, 2, 32, dtype=torch.uint8)    # [block, column pair, even|odd, j]
     out[:, :, 0, :] = ((a & 0x0F) | (b << 4)).transpose(1, 2)        # even columns: the low nibbles
     out[:, :, 1, :] = ((a >> 4) | (b & 0xF0)).transpose(1, 2)        # odd columns: the high nibbles
     return out.view(N, K // 2)
+
+
+@functools.lru_cache(maxsize=1)
+def _bytes_layout_matches() -> bool:
+    """Whether torch's int4 CPU layout on this machine is the one `_int4pack_bytes` builds
+    (checked once on a random 128 x 128 matrix against the op itself)."""
+    q = torch.randint(0, 256, (128, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return torch.equal(_int4pack_bytes(q, 128), _int4pack_op(q, 128))
 
 
 class _Int8Row:

@@ -86,6 +86,16 @@ def test_int4_layout_built_with_bytes_equals_torchs_conversion(N, K):
     assert torch.equal(int4pack_for_cpu(q, K), torch.ops.aten._convert_weight_to_int4pack_for_cpu(vals, 1))
 
 
+@pytest.mark.skipif(not cpu_kernels()["int4"], reason="this torch has no int4 CPU kernel")
+def test_int4_byte_layout_is_used_only_where_it_is_torchs():
+    # torch's int4 CPU layout depends on the CPU (AVX-512: 64-row blocks); the byte-built one
+    # must equal the op's wherever int4pack_for_cpu picks it
+    from decoder.experts.host_compute import _bytes_layout_matches, _int4pack_bytes, _int4pack_op
+
+    q = torch.randint(0, 256, (64, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
+    assert _bytes_layout_matches() == torch.equal(_int4pack_bytes(q, 96), _int4pack_op(q, 96))
+
+
 def test_unaligned_payload_is_copied_and_owned():
     blob, header, raw = blob_and_raw("bf16", 96, 64, 32, seed=1)
     buf = torch.zeros(raw.numel() + 1, dtype=torch.uint8)
