@@ -42,7 +42,10 @@ import torch.nn.functional as F
 from decoder.experts.prefetch import Prefetcher
 from decoder.gating import TailDropGating, CountingTopK
 from decoder.kernels.fused_moe import fused_moe, moe_torch, use_kernels
+from decoder.kernels.counts import count_routing
 from decoder.kernels.norm import rms_norm
+from decoder.kernels.rope import rope_and_cache
+from decoder.kernels.router import route_topk
 from decoder.model.transformer import Transformer, apply_rope_signed, rope_cos_sin, sign_rotated_sin
 from decoder.routing import TopKGating, overrides, selected_probs, topk_route, wants_host_routing
 
@@ -118,6 +121,12 @@ class DecodeStep:
         if self.capture and not (cuda and self.kernels):
             raise ValueError("graph capture needs CUDA and the fused MoE kernels (Triton, bf16/fp16)")
         self._kv_ptr = kv.k_cache.data_ptr()
+        # plain GQA (no q/k norms, no clamps): one q/k/v matmul, then RoPE and the cache write
+        # in one kernel (decoder/kernels/rope.py)
+        self.plain_attention = cfg.qk_norm is None and cfg.clip_qkv is None
+        if self.plain_attention:
+            for blk in model.layers:
+                blk.self_attn.fuse_qkv()
         self._observers = tuple(model.observers)
         self._gating_key = step_gating_key(model.gating)
         self.prefetcher = next((o for o in model.observers if isinstance(o, Prefetcher)), None)
@@ -148,6 +157,8 @@ class DecodeStep:
         self.xn = zeros(B, H)                   # input norm
         self.h = zeros(B, H)                    # after attention
         self.moe_in = zeros(B, H)               # post-attention norm
+        self.q_rot = zeros(B, self.nh, self.hd)  # this token's queries after RoPE
+        self.x_final = zeros(B, H)              # the final norm, before the head
         self.cos_t = zeros(B, 1, self.hd)       # RoPE of this token's positions
         self.sin_t = zeros(B, 1, self.hd)
         self.mask = torch.zeros(B, 1, 1, self.S, dtype=torch.bool, device=dev)
@@ -181,47 +192,59 @@ class DecodeStep:
 
     # --- the pieces that are captured --------------------------------------------------------
     def _embed(self) -> None:
-        self.x.copy_(self.model.embed_tokens(self.tokens))
+        # gathers and the mask straight into the step's buffers: one kernel each
+        torch.index_select(self.model.embed_tokens.weight, 0, self.tokens, out=self.x)
         q = self.input_pos[:, None]                                         # [B, 1]
-        mask = self.kpos[None, :] <= q                                      # [B, S]
         window = self.config.sliding_window
-        if window is not None:
-            mask = mask & (q - self.kpos[None, :] < window)
-        self.mask.copy_(mask[:, None, None, :])
-        self.cos_t.copy_(self.cos[self.input_pos][:, None])
-        self.sin_t.copy_(self.sin[self.input_pos][:, None])
+        if window is None:
+            torch.le(self.kpos[None, :], q, out=self.mask.view(self.B, self.S))    # [B, S]
+        else:
+            self.mask.copy_(((self.kpos[None, :] <= q) & (q - self.kpos[None, :] < window))[:, None, None, :])
+        torch.index_select(self.cos, 0, self.input_pos, out=self.cos_t.view(self.B, self.hd))
+        torch.index_select(self.sin, 0, self.input_pos, out=self.sin_t.view(self.B, self.hd))
 
     def _attention(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         # x: [B, H] (normed) -> [B, H]; K/V of this token go to the static cache at input_pos
         a = self.model.layers[layer].self_attn
         B, nh, nkv, hd = self.B, self.nh, self.nkv, self.hd
-        q, k, v = a._qkv(x.view(B, 1, -1))          # [B, nh|nkv, 1, hd]: biases, q/k norms, clamps as the family has them
-        q, k = apply_rope_signed(q, self.cos_t, self.sin_t), apply_rope_signed(k, self.cos_t, self.sin_t)
         kc, vc = a.kv_cache.k_cache, a.kv_cache.v_cache                    # [Bmax, nkv, S, hd]
-        kc[self.rows, :, self.input_pos] = k[:, :, 0]
-        vc[self.rows, :, self.input_pos] = v[:, :, 0]
+        if self.plain_attention and a.qkv_fused():
+            qkv = F.linear(x, a.wqkv, a.bqkv)                               # [B, (nh + 2 nkv) hd]
+            rope_and_cache(qkv, self.cos_t, self.sin_t, self.input_pos, self.q_rot, kc, vc, nh)
+            q = self.q_rot
+        else:
+            q, k, v = a._qkv(x.view(B, 1, -1))      # [B, nh|nkv, 1, hd]: biases, q/k norms, clamps as the family has them
+            q, k = apply_rope_signed(q, self.cos_t, self.sin_t), apply_rope_signed(k, self.cos_t, self.sin_t)
+            kc[self.rows, :, self.input_pos] = k[:, :, 0]
+            vc[self.rows, :, self.input_pos] = v[:, :, 0]
         # one query per head: the rep heads sharing a KV head are that head's "queries"
-        qg = q.view(B, nkv, nh // nkv, hd)
+        qg = q.reshape(B, nkv, nh // nkv, hd)
         y = F.scaled_dot_product_attention(qg, kc[:B], vc[:B], attn_mask=self.mask, scale=hd ** -0.5)
         return a.o_proj(y.reshape(B, nh * hd))
 
-    def _route(self, layer: int, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # logits: [B, E] -> weights [B, k] f32, ids [B, k] (-1 = none), dropped weight W or -1 [B]
+    def _route(self, layer: int, logits: torch.Tensor) -> None:
+        # logits: [B, E] -> route_w[layer] [B, k] f32, route_ids[layer] [B, k] (-1 = none) and
+        # the dropped weight W or -1 pend_all[layer] [B]
         g = self.gating
         renorm = g.renormalize if isinstance(g, TailDropGating) else True
+        w_out, ids_out, pend_out = self.route_w[layer], self.route_ids[layer], self.pend_all[layer]
+        if not (isinstance(g, TailDropGating) and g.decides_on_device and not self.host_decides and self.k >= 2):
+            # top-k (the gating keeps every choice here, or decides later from the host's read)
+            route_topk(logits, self.active, self.k, renorm and self.config.norm_topk_prob, w_out, ids_out, pend_out)
+            return
         w, ids = topk_route(logits, self.k, renorm)                      # the gating's decision weights
-        if isinstance(g, TailDropGating) and g.decides_on_device and not self.host_decides and self.k >= 2:
-            w, ids, _, pend = g.decide_on_device(layer, logits, w, ids)
-        else:
-            pend = torch.full((self.B,), -1.0, device=self.device)
+        w, ids, _, pend = g.decide_on_device(layer, logits, w, ids)
         ids = torch.where(self.active[:, None], ids, -1)
         if not self.config.norm_topk_prob:      # Qwen2-MoE, OLMoE: each chosen expert's softmax probability
             w = selected_probs(logits, ids)
-        return w, ids, pend
+        w_out.copy_(w)
+        ids_out.copy_(ids)
+        pend_out.copy_(pend)
 
-    def _pre(self, layer: int, whole: bool = False) -> torch.Tensor:
-        """Attention, router and gating of `layer`; with a read to follow (not `whole`) also the
-        prefetcher's predictions and the packed readback. Returns the dropped weight W or -1 [B]."""
+    def _pre(self, layer: int, whole: bool = False) -> None:
+        """Attention, router and gating of `layer` (routing into route_w / route_ids, the dropped
+        weight W or -1 into pend_all); with a read to follow (not `whole`) also the prefetcher's
+        predictions and the packed readback."""
         if layer == 0:
             self._embed()
         blk = self.model.layers[layer]
@@ -229,22 +252,24 @@ class DecodeStep:
         attn = self._attention(layer, self.xn)
         rms_norm(blk.post_attention_layernorm, self.x, self.moe_in, residual=attn, h_out=self.h)   # h = x + attn
         m = self.moe_in
-        w, ids, pend = self._route(layer, blk.block_sparse_moe.gate(m))
-        self.route_w[layer].copy_(w)
-        self.route_ids[layer].copy_(ids)
+        self._route(layer, blk.block_sparse_moe.gate(m))
         if whole:                   # nothing is read and every expert is resident: no predictions
-            return pend
-        parts = [ids.float(), pend[:, None], w]
+            return
+        parts = [self.route_ids[layer].float(), self.pend_all[layer][:, None], self.route_w[layer]]
         if self.distance[layer]:
             pred = self.prefetcher.predict_device(layer, m)                  # [D, B, 2k]
             parts.append(pred.permute(1, 0, 2).reshape(self.B, -1))
         self.readback[layer].copy_(torch.cat(parts, dim=1))
-        return pend
 
     def _moe(self, layer: int, experts: list[int] | None = None) -> None:
         args = (self.moe_in, self.route_w[layer], self.route_ids[layer], self.slots[layer], self.banks[layer])
-        y = fused_moe(*args) if experts is None or self.kernels else moe_torch(*args, experts=experts)
-        torch.add(self.h, self._with_shared(layer, y), out=self.x)
+        if experts is not None and not self.kernels:
+            y = moe_torch(*args, experts=experts)
+            torch.add(self.h, self._with_shared(layer, y), out=self.x)
+        elif self.model.layers[layer].block_sparse_moe.shared_expert is None:
+            fused_moe(*args, residual=self.h, out=self.x)                  # x = h + moe, one kernel adds
+        else:
+            torch.add(self.h, self._with_shared(layer, fused_moe(*args)), out=self.x)
         if layer == self.L - 1:
             self._count_rows()
             self._head()
@@ -261,7 +286,8 @@ class DecodeStep:
 
     def _head(self) -> None:
         m = self.model
-        self.logits.copy_(m.lm_head(m.norm(self.x)).float())
+        rms_norm(m.norm, self.x, self.x_final)
+        self.logits.copy_(m.lm_head(self.x_final))
 
     def _count_rows(self) -> None:
         # per batch row [decisions, experts used, single-expert decisions] of this token's final
@@ -275,21 +301,11 @@ class DecodeStep:
 
     def _count(self) -> None:
         # device counters of a whole-mode token, every layer at once: nothing is read
-        ids, pend, act = self.ids_all, self.pend_all, self.active              # [L, B, k], [L, B], [B]
-        L = self.L
-        valid = ids >= 0
-        n = valid.sum(2)                                                       # [L, B]
-        dropped = (pend >= 0) & act
-        onehot = torch.zeros(L, self.E, dtype=torch.long, device=self.device)
-        onehot.scatter_add_(1, ids.clamp(min=0).view(L, -1), valid.view(L, -1).long())
-        c = torch.stack([act.sum().expand(L), (n * act).sum(1), ((n == 1) & act).sum(1),
-                         torch.where(dropped, pend * pend, 0.0).sum(1), (onehot > 0).sum(1)], dim=1).double()
-        self.counts += c
-        self.loads += onehot
+        count_routing(self.ids_all, self.pend_all, self.active, self.counts, self.loads)
 
     def _whole(self) -> None:
         for l in range(self.L):
-            self.pend_all[l].copy_(self._pre(l, whole=True))
+            self._pre(l, whole=True)
             self._moe(l)
         self._count()
 

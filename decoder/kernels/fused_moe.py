@@ -13,11 +13,13 @@ Two Triton kernels on CUDA (`_kernels`):
         returns at once when no token chose that expert (or it has no slot), else multiplies
         the block of W1 and W3 with every token that chose it (tl.dot over [BLOCK_F, H] x
         [H, R]) and stores SiLU(g) * u for those (token, choice) rows (with UP_SPLIT > 1 each
-        program covers a share of H and stores partial g, u; torch adds them and applies SiLU). Each used expert's weights are read
-        once per call, whatever the number of tokens.
+        program covers a share of H and stores partial g, u; `silu_mul_parts` adds them and
+        applies SiLU). Each used expert's weights are read once per call, whatever the number
+        of tokens.
 - down: grid (E, H / BLOCK_D, SPLIT). The same for W2 over a SPLIT-th of F, scaled by the
-        routing weight; partial sums go to their own plane of an fp32 buffer and are added in
-        torch, so the result does not depend on scheduling (no atomics).
+        routing weight; partial sums go to their own plane of an fp32 buffer and `moe_reduce`
+        adds the planes and each token's choices (and the residual stream, for the decode
+        step) in a fixed order, so the result does not depend on scheduling (no atomics).
 `ids == -1` (a choice the gating dropped) contributes nothing. Slots may hold int8 / int4
 experts as the store packs them (group-wise values + fp16 scales): the kernels dequantize each
 tile in registers, rounded once to the compute dtype like expert_store.quant.dequantize, so a
@@ -138,15 +140,22 @@ class ExpertBank:
 
 
 def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, slot_of: torch.Tensor,
-              bank: ExpertBank) -> torch.Tensor:
-    """x [T, H]; weights [T, k] float32; ids [T, k] int (-1 = none); slot_of [E] int32 -> [T, H].
+              bank: ExpertBank, residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, H]; weights [T, k] float32; ids [T, k] int (-1 = none); slot_of [E] int32 -> [T, H]
+    (written into `out` when given), plus `residual` [T, H] when given (the residual stream:
+    `residual + moe`, rounded as that sum is).
 
     The Triton kernels where they apply (CUDA, bf16/fp16, Triton importable), else `moe_torch`.
     Every expert `ids` names must have a slot (slot_of >= 0); the kernels skip one that has none.
     """
     if use_kernels(x):
-        return moe_triton(x, weights, ids, slot_of, bank)
-    return moe_torch(x, weights, ids, slot_of, bank)
+        return moe_triton(x, weights, ids, slot_of, bank, residual=residual, out=out)
+    y = moe_torch(x, weights, ids, slot_of, bank)
+    if residual is not None:
+        y = residual + y
+    if out is None:
+        return y
+    return out.copy_(y)
 
 
 def use_kernels(x: torch.Tensor) -> bool:
@@ -198,6 +207,14 @@ def _kernels():
         log.info("triton unavailable (%s): fused MoE runs the torch path", e)
         return None
     return triton_moe.moe_up, triton_moe.moe_down
+
+
+@functools.lru_cache(maxsize=1)
+def _finish_kernels():
+    """(SiLU of split partial sums, sum of the down kernels' planes + residual) Triton kernels."""
+    from decoder.kernels import triton_moe
+
+    return triton_moe.silu_mul_parts, triton_moe.moe_reduce
 
 
 @functools.lru_cache(maxsize=1)
@@ -293,9 +310,11 @@ def pick_config(tuned: dict, bank: ExpertBank, tokens: int) -> KernelConfig:
 
 
 def moe_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, slot_of: torch.Tensor,
-               bank: ExpertBank, config: KernelConfig | None = None) -> torch.Tensor:
-    """`fused_moe` through the two Triton kernels (no host read; capturable). `config`: the
-    tiles (default: `tuned_config` for x's device)."""
+               bank: ExpertBank, config: KernelConfig | None = None, residual: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """`fused_moe` through the Triton kernels (no host read; capturable): up (+ SiLU of its
+    split partial sums), down, and one kernel adding the down kernels' planes and choices (and
+    the residual). `config`: the tiles (default: `tuned_config` for x's device)."""
     import triton
 
     cfg = config or tuned_config(x.device, bank, x.shape[0])
@@ -325,7 +344,8 @@ def moe_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, slot_o
     split_h = triton.cdiv(H, h_per_split)
     part = torch.empty(split_h, 2, R, Fd, dtype=torch.float32, device=x.device) if split_h > 1 else act
     if gemv:
-        return _moe_gemv4(x, ids_flat, wts, slot_of, bank, cfg, act, part, h_per_split, split_h, k, group)
+        y = _moe_gemv4(x, ids_flat, wts, slot_of, bank, cfg, act, part, h_per_split, split_h, k, group)
+        return _reduce(y, ids_flat, slot_of, T, k, H, residual, out, x.dtype)
     up[(E, triton.cdiv(Fd, BLOCK_F), split_h)](x, ids_flat, slot_of, bank.w1, bank.w3, act, R, H, Fd, x.stride(0),
                                        bank.slot_stride, bank.off1, bank.off3, scales, bank.scale_stride,
                                        bank.soff1, bank.soff3, h_per_split, part, K=k, WIDEN=widen, QBITS=qbits,
@@ -333,19 +353,45 @@ def moe_triton(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, slot_o
                                        BLOCK_R=BLOCK_R, BLOCK_F=BLOCK_F, BLOCK_H=BLOCK_H, num_warps=cfg.up_warps,
                                        num_stages=cfg.up_stages)
     if split_h > 1:             # rows no token chose hold garbage here: the down kernel never reads them
-        g, u = part.sum(0).unbind(0)
-        act = (g * torch.sigmoid(g) * u).to(act.dtype)
+        _silu_parts(part, act)
     BLOCK_D, BLOCK_FD = cfg.block_d, cfg.block_fd
     # split F so that the programs of the (at most min(E, R)) used experts cover every SM
     # `down_programs` times
     d_blocks = triton.cdiv(H, BLOCK_D)
     split, f_per_split = _down_split(cfg, H, Fd, min(E, R), d_blocks, x.device)
-    y = torch.zeros(split, R, H, dtype=torch.float32, device=x.device)
+    y = torch.empty(split, R, H, dtype=torch.float32, device=x.device)     # unwritten rows: never read
     down[(E, d_blocks, split)](act, ids_flat, wts, slot_of, bank.w2, y, R, H, Fd, bank.slot_stride, bank.off2,
                                f_per_split, scales, bank.scale_stride, bank.soff2, WIDEN=widen, QBITS=qbits,
                                GROUP=group, DIV=div, POST=post, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, BLOCK_F=BLOCK_FD,
                                num_warps=cfg.down_warps, num_stages=cfg.down_stages)
-    return y.view(split, T, k, H).sum(dim=(0, 2)).to(x.dtype)
+    return _reduce(y, ids_flat, slot_of, T, k, H, residual, out, x.dtype)
+
+
+def _silu_parts(part: torch.Tensor, act: torch.Tensor) -> None:
+    """act [R, F] <- SiLU(g) * u of the up kernel's partial sums part [SPLIT, 2, R, F]."""
+    import triton
+
+    silu, _ = _finish_kernels()
+    split, _, R, Fd = part.shape
+    silu[(R, triton.cdiv(Fd, 1024))](part, act, R, Fd, SPLIT=split, BLOCK=1024, num_warps=4)
+
+
+def _reduce(y: torch.Tensor, ids_flat: torch.Tensor, slot_of: torch.Tensor, T: int, k: int, H: int,
+            residual: torch.Tensor | None, out: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """out [T, H] <- (residual +) the sum of the down kernels' planes y [SPLIT, T * k, H] over
+    planes and each token's choices (rows of dropped or slot-less choices skipped)."""
+    import triton
+
+    _, reduce = _finish_kernels()
+    if out is None:
+        out = torch.empty(T, H, dtype=dtype, device=y.device)
+    res = residual if residual is not None else out
+    if res.stride(1) != 1 or res.stride(0) != H or out.stride(1) != 1 or out.stride(0) != H:
+        raise ValueError("fused_moe's residual and out must be contiguous [T, H]")
+    BLOCK = min(1024, triton.next_power_of_2(H))
+    reduce[(T, triton.cdiv(H, BLOCK))](y, ids_flat, slot_of, res, out, T, H, y.shape[0], K=k,
+                                       HAS_RES=residual is not None, BLOCK=BLOCK, num_warps=4)
+    return out
 
 
 def _down_split(cfg: KernelConfig, H: int, Fd: int, used: int, d_blocks: int, device: torch.device) -> tuple[int, int]:
@@ -361,8 +407,8 @@ def _down_split(cfg: KernelConfig, H: int, Fd: int, used: int, d_blocks: int, de
 def _moe_gemv4(x: torch.Tensor, ids_flat: torch.Tensor, wts: torch.Tensor, slot_of: torch.Tensor, bank: ExpertBank,
                cfg: KernelConfig, act: torch.Tensor, part: torch.Tensor, h_per_split: int, split_h: int, k: int,
                group: int) -> torch.Tensor:
-    """`moe_triton` for int4 slots through the matrix-vector kernels: the same result, one
-    program per (token, choice) row instead of per expert."""
+    """`moe_triton`'s up and down kernels for int4 slots as matrix-vector kernels, one program
+    per (token, choice) row instead of per expert: returns the down planes y [SPLIT, R, H]."""
     import triton
 
     up, down = _gemv_kernels()
@@ -375,13 +421,12 @@ def _moe_gemv4(x: torch.Tensor, ids_flat: torch.Tensor, wts: torch.Tensor, slot_
                                                    BLOCK_H=cfg.block_h, num_warps=cfg.up_warps,
                                                    num_stages=cfg.up_stages)
     if split_h > 1:             # rows of dropped choices hold garbage here: the down kernel skips them
-        g, u = part.sum(0).unbind(0)
-        act = (g * torch.sigmoid(g) * u).to(act.dtype)
+        _silu_parts(part, act)
     d_blocks = triton.cdiv(H, cfg.block_d)
     split, f_per_split = _down_split(cfg, H, Fd, R, d_blocks, x.device)
-    y = torch.zeros(split, R, H, dtype=torch.float32, device=x.device)
+    y = torch.empty(split, R, H, dtype=torch.float32, device=x.device)     # unwritten rows: never read
     down[(R, d_blocks, split)](act, ids_flat, wts, slot_of, bank.w2, y, R, H, Fd, bank.slot_stride, bank.off2,
                                f_per_split, bank.scales, bank.scale_stride, bank.soff2, GROUP=group,
                                BLOCK_D=cfg.block_d, BLOCK_F=cfg.block_fd, num_warps=cfg.down_warps,
                                num_stages=cfg.down_stages)
-    return y.view(split, T, k, H).sum(dim=(0, 2)).to(x.dtype)
+    return y

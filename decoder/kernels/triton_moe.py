@@ -338,3 +338,43 @@ def moe_down_gemv4(act_ptr, ids_ptr, wts_ptr, slot_ptr, w2_ptr, y_ptr, R, H, Fd,
         acc += q4_row_dot(w2_ptr + base, s_ptr + sbase, d, dm, c0, Fd, ng, ar, GROUP, BLOCK_C)
     acc = acc * tl.load(wts_ptr + r)
     tl.store(y_ptr + (split * R + r).to(tl.int64) * H + d, acc, mask=dm)
+
+
+@triton.jit
+def silu_mul_parts(part_ptr, act_ptr, R, Fd, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """act[r] = SiLU(g) * u of the up kernel's partial sums over its H splits
+    (part [SPLIT, 2, R, F] float32 -> act [R, F]). grid (R, F / BLOCK)."""
+    r = tl.program_id(0)
+    f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = f < Fd
+    g = tl.zeros((BLOCK,), dtype=tl.float32)
+    u = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        g += tl.load(part_ptr + ((2 * s) * R + r).to(tl.int64) * Fd + f, mask=m, other=0.0)
+        u += tl.load(part_ptr + ((2 * s + 1) * R + r).to(tl.int64) * Fd + f, mask=m, other=0.0)
+    act = g * tl.sigmoid(g) * u
+    tl.store(act_ptr + r.to(tl.int64) * Fd + f, act.to(act_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def moe_reduce(y_ptr, ids_ptr, slot_ptr, res_ptr, out_ptr, T, H, SPLIT, K: tl.constexpr, HAS_RES: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """out[t] = sum over the down kernel's F splits s and the token's choices j of y[s, t, j]
+    (y [SPLIT, T, K, H] float32), rounded to out's dtype, then + res[t] when given (rounded
+    again, as `h + moe` is). Choices the gating dropped (id -1) or whose expert has no slot were
+    never written by the down kernels and are skipped. grid (T, H / BLOCK)."""
+    t = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = d < H
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for j in tl.static_range(K):
+        e = tl.load(ids_ptr + t * K + j)
+        slot = tl.load(slot_ptr + tl.maximum(e, 0))
+        if (e >= 0) & (slot >= 0):
+            for s in range(SPLIT):
+                acc += tl.load(y_ptr + ((s * T + t) * K + j).to(tl.int64) * H + d, mask=m, other=0.0)
+    dt = out_ptr.dtype.element_ty
+    out = acc.to(dt)
+    if HAS_RES:
+        out = (tl.load(res_ptr + t.to(tl.int64) * H + d, mask=m, other=0.0).to(tl.float32) + out.to(tl.float32)).to(dt)
+    tl.store(out_ptr + t.to(tl.int64) * H + d, out, mask=m)

@@ -190,11 +190,50 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(nkv * hd, config.rms_norm_eps)      # over [.., nkv*hd]
         self.clip_qkv = config.clip_qkv
         self.kv_cache: KVCache | None = None
+        self.wqkv: torch.Tensor | None = None       # fuse_qkv's [nh*hd + 2*nkv*hd, H]
+        self.bqkv: torch.Tensor | None = None
+
+    def fuse_qkv(self) -> None:
+        """Put q_proj, k_proj and v_proj's weights (and biases) into one tensor whose row blocks
+        they become (views), so that one matmul projects all three: `wqkv` [nh*hd + 2*nkv*hd, H].
+        Moving or reloading the module unties them; `qkv_fused()` then says so."""
+        if self.qkv_fused():
+            return
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        fused = torch.cat([p.weight.data for p in projs])
+        bias = torch.cat([p.bias.data for p in projs]) if self.q_proj.bias is not None else None
+        at = 0
+        for p in projs:
+            n = p.weight.shape[0]
+            p.weight.data = fused[at:at + n]
+            if bias is not None:
+                p.bias.data = bias[at:at + n]
+            at += n
+        self.wqkv, self.bqkv = fused, bias
+
+    def qkv_fused(self) -> bool:
+        """Whether q/k/v's weights are still the row blocks of `wqkv`."""
+        w = self.wqkv
+        if w is None:
+            return False
+        nq, nkv = self.q_proj.weight.shape[0], self.k_proj.weight.shape[0]
+        row = w.stride(0) * w.element_size()
+        return (self.q_proj.weight.data_ptr() == w.data_ptr()
+                and self.k_proj.weight.data_ptr() == w.data_ptr() + nq * row
+                and self.v_proj.weight.data_ptr() == w.data_ptr() + (nq + nkv) * row
+                and (self.bqkv is None or self.q_proj.bias.data_ptr() == self.bqkv.data_ptr()))
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # x: [..., H] -> q [..., nh*hd], k, v [..., nkv*hd]: one matmul when fused
+        if self.qkv_fused():
+            nq, nkv = self.q_proj.weight.shape[0], self.k_proj.weight.shape[0]
+            return F.linear(x, self.wqkv, self.bqkv).split([nq, nkv, nkv], dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # x: [B, S, H] -> q [B, nh, S, hd], k, v [B, nkv, S, hd] (before RoPE)
         B, S, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)                 # [B, S, nh*hd], [B, S, nkv*hd] x2
+        q, k, v = self._project(x)                                               # [B, S, nh*hd], [B, S, nkv*hd] x2
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:

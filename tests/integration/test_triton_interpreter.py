@@ -1,7 +1,9 @@
-"""The Triton kernels of the decode step (decoder/kernels/triton_moe.py, norm.py) under Triton's
-interpreter, in a child process (TRITON_INTERPRET must be set before Triton is imported), against
-the torch reference (fused_moe.moe_torch, RMSNorm): bf16/fp32 slots, int8/int4 slots read in
-place, split H and F, post-scaling, the int4 matrix-vector kernels, a dropped choice."""
+"""The Triton kernels of the decode step (decoder/kernels/triton_moe.py, norm.py, rope.py,
+router.py) under Triton's interpreter, in a child process (TRITON_INTERPRET must be set before
+Triton is imported), against the torch reference (fused_moe.moe_torch, RMSNorm,
+apply_rope_signed, topk_route): bf16/fp32 slots, int8/int4 slots read in place, split H and F,
+post-scaling, the int4 matrix-vector kernels, a dropped choice; then whole decode steps whose
+every kernel runs in the interpreter against the eager forward."""
 
 import os
 import subprocess
@@ -134,3 +136,89 @@ def test_triton_kernels_match_the_torch_path_in_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=200)
     assert r.returncode == 0 and "kernels ok" in r.stdout, r.stderr[-3000:]
+
+
+STEP_CHECK = textwrap.dedent("""
+    import torch
+    from decoder.engine import Engine
+    from decoder.kernels.rope import rope_and_cache
+    from decoder.kernels.router import route_topk
+    from decoder.model.config import ModelConfig
+    from decoder.model.transformer import Transformer, apply_rope_signed
+    from decoder.routing import topk_route
+    g = torch.Generator().manual_seed(0)
+
+    # RoPE + the KV cache write: rows at different positions, equal to the torch ops bit for bit
+    B, nh, nkv, hd, S = 3, 4, 2, 16, 10
+    qkv = torch.randn(B, (nh + 2 * nkv) * hd, generator=g)
+    cos, sin = torch.randn(B, hd, generator=g), torch.randn(B, hd, generator=g)
+    pos = torch.tensor([0, 7, 3])
+    q_out = torch.empty(B, nh, hd)
+    kc, vc = torch.zeros(B + 1, nkv, S, hd), torch.zeros(B + 1, nkv, S, hd)
+    rope_and_cache(qkv, cos, sin, pos, q_out, kc, vc, nh)
+    c, s = cos.view(B, 1, 1, hd), sin.view(B, 1, 1, hd)
+    assert torch.equal(q_out, apply_rope_signed(qkv[:, :nh * hd].view(B, nh, 1, hd), c, s).view(B, nh, hd))
+    k_ref = apply_rope_signed(qkv[:, nh * hd:(nh + nkv) * hd].view(B, nkv, 1, hd), c, s)[:, :, 0]
+    for b in range(B):
+        assert torch.equal(kc[b, :, pos[b]], k_ref[b])
+        assert torch.equal(vc[b, :, pos[b]], qkv[b, (nh + nkv) * hd:].view(nkv, hd))
+    assert kc.abs().sum() == k_ref.abs().sum()                     # nothing else written
+
+    # top-k routing: renormalised or not, an inactive row routed nowhere
+    logits = torch.randn(4, 8, generator=g)
+    active = torch.tensor([True, False, True, True])
+    for k, renorm in ((2, True), (2, False), (3, True)):
+        w, ids, pend = torch.empty(4, k), torch.empty(4, k, dtype=torch.long), torch.empty(4)
+        route_topk(logits, active, k, renorm, w, ids, pend)
+        w_ref, ids_ref = topk_route(logits, k, renorm)
+        assert torch.equal(ids[active], ids_ref[active]) and (ids[1] == -1).all(), (k, renorm)
+        torch.testing.assert_close(w[active], w_ref[active], rtol=1e-6, atol=1e-7)
+        assert (w[1] == 0).all() and (pend == -1).all()
+
+    # the whole-token counters: one program per layer against the torch ops
+    from decoder.kernels.counts import _count_torch, count_routing
+    L, B, k, E = 3, 5, 2, 6
+    ids = torch.randint(0, E, (L, B, k), generator=g)
+    ids[0, 1, 1] = -1
+    ids[2, 3] = -1
+    pend = torch.where(torch.rand(L, B, generator=g) < 0.5, torch.rand(L, B, generator=g), torch.full((L, B), -1.0))
+    active = torch.tensor([True, True, False, True, True])
+    c1, l1 = torch.rand(L, 5, generator=g).double(), torch.randint(0, 9, (L, E), generator=g)
+    c2, l2 = c1.clone(), l1.clone()
+    count_routing(ids, pend, active, c1, l1)
+    _count_torch(ids, pend, active, c2, l2)
+    torch.testing.assert_close(c1, c2, rtol=1e-6, atol=0)      # W^2 summed in fp32 in another order
+    assert torch.equal(l1, l2)
+
+    # whole decode steps, every kernel in the interpreter, against the eager forward
+    for family in ({}, dict(family="qwen2_moe", qkv_bias=True, norm_topk_prob=False,
+                            shared_expert_intermediate_size=20)):
+        def model():
+            cfg = ModelConfig(vocab_size=300, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                              num_experts_per_tok=2, max_position_embeddings=64, **family)
+            m = Transformer(cfg)
+            m.init_weights(std=0.3, seed=0)
+            return m.eval()
+        ids = torch.randint(0, 300, (8,), generator=torch.Generator().manual_seed(1))
+        eager = Engine.from_model(model(), decode_step="eager")
+        ref = eager.decode_logits(ids)
+        eager.close()
+        step = Engine.from_model(model(), decode_step="step")
+        out = step.decode_logits(ids)
+        st = step._step
+        assert st.kernels and st.plain_attention and st.whole_steps == 8, family
+        assert all(blk.self_attn.qkv_fused() for blk in step.model.layers)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        st_ref, st_step = eager.stats(), step.stats()
+        assert st_step["routing"]["decode"] == st_ref["routing"]["decode"], family
+        assert st_step["expert_loads"] == st_ref["expert_loads"], family
+        step.close()
+    print("step ok")
+""")
+
+
+def test_decode_step_kernels_match_the_eager_forward_in_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", STEP_CHECK], env=env, capture_output=True, text=True, timeout=200)
+    assert r.returncode == 0 and "step ok" in r.stdout, r.stderr[-3000:]
