@@ -1232,7 +1232,8 @@ def run_model(prep: Prepared, device: torch.device, args: argparse.Namespace, wo
                         target = str(prep.store)
                         if mode == "store-remote":
                             if server is None:
-                                server = StoreServer(prep.store, args.store_workers, work / "store-server.log")
+                                served = plain_copy(prep, work) if args.remote_copy == "plain" else prep.store
+                                server = StoreServer(served, args.store_workers, work / "store-server.log")
                             target = f"grpc://{server.address}"
                         if mode == "store-colocated":
                             if colocated is None:
@@ -1254,6 +1255,7 @@ def run_model(prep: Prepared, device: torch.device, args: argparse.Namespace, wo
                             if mode == "store-remote":
                                 row["store_workers"] = args.store_workers
                                 row["fetch_workers"] = args.remote_fetch_workers
+                                row["remote_copy"] = args.remote_copy
                             if mode == "store-colocated":
                                 row["colocated_upstream"] = args.colocated_upstream
                                 row["arena_frac"] = args.colocated_arena_frac
@@ -1363,6 +1365,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="store-colocated: the co-located store reads the store directory (a local NVMe copy), "
                         "a copy of it packed with codec none (plain: published as read, no lz4 to undo) or the "
                         "remote `expert-store serve` of the store-remote row")
+    p.add_argument("--remote-copy", choices=("stored", "plain"), default="stored",
+                   help="what the store-remote row's store serves: the model as packed (A: bf16-planes+lz4, "
+                        "decoded by the fetch processes) or its codec-none copy (plain_copy: more bytes on the "
+                        "wire, nothing to decode)")
     p.add_argument("--colocated-fetch-threads", type=int, default=8,
                    help="store-colocated: the co-located store's upstream fetch threads")
     p.add_argument("--colocated-loaders", type=int, default=2,

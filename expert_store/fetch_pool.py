@@ -130,6 +130,7 @@ def _worker_main(target: str, model: str, shm_name: str, slot_bytes: int, conn: 
     shm = shared_memory.SharedMemory(name=shm_name)
     client = None
     scratch: memoryview | None = None
+    coded: dict[str, bool] = {}     # per precision: whether its last blob came coded (a store packs one way)
     try:
         client = StoreClient.open(target, **client_options)
         manifest = client.manifest(model)  # connects before the first request, sizes for the checks
@@ -145,7 +146,11 @@ def _worker_main(target: str, model: str, shm_name: str, slot_bytes: int, conn: 
             out = shm.buf[offset:offset + slot_bytes]
             got = None
             # bf16 blobs may be coded: received into this process's buffer, decoded into the slot
-            recv = out if not (raw and precision == "bf16") else (scratch := scratch or memoryview(bytearray(slot_bytes)))
+            # (a store whose bf16 blobs came with codec none is received straight into the slot)
+            if raw and precision == "bf16" and coded.get(precision, True):
+                recv = scratch = scratch or memoryview(bytearray(slot_bytes))
+            else:
+                recv = out
             try:
                 got = client.fetch_expert(model, layer, expert, precision, out=recv, priority=priority)
                 size = len(got)
@@ -156,8 +161,11 @@ def _worker_main(target: str, model: str, shm_name: str, slot_bytes: int, conn: 
                 expected = manifest.blobs.get((layer, expert, precision))
                 if expected is not None and expected[0] != size:
                     raise blob_format.BlobError(f"size {size} != manifest size {expected[0]}")
+                coded[precision] = header.codec != "none"
                 if header.codec == "none":   # seal and payload xxh3: the payload is used where it lies
                     blob_format.decode_raw(recv[:size])
+                    if recv is not out:
+                        out[:size] = recv[:size]
                 elif recv is out:
                     blob_format.check_blob(recv[:size])
                 elif blob_format.raw_blob_size(header) <= len(out):

@@ -30,8 +30,9 @@ MODEL = "pool"
 LAYERS, EXPERTS, HIDDEN = 2, 4, 128
 
 
-def build(root: Path) -> dict:
-    """Random experts at two precisions, of different sizes (ffn varies by expert)."""
+def build(root: Path, codec: str = "auto") -> dict:
+    """Random experts at two precisions, of different sizes (ffn varies by expert); `codec`
+    "none": bf16 blobs stored uncoded (`expert-store pack --codec none`)."""
     store = ModelStore.open(root, ram_bytes=0)
 
     def put(kind: str, data: bytes, **ref) -> None:
@@ -47,7 +48,7 @@ def build(root: Path) -> dict:
             w = {"w1": torch.randn(ffn, HIDDEN, generator=g), "w3": torch.randn(ffn, HIDDEN, generator=g),
                  "w2": torch.randn(HIDDEN, ffn, generator=g)}
             for precision in ("bf16", "int8"):
-                blob = expert_to_blob(MODEL, layer, expert, precision, w)
+                blob = expert_to_blob(MODEL, layer, expert, precision, w, codec=codec)
                 put("expert", blob, layer=layer, expert=expert, precision=precision)
                 blobs[(layer, expert, precision)] = blob
     put("manifest", json.dumps({
@@ -261,4 +262,26 @@ def test_raw_mode_decodes_coded_bf16_blobs_in_the_workers(store_dir, tmp_path):
             assert bytes(payload) == bytes(blob_format.decode_raw(blob)[1])
             if ref[2] == "int8":
                 assert got == blob
+    assert_cleaned_up(pool)
+
+
+def test_raw_mode_takes_uncoded_bf16_blobs_into_their_slots(tmp_path):
+    """raw=True against a store packed with codec none: every bf16 blob lands in its slot as
+    stored (the first received beside the slot and copied, the rest straight into it), a
+    corrupted one is a DataLoss."""
+    root = tmp_path / "plain"
+    blobs = build(root, codec="none")
+    assert {blob_format.read_header(b)[0].codec for b in blobs.values()} == {"none"}
+    bad = corrupted_copy(root, tmp_path / "bad", (1, 3, "bf16"))
+    from expert_store.errors import DataLoss
+
+    with FetchPool(str(bad), MODEL, workers=1, slots=len(blobs),
+                   slot_bytes=-(-max(map(len, blobs.values())) // 4096) * 4096, raw=True) as pool:
+        for ref, blob in sorted(blobs.items()):
+            if ref == (1, 3, "bf16"):
+                with pytest.raises(DataLoss):
+                    pool.submit(*ref).result(timeout=60)
+                continue
+            c = pool.submit(*ref).result(timeout=60)
+            assert bytes(pool.arena[c.offset:c.offset + c.size]) == blob, ref
     assert_cleaned_up(pool)

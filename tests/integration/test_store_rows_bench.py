@@ -102,6 +102,23 @@ def test_store_remote_host_tier_holds_half_a_bf16_model(tmp_path):
         server.stop()
 
 
+def test_store_remote_serves_the_plain_copy_when_asked(tmp_path):
+    # `--remote-copy plain`: the row's store serves the codec-none copy of A, whose bf16 blobs
+    # the fetch processes take as they come
+    torch.set_num_threads(1)
+    args = decode.parse_args(["--tiny", "--device", "cpu", "--models", "A", "--budgets", "0.5",
+                              "--modes", "store-remote", "--profile-rows", "", "--prompts", "1",
+                              "--no-warmup-row", "--remote-copy", "plain", "--fill-threads", "2"])
+    device = torch.device("cpu")
+    prep = decode.prepare_model_a(tmp_path / "A", device, args)
+    rows: list[dict] = []
+    decode.run_model(prep, device, args, tmp_path, pinned_gbps=5.0, rows=rows)
+    assert [r.get("error") for r in rows] == [None] and rows[0]["remote_copy"] == "plain"
+    assert rows[0]["tokens_per_s"] > 0 and rows[0]["cold_fill"]["gbps"] > 0
+    with decode.StoreClient.open(str(tmp_path / "store-plain")) as c:
+        assert decode.blob_format.read_header(bytes(c.fetch_expert(prep.model, 0, 0, "bf16")))[0].codec == "none"
+
+
 def test_plain_copy_is_the_model_packed_with_codec_none(tmp_path):
     """`--colocated-upstream plain`: the co-located store's upstream is the model packed again
     with codec none (the same payloads, no lz4 to undo as it publishes) with the profile beside
