@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", default="1,8")
     ap.add_argument("--replays", type=int, default=20)
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--stages", default="up,down,post-scale,gemv,programs",
+    ap.add_argument("--stages", default="up,down,post-scale,gemv,gemv-unit,programs",
                     help="sweep stages to run, each starting from the best so far (first: the tiles "
                          "already tuned for this GPU, else the defaults)")
     ap.add_argument("--sweep-budget-s", type=float, default=60.0,
@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                         stages.append(("gemv", [dict(gemv=True, block_f=f, block_h=h, block_d=f, block_fd=h,
                                                      up_warps=w, down_warps=w, int4_post_scale=False)
                                                 for f, h, w in itertools.product((16, 32, 64), (128, 256, 512), (4, 8))]))
+                    if bits == 4:                       # the gemv kernels' 1 + n/16 conversion
+                        stages.append(("gemv-unit", [dict(gemv_unit=True)]))
                     stages.append(("programs", [dict(up_split=u, down_programs=d)       # then more programs
                                                 for u, d in itertools.product((1, 2, 4, 8), (2, 4, 8, 16))]))
                     wanted = set(args.stages.split(","))
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"shape": shape, "hidden": H, "ffn": Fd, "precision": prec, "tokens": T, "experts_read": used,
                        "bytes_per_layer": nbytes, "default_us": t_default * 1e6, "default_gbps": nbytes / t_default / 1e9,
                        "best_us": t_best * 1e6, "best_gbps": nbytes / t_best / 1e9, "best_config": dataclasses.asdict(best),
-                       "configs_tried": tried, "configs_in_grid": 1 + len(up_grid) + len(down_grid) + (bits == 4) * 19 + 16}
+                       "configs_tried": tried, "configs_in_grid": 1 + len(up_grid) + len(down_grid) + (bits == 4) * 20 + 16}
                 rows.append(row)
                 print(f"{shape} {prec:>4} T={T:<2} experts {used}: default {row['default_us']:8.1f} us "
                       f"({row['default_gbps']:6.0f} GB/s)  best {row['best_us']:8.1f} us ({row['best_gbps']:6.0f} GB/s)"

@@ -267,6 +267,10 @@ class KernelConfig:
     # dequantized tile has to be staged for the dot. Applies when each tile holds whole groups
     # or lies inside one (`gemv_fits`).
     gemv: bool = False
+    # the matrix-vector kernels with each nibble n taken as the float 1 + n / 16 (a shift and one
+    # logic op per value instead of a logic op and a subtraction) and each group's sum corrected
+    # once (`q4_row_dot`): fewer instructions per weight where the kernels are instruction-bound
+    gemv_unit: bool = False
 
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -418,7 +422,7 @@ def _moe_gemv4(x: torch.Tensor, ids_flat: torch.Tensor, wts: torch.Tensor, slot_
                                                    bank.slot_stride, bank.off1, bank.off3, bank.scales,
                                                    bank.scale_stride, bank.soff1, bank.soff3, h_per_split, part, R,
                                                    K=k, GROUP=group, SPLIT=split_h, BLOCK_F=cfg.block_f,
-                                                   BLOCK_H=cfg.block_h, num_warps=cfg.up_warps,
+                                                   BLOCK_H=cfg.block_h, UNIT=cfg.gemv_unit, num_warps=cfg.up_warps,
                                                    num_stages=cfg.up_stages)
     if split_h > 1:             # rows of dropped choices hold garbage here: the down kernel skips them
         _silu_parts(part, act)
@@ -427,6 +431,6 @@ def _moe_gemv4(x: torch.Tensor, ids_flat: torch.Tensor, wts: torch.Tensor, slot_
     y = torch.empty(split, R, H, dtype=torch.float32, device=x.device)     # unwritten rows: never read
     down[(R, d_blocks, split)](act, ids_flat, wts, slot_of, bank.w2, y, R, H, Fd, bank.slot_stride, bank.off2,
                                f_per_split, bank.scales, bank.scale_stride, bank.soff2, GROUP=group,
-                               BLOCK_D=cfg.block_d, BLOCK_F=cfg.block_fd, num_warps=cfg.down_warps,
+                               BLOCK_D=cfg.block_d, BLOCK_F=cfg.block_fd, UNIT=cfg.gemv_unit, num_warps=cfg.down_warps,
                                num_stages=cfg.down_stages)
     return y

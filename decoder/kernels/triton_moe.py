@@ -240,32 +240,45 @@ def moe_down(act_ptr, ids_ptr, wts_ptr, slot_ptr, w2_ptr, y_ptr, R, H, Fd, slot_
 
 @triton.jit
 def q4_row_dot(q_ptr, s_ptr, rows, row_mask, c0, ncols, ngroups, x_ptr, GROUP: tl.constexpr,
-               BLOCK_C: tl.constexpr):
+               BLOCK_C: tl.constexpr, UNIT: tl.constexpr = False):
     """sum over the stored columns [c0, c0 + BLOCK_C) of w[row, :] * x for an int4 matrix, one
     fp32 per row: [BLOCK_ROWS]. No tensor cores: each weight is used once at one token, so a
     multiply-add per weight is all the work, and the tile goes straight from the load into ALU
     code. Nibbles become floats through 2^23's mantissa (exact); the group scale multiplies each
-    group's partial sum, not each weight."""
+    group's partial sum, not each weight. With UNIT, a nibble n becomes 1 + n / 16 instead (its
+    bits shifted into the top of 1.0's mantissa: a shift and one logic op, no subtraction), and
+    each group's sum is corrected once: sum (n - 8) x = 16 sum (1 + n/16) x - 24 sum x."""
     c = c0 + tl.arange(0, BLOCK_C)
     cm = c < ncols // 2
     m = row_mask[:, None] & cm[None, :]
     b = tl.load(q_ptr + rows[:, None].to(tl.int64) * (ncols // 2) + c[None, :], mask=m, other=0).to(tl.int32)
     x_lo = tl.load(x_ptr + 2 * c, mask=cm, other=0.0).to(tl.float32)              # [BLOCK_C]
     x_hi = tl.load(x_ptr + 2 * c + 1, mask=cm, other=0.0).to(tl.float32)
-    MAGIC: tl.constexpr = 0x4B000000                                              # 2.0 ** 23
-    lo = ((b & 0xF) | MAGIC).to(tl.float32, bitcast=True) - 8388616.0             # q_even (2^23 + 8)
-    hi = ((b >> 4) | MAGIC).to(tl.float32, bitcast=True) - 8388616.0              # q_odd
+    if UNIT:
+        ONE: tl.constexpr = 0x3F800000                                            # 1.0
+        lo = (((b << 19) & 0x780000) | ONE).to(tl.float32, bitcast=True)          # 1 + n_even / 16
+        hi = (((b << 15) & 0x780000) | ONE).to(tl.float32, bitcast=True)          # 1 + n_odd / 16
+    else:
+        MAGIC: tl.constexpr = 0x4B000000                                          # 2.0 ** 23
+        lo = ((b & 0xF) | MAGIC).to(tl.float32, bitcast=True) - 8388616.0         # q_even (2^23 + 8)
+        hi = ((b >> 4) | MAGIC).to(tl.float32, bitcast=True) - 8388616.0          # q_odd
     p = lo * x_lo[None, :] + hi * x_hi[None, :]                                   # [ROWS, BLOCK_C]
     GC: tl.constexpr = GROUP // 2                                                 # stored columns per group
     if GC >= BLOCK_C:                          # the tile lies inside one group: one scale per row
         in_range = rows * 0 + c0 < ncols // 2
         sc = tl.load(s_ptr + rows.to(tl.int64) * ngroups + (c0 * 2) // GROUP, mask=row_mask & in_range,
                      other=0.0).to(tl.float32)
-        return tl.sum(p, axis=1) * sc
+        dot = tl.sum(p, axis=1)
+        if UNIT:
+            dot = 16.0 * dot - 24.0 * tl.sum(x_lo + x_hi, axis=0)
+        return dot * sc
     else:                                      # BLOCK_C / GC groups: a partial sum per group
         NG: tl.constexpr = BLOCK_C // GC
         ROWS: tl.constexpr = p.shape[0]
         part = tl.sum(tl.reshape(p, (ROWS, NG, GC)), axis=2)                       # [ROWS, NG]
+        if UNIT:
+            sx = tl.sum(tl.reshape(x_lo + x_hi, (NG, GC)), axis=1)                 # [NG]
+            part = 16.0 * part - 24.0 * sx[None, :]
         gi = (c0 * 2) // GROUP + tl.arange(0, NG)
         sc = tl.load(s_ptr + rows[:, None].to(tl.int64) * ngroups + gi[None, :],
                      mask=row_mask[:, None] & (gi[None, :] < ngroups), other=0.0).to(tl.float32)
@@ -275,7 +288,8 @@ def q4_row_dot(q_ptr, s_ptr, rows, row_mask, c0, ncols, ngroups, x_ptr, GROUP: t
 @triton.jit
 def moe_up_gemv4(x_ptr, ids_ptr, slot_ptr, w1_ptr, w3_ptr, act_ptr, H, Fd, stride_x, slot_stride, off1, off3,
                  s_ptr, scale_stride, soff1, soff3, h_per_split, part_ptr, R, K: tl.constexpr,
-                 GROUP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_H: tl.constexpr):
+                 GROUP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_H: tl.constexpr,
+                 UNIT: tl.constexpr = False):
     """The up kernel for int4 slots at a token or two: one program per (token, choice) row, F
     block and share of H, a matrix-vector product (`q4_row_dot`). grid (R, F / BLOCK_F, SPLIT)."""
     r = tl.program_id(0)
@@ -299,8 +313,8 @@ def moe_up_gemv4(x_ptr, ids_ptr, slot_ptr, w1_ptr, w3_ptr, act_ptr, H, Fd, strid
     u = tl.zeros((BLOCK_F,), dtype=tl.float32)
     xr = x_ptr + tok * stride_x
     for c0 in range(h_lo // 2, h_hi // 2, BLOCK_C):
-        g += q4_row_dot(w1_ptr + base + off1, s_ptr + sbase + soff1, f, fm, c0, H, ng, xr, GROUP, BLOCK_C)
-        u += q4_row_dot(w3_ptr + base + off3, s_ptr + sbase + soff3, f, fm, c0, H, ng, xr, GROUP, BLOCK_C)
+        g += q4_row_dot(w1_ptr + base + off1, s_ptr + sbase + soff1, f, fm, c0, H, ng, xr, GROUP, BLOCK_C, UNIT)
+        u += q4_row_dot(w3_ptr + base + off3, s_ptr + sbase + soff3, f, fm, c0, H, ng, xr, GROUP, BLOCK_C, UNIT)
     if SPLIT == 1:
         act = g * tl.sigmoid(g) * u
         tl.store(act_ptr + r * Fd + f, act.to(act_ptr.dtype.element_ty), mask=fm)
@@ -312,7 +326,8 @@ def moe_up_gemv4(x_ptr, ids_ptr, slot_ptr, w1_ptr, w3_ptr, act_ptr, H, Fd, strid
 
 @triton.jit
 def moe_down_gemv4(act_ptr, ids_ptr, wts_ptr, slot_ptr, w2_ptr, y_ptr, R, H, Fd, slot_stride, off2, f_per_split,
-                   s_ptr, scale_stride, soff2, GROUP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
+                   s_ptr, scale_stride, soff2, GROUP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
+                   UNIT: tl.constexpr = False):
     """The down kernel for int4 slots at a token or two: one program per (token, choice) row,
     H block and share of F; y[split, r, d] = weight_r * sum_f W2[d, f] act[r, f].
     grid (R, H / BLOCK_D, SPLIT)."""
@@ -335,7 +350,7 @@ def moe_down_gemv4(act_ptr, ids_ptr, wts_ptr, slot_ptr, w2_ptr, y_ptr, R, H, Fd,
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     ar = act_ptr + r.to(tl.int64) * Fd
     for c0 in range(f_lo // 2, f_hi // 2, BLOCK_C):
-        acc += q4_row_dot(w2_ptr + base, s_ptr + sbase, d, dm, c0, Fd, ng, ar, GROUP, BLOCK_C)
+        acc += q4_row_dot(w2_ptr + base, s_ptr + sbase, d, dm, c0, Fd, ng, ar, GROUP, BLOCK_C, UNIT)
     acc = acc * tl.load(wts_ptr + r)
     tl.store(y_ptr + (split * R + r).to(tl.int64) * H + d, acc, mask=dm)
 

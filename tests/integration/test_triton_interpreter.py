@@ -98,7 +98,15 @@ KERNEL_CHECK = textwrap.dedent("""
                                      (64, torch.float32, 2, 192, 256, KernelConfig(gemv=True, block_h=64, up_split=2,
                                                                                    block_fd=64, down_programs=64)),
                                      (128, torch.bfloat16, 1, 256, 512, KernelConfig(gemv=True, block_h=256, up_split=2)),
-                                     (48, torch.float32, 2, 192, 96, KernelConfig(gemv=True))):
+                                     (48, torch.float32, 2, 192, 96, KernelConfig(gemv=True)),
+                                     # nibbles as 1 + n/16, corrected per group: one group per tile,
+                                     # whole groups per tile, split H and F
+                                     (128, torch.float32, 1, 256, 384, KernelConfig(gemv=True, gemv_unit=True)),
+                                     (128, torch.bfloat16, 2, 256, 512, KernelConfig(gemv=True, gemv_unit=True,
+                                                                                     block_h=256, up_split=2)),
+                                     (32, torch.float32, 3, 192, 256, KernelConfig(gemv=True, gemv_unit=True,
+                                                                                   block_h=128, block_fd=64,
+                                                                                   down_programs=64))):
         E, k = 6, 2
         bank = quantized_bank(E + 1, Fd, H, 4, group)
         perm = torch.randperm(E + 1, generator=g)[:E].to(torch.int32)
