@@ -11,20 +11,13 @@ about twenty kernels per token; in a captured step each costs its launch slot in
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 
+from decoder.kernels.lazy import runs_on, triton_kernel
 
-@functools.lru_cache(maxsize=1)
-def _kernel():
-    try:
-        import triton
-        import triton.language as tl
-    except Exception:  # pragma: no cover - depends on the install
-        return None
 
+@triton_kernel
+def _kernel(triton, tl):
     @triton.jit
     def count_layers(ids_ptr, pend_ptr, active_ptr, counts_ptr, loads_ptr, B, E, K: tl.constexpr,
                      BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
@@ -59,17 +52,11 @@ def _kernel():
     return count_layers
 
 
-def runs_on(x: torch.Tensor) -> bool:
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return _kernel() is not None
-    return x.is_cuda and _kernel() is not None
-
-
 def count_routing(ids: torch.Tensor, pend: torch.Tensor, active: torch.Tensor, counts: torch.Tensor,
                   loads: torch.Tensor) -> None:
     """ids [L, B, k] int64; pend [L, B] float32; active [B] bool; counts [L, 5] float64 and
     loads [L, E] int64 are added to in place (all contiguous)."""
-    kernel = _kernel() if runs_on(ids) else None
+    kernel = _kernel() if runs_on(ids, _kernel) else None
     if kernel is None:
         _count_torch(ids, pend, active, counts, loads)
         return

@@ -11,20 +11,15 @@ step of tiny batches every kernel costs its launch slot in the graph, so the ste
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 
+from decoder.kernels.lazy import triton_kernel
 
-@functools.lru_cache(maxsize=1)
-def _kernel():
-    try:
-        import triton
-        import triton.language as tl
-    except Exception:  # pragma: no cover - depends on the install
-        return None
 
+@triton_kernel
+def _kernel(triton, tl):
     @triton.jit
     def rms_norm_rows(x_ptr, r_ptr, h_ptr, w_ptr, y_ptr, N, eps, HAS_R: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)

@@ -14,20 +14,13 @@ batches each costs its launch slot in the graph, so the step uses this one (a pr
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 
+from decoder.kernels.lazy import runs_on, triton_kernel
 
-@functools.lru_cache(maxsize=1)
-def _kernel():
-    try:
-        import triton
-        import triton.language as tl
-    except Exception:  # pragma: no cover - depends on the install
-        return None
 
+@triton_kernel
+def _kernel(triton, tl):
     @triton.jit
     def rope_cache_rows(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr, W, NH, NKV, S, HD,
                         BLOCK: tl.constexpr):
@@ -56,13 +49,6 @@ def _kernel():
     return rope_cache_rows
 
 
-def runs_on(x: torch.Tensor) -> bool:
-    """Whether `rope_and_cache` runs the kernel for `x` (CUDA, or Triton's interpreter)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return _kernel() is not None
-    return x.is_cuda and _kernel() is not None
-
-
 def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, positions: torch.Tensor,
                    q_out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_head: int) -> None:
     """qkv [B, nh*hd + 2*nkv*hd]; cos, sin_signed [B, hd] (this token's); positions [B] int64;
@@ -70,7 +56,7 @@ def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tenso
     row's position. All contiguous."""
     B, W = qkv.shape
     _, nkv, S, hd = k_cache.shape
-    kernel = _kernel() if runs_on(qkv) else None
+    kernel = _kernel() if runs_on(qkv, _kernel) else None
     if kernel is None:
         from decoder.model.transformer import apply_rope_signed
 

@@ -14,20 +14,13 @@ launch slot in the graph, so the step uses this one (a program per row) where Tr
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 
+from decoder.kernels.lazy import runs_on, triton_kernel
 
-@functools.lru_cache(maxsize=1)
-def _kernel():
-    try:
-        import triton
-        import triton.language as tl
-    except Exception:  # pragma: no cover - depends on the install
-        return None
 
+@triton_kernel
+def _kernel(triton, tl):
     @triton.jit
     def route_topk_rows(logits_ptr, active_ptr, w_ptr, ids_ptr, pend_ptr, E, K: tl.constexpr,
                         RENORM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -61,19 +54,12 @@ def _kernel():
     return route_topk_rows
 
 
-def runs_on(x: torch.Tensor) -> bool:
-    """Whether `route_topk` runs the kernel for `x` (CUDA, or Triton's interpreter)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return _kernel() is not None
-    return x.is_cuda and _kernel() is not None
-
-
 def route_topk(logits: torch.Tensor, active: torch.Tensor, k: int, renormalize: bool, w_out: torch.Tensor,
                ids_out: torch.Tensor, pend_out: torch.Tensor) -> None:
     """logits [T, E]; active [T] bool -> w_out [T, k] float32, ids_out [T, k] int64, pend_out
     [T] float32 (-1), written in place (contiguous)."""
     T, E = logits.shape
-    kernel = _kernel() if runs_on(logits) else None
+    kernel = _kernel() if runs_on(logits, _kernel) else None
     if kernel is None:
         from decoder.routing import topk_route
 
