@@ -136,6 +136,7 @@ class Engine:
                  decode_step: str = "auto") -> None:
         if decode_step not in DECODE_STEPS:
             raise ValueError(f"decode_step must be one of {DECODE_STEPS}, got {decode_step!r}")
+        model.fuse_qkv()
         self.model = model
         self.config: ModelConfig = model.config
         self.tokenizer = tokenizer

@@ -125,8 +125,7 @@ class DecodeStep:
         # in one kernel (decoder/kernels/rope.py)
         self.plain_attention = cfg.qk_norm is None and cfg.clip_qkv is None
         if self.plain_attention:
-            for blk in model.layers:
-                blk.self_attn.fuse_qkv()
+            model.fuse_qkv()          # the engine fused them already; a model stepped directly too
         self._observers = tuple(model.observers)
         self._gating_key = step_gating_key(model.gating)
         self.prefetcher = next((o for o in model.observers if isinstance(o, Prefetcher)), None)

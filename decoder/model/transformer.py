@@ -697,6 +697,13 @@ class Transformer(nn.Module):
                 else:
                     p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=g).to(p))
 
+    def fuse_qkv(self) -> None:
+        """One q/k/v matmul in every GQA attention (`Attention.fuse_qkv`): what the engine runs,
+        eager and captured alike, so both paths project with the same kernel."""
+        for blk in self.layers:
+            if isinstance(blk.self_attn, Attention):
+                blk.self_attn.fuse_qkv()
+
     def setup_caches(self, max_batch_size: int, max_seq_length: int) -> None:
         """Allocate static KV caches (reused when already large enough)."""
         if max_seq_length > self.config.max_position_embeddings:
