@@ -1,6 +1,6 @@
-"""Top-k routing of the decode step in one kernel: softmax over the router's logits, the k
-largest, their weights (renormalised to sum 1, or the softmax probabilities as they are),
-inactive rows routed nowhere.
+"""Top-k routing in one kernel: softmax over the router's logits, the k largest, their weights
+(renormalised to sum 1, or the softmax probabilities as they are); for the decode step also
+inactive rows routed nowhere. On CUDA the eager forward routes through it too (`topk`).
 
     p = softmax(logits[t])                          (float32)
     ids[t] = the k largest p, largest first (lowest expert on a tie), or -1 for an inactive row
@@ -23,7 +23,8 @@ from decoder.kernels.lazy import runs_on, triton_kernel
 def _kernel(triton, tl):
     @triton.jit
     def route_topk_rows(logits_ptr, active_ptr, w_ptr, ids_ptr, pend_ptr, E, K: tl.constexpr,
-                        RENORM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+                        RENORM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                        STEP: tl.constexpr = True):
         t = tl.program_id(0)
         e = tl.arange(0, BLOCK_E)
         m = e < E
@@ -43,15 +44,32 @@ def _kernel(triton, tl):
             left = tl.where(e == idx, -1.0, left)
         if RENORM:
             sel_w = sel_w / tl.sum(sel_w, axis=0)
-        live = tl.load(active_ptr + t) != 0
-        sel_w = tl.where(live, sel_w, 0.0)
-        sel_i = tl.where(live, sel_i, -1)
+        if STEP:                  # the decode step's rows: padding rows route nowhere, no drops
+            live = tl.load(active_ptr + t) != 0
+            sel_w = tl.where(live, sel_w, 0.0)
+            sel_i = tl.where(live, sel_i, -1)
+            tl.store(pend_ptr + t, -1.0)
         km = kk < K
         tl.store(w_ptr + t * K + kk, sel_w, mask=km)
         tl.store(ids_ptr + t * K + kk, sel_i, mask=km)
-        tl.store(pend_ptr + t, -1.0)
 
     return route_topk_rows
+
+
+def topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`routing.topk_route` through the kernel: logits [T, E] -> weights [T, k] float32, ids
+    [T, k] int64. On CUDA every path routes with it (`topk_route`), so the decode step and the
+    eager forward pick the same experts where two router logits tie."""
+    import triton
+
+    T, E = logits.shape
+    w = torch.empty(T, k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(T, k, dtype=torch.int64, device=logits.device)
+    if T:
+        _kernel()[(T,)](logits.contiguous(), w, w, ids, w, E, K=k, RENORM=bool(renormalize),
+                        BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(k), STEP=False,
+                        num_warps=1)
+    return w, ids
 
 
 def route_topk(logits: torch.Tensor, active: torch.Tensor, k: int, renormalize: bool, w_out: torch.Tensor,

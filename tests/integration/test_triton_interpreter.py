@@ -182,6 +182,14 @@ STEP_CHECK = textwrap.dedent("""
         assert torch.equal(ids[active], ids_ref[active]) and (ids[1] == -1).all(), (k, renorm)
         torch.testing.assert_close(w[active], w_ref[active], rtol=1e-6, atol=1e-7)
         assert (w[1] == 0).all() and (pend == -1).all()
+        # the eager forward's routing on CUDA (router.topk): every row, no masking
+        from decoder.kernels.router import topk
+        w2, ids2 = topk(logits, k, renorm)
+        assert torch.equal(ids2, ids_ref), (k, renorm)
+        torch.testing.assert_close(w2, w_ref, rtol=1e-6, atol=1e-7)
+    # a tie goes to the lowest expert, at the top and at the k-th place alike
+    w2, ids2 = topk(torch.tensor([[5.0, 3.0, 3.0, 0.0], [1.0, 4.0, 4.0, 4.0]]), 2, True)
+    assert ids2.tolist() == [[0, 1], [1, 2]] and torch.allclose(w2[1], torch.tensor([0.5, 0.5]))
 
     # the whole-token counters: one program per layer against the torch ops
     from decoder.kernels.counts import _count_torch, count_routing
