@@ -84,6 +84,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from benchmarks._common import kernel_table  # noqa: E402
+from decoder.calibrate import windows_perplexity  # noqa: E402
 from decoder.engine import Engine  # noqa: E402
 from decoder.experts.provider import ExpertProvider, ExpertWeights, expert_weights_from_views  # noqa: E402
 from expert_store import format as blob_format  # noqa: E402
@@ -636,23 +637,7 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
 
 def perplexity_engine(eng: Engine, windows: Sequence[torch.Tensor]) -> tuple[float | None, list[float]]:
     """(held-out perplexity over `windows`, the perplexity of each window)."""
-    return perplexity_windows(lambda ids: eng.forward_logits(ids.tolist()), windows)
-
-
-def perplexity_windows(logits_of: Any, windows: Sequence[torch.Tensor]) -> tuple[float | None, list[float]]:
-    """logits_of(ids [S]) -> logits [S, V]; -> (perplexity over all windows, per window)."""
-    if not windows:
-        return None, []
-    import torch.nn.functional as F
-
-    nll, n, per = 0.0, 0, []
-    for w in windows:
-        logits = logits_of(w[:-1]).float()
-        x = float(F.cross_entropy(logits, w[1:].to(logits.device), reduction="sum"))
-        nll += x
-        n += w.numel() - 1
-        per.append(math.exp(x / (w.numel() - 1)))
-    return math.exp(nll / n), per
+    return windows_perplexity(lambda ids: eng.forward_logits(ids.tolist()), windows)
 
 
 def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torch.device, args: argparse.Namespace,
@@ -934,7 +919,7 @@ def run_accelerate_row(prep: Prepared, device: torch.device, args: argparse.Name
             outs.append(gen)
         times, outs = times[1:], outs[1:]   # the first prompt is the warm-up
         # the first windows only (slow); compare with the engine rows' per-window figures
-        ppl, ppl_windows = perplexity_windows(lambda ids, m=model: m(input_ids=ids.to(device)[None]).logits[0],
+        ppl, ppl_windows = windows_perplexity(lambda ids, m=model: m(input_ids=ids.to(device)[None]).logits[0],
                                               prep.heldout[: args.accelerate_ppl_windows])
     secs = sum(t for t, _ in times)
     steps = sum(n for _, n in times)

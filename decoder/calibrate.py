@@ -237,26 +237,40 @@ def calibrate_model(model: Transformer, windows: Sequence[torch.Tensor], budget:
     }
 
 
-def perplexity(model: Transformer, windows: Sequence[torch.Tensor], gating: Any) -> float:
+def windows_perplexity(logits_of: Any, windows: Sequence[Any]) -> tuple[float | None, list[float]]:
+    """Teacher-forced perplexity over token `windows` ([S] each): logits_of(ids [S - 1]) ->
+    logits [S - 1, V] predicting ids[1:]. (perplexity over all windows, each window's); (None,
+    []) without windows."""
+    import torch.nn.functional as F
+
+    nll, n, per = 0.0, 0, []
+    for w in windows:
+        if w.numel() < 2:
+            continue
+        logits = logits_of(w[:-1]).float()
+        x = float(F.cross_entropy(logits, w[1:].to(logits.device), reduction="sum"))
+        nll += x
+        n += w.numel() - 1
+        per.append(math.exp(x / (w.numel() - 1)))
+    return (math.exp(nll / n) if n else None), per
+
+
+def perplexity(model: Transformer, windows: Sequence[Any], gating: Any) -> float:
     """Held-out perplexity of `model` over token `windows` with `gating` (teacher-forced)."""
     import torch
-    import torch.nn.functional as F
 
     old = model.gating
     model.gating = gating
-    nll, n = 0.0, 0
+    device = next(model.parameters()).device
     try:
         with torch.no_grad():
-            for ids in windows:
-                ids = ids.to(next(model.parameters()).device).view(1, -1)
-                logits = model(ids)
-                nll += float(F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum"))
-                n += ids.shape[1] - 1
+            ppl, _ = windows_perplexity(lambda ids: model(ids.to(device).view(1, -1))[0],
+                                        [w.reshape(-1) for w in windows])
     finally:
         model.gating = old
-    if n == 0:
+    if ppl is None:
         raise ValueError("no held-out window with at least 2 tokens")
-    return math.exp(nll / n)
+    return ppl
 
 
 def budget_for_quality(model: Transformer, windows: Sequence[torch.Tensor], measured: Mapping[str, Any],
