@@ -840,16 +840,19 @@ def fill_while_serving(eng: Engine, prep: Prepared, mode: str, profile: dict, ar
 
 def torch_profile(eng: Engine, prep: Prepared, args: argparse.Namespace) -> str:
     """Where the time of a few decode steps goes (torch profiler): the host's ops by self CPU
-    time, then every kernel of the steps (those graphs replay too) by device time per step."""
+    time, then every kernel of the steps (those graphs replay too) by device time per step.
+    The steps are the prompt's first tokens teacher-forced one at a time (`decode_logits`):
+    decode steps only, no prefill."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
+    ids = prep.prompts[0][:args.profile_tokens]
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
-        eng.generate(prep.prompts[0], max_tokens=args.profile_tokens, temperature=0.0, stop_at_eos=False)
+        eng.decode_logits(ids)
     cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50)
-    _, kernels = kernel_table(prof, args.profile_tokens, cuda, limit=40)
-    return (f"## {args.profile_tokens} decode steps (and the prompt's prefill), by self CPU time\n{cpu}\n"
+    _, kernels = kernel_table(prof, len(ids), cuda, limit=40)
+    return (f"## {len(ids)} decode steps, by self CPU time\n{cpu}\n"
             f"## kernels, by device time\n{kernels}")
 
 
