@@ -1480,11 +1480,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def cpu_model() -> dict[str, Any]:
+    """The host CPU's model name and whether it has AVX-512 (torch's int4 CPU layout depends on
+    it; the host-computed miss rows run on it)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"model": platform.processor() or None, "avx512f": None}
+    name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), None)
+    flags = next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), [])
+    return {"model": name, "avx512f": "avx512f" in flags}
+
+
 def write_results(out_dir: Path, args: argparse.Namespace, rows: list, targets: list, models_info: dict,
                   pinned: float, device: torch.device, t_start: float) -> None:
     meta = {"command": "python3 " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "python": platform.python_version(), "cpu_cores": os.cpu_count(),
+            "torch": torch.__version__, "python": platform.python_version(), "cpu_cores": os.cpu_count(), "cpu": cpu_model(),
             "pinned_h2d_gbps": pinned, "new_tokens": args.new_tokens, "prompts": args.prompts,
             "temperature": args.temperature, "seed": args.seed,
             "models": models_info, "targets": targets, "seconds": round(time.perf_counter() - t_start, 1)}
