@@ -10,6 +10,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from decoder.kernels import router as router_kernel
+
+
 class Gating:
     """Turns router logits into the experts each token uses.
 
@@ -55,12 +58,8 @@ def topk_route(router_logits: torch.Tensor, top_k: int,
                renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     # router_logits: [T, E] -> weights [T, k] float32 (sum 1 when renormalised), idx [T, k] int64
     # (on CUDA the routing kernel, which the decode step uses too: ties broken the same way)
-    if router_logits.is_cuda and router_logits.dim() == 2:
-        from decoder.kernels import router
-        from decoder.kernels.lazy import runs_on
-
-        if runs_on(router_logits, router._kernel):
-            return router.topk(router_logits, top_k, renormalize)
+    if router_logits.is_cuda and router_logits.dim() == 2 and router_kernel.available(router_logits):
+        return router_kernel.topk(router_logits, top_k, renormalize)
     probs = F.softmax(router_logits.float(), dim=-1)          # [T, E]
     weights, idx = torch.topk(probs, top_k, dim=-1)            # [T, k]
     if renormalize:

@@ -138,7 +138,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", choices=("auto", "none"), default="auto",
                    help="auto: bf16 blobs as byte planes + lz4 where that saves >= 3%%; none: every blob as its "
                         "raw payload (about a fifth larger for bf16, but a co-located store publishes it at read "
-                        "speed and a decoder uses it where it lies, with no decode)"),
+                        "speed and a decoder uses it where it lies, with no decode)")
     p.add_argument("--redis", metavar="URL", help="(directory) also write through to this Redis tier")
     p.add_argument("--redis-password-file", metavar="F",
                    help="(directory) password of --redis (else $REDIS_PASSWORD, if set)")

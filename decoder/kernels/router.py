@@ -56,19 +56,32 @@ def _kernel(triton, tl):
     return route_topk_rows
 
 
+def available(x: torch.Tensor) -> bool:
+    """Whether the kernel runs for router logits like `x`."""
+    return runs_on(x, _kernel)
+
+
+def _launch(logits: torch.Tensor, k: int, renormalize: bool, w: torch.Tensor, ids: torch.Tensor,
+            active: torch.Tensor | None = None, pend: torch.Tensor | None = None) -> None:
+    # with `active` (and `pend`): the decode step's rows; without: every row routed, no pend
+    import triton
+
+    T, E = logits.shape
+    step = active is not None
+    _kernel()[(T,)](logits.contiguous(), active.view(torch.uint8) if step else w, w, ids, pend if step else w, E,
+                    K=k, RENORM=bool(renormalize), BLOCK_E=triton.next_power_of_2(E),
+                    BLOCK_K=triton.next_power_of_2(k), STEP=step, num_warps=1)
+
+
 def topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """`routing.topk_route` through the kernel: logits [T, E] -> weights [T, k] float32, ids
     [T, k] int64. On CUDA every path routes with it (`topk_route`), so the decode step and the
     eager forward pick the same experts where two router logits tie."""
-    import triton
-
-    T, E = logits.shape
+    T = logits.shape[0]
     w = torch.empty(T, k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(T, k, dtype=torch.int64, device=logits.device)
     if T:
-        _kernel()[(T,)](logits.contiguous(), w, w, ids, w, E, K=k, RENORM=bool(renormalize),
-                        BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(k), STEP=False,
-                        num_warps=1)
+        _launch(logits, k, renormalize, w, ids)
     return w, ids
 
 
@@ -76,9 +89,7 @@ def route_topk(logits: torch.Tensor, active: torch.Tensor, k: int, renormalize: 
                ids_out: torch.Tensor, pend_out: torch.Tensor) -> None:
     """logits [T, E]; active [T] bool -> w_out [T, k] float32, ids_out [T, k] int64, pend_out
     [T] float32 (-1), written in place (contiguous)."""
-    T, E = logits.shape
-    kernel = _kernel() if runs_on(logits, _kernel) else None
-    if kernel is None:
+    if not available(logits):
         from decoder.routing import topk_route
 
         w, ids = topk_route(logits, k, renormalize)
@@ -87,8 +98,4 @@ def route_topk(logits: torch.Tensor, active: torch.Tensor, k: int, renormalize: 
         ids_out.copy_(torch.where(live, ids, -1))
         pend_out.fill_(-1.0)
         return
-    import triton
-
-    kernel[(T,)](logits.contiguous(), active.view(torch.uint8), w_out, ids_out, pend_out, E, K=k,
-                 RENORM=bool(renormalize), BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(k),
-                 num_warps=1)
+    _launch(logits, k, renormalize, w_out, ids_out, active, pend_out)
