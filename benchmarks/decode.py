@@ -27,6 +27,9 @@ prompt in every row), the same prompts, `--new-tokens` new tokens each:
                 GPU slots (adapmoe-lfru-nopf is adapmoe's configuration). Every adapmoe row runs at the
                 budget for `--adapmoe-ratio` of the droppable expert uses dropped (default 0.5)
 - adapmoe-cost  as adapmoe-paper with `cost-aware` gating
+- adapmoe-lfru-nopf-cost
+                as adapmoe (its levers) with `cost-aware` gating at the same budget T: the
+                drops go to tail experts that must be copied in, none to a GPU-resident one
 - accelerate    HF transformers MixtralForCausalLM, dense part on the GPU, each layer's experts
                 offloaded to the CPU with accelerate's hooks (`accelerate.cpu_offload`, what
                 `device_map={...experts: "cpu"}` installs)
@@ -91,7 +94,8 @@ from expert_store import format as blob_format  # noqa: E402
 from expert_store.client import StoreClient  # noqa: E402
 
 MODES = ("reference", "resident", "ondemand", "lru", "lfru", "adapmoe", "adapmoe-paper", "adapmoe-lfru", "adapmoe-admit",
-         "adapmoe-lfru-admit", "adapmoe-skip", "adapmoe-lfru-admit-skip", "adapmoe-cost", "adapmoe-nopf",
+         "adapmoe-lfru-admit", "adapmoe-skip", "adapmoe-lfru-admit-skip", "adapmoe-cost", "adapmoe-lfru-nopf-cost",
+         "adapmoe-nopf",
          "adapmoe-lfru-nopf", "accelerate",
          "store-remote", "store-colocated", "lru-cpu", "adapmoe-cpu")
 STORE_ROWS = ("store-remote", "store-colocated")   # host tier half the experts, misses from a store process
@@ -586,7 +590,7 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
         eng.provider.pack_host([(l, e) for l in range(L) for e in range(E)])   # -cpu rows: packed before timing
         return eng
     if mode in ("adapmoe", "adapmoe-cost") or mode in STORE_ROWS or mode.startswith("adapmoe-"):
-        gating = "cost-aware" if mode == "adapmoe-cost" else "adaptive"
+        gating = "cost-aware" if "cost" in mode.split("-") else "adaptive"
         host = host_all if mode not in STORE_ROWS else (n_experts // 2) * hslot
         options: dict[str, Any] = {"scratch_slots": 0, "plan": "uniform", **dense_opt, **cpu_opt}
         # the issue-13 levers alone or together over the paper's configuration (adapmoe-paper):
@@ -696,7 +700,7 @@ def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torc
     return {
         "model": prep.name, "budget": budget, "mode": mode, "tokens_per_s": tps,
         "decode_step": "step" if used_step else "eager", "host_reads_per_token": step_reads,
-        "ms_per_token": 1e3 / tps if tps else None,
+        "gating": st.get("gating"), "ms_per_token": 1e3 / tps if tps else None,
         # the decode steps' routing (the engine's top-level figures count the prefill too)
         "experts_per_token": st["routing"]["decode"]["experts_per_token"],
         "single_expert_ratio": st["routing"]["decode"]["single_expert_ratio"],

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.timeout(180)
 def test_decode_rows_on_a_random_mixtral(tmp_path):
     torch.set_num_threads(1)
     args = decode.parse_args(["--tiny", "--device", "cpu", "--models", "B", "--budgets", "0.5",
-                              "--modes", "resident,ondemand,lru,adapmoe,adapmoe-paper,adapmoe-cost", "--profile-rows", "lru",
+                              "--modes", "resident,ondemand,lru,adapmoe,adapmoe-paper,adapmoe-cost,adapmoe-lfru-nopf-cost",
+                              "--profile-rows", "lru",
                               "--calib-tokens", "64", "--prompts", "1"])
     args.new_tokens = 3
     device = torch.device("cpu")
@@ -33,7 +34,8 @@ def test_decode_rows_on_a_random_mixtral(tmp_path):
     decode.run_model(prep, device, args, tmp_path, pinned_gbps=5.0, rows=rows)
     decode.add_ratios(rows)
     by_mode = {r["mode"]: r for r in rows}
-    assert set(by_mode) == {"resident", "ondemand", "lru", "adapmoe", "adapmoe-paper", "adapmoe-cost"}
+    assert set(by_mode) == {"resident", "ondemand", "lru", "adapmoe", "adapmoe-paper", "adapmoe-cost",
+                            "adapmoe-lfru-nopf-cost"}
     assert all("error" not in r for r in rows), [r.get("error") for r in rows]
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["generated_tokens"] == 3
@@ -49,6 +51,10 @@ def test_decode_rows_on_a_random_mixtral(tmp_path):
     assert by_mode["adapmoe-paper"]["eviction"] == "lru" and by_mode["lru"]["eviction"] == "lru"
     assert by_mode["adapmoe"]["prefetch_precision"] is None and by_mode["adapmoe"]["eviction"] == "lfru"
     assert by_mode["adapmoe"]["experts_per_token"] < 2.0
+    # adapmoe's levers with cost-aware gating: its gating, adapmoe's eviction and no GPU prefetch
+    cost = by_mode["adapmoe-lfru-nopf-cost"]
+    assert cost["gating"] == "cost-aware" and by_mode["adapmoe"]["gating"] == "adaptive"
+    assert cost["eviction"] == "lfru" and cost["prefetch_precision"] is None
     table = decode.markdown(rows, decode.check_targets(rows))
     assert "| B | 50% | adapmoe |" in table
 
