@@ -121,9 +121,9 @@ def _release_views(*views: Any) -> None:
 def _worker_main(target: str, model: str, shm_name: str, slot_bytes: int, conn: Any, client_options: dict,
                  raw: bool = False) -> None:
     """One receiving process: its own StoreClient; fetch into the arena, check, report. With
-    `raw`, a coded blob (bf16 byte planes) is received beside the slot and written into it with
-    codec none (format.transcode_raw, which checks it as it decodes), as it came when that does
-    not fit the slot: the decode runs in this process, not in the decoder's."""
+    `raw`, a coded blob (bf16 byte planes) is written into its slot with codec none
+    (format.transcode_raw, which checks it as it decodes) from a buffer beside it, as it came
+    when that does not fit the slot: the decode runs in this process, not in the decoder's."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
     from expert_store.client import StoreClient
 
@@ -145,9 +145,12 @@ def _worker_main(target: str, model: str, shm_name: str, slot_bytes: int, conn: 
             rid, (layer, expert, precision), priority, offset = msg
             out = shm.buf[offset:offset + slot_bytes]
             got = None
-            # bf16 blobs may be coded: received into this process's buffer, decoded into the slot
-            # (a store whose bf16 blobs came with codec none is received straight into the slot)
-            if raw and precision == "bf16" and coded.get(precision, True):
+            # a bf16 blob may come coded (byte planes + lz4) and is then decoded into the slot from
+            # this process's buffer; a store packs one way, so after the first blob the last one's
+            # codec says where to receive. The first goes straight into the slot: a codec-none
+            # store then never copies, a coded one moves that one blob aside once
+            transcode = raw and precision == "bf16"
+            if transcode and coded.get(precision, False):
                 recv = scratch = scratch or memoryview(bytearray(slot_bytes))
             else:
                 recv = out
@@ -166,10 +169,14 @@ def _worker_main(target: str, model: str, shm_name: str, slot_bytes: int, conn: 
                     blob_format.decode_raw(recv[:size])
                     if recv is not out:
                         out[:size] = recv[:size]
+                elif transcode and blob_format.raw_blob_size(header) <= len(out):
+                    if recv is out:          # received into the slot it decodes into: moved aside first
+                        scratch = scratch or memoryview(bytearray(slot_bytes))
+                        scratch[:size] = out[:size]
+                        recv = scratch
+                    size = blob_format.transcode_raw(recv[:size], out)   # checks it as it decodes
                 elif recv is out:
                     blob_format.check_blob(recv[:size])
-                elif blob_format.raw_blob_size(header) <= len(out):
-                    size = blob_format.transcode_raw(recv[:size], out)   # checks it as it decodes
                 else:                         # the raw blob does not fit the slot: as it came
                     blob_format.check_blob(recv[:size])
                     out[:size] = recv[:size]

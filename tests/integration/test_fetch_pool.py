@@ -267,8 +267,7 @@ def test_raw_mode_decodes_coded_bf16_blobs_in_the_workers(store_dir, tmp_path):
 
 def test_raw_mode_takes_uncoded_bf16_blobs_into_their_slots(tmp_path):
     """raw=True against a store packed with codec none: every bf16 blob lands in its slot as
-    stored (the first received beside the slot and copied, the rest straight into it), a
-    corrupted one is a DataLoss."""
+    stored (received straight into it), a corrupted one is a DataLoss."""
     root = tmp_path / "plain"
     blobs = build(root, codec="none")
     assert {blob_format.read_header(b)[0].codec for b in blobs.values()} == {"none"}
