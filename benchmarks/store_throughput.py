@@ -47,8 +47,11 @@ MODEL = "bench"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def build_store(root: Path, total_mb: int, blob_mb: float) -> list[tuple[tuple[int, int, str], Path, int]]:
-    """Random bf16 experts, ~blob_mb each, total_mb in all; returns [(ref, file, size)]."""
+def build_store(root: Path, total_mb: int, blob_mb: float,
+                codec: str = "auto") -> list[tuple[tuple[int, int, str], Path, int]]:
+    """Random bf16 experts, ~blob_mb each, total_mb in all, packed with `codec` ("auto": byte
+    planes + lz4 where that saves; "none": as a codec-none copy serves them); returns
+    [(ref, file, size)]."""
     hidden = 1024
     ffn = max(64, int(blob_mb * 2**20 / (3 * hidden * 2)) // 64 * 64)
     count = max(4, round(total_mb / blob_mb))
@@ -67,7 +70,7 @@ def build_store(root: Path, total_mb: int, blob_mb: float) -> list[tuple[tuple[i
         layer, expert = divmod(i, experts)
         w = {"w1": torch.randn(ffn, hidden, generator=g), "w3": torch.randn(ffn, hidden, generator=g),
              "w2": torch.randn(hidden, ffn, generator=g)}
-        blob = expert_to_blob(MODEL, layer, expert, "bf16", w)
+        blob = expert_to_blob(MODEL, layer, expert, "bf16", w, codec=codec)
         put("expert", blob, layer=layer, expert=expert, precision="bf16")
         entries.append({"layer": layer, "expert": expert, "precision": "bf16", "size": len(blob),
                         "xxh3": blob_format.blob_checksum(blob)})
@@ -142,13 +145,19 @@ def bench_grpc(address: str, blobs, streams: int, repeats: int, check: bool) -> 
     return len(arena) / best / 1e6
 
 
-def bench_pool(address: str, blobs, receivers: int, repeats: int, check: bool) -> float:
+def bench_pool(address: str, blobs, receivers: int, repeats: int, check: bool, raw: bool = False) -> float:
     """MB/s of FetchPool(workers=receivers): every blob submitted at once (demand), timed until
-    the last completion; best of `repeats` after a warm-up pass."""
+    the last completion; best of `repeats` after a warm-up pass. raw: the decoder's host tier's
+    mode (coded bf16 blobs land in their slots decoded; the check then compares payloads)."""
     from expert_store.fetch_pool import FetchPool
 
     total = sum(size for _, _, size in blobs)
-    with FetchPool(address, MODEL, workers=receivers, slots=len(blobs), deadline_s=120) as pool:
+    slot_bytes = None
+    if raw:   # slots sized for the decoded blobs, as the host tier sizes them
+        slot_bytes = max(blob_format.raw_blob_size(blob_format.read_header(path.read_bytes()[:1 << 16])[0])
+                         for _, path, _ in blobs)
+    with FetchPool(address, MODEL, workers=receivers, slots=len(blobs), deadline_s=120, raw=raw,
+                   **({"slot_bytes": slot_bytes} if slot_bytes else {})) as pool:
         best = float("inf")
         for i in range(repeats + 1):  # first pass: warm-up (connections, server page cache)
             t0 = time.perf_counter()
@@ -158,8 +167,13 @@ def bench_pool(address: str, blobs, receivers: int, repeats: int, check: bool) -
                 best = min(best, seconds)
             if check and i == 0:
                 for c, (_, path, size) in zip(done, blobs):
-                    assert c.size == size and pool.arena[c.offset: c.offset + size] == path.read_bytes(), \
-                        f"{path}: bytes differ"
+                    if raw:
+                        got = blob_format.decode_raw(bytes(pool.arena[c.offset: c.offset + c.size]))[1]
+                        assert bytes(got) == bytes(blob_format.decode_raw(path.read_bytes())[1]), \
+                            f"{path}: payload differs"
+                    else:
+                        assert c.size == size and pool.arena[c.offset: c.offset + size] == path.read_bytes(), \
+                            f"{path}: bytes differ"
             for c in done:
                 pool.release(c.slot)
     return total / best / 1e6
@@ -230,19 +244,23 @@ def main() -> int:
     ap.add_argument("--total-mb", type=int, default=200)
     ap.add_argument("--blob-mb", type=float, default=8.0)
     ap.add_argument("--streams", default="1,4")
-    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--workers", default="1,2", help="gRPC rows: server workers ('' for none)")
     ap.add_argument("--pool", default="", help="FetchPool rows: server workers:receiving processes, e.g. 1:1,2:2,4:4")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--codec", choices=("auto", "none"), default="auto",
+                    help="how the store packs its bf16 blobs (none: a codec-none copy, read where it lies)")
+    ap.add_argument("--raw", action="store_true",
+                    help="FetchPool rows in the decoder's host-tier mode (coded blobs decoded into the slots)")
     ap.add_argument("--out", type=Path, default=RESULTS / "store_throughput.json")
     args = ap.parse_args()
     streams = [int(s) for s in args.streams.split(",")]
-    workers = [int(w) for w in args.workers.split(",")]
+    workers = [int(w) for w in args.workers.split(",") if w.strip()]
     pool_pairs = [tuple(int(x) for x in p.split(":")) for p in args.pool.split(",") if p.strip()]
 
     with tempfile.TemporaryDirectory(prefix="store-bench-") as tmp:
         tmp = Path(tmp)
         print(f"building a store of ~{args.total_mb} MB of random bf16 experts ...", flush=True)
-        blobs = build_store(tmp / "store", args.total_mb, args.blob_mb)
+        blobs = build_store(tmp / "store", args.total_mb, args.blob_mb, args.codec)
         total = sum(size for _, _, size in blobs)
         rows = []
         for s in streams:
@@ -258,7 +276,7 @@ def main() -> int:
         for w, p in pool_pairs:
             server = start_server(tmp / "store", w, tmp / f"server-pool-{w}.log")
             try:
-                mb_s = bench_pool(server.address, blobs, p, args.repeats, check=True)
+                mb_s = bench_pool(server.address, blobs, p, args.repeats, check=True, raw=args.raw)
                 rows.append({"mode": "fetchpool", "workers": w, "receivers": p, "streams": p, "mb_s": mb_s})
             finally:
                 server.stop()
@@ -272,6 +290,7 @@ def main() -> int:
         if r["mode"] == "fetchpool" and one:
             r["ratio_to_one_process"] = r["mb_s"] / one
     result = {"total_mb": total / 1e6, "blobs": len(blobs), "blob_mb": total / len(blobs) / 1e6, "streams": streams,
+              "codec": args.codec, "raw": args.raw,
               "workers": workers, "pool": [list(p) for p in pool_pairs], "one_process_mb_s": one, "repeats": args.repeats, "machine": machine(), "rows": rows,
               "command": "python benchmarks/store_throughput.py " + " ".join(sys.argv[1:])}
 
