@@ -49,12 +49,25 @@ def test_kernels_match_torch_on_cuda():
 
 
 class RouterLog:
-    """Forward hooks on every layer's router of an eager model: the router logits of each call,
-    float32 [T, E] per call, in call order (one call per layer per decode step)."""
+    """What an eager model routed: hooks on every layer's router record its logits (float32
+    [T, E] per call) and a wrapper around the model's gating records the experts it chose
+    ([T, k] per call), in call order (one call per layer per decode step)."""
 
     def __init__(self, model: Transformer) -> None:
         self.calls: list[torch.Tensor] = []
+        self.ids: list[torch.Tensor] = []
+        self.model, self.gating = model, model.gating
         self.hooks = [blk.block_sparse_moe.gate.register_forward_hook(self._hook) for blk in model.layers]
+        log = self
+
+        class Recording(Gating):
+            name = model.gating.name
+
+            def route(self, layer, router_logits):
+                w, idx = log.gating.route(layer, router_logits)
+                log.ids.append(idx.to("cpu", copy=True))
+                return w, idx
+        model.gating = Recording()
 
     def _hook(self, mod, inp, out) -> None:
         self.calls.append(out.detach().reshape(-1, out.shape[-1]).to("cpu", torch.float32, copy=True))
@@ -62,6 +75,7 @@ class RouterLog:
     def remove(self) -> None:
         for h in self.hooks:
             h.remove()
+        self.model.gating = self.gating
 
 
 class StepRoutingLog:
@@ -97,38 +111,46 @@ class ReplayGating(Gating):
         return w / w.sum(-1, keepdim=True), idx
 
 
-def routing_flips(eager: list[torch.Tensor], step: list[torch.Tensor], layers: int) -> list[tuple]:
-    """Every (token, layer) whose step experts differ from the eager top-k of the eager router
-    logits, as (token, layer, margin, ulp): margin = how far the eager logit of an expert only
-    the eager path took lies above that of an expert only the step took; ulp = one bf16 ulp at
-    that row's largest logit. A flip of a few ulps is two roundings of a near-tie."""
+def routing_flips(log: RouterLog, step: list[torch.Tensor], layers: int) -> list[tuple]:
+    """Every (token, layer) whose step experts differ from the experts the eager path chose, as
+    (token, layer, margin, ulp): margin = the eager router logit of an expert only the eager
+    path took minus that of an expert only the step took (the smallest such gap, by size);
+    ulp = one bf16 ulp at that row's largest logit. A flip of a few ulps is two roundings of a
+    near-tie."""
     flips = []
     for t, ids in enumerate(step):
         for l in range(layers):
-            logits = eager[t * layers + l][0]                                     # [E]
-            k = ids.shape[1]
-            mine = set(logits.topk(k).indices.tolist())
+            logits = log.calls[t * layers + l][0]                                # [E]
+            mine = set(log.ids[t * layers + l][0].tolist())
             theirs = set(ids[l].tolist())
             if mine != theirs:
-                margin = min(logits[list(mine - theirs)]) - max(logits[list(theirs - mine)])
+                gaps = [float(logits[a] - logits[b]) for a in mine - theirs for b in theirs - mine]
                 ulp = 2.0 ** (math.floor(math.log2(logits.abs().max().item())) - 7)
-                flips.append((t, l, float(margin), ulp))
+                flips.append((t, l, min(gaps, key=abs), ulp))
     return flips
 
 
-def check_routing_then_logits(step_logits, eager_logits, replay_logits, eager_router, step_ids, layers, tol):
-    """The step chose the eager path's experts except at near-ties (within 8 bf16 ulps), and its
-    logits equal those of the eager forward routed as the step routed, on every row."""
-    assert len(step_ids) == step_logits.shape[0] and len(eager_router) == layers * len(step_ids)
-    flips = routing_flips(eager_router, step_ids, layers)
-    assert all(margin <= 8 * ulp for _, _, margin, ulp in flips), \
-        f"the step routed away from the eager top-k by more than a near-tie: {flips}"
-    assert len(flips) <= max(1, len(step_ids) * layers // 20), f"too many routing flips: {flips}"
+def check_routing_then_logits(step_logits, eager_logits, replay_logits, eager: RouterLog, step_ids, layers, tol):
+    """The step chose the eager path's experts except at near-ties (within 8 bf16 ulps of the
+    eager router logits), rows differ from the eager logits only from the first such flip on,
+    and the step's logits equal those of the eager forward routed as the step routed, on every
+    row. Every finding is in the message of the first assertion that fails."""
+    assert len(step_ids) == step_logits.shape[0] and len(eager.calls) == len(eager.ids) == layers * len(step_ids)
+    flips = routing_flips(eager, step_ids, layers)
     apart = ((step_logits - eager_logits).abs().amax(-1) > tol).nonzero().flatten().tolist()
+    replay_apart = ((step_logits - replay_logits).abs().amax(-1) > tol).nonzero().flatten().tolist()
+    # the eager path's own choice against the top-k of its logits (the routing kernel on CUDA)
+    own = [(i // layers, i % layers) for i, (lg, ids) in enumerate(zip(eager.calls, eager.ids))
+           if set(lg[0].topk(ids.shape[1]).indices.tolist()) != set(ids[0].tolist())]
+    found = (f"routing flips (token, layer, margin, ulp): {flips}; rows apart from eager: {apart}; "
+             f"rows apart from eager routed as the step routed: {replay_apart}; "
+             f"eager choices that are not the top-k of its logits: {own}")
+    assert not own, found
+    assert all(abs(margin) <= 8 * ulp for _, _, margin, ulp in flips), "a flip is not a near-tie: " + found
+    assert len(flips) <= max(1, len(step_ids) * layers // 20), "too many routing flips: " + found
     first_flip = min((t for t, *_ in flips), default=len(step_ids))
-    assert all(t >= first_flip for t in apart), \
-        f"rows {apart} differ from the eager top-k logits before any routing flip ({flips})"
-    torch.testing.assert_close(step_logits, replay_logits, rtol=tol, atol=tol)
+    assert all(t >= first_flip for t in apart), "rows differ before any routing flip: " + found
+    torch.testing.assert_close(step_logits, replay_logits, rtol=tol, atol=tol, msg=lambda m: m + "\n" + found)
 
 
 def test_graphs_give_the_uncaptured_steps_tokens_and_the_eager_logits(monkeypatch):
@@ -156,7 +178,7 @@ def test_graphs_give_the_uncaptured_steps_tokens_and_the_eager_logits(monkeypatc
     log.remove()
     eng.model.gating = ReplayGating(step_ids)
     replay = eng.decode_logits(seq)
-    check_routing_then_logits(runs["step"][1], eager, replay, log.calls, step_ids, runs["step"][2].L, 5e-2)
+    check_routing_then_logits(runs["step"][1], eager, replay, log, step_ids, runs["step"][2].L, 5e-2)
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +211,7 @@ def test_evictions_between_graph_replays_never_read_a_stale_slot(store_dir, monk
     (a, _, _, _), (r, _, _, _), (b, sb, st, step_ids) = out["eager"], out["replay"], out["step"]
     assert st.capture and st.layered_steps == 40 and st.reads == 40 * L
     assert sb["provider"]["evictions_gpu"] > 20
-    check_routing_then_logits(b, a, r, log.calls, step_ids, L, 3e-2)
+    check_routing_then_logits(b, a, r, log, step_ids, L, 3e-2)
     assert (b.argmax(-1) == a.argmax(-1)).float().mean() > 0.9
 
 
