@@ -233,7 +233,7 @@ def run_cache_plan(checkpoint: Path, work: Path, s: Settings, eval_texts: Sequen
     """Pack, calibrate (decoder.calibrate), then one row per (gating, budget, planner)."""
     from tqdm import tqdm
 
-    from decoder.demo import gating_budget
+    from decoder.gating import profile_budget
     from expert_store.client import StoreClient
 
     unknown = []
@@ -270,7 +270,7 @@ def run_cache_plan(checkpoint: Path, work: Path, s: Settings, eval_texts: Sequen
         with Engine.from_store(client, MODEL, device=s.device, dtype=torch.float32, prefetch=False,
                                gpu_cache_bytes=1 << 40, host_cache_bytes=0) as probe:
             slot_bytes, host_slot_bytes = probe.provider.slot_bytes, probe.provider.host_slot_bytes
-    T = gating_budget(profile, s.single_ratio)
+    T = profile_budget(profile, s.single_ratio)
     log(f"calibrated on {profile['tokens']} tokens in {t_calib:.1f} s; adaptive T={T:.3g} "
         f"(r per layer {[round(x, 3) for x in profile['single_expert_ratio']]})")
 

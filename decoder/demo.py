@@ -36,6 +36,7 @@ from dataclasses import asdict, replace
 from typing import Any, Sequence
 
 from decoder import train_demo
+from decoder.gating import profile_budget
 from expert_store.launch import ServerProcess, console_command, store_command
 
 MODEL_NAME = "stdlib-moe"
@@ -201,15 +202,6 @@ def ensure_profile(store: pathlib.Path, model: str, cache: pathlib.Path, precisi
     return prof
 
 
-def gating_budget(profile: dict[str, Any], single_ratio: float) -> float:
-    """The calibrated budget T at which about `single_ratio` of routing decisions use one expert."""
-    table = profile.get("budget_for_single_ratio") or {}
-    if not table:
-        return float(profile["budget"])
-    key = min(table, key=lambda r: abs(float(r) - single_ratio))
-    return float(table[key])
-
-
 # ---------------------------------------------------------------------------------------------
 # 3. generation
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=None,
                    help="gating budget T (default: the calibrated T for --single-ratio)")
     p.add_argument("--single-ratio", type=float, default=None,
-                   help="share of routing decisions adaptive gating may serve with one expert (default: as many "
+                   help="share of routing decisions adaptive gating may serve with one expert, one the "
+                        "calibration recorded: 0.1, 0.25 or 0.5 (default: as many "
                         "as keep the held-out perplexity within 1%% of top-k's, calibrate --max-ppl-rise 1%%)")
     p.add_argument("--calibration-tokens", type=int, default=2048)
     p.add_argument("--precision", default="bf16", choices=["bf16", "int8", "int4"])
@@ -313,7 +306,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if profile is None:
             args.gating, args.budget = "topk", None
         elif args.budget is None and args.single_ratio is not None:
-            args.budget = gating_budget(profile, args.single_ratio)
+            try:
+                args.budget = profile_budget(profile, args.single_ratio, args.gating)
+            except ValueError as e:
+                raise SystemExit(f"--single-ratio: {e}") from None
             _log(f"{args.gating} gating with budget T={args.budget:.3g} "
                  f"(calibrated for about {args.single_ratio:.0%} single-expert decisions)")
         elif args.budget is None:
