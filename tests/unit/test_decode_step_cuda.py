@@ -139,12 +139,13 @@ def check_routing_then_logits(step_logits, eager_logits, replay_logits, eager: R
     flips = routing_flips(eager, step_ids, layers)
     apart = ((step_logits - eager_logits).abs().amax(-1) > tol).nonzero().flatten().tolist()
     replay_apart = ((step_logits - replay_logits).abs().amax(-1) > tol).nonzero().flatten().tolist()
-    # the eager path's own choice against the top-k of its logits (the routing kernel on CUDA)
+    # the eager path's own choice against its logits (the routing kernel on CUDA): no expert it
+    # left out has a larger logit than one it took (a tie may go either way)
     own = [(i // layers, i % layers) for i, (lg, ids) in enumerate(zip(eager.calls, eager.ids))
-           if set(lg[0].topk(ids.shape[1]).indices.tolist()) != set(ids[0].tolist())]
+           if lg[0][ids[0]].min() < lg[0][[e for e in range(lg.shape[1]) if e not in ids[0].tolist()]].max()]
     found = (f"routing flips (token, layer, margin, ulp): {flips}; rows apart from eager: {apart}; "
              f"rows apart from eager routed as the step routed: {replay_apart}; "
-             f"eager choices that are not the top-k of its logits: {own}")
+             f"eager choices that leave out a larger logit: {own}")
     assert not own, found
     assert all(abs(margin) <= 8 * ulp for _, _, margin, ulp in flips), "a flip is not a near-tie: " + found
     assert len(flips) <= max(1, len(step_ids) * layers // 20), "too many routing flips: " + found
