@@ -345,6 +345,8 @@ class ExpertCache(ExpertProvider):
                 "host_capacity": self.host_capacity,
                 "host_resident": sum(1 for h in self.host.entries.values() if h.resident),
                 "host_fill": self._host_fill.stats() if self._host_fill is not None else None,
+                # the receiving processes of a FetchPool host tier (fetch_workers): requests done, queued
+                "fetch_pool": self.host.fetch_pool.stats() if self.host.fetch_pool is not None else None,
                 # copies out of a co-located arena: counted loaded at once (pinned) or after a check
                 "arena_copies": self.host.pins.stats() if self.host.pins is not None else None,
                 "miss_compute": self.miss_compute,

@@ -8,6 +8,7 @@ Real processes: the `moe-decoder` CLI, an `expert-store serve` that requires a t
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 
@@ -84,6 +85,22 @@ def test_generate_sends_the_store_token_file(workdir, store):
     assert "UNAUTHENTICATED" in line and STORE_TOKEN not in line
     ok = _moe_decoder(*base, "--store-token-file", str(workdir / "store.token"))
     assert ok.returncode == 0, ok.stderr
+
+
+def test_generate_fetch_workers_receive_with_the_store_token_file(workdir, store, tmp_path):
+    """--fetch-workers: the host tier's receiving processes open the store with the decoder's
+    token; without it the store refuses them as it refuses the decoder."""
+    base = ["generate", "--store", store.address, "--model", MODEL, "--prompt", PROMPTS[0], "--max-tokens", "4",
+            "--no-stats", "--host-cache-bytes", "16MiB", "--fetch-workers", "2"]
+    refused = _moe_decoder(*base)
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr and STORE_TOKEN not in refused.stderr
+    stats = tmp_path / "stats.json"
+    ok = _moe_decoder(*base, "--store-token-file", str(workdir / "store.token"), "--stats-json", str(stats))
+    assert ok.returncode == 0, ok.stderr
+    provider = json.loads(stats.read_text())["provider"]
+    pool = provider["fetch_pool"]
+    assert pool["workers"] == 2 and pool["completed"] > 0 and pool["failed"] == 0 and pool["bytes"] > 0
+    assert provider["tiers"]["store"]["hits"] == pool["completed"]
 
 
 def test_serve_requires_the_auth_token_file_and_sends_the_store_token_file(workdir, store):

@@ -15,7 +15,7 @@ import xxhash
 from checkpoints import make_mixtral_checkpoint
 from decoder import Engine
 from decoder.cli import build_parser as cli_parser
-from decoder.cli import engine_options
+from decoder.cli import engine_options, with_fetch_credentials
 from decoder.experts.gpu_slots import plan_quotas
 from decoder.gating import make_gating
 from decoder.model.transformer import TopKGating
@@ -73,7 +73,24 @@ def test_flags_become_engine_options(which):
         "cache_options": {"eviction": "lru"}, "gating_options": {}, "prefetch_options": {"gpu": True}}
     assert engine_options(parsed(which, "--gpu-cache-bytes", "1M", "--no-prefetch")) == {
         "cache_options": {"eviction": "lfru"}, "gating_options": {}, "prefetch_options": {}}
-    for bad, msg in [(["--cache-plan", "uniform"], "--cache-plan needs the expert cache"),
+    # --fetch-workers: the host tier's receiving processes, with the decoder's store credentials
+    fetch = engine_options(parsed(which, "--gpu-cache-bytes", "1M", "--host-cache-bytes", "4M", "--fetch-workers", "3"))
+    assert fetch["cache_options"] == {"eviction": "lfru", "fetch_workers": 3}
+    assert with_fetch_credentials(fetch, token="t", tls_ca=None, deadline_s=5.0)["cache_options"]["fetch_options"] \
+        == {"token": "t", "deadline_s": 5.0}
+    plain = engine_options(parsed(which, "--host-cache-bytes", "4M", "--fetch-workers", "0"))
+    assert "fetch_workers" not in plain["cache_options"]
+    assert "fetch_options" not in with_fetch_credentials(plain, token="t")["cache_options"]
+    shm = (cli_parser().parse_args(["generate", "--store", "local-shm:///dev/shm/a", "--model", "t", "--prompt", "x"]
+                                   + ["--host-cache-bytes", "4M", "--fetch-workers", "2"]) if which == "generate"
+           else serve_parser().parse_args(["--store", "local-shm:///dev/shm/a", "--model", "t",
+                                           "--host-cache-bytes", "4M", "--fetch-workers", "2"]))
+    with pytest.raises(ValueError, match="local-shm:// store is read in place"):
+        engine_options(shm)
+    for bad, msg in [(["--fetch-workers", "2"], "give --host-cache-bytes"),
+                     (["--fetch-workers", "2", "--gpu-cache-bytes", "1M"], "give --host-cache-bytes"),
+                     (["--fetch-workers", "-1", "--host-cache-bytes", "4M"], "must be >= 0"),
+                     (["--cache-plan", "uniform"], "--cache-plan needs the expert cache"),
                      (["--lookahead", "2"], "--lookahead needs the expert cache"),
                      (["--lookahead", "0", "--gpu-cache-bytes", "1M"], "--lookahead must be >= 1"),
                      (["--lookahead", "1", "--gpu-cache-bytes", "1M", "--no-prefetch"], "contradict"),
