@@ -251,6 +251,14 @@ class StoreClient:
     def fetch_experts(self, model: str, refs: Sequence[Ref], priority: str = "demand") -> Iterator[tuple[Ref, Any]]:
         raise NotImplementedError
 
+    def fetch_expert_range(self, model: str, layer: int, expert: int, precision: str, start: int, end: int,
+                           out: Any = None, priority: str = "demand") -> bytes | bytearray | memoryview:
+        """Bytes [start, end) of an expert blob (into out[:end - start] when given): a part of a
+        blob that several receivers fetch side by side. Unchecked: a blob's seal covers all of
+        it, so whoever joins the parts checks the whole (format.decode_raw / check_blob).
+        InvalidArgument for a range outside the blob or an `out` too small."""
+        raise NotImplementedError
+
     def fetch_dense(self, model: str, out: Any = None) -> bytes | bytearray | memoryview:
         raise NotImplementedError
 
@@ -291,6 +299,13 @@ class LocalStoreClient(StoreClient):
         for ref in refs:
             yield ref, self.store.expert_blob(model, *ref)
 
+    def fetch_expert_range(self, model, layer, expert, precision, start, end, out=None, priority="demand"):
+        _check_priority(priority)
+        layer, expert, precision = _check_ref((layer, expert, precision))
+        blob = self.store.expert_blob(_check_model(model), layer, expert, precision)
+        start, end = _check_range(start, end, len(blob))
+        return _into(out, memoryview(blob)[start:end])
+
     def fetch_dense(self, model, out=None):
         return _into(out, self.store.dense(_check_model(model)))
 
@@ -309,6 +324,17 @@ def _into(out: Any, blob: bytes) -> Any:
         raise InvalidArgument(f"out holds {len(view)} bytes; the blob has {len(blob)}")
     view[: len(blob)] = blob
     return view[: len(blob)]
+
+
+def _check_range(start: Any, end: Any, total: int) -> tuple[int, int]:
+    """[start, end) as ints within a blob of `total` bytes, else InvalidArgument."""
+    try:
+        start, end = int(start), int(end)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"range [{start!r}, {end!r}) is not a pair of integers") from None
+    if not 0 <= start < end <= total:
+        raise InvalidArgument(f"range [{start}, {end}) is not inside the blob's {total} bytes")
+    return start, end
 
 
 def _check_priority(priority: str) -> int:
@@ -703,6 +729,51 @@ class GrpcStoreClient(StoreClient):
         item = _Blob(ref, blob_format.expert_key(model, *ref), out)
         self._stream_experts(model, [item], prio, threading.Event())
         return item.result()
+
+    def fetch_expert_range(self, model, layer, expert, precision, start, end, out=None, priority="demand"):
+        """FetchExperts from `start` (the offset a resume sends), cancelled once `end` is in;
+        a broken stream resumes where it stopped, on the next replica."""
+        prio = _check_priority(priority)
+        model = _check_model(model)
+        ref = _check_ref((layer, expert, precision))
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end):
+            raise InvalidArgument(f"range [{start!r}, {end!r}) is not a non-empty range of byte offsets")
+        key = blob_format.expert_key(model, *ref)
+        buf = _writable(out) if out is not None else bytearray(end - start)
+        if len(buf) < end - start:
+            raise InvalidArgument(f"out holds {len(buf)} bytes; the range has {end - start}")
+        state = {"got": start}                  # absolute offset of the next byte wanted
+
+        def attempt(stub, timeout):
+            at = state["got"]
+            request = pb.FetchExpertsRequest(model=model, priority=prio, refs=[
+                pb.ExpertRef(layer=ref[0], expert=ref[1], precision=ref[2], offset=at)])
+            with self._streams:
+                call = stub.FetchExperts(request, timeout=timeout, metadata=self._metadata)
+                try:
+                    for chunk in call:
+                        data = chunk.data        # read once: each access makes a new bytes object
+                        if chunk.total_size:
+                            _check_range(start, end, chunk.total_size)
+                        if chunk.offset != state["got"]:
+                            raise _BrokenStream(f"{key}: chunk at {chunk.offset}, expected {state['got']}")
+                        take = min(len(data), end - state["got"])
+                        pos = state["got"] - start
+                        buf[pos:pos + take] = memoryview(data)[:take]
+                        state["got"] += take
+                        if state["got"] >= end:
+                            call.cancel()        # the rest of the blob is another receiver's part
+                            return
+                        if chunk.last:
+                            raise _BrokenStream(f"{key}: the blob ended at {state['got']}, before {end}")
+                except BaseException:
+                    call.cancel()
+                    raise
+            raise _BrokenStream(f"{key}: the stream ended at {state['got']}, before {end}")
+
+        self._with_failover(key, attempt, f"FetchExperts({key}[{start}:{end}])",
+                            listed=lambda: self._listed(model, [ref]))
+        return memoryview(buf)[:end - start] if out is not None else buf
 
     def fetch_experts(self, model, refs, priority="demand"):
         """Yields (ref, blob) for every ref as each blob completes (completion order), using
