@@ -7,7 +7,8 @@
 - calibration: `calibrate` (decoder.calibrate on the calibration text; the profile goes next to
   the model in the store);
 - command line: `build_parser` (the flags every such benchmark has, around its own ones),
-  `run_in_tempdir`, `run_info` (command and machine, recorded in the JSON);
+  `run_in_tempdir`, `run_info` (command and machine, recorded in the JSON), `cpu_model` (the
+  host CPU's name and AVX-512, for any benchmark's metadata);
 - output: `write_outputs` (results/NAME.json and the plot NAME.png).
 """
 
@@ -31,6 +32,18 @@ RESULTS = ROOT / "benchmarks" / "results"
 import torch  # noqa: E402
 
 T = TypeVar("T")
+
+
+def cpu_model() -> dict[str, Any]:
+    """The host CPU's model name and whether it has AVX-512 (torch's int4 CPU layout depends on
+    it; the host-computed miss rows run on it)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"model": platform.processor() or None, "avx512f": None}
+    name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), None)
+    flags = next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), [])
+    return {"model": name, "avx512f": "avx512f" in flags}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from benchmarks._common import kernel_table  # noqa: E402
+from benchmarks._common import cpu_model, kernel_table  # noqa: E402
 from decoder.calibrate import windows_perplexity  # noqa: E402
 from decoder.engine import Engine  # noqa: E402
 from decoder.experts.provider import ExpertProvider, ExpertWeights, expert_weights_from_views  # noqa: E402
@@ -1482,18 +1482,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for t in targets:
         print(f"target {'MET   ' if t['met'] else 'MISSED'} {t['target']}: {t['measured']:.2f}", flush=True)
     return 0
-
-
-def cpu_model() -> dict[str, Any]:
-    """The host CPU's model name and whether it has AVX-512 (torch's int4 CPU layout depends on
-    it; the host-computed miss rows run on it)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {"model": platform.processor() or None, "avx512f": None}
-    name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), None)
-    flags = next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), [])
-    return {"model": name, "avx512f": "avx512f" in flags}
 
 
 def write_results(out_dir: Path, args: argparse.Namespace, rows: list, targets: list, models_info: dict,

@@ -37,6 +37,7 @@ import grpc  # noqa: E402
 import torch  # noqa: E402
 import xxhash  # noqa: E402
 
+from benchmarks._common import cpu_model  # noqa: E402
 from expert_store import format as blob_format  # noqa: E402
 from expert_store.client import StoreClient  # noqa: E402
 from expert_store.launch import ServerProcess, start_store  # noqa: E402
@@ -145,6 +146,12 @@ def bench_grpc(address: str, blobs, streams: int, repeats: int, check: bool) -> 
     return len(arena) / best / 1e6
 
 
+def head(path: Path, n: int = 1 << 16) -> bytes:
+    """The first n bytes of a blob file (its header), without reading the rest."""
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
 def bench_pool(address: str, blobs, receivers: int, repeats: int, check: bool, raw: bool = False) -> float:
     """MB/s of FetchPool(workers=receivers): every blob submitted at once (demand), timed until
     the last completion; best of `repeats` after a warm-up pass. raw: the decoder's host tier's
@@ -154,8 +161,7 @@ def bench_pool(address: str, blobs, receivers: int, repeats: int, check: bool, r
     total = sum(size for _, _, size in blobs)
     slot_bytes = None
     if raw:   # slots sized for the decoded blobs, as the host tier sizes them
-        slot_bytes = max(blob_format.raw_blob_size(blob_format.read_header(path.read_bytes()[:1 << 16])[0])
-                         for _, path, _ in blobs)
+        slot_bytes = max(blob_format.raw_blob_size(blob_format.read_header(head(path))[0]) for _, path, _ in blobs)
     with FetchPool(address, MODEL, workers=receivers, slots=len(blobs), deadline_s=120, raw=raw,
                    **({"slot_bytes": slot_bytes} if slot_bytes else {})) as pool:
         best = float("inf")
@@ -185,16 +191,8 @@ def start_server(store: Path, workers: int, log: Path) -> ServerProcess:
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "grpcio": grpc.__version__,
-            "platform": platform.platform()}
+    return {"cpu": cpu_model()["model"] or "unknown", "cores": os.cpu_count(), "python": platform.python_version(),
+            "grpcio": grpc.__version__, "platform": platform.platform()}
 
 
 def plot(result: dict, path: Path) -> None:

@@ -177,17 +177,15 @@ def engine_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         if args.cpu_workers < 1:
             raise ValueError("--cpu-workers must be >= 1")
         cache_options["cpu_workers"] = args.cpu_workers
-    fetch_workers = getattr(args, "fetch_workers", None)
+    fetch_workers = getattr(args, "fetch_workers", None) or 0
+    if fetch_workers < 0:
+        raise ValueError("--fetch-workers must be >= 0")
     if fetch_workers:
-        if fetch_workers < 0:
-            raise ValueError("--fetch-workers must be >= 0")
         if not args.host_cache_bytes:
             raise ValueError("--fetch-workers receives into the host tier: give --host-cache-bytes")
         if str(getattr(args, "store", "")).startswith("local-shm://"):
             raise ValueError("--fetch-workers receives from a remote store; a local-shm:// store is read in place")
         cache_options["fetch_workers"] = fetch_workers
-    elif fetch_workers is not None and fetch_workers < 0:
-        raise ValueError("--fetch-workers must be >= 0")
     if args.cache_plan is not None:
         if not has_cache:
             raise ValueError("--cache-plan needs the expert cache: give --gpu-cache-bytes/--host-cache-bytes")
@@ -265,15 +263,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     refuse_checkpoint_dir(args.store)
     dtype_name = args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
     dtype = getattr(torch, dtype_name)
+    token = read_store_token(args.store_token_file)
     if args.store_token_file is None:
-        return _generate(args, args.store, dtype)
+        return _generate(args, args.store, dtype, token)
     if not is_remote_target(args.store):
         raise ValueError("--store-token-file goes with a store address (a store directory is read in-process)")
     from expert_store.client import StoreClient
 
-    client = StoreClient.open(args.store, token=read_store_token(args.store_token_file))
+    client = StoreClient.open(args.store, token=token)
     try:
-        return _generate(args, client, dtype)
+        return _generate(args, client, dtype, token)
     finally:
         client.close()
 
@@ -286,11 +285,12 @@ def with_fetch_credentials(options: dict[str, dict[str, Any]], **credentials: An
     return options
 
 
-def _generate(args: argparse.Namespace, store: Any, dtype: Any) -> int:
-    """Build the engine on `store` (a target or an open StoreClient), generate, print."""
+def _generate(args: argparse.Namespace, store: Any, dtype: Any, token: str | None) -> int:
+    """Build the engine on `store` (a target or an open StoreClient), generate, print; `token`:
+    the store token, for --fetch-workers' processes."""
     from decoder.engine import Engine
 
-    options = with_fetch_credentials(engine_options(args), token=read_store_token(args.store_token_file))
+    options = with_fetch_credentials(engine_options(args), token=token)
     with quiet_store_retries(enabled=not args.verbose):
         engine = Engine.from_store(store, args.model, device=args.device, dtype=dtype, gating=args.gating,
                                    gpu_cache_bytes=args.gpu_cache_bytes, host_cache_bytes=args.host_cache_bytes,

@@ -326,13 +326,16 @@ def _into(out: Any, blob: bytes) -> Any:
     return view[: len(blob)]
 
 
-def _check_range(start: Any, end: Any, total: int) -> tuple[int, int]:
-    """[start, end) as ints within a blob of `total` bytes, else InvalidArgument."""
+def _check_range(start: Any, end: Any, total: int | None = None) -> tuple[int, int]:
+    """[start, end) as a non-empty range of ints, within a blob of `total` bytes when that is
+    known; else InvalidArgument."""
     try:
         start, end = int(start), int(end)
     except (TypeError, ValueError):
         raise InvalidArgument(f"range [{start!r}, {end!r}) is not a pair of integers") from None
-    if not 0 <= start < end <= total:
+    if not 0 <= start < end:
+        raise InvalidArgument(f"range [{start}, {end}) is not a non-empty range of byte offsets")
+    if total is not None and end > total:
         raise InvalidArgument(f"range [{start}, {end}) is not inside the blob's {total} bytes")
     return start, end
 
@@ -736,8 +739,7 @@ class GrpcStoreClient(StoreClient):
         prio = _check_priority(priority)
         model = _check_model(model)
         ref = _check_ref((layer, expert, precision))
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end):
-            raise InvalidArgument(f"range [{start!r}, {end!r}) is not a non-empty range of byte offsets")
+        start, end = _check_range(start, end)       # the blob's size comes with its first chunk
         key = blob_format.expert_key(model, *ref)
         buf = _writable(out) if out is not None else bytearray(end - start)
         if len(buf) < end - start:

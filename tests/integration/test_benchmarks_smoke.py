@@ -109,3 +109,18 @@ def test_decode_rows_sample_with_the_same_seeds(tmp_path):
     assert sampled["resident"] == sampled["lru"]
     assert greedy["resident"] == greedy["lru"]
     assert sampled["resident"] != greedy["resident"]
+
+
+def test_step_parity_compares_the_step_with_the_eager_forward():
+    """benchmarks/step_parity.py on the CPU (the step's torch path): every layer of the rows
+    asked for, and the logit difference of every row."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_parity.py"), "--device", "cpu",
+                        "--tokens", "3", "--rows", "1", "--dtype", "float32"],
+                       capture_output=True, text=True, timeout=150)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert [l.split(":")[0] for l in lines[:-1]] == [f"token 1 layer {l}" for l in range(4)], r.stdout
+    diffs = [float(x) for x in lines[-1].split("[")[1].rstrip("]").split(",")]
+    assert len(diffs) == 3 and max(diffs) < 1e-3, lines[-1]     # fp32: the same numbers up to summation order
