@@ -26,6 +26,16 @@ one), so the other workers stay free for demand and prefetch; the store sees it 
 demand submitted behind a hundred prefetches waits only for the requests already on the wire
 (at most `workers`), never for the queue. A Future still queued can be cancelled.
 
+Striped fetches: one receiving process moves a blob at a fraction of what N of them move
+together (~0.25-0.9 GB/s of 3-4 GB/s on the H200 host), so a blob someone waits for can be
+asked for in parts, `submit(..., parts=k)`: up to k byte ranges of it (`split_ranges`, none
+under MIN_PART_BYTES) queued at the request's place, each received into its bytes of the slot
+by whichever worker frees up first (`StoreClient.fetch_expert_range`), and once all are in, one
+"check" job runs the whole blob's checks (and the raw mode's decode) on the joined bytes. A
+part's store error fails the request once its other parts on the wire have returned (the slot
+is not reused under a write); a worker that dies takes only its part back to the queue (a
+check that dies: every part again, the decode may have overwritten them).
+
 Integrity: a worker reports a completion only after `format.check_blob` passed on the bytes
 in the arena (the blob's seal over every byte) and, for a raw blob, its payload's xxh3, its
 header names the requested ref and its size is the manifest's. With `raw=True` a coded bf16
@@ -81,6 +91,8 @@ log = logging.getLogger("expert_store.fetch_pool")
 
 Ref = tuple[int, int, str]
 SLOT_ALIGN = 4096
+RANGE_ALIGN = 64 << 10           # parts of a striped blob start at multiples of this
+MIN_PART_BYTES = 4 << 20
 _RANK = {"demand": 0, "prefetch": 1, "background": 2}
 WIRE_PRIORITY = {"demand": "demand", "prefetch": "prefetch", "background": "prefetch"}   # what the store is told
 
@@ -96,10 +108,15 @@ class Completion:
     worker_pid: int
     attempts: int
     seconds: float  # from submit to completion
+    parts: int = 1                       # byte ranges it was received in (submit's parts=)
+    receivers: tuple[int, ...] = ()      # the pids that received them (a striped blob's)
 
 
 @dataclass(eq=False)
 class _Request:
+    """One blob asked for. Its jobs on the workers: the whole blob (job None), or parts 0..k-1
+    then "check" (the joined parts checked in the slot) when it is striped."""
+
     rid: int
     ref: Ref
     priority: str
@@ -108,8 +125,26 @@ class _Request:
     future: Future
     submitted: float
     seq: int
-    attempts: int = 0
+    size: int = 0               # the manifest's bytes
+    ranges: list[tuple[int, int]] | None = None   # [start, end) of each part when striped
+    parts_left: int = 0         # parts not yet received
+    inflight: int = 0           # jobs of this request on workers now
+    started: bool = False       # its Future runs (a queued request can still be cancelled)
+    error: StoreError | None = None   # it fails once none of its jobs is on a worker
+    tries: dict = field(default_factory=dict)    # job -> times sent to a worker
+    attempts: int = 0           # the most tries of any one job
+    receivers: set = field(default_factory=set)   # pids that received a part
     failures: list[str] = field(default_factory=list)
+
+
+def split_ranges(size: int, parts: int, min_part_bytes: int = MIN_PART_BYTES) -> list[tuple[int, int]]:
+    """[start, end) of up to `parts` parts of a `size`-byte blob, cut at RANGE_ALIGN boundaries
+    and none smaller than `min_part_bytes` but the last (a part is its own stream: below a few
+    MB its round trip costs more than it saves). One part: the whole blob."""
+    parts = max(1, min(int(parts), size // max(1, int(min_part_bytes))))
+    step = -(-size // parts)
+    step = -(-step // RANGE_ALIGN) * RANGE_ALIGN
+    return [(start, min(size, start + step)) for start in range(0, size, step)]
 
 
 def _release_views(*views: Any) -> None:
@@ -118,22 +153,113 @@ def _release_views(*views: Any) -> None:
             v.release()
 
 
+class _Receiver:
+    """A receiving process's state: its StoreClient, the arena, a buffer beside the slots for
+    blobs that come coded, and per precision whether the last blob came coded."""
+
+    def __init__(self, client: Any, manifest: Any, model: str, shm: Any, slot_bytes: int, raw: bool) -> None:
+        self.client = client
+        self.manifest = manifest
+        self.model = model
+        self.shm = shm
+        self.slot_bytes = slot_bytes
+        self.raw = raw
+        self.scratch: memoryview | None = None
+        self.coded: dict[str, bool] = {}    # a store packs one way: the last blob's codec says where to receive
+
+    def _scratch(self) -> memoryview:
+        self.scratch = self.scratch or memoryview(bytearray(self.slot_bytes))
+        return self.scratch
+
+    def fetch(self, ref: Ref, priority: str, offset: int) -> int:
+        """A whole blob into the slot at `offset`: its checked size there. A bf16 blob may come
+        coded (byte planes + lz4) and is then decoded into the slot from this process's buffer;
+        the first goes straight into the slot (a codec-none store then never copies, a coded
+        one moves that one blob aside once)."""
+        layer, expert, precision = ref
+        out = self.shm.buf[offset:offset + self.slot_bytes]
+        got = None
+        try:
+            transcode = self.raw and precision == "bf16"
+            recv = self._scratch() if transcode and self.coded.get(precision, False) else out
+            got = self.client.fetch_expert(self.model, layer, expert, precision, out=recv, priority=priority)
+            return self._finish(ref, recv, out, len(got))
+        finally:
+            _release_views(got, out)
+
+    def fetch_range(self, ref: Ref, priority: str, offset: int, start: int, end: int) -> int:
+        """Bytes [start, end) of a blob into the same bytes of the slot at `offset`, unchecked
+        (the check runs once the parts are joined: check())."""
+        layer, expert, precision = ref
+        out = self.shm.buf[offset + start:offset + end]
+        got = None
+        try:
+            got = self.client.fetch_expert_range(self.model, layer, expert, precision, start, end, out=out,
+                                                 priority=priority)
+            if len(got) != end - start:
+                raise blob_format.BlobError(f"range [{start}, {end}) came back with {len(got)} bytes")
+            return len(got)
+        finally:
+            _release_views(got, out)
+
+    def check(self, ref: Ref, offset: int, size: int) -> int:
+        """A blob joined from parts in the slot at `offset`: checked (and decoded) as a whole
+        blob received there is."""
+        out = self.shm.buf[offset:offset + self.slot_bytes]
+        try:
+            return self._finish(ref, out, out, size)
+        finally:
+            _release_views(out)
+
+    def _finish(self, ref: Ref, recv: memoryview, out: memoryview, size: int) -> int:
+        """Check a blob of `size` bytes in `recv` and leave its checked form in `out` (codec none
+        where `raw` asks and it fits, else as it came): the size there."""
+        layer, expert, precision = ref
+        header, _ = blob_format.read_header(recv[:size])
+        if (header.model, header.layer, header.expert, header.precision) != (self.model, layer, expert, precision):
+            raise blob_format.BlobError(f"header is for {header.model} L{header.layer} E{header.expert} "
+                                        f"{header.precision}")
+        expected = self.manifest.blobs.get((layer, expert, precision))
+        if expected is not None and expected[0] != size:
+            raise blob_format.BlobError(f"size {size} != manifest size {expected[0]}")
+        self.coded[precision] = header.codec != "none"
+        if header.codec == "none":   # seal and payload xxh3: the payload is used where it lies
+            blob_format.decode_raw(recv[:size])
+            if recv is not out:
+                out[:size] = recv[:size]
+        elif self.raw and precision == "bf16" and blob_format.raw_blob_size(header) <= len(out):
+            if recv is out:          # in the slot it decodes into: moved aside first
+                scratch = self._scratch()
+                scratch[:size] = out[:size]
+                recv = scratch
+            size = blob_format.transcode_raw(recv[:size], out)   # checks it as it decodes
+        else:                        # kept as it came (not asked for raw, or the raw blob does not fit)
+            blob_format.check_blob(recv[:size])
+            if recv is not out:
+                out[:size] = recv[:size]
+        return size
+
+
 def _worker_main(target: str, model: str, shm_name: str, slot_bytes: int, conn: Any, client_options: dict,
                  raw: bool = False) -> None:
     """One receiving process: its own StoreClient; fetch into the arena, check, report. With
     `raw`, a coded blob (bf16 byte planes) is written into its slot with codec none
     (format.transcode_raw, which checks it as it decodes) from a buffer beside it, as it came
-    when that does not fit the slot: the decode runs in this process, not in the decoder's."""
+    when that does not fit the slot: the decode runs in this process, not in the decoder's.
+
+    Messages: ("fetch", rid, ref, priority, offset) a whole blob -> ("done", rid, size);
+    ("range", rid, ref, priority, offset, start, end) one part -> ("part", rid, nbytes);
+    ("check", rid, ref, offset, size) the joined parts -> ("done", rid, size); any of them may
+    answer ("error", rid, code, message)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
     from expert_store.client import StoreClient
 
     shm = shared_memory.SharedMemory(name=shm_name)
     client = None
-    scratch: memoryview | None = None
-    coded: dict[str, bool] = {}     # per precision: whether its last blob came coded (a store packs one way)
     try:
         client = StoreClient.open(target, **client_options)
         manifest = client.manifest(model)  # connects before the first request, sizes for the checks
+        receiver = _Receiver(client, manifest, model, shm, slot_bytes, raw)
         conn.send(("ready", os.getpid()))
         while True:
             try:
@@ -142,53 +268,20 @@ def _worker_main(target: str, model: str, shm_name: str, slot_bytes: int, conn: 
                 return
             if msg is None:
                 return
-            rid, (layer, expert, precision), priority, offset = msg
-            out = shm.buf[offset:offset + slot_bytes]
-            got = None
-            # a bf16 blob may come coded (byte planes + lz4) and is then decoded into the slot from
-            # this process's buffer; a store packs one way, so after the first blob the last one's
-            # codec says where to receive. The first goes straight into the slot: a codec-none
-            # store then never copies, a coded one moves that one blob aside once
-            transcode = raw and precision == "bf16"
-            if transcode and coded.get(precision, False):
-                recv = scratch = scratch or memoryview(bytearray(slot_bytes))
-            else:
-                recv = out
+            kind, rid, ref = msg[0], msg[1], tuple(msg[2])
             try:
-                got = client.fetch_expert(model, layer, expert, precision, out=recv, priority=priority)
-                size = len(got)
-                header, _ = blob_format.read_header(recv[:size])
-                if (header.model, header.layer, header.expert, header.precision) != (model, layer, expert, precision):
-                    raise blob_format.BlobError(f"header is for {header.model} L{header.layer} E{header.expert} "
-                                                f"{header.precision}")
-                expected = manifest.blobs.get((layer, expert, precision))
-                if expected is not None and expected[0] != size:
-                    raise blob_format.BlobError(f"size {size} != manifest size {expected[0]}")
-                coded[precision] = header.codec != "none"
-                if header.codec == "none":   # seal and payload xxh3: the payload is used where it lies
-                    blob_format.decode_raw(recv[:size])
-                    if recv is not out:
-                        out[:size] = recv[:size]
-                elif transcode and blob_format.raw_blob_size(header) <= len(out):
-                    if recv is out:          # received into the slot it decodes into: moved aside first
-                        scratch = scratch or memoryview(bytearray(slot_bytes))
-                        scratch[:size] = out[:size]
-                        recv = scratch
-                    size = blob_format.transcode_raw(recv[:size], out)   # checks it as it decodes
-                elif recv is out:
-                    blob_format.check_blob(recv[:size])
-                else:                         # the raw blob does not fit the slot: as it came
-                    blob_format.check_blob(recv[:size])
-                    out[:size] = recv[:size]
-                reply = ("done", rid, size)
+                if kind == "fetch":
+                    reply = ("done", rid, receiver.fetch(ref, msg[3], msg[4]))
+                elif kind == "range":
+                    reply = ("part", rid, receiver.fetch_range(ref, msg[3], msg[4], msg[5], msg[6]))
+                else:
+                    reply = ("done", rid, receiver.check(ref, msg[3], msg[4]))
             except StoreError as e:
                 reply = ("error", rid, e.code, str(e))
             except blob_format.BlobError as e:
                 reply = ("error", rid, "DATA_LOSS", f"integrity check failed: {e}")
             except Exception as e:  # noqa: BLE001 - reported to the parent, the worker lives on
                 reply = ("error", rid, "INTERNAL", f"{type(e).__name__}: {e}")
-            finally:
-                _release_views(got, out)
             conn.send(reply)
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         return
@@ -217,6 +310,7 @@ class _Worker:
         self.pid = self.proc.pid
         self.ready = False
         self.request: _Request | None = None
+        self.job: Any = None        # what of `request` it works on (see _Request)
         self.dead = False
 
 
@@ -239,7 +333,7 @@ class FetchPool:
                  start_timeout_s: float = 60.0, deadline_s: float = 30.0, token: str | None = None,
                  tls_ca: Any = None, tls_cert: Any = None, tls_key: Any = None,
                  tls_server_name: str | None = None, background_limit: int | None = None,
-                 raw: bool = False) -> None:
+                 raw: bool = False, min_part_bytes: int = MIN_PART_BYTES) -> None:
         from expert_store.client import StoreClient
 
         if workers < 1:
@@ -253,6 +347,9 @@ class FetchPool:
         if self.background_limit < 1:
             raise InvalidArgument("background_limit must be >= 1")
         self.max_attempts = int(max_attempts)
+        self.min_part_bytes = int(min_part_bytes)
+        if self.min_part_bytes < RANGE_ALIGN:
+            raise InvalidArgument(f"min_part_bytes must be >= {RANGE_ALIGN}")
         self._client_options = {"deadline_s": deadline_s, "max_streams": 1}
         for k, v in (("token", token), ("tls_ca", tls_ca), ("tls_cert", tls_cert), ("tls_key", tls_key),
                      ("tls_server_name", tls_server_name)):
@@ -289,7 +386,8 @@ class FetchPool:
         self._closing = False
         self._closed = False
         self._restarts: list[float] = []
-        self.stats_counts = {"completed": 0, "failed": 0, "retried": 0, "worker_restarts": 0, "bytes": 0}
+        self.stats_counts = {"completed": 0, "failed": 0, "retried": 0, "worker_restarts": 0, "bytes": 0,
+                             "striped": 0, "parts": 0}
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._ctx = multiprocessing.get_context("spawn")
@@ -346,11 +444,15 @@ class FetchPool:
 
     # ---- requests ---------------------------------------------------------------------------
     def submit(self, layer: int, expert: int, precision: str, priority: str = "demand",
-               slot: int | None = None) -> Future:
+               slot: int | None = None, parts: int = 1) -> Future:
         """Queue one blob; the Future resolves to a Completion (or a StoreError). slot=None
-        takes a free slot (ResourceExhausted when none is free; give it back with release)."""
+        takes a free slot (ResourceExhausted when none is free; give it back with release).
+        parts=k stripes it: up to k byte ranges (split_ranges) received side by side by the
+        workers that free up first, then checked once joined."""
         if priority not in _RANK:
             raise InvalidArgument(f"priority must be one of {sorted(_RANK)}, got {priority!r}")
+        if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
+            raise InvalidArgument(f"parts must be an integer >= 1, got {parts!r}")
         ref = (int(layer), int(expert), str(precision))
         entry = self.manifest.blobs.get(ref)
         if entry is None:
@@ -373,9 +475,15 @@ class FetchPool:
                     self._free.append(slot)
                 raise InvalidArgument(f"slot {slot} already has a fetch in flight")
             self._busy_slots.add(slot)
-            req = _Request(next(self._ids), ref, priority, slot, owned, fut, time.perf_counter(), next(self._seq))
+            req = _Request(next(self._ids), ref, priority, slot, owned, fut, time.perf_counter(), next(self._seq),
+                           size=entry[0])
+            ranges = split_ranges(entry[0], parts, self.min_part_bytes) if parts > 1 else []
+            if len(ranges) > 1:
+                req.ranges, req.parts_left = ranges, len(ranges)
+                self.stats_counts["striped"] += 1
             self._requests[req.rid] = req
-            heapq.heappush(self._queue, (_RANK[priority], req.seq, req))
+            for job in (range(len(ranges)) if req.ranges else (None,)):
+                self._push(req, job)
         self._wake()
         return fut
 
@@ -470,28 +578,65 @@ class FetchPool:
             log.error("fetch worker %d failed: %s", w.pid, msg[2])
             return
         rid = msg[1]
+        ended = None
         with self._lock:
-            req = self._requests.pop(rid, None)
+            req = self._requests.get(rid)
             if w.request is not None and w.request.rid == rid:
-                w.request = None
+                w.request = w.job = None
             if req is None:
                 return
-            self._busy_slots.discard(req.slot)
-            if kind == "done":
-                size = msg[2]
-                self.stats_counts["completed"] += 1
-                self.stats_counts["bytes"] += size
-                result: Any = Completion(req.ref, req.slot, req.slot * self.slot_bytes, size, w.pid, req.attempts,
-                                         time.perf_counter() - req.submitted)
-            else:
-                self.stats_counts["failed"] += 1
-                if req.owned:
-                    self._free.append(req.slot)
-                result = error_for_code(msg[2], msg[3])
+            req.inflight -= 1
+            if kind == "part":
+                req.parts_left -= 1
+                req.receivers.add(w.pid)
+                self.stats_counts["parts"] += 1
+                if req.error is None and req.parts_left == 0:
+                    self._push(req, "check")   # every part is in: check the joined blob
+            elif kind == "done":
+                ended = self._end(req, Completion(req.ref, req.slot, req.slot * self.slot_bytes, msg[2], w.pid,
+                                                  req.attempts, time.perf_counter() - req.submitted,
+                                                  len(req.ranges or ()) or 1, tuple(sorted(req.receivers))))
+            elif req.error is None:
+                req.error = error_for_code(msg[2], msg[3])
+            if ended is None and req.error is not None and req.inflight == 0:
+                ended = self._end(req, req.error)   # nothing of it on a worker: its slot is free to reuse
+        if ended is not None:
+            self._resolve(*ended)
+
+    # the queue holds jobs: (rank, request seq, job order, (request, job)); the first three are
+    # unique, so the heap never compares requests
+    def _push(self, req: _Request, job: Any) -> None:
+        order = -1 if job == "check" else (job or 0)
+        heapq.heappush(self._queue, (_RANK[req.priority], req.seq, order, (req, job)))
+
+    def _end(self, req: _Request, result: Any) -> tuple[_Request, Any]:
+        """Take `req` out of the pool's books (lock held); the caller resolves its Future."""
+        self._requests.pop(req.rid, None)
+        self._busy_slots.discard(req.slot)
+        if isinstance(result, Completion):
+            self.stats_counts["completed"] += 1
+            self.stats_counts["bytes"] += result.size
+        else:
+            self.stats_counts["failed"] += 1
+            if req.owned:
+                self._free.append(req.slot)
+        return req, result
+
+    @staticmethod
+    def _resolve(req: _Request, result: Any) -> None:
         if isinstance(result, Completion):
             req.future.set_result(result)
         else:
             req.future.set_exception(result)
+
+    def _message(self, req: _Request, job: Any) -> tuple:
+        offset = req.slot * self.slot_bytes
+        if job is None:
+            return ("fetch", req.rid, req.ref, WIRE_PRIORITY[req.priority], offset)
+        if job == "check":
+            return ("check", req.rid, req.ref, offset, req.size)
+        start, end = req.ranges[job]
+        return ("range", req.rid, req.ref, WIRE_PRIORITY[req.priority], offset, start, end)
 
     def _on_death(self, w: _Worker) -> None:
         if w.dead:
@@ -500,22 +645,29 @@ class FetchPool:
         w.proc.join(0.5)
         log.warning("fetch worker %d died (exit code %s)%s", w.pid, w.proc.exitcode,
                     f" while receiving {w.request.ref}" if w.request else "")
-        failed: _Request | None = None
+        ended = None
         with self._lock:
             self._workers.remove(w)
-            req, w.request = w.request, None
-            if req is not None:
+            req, job = w.request, w.job
+            w.request = w.job = None
+            if req is not None and self._requests.get(req.rid) is req:
+                req.inflight -= 1
                 req.failures.append(f"worker {w.pid} died (exit code {w.proc.exitcode})")
-                if req.attempts >= self.max_attempts:
-                    self._requests.pop(req.rid, None)
-                    self._busy_slots.discard(req.slot)
-                    if req.owned:
-                        self._free.append(req.slot)
-                    self.stats_counts["failed"] += 1
-                    failed = req
-                else:
+                if req.error is None and req.tries.get(job, 0) >= self.max_attempts:
+                    req.error = Unavailable(
+                        f"{self.model} L{req.ref[0]} E{req.ref[1]} {req.ref[2]}: gave up after "
+                        f"{req.tries[job]} attempts ({'; '.join(req.failures)})")
+                if req.error is not None:
+                    if req.inflight == 0:
+                        ended = self._end(req, req.error)
+                elif job == "check":   # a check may have decoded into the slot: every part again
                     self.stats_counts["retried"] += 1
-                    heapq.heappush(self._queue, (_RANK[req.priority], req.seq, req))  # its old place
+                    req.parts_left = len(req.ranges)
+                    for part in range(len(req.ranges)):
+                        self._push(req, part)
+                else:   # again from its first byte (the slot may hold a partial write), at its old place
+                    self.stats_counts["retried"] += 1
+                    self._push(req, job)
             closing = self._closing
             now = time.monotonic()
             self._restarts = [t for t in self._restarts if now - t < 60.0]
@@ -524,10 +676,8 @@ class FetchPool:
                 self._restarts.append(now)
                 self.stats_counts["worker_restarts"] += 1
         w.conn.close()
-        if failed is not None:
-            failed.future.set_exception(Unavailable(
-                f"{self.model} L{failed.ref[0]} E{failed.ref[1]} {failed.ref[2]}: gave up after "
-                f"{failed.attempts} attempts ({'; '.join(failed.failures)})"))
+        if ended is not None:
+            self._resolve(*ended)
         if restart:
             self._spawn()  # its "ready" arrives through the loop; it gets work once ready
         elif not self._workers and not closing:
@@ -542,28 +692,34 @@ class FetchPool:
                     break
                 if w.dead or not w.ready or w.request is not None:
                     continue
-                # the queue is by rank: a background request first means only background is left
-                if self._queue[0][2].priority == "background" and background >= self.background_limit:
-                    break
                 while self._queue:
-                    if self._queue[0][2].priority == "background" and background >= self.background_limit:
+                    # the queue is by rank: a background job first means only background is left
+                    if self._queue[0][3][0].priority == "background" and background >= self.background_limit:
                         break
-                    _, _, req = heapq.heappop(self._queue)
-                    if req.attempts == 0 and not req.future.set_running_or_notify_cancel():
-                        self._requests.pop(req.rid, None)  # cancelled while queued
-                        self._busy_slots.discard(req.slot)
-                        if req.owned:
-                            self._free.append(req.slot)
-                        continue
-                    req.attempts += 1
-                    w.request = req
-                    sends.append((w, req))
+                    _, _, _, (req, job) = heapq.heappop(self._queue)
+                    if self._requests.get(req.rid) is not req or req.error is not None:
+                        continue   # ended, or failing once its jobs on the wire return: the rest is dropped
+                    if not req.started:
+                        if not req.future.set_running_or_notify_cancel():   # cancelled while queued
+                            self._requests.pop(req.rid, None)
+                            self._busy_slots.discard(req.slot)
+                            if req.owned:
+                                self._free.append(req.slot)
+                            continue
+                        req.started = True
+                    req.tries[job] = req.tries.get(job, 0) + 1
+                    req.attempts = max(req.attempts, req.tries[job])
+                    req.inflight += 1
+                    w.request, w.job = req, job
+                    sends.append((w, self._message(req, job)))
                     if req.priority == "background":
                         background += 1
                     break
-        for w, req in sends:
+                if self._queue and self._queue[0][3][0].priority == "background" and background >= self.background_limit:
+                    break
+        for w, msg in sends:
             try:
-                w.conn.send((req.rid, req.ref, WIRE_PRIORITY[req.priority], req.slot * self.slot_bytes))
+                w.conn.send(msg)
             except OSError:
                 self._on_death(w)
 
@@ -579,7 +735,7 @@ class FetchPool:
         for req in reqs:
             if req.future.done():
                 continue
-            if req.attempts == 0 and not req.future.set_running_or_notify_cancel():
+            if not req.started and not req.future.set_running_or_notify_cancel():
                 continue  # cancelled while queued
             req.future.set_exception(error)
 

@@ -284,3 +284,101 @@ def test_raw_mode_takes_uncoded_bf16_blobs_into_their_slots(tmp_path):
             c = pool.submit(*ref).result(timeout=60)
             assert bytes(pool.arena[c.offset:c.offset + c.size]) == blob, ref
     assert_cleaned_up(pool)
+
+
+# --------------------------------------------------------------------------------------------
+# striped fetches: one blob in byte ranges received side by side, checked once joined
+# --------------------------------------------------------------------------------------------
+def test_split_ranges_cover_the_blob_in_aligned_parts():
+    from expert_store.fetch_pool import MIN_PART_BYTES, RANGE_ALIGN, split_ranges
+
+    for size, parts in ((92_274_688, 12), (92_274_688, 5), (344_064, 4), (10 << 20, 3), (MIN_PART_BYTES + 1, 8)):
+        ranges = split_ranges(size, parts, min_part_bytes=RANGE_ALIGN if size < MIN_PART_BYTES else MIN_PART_BYTES)
+        assert ranges[0][0] == 0 and ranges[-1][1] == size and 1 <= len(ranges) <= parts
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))          # no gap, no overlap
+        assert all(start % RANGE_ALIGN == 0 for start, _ in ranges)
+    assert len(split_ranges(92_274_688, 12)) == 12
+    assert split_ranges(3 << 20, 8) == [(0, 3 << 20)]        # under two minimum parts: whole
+    assert split_ranges(92_274_688, 1) == [(0, 92_274_688)]
+
+
+def test_striped_fetches_join_into_the_blob_over_grpc(store_dir, tmp_path):
+    """parts=4 over a real store: every blob arrives whole and identical, received by more than
+    one process; the raw mode decodes a striped coded bf16 blob once joined; a blob that fails
+    its check is a DataLoss once all its parts are back, and its slot is free again."""
+    root, blobs = store_dir
+    bad = corrupted_copy(root, tmp_path / "bad", (1, 1, "bf16"))
+    from expert_store.errors import DataLoss
+
+    with StoreServerProcess(bad, "--workers", "2", log_dir=tmp_path) as server:
+        with FetchPool(server.address, MODEL, workers=3, slots=len(blobs), min_part_bytes=64 << 10) as pool:
+            futures = {ref: pool.submit(*ref, parts=4) for ref in blobs if ref != (1, 1, "bf16")}
+            receivers = set()
+            for ref, fut in futures.items():
+                c = fut.result(timeout=60)
+                assert bytes(pool.arena[c.offset:c.offset + c.size]) == blobs[ref], ref
+                assert c.parts == len(split(blobs[ref])) and set(c.receivers) <= set(pool.all_worker_pids)
+                receivers |= set(c.receivers)
+            assert len(receivers) >= 2
+            st = pool.stats()
+            striped = [ref for ref in futures if len(split(blobs[ref])) > 1]
+            assert striped and st["striped"] == len(striped)
+            assert st["parts"] == sum(len(split(blobs[ref])) for ref in striped) and st["failed"] == 0
+            for fut in futures.values():
+                pool.release(fut.result().slot)
+            free = pool.free_slots()
+            with pytest.raises(DataLoss):
+                pool.submit(1, 1, "bf16", parts=4).result(timeout=60)
+            assert pool.free_slots() == free and pool.stats()["failed"] == 1
+            for bad_parts in (0, -2, True, 1.5):
+                with pytest.raises(InvalidArgument):
+                    pool.submit(0, 0, "bf16", parts=bad_parts)
+            assert pool.free_slots() == free
+        raw_sizes = [blob_format.raw_blob_size(blob_format.read_header(b)[0]) for b in blobs.values()]
+        with FetchPool(server.address, MODEL, workers=3, slots=4, slot_bytes=-(-max(raw_sizes) // 4096) * 4096,
+                       raw=True, min_part_bytes=64 << 10) as pool:
+            for ref in [(0, 3, "bf16"), (1, 2, "bf16"), (0, 3, "int8")]:
+                c = pool.submit(*ref, parts=4).result(timeout=60)
+                got = bytes(pool.arena[c.offset:c.offset + c.size])
+                header, payload = blob_format.decode_raw(got)
+                assert header.codec == "none" and bytes(payload) == bytes(blob_format.decode_raw(blobs[ref])[1])
+                assert c.parts > 1
+                pool.release(c.slot)
+    assert_cleaned_up(pool)
+
+
+def split(blob: bytes) -> list:
+    from expert_store.fetch_pool import split_ranges
+
+    return split_ranges(len(blob), 4, min_part_bytes=64 << 10)
+
+
+def test_striped_demand_worker_killed_mid_part_refetches_only_that_part(store_dir, tmp_path):
+    """Two processes, three parts: the first two are received side by side, the third is
+    killed on the wire; only that part is fetched again, and the blob is whole."""
+    root, blobs = store_dir
+    ref = (1, 3, "bf16")
+    assert len(split(blobs[ref])) == 3
+    with StoreServerProcess(root, "--workers", "2", "--inject-latency-ms", "1500", log_dir=tmp_path) as server:
+        pool = FetchPool(server.address, MODEL, workers=2, slots=4, min_part_bytes=64 << 10)
+        try:
+            fut = pool.submit(*ref, parts=4)
+            deadline = time.monotonic() + 30
+            while pool.stats()["parts"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert pool.stats()["parts"] == 2
+            while not pool.inflight() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            (victim, on_wire), = pool.inflight().items()   # the third part
+            assert on_wire == ref
+            time.sleep(0.3)  # under way (the server holds it 1.5 s)
+            os.kill(victim, signal.SIGKILL)
+            c = fut.result(timeout=60)
+            assert bytes(pool.arena[c.offset:c.offset + c.size]) == blobs[ref]
+            assert c.parts == 3 and c.attempts == 2 and len(c.receivers) >= 2
+            st = pool.stats()
+            assert st["retried"] == 1 and st["worker_restarts"] == 1 and st["completed"] == 1
+            assert st["parts"] == 3  # the two parts in before the kill were not fetched again
+        finally:
+            pool.close()
+        assert_cleaned_up(pool)
