@@ -610,7 +610,8 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
         if mode == "store-remote" and remote_fetch_workers:
             # the distributed case as deployed: the host tier is a FetchPool arena that N processes
             # receive into (one Python process receives ~0.3-0.9 GB/s)
-            options.update(fetch_workers=remote_fetch_workers, fetch_target=target)
+            options.update(fetch_workers=remote_fetch_workers, fetch_target=target,
+                           fetch_demand_parts=int((remote or {}).get("demand_parts") or 1))
         if mode == "store-colocated" and remote:
             # loader threads: each waits for its copy out of the arena to end (the seqlock is
             # checked after it), so a few overlap those waits; decodes (`stored`) want more
@@ -653,7 +654,8 @@ def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torc
                        remote={"host_prefetch": args.remote_host_prefetch, "store_lookahead": args.remote_store_lookahead,
                                "miss_precision": args.remote_miss_precision,
                                "miss_threshold": args.remote_miss_threshold,
-                               "colocated_loaders": args.colocated_loaders},
+                               "colocated_loaders": args.colocated_loaders,
+                               "demand_parts": args.remote_demand_parts},
                        cpu_workers=args.cpu_workers, adapmoe_ratio=args.adapmoe_ratio)
     build_s = time.perf_counter() - t_build
     cold_fill = None
@@ -1254,6 +1256,7 @@ def run_model(prep: Prepared, device: torch.device, args: argparse.Namespace, wo
                             if mode == "store-remote":
                                 row["store_workers"] = args.store_workers
                                 row["fetch_workers"] = args.remote_fetch_workers
+                                row["fetch_demand_parts"] = args.remote_demand_parts
                                 row["remote_copy"] = args.remote_copy
                             if mode == "store-colocated":
                                 row["colocated_upstream"] = args.colocated_upstream
@@ -1340,6 +1343,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "dequantized in every forward (off)")
     p.add_argument("--remote-fetch-workers", type=int, default=4,
                    help="store-remote: FetchPool processes receiving into the host tier (0 = the engine's own client)")
+    p.add_argument("--remote-demand-parts", type=int, default=1,
+                   help="store-remote: fetch each demand miss in up to K byte ranges over the FetchPool's "
+                        "processes (moe-decoder --fetch-demand-parts; 1: one process per blob)")
     p.add_argument("--remote-host-prefetch", type=int, default=-1,
                    help="store-remote: threads fetching predicted host-tier misses from the store into the host "
                         "tier (-1: the cache's default, half the fetch processes; 0: off)")

@@ -132,6 +132,10 @@ def add_adapmoe_options(p: argparse.ArgumentParser) -> None:
                         "shared-memory arena under /dev/shm of --host-cache-bytes plus staging): one Python "
                         "process receives ~0.7-0.9 GB/s from a remote store; 0 or unset: fetches in this "
                         "process. Needs --host-cache-bytes and a store address or directory, not local-shm://")
+    p.add_argument("--fetch-demand-parts", type=int, default=None, metavar="K",
+                   help="with --fetch-workers: fetch each demand miss (what a token waits for) in up to K byte "
+                        "ranges received side by side by the processes that free up first, checked once "
+                        "joined (parts of at least 4 MiB; default 1: one process per blob)")
     p.add_argument("--single-expert-ratio", type=float, default=None, metavar="R",
                    help="adaptive / cost-aware gating: use the budget the model's calibration profile stores "
                         "for this share of single-expert decisions (top-k > 2: of the droppable expert uses, "
@@ -186,6 +190,14 @@ def engine_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         if str(getattr(args, "store", "")).startswith("local-shm://"):
             raise ValueError("--fetch-workers receives from a remote store; a local-shm:// store is read in place")
         cache_options["fetch_workers"] = fetch_workers
+    demand_parts = getattr(args, "fetch_demand_parts", None)
+    if demand_parts is not None:
+        if demand_parts < 1:
+            raise ValueError("--fetch-demand-parts must be >= 1")
+        if demand_parts > 1 and not fetch_workers:
+            raise ValueError("--fetch-demand-parts stripes demand fetches over --fetch-workers' processes: "
+                             "give --fetch-workers")
+        cache_options["fetch_demand_parts"] = demand_parts
     if args.cache_plan is not None:
         if not has_cache:
             raise ValueError("--cache-plan needs the expert cache: give --gpu-cache-bytes/--host-cache-bytes")

@@ -155,8 +155,15 @@ class HostTier:
 
     def __init__(self, cache: "ExpertCache", *, cache_bytes: int, slot_bytes: int, staging_slots: int,
                  pin_memory: bool, fetch_workers: int = 0, fetch_target: str | None = None,
-                 fetch_options: Mapping[str, Any] | None = None, arena_pins: bool = True) -> None:
+                 fetch_options: Mapping[str, Any] | None = None, arena_pins: bool = True,
+                 demand_parts: int = 1) -> None:
         self.c = cache
+        if isinstance(demand_parts, bool) or not isinstance(demand_parts, int) or demand_parts < 1:
+            raise ValueError(f"fetch_demand_parts must be an integer >= 1, got {demand_parts!r}")
+        if demand_parts > 1 and not fetch_workers:
+            raise ValueError("fetch_demand_parts stripes a demand fetch over fetch_workers' processes: "
+                             "give fetch_workers")
+        self.demand_parts = demand_parts   # a demand fetch in up to this many byte ranges (FetchPool)
         self.cache_bytes = int(cache_bytes)
         if self.cache_bytes < 0:
             raise ValueError("host_cache_bytes must be >= 0")
@@ -348,7 +355,8 @@ class HostTier:
             view = memoryview(self.pool[recv].numpy())
             try:
                 if self.fetch_pool is not None:  # received (and checked) by a fetch process
-                    done = self.fetch_pool.submit(layer, expert, self.c.precision, priority=kind, slot=recv)
+                    done = self.fetch_pool.submit(layer, expert, self.c.precision, priority=kind, slot=recv,
+                                                  parts=self.demand_parts if kind == "demand" else 1)
                     blob = view[:done.result().size]
                 else:
                     blob = self.c.source.fetch(layer, expert, out=view,

@@ -80,3 +80,36 @@ def test_host_tier_filled_by_fetch_processes(store_dir, tmp_path, remote, precis
     finally:
         if server is not None:
             server.stop()
+
+
+def test_demand_misses_striped_over_the_fetch_processes(tmp_path):
+    """fetch_demand_parts=3: each demand miss's store fetch is received in byte ranges by several
+    processes (a prefetch stays one request), and the weights served equal the store's."""
+    store = make_packed_store(tmp_path / "wide", precisions=("bf16",), hidden=128, ffn=512, layers=2, experts=4,
+                              seed=12)
+    with StoreServerProcess(store, "--workers", "2", log_dir=tmp_path) as server, \
+            StoreClient.open(server.address) as client:
+        with pytest.raises(ValueError, match="give fetch_workers"):
+            ExpertCache(source(client, "bf16"), gpu_slots=[1, 1], host_cache_bytes=8 << 20, fetch_demand_parts=3)
+        cache = ExpertCache(source(client, "bf16"), gpu_slots=[1, 1], host_cache_bytes=8 << 20, fetch_workers=3,
+                            fetch_demand_parts=3, fetch_options={"min_part_bytes": 64 << 10})
+        pool = cache.host.fetch_pool
+        try:
+            cache.prefetch(1, [0, 1])
+            cache.wait_idle(timeout=60)
+            g = torch.Generator().manual_seed(5)
+            x = torch.randn(3, 128, generator=g)
+            for l in range(2):
+                for e in range(4):
+                    cache.prepare(l, [e])
+                    got = cache.get(l, e)(x)
+                    cache.release(l, [e])
+                    assert torch.equal(got, decode_expert_blob(client.fetch_expert("tiny", l, e, "bf16"))(x)), (l, e)
+            cache.wait_idle(timeout=60)
+            st, ps = cache.stats(), pool.stats()
+            demand, prefetched = st["tiers"]["store"]["lookups"], st["prefetch_tiers"]["store"]["lookups"]
+            assert demand == 7 and prefetched == 1    # layer 1's expert 0 came by prefetch (one GPU slot a layer)
+            assert ps["striped"] == demand and ps["parts"] >= 2 * demand and ps["failed"] == 0
+            assert ps["completed"] == demand + prefetched
+        finally:
+            cache.close()

@@ -78,6 +78,9 @@ def test_flags_become_engine_options(which):
     assert fetch["cache_options"] == {"eviction": "lfru", "fetch_workers": 3}
     assert with_fetch_credentials(fetch, token="t", tls_ca=None, deadline_s=5.0)["cache_options"]["fetch_options"] \
         == {"token": "t", "deadline_s": 5.0}
+    striped = engine_options(parsed(which, "--host-cache-bytes", "4M", "--fetch-workers", "3",
+                                    "--fetch-demand-parts", "3"))
+    assert striped["cache_options"]["fetch_demand_parts"] == 3
     plain = engine_options(parsed(which, "--host-cache-bytes", "4M", "--fetch-workers", "0"))
     assert "fetch_workers" not in plain["cache_options"]
     assert "fetch_options" not in with_fetch_credentials(plain, token="t")["cache_options"]
@@ -90,6 +93,9 @@ def test_flags_become_engine_options(which):
     for bad, msg in [(["--fetch-workers", "2"], "give --host-cache-bytes"),
                      (["--fetch-workers", "2", "--gpu-cache-bytes", "1M"], "give --host-cache-bytes"),
                      (["--fetch-workers", "-1", "--host-cache-bytes", "4M"], "must be >= 0"),
+                     (["--fetch-demand-parts", "4", "--host-cache-bytes", "4M"], "give --fetch-workers"),
+                     (["--fetch-demand-parts", "0", "--host-cache-bytes", "4M", "--fetch-workers", "2"],
+                      "--fetch-demand-parts must be >= 1"),
                      (["--cache-plan", "uniform"], "--cache-plan needs the expert cache"),
                      (["--lookahead", "2"], "--lookahead needs the expert cache"),
                      (["--lookahead", "0", "--gpu-cache-bytes", "1M"], "--lookahead must be >= 1"),
