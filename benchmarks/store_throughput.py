@@ -16,6 +16,12 @@ FetchPool rows (--pool S:P,...): `expert-store serve --workers S` and an
 expert_store.fetch_pool.FetchPool with P receiving processes (one gRPC channel each) that
 write every blob into one shared-memory arena (what a decoder that needs more than one
 process's ~1 GB/s uses); MB/s and the ratio to one gRPC process (--workers 1, 1 stream).
+
+Demand under a fill (--demand-parts 1,4,...; with --pool): what a decoder's first token meets
+while its host tier fills. The pool is given every blob but --demand-count as prefetches (the
+fill), then the others as demand fetches one after another (a token's layers in turn: each
+waits for the one before), each in up to K parts (`FetchPool.submit(parts=K)`); prints the
+demand fetches' seconds, in all and each, beside the fill's.
 """
 
 from __future__ import annotations
@@ -185,6 +191,49 @@ def bench_pool(address: str, blobs, receivers: int, repeats: int, check: bool, r
     return total / best / 1e6
 
 
+def bench_demand(address: str, blobs, receivers: int, parts: int, demand_count: int, raw: bool = False,
+                 min_part_bytes: int | None = None) -> dict:
+    """The first `demand_count` blobs fetched as demand one after another, each in up to `parts`
+    parts, while the others fill the pool as prefetches (after a warm-up pass over all of them):
+    {demand_s: [seconds each], demand_total_s, fill_s, fill_mb_s, parts_received}. The demand
+    blobs are checked against their files."""
+    from expert_store.fetch_pool import MIN_PART_BYTES, FetchPool
+
+    if not 0 < demand_count < len(blobs):
+        raise ValueError(f"--demand-count must be in 1..{len(blobs) - 1}")
+    slot_bytes = None
+    if raw:
+        slot_bytes = max(blob_format.raw_blob_size(blob_format.read_header(head(path))[0]) for _, path, _ in blobs)
+    demand, fill = blobs[:demand_count], blobs[demand_count:]
+    with FetchPool(address, MODEL, workers=receivers, slots=len(blobs), deadline_s=120, raw=raw,
+                   min_part_bytes=min_part_bytes or MIN_PART_BYTES,
+                   **({"slot_bytes": slot_bytes} if slot_bytes else {})) as pool:
+        for c in [f.result(timeout=600) for f in [pool.submit(*ref) for ref, _, _ in blobs]]:  # warm-up
+            pool.release(c.slot)
+        parts0 = pool.stats()["parts"]
+        t0 = time.perf_counter()
+        filling = [pool.submit(*ref, priority="prefetch") for ref, _, _ in fill]
+        each, done = [], []
+        for ref, _, _ in demand:
+            t = time.perf_counter()
+            done.append(pool.submit(*ref, priority="demand", parts=parts).result(timeout=600))
+            each.append(time.perf_counter() - t)
+        demand_total = time.perf_counter() - t0
+        filled = [f.result(timeout=600) for f in filling]
+        fill_s = time.perf_counter() - t0
+        for c, (_, path, size) in zip(done, demand):
+            if raw:
+                got = blob_format.decode_raw(bytes(pool.arena[c.offset: c.offset + c.size]))[1]
+                assert bytes(got) == bytes(blob_format.decode_raw(path.read_bytes())[1]), f"{path}: payload differs"
+            else:
+                assert pool.arena[c.offset: c.offset + size] == path.read_bytes(), f"{path}: bytes differ"
+        parts_received = pool.stats()["parts"] - parts0
+        for c in done + filled:
+            pool.release(c.slot)
+    return {"demand_s": each, "demand_total_s": demand_total, "fill_s": fill_s,
+            "fill_mb_s": sum(size for _, _, size in fill) / fill_s / 1e6, "parts_received": parts_received}
+
+
 def start_server(store: Path, workers: int, log: Path) -> ServerProcess:
     """`expert-store serve --workers N --ram-bytes 0` on a free loopback port, serving."""
     return start_store(store, "--workers", str(workers), "--ram-bytes", "0", cwd=ROOT, stderr=log)
@@ -249,18 +298,25 @@ def main() -> int:
                     help="how the store packs its bf16 blobs (none: a codec-none copy, read where it lies)")
     ap.add_argument("--raw", action="store_true",
                     help="FetchPool rows in the decoder's host-tier mode (coded blobs decoded into the slots)")
+    ap.add_argument("--demand-parts", default="",
+                    help="with --pool: demand fetches under a fill, each in up to K parts, e.g. 1,4,12")
+    ap.add_argument("--demand-count", type=int, default=8,
+                    help="demand fetches one after another under the fill (a token's MoE layers)")
     ap.add_argument("--out", type=Path, default=RESULTS / "store_throughput.json")
     args = ap.parse_args()
     streams = [int(s) for s in args.streams.split(",")]
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     pool_pairs = [tuple(int(x) for x in p.split(":")) for p in args.pool.split(",") if p.strip()]
+    demand_parts = [int(k) for k in args.demand_parts.split(",") if k.strip()]
+    if demand_parts and not pool_pairs:
+        ap.error("--demand-parts needs --pool")
 
     with tempfile.TemporaryDirectory(prefix="store-bench-") as tmp:
         tmp = Path(tmp)
         print(f"building a store of ~{args.total_mb} MB of random bf16 experts ...", flush=True)
         blobs = build_store(tmp / "store", args.total_mb, args.blob_mb, args.codec)
         total = sum(size for _, _, size in blobs)
-        rows = []
+        rows, demand_rows = [], []
         for s in streams:
             rows.append({"mode": "readinto", "workers": None, "streams": s, "mb_s": bench_readinto(blobs, s, args.repeats)})
         for w in workers:
@@ -276,6 +332,9 @@ def main() -> int:
             try:
                 mb_s = bench_pool(server.address, blobs, p, args.repeats, check=True, raw=args.raw)
                 rows.append({"mode": "fetchpool", "workers": w, "receivers": p, "streams": p, "mb_s": mb_s})
+                for k in demand_parts:
+                    d = bench_demand(server.address, blobs, p, k, args.demand_count, raw=args.raw)
+                    demand_rows.append({"workers": w, "receivers": p, "parts": k, **d})
             finally:
                 server.stop()
 
@@ -289,7 +348,9 @@ def main() -> int:
             r["ratio_to_one_process"] = r["mb_s"] / one
     result = {"total_mb": total / 1e6, "blobs": len(blobs), "blob_mb": total / len(blobs) / 1e6, "streams": streams,
               "codec": args.codec, "raw": args.raw,
-              "workers": workers, "pool": [list(p) for p in pool_pairs], "one_process_mb_s": one, "repeats": args.repeats, "machine": machine(), "rows": rows,
+              "workers": workers, "pool": [list(p) for p in pool_pairs], "one_process_mb_s": one,
+              "repeats": args.repeats, "machine": machine(), "rows": rows, "demand_rows": demand_rows,
+              "demand_count": args.demand_count,
               "command": "python benchmarks/store_throughput.py " + " ".join(sys.argv[1:])}
 
     print(f"\n{len(blobs)} blobs, {total / 1e6:.0f} MB, best of {args.repeats}; "
@@ -309,6 +370,14 @@ def main() -> int:
         for r in pool_rows:
             ratio = f"{r['ratio_to_one_process']:.2f}x" if "ratio_to_one_process" in r else "-"
             print(f"| {r['workers']} | {r['receivers']} | {r['mb_s']:.0f} | {ratio} |")
+    if demand_rows:
+        print(f"\n| demand under a fill: server --workers | receiving processes | parts | "
+              f"{args.demand_count} demand fetches in turn, s | each, median s | the fill, s | fill MB/s |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for r in demand_rows:
+            med = sorted(r["demand_s"])[len(r["demand_s"]) // 2]
+            print(f"| {r['workers']} | {r['receivers']} | {r['parts']} | {r['demand_total_s']:.3f} | {med:.3f} | "
+                  f"{r['fill_s']:.3f} | {r['fill_mb_s']:.0f} |")
     grpc_rows = {(r["workers"], r["streams"]): r["mb_s"] for r in rows if r["mode"] == "grpc"}
     if len(workers) > 1:
         for s in streams:
