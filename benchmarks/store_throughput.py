@@ -213,6 +213,9 @@ def bench_demand(address: str, blobs, receivers: int, parts: int, demand_count: 
         parts0 = pool.stats()["parts"]
         t0 = time.perf_counter()
         filling = [pool.submit(*ref, priority="prefetch") for ref, _, _ in fill]
+        ends: list[float] = []      # when each fill fetch completed (the fill may end before the demands)
+        for f in filling:
+            f.add_done_callback(lambda _f: ends.append(time.perf_counter()))
         each, done = [], []
         for ref, _, _ in demand:
             t = time.perf_counter()
@@ -220,7 +223,7 @@ def bench_demand(address: str, blobs, receivers: int, parts: int, demand_count: 
             each.append(time.perf_counter() - t)
         demand_total = time.perf_counter() - t0
         filled = [f.result(timeout=600) for f in filling]
-        fill_s = time.perf_counter() - t0
+        fill_s = max(ends) - t0
         for c, (_, path, size) in zip(done, demand):
             if raw:
                 got = blob_format.decode_raw(bytes(pool.arena[c.offset: c.offset + c.size]))[1]
@@ -280,6 +283,33 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("MB/s into a client buffer")
     ax.set_title(f"expert store throughput ({result['total_mb']:.0f} MB of blobs, "
                  f"{result['machine']['cores']} cores)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_demand(result: dict, path: Path) -> None:
+    """Demand under a fill: the demand fetches in turn beside the fill, per pool and parts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["demand_rows"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
+    xs = range(len(rows))
+    a = ax.bar([x - 0.2 for x in xs], [r["demand_total_s"] for r in rows], 0.4,
+               label=f"{result['demand_count']} demand fetches in turn")
+    b = ax.bar([x + 0.2 for x in xs], [r["fill_s"] for r in rows], 0.4, label="the fill around them")
+    ax.bar_label(a, fmt="%.2f", fontsize=8)
+    ax.bar_label(b, fmt="%.2f", fontsize=8)
+    ax.set_xticks(list(xs), [f"{r['workers']}:{r['receivers']}\n{r['parts']} part{'s' if r['parts'] > 1 else ''}"
+                             for r in rows], fontsize=8)
+    ax.set_ylim(0, 1.3 * max(max(r["demand_total_s"], r["fill_s"]) for r in rows))
+    ax.set_ylabel("seconds")
+    ax.set_title(f"demand fetches under a fill (server workers : receiving processes; "
+                 f"{result['machine']['cores']} cores)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -388,6 +418,8 @@ def main() -> int:
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     png = args.out.with_suffix(".png")
     plot(result, png)
+    if demand_rows:
+        plot_demand(result, args.out.with_name(args.out.stem + "_demand.png"))
     print(f"\nwrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out} and {png.name}")
     return 0
 

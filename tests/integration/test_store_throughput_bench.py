@@ -41,3 +41,18 @@ def test_demand_parts_need_pool_rows():
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "store_throughput.py"), "--demand-parts", "2"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--demand-parts needs --pool" in r.stderr
+
+
+def test_cli_writes_the_demand_rows_and_their_plot(tmp_path):
+    out = tmp_path / "st.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "store_throughput.py"), "--total-mb", "6",
+                        "--blob-mb", "1", "--codec", "none", "--raw", "--streams", "1", "--workers", "",
+                        "--pool", "1:2", "--demand-parts", "1,2", "--demand-count", "2", "--repeats", "1",
+                        "--out", str(out)], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+
+    result = json.loads(out.read_text())
+    assert [(d["receivers"], d["parts"]) for d in result["demand_rows"]] == [(2, 1), (2, 2)]
+    assert all(len(d["demand_s"]) == 2 for d in result["demand_rows"]) and result["demand_count"] == 2
+    assert (tmp_path / "st_demand.png").stat().st_size > 0 and "demand under a fill" in r.stdout
