@@ -407,8 +407,12 @@ class NvmeRangeReader(BlobReader):
     bytes object, so a chunk stays valid while it is being sent).
 
     Integrity. Unchecked file: the reader hashes exactly the bytes it hands out, in order,
-    from one open file, starting at byte 0. A resumed stream (offset > 0) first reads and
-    hashes the prefix the client already has, so the digest always covers the whole file.
+    from one open file, starting at byte 0. A stream from an offset (a resume, or one part of
+    a blob that several receivers fetch side by side and the client cancels once its range is
+    in) seeks there and hashes nothing as it goes; if it reaches the end, the whole file is
+    read and hashed from byte 0 (the same open file, its stat signature unchanged since the
+    open) before its last block goes out, so a part that stops early costs no hash and the one
+    that ends costs one more read of the file, not every part a read of its prefix.
     The last chunk is handed out only after the digest matched the manifest; on a mismatch
     ``next`` raises DataLoss instead, so a reader never sees last=True on bytes that fail the
     check, and a corrupt copy can never complete a stream. (Bytes of earlier chunks have gone
@@ -449,15 +453,18 @@ class NvmeRangeReader(BlobReader):
             self._offset = check_offset(offset, size)
             signature = settled_signature(self._stat, self._stat)
             self.trusted = signature is not None and tier.checked(key, signature, self._token)
-            if self.trusted and offset:
-                file.seek(offset)  # checked already: the prefix need not be read again
+            # from an offset of an unchecked file: the whole file is hashed at the end (_verify_whole)
+            self._deferred = not self.trusted and 0 < offset < size
+            if offset and (self.trusted or self._deferred):
+                file.seek(offset)  # the prefix need not be read now
         except BaseException:
             self.close()
             raise
         self._digest = digest
-        self._hash = None if self.trusted else xxhash.xxh3_128()
+        self._hash = None if self.trusted or self._deferred else xxhash.xxh3_128()
         self._chunk = chunk_bytes
-        self._pos = offset if self.trusted else 0  # bytes read from the file (and hashed, when not trusted)
+        # bytes read from the file (and hashed, when hashing as it goes)
+        self._pos = offset if self.trusted or self._deferred else 0
         self._block_bytes = max(chunk_bytes, READ_BLOCK_BYTES)
         self._block = memoryview(b"")      # the last block read; chunks are cut from it
         self._block_off = 0
@@ -485,11 +492,40 @@ class NvmeRangeReader(BlobReader):
                 signature = settled_signature(self._stat, os.fstat(self._file.fileno()))
                 if signature is not None:
                     self._tier.mark_checked(self.key, signature, self._token)
+        elif self._deferred:
+            if self._pos == self.total:
+                self._verify_whole()
         elif self._pos == self.total and file_signature(os.fstat(self._file.fileno())) != file_signature(self._stat):
             self._tier.forget_checked(self.key)
             self._on_corrupt()
             raise DataLoss(f"no good copy of {self.key}: nvme: the file changed while it was streamed")
         return memoryview(data)
+
+    def _verify_whole(self) -> None:
+        """The whole file hashed from byte 0 (pread: the stream's position stays), checked
+        against the manifest, and its stat signature against the one at open; the file is then
+        remembered as checked like a stream that hashed as it went."""
+        fd = self._file.fileno()
+        h = xxhash.xxh3_128()
+        pos = 0
+        while pos < self.total:
+            data = os.pread(fd, min(self._block_bytes, self.total - pos), pos)
+            if not data:
+                self._on_corrupt()
+                raise DataLoss(f"no good copy of {self.key}: nvme: file ended at {pos} of {self.total} bytes")
+            h.update(data)
+            pos += len(data)
+        now = os.fstat(fd)
+        if file_signature(now) != file_signature(self._stat):
+            self._tier.forget_checked(self.key)
+            self._on_corrupt()
+            raise DataLoss(f"no good copy of {self.key}: nvme: the file changed while it was streamed")
+        if h.hexdigest() != self._digest:
+            self._on_corrupt()
+            raise DataLoss(f"no good copy of {self.key}: nvme: xxh3 does not match the manifest")
+        signature = settled_signature(self._stat, now)
+        if signature is not None:
+            self._tier.mark_checked(self.key, signature, self._token)
 
     def __next__(self) -> tuple[int, memoryview, bool]:
         if self._done or self._file is None:
@@ -513,7 +549,10 @@ class NvmeRangeReader(BlobReader):
         finally:
             self._seconds += time.perf_counter() - t0
         if last:
-            self._tier.count_read(self.total - self._offset if self.trusted else self.total, self._seconds)
+            read = self.total - self._offset if self.trusted else self.total
+            if self._deferred:   # from the offset, then the whole file again to check it
+                read = self.total - self._offset + self.total
+            self._tier.count_read(read, self._seconds)
             self.close()
         return start, data, last
 

@@ -247,3 +247,44 @@ def test_nvme_reader_chunks_at_every_kind_of_offset(good):
             assert all(a[0] + len(a[1]) == b[0] for a, b in zip(pieces, pieces[1:]))
             assert b"".join(p[1] for p in pieces) == big[offset:], offset
         assert store.stats()["nvme"]["hits"] >= 9
+
+
+def test_a_part_from_an_offset_hashes_nothing_until_it_reaches_the_end(good, monkeypatch):
+    """In-process, an unchecked file: a part of the blob from an offset that stops before the
+    end (a striped fetch's middle part, cancelled once its range is in) hashes nothing; the part
+    that reaches the end hashes the whole file once, from byte 0, before its last chunk, and
+    leaves the file checked, so later parts seek straight to their offsets."""
+    import types
+
+    from expert_store.tiers import nvme
+
+    hashed: list[int] = []
+
+    class CountingHash:
+        def __init__(self) -> None:
+            self.h = xxhash.xxh3_128()
+
+        def update(self, data) -> None:
+            hashed.append(len(data))
+            self.h.update(data)
+
+        def hexdigest(self) -> str:
+            return self.h.hexdigest()
+
+    monkeypatch.setattr(nvme, "xxhash", types.SimpleNamespace(xxh3_128=CountingHash))
+    monkeypatch.setattr(nvme, "SETTLE_NS", 0)   # the fixture's files may be younger than the settle time
+    root, data = good
+    big = data["blobs"][0]
+    with ModelStore.open(root, ram_bytes=0, stream_above_bytes=MiB) as store:
+        with store.open_expert(MODEL, 0, 0, "bf16", offset=20 * MiB, chunk_bytes=MiB) as reader:
+            assert not reader.trusted
+            got = [next(reader) for _ in range(2)]
+        assert b"".join(c[1] for c in got) == big[20 * MiB:22 * MiB] and sum(hashed) == 0
+        with store.open_expert(MODEL, 0, 0, "bf16", offset=60 * MiB, chunk_bytes=MiB) as reader:
+            pieces = list(reader)
+        assert b"".join(p[1] for p in pieces) == big[60 * MiB:] and pieces[-1][2]
+        assert sum(hashed) == len(big)
+        with store.open_expert(MODEL, 0, 0, "bf16", offset=5, chunk_bytes=MiB) as reader:
+            assert reader.trusted
+            assert b"".join(p[1] for p in reader) == big[5:]
+        assert sum(hashed) == len(big)
