@@ -272,6 +272,9 @@ class StoreClient:
         self.close()
 
 
+LOCAL_RANGE_CHUNK_BYTES = 8 << 20   # a store directory's range is copied out in pieces this large
+
+
 class LocalStoreClient(StoreClient):
     """The embedded default: a store directory read in-process (no server)."""
 
@@ -300,11 +303,23 @@ class LocalStoreClient(StoreClient):
             yield ref, self.store.expert_blob(model, *ref)
 
     def fetch_expert_range(self, model, layer, expert, precision, start, end, out=None, priority="demand"):
+        # read from `start` as FetchExperts serves a resume (a large file: seeks there, hashes
+        # only if it reaches the end), stopping at `end`: a part reads its own bytes
         _check_priority(priority)
         layer, expert, precision = _check_ref((layer, expert, precision))
-        blob = self.store.expert_blob(_check_model(model), layer, expert, precision)
-        start, end = _check_range(start, end, len(blob))
-        return _into(out, memoryview(blob)[start:end])
+        start, end = _check_range(start, end)
+        with self.store.open_expert(_check_model(model), layer, expert, precision, offset=start,
+                                    chunk_bytes=LOCAL_RANGE_CHUNK_BYTES) as reader:
+            start, end = _check_range(start, end, reader.total)
+            view = memoryview(bytearray(end - start)) if out is None else _writable(out)
+            if len(view) < end - start:
+                raise InvalidArgument(f"out holds {len(view)} bytes; the range has {end - start}")
+            for offset, data, _ in reader:
+                n = min(len(data), end - offset)
+                view[offset - start:offset - start + n] = data[:n]
+                if offset + n >= end:
+                    break
+        return view[:end - start]
 
     def fetch_dense(self, model, out=None):
         return _into(out, self.store.dense(_check_model(model)))
