@@ -611,7 +611,8 @@ def build_engine(prep: Prepared, mode: str, budget: float | None, device: torch.
             # the distributed case as deployed: the host tier is a FetchPool arena that N processes
             # receive into (one Python process receives ~0.3-0.9 GB/s)
             options.update(fetch_workers=remote_fetch_workers, fetch_target=target,
-                           fetch_demand_parts=int((remote or {}).get("demand_parts") or 1))
+                           fetch_demand_parts=int((remote or {}).get("demand_parts") or 1),
+                           fetch_fill_parts=int((remote or {}).get("fill_parts") or 1))
         if mode == "store-colocated" and remote:
             # loader threads: each waits for its copy out of the arena to end (the seqlock is
             # checked after it), so a few overlap those waits; decodes (`stored`) want more
@@ -655,7 +656,7 @@ def run_engine_row(prep: Prepared, mode: str, budget: float | None, device: torc
                                "miss_precision": args.remote_miss_precision,
                                "miss_threshold": args.remote_miss_threshold,
                                "colocated_loaders": args.colocated_loaders,
-                               "demand_parts": args.remote_demand_parts},
+                               "demand_parts": args.remote_demand_parts, "fill_parts": args.remote_fill_parts},
                        cpu_workers=args.cpu_workers, adapmoe_ratio=args.adapmoe_ratio)
     build_s = time.perf_counter() - t_build
     cold_fill = None
@@ -1257,6 +1258,7 @@ def run_model(prep: Prepared, device: torch.device, args: argparse.Namespace, wo
                                 row["store_workers"] = args.store_workers
                                 row["fetch_workers"] = args.remote_fetch_workers
                                 row["fetch_demand_parts"] = args.remote_demand_parts
+                                row["fetch_fill_parts"] = args.remote_fill_parts
                                 row["remote_copy"] = args.remote_copy
                             if mode == "store-colocated":
                                 row["colocated_upstream"] = args.colocated_upstream
@@ -1346,6 +1348,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--remote-demand-parts", type=int, default=1,
                    help="store-remote: fetch each demand miss in up to K byte ranges over the FetchPool's "
                         "processes (moe-decoder --fetch-demand-parts; 1: one process per blob)")
+    p.add_argument("--remote-fill-parts", type=int, default=1,
+                   help="store-remote: the cold fill's fetches in up to K byte ranges each (moe-decoder "
+                        "--fetch-fill-parts; 1: one process per blob)")
     p.add_argument("--remote-host-prefetch", type=int, default=-1,
                    help="store-remote: threads fetching predicted host-tier misses from the store into the host "
                         "tier (-1: the cache's default, half the fetch processes; 0: off)")

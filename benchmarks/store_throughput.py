@@ -192,9 +192,10 @@ def bench_pool(address: str, blobs, receivers: int, repeats: int, check: bool, r
 
 
 def bench_demand(address: str, blobs, receivers: int, parts: int, demand_count: int, raw: bool = False,
-                 min_part_bytes: int | None = None) -> dict:
+                 min_part_bytes: int | None = None, fill_parts: int = 1) -> dict:
     """The first `demand_count` blobs fetched as demand one after another, each in up to `parts`
-    parts, while the others fill the pool as prefetches (after a warm-up pass over all of them):
+    parts, while the others fill the pool as prefetches in up to `fill_parts` parts each (after a
+    warm-up pass over all of them):
     {demand_s: [seconds each], demand_total_s, fill_s, fill_mb_s, parts_received}. The demand
     blobs are checked against their files."""
     from expert_store.fetch_pool import MIN_PART_BYTES, FetchPool
@@ -212,7 +213,7 @@ def bench_demand(address: str, blobs, receivers: int, parts: int, demand_count: 
             pool.release(c.slot)
         parts0 = pool.stats()["parts"]
         t0 = time.perf_counter()
-        filling = [pool.submit(*ref, priority="prefetch") for ref, _, _ in fill]
+        filling = [pool.submit(*ref, priority="prefetch", parts=fill_parts) for ref, _, _ in fill]
         ends: list[float] = []      # when each fill fetch completed (the fill may end before the demands)
         for f in filling:
             f.add_done_callback(lambda _f: ends.append(time.perf_counter()))
@@ -304,7 +305,7 @@ def plot_demand(result: dict, path: Path) -> None:
     b = ax.bar([x + 0.2 for x in xs], [r["fill_s"] for r in rows], 0.4, label="the fill around them")
     ax.bar_label(a, fmt="%.2f", fontsize=8)
     ax.bar_label(b, fmt="%.2f", fontsize=8)
-    ax.set_xticks(list(xs), [f"{r['workers']}:{r['receivers']}\n{r['parts']} part{'s' if r['parts'] > 1 else ''}"
+    ax.set_xticks(list(xs), [f"{r['workers']}:{r['receivers']}\nfill {r.get('fill_parts', 1)}, demand {r['parts']}"
                              for r in rows], fontsize=8)
     ax.set_ylim(0, 1.3 * max(max(r["demand_total_s"], r["fill_s"]) for r in rows))
     ax.set_ylabel("seconds")
@@ -330,6 +331,8 @@ def main() -> int:
                     help="FetchPool rows in the decoder's host-tier mode (coded blobs decoded into the slots)")
     ap.add_argument("--demand-parts", default="",
                     help="with --pool: demand fetches under a fill, each in up to K parts, e.g. 1,4,12")
+    ap.add_argument("--fill-parts", default="1",
+                    help="with --demand-parts: the fill's fetches in up to K parts each, e.g. 1,12 (a row per value)")
     ap.add_argument("--demand-count", type=int, default=8,
                     help="demand fetches one after another under the fill (a token's MoE layers)")
     ap.add_argument("--out", type=Path, default=RESULTS / "store_throughput.json")
@@ -338,6 +341,7 @@ def main() -> int:
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     pool_pairs = [tuple(int(x) for x in p.split(":")) for p in args.pool.split(",") if p.strip()]
     demand_parts = [int(k) for k in args.demand_parts.split(",") if k.strip()]
+    fill_parts = [int(k) for k in args.fill_parts.split(",") if k.strip()] or [1]
     if demand_parts and not pool_pairs:
         ap.error("--demand-parts needs --pool")
 
@@ -362,9 +366,10 @@ def main() -> int:
             try:
                 mb_s = bench_pool(server.address, blobs, p, args.repeats, check=True, raw=args.raw)
                 rows.append({"mode": "fetchpool", "workers": w, "receivers": p, "streams": p, "mb_s": mb_s})
-                for k in demand_parts:
-                    d = bench_demand(server.address, blobs, p, k, args.demand_count, raw=args.raw)
-                    demand_rows.append({"workers": w, "receivers": p, "parts": k, **d})
+                for fk in fill_parts:
+                    for k in demand_parts:
+                        d = bench_demand(server.address, blobs, p, k, args.demand_count, raw=args.raw, fill_parts=fk)
+                        demand_rows.append({"workers": w, "receivers": p, "parts": k, "fill_parts": fk, **d})
             finally:
                 server.stop()
 
@@ -401,12 +406,13 @@ def main() -> int:
             ratio = f"{r['ratio_to_one_process']:.2f}x" if "ratio_to_one_process" in r else "-"
             print(f"| {r['workers']} | {r['receivers']} | {r['mb_s']:.0f} | {ratio} |")
     if demand_rows:
-        print(f"\n| demand under a fill: server --workers | receiving processes | parts | "
+        print(f"\n| demand under a fill: server --workers | receiving processes | fill parts | demand parts | "
               f"{args.demand_count} demand fetches in turn, s | each, median s | the fill, s | fill MB/s |")
-        print("|---:|---:|---:|---:|---:|---:|---:|")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in demand_rows:
             med = sorted(r["demand_s"])[len(r["demand_s"]) // 2]
-            print(f"| {r['workers']} | {r['receivers']} | {r['parts']} | {r['demand_total_s']:.3f} | {med:.3f} | "
+            print(f"| {r['workers']} | {r['receivers']} | {r['fill_parts']} | {r['parts']} | {r['demand_total_s']:.3f} | "
+                  f"{med:.3f} | "
                   f"{r['fill_s']:.3f} | {r['fill_mb_s']:.0f} |")
     grpc_rows = {(r["workers"], r["streams"]): r["mb_s"] for r in rows if r["mode"] == "grpc"}
     if len(workers) > 1:

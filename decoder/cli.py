@@ -136,6 +136,9 @@ def add_adapmoe_options(p: argparse.ArgumentParser) -> None:
                    help="with --fetch-workers: fetch each demand miss (what a token waits for) in up to K byte "
                         "ranges received side by side by the processes that free up first, checked once "
                         "joined (parts of at least 4 MiB; default 1: one process per blob)")
+    p.add_argument("--fetch-fill-parts", type=int, default=None, metavar="K",
+                   help="with --fetch-workers: the same for the host tier's fill at start, so its blobs arrive one "
+                        "after another at the processes' whole rate, most wanted first (default 1)")
     p.add_argument("--single-expert-ratio", type=float, default=None, metavar="R",
                    help="adaptive / cost-aware gating: use the budget the model's calibration profile stores "
                         "for this share of single-expert decisions (top-k > 2: of the droppable expert uses, "
@@ -190,14 +193,15 @@ def engine_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         if str(getattr(args, "store", "")).startswith("local-shm://"):
             raise ValueError("--fetch-workers receives from a remote store; a local-shm:// store is read in place")
         cache_options["fetch_workers"] = fetch_workers
-    demand_parts = getattr(args, "fetch_demand_parts", None)
-    if demand_parts is not None:
-        if demand_parts < 1:
-            raise ValueError("--fetch-demand-parts must be >= 1")
-        if demand_parts > 1 and not fetch_workers:
-            raise ValueError("--fetch-demand-parts stripes demand fetches over --fetch-workers' processes: "
-                             "give --fetch-workers")
-        cache_options["fetch_demand_parts"] = demand_parts
+    for flag, option in (("--fetch-demand-parts", "fetch_demand_parts"), ("--fetch-fill-parts", "fetch_fill_parts")):
+        k = getattr(args, option, None)
+        if k is None:
+            continue
+        if k < 1:
+            raise ValueError(f"{flag} must be >= 1")
+        if k > 1 and not fetch_workers:
+            raise ValueError(f"{flag} stripes store fetches over --fetch-workers' processes: give --fetch-workers")
+        cache_options[option] = k
     if args.cache_plan is not None:
         if not has_cache:
             raise ValueError("--cache-plan needs the expert cache: give --gpu-cache-bytes/--host-cache-bytes")

@@ -38,7 +38,9 @@ Python process receives), and it is page-locked in place with cudaHostRegister. 
 decode coded bf16 blobs into their slots (`FetchPool(raw=True)`), checked there once.
 `fetch_demand_parts=k` (default 1: off) stripes each demand miss's store fetch over up to k of
 them (`FetchPool.submit(parts=k)`): one process moves a blob at a fraction of what they move
-together, and a demand miss is what a token waits for.
+together, and a demand miss is what a token waits for. `fetch_fill_parts=k` does the same for
+the fetches of a fill (fill_host): the pool then brings the fill's blobs in one after another at
+its whole rate, most wanted first, so a first token that needs one of them waits for it alone.
 
 A host tier that holds part of the model (in front of a store) keeps what the GPU does not:
 it evicts the experts the GPU holds first, and an expert the GPU evicts that it does not hold
@@ -134,7 +136,7 @@ class ExpertCache(ExpertProvider):
                  scratch_slots: int | None = None, workers: int = 1, ewma_alpha: float = 0.3,
                  pin_memory: bool | None = None, miss_precision: str | None = None,
                  low_slots: int | None = None, fetch_workers: int = 0, fetch_target: str | None = None,
-                 fetch_demand_parts: int = 1,
+                 fetch_demand_parts: int = 1, fetch_fill_parts: int = 1,
                  fetch_options: Mapping[str, Any] | None = None, dense_slots: bool | None = None,
                  eviction: str = "lru", eviction_decay: float = 0.5, admission: bool = False,
                  miss_compute: str = "copy", cpu_threads: int | None = None, cpu_pack_bytes: int | None = None,
@@ -210,7 +212,8 @@ class ExpertCache(ExpertProvider):
         self.host = HostTier(self, cache_bytes=int(host_cache_bytes or 0), slot_bytes=self.host_slot_bytes,
                              staging_slots=2 * (self.workers + 1),    # receive/decode staging per loader
                              pin_memory=pin_memory, fetch_workers=self.fetch_workers, fetch_target=fetch_target,
-                             fetch_options=fetch_options, arena_pins=arena_pins, demand_parts=fetch_demand_parts)
+                             fetch_options=fetch_options, arena_pins=arena_pins, demand_parts=fetch_demand_parts,
+                             fill_parts=fetch_fill_parts)
         self.host_cache_bytes, self.host_capacity = self.host.cache_bytes, self.host.capacity
         self.host_pool, self.pinned = self.host.pool, self.host.pinned
 

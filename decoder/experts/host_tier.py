@@ -156,14 +156,15 @@ class HostTier:
     def __init__(self, cache: "ExpertCache", *, cache_bytes: int, slot_bytes: int, staging_slots: int,
                  pin_memory: bool, fetch_workers: int = 0, fetch_target: str | None = None,
                  fetch_options: Mapping[str, Any] | None = None, arena_pins: bool = True,
-                 demand_parts: int = 1) -> None:
+                 demand_parts: int = 1, fill_parts: int = 1) -> None:
         self.c = cache
-        if isinstance(demand_parts, bool) or not isinstance(demand_parts, int) or demand_parts < 1:
-            raise ValueError(f"fetch_demand_parts must be an integer >= 1, got {demand_parts!r}")
-        if demand_parts > 1 and not fetch_workers:
-            raise ValueError("fetch_demand_parts stripes a demand fetch over fetch_workers' processes: "
-                             "give fetch_workers")
+        for name, k in (("fetch_demand_parts", demand_parts), ("fetch_fill_parts", fill_parts)):
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {k!r}")
+            if k > 1 and not fetch_workers:
+                raise ValueError(f"{name} stripes store fetches over fetch_workers' processes: give fetch_workers")
         self.demand_parts = demand_parts   # a demand fetch in up to this many byte ranges (FetchPool)
+        self.fill_parts = fill_parts       # each fetch of a fill (fill_host) in up to this many
         self.cache_bytes = int(cache_bytes)
         if self.cache_bytes < 0:
             raise ValueError("host_cache_bytes must be >= 0")
@@ -283,10 +284,11 @@ class HostTier:
         ent = self.c._gpu[key[0]].get(key[1])
         return ent is not None and ent.slot >= 0
 
-    def acquire(self, layer: int, expert: int, kind: str) -> HostEntry:
+    def acquire(self, layer: int, expert: int, kind: str, parts: int | None = None) -> HostEntry:
         """The host entry holding (layer, expert)'s raw payload, fetched from the store if needed.
         Called WITHOUT the lock; returns with refs incremented. kind: "demand", "prefetch" or
-        "background" (a store prefetch into the host tier: ExpertCache.prefetch_host). A fetch
+        "background" (a store prefetch into the host tier: ExpertCache.prefetch_host); parts:
+        the byte ranges a FetchPool receives it in (default: demand_parts for a demand, else 1). A fetch
         of the same expert already in flight is waited for, not repeated, and so is a write-back
         of a GPU eviction (demote.py) still copying it here."""
         key = (layer, expert)
@@ -331,7 +333,7 @@ class HostTier:
         if self.arena is not None:
             return self._from_arena(layer, expert, "prefetch" if background else kind, tier)
         try:
-            return self._fetch(key, recv, kind, tier)
+            return self._fetch(key, recv, kind, tier, parts)
         finally:
             with self.c._lock:
                 self._fetched(key)
@@ -341,7 +343,7 @@ class HostTier:
         self.fetching.discard(key)
         self.c._cond.notify_all()
 
-    def _fetch(self, key: tuple[int, int], recv: int, kind: str, tier: dict) -> HostEntry:
+    def _fetch(self, key: tuple[int, int], recv: int, kind: str, tier: dict, parts: int | None = None) -> HostEntry:
         """Fetch `key` from the store into pool slot `recv`, check it and admit it (see acquire).
         kind "background": the lowest priority (FetchPool: below its prefetches, bounded in
         flight; the store's own wire priority: prefetch). Called WITHOUT the lock."""
@@ -356,7 +358,7 @@ class HostTier:
             try:
                 if self.fetch_pool is not None:  # received (and checked) by a fetch process
                     done = self.fetch_pool.submit(layer, expert, self.c.precision, priority=kind, slot=recv,
-                                                  parts=self.demand_parts if kind == "demand" else 1)
+                                                  parts=parts or (self.demand_parts if kind == "demand" else 1))
                     blob = view[:done.result().size]
                 else:
                     blob = self.c.source.fetch(layer, expert, out=view,
@@ -599,7 +601,7 @@ class HostTier:
         sizes = {k: self.c.source.blob_size(*k) or 0 for k in todo}
 
         def load(key: tuple[int, int]) -> None:
-            h = self.acquire(key[0], key[1], "prefetch")
+            h = self.acquire(key[0], key[1], "prefetch", parts=self.fill_parts)
             with self.c._lock:
                 self.release(key, h)
 

@@ -113,3 +113,24 @@ def test_demand_misses_striped_over_the_fetch_processes(tmp_path):
             assert ps["completed"] == demand + prefetched
         finally:
             cache.close()
+        # fetch_fill_parts: a fill's fetches are striped too (and demand misses are not, by default)
+        cache = ExpertCache(source(client, "bf16"), gpu_slots=[1, 1], host_cache_bytes=8 << 20, fetch_workers=3,
+                            fetch_fill_parts=4, fetch_options={"min_part_bytes": 64 << 10})
+        pool = cache.host.fetch_pool
+        try:
+            keys = [(l, e) for l in range(2) for e in range(3)]
+            assert cache.fill_host(keys, threads=2) == len(keys)
+            ps = pool.stats()
+            assert ps["striped"] == ps["completed"] == len(keys) and ps["parts"] >= 2 * len(keys)
+            cache.prepare(1, [3])
+            got = cache.get(1, 3)(x)
+            cache.release(1, [3])
+            assert torch.equal(got, decode_expert_blob(client.fetch_expert("tiny", 1, 3, "bf16"))(x))
+            for l, e in keys:
+                cache.prepare(l, [e])
+                assert torch.equal(cache.get(l, e)(x), decode_expert_blob(client.fetch_expert("tiny", l, e, "bf16"))(x))
+                cache.release(l, [e])
+            assert pool.stats()["striped"] == len(keys)     # the demand miss (1, 3) came whole
+            assert cache.stats()["tiers"]["host"]["hits"] == len(keys)
+        finally:
+            cache.close()

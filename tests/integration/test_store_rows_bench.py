@@ -109,14 +109,14 @@ def test_store_remote_serves_the_plain_copy_when_asked(tmp_path):
     args = decode.parse_args(["--tiny", "--device", "cpu", "--models", "A", "--budgets", "0.5",
                               "--modes", "store-remote", "--profile-rows", "", "--prompts", "1",
                               "--no-warmup-row", "--remote-copy", "plain", "--fill-threads", "2",
-                              "--remote-demand-parts", "2"])
+                              "--remote-demand-parts", "2", "--remote-fill-parts", "3"])
     device = torch.device("cpu")
     prep = decode.prepare_model_a(tmp_path / "A", device, args)
     rows: list[dict] = []
     decode.run_model(prep, device, args, tmp_path, pinned_gbps=5.0, rows=rows)
     assert [r.get("error") for r in rows] == [None] and rows[0]["remote_copy"] == "plain"
     assert rows[0]["tokens_per_s"] > 0 and rows[0]["cold_fill"]["gbps"] > 0
-    assert rows[0]["fetch_demand_parts"] == 2
+    assert rows[0]["fetch_demand_parts"] == 2 and rows[0]["fetch_fill_parts"] == 3
     # where the first token's time went: its demand loads, and the part of it spent waiting
     fill = rows[0]["cold_fill"]
     assert fill["first_token_demand_loads"] >= 1 and 0 < fill["first_token_stall_s"] <= fill["first_token_s"]

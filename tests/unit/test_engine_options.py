@@ -79,8 +79,8 @@ def test_flags_become_engine_options(which):
     assert with_fetch_credentials(fetch, token="t", tls_ca=None, deadline_s=5.0)["cache_options"]["fetch_options"] \
         == {"token": "t", "deadline_s": 5.0}
     striped = engine_options(parsed(which, "--host-cache-bytes", "4M", "--fetch-workers", "3",
-                                    "--fetch-demand-parts", "3"))
-    assert striped["cache_options"]["fetch_demand_parts"] == 3
+                                    "--fetch-demand-parts", "3", "--fetch-fill-parts", "6"))
+    assert striped["cache_options"]["fetch_demand_parts"] == 3 and striped["cache_options"]["fetch_fill_parts"] == 6
     plain = engine_options(parsed(which, "--host-cache-bytes", "4M", "--fetch-workers", "0"))
     assert "fetch_workers" not in plain["cache_options"]
     assert "fetch_options" not in with_fetch_credentials(plain, token="t")["cache_options"]
@@ -94,6 +94,7 @@ def test_flags_become_engine_options(which):
                      (["--fetch-workers", "2", "--gpu-cache-bytes", "1M"], "give --host-cache-bytes"),
                      (["--fetch-workers", "-1", "--host-cache-bytes", "4M"], "must be >= 0"),
                      (["--fetch-demand-parts", "4", "--host-cache-bytes", "4M"], "give --fetch-workers"),
+                     (["--fetch-fill-parts", "2", "--host-cache-bytes", "4M"], "give --fetch-workers"),
                      (["--fetch-demand-parts", "0", "--host-cache-bytes", "4M", "--fetch-workers", "2"],
                       "--fetch-demand-parts must be >= 1"),
                      (["--cache-plan", "uniform"], "--cache-plan needs the expert cache"),
