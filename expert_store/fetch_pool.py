@@ -134,6 +134,7 @@ class _Request:
     tries: dict = field(default_factory=dict)    # job -> times sent to a worker
     attempts: int = 0           # the most tries of any one job
     receivers: set = field(default_factory=set)   # pids that received a part
+    queued: set = field(default_factory=set)      # its jobs in the queue now (promote() leaves stale entries)
     failures: list[str] = field(default_factory=list)
 
 
@@ -387,7 +388,7 @@ class FetchPool:
         self._closed = False
         self._restarts: list[float] = []
         self.stats_counts = {"completed": 0, "failed": 0, "retried": 0, "worker_restarts": 0, "bytes": 0,
-                             "striped": 0, "parts": 0}
+                             "striped": 0, "parts": 0, "promoted": 0}
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._ctx = multiprocessing.get_context("spawn")
@@ -486,6 +487,23 @@ class FetchPool:
                 self._push(req, job)
         self._wake()
         return fut
+
+    def promote(self, future: Future, priority: str = "demand") -> bool:
+        """Raise the priority of the request behind `future` (a prefetch someone now waits for):
+        its jobs still queued move to `priority`'s place, ahead of every lower one; those on the
+        wire go on. False when the request is no longer in the pool or already ranks as high."""
+        if priority not in _RANK:
+            raise InvalidArgument(f"priority must be one of {sorted(_RANK)}, got {priority!r}")
+        with self._lock:
+            req = next((r for r in self._requests.values() if r.future is future), None)
+            if req is None or _RANK[req.priority] <= _RANK[priority]:
+                return False
+            req.priority = priority
+            for job in list(req.queued):
+                self._push(req, job)      # the old entries are skipped when they come up
+            self.stats_counts["promoted"] += 1
+        self._wake()
+        return True
 
     def fetch_many(self, refs: Sequence[Ref], priority: str = "demand") -> list[Future]:
         return [self.submit(*ref, priority=priority) for ref in refs]
@@ -607,6 +625,7 @@ class FetchPool:
     # unique, so the heap never compares requests
     def _push(self, req: _Request, job: Any) -> None:
         order = -1 if job == "check" else (job or 0)
+        req.queued.add(job)
         heapq.heappush(self._queue, (_RANK[req.priority], req.seq, order, (req, job)))
 
     def _end(self, req: _Request, result: Any) -> tuple[_Request, Any]:
@@ -696,7 +715,10 @@ class FetchPool:
                     # the queue is by rank: a background job first means only background is left
                     if self._queue[0][3][0].priority == "background" and background >= self.background_limit:
                         break
-                    _, _, _, (req, job) = heapq.heappop(self._queue)
+                    rank, _, _, (req, job) = heapq.heappop(self._queue)
+                    if job not in req.queued or rank != _RANK[req.priority]:
+                        continue   # an entry promote() left behind
+                    req.queued.discard(job)
                     if self._requests.get(req.rid) is not req or req.error is not None:
                         continue   # ended, or failing once its jobs on the wire return: the rest is dropped
                     if not req.started:

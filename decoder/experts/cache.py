@@ -305,6 +305,8 @@ class ExpertCache(ExpertProvider):
                            # flight, dropped (stale or past the queue bound), failed
                            host_prefetch_requests=0, host_prefetch_loads=0, host_prefetch_bytes=0,
                            host_prefetch_useful=0, host_prefetch_unused_evicted=0, host_prefetch_waited=0,
+                           # a demand load that waited for a queued FetchPool fetch and moved it ahead
+                           host_fetch_promoted=0,
                            host_prefetch_dropped=0, host_prefetch_errors=0,
                            # demand misses served at miss_precision over the wire (low_precision_misses)
                            low_precision_store_misses=0,

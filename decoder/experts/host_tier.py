@@ -177,6 +177,7 @@ class HostTier:
             self.capacity = n_model
         n_host = self.capacity + staging_slots
         self.fetch_pool = None
+        self.pool_futures: dict[tuple[int, int], Any] = {}   # key -> its FetchPool Future while fetched
         self.arena = _arena_client(cache.source.client)
         self._verified: dict[int, tuple[int, int]] = {}   # arena slot -> (epoch, generation) checked here
         # CUDA copies out of the arena: pinned blobs need no wait after each copy (ArenaPins)
@@ -297,7 +298,7 @@ class HostTier:
         counts = self.c._counts
         with self.c._lock:
             tier["host"]["lookups"] += 1
-            waited = False
+            waited = promoted = False
             while True:
                 h = self.entries.get(key)
                 if h is not None:
@@ -320,6 +321,11 @@ class HostTier:
                 if not waited:
                     waited = True
                     counts["host_prefetch_waited"] += 1
+                if kind == "demand" and not promoted and key in self.pool_futures:
+                    # queued in the FetchPool behind other prefetches (a striped fill's parts): ahead now
+                    promoted = True
+                    if self.fetch_pool.promote(self.pool_futures[key]):
+                        counts["host_fetch_promoted"] += 1
                 self.c._cond.wait(timeout=0.05)
             if self.arena is None:
                 tier["host"]["misses"] += 1
@@ -359,7 +365,13 @@ class HostTier:
                 if self.fetch_pool is not None:  # received (and checked) by a fetch process
                     done = self.fetch_pool.submit(layer, expert, self.c.precision, priority=kind, slot=recv,
                                                   parts=parts or (self.demand_parts if kind == "demand" else 1))
-                    blob = view[:done.result().size]
+                    with self.c._lock:   # a demand load of the same expert may promote it (acquire)
+                        self.pool_futures[key] = done
+                    try:
+                        blob = view[:done.result().size]
+                    finally:
+                        with self.c._lock:
+                            self.pool_futures.pop(key, None)
                 else:
                     blob = self.c.source.fetch(layer, expert, out=view,
                                                priority="prefetch" if background else kind)

@@ -134,3 +134,37 @@ def test_demand_misses_striped_over_the_fetch_processes(tmp_path):
             assert cache.stats()["tiers"]["host"]["hits"] == len(keys)
         finally:
             cache.close()
+
+
+def test_a_demand_miss_promotes_the_fill_fetch_it_waits_for(tmp_path):
+    """A striped fill queues its blobs' parts in the FetchPool; a demand miss of a blob still
+    queued there waits for that fetch (not a second one) and moves it ahead of the fill."""
+    import threading
+
+    store = make_packed_store(tmp_path / "wide", precisions=("bf16",), hidden=128, ffn=512, layers=2, experts=4,
+                              seed=13)
+    with StoreServerProcess(store, "--workers", "1", "--inject-latency-ms", "400", log_dir=tmp_path) as server, \
+            StoreClient.open(server.address) as client:
+        cache = ExpertCache(source(client, "bf16"), gpu_slots=[1, 1], host_cache_bytes=8 << 20, fetch_workers=1,
+                            fetch_fill_parts=2, fetch_options={"min_part_bytes": 64 << 10})
+        try:
+            keys = [(l, e) for l in range(2) for e in range(4)]
+            fill = threading.Thread(target=cache.fill_host, args=(keys,), kwargs={"threads": 8})
+            fill.start()
+            last = keys[-1]
+            deadline = time.monotonic() + 30
+            while last not in cache.host.pool_futures and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert last in cache.host.pool_futures        # queued behind the rest of the fill
+            x = torch.randn(2, 128, generator=torch.Generator().manual_seed(3))
+            cache.prepare(*last[:1], [last[1]])
+            got = cache.get(*last)(x)
+            cache.release(last[0], [last[1]])
+            assert torch.equal(got, decode_expert_blob(client.fetch_expert("tiny", *last, "bf16"))(x))
+            fill.join(60)
+            st = cache.stats()
+            assert st["host_fetch_promoted"] == 1 and st["host_prefetch_waited"] == 1
+            assert cache.host.fetch_pool.stats()["promoted"] == 1
+            assert cache.host.fetch_pool.stats()["completed"] == len(keys)   # no second fetch of `last`
+        finally:
+            cache.close()

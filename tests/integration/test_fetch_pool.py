@@ -382,3 +382,33 @@ def test_striped_demand_worker_killed_mid_part_refetches_only_that_part(store_di
         finally:
             pool.close()
         assert_cleaned_up(pool)
+
+
+def test_promote_moves_a_queued_prefetch_ahead(store_dir, tmp_path):
+    """A prefetch someone now waits for: promote() moves its queued jobs (here a striped
+    request's two parts) ahead of the other queued prefetches."""
+    root, blobs = store_dir
+    refs = [(l, e, "int8") for l in range(LAYERS) for e in range(EXPERTS)]
+    target = refs[-1]
+    assert len(split(blobs[target])) == 2
+    with StoreServerProcess(root, "--workers", "2", "--inject-latency-ms", "150", log_dir=tmp_path) as server, \
+            FetchPool(server.address, MODEL, workers=1, slots=len(refs), min_part_bytes=64 << 10) as pool:
+        order: list = []
+        futures = [pool.submit(*r, priority="prefetch", parts=4 if r == target else 1) for r in refs]
+        for f in futures:
+            f.add_done_callback(lambda f: order.append(f.result().ref))
+        done_before = len(order)
+        assert pool.promote(futures[-1])
+        assert not pool.promote(futures[-1])              # already at demand's place
+        for f in futures:
+            f.result(timeout=60)
+        # one worker: what was on the wire at the promotion may finish first, then the target;
+        # in FIFO order it would finish last
+        assert order.index(target) <= done_before + 1, (done_before, order)
+        assert len(order) == len(refs) and pool.stats()["promoted"] == 1
+        assert not pool.promote(futures[0])              # done: no longer in the pool
+        with pytest.raises(InvalidArgument):
+            pool.promote(futures[0], priority="urgent")
+        c = futures[-1].result()
+        assert c.parts == 2 and bytes(pool.arena[c.offset:c.offset + c.size]) == blobs[target]
+    assert_cleaned_up(pool)
