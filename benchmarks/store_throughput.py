@@ -158,6 +158,21 @@ def head(path: Path, n: int = 1 << 16) -> bytes:
         return f.read(n)
 
 
+def raw_slot_bytes(blobs) -> int:
+    """Slots for the decoded blobs, as the decoder's host tier sizes them (raw mode)."""
+    return max(blob_format.raw_blob_size(blob_format.read_header(head(path))[0]) for _, path, _ in blobs)
+
+
+def check_landed(pool, c, path: Path, size: int, raw: bool) -> None:
+    """A completion's bytes in the arena against the blob file: the payload in raw mode (the
+    blob may have been decoded into its slot), else every byte."""
+    if raw:
+        got = blob_format.decode_raw(bytes(pool.arena[c.offset: c.offset + c.size]))[1]
+        assert bytes(got) == bytes(blob_format.decode_raw(path.read_bytes())[1]), f"{path}: payload differs"
+    else:
+        assert c.size == size and pool.arena[c.offset: c.offset + size] == path.read_bytes(), f"{path}: bytes differ"
+
+
 def bench_pool(address: str, blobs, receivers: int, repeats: int, check: bool, raw: bool = False) -> float:
     """MB/s of FetchPool(workers=receivers): every blob submitted at once (demand), timed until
     the last completion; best of `repeats` after a warm-up pass. raw: the decoder's host tier's
@@ -165,9 +180,7 @@ def bench_pool(address: str, blobs, receivers: int, repeats: int, check: bool, r
     from expert_store.fetch_pool import FetchPool
 
     total = sum(size for _, _, size in blobs)
-    slot_bytes = None
-    if raw:   # slots sized for the decoded blobs, as the host tier sizes them
-        slot_bytes = max(blob_format.raw_blob_size(blob_format.read_header(head(path))[0]) for _, path, _ in blobs)
+    slot_bytes = raw_slot_bytes(blobs) if raw else None
     with FetchPool(address, MODEL, workers=receivers, slots=len(blobs), deadline_s=120, raw=raw,
                    **({"slot_bytes": slot_bytes} if slot_bytes else {})) as pool:
         best = float("inf")
@@ -179,13 +192,7 @@ def bench_pool(address: str, blobs, receivers: int, repeats: int, check: bool, r
                 best = min(best, seconds)
             if check and i == 0:
                 for c, (_, path, size) in zip(done, blobs):
-                    if raw:
-                        got = blob_format.decode_raw(bytes(pool.arena[c.offset: c.offset + c.size]))[1]
-                        assert bytes(got) == bytes(blob_format.decode_raw(path.read_bytes())[1]), \
-                            f"{path}: payload differs"
-                    else:
-                        assert c.size == size and pool.arena[c.offset: c.offset + size] == path.read_bytes(), \
-                            f"{path}: bytes differ"
+                    check_landed(pool, c, path, size, raw)
             for c in done:
                 pool.release(c.slot)
     return total / best / 1e6
@@ -202,9 +209,7 @@ def bench_demand(address: str, blobs, receivers: int, parts: int, demand_count: 
 
     if not 0 < demand_count < len(blobs):
         raise ValueError(f"--demand-count must be in 1..{len(blobs) - 1}")
-    slot_bytes = None
-    if raw:
-        slot_bytes = max(blob_format.raw_blob_size(blob_format.read_header(head(path))[0]) for _, path, _ in blobs)
+    slot_bytes = raw_slot_bytes(blobs) if raw else None
     demand, fill = blobs[:demand_count], blobs[demand_count:]
     with FetchPool(address, MODEL, workers=receivers, slots=len(blobs), deadline_s=120, raw=raw,
                    min_part_bytes=min_part_bytes or MIN_PART_BYTES,
@@ -226,11 +231,7 @@ def bench_demand(address: str, blobs, receivers: int, parts: int, demand_count: 
         filled = [f.result(timeout=600) for f in filling]
         fill_s = max(ends) - t0
         for c, (_, path, size) in zip(done, demand):
-            if raw:
-                got = blob_format.decode_raw(bytes(pool.arena[c.offset: c.offset + c.size]))[1]
-                assert bytes(got) == bytes(blob_format.decode_raw(path.read_bytes())[1]), f"{path}: payload differs"
-            else:
-                assert pool.arena[c.offset: c.offset + size] == path.read_bytes(), f"{path}: bytes differ"
+            check_landed(pool, c, path, size, raw)
         parts_received = pool.stats()["parts"] - parts0
         for c in done + filled:
             pool.release(c.slot)
