@@ -412,3 +412,30 @@ def test_promote_moves_a_queued_prefetch_ahead(store_dir, tmp_path):
         c = futures[-1].result()
         assert c.parts == 2 and bytes(pool.arena[c.offset:c.offset + c.size]) == blobs[target]
     assert_cleaned_up(pool)
+
+
+def test_a_queued_striped_request_cancels_and_close_fails_one_on_the_wire(store_dir, tmp_path):
+    """A striped request still queued can be cancelled (none of its parts is fetched, its slot
+    goes back); close() with parts on the wire fails their request, and nothing is left behind."""
+    root, blobs = store_dir
+    target = (1, 3, "bf16")
+    with StoreServerProcess(root, "--workers", "2", "--inject-latency-ms", "1000", log_dir=tmp_path) as server:
+        pool = FetchPool(server.address, MODEL, workers=1, slots=4, min_part_bytes=64 << 10)
+        try:
+            first = pool.submit(0, 0, "int8")              # on the wire: the one worker is busy with it
+            queued = pool.submit(*target, parts=4)
+            assert queued.cancel()
+            assert first.result(timeout=60).ref == (0, 0, "int8")
+            deadline = time.monotonic() + 10
+            while pool.free_slots() != pool.slots - 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert pool.free_slots() == pool.slots - 1 and pool.stats()["parts"] == 0
+            on_wire = pool.submit(*target, parts=4)
+            while not pool.inflight() and time.monotonic() < deadline + 20:
+                time.sleep(0.01)
+            assert set(pool.inflight().values()) == {target}
+        finally:
+            pool.close()
+        with pytest.raises(Unavailable):
+            on_wire.result(timeout=60)
+        assert_cleaned_up(pool)
