@@ -22,9 +22,11 @@ Scheduling: the parent keeps one queue, demand before prefetch before background
 each, a crashed worker's request goes back at its old place). "background" (an expert cache's
 store prefetch into its host tier, for predicted host-tier misses) is the lowest and bounded:
 at most `background_limit` of them are on the wire at once (default: half the workers, at least
-one), so the other workers stay free for demand and prefetch; the store sees it as a prefetch. Each worker holds one request at a time, so a
-demand submitted behind a hundred prefetches waits only for the requests already on the wire
-(at most `workers`), never for the queue. A Future still queued can be cancelled.
+one), so the other workers stay free for demand and prefetch; the store sees it as a prefetch.
+Each worker holds one job (a request, or one part of a striped one) at a time, so a demand
+submitted behind a hundred prefetches waits only for the jobs already on the wire (at most
+`workers`), never for the queue. A Future still queued can be cancelled; `promote(future)`
+moves a queued prefetch someone now waits for to demand's place.
 
 Striped fetches: one receiving process moves a blob at a fraction of what N of them move
 together (~0.25-0.9 GB/s of 3-4 GB/s on the H200 host), so a blob someone waits for can be
