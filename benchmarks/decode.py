@@ -805,20 +805,19 @@ def fill_while_serving(eng: Engine, prep: Prepared, mode: str, profile: dict, ar
         finally:
             out["fill_s"] = time.perf_counter() - t0
 
+    stall0, loads0 = cache.stall_seconds(), cache.stats()["demand_loads"]   # read before the clock starts
     t0 = time.perf_counter()
     filler = threading.Thread(target=fill, name="cold-fill", daemon=True)
     filler.start()
     # demand first: a one-token request made as the fill starts needs its top-k experts per
     # layer, not the fill (a long prompt's prefill needs nearly every expert, so it would wait
     # for most of the fill whatever the priorities)
-    stall0, c0 = cache.stall_seconds(), cache.stats()
     eng.generate(prep.warmup_prompt[:1], max_tokens=1, temperature=0.0, stop_at_eos=False)
     out["first_token_s"] = time.perf_counter() - t0
     # where the first token's time went: waiting for experts (the cache's stall clock) and the
     # loads it made, against compute (a first step also builds kernels and captures graphs)
-    c1 = cache.stats()
     out["first_token_stall_s"] = cache.stall_seconds() - stall0
-    out["first_token_demand_loads"] = c1["demand_loads"] - c0["demand_loads"]
+    out["first_token_demand_loads"] = cache.stats()["demand_loads"] - loads0
     out["first_token_before_fill_end"] = filler.is_alive()
     # what demand first can reach at best: one store fetch per MoE layer, one layer after another
     # (a layer's experts are known only once the layer before has run); the measured EWMA

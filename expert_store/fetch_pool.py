@@ -134,10 +134,14 @@ class _Request:
     started: bool = False       # its Future runs (a queued request can still be cancelled)
     error: StoreError | None = None   # it fails once none of its jobs is on a worker
     tries: dict = field(default_factory=dict)    # job -> times sent to a worker
-    attempts: int = 0           # the most tries of any one job
     receivers: set = field(default_factory=set)   # pids that received a part
     queued: set = field(default_factory=set)      # its jobs in the queue now (promote() leaves stale entries)
     failures: list[str] = field(default_factory=list)
+
+    @property
+    def attempts(self) -> int:
+        """The most times any one of its jobs went to a worker."""
+        return max(self.tries.values(), default=0)
 
 
 def split_ranges(size: int, parts: int, min_part_bytes: int = MIN_PART_BYTES) -> list[tuple[int, int]]:
@@ -681,14 +685,15 @@ class FetchPool:
                 if req.error is not None:
                     if req.inflight == 0:
                         ended = self._end(req, req.error)
-                elif job == "check":   # a check may have decoded into the slot: every part again
+                else:
+                    # again from its first byte (the slot may hold a partial write), at its old
+                    # place; a check may have decoded into the slot: every part again
                     self.stats_counts["retried"] += 1
-                    req.parts_left = len(req.ranges)
-                    for part in range(len(req.ranges)):
-                        self._push(req, part)
-                else:   # again from its first byte (the slot may hold a partial write), at its old place
-                    self.stats_counts["retried"] += 1
-                    self._push(req, job)
+                    again = range(len(req.ranges)) if job == "check" else (job,)
+                    if job == "check":
+                        req.parts_left = len(req.ranges)
+                    for j in again:
+                        self._push(req, j)
             closing = self._closing
             now = time.monotonic()
             self._restarts = [t for t in self._restarts if now - t < 60.0]
@@ -708,15 +713,16 @@ class FetchPool:
         sends = []
         with self._lock:
             background = sum(1 for w in self._workers if w.request is not None and w.request.priority == "background")
+
+            def background_full() -> bool:
+                # the queue is by rank: a background job first means only background is left
+                return self._queue[0][3][0].priority == "background" and background >= self.background_limit
             for w in self._workers:
                 if not self._queue:
                     break
                 if w.dead or not w.ready or w.request is not None:
                     continue
-                while self._queue:
-                    # the queue is by rank: a background job first means only background is left
-                    if self._queue[0][3][0].priority == "background" and background >= self.background_limit:
-                        break
+                while self._queue and not background_full():
                     rank, _, _, (req, job) = heapq.heappop(self._queue)
                     if job not in req.queued or rank != _RANK[req.priority]:
                         continue   # an entry promote() left behind
@@ -732,14 +738,13 @@ class FetchPool:
                             continue
                         req.started = True
                     req.tries[job] = req.tries.get(job, 0) + 1
-                    req.attempts = max(req.attempts, req.tries[job])
                     req.inflight += 1
                     w.request, w.job = req, job
                     sends.append((w, self._message(req, job)))
                     if req.priority == "background":
                         background += 1
                     break
-                if self._queue and self._queue[0][3][0].priority == "background" and background >= self.background_limit:
+                if self._queue and background_full():
                     break
         for w, msg in sends:
             try:

@@ -177,7 +177,7 @@ class HostTier:
             self.capacity = n_model
         n_host = self.capacity + staging_slots
         self.fetch_pool = None
-        self.pool_futures: dict[tuple[int, int], Any] = {}   # key -> its FetchPool Future while fetched
+        self.pool_futures: dict[tuple[int, int], Any] = {}   # key -> a prefetch's FetchPool Future while fetched
         self.arena = _arena_client(cache.source.client)
         self._verified: dict[int, tuple[int, int]] = {}   # arena slot -> (epoch, generation) checked here
         # CUDA copies out of the arena: pinned blobs need no wait after each copy (ArenaPins)
@@ -365,13 +365,16 @@ class HostTier:
                 if self.fetch_pool is not None:  # received (and checked) by a fetch process
                     done = self.fetch_pool.submit(layer, expert, self.c.precision, priority=kind, slot=recv,
                                                   parts=parts or (self.demand_parts if kind == "demand" else 1))
-                    with self.c._lock:   # a demand load of the same expert may promote it (acquire)
-                        self.pool_futures[key] = done
+                    promotable = kind != "demand"   # a demand load of the same expert may promote it (acquire)
+                    if promotable:
+                        with self.c._lock:
+                            self.pool_futures[key] = done
                     try:
                         blob = view[:done.result().size]
                     finally:
-                        with self.c._lock:
-                            self.pool_futures.pop(key, None)
+                        if promotable:
+                            with self.c._lock:
+                                self.pool_futures.pop(key, None)
                 else:
                     blob = self.c.source.fetch(layer, expert, out=view,
                                                priority="prefetch" if background else kind)

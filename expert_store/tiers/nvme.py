@@ -486,20 +486,30 @@ class NvmeRangeReader(BlobReader):
             self._hash.update(data)
             if self._pos == self.total:
                 # checked as soon as the last byte is read: before any chunk of the final block
-                if self._hash.hexdigest() != self._digest:
-                    self._on_corrupt()
-                    raise DataLoss(f"no good copy of {self.key}: nvme: xxh3 does not match the manifest")
-                signature = settled_signature(self._stat, os.fstat(self._file.fileno()))
-                if signature is not None:
-                    self._tier.mark_checked(self.key, signature, self._token)
+                self._digest_checked(self._hash.hexdigest(), os.fstat(self._file.fileno()))
         elif self._deferred:
             if self._pos == self.total:
                 self._verify_whole()
-        elif self._pos == self.total and file_signature(os.fstat(self._file.fileno())) != file_signature(self._stat):
+        elif self._pos == self.total:
+            self._unchanged(os.fstat(self._file.fileno()))
+        return memoryview(data)
+
+    def _unchanged(self, now: os.stat_result) -> None:
+        """DataLoss when the file's stat signature moved since the open (a write mid-stream)."""
+        if file_signature(now) != file_signature(self._stat):
             self._tier.forget_checked(self.key)
             self._on_corrupt()
             raise DataLoss(f"no good copy of {self.key}: nvme: the file changed while it was streamed")
-        return memoryview(data)
+
+    def _digest_checked(self, hexdigest: str, now: os.stat_result) -> None:
+        """DataLoss unless the whole file's digest is the manifest's; a match is remembered
+        against the file's settled signature (NvmeTier.mark_checked)."""
+        if hexdigest != self._digest:
+            self._on_corrupt()
+            raise DataLoss(f"no good copy of {self.key}: nvme: xxh3 does not match the manifest")
+        signature = settled_signature(self._stat, now)
+        if signature is not None:
+            self._tier.mark_checked(self.key, signature, self._token)
 
     def _verify_whole(self) -> None:
         """The whole file hashed from byte 0 (pread: the stream's position stays), checked
@@ -516,16 +526,8 @@ class NvmeRangeReader(BlobReader):
             h.update(data)
             pos += len(data)
         now = os.fstat(fd)
-        if file_signature(now) != file_signature(self._stat):
-            self._tier.forget_checked(self.key)
-            self._on_corrupt()
-            raise DataLoss(f"no good copy of {self.key}: nvme: the file changed while it was streamed")
-        if h.hexdigest() != self._digest:
-            self._on_corrupt()
-            raise DataLoss(f"no good copy of {self.key}: nvme: xxh3 does not match the manifest")
-        signature = settled_signature(self._stat, now)
-        if signature is not None:
-            self._tier.mark_checked(self.key, signature, self._token)
+        self._unchanged(now)
+        self._digest_checked(h.hexdigest(), now)
 
     def __next__(self) -> tuple[int, memoryview, bool]:
         if self._done or self._file is None:
